@@ -1,0 +1,359 @@
+"""Run a user's script in-process under torch.profiler and record a few steady training steps.
+
+Steps are found without editing the script, in this order of trust:
+  1. explicit: the script calls `fusion_advisor.step()`;
+  2. optimizer: any `torch.optim.Optimizer.step()` (a global post-hook);
+  3. forward: the end of a top-level `nn.Module` forward, for scripts with no optimizer. It is
+     only trusted once two forwards ran with no optimizer step between them.
+The profiler skips `warmup` steps (the last one is the profiler's own warm-up) and records
+`steps` steps; by default the script is then stopped.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import runpy
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.optim.optimizer as torch_optimizer
+
+from fusion_advisor import api
+from fusion_advisor.errors import AdvisorError, OutputError, ScriptError
+from fusion_advisor.result import _default_mode, write_text_atomic
+
+
+class _StopScript(BaseException):
+    """Raised at a step boundary once the trace is saved: BaseException, so the script's own
+    `except Exception` blocks do not swallow it."""
+
+
+@dataclass
+class CaptureOptions:
+    script: str
+    script_args: list[str] = field(default_factory=list)
+    warmup: int = 3
+    steps: int = 3
+    stop: bool = True
+    out_dir: str = "fusion-report"
+    cuda: bool | None = None  # None: use CUDA when available
+
+
+@dataclass
+class CaptureResult:
+    trace_path: str | None
+    meta_path: str
+    meta: dict
+    error: str | None = None  # the script's exception, formatted, when it raised
+
+
+class _Stepper:
+    """Decides what a step is and tells the profiler (see the module docstring)."""
+
+    def __init__(self, on_step: Callable[[], None]):
+        self.on_step = on_step
+        self.source: str | None = None
+        self.count = 0
+        self._depth = 0
+        self._forward_pending = False
+        self._handles: list = []
+
+    def install(self) -> None:
+        self._handles.append(torch_optimizer.register_optimizer_step_post_hook(self._optimizer_hook))
+        self._handles.append(torch.nn.modules.module.register_module_forward_pre_hook(self._pre_forward))
+        self._handles.append(torch.nn.modules.module.register_module_forward_hook(self._post_forward))
+        api._set_step_listener(self._explicit)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        api._set_step_listener(None)
+
+    def _remove_forward_hooks(self) -> None:
+        # Global module hooks cost a little on every module call and can confuse torch.compile:
+        # drop them as soon as a better source of steps is known.
+        for h in self._handles[1:]:
+            h.remove()
+        del self._handles[1:]
+
+    def _step(self) -> None:
+        self.count += 1
+        self.on_step()
+
+    def _explicit(self) -> None:
+        if self.source != "explicit":
+            self.source = "explicit"
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+        self._step()
+
+    def _optimizer_hook(self, optimizer, args, kwargs) -> None:
+        if self.source == "explicit":
+            return
+        if self.source != "optimizer":
+            self.source = "optimizer"
+            self._remove_forward_hooks()
+        self._step()
+
+    def _pre_forward(self, module, args) -> None:
+        self._depth += 1
+
+    def _post_forward(self, module, args, output) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth or self.source in ("explicit", "optimizer"):
+            return
+        if self.source == "forward":
+            self._step()
+        elif self._forward_pending:  # a second forward with no optimizer step between: trust it
+            self.source = "forward"
+            self._step()
+        else:
+            self._forward_pending = True
+
+
+def run_info(cuda: bool) -> dict:
+    """Versions and hardware that every figure we report is tied to."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda_runtime": torch.version.cuda,
+        "gpu_name": None,
+        "gpu_count": 0,
+        "driver": None,
+    }
+    if cuda:
+        info["gpu_name"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+        info["driver"] = _driver_version()
+    return info
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(pkg)
+    except Exception:
+        return None
+
+
+def _driver_version() -> str | None:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except Exception:
+        return None
+
+
+def _check_out_dir(out_dir: str) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def write_trace_gz(json_path: str, dest: Path, meta: dict) -> None:
+    """Gzip an exported Chrome trace to `dest` with our run metadata as a top-level key.
+    Written to a temporary file in the same folder and renamed: never half-written."""
+    with open(json_path, "r", encoding="utf-8") as fh:
+        text = fh.read()
+    brace = text.find("{")
+    if brace < 0:
+        raise AdvisorError("torch.profiler exported an empty trace")
+    body = text[:brace + 1] + '\n  "fusion_advisor": ' + json.dumps(meta) + "," + text[brace + 1:]
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+            gz.write(body.encode("utf-8"))
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _Session:
+    """One run of the script under the profiler."""
+
+    def __init__(self, opts: CaptureOptions, cuda: bool, whole_run: bool, progress=None):
+        self.opts, self.cuda, self.whole_run, self.progress = opts, cuda, whole_run, progress
+        self.exported_json: str | None = None
+        self.trace_ready = False
+        self.recorded_steps: list[int] = []
+        self.boundaries: list[float] = []  # wall-clock time of every step boundary
+        self.prof: torch.profiler.profile | None = None
+        self.stepper = _Stepper(self._on_step)
+        self._tmpdir = tempfile.mkdtemp(prefix="fusion-advisor-")
+
+    def _schedule(self):
+        warmup = self.opts.warmup
+        return torch.profiler.schedule(wait=max(warmup - 1, 0), warmup=1 if warmup > 0 else 0,
+                                       active=self.opts.steps, repeat=1)
+
+    def _on_trace_ready(self, prof) -> None:
+        path = os.path.join(self._tmpdir, "trace.json")
+        prof.export_chrome_trace(path)
+        self.exported_json = path
+        self.trace_ready = True
+
+    def _on_step(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()  # step wall times are only true once the GPU caught up
+        self.boundaries.append(time.perf_counter())
+        n = self.stepper.count
+        first_active = self.opts.warmup
+        if self.prof is not None and not self.trace_ready:
+            if first_active <= n - 1 < first_active + self.opts.steps:
+                self.recorded_steps.append(n - 1)
+            self.prof.step()
+        if self.progress is not None:
+            self.progress(n, self.opts.warmup, self.opts.steps, self.stepper.source)
+        if self.trace_ready and self.opts.stop and not self.whole_run:
+            raise _StopScript()
+
+    def run(self) -> tuple[str | None, float]:
+        """Run the script; returns (formatted exception or None, seconds)."""
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        kwargs = dict(activities=activities, record_shapes=True, with_stack=True, with_modules=True,
+                      on_trace_ready=self._on_trace_ready)
+        if not self.whole_run:
+            kwargs["schedule"] = self._schedule()
+        script = os.path.abspath(self.opts.script)
+        saved_argv, saved_path = sys.argv[:], sys.path[:]
+        sys.argv = [self.opts.script, *self.opts.script_args]
+        sys.path.insert(0, os.path.dirname(script))
+        error = None
+        t0 = time.perf_counter()
+        self.boundaries.append(t0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Incorrect schedule.*")
+            self.prof = torch.profiler.profile(**kwargs)
+            self.stepper.install()
+            try:
+                self.prof.start()
+                runpy.run_path(script, run_name="__main__")
+            except _StopScript:
+                pass
+            except SystemExit as exc:
+                if exc.code not in (None, 0):
+                    error = f"the script exited with status {exc.code}"
+            except KeyboardInterrupt:
+                error = "interrupted (Ctrl-C)"
+            except BaseException as exc:  # the user's script raised: keep what was traced
+                error = _format_user_traceback(exc, script)
+            finally:
+                self.stepper.remove()
+                sys.argv, sys.path[:] = saved_argv, saved_path
+                try:
+                    if not self.trace_ready:
+                        self.prof.stop()  # while recording, this saves the partial trace
+                except Exception:
+                    pass
+        return error, time.perf_counter() - t0
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def _format_user_traceback(exc: BaseException, script: str) -> str:
+    """The traceback from the user's script down, without our runpy frames."""
+    tb = exc.__traceback__
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != script:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
+
+
+def capture(opts: CaptureOptions, progress=None, notice: Callable[[str], None] = print) -> CaptureResult:
+    """Profile `opts.script`; write trace.json.gz and run.json under `opts.out_dir`."""
+    script = Path(opts.script)
+    if not script.is_file():
+        raise AdvisorError(f"script not found: {opts.script}")
+    if opts.steps < 1:
+        raise AdvisorError("--steps must be at least 1")
+    if opts.warmup < 0:
+        raise AdvisorError("--warmup cannot be negative")
+    out = _check_out_dir(opts.out_dir)
+    cuda = torch.cuda.is_available() if opts.cuda is None else opts.cuda
+    if not cuda:
+        notice("no CUDA GPU: profiling CPU ops only; GPU figures will be estimates for a target GPU")
+    wall0 = time.perf_counter()
+    session = _Session(opts, cuda, whole_run=False, progress=progress)
+    error, seconds = session.run()
+    sessions = [session]
+    if error is None and not session.trace_ready and session.stepper.count < opts.warmup + 1:
+        # The script ended before anything was recorded: run it again, recording all of it.
+        n = session.stepper.count
+        notice(f"the script ran {n} step{'s' if n != 1 else ''}, fewer than --warmup {opts.warmup} needs; "
+               "running it again and recording the whole run" if n else
+               "the script never stepped (no optimizer.step(), no module forward, no fusion_advisor.step()); "
+               "running it again and recording the whole run")
+        session = _Session(opts, cuda, whole_run=True, progress=progress)
+        error, seconds = session.run()
+        sessions.append(session)
+    try:
+        meta = run_info(cuda)
+        b = session.boundaries
+        step_s = [b[i + 1] - b[i] for i in range(len(b) - 1)]
+        recorded = set(session.recorded_steps)
+        unprofiled = [s for i, s in enumerate(step_s) if i not in recorded and 0 < i]
+        meta.update({
+            "script": os.path.abspath(opts.script),
+            "argv": [opts.script, *opts.script_args],
+            "cwd": os.getcwd(),
+            "step_source": session.stepper.source or "none",
+            "steps_seen": session.stepper.count,
+            "steps_recorded": sorted(recorded),
+            "whole_run": session.whole_run,
+            "warmup": opts.warmup,
+            "step_time_s_unprofiled": _median(unprofiled),
+            "step_time_s_profiled": _median([step_s[i] for i in recorded if i < len(step_s)]),
+            "profiling_wall_s": round(time.perf_counter() - wall0, 3),
+            "script_wall_s": round(seconds, 3),
+            "script_error": error.strip().splitlines()[-1] if error else None,
+            "created_unix": round(time.time(), 3),
+        })
+        trace_path = None
+        if session.exported_json:
+            trace_path = out / "trace.json.gz"
+            write_trace_gz(session.exported_json, trace_path, meta)
+        meta_path = out / "run.json"
+        write_text_atomic(meta_path, json.dumps(meta, indent=2, default=str) + "\n")
+    finally:
+        for s in sessions:
+            s.cleanup()
+    return CaptureResult(str(trace_path) if trace_path else None, str(meta_path), meta, error)
+
+
+def _median(xs: list[float]) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    mid = len(s) // 2
+    return round(s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2, 6)
+
+
+__all__ = ["CaptureOptions", "CaptureResult", "capture", "ScriptError"]

@@ -1,0 +1,168 @@
+"""The `fusion-advisor` command line."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fusion_advisor import __version__
+from fusion_advisor.errors import EXIT_SCRIPT_FAILED, AdvisorError
+
+HELP = """\
+Find the memory-bound kernel chains in a PyTorch training script, time fused Triton replacements
+on its own shapes, and say what each would save.
+
+\b
+Typical use:
+  fusion-advisor profile train.py -- --batch-size 8     # profile, analyse, report
+  fusion-advisor analyze fusion-report/trace.json.gz    # re-analyse a saved (or any) Kineto trace
+
+\b
+Exit codes: 0 ok · 1 the profiled script failed · 2 bad input (usage, missing or broken file)
+            3 missing GPU or dependency · 4 an output could not be written
+"""
+
+app = typer.Typer(help=HELP, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn):
+    """Turn AdvisorError into a one-line message and its exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AdvisorError as exc:
+            _fail(str(exc), exc.exit_code)
+    return wrapper
+
+
+def _print_result(result, as_json: bool, out_console: Console) -> None:
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+        return
+    from fusion_advisor.report.terminal import render_summary
+    render_summary(result, out_console)
+
+
+def _version_callback(value: bool):
+    if value:
+        typer.echo(f"fusion-advisor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="Print the version and exit.")):
+    pass
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handles_errors
+def profile(
+    ctx: typer.Context,
+    script: Path = typer.Argument(..., help="Your training script. Its own arguments go after `--`."),
+    warmup: int = typer.Option(3, "--warmup", "-w", min=0,
+                               help="Steps to run before recording (the first steps allocate, compile and autotune)."),
+    steps: int = typer.Option(3, "--steps", "-n", min=1, help="Steps to record."),
+    stop: bool = typer.Option(True, "--stop/--no-stop", help="Stop the script once the steps are recorded."),
+    out: Path = typer.Option(Path("fusion-report"), "--out", "-o", help="Folder for the trace, metadata and report."),
+    as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout (the script's own "
+                                                       "output goes to stderr)."),
+):
+    """Run SCRIPT under torch.profiler, record a few steady steps, and analyse them.
+
+    \b
+    A step is found without editing the script: an optimizer.step(), else the end of a top-level
+    module forward. A script can also say it: `fusion_advisor.step()`; and name a range with
+    `with fusion_advisor.region("attention"): ...`.
+
+    \b
+    Examples:
+      fusion-advisor profile examples/llama_train.py
+      fusion-advisor profile train.py --warmup 5 --steps 2 -o runs/today -- --batch-size 8
+    """
+    from fusion_advisor.capture import CaptureOptions, capture
+
+    opts = CaptureOptions(script=str(script), script_args=list(ctx.args), warmup=warmup, steps=steps,
+                          stop=stop, out_dir=str(out))
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=err, transient=True)
+    task = progress.add_task("warm-up steps", total=max(warmup, 1))
+
+    def on_step(n: int, w: int, a: int, source: str | None) -> None:
+        if n < w:
+            progress.update(task, description=f"warm-up steps (by {source or '?'})", completed=n, total=w)
+        else:
+            progress.update(task, description=f"recording steps (by {source})", completed=min(n - w, a), total=a)
+
+    redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    with redirect, progress:
+        result_capture = capture(opts, progress=on_step, notice=lambda m: err.print(f"[yellow]note:[/] {m}"))
+    if result_capture.error:
+        err.print(result_capture.error.rstrip(), highlight=False, markup=False)
+    if result_capture.trace_path is None:
+        written = f"; wrote {result_capture.meta_path}"
+        _fail(("the script failed before any step was recorded" if result_capture.error else
+               "nothing was recorded") + written, EXIT_SCRIPT_FAILED if result_capture.error else 2)
+    result = _analyze_path(result_capture.trace_path)
+    result_path = out / "result.json"
+    result.save(result_path)
+    _print_result(result, as_json, Console())
+    err.print(f"wrote {result_capture.trace_path}\nwrote {result_capture.meta_path}\nwrote {result_path}",
+              highlight=False)
+    if result_capture.error:
+        _fail("the script raised (traceback above); the steps recorded before it are kept", EXIT_SCRIPT_FAILED)
+
+
+def _analyze_path(trace_path: str):
+    from fusion_advisor.analyzers.trace import Trace
+    from fusion_advisor.pipeline import analyze
+    return analyze(Trace.load(trace_path))
+
+
+@app.command()
+@handles_errors
+def analyze(
+    trace: Path = typer.Argument(..., help="A Kineto trace from torch.profiler (.json or .json.gz), ours or your own."),
+    as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also save the AdvisorResult JSON here."),
+):
+    """Analyse an existing trace: GPU time per step by kernel and module, idle time, small kernels.
+
+    \b
+    Any trace that torch.profiler writes works; record it with record_shapes=True,
+    with_stack=True and with_modules=True to get shapes, source lines and module scopes.
+
+    \b
+    Example:
+      fusion-advisor analyze fusion-report/trace.json.gz --json > result.json
+    """
+    result = _analyze_path(str(trace))
+    if out is not None:
+        result.save(out)
+    _print_result(result, as_json, Console())
+    if out is not None:
+        err.print(f"wrote {out}", highlight=False)
+
+
+def main(argv: List[str] | None = None) -> None:
+    app(args=argv, prog_name="fusion-advisor")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""AdvisorResult: the versioned JSON contract between the stages.
+
+profile/analyze write it, bench and recommend add to it, report and apply read it. Every time
+figure says in its name whether it is an estimate (`estimate_*`, `*_estimate_us`) or a measurement
+(`measured_*`); the two never share a field.
+
+Bump SCHEMA_VERSION when a field changes meaning or is removed; adding a field with a default
+is compatible (readers ignore unknown keys and default missing ones).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusion_advisor.errors import AdvisorError, OutputError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Estimate:
+    """What the cost model predicts for one occurrence of a cluster (µs), on `profile`."""
+
+    profile: str = ""                 # DeviceProfile name, e.g. "NVIDIA H100 80GB HBM3 (calibrated)"
+    bytes_now: int | None = None      # bytes the unfused kernels move
+    bytes_fused: int | None = None    # bytes one fused kernel moves (external inputs/outputs once)
+    flops: int | None = None
+    now_us: float | None = None       # roofline time of the kernels as they run now
+    fused_us: float | None = None     # roofline time of one fused kernel, plus one launch
+    saving_us: float | None = None
+    saving_lo_us: float | None = None
+    saving_hi_us: float | None = None
+    unknown_ops: list[str] = field(default_factory=list)  # ops without a bytes rule: not guessed
+
+
+@dataclass
+class Cluster:
+    """A producer→consumer chain of memory-bound kernels that one fused kernel could replace,
+    merged across steps and repeated layers."""
+
+    id: str                                   # stable: same chain, same id, across runs
+    direction: str                            # "forward" | "backward"
+    pattern: str | None = None                # registered FusionPattern name; None = generic
+    pattern_params: dict = field(default_factory=dict)
+    module_class: str | None = None           # "LlamaModel/LlamaDecoderLayer/LlamaRMSNorm"
+    source: str | None = None                 # "modeling_llama.py:62"
+    ops: list[dict] = field(default_factory=list)      # OpRecord dicts of one occurrence
+    kernels: list[str] = field(default_factory=list)   # short kernel names of one occurrence
+    dtypes: list[str] = field(default_factory=list)
+    occurrences_per_step: float = 0.0         # e.g. 24 identical layers -> 24
+    launches_per_step: float = 0.0
+    measured_us_per_step: float = 0.0         # sum of the cluster's kernel durations in the trace
+    measured_us_per_occurrence: float = 0.0
+    estimate: Estimate = field(default_factory=Estimate)
+    split_reason: str | None = None           # why the chain ended where it did
+    memory_bound: bool = True
+
+
+@dataclass
+class ProviderTiming:
+    """A benchmark measurement, µs per call, with the profiler off."""
+
+    p20_us: float
+    p50_us: float
+    p80_us: float
+    peak_mem_bytes: int | None = None
+
+
+@dataclass
+class Benchmark:
+    cluster_id: str
+    pattern: str
+    params: dict
+    passes: str                                # "forward" | "forward+backward"
+    measured: dict[str, ProviderTiming] = field(default_factory=dict)  # eager, triton, compile, liger
+    numerics_ok: bool | None = None
+    numerics_detail: str = ""
+    verdict: str = "not run"                   # "recommended" | "rejected" | "not run"
+    reason: str = ""
+
+
+@dataclass
+class Recommendation:
+    rank: int
+    cluster_id: str
+    pattern: str | None
+    title: str
+    measured_saving_us_per_step: float | None     # None when bench could not run (no GPU)
+    estimate_saving_us_per_step: float | None
+    confidence: str                              # "measured" | "estimate"
+    memory_saved_bytes: int | None = None
+    patch: dict = field(default_factory=dict)    # {"kind": "module_swap", "modules": [...], "diff": "..."}
+    roi: dict = field(default_factory=dict)      # gpu_hours_per_day, usd_per_day, usd_per_month, assumptions
+
+
+@dataclass
+class AdvisorResult:
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str = ""
+    created_unix: float = field(default_factory=lambda: round(time.time(), 3))
+    trace_path: str | None = None
+    run: dict = field(default_factory=dict)              # script, argv, gpu, driver, torch, triton, steps
+    device_profile: dict | None = None                   # the DeviceProfile every estimate used
+    summary: dict = field(default_factory=dict)          # analyzers.summary.StepSummary
+    kernel_classes: list[dict] = field(default_factory=list)
+    clusters: list[Cluster] = field(default_factory=list)
+    launch_bound: dict | None = None
+    benchmarks: list[Benchmark] = field(default_factory=list)
+    recommendations: list[Recommendation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    # -- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AdvisorResult":
+        if not isinstance(data, dict) or "schema_version" not in data:
+            raise AdvisorError("not an AdvisorResult (no schema_version)")
+        if data["schema_version"] > SCHEMA_VERSION:
+            raise AdvisorError(f"result schema {data['schema_version']} is newer than this fusion-advisor "
+                               f"understands ({SCHEMA_VERSION}); upgrade fusion-advisor")
+        return _build(cls, data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AdvisorResult":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise AdvisorError(f"result not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise AdvisorError(f"{path} is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> str:
+        write_text_atomic(Path(path), self.to_json())
+        return str(path)
+
+
+def _json_default(obj: Any):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def _build(cls, data: dict):
+    """Dataclass from dict: nested dataclasses rebuilt, unknown keys ignored."""
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, f in hints.items():
+        if name not in data:
+            continue
+        value = data[name]
+        kwargs[name] = _convert(f.type, value)
+    return cls(**kwargs)
+
+
+_NESTED = {"Estimate": Estimate, "Cluster": Cluster, "Benchmark": Benchmark,
+           "Recommendation": Recommendation, "ProviderTiming": ProviderTiming}
+
+
+def _convert(type_str, value):
+    t = str(type_str)
+    for name, klass in _NESTED.items():
+        if t == name and isinstance(value, dict):
+            return _build(klass, value)
+        if t == f"list[{name}]" and isinstance(value, list):
+            return [_build(klass, v) if isinstance(v, dict) else v for v in value]
+        if t == f"dict[str, {name}]" and isinstance(value, dict):
+            return {k: _build(klass, v) if isinstance(v, dict) else v for k, v in value.items()}
+    return value
+
+
+def write_text_atomic(dest: Path, text: str) -> None:
+    """Write `text` to `dest` through a temporary file in the same folder and a rename: the file
+    is either the old one or the new one, never half-written."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name, suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, dest)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _default_mode() -> int:
+    """0o666 less the umask: what open() would have given (mkstemp gives 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

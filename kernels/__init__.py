@@ -1,0 +1,19 @@
+"""Fused Triton kernels, one file per op, each registered once as a FusionPattern.
+
+To add a pattern: write kernels/<name>.py (kernels, launcher, autograd.Function, functional,
+module, reference, `register(FusionPattern(...))`) and add its module name to PATTERN_MODULES.
+"""
+from __future__ import annotations
+
+import importlib
+
+from fusion_advisor.kernels.registry import FusionPattern, OpRecord, all_patterns, get, match, register
+
+PATTERN_MODULES: list[str] = [
+    "rms_norm",
+]
+
+for _name in PATTERN_MODULES:
+    importlib.import_module(f"fusion_advisor.kernels.{_name}")
+
+__all__ = ["FusionPattern", "OpRecord", "all_patterns", "get", "match", "register", "PATTERN_MODULES"]

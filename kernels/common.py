@@ -1,0 +1,52 @@
+"""Launcher helpers shared by the kernel files: input checks, row views, block sizes."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU tensors, used by CI)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_dtype(x: torch.Tensor, op: str) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{op}: dtype {str(x.dtype).replace('torch.', '')} is not supported (use {names})")
+
+
+def check_device(*tensors: torch.Tensor, op: str) -> None:
+    for t in tensors:
+        if t is not None and t.device.type != "cuda" and not interpreting():
+            raise RuntimeError(f"{op}: tensors must be on a CUDA device (or run with TRITON_INTERPRET=1)")
+
+
+def as_rows(x: torch.Tensor, op: str) -> torch.Tensor:
+    """View x as (rows, last_dim). The last dim must be contiguous; other dims may be strided
+    (a non-contiguous input is copied once here rather than refused: the copy is what eager
+    PyTorch would do too)."""
+    if x.dim() == 0:
+        raise ValueError(f"{op}: expected a tensor with at least one dim, got a scalar")
+    if x.stride(-1) != 1 or not x.is_contiguous():
+        x = x.contiguous()
+    return x.view(-1, x.shape[-1])
+
+
+def row_block(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for kernels that keep one whole row in registers."""
+    block = triton.next_power_of_2(n_cols)
+    if block > max_block:
+        raise ValueError(f"rows of {n_cols} elements are too wide for a one-block-per-row kernel")
+    num_warps = 4
+    if block >= 2048:
+        num_warps = 8
+    if block >= 8192:
+        num_warps = 16
+    if block >= 32768:
+        num_warps = 32
+    return block, num_warps

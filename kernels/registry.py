@@ -1,0 +1,128 @@
+"""The pattern registry: every fused op registers one FusionPattern, once, at import.
+
+A FusionPattern ties together what the rest of the loop needs from a fused op:
+  - how to recognise it in a traced cluster (`forward_signature` over the cluster's op names,
+    `modules` it replaces, and `params_from_ops` to read shapes, dtypes and scalars off the ops);
+  - how to rebuild it on the captured shapes (`make_inputs`), the exact PyTorch code it replaces
+    (`reference`) and the Triton replacement (`fused`);
+  - how many bytes one fused launch moves (`fused_bytes`), which the cost model prices.
+
+Adding a pattern = one new file in kernels/ that calls `register(...)`, and one line in
+`kernels/__init__.py`'s list of modules.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    """One traced op, as a pattern sees it (from the Trace's ops frame or a cluster in JSON)."""
+
+    name: str                                  # "aten::mul"
+    dims: tuple = ()                           # Input Dims, e.g. ((4, 128, 256), (256,))
+    types: tuple = ()                          # Input type, e.g. ("c10::BFloat16", "float")
+    concrete: tuple = ()                       # Concrete Inputs, e.g. ("", "2")
+    module: str | None = None                  # nn.Module class path, e.g. "LlamaDecoderLayer/LlamaRMSNorm"
+
+    @property
+    def short(self) -> str:
+        return short_op_name(self.name)
+
+
+def short_op_name(name: str) -> str:
+    """'aten::native_layer_norm' -> 'native_layer_norm'; other namespaces keep their prefix."""
+    return name[6:] if name.startswith("aten::") else name
+
+
+@dataclass
+class Inputs:
+    """Arguments for `reference` and `fused`; `grad_inputs` says which positional args get grads."""
+
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    grad_inputs: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class FusionPattern:
+    name: str                                        # "rms_norm": file kernels/rms_norm.py
+    description: str                                 # one line for the report
+    reference: Callable[..., Any]                    # the exact PyTorch code replaced
+    fused: Callable[..., Any]                        # the Triton functional (autograd-aware)
+    make_inputs: Callable[[dict, torch.device, bool], Inputs]  # (params, device, requires_grad)
+    fused_bytes: Callable[[dict], dict]              # params -> {"forward": int, "backward": int}
+    forward_signature: str = ""                      # regex over space-joined short op names
+    params_from_ops: Callable[[Sequence[OpRecord]], dict | None] | None = None
+    modules: tuple[str, ...] = ()                    # nn.Module class names it can replace
+    module_factory: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # swap for a module
+    example_params: dict = field(default_factory=dict)  # small shapes for tests and --help
+    liger: str | None = None                         # Liger-Kernel's equivalent, "module:attr"
+
+    def match(self, ops: Sequence[OpRecord]) -> dict | None:
+        """Params if these forward ops are this pattern, else None."""
+        if not self.forward_signature or self.params_from_ops is None:
+            return None
+        seq = " ".join(o.short for o in ops)
+        if not re.search(self.forward_signature, seq):
+            return None
+        return self.params_from_ops(ops)
+
+
+_REGISTRY: dict[str, FusionPattern] = {}
+
+
+def register(pattern: FusionPattern) -> FusionPattern:
+    if pattern.name in _REGISTRY:
+        raise ValueError(f"pattern {pattern.name!r} is registered twice")
+    _REGISTRY[pattern.name] = pattern
+    return pattern
+
+
+def get(name: str) -> FusionPattern:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise KeyError(f"no fusion pattern named {name!r} (known: {known})") from None
+
+
+def all_patterns() -> list[FusionPattern]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def match(ops: Sequence[OpRecord]) -> tuple[FusionPattern, dict] | None:
+    """The first registered pattern that matches the ops (longest signature first)."""
+    for pattern in sorted(_REGISTRY.values(), key=lambda p: -len(p.forward_signature)):
+        params = pattern.match(ops)
+        if params is not None:
+            return pattern, params
+    return None
+
+
+# -- dtype helpers shared by the patterns ------------------------------------------------------
+_TRACE_DTYPES = {
+    "float": torch.float32, "c10::Half": torch.float16, "c10::BFloat16": torch.bfloat16,
+    "double": torch.float64, "long int": torch.int64, "int": torch.int32, "bool": torch.bool,
+    "unsigned char": torch.uint8, "signed char": torch.int8, "short int": torch.int16,
+}
+
+
+def dtype_from_trace(type_name: str) -> torch.dtype | None:
+    """'c10::BFloat16' -> torch.bfloat16; None for scalars and unknown names."""
+    return _TRACE_DTYPES.get(type_name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dt

@@ -1,0 +1,246 @@
+"""RMSNorm: y = weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)
+
+Replaces the decomposed form users write (Hugging Face's LlamaRMSNorm, `reference` below), which
+eager PyTorch runs as 6-8 kernels: to(fp32), pow, mean, add, rsqrt, mul, to(dtype), mul.
+
+Bytes for x of M rows x N (element size e, weight size w, output size o):
+  unfused forward (bf16 x and weight, the cast included): each of the ~8 kernels reads and writes a
+      full M x N tensor, most in fp32: about M*N*(2+4 + 4+4 + 4 + 4+4 + 4+2 + 2+2+2) bytes
+  fused forward:  read x once, write y once, write rstd: M*N*(e+o) + N*w + 4*M
+  fused backward: read dy, x, rstd, weight; write dx and per-program partial dweight:
+                  M*N*(o+e+e) + 4*M + N*w + 2*P*N*4  (P programs, P <= number of SMs)
+`fused_bytes` returns exactly these numbers; the cost model prices them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, interpreting, row_block
+from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, register
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK_SIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    # Round the normalised value to x's dtype before the weight, as LlamaRMSNorm does.
+    n = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (n * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols,
+                         rows_per_program, BLOCK_SIZE: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    for i in range(0, rows_per_program):
+        row = (row_start + i).to(tl.int64)
+        if row < n_rows:
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            x_hat = x * rstd
+            n = x_hat.to(X.dtype.element_ty).to(tl.float32)
+            dw_acc += dy * n
+            g = dy * w
+            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: (y, rstd). x may have any leading dims; weight has shape (x.shape[-1],)."""
+    check_dtype(x, "rms_norm")
+    check_device(x, weight, op="rms_norm")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    x2 = as_rows(x, "rms_norm")
+    n_rows, n_cols = x2.shape
+    y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight), device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block, warps = row_block(n_cols)
+    if n_rows:
+        _rms_norm_fwd_kernel[(n_rows,)](x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
+                                        BLOCK_SIZE=block, num_warps=warps)
+    return y.view(x.shape), rstd
+
+
+def _programs(n_rows: int, device: torch.device) -> int:
+    if interpreting() or device.type != "cuda":
+        return max(1, min(n_rows, 4))
+    return max(1, min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: (dx, dweight)."""
+    x2 = as_rows(x, "rms_norm")
+    dy2 = as_rows(dy, "rms_norm")
+    n_rows, n_cols = x2.shape
+    dx = torch.empty_like(x2)
+    programs = _programs(n_rows, x.device)
+    rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
+    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    block, warps = row_block(n_cols)
+    if n_rows:
+        _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, partial, dy2.stride(0),
+                                          x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+                                          BLOCK_SIZE=block, num_warps=warps)
+    else:
+        partial.zero_()
+    return dx.view(x.shape), partial.sum(0).to(weight.dtype)
+
+
+# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
+@torch.library.custom_op("fusion_advisor::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, rstd = rms_norm_fwd(x, weight, eps)
+    return y, rstd
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, eps):
+    rows = x.numel() // x.shape[-1] if x.dim() else 1
+    return x.new_empty(x.shape, dtype=_out_dtype(x, weight)), x.new_empty((rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusion_advisor::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_bwd(dy, x, weight, rstd)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = torch.ops.fusion_advisor.rms_norm_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.fusion_advisor.rms_norm_bwd(dy, x, weight, rstd)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Fused RMSNorm, numerically LlamaRMSNorm's forward and backward."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+class RMSNorm(torch.nn.Module):
+    """Drop-in for LlamaRMSNorm / MistralRMSNorm / Qwen2RMSNorm (same `weight` and eps)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> "RMSNorm":
+        """Wrap an existing RMSNorm module's parameter (shared, not copied)."""
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+        new = cls.__new__(cls)
+        torch.nn.Module.__init__(new)
+        new.weight = module.weight
+        new.variance_epsilon = float(eps)
+        return new
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon} (fused Triton)"
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Hugging Face LlamaRMSNorm.forward, verbatim."""
+    input_dtype = x.dtype
+    hidden_states = x.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype)
+
+
+def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
+    dtype = getattr(torch, params["dtype"])
+    wdtype = getattr(torch, params.get("weight_dtype", params["dtype"]))
+    x = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
+    w = (1.0 + 0.1 * torch.randn(params["shape"][-1], device=device)).to(wdtype).requires_grad_(requires_grad)
+    return Inputs((x, w), {"eps": params.get("eps", 1e-6)}, grad_inputs=(0, 1) if requires_grad else ())
+
+
+def fused_bytes(params: dict) -> dict:
+    shape = params["shape"]
+    n = shape[-1]
+    m = 1
+    for d in shape[:-1]:
+        m *= d
+    e = torch.tensor([], dtype=getattr(torch, params["dtype"])).element_size()
+    w = torch.tensor([], dtype=getattr(torch, params.get("weight_dtype", params["dtype"]))).element_size()
+    o = max(e, w)
+    programs = min(m, params.get("num_sms", 132))
+    return {"forward": m * n * (e + o) + n * w + 4 * m,
+            "backward": m * n * (o + e + e) + 4 * m + n * w + 2 * programs * n * 4}
+
+
+def params_from_ops(ops: list[OpRecord]) -> dict | None:
+    """Shapes, dtypes and eps from the traced pow/mean/add/rsqrt/mul chain."""
+    x_op = next((o for o in ops if o.short == "pow"), None)
+    if x_op is None or not x_op.dims or not x_op.dims[0]:
+        return None
+    shape = list(x_op.dims[0])
+    to_ops = [o for o in ops if o.short in ("to", "_to_copy")]
+    in_dtype = dtype_from_trace(to_ops[0].types[0]) if to_ops and to_ops[0].types else dtype_from_trace(x_op.types[0])
+    eps = 1e-6
+    add = next((o for o in ops if o.short == "add"), None)
+    if add is not None and len(add.concrete) > 1 and add.concrete[1] not in ("", None):
+        try:
+            eps = float(add.concrete[1])
+        except ValueError:
+            pass
+    last_mul = [o for o in ops if o.short == "mul"][-1:]
+    w_dtype = in_dtype
+    if last_mul and last_mul[0].types:
+        w_dtype = dtype_from_trace(last_mul[0].types[0]) or in_dtype
+    if in_dtype is None:
+        return None
+    return {"shape": shape, "dtype": str(in_dtype).replace("torch.", ""),
+            "weight_dtype": str(w_dtype).replace("torch.", ""), "eps": eps}
+
+
+PATTERN = register(FusionPattern(
+    name="rms_norm",
+    description="RMSNorm (LlamaRMSNorm-style pow/mean/rsqrt/mul chain) as one Triton kernel each way",
+    reference=reference,
+    fused=rms_norm,
+    make_inputs=make_inputs,
+    fused_bytes=fused_bytes,
+    forward_signature=r"pow mean add rsqrt mul",
+    params_from_ops=params_from_ops,
+    modules=("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "RMSNorm"),
+    module_factory=RMSNorm.from_module,
+    example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-6},
+    liger="liger_kernel.transformers.rms_norm:LigerRMSNorm",
+))

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from fusion_advisor.kernels import rms_norm as mod
+from fusion_advisor.kernels.registry import OpRecord
+from kernel_checks import check_against_reference
+
+SHAPES = [[6, 42, 431], [3, 256], [1, 1, 8], [5, 1000]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_matches_llama_rmsnorm(shape, dtype, device):
+    check_against_reference(mod.PATTERN, {"shape": shape, "dtype": dtype, "eps": 1e-6}, device,
+                            reduced_grads=(1,))
+
+
+def test_fp32_weight_with_bf16_input_promotes_like_reference(device):
+    check_against_reference(mod.PATTERN, {"shape": [4, 96], "dtype": "bfloat16", "weight_dtype": "float32"},
+                            device, reduced_grads=(1,))
+
+
+def test_non_contiguous_input(device):
+    x = torch.randn(64, 48, device=device).t()  # (48, 64), last dim strided
+    w = torch.randn(64, device=device)
+    torch.testing.assert_close(mod.rms_norm(x, w), mod.reference(x, w), atol=1e-5, rtol=1e-4)
+
+
+def test_module_wraps_existing_parameter(device):
+    ref = torch.nn.Module()
+    ref.weight = torch.nn.Parameter(torch.randn(32, device=device))
+    ref.variance_epsilon = 1e-5
+    fused = mod.RMSNorm.from_module(ref)
+    assert fused.weight is ref.weight and fused.variance_epsilon == 1e-5
+    x = torch.randn(3, 32, device=device)
+    torch.testing.assert_close(fused(x), mod.reference(x, ref.weight, 1e-5))
+
+
+def test_unsupported_dtype_is_refused(device):
+    with pytest.raises(TypeError, match="float64 is not supported"):
+        mod.rms_norm(torch.randn(2, 8, dtype=torch.float64, device=device), torch.ones(8, dtype=torch.float64, device=device))
+
+
+def test_params_read_from_traced_ops():
+    ops = [OpRecord("aten::to", ((4, 128, 256),), ("c10::BFloat16",)),
+           OpRecord("aten::pow", ((4, 128, 256), ()), ("float", "Scalar"), ("", "2")),
+           OpRecord("aten::mean", ((4, 128, 256), (), (), ()), ("float",)),
+           OpRecord("aten::add", ((4, 128, 1), ()), ("float", "Scalar"), ("", "1e-05", "1")),
+           OpRecord("aten::rsqrt", ((4, 128, 1),), ("float",)),
+           OpRecord("aten::mul", ((4, 128, 256), (4, 128, 1)), ("float", "float")),
+           OpRecord("aten::to", ((4, 128, 256),), ("float",)),
+           OpRecord("aten::mul", ((256,), (4, 128, 256)), ("c10::BFloat16", "c10::BFloat16"))]
+    params = mod.PATTERN.match(ops)
+    assert params == {"shape": [4, 128, 256], "dtype": "bfloat16", "weight_dtype": "bfloat16", "eps": 1e-05}
