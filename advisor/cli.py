@@ -32,7 +32,7 @@ Exit codes: 0 ok · 1 the profiled script failed · 2 bad input (usage, missing 
 app = typer.Typer(help=HELP, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_show_locals=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int) -> None:

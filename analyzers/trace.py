@@ -246,9 +246,12 @@ class Trace:
         ops["backward"] = backward
         fwd_row = np.full(n, -1, dtype=np.int64)
         seq = ops["seq"].to_numpy()
-        fwd = (~backward) & (seq >= 0)
-        # The outermost forward op of a sequence number is the first one (ops are sorted by start).
-        first_fwd = (pd.Series(np.flatnonzero(fwd), index=seq[fwd]).groupby(level=0).min())
+        parent = ops["parent_row"].to_numpy()
+        parent_seq = np.where(parent >= 0, seq[np.clip(parent, 0, None)], -2)
+        # Ops that create no autograd node (item, int slices) report the next sequence number too;
+        # the node's own op is the outermost op of the *last* nest with that number.
+        fwd = (~backward) & (seq >= 0) & (parent_seq != seq)
+        first_fwd = (pd.Series(np.flatnonzero(fwd), index=seq[fwd]).groupby(level=0).max())
         bwd_rows = np.flatnonzero(backward & (seq >= 0))
         if len(bwd_rows):
             fwd_row[bwd_rows] = first_fwd.reindex(seq[bwd_rows]).fillna(-1).to_numpy(dtype=np.int64)
