@@ -61,7 +61,9 @@ class FusionPattern:
     modules: tuple[str, ...] = ()                    # nn.Module class names it can replace
     module_factory: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # swap for a module
     example_params: dict = field(default_factory=dict)  # small shapes for tests and --help
-    liger: str | None = None                         # Liger-Kernel's equivalent, "module:attr"
+    bench_params: tuple[dict, ...] = ()              # LLM-training shapes for benchmarks/bench_kernels.py
+    liger: Callable[..., Any] | None = None          # same args as `fused`, runs Liger-Kernel's equivalent
+                                                     # (imports liger_kernel lazily; raises ImportError)
 
     def match(self, ops: Sequence[OpRecord]) -> dict | None:
         """Params if these forward ops are this pattern, else None."""

@@ -183,6 +183,12 @@ def reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch
     return weight * hidden_states.to(input_dtype)
 
 
+def liger(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Liger-Kernel's RMSNorm on the same inputs (llama casting mode, as LlamaRMSNorm)."""
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama")
+
+
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     dtype = getattr(torch, params["dtype"])
     wdtype = getattr(torch, params.get("weight_dtype", params["dtype"]))
@@ -242,5 +248,7 @@ PATTERN = register(FusionPattern(
     modules=("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "RMSNorm"),
     module_factory=RMSNorm.from_module,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-6},
-    liger="liger_kernel.transformers.rms_norm:LigerRMSNorm",
+    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-6}
+                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    liger=liger,
 ))
