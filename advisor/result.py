@@ -108,7 +108,14 @@ class AdvisorResult:
     run: dict = field(default_factory=dict)              # script, argv, gpu, driver, torch, triton, steps
     device_profile: dict | None = None                   # the DeviceProfile every estimate used
     summary: dict = field(default_factory=dict)          # analyzers.summary.StepSummary
-    kernel_classes: list[dict] = field(default_factory=list)
+    kernel_classes: list[dict] = field(default_factory=list)   # class, calls_per_step, measured_us_per_step, pct
+    # Roofline points, one per kernel name (per step): name, kernel_class, calls_per_step,
+    # measured_us_per_step, bytes_estimate, flops_estimate, intensity, achieved_gbps,
+    # pct_of_peak_bw, memory_bound, cluster_id (None outside clusters)
+    kernels: list[dict] = field(default_factory=list)
+    # One representative step on the GPU, for the timeline chart: name, stream, start_us (from
+    # the step's first kernel), dur_us, kernel_class, cluster_id
+    timeline: list[dict] = field(default_factory=list)
     clusters: list[Cluster] = field(default_factory=list)
     launch_bound: dict | None = None
     benchmarks: list[Benchmark] = field(default_factory=list)
