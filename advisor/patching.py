@@ -1,0 +1,184 @@
+"""Runtime patching: swap modules of ONE model instance for fused ones, checked, revertible.
+
+    handle = fusion_advisor.patch(model, result)        # the recommended patterns
+    handle = fusion_advisor.patch(model, patterns=["rms_norm"])
+    ...
+    handle.revert()                                     # the model is exactly as before
+
+    with fusion_advisor.patched(model, result):         # reverted on exit
+        train(model)
+
+Only the given instance changes (its submodules are replaced with `setattr` on their parents);
+classes, other instances and module-level functions are untouched. Replacements share the
+original parameters (no copies), so an optimizer built before patching keeps working.
+Each replacement is checked on random inputs against the module it replaces (forward output and
+every gradient, the tolerance table of kernels/tolerances.py) before it goes in; one that fails
+is left out and reported, never silently applied.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from fusion_advisor.errors import AdvisorError
+from fusion_advisor.kernels import all_patterns, get
+from fusion_advisor.kernels.registry import FusionPattern
+from fusion_advisor.kernels.tolerances import tolerance
+
+_OPTIONS = {"check", "patterns", "device_check_shape"}
+
+
+@dataclass
+class Swap:
+    path: str
+    parent: nn.Module
+    attr: str
+    original: nn.Module
+    replacement: nn.Module
+    pattern: str
+
+
+@dataclass
+class PatchHandle:
+    swaps: list[Swap] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
+
+    def revert(self) -> None:
+        """Put every original module back, last swapped first."""
+        for s in reversed(self.swaps):
+            setattr(s.parent, s.attr, s.original)
+        self.swaps.clear()
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+    def summary(self) -> str:
+        lines = [f"swapped {len(self.swaps)} module(s)"]
+        lines += [f"  {s.path}: {type(s.original).__name__} -> {type(s.replacement).__name__} ({s.pattern})"
+                  for s in self.swaps]
+        lines += [f"  skipped {p}: {why}" for p, why in self.skipped]
+        return "\n".join(lines)
+
+
+def recommended_patterns(result) -> list[str]:
+    """Pattern names that an AdvisorResult recommends (measured, or estimated where not benched)."""
+    names = []
+    for rec in getattr(result, "recommendations", []) or []:
+        name = rec.pattern if not isinstance(rec, dict) else rec.get("pattern")
+        if name and not name.startswith("generic:") and name not in names:
+            names.append(name)
+    return names
+
+
+def patch(model: nn.Module, result=None, **options) -> PatchHandle:
+    """Swap the modules that the recommended (or named) patterns replace, on this instance only."""
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise TypeError(f"patch(): unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTIONS))}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch() needs an nn.Module, got {type(model).__name__}")
+    names = options.get("patterns")
+    if isinstance(result, (str, bytes)) or hasattr(result, "__fspath__"):
+        from fusion_advisor.result import AdvisorResult
+        result = AdvisorResult.load(result)
+    if names is None:
+        if result is None:
+            raise AdvisorError("patch() needs a result (AdvisorResult) or patterns=[...]")
+        names = recommended_patterns(result)
+    patterns = [get(n) for n in names]
+    swappable = [p for p in patterns if p.modules and p.module_factory is not None]
+    handle = PatchHandle()
+    for p in patterns:
+        if p not in swappable:
+            handle.skipped.append(("*", f"pattern {p.name} has no module form: use `fusion-advisor apply` (source patch)"))
+    check = options.get("check", True)
+    try:
+        for path, parent, attr, module in list(_candidates(model)):
+            pattern = next((p for p in swappable if type(module).__name__ in p.modules), None)
+            if pattern is None:
+                continue
+            try:
+                replacement = pattern.module_factory(module)
+            except Exception as exc:  # a module that looks alike but is not: leave it alone, say why
+                handle.skipped.append((path, f"{pattern.name}: cannot wrap {type(module).__name__} ({exc})"))
+                continue
+            if check:
+                problem = check_equivalent(module, replacement, options.get("device_check_shape"))
+                if problem:
+                    handle.skipped.append((path, f"{pattern.name}: numerics check failed: {problem}"))
+                    continue
+            setattr(parent, attr, replacement)
+            handle.swaps.append(Swap(path, parent, attr, module, replacement, pattern.name))
+    except BaseException:
+        handle.revert()
+        raise
+    return handle
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, result=None, **options):
+    handle = patch(model, result, **options)
+    try:
+        yield handle
+    finally:
+        handle.revert()
+
+
+def _candidates(model: nn.Module) -> Iterable[tuple[str, nn.Module, str, nn.Module]]:
+    for parent_path, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            yield (f"{parent_path}.{attr}" if parent_path else attr), parent, attr, child
+
+
+def _example_input(module: nn.Module, shape_hint) -> torch.Tensor:
+    """A random input for a norm-like module: (2, 7, hidden) from its weight, in its dtype/device."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        raise AdvisorError(f"no example input for {type(module).__name__}")
+    hidden = weight.shape[-1]
+    shape = tuple(shape_hint) if shape_hint else (2, 7, hidden)
+    return torch.randn(shape, device=weight.device, dtype=weight.dtype)
+
+
+def check_equivalent(original: nn.Module, replacement: nn.Module, shape_hint=None) -> str | None:
+    """None when the replacement's output and gradients (input and parameters) match the
+    original's on a random input, else a one-line reason."""
+    x = _example_input(original, shape_hint)
+    params = [p for p in original.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    try:
+        outs, grads = [], []
+        for mod in (original, replacement):
+            for p in params:
+                p.grad = None
+            xi = x.clone().requires_grad_(True)
+            y = mod(xi)
+            y = y[0] if isinstance(y, tuple) else y
+            g = torch.randn_like(y, generator=None) if not outs else outs[0][1]
+            y.backward(g)
+            outs.append((y.detach(), g))
+            grads.append([xi.grad] + [p.grad for p in params])
+        tol = tolerance(x.dtype)
+        try:
+            torch.testing.assert_close(outs[1][0], outs[0][0], **tol)
+            torch.testing.assert_close(grads[1][0], grads[0][0], **tol)
+            rows = x.numel() // x.shape[-1]
+            for a, b in zip(grads[1][1:], grads[0][1:]):
+                torch.testing.assert_close(a, b, **tolerance(x.dtype, rows))
+        except AssertionError as exc:
+            return str(exc).strip().splitlines()[0]
+        return None
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+def available_module_patterns() -> list[FusionPattern]:
+    return [p for p in all_patterns() if p.modules and p.module_factory is not None]
