@@ -110,7 +110,10 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
                 handle.skipped.append((path, f"{pattern.name}: cannot wrap {type(module).__name__} ({exc})"))
                 continue
             if check:
-                problem = check_equivalent(module, replacement, options.get("device_check_shape"))
+                try:
+                    problem = check_equivalent(module, replacement, options.get("device_check_shape"))
+                except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
+                    problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 if problem:
                     handle.skipped.append((path, f"{pattern.name}: numerics check failed: {problem}"))
                     continue

@@ -1,0 +1,184 @@
+"""Verify a patch on the user's own script: run it unpatched and patched for the same steps and
+seed, compare the losses, and measure step time and peak memory of each.
+
+Each run is a fresh subprocess (`python -m fusion_advisor.verify RUN_SPEC.json`), so the two runs
+share no allocator state, compile cache or RNG stream. Inside it the script runs in-process as
+`__main__`; steps are found as `profile` finds them (optimizer.step(), fusion_advisor.step() or a
+top-level forward); losses are read from every scalar `.backward()`; the patched run swaps the
+fused modules into the model at its first top-level forward (`fusion_advisor.patch`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fusion_advisor.errors import AdvisorError, ScriptError
+
+
+@dataclass
+class RunSpec:
+    script: str
+    script_args: list[str]
+    steps: int = 20
+    warmup: int = 5
+    seed: int = 0
+    patterns: list[str] = field(default_factory=list)  # empty: the unpatched run
+    out: str = ""
+
+
+@dataclass
+class RunMeasurement:
+    patched: bool
+    steps_run: int
+    losses: list[float]
+    step_times_s: list[float]           # steps after warm-up
+    median_step_s: float | None
+    peak_mem_bytes: int | None
+    swapped: list[str] = field(default_factory=list)   # "path: Old -> New"
+    skipped: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class _Done(BaseException):
+    pass
+
+
+def _run_in_process(spec: RunSpec) -> RunMeasurement:
+    import torch
+    from fusion_advisor.capture import _format_user_traceback, _Stepper
+
+    cuda = torch.cuda.is_available()
+    losses: list[float] = []
+    marks: list[float] = [time.perf_counter()]
+    swapped: list[str] = []
+    skipped: list[str] = []
+
+    def on_step():
+        if cuda:
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        if stepper.count == spec.warmup and cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if stepper.count >= spec.warmup + spec.steps:
+            raise _Done()
+
+    stepper = _Stepper(on_step)
+    orig_backward = torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        if self.numel() == 1:
+            losses.append(float(self.detach().float().item()))
+        return orig_backward(self, *args, **kwargs)
+
+    patch_hook = None
+    if spec.patterns:
+        import fusion_advisor
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        def patch_first_model(module, args):
+            patch_hook.remove()
+            stepper.paused = True  # the patch's numerics checks run modules: not the script's steps
+            try:
+                handle = fusion_advisor.patch(module, patterns=spec.patterns)
+            finally:
+                stepper.paused = False
+            swapped.extend(f"{s.path}: {type(s.original).__name__} -> {type(s.replacement).__name__}"
+                           for s in handle.swaps)
+            skipped.extend(f"{p}: {why}" for p, why in handle.skipped)
+        patch_hook = register_module_forward_pre_hook(patch_first_model)
+
+    torch.manual_seed(spec.seed)
+    script = os.path.abspath(spec.script)
+    sys.argv = [spec.script, *spec.script_args]
+    sys.path.insert(0, os.path.dirname(script))
+    error = None
+    torch.Tensor.backward = backward
+    stepper.install()
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except _Done:
+        pass
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            error = f"the script exited with status {exc.code}"
+    except BaseException as exc:
+        error = _format_user_traceback(exc, script)
+    finally:
+        stepper.remove()
+        torch.Tensor.backward = orig_backward
+    times = [b - a for a, b in zip(marks, marks[1:])][spec.warmup:]
+    return RunMeasurement(
+        patched=bool(spec.patterns), steps_run=stepper.count, losses=losses, step_times_s=times,
+        median_step_s=statistics.median(times) if times else None,
+        peak_mem_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
+        swapped=swapped, skipped=skipped, error=error)
+
+
+def run_script(spec: RunSpec, timeout_s: float = 1800) -> RunMeasurement:
+    """Run one measurement in a fresh subprocess."""
+    with tempfile.TemporaryDirectory(prefix="fusion-advisor-verify-") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec.out = str(Path(tmp) / "measurement.json")
+        spec_path.write_text(json.dumps(asdict(spec)))
+        proc = subprocess.run([sys.executable, "-m", "fusion_advisor.verify", str(spec_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
+        if not os.path.exists(spec.out):
+            tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
+            raise ScriptError(f"the verification run exited with status {proc.returncode} before measuring: {tail}")
+        return RunMeasurement(**json.loads(Path(spec.out).read_text()))
+
+
+@dataclass
+class Verification:
+    before: RunMeasurement
+    after: RunMeasurement
+    max_loss_rel_diff: float | None
+    losses_match: bool
+    speedup: float | None
+    mem_saved_bytes: int | None
+
+
+def compare(before: RunMeasurement, after: RunMeasurement, loss_rtol: float = 2e-2) -> Verification:
+    """Losses step by step within `loss_rtol` (bf16 training drifts a little: the fused kernels round
+    differently), and the measured step-time ratio."""
+    n = min(len(before.losses), len(after.losses))
+    diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(after.losses[:n], before.losses[:n])]
+    worst = max(diffs) if diffs else None
+    speedup = (before.median_step_s / after.median_step_s
+               if before.median_step_s and after.median_step_s else None)
+    mem = (before.peak_mem_bytes - after.peak_mem_bytes
+           if before.peak_mem_bytes is not None and after.peak_mem_bytes is not None else None)
+    return Verification(before, after, worst, worst is not None and worst <= loss_rtol, speedup, mem)
+
+
+def verify(script: str, script_args: list[str], patterns: list[str], steps: int = 20, warmup: int = 5,
+           seed: int = 0) -> Verification:
+    if not patterns:
+        raise AdvisorError("nothing to verify: the result recommends no pattern with a module form")
+    before = run_script(RunSpec(script, script_args, steps, warmup, seed, []))
+    after = run_script(RunSpec(script, script_args, steps, warmup, seed, list(patterns)))
+    for m in (before, after):
+        if m.error:
+            raise ScriptError(f"the {'patched' if m.patched else 'unpatched'} run failed: "
+                              f"{m.error.strip().splitlines()[-1]}")
+    return compare(before, after)
+
+
+def _main(spec_path: str) -> None:
+    spec = RunSpec(**json.loads(Path(spec_path).read_text()))
+    measurement = _run_in_process(spec)
+    Path(spec.out).write_text(json.dumps(asdict(measurement)))
+    if measurement.error:
+        print(measurement.error, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
