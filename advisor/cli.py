@@ -160,6 +160,101 @@ def analyze(
         err.print(f"wrote {out}", highlight=False)
 
 
+@app.command(name="apply")
+@handles_errors
+def apply_cmd(
+    result_path: Path = typer.Argument(..., metavar="RESULT.json", help="An AdvisorResult from `profile` or `bench`."),
+    write: bool = typer.Option(False, "--write", help="Write the changes (atomically, with backups under "
+                                                       "./.fusion-advisor/backups). Default: print the diff only."),
+    revert: bool = typer.Option(False, "--revert", help="Restore the files of the latest --write from their backups."),
+    verify_run: bool = typer.Option(False, "--verify", help="Run the script unpatched and patched for the same steps "
+                                                            "and seed; compare losses, step time and peak memory."),
+    steps: int = typer.Option(20, "--steps", "-n", min=1, help="Steps to compare with --verify."),
+    warmup: int = typer.Option(5, "--warmup", "-w", min=0, help="Steps before timing with --verify."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan (and verification) as JSON."),
+):
+    """Patch your source with the recommendations: a unified diff by default.
+
+    \b
+    Your own files get source rewrites (libcst keeps your formatting): module swaps such as
+    LlamaRMSNorm(...) -> FusedRMSNorm(...), and expression rewrites such as
+    F.silu(g) * u -> swiglu(g, u). Library code (transformers, site-packages) is never edited:
+    there the patch is the instance-scoped `fusion_advisor.patch(model, "result.json")`.
+
+    \b
+    Examples:
+      fusion-advisor apply fusion-report/result.json             # show the diff
+      fusion-advisor apply fusion-report/result.json --verify    # measure it, still writing nothing
+      fusion-advisor apply fusion-report/result.json --write     # apply it
+      fusion-advisor apply fusion-report/result.json --revert    # undo the last --write
+    """
+    from dataclasses import asdict
+
+    from fusion_advisor import apply as apply_mod
+    from fusion_advisor.result import AdvisorResult
+
+    root = Path.cwd()
+    if revert:
+        if write:
+            raise AdvisorError("--write and --revert together make no sense; choose one")
+        for path in apply_mod.revert(root):
+            err.print(f"restored {path}", highlight=False)
+        return
+    result = AdvisorResult.load(result_path)
+    plan = apply_mod.plan(result)
+    diff = plan.diff(str(root))
+    report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes,
+              "changes": [{"path": f.path, **asdict(c)} for f in plan.changed for c in f.changes]}
+    if not as_json:
+        sys.stdout.write(diff or "(no source change)\n")
+        for note in plan.notes:
+            err.print(f"[yellow]note:[/] {note}", highlight=False)
+    if verify_run:
+        from fusion_advisor.verify import verify
+        run = result.run or {}
+        if not run.get("script"):
+            raise AdvisorError("the result does not say which script it came from; --verify needs it")
+        v = verify(run["script"], list(run.get("argv", [])[1:]), plan.runtime_patterns, steps=steps, warmup=warmup,
+                   source_overrides={f.path: f.after for f in plan.changed},
+                   original_sources={f.path: f.before for f in plan.changed})
+        report["verification"] = asdict(v)
+        if not as_json:
+            _print_verification(v)
+    if write:
+        backup = apply_mod.write(plan, root)
+        report["backup"] = str(backup)
+        for f in plan.changed:
+            err.print(f"wrote {f.path}", highlight=False)
+        err.print(f"backups in {backup} (undo: fusion-advisor apply {result_path} --revert)", highlight=False)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    if verify_run and not report["verification"]["losses_match"]:
+        _fail("the patched run's losses differ from the unpatched run's beyond tolerance", EXIT_SCRIPT_FAILED)
+
+
+def _print_verification(v) -> None:
+    from rich.table import Table
+
+    t = Table(title="apply --verify (measured)", title_justify="left")
+    t.add_column("")
+    t.add_column("unpatched", justify="right")
+    t.add_column("patched", justify="right")
+    ms = lambda s: f"{s * 1e3:,.2f} ms" if s else "—"  # noqa: E731
+    gb = lambda b: f"{b / 2**30:,.2f} GiB" if b is not None else "—"  # noqa: E731
+    t.add_row("median step time", ms(v.before.median_step_s), ms(v.after.median_step_s))
+    t.add_row("peak memory", gb(v.before.peak_mem_bytes), gb(v.after.peak_mem_bytes))
+    t.add_row("losses (first, last)", f"{v.before.losses[0]:.4f}, {v.before.losses[-1]:.4f}" if v.before.losses else "—",
+              f"{v.after.losses[0]:.4f}, {v.after.losses[-1]:.4f}" if v.after.losses else "—")
+    Console().print(t)
+    verdict = "match" if v.losses_match else "DIFFER"
+    Console().print(f"speedup {v.speedup:.2f}x; losses {verdict} (max relative difference "
+                    f"{v.max_loss_rel_diff:.2e})" if v.speedup and v.max_loss_rel_diff is not None else "no timing")
+    for s in v.after.swapped:
+        Console().print(f"  runtime swap: {s}", highlight=False)
+    for s in v.after.skipped:
+        Console().print(f"  [yellow]skipped:[/] {s}", highlight=False)
+
+
 def main(argv: List[str] | None = None) -> None:
     app(args=argv, prog_name="fusion-advisor")
 

@@ -9,6 +9,8 @@ fused modules into the model at its first top-level forward (`fusion_advisor.pat
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import json
 import os
 import runpy
@@ -30,7 +32,8 @@ class RunSpec:
     steps: int = 20
     warmup: int = 5
     seed: int = 0
-    patterns: list[str] = field(default_factory=list)  # empty: the unpatched run
+    patterns: list[str] = field(default_factory=list)  # runtime swaps; empty: the unpatched run
+    source_overrides: dict[str, str] = field(default_factory=dict)  # file path -> text to run instead
     out: str = ""
 
 
@@ -102,8 +105,14 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
     error = None
     torch.Tensor.backward = backward
     stepper.install()
+    finder = _OverrideFinder(spec.source_overrides) if spec.source_overrides else None
+    if finder:
+        sys.meta_path.insert(0, finder)
     try:
-        runpy.run_path(script, run_name="__main__")
+        if script in spec.source_overrides:
+            _run_source(script, spec.source_overrides[script])
+        else:
+            runpy.run_path(script, run_name="__main__")
     except _Done:
         pass
     except SystemExit as exc:
@@ -114,12 +123,51 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
     finally:
         stepper.remove()
         torch.Tensor.backward = orig_backward
+        if finder:
+            sys.meta_path.remove(finder)
     times = [b - a for a, b in zip(marks, marks[1:])][spec.warmup:]
     return RunMeasurement(
         patched=bool(spec.patterns), steps_run=stepper.count, losses=losses, step_times_s=times,
         median_step_s=statistics.median(times) if times else None,
         peak_mem_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
         swapped=swapped, skipped=skipped, error=error)
+
+
+class _OverrideFinder(importlib.abc.MetaPathFinder):
+    """Imports the user's modules from patched text (apply's dry run) instead of their files."""
+
+    def __init__(self, overrides: dict[str, str]):
+        self.overrides = {os.path.abspath(k): v for k, v in overrides.items()}
+
+    def find_spec(self, name, path, target=None):
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.origin is None or os.path.abspath(spec.origin) not in self.overrides:
+            return None
+        text = self.overrides[os.path.abspath(spec.origin)]
+
+        class Loader(importlib.machinery.SourceFileLoader):
+            def get_data(self, p):
+                return text.encode("utf-8") if os.path.abspath(p) == os.path.abspath(spec.origin) else super().get_data(p)
+
+            def path_stats(self, p):  # never use a cached .pyc of the unpatched file
+                raise OSError
+
+        spec.loader = Loader(name, spec.origin)
+        return spec
+
+
+def _run_source(script: str, text: str) -> None:
+    """runpy.run_path for a script whose patched text is given."""
+    import types
+    module = types.ModuleType("__main__")
+    module.__file__ = script
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        exec(compile(text, script, "exec"), module.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def run_script(spec: RunSpec, timeout_s: float = 1800) -> RunMeasurement:
@@ -160,11 +208,14 @@ def compare(before: RunMeasurement, after: RunMeasurement, loss_rtol: float = 2e
 
 
 def verify(script: str, script_args: list[str], patterns: list[str], steps: int = 20, warmup: int = 5,
-           seed: int = 0) -> Verification:
-    if not patterns:
-        raise AdvisorError("nothing to verify: the result recommends no pattern with a module form")
-    before = run_script(RunSpec(script, script_args, steps, warmup, seed, []))
-    after = run_script(RunSpec(script, script_args, steps, warmup, seed, list(patterns)))
+           seed: int = 0, source_overrides: dict[str, str] | None = None,
+           original_sources: dict[str, str] | None = None) -> Verification:
+    """Unpatched run (the original sources) vs patched run (runtime swaps of `patterns` plus the
+    patched sources)."""
+    if not patterns and not source_overrides:
+        raise AdvisorError("nothing to verify: no source change and no runtime patch in the plan")
+    before = run_script(RunSpec(script, script_args, steps, warmup, seed, [], dict(original_sources or {})))
+    after = run_script(RunSpec(script, script_args, steps, warmup, seed, list(patterns), dict(source_overrides or {})))
     for m in (before, after):
         if m.error:
             raise ScriptError(f"the {'patched' if m.patched else 'unpatched'} run failed: "

@@ -39,6 +39,20 @@ def short_op_name(name: str) -> str:
     return name[6:] if name.startswith("aten::") else name
 
 
+@dataclass(frozen=True)
+class Rewrite:
+    """A source rewrite a pattern offers to `fusion-advisor apply`: an expression template and its
+    replacement, with `$name` placeholders, e.g.
+        Rewrite("F.silu($gate) * $up", "swiglu($gate, $up)",
+                ("from fusion_advisor.kernels.swiglu import swiglu",))
+    `F.x` in a template also matches torch.nn.functional.x / nn.functional.x; `*` and `+` match
+    either operand order."""
+
+    match: str
+    replace: str
+    imports: tuple[str, ...] = ()
+
+
 @dataclass
 class Inputs:
     """Arguments for `reference` and `fused`; `grad_inputs` says which positional args get grads."""
@@ -61,6 +75,9 @@ class FusionPattern:
     modules: tuple[str, ...] = ()                    # nn.Module class names it can replace
     module_factory: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # swap for a module
     example_params: dict = field(default_factory=dict)  # small shapes for tests and --help
+    module_import: str | None = None                 # "fusion_advisor.kernels.rms_norm:RMSNorm": constructor-
+                                                     # compatible with `modules`, for source patches
+    rewrites: tuple[Rewrite, ...] = ()               # expression rewrites for source patches
     bench_params: tuple[dict, ...] = ()              # LLM-training shapes for benchmarks/bench_kernels.py
     liger: Callable[..., Any] | None = None          # same args as `fused`, runs Liger-Kernel's equivalent
                                                      # (imports liger_kernel lazily; raises ImportError)

@@ -247,6 +247,7 @@ PATTERN = register(FusionPattern(
     params_from_ops=params_from_ops,
     modules=("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "RMSNorm"),
     module_factory=RMSNorm.from_module,
+    module_import="fusion_advisor.kernels.rms_norm:RMSNorm",
     example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-6},
     bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-6}
                        for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),

@@ -1,0 +1,178 @@
+"""`fusion-advisor apply`: turn a result's recommendations into source patches (a diff), write them
+atomically with backups, revert them, and verify the gain.
+
+Where a cluster's source is the user's own file, the recommendation becomes a source rewrite
+(advisor/source_patch.py). Where it is library code (transformers, site-packages), we never edit
+it: the patch is the instance-scoped runtime swap, `fusion_advisor.patch(model, result)`.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusion_advisor.errors import AdvisorError, OutputError
+from fusion_advisor.kernels import get
+from fusion_advisor.result import AdvisorResult
+from fusion_advisor.source_patch import FileRewrite, rewrite_source
+
+BACKUP_DIR = ".fusion-advisor/backups"
+_LIBRARY_MARKERS = ("site-packages", "dist-packages")
+
+
+@dataclass
+class ApplyPlan:
+    files: list[FileRewrite] = field(default_factory=list)
+    runtime_patterns: list[str] = field(default_factory=list)  # for library code: fusion_advisor.patch
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> list[FileRewrite]:
+        return [f for f in self.files if f.changes]
+
+    def diff(self, root: str | None = None) -> str:
+        out = []
+        for f in self.changed:
+            name = os.path.relpath(f.path, root) if root else f.path
+            out.extend(difflib.unified_diff(f.before.splitlines(True), f.after.splitlines(True),
+                                            f"a/{name}", f"b/{name}"))
+        return "".join(out)
+
+
+def _resolve(source_file: str, run: dict) -> Path | None:
+    """The traced file name (as Kineto shortens it, relative to a sys.path entry) on this disk."""
+    script = run.get("script")
+    roots = [Path(script).parent] if script else []
+    if run.get("cwd"):
+        roots.append(Path(run["cwd"]))
+    for root in roots:
+        p = (root / source_file)
+        if p.is_file():
+            return p.resolve()
+    p = Path(source_file)
+    return p.resolve() if p.is_absolute() and p.is_file() else None
+
+
+def _is_library(path: Path) -> bool:
+    return any(m in path.parts for m in _LIBRARY_MARKERS)
+
+
+def plan(result: AdvisorResult) -> ApplyPlan:
+    """What `apply` would change, file by file; nothing is written."""
+    if not result.recommendations:
+        raise AdvisorError("the result has no recommendations to apply (run `fusion-advisor profile` on a GPU "
+                           "to benchmark the candidates)")
+    clusters = {c.id: c for c in result.clusters}
+    run = result.run or {}
+    out = ApplyPlan()
+    per_file: dict[Path, dict] = {}
+    script = Path(run["script"]).resolve() if run.get("script") and Path(run["script"]).is_file() else None
+    for rec in result.recommendations:
+        if not rec.pattern or rec.pattern.startswith("generic:"):
+            out.notes.append(f"#{rec.rank} {rec.title}: no source rewrite for a generated kernel yet")
+            continue
+        pattern = get(rec.pattern)
+        cluster = clusters.get(rec.cluster_id)
+        source = cluster.source if cluster else None
+        file_name, _, line = (source or "").rpartition(":")
+        path = _resolve(file_name, run) if file_name else None
+        if path is None or _is_library(path):
+            if pattern.modules and pattern.module_factory and pattern.name not in out.runtime_patterns:
+                out.runtime_patterns.append(pattern.name)
+            where = "library code" if path is not None else f"{source or 'an unknown source'} (not found on disk)"
+            out.notes.append(f"#{rec.rank} {rec.title}: {where}; patched at run time with "
+                             f"fusion_advisor.patch(model, result) instead of editing it")
+            continue
+        targets = per_file.setdefault(path, {"swaps": {}, "rewrites": []})
+        leaf = (cluster.module_class or "").rsplit("/", 1)[-1] if cluster else ""
+        if pattern.module_import and leaf in pattern.modules:
+            mod, _, cls = pattern.module_import.partition(":")
+            # Instantiations may sit in any of the user's files: the class's own file and the script.
+            for f in {path, script} - {None}:
+                per_file.setdefault(f, {"swaps": {}, "rewrites": []})["swaps"][leaf] = (mod, cls, pattern.name)
+        for rw in pattern.rewrites:
+            targets["rewrites"].append((rw, {int(line)} if line.isdigit() else set(), pattern.name))
+    for path, t in per_file.items():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise AdvisorError(f"cannot read {path}: {exc.strerror or exc}") from None
+        out.files.append(rewrite_source(str(path), text, t["swaps"], t["rewrites"]))
+    return out
+
+
+def write(p: ApplyPlan, root: Path) -> Path:
+    """Write every changed file atomically, after backing all of them up; returns the backup folder.
+    A file is always either its old or its new self: each is written to a temporary file beside
+    it and renamed. If one write fails, the files already written are restored."""
+    changed = p.changed
+    if not changed:
+        raise AdvisorError("nothing to write: no source change in the plan")
+    for f in changed:
+        current = Path(f.path).read_text(encoding="utf-8")
+        if current != f.before:
+            raise AdvisorError(f"{f.path} changed since the plan was made; run apply again")
+    backup = root / BACKUP_DIR / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        backup.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        backup = Path(tempfile.mkdtemp(prefix=backup.name + "-", dir=backup.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot create the backup folder {backup}: {exc.strerror or exc}") from None
+    manifest = []
+    for i, f in enumerate(changed):
+        saved = backup / f"{i:03d}-{Path(f.path).name}"
+        shutil.copy2(f.path, saved)
+        manifest.append({"path": f.path, "backup": str(saved)})
+    (backup / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    written: list[dict] = []
+    try:
+        for f, entry in zip(changed, manifest):
+            _replace_atomically(Path(f.path), f.after)
+            written.append(entry)
+    except BaseException:
+        for entry in written:
+            _replace_atomically(Path(entry["path"]), Path(entry["backup"]).read_text(encoding="utf-8"))
+        raise
+    return backup
+
+
+def revert(root: Path, backup: Path | None = None) -> list[str]:
+    """Restore the files of the latest (or the given) backup; returns their paths."""
+    base = root / BACKUP_DIR
+    if backup is None:
+        candidates = sorted(d for d in base.glob("*") if (d / "manifest.json").is_file()) if base.is_dir() else []
+        if not candidates:
+            raise AdvisorError(f"no backup to revert under {base}")
+        backup = candidates[-1]
+    manifest = json.loads((backup / "manifest.json").read_text())
+    for entry in manifest:
+        _replace_atomically(Path(entry["path"]), Path(entry["backup"]).read_text(encoding="utf-8"))
+    shutil.rmtree(backup)
+    return [e["path"] for e in manifest]
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    try:
+        mode = path.stat().st_mode & 0o777
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise

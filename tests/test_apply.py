@@ -1,0 +1,113 @@
+"""`fusion-advisor apply`: a diff by default, atomic writes with backups, revert, verify."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusion_advisor import apply as apply_mod
+from fusion_advisor.result import AdvisorResult, Cluster, Recommendation
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--seq", "8", "--vocab", "64", "--dtype", "float32",
+        "--steps", "50"]
+
+
+@pytest.fixture
+def project(tmp_path):
+    script = tmp_path / "llama_train.py"
+    shutil.copy(ROOT / "examples" / "llama_train.py", script)
+    cluster = Cluster(id="c1", direction="forward", pattern="rms_norm",
+                      module_class="LlamaModel/LlamaDecoderLayer/LlamaRMSNorm", source="llama_train.py:22")
+    rec = Recommendation(rank=1, cluster_id="c1", pattern="rms_norm", title="RMSNorm as one kernel",
+                         measured_saving_us_per_step=100.0, estimate_saving_us_per_step=120.0, confidence="measured")
+    result = AdvisorResult(run={"script": str(script), "argv": [str(script), *TINY], "cwd": str(tmp_path)},
+                           clusters=[cluster], recommendations=[rec])
+    path = tmp_path / "result.json"
+    result.save(path)
+    return tmp_path, script, path
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fusion_advisor.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_dry_run_prints_a_diff_and_writes_nothing(project):
+    root, script, result = project
+    before = script.read_text()
+    r = cli("apply", result, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert "-        self.norm = LlamaRMSNorm(hidden)" in r.stdout
+    assert "+        self.norm = FusedRMSNorm(hidden)" in r.stdout
+    assert "+from fusion_advisor.kernels.rms_norm import RMSNorm as FusedRMSNorm" in r.stdout
+    assert script.read_text() == before
+    assert not (root / ".fusion-advisor").exists()
+
+
+def test_write_then_revert_restores_the_file_exactly(project):
+    root, script, result = project
+    before = script.read_text()
+    r = cli("apply", result, "--write", cwd=root)
+    assert r.returncode == 0, r.stderr
+    after = script.read_text()
+    assert after != before and after.count("FusedRMSNorm(hidden)") == 3
+    compile(after, str(script), "exec")  # still valid Python
+    assert "backups in" in r.stderr
+    r = cli("apply", result, "--revert", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert script.read_text() == before
+    assert f"restored {script}" in r.stderr
+
+
+def test_revert_without_backup_is_a_clear_error(project):
+    root, _, result = project
+    r = cli("apply", result, "--revert", cwd=root)
+    assert r.returncode == 2 and "no backup to revert" in r.stderr
+
+
+def test_a_failed_write_leaves_every_file_whole(project, monkeypatch):
+    root, script, result = project
+    before = script.read_text()
+    plan = apply_mod.plan(AdvisorResult.load(result))
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(Exception, match="No space left"):
+        apply_mod.write(plan, root)
+    assert script.read_text() == before
+    assert [p.name for p in script.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_file_changed_since_the_plan_is_not_overwritten(project):
+    root, script, result = project
+    plan = apply_mod.plan(AdvisorResult.load(result))
+    script.write_text(script.read_text() + "\n# edited by the user\n")
+    with pytest.raises(Exception, match="changed since the plan"):
+        apply_mod.write(plan, root)
+    assert script.read_text().endswith("# edited by the user\n")
+
+
+def test_library_sources_become_runtime_patches(project):
+    root, _, result = project
+    data = json.loads(result.read_text())
+    data["clusters"][0]["source"] = "transformers/models/llama/modeling_llama.py:62"
+    result.write_text(json.dumps(data))
+    plan = apply_mod.plan(AdvisorResult.load(result))
+    assert plan.runtime_patterns == ["rms_norm"]
+    assert "fusion_advisor.patch(model, result)" in plan.notes[0]
+
+
+def test_verify_measures_the_patched_source(project):
+    root, script, result = project
+    r = cli("apply", result, "--verify", "--steps", "3", "--warmup", "1", "--json", cwd=root)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    v = report["verification"]
+    assert v["losses_match"] and len(v["after"]["losses"]) == len(v["before"]["losses"]) >= 4
+    assert v["after"]["swapped"] == []  # the rewrite came through the source, not a runtime swap
+    assert script.read_text().count("FusedRMSNorm") == 0  # --verify writes nothing
