@@ -1,0 +1,25 @@
+"""Renderers of an AdvisorResult, sharing one base (`render(result) -> str`): terminal (rich),
+JSON and a self-contained HTML page. They read the AdvisorResult and nothing else."""
+from __future__ import annotations
+
+import os
+
+from fusion_advisor.report.base import Renderer
+from fusion_advisor.report.facts import check_shape
+from fusion_advisor.report.html_report import HTMLRenderer, default_html_path, write_html
+from fusion_advisor.report.json_report import JSONRenderer
+from fusion_advisor.report.terminal import TerminalRenderer
+from fusion_advisor.result import AdvisorResult
+
+RENDERERS: dict[str, type[Renderer]] = {r.name: r for r in (TerminalRenderer, JSONRenderer, HTMLRenderer)}
+
+
+def load_result(path: str | os.PathLike) -> AdvisorResult:
+    """A saved AdvisorResult, checked enough to render: AdvisorError (exit 2) with one line if not."""
+    result = AdvisorResult.load(path)
+    check_shape(result, source=str(path))
+    return result
+
+
+__all__ = ["RENDERERS", "HTMLRenderer", "JSONRenderer", "Renderer", "TerminalRenderer", "default_html_path",
+           "load_result", "write_html"]
