@@ -452,9 +452,16 @@ def _where_time_goes(result: AdvisorResult) -> Markup:
         tables.append(el("table", el("thead", el("tr", el("th", "kernel"), el("th", "calls/step", class_="num"),
                                                   el("th", "time/step ", tag("measured"), class_="num"), el("th", "%", class_="num"))),
                          el("tbody", rows), id="top-kernels", class_="compact"))
+    if s.get("top_cpu_ops"):
+        rows = [el("tr", el("td", el("code", r.get("op", "?")), class_="name"), num_cell(fmt_us(r.get("us_per_step"))),
+                   num_cell(fmt_pct(r.get("pct")))) for r in s["top_cpu_ops"]]
+        tables.append(el("table", el("thead", el("tr", el("th", "top-level op (no GPU in this trace)"),
+                                                  el("th", "CPU time/step ", tag("measured"), class_="num"),
+                                                  el("th", "%", class_="num"))),
+                         el("tbody", rows), class_="compact"))
     if not tables:
         return Markup("")
-    return el("section", el("h2", "Where the GPU time goes"),
+    return el("section", el("h2", "Where the time goes"),
               el("p", "Per step, from the trace (profiled).", class_="caption"), tables, id="where")
 
 
