@@ -195,16 +195,16 @@ def report(
       fusion-advisor report fusion-report/result.json
       fusion-advisor report runs/a.json --html /tmp/a.html --no-terminal
     """
-    from fusion_advisor.report import default_html_path, load_result, write_html
+    from fusion_advisor.report import HTMLRenderer, default_html_path, load_result, malformed_result_errors
+    from fusion_advisor.result import write_text_atomic
 
     result = load_result(result_path)
     html_path = html if html is not None else default_html_path(result_path)
-    write_html(result, html_path)
-    if as_json:
-        from fusion_advisor.report.json_report import render as render_json
-        sys.stdout.write(render_json(result) + "\n")
-    elif not no_terminal:
-        _print_result(result, False, Console())
+    with malformed_result_errors(str(result_path)):  # a malformed result writes nothing
+        page = HTMLRenderer().render(result)
+        if as_json or not no_terminal:
+            _print_result(result, as_json, Console())
+    write_text_atomic(html_path, page)
     err.print(f"wrote {html_path}", highlight=False)
 
 

@@ -288,6 +288,8 @@ def test_report_command_writes_html_atomically(sample_path, tmp_path):
     ('{"schema_version": 1, "clusters": "none"}', "'clusters' should be a list"),
     ('{"schema_version": 1, "recommendations": [{"rank": 1}]}', "a Recommendation lacks cluster_id"),
     ('{"schema_version": 1, "recommendations": [7]}', "'recommendations[0]' is not a Recommendation"),
+    ('{"schema_version": 1, "clusters": [{"id": [1], "direction": "forward"}]}', "cluster id in 'clusters'"),
+    ('{"schema_version": 1, "summary": {"has_gpu": false, "top_cpu_ops": [1]}}', "not a well-formed AdvisorResult"),
 ])
 def test_report_bad_input_is_one_line_exit_2(tmp_path, content, message):
     path = tmp_path / "r.json"

@@ -103,9 +103,9 @@ class ReportFacts:
 def check_shape(result: AdvisorResult, source: str = "result") -> None:
     """A one-line AdvisorError when the result's containers are not what the schema says (a
     hand-edited or foreign JSON); the renderers then only meet missing or odd scalars."""
-    for name in ("run", "summary", "launch_bound", "device_profile"):
+    for name, optional in (("run", False), ("summary", False), ("launch_bound", True), ("device_profile", True)):
         value = getattr(result, name)
-        if value is not None and not isinstance(value, dict):
+        if not isinstance(value, dict) and not (optional and value is None):
             raise AdvisorError(f"{source}: '{name}' should be an object, not {type(value).__name__}")
     expect = {"kernel_classes": dict, "kernels": dict, "timeline": dict, "clusters": Cluster,
               "benchmarks": Benchmark, "recommendations": Recommendation, "notes": str}
@@ -122,6 +122,17 @@ def check_shape(result: AdvisorResult, source: str = "result") -> None:
     for i, c in enumerate(result.clusters):
         if not isinstance(c.estimate, Estimate):
             raise AdvisorError(f"{source}: 'clusters[{i}].estimate' is not an object")
+        if not all(isinstance(getattr(c, f), list) for f in ("ops", "kernels", "dtypes")):
+            raise AdvisorError(f"{source}: 'clusters[{i}]' ops, kernels and dtypes should be lists")
+    for i, r in enumerate(result.recommendations):
+        if not isinstance(r.roi, dict) or not isinstance(r.patch, dict):
+            raise AdvisorError(f"{source}: 'recommendations[{i}]' roi and patch should be objects")
+    ids = [("clusters", c.id) for c in result.clusters] + [("benchmarks", b.cluster_id) for b in result.benchmarks] + \
+          [("recommendations", r.cluster_id) for r in result.recommendations] + \
+          [("timeline", t.get("cluster_id") or "") for t in result.timeline]
+    bad = next((name for name, v in ids if not isinstance(v, str)), None)
+    if bad is not None:
+        raise AdvisorError(f"{source}: a cluster id in '{bad}' is not a string")
 
 
 def device_facts(profile: dict | None) -> DeviceFacts | None:

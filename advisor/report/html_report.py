@@ -286,7 +286,7 @@ def _recommendation(row: RankedRow) -> Markup:
                        ("direction", c.direction), ("pattern", c.pattern or "generic"),
                        ("occurrences per step", fmt_num(c.occurrences_per_step)),
                        ("launches per step", fmt_num(c.launches_per_step)),
-                       ("dtypes", ", ".join(c.dtypes) or "—")]
+                       ("dtypes", ", ".join(map(str, c.dtypes)) or "—")]
         if c.split_reason:
             facts_list.append(("chain ends because", c.split_reason))
     if rec.memory_saved_bytes:

@@ -19,13 +19,18 @@ from fusion_advisor.result import AdvisorResult
 _us = fmt_us
 
 
+def _t(x) -> str:
+    """A string from the result, printed as it is (rich markup in it is not interpreted)."""
+    return escape(str(x))
+
+
 def render_summary(result: AdvisorResult, console: Console) -> None:
     run, s = result.run, result.summary
     where = run.get("gpu_name") or "CPU only"
     versions = ", ".join(f"{k} {run[k]}" for k in ("torch", "triton") if run.get(k))
-    title = f"[bold]{escape(str(run.get('script') or result.trace_path or 'trace'))}[/] on {escape(str(where))}"
+    title = f"[bold]{escape(str(run.get('script') or result.trace_path or 'trace'))}[/] on {_t(where)}"
     if versions:
-        title += f" ({versions})"
+        title += f" ({_t(versions)})"
     console.print(title)
     basis = (f"steps {', '.join(map(str, s['steps']))} (profiled)" if s.get("steps") else "the whole trace")
     console.print(f"Figures per step over {basis}.")
@@ -37,14 +42,14 @@ def render_summary(result: AdvisorResult, console: Console) -> None:
     head.add_column(justify="right")
     head.add_row("step wall time (profiled)", _us(s.get("wall_us_per_step")))
     unprof = run.get("step_time_s_unprofiled")
-    if unprof:
+    if is_number(unprof):
         head.add_row("step wall time (unprofiled)", _us(unprof * 1e6))
     if s.get("has_gpu"):
-        head.add_row("GPU busy", f"{_us(s['gpu_busy_us_per_step'])}  ({s['gpu_busy_pct']:.1f} %)")
-        head.add_row("GPU idle between kernels", _us(s["gpu_idle_us_per_step"]))
-        head.add_row("kernels per step", f"{s['kernels_per_step']:,.0f}")
-        head.add_row("kernels under 10 µs", f"{100 * s['small_kernel_share']:.1f} % of kernels, "
-                                            f"{100 * s['small_kernel_time_share']:.1f} % of GPU time")
+        head.add_row("GPU busy", f"{_us(s.get('gpu_busy_us_per_step'))}  ({fmt_pct(s.get('gpu_busy_pct'))})")
+        head.add_row("GPU idle between kernels", _us(s.get("gpu_idle_us_per_step")))
+        head.add_row("kernels per step", fmt_num(s.get("kernels_per_step")))
+        head.add_row("kernels under 10 µs", f"{_share(s.get('small_kernel_share'))} of kernels, "
+                                            f"{_share(s.get('small_kernel_time_share'))} of GPU time")
     console.print(head)
 
     if s.get("top_kernels"):
@@ -54,7 +59,8 @@ def render_summary(result: AdvisorResult, console: Console) -> None:
         t.add_column("time", justify="right")
         t.add_column("%", justify="right")
         for row in s["top_kernels"]:
-            t.add_row(row["name"], f"{row['calls_per_step']:g}", _us(row["us_per_step"]), f"{row['pct']:.1f}")
+            t.add_row(_t(row.get("name")), fmt_num(row.get("calls_per_step")), _us(row.get("us_per_step")),
+                      _pct(row.get("pct")))
         console.print(t)
     if s.get("top_modules"):
         t = Table(title="GPU time per step by module", title_justify="left")
@@ -62,7 +68,7 @@ def render_summary(result: AdvisorResult, console: Console) -> None:
         t.add_column("time", justify="right")
         t.add_column("%", justify="right")
         for row in s["top_modules"]:
-            t.add_row(row["module"], _us(row["us_per_step"]), f"{row['pct']:.1f}")
+            t.add_row(_t(row.get("module")), _us(row.get("us_per_step")), _pct(row.get("pct")))
         console.print(t)
     if s.get("top_cpu_ops"):
         t = Table(title="CPU time per step by top-level op (no GPU in this trace)", title_justify="left")
@@ -70,8 +76,16 @@ def render_summary(result: AdvisorResult, console: Console) -> None:
         t.add_column("time", justify="right")
         t.add_column("%", justify="right")
         for row in s["top_cpu_ops"]:
-            t.add_row(row["op"], _us(row["us_per_step"]), f"{row['pct']:.1f}")
+            t.add_row(_t(row.get("op")), _us(row.get("us_per_step")), _pct(row.get("pct")))
         console.print(t)
+
+
+def _share(x) -> str:
+    return fmt_pct(100 * x) if is_number(x) else "—"
+
+
+def _pct(x) -> str:
+    return f"{x:.1f}" if is_number(x) else "—"
 
 
 def render_report(result: AdvisorResult, console: Console) -> None:
@@ -88,7 +102,7 @@ def render_report(result: AdvisorResult, console: Console) -> None:
         _rejected(facts, console)
     if result.clusters and not facts.bench_ran:
         why = "; ".join(facts.bench_not_run_why) or "this result holds no benchmark"
-        console.print(f"[yellow]bench did not run:[/] {escape(why)}. Every saving below is an estimate "
+        console.print(f"[yellow]bench did not run:[/] {_t(why)}. Every saving below is an estimate "
                       "(cost model), not a measurement.", highlight=False)
     if result.clusters:
         _clusters(facts, console)
@@ -97,7 +111,7 @@ def render_report(result: AdvisorResult, console: Console) -> None:
 def _device(facts: ReportFacts, console: Console) -> None:
     if facts.device is not None:
         d = facts.device
-        console.print(f"Estimates use the device profile [bold]{escape(d.name)}[/] ({d.basis}).", highlight=False)
+        console.print(f"Estimates use the device profile [bold]{_t(d.name)}[/] ({d.basis}).", highlight=False)
 
 
 def _launch_bound(verdict: dict | None, console: Console) -> None:
@@ -106,9 +120,9 @@ def _launch_bound(verdict: dict | None, console: Console) -> None:
     bound = verdict.get("launch_bound")
     head = verdict.get("verdict") or ("launch-bound" if bound else "not launch-bound")
     style = "bold yellow" if bound else "bold"
-    console.print(f"[{style}]{escape(str(head))}[/]", highlight=False)
+    console.print(f"[{style}]{_t(head)}[/]", highlight=False)
     if verdict.get("advice"):
-        console.print(f"  {escape(str(verdict['advice']))}", highlight=False)
+        console.print(f"  {_t(verdict['advice'])}", highlight=False)
 
 
 def _saving(x) -> str:
@@ -129,7 +143,7 @@ def _ranked(facts: ReportFacts, console: Console) -> None:
         rec, cluster, bench = row.rec, row.cluster, row.bench
         where = (cluster.source or cluster.module_class or cluster.id) if cluster else rec.cluster_id
         usd = f"{fmt_usd(row.usd_per_month)} ({row.basis})" if row.usd_per_month is not None else "—"
-        t.add_row(str(rec.rank), escape(rec.title), escape(str(where)),
+        t.add_row(str(rec.rank), _t(rec.title), _t(where),
                   _saving(rec.measured_saving_us_per_step), _saving(rec.estimate_saving_us_per_step),
                   usd, _numerics(bench))
     console.print(t)
@@ -160,8 +174,8 @@ def _rejected(facts: ReportFacts, console: Console) -> None:
     for row in facts.rejected:
         b = row.bench
         numerics = _numerics(b) + (f": {b.numerics_detail}" if b.numerics_detail else "")
-        t.add_row(escape(b.pattern), escape(b.cluster_id), escape(b.reason or b.verdict),
-                  fmt_us(row.p50("eager")), fmt_us(row.p50("triton")), escape(numerics))
+        t.add_row(_t(b.pattern), _t(b.cluster_id), _t(b.reason or b.verdict),
+                  fmt_us(row.p50("eager")), fmt_us(row.p50("triton")), _t(numerics))
     console.print(t)
 
 
@@ -177,7 +191,7 @@ def _clusters(facts: ReportFacts, console: Console) -> None:
     for c in facts.clusters:
         est = c.estimate.saving_us
         per_step = est * c.occurrences_per_step if is_number(est) and is_number(c.occurrences_per_step) else None
-        t.add_row(escape(c.source or c.id), escape(c.direction), escape(c.pattern or "generic"),
+        t.add_row(_t(c.source or c.id), _t(c.direction), _t(c.pattern or "generic"),
                   fmt_num(c.occurrences_per_step), str(len(c.kernels)), fmt_us(c.measured_us_per_step),
                   _saving(per_step))
     console.print(t)
