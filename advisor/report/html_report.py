@@ -424,7 +424,7 @@ def _clusters(facts: ReportFacts) -> Markup:
                        el("td", c.direction), el("td", c.pattern or "generic"), num_cell(fmt_num(c.occurrences_per_step)),
                        num_cell(str(len(c.kernels))), num_cell(fmt_us(c.measured_us_per_step)),
                        num_cell(f"{fmt_us(e.now_us)} → {fmt_us(e.fused_us)}"), _saving_cell(per_step),
-                       el("td", c.split_reason or "")))
+                       el("td", c.split_reason or "", class_="why")))
     return el("section", el("h2", "Memory-bound clusters"),
               el("p", "Chains of kernels, producer to consumer, that one fused kernel could replace.", class_="caption"),
               el("table", el("thead", head), el("tbody", rows), id="clusters-table"), id="clusters")
