@@ -23,6 +23,7 @@ on its own shapes, and say what each would save.
 Typical use:
   fusion-advisor profile train.py -- --batch-size 8     # profile, analyse, report
   fusion-advisor analyze fusion-report/trace.json.gz    # re-analyse a saved (or any) Kineto trace
+  fusion-advisor report fusion-report/result.json       # re-render a saved result (terminal + HTML)
 
 \b
 Exit codes: 0 ok · 1 the profiled script failed · 2 bad input (usage, missing or broken file)
@@ -55,8 +56,16 @@ def _print_result(result, as_json: bool, out_console: Console) -> None:
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
         return
-    from fusion_advisor.report.terminal import render_summary
-    render_summary(result, out_console)
+    from fusion_advisor.report.terminal import render_report
+    render_report(result, out_console)
+
+
+def _write_report_html(result, result_path: Path) -> Path:
+    """report.html beside the saved result (OutputError, exit 4, when it cannot be written)."""
+    from fusion_advisor.report import default_html_path, write_html
+    html_path = default_html_path(result_path)
+    write_html(result, html_path)
+    return html_path
 
 
 def _version_callback(value: bool):
@@ -122,9 +131,10 @@ def profile(
     result = _analyze_path(result_capture.trace_path)
     result_path = out / "result.json"
     result.save(result_path)
+    html_path = _write_report_html(result, result_path)
     _print_result(result, as_json, Console())
-    err.print(f"wrote {result_capture.trace_path}\nwrote {result_capture.meta_path}\nwrote {result_path}",
-              highlight=False)
+    err.print(f"wrote {result_capture.trace_path}\nwrote {result_capture.meta_path}\nwrote {result_path}\n"
+              f"wrote {html_path}", highlight=False)
     if result_capture.error:
         _fail("the script raised (traceback above); the steps recorded before it are kept", EXIT_SCRIPT_FAILED)
 
@@ -140,7 +150,8 @@ def _analyze_path(trace_path: str):
 def analyze(
     trace: Path = typer.Argument(..., help="A Kineto trace from torch.profiler (.json or .json.gz), ours or your own."),
     as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also save the AdvisorResult JSON here."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also save the AdvisorResult JSON here, and the "
+                                                                 "HTML report beside it."),
 ):
     """Analyse an existing trace: GPU time per step by kernel and module, idle time, small kernels.
 
@@ -153,11 +164,48 @@ def analyze(
       fusion-advisor analyze fusion-report/trace.json.gz --json > result.json
     """
     result = _analyze_path(str(trace))
+    html_path = None
     if out is not None:
         result.save(out)
+        html_path = _write_report_html(result, out)
     _print_result(result, as_json, Console())
     if out is not None:
-        err.print(f"wrote {out}", highlight=False)
+        err.print(f"wrote {out}\nwrote {html_path}", highlight=False)
+
+
+@app.command()
+@handles_errors
+def report(
+    result_path: Path = typer.Argument(..., metavar="RESULT", help="A saved AdvisorResult (result.json from "
+                                                                   "`profile`, or `analyze -o`)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Where to write the HTML report [default: report.html "
+                                                             "beside result.json; beside NAME.json, NAME.html]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout instead of the "
+                                                       "terminal report."),
+    no_terminal: bool = typer.Option(False, "--no-terminal", help="Print no terminal report."),
+):
+    """Re-render a saved result: the terminal report and one self-contained HTML file, without profiling.
+
+    \b
+    The HTML file opens offline (plotly.js and the result are inside it): the ranked recommendations,
+    a roofline, one step's timeline, a waterfall of the savings, each patch as a diff.
+
+    \b
+    Examples:
+      fusion-advisor report fusion-report/result.json
+      fusion-advisor report runs/a.json --html /tmp/a.html --no-terminal
+    """
+    from fusion_advisor.report import HTMLRenderer, default_html_path, load_result, malformed_result_errors
+    from fusion_advisor.result import write_text_atomic
+
+    result = load_result(result_path)
+    html_path = html if html is not None else default_html_path(result_path)
+    with malformed_result_errors(str(result_path)):  # a malformed result writes nothing
+        page = HTMLRenderer().render(result)
+        if as_json or not no_terminal:
+            _print_result(result, as_json, Console())
+    write_text_atomic(html_path, page)
+    err.print(f"wrote {html_path}", highlight=False)
 
 
 @app.command(name="apply")

@@ -133,6 +133,8 @@ class AdvisorResult:
     def from_dict(cls, data: dict) -> "AdvisorResult":
         if not isinstance(data, dict) or "schema_version" not in data:
             raise AdvisorError("not an AdvisorResult (no schema_version)")
+        if not isinstance(data["schema_version"], int):
+            raise AdvisorError(f"not an AdvisorResult (schema_version {data['schema_version']!r} is not a number)")
         if data["schema_version"] > SCHEMA_VERSION:
             raise AdvisorError(f"result schema {data['schema_version']} is newer than this fusion-advisor "
                                f"understands ({SCHEMA_VERSION}); upgrade fusion-advisor")
@@ -147,6 +149,10 @@ class AdvisorResult:
             raise AdvisorError(f"result not found: {path}") from None
         except json.JSONDecodeError as exc:
             raise AdvisorError(f"{path} is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+        except UnicodeDecodeError:
+            raise AdvisorError(f"{path} is not a JSON text file (not UTF-8)") from None
+        except OSError as exc:
+            raise AdvisorError(f"cannot read {path}: {exc.strerror or exc}") from None
         return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike) -> str:
@@ -165,6 +171,10 @@ def _json_default(obj: Any):
 def _build(cls, data: dict):
     """Dataclass from dict: nested dataclasses rebuilt, unknown keys ignored."""
     hints = {f.name: f for f in dataclasses.fields(cls)}
+    missing = [n for n, f in hints.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise AdvisorError(f"not an AdvisorResult: a {cls.__name__} lacks {', '.join(missing)}")
     kwargs = {}
     for name, f in hints.items():
         if name not in data:

@@ -51,6 +51,7 @@ def test_profile_llama_example_on_cpu(tmp_path):
     assert result["summary"]["steps"] == [2, 3]
     assert "CPU time per step by top-level op" in r.stdout
     assert f"wrote {out / 'result.json'}" in r.stderr
+    assert f"wrote {out / 'report.html'}" in r.stderr and (out / "report.html").stat().st_size > 1_000_000
     # the script was stopped once recorded: it prints one line per finished step
     assert r.stdout.count("loss") < 20
 
@@ -185,7 +186,8 @@ def test_analyze_writes_result_atomically(tmp_path, data_dir):
     r = cli("analyze", data_dir / "llama-tiny-bf16-h200.json.gz", "-o", out)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["schema_version"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+    assert f"wrote {tmp_path / 'r.html'}" in r.stderr  # the HTML report beside the result
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r.json"]  # no temporary file left behind
 
 
 def test_help_teaches():

@@ -1,0 +1,216 @@
+"""What the report says, worked out once from an AdvisorResult and shared by the renderers, so the
+terminal and the HTML report never disagree on a figure.
+
+Estimates and measurements stay apart here as everywhere: a saving is `measured_*` or
+`estimate_*`, and a figure that mixes them (the waterfall) carries a `basis` per item.
+
+Fields of the result's free-form dicts that the report reads:
+  device_profile: name, calibrated (bool), bw_gbps (HBM GB/s), tflops ({dtype: TFLOP/s} or one
+                  number), launch_us; other keys are listed as they are.
+  launch_bound:   launch_bound (bool), verdict (one line), advice; other scalar keys are shown as
+                  the evidence.
+  recommendation.roi: usd_per_month, usd_per_day, gpu_hours_per_day, assumptions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fusion_advisor.errors import AdvisorError
+from fusion_advisor.report.base import is_number
+from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming, Recommendation
+
+
+@dataclass
+class Roof:
+    label: str           # "bf16"
+    tflops: float
+
+
+@dataclass
+class DeviceFacts:
+    name: str
+    calibrated: bool
+    bw_gbps: float | None
+    roofs: list[Roof]
+    launch_us: float | None
+    extra: dict          # the profile's other keys, shown as they are
+
+    @property
+    def basis(self) -> str:
+        return "calibrated on this GPU" if self.calibrated else "datasheet figures, not calibrated"
+
+
+@dataclass
+class RankedRow:
+    rec: Recommendation
+    cluster: Cluster | None
+    bench: Benchmark | None
+
+    @property
+    def saving_us(self) -> float | None:
+        """The saving the waterfall uses: measured where bench timed it, else the estimate."""
+        m = self.rec.measured_saving_us_per_step
+        return m if is_number(m) else (self.rec.estimate_saving_us_per_step
+                                       if is_number(self.rec.estimate_saving_us_per_step) else None)
+
+    @property
+    def basis(self) -> str:
+        return "measured" if is_number(self.rec.measured_saving_us_per_step) else "estimate"
+
+    @property
+    def usd_per_month(self) -> float | None:
+        v = (self.rec.roi or {}).get("usd_per_month")
+        return v if is_number(v) else None
+
+
+@dataclass
+class BenchRow:
+    bench: Benchmark
+    cluster: Cluster | None
+
+    def p50(self, provider: str) -> float | None:
+        t = self.bench.measured.get(provider)
+        return t.p50_us if isinstance(t, ProviderTiming) and is_number(t.p50_us) else None
+
+    @property
+    def speedup(self) -> float | None:
+        """eager p50 / triton p50, both measured."""
+        eager, triton = self.p50("eager"), self.p50("triton")
+        return eager / triton if eager and triton else None
+
+
+@dataclass
+class ReportFacts:
+    script: str
+    gpu: str
+    versions: str
+    step_us: float | None
+    step_basis: str                         # "unprofiled" | "profiled" | ""
+    gpu_busy_pct: float | None
+    device: DeviceFacts | None
+    ranked: list[RankedRow]
+    rejected: list[BenchRow]
+    not_run: list[BenchRow]
+    bench_ran: bool
+    bench_not_run_why: list[str]
+    measured_saving_us: float | None         # over the recommendations bench timed
+    estimate_saving_us: float | None         # over every recommendation's estimate
+    usd_per_month_measured: float | None
+    usd_per_month_estimate: float | None     # recommendations without a measurement only
+    clusters: list[Cluster] = field(default_factory=list)
+
+
+def check_shape(result: AdvisorResult, source: str = "result") -> None:
+    """A one-line AdvisorError when the result's containers are not what the schema says (a
+    hand-edited or foreign JSON); the renderers then only meet missing or odd scalars."""
+    for name, optional in (("run", False), ("summary", False), ("launch_bound", True), ("device_profile", True)):
+        value = getattr(result, name)
+        if not isinstance(value, dict) and not (optional and value is None):
+            raise AdvisorError(f"{source}: '{name}' should be an object, not {type(value).__name__}")
+    expect = {"kernel_classes": dict, "kernels": dict, "timeline": dict, "clusters": Cluster,
+              "benchmarks": Benchmark, "recommendations": Recommendation, "notes": str}
+    for name, kind in expect.items():
+        value = getattr(result, name)
+        if not isinstance(value, list):
+            raise AdvisorError(f"{source}: '{name}' should be a list, not {type(value).__name__}")
+        bad = next((i for i, v in enumerate(value) if not isinstance(v, kind)), None)
+        if bad is not None:
+            raise AdvisorError(f"{source}: '{name}[{bad}]' is not a {kind.__name__}")
+    for i, b in enumerate(result.benchmarks):
+        if not isinstance(b.measured, dict) or not all(isinstance(t, ProviderTiming) for t in b.measured.values()):
+            raise AdvisorError(f"{source}: 'benchmarks[{i}].measured' should map providers to timings")
+    for i, c in enumerate(result.clusters):
+        if not isinstance(c.estimate, Estimate):
+            raise AdvisorError(f"{source}: 'clusters[{i}].estimate' is not an object")
+        if not all(isinstance(getattr(c, f), list) for f in ("ops", "kernels", "dtypes")):
+            raise AdvisorError(f"{source}: 'clusters[{i}]' ops, kernels and dtypes should be lists")
+    for i, r in enumerate(result.recommendations):
+        if not isinstance(r.roi, dict) or not isinstance(r.patch, dict):
+            raise AdvisorError(f"{source}: 'recommendations[{i}]' roi and patch should be objects")
+    ids = [("clusters", c.id) for c in result.clusters] + [("benchmarks", b.cluster_id) for b in result.benchmarks] + \
+          [("recommendations", r.cluster_id) for r in result.recommendations] + \
+          [("timeline", t.get("cluster_id") or "") for t in result.timeline]
+    bad = next((name for name, v in ids if not isinstance(v, str)), None)
+    if bad is not None:
+        raise AdvisorError(f"{source}: a cluster id in '{bad}' is not a string")
+
+
+def device_facts(profile: dict | None) -> DeviceFacts | None:
+    if not profile:
+        return None
+    tflops = profile.get("tflops")
+    if is_number(tflops):
+        roofs = [Roof("peak", float(tflops))]
+    elif isinstance(tflops, dict):
+        roofs = [Roof(str(k), float(v)) for k, v in tflops.items() if is_number(v) and v > 0]
+    else:
+        roofs = []
+    bw = profile.get("bw_gbps")
+    launch = profile.get("launch_us")
+    known = {"name", "calibrated", "bw_gbps", "tflops", "launch_us"}
+    return DeviceFacts(name=str(profile.get("name") or "unnamed profile"), calibrated=bool(profile.get("calibrated")),
+                       bw_gbps=float(bw) if is_number(bw) and bw > 0 else None,
+                       roofs=sorted(roofs, key=lambda r: -r.tflops),
+                       launch_us=float(launch) if is_number(launch) else None,
+                       extra={k: v for k, v in profile.items() if k not in known})
+
+
+def _sum(values) -> float | None:
+    nums = [v for v in values if is_number(v)]
+    return float(sum(nums)) if nums else None
+
+
+def report_facts(result: AdvisorResult) -> ReportFacts:
+    run, summary = result.run, result.summary
+    clusters = {c.id: c for c in result.clusters}
+    benches = {}
+    for b in result.benchmarks:  # one per cluster; a "recommended" verdict wins over others
+        if b.cluster_id not in benches or b.verdict == "recommended":
+            benches[b.cluster_id] = b
+    ranked = [RankedRow(r, clusters.get(r.cluster_id), benches.get(r.cluster_id))
+              for r in sorted(result.recommendations, key=lambda r: (r.rank if is_number(r.rank) else 1e9))]
+    rejected = [BenchRow(b, clusters.get(b.cluster_id)) for b in result.benchmarks if b.verdict == "rejected"]
+    not_run = [BenchRow(b, clusters.get(b.cluster_id)) for b in result.benchmarks if b.verdict == "not run"]
+    timed = [b for b in result.benchmarks if b.measured]
+    why = sorted({b.reason for b in result.benchmarks if b.verdict == "not run" and b.reason})
+
+    unprofiled = run.get("step_time_s_unprofiled")
+    if is_number(unprofiled) and unprofiled > 0:
+        step_us, step_basis = unprofiled * 1e6, "unprofiled"
+    elif is_number(summary.get("wall_us_per_step")):
+        step_us, step_basis = float(summary["wall_us_per_step"]), "profiled"
+    else:
+        step_us, step_basis = None, ""
+    versions = ", ".join(f"{k} {run[k]}" for k in ("torch", "triton") if run.get(k))
+    busy = summary.get("gpu_busy_pct") if summary.get("has_gpu") else None
+    return ReportFacts(
+        script=str(run.get("script") or result.trace_path or "trace"),
+        gpu=str(run.get("gpu_name") or "no GPU (CPU only)"), versions=versions,
+        step_us=step_us, step_basis=step_basis, gpu_busy_pct=busy if is_number(busy) else None,
+        device=device_facts(result.device_profile),
+        ranked=ranked, rejected=rejected, not_run=not_run,
+        bench_ran=bool(timed), bench_not_run_why=why,
+        measured_saving_us=_sum(r.rec.measured_saving_us_per_step for r in ranked),
+        estimate_saving_us=_sum(r.rec.estimate_saving_us_per_step for r in ranked),
+        usd_per_month_measured=_sum(r.usd_per_month for r in ranked if r.basis == "measured"),
+        usd_per_month_estimate=_sum(r.usd_per_month for r in ranked if r.basis == "estimate"),
+        clusters=sorted(result.clusters, key=lambda c: -(c.measured_us_per_step if is_number(c.measured_us_per_step) else 0)),
+    )
+
+
+def waterfall(facts: ReportFacts) -> list[dict]:
+    """Step time, then the step after each ranked recommendation in turn (savings assumed to add
+    up): [{label, before_us, after_us, saving_us, basis}]."""
+    if facts.step_us is None:
+        return []
+    steps, now = [], facts.step_us
+    for row in facts.ranked:
+        saving = row.saving_us
+        if saving is None or saving <= 0:
+            continue
+        after = max(now - saving, 0.0)
+        steps.append({"label": f"#{row.rec.rank} {row.rec.pattern or 'generic'}", "title": row.rec.title,
+                      "before_us": now, "after_us": after, "saving_us": now - after, "basis": row.basis})
+        now = after
+    return steps
+
