@@ -18,6 +18,10 @@ from fusion_advisor.result import AdvisorResult, Cluster, Estimate, ProviderTimi
 
 TINY = {"shape": [4, 64], "dtype": "bfloat16", "eps": 1e-6}
 CPU = BenchOptions(providers=("eager", "triton"), mode="cpu")
+GPU = torch.cuda.is_available()
+# CPU mode runs Triton in its interpreter, which conftest switches on only where there is no GPU.
+cpu_mode = pytest.mark.skipif(GPU, reason="CPU/interpreter mode: the GPU test below covers this machine")
+HERE = BenchOptions(providers=("eager", "triton"), mode="auto" if GPU else "cpu")   # numerics judged alike
 
 
 def training_result(pattern="rms_norm", params=TINY, **cluster) -> AdvisorResult:
@@ -28,6 +32,7 @@ def training_result(pattern="rms_norm", params=TINY, **cluster) -> AdvisorResult
     return result
 
 
+@cpu_mode
 def test_cpu_mode_checks_numerics_and_is_not_a_gpu_timing():
     result = bench(training_result(), CPU)
     assert [b.passes for b in result.benchmarks] == ["forward", "forward+backward"]
@@ -53,7 +58,7 @@ def broken_pattern(monkeypatch):
 
 def test_wrong_replacement_is_rejected_with_the_reason(broken_pattern):
     from fusion_advisor.recommend import recommend
-    result = bench(training_result(pattern=broken_pattern.name, params={**TINY, "dtype": "float32"}), CPU)
+    result = bench(training_result(pattern=broken_pattern.name, params={**TINY, "dtype": "float32"}), HERE)
     for b in result.benchmarks:
         assert b.verdict == "rejected"
         assert b.numerics_ok is False
@@ -63,6 +68,7 @@ def test_wrong_replacement_is_rejected_with_the_reason(broken_pattern):
     assert recommend(result).recommendations == []
 
 
+@cpu_mode
 def test_without_a_gpu_nothing_is_timed():
     result = bench(training_result(), BenchOptions(mode="auto"))
     (b,) = result.benchmarks
@@ -76,6 +82,7 @@ def test_cpu_mode_without_interpreter_is_refused(monkeypatch):
         bench(training_result(), CPU)
 
 
+@cpu_mode
 def test_unregistered_pattern_and_huge_cpu_shape_are_not_run():
     result = training_result(pattern="no_such_pattern")
     result.clusters.append(Cluster(id="big", direction="forward", pattern="rms_norm",
@@ -92,10 +99,30 @@ def test_backward_cluster_is_timed_with_its_forward_partner():
                                    pattern_params=dict(TINY)))
     result.run["step_source"] = "module"   # only the partner says there is a backward
     assert has_backward(result.clusters[0], result)
-    benches = bench(result, CPU).benchmarks
+    benches = bench(result, HERE).benchmarks
     assert [(b.cluster_id, b.passes) for b in benches] == [
         ("c-rms", "forward"), ("c-rms", "forward+backward"), ("c-rms-bwd", "forward+backward")]
     assert benches[2].verdict == "not run" and "timed with its forward cluster c-rms" in benches[2].reason
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_gpu_bench_times_every_provider_and_recommends_from_measurements():
+    from fusion_advisor.recommend import recommend
+    result = training_result(params={"shape": [2048, 1024], "dtype": "bfloat16", "eps": 1e-6})
+    result.launch_bound = {"launch_bound": True}
+    bench(result, BenchOptions(providers=("eager", "triton", "compile", "liger")))
+    for b in result.benchmarks:
+        assert b.timing == "gpu" and b.numerics_ok is True, b.reason
+        assert b.verdict in ("recommended", "rejected") and b.reason
+        assert {"eager", "triton", "compile", "cuda_graph"} <= set(b.measured), b.reason
+        for p, m in b.measured.items():
+            assert 0 < m.p20_us <= m.p50_us <= m.p80_us and m.host_us > 0, p
+            if p != "cuda_graph":
+                assert m.peak_mem_bytes > 0 and m.activation_bytes > 0, p
+    recs = recommend(result).recommendations
+    assert recs[0].kind == "cuda_graphs" and recs[0].confidence == "measured"
+    assert all(r.confidence == "measured" for r in recs)
 
 
 def t(p50, host=None):
@@ -155,6 +182,7 @@ def test_input_sets_rotate_only_when_a_set_fits_in_l2():
     assert measure.input_sets_needed(1024, l2) == measure.MAX_INPUT_SETS
 
 
+@cpu_mode
 def test_bench_cli_in_cpu_mode_writes_the_result(tmp_path):
     src = tmp_path / "result.json"
     training_result().save(src)
