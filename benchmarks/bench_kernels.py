@@ -30,6 +30,7 @@ COLUMNS = ["gpu", "driver", "torch", "triton", "pattern", "shape", "dtype", "pas
 PASSES = ("forward", "forward+backward")
 DEFAULT_MAX_SHAPES = 4        # per pattern in the default sweep: keeps it under 8 minutes on one H200
 DEFAULT_TIME_BUDGET_S = 420   # shapes left when this runs out are skipped, and listed
+QUICK_TIME_BUDGET_S = 100     # --quick: under 2 minutes with the shape that is running when it runs out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,11 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default="bench_kernels.csv", help="CSV to write (default: bench_kernels.csv)")
     ap.add_argument("--profile", default=None, help="DeviceProfile JSON with the calibrated copy bandwidth "
                                                     "(hbm_bytes_per_s); default: measure a copy here")
-    ap.add_argument("--time-budget-s", type=float, default=DEFAULT_TIME_BUDGET_S,
-                    help="stop starting new shapes after this many seconds (default: %(default)s)")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help=f"stop starting new shapes after this many seconds (default: {DEFAULT_TIME_BUDGET_S}, "
+                         f"{QUICK_TIME_BUDGET_S} with --quick); what is skipped is listed")
     ap.add_argument("--dry-run", action="store_true", help="CPU only: Triton interpreter, each pattern's "
                                                            "example shape, eager and triton; checks the plumbing")
     args = ap.parse_args(argv)
+    if args.time_budget_s is None:
+        args.time_budget_s = QUICK_TIME_BUDGET_S if args.quick else DEFAULT_TIME_BUDGET_S
     if args.providers is None:
         args.providers = "eager,triton" if args.dry_run else "eager,compile,triton,liger"
     args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
@@ -98,7 +102,7 @@ def peak_bandwidth(profile_path: str | None, device) -> tuple[float | None, str]
 def measured_copy_bandwidth(device) -> float:
     import torch
     from fusion_advisor.measure import time_calls
-    src = torch.empty(2**29, dtype=torch.uint16, device=device)   # 1 GiB: far beyond L2
+    src = torch.empty(2**29, dtype=torch.float16, device=device)   # 1 GiB: far beyond L2
     dst = torch.empty_like(src)
     timing = time_calls([lambda: dst.copy_(src)], device, rep_ms=50)
     return 2 * src.numel() * src.element_size() / (timing.p50_us * 1e-6)
@@ -142,8 +146,10 @@ def sweep(args) -> list[dict]:
                 skipped.append(label)
                 continue
             print(f"  {label} ...", flush=True)
+            shape_start = time.perf_counter()
             rows += bench_shape(pattern, params, device, args.providers, env, peak, rep_ms, warmup_ms,
                                 measure, compare_pattern)
+            print(f"    {time.perf_counter() - shape_start:.1f} s (compiling included)", flush=True)
     if skipped:
         print(f"time budget of {args.time_budget_s:.0f} s spent; skipped: {', '.join(skipped)}", file=sys.stderr)
     print(f"swept in {time.perf_counter() - started:.0f} s", flush=True)
