@@ -76,10 +76,6 @@ class Workload:
     def set_bytes(self) -> int:
         return _tensor_bytes(self.sets[0])
 
-    @property
-    def set_elements(self) -> int:
-        return sum(a.numel() for a in self.sets[0].args if isinstance(a, torch.Tensor))
-
     def clear_grads(self, k: int) -> None:
         for i in self.sets[k].grad_inputs:
             self.sets[k].args[i].grad = None

@@ -142,6 +142,9 @@ def test_judge_says_use_torch_compile_when_it_wins():
     verdict, reason, best = judge({"eager": t(30), "triton": t(20), "compile": t(10)},
                                   {"triton": "ok", "compile": "ok"}, "gpu")
     assert verdict == "recommended" and best == "compile" and "use torch.compile" in reason
+    verdict, reason, best = judge({"eager": t(30), "triton": t(20), "compile": t(19.9)},
+                                  {"triton": "ok", "compile": "ok"}, "gpu")
+    assert best == "triton" and "torch.compile" not in reason   # within noise of ours
     verdict, reason, best = judge({"eager": t(30), "triton": t(40), "compile": t(10)},
                                   {"triton": "ok", "compile": "ok"}, "gpu")
     assert verdict == "rejected" and best == "compile" and "use torch.compile" in reason
