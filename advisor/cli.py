@@ -80,6 +80,37 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cal
     pass
 
 
+GPU_COST_HELP = ("Dollars per GPU-hour for the ROI figures [default: 2.50, a round 2026 on-demand H100/H200 "
+                 "rate on specialty GPU clouds].")
+STEPS_PER_DAY_HELP = "Training steps per day per GPU [default: from the run's measured step time, around the clock]."
+GPUS_HELP = "GPUs that run this step (data parallel): savings scale with them."
+
+
+def _roi_options(gpu_hourly_cost: Optional[float], steps_per_day: Optional[float], gpus: int):
+    from fusion_advisor.recommend import DEFAULT_GPU_HOURLY_COST, RoiOptions
+    return RoiOptions(gpu_hourly_cost=DEFAULT_GPU_HOURLY_COST if gpu_hourly_cost is None else gpu_hourly_cost,
+                      steps_per_day=steps_per_day, gpus=gpus, cost_is_default=gpu_hourly_cost is None)
+
+
+@contextlib.contextmanager
+def _bench_progress():
+    """A progress bar with one tick per benchmarked cluster, on stderr."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=err, transient=True)
+    task = progress.add_task("benchmarking", total=None)
+
+    def on_cluster(done: int, total: int, label: str) -> None:
+        progress.update(task, description=f"benchmarking {label}", completed=done, total=max(total, 1))
+
+    with progress:
+        yield on_cluster
+
+
+def _bench_and_recommend(result, bench_options, roi_options, on_cluster):
+    from fusion_advisor.recommend import bench_and_recommend
+    return bench_and_recommend(result, bench_options, roi_options, progress=on_cluster)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @handles_errors
 def profile(
@@ -92,6 +123,9 @@ def profile(
     out: Path = typer.Option(Path("fusion-report"), "--out", "-o", help="Folder for the trace, metadata and report."),
     as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout (the script's own "
                                                        "output goes to stderr)."),
+    gpu_hourly_cost: Optional[float] = typer.Option(None, "--gpu-hourly-cost", help=GPU_COST_HELP),
+    steps_per_day: Optional[float] = typer.Option(None, "--steps-per-day", help=STEPS_PER_DAY_HELP),
+    gpus: int = typer.Option(1, "--gpus", help=GPUS_HELP),
 ):
     """Run SCRIPT under torch.profiler, record a few steady steps, and analyse them.
 
@@ -129,6 +163,9 @@ def profile(
         _fail(("the script failed before any step was recorded" if result_capture.error else
                "nothing was recorded") + written, EXIT_SCRIPT_FAILED if result_capture.error else 2)
     result = _analyze_path(result_capture.trace_path)
+    roi_options = _roi_options(gpu_hourly_cost, steps_per_day, gpus)
+    with _bench_progress() as on_cluster:
+        _bench_and_recommend(result, None, roi_options, on_cluster)
     result_path = out / "result.json"
     result.save(result_path)
     html_path = _write_report_html(result, result_path)
@@ -301,6 +338,86 @@ def _print_verification(v) -> None:
         Console().print(f"  runtime swap: {s}", highlight=False)
     for s in v.after.skipped:
         Console().print(f"  [yellow]skipped:[/] {s}", highlight=False)
+
+
+@app.command()
+@handles_errors
+def bench(
+    result_path: Path = typer.Argument(..., metavar="RESULT.json", help="An AdvisorResult from profile or analyze."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the result [default: RESULT.json]."),
+    providers: str = typer.Option("eager,triton,compile,liger", "--providers",
+                                  help="What to time, comma-separated: eager, triton, compile, liger, cuda_graph "
+                                       "(cuda_graph is added by itself when the step is launch-bound)."),
+    cpu: bool = typer.Option(False, "--cpu", help="CPU mode for tests: Triton in its interpreter, tiny shapes; "
+                                                  "checks numerics, times nothing that counts."),
+    gpu_hourly_cost: Optional[float] = typer.Option(None, "--gpu-hourly-cost", help=GPU_COST_HELP),
+    steps_per_day: Optional[float] = typer.Option(None, "--steps-per-day", help=STEPS_PER_DAY_HELP),
+    gpus: int = typer.Option(1, "--gpus", help=GPUS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout."),
+):
+    """Time each matched cluster's replacement on its captured shapes, check its numerics, rank.
+
+    \b
+    For every cluster matched to a registered pattern: eager PyTorch, our Triton kernel,
+    torch.compile and Liger-Kernel, forward and forward+backward, p20/p50/p80 with the
+    profiler off; forward and every gradient checked against the eager code. A replacement that
+    fails numerics or is not faster than eager is rejected, with the figures.
+
+    \b
+    Example:
+      fusion-advisor bench fusion-report/result.json --providers eager,triton,compile
+    """
+    if cpu and "fusion_advisor.kernels" not in sys.modules:
+        import os
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # read when the kernels are defined, so set it first
+    from fusion_advisor.bench import BenchOptions, parse_providers
+    from fusion_advisor.report.bench_terminal import render_benchmarks, render_recommendations
+    from fusion_advisor.result import AdvisorResult
+
+    result = AdvisorResult.load(result_path)
+    options = BenchOptions(providers=parse_providers(providers), mode="cpu" if cpu else "auto")
+    roi_options = _roi_options(gpu_hourly_cost, steps_per_day, gpus)
+    with _bench_progress() as on_cluster:
+        _bench_and_recommend(result, options, roi_options, on_cluster)
+    dest = out or result_path
+    result.save(dest)
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        console = Console()
+        render_benchmarks(result, console)
+        render_recommendations(result, console)
+    err.print(f"wrote {dest}", highlight=False)
+
+
+@app.command()
+@handles_errors
+def recommend(
+    result_path: Path = typer.Argument(..., metavar="RESULT.json", help="An AdvisorResult, benchmarked or not."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the result [default: RESULT.json]."),
+    gpu_hourly_cost: Optional[float] = typer.Option(None, "--gpu-hourly-cost", help=GPU_COST_HELP),
+    steps_per_day: Optional[float] = typer.Option(None, "--steps-per-day", help=STEPS_PER_DAY_HELP),
+    gpus: int = typer.Option(1, "--gpus", help=GPUS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout."),
+):
+    """Rank what to change from a saved result's benchmarks (estimates where none ran), with ROI.
+
+    \b
+    Re-run it with your own prices and scale; nothing is timed again:
+      fusion-advisor recommend fusion-report/result.json --gpu-hourly-cost 4.10 --gpus 64
+    """
+    from fusion_advisor.recommend import recommend as rank
+    from fusion_advisor.report.bench_terminal import render_recommendations
+    from fusion_advisor.result import AdvisorResult
+
+    result = rank(AdvisorResult.load(result_path), _roi_options(gpu_hourly_cost, steps_per_day, gpus))
+    dest = out or result_path
+    result.save(dest)
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        render_recommendations(result, Console())
+    err.print(f"wrote {dest}", highlight=False)
 
 
 def main(argv: List[str] | None = None) -> None:

@@ -64,12 +64,20 @@ class Cluster:
 
 @dataclass
 class ProviderTiming:
-    """A benchmark measurement, µs per call, with the profiler off."""
+    """A benchmark measurement, µs per call, with the profiler off.
+
+    p20/p50/p80 are GPU times with the host kept ahead of the GPU (what a call costs when the step
+    is GPU-bound); `host_us` is the median host time to issue one call (what it costs when the
+    step is launch-bound). Memory figures are bytes above what was allocated before the call:
+    `peak_mem_bytes` the peak during it, `activation_bytes` what the forward leaves allocated
+    (outputs and tensors saved for backward)."""
 
     p20_us: float
     p50_us: float
     p80_us: float
     peak_mem_bytes: int | None = None
+    host_us: float | None = None
+    activation_bytes: int | None = None
 
 
 @dataclass
@@ -83,6 +91,10 @@ class Benchmark:
     numerics_detail: str = ""
     verdict: str = "not run"                   # "recommended" | "rejected" | "not run"
     reason: str = ""
+    timing: str = "none"                       # "gpu" | "cpu-interpreter" (never used to recommend) | "none"
+    device: str = ""                           # where it was timed, e.g. "NVIDIA H200"
+    numerics_by_provider: dict[str, str] = field(default_factory=dict)  # provider -> "ok" | failure
+    best_provider: str | None = None           # fastest provider that passed numerics and beat eager
 
 
 @dataclass
@@ -97,6 +109,8 @@ class Recommendation:
     memory_saved_bytes: int | None = None
     patch: dict = field(default_factory=dict)    # {"kind": "module_swap", "modules": [...], "diff": "..."}
     roi: dict = field(default_factory=dict)      # gpu_hours_per_day, usd_per_day, usd_per_month, assumptions
+    kind: str = "fused_kernel"                   # "fused_kernel" | "torch_compile" | "liger" | "cuda_graphs"
+    detail: str = ""                             # one line: the figures behind it
 
 
 @dataclass

@@ -1,57 +1,21 @@
-"""The one way every kernel test compares a fused op with the PyTorch code it replaces."""
+"""The one way every kernel test compares a fused op with the PyTorch code it replaces.
+
+The rule itself lives in fusion_advisor.kernels.numerics, shared with `fusion-advisor bench`: a
+kernel that passes here passes the bench's numerics check on the same shapes.
+"""
 from __future__ import annotations
 
 import torch
 
-from fusion_advisor.kernels.registry import FusionPattern, Inputs
-from fusion_advisor.kernels.tolerances import tolerance
-
-
-def _clone(inputs: Inputs) -> Inputs:
-    args = tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-                 for a in inputs.args)
-    return Inputs(args, dict(inputs.kwargs), inputs.grad_inputs)
-
-
-_PRECISION = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
-
-
-def _tolerance_dtype(inputs: Inputs) -> torch.dtype:
-    """The least precise float dtype among the inputs: its rounding bounds every comparison
-    (an fp32 output computed from bf16 inputs still carries bf16 rounding)."""
-    floats = [a.dtype for a in inputs.args if isinstance(a, torch.Tensor) and a.dtype in _PRECISION]
-    return min(floats, key=_PRECISION.__getitem__) if floats else torch.float32
-
-
-def _outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [o for o in out if isinstance(o, torch.Tensor)]
+from fusion_advisor.kernels.numerics import compare_pattern
+from fusion_advisor.kernels.registry import FusionPattern
 
 
 def check_against_reference(pattern: FusionPattern, params: dict, device: torch.device, seed: int = 0,
-                            backward: bool = True, reduced_grads: tuple[int, ...] = ()) -> None:
+                            backward: bool = True, reduced_grads: tuple[int, ...] | None = None) -> None:
     """Forward outputs and every input gradient of `pattern.fused` equal `pattern.reference`'s,
     within the dtype's tolerance. `reduced_grads`: positions of grads summed over the rows of
-    input 0 (all dims but the last), compared with the table's atol scaled by sqrt(rows)."""
-    torch.manual_seed(seed)
-    base = pattern.make_inputs(params, device, backward)
-    ref_in, fused_in = _clone(base), _clone(base)
-    tol_dtype = _tolerance_dtype(base)
-    ref_out = _outputs(pattern.reference(*ref_in.args, **ref_in.kwargs))
-    fused_out = _outputs(pattern.fused(*fused_in.args, **fused_in.kwargs))
-    assert len(ref_out) == len(fused_out)
-    for r, f in zip(ref_out, fused_out):
-        assert f.shape == r.shape and f.dtype == r.dtype, (f.shape, f.dtype, r.shape, r.dtype)
-        torch.testing.assert_close(f, r, **tolerance(tol_dtype))
-    if not backward:
-        return
-    torch.manual_seed(seed + 1)
-    grads = [torch.randn_like(r) for r in ref_out if r.requires_grad]
-    torch.autograd.backward([r for r in ref_out if r.requires_grad], grads)
-    torch.autograd.backward([f for f in fused_out if f.requires_grad], grads)
-    for i in base.grad_inputs:
-        gr, gf = ref_in.args[i].grad, fused_in.args[i].grad
-        assert gr is not None and gf is not None, f"input {i} got no gradient"
-        rows = base.args[0].numel() // max(base.args[0].shape[-1], 1) if i in reduced_grads else 1
-        torch.testing.assert_close(gf, gr, **tolerance(tol_dtype, rows), msg=lambda m: f"grad of input {i}: {m}")
+    input 0, compared with the table's atol scaled by sqrt(rows); None infers them (every input
+    smaller than input 0), as the bench does."""
+    result = compare_pattern(pattern, params, device, seed=seed, backward=backward, reduced_grads=reduced_grads)
+    assert result.ok, result.detail

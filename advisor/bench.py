@@ -1,0 +1,297 @@
+"""bench: rebuild each matched cluster on its captured shapes and dtypes, check the replacement's
+numerics forward and backward, and time it against eager, torch.compile and Liger.
+
+Reads `result.clusters` (those with a registered `pattern`) and `result.launch_bound`; writes
+`result.benchmarks`, one Benchmark per cluster and pass. A cluster that runs backward in the step
+is timed forward and forward+backward; the forward+backward figures are the ones that count.
+
+Verdicts (on the cluster's own figures, never on estimates):
+  rejected     the Triton replacement fails numerics, or is not faster than eager by MIN_SPEEDUP
+  recommended  it passes numerics and beats eager; `best_provider` says when torch.compile or
+               Liger is faster still (then the honest advice is to use that)
+  not run      no CUDA GPU, an unregistered pattern, inputs that cannot be built; and every
+               CPU/interpreter run (its timings exercise the plumbing, they are not GPU figures)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fusion_advisor import measure
+from fusion_advisor.errors import AdvisorError, EnvironmentProblem
+from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, ProviderTiming
+
+MIN_SPEEDUP = 1.02          # below this the difference is within run-to-run noise: not "faster"
+CPU_MAX_ELEMENTS = 1 << 16  # the interpreter runs one program at a time: CPU mode is for tiny shapes
+FORWARD, FORWARD_BACKWARD = "forward", "forward+backward"
+NOT_TIMED_ON_GPU = "not timed on GPU: CPU/interpreter timings exercise the plumbing only"
+
+
+@dataclass
+class BenchOptions:
+    providers: tuple[str, ...] = measure.PROVIDERS
+    mode: str = "auto"               # "auto": the CUDA GPU, or nothing timed; "cpu": interpreter mode
+    cuda_graphs: bool | None = None  # None: time the CUDA-graph alternative when the step is launch-bound
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+
+
+def parse_providers(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    known = (*measure.PROVIDERS, measure.CUDA_GRAPH)
+    unknown = [p for p in names if p not in known]
+    if unknown:
+        raise AdvisorError(f"unknown provider {unknown[0]!r} (known: {', '.join(known)})")
+    if "eager" not in names:
+        raise AdvisorError("--providers must include eager: every speedup is measured against it")
+    return names
+
+
+def is_launch_bound(result: AdvisorResult) -> bool:
+    """What the launch-bound analyzer concluded, read defensively: a bool, or a dict with a
+    `launch_bound` / `is_launch_bound` flag or a `verdict` of "launch-bound"."""
+    lb = result.launch_bound
+    if isinstance(lb, bool):
+        return lb
+    if not isinstance(lb, dict):
+        return False
+    for key in ("launch_bound", "is_launch_bound"):
+        if isinstance(lb.get(key), bool):
+            return lb[key]
+    verdict = lb.get("verdict")
+    return isinstance(verdict, str) and verdict.strip().lower().replace("_", "-") == "launch-bound"
+
+
+def has_backward(cluster: Cluster, result: AdvisorResult) -> bool:
+    """Does this forward cluster run backward in the step? Its pattern_params may say so
+    (`requires_grad`); else a backward cluster of the same pattern and shapes, or a training
+    run (the step was an optimizer step), says yes."""
+    explicit = cluster.pattern_params.get("requires_grad")
+    if isinstance(explicit, bool):
+        return explicit
+    if backward_partner(cluster, result) is not None:
+        return True
+    return result.run.get("step_source") == "optimizer"
+
+
+def backward_partner(cluster: Cluster, result: AdvisorResult) -> Cluster | None:
+    for other in result.clusters:
+        if (other.direction == "backward" and other.pattern == cluster.pattern
+                and _params_key(other.pattern_params) == _params_key(cluster.pattern_params)):
+            return other
+    return None
+
+
+def forward_partner(cluster: Cluster, result: AdvisorResult) -> Cluster | None:
+    for other in result.clusters:
+        if (other.direction == "forward" and other.pattern == cluster.pattern
+                and _params_key(other.pattern_params) == _params_key(cluster.pattern_params)):
+            return other
+    return None
+
+
+def _params_key(params: dict) -> str:
+    shape_only = {k: v for k, v in params.items() if k != "requires_grad"}
+    return json.dumps(shape_only, sort_keys=True, default=str)
+
+
+def bench(result: AdvisorResult, options: BenchOptions | None = None,
+          progress: Callable[[int, int, str], None] | None = None) -> AdvisorResult:
+    """Fill `result.benchmarks` (replacing any earlier ones). `progress(done, total, label)` is
+    called before each cluster and once at the end."""
+    options = options or BenchOptions()
+    matched = [c for c in result.clusters if c.pattern]
+    result.benchmarks = []
+    if not matched:
+        return result
+    from fusion_advisor.kernels import registry  # imports every pattern (and Triton) only when benching
+    from fusion_advisor.kernels.common import interpreting
+
+    device = _device(options.mode, interpreting())
+    graphs = options.cuda_graphs if options.cuda_graphs is not None else is_launch_bound(result)
+    if measure.CUDA_GRAPH in options.providers:
+        graphs = True
+    cache: dict[tuple, list[Benchmark]] = {}
+    for done, cluster in enumerate(matched):
+        if progress:
+            progress(done, len(matched), f"{cluster.pattern} {_shape_label(cluster.pattern_params)}")
+        result.benchmarks.extend(_bench_cluster(cluster, result, registry, device, options, graphs, cache))
+    if progress:
+        progress(len(matched), len(matched), "done")
+    return result
+
+
+def _device(mode: str, interpreting: bool) -> torch.device | None:
+    if mode == "cpu":
+        if not interpreting:
+            raise EnvironmentProblem("CPU mode needs TRITON_INTERPRET=1 in the environment before fusion-advisor "
+                                     "starts (Triton kernels run in its interpreter)")
+        return torch.device("cpu")
+    if mode != "auto":
+        raise AdvisorError(f"unknown bench mode {mode!r} (use auto or cpu)")
+    if torch.cuda.is_available() and not interpreting:
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def _bench_cluster(cluster, result, registry, device, options, graphs, cache) -> list[Benchmark]:
+    def not_run(reason: str, passes: str = FORWARD) -> list[Benchmark]:
+        return [Benchmark(cluster.id, cluster.pattern, dict(cluster.pattern_params), passes, reason=reason)]
+
+    if cluster.direction == "backward":
+        partner = forward_partner(cluster, result)
+        if partner is not None:
+            return not_run(f"timed with its forward cluster {partner.id} (forward+backward)", FORWARD_BACKWARD)
+    try:
+        pattern = registry.get(cluster.pattern)
+    except KeyError as exc:
+        return not_run(f"pattern {cluster.pattern!r} is not registered in this fusion-advisor ({exc.args[0]})")
+    backward = cluster.direction == "backward" or has_backward(cluster, result)
+    primary = FORWARD_BACKWARD if backward else FORWARD
+    if device is None:
+        return not_run("no CUDA GPU", primary)
+    params = {k: v for k, v in cluster.pattern_params.items() if k != "requires_grad"}
+    launch_bound = is_launch_bound(result)
+    key = (pattern.name, _params_key(params), backward, graphs)
+    if key not in cache:
+        cache[key] = _bench_pattern(pattern, params, device, backward, options, graphs, launch_bound)
+    return [dataclasses.replace(b, cluster_id=cluster.id, params=dict(cluster.pattern_params),
+                                measured=dict(b.measured), numerics_by_provider=dict(b.numerics_by_provider))
+            for b in cache[key]]
+
+
+def _bench_pattern(pattern, params: dict, device: torch.device, backward: bool, options: BenchOptions,
+                   graphs: bool, launch_bound: bool) -> list[Benchmark]:
+    """Numerics, then timings, for one pattern on one shape: a Benchmark per pass."""
+    from fusion_advisor.kernels.numerics import compare_pattern
+
+    passes = [FORWARD, FORWARD_BACKWARD] if backward else [FORWARD]
+    on_gpu = device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if on_gpu else "cpu (TRITON_INTERPRET=1)"
+    blank = [Benchmark("", pattern.name, dict(params), p, timing="gpu" if on_gpu else "cpu-interpreter",
+                       device=where) for p in passes]
+
+    def all_not_run(reason: str) -> list[Benchmark]:
+        for b in blank:
+            b.timing, b.reason = "none", reason
+        return blank
+
+    if not on_gpu and _input_elements(pattern, params) > CPU_MAX_ELEMENTS:
+        return all_not_run(f"shape too large for CPU interpreter mode (over {CPU_MAX_ELEMENTS} elements)")
+    try:
+        workloads = {p: measure.build_workload(pattern, params, device, backward=(p == FORWARD_BACKWARD),
+                                               requires_grad=backward) for p in passes}
+    except Exception as exc:
+        return all_not_run(f"cannot build inputs for {params}: {type(exc).__name__}: {exc}")
+
+    fns, numerics, notes = {}, {}, []
+    for provider in options.providers:
+        if provider == measure.CUDA_GRAPH:
+            continue
+        try:
+            fns[provider] = measure.provider_callable(pattern, provider)
+        except measure.ProviderUnavailable as exc:
+            notes.append(f"{provider}: not run ({exc})")
+            continue
+        if provider != "eager":
+            try:
+                check = compare_pattern(pattern, params, device, candidate=fns[provider], backward=backward)
+                numerics[provider] = "ok" if check.ok else check.detail
+            except Exception as exc:   # the reference itself failed: nothing can be judged
+                return all_not_run(f"the reference raised on these inputs: {type(exc).__name__}: {exc}")
+    if graphs and on_gpu:
+        fns[measure.CUDA_GRAPH] = pattern.reference
+
+    for bench_ in blank:
+        bench_.numerics_by_provider = dict(numerics)
+        if "triton" in numerics:
+            bench_.numerics_ok = numerics["triton"] == "ok"
+            bench_.numerics_detail = numerics["triton"]
+        work = workloads[bench_.passes]
+        for provider, fn in fns.items():
+            if numerics.get(provider, "ok") != "ok":
+                continue   # a provider that computes something else is not timed
+            try:
+                bench_.measured[provider] = _time_provider(work, provider, fn, device, options)
+            except Exception as exc:
+                notes.append(f"{provider} {bench_.passes}: failed ({type(exc).__name__}: {exc})")
+        verdict, reason, best = judge(bench_.measured, numerics, bench_.timing, launch_bound)
+        bench_.verdict, bench_.best_provider = verdict, best
+        bench_.reason = "; ".join([reason, *dict.fromkeys(notes)])
+    return blank
+
+
+def _input_elements(pattern, params: dict) -> int:
+    """Elements of one input set, counted on the meta device (nothing allocated); 0 if the
+    pattern cannot build meta tensors (then building them for real reports the problem)."""
+    try:
+        inputs = pattern.make_inputs(params, torch.device("meta"), False)
+    except Exception:
+        return 0
+    return sum(a.numel() for a in inputs.args if isinstance(a, torch.Tensor))
+
+
+def _time_provider(work: measure.Workload, provider: str, fn, device, options: BenchOptions) -> ProviderTiming:
+    if provider == measure.CUDA_GRAPH:
+        replays, graphs = measure.graph_replays(work, fn)
+        timing = measure.time_calls(replays, device, warmup_ms=options.warmup_ms, rep_ms=options.rep_ms)
+        del graphs
+        return ProviderTiming(*_rounded(timing), host_us=round(timing.host_us, 3))
+    timing = measure.time_calls(work.calls(fn), device, before=work.clear_grads,
+                                warmup_ms=options.warmup_ms, rep_ms=options.rep_ms)
+    memory = measure.measure_memory(work, fn, device)
+    return ProviderTiming(*_rounded(timing), peak_mem_bytes=memory.peak_bytes,
+                          host_us=round(timing.host_us, 3), activation_bytes=memory.activation_bytes)
+
+
+def _rounded(timing: measure.Timing) -> tuple[float, float, float]:
+    return round(timing.p20_us, 3), round(timing.p50_us, 3), round(timing.p80_us, 3)
+
+
+def call_cost_us(t: ProviderTiming, launch_bound: bool = False) -> float:
+    """What one call costs in the step: its GPU time (p50); in a launch-bound step, where the GPU
+    waits for the host, the larger of that and the host time to issue the call."""
+    if launch_bound and t.host_us is not None:
+        return max(t.p50_us, t.host_us)
+    return t.p50_us
+
+
+def judge(measured: dict[str, ProviderTiming], numerics: dict[str, str], timing: str,
+          launch_bound: bool = False) -> tuple[str, str, str | None]:
+    """(verdict, reason, best_provider) for the Triton replacement, from the figures alone."""
+    triton_numerics = numerics.get("triton")
+    if triton_numerics is not None and triton_numerics != "ok":
+        return "rejected", f"numerics: {triton_numerics}", None
+    if timing != "gpu":
+        return "not run", NOT_TIMED_ON_GPU, None
+    eager = measured.get("eager")
+    if eager is None:
+        return "not run", "eager was not timed: no baseline", None
+    cost = {p: call_cost_us(t, launch_bound) for p, t in measured.items()}
+    basis = "max of GPU and host time (launch-bound step)" if launch_bound else "GPU time"
+    faster = [p for p in measured if p not in ("eager", measure.CUDA_GRAPH) and cost["eager"] / cost[p] >= MIN_SPEEDUP]
+    best = min(faster, key=cost.__getitem__) if faster else None
+    if best not in (None, "triton") and "triton" in faster and cost["triton"] / cost[best] < MIN_SPEEDUP:
+        best = "triton"   # the others are within noise of ours: no reason to send the user elsewhere
+    others = ""
+    if best not in (None, "triton"):
+        advice = {"compile": "use torch.compile", "liger": "use Liger-Kernel"}.get(best, f"use {best}")
+        others = (f"; {measure.LABELS[best]} is faster ({cost[best]:.1f} µs, "
+                  f"{cost['eager'] / cost[best]:.2f}x eager): {advice}")
+    if "triton" not in measured:
+        return "not run", "the Triton replacement was not timed" + others, best
+    speedup = cost["eager"] / cost["triton"]
+    figures = f"triton {cost['triton']:.1f} µs vs eager {cost['eager']:.1f} µs ({speedup:.2f}x, p50 {basis})"
+    if speedup < MIN_SPEEDUP:
+        return "rejected", f"not faster than eager: {figures}" + others, best
+    return "recommended", figures + others, best
+
+
+def _shape_label(params: dict) -> str:
+    shape = params.get("shape")
+    dims = "x".join(map(str, shape)) if isinstance(shape, (list, tuple)) else ""
+    return f"{dims} {params.get('dtype', '')}".strip()

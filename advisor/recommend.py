@@ -1,0 +1,275 @@
+"""recommend: rank what to change by the time it saves per step, and price it.
+
+Reads `result.clusters`, `result.benchmarks`, `result.launch_bound`, `result.summary` and
+`result.run`; writes `result.recommendations`.
+
+Order:
+  1. when the step is launch-bound, the CUDA-graphs / torch.compile verdict comes first: fewer
+     launches then matter more than faster kernels;
+  2. measured savings (bench timed them on this GPU), largest first: per-call saving of the best
+     provider that passed numerics and beat eager, times the cluster's occurrences per step;
+  3. estimates (the cost model's), largest first, only for clusters that bench could not time
+     (no GPU, or a CPU/interpreter run), labelled `confidence: "estimate"`.
+A rejected replacement (numerics, or not faster than eager) is never recommended; if
+torch.compile or Liger beat eager there, that is recommended instead.
+
+ROI: GPU-seconds saved per step x steps per day x GPUs. Steps per day come from `--steps-per-day`,
+else the run's measured unprofiled step time (a job that trains around the clock). The hourly
+price defaults to DEFAULT_GPU_HOURLY_COST (below, with its source); pass your own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fusion_advisor.bench import (FORWARD, FORWARD_BACKWARD, backward_partner, call_cost_us, forward_partner,
+                                  is_launch_bound)
+from fusion_advisor.errors import AdvisorError
+from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Recommendation
+
+# A round figure for renting one H100/H200 SXM GPU on demand from the specialty GPU clouds in
+# 2026: published comparisons put H100 SXM at about $2.50-3.50 per GPU-hour there (hyperscalers
+# charge more, spot and reserved capacity less). Pass --gpu-hourly-cost with your own rate.
+DEFAULT_GPU_HOURLY_COST = 2.50
+GPU_HOURLY_COST_SOURCE = ("default: a round 2026 on-demand rate for one H100/H200 SXM GPU on specialty GPU "
+                          "clouds (about $2.50-3.50); pass --gpu-hourly-cost for yours")
+DAYS_PER_MONTH = 30
+SECONDS_PER_DAY = 86_400
+
+
+@dataclass
+class RoiOptions:
+    gpu_hourly_cost: float = DEFAULT_GPU_HOURLY_COST
+    steps_per_day: float | None = None     # None: from the run's measured step time
+    gpus: int = 1
+    cost_is_default: bool = True
+
+    def __post_init__(self):
+        if not self.gpu_hourly_cost >= 0:
+            raise AdvisorError(f"--gpu-hourly-cost must be >= 0, got {self.gpu_hourly_cost}")
+        if self.steps_per_day is not None and not self.steps_per_day > 0:
+            raise AdvisorError(f"--steps-per-day must be > 0, got {self.steps_per_day}")
+        if self.gpus < 1:
+            raise AdvisorError(f"--gpus must be at least 1, got {self.gpus}")
+
+
+def steps_per_day(result: AdvisorResult, options: RoiOptions) -> tuple[float | None, str]:
+    """(steps per day, where that figure comes from)."""
+    if options.steps_per_day is not None:
+        return float(options.steps_per_day), "--steps-per-day"
+    step_s = result.run.get("step_time_s_unprofiled")
+    if isinstance(step_s, (int, float)) and step_s > 0:
+        return SECONDS_PER_DAY / step_s, (f"measured unprofiled step time {step_s * 1e3:.2f} ms, "
+                                          "training around the clock")
+    return None, "no step rate: the run has no unprofiled step time; pass --steps-per-day"
+
+
+def roi(saving_us_per_step: float | None, basis: str, result: AdvisorResult, options: RoiOptions) -> dict:
+    """GPU-hours and dollars saved per day and per month, with every assumption stated."""
+    rate, rate_source = steps_per_day(result, options)
+    assumptions = {
+        "gpu_hourly_cost_usd": options.gpu_hourly_cost,
+        "gpu_hourly_cost_source": GPU_HOURLY_COST_SOURCE if options.cost_is_default else "--gpu-hourly-cost",
+        "steps_per_day": rate,
+        "steps_per_day_source": rate_source,
+        "gpus": options.gpus,
+        "days_per_month": DAYS_PER_MONTH,
+    }
+    out = {"basis": basis, "assumptions": assumptions}
+    if saving_us_per_step is None or rate is None:
+        out["missing"] = rate_source if rate is None else "no saving figure"
+        return out
+    gpu_hours_per_day = saving_us_per_step * 1e-6 * rate * options.gpus / 3600
+    out.update({
+        "gpu_hours_per_day": round(gpu_hours_per_day, 4),
+        "usd_per_day": round(gpu_hours_per_day * options.gpu_hourly_cost, 2),
+        "usd_per_month": round(gpu_hours_per_day * options.gpu_hourly_cost * DAYS_PER_MONTH, 2),
+    })
+    step_s = result.run.get("step_time_s_unprofiled")
+    if isinstance(step_s, (int, float)) and step_s > 0:
+        out["pct_of_step"] = round(100 * saving_us_per_step * 1e-6 / step_s, 3)
+    return out
+
+
+def recommend(result: AdvisorResult, options: RoiOptions | None = None) -> AdvisorResult:
+    """Fill `result.recommendations`, ranked (replacing any earlier ones)."""
+    options = options or RoiOptions()
+    launch_bound = is_launch_bound(result)
+    measured, estimated = [], []
+    for cluster in result.clusters:
+        if not cluster.pattern:
+            continue   # no registered replacement: nothing we could time or apply
+        if cluster.direction == "backward" and forward_partner(cluster, result) is not None:
+            continue   # its saving is in the forward cluster's forward+backward figures
+        rec = _cluster_recommendation(cluster, result, launch_bound, options)
+        if rec is not None:
+            (measured if rec.confidence == "measured" else estimated).append(rec)
+    ranked = sorted(measured, key=lambda r: -r.measured_saving_us_per_step)
+    ranked += sorted(estimated, key=lambda r: -(r.estimate_saving_us_per_step or 0.0))
+    if launch_bound:
+        ranked.insert(0, _launch_bound_recommendation(result, options))
+    for rank, rec in enumerate(ranked, 1):
+        rec.rank = rank
+    result.recommendations = ranked
+    return result
+
+
+def primary_benchmark(cluster: Cluster, result: AdvisorResult) -> Benchmark | None:
+    """The cluster's benchmark that counts: forward+backward when it was timed so, else forward."""
+    mine = [b for b in result.benchmarks if b.cluster_id == cluster.id]
+    for passes in (FORWARD_BACKWARD, FORWARD):
+        for b in mine:
+            if b.passes == passes:
+                return b
+    return None
+
+
+def _occurrences(cluster: Cluster) -> tuple[float, str]:
+    if cluster.occurrences_per_step > 0:
+        return cluster.occurrences_per_step, ""
+    return 1.0, "occurrences per step unknown: counted once"
+
+
+def _estimate_per_step(cluster: Cluster, result: AdvisorResult) -> float | None:
+    """The cost model's saving per step, the backward cluster's included."""
+    parts = [cluster]
+    partner = backward_partner(cluster, result) if cluster.direction == "forward" else None
+    if partner is not None:
+        parts.append(partner)
+    total, known = 0.0, False
+    for c in parts:
+        if c.estimate.saving_us is not None:
+            total += c.estimate.saving_us * _occurrences(c)[0]
+            known = True
+    return total if known else None
+
+
+def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_bound: bool,
+                            options: RoiOptions) -> Recommendation | None:
+    from fusion_advisor.kernels import registry
+
+    bench = primary_benchmark(cluster, result)
+    estimate = _estimate_per_step(cluster, result)
+    occurrences, occ_note = _occurrences(cluster)
+    where = _module_name(cluster) or cluster.source or cluster.id
+    try:
+        pattern = registry.get(cluster.pattern)
+    except KeyError:
+        pattern = None
+    if bench is not None and bench.verdict == "rejected" and bench.best_provider is None:
+        return None
+    if bench is None or bench.timing != "gpu":
+        if estimate is None or estimate <= 0:
+            return None
+        why = bench.reason if bench is not None and bench.reason else "not benchmarked"
+        return Recommendation(
+            rank=0, cluster_id=cluster.id, pattern=cluster.pattern,
+            title=f"Fuse {where} into {cluster.pattern} (estimate: not timed)",
+            measured_saving_us_per_step=None, estimate_saving_us_per_step=estimate, confidence="estimate",
+            patch=_patch("triton", cluster, pattern),
+            roi=roi(estimate, "estimate", result, options), kind="fused_kernel",
+            detail="; ".join(x for x in (f"cost-model estimate, {why}", occ_note) if x))
+    best = bench.best_provider
+    if best is None or "eager" not in bench.measured or best not in bench.measured:
+        return None
+    eager, chosen = bench.measured["eager"], bench.measured[best]
+    per_call = call_cost_us(eager, launch_bound) - call_cost_us(chosen, launch_bound)
+    saving = per_call * occurrences
+    kind = {"triton": "fused_kernel", "compile": "torch_compile", "liger": "liger"}.get(best, best)
+    title = {"triton": f"Fuse {where} with our {cluster.pattern} Triton kernel",
+             "compile": f"Use torch.compile on {where}: it beats our {cluster.pattern} kernel here",
+             "liger": f"Use Liger-Kernel's {cluster.pattern} for {where}: it beats ours here"}.get(best, best)
+    detail = (f"{best} {call_cost_us(chosen, launch_bound):.1f} µs vs eager {call_cost_us(eager, launch_bound):.1f} µs "
+              f"per call ({bench.passes}, on {bench.device}) x {occurrences:g} per step")
+    return Recommendation(
+        rank=0, cluster_id=cluster.id, pattern=cluster.pattern, title=title,
+        measured_saving_us_per_step=saving, estimate_saving_us_per_step=estimate, confidence="measured",
+        memory_saved_bytes=_memory_saved(eager, chosen, bench.passes, occurrences),
+        patch=_patch(best, cluster, pattern), roi=roi(saving, "measured", result, options), kind=kind,
+        detail="; ".join(x for x in (detail, occ_note) if x))
+
+
+def _memory_saved(eager, chosen, passes: str, occurrences: float) -> int | None:
+    """Training: activation bytes held from forward to backward, in every occurrence at once.
+    Inference: the peak of one call (occurrences run one after another)."""
+    if passes == FORWARD_BACKWARD:
+        if eager.activation_bytes is None or chosen.activation_bytes is None:
+            return None
+        return int((eager.activation_bytes - chosen.activation_bytes) * occurrences)
+    if eager.peak_mem_bytes is None or chosen.peak_mem_bytes is None:
+        return None
+    return int(eager.peak_mem_bytes - chosen.peak_mem_bytes)
+
+
+def _module_name(cluster: Cluster) -> str | None:
+    return cluster.module_class.rsplit("/", 1)[-1] if cluster.module_class else None
+
+
+def _qualified(obj) -> str:
+    owner = getattr(obj, "__self__", None)   # a classmethod factory: name its class
+    target = owner if isinstance(owner, type) else obj
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+
+
+def _patch(provider: str, cluster: Cluster, pattern) -> dict:
+    """What `apply` would change. A source diff is added later by apply."""
+    module = _module_name(cluster)
+    if provider == "compile":
+        target = module or "the model"
+        return {"kind": "torch_compile", "target": target,
+                "description": f"wrap {target} in torch.compile (it fuses this chain itself)"}
+    if provider == "liger":
+        doc = (getattr(pattern.liger, "__doc__", "") or "").strip().splitlines() if pattern else []
+        return {"kind": "liger", "description": doc[0] if doc else "Liger-Kernel's equivalent kernel"}
+    if pattern is None:
+        return {"kind": "none", "description": f"pattern {cluster.pattern!r} is not registered here"}
+    if module and module in pattern.modules and pattern.module_factory is not None:
+        fused = _qualified(pattern.module_factory)
+        return {"kind": "module_swap", "modules": [{"from": module, "to": fused}],
+                "description": f"every {module} becomes {fused} (same parameters, shared)"}
+    fn = _qualified(pattern.fused)
+    return {"kind": "function", "function": fn, "source": cluster.source,
+            "description": f"call {fn} where {cluster.source or 'the chain'} computes {pattern.name}"}
+
+
+def _launch_bound_recommendation(result: AdvisorResult, options: RoiOptions) -> Recommendation:
+    """The verdict for a launch-bound step, with what CUDA graphs measured on the matched clusters."""
+    lb = result.launch_bound if isinstance(result.launch_bound, dict) else {}
+    measured, timed = 0.0, 0
+    for cluster in result.clusters:
+        bench = primary_benchmark(cluster, result)
+        if bench is None or bench.timing != "gpu" or "cuda_graph" not in bench.measured or "eager" not in bench.measured:
+            continue
+        per_call = call_cost_us(bench.measured["eager"], True) - call_cost_us(bench.measured["cuda_graph"], True)
+        measured += per_call * _occurrences(cluster)[0]
+        timed += 1
+    estimate = lb.get("estimate_saving_us_per_step")
+    estimate_basis = "launch-bound analysis"
+    if not isinstance(estimate, (int, float)):
+        estimate = result.summary.get("gpu_idle_us_per_step")
+        estimate_basis = "upper bound: GPU idle time per step"
+    busy = result.summary.get("gpu_busy_pct")
+    busy_text = f" (GPU busy {busy:.0f} % of the step)" if isinstance(busy, (int, float)) else ""
+    detail = (f"CUDA-graph replay vs eager, max of GPU and host time, on {timed} matched cluster"
+              f"{'s' if timed != 1 else ''}: {measured:.1f} µs per step measured" if timed else
+              "no cluster was timed as a CUDA graph")
+    detail += f"; estimate is the {estimate_basis}"
+    saving = measured if timed else None
+    return Recommendation(
+        rank=0, cluster_id="", pattern=None,
+        title=f"The step is launch-bound{busy_text}: capture it with CUDA graphs or "
+              "torch.compile(mode=\"reduce-overhead\") before fusing kernels",
+        measured_saving_us_per_step=saving,
+        estimate_saving_us_per_step=float(estimate) if isinstance(estimate, (int, float)) else None,
+        confidence="measured" if timed else "estimate",
+        patch={"kind": "cuda_graphs", "description": "torch.compile(model, mode=\"reduce-overhead\"), or "
+                                                     "torch.cuda.graphs around the static part of the step"},
+        roi=roi(saving if timed else estimate, "measured" if timed else "estimate", result, options),
+        kind="cuda_graphs", detail=detail)
+
+
+def bench_and_recommend(result: AdvisorResult, bench_options=None, roi_options: RoiOptions | None = None,
+                        progress=None) -> AdvisorResult:
+    """The pipeline's last two stages after `analyze`: time the matched clusters, then rank."""
+    from fusion_advisor.bench import bench
+    bench(result, bench_options, progress=progress)
+    return recommend(result, roi_options)

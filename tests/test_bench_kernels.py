@@ -1,0 +1,50 @@
+"""benchmarks/bench_kernels.py --dry-run end to end, and the README summary from its CSV."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(relpath: str):
+    spec = importlib.util.spec_from_file_location(Path(relpath).stem, ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--dry-run needs the interpreter set before kernels load")
+def test_dry_run_writes_the_long_csv_and_the_summary_reads_it(tmp_path, capsys):
+    bench_kernels = load_script("benchmarks/bench_kernels.py")
+    out = tmp_path / "sweep.csv"
+    assert bench_kernels.main(["--dry-run", "--patterns", "rms_norm", "--out", str(out)]) == 0
+    with open(out, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == ["gpu", "driver", "torch", "triton", "pattern", "shape", "dtype", "pass", "provider",
+                                 "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_peak_bw", "peak_mem_bytes", "numerics"]
+    assert [(r["pass"], r["provider"]) for r in rows] == [
+        ("forward", "eager"), ("forward", "triton"), ("forward+backward", "eager"), ("forward+backward", "triton")]
+    for r in rows:
+        assert r["pattern"] == "rms_norm" and r["shape"] == "6x42x431" and r["dtype"] == "float32"
+        assert "dry run" in r["gpu"] and r["numerics"] == "ok"
+        assert 0 < float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
+        assert float(r["gbps"]) > 0
+    assert "wrote" in capsys.readouterr().out
+
+    summarize = load_script("scripts/summarize_bench.py")
+    assert summarize.main([str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| rms_norm | forward |" in table and "| rms_norm | forward+backward |" in table
+
+
+def test_shape_budget():
+    bench_kernels = load_script("benchmarks/bench_kernels.py")
+    shapes = tuple({"shape": [i]} for i in range(9))
+    assert bench_kernels.pick_shapes(shapes, quick=True, all_shapes=False) == [{"shape": [4]}]
+    assert bench_kernels.pick_shapes(shapes, quick=False, all_shapes=False) == [
+        {"shape": [0]}, {"shape": [3]}, {"shape": [5]}, {"shape": [8]}]
+    assert len(bench_kernels.pick_shapes(shapes, quick=False, all_shapes=True)) == 9

@@ -1,0 +1,124 @@
+"""recommend: ranking and ROI, checked against numbers worked out by hand."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fusion_advisor.cli import app
+from fusion_advisor.errors import AdvisorError
+from fusion_advisor.recommend import DEFAULT_GPU_HOURLY_COST, RoiOptions, recommend, roi
+from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming
+
+FB = "forward+backward"
+
+
+def timing(p50, host=None, activation=None):
+    return ProviderTiming(p50, p50, p50, peak_mem_bytes=None, host_us=host, activation_bytes=activation)
+
+
+def cluster(cid, occurrences, estimate_us, pattern="rms_norm", **kw):
+    return Cluster(id=cid, direction="forward", pattern=pattern, pattern_params={"shape": [8, 64], "dtype": "bfloat16"},
+                   module_class="LlamaModel/LlamaDecoderLayer/LlamaRMSNorm", occurrences_per_step=occurrences,
+                   estimate=Estimate(saving_us=estimate_us), **kw)
+
+
+def gpu_bench(cid, measured, verdict, best):
+    return Benchmark(cid, "rms_norm", {}, FB, measured=measured, numerics_ok=True, verdict=verdict, timing="gpu",
+                     device="NVIDIA H200", best_provider=best)
+
+
+@pytest.fixture
+def result():
+    r = AdvisorResult(run={"step_time_s_unprofiled": 0.05},      # 1,728,000 steps a day
+                      summary={"gpu_busy_pct": 20.0, "gpu_idle_us_per_step": 26780.0})
+    r.clusters = [cluster("A", 10, 5.0), cluster("B", 4, 1.0), cluster("C", 5, 100.0), cluster("D", 3, 50.0),
+                  cluster("E", 2, 80.0, pattern=None)]
+    r.benchmarks = [
+        # A: ours 20 µs faster per call, 10 per step -> 200 µs; activations 600 B less x 10
+        gpu_bench("A", {"eager": timing(30, host=40, activation=1000), "triton": timing(10, host=8, activation=400),
+                        "cuda_graph": timing(25, host=5)}, "recommended", "triton"),
+        # B: torch.compile wins: 30 µs x 4 = 120 µs
+        gpu_bench("B", {"eager": timing(50), "triton": timing(30), "compile": timing(20)}, "recommended", "compile"),
+        # C: no GPU: the estimate, 100 x 5 = 500 µs, ranks after every measured saving
+        Benchmark("C", "rms_norm", {}, FB, verdict="not run", reason="no CUDA GPU"),
+        # D: rejected, nothing beat eager: never recommended, whatever the estimate
+        gpu_bench("D", {"eager": timing(10), "triton": timing(12)}, "rejected", None),
+    ]
+    return r
+
+
+def test_measured_first_by_saving_then_estimates(result):
+    recs = recommend(result, RoiOptions()).recommendations
+    assert [(r.rank, r.cluster_id, r.confidence) for r in recs] == [
+        (1, "A", "measured"), (2, "B", "measured"), (3, "C", "estimate")]
+    a, b, c = recs
+    assert a.measured_saving_us_per_step == pytest.approx(200.0) and a.estimate_saving_us_per_step == pytest.approx(50.0)
+    assert a.kind == "fused_kernel" and a.memory_saved_bytes == 6000
+    assert a.patch["kind"] == "module_swap"
+    assert a.patch["modules"] == [{"from": "LlamaRMSNorm", "to": "fusion_advisor.kernels.rms_norm.RMSNorm"}]
+    assert b.kind == "torch_compile" and b.measured_saving_us_per_step == pytest.approx(120.0)
+    assert "torch.compile" in b.title and b.patch["kind"] == "torch_compile"
+    assert c.measured_saving_us_per_step is None and c.estimate_saving_us_per_step == pytest.approx(500.0)
+    assert "estimate" in c.title and c.roi["basis"] == "estimate" and "no CUDA GPU" in c.detail
+
+
+def test_roi_arithmetic(result):
+    # 200 µs x 1,728,000 steps/day x 8 GPUs = 2,764.8 s = 0.768 GPU-hours a day; x $2 = $1.536; x 30 = $46.08
+    a = recommend(result, RoiOptions(gpu_hourly_cost=2.0, gpus=8, cost_is_default=False)).recommendations[0]
+    assert a.roi["gpu_hours_per_day"] == pytest.approx(0.768)
+    assert a.roi["usd_per_day"] == pytest.approx(1.54)
+    assert a.roi["usd_per_month"] == pytest.approx(46.08)
+    assert a.roi["pct_of_step"] == pytest.approx(0.4)
+    assert a.roi["assumptions"]["steps_per_day"] == pytest.approx(1_728_000)
+    assert a.roi["assumptions"]["gpu_hourly_cost_source"] == "--gpu-hourly-cost"
+
+
+def test_roi_with_steps_per_day_and_without_a_step_rate():
+    r = AdvisorResult()
+    # 500 µs x 720,000 steps = 360 s = 0.1 GPU-hour; at the default price
+    out = roi(500.0, "measured", r, RoiOptions(steps_per_day=720_000))
+    assert out["gpu_hours_per_day"] == pytest.approx(0.1)
+    assert out["usd_per_day"] == pytest.approx(round(0.1 * DEFAULT_GPU_HOURLY_COST, 2))
+    assert "default" in out["assumptions"]["gpu_hourly_cost_source"]
+    missing = roi(500.0, "measured", r, RoiOptions())
+    assert "usd_per_day" not in missing and "--steps-per-day" in missing["missing"]
+
+
+def test_bad_roi_options_are_refused():
+    with pytest.raises(AdvisorError, match="--gpus"):
+        RoiOptions(gpus=0)
+    with pytest.raises(AdvisorError, match="--steps-per-day"):
+        RoiOptions(steps_per_day=-1)
+
+
+def test_launch_bound_step_puts_cuda_graphs_first(result):
+    result.launch_bound = {"launch_bound": True}
+    recs = recommend(result).recommendations
+    first = recs[0]
+    assert first.kind == "cuda_graphs" and first.rank == 1 and "launch-bound (GPU busy 20 % of the step)" in first.title
+    # eager costs max(30, 40 host) = 40 µs, its graph replay max(25, 5) = 25: 15 µs x 10 per step
+    assert first.measured_saving_us_per_step == pytest.approx(150.0)
+    assert first.estimate_saving_us_per_step == pytest.approx(26780.0)
+    # and the fused kernel is counted on host time too: 40 - max(10, 8) = 30 µs x 10
+    a = next(r for r in recs if r.cluster_id == "A")
+    assert a.measured_saving_us_per_step == pytest.approx(300.0)
+
+
+def test_backward_cluster_counts_in_its_forward_partner(result):
+    result.clusters.append(Cluster(id="C-bwd", direction="backward", pattern="rms_norm",
+                                   pattern_params={"shape": [8, 64], "dtype": "bfloat16"}, occurrences_per_step=5,
+                                   estimate=Estimate(saving_us=20.0)))
+    recs = recommend(result).recommendations
+    assert "C-bwd" not in [r.cluster_id for r in recs]
+    c = next(r for r in recs if r.cluster_id == "C")
+    assert c.estimate_saving_us_per_step == pytest.approx(100 * 5 + 20 * 5)
+
+
+def test_recommend_cli_reprices_a_saved_result(result, tmp_path):
+    path = tmp_path / "result.json"
+    result.save(path)
+    out = CliRunner().invoke(app, ["recommend", str(path), "--gpu-hourly-cost", "2", "--gpus", "8", "--json"])
+    assert out.exit_code == 0, out.output
+    saved = json.loads(path.read_text())
+    assert saved["recommendations"][0]["roi"]["usd_per_month"] == pytest.approx(46.08)
+    assert [r["cluster_id"] for r in saved["recommendations"]] == ["A", "B", "C"]
