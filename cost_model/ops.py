@@ -302,8 +302,10 @@ for _name, _f in _UNARY_FLOPS.items():
     rule(*_inplace_names(_name))(_pointwise(_name, _f))
 for _name, _f in _BINARY_FLOPS.items():
     rule(*_inplace_names(_name))(_pointwise(_name, _f))
-# fill_/zero_ write self and read nothing (masked_fill_, registered above, reads self and mask).
+# fill_/zero_ and the in-place random generators write self and read nothing (masked_fill_,
+# registered above, reads self and the mask).
 rule("fill_", "zero_")(_pointwise("fill", 0))
+rule("bernoulli_", "uniform_", "normal_", "random_", "exponential_")(_pointwise("fill", 4))
 
 
 @rule("masked_fill")
