@@ -208,6 +208,8 @@ def calibrate(
                       highlight=False)
         for key, flops in profile.peak_flops.items():
             console.print(f"  matmul {key:<14} {flops / 1e12:8.1f} TFLOP/s", highlight=False)
+        for key, rate in profile.element_rates.items():
+            console.print(f"  {key + ' loop':<21} {rate / 1e9:8.0f} G elements/s", highlight=False)
         console.print(f"  kernel back to back   {profile.min_kernel_us:8.2f} µs (GPU)\n"
                       f"  eager launch          {profile.launch_us:8.2f} µs (CPU)\n"
                       f"  L2                    {profile.l2_bytes / 2**20:8.0f} MiB   SMs {profile.num_sms}",

@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 from fusion_advisor.analyzers.trace import Trace  # noqa: E402
 from fusion_advisor.cost_model.device import DeviceProfile, load_profile  # noqa: E402
 from fusion_advisor.cost_model.ops import OpCost, op_cost, unknown_reason  # noqa: E402
-from fusion_advisor.cost_model.roofline import kernel_time_us  # noqa: E402
+from fusion_advisor.cost_model.roofline import chain_dtype, kernel_time_us  # noqa: E402
 from fusion_advisor.kernels.registry import OpRecord  # noqa: E402
 
 aten = torch.ops.aten
@@ -61,9 +61,9 @@ class Row:
     flops: int = 0
     predicted_us: float = float("nan")
     measured_us: float = float("nan")
+    trace_kernel_us: float = float("nan")     # the step's kernel durations in a profiler trace
     method: str = ""
     unknown: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def error_pct(self) -> float:
@@ -216,14 +216,18 @@ def _op_record(trace: Trace, row: int) -> OpRecord:
                     types=tuple(ops.at[row, "input_types"] or ()), concrete=tuple(ops.at[row, "concrete"] or ()))
 
 
-def records_per_step(steps: list[Step]) -> list[list[OpRecord]]:
+def records_per_step(steps: list[Step]) -> tuple[list[list[OpRecord]], list[float]]:
     """The ops each step runs: on a GPU, the ops that launched its kernels (what a cluster holds);
-    on CPU (plumbing only), the step's outermost ops, priced as the composites they are."""
+    on CPU (plumbing only), the step's outermost ops, priced as the composites they are. Also the
+    sum of each step's kernel durations as the profiler recorded them (nan on CPU): what a trace
+    shows, as against the back-to-back time `measure_us` takes."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     # with_stack: Trace (pandas 3) fails on a trace whose ops have no source at all; reported.
     with torch.profiler.profile(activities=activities, record_shapes=True, with_stack=True) as prof:
+        for st in steps:                  # once unlabelled: warm caches, allocator, autotuning
+            st.fn()
         for i, st in enumerate(steps):
             with torch.profiler.record_function(f"step#{i}"):
                 st.fn()
@@ -239,15 +243,19 @@ def records_per_step(steps: list[Step]) -> list[list[OpRecord]]:
     else:
         leaves = [r for r in range(len(ops)) if ops.at[r, "parent_row"] < 0]
     an = trace.annotations
-    out = []
+    k = trace.kernels
+    out, kernel_us = [], []
     for i in range(len(steps)):
         span = an[(an["name"] == f"step#{i}") & ~an["gpu"].astype(bool)]
         if span.empty:
             out.append([])
+            kernel_us.append(float("nan"))
             continue
         t0, t1 = float(span["ts"].iloc[0]), float(span["ts"].iloc[0] + span["dur"].iloc[0])
-        out.append([_op_record(trace, r) for r in leaves if t0 <= ops.at[r, "ts"] <= t1])
-    return out
+        rows = [r for r in leaves if t0 <= ops.at[r, "ts"] <= t1]
+        out.append([_op_record(trace, r) for r in rows])
+        kernel_us.append(float(k.loc[k["op_row"].isin(rows), "dur"].sum()) if trace.has_gpu else float("nan"))
+    return out, kernel_us
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -297,12 +305,12 @@ def measure_us(fn: Callable[[], object], target_ms: float, samples: int) -> tupl
     return statistics.median(times), method
 
 
-def price(records: list[OpRecord], profile: DeviceProfile) -> tuple[float, int, int, list[str]]:
+def price(records: list[OpRecord], profile: DeviceProfile, dtype_hint: str | None) -> tuple[float, int, int, list[str]]:
     total, nbytes, flops, unknown = 0.0, 0, 0, []
     for rec in records:
-        cost = op_cost(rec)
+        cost = op_cost(rec, dtype_hint)
         if cost is None:
-            unknown.append(f"{rec.name} ({unknown_reason(rec)})")
+            unknown.append(f"{rec.name} ({unknown_reason(rec, dtype_hint)})")
             continue
         total += kernel_time_us(cost, profile)
         nbytes += cost.bytes
@@ -317,22 +325,25 @@ def run_chains(profile: DeviceProfile, sizes, dtypes, dev, target_ms, samples, l
         for dt in dtypes:
             for name, build in CHAINS.items():
                 steps = build(m, n, dt, dev)
-                recs = records_per_step(steps)
+                recs, kernel_us = records_per_step(steps)
                 size = f"{m}x{n}"
                 dname = str(dt).replace("torch.", "")
                 chain_pred = 0.0
-                for st, rec in zip(steps, recs):
-                    pred, nbytes, flops, unknown = price(rec, profile)
+                hint = chain_dtype([r for rec in recs for r in rec])     # as cluster_estimate does
+                for st, rec, k_us in zip(steps, recs, kernel_us):
+                    pred, nbytes, flops, unknown = price(rec, profile, hint)
                     meas, method = measure_us(st.fn, target_ms, samples)
                     rows.append(Row(name, size, dname, st.label, " ".join(r.name.replace("aten::", "") for r in rec),
-                                    nbytes, flops, pred if rec else float("nan"), meas, method, "; ".join(unknown)))
+                                    nbytes, flops, pred if rec else float("nan"), meas, k_us, method,
+                                    "; ".join(unknown)))
                     chain_pred += pred
 
                 def whole():
                     for st in steps:
                         st.fn()
                 meas, method = measure_us(whole, target_ms, samples)
-                rows.append(Row(name, size, dname, "(whole chain)", "", 0, 0, chain_pred, meas, method))
+                rows.append(Row(name, size, dname, "(whole chain)", "", 0, 0, chain_pred, meas,
+                                float(sum(kernel_us)), method))
                 log(f"{name:<18} {size:>11} {dname:<9} predicted {chain_pred:9.1f} µs  measured {meas:9.1f} µs")
                 del steps, recs
             if torch.cuda.is_available():
@@ -353,7 +364,7 @@ def run_patterns(profile: DeviceProfile, dev, dry_run: bool, target_ms, samples,
             meas, method = measure_us(lambda: pattern.fused(*inputs.args, **inputs.kwargs), target_ms, samples)
             size = "x".join(str(d) for d in params.get("shape", [])) or str(params)
             rows.append(Row(f"fused:{pattern.name}", size, str(params.get("dtype", "")), "fused forward",
-                            pattern.name, fused_bytes, 0, pred, meas, method))
+                            pattern.name, fused_bytes, 0, pred, meas, float("nan"), method))
             log(f"fused {pattern.name:<12} {size:>11} predicted {pred:9.1f} µs  measured {meas:9.1f} µs")
     return rows
 
@@ -397,7 +408,7 @@ def summarize(rows: list[Row], out) -> dict:
 
 def write_csv(path: str, rows: list[Row], env: dict) -> None:
     cols = ["gpu", "driver", "torch", "triton", "profile", "chain", "size", "dtype", "step", "ops", "bytes", "flops",
-            "predicted_us", "measured_us", "error_pct", "method", "unknown_ops"]
+            "predicted_us", "measured_us", "error_pct", "trace_kernel_us", "method", "unknown_ops"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
@@ -405,7 +416,7 @@ def write_csv(path: str, rows: list[Row], env: dict) -> None:
         for r in rows:
             w.writerow([env["gpu"], env["driver"], env["torch"], env["triton"], env["profile"], r.chain, r.size, r.dtype,
                         r.step, r.ops, r.bytes, r.flops, f"{r.predicted_us:.3f}", f"{r.measured_us:.3f}",
-                        f"{r.error_pct:.2f}", r.method, r.unknown])
+                        f"{r.error_pct:.2f}", f"{r.trace_kernel_us:.3f}", r.method, r.unknown])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,8 @@ Microbenchmarks, each warmed up first and timed with CUDA events (median of seve
     intermediates do.
   - matmul per dtype (fp32 on CUDA cores, tf32, bf16, fp16, fp64) on random data (zeros run
     faster: less switching), large enough to saturate the GPU.
+  - element rates of the kernels bound by work per element rather than bytes: a broadcast add
+    (PyTorch's generic strided loop), softmax and LayerNorm rows.
   - a one-element kernel: its back-to-back GPU time (min_kernel_us) and the CPU time of one eager
     launch (launch_us).
   - the L2 size and SM count from the device properties.
@@ -179,6 +181,30 @@ def _matmul_peaks(torch, timer: _Timer, quick: bool, step: Progress) -> dict:
     return out
 
 
+def _element_rates(torch, timer: _Timer, quick: bool, step: Progress) -> dict:
+    """Elements per second of the kernel families priced by elements as well as bytes (OpCost.loop):
+    a broadcast add (PyTorch's generic strided loop), softmax over rows of 512, LayerNorm over
+    rows of 768; ~32 M elements each (16 M when quick)."""
+    import torch.nn.functional as F
+    n = (1 << 24) if quick else (1 << 25)
+    x32 = torch.randn(n // 4096, 4096, device="cuda")
+    bias = torch.randn(4096, device="cuda")
+    rows512 = torch.randn(n // 512, 512, device="cuda", dtype=torch.bfloat16)
+    rows768 = torch.randn(n // 768, 768, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.randn(768, device="cuda", dtype=torch.bfloat16), torch.randn(768, device="cuda", dtype=torch.bfloat16)
+    plan = [("strided", lambda: x32 + bias, x32.numel()),
+            ("softmax", lambda: torch.softmax(rows512, -1), rows512.numel()),
+            ("norm", lambda: F.layer_norm(rows768, (768,), w, b, 1e-5), rows768.numel())]
+    out = {}
+    for i, (key, fn, elements) in enumerate(plan):
+        us = statistics.median(timer.per_call_us(fn, 4, 3 if quick else 5, graph=True))
+        out[key] = {"elements": elements, "median_us": us, "elements_per_s": elements / (us * 1e-6)}
+        step(f"element rate {key}", i + 1, len(plan))
+    del x32, rows512, rows768
+    torch.cuda.empty_cache()
+    return out
+
+
 def _launch_costs(torch, timer: _Timer, quick: bool) -> tuple[float, float]:
     """(GPU µs per back-to-back one-element kernel, CPU µs per eager launch)."""
     x = torch.zeros(1, device="cuda")
@@ -226,6 +252,7 @@ def calibrate(quick: bool = False, progress: Progress | None = None) -> DevicePr
     copy = _stream_curve(torch, timer, "copy", sizes, samples, step)
     triad = _stream_curve(torch, timer, "triad", sizes, samples, step)
     matmul = _matmul_peaks(torch, timer, quick, step)
+    rates = _element_rates(torch, timer, quick, step)
     min_kernel_us, launch_us = _launch_costs(torch, timer, quick)
     step("launch overhead", 1, 1)
     curve = [(r["bytes"], r["bytes"] / (r["median_us"] * 1e-6)) for r in copy]
@@ -241,10 +268,11 @@ def calibrate(quick: bool = False, progress: Progress | None = None) -> DevicePr
         peak_flops={k: v["flops_per_s"] for k, v in matmul.items()},
         launch_us=launch_us, min_kernel_us=min_kernel_us, l2_bytes=l2_bytes,
         num_sms=int(props.multi_processor_count), bandwidth_curve=curve,
+        element_rates={k: v["elements_per_s"] for k, v in rates.items()},
         bandwidth_spread=_spread(copy, triad, l2_bytes),
         calibration={"gpu_name": name, "driver": driver_version(), "cuda": torch.version.cuda,
                      "torch": torch.__version__, "triton": triton_version,
                      "date": datetime.date.today().isoformat(), "quick": quick,
-                     "raw": {"copy": copy, "triad": triad, "matmul": matmul,
+                     "raw": {"copy": copy, "triad": triad, "matmul": matmul, "element_rates": rates,
                              "empty_kernel_us": min_kernel_us, "launch_us": launch_us}},
     )

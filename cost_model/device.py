@@ -30,9 +30,19 @@ DATASHEET_COPY_EFFICIENCY = 0.90
 
 # Not datasheet figures: typical values on Hopper with PyTorch 2.x eager, used until the GPU is
 # calibrated. launch: CPU time of one eager op that launches one kernel (dispatcher + launch).
-# min_kernel: GPU time per kernel when tiny kernels run back to back.
+# min_kernel: GPU time per kernel when tiny kernels run back to back; in the H200 fixtures
+# (tests/data) a tiny kernel runs ~1.0 µs and queued kernels start ~1.0 µs after the previous
+# one ends.
 TYPICAL_LAUNCH_US = 5.0
 TYPICAL_MIN_KERNEL_US = 2.0
+# Elements per second of kernels bound by work per element rather than bytes (a bf16 and an fp32
+# kernel of the same shape take the same time), per SM; datasheet profiles scale them by SM count.
+# Read off the large such kernels in the H200 fixtures (tests/data):
+#   strided: PyTorch's generic (non-vectorized) pointwise loop, taken when an operand broadcasts
+#            or is not contiguous (add, mul, neg, masked_fill_, copy_: 250-370 G/s);
+#   softmax: softmax_warp_forward over rows of 512 (450 G/s);
+#   norm:    vectorized_layer_norm_kernel and its backward over rows of 768 (240-300 G/s).
+TYPICAL_ELEMENT_RATES_PER_SM = {"strided": 330e9 / 132, "softmax": 450e9 / 132, "norm": 270e9 / 132}
 
 PEAK_KEYS = ("fp32", "tf32_tc", "bf16_tc", "fp16_tc", "fp64")
 
@@ -48,6 +58,7 @@ class DeviceProfile:
     l2_bytes: int
     num_sms: int | None = None
     bandwidth_curve: list[tuple[int, float]] = field(default_factory=list)  # (bytes moved, bytes/s)
+    element_rates: dict[str, float] = field(default_factory=dict)  # OpCost.loop family -> elements/s
     calibration: dict = field(default_factory=dict)   # gpu_name, driver, torch, triton, date, raw
     # Relative spread of achieved bandwidth (lo, hi multipliers of the curve): from the
     # calibration's repeated timings and copy-vs-triad difference; wider for datasheet figures.
@@ -199,6 +210,7 @@ def _profile_from_sheet(sheet: _Sheet) -> DeviceProfile:
         hbm_bytes_per_s=sheet.hbm * DATASHEET_COPY_EFFICIENCY,
         peak_flops=dict(sheet.peaks), launch_us=TYPICAL_LAUNCH_US, min_kernel_us=TYPICAL_MIN_KERNEL_US,
         l2_bytes=sheet.l2_bytes, num_sms=sheet.num_sms,
+        element_rates={k: v * sheet.num_sms for k, v in TYPICAL_ELEMENT_RATES_PER_SM.items()} if sheet.num_sms else {},
         calibration={"datasheet": sheet.source, "target": sheet.key,
                      "datasheet_hbm_bytes_per_s": sheet.hbm,
                      "copy_efficiency_assumed": DATASHEET_COPY_EFFICIENCY},

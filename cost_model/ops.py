@@ -70,6 +70,12 @@ class OpCost:
     tensor_core: bool = False
     dtype: str = "float32"            # the dtype that sets the FLOP rate
     kernels: int = 1                  # kernels the op launches (0 for views)
+    # Kernels bound by elements per second as well as bytes: `loop_elements` elements processed by
+    # a loop of family `loop` ("strided": PyTorch's generic pointwise loop, taken when an operand
+    # is broadcast or not contiguous; "softmax": the row-softmax forward; "norm": LayerNorm).
+    # The profile's element_rates price them.
+    loop: str | None = None
+    loop_elements: int = 0
     reads: tuple[TensorSpec, ...] = ()    # the tensors read, for matching producers and consumers
     writes: tuple[TensorSpec, ...] = ()   # the tensors written
 
@@ -91,6 +97,8 @@ class _Args:
         self.dims = list(op.dims or ())
         self.types = list(op.types or ())
         self.concrete = list(op.concrete or ())
+        # Input Strides, where the record carries them (OpRecord may grow a `strides` field).
+        self.strides = list(getattr(op, "strides", None) or ())
 
     def __len__(self) -> int:
         return max(len(self.dims), len(self.types))
@@ -108,6 +116,21 @@ class _Args:
         if any(isinstance(d, (list, tuple)) for d in dims):
             raise Unpriced(f"argument {i} has nested dims")
         return TensorSpec(tuple(int(d) for d in dims), TRACE_DTYPES[self.type(i)][0])
+
+    def any_non_contiguous(self) -> bool:
+        """True if a recorded tensor argument's strides are not its contiguous strides."""
+        for i in range(len(self)):
+            if not self.is_tensor(i) or i >= len(self.strides):
+                continue
+            shape, strides = self.dims[i], self.strides[i]
+            if not isinstance(strides, (list, tuple)) or len(strides) != len(shape):
+                continue
+            expected = 1
+            for size, stride in reversed(list(zip(shape, strides))):
+                if size != 1 and stride != expected:
+                    return True
+                expected *= size
+        return False
 
     def optional_tensor(self, i: int) -> TensorSpec | None:
         """A `Tensor?` argument: None when absent (recorded with type '' and dims [])."""
@@ -216,11 +239,20 @@ def result_dtype(tensors: Sequence[TensorSpec]) -> str:
 
 
 def _cost(reads: Sequence[TensorSpec], writes: Sequence[TensorSpec], flops: int = 0, *, dtype: str | None = None,
-          tensor_core: bool = False, kernels: int = 1, extra_read: int = 0) -> OpCost:
+          tensor_core: bool = False, kernels: int = 1, loop: str | None = None, loop_elements: int = 0) -> OpCost:
     reads, writes = tuple(reads), tuple(writes)
     dtype = dtype or (writes[0].dtype if writes else reads[0].dtype if reads else "float32")
-    return OpCost(bytes_read=sum(t.nbytes for t in reads) + extra_read, bytes_written=sum(t.nbytes for t in writes),
-                  flops=int(flops), tensor_core=tensor_core, dtype=dtype, kernels=kernels, reads=reads, writes=writes)
+    return OpCost(bytes_read=sum(t.nbytes for t in reads), bytes_written=sum(t.nbytes for t in writes),
+                  flops=int(flops), tensor_core=tensor_core, dtype=dtype, kernels=kernels,
+                  loop=loop if loop_elements else None, loop_elements=int(loop_elements), reads=reads, writes=writes)
+
+
+def _strided(a: "_Args", out: TensorSpec, tensors: Sequence[TensorSpec]) -> int:
+    """Output elements if PyTorch runs this pointwise op through its generic strided loop: an
+    operand of another shape than the output (broadcast; 0-dim scalars excepted: they are kernel
+    arguments) or, where the record has strides, a non-contiguous operand."""
+    broadcast = any(t.shape != out.shape and t.shape != () for t in tensors)
+    return out.numel if broadcast or a.any_non_contiguous() else 0
 
 
 def _compute_dtype(dtype: str) -> str:
@@ -294,7 +326,8 @@ def _pointwise(base: str, flops_per_element: int) -> Rule:
                 dtype = "float32"
             out = TensorSpec(shape, dtype)
             reads = tensors
-        return _cost(reads, [out], flops_per_element * out.numel, dtype=_compute_dtype(out.dtype))
+        return _cost(reads, [out], flops_per_element * out.numel, dtype=_compute_dtype(out.dtype),
+                     loop="strided", loop_elements=_strided(a, out, tensors))
     return price
 
 
@@ -314,7 +347,9 @@ def _masked_fill(a: _Args, hint: str | None) -> OpCost:
     # out and the mask, write out.
     x, mask = a.tensor(0), a.tensor(1)
     out = TensorSpec(broadcast_shape([x.shape, mask.shape]), x.dtype)
-    return _cost([x, out, mask], [out, out], out.numel, dtype=_compute_dtype(x.dtype), kernels=2)
+    # The clone is a plain copy; the masked_fill_ runs the strided loop when the mask broadcasts.
+    return _cost([x, out, mask], [out, out], out.numel, dtype=_compute_dtype(x.dtype), kernels=2,
+                 loop="strided", loop_elements=_strided(a, out, [x, mask]))
 
 
 # -- views: no kernel ----------------------------------------------------------------------------
@@ -337,8 +372,10 @@ def _view(a: _Args, hint: str | None) -> OpCost:
 @rule("copy_")
 def _copy(a: _Args, hint: str | None) -> OpCost:
     dst, src = a.tensor(0), a.tensor(1)
-    # Read src once, write dst once (a broadcast src is read at its own size).
-    return _cost([src], [dst], 0, dtype=_compute_dtype(dst.dtype))
+    # Read src once, write dst once (a broadcast src is read at its own size). A transposing copy
+    # runs the strided loop: visible only where the record has strides.
+    return _cost([src], [dst], 0, dtype=_compute_dtype(dst.dtype), loop="strided",
+                 loop_elements=_strided(a, dst, [src]))
 
 
 @rule("clone", "contiguous")
@@ -472,14 +509,16 @@ def _scan(a: _Args, hint: str | None) -> OpCost:
 def _softmax_fwd(a: _Args, hint: str | None) -> OpCost:
     x = a.tensor(0)
     out = TensorSpec(x.shape, "float32" if a.bool_value(2) else x.dtype)   # half_to_float
-    return _cost([x], [out], 5 * x.numel, dtype=_compute_dtype(x.dtype))
+    # Two passes over each row (max, then exp-sum-normalise): element-rate bound in the H200
+    # fixtures (bf16 and fp32 rows of 512 take the same time).
+    return _cost([x], [out], 5 * x.numel, dtype=_compute_dtype(x.dtype), loop="softmax", loop_elements=x.numel)
 
 
 @rule("softmax", "log_softmax")
 def _softmax_composite(a: _Args, hint: str | None) -> OpCost:
     x = a.tensor(0)
     out = TensorSpec(x.shape, a.scalar_type(2) or x.dtype)      # dtype=
-    return _cost([x], [out], 5 * x.numel, dtype=_compute_dtype(out.dtype))
+    return _cost([x], [out], 5 * x.numel, dtype=_compute_dtype(out.dtype), loop="softmax", loop_elements=x.numel)
 
 
 @rule("_softmax_backward_data", "_log_softmax_backward_data")
@@ -505,7 +544,9 @@ def _layer_norm(a: _Args, hint: str | None) -> OpCost:
     m, _ = _rows(x, len(normalized) if normalized else 1)
     reads = [x] + [t for t in (a.optional_tensor(2), a.optional_tensor(3)) if t is not None]
     stats = TensorSpec((m,), "float32")
-    return _cost(reads, [TensorSpec(x.shape, x.dtype), stats, stats], 8 * x.numel, dtype=_compute_dtype(x.dtype))
+    # Element-rate bound in the H200 fixtures (bf16 and fp32 take about the same time).
+    return _cost(reads, [TensorSpec(x.shape, x.dtype), stats, stats], 8 * x.numel, dtype=_compute_dtype(x.dtype),
+                 loop="norm", loop_elements=x.numel)
 
 
 @rule("native_layer_norm_backward")
@@ -525,7 +566,8 @@ def _layer_norm_backward(a: _Args, hint: str | None) -> OpCost:
         reads += [dy, x, mean, rstd]
         writes += [t for t, want in ((weight, mask[1]), (bias, mask[2])) if t is not None and want]
         kernels += 1
-    return _cost(reads, writes, 10 * x.numel, dtype=_compute_dtype(x.dtype), kernels=max(kernels, 1))
+    return _cost(reads, writes, 10 * x.numel, dtype=_compute_dtype(x.dtype), kernels=max(kernels, 1),
+                 loop="norm", loop_elements=kernels * x.numel)
 
 
 @rule("_fused_rms_norm", "rms_norm")

@@ -40,7 +40,10 @@ def memory_time_us(bytes_moved: float, profile: DeviceProfile, bandwidth_scale: 
     bw_inf = profile.hbm_bytes_per_s * bandwidth_scale
     curve = sorted(profile.bandwidth_curve)
     if not curve:
-        return profile.min_kernel_us + bytes_moved / bw_inf * 1e6
+        # Half the shortest back-to-back time is the gap before a kernel starts, half its
+        # shortest run (about 1 + 1 µs on an H200); the bytes overlap the latter.
+        gap = profile.min_kernel_us / 2
+        return gap + max(profile.min_kernel_us - gap, bytes_moved / bw_inf * 1e6)
     sizes = [b for b, _ in curve]
     times = [b / (bw * bandwidth_scale) * 1e6 for b, bw in curve]
     i = bisect.bisect_left(sizes, bytes_moved)
@@ -53,14 +56,20 @@ def memory_time_us(bytes_moved: float, profile: DeviceProfile, bandwidth_scale: 
 
 
 def kernel_time_us(cost: OpCost, profile: DeviceProfile, bandwidth_scale: float = 1.0) -> float:
-    """Roofline GPU time of the kernel(s) `cost` describes: max(bytes / bw(bytes), flops / peak,
-    shortest kernel) per kernel, its bytes and FLOPs split evenly over its kernels."""
+    """Roofline GPU time of the kernel(s) `cost` describes, back to back: per kernel the longest
+    of bytes / bw(bytes), flops / peak, loop elements / the element rate of the loop's family
+    (plus the gap before a kernel), and the shortest kernel; bytes, FLOPs and elements split
+    evenly over the op's kernels."""
     k = cost.kernels
     if k <= 0 or (cost.bytes == 0 and cost.flops == 0):
         return 0.0
     t_mem = memory_time_us(cost.bytes / k, profile, bandwidth_scale)
     t_compute = cost.flops / k / profile.peak(peak_key(cost)) * 1e6
-    return k * max(t_mem, t_compute, profile.min_kernel_us)
+    t_loop = 0.0
+    rate = profile.element_rates.get(cost.loop) if cost.loop else None
+    if cost.loop_elements and rate:
+        t_loop = cost.loop_elements / k / rate * 1e6 + profile.min_kernel_us / 2
+    return k * max(t_mem, t_compute, t_loop, profile.min_kernel_us)
 
 
 def ridge_intensity(cost: OpCost, profile: DeviceProfile) -> float:
