@@ -12,7 +12,9 @@ ops        one row per aten / autograd CPU op (`cpu_op` events)
            depth (0 = top-level op), backward (runs on the autograd thread or is a *Backward op),
            fwd_row (for backward ops: the forward op with the same sequence number),
            module_row (innermost nn.Module call, in `modules`; a backward op takes its forward
-           op's), source (innermost frame of model code, "file.py:line"), step (-1 outside steps)
+           op's), source (innermost frame of model code, "file.py:line"), step (-1 outside steps),
+           annotation (innermost record_function range around the op on its thread, e.g.
+           "Optimizer.step#AdamW.step"; None outside every range; ProfilerStep spans excluded)
 kernels    one row per GPU activity: kind is "kernel", "memcpy" or "memset"
            name, kind, ts, dur, end, device, stream, correlation, ext_id, grid, block, registers,
            shared_mem, occupancy, bytes (memcpy/memset only), launch_row, op_row (the leaf op
@@ -141,7 +143,27 @@ class Trace:
         self._nest_ops()
         self._link_backward()
         ops["step"] = self._step_of(ops["ts"].to_numpy(dtype=float)) if not ops.empty else []
+        ops["annotation"] = self._annotation_of_ops()
         self._link_kernels()
+
+    def _annotation_of_ops(self) -> np.ndarray:
+        """Innermost CPU record_function range (not a ProfilerStep) around each op, same thread."""
+        ops, an = self.ops, self.annotations
+        out = np.full(len(ops), None, dtype=object)
+        if ops.empty or an.empty:
+            return out
+        ranges = an[~an["gpu"].astype(bool) & ~an["name"].str.match(_STEP_RE.pattern)]
+        # Widest first, so that a nested (narrower) range overwrites its parent.
+        ranges = ranges.sort_values("dur", ascending=False, kind="stable")
+        by_tid = {tid: (idx.to_numpy(), ops["ts"].to_numpy()[idx.to_numpy()])
+                  for tid, idx in ops.groupby("tid").groups.items()}
+        for name, ts, end, tid in zip(ranges["name"], ranges["ts"], ranges["end"], ranges["tid"]):
+            if tid not in by_tid:
+                continue
+            rows, starts = by_tid[tid]  # ops are sorted by ts, so each thread's starts are too
+            lo, hi = np.searchsorted(starts, [ts, end + 0.01], side="left")
+            out[rows[lo:hi]] = name
+        return out
 
     def _build_modules(self) -> pd.DataFrame:
         py = self.python
