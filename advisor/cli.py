@@ -129,10 +129,10 @@ def profile(
         _fail("the script raised (traceback above); the steps recorded before it are kept", EXIT_SCRIPT_FAILED)
 
 
-def _analyze_path(trace_path: str):
+def _analyze_path(trace_path: str, target_gpu: str | None = None):
     from fusion_advisor.analyzers.trace import Trace
     from fusion_advisor.pipeline import analyze
-    return analyze(Trace.load(trace_path))
+    return analyze(Trace.load(trace_path), target_gpu=target_gpu)
 
 
 @app.command()
@@ -141,18 +141,26 @@ def analyze(
     trace: Path = typer.Argument(..., help="A Kineto trace from torch.profiler (.json or .json.gz), ours or your own."),
     as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also save the AdvisorResult JSON here."),
+    target_gpu: Optional[str] = typer.Option(
+        None, "--target-gpu", metavar="GPU",
+        help="Price the estimates for this GPU (h100, h100-pcie, h200, a100, l40s, ...) instead of the "
+             "trace's own; a CPU-only trace defaults to h100."),
 ):
-    """Analyse an existing trace: GPU time per step by kernel and module, idle time, small kernels.
+    """Analyse an existing trace: where GPU time goes, the memory-bound kernel chains (clusters)
+    with what fusing each would save, and whether the step waits on kernel launches.
 
     \b
     Any trace that torch.profiler writes works; record it with record_shapes=True,
     with_stack=True and with_modules=True to get shapes, source lines and module scopes.
+    A trace recorded without a GPU is analysed for a target GPU: every GPU figure is then an
+    estimate.
 
     \b
-    Example:
+    Examples:
       fusion-advisor analyze fusion-report/trace.json.gz --json > result.json
+      fusion-advisor analyze cpu-trace.json.gz --target-gpu h200
     """
-    result = _analyze_path(str(trace))
+    result = _analyze_path(str(trace), target_gpu)
     if out is not None:
         result.save(out)
     _print_result(result, as_json, Console())
