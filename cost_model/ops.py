@@ -12,8 +12,13 @@ reported as unknown, never guessed. `unknown_reason` says why.
 What the trace records (Kineto, record_shapes=True): `Input Dims` (a shape per argument, [] for
 scalars and 0-dim tensors, nested lists for a TensorList), `Input type` ("float", "c10::BFloat16",
 "Scalar", "ScalarList", "TensorList", "" for None/str/bool...), `Concrete Inputs` (scalar
-arguments as strings). Not recorded: output shapes and dtypes (derived here from the inputs and
-the op's semantics), strides of outputs, and the element type inside a TensorList.
+arguments as strings), `Input Strides`. Not recorded: output shapes and dtypes (derived here
+from the inputs and the op's semantics) and the element type inside a TensorList. OpRecord does
+not carry the strides yet; the rules use them where a record has a `strides` field.
+
+Bytes alone do not time every kernel: some loops are bound by elements per second (PyTorch's
+generic strided pointwise loop, row softmax, LayerNorm). Such a rule also names the loop family
+and its element count (`OpCost.loop`, `loop_elements`); the device profile's rates price them.
 
 Ops priced: the leaf ops that launch kernels (`Trace.kernels.op_row`), the view ops (free: no
 kernel), and the composites that launch exactly one kernel (linear, matmul, softmax, layer_norm,
@@ -117,20 +122,20 @@ class _Args:
             raise Unpriced(f"argument {i} has nested dims")
         return TensorSpec(tuple(int(d) for d in dims), TRACE_DTYPES[self.type(i)][0])
 
-    def any_non_contiguous(self) -> bool:
-        """True if a recorded tensor argument's strides are not its contiguous strides."""
+    def mixed_layouts(self) -> bool:
+        """True if, by the recorded strides, the tensor arguments cannot run as one flat
+        contiguous loop: one is not dense (a slice), or two are dense in different dim orders (a
+        transposing copy). Same-order dense tensors, even permuted, vectorize. False without
+        strides (OpRecord may grow a `strides` field)."""
+        orders = set()
         for i in range(len(self)):
-            if not self.is_tensor(i) or i >= len(self.strides):
+            if not self.is_tensor(i) or i >= len(self.strides) or not self.dims[i]:
                 continue
-            shape, strides = self.dims[i], self.strides[i]
-            if not isinstance(strides, (list, tuple)) or len(strides) != len(shape):
-                continue
-            expected = 1
-            for size, stride in reversed(list(zip(shape, strides))):
-                if size != 1 and stride != expected:
-                    return True
-                expected *= size
-        return False
+            order = _dense_order(self.dims[i], self.strides[i])
+            if order is None:
+                return True
+            orders.add(order)
+        return len(orders) > 1
 
     def optional_tensor(self, i: int) -> TensorSpec | None:
         """A `Tensor?` argument: None when absent (recorded with type '' and dims [])."""
@@ -198,6 +203,20 @@ class _Args:
 
 
 # -- shape and dtype helpers ---------------------------------------------------------------------
+def _dense_order(shape, strides) -> tuple | None:
+    """The order of a dense tensor's dims from outermost to innermost (size-1 dims left out), or
+    None if its elements do not fill a contiguous block (a slice, an expand)."""
+    if not isinstance(strides, (list, tuple)) or len(strides) != len(shape):
+        return ()                                    # strides unknown: take it as contiguous
+    dims = sorted((i for i, size in enumerate(shape) if size != 1), key=lambda i: -strides[i])
+    expected = 1
+    for i in reversed(dims):
+        if strides[i] != expected:
+            return None
+        expected *= shape[i]
+    return tuple(dims)
+
+
 def broadcast_shape(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
     ndim = max((len(s) for s in shapes), default=0)
     out = []
@@ -252,7 +271,7 @@ def _strided(a: "_Args", out: TensorSpec, tensors: Sequence[TensorSpec]) -> int:
     operand of another shape than the output (broadcast; 0-dim scalars excepted: they are kernel
     arguments) or, where the record has strides, a non-contiguous operand."""
     broadcast = any(t.shape != out.shape and t.shape != () for t in tensors)
-    return out.numel if broadcast or a.any_non_contiguous() else 0
+    return out.numel if broadcast or a.mixed_layouts() else 0
 
 
 def _compute_dtype(dtype: str) -> str:
@@ -380,10 +399,14 @@ def _copy(a: _Args, hint: str | None) -> OpCost:
 
 @rule("clone", "contiguous")
 def _clone(a: _Args, hint: str | None) -> OpCost:
-    # contiguous() of an already contiguous tensor is free, but the trace cannot tell; the
-    # profiler shows a child clone/copy_ when it copies. As a leaf it priced as one copy.
+    # As leaves they never appear (their child copy_ launches the kernel); as composites, one
+    # copy. contiguous() of a contiguous tensor is free, but only strides would tell.
     x = a.tensor(0)
-    return _cost([x], [x], 0, dtype=_compute_dtype(x.dtype))
+    order = _dense_order(a.dims[0], a.strides[0]) if a.strides else ()
+    if a.op.short == "contiguous" and order is not None and order == tuple(sorted(order)):
+        return OpCost(0, 0, 0, kernels=0)
+    return _cost([x], [x], 0, dtype=_compute_dtype(x.dtype), loop="strided",
+                 loop_elements=x.numel if order is None or order != tuple(sorted(order)) else 0)
 
 
 @rule("_to_copy")

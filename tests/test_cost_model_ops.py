@@ -1,5 +1,7 @@
 """Cost rules: bytes and FLOPs of representative ops, checked against hand-computed numbers, and
 every op that launches a kernel in the real traces priced or named as unknown."""
+import dataclasses
+
 import pytest
 
 from fusion_advisor.analyzers.trace import Trace
@@ -205,3 +207,29 @@ def test_every_kernel_launching_op_in_real_traces_is_priced_or_explained(data_di
     # Only what the profiler cannot describe: foreach TensorLists and device-to-host syncs.
     assert set(unpriced) <= {"aten::_local_scalar_dense"} | {n for n in unpriced if n.startswith("aten::_foreach_")}
     assert all(unpriced.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class StridedRecord(OpRecord):
+    """An OpRecord with the trace's Input Strides (a field OpRecord may grow)."""
+
+    strides: tuple = ()
+
+
+def test_strides_tell_a_transposing_copy_from_a_plain_one():
+    shape = (4, 8, 1024, 128)
+    contiguous = (1048576, 131072, 128, 1)
+    permuted = (1048576, 128, 1024, 1)        # (B, S, H, D) memory viewed as (B, H, S, D)
+    plain = op_cost(StridedRecord("aten::copy_", (shape, shape, ()), (BF16, BF16, "Scalar"), ("", "", "False"),
+                                  strides=(contiguous, contiguous, ())))
+    transposing = op_cost(StridedRecord("aten::copy_", (shape, shape, ()), (BF16, BF16, "Scalar"),
+                                        ("", "", "False"), strides=(contiguous, permuted, ())))
+    assert plain.bytes == transposing.bytes
+    assert plain.loop is None and transposing.loop == "strided"
+    # both operands permuted the same way: still one flat loop
+    same = op_cost(StridedRecord("aten::mul", (shape, shape), (BF16, BF16), strides=(permuted, permuted)))
+    assert same.loop is None
+    # a slice of the last dim (rotate_half's x[..., 64:]) is not dense
+    half = (4, 8, 1024, 64)
+    sliced = op_cost(StridedRecord("aten::neg", (half,), (BF16,), strides=(permuted,)))
+    assert sliced.loop == "strided"
