@@ -71,6 +71,7 @@ BREAK_CLASSES = {"gemm": "a GEMM", "attention": "an attention kernel", "conv": "
 MEMORY_CLASSES = {"elementwise", "reduction", "normalization", "softmax", "memcpy", "memset"}
 _EVALUATE = "autograd::engine::evaluate_function"
 _ACCUMULATE_OPS = {"aten::add_", "aten::add"}
+_FOREACH = "aten::_foreach_"
 _NO_SCOPE = -1
 _ACCUMULATION_SCOPE = -2        # a gradient accumulation between module calls: joins nothing
 # Leaf ops that launch no kernel (CPU-only traces: which leaf ops would be a kernel on a GPU).
@@ -96,6 +97,7 @@ class _Unit:
     breaker: str | None = None    # why it cannot be in a chain
     gemm_reads: list[tuple[int, ...]] = field(default_factory=list)  # activations a GEMM reads
     accumulation: bool = False
+    context: tuple = ()           # (backward, record_function range): a change ends a chain
 
     passes: int = 1               # passes over the data (see `_passes`)
 
@@ -323,9 +325,10 @@ def _new_unit(trace: Trace, cl: _Classifier, row: int, owner: np.ndarray, breake
                         and str(col.name[parent]).startswith(_EVALUATE))
     else:
         record, reads, writes, top, scope, backward, accumulation = OpRecord("?"), [], [], -1, _NO_SCOPE, False, False
+    annotation = col.annotation[top] if top >= 0 and isinstance(col.annotation[top], str) else None
     unit = _Unit(op_row=row, top_row=top, kernel_rows=[int(rec.krow)], kernel_names=[short_kernel_name(rec.name)],
                  dur=float(rec.dur), scope=scope, scope_cls=None, backward=backward, record=record,
-                 reads=reads, writes=writes, accumulation=accumulation)
+                 reads=reads, writes=writes, accumulation=accumulation, context=(backward, annotation))
     own = int(owner[row]) if row >= 0 else -1
     if own in breaker_owner and rec.cls not in BREAK_CLASSES:
         unit.breaker = f"{BREAK_CLASSES[breaker_owner[own]]} ({col.name[own]}: its {rec.cls} kernel)"
@@ -354,7 +357,9 @@ def _cpu_units(trace: Trace, cl: _Classifier) -> list[list[_Unit]]:
     An op is one when nothing below it is one, and it is an aten op that its cost rule prices as
     launching a kernel (views and allocations launch none), or an unpriced aten op with nothing
     below it. Ops on 0-dim tensors only are left out: they are bookkeeping that stays on the CPU
-    in GPU runs too (AdamW's step counters)."""
+    in GPU runs too (AdamW's step counters). A foreach op is one unit: on a GPU it runs
+    multi-tensor elementwise kernels, on a CPU the per-tensor loop below it. An op inside a GEMM,
+    attention or convolution op (CPU attention runs zero_/mul/... ops inside) takes its class."""
     ops = trace.ops
     steps = trace.step_ids
     if ops.empty:
@@ -371,9 +376,19 @@ def _cpu_units(trace: Trace, cl: _Classifier) -> list[list[_Unit]]:
             kernel_op[row] = _launches_kernel(cl, int(row), str(names[row]), bool(has_child[row]))
         if (below[row] or kernel_op[row]) and parents[row] >= 0:
             below[parents[row]] = True
+    # Top-down: the breaker class and the foreach op above each op.
+    ancestor_class = np.full(len(ops), None, dtype=object)
+    in_foreach = np.zeros(len(ops), dtype=bool)
+    for row in np.argsort(ops["depth"].to_numpy(), kind="stable"):
+        p = parents[row]
+        if p >= 0:
+            ancestor_class[row] = ancestor_class[p] or _cpu_class(str(names[p]), breakers_only=True)
+            in_foreach[row] = in_foreach[p] or str(names[p]).startswith(_FOREACH)
+    is_foreach = np.array([str(n).startswith(_FOREACH) for n in names], dtype=bool)
+    kernel_op = (kernel_op & ~in_foreach) | (is_foreach & ~in_foreach & in_steps)
     owner = _owner_rows(ops)
     rows = np.flatnonzero(kernel_op).tolist()
-    classes = [kernel_class("", names[r]) for r in rows]
+    classes = [ancestor_class[r] or _cpu_class(str(names[r])) for r in rows]
     breaker_owner: dict[int, str] = {}
     for row, cls in zip(rows, classes):
         if cls in BREAK_CLASSES:
@@ -388,6 +403,16 @@ def _cpu_units(trace: Trace, cl: _Classifier) -> list[list[_Unit]]:
         key = (int(col.step[row]), int(col.tid[row]), bool(col.backward[row]))
         groups.setdefault(key, []).append(unit)
     return list(groups.values())
+
+
+def _cpu_class(op_name: str, breakers_only: bool = False) -> str | None:
+    """A CPU-only op's class: what kernel_classes says of a kernel launched by it (op names
+    stand in for kernel names: CPU attention ops carry 'attention' in theirs)."""
+    if op_name.startswith(_FOREACH):
+        cls = "elementwise"       # multi_tensor_apply kernels on a GPU
+    else:
+        cls = kernel_class(op_name.split("::")[-1], op_name)
+    return cls if not breakers_only or cls in BREAK_CLASSES else None
 
 
 def _launches_kernel(cl: _Classifier, row: int, name: str, has_child: bool) -> bool:
@@ -484,6 +509,12 @@ def _runs(units: list[_Unit]) -> list[_Run]:
             cur = _Run([_Piece([u])])
             continue
         last = cur.pieces[-1]
+        if u.context != last.units[-1].context:
+            # Forward, backward and the optimizer (its record_function range) never share a chain.
+            close(f"the next kernel runs in {u.context[1] or ('backward' if u.context[0] else 'forward')}")
+            skipped = []
+            cur = _Run([_Piece([u])])
+            continue
         if skipped:
             # Across a skipped GEMM only a strict consumer of the chain's output continues it.
             if u.scope == last.scope and any(_feeds(w, r) for w in _chain_writes(cur) for r in u.reads):

@@ -9,7 +9,8 @@ ops        one row per aten / autograd CPU op (`cpu_op` events)
            ext_id, name, ts, dur, end, tid, seq (autograd sequence number, -1 if none),
            input_dims, input_types, input_strides, concrete (scalar args as strings),
            parent_row (enclosing op on the same thread), top_row (outermost enclosing op),
-           depth (0 = top-level op), backward (runs on the autograd thread or is a *Backward op),
+           depth (0 = top-level op), backward (runs under an autograd `evaluate_function` op or is
+           a *Backward op),
            fwd_row (for backward ops: the forward op with the same sequence number),
            module_row (innermost nn.Module call, in `modules`; a backward op takes its forward
            op's), source (innermost frame of model code, "file.py:line"), step (-1 outside steps),
@@ -263,8 +264,10 @@ class Trace:
             ops["fwd_row"] = []
             return
         names = ops["name"]
-        bwd_tids = set(ops.loc[names.str.startswith("autograd::engine::evaluate_function"), "tid"])
-        backward = ops["tid"].isin(bwd_tids).to_numpy() | names.str.contains("Backward", regex=False).to_numpy()
+        # The autograd engine runs each node under an `evaluate_function` op: on its own thread
+        # for CUDA, on the caller's thread on a CPU-only run (so a thread is not a direction).
+        evaluates = names.str.startswith("autograd::engine::evaluate_function").to_numpy()
+        backward = evaluates[ops["top_row"].to_numpy()] | names.str.contains("Backward", regex=False).to_numpy()
         ops["backward"] = backward
         fwd_row = np.full(n, -1, dtype=np.int64)
         seq = ops["seq"].to_numpy()

@@ -40,6 +40,13 @@ def cpu_only_tiny(tmp_path_factory):
     return path
 
 
+def invoke(*args):
+    """The command in-process (the end-to-end subprocess test is below; this one is faster)."""
+    from typer.testing import CliRunner
+    from fusion_advisor.cli import app
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "80"})
+
+
 def cli(*args):
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="80")
     return subprocess.run([sys.executable, "-m", "fusion_advisor.cli", *map(str, args)], capture_output=True,
@@ -137,8 +144,8 @@ def test_analyze_json_carries_clusters_estimates_and_profile(data_dir):
 
 
 def test_cpu_only_trace_is_priced_for_a_target(cpu_only_tiny, tiny_result):
-    r = cli("analyze", cpu_only_tiny, "--json", "--target-gpu", "h200")
-    assert r.returncode == 0, r.stderr
+    r = invoke("analyze", cpu_only_tiny, "--json", "--target-gpu", "h200")
+    assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["device_profile"]["calibration"]["target"] == "h200"
     assert any("every GPU figure is an estimate" in n for n in data["notes"])
@@ -150,13 +157,13 @@ def test_cpu_only_trace_is_priced_for_a_target(cpu_only_tiny, tiny_result):
     assert all(cpu[i]["measured_us_per_step"] == 0 and cpu[i]["estimate"]["saving_us"] > 0 for i in gpu_ids)
     assert data["kernels"] and all(p["measured_us_per_step"] is None for p in data["kernels"])
     # without --target-gpu a CPU-only trace is priced for an H100; the terminal says it is an estimate
-    plain = cli("analyze", cpu_only_tiny)
-    assert plain.returncode == 0, plain.stderr
+    plain = invoke("analyze", cpu_only_tiny)
+    assert plain.exit_code == 0, plain.output
     assert "estimates for NVIDIA H100 SXM (datasheet)" in plain.stdout
     assert "every GPU figure is an estimate" in " ".join(plain.stdout.split())
 
 
 def test_unknown_target_gpu_is_one_line(data_dir):
-    r = cli("analyze", data_dir / "llama-tiny-bf16-h200.json.gz", "--target-gpu", "h900")
-    assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1 and "unknown target GPU 'h900'" in r.stderr
+    r = invoke("analyze", data_dir / "llama-tiny-bf16-h200.json.gz", "--target-gpu", "h900")
+    assert r.exit_code == 2
+    assert len(r.output.strip().splitlines()) == 1 and "unknown target GPU 'h900'" in r.output
