@@ -319,11 +319,11 @@ def price(records: list[OpRecord], profile: DeviceProfile, dtype_hint: str | Non
 
 
 # -- the run -------------------------------------------------------------------------------------
-def run_chains(profile: DeviceProfile, sizes, dtypes, dev, target_ms, samples, log) -> list[Row]:
+def run_chains(chains: dict, profile: DeviceProfile, sizes, dtypes, dev, target_ms, samples, log) -> list[Row]:
     rows = []
     for (m, n) in sizes:
         for dt in dtypes:
-            for name, build in CHAINS.items():
+            for name, build in chains.items():
                 steps = build(m, n, dt, dev)
                 recs, kernel_us = records_per_step(steps)
                 size = f"{m}x{n}"
@@ -345,7 +345,6 @@ def run_chains(profile: DeviceProfile, sizes, dtypes, dev, target_ms, samples, l
                 rows.append(Row(name, size, dname, "(whole chain)", "", 0, 0, chain_pred, meas,
                                 float(sum(kernel_us)), method))
                 log(f"{name:<18} {size:>11} {dname:<9} predicted {chain_pred:9.1f} µs  measured {meas:9.1f} µs")
-                del steps, recs
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return rows
@@ -436,14 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         profile = DeviceProfile.load(args.profile)
     else:
         profile = load_profile() if gpu else load_profile(target=args.target)
+    chains = dict(CHAINS)
     if args.chains:
         wanted = [c.strip() for c in args.chains.split(",") if c.strip()]
         unknown = [c for c in wanted if c not in CHAINS]
         if unknown:
             p.error(f"unknown chains: {', '.join(unknown)}")
-        for name in list(CHAINS):
-            if name not in wanted:
-                del CHAINS[name]
+        chains = {name: CHAINS[name] for name in wanted}
     from fusion_advisor.cost_model.calibrate import driver_version
     try:
         import triton
@@ -464,9 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [torch.float32] if args.dry_run else [torch.bfloat16]
     target_ms, samples = (0.0, 1) if args.dry_run else (1.0, 7)
     torch.manual_seed(0)
-    rows = run_chains(profile, sizes, dtypes, dev, target_ms, samples, log)
+    rows = run_chains(chains, profile, sizes, dtypes, dev, target_ms, samples, log)
     if not args.dry_run:
-        rows += run_chains(profile, [(4096, 2048)], [torch.float32], dev, target_ms, samples, log)
+        rows += run_chains(chains, profile, [(4096, 2048)], [torch.float32], dev, target_ms, samples, log)
     if not args.no_fused:
         rows += run_patterns(profile, dev, args.dry_run, target_ms, samples, log)
     summary = summarize(rows, sys.stdout)

@@ -148,9 +148,7 @@ def _stream_curve(torch, timer: _Timer, kind: str, sizes: list[int], samples: in
         moved = n * 4 * streams
         rows.append({"bytes": moved, "median_us": statistics.median(t), "p10_us": _percentile(t, 0.1),
                      "p90_us": _percentile(t, 0.9)})
-        del a, b
         step(f"{kind} {moved / 1e6:,.3f} MB", i + 1, len(sizes))
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -173,11 +171,9 @@ def _matmul_peaks(torch, timer: _Timer, quick: bool, step: Progress) -> dict:
                                   3 if quick else 5, graph=False)
             us = statistics.median(t)
             out[key] = {"n": n, "median_us": us, "flops_per_s": 2 * n ** 3 / (us * 1e-6)}
-            del x, y, z
             step(f"matmul {key}", i + 1, len(plan))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    torch.cuda.empty_cache()
     return out
 
 
@@ -200,8 +196,6 @@ def _element_rates(torch, timer: _Timer, quick: bool, step: Progress) -> dict:
         us = statistics.median(timer.per_call_us(fn, 4, 3 if quick else 5, graph=True))
         out[key] = {"elements": elements, "median_us": us, "elements_per_s": elements / (us * 1e-6)}
         step(f"element rate {key}", i + 1, len(plan))
-    del x32, rows512, rows768
-    torch.cuda.empty_cache()
     return out
 
 
@@ -221,7 +215,7 @@ def _launch_costs(torch, timer: _Timer, quick: bool) -> tuple[float, float]:
     return gpu, statistics.median(cpu)
 
 
-def _spread(copy: list[dict], triad: list[dict], l2_bytes: int) -> tuple[float, float]:
+def _spread(copy: list[dict], triad: list[dict]) -> tuple[float, float]:
     """(lo, hi) multipliers of the copy bandwidth: sample spread (p10/p90 over the median) and
     triad-vs-copy ratio at sizes where bandwidth, not the fixed cost, dominates."""
     ratios = [1.0]
@@ -249,10 +243,16 @@ def calibrate(quick: bool = False, progress: Progress | None = None) -> DevicePr
     max_bytes = min(4 * GiB if not quick else 1 * GiB, props.total_memory // 8)
     sizes = _sizes(max_bytes, quick)
     samples = 5 if quick else 10
+    # Each stage's buffers are freed when it returns; the cache is emptied so that the next
+    # stage's large allocations do not fail on a GPU with little memory.
     copy = _stream_curve(torch, timer, "copy", sizes, samples, step)
+    torch.cuda.empty_cache()
     triad = _stream_curve(torch, timer, "triad", sizes, samples, step)
+    torch.cuda.empty_cache()
     matmul = _matmul_peaks(torch, timer, quick, step)
+    torch.cuda.empty_cache()
     rates = _element_rates(torch, timer, quick, step)
+    torch.cuda.empty_cache()
     min_kernel_us, launch_us = _launch_costs(torch, timer, quick)
     step("launch overhead", 1, 1)
     curve = [(r["bytes"], r["bytes"] / (r["median_us"] * 1e-6)) for r in copy]
@@ -269,7 +269,7 @@ def calibrate(quick: bool = False, progress: Progress | None = None) -> DevicePr
         launch_us=launch_us, min_kernel_us=min_kernel_us, l2_bytes=l2_bytes,
         num_sms=int(props.multi_processor_count), bandwidth_curve=curve,
         element_rates={k: v["elements_per_s"] for k, v in rates.items()},
-        bandwidth_spread=_spread(copy, triad, l2_bytes),
+        bandwidth_spread=_spread(copy, triad),
         calibration={"gpu_name": name, "driver": driver_version(), "cuda": torch.version.cuda,
                      "torch": torch.__version__, "triton": triton_version,
                      "date": datetime.date.today().isoformat(), "quick": quick,

@@ -333,9 +333,12 @@ def _pointwise(base: str, flops_per_element: int) -> Rule:
         tensors = a.tensors()
         if not tensors:
             raise Unpriced("no tensor argument recorded")
+        # A Python number is recorded as a 0-dim double or long tensor; it reaches the kernel as an
+        # argument and moves no bytes (a real 0-dim CUDA tensor, e.g. a float32 loss, is read).
+        operands = [t for t in tensors if not (t.shape == () and t.dtype in ("float64", "int64"))] or tensors
         if inplace:
             out = tensors[0]
-            reads = [] if inplace_fill else tensors
+            reads = [] if inplace_fill else operands
         else:
             shape = broadcast_shape([t.shape for t in tensors])
             dtype = result_dtype(tensors if base != "where" else tensors[1:] or tensors)
@@ -344,7 +347,7 @@ def _pointwise(base: str, flops_per_element: int) -> Rule:
             elif base in _FLOAT_RESULT and dtype in _INT_RANK:
                 dtype = "float32"
             out = TensorSpec(shape, dtype)
-            reads = tensors
+            reads = operands
         return _cost(reads, [out], flops_per_element * out.numel, dtype=_compute_dtype(out.dtype),
                      loop="strided", loop_elements=_strided(a, out, tensors))
     return price

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Sequence
 
 from fusion_advisor.cost_model.device import DeviceProfile
-from fusion_advisor.cost_model.ops import TRACE_DTYPES, OpCost, TensorSpec, op_cost
+from fusion_advisor.cost_model.ops import TRACE_DTYPES, OpCost, op_cost
 from fusion_advisor.kernels.registry import OpRecord
 from fusion_advisor.result import Estimate
 

@@ -32,7 +32,7 @@ def test_same_shape_add_and_scalar_mul_are_plain_vectorized_kernels():
     # mul by a Python float: a 0-dim wrapped double, a kernel argument; the result stays bf16
     mul = op_cost(rec("aten::mul", [(8, 12, 512, 512), ()], [BF16, "double"]))
     n = 8 * 12 * 512 * 512
-    assert mul.bytes_written == n * 2 and mul.writes[0].dtype == "bfloat16"
+    assert (mul.bytes_read, mul.bytes_written) == (n * 2, n * 2) and mul.writes[0].dtype == "bfloat16"
     assert mul.loop is None
 
 
