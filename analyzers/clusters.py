@@ -4,13 +4,14 @@ replace, merged across steps and repeated layers, matched to a registered patter
 The trace has no tensor identities, so a chain is read off launch order, module scopes and
 shapes. What a chain is, rule by rule:
 
-1. Units. The kernels one op launches back to back (a memset and its reduction, LayerNorm
-   backward's two kernels) form one unit. On a CPU-only trace a unit is a leaf op that would
-   launch a kernel (views and allocations do not). Units are taken per step, per CPU thread,
-   per stream and per direction (forward / backward), in launch order.
+1. Units (analyzers/chain_units.py): the kernels one op launched back to back, or on a
+   CPU-only trace an op that would launch a kernel; per step, CPU thread, stream and direction,
+   in launch order. A chain never spans forward, backward and the optimizer's record_function
+   range ("Optimizer.step#AdamW.step"): a change of any ends it.
 2. Breakers end a chain and never belong to one: GEMM, attention, convolution, communication
    and already-compiled (Triton) kernels; every kernel of an op that launches one of those
-   (a matmul's input copies, cuBLAS workspace memsets); host copies (a DtoH/HtoD memcpy
+   (a matmul's input copies, cuBLAS workspace memsets; in backward, the autograd node's op);
+   host copies (a DtoH/HtoD memcpy
    synchronises); a kernel the roofline puts above the ridge point (not memory-bound); a kernel
    of unknown class without a cost rule; a kernel without a launching op.
    One exception: a GEMM that reads none of the chain's outputs (SwiGLU's up_proj runs between
@@ -34,7 +35,9 @@ shapes. What a chain is, rule by rule:
    tensor had several consumers) belongs to a chain only inside one module call (x feeds both
    pow and mul inside RMSNorm); between modules it is the graph summing gradients, which no
    module's fused backward replaces: it stays out.
-6. A cluster has at least 2 kernels (2 units on a CPU-only trace).
+6. A cluster makes at least 2 passes over the data: 2 kernels, not counting memsets, nor the
+   launches one op splits its work into (a foreach op over many tensors), but counting the
+   passes an op's cost rule says it makes (LayerNorm backward: 2).
 
 Occurrences of the same chain (leaf op names, input shapes and dtypes, leaf module classes,
 direction) merge into one Cluster, whatever the step or the layer: the 9 LlamaRMSNorm calls of a
@@ -46,408 +49,37 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from fusion_advisor import kernels as pattern_registry
-from fusion_advisor.analyzers.kernel_classes import classify, kernel_class
-from fusion_advisor.analyzers.summary import short_kernel_name
+from fusion_advisor.analyzers.chain_units import (ACCUMULATION_SCOPE, NO_SCOPE, Classifier, OpColumns, Unit,
+                                                  cpu_units, feeds, flat_shapes, gpu_units, related)
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.cost_model.device import DeviceProfile
-from fusion_advisor.cost_model.ops import TRACE_DTYPES, OpCost, TensorSpec, op_cost
-from fusion_advisor.cost_model.roofline import cluster_estimate, is_memory_bound
+from fusion_advisor.cost_model.ops import TRACE_DTYPES
+from fusion_advisor.cost_model.roofline import cluster_estimate
 from fusion_advisor.kernels.registry import OpRecord
 from fusion_advisor.result import Cluster
 
 MIN_KERNELS = 2
-BREAK_CLASSES = {"gemm": "a GEMM", "attention": "an attention kernel", "conv": "a convolution",
-                 "communication": "a collective", "triton": "an already-compiled (Triton) kernel"}
-MEMORY_CLASSES = {"elementwise", "reduction", "normalization", "softmax", "memcpy", "memset"}
-_EVALUATE = "autograd::engine::evaluate_function"
-_ACCUMULATE_OPS = {"aten::add_", "aten::add"}
-_FOREACH = "aten::_foreach_"
-_NO_SCOPE = -1
-_ACCUMULATION_SCOPE = -2        # a gradient accumulation between module calls: joins nothing
-# Leaf ops that launch no kernel (CPU-only traces: which leaf ops would be a kernel on a GPU).
-_NO_KERNEL_OPS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_", "aten::set_",
-                  "aten::lift_fresh", "aten::detach", "detach", "aten::result_type", "aten::is_nonzero",
-                  "aten::_local_scalar_dense", "aten::item", "aten::to", "aten::zeros", "aten::ones"}
 
 
-# -- units ---------------------------------------------------------------------------------------
-@dataclass
-class _Unit:
-    op_row: int
-    top_row: int
-    kernel_rows: list[int]
-    kernel_names: list[str]
-    dur: float
-    scope: int                    # module_row of the module call (or _NO_SCOPE / _ACCUMULATION_SCOPE)
-    scope_cls: str | None         # that module's class ("LlamaRMSNorm")
-    backward: bool
-    record: OpRecord
-    reads: list[tuple[int, ...]]
-    writes: list[tuple[int, ...]]
-    breaker: str | None = None    # why it cannot be in a chain
-    gemm_reads: list[tuple[int, ...]] = field(default_factory=list)  # activations a GEMM reads
-    accumulation: bool = False
-    context: tuple = ()           # (backward, record_function range): a change ends a chain
-
-    passes: int = 1               # passes over the data (see `_passes`)
-
-    @property
-    def size(self) -> int:
-        return self.passes
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-class OpColumns:
-    """The ops frame's columns as arrays (row lookups in a DataFrame are slow), and the
-    OpRecord of any row, with its module class path, built once."""
-
-    _COLS = ("name", "input_dims", "input_types", "concrete", "module_row", "top_row", "parent_row", "backward",
-             "tid", "step", "source", "annotation", "fwd_row")
-
-    def __init__(self, trace: Trace):
-        ops = trace.ops
-        for col in self._COLS:
-            setattr(self, col, ops[col].to_numpy(dtype=object) if col in ops else np.full(len(ops), None, dtype=object))
-        self.class_path = trace.modules["class_path"].to_numpy(dtype=object) if len(trace.modules) else []
-        self._records: dict[int, OpRecord] = {}
-
-    def record(self, row: int) -> OpRecord:
-        if row not in self._records:
-            mrow = int(self.module_row[row])
-            self._records[row] = OpRecord(
-                name=self.name[row], dims=_as_tuple(self.input_dims[row] or ()),
-                types=tuple(self.input_types[row] or ()), concrete=tuple(self.concrete[row] or ()),
-                module=self.class_path[mrow] if mrow >= 0 else None)
-        return self._records[row]
-
-
-def _flat_shapes(dims, types) -> list[tuple[int, ...]]:
-    """Tensor shapes among recorded arguments (TensorLists flattened)."""
-    out = []
-    for d, t in zip(dims or (), types or ()):
-        if t == "TensorList" and d:
-            out.extend(tuple(s) for s in d if isinstance(s, (list, tuple)))
-        elif t in TRACE_DTYPES and isinstance(d, (list, tuple)) and not any(isinstance(x, (list, tuple)) for x in d):
-            out.append(tuple(d))
-    return out
-
-
-def _tensors(record: OpRecord, cost: OpCost | None) -> tuple[list, list]:
-    """(shapes the op reads, shapes it writes). Reads: its recorded tensor arguments and what the
-    cost rule says it reads (nll_loss reads one gathered element per row, but its recorded input
-    is the whole log-probability matrix: both link). Writes: the cost rule's outputs (cat's is
-    flat; its element count is what links it); none when the op has no rule."""
-    recorded = _flat_shapes(record.dims, record.types)
-    if cost is None:
-        return recorded, []
-    reads = list(dict.fromkeys(recorded + [s.shape for s in cost.reads]))
-    return reads, [s.shape for s in cost.writes]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape) if shape else 1
-
-
-def _related(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    """Loose link inside one module call (rule 3)."""
-    na, nb = _numel(a), _numel(b)
-    if na <= 1 or nb <= 1:
-        return False
-    if a == b or na == nb:
-        return True
-    if len(a) == len(b) and a[:-1] == b[:-1]:
-        return True
-    # Broadcastable, aligned from the right as torch broadcasts ([S,S] mask on [B,H,S,S] scores).
-    return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
-
-
-def _feeds(written: tuple[int, ...], read: tuple[int, ...]) -> bool:
-    """Strict producer -> consumer: the read tensor is the written one, or a view of it."""
-    n = _numel(written)
-    return n > 1 and (written == read or n == _numel(read))
-
-
-class _Classifier:
-    """Class and memory-boundness of kernels and ops, cached by op row."""
-
-    def __init__(self, trace: Trace, profile: DeviceProfile):
-        self.trace, self.profile = trace, profile
-        self.col = OpColumns(trace)
-        self.kernel_classes = classify(trace) if trace.has_gpu else pd.Series(dtype=object)
-        self.costs: dict[int, OpCost | None] = {}
-
-    def record(self, row: int) -> OpRecord:
-        return self.col.record(row)
-
-    def cost(self, row: int) -> OpCost | None:
-        """The op's cost; an op the profiler records no dtype for (a TensorList: cat, stack) is
-        priced as fp32 here, which is enough to tell memory-bound from not and to link shapes
-        (cluster estimates price it again with the chain's dtype)."""
-        if row not in self.costs:
-            record = self.record(row)
-            self.costs[row] = op_cost(record) or op_cost(record, "float32")
-        return self.costs[row]
-
-    def memory_bound(self, cls: str, row: int) -> bool | None:
-        """True / False, or None when neither the class nor the roofline can tell."""
-        if cls in BREAK_CLASSES:
-            return False
-        if cls in ("memcpy", "memset"):      # the op's cost is not the copy's or the memset's
-            return True
-        cost = self.cost(row) if row >= 0 else None
-        if cost is not None and cost.bytes > 0:
-            return is_memory_bound(cost, self.profile)
-        if cls in MEMORY_CLASSES:
-            return True
-        return None
-
-    def kernel_memory_bound(self) -> pd.Series:
-        """A boolean per row of `trace.kernels`: the kernel is memory-bound."""
-        k = self.trace.kernels
-        out = [bool(self.memory_bound(cls, int(row)))
-               for cls, row in zip(self.kernel_classes.tolist(), k["op_row"].tolist())] if len(k) else []
-        return pd.Series(out, index=k.index, dtype=bool)
-
-
-def _owner_rows(ops: pd.DataFrame) -> np.ndarray:
-    """The op that owns each op: its top-level op, or in backward the autograd node op under
-    `evaluate_function` (the node's kernels, and its sum_to reductions beside it)."""
-    parent = ops["parent_row"].to_numpy()
-    top = ops["top_row"].to_numpy()
-    depth = ops["depth"].to_numpy()
-    names = ops["name"].to_numpy(dtype=object)
-    is_eval = np.array([isinstance(n, str) and n.startswith(_EVALUATE) for n in names], dtype=bool)
-    owner = top.copy()
-    rows = np.flatnonzero(is_eval[top] & (depth >= 1))
-    for r in rows:          # walk up to depth 1
-        x = r
-        while depth[x] > 1:
-            x = parent[x]
-        owner[r] = x
-    return owner
-
-
-def _gpu_units(trace: Trace, cl: _Classifier) -> list[list[_Unit]]:
-    """Units per (step, thread, stream, direction), in launch order."""
-    k = trace.kernels
-    ops = trace.ops
-    steps = trace.step_ids
-    sel = k[k["step"].isin(steps)] if steps else k
-    if sel.empty:
-        return []
-    owner = _owner_rows(ops)
-    classes = cl.kernel_classes
-    # Owners that launch a breaker kernel: every kernel they launch belongs to it.
-    breaker_owner: dict[int, str] = {}
-    for row, cls in zip(sel["op_row"].tolist(), classes.reindex(sel.index).tolist()):
-        if row >= 0 and cls in BREAK_CLASSES:
-            breaker_owner.setdefault(int(owner[row]), cls)
-    la_ts = trace.launches["ts"].to_numpy() if len(trace.launches) else np.array([])
-    lrow = sel["launch_row"].to_numpy()
-    order_ts = np.where(lrow >= 0, la_ts[np.clip(lrow, 0, None)] if len(la_ts) else np.nan, sel["ts"].to_numpy())
-    op_rows = sel["op_row"].to_numpy()
-    tid = np.where(op_rows >= 0, ops["tid"].to_numpy()[np.clip(op_rows, 0, None)], -1)
-    bwd = np.where(op_rows >= 0, ops["backward"].to_numpy(dtype=bool)[np.clip(op_rows, 0, None)], False)
-    frame = pd.DataFrame({"krow": sel.index.to_numpy(), "op_row": op_rows, "step": sel["step"].to_numpy(),
-                          "tid": tid, "stream": sel["stream"].to_numpy(), "bwd": bwd, "order": order_ts,
-                          "name": sel["name"].to_numpy(), "kind": sel["kind"].to_numpy(),
-                          "dur": sel["dur"].to_numpy(), "cls": classes.reindex(sel.index).to_numpy()})
-    frame = frame.sort_values(["step", "tid", "stream", "bwd", "order"], kind="stable")
-    groups = []
-    for _, g in frame.groupby(["step", "tid", "stream", "bwd"], sort=False):
-        units: list[_Unit] = []
-        for rec in g.itertuples(index=False):
-            if units and rec.op_row >= 0 and units[-1].op_row == rec.op_row:
-                u = units[-1]
-                u.kernel_rows.append(int(rec.krow))
-                u.kernel_names.append(short_kernel_name(rec.name))
-                u.dur += float(rec.dur)
-                if u.breaker is None and _kernel_breaker(rec, cl):
-                    u.breaker = f"{_kernel_breaker(rec, cl)} ({u.record.name})"
-                continue
-            units.append(_new_unit(trace, cl, int(rec.op_row), owner, breaker_owner, rec))
-        for u in units:
-            u.passes = _passes(u, cl)
-        groups.append(units)
-    return groups
-
-
-def _passes(unit: _Unit, cl: _Classifier) -> int:
-    """How many kernels of this op count towards a chain's length: the passes over the data its
-    cost rule says it makes (LayerNorm backward: 2), else its distinct kernels, memsets left out
-    (a memset before a reduction, or one foreach op split into launches of the same kernel, is
-    one pass)."""
-    cost = cl.cost(unit.op_row) if unit.op_row >= 0 else None
-    if cost is not None and cost.kernels > 0:
-        return cost.kernels
-    names = {n for n in unit.kernel_names if not n.startswith("Memset")}
-    return max(len(names), 1)
-
-
-def _kernel_breaker(rec, cl: _Classifier) -> str | None:
-    if rec.op_row < 0:
-        return "a kernel without a recorded launching op"
-    if rec.kind == "memcpy" and "DtoD" not in rec.name:
-        return f"a host copy ({rec.name.split(' (')[0]}), which synchronises"
-    if rec.cls in BREAK_CLASSES:
-        return BREAK_CLASSES[rec.cls]
-    bound = cl.memory_bound(rec.cls, rec.op_row)
-    if bound is None:
-        return "a kernel of unknown class without a cost rule"
-    if not bound:
-        return "a compute-bound kernel"
-    return None
-
-
-def _new_unit(trace: Trace, cl: _Classifier, row: int, owner: np.ndarray, breaker_owner: dict, rec) -> _Unit:
-    col = cl.col
-    if row >= 0:
-        record = cl.record(row)
-        reads, writes = _tensors(record, cl.cost(row))
-        top = int(col.top_row[row])
-        scope = int(col.module_row[row])
-        backward = bool(col.backward[row])
-        parent = int(col.parent_row[row])
-        accumulation = (backward and record.name in _ACCUMULATE_OPS and parent >= 0
-                        and str(col.name[parent]).startswith(_EVALUATE))
-    else:
-        record, reads, writes, top, scope, backward, accumulation = OpRecord("?"), [], [], -1, _NO_SCOPE, False, False
-    annotation = col.annotation[top] if top >= 0 and isinstance(col.annotation[top], str) else None
-    unit = _Unit(op_row=row, top_row=top, kernel_rows=[int(rec.krow)], kernel_names=[short_kernel_name(rec.name)],
-                 dur=float(rec.dur), scope=scope, scope_cls=None, backward=backward, record=record,
-                 reads=reads, writes=writes, accumulation=accumulation, context=(backward, annotation))
-    own = int(owner[row]) if row >= 0 else -1
-    if own in breaker_owner and rec.cls not in BREAK_CLASSES:
-        unit.breaker = f"{BREAK_CLASSES[breaker_owner[own]]} ({col.name[own]}: its {rec.cls} kernel)"
-    else:
-        reason = _kernel_breaker(rec, cl)
-        unit.breaker = f"{reason} ({record.name})" if reason and row >= 0 else reason
-    if row >= 0 and (rec.cls == "gemm" or breaker_owner.get(own) == "gemm"):
-        unit.gemm_reads = _gemm_activations(trace, cl, own, top)
-    return unit
-
-
-def _gemm_activations(trace: Trace, cl: _Classifier, row: int, top: int) -> list[tuple[int, ...]]:
-    """What a GEMM reads that could be a chain's output: under nn.Linear only its input x (the
-    weight is a parameter); otherwise every tensor argument."""
-    if top >= 0 and cl.col.name[top] == "aten::linear":
-        rec = cl.record(top)
-        shapes = _flat_shapes(rec.dims[:1], rec.types[:1])
-        return shapes
-    rec = cl.record(row)
-    return _flat_shapes(rec.dims, rec.types)
-
-
-def _cpu_units(trace: Trace, cl: _Classifier) -> list[list[_Unit]]:
-    """CPU-only trace: the ops that would launch a kernel on a GPU, per (step, thread, direction).
-
-    An op is one when nothing below it is one, and it is an aten op that its cost rule prices as
-    launching a kernel (views and allocations launch none), or an unpriced aten op with nothing
-    below it. Ops on 0-dim tensors only are left out: they are bookkeeping that stays on the CPU
-    in GPU runs too (AdamW's step counters). A foreach op is one unit: on a GPU it runs
-    multi-tensor elementwise kernels, on a CPU the per-tensor loop below it. An op inside a GEMM,
-    attention or convolution op (CPU attention runs zero_/mul/... ops inside) takes its class."""
-    ops = trace.ops
-    steps = trace.step_ids
-    if ops.empty:
-        return []
-    in_steps = ops["step"].isin(steps).to_numpy() if steps else np.ones(len(ops), dtype=bool)
-    parents = ops["parent_row"].to_numpy()
-    has_child = np.zeros(len(ops), dtype=bool)
-    has_child[parents[parents >= 0]] = True
-    below = np.zeros(len(ops), dtype=bool)     # a kernel op somewhere below
-    kernel_op = np.zeros(len(ops), dtype=bool)
-    names = ops["name"].to_numpy(dtype=object)
-    for row in np.argsort(-ops["depth"].to_numpy(), kind="stable"):
-        if not below[row] and in_steps[row]:
-            kernel_op[row] = _launches_kernel(cl, int(row), str(names[row]), bool(has_child[row]))
-        if (below[row] or kernel_op[row]) and parents[row] >= 0:
-            below[parents[row]] = True
-    # Top-down: the breaker class and the foreach op above each op.
-    ancestor_class = np.full(len(ops), None, dtype=object)
-    in_foreach = np.zeros(len(ops), dtype=bool)
-    for row in np.argsort(ops["depth"].to_numpy(), kind="stable"):
-        p = parents[row]
-        if p >= 0:
-            ancestor_class[row] = ancestor_class[p] or _cpu_class(str(names[p]), breakers_only=True)
-            in_foreach[row] = in_foreach[p] or str(names[p]).startswith(_FOREACH)
-    is_foreach = np.array([str(n).startswith(_FOREACH) for n in names], dtype=bool)
-    kernel_op = (kernel_op & ~in_foreach) | (is_foreach & ~in_foreach & in_steps)
-    owner = _owner_rows(ops)
-    rows = np.flatnonzero(kernel_op).tolist()
-    classes = [ancestor_class[r] or _cpu_class(str(names[r])) for r in rows]
-    breaker_owner: dict[int, str] = {}
-    for row, cls in zip(rows, classes):
-        if cls in BREAK_CLASSES:
-            breaker_owner.setdefault(int(owner[row]), cls)
-    groups: dict[tuple, list[_Unit]] = {}
-    for row, cls in zip(rows, classes):
-        col = cl.col
-        rec = _CpuRec(krow=-1, op_row=row, name=col.name[row], kind="kernel", dur=0.0, cls=cls)
-        unit = _new_unit(trace, cl, row, owner, breaker_owner, rec)
-        unit.kernel_rows, unit.kernel_names = [], [col.name[row]]
-        unit.passes = _passes(unit, cl)
-        key = (int(col.step[row]), int(col.tid[row]), bool(col.backward[row]))
-        groups.setdefault(key, []).append(unit)
-    return list(groups.values())
-
-
-def _cpu_class(op_name: str, breakers_only: bool = False) -> str | None:
-    """A CPU-only op's class: what kernel_classes says of a kernel launched by it (op names
-    stand in for kernel names: CPU attention ops carry 'attention' in theirs)."""
-    if op_name.startswith(_FOREACH):
-        cls = "elementwise"       # multi_tensor_apply kernels on a GPU
-    else:
-        cls = kernel_class(op_name.split("::")[-1], op_name)
-    return cls if not breakers_only or cls in BREAK_CLASSES else None
-
-
-def _launches_kernel(cl: _Classifier, row: int, name: str, has_child: bool) -> bool:
-    if not name.startswith("aten::") or name in _NO_KERNEL_OPS:
-        return False
-    cost = cl.cost(row)
-    if cost is None and has_child:
-        return False
-    if cost is not None and cost.kernels == 0:
-        return False
-    record = cl.record(row)
-    shapes = _flat_shapes(record.dims, record.types)
-    return any(_numel(s) > 1 for s in shapes)
-
-
-@dataclass
-class _CpuRec:
-    krow: int
-    op_row: int
-    name: str
-    kind: str
-    dur: float
-    cls: str
-
-
-# -- chains --------------------------------------------------------------------------------------
+# -- chains (rules 2-5) --------------------------------------------------------------------------
 @dataclass
 class _Piece:
     """Consecutive linked units of one module call."""
 
-    units: list[_Unit]
+    units: list[Unit]
 
     @property
-    def size(self) -> int:
-        return sum(u.size for u in self.units)
+    def passes(self) -> int:
+        return sum(u.passes for u in self.units)
 
     @property
     def scope(self) -> int:
@@ -468,25 +100,21 @@ class _Run:
     end_reason: str = "the end of the step"
 
 
-def _resolve_accumulation(units: list[_Unit]) -> None:
+def _resolve_accumulation(units: list[Unit]) -> None:
     """Rule 5: an accumulation joins the module call it sits inside, else nothing."""
     for i, u in enumerate(units):
         if not u.accumulation:
             continue
         prev = next((units[j].scope for j in range(i - 1, -1, -1) if not units[j].accumulation), None)
         nxt = next((units[j].scope for j in range(i + 1, len(units)) if not units[j].accumulation), None)
-        u.scope = prev if prev is not None and prev == nxt and prev >= 0 else _ACCUMULATION_SCOPE
+        u.scope = prev if prev is not None and prev == nxt and prev >= 0 else ACCUMULATION_SCOPE
 
 
-def _describe(u: _Unit) -> str:
-    return str(u.breaker)
-
-
-def _runs(units: list[_Unit]) -> list[_Run]:
+def _runs(units: list[Unit]) -> list[_Run]:
     """Rules 2-3 and the strict link of rule 4: cut a unit stream into runs of pieces."""
     runs: list[_Run] = []
     cur: _Run | None = None
-    skipped: list[_Unit] = []    # independent GEMMs stepped over (rule 2's exception)
+    skipped: list[Unit] = []    # independent GEMMs stepped over (rule 2's exception)
 
     def close(reason: str) -> None:
         nonlocal cur
@@ -499,10 +127,10 @@ def _runs(units: list[_Unit]) -> list[_Run]:
         if u.breaker is not None:
             if cur is None:
                 continue
-            if u.gemm_reads and not any(_feeds(w, r) for w in _chain_writes(cur) for r in u.gemm_reads):
+            if u.gemm_reads and not any(feeds(w, r) for w in _chain_writes(cur) for r in u.gemm_reads):
                 skipped.append(u)
                 continue
-            close(f"next: {_describe(skipped[0] if skipped else u)}")
+            close(f"next: {(skipped[0] if skipped else u).breaker}")
             skipped = []
             continue
         if cur is None:
@@ -517,32 +145,32 @@ def _runs(units: list[_Unit]) -> list[_Run]:
             continue
         if skipped:
             # Across a skipped GEMM only a strict consumer of the chain's output continues it.
-            if u.scope == last.scope and any(_feeds(w, r) for w in _chain_writes(cur) for r in u.reads):
+            if u.scope == last.scope and any(feeds(w, r) for w in _chain_writes(cur) for r in u.reads):
                 skipped = []
                 last.units.append(u)
                 continue
-            close(f"next: {_describe(skipped[0])}")
+            close(f"next: {skipped[0].breaker}")
             skipped = []
             cur = _Run([_Piece([u])])
             continue
-        if u.scope == last.scope and u.scope != _ACCUMULATION_SCOPE:
+        if u.scope == last.scope and u.scope != ACCUMULATION_SCOPE:
             held = last.tensors()
             # Kernels of one top-level op (cross_entropy: log_softmax, nll_loss) always link.
             # Ops whose shapes the profiler did not record (a foreach op over many tensors) link
             # on order and module alone.
             shapeless = not u.reads and not last.units[-1].reads
-            if u.top_row == last.units[-1].top_row or shapeless or any(_related(r, t) for r in u.reads for t in held):
+            if u.top_row == last.units[-1].top_row or shapeless or any(related(r, t) for r in u.reads for t in held):
                 last.units.append(u)
                 continue
             close("the next kernel reads none of this chain's tensors")
             cur = _Run([_Piece([u])])
             continue
-        if any(_feeds(w, r) for w in last.writes() for r in u.reads):
+        if any(feeds(w, r) for w in last.writes() for r in u.reads):
             cur.pieces.append(_Piece([u]))
             continue
         close("the next kernel reads none of this chain's tensors")
         cur = _Run([_Piece([u])])
-    close("the end of the step" if not skipped else f"next: {_describe(skipped[0])}")
+    close("the end of the step" if not skipped else f"next: {skipped[0].breaker}")
     return runs
 
 
@@ -550,9 +178,9 @@ def _chain_writes(run: _Run) -> list[tuple[int, ...]]:
     return [s for p in run.pieces for s in p.writes()]
 
 
-def _unit_label(col: OpColumns, u: _Unit) -> str:
+def _unit_label(col: OpColumns, u: Unit) -> str:
     """Module class path of a unit; outside modules, the record_function range it ran in."""
-    if u.scope == _NO_SCOPE and u.top_row >= 0 and isinstance(col.annotation[u.top_row], str):
+    if u.scope == NO_SCOPE and u.top_row >= 0 and isinstance(col.annotation[u.top_row], str):
         return col.annotation[u.top_row]
     return _scope_label(col, u.scope)
 
@@ -560,17 +188,17 @@ def _unit_label(col: OpColumns, u: _Unit) -> str:
 def _scope_label(col: OpColumns, scope: int) -> str:
     if scope >= 0:
         return str(col.class_path[scope])
-    return "autograd gradient accumulation" if scope == _ACCUMULATION_SCOPE else "(no module)"
+    return "autograd gradient accumulation" if scope == ACCUMULATION_SCOPE else "(no module)"
 
 
 # -- pattern matching ----------------------------------------------------------------------------
 class _Matcher:
     """Forward ops of a chain (the top-level ops the user's code called) and their pattern."""
 
-    def __init__(self, trace: Trace, cl: _Classifier, launching_tops: np.ndarray):
+    def __init__(self, trace: Trace, cl: Classifier, launching_tops: np.ndarray):
         self.trace, self.cl, self.launching_tops = trace, cl, launching_tops
 
-    def forward_rows(self, units: Sequence[_Unit]) -> list[int]:
+    def forward_rows(self, units: Sequence[Unit]) -> list[int]:
         if not units[0].backward:
             return list(dict.fromkeys(u.top_row for u in units if u.top_row >= 0))
         # Backward: the forward ops its nodes differentiate, widened to every kernel-launching
@@ -585,13 +213,13 @@ class _Matcher:
         return [int(r) for r in self.launching_tops[lo:hi + 1]
                 if r <= rows[-1] and col.tid[r] == col.tid[rows[0]] and not col.backward[r]]
 
-    def match(self, units: Sequence[_Unit]) -> tuple[object, dict] | None:
+    def match(self, units: Sequence[Unit]) -> tuple[object, dict] | None:
         rows = sorted(self.forward_rows(units))
         if not rows:
             return None
         return pattern_registry.match([self.cl.record(r) for r in rows])
 
-    def spans(self, left: Sequence[_Unit], right: Sequence[_Unit]) -> bool:
+    def spans(self, left: Sequence[Unit], right: Sequence[Unit]) -> bool:
         """Rule 4a: a pattern matches left+right, and not left or right alone, and its signature
         covers ops of both sides."""
         joined = self.match(list(left) + list(right))
@@ -614,14 +242,14 @@ class _Matcher:
         return any(r in left_rows for r in covered) and any(r not in left_rows for r in covered)
 
 
-def _join(run: _Run, matcher: _Matcher) -> list[tuple[list[_Unit], str]]:
+def _join(run: _Run, matcher: _Matcher) -> list[tuple[list[Unit], str]]:
     """Rule 4: group a run's pieces into chains; each with the reason it ended."""
-    chains: list[tuple[list[_Unit], str]] = []
+    chains: list[tuple[list[Unit], str]] = []
     cur = list(run.pieces[0].units)
-    cur_lone = run.pieces[0].size == 1
+    cur_lone = run.pieces[0].passes == 1
     for piece in run.pieces[1:]:
-        joinable = piece.scope != _ACCUMULATION_SCOPE and cur[-1].scope != _ACCUMULATION_SCOPE
-        lone = piece.size == 1
+        joinable = piece.scope != ACCUMULATION_SCOPE and cur[-1].scope != ACCUMULATION_SCOPE
+        lone = piece.passes == 1
         if joinable and ((cur_lone and lone) or matcher.spans(cur, piece.units)):
             cur += piece.units
             cur_lone = cur_lone and lone
@@ -633,10 +261,10 @@ def _join(run: _Run, matcher: _Matcher) -> list[tuple[list[_Unit], str]]:
 
 
 # -- merging and pricing -------------------------------------------------------------------------
-def _signature(units: Sequence[_Unit]) -> tuple:
+def _signature(units: Sequence[Unit]) -> tuple:
     return (units[0].backward,) + tuple(
-        (u.record.name, repr(_flat_shapes(u.record.dims, u.record.types)),
-         tuple(t for t in u.record.types if t in TRACE_DTYPES or t == "TensorList"), u.scope_cls, u.size)
+        (u.record.name, repr(flat_shapes(u.record.dims, u.record.types)),
+         tuple(t for t in u.record.types if t in TRACE_DTYPES or t == "TensorList"), u.scope_cls, u.passes)
         for u in units)
 
 
@@ -656,8 +284,8 @@ class ClusterFindings:
 
 def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
     """Every memory-bound cluster of the trace's steps, merged, matched and priced on `profile`."""
-    cl = _Classifier(trace, profile)
-    groups = _gpu_units(trace, cl) if trace.has_gpu else _cpu_units(trace, cl)
+    cl = Classifier(trace, profile)
+    groups = gpu_units(trace, cl) if trace.has_gpu else cpu_units(trace, cl)
     mods = trace.modules
     cls_of = mods["cls"].to_numpy(dtype=object) if len(mods) else np.array([], dtype=object)
     units_all = [u for g in groups for u in g]
@@ -668,11 +296,11 @@ def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
     launching_tops = np.array(sorted({u.top_row for u in units_all if u.top_row >= 0}), dtype=np.int64)
     matcher = _Matcher(trace, cl, launching_tops)
 
-    found: dict[tuple, list[tuple[list[_Unit], str]]] = {}
+    found: dict[tuple, list[tuple[list[Unit], str]]] = {}
     for g in groups:
         for run in _runs(g):
             for chain, reason in _join(run, matcher):
-                if sum(u.size for u in chain) >= MIN_KERNELS:
+                if sum(u.passes for u in chain) >= MIN_KERNELS:
                     found.setdefault(_signature(chain), []).append((chain, reason))
 
     n_steps = max(len(trace.step_ids), 1)
@@ -700,8 +328,8 @@ def _dtype_names(records: Sequence[OpRecord]) -> list[str]:
                    if t in TRACE_DTYPES and isinstance(d, (list, tuple)) and len(d) > 0})
 
 
-def _build_cluster(trace: Trace, cl: _Classifier, matcher: _Matcher, cid: str,
-                   occurrences: list[tuple[list[_Unit], str]], n_steps: int, profile: DeviceProfile) -> Cluster:
+def _build_cluster(trace: Trace, cl: Classifier, matcher: _Matcher, cid: str,
+                   occurrences: list[tuple[list[Unit], str]], n_steps: int, profile: DeviceProfile) -> Cluster:
     first, reason = occurrences[0]
     records = [u.record for u in first]
     direction = "backward" if first[0].backward else "forward"
@@ -709,7 +337,7 @@ def _build_cluster(trace: Trace, cl: _Classifier, matcher: _Matcher, cid: str,
     for chain, _ in occurrences:
         weights = Counter()
         for u in chain:
-            weights[_unit_label(cl.col, u)] += u.size
+            weights[_unit_label(cl.col, u)] += u.passes
         # The module holding most of the chain's kernels; on a tie the later one (where it ends).
         order = {label: i for i, label in enumerate(weights)}
         paths[max(weights, key=lambda s: (weights[s], order[s]))] += 1

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fusion_advisor.analyzers.clusters import _feeds, _related, find_clusters
+from fusion_advisor.analyzers.clusters import feeds, related, find_clusters
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.cost_model.device import load_profile
 from fusion_advisor.kernels import get as get_pattern
@@ -158,10 +158,50 @@ def test_cluster_ids_are_stable_and_cpu_traces_find_the_same_chains(llama, tmp_p
 
 
 def test_shape_links():
-    assert _related((2, 128, 256), (2, 128, 1))        # keepdim reduction
-    assert _related((2, 4, 128, 32), (2, 4, 128, 64))  # a slice of the last dim
-    assert _related((512, 512), (8, 12, 512, 512))     # a broadcast mask
-    assert _related((4096, 768), (8, 512, 768))        # a view
-    assert not _related((1, 128, 64), (2, 128, 256))
-    assert not _related((), (2, 128, 256))             # scalars link nothing
-    assert _feeds((8, 512, 768), (4096, 768)) and not _feeds((2, 128, 1), (2, 128, 256))
+    assert related((2, 128, 256), (2, 128, 1))        # keepdim reduction
+    assert related((2, 4, 128, 32), (2, 4, 128, 64))  # a slice of the last dim
+    assert related((512, 512), (8, 12, 512, 512))     # a broadcast mask
+    assert related((4096, 768), (8, 512, 768))        # a view
+    assert not related((1, 128, 64), (2, 128, 256))
+    assert not related((), (2, 128, 256))             # scalars link nothing
+    assert feeds((8, 512, 768), (4096, 768)) and not feeds((2, 128, 1), (2, 128, 256))
+
+
+def test_a_pattern_that_spans_a_module_boundary_joins_the_pieces(llama, monkeypatch):
+    """Rule 4a: once a pattern covers residual add + RMSNorm, the add before a norm joins it; the
+    first layer's input norm (no add before it) stays rms_norm. A stand-in pattern: the real
+    add_rms_norm is written elsewhere, with the same interface."""
+    from dataclasses import replace
+
+    from fusion_advisor.kernels import registry
+
+    rms = get_pattern("rms_norm")
+
+    def params(ops):
+        base = rms.params_from_ops(ops)
+        return None if base is None else dict(base, residual=True)
+
+    add_rms = replace(rms, name="add_rms_norm", forward_signature=r"add to pow mean add rsqrt mul",
+                      params_from_ops=params, fused_bytes=lambda p: {"forward": 123, "backward": 456})
+    monkeypatch.setitem(registry._REGISTRY, "add_rms_norm", add_rms)
+    trace, _ = llama
+    f = find_clusters(trace, load_profile(gpu_name=trace.device_name))
+    joined = _one(f.clusters, pattern="add_rms_norm", direction="forward")
+    assert [op["name"] for op in joined.ops] == ["aten::add"] + RMSNORM_FWD_LEAF_OPS
+    assert joined.occurrences_per_step == 8 and joined.pattern_params["residual"] is True
+    assert joined.estimate.bytes_fused == 123
+    alone = _one(f.clusters, pattern="rms_norm", direction="forward")
+    assert alone.occurrences_per_step == 1
+    # backward: the residual's gradient accumulation stays outside, the norm's backward unchanged
+    assert _one(f.clusters, pattern="rms_norm", direction="backward").occurrences_per_step == 9
+
+
+def test_optimizer_range_is_its_own_chain(llama):
+    """AdamW(foreach=True): 8 multi-tensor kernels run back to back inside the optimizer's
+    record_function range; the profiler records no shapes for long TensorLists, so they are
+    linked on order and range, and stay unpriced (the cost model does not guess)."""
+    trace, f = llama
+    opt = _one(f.clusters, module_class="Optimizer.step#AdamW.step")
+    assert [op["name"] for op in opt.ops][:2] == ["aten::_foreach_mul_", "aten::_foreach_lerp_"]
+    assert len(opt.ops) == 8 and opt.estimate.saving_us is None and len(opt.estimate.unknown_ops) == 8
+    assert f.clusters[-1].estimate.saving_us is None   # unpriced clusters rank last
