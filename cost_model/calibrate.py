@@ -1,9 +1,10 @@
 """`fusion-advisor calibrate`: measure the GPU at hand into a DeviceProfile.
 
 Microbenchmarks, each warmed up first and timed with CUDA events (median of several samples):
-  - device-to-device copy (2 streams) and triad a = b + s*c (3 streams) from a few KB to a few
-    GB moved: the copy curve prices every kernel by its size (small kernels never reach peak
-    bandwidth); triad against copy, and the samples' spread, give the bandwidth's uncertainty.
+  - a copy kernel (b = -a: read 1, write 1), triad a = b + s*c (read 2, write 1) and the
+    device-to-device memcpy, from a few KB to a few GB moved: the copy kernel's curve prices every
+    kernel by its size (small kernels never reach peak bandwidth); triad and memcpy against it,
+    and the samples' spread, give the bandwidth's uncertainty.
     Small sizes run as CUDA graphs of many back-to-back launches, so the CPU's launch cost does
     not hide the GPU's time per kernel; the buffers stay warm in L2 between launches, as a chain's
     intermediates do.
@@ -87,7 +88,6 @@ class _Timer:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        run = None
         if graph:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
@@ -127,22 +127,21 @@ def _calls_for(bytes_moved: int) -> int:
     return int(max(2, min(200, 1000 / est_us)))
 
 
+# tensors each streaming call moves per element: memcpy (same-dtype copy_: cudaMemcpyAsync D2D),
+# copy (a kernel, b = -a: read 1, write 1), triad (a kernel, a = b + c/2: read 2, write 1)
+_STREAMS = {"memcpy": 2, "copy": 2, "triad": 3}
+
+
 def _stream_curve(torch, timer: _Timer, kind: str, sizes: list[int], samples: int, step: Progress) -> list[dict]:
-    """[{bytes, median_us, p10_us, p90_us}] for copy (dst <- src) or triad (a <- b + s*c), fp32."""
-    streams = 2 if kind == "copy" else 3
+    """[{bytes, median_us, p10_us, p90_us}] of one streaming call per size, fp32 (`_STREAMS`)."""
+    streams = _STREAMS[kind]
     rows = []
     for i, size in enumerate(sizes):
         n = max(1, size // (4 * streams))
-        b = torch.randn(n, device="cuda")
-        a = torch.empty_like(b)
-        if kind == "copy":
-            def fn(a=a, b=b):
-                a.copy_(b)
-        else:
-            c = torch.randn(n, device="cuda")
-
-            def fn(a=a, b=b, c=c):
-                torch.add(b, c, alpha=0.5, out=a)
+        a, b = torch.empty(n, device="cuda"), torch.randn(n, device="cuda")
+        c = torch.randn(n, device="cuda")
+        fn = {"memcpy": lambda: a.copy_(b), "copy": lambda: torch.neg(b, out=a),
+              "triad": lambda: torch.add(b, c, alpha=0.5, out=a)}[kind]
         calls = _calls_for(size)
         t = timer.per_call_us(fn, calls, samples, graph=calls > 2)
         moved = n * 4 * streams
@@ -215,19 +214,20 @@ def _launch_costs(torch, timer: _Timer, quick: bool) -> tuple[float, float]:
     return gpu, statistics.median(cpu)
 
 
-def _spread(copy: list[dict], triad: list[dict]) -> tuple[float, float]:
-    """(lo, hi) multipliers of the copy bandwidth: sample spread (p10/p90 over the median) and
-    triad-vs-copy ratio at sizes where bandwidth, not the fixed cost, dominates."""
+def _spread(copy: list[dict], others: list[list[dict]]) -> tuple[float, float]:
+    """(lo, hi) multipliers of the copy kernel's bandwidth: its samples' spread (p10/p90 over the
+    median) and the other streams' bandwidth over its own (triad, memcpy), at sizes where
+    bandwidth, not the fixed cost, dominates."""
     ratios = [1.0]
     big = [r for r in copy if r["bytes"] >= 1 << 20]
     for row in big:
         ratios += [row["median_us"] / row["p90_us"], row["median_us"] / row["p10_us"]]
-    by_size = {r["bytes"]: r for r in triad}
-    for row in big:
-        # The triad row of the nearest size moved (triad sizes are multiples of 12 bytes).
-        near = min(by_size, key=lambda b: abs(b - row["bytes"]))
-        tr = by_size[near]
-        ratios.append((tr["bytes"] / tr["median_us"]) / (row["bytes"] / row["median_us"]))
+    for other in others:
+        by_size = {r["bytes"]: r for r in other}
+        for row in big:
+            # The row of the nearest size moved (triad sizes are multiples of 12 bytes).
+            near = by_size[min(by_size, key=lambda b: abs(b - row["bytes"]))]
+            ratios.append((near["bytes"] / near["median_us"]) / (row["bytes"] / row["median_us"]))
     return max(0.5, min(ratios)), min(1.5, max(ratios))
 
 
@@ -249,6 +249,8 @@ def calibrate(quick: bool = False, progress: Progress | None = None) -> DevicePr
     torch.cuda.empty_cache()
     triad = _stream_curve(torch, timer, "triad", sizes, samples, step)
     torch.cuda.empty_cache()
+    memcpy = _stream_curve(torch, timer, "memcpy", sizes, samples, step)
+    torch.cuda.empty_cache()
     matmul = _matmul_peaks(torch, timer, quick, step)
     torch.cuda.empty_cache()
     rates = _element_rates(torch, timer, quick, step)
@@ -269,10 +271,11 @@ def calibrate(quick: bool = False, progress: Progress | None = None) -> DevicePr
         launch_us=launch_us, min_kernel_us=min_kernel_us, l2_bytes=l2_bytes,
         num_sms=int(props.multi_processor_count), bandwidth_curve=curve,
         element_rates={k: v["elements_per_s"] for k, v in rates.items()},
-        bandwidth_spread=_spread(copy, triad),
+        bandwidth_spread=_spread(copy, [triad, memcpy]),
         calibration={"gpu_name": name, "driver": driver_version(), "cuda": torch.version.cuda,
                      "torch": torch.__version__, "triton": triton_version,
                      "date": datetime.date.today().isoformat(), "quick": quick,
-                     "raw": {"copy": copy, "triad": triad, "matmul": matmul, "element_rates": rates,
+                     "raw": {"copy": copy, "triad": triad, "memcpy": memcpy, "matmul": matmul,
+                             "element_rates": rates,
                              "empty_kernel_us": min_kernel_us, "launch_us": launch_us}},
     )
