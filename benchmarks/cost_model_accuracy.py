@@ -39,6 +39,7 @@ from fusion_advisor.analyzers.trace import Trace  # noqa: E402
 from fusion_advisor.cost_model.device import DeviceProfile, load_profile  # noqa: E402
 from fusion_advisor.cost_model.ops import OpCost, op_cost, unknown_reason  # noqa: E402
 from fusion_advisor.cost_model.roofline import chain_dtype, kernel_time_us  # noqa: E402
+from fusion_advisor.errors import AdvisorError  # noqa: E402
 from fusion_advisor.kernels.registry import OpRecord  # noqa: E402
 
 aten = torch.ops.aten
@@ -431,10 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     gpu = torch.cuda.is_available()
     dev = torch.device("cuda" if gpu else "cpu")
-    if args.profile:
-        profile = DeviceProfile.load(args.profile)
-    else:
-        profile = load_profile() if gpu else load_profile(target=args.target)
+    try:
+        if args.profile:
+            profile = DeviceProfile.load(args.profile)
+        else:
+            profile = load_profile() if gpu else load_profile(target=args.target)
+    except AdvisorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     chains = dict(CHAINS)
     if args.chains:
         wanted = [c.strip() for c in args.chains.split(",") if c.strip()]
