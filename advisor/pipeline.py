@@ -13,6 +13,7 @@ from fusion_advisor.analyzers.launch_bound import analyze_launch_bound
 from fusion_advisor.analyzers.summary import short_kernel_name, summarize
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.cost_model.device import DeviceProfile, load_profile
+from fusion_advisor.errors import AdvisorError
 from fusion_advisor.cost_model.ops import op_cost
 from fusion_advisor.cost_model.roofline import is_memory_bound, kernel_time_us, memory_time_us
 from fusion_advisor.kernels.registry import OpRecord
@@ -39,13 +40,18 @@ def run_info_from_trace(trace: Trace) -> dict:
 def choose_profile(trace: Trace, target_gpu: str | None) -> tuple[DeviceProfile, str]:
     """The DeviceProfile every estimate uses, and why it was chosen. A named target wins; else
     the trace's own GPU (its calibration, a committed profile, or its datasheet); a CPU-only
-    trace is priced for DEFAULT_TARGET_GPU."""
+    trace, or a GPU we have no figures for, is priced for DEFAULT_TARGET_GPU (and says so)."""
     if target_gpu is not None:
         return load_profile(target=target_gpu), f"--target-gpu {target_gpu}"
     if trace.has_gpu and trace.device_name:
         run = trace.run_info
-        return (load_profile(gpu_name=trace.device_name, driver=run.get("driver"), torch_version=run.get("torch")),
-                "the GPU the trace was recorded on")
+        try:
+            return (load_profile(gpu_name=trace.device_name, driver=run.get("driver"), torch_version=run.get("torch")),
+                    "the GPU the trace was recorded on")
+        except AdvisorError:
+            return (load_profile(target=DEFAULT_TARGET_GPU),
+                    f"no figures for the trace's {trace.device_name} (run `fusion-advisor calibrate` on it, or "
+                    f"name one with --target-gpu): default target {DEFAULT_TARGET_GPU}")
     return load_profile(target=DEFAULT_TARGET_GPU), f"default target for a CPU-only trace ({DEFAULT_TARGET_GPU})"
 
 
@@ -62,9 +68,9 @@ def analyze(trace: Trace, target_gpu: str | None = None) -> AdvisorResult:
     if not trace.has_gpu:
         result.notes.append(f"no GPU kernels in the trace (CPU-only run): every GPU figure is an estimate for "
                             f"{profile.label()}; nothing on a GPU was measured")
-    elif target_gpu is not None and trace.device_name:
+    elif why != "the GPU the trace was recorded on" and trace.device_name:
         result.notes.append(f"measured times are from the trace's {trace.device_name}; estimates are for "
-                            f"{profile.label()}")
+                            f"{profile.label()} ({why})")
 
     findings = find_clusters(trace, profile)
     result.clusters = findings.clusters

@@ -167,3 +167,14 @@ def test_unknown_target_gpu_is_one_line(data_dir):
     r = invoke("analyze", data_dir / "llama-tiny-bf16-h200.json.gz", "--target-gpu", "h900")
     assert r.exit_code == 2
     assert len(r.output.strip().splitlines()) == 1 and "unknown target GPU 'h900'" in r.output
+
+
+def test_a_gpu_without_figures_is_priced_for_the_default_target(tiny, monkeypatch):
+    monkeypatch.setitem(tiny.meta["deviceProperties"][0], "name", "NVIDIA GeForce GTX 480")
+    r = analyze(tiny)
+    assert r.device_profile["name"] == "NVIDIA H100 SXM"
+    assert "no figures for the trace's NVIDIA GeForce GTX 480" in r.device_profile["chosen_because"]
+    assert any("measured times are from the trace's NVIDIA GeForce GTX 480" in n for n in r.notes)
+    # a named target is taken as asked, and said so next to the measured times
+    h200 = analyze(tiny, target_gpu="h200")
+    assert h200.device_profile["name"] == "NVIDIA H200" and h200.device_profile["chosen_because"] == "--target-gpu h200"
