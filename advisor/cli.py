@@ -176,10 +176,10 @@ def profile(
         _fail("the script raised (traceback above); the steps recorded before it are kept", EXIT_SCRIPT_FAILED)
 
 
-def _analyze_path(trace_path: str):
+def _analyze_path(trace_path: str, target_gpu: str | None = None):
     from fusion_advisor.analyzers.trace import Trace
     from fusion_advisor.pipeline import analyze
-    return analyze(Trace.load(trace_path))
+    return analyze(Trace.load(trace_path), target_gpu=target_gpu)
 
 
 @app.command()
@@ -189,18 +189,26 @@ def analyze(
     as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also save the AdvisorResult JSON here, and the "
                                                                  "HTML report beside it."),
+    target_gpu: Optional[str] = typer.Option(
+        None, "--target-gpu", metavar="GPU",
+        help="Price the estimates for this GPU (h100, h100-pcie, h200, a100, l40s, ...) instead of the "
+             "trace's own; a CPU-only trace defaults to h100."),
 ):
-    """Analyse an existing trace: GPU time per step by kernel and module, idle time, small kernels.
+    """Analyse an existing trace: where GPU time goes, the memory-bound kernel chains (clusters)
+    with what fusing each would save, and whether the step waits on kernel launches.
 
     \b
     Any trace that torch.profiler writes works; record it with record_shapes=True,
     with_stack=True and with_modules=True to get shapes, source lines and module scopes.
+    A trace recorded without a GPU is analysed for a target GPU: every GPU figure is then an
+    estimate.
 
     \b
-    Example:
+    Examples:
       fusion-advisor analyze fusion-report/trace.json.gz --json > result.json
+      fusion-advisor analyze cpu-trace.json.gz --target-gpu h200
     """
-    result = _analyze_path(str(trace))
+    result = _analyze_path(str(trace), target_gpu)
     html_path = None
     if out is not None:
         result.save(out)
@@ -418,6 +426,63 @@ def recommend(
     else:
         render_recommendations(result, Console())
     err.print(f"wrote {dest}", highlight=False)
+
+
+@app.command()
+@handles_errors
+def calibrate(
+    quick: bool = typer.Option(False, "--quick", help="Fewer sizes and samples (about a third of the time)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the DeviceProfile JSON on stdout."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the profile JSON here."),
+):
+    """Measure this machine's GPU for the cost model: copy bandwidth by transfer size, matmul peaks
+    per dtype, kernel launch costs, L2 size. Takes under a minute.
+
+    \b
+    The profile is cached per (GPU, driver, torch) in $XDG_CACHE_HOME/fusion-advisor (default
+    ~/.cache/fusion-advisor); later analyses of traces from this GPU use it instead of datasheet
+    figures.
+
+    \b
+    Example:
+      fusion-advisor calibrate --out h200.json
+    """
+    from fusion_advisor.cost_model.calibrate import calibrate as run_calibration
+    from fusion_advisor.cost_model.device import cache_path
+
+    progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def on_step(what: str, done: int, total: int) -> None:
+        stage = what.split()[0]
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], description=what, completed=done, total=total)
+
+    with progress:
+        profile = run_calibration(quick=quick, progress=on_step)
+    cal = profile.calibration
+    written = [profile.save(cache_path(profile.name, cal.get("driver"), cal.get("torch")))]
+    if out is not None:
+        written.append(profile.save(out))
+    if as_json:
+        sys.stdout.write(json.dumps(profile.to_dict(), indent=2) + "\n")
+    else:
+        console = Console()
+        console.print(f"{profile.label()}  driver {cal.get('driver')}  torch {cal.get('torch')}  "
+                      f"triton {cal.get('triton')}", highlight=False)
+        console.print(f"  copy bandwidth        {profile.hbm_bytes_per_s / 1e12:8.2f} TB/s (read + written)",
+                      highlight=False)
+        for key, flops in profile.peak_flops.items():
+            console.print(f"  matmul {key:<14} {flops / 1e12:8.1f} TFLOP/s", highlight=False)
+        for key, rate in profile.element_rates.items():
+            console.print(f"  {key + ' loop':<21} {rate / 1e9:8.0f} G elements/s", highlight=False)
+        console.print(f"  kernel back to back   {profile.min_kernel_us:8.2f} µs (GPU)\n"
+                      f"  eager launch          {profile.launch_us:8.2f} µs (CPU)\n"
+                      f"  L2                    {profile.l2_bytes / 2**20:8.0f} MiB   SMs {profile.num_sms}",
+                      highlight=False)
+    err.print("\n".join(f"wrote {p}" for p in written), highlight=False)
 
 
 def main(argv: List[str] | None = None) -> None:

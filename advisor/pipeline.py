@@ -1,10 +1,25 @@
 """The stages, wired in order. Each stage reads the previous stage's data and nothing else."""
 from __future__ import annotations
 
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+
 from fusion_advisor import __version__
-from fusion_advisor.analyzers.summary import summarize
+from fusion_advisor.analyzers.clusters import ClusterFindings, find_clusters
+from fusion_advisor.analyzers.kernel_classes import class_summary
+from fusion_advisor.analyzers.launch_bound import analyze_launch_bound
+from fusion_advisor.analyzers.summary import short_kernel_name, summarize
 from fusion_advisor.analyzers.trace import Trace
+from fusion_advisor.cost_model.device import DeviceProfile, load_profile
+from fusion_advisor.errors import AdvisorError
+from fusion_advisor.cost_model.ops import op_cost
+from fusion_advisor.cost_model.roofline import is_memory_bound, kernel_time_us, memory_time_us
+from fusion_advisor.kernels.registry import OpRecord
 from fusion_advisor.result import AdvisorResult
+
+DEFAULT_TARGET_GPU = "h100"   # what a CPU-only trace is priced for when no target is named
 
 
 def run_info_from_trace(trace: Trace) -> dict:
@@ -22,13 +37,171 @@ def run_info_from_trace(trace: Trace) -> dict:
     return info
 
 
-def analyze(trace: Trace) -> AdvisorResult:
-    """Trace -> AdvisorResult with the step summary (later stages add to it)."""
+def choose_profile(trace: Trace, target_gpu: str | None) -> tuple[DeviceProfile, str]:
+    """The DeviceProfile every estimate uses, and why it was chosen. A named target wins; else
+    the trace's own GPU (its calibration, a committed profile, or its datasheet); a CPU-only
+    trace, or a GPU we have no figures for, is priced for DEFAULT_TARGET_GPU (and says so)."""
+    if target_gpu is not None:
+        return load_profile(target=target_gpu), f"--target-gpu {target_gpu}"
+    if trace.has_gpu and trace.device_name:
+        run = trace.run_info
+        try:
+            return (load_profile(gpu_name=trace.device_name, driver=run.get("driver"), torch_version=run.get("torch")),
+                    "the GPU the trace was recorded on")
+        except AdvisorError:
+            return (load_profile(target=DEFAULT_TARGET_GPU),
+                    f"no figures for the trace's {trace.device_name} (run `fusion-advisor calibrate` on it, or "
+                    f"name one with --target-gpu): default target {DEFAULT_TARGET_GPU}")
+    return load_profile(target=DEFAULT_TARGET_GPU), f"default target for a CPU-only trace ({DEFAULT_TARGET_GPU})"
+
+
+def analyze(trace: Trace, target_gpu: str | None = None) -> AdvisorResult:
+    """Trace -> AdvisorResult: step summary, kernel classes, roofline points, a step timeline,
+    the memory-bound clusters ranked by estimated saving, and the launch-bound verdict."""
     result = AdvisorResult(tool_version=__version__, trace_path=trace.path)
     result.run = run_info_from_trace(trace)
     result.summary = summarize(trace).to_dict()
     if not trace.step_ids:
         result.notes.append("no ProfilerStep markers in the trace: figures are for the whole trace, not per step")
+    profile, why = choose_profile(trace, target_gpu)
+    result.device_profile = dict(profile.to_dict(), label=profile.label(), chosen_because=why)
     if not trace.has_gpu:
-        result.notes.append("no GPU kernels in the trace (CPU-only run): GPU figures are estimates for a target GPU")
+        result.notes.append(f"no GPU kernels in the trace (CPU-only run): every GPU figure is an estimate for "
+                            f"{profile.label()}; nothing on a GPU was measured")
+    elif why != "the GPU the trace was recorded on" and trace.device_name:
+        result.notes.append(f"measured times are from the trace's {trace.device_name}; estimates are for "
+                            f"{profile.label()} ({why})")
+
+    findings = find_clusters(trace, profile)
+    result.clusters = findings.clusters
+    result.kernel_classes = class_summary(trace)
+    result.kernels = roofline_points(trace, findings, profile) if trace.has_gpu else op_points(trace, findings, profile)
+    result.timeline = timeline(trace, findings)
+    lb = analyze_launch_bound(trace, findings.kernel_memory_bound)
+    result.launch_bound = lb.to_dict() if lb is not None else None
     return result
+
+
+# -- roofline points ------------------------------------------------------------------------------
+def _kernel_costs(trace: Trace, findings: ClusterFindings,
+                  profile: DeviceProfile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bytes, FLOPs, roofline µs) per row of trace.kernels, NaN where the cost model has no rule.
+    An op's cost is split evenly over the compute kernels it launched; a memcpy or memset counts
+    the bytes the trace records for it (a copy reads and writes them)."""
+    k = trace.kernels
+    n = len(k)
+    nbytes, flops, est = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    kinds = k["kind"].to_numpy()
+    recorded = pd.to_numeric(k["bytes"], errors="coerce").to_numpy() if "bytes" in k else np.full(n, np.nan)
+    for i in np.flatnonzero(kinds != "kernel"):
+        if not np.isnan(recorded[i]):
+            nbytes[i] = (2.0 if kinds[i] == "memcpy" else 1.0) * recorded[i]
+            flops[i] = 0.0
+            est[i] = memory_time_us(nbytes[i], profile)
+    compute = np.flatnonzero(kinds == "kernel")
+    op_rows = k["op_row"].to_numpy()[compute]
+    for op_row, rows in pd.Series(compute).groupby(op_rows):
+        if op_row < 0:
+            continue
+        cost = op_cost(findings.op_columns.record(int(op_row)))
+        if cost is None:
+            continue
+        rows = rows.to_numpy()
+        nbytes[rows] = cost.bytes / len(rows)
+        flops[rows] = cost.flops / len(rows)
+        est[rows] = kernel_time_us(cost, profile) / len(rows)
+    return nbytes, flops, est
+
+
+def roofline_points(trace: Trace, findings: ClusterFindings, profile: DeviceProfile) -> list[dict]:
+    """One roofline point per kernel name (`name`: the trace's full name, unique; `short_name` to
+    show), per step: measured time, the cost model's bytes, FLOPs
+    and roofline time of the ops that launched it (None where any call has no cost rule),
+    achieved bandwidth, memory-boundness, and the cluster most of its calls belong to."""
+    k = trace.kernels
+    steps = trace.step_ids
+    sel = k["step"].isin(steps).to_numpy() if steps else np.ones(len(k), dtype=bool)
+    n_steps = max(len(steps), 1)
+    nbytes, flops, est = _kernel_costs(trace, findings, profile)
+    frame = pd.DataFrame({"name": k["name"].to_numpy(), "dur": k["dur"].to_numpy(), "bytes": nbytes, "flops": flops,
+                          "est": est,
+                          "cls": findings.kernel_classes.reindex(k.index).to_numpy(),
+                          "mb": findings.kernel_memory_bound.reindex(k.index).fillna(False).to_numpy(dtype=bool),
+                          "cluster": findings.kernel_cluster.reindex(k.index).to_numpy()})[sel]
+    points = []
+    for name, g in frame.groupby("name", sort=False):
+        measured = float(g["dur"].sum()) / n_steps
+        known = g["bytes"].notna().all()
+        b = float(g["bytes"].sum()) / n_steps if known else None
+        f = float(g["flops"].sum()) / n_steps if known else None
+        e = float(g["est"].sum()) / n_steps if known else None
+        gbps = b / measured / 1e3 if b is not None and measured > 0 else None
+        clusters = Counter(c for c in g["cluster"] if isinstance(c, str))
+        points.append({
+            "name": name, "short_name": short_kernel_name(name), "kernel_class": g["cls"].iloc[0],
+            "calls_per_step": round(len(g) / n_steps, 3), "measured_us_per_step": round(measured, 3),
+            "bytes_estimate": b, "flops_estimate": f,
+            "estimate_us_per_step": round(e, 3) if e is not None else None,
+            "intensity": (f / b) if b else None,
+            "achieved_gbps": round(gbps, 3) if gbps is not None else None,
+            "pct_of_peak_bw": round(100.0 * gbps * 1e9 / profile.hbm_bytes_per_s, 2) if gbps is not None else None,
+            "memory_bound": bool(g["mb"].mean() >= 0.5),
+            "cluster_id": clusters.most_common(1)[0][0] if clusters else None,
+        })
+    points.sort(key=lambda p: -p["measured_us_per_step"])
+    return points
+
+
+def op_points(trace: Trace, findings: ClusterFindings, profile: DeviceProfile) -> list[dict]:
+    """CPU-only trace: one estimated point per op name of the clusters' ops (no GPU time measured)."""
+    by_name: dict[str, dict] = {}
+    for c in findings.clusters:
+        for op in c.ops:
+            cost = op_cost(op_record_from_dict(op))
+            if cost is None:
+                continue
+            p = by_name.setdefault(op["name"], {"name": op["name"], "kernel_class": None, "calls_per_step": 0.0,
+                                                 "measured_us_per_step": None, "bytes_estimate": 0.0,
+                                                 "flops_estimate": 0.0, "estimate_us_per_step": 0.0,
+                                                 "achieved_gbps": None, "pct_of_peak_bw": None,
+                                                 "memory_bound": True, "cluster_id": c.id})
+            n = c.occurrences_per_step
+            p["calls_per_step"] += n
+            p["bytes_estimate"] += cost.bytes * n
+            p["flops_estimate"] += cost.flops * n
+            p["estimate_us_per_step"] += kernel_time_us(cost, profile) * n
+            p["memory_bound"] = p["memory_bound"] and is_memory_bound(cost, profile)
+    for p in by_name.values():
+        p["intensity"] = p["flops_estimate"] / p["bytes_estimate"] if p["bytes_estimate"] else None
+    return sorted(by_name.values(), key=lambda p: -p["estimate_us_per_step"])
+
+
+def op_record_from_dict(op: dict) -> OpRecord:
+    """An OpRecord back from a cluster's JSON `ops` entry."""
+    return OpRecord(name=op["name"], dims=op.get("dims") or (), types=tuple(op.get("types") or ()),
+                    concrete=tuple(op.get("concrete") or ()), module=op.get("module"))
+
+
+# -- timeline -------------------------------------------------------------------------------------
+def timeline(trace: Trace, findings: ClusterFindings) -> list[dict]:
+    """The GPU activity of one representative step (the one with the median GPU window)."""
+    k = trace.kernels
+    if k.empty:
+        return []
+    steps = trace.step_ids
+    if steps:
+        windows = k[k["step"].isin(steps)].groupby("step").apply(lambda g: g["end"].max() - g["ts"].min())
+        if windows.empty:
+            return []
+        ordered = windows.sort_values(kind="stable")
+        step = ordered.index[(len(ordered) - 1) // 2]
+        g = k[k["step"] == step]
+    else:
+        g = k
+    g = g.sort_values("ts", kind="stable")
+    t0 = float(g["ts"].min())
+    cls = findings.kernel_classes.reindex(g.index).to_numpy()
+    cid = findings.kernel_cluster.reindex(g.index).to_numpy()
+    return [{"name": short_kernel_name(name), "stream": int(stream), "start_us": round(float(ts) - t0, 3),
+             "dur_us": round(float(dur), 3), "kernel_class": c, "cluster_id": i if isinstance(i, str) else None}
+            for name, stream, ts, dur, c, i in zip(g["name"], g["stream"], g["ts"], g["dur"], cls, cid)]

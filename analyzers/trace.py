@@ -9,10 +9,13 @@ ops        one row per aten / autograd CPU op (`cpu_op` events)
            ext_id, name, ts, dur, end, tid, seq (autograd sequence number, -1 if none),
            input_dims, input_types, input_strides, concrete (scalar args as strings),
            parent_row (enclosing op on the same thread), top_row (outermost enclosing op),
-           depth (0 = top-level op), backward (runs on the autograd thread or is a *Backward op),
+           depth (0 = top-level op), backward (runs under an autograd `evaluate_function` op or is
+           a *Backward op),
            fwd_row (for backward ops: the forward op with the same sequence number),
            module_row (innermost nn.Module call, in `modules`; a backward op takes its forward
-           op's), source (innermost frame of model code, "file.py:line"), step (-1 outside steps)
+           op's), source (innermost frame of model code, "file.py:line"), step (-1 outside steps),
+           annotation (innermost record_function range around the op on its thread, e.g.
+           "Optimizer.step#AdamW.step"; None outside every range; ProfilerStep spans excluded)
 kernels    one row per GPU activity: kind is "kernel", "memcpy" or "memset"
            name, kind, ts, dur, end, device, stream, correlation, ext_id, grid, block, registers,
            shared_mem, occupancy, bytes (memcpy/memset only), launch_row, op_row (the leaf op
@@ -141,7 +144,27 @@ class Trace:
         self._nest_ops()
         self._link_backward()
         ops["step"] = self._step_of(ops["ts"].to_numpy(dtype=float)) if not ops.empty else []
+        ops["annotation"] = self._annotation_of_ops()
         self._link_kernels()
+
+    def _annotation_of_ops(self) -> np.ndarray:
+        """Innermost CPU record_function range (not a ProfilerStep) around each op, same thread."""
+        ops, an = self.ops, self.annotations
+        out = np.full(len(ops), None, dtype=object)
+        if ops.empty or an.empty:
+            return out
+        ranges = an[~an["gpu"].astype(bool) & ~an["name"].str.match(_STEP_RE.pattern)]
+        # Widest first, so that a nested (narrower) range overwrites its parent.
+        ranges = ranges.sort_values("dur", ascending=False, kind="stable")
+        by_tid = {tid: (idx.to_numpy(), ops["ts"].to_numpy()[idx.to_numpy()])
+                  for tid, idx in ops.groupby("tid").groups.items()}
+        for name, ts, end, tid in zip(ranges["name"], ranges["ts"], ranges["end"], ranges["tid"]):
+            if tid not in by_tid:
+                continue
+            rows, starts = by_tid[tid]  # ops are sorted by ts, so each thread's starts are too
+            lo, hi = np.searchsorted(starts, [ts, end + 0.01], side="left")
+            out[rows[lo:hi]] = name
+        return out
 
     def _build_modules(self) -> pd.DataFrame:
         py = self.python
@@ -241,8 +264,10 @@ class Trace:
             ops["fwd_row"] = []
             return
         names = ops["name"]
-        bwd_tids = set(ops.loc[names.str.startswith("autograd::engine::evaluate_function"), "tid"])
-        backward = ops["tid"].isin(bwd_tids).to_numpy() | names.str.contains("Backward", regex=False).to_numpy()
+        # The autograd engine runs each node under an `evaluate_function` op: on its own thread
+        # for CUDA, on the caller's thread on a CPU-only run (so a thread is not a direction).
+        evaluates = names.str.startswith("autograd::engine::evaluate_function").to_numpy()
+        backward = evaluates[ops["top_row"].to_numpy()] | names.str.contains("Backward", regex=False).to_numpy()
         ops["backward"] = backward
         fwd_row = np.full(n, -1, dtype=np.int64)
         seq = ops["seq"].to_numpy()

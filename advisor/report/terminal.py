@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -78,6 +79,62 @@ def render_summary(result: AdvisorResult, console: Console) -> None:
         for row in s["top_cpu_ops"]:
             t.add_row(_t(row.get("op")), _us(row.get("us_per_step")), _pct(row.get("pct")))
         console.print(t)
+    render_clusters(result, console)
+    render_launch_bound(result, console)
+
+
+CLUSTER_ROWS = 10
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _cluster_title(c) -> str:
+    if c.pattern:
+        return c.pattern
+    return _cut(" ".join(op["name"].split("::")[-1] for op in c.ops), 20)
+
+
+def render_clusters(result: AdvisorResult, console: Console) -> None:
+    """The clusters, ranked by estimated saving per step (estimates on the result's profile)."""
+    if not result.clusters:
+        return
+    measured = bool(result.summary.get("has_gpu"))
+    label = (result.device_profile or {}).get("label", "")
+    # Fits 80 columns: long names are cut here, the JSON has them whole.
+    t = Table(title=f"Memory-bound clusters, per step (estimates for {label})", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("#", justify="right")
+    t.add_column("pattern / ops", no_wrap=True)
+    t.add_column("module", no_wrap=True)
+    t.add_column("kern", justify="right")
+    t.add_column("×", justify="right")
+    t.add_column("measured", justify="right", no_wrap=True)
+    t.add_column("est. save", justify="right", no_wrap=True)
+    for i, c in enumerate(result.clusters[:CLUSTER_ROWS], 1):
+        saving = c.estimate.saving_us
+        saving_text = _us(saving * c.occurrences_per_step) if saving is not None else "unknown"
+        where = f"{_cut((c.module_class or '').rsplit('/', 1)[-1], 12)} {'fwd' if c.direction == 'forward' else 'bwd'}"
+        t.add_row(str(i), _cluster_title(c), where, str(len(c.kernels) if measured else len(c.ops)),
+                  f"{c.occurrences_per_step:g}", _us(c.measured_us_per_step) if measured else "—", saving_text)
+    console.print(t)
+    if len(result.clusters) > CLUSTER_ROWS:
+        console.print(f"[dim]… and {len(result.clusters) - CLUSTER_ROWS} more clusters in the JSON (--json)[/]")
+
+
+def render_launch_bound(result: AdvisorResult, console: Console) -> None:
+    lb = result.launch_bound
+    if not lb or "launch_wait_share" not in lb:
+        return
+    console.print(f"[bold]Step verdict:[/] {lb['verdict']} (launch waits: {100 * lb['launch_wait_share']:.0f} % of the "
+                  f"GPU window)")
+    for r in lb.get("remedies", []):
+        if r["applies"]:
+            mark = "→" if r["remedy"] == lb.get("primary_remedy") else "·"
+            console.print(f"  {mark} {r['title']}: {r['reason']}", highlight=False, markup=False)
+    for note in lb.get("notes", []):
+        console.print(f"  [yellow]note:[/] {note}")
 
 
 def _share(x) -> str:

@@ -1,0 +1,367 @@
+"""Clusters: chains of memory-bound kernels, producer to consumer, that one fused kernel could
+replace, merged across steps and repeated layers, matched to a registered pattern and priced.
+
+The trace has no tensor identities, so a chain is read off launch order, module scopes and
+shapes. What a chain is, rule by rule:
+
+1. Units (analyzers/chain_units.py): the kernels one op launched back to back, or on a
+   CPU-only trace an op that would launch a kernel; per step, CPU thread, stream and direction,
+   in launch order. A chain never spans forward, backward and the optimizer's record_function
+   range ("Optimizer.step#AdamW.step"): a change of any ends it.
+2. Breakers end a chain and never belong to one: GEMM, attention, convolution, communication
+   and already-compiled (Triton) kernels; every kernel of an op that launches one of those
+   (a matmul's input copies, cuBLAS workspace memsets; in backward, the autograd node's op);
+   host copies (a DtoH/HtoD memcpy
+   synchronises); a kernel the roofline puts above the ridge point (not memory-bound); a kernel
+   of unknown class without a cost rule; a kernel without a launching op.
+   One exception: a GEMM that reads none of the chain's outputs (SwiGLU's up_proj runs between
+   silu and mul) is stepped over when the next kernel reads the chain's output; it stays out of
+   the cluster.
+3. Links. Within one module call, the next unit joins when one of its inputs is related to a
+   tensor the chain already holds: same shape, same element count (a view), broadcastable
+   (keepdim reductions, [1,1,S,D] rotary tables), or the same leading dims (a slice of the last
+   dim: rotate_half). Inside one module that is loose on purpose: RoPE and RMSNorm are small
+   DAGs, not single chains, and one fused kernel replaces the whole DAG.
+4. Module boundaries. A module call's chain stands on its own: RMSNorm's 8 kernels are one
+   cluster, the residual add before it is not folded in. Two pieces on either side of a
+   boundary join when the next piece strictly consumes the previous one's output (same shape
+   or element count) and
+     (a) a registered pattern matches the joined ops and neither piece alone (residual add +
+         RMSNorm once `add_rms_norm` is registered), or
+     (b) both pieces are single kernels (or a run of single kernels): a module that already is
+         one kernel (nn.LayerNorm) is only worth fusing together with its neighbour (the
+         residual add before it: add + LayerNorm).
+5. Autograd's gradient accumulation (an add/add_ the engine runs between backward nodes when a
+   tensor had several consumers) belongs to a chain only inside one module call (x feeds both
+   pow and mul inside RMSNorm); between modules it is the graph summing gradients, which no
+   module's fused backward replaces: it stays out.
+6. A cluster makes at least 2 passes over the data: 2 kernels, not counting memsets, nor the
+   launches one op splits its work into (a foreach op over many tensors), but counting the
+   passes an op's cost rule says it makes (LayerNorm backward: 2).
+
+Occurrences of the same chain (leaf op names, input shapes and dtypes, leaf module classes,
+direction) merge into one Cluster, whatever the step or the layer: the 9 LlamaRMSNorm calls of a
+4-layer Llama (2 per layer and the final norm) are one forward cluster with 9 occurrences per
+step. Scalar arguments are not part of the signature (they do not change bytes); pattern params
+are read from the first occurrence.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from fusion_advisor import kernels as pattern_registry
+from fusion_advisor.analyzers.chain_units import (ACCUMULATION_SCOPE, NO_SCOPE, Classifier, OpColumns, Unit,
+                                                  cpu_units, feeds, flat_shapes, gpu_units, related)
+from fusion_advisor.analyzers.trace import Trace
+from fusion_advisor.cost_model.device import DeviceProfile
+from fusion_advisor.cost_model.ops import TRACE_DTYPES
+from fusion_advisor.cost_model.roofline import cluster_estimate
+from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.result import Cluster
+
+MIN_KERNELS = 2
+
+
+# -- chains (rules 2-5) --------------------------------------------------------------------------
+@dataclass
+class _Piece:
+    """Consecutive linked units of one module call."""
+
+    units: list[Unit]
+
+    @property
+    def passes(self) -> int:
+        return sum(u.passes for u in self.units)
+
+    @property
+    def scope(self) -> int:
+        return self.units[0].scope
+
+    def writes(self) -> list[tuple[int, ...]]:
+        return [s for u in self.units for s in u.writes]
+
+    def tensors(self) -> list[tuple[int, ...]]:
+        return [s for u in self.units for s in u.reads + u.writes]
+
+
+@dataclass
+class _Run:
+    """Linked pieces between two chain ends; `end_reason` says why it ended."""
+
+    pieces: list[_Piece]
+    end_reason: str = "the end of the step"
+
+
+def _resolve_accumulation(units: list[Unit]) -> None:
+    """Rule 5: an accumulation joins the module call it sits inside, else nothing."""
+    for i, u in enumerate(units):
+        if not u.accumulation:
+            continue
+        prev = next((units[j].scope for j in range(i - 1, -1, -1) if not units[j].accumulation), None)
+        nxt = next((units[j].scope for j in range(i + 1, len(units)) if not units[j].accumulation), None)
+        u.scope = prev if prev is not None and prev == nxt and prev >= 0 else ACCUMULATION_SCOPE
+
+
+def _runs(units: list[Unit]) -> list[_Run]:
+    """Rules 2-3 and the strict link of rule 4: cut a unit stream into runs of pieces."""
+    runs: list[_Run] = []
+    cur: _Run | None = None
+    skipped: list[Unit] = []    # independent GEMMs stepped over (rule 2's exception)
+
+    def close(reason: str) -> None:
+        nonlocal cur
+        if cur is not None:
+            cur.end_reason = reason
+            runs.append(cur)
+        cur = None
+
+    for u in units:
+        if u.breaker is not None:
+            if cur is None:
+                continue
+            if u.gemm_reads and not any(feeds(w, r) for w in _chain_writes(cur) for r in u.gemm_reads):
+                skipped.append(u)
+                continue
+            close(f"next: {(skipped[0] if skipped else u).breaker}")
+            skipped = []
+            continue
+        if cur is None:
+            cur = _Run([_Piece([u])])
+            continue
+        last = cur.pieces[-1]
+        if u.context != last.units[-1].context:
+            # Forward, backward and the optimizer (its record_function range) never share a chain.
+            close(f"the next kernel runs in {u.context[1] or ('backward' if u.context[0] else 'forward')}")
+            skipped = []
+            cur = _Run([_Piece([u])])
+            continue
+        if skipped:
+            # Across a skipped GEMM only a strict consumer of the chain's output continues it.
+            if u.scope == last.scope and any(feeds(w, r) for w in _chain_writes(cur) for r in u.reads):
+                skipped = []
+                last.units.append(u)
+                continue
+            close(f"next: {skipped[0].breaker}")
+            skipped = []
+            cur = _Run([_Piece([u])])
+            continue
+        if u.scope == last.scope and u.scope != ACCUMULATION_SCOPE:
+            held = last.tensors()
+            # Kernels of one top-level op (cross_entropy: log_softmax, nll_loss) always link.
+            # Ops whose shapes the profiler did not record (a foreach op over many tensors) link
+            # on order and module alone.
+            shapeless = not u.reads and not last.units[-1].reads
+            if u.top_row == last.units[-1].top_row or shapeless or any(related(r, t) for r in u.reads for t in held):
+                last.units.append(u)
+                continue
+            close("the next kernel reads none of this chain's tensors")
+            cur = _Run([_Piece([u])])
+            continue
+        if any(feeds(w, r) for w in last.writes() for r in u.reads):
+            cur.pieces.append(_Piece([u]))
+            continue
+        close("the next kernel reads none of this chain's tensors")
+        cur = _Run([_Piece([u])])
+    close("the end of the step" if not skipped else f"next: {skipped[0].breaker}")
+    return runs
+
+
+def _chain_writes(run: _Run) -> list[tuple[int, ...]]:
+    return [s for p in run.pieces for s in p.writes()]
+
+
+def _unit_label(col: OpColumns, u: Unit) -> str:
+    """Module class path of a unit; outside modules, the record_function range it ran in."""
+    if u.scope == NO_SCOPE and u.top_row >= 0 and isinstance(col.annotation[u.top_row], str):
+        return col.annotation[u.top_row]
+    return _scope_label(col, u.scope)
+
+
+def _scope_label(col: OpColumns, scope: int) -> str:
+    if scope >= 0:
+        return str(col.class_path[scope])
+    return "autograd gradient accumulation" if scope == ACCUMULATION_SCOPE else "(no module)"
+
+
+# -- pattern matching ----------------------------------------------------------------------------
+class _Matcher:
+    """Forward ops of a chain (the top-level ops the user's code called) and their pattern."""
+
+    def __init__(self, trace: Trace, cl: Classifier, launching_tops: np.ndarray):
+        self.trace, self.cl, self.launching_tops = trace, cl, launching_tops
+
+    def forward_rows(self, units: Sequence[Unit]) -> list[int]:
+        if not units[0].backward:
+            return list(dict.fromkeys(u.top_row for u in units if u.top_row >= 0))
+        # Backward: the forward ops its nodes differentiate, widened to every kernel-launching
+        # top-level op between the first and the last of them on the forward thread (an add of a
+        # scalar has no backward kernel but is part of the forward chain).
+        fwd, tops = self.cl.col.fwd_row, self.cl.col.top_row
+        rows = sorted({int(tops[fwd[u.op_row]]) for u in units if u.op_row >= 0 and fwd[u.op_row] >= 0})
+        if not rows:
+            return []
+        col = self.cl.col
+        lo, hi = np.searchsorted(self.launching_tops, [rows[0], rows[-1]], side="left")
+        return [int(r) for r in self.launching_tops[lo:hi + 1]
+                if r <= rows[-1] and col.tid[r] == col.tid[rows[0]] and not col.backward[r]]
+
+    def match(self, units: Sequence[Unit]) -> tuple[object, dict] | None:
+        rows = sorted(self.forward_rows(units))
+        if not rows:
+            return None
+        return pattern_registry.match([self.cl.record(r) for r in rows])
+
+    def spans(self, left: Sequence[Unit], right: Sequence[Unit]) -> bool:
+        """Rule 4a: a pattern matches left+right, and not left or right alone, and its signature
+        covers ops of both sides."""
+        joined = self.match(list(left) + list(right))
+        if joined is None:
+            return False
+        pattern = joined[0]
+        alone = {m[0].name for m in (self.match(left), self.match(right)) if m is not None}
+        if pattern.name in alone:
+            return False
+        left_rows = set(self.forward_rows(left))
+        rows = sorted(self.forward_rows(list(left) + list(right)))
+        names = [self.cl.record(r).short for r in rows]
+        m = re.search(pattern.forward_signature, " ".join(names))
+        if m is None:
+            return False
+        # Which ops the regex covered: count names before its start and end.
+        first = len(" ".join(names)[:m.start()].split())
+        last = len(" ".join(names)[:m.end()].split()) - 1
+        covered = rows[first:last + 1]
+        return any(r in left_rows for r in covered) and any(r not in left_rows for r in covered)
+
+
+def _join(run: _Run, matcher: _Matcher) -> list[tuple[list[Unit], str]]:
+    """Rule 4: group a run's pieces into chains; each with the reason it ended."""
+    chains: list[tuple[list[Unit], str]] = []
+    cur = list(run.pieces[0].units)
+    cur_lone = run.pieces[0].passes == 1
+    for piece in run.pieces[1:]:
+        joinable = piece.scope != ACCUMULATION_SCOPE and cur[-1].scope != ACCUMULATION_SCOPE
+        lone = piece.passes == 1
+        if joinable and ((cur_lone and lone) or matcher.spans(cur, piece.units)):
+            cur += piece.units
+            cur_lone = cur_lone and lone
+            continue
+        chains.append((cur, f"module boundary: the next kernel runs in {_scope_label(matcher.cl.col, piece.scope)}"))
+        cur, cur_lone = list(piece.units), lone
+    chains.append((cur, run.end_reason))
+    return chains
+
+
+# -- merging and pricing -------------------------------------------------------------------------
+def _signature(units: Sequence[Unit]) -> tuple:
+    return (units[0].backward,) + tuple(
+        (u.record.name, repr(flat_shapes(u.record.dims, u.record.types)),
+         tuple(t for t in u.record.types if t in TRACE_DTYPES or t == "TensorList"), u.scope_cls, u.passes)
+        for u in units)
+
+
+def _cluster_id(sig: tuple) -> str:
+    digest = hashlib.sha1(repr(sig).encode()).hexdigest()[:10]
+    return ("bwd-" if sig[0] else "fwd-") + digest
+
+
+@dataclass
+class ClusterFindings:
+    clusters: list[Cluster]                 # ranked by estimated saving per step
+    kernel_cluster: pd.Series               # cluster id per row of trace.kernels (None outside)
+    kernel_memory_bound: pd.Series          # bool per row of trace.kernels
+    kernel_classes: pd.Series               # class per row of trace.kernels
+    op_columns: OpColumns                   # the trace's ops as arrays, with their OpRecords
+
+
+def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
+    """Every memory-bound cluster of the trace's steps, merged, matched and priced on `profile`."""
+    cl = Classifier(trace, profile)
+    groups = gpu_units(trace, cl) if trace.has_gpu else cpu_units(trace, cl)
+    mods = trace.modules
+    cls_of = mods["cls"].to_numpy(dtype=object) if len(mods) else np.array([], dtype=object)
+    units_all = [u for g in groups for u in g]
+    for g in groups:
+        _resolve_accumulation(g)
+    for u in units_all:
+        u.scope_cls = cls_of[u.scope] if u.scope >= 0 else None
+    launching_tops = np.array(sorted({u.top_row for u in units_all if u.top_row >= 0}), dtype=np.int64)
+    matcher = _Matcher(trace, cl, launching_tops)
+
+    found: dict[tuple, list[tuple[list[Unit], str]]] = {}
+    for g in groups:
+        for run in _runs(g):
+            for chain, reason in _join(run, matcher):
+                if sum(u.passes for u in chain) >= MIN_KERNELS:
+                    found.setdefault(_signature(chain), []).append((chain, reason))
+
+    n_steps = max(len(trace.step_ids), 1)
+    cluster_of = np.full(len(trace.kernels), None, dtype=object)   # Trace rows are labelled 0..n-1
+    clusters = []
+    for sig, occurrences in found.items():
+        cid = _cluster_id(sig)
+        for chain, _ in occurrences:
+            for u in chain:
+                cluster_of[u.kernel_rows] = cid
+        clusters.append(_build_cluster(trace, cl, matcher, cid, occurrences, n_steps, profile))
+    clusters.sort(key=_rank_key, reverse=True)
+    kernel_cluster = pd.Series(cluster_of, index=trace.kernels.index, dtype=object)
+    return ClusterFindings(clusters, kernel_cluster, cl.kernel_memory_bound(), cl.kernel_classes, cl.col)
+
+
+def _rank_key(c: Cluster) -> tuple:
+    saving = c.estimate.saving_us
+    return (saving is not None, (saving or 0.0) * c.occurrences_per_step, c.measured_us_per_step)
+
+
+def _dtype_names(records: Sequence[OpRecord]) -> list[str]:
+    """Dtypes of the tensors the chain reads (0-dim arguments, wrapped Python scalars, left out)."""
+    return sorted({TRACE_DTYPES[t][0] for r in records for d, t in zip(r.dims, r.types)
+                   if t in TRACE_DTYPES and isinstance(d, (list, tuple)) and len(d) > 0})
+
+
+def _build_cluster(trace: Trace, cl: Classifier, matcher: _Matcher, cid: str,
+                   occurrences: list[tuple[list[Unit], str]], n_steps: int, profile: DeviceProfile) -> Cluster:
+    first, reason = occurrences[0]
+    records = [u.record for u in first]
+    direction = "backward" if first[0].backward else "forward"
+    paths = Counter()
+    for chain, _ in occurrences:
+        weights = Counter()
+        for u in chain:
+            weights[_unit_label(cl.col, u)] += u.passes
+        # The module holding most of the chain's kernels; on a tie the later one (where it ends).
+        order = {label: i for i, label in enumerate(weights)}
+        paths[max(weights, key=lambda s: (weights[s], order[s]))] += 1
+    module_class = paths.most_common(1)[0][0]
+    source = next((cl.col.source[u.op_row] for u in first
+                   if u.op_row >= 0 and isinstance(cl.col.source[u.op_row], str)), None)
+    matched = matcher.match(first)
+    pattern_name, params, fused = None, {}, None
+    if matched is not None:
+        pattern, params = matched
+        pattern_name = pattern.name
+        fused = pattern.fused_bytes(params).get(direction)
+    estimate = cluster_estimate(records, fused, profile)
+    measured = sum(u.dur for chain, _ in occurrences for u in chain)
+    launches = sum(len(u.kernel_rows) for chain, _ in occurrences for u in chain)
+    return Cluster(
+        id=cid, direction=direction, pattern=pattern_name, pattern_params=dict(params),
+        module_class=module_class, source=source,
+        ops=[dataclasses.asdict(r) for r in records],
+        kernels=[n for u in first for n in u.kernel_names],
+        dtypes=_dtype_names(records),
+        occurrences_per_step=round(len(occurrences) / n_steps, 3),
+        launches_per_step=round(launches / n_steps, 3),
+        measured_us_per_step=round(measured / n_steps, 3),
+        measured_us_per_occurrence=round(measured / len(occurrences), 3),
+        estimate=estimate, split_reason=reason, memory_bound=True,
+    )
