@@ -37,6 +37,21 @@ def as_rows(x: torch.Tensor, op: str) -> torch.Tensor:
     return x.view(-1, x.shape[-1])
 
 
+def as_row_view(x: torch.Tensor, op: str) -> torch.Tensor:
+    """View x as (rows, last_dim) WITHOUT a copy where it can be: the last dim contiguous and the
+    leading dims flattening to one row stride, e.g. one `chunk(2, -1)` half of a fused gate/up
+    projection (row stride 2 * last_dim). Otherwise copy once, as `as_rows` does. Kernels given
+    this view must index rows with its stride(0), which may differ from its last dim."""
+    if x.dim() == 0:
+        raise ValueError(f"{op}: expected a tensor with at least one dim, got a scalar")
+    if x.stride(-1) == 1:
+        try:
+            return x.view(-1, x.shape[-1])
+        except RuntimeError:  # leading dims do not flatten to one stride
+            pass
+    return x.contiguous().view(-1, x.shape[-1])
+
+
 def row_block(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps) for kernels that keep one whole row in registers."""
     block = triton.next_power_of_2(n_cols)
