@@ -65,3 +65,12 @@ def row_block(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     if block >= 32768:
         num_warps = 32
     return block, num_warps
+
+
+def elementwise_tile(n_cols: int, elements: int = 4096) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for 2-D elementwise kernels over (rows, n_cols): about
+    `elements` per program (16 per thread at 8 warps: 16-byte vectors in bf16 and fp32), rows
+    stacked when the row is narrower than that."""
+    block_n = min(triton.next_power_of_2(max(n_cols, 1)), elements)
+    block_m = max(1, elements // block_n)
+    return block_m, block_n, 8 if block_m * block_n >= 4096 else 4
