@@ -11,6 +11,7 @@ from fusion_advisor.kernels.registry import FusionPattern, OpRecord, Rewrite, al
 
 PATTERN_MODULES: list[str] = [
     "rms_norm",
+    "softmax",
     "bias_act",
     "swiglu",
     "geglu",
