@@ -15,12 +15,6 @@ PATTERN_MODULES: list[str] = [
     "bias_act",
     "swiglu",
     "geglu",
-] = [
-    "rms_norm",
-    "softmax",
-    "bias_act",
-    "swiglu",
-    "geglu",
     "rope",
 ]
 
