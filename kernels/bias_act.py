@@ -23,7 +23,7 @@ import triton.language as tl
 from fusion_advisor.kernels.activations import (ACTIVATION_IDS, activation_grad, activation_id, apply_activation,
                                                 torch_activation)
 from fusion_advisor.kernels.common import as_row_view, check_device, check_dtype, elementwise_tile, interpreting
-from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name,
+from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
                                              register)
 
 
@@ -165,7 +165,10 @@ class BiasActFunction(torch.autograd.Function):
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor, activation: str = "gelu", negative_slope: float = 0.01) -> torch.Tensor:
     """Fused act(x + bias), numerically the eager expression's forward and backward.
-    `negative_slope` is used by leaky_relu only."""
+    `negative_slope` is used by leaky_relu only. Like `+`, it takes the 1-D bias on either side
+    (a source rewrite of `F.gelu(bias + x)` may bind them in that order)."""
+    if bias.dim() != 1 and x.dim() == 1:
+        x, bias = bias, x
     return BiasActFunction.apply(x, bias, activation, float(negative_slope))
 
 
@@ -247,6 +250,11 @@ PATTERN = register(FusionPattern(
     fused_bytes=fused_bytes,
     forward_signature=r"\badd (?:\S+ ){0,2}(?:gelu|silu|relu|sigmoid|leaky_relu)_?\b",
     params_from_ops=params_from_ops,
+    rewrites=tuple(Rewrite(f"F.{fn}($x + $bias{kw})", f"bias_act($x, $bias, {act!r})",
+                           ("from fusion_advisor.kernels.bias_act import bias_act",))
+                   for fn, kw, act in (("gelu", "", "gelu"), ("gelu", ", approximate='tanh'", "gelu_tanh"),
+                                       ("gelu", ', approximate="tanh"', "gelu_tanh"), ("silu", "", "silu"),
+                                       ("relu", "", "relu"))),
     example_params={"shape": [6, 42, 431], "dtype": "float32", "activation": "gelu_tanh"},
     # GPT-style MLP widths (4 x hidden at the activation), then each other activation once.
     bench_params=tuple({"shape": [tokens, 4 * hidden], "dtype": "bfloat16", "activation": "gelu_tanh"}

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from fusion_advisor.kernels.glu import GatedMLP, gated_mlp_width, glu, glu_bytes
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
+                                             register)
 
 _ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -116,6 +117,8 @@ PATTERN = register(FusionPattern(
     params_from_ops=params_from_ops,
     modules=("GemmaMLP", "Gemma2MLP", "Gemma3MLP"),
     module_factory=GEGLUMLP.from_module,
+    rewrites=tuple(Rewrite(f"F.gelu($gate{kw}) * $up", f"geglu($gate, $up{kw})", ("from fusion_advisor.kernels.geglu import geglu",))
+                   for kw in ("", ", approximate=$approximate")),
     example_params={"shape": [6, 42, 431], "dtype": "float32", "approximate": "tanh"},
     bench_params=tuple({"shape": [tokens, gated_mlp_width(hidden)], "dtype": "bfloat16", "approximate": "tanh"}
                        for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from fusion_advisor.kernels.glu import GatedMLP, gated_mlp_width, glu, glu_bytes
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
+                                             register)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,7 @@ PATTERN = register(FusionPattern(
     params_from_ops=params_from_ops,
     modules=("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"),
     module_factory=SwiGLUMLP.from_module,
+    rewrites=(Rewrite("F.silu($gate) * $up", "swiglu($gate, $up)", ("from fusion_advisor.kernels.swiglu import swiglu",)),),
     example_params={"shape": [6, 42, 431], "dtype": "float32"},
     bench_params=tuple({"shape": [tokens, gated_mlp_width(hidden)], "dtype": "bfloat16"}
                        for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),

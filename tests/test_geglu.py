@@ -82,3 +82,18 @@ def test_runs_under_torch_compile_fullgraph(device):
     mod.reference(g_ref, u_ref, "tanh").sum().backward()
     torch.testing.assert_close(gate.grad, g_ref.grad)
     torch.testing.assert_close(up.grad, u_ref.grad)
+
+
+def test_source_rewrites_compute_the_same(device):
+    from fusion_advisor.source_patch import rewrite_source
+    text = ("import torch.nn.functional as F\n\n"
+            "def exact(g, u):\n    return F.gelu(g) * u\n\n"
+            "def tanh(g, u):\n    return u * F.gelu(g, approximate='tanh')\n")
+    out = rewrite_source("mlp.py", text, {}, [(r, set(), "geglu") for r in mod.PATTERN.rewrites])
+    assert [c.after for c in out.changes] == ["geglu(g, u)", "geglu(g, u, approximate='tanh')"]
+    before, after = {}, {}
+    exec(compile(text, "before.py", "exec"), before)
+    exec(compile(out.after, "after.py", "exec"), after)
+    g, u = torch.randn(3, 40, device=device), torch.randn(3, 40, device=device)
+    for fn in ("exact", "tanh"):
+        torch.testing.assert_close(after[fn](g, u), before[fn](g, u))

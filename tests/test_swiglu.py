@@ -102,3 +102,11 @@ def test_runs_under_torch_compile_fullgraph(device):
     mod.reference(g_ref, u_ref).sum().backward()
     torch.testing.assert_close(gate.grad, g_ref.grad)
     torch.testing.assert_close(up.grad, u_ref.grad)
+
+
+def test_source_rewrite_of_the_example_llama_mlp():
+    from fusion_advisor.source_patch import rewrite_source
+    path = pathlib.Path(__file__).parents[1] / "examples" / "llama_train.py"
+    out = rewrite_source(str(path), path.read_text(), {}, [(r, set(), "swiglu") for r in mod.PATTERN.rewrites])
+    assert [c.after for c in out.changes] == ["swiglu(self.gate_proj(x), self.up_proj(x))"]
+    assert "from fusion_advisor.kernels.swiglu import swiglu" in out.after
