@@ -16,7 +16,7 @@ def test_bias_act_matches_eager(activation, dtype, device):
                             device, reduced_grads=(1,))
 
 
-@pytest.mark.parametrize("shape", [[3, 256], [1, 1, 8], [40, 1500]])
+@pytest.mark.parametrize("shape", [[3, 256], [1, 1, 8], [8, 1500]])
 def test_round_and_wide_shapes(shape, device):
     check_against_reference(mod.PATTERN, {"shape": shape, "dtype": "bfloat16", "activation": "gelu_tanh"},
                             device, reduced_grads=(1,))

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("mask", ["none", "causal"])
-@pytest.mark.parametrize("shape", [[2, 3, 21, 21], [4, 16, 16]])
+@pytest.mark.parametrize("shape", [[2, 3, 13, 13], [4, 16, 16]])
 def test_scaled_softmax_matches_eager(shape, mask, dtype, device):
     check_against_reference(mod.PATTERN, {"shape": shape, "dtype": dtype, "scale": 0.125, "mask": mask}, device)
 
