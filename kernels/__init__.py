@@ -11,6 +11,11 @@ from fusion_advisor.kernels.registry import FusionPattern, OpRecord, Rewrite, al
 
 PATTERN_MODULES: list[str] = [
     "rms_norm",
+    "softmax",
+    "bias_act",
+    "swiglu",
+    "geglu",
+    "rope",
 ]
 
 for _name in PATTERN_MODULES:

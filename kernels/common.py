@@ -37,6 +37,21 @@ def as_rows(x: torch.Tensor, op: str) -> torch.Tensor:
     return x.view(-1, x.shape[-1])
 
 
+def as_row_view(x: torch.Tensor, op: str) -> torch.Tensor:
+    """View x as (rows, last_dim) WITHOUT a copy where it can be: the last dim contiguous and the
+    leading dims flattening to one row stride, e.g. one `chunk(2, -1)` half of a fused gate/up
+    projection (row stride 2 * last_dim). Otherwise copy once, as `as_rows` does. Kernels given
+    this view must index rows with its stride(0), which may differ from its last dim."""
+    if x.dim() == 0:
+        raise ValueError(f"{op}: expected a tensor with at least one dim, got a scalar")
+    if x.stride(-1) == 1:
+        try:
+            return x.view(-1, x.shape[-1])
+        except RuntimeError:  # leading dims do not flatten to one stride
+            pass
+    return x.contiguous().view(-1, x.shape[-1])
+
+
 def row_block(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps) for kernels that keep one whole row in registers."""
     block = triton.next_power_of_2(n_cols)
@@ -50,3 +65,12 @@ def row_block(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     if block >= 32768:
         num_warps = 32
     return block, num_warps
+
+
+def elementwise_tile(n_cols: int, elements: int = 4096) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for 2-D elementwise kernels over (rows, n_cols): about
+    `elements` per program (16 per thread at 8 warps: 16-byte vectors in bf16 and fp32), rows
+    stacked when the row is narrower than that."""
+    block_n = min(triton.next_power_of_2(max(n_cols, 1)), elements)
+    block_m = max(1, elements // block_n)
+    return block_m, block_n, 8 if block_m * block_n >= 4096 else 4

@@ -1,0 +1,126 @@
+"""GEGLU: y = gelu(gate, approximate) * up, the Gemma / T5 v1.1 MLP's activation, one kernel each way.
+
+Replaces `F.gelu(gate, approximate=...) * up` (Hugging Face's GemmaMLP with act_fn
+gelu_pytorch_tanh), which eager PyTorch runs as 2 kernels forward (gelu, mul) and 3 backward
+(dy * up, dy * gelu(gate), gelu_backward). The kernels live in glu.py, shared with swiglu.py.
+
+Bytes for gate and up of M x N elements each (element size e):
+  unfused forward:  gelu reads gate, writes a; mul reads a and up, writes y:      5 * M*N*e
+  unfused backward: dy*up and dy*a read 2, write 1 each; gelu_backward 2 + 1:     9 * M*N*e
+  fused forward:    read gate and up, write y:                                     3 * M*N*e
+  fused backward:   read dy, gate, up (gelu recomputed), write dgate and dup:      5 * M*N*e
+`fused_bytes` returns exactly the fused numbers.
+
+A Kineto trace does not record gelu's `approximate` string (its Concrete Inputs entry is empty), so
+`params_from_ops` cannot tell tanh from exact GELU: it reports approximate="none". Both run at the
+same speed (memory-bound); whoever patches a model must read `approximate` off the model's code or
+its act_fn module, as `GEGLUMLP.from_module` does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusion_advisor.kernels.glu import GatedMLP, gated_mlp_width, glu, glu_bytes
+from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
+                                             register)
+
+_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+def _activation(approximate: str) -> str:
+    try:
+        return _ACTIVATION[approximate]
+    except KeyError:
+        raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}") from None
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """Fused gelu(gate, approximate) * up, numerically the eager expression's forward and backward."""
+    return glu(gate, up, _activation(approximate))
+
+
+def approximate_of(act: torch.nn.Module) -> str | None:
+    """'none' / 'tanh' for a GELU module (torch's or transformers'), None for anything else."""
+    if isinstance(act, torch.nn.GELU):
+        return act.approximate
+    name = type(act).__name__
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation"):
+        return "tanh"
+    if name == "GELUActivation":
+        return "none"
+    return None
+
+
+class GEGLUMLP(GatedMLP):
+    """Drop-in for GemmaMLP / Gemma2MLP / Gemma3MLP (same gate/up/down projections)."""
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> "GEGLUMLP":
+        """Wrap an existing MLP's projections (shared, not copied); `approximate` is read off its
+        act_fn, which must be a GELU."""
+        act = getattr(module, "act_fn", None)
+        approximate = approximate_of(act) if act is not None else None
+        if approximate is None:
+            found = type(act).__name__ if act is not None else "no act_fn"
+            raise ValueError(f"{type(module).__name__}: {found} is not a known GELU: not a GEGLU MLP")
+        return cls(*GatedMLP.projections(module), activation=_activation(approximate))
+
+
+def reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """Hugging Face GemmaMLP's activation, verbatim (act_fn = GELU with this `approximate`)."""
+    return F.gelu(gate, approximate=approximate) * up
+
+
+def liger(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """Liger-Kernel's GELU-mul on the same inputs. Liger has the tanh approximation only."""
+    if approximate != "tanh":
+        raise NotImplementedError("Liger-Kernel's GEGLU computes tanh-approximate GELU only")
+    from liger_kernel.ops.geglu import LigerGELUMulFunction
+    return LigerGELUMulFunction.apply(gate, up)
+
+
+def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
+    dtype = getattr(torch, params["dtype"])
+    gate = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
+    up = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
+    return Inputs((gate, up), {"approximate": params.get("approximate", "none")},
+                  grad_inputs=(0, 1) if requires_grad else ())
+
+
+def fused_bytes(params: dict) -> dict:
+    return glu_bytes(params)
+
+
+def params_from_ops(ops: list[OpRecord]) -> dict | None:
+    """Shape and dtype from the traced gelu and the mul of its output with up (same shape)."""
+    act = next((o for o in ops if o.short in ("gelu", "gelu_")), None)
+    if act is None or not act.dims or not act.dims[0] or not act.types:
+        return None
+    shape = tuple(act.dims[0])
+    mul = next((o for o in ops if o.short == "mul" and len(o.dims) >= 2
+                and tuple(o.dims[0]) == shape and tuple(o.dims[1]) == shape), None)
+    dtype = dtype_from_trace(act.types[0])
+    if mul is None or dtype is None:
+        return None
+    return {"shape": list(shape), "dtype": dtype_name(dtype), "approximate": "none"}
+
+
+PATTERN = register(FusionPattern(
+    name="geglu",
+    description="GEGLU MLP activation gelu(gate) * up as one Triton kernel each way",
+    reference=reference,
+    fused=geglu,
+    make_inputs=make_inputs,
+    fused_bytes=fused_bytes,
+    forward_signature=r"\bgelu_? (?:\S+ ){0,2}mul\b",
+    params_from_ops=params_from_ops,
+    modules=("GemmaMLP", "Gemma2MLP", "Gemma3MLP"),
+    module_factory=GEGLUMLP.from_module,
+    rewrites=tuple(Rewrite(f"F.gelu($gate{kw}) * $up", f"geglu($gate, $up{kw})", ("from fusion_advisor.kernels.geglu import geglu",))
+                   for kw in ("", ", approximate=$approximate")),
+    example_params={"shape": [6, 42, 431], "dtype": "float32", "approximate": "tanh"},
+    bench_params=tuple({"shape": [tokens, gated_mlp_width(hidden)], "dtype": "bfloat16", "approximate": "tanh"}
+                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    liger=liger,
+))

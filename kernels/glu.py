@@ -1,0 +1,169 @@
+"""Gated activation act(gate) * up, one Triton kernel each way; shared by swiglu.py (silu) and
+geglu.py (gelu, gelu_tanh), which register the patterns. This file registers nothing.
+
+The kernels round where the eager code rounds (act(gate) to the input dtype before the product;
+dy * up to the input dtype before the activation's derivative), so a bf16 result matches eager
+bf16, not an fp32 computation of it.
+
+gate and up may be strided views (one `chunk(2, -1)` half each of a fused gate/up projection):
+the kernels read them in place through their row strides; outputs are contiguous.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusion_advisor.kernels.activations import activation_grad, activation_id, apply_activation
+from fusion_advisor.kernels.common import as_row_view, check_device, check_dtype, elementwise_tile
+
+
+@triton.jit
+def _glu_fwd_kernel(G, U, Y, stride_g, stride_u, n_rows, n_cols, ACT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = apply_activation(g, ACT, 0.0).to(G.dtype.element_ty).to(tl.float32)
+    tl.store(Y + rows[:, None] * n_cols + cols[None, :], (a * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, n_rows, n_cols, ACT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = apply_activation(g, ACT, 0.0).to(G.dtype.element_ty).to(tl.float32)
+    da = (dy * u).to(G.dtype.element_ty).to(tl.float32)
+    out = rows[:, None] * n_cols + cols[None, :]
+    tl.store(DG + out, (da * activation_grad(g, ACT, 0.0)).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + out, (dy * a).to(DU.dtype.element_ty), mask=mask)
+
+
+def _check(gate: torch.Tensor, up: torch.Tensor, op: str) -> None:
+    check_dtype(gate, op)
+    check_device(gate, up, op=op)
+    if gate.shape != up.shape:
+        raise ValueError(f"{op}: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"{op}: gate ({gate.dtype}) and up ({up.dtype}) must have the same dtype")
+
+
+def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """Launcher: act(gate) * up, contiguous, gate's shape and dtype."""
+    act = activation_id(activation)
+    if activation == "leaky_relu":  # the only activation with a parameter; no gated form uses it
+        raise ValueError("glu: leaky_relu is not supported as a gated activation")
+    _check(gate, up, f"glu[{activation}]")
+    g2, u2 = as_row_view(gate, "glu"), as_row_view(up, "glu")
+    n_rows, n_cols = g2.shape
+    y = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    block_m, block_n, warps = elementwise_tile(n_cols)
+    if y.numel():
+        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+        _glu_fwd_kernel[grid](g2, u2, y, g2.stride(0), u2.stride(0), n_rows, n_cols, ACT=act,
+                              BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    return y.view(gate.shape)
+
+
+def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: (dgate, dup), contiguous."""
+    act = activation_id(activation)
+    dy2, g2, u2 = as_row_view(dy, "glu"), as_row_view(gate, "glu"), as_row_view(up, "glu")
+    n_rows, n_cols = g2.shape
+    dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    du = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
+    block_m, block_n, warps = elementwise_tile(n_cols)
+    if dg.numel():
+        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+        _glu_bwd_kernel[grid](dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), n_rows, n_cols,
+                              ACT=act, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    return dg.view(gate.shape), du.view(up.shape)
+
+
+@torch.library.custom_op("fusion_advisor::glu_fwd", mutates_args=())
+def _glu_fwd_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    return glu_fwd(gate, up, activation)
+
+
+@_glu_fwd_op.register_fake
+def _(gate, up, activation):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("fusion_advisor::glu_bwd", mutates_args=())
+def _glu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return glu_bwd(dy, gate, up, activation)
+
+
+@_glu_bwd_op.register_fake
+def _(dy, gate, up, activation):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+class GLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, activation):
+        y = torch.ops.fusion_advisor.glu_fwd(gate, up, activation)
+        ctx.save_for_backward(gate, up)
+        ctx.activation = activation
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dg, du = torch.ops.fusion_advisor.glu_bwd(dy, gate, up, ctx.activation)
+        return dg, du, None
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """Fused act(gate) * up, numerically the eager expression's forward and backward."""
+    return GLUFunction.apply(gate, up, activation)
+
+
+class GatedMLP(torch.nn.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)), the Llama/Gemma MLP, with the gated activation
+    fused. Holds the wrapped MLP's projections (shared, not copied)."""
+
+    def __init__(self, gate_proj: torch.nn.Module, up_proj: torch.nn.Module, down_proj: torch.nn.Module,
+                 activation: str):
+        super().__init__()
+        activation_id(activation)
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.activation = activation
+
+    @staticmethod
+    def projections(module: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+        missing = [n for n in ("gate_proj", "up_proj", "down_proj") if not hasattr(module, n)]
+        if missing:
+            raise ValueError(f"{type(module).__name__} has no {', '.join(missing)}: not a gated MLP")
+        return module.gate_proj, module.up_proj, module.down_proj
+
+    def forward(self, x):
+        return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), self.activation))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation} (fused Triton)"
+
+
+def glu_bytes(params: dict) -> dict:
+    """Bytes one fused launch moves each way, for gate/up of params["shape"] and params["dtype"]:
+    forward reads gate and up and writes y; backward reads dy, gate and up and writes dgate, dup."""
+    n = 1
+    for d in params["shape"]:
+        n *= d
+    e = getattr(torch, params["dtype"]).itemsize
+    return {"forward": 3 * n * e, "backward": 5 * n * e}
+
+
+def gated_mlp_width(hidden: int) -> int:
+    """The gated MLP's width for a hidden size, as Llama-2 sizes it: 8/3 hidden rounded up to a
+    multiple of 256 (4096 -> 11008). Used for benchmark shapes."""
+    return -(-hidden * 8 // (3 * 256)) * 256

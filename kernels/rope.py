@@ -1,0 +1,302 @@
+"""Rotary position embedding on q and k, both in ONE Triton launch each way.
+
+Replaces Hugging Face's `apply_rotary_pos_emb(q, k, cos, sin)` with `rotate_half` (Llama, Mistral,
+Qwen, ...: `reference` below, verbatim from examples/llama_train.py), which eager PyTorch runs per
+tensor as mul, neg, cat, mul, add: 10 kernels forward for q and k (the slices are views), and about
+as many backward (mul, neg, two slice_backward, adds).
+
+q is (B, H, S, D) and k (B, Hk, S, D) (Hk may differ: grouped-query attention); cos and sin are
+(B, S, D) or (1, S, D) (unsqueezed at dim 1 by the reference). q and k are read in place through
+their strides, which is how they usually arrive: `view(B, S, H, D).transpose(1, 2)` of a
+projection. The outputs take q's and k's layout (dense strides preserved), as eager's do.
+One program per (b, s) position: it loads that position's cos and sin once and rotates every head
+of q and of k. The backward is the same kernel with the rotation reversed (sin halves swapped and
+negated): dq = dy * cos + rotate_half^T(dy * sin).
+
+The kernels round where eager rounds (q*cos and rotate_half(q)*sin to the output dtype, then their
+sum), so bf16 results match eager bf16.
+
+Bytes for q (B*H*S*D elements) and k (B*Hk*S*D), element size e, output size o = max(e, size of
+cos), cos and sin of C = Bc*S*D elements each of size c:
+  unfused forward, per tensor of N elements: mul 2N*e (+cos), neg N*e, cat 2N*e, mul 2N*e (+sin),
+                   add 3N*e: about 10 N*e each for q and k
+  fused forward:   read q and k, write both outputs, read cos and sin once:
+                   B*(H+Hk)*S*D*(e + o) + 2*C*c
+  fused backward:  read dq_out and dk_out, write dq and dk, read cos and sin once:
+                   B*(H+Hk)*S*D*(o + e) + 2*C*c
+`fused_bytes` returns exactly the fused numbers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusion_advisor.kernels.common import check_device, check_dtype
+from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+
+
+@triton.jit
+def _rope_rotate(X, Y, b, s, n_heads, half, stride_xb, stride_xh, stride_xs, stride_yb, stride_yh, stride_ys,
+                 c1, c2, s1, s2, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate every head of one (b, s) position of X into Y: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2,
+    each product and the sum rounded to Y's dtype as eager rounds them."""
+    heads = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (heads < n_heads)[:, None] & (d < half)[None, :]
+    x_off = b * stride_xb + s * stride_xs + heads[:, None].to(tl.int64) * stride_xh + d[None, :]
+    x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + half, mask=mask, other=0.0).to(tl.float32)
+    out_ty = Y.dtype.element_ty
+    y1 = (x1 * c1[None, :]).to(out_ty).to(tl.float32) + (-x2 * s1[None, :]).to(out_ty).to(tl.float32)
+    y2 = (x2 * c2[None, :]).to(out_ty).to(tl.float32) + (x1 * s2[None, :]).to(out_ty).to(tl.float32)
+    y_off = b * stride_yb + s * stride_ys + heads[:, None].to(tl.int64) * stride_yh + d[None, :]
+    tl.store(Y + y_off, y1.to(out_ty), mask=mask)
+    tl.store(Y + y_off + half, y2.to(out_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(Q, K, COS, SIN, QO, KO, seq_len, n_q_heads, n_k_heads, half,
+                 stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                 stride_qob, stride_qoh, stride_qos, stride_kob, stride_koh, stride_kos,
+                 stride_cb, stride_cs, BACKWARD: tl.constexpr,
+                 BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // seq_len
+    s = pid % seq_len
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < half
+    c_off = b * stride_cb + s * stride_cs + d
+    c1 = tl.load(COS + c_off, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + c_off + half, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + c_off, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + c_off + half, mask=dmask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        # The transpose of the rotation: dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1.
+        s1, s2 = -s2, -s1
+    _rope_rotate(Q, QO, b, s, n_q_heads, half, stride_qb, stride_qh, stride_qs, stride_qob, stride_qoh, stride_qos,
+                 c1, c2, s1, s2, BLOCK_QH, BLOCK_D)
+    _rope_rotate(K, KO, b, s, n_k_heads, half, stride_kb, stride_kh, stride_ks, stride_kob, stride_koh, stride_kos,
+                 c1, c2, s1, s2, BLOCK_KH, BLOCK_D)
+
+
+def _out_dtype(q: torch.Tensor, cos: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, cos.dtype)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    check_dtype(q, "rope")
+    check_dtype(cos, "rope")
+    check_device(q, k, cos, sin, op="rope")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"rope: q and k must be (B, H, S, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, _, s, d = q.shape
+    if k.shape[0] != b or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"rope: k {tuple(k.shape)} does not match q {tuple(q.shape)} outside the head dim")
+    if d % 2:
+        raise ValueError(f"rope: head dim must be even, got {d}")
+    if q.dtype != k.dtype or cos.dtype != sin.dtype:
+        raise TypeError(f"rope: q/k dtypes ({q.dtype}, {k.dtype}) and cos/sin dtypes ({cos.dtype}, {sin.dtype}) "
+                        "must match pairwise")
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (s, d):
+        raise ValueError(f"rope: cos and sin must be ({b} or 1, {s}, {d}), got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    # One set of strides serves cos and sin; a batch of 1 broadcasts over B through stride 0.
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)
+    block_qh, block_kh = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+    block_d = triton.next_power_of_2(d // 2)
+    warps = 4 if max(block_qh, block_kh) * block_d <= 2048 else 8
+    if q.numel() and k.numel():
+        _rope_kernel[(b * s,)](q, k, cos, sin, q_out, k_out, s, hq, hk, d // 2,
+                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                               q_out.stride(0), q_out.stride(1), q_out.stride(2),
+                               k_out.stride(0), k_out.stride(1), k_out.stride(2), cos.stride(0), cos.stride(1),
+                               BACKWARD=backward, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d,
+                               num_warps=warps)
+
+
+def _out_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor of t's shape: t's strides where t is dense with a contiguous last dim (eager's
+    outputs take its layout too), else contiguous. The fake kernels use it as well."""
+    if t.stride(-1) == 1:
+        return torch.empty_like(t, dtype=dtype)
+    return torch.empty(t.shape, dtype=dtype, device=t.device)
+
+
+def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: (q_embed, k_embed) in q's and k's layout, dtype promote(q, cos)."""
+    _check(q, k, cos, sin)
+    out = _out_dtype(q, cos)
+    q_out, k_out = _out_like(q, out), _out_like(k, out)
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    _launch(q, k, cos, sin, q_out, k_out, backward=False)
+    return q_out, k_out
+
+
+def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: (dq, dk) of `dtype` (q's), in the incoming grads' layout."""
+    dq, dk = _out_like(dq_out, dtype), _out_like(dk_out, dtype)
+    dq_out, dk_out = _last_dim_contiguous(dq_out), _last_dim_contiguous(dk_out)
+    _launch(dq_out, dk_out, cos, sin, dq, dk, backward=True)
+    return dq, dk
+
+
+# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
+@torch.library.custom_op("fusion_advisor::rope_fwd", mutates_args=())
+def _rope_fwd_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_fwd(q, k, cos, sin)
+
+
+@_rope_fwd_op.register_fake
+def _(q, k, cos, sin):
+    out = _out_dtype(q, cos)
+    return _out_like(q, out), _out_like(k, out)
+
+
+@torch.library.custom_op("fusion_advisor::rope_bwd", mutates_args=())
+def _rope_bwd_op(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_bwd(dq_out, dk_out, cos, sin, dtype)
+
+
+@_rope_bwd_op.register_fake
+def _(dq_out, dk_out, cos, sin, dtype):
+    return _out_like(dq_out, dtype), _out_like(dk_out, dtype)
+
+
+class RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        q_embed, k_embed = torch.ops.fusion_advisor.rope_fwd(q, k, cos, sin)
+        ctx.save_for_backward(cos, sin)
+        ctx.q_dtype = q.dtype
+        return q_embed, k_embed
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        cos, sin = ctx.saved_tensors
+        dq, dk = torch.ops.fusion_advisor.rope_bwd(dq_out, dk_out, cos, sin, ctx.q_dtype)
+        return dq, dk, None, None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `apply_rotary_pos_emb(q, k, cos, sin)`, numerically the reference's forward and
+    backward. cos and sin get no gradient (HF computes them under no_grad): passing ones that
+    require grad is refused rather than silently given none."""
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("rope: cos/sin that require grad are not supported (compute them under torch.no_grad, "
+                         "as Hugging Face's rotary embedding does)")
+    return RoPEFunction.apply(q, k, cos, sin)
+
+
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def reference(q, k, cos, sin):
+    """Hugging Face apply_rotary_pos_emb (unsqueeze_dim=1), verbatim."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def liger(q, k, cos, sin):
+    """Liger-Kernel's RoPE on the same inputs."""
+    from liger_kernel.ops.rope import LigerRopeFunction
+    return LigerRopeFunction.apply(q, k, cos, sin)
+
+
+def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
+    """params: q_shape (B, H, S, D), k_heads, dtype, cos_batch (1 or B, default 1), cos_dtype.
+    q and k are built as Llama builds them, `view(B, S, H, D).transpose(1, 2)` (strided), unless
+    params["layout"] == "contiguous"; cos/sin as LlamaRotaryEmbedding makes them."""
+    dtype = getattr(torch, params["dtype"])
+    b, h, s, d = params["q_shape"]
+    hk = params.get("k_heads", h)
+
+    def heads(n):
+        if params.get("layout", "bshd") == "contiguous":
+            return torch.randn(b, n, s, d, device=device).to(dtype)
+        return torch.randn(b, s, n, d, device=device).to(dtype).transpose(1, 2)
+
+    q, k = heads(h).requires_grad_(requires_grad), heads(hk).requires_grad_(requires_grad)
+    cos_batch = params.get("cos_batch", 1)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    pos = torch.arange(s, device=device, dtype=torch.float32)[None].expand(cos_batch, s)
+    freqs = pos[:, :, None] * inv_freq[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cdtype = getattr(torch, params.get("cos_dtype", params["dtype"]))
+    return Inputs((q, k, emb.cos().to(cdtype), emb.sin().to(cdtype)), grad_inputs=(0, 1) if requires_grad else ())
+
+
+def fused_bytes(params: dict) -> dict:
+    b, h, s, d = params["q_shape"]
+    hk = params.get("k_heads", h)
+    e = getattr(torch, params["dtype"]).itemsize
+    c = getattr(torch, params.get("cos_dtype", params["dtype"])).itemsize
+    o = max(e, c)
+    qk = b * (h + hk) * s * d
+    cos_sin = 2 * params.get("cos_batch", 1) * s * d * c
+    return {"forward": qk * (e + o) + cos_sin, "backward": qk * (o + e) + cos_sin}
+
+
+def params_from_ops(ops: list[OpRecord]) -> dict | None:
+    """q/k shapes, dtypes and cos batch from the traced chain per tensor
+    `mul(x, cos) slice slice neg cat mul(rot, sin) add`, q's first, then k's."""
+    shapes = []
+    for i, op in enumerate(ops):
+        if op.short != "neg" or not op.dims or not op.dims[0]:
+            continue
+        mul = next((o for o in reversed(ops[:i]) if o.short == "mul" and len(o.dims) == 2
+                    and len(o.dims[0]) == 4 and len(o.dims[1]) == 4), None)
+        if mul is None or tuple(op.dims[0]) != tuple(mul.dims[0][:3]) + (mul.dims[0][3] // 2,):
+            continue
+        shapes.append((tuple(mul.dims[0]), tuple(mul.dims[1]), mul.types))
+    if len(shapes) != 2 or not any(o.short == "cat" for o in ops):
+        return None
+    (q_shape, cos_shape, types), (k_shape, _, _) = shapes
+    b, h, s, d = q_shape
+    if k_shape[0] != b or k_shape[2:] != (s, d) or cos_shape[1] != 1 or cos_shape[2:] != (s, d):
+        return None
+    dtype = dtype_from_trace(types[0]) if types else None
+    cdtype = dtype_from_trace(types[1]) if len(types) > 1 else None
+    if dtype is None or cdtype is None:
+        return None
+    params = {"q_shape": list(q_shape), "k_heads": k_shape[1], "dtype": dtype_name(dtype), "cos_batch": cos_shape[0]}
+    if cdtype != dtype:
+        params["cos_dtype"] = dtype_name(cdtype)
+    return params
+
+
+PATTERN = register(FusionPattern(
+    name="rope",
+    description="rotary position embedding (rotate_half) on q and k in one Triton launch each way",
+    reference=reference,
+    fused=rope,
+    make_inputs=make_inputs,
+    fused_bytes=fused_bytes,
+    forward_signature=r"\bmul (?:\S+ ){0,4}neg cat mul add\b",
+    params_from_ops=params_from_ops,
+    example_params={"q_shape": [2, 4, 9, 16], "k_heads": 2, "dtype": "float32"},
+    # tokens = B * S in 4k-32k at S = 4096; hidden = H * 128 in 1k-8k; 8 kv heads (GQA, Llama-3).
+    bench_params=tuple({"q_shape": [tokens // 4096, hidden // 128, 4096, 128], "k_heads": 8, "dtype": "bfloat16"}
+                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    liger=liger,
+))

@@ -1,0 +1,99 @@
+"""SwiGLU: y = silu(gate) * up, the Llama/Mistral/Qwen MLP's activation, one kernel each way.
+
+Replaces `F.silu(gate) * up` (Hugging Face's LlamaMLP: `down_proj(act_fn(gate_proj(x)) * up_proj(x))`),
+which eager PyTorch runs as 2 kernels forward (silu, mul) and 3 backward (dy * up, dy * silu(gate),
+silu_backward). The kernels live in glu.py, shared with geglu.py.
+
+Bytes for gate and up of M x N elements each (element size e):
+  unfused forward:  silu reads gate, writes a; mul reads a and up, writes y:      5 * M*N*e
+  unfused backward: dy*up and dy*a read 2, write 1 each; silu_backward 2 + 1:     9 * M*N*e
+  fused forward:    read gate and up, write y:                                     3 * M*N*e
+  fused backward:   read dy, gate, up (silu recomputed), write dgate and dup:      5 * M*N*e
+`fused_bytes` returns exactly the fused numbers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusion_advisor.kernels.glu import GatedMLP, gated_mlp_width, glu, glu_bytes
+from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
+                                             register)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Fused silu(gate) * up, numerically the eager expression's forward and backward."""
+    return glu(gate, up, "silu")
+
+
+def _is_silu(act: torch.nn.Module) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation", "Swish")
+
+
+class SwiGLUMLP(GatedMLP):
+    """Drop-in for LlamaMLP / MistralMLP / Qwen2MLP / Qwen3MLP (same gate/up/down projections)."""
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> "SwiGLUMLP":
+        """Wrap an existing MLP's projections (shared, not copied). An `act_fn` other than SiLU is
+        refused; a module without one (activation hard-coded, as in examples/llama_train.py) is
+        taken at its class name's word."""
+        act = getattr(module, "act_fn", None)
+        if act is not None and not _is_silu(act):
+            raise ValueError(f"{type(module).__name__}.act_fn is {type(act).__name__}, not SiLU: not a SwiGLU MLP")
+        return cls(*GatedMLP.projections(module), activation="silu")
+
+
+def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Hugging Face LlamaMLP's activation, verbatim (act_fn = SiLU)."""
+    return F.silu(gate) * up
+
+
+def liger(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Liger-Kernel's SiLU-mul on the same inputs."""
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    return LigerSiLUMulFunction.apply(gate, up)
+
+
+def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
+    dtype = getattr(torch, params["dtype"])
+    gate = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
+    up = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
+    return Inputs((gate, up), grad_inputs=(0, 1) if requires_grad else ())
+
+
+def fused_bytes(params: dict) -> dict:
+    return glu_bytes(params)
+
+
+def params_from_ops(ops: list[OpRecord]) -> dict | None:
+    """Shape and dtype from the traced silu and the mul of its output with up (same shape)."""
+    act = next((o for o in ops if o.short in ("silu", "silu_")), None)
+    if act is None or not act.dims or not act.dims[0] or not act.types:
+        return None
+    shape = tuple(act.dims[0])
+    mul = next((o for o in ops if o.short == "mul" and len(o.dims) >= 2
+                and tuple(o.dims[0]) == shape and tuple(o.dims[1]) == shape), None)
+    dtype = dtype_from_trace(act.types[0])
+    if mul is None or dtype is None:
+        return None
+    return {"shape": list(shape), "dtype": dtype_name(dtype)}
+
+
+PATTERN = register(FusionPattern(
+    name="swiglu",
+    description="SwiGLU MLP activation silu(gate) * up as one Triton kernel each way",
+    reference=reference,
+    fused=swiglu,
+    make_inputs=make_inputs,
+    fused_bytes=fused_bytes,
+    forward_signature=r"\bsilu_? (?:\S+ ){0,2}mul\b",
+    params_from_ops=params_from_ops,
+    modules=("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"),
+    module_factory=SwiGLUMLP.from_module,
+    rewrites=(Rewrite("F.silu($gate) * $up", "swiglu($gate, $up)", ("from fusion_advisor.kernels.swiglu import swiglu",)),),
+    example_params={"shape": [6, 42, 431], "dtype": "float32"},
+    bench_params=tuple({"shape": [tokens, gated_mlp_width(hidden)], "dtype": "bfloat16"}
+                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    liger=liger,
+))

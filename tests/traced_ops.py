@@ -1,0 +1,33 @@
+"""Real traced ops as patterns see them: OpRecords read off the GPU traces in tests/data."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from fusion_advisor.analyzers.trace import Trace
+from fusion_advisor.kernels.registry import OpRecord
+
+DATA = Path(__file__).parent / "data"
+
+
+def _tuples(value):
+    """Trace dims are nested lists (a TensorList's dims are a list of lists): make them tuples."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+@lru_cache(maxsize=None)
+def forward_ops(trace_name: str) -> tuple[OpRecord, ...]:
+    """The top-level forward ops of the trace's first profiled step, in launch order."""
+    ops = Trace.load(str(DATA / trace_name)).ops
+    step = min(s for s in ops["step"] if s >= 0)
+    rows = ops[(ops["step"] == step) & (ops["depth"] == 0) & (~ops["backward"])]
+    return tuple(OpRecord(name, _tuples(dims), tuple(types), tuple(concrete))
+                 for name, dims, types, concrete in zip(rows["name"], rows["input_dims"], rows["input_types"],
+                                                        rows["concrete"]))
+
+
+def windows(ops: tuple[OpRecord, ...], anchor: str, before: int, after: int) -> list[list[OpRecord]]:
+    """ops[i - before : i + after + 1] around every op named `anchor` (e.g. "aten::silu")."""
+    return [list(ops[max(0, i - before): i + after + 1]) for i, o in enumerate(ops) if o.name == anchor]
