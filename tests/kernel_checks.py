@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fusion_advisor.kernels.registry import FusionPattern, Inputs
+from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord
 from fusion_advisor.kernels.tolerances import tolerance
 
 
@@ -55,3 +55,43 @@ def check_against_reference(pattern: FusionPattern, params: dict, device: torch.
         assert gr is not None and gf is not None, f"input {i} got no gradient"
         rows = base.args[0].numel() // max(base.args[0].shape[-1], 1) if i in reduced_grads else 1
         torch.testing.assert_close(gf, gr, **tolerance(tol_dtype, rows), msg=lambda m: f"grad of input {i}: {m}")
+
+
+def round_like_kernel(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 `values` rounded to `dtype` as a Triton kernel's `.to(dtype)` rounds them, for tests that
+    expect a kernel to be bitwise its PyTorch reference: to nearest even on the GPU, as PyTorch does;
+    under the Triton interpreter (triton 3.x) fp32 -> bf16 truncates toward zero instead."""
+    from fusion_advisor.kernels.common import interpreting
+    values = values.float()
+    if dtype == torch.bfloat16 and interpreting():
+        return (values.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    return values.to(dtype)
+
+
+_TRACES: dict = {}
+
+
+def traced_ops(path, first: str, last: str, max_depth: int | None = 0) -> list[OpRecord]:
+    """Forward ops of a real trace's first profiled step, as the OpRecords a pattern is handed: the
+    first op named `last` and the ops before it back to the nearest one named `first` (full names,
+    "aten::embedding"), nested ops down to `max_depth` (0: top-level ops only; None: all)."""
+    from fusion_advisor.analyzers.trace import Trace
+    key = str(path)
+    if key not in _TRACES:
+        _TRACES[key] = Trace.load(key)
+    trace = _TRACES[key]
+    ops = trace.ops
+    sel = ops[(ops["step"] == trace.step_ids[0]) & ~ops["backward"].astype(bool)]
+    if max_depth is not None:
+        sel = sel[sel["depth"] <= max_depth]
+    names = sel["name"].tolist()
+    end = names.index(last)
+    start = max(i for i in range(end + 1) if names[i] == first)
+    rows = sel.iloc[start:end + 1]
+
+    def as_tuple(v):
+        return tuple(tuple(d) if isinstance(d, list) else d for d in v) if isinstance(v, list) else ()
+
+    return [OpRecord(name, as_tuple(dims), as_tuple(types), as_tuple(concrete))
+            for name, dims, types, concrete in zip(rows["name"], rows["input_dims"], rows["input_types"],
+                                                   rows["concrete"])]
