@@ -11,6 +11,10 @@ from fusion_advisor.kernels.registry import FusionPattern, OpRecord, all_pattern
 
 PATTERN_MODULES: list[str] = [
     "rms_norm",
+    "cross_entropy",
+    "kl_div",
+    "embedding_add",
+    "dropout_add",
 ]
 
 for _name in PATTERN_MODULES:
