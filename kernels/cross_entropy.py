@@ -20,8 +20,10 @@ Where the gradient lives (`inplace`):
 Bytes for N rows x V vocab, logits element size e (the target is int64, the loss fp32):
   unfused (HF, bf16 logits, e=2), per element: to(fp32) 2+4, log_softmax 4+4, nll_loss_backward
       zero fill 4, log_softmax_backward 4+4+4, cast back 4+2: N*V*36 bytes (plus O(N))
-  fused forward:  read the row twice, write the gradient once: 3*N*V*e + 12*N (+ 4 for n_valid)
-                  (no gradient needed: N*V*e + 12*N)
+  fused forward:  read the row twice, write the gradient once, read the target, write per-row
+                  losses: 3*N*V*e + 12*N; then summing the row losses reads 4*N more (not for
+                  reduction="none") and "mean" counts the non-ignored targets (8*N)
+                  (no gradient needed: N*V*e instead of 3*N*V*e)
   fused backward: read and write the gradient: 2*N*V*e + 4 (4*N for reduction="none")
 `fused_bytes` returns exactly these numbers; the cost model prices them.
 
@@ -31,9 +33,12 @@ Memory at N=16k tokens x V=128k vocab, bf16 logits (N*V*2 bytes = 4 GiB), counte
   eager, HF (logits.float()):  fp32 copy 8 GiB + log_softmax out 8 GiB in the forward; in the
       backward log_softmax out 8 + nll grad 8 + log_softmax grad 8 = 24 GiB peak
   eager, bf16 logits directly: log_softmax out 4 + nll grad 4 + log_softmax grad 4 = 12 GiB peak
-  fused, inplace=False: the gradient buffer, 4 GiB (+ 128 KiB of per-row losses): 1/6 of HF's,
-      1/3 of bf16-direct's (the buffer is the logits' gradient itself, which autograd must hand on)
-  fused, inplace=True: ~0 (per-row losses only)
+  fused, inplace=False: the gradient buffer, 4 GiB (+ 64 KiB of per-row losses): 1/6 of HF's, and
+      a hair over 1/3 of bf16-direct's; it cannot be less there, since the buffer is the logits'
+      gradient itself, which eager's 12 GiB also ends in
+  fused, inplace=True: ~0 (the per-row losses): the gradient takes the logits' place
+The eager figures are what the allocator must hold at once; the caching allocator may round up.
+Not yet measured on a GPU: `python benchmarks/cross_entropy_memory.py --check` prints all four.
 """
 from __future__ import annotations
 
@@ -120,8 +125,8 @@ def _vocab_block(n_cols: int) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps) for the vocab loop. 4096 bf16 = 8 KiB a chunk, 16 elements a thread
     at 8 warps: two 16-byte loads each. Under the interpreter a small block makes the loop run
     several times on test-sized vocabularies, the path a 128k vocab takes on the GPU."""
-    cap = 256 if interpreting() else 4096
-    return min(triton.next_power_of_2(n_cols), cap), 8
+    block = min(triton.next_power_of_2(n_cols), 256 if interpreting() else 4096)
+    return block, 8 if block >= 2048 else 4
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor, reduction: str, label_smoothing: float) -> None:
@@ -156,7 +161,8 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, grad_logits: t
     n_rows, n_cols = logits.shape
     target = target.contiguous()
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    n_valid = (target != ignore_index).sum().to(torch.float32)
+    # Only "mean" divides by the number of non-ignored targets (a device scalar: no host sync).
+    n_valid = (target != ignore_index).sum().to(torch.float32) if reduction == "mean" else loss_rows
     block, warps = _vocab_block(n_cols)
     if block_size is not None:
         block = block_size
@@ -316,8 +322,9 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
 def fused_bytes(params: dict) -> dict:
     n, v = params["tokens"], params["vocab"]
     e = torch.tensor([], dtype=getattr(torch, params["dtype"])).element_size()
-    grad_loss = 4 * n if params.get("reduction", "mean") == "none" else 4
-    return {"forward": 3 * n * v * e + 12 * n + 4, "backward": 2 * n * v * e + grad_loss}
+    reduction = params.get("reduction", "mean")
+    forward = 3 * n * v * e + 12 * n + (4 * n if reduction != "none" else 0) + (8 * n if reduction == "mean" else 0)
+    return {"forward": forward, "backward": 2 * n * v * e + (4 * n if reduction == "none" else 4)}
 
 
 def params_from_ops(ops: list[OpRecord]) -> dict | None:

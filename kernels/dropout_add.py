@@ -30,8 +30,9 @@ import triton.language as tl
 from fusion_advisor.kernels.common import check_device, check_dtype
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
-# Four quarters of BLOCK_SIZE share one Philox call each; 4096 elements = 4 x 1024, 8 warps.
-_BLOCK_SIZE, _NUM_WARPS = 4096, 8
+# Four quarters of BLOCK_SIZE share one Philox call; 8192 elements = 4 x 2048 at 8 warps: each
+# thread moves 8 contiguous elements a quarter (one 16-byte access in bf16).
+_BLOCK_SIZE, _NUM_WARPS = 8192, 8
 _SEED_LIMIT = 2**31 - 1  # int32 seeds: one compiled kernel (the seed is not specialised on either)
 
 
@@ -262,6 +263,10 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
     return {"shape": shape, "dtype": dtype_name(dtype), "residual_dtype": dtype_name(rdtype), "p": p}
 
 
+def _without_randomness(params: dict) -> dict:
+    return dict(params, p=0.0)
+
+
 PATTERN = register(FusionPattern(
     name="dropout_add",
     description="dropout + residual add as one Triton launch; the mask is regenerated from a seed, not stored",
@@ -272,6 +277,8 @@ PATTERN = register(FusionPattern(
     forward_signature=r"(^| )(native_)?dropout( \S+)* add( |$)",
     params_from_ops=params_from_ops,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "p": 0.1},
+    # Philox masks cannot equal PyTorch's: compare with the reference where no randomness is left.
+    numerics_params=_without_randomness,
     bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "p": 0.1}
                        for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
 ))

@@ -19,11 +19,9 @@ import math
 import pytest
 import torch
 
-from conftest import DATA
 from fusion_advisor.kernels import dropout_add as mod
-from kernel_checks import check_against_reference, round_like_kernel, traced_ops
-
-DISTILL = DATA / "distill-bf16-h100.json.gz"
+from fusion_advisor.kernels.registry import OpRecord
+from kernel_checks import check_against_reference, round_like_kernel
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -39,6 +37,12 @@ def test_p0_and_eval_mode_equal_the_reference(dtype, training, device):
     # (eval mode runs eager's add itself).
     expected = round_like_kernel(residual.float() + x.float(), x.dtype) if training else residual + x
     assert torch.equal(mod.dropout_add(*inputs.args, **inputs.kwargs), expected)
+
+
+def test_bench_checks_numerics_without_randomness(device):
+    params = mod.PATTERN.numerics_params(mod.PATTERN.bench_params[0])
+    assert params["p"] == 0.0 and params["shape"] == mod.PATTERN.bench_params[0]["shape"]
+    check_against_reference(mod.PATTERN, dict(params, shape=[7, 33]), device)
 
 
 def _run(x, residual, p, seed):
@@ -143,9 +147,24 @@ def test_runs_under_torch_compile_fullgraph(device):
 
 
 def test_params_read_from_traced_ops():
-    """`x + self.drop(self.proj(...))` in the distillation example, traced on an H100: dropout on CUDA
-    is aten::dropout -> aten::native_dropout, then the add."""
+    """`x + self.drop(self.proj(h))` as torch.profiler records it (the format transcribed from real
+    traces). On CUDA aten::dropout runs aten::native_dropout; on CPU it decomposes into bernoulli_,
+    div_ and mul. Either way the add of the same shape follows."""
+    shape, bf = (4, 128, 256), "c10::BFloat16"
+    p = ("", "0.10000000000000001", "True")
+    linear = OpRecord("aten::linear", ((4, 128, 1024), (256, 1024), (256,)), (bf, bf, bf), ("", "", ""))
+    dropout = OpRecord("aten::dropout", (shape, (), ()), (bf, "Scalar", "Scalar"), p)
+    add = OpRecord("aten::add", (shape, shape, ()), (bf, bf, "Scalar"), ("", "", "1"))
+    cuda = [linear, dropout, OpRecord("aten::native_dropout", (shape, (), ()), (bf, "Scalar", "Scalar"), p), add]
+    cpu = [linear, dropout, OpRecord("aten::empty_like", (shape, (), (), (), (), ()), (bf, "", "", "", "", ""), ()),
+           OpRecord("aten::bernoulli_", (shape, (), ()), (bf, "Scalar", ""), ("", "0.90000000000000002", "")),
+           OpRecord("aten::div_", (shape, ()), (bf, "Scalar"), ("", "0.90000000000000002")),
+           OpRecord("aten::mul", (shape, shape), (bf, bf), ("", "")), add]
     expected = {"shape": [4, 128, 256], "dtype": "bfloat16", "residual_dtype": "bfloat16", "p": 0.1}
-    for depth in (0, None):
-        ops = traced_ops(DISTILL, "aten::dropout", "aten::add", max_depth=depth)
+    for ops in (cuda, cpu, [linear, dropout, add]):
         assert mod.PATTERN.match(ops) == expected
+    # An fp32 residual stream added to a bf16 branch; eval mode (train=False) launches nothing to fuse.
+    mixed = OpRecord("aten::add", (shape, shape, ()), ("float", bf, "Scalar"), ("", "", "1"))
+    assert mod.PATTERN.match([dropout, mixed])["residual_dtype"] == "float32"
+    eval_dropout = OpRecord("aten::dropout", (shape, (), ()), (bf, "Scalar", "Scalar"), ("", "0.1", "False"))
+    assert mod.PATTERN.match([eval_dropout, add]) is None
