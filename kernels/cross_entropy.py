@@ -147,8 +147,7 @@ def _check(logits: torch.Tensor, target: torch.Tensor, reduction: str, label_smo
 
 
 def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, grad_logits: torch.Tensor | None,
-                      ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                      block_size: int | None = None) -> torch.Tensor:
+                      ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
     """Launcher: the fp32 loss (a scalar, or one per row for reduction="none"). When `grad_logits` is
     given (logits' shape and dtype, last dim contiguous; it may be the logits themselves), the
     gradient of the loss w.r.t. the logits is written into it."""
@@ -164,8 +163,6 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, grad_logits: t
     # Only "mean" divides by the number of non-ignored targets (a device scalar: no host sync).
     n_valid = (target != ignore_index).sum().to(torch.float32) if reduction == "mean" else loss_rows
     block, warps = _vocab_block(n_cols)
-    if block_size is not None:
-        block = block_size
     if n_rows:
         grad = grad_logits if grad_logits is not None else logits  # never written without COMPUTE_GRAD
         _cross_entropy_fwd_kernel[(n_rows,)](

@@ -24,6 +24,12 @@ def test_reductions_label_smoothing_and_bf16_logits_directly(reduction, label_sm
                                           "label_smoothing": label_smoothing, "upcast": upcast}, device)
 
 
+def test_vocab_wider_than_a_gpu_block(device):
+    """4100 words: on the GPU (4096-wide chunks) the loop runs twice with a 4-word tail."""
+    check_against_reference(mod.PATTERN, {"tokens": 3, "vocab": 4100, "dtype": "bfloat16", "label_smoothing": 0.1},
+                            device)
+
+
 def test_gradient_written_over_the_logits_when_inplace(device):
     check_against_reference(mod.PATTERN, {"tokens": 7, "vocab": 300, "dtype": "float32", "inplace": True}, device)
     logits = torch.randn(5, 300, device=device, requires_grad=True)
