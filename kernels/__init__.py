@@ -16,6 +16,10 @@ PATTERN_MODULES: list[str] = [
     "swiglu",
     "geglu",
     "rope",
+    "cross_entropy",
+    "kl_div",
+    "embedding_add",
+    "dropout_add",
 ]
 
 for _name in PATTERN_MODULES:

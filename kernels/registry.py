@@ -81,6 +81,9 @@ class FusionPattern:
     bench_params: tuple[dict, ...] = ()              # LLM-training shapes for benchmarks/bench_kernels.py
     liger: Callable[..., Any] | None = None          # same args as `fused`, runs Liger-Kernel's equivalent
                                                      # (imports liger_kernel lazily; raises ImportError)
+    numerics_params: Callable[[dict], dict] | None = None  # params to check numerics against `reference`
+                                                     # with, for ops whose outputs are random draws
+                                                     # (dropout_add: the same shapes at p=0); None: as given
 
     def match(self, ops: Sequence[OpRecord]) -> dict | None:
         """Params if these forward ops are this pattern, else None."""

@@ -19,3 +19,9 @@ def check_against_reference(pattern: FusionPattern, params: dict, device: torch.
     smaller than input 0), as the bench does."""
     result = compare_pattern(pattern, params, device, seed=seed, backward=backward, reduced_grads=reduced_grads)
     assert result.ok, result.detail
+
+
+def round_like_kernel(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 `values` rounded to `dtype` as a Triton kernel's `.to(dtype)` rounds them: to nearest
+    even, as PyTorch does (tests/conftest.py makes the interpreter round the same way)."""
+    return values.float().to(dtype)

@@ -1,0 +1,383 @@
+"""Cross-entropy over a vocabulary: log-softmax + NLL in one pass, the gradient computed in the forward.
+
+Replaces what Hugging Face's ForCausalLMLoss runs (`reference` below): `logits.float()` then
+`F.cross_entropy(..., ignore_index=-100)`, which eager PyTorch runs as to(fp32), log_softmax,
+nll_loss forward, then nll_loss_backward (a zero fill and a scatter), log_softmax_backward and a cast
+back. With `upcast=False` it replaces `F.cross_entropy` on the logits as they are (bf16 directly).
+
+One program per row walks the vocabulary in BLOCK_SIZE chunks (a 128k row does not fit one block):
+pass 1 keeps a running max and sum of exp (online logsumexp) and reads x[target]; pass 2 writes
+d loss / d logits = (softmax - (1-ls)*onehot - ls/V) * scale, where scale = 1/n_valid for
+reduction="mean" and 1 otherwise. Rows whose target is ignore_index read nothing and write zeros.
+Backward is then an in-place scale of that gradient by the incoming grad_output (one multiply
+pass; exact when grad_output is 1).
+
+Where the gradient lives (`inplace`):
+  inplace=False (default): a preallocated buffer in the logits' dtype; the logits stay intact.
+  inplace=True: written over the logits' storage (as Liger does). Saves the buffer, but the logits
+      hold the gradient after the forward; use it only where nothing reads the logits afterwards.
+
+Bytes for N rows x V vocab, logits element size e (the target is int64, the loss fp32):
+  unfused (HF, bf16 logits, e=2), per element: to(fp32) 2+4, log_softmax 4+4, nll_loss_backward
+      zero fill 4, log_softmax_backward 4+4+4, cast back 4+2: N*V*36 bytes (plus O(N))
+  fused forward:  read the row twice, write the gradient once, read the target, write per-row
+                  losses: 3*N*V*e + 12*N; then summing the row losses reads 4*N more (not for
+                  reduction="none") and "mean" counts the non-ignored targets (8*N)
+                  (no gradient needed: N*V*e instead of 3*N*V*e)
+  fused backward: read and write the gradient: 2*N*V*e + 4 (4*N for reduction="none")
+`fused_bytes` returns exactly these numbers; the cost model prices them.
+
+Memory at N=16k tokens x V=128k vocab, bf16 logits (N*V*2 bytes = 4 GiB), counted as the peak of
+`torch.cuda.max_memory_allocated()` over forward + backward above what was allocated before it
+(logits, target) — how `benchmarks/cross_entropy_memory.py` measures it:
+  eager, HF (logits.float()):  fp32 copy 8 GiB + log_softmax out 8 GiB in the forward; in the
+      backward log_softmax out 8 + nll grad 8 + log_softmax grad 8 = 24 GiB peak
+  eager, bf16 logits directly: log_softmax out 4 + nll grad 4 + log_softmax grad 4 = 12 GiB peak
+  fused, inplace=False: the gradient buffer, 4 GiB (+ 64 KiB of per-row losses): 1/6 of HF's, and
+      a hair over 1/3 of bf16-direct's; it cannot be less there, since the buffer is the logits'
+      gradient itself, which eager's 12 GiB also ends in
+  fused, inplace=True: ~0 (the per-row losses): the gradient takes the logits' place
+The eager figures are what the allocator must hold at once; the caching allocator may round up.
+Not yet measured on a GPU: `python benchmarks/cross_entropy_memory.py --check` prints all four.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusion_advisor.kernels.common import check_device, check_dtype, interpreting
+from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+
+REDUCTIONS = ("none", "mean", "sum")
+_REDUCTION_OF_ENUM = {"0": "none", "1": "mean", "2": "sum"}  # at::Reduction, as traced
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, stride_logits, stride_grad, n_cols,
+                              ignore_index, label_smoothing, COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr,
+                              SMOOTHING: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = LOGITS + row * stride_logits
+    grad_row = GRAD + row * stride_grad
+    target = tl.load(TARGET + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    if target == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        if COMPUTE_GRAD:
+            zeros = tl.zeros((BLOCK_SIZE,), dtype=GRAD.dtype.element_ty)
+            for start in range(0, n_cols, BLOCK_SIZE):
+                tl.store(grad_row + start + cols, zeros, mask=start + cols < n_cols)
+    else:
+        # Pass 1: online logsumexp, one chunk at a time.
+        run_max = -float("inf")
+        run_sum = 0.0
+        x_sum = 0.0
+        for start in range(0, n_cols, BLOCK_SIZE):
+            offs = start + cols
+            mask = offs < n_cols
+            x = tl.load(logits_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+            new_max = tl.maximum(run_max, tl.max(x, axis=0))
+            # A chunk of only -inf logits (masked vocab) must not turn exp(-inf - -inf) into NaN.
+            shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
+            run_max = new_max
+            if SMOOTHING:
+                x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        lse = run_max + tl.log(run_sum)
+        # An out-of-range target reads nothing and makes the loss NaN (PyTorch raises instead).
+        in_range = (target >= 0) & (target < n_cols)
+        x_target = tl.load(logits_row + tl.where(in_range, target, 0)).to(tl.float32)
+        x_target = tl.where(in_range, x_target, float("nan"))
+        loss = lse - x_target
+        if SMOOTHING:
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - x_sum / n_cols)
+        tl.store(LOSS + row, loss)
+        if COMPUTE_GRAD:
+            # Pass 2: the gradient, scaled for the reduction, rounded once to the logits' dtype.
+            scale = 1.0
+            if MEAN:
+                scale = 1.0 / tl.load(N_VALID)
+            smooth = label_smoothing / n_cols
+            for start in range(0, n_cols, BLOCK_SIZE):
+                offs = start + cols
+                mask = offs < n_cols
+                x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) - smooth
+                g = tl.where(offs == target, g - (1.0 - label_smoothing), g)
+                tl.store(grad_row + offs, (g * scale).to(GRAD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(GRAD, GRAD_LOSS, stride_grad, stride_grad_loss, n_cols, BLOCK_SIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_cols
+    grad_loss = tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32)
+    ptrs = GRAD + row * stride_grad + offs
+    g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (g * grad_loss).to(GRAD.dtype.element_ty), mask=mask)
+
+
+def _vocab_block(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for the vocab loop. 4096 bf16 = 8 KiB a chunk, 16 elements a thread
+    at 8 warps: two 16-byte loads each. Under the interpreter a small block makes the loop run
+    several times on test-sized vocabularies, the path a 128k vocab takes on the GPU."""
+    block = min(triton.next_power_of_2(n_cols), 256 if interpreting() else 4096)
+    return block, 8 if block >= 2048 else 4
+
+
+def _check(logits: torch.Tensor, target: torch.Tensor, reduction: str, label_smoothing: float) -> None:
+    check_dtype(logits, "cross_entropy")
+    check_device(logits, target, op="cross_entropy")
+    if logits.dim() != 2:
+        raise ValueError(f"cross_entropy: logits must be (tokens, vocab), got shape {tuple(logits.shape)}; "
+                         f"flatten first: logits.view(-1, logits.shape[-1])")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"cross_entropy: target must hold class indices (int64 or int32), got {dtype_name(target.dtype)}")
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy: target shape {tuple(target.shape)} does not match logits' "
+                         f"{logits.shape[0]} rows")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, grad_logits: torch.Tensor | None,
+                      ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Launcher: the fp32 loss (a scalar, or one per row for reduction="none"). When `grad_logits` is
+    given (logits' shape and dtype, last dim contiguous; it may be the logits themselves), the
+    gradient of the loss w.r.t. the logits is written into it."""
+    _check(logits, target, reduction, label_smoothing)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if grad_logits is not None and (grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype
+                                    or grad_logits.stride(-1) != 1):
+        raise ValueError("cross_entropy: grad_logits must have the logits' shape and dtype and a contiguous last dim")
+    n_rows, n_cols = logits.shape
+    target = target.contiguous()
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    # Only "mean" divides by the number of non-ignored targets (a device scalar: no host sync).
+    n_valid = (target != ignore_index).sum().to(torch.float32) if reduction == "mean" else loss_rows
+    block, warps = _vocab_block(n_cols)
+    if n_rows:
+        grad = grad_logits if grad_logits is not None else logits  # never written without COMPUTE_GRAD
+        _cross_entropy_fwd_kernel[(n_rows,)](
+            logits, target, grad, loss_rows, n_valid, logits.stride(0), grad.stride(0), n_cols,
+            ignore_index, float(label_smoothing), COMPUTE_GRAD=grad_logits is not None,
+            MEAN=reduction == "mean", SMOOTHING=label_smoothing > 0.0, BLOCK_SIZE=block, num_warps=warps)
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    # An all-ignored batch gives 0/0 = NaN for "mean", as PyTorch does.
+    return total / n_valid if reduction == "mean" else total
+
+
+def cross_entropy_bwd_(grad_logits: torch.Tensor, grad_loss: torch.Tensor) -> None:
+    """Launcher: scales the gradient the forward wrote, in place, by grad_loss (a scalar, or one
+    value per row for reduction="none")."""
+    n_rows, n_cols = grad_logits.shape
+    if grad_loss.numel() not in (1, n_rows):
+        raise ValueError(f"cross_entropy: grad of the loss has {grad_loss.numel()} elements, expected 1 or {n_rows}")
+    grad_loss = grad_loss.reshape(-1).contiguous()
+    block = min(triton.next_power_of_2(max(n_cols, 1)), 4096)
+    if n_rows and n_cols:
+        _cross_entropy_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            grad_logits, grad_loss, grad_logits.stride(0), 0 if grad_loss.numel() == 1 else 1,
+            n_cols, BLOCK_SIZE=block, num_warps=4)
+
+
+# torch.library registration: a patched model still runs under torch.compile(fullgraph=True). The
+# gradient buffer is an argument the forward mutates (not an output), so that it can be the logits.
+@torch.library.custom_op("fusion_advisor::cross_entropy_fwd", mutates_args=("grad_logits",))
+def _cross_entropy_fwd_op(logits: torch.Tensor, target: torch.Tensor, grad_logits: Optional[torch.Tensor],
+                          ignore_index: int, label_smoothing: float, reduction: str) -> torch.Tensor:
+    return cross_entropy_fwd(logits, target, grad_logits, ignore_index, label_smoothing, reduction)
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(logits, target, grad_logits, ignore_index, label_smoothing, reduction):
+    shape = (logits.shape[0],) if reduction == "none" else ()
+    return logits.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fusion_advisor::cross_entropy_bwd", mutates_args=("grad_logits",))
+def _cross_entropy_bwd_op(grad_logits: torch.Tensor, grad_loss: torch.Tensor) -> None:
+    cross_entropy_bwd_(grad_logits, grad_loss)
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(grad_logits, grad_loss):
+    return None
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, upcast, inplace):
+        grad = None
+        if ctx.needs_input_grad[0]:
+            if inplace and logits.stride(-1) == 1:
+                grad = logits.detach()
+            else:
+                grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        loss = torch.ops.fusion_advisor.cross_entropy_fwd(logits, target, grad, ignore_index, label_smoothing,
+                                                          reduction)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.grad_consumed = False
+        return loss if upcast else loss.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # The gradient is scaled in place: a second backward through the same graph would scale it twice.
+        if ctx.grad_consumed:
+            raise RuntimeError("cross_entropy: backward ran twice through the same loss "
+                               "(retain_graph=True); the fused gradient can be used once")
+        ctx.grad_consumed = True
+        (grad,) = ctx.saved_tensors
+        torch.ops.fusion_advisor.cross_entropy_bwd(grad, grad_loss)
+        return grad, None, None, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, upcast: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Fused cross-entropy. upcast=True: the loss of `F.cross_entropy(logits.float(), target)` (fp32);
+    upcast=False: that of `F.cross_entropy(logits, target)` (the logits' dtype). Both compute in fp32;
+    the logits' gradient keeps their dtype. inplace=True writes the gradient over the logits."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}")
+    return CrossEntropyFunction.apply(logits, target, int(ignore_index), reduction, float(label_smoothing),
+                                      upcast, inplace)
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in for nn.CrossEntropyLoss on (tokens, vocab) logits and class-index targets (no class
+    weights). Like nn.CrossEntropyLoss the loss keeps the logits' dtype."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 inplace: bool = False):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"cross_entropy: reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}")
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.inplace = inplace
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> "CrossEntropyLoss":
+        if getattr(module, "weight", None) is not None:
+            raise ValueError("cross_entropy: class weights are not supported by the fused kernel")
+        return cls(module.ignore_index, module.reduction, module.label_smoothing)
+
+    def forward(self, logits, target):
+        return cross_entropy(logits, target, self.ignore_index, self.reduction, self.label_smoothing,
+                             upcast=False, inplace=self.inplace)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, inplace={self.inplace} (fused Triton)")
+
+
+def reference(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+              label_smoothing: float = 0.0, upcast: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Hugging Face ForCausalLMLoss's loss (`logits = logits.float()` then `nn.functional.cross_entropy`),
+    verbatim; upcast=False skips the cast. `inplace` is the fused op's option and changes nothing here."""
+    if upcast:
+        logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing)
+
+
+def liger(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+          label_smoothing: float = 0.0, upcast: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Liger-Kernel's cross-entropy on the same inputs (it always writes the gradient over the logits)."""
+    from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+    loss = LigerCrossEntropyFunction.apply(logits, target, None, ignore_index, 0.0, label_smoothing, reduction)[0]
+    return loss if upcast else loss.to(logits.dtype)
+
+
+_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "upcast", "inplace")
+
+
+def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
+    """Logits ~ N(0, 2^2), targets uniform over the vocab, `ignored` (default 0.1) of them set to ignore_index."""
+    dtype = getattr(torch, params["dtype"])
+    tokens, vocab = params["tokens"], params["vocab"]
+    ignore_index = params.get("ignore_index", -100)
+    logits = (2.0 * torch.randn(tokens, vocab, device=device)).to(dtype).requires_grad_(requires_grad)
+    target = torch.randint(0, vocab, (tokens,), device=device)
+    target[torch.rand(tokens, device=device) < params.get("ignored", 0.1)] = ignore_index
+    defaults = {"ignore_index": -100, "reduction": "mean", "label_smoothing": 0.0, "upcast": True, "inplace": False}
+    kwargs = {k: params.get(k, v) for k, v in defaults.items()}
+    return Inputs((logits, target), kwargs, grad_inputs=(0,) if requires_grad else ())
+
+
+def fused_bytes(params: dict) -> dict:
+    n, v = params["tokens"], params["vocab"]
+    e = torch.tensor([], dtype=getattr(torch, params["dtype"])).element_size()
+    reduction = params.get("reduction", "mean")
+    forward = 3 * n * v * e + 12 * n + (4 * n if reduction != "none" else 0) + (8 * n if reduction == "mean" else 0)
+    return {"forward": forward, "backward": 2 * n * v * e + (4 * n if reduction == "none" else 4)}
+
+
+def params_from_ops(ops: list[OpRecord]) -> dict | None:
+    """Shapes, dtype and options from a traced `aten::cross_entropy_loss` (or a log_softmax followed
+    by nll_loss); upcast when a cast of the same logits from bf16/fp16 to fp32 (HF's `logits.float()`,
+    concrete dtype 6 = Float) precedes it."""
+    loss_op = next((o for o in ops if o.short == "cross_entropy_loss"), None)
+    label_smoothing = 0.0
+    if loss_op is not None:
+        if len(loss_op.concrete) > 5 and loss_op.concrete[5] not in ("", None):
+            label_smoothing = float(loss_op.concrete[5])
+    else:
+        loss_op = next((o for o in ops if o.short in ("nll_loss_nd", "nll_loss", "nll_loss_forward")), None)
+        if loss_op is None or not any(o.short == "log_softmax" for o in ops):
+            return None
+    if len(loss_op.dims) < 2 or len(loss_op.dims[0]) != 2 or not loss_op.types:
+        return None
+    tokens, vocab = loss_op.dims[0]
+    dtype = dtype_from_trace(loss_op.types[0])
+    if dtype is None:
+        return None
+    concrete = tuple(loss_op.concrete) + ("",) * 5
+    reduction = _REDUCTION_OF_ENUM.get(concrete[3], "mean")
+    ignore_index = int(concrete[4]) if concrete[4] not in ("", None) else -100
+    upcast = False
+    ops = list(ops)
+    for o in ops[:ops.index(loss_op)]:
+        source = dtype_from_trace(o.types[0]) if o.types else None
+        if (o.short in ("to", "_to_copy") and source in (torch.bfloat16, torch.float16) and len(o.concrete) > 1
+                and o.concrete[1] == "6" and o.dims and _numel(o.dims[0]) == tokens * vocab):
+            upcast, dtype = True, source
+    return {"tokens": tokens, "vocab": vocab, "dtype": dtype_name(dtype), "upcast": upcast, "reduction": reduction,
+            "ignore_index": ignore_index, "label_smoothing": label_smoothing}
+
+
+def _numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+PATTERN = register(FusionPattern(
+    name="cross_entropy",
+    description="cross-entropy (log_softmax + nll_loss, HF's logits.float() included) as one Triton pass "
+                "that also writes the gradient; backward is a scale",
+    reference=reference,
+    fused=cross_entropy,
+    make_inputs=make_inputs,
+    fused_bytes=fused_bytes,
+    forward_signature=r"(^| )(cross_entropy_loss|log_softmax( \S+)* nll_loss(_nd|_forward)?)( |$)",
+    params_from_ops=params_from_ops,
+    modules=("CrossEntropyLoss",),
+    module_factory=CrossEntropyLoss.from_module,
+    example_params={"tokens": 37, "vocab": 1000, "dtype": "bfloat16", "upcast": True, "reduction": "mean"},
+    bench_params=tuple({"tokens": tokens, "vocab": vocab, "dtype": "bfloat16", "upcast": True, "reduction": "mean"}
+                       for tokens in (4096, 8192, 16384) for vocab in (32768, 65536, 131072)),
+    liger=liger,
+))
