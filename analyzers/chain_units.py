@@ -59,6 +59,7 @@ class Unit:
     accumulation: bool = False    # autograd summing a gradient between backward nodes
     context: tuple = ()           # (backward, record_function range): a change ends a chain
     passes: int = 1               # passes over the data: what counts towards a chain's length
+    kernel_class: str | None = None   # of its first kernel (CPU-only: from the op's name)
 
 
 def _as_tuple(x):
@@ -284,7 +285,8 @@ def _new_unit(cl: Classifier, row: int, owner: np.ndarray, breaker_owner: dict, 
     annotation = col.annotation[top] if top >= 0 and isinstance(col.annotation[top], str) else None
     unit = Unit(op_row=row, top_row=top, kernel_rows=[int(rec.krow)], kernel_names=[short_kernel_name(rec.name)],
                 dur=float(rec.dur), scope=scope, scope_cls=None, backward=backward, record=record,
-                reads=reads, writes=writes, accumulation=accumulation, context=(backward, annotation))
+                reads=reads, writes=writes, accumulation=accumulation, context=(backward, annotation),
+                kernel_class=rec.cls)
     own = int(owner[row]) if row >= 0 else -1
     if own in breaker_owner and rec.cls not in BREAK_CLASSES:
         unit.breaker = f"{BREAK_CLASSES[breaker_owner[own]]} ({col.name[own]}: its {rec.cls} kernel)"

@@ -156,6 +156,14 @@ def test_cpu_only_trace_is_priced_for_a_target(cpu_only_tiny, tiny_result):
     assert gpu_ids <= set(cpu)
     assert all(cpu[i]["measured_us_per_step"] == 0 and cpu[i]["estimate"]["saving_us"] > 0 for i in gpu_ids)
     assert data["kernels"] and all(p["measured_us_per_step"] is None for p in data["kernels"])
+    points = {p["name"]: p for p in data["kernels"]}
+    # a GEMM is never in a cluster, even one this small, which the roofline puts below the ridge
+    assert points["aten::mm"]["kernel_class"] == "gemm" and points["aten::mm"]["cluster_id"] is None
+    from fusion_advisor.cost_model.device import load_profile
+    h200 = load_profile(target="h200")
+    assert points["aten::mm"]["intensity"] < h200.peak("bf16_tc") / h200.hbm_bytes_per_s
+    assert points["aten::mm"]["memory_bound"]
+    assert points["aten::pow"]["memory_bound"] and points["aten::pow"]["cluster_id"] in gpu_ids
     # without --target-gpu a CPU-only trace is priced for an H100; the terminal says it is an estimate
     plain = invoke("analyze", cpu_only_tiny)
     assert plain.exit_code == 0, plain.output
