@@ -76,7 +76,7 @@ def analyze(trace: Trace, target_gpu: str | None = None) -> AdvisorResult:
     result.kernel_classes = class_summary(trace)
     result.kernels = roofline_points(trace, findings, profile) if trace.has_gpu else op_points(trace, findings, profile)
     result.timeline = timeline(trace, findings)
-    lb = analyze_launch_bound(trace, findings.kernel_memory_bound)
+    lb = analyze_launch_bound(trace, findings.kernel_memory_bound, findings.clusters)
     result.launch_bound = lb.to_dict() if lb is not None else None
     return result
 

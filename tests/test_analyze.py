@@ -76,10 +76,14 @@ def test_tiny_llama_is_launch_bound(tiny):
 def test_verdict_follows_the_figures_on_bigger_runs():
     """fp32 runs keep the GPU busy (the CPU runs milliseconds ahead); the bf16 4-layer Llama, whose
     kernels are 5x shorter, is still launch-bound on this H200."""
-    fp32 = analyze_launch_bound(_load("llama-fp32-h200.json.gz"))
-    assert fp32.verdict == "gpu-bound" and fp32.launch_wait_share < 0.1
-    assert fp32.median_queue_delay_us > 1000
-    assert not next(r for r in fp32.remedies if r["remedy"] == "cuda_graphs")["applies"]
+    fp32 = analyze(_load("llama-fp32-h200.json.gz")).launch_bound
+    assert fp32["verdict"] == "gpu-bound" and fp32["launch_wait_share"] < 0.1
+    assert fp32["median_queue_delay_us"] > 1000
+    remedies = {r["remedy"]: r for r in fp32["remedies"]}
+    assert not remedies["cuda_graphs"]["applies"]
+    # the time to win is in the memory-bound clusters
+    assert fp32["primary_remedy"] == "fused_kernels" and remedies["fused_kernels"]["applies"]
+    assert remedies["fused_kernels"]["figure_us_per_step"] == fp32["fusion_saving_estimate_us_per_step"] > 0
     bf16 = analyze_launch_bound(_load("llama-bf16-h200.json.gz"))
     assert bf16.verdict == "launch-bound" and bf16.launch_wait_share > 0.5
 
@@ -101,6 +105,9 @@ def test_analyze_fills_every_section(tiny, tiny_result):
     assert {c["class"] for c in r.kernel_classes} >= {"gemm", "elementwise", "attention"}
     assert r.launch_bound["verdict"] == "launch-bound"
     assert 0 < r.launch_bound["memory_bound_share"] <= 1
+    saving = sum(c.estimate.saving_us * c.occurrences_per_step for c in r.clusters if c.estimate.saving_us)
+    assert r.launch_bound["fusion_saving_estimate_us_per_step"] == pytest.approx(saving, abs=0.01)
+    assert 0 < r.launch_bound["launches_fused_away_per_step"] < r.summary["kernels_per_step"]
     # the timeline is one step: as many kernels as a step has, from 0
     assert len(r.timeline) == r.summary["kernels_per_step"] and r.timeline[0]["start_us"] == 0
     rms = {c.id for c in r.clusters if c.pattern == "rms_norm"}
