@@ -13,10 +13,9 @@ from fusion_advisor.analyzers.launch_bound import analyze_launch_bound
 from fusion_advisor.analyzers.summary import short_kernel_name, summarize
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.cost_model.device import DeviceProfile, load_profile
-from fusion_advisor.errors import AdvisorError
 from fusion_advisor.cost_model.ops import op_cost
 from fusion_advisor.cost_model.roofline import is_memory_bound, kernel_time_us, memory_time_us
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.errors import AdvisorError
 from fusion_advisor.result import AdvisorResult
 
 DEFAULT_TARGET_GPU = "h100"   # what a CPU-only trace is priced for when no target is named
@@ -77,20 +76,19 @@ def analyze(trace: Trace, target_gpu: str | None = None) -> AdvisorResult:
     result.kernel_classes = class_summary(trace)
     result.kernels = roofline_points(trace, findings, profile) if trace.has_gpu else op_points(trace, findings, profile)
     result.timeline = timeline(trace, findings)
-    lb = analyze_launch_bound(trace, findings.kernel_memory_bound)
+    lb = analyze_launch_bound(trace, findings.kernel_memory_bound, findings.clusters)
     result.launch_bound = lb.to_dict() if lb is not None else None
     return result
 
 
 # -- roofline points ------------------------------------------------------------------------------
-def _kernel_costs(trace: Trace, findings: ClusterFindings,
-                  profile: DeviceProfile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bytes, FLOPs, roofline µs) per row of trace.kernels, NaN where the cost model has no rule.
-    An op's cost is split evenly over the compute kernels it launched; a memcpy or memset counts
-    the bytes the trace records for it (a copy reads and writes them)."""
+def _kernel_costs(trace: Trace, findings: ClusterFindings, profile: DeviceProfile) -> tuple[np.ndarray, ...]:
+    """(bytes, FLOPs, roofline µs, below the ridge point) per row of trace.kernels, NaN where the
+    cost model has no rule. An op's cost is split evenly over the compute kernels it launched; a
+    memcpy or memset counts the bytes the trace records for it (a copy reads and writes them)."""
     k = trace.kernels
     n = len(k)
-    nbytes, flops, est = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    nbytes, flops, est, below = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     kinds = k["kind"].to_numpy()
     recorded = pd.to_numeric(k["bytes"], errors="coerce").to_numpy() if "bytes" in k else np.full(n, np.nan)
     for i in np.flatnonzero(kinds != "kernel"):
@@ -98,6 +96,7 @@ def _kernel_costs(trace: Trace, findings: ClusterFindings,
             nbytes[i] = (2.0 if kinds[i] == "memcpy" else 1.0) * recorded[i]
             flops[i] = 0.0
             est[i] = memory_time_us(nbytes[i], profile)
+            below[i] = 1.0
     compute = np.flatnonzero(kinds == "kernel")
     op_rows = k["op_row"].to_numpy()[compute]
     for op_row, rows in pd.Series(compute).groupby(op_rows):
@@ -110,7 +109,8 @@ def _kernel_costs(trace: Trace, findings: ClusterFindings,
         nbytes[rows] = cost.bytes / len(rows)
         flops[rows] = cost.flops / len(rows)
         est[rows] = kernel_time_us(cost, profile) / len(rows)
-    return nbytes, flops, est
+        below[rows] = float(is_memory_bound(cost, profile))
+    return nbytes, flops, est, below
 
 
 def roofline_points(trace: Trace, findings: ClusterFindings, profile: DeviceProfile) -> list[dict]:
@@ -122,11 +122,15 @@ def roofline_points(trace: Trace, findings: ClusterFindings, profile: DeviceProf
     steps = trace.step_ids
     sel = k["step"].isin(steps).to_numpy() if steps else np.ones(len(k), dtype=bool)
     n_steps = max(len(steps), 1)
-    nbytes, flops, est = _kernel_costs(trace, findings, profile)
+    nbytes, flops, est, below = _kernel_costs(trace, findings, profile)
+    # memory_bound on the chart is the roofline's verdict (below the ridge point: a tiny GEMM can
+    # be); where the cost model has no rule, the kernel class's.
+    fallback = findings.kernel_memory_bound.reindex(k.index).fillna(False).to_numpy(dtype=float)
+    below = np.where(np.isnan(below), fallback, below)
     frame = pd.DataFrame({"name": k["name"].to_numpy(), "dur": k["dur"].to_numpy(), "bytes": nbytes, "flops": flops,
                           "est": est,
                           "cls": findings.kernel_classes.reindex(k.index).to_numpy(),
-                          "mb": findings.kernel_memory_bound.reindex(k.index).fillna(False).to_numpy(dtype=bool),
+                          "mb": below,
                           "cluster": findings.kernel_cluster.reindex(k.index).to_numpy()})[sel]
     points = []
     for name, g in frame.groupby("name", sort=False):
@@ -153,33 +157,39 @@ def roofline_points(trace: Trace, findings: ClusterFindings, profile: DeviceProf
 
 
 def op_points(trace: Trace, findings: ClusterFindings, profile: DeviceProfile) -> list[dict]:
-    """CPU-only trace: one estimated point per op name of the clusters' ops (no GPU time measured)."""
+    """CPU-only trace: one point per name of the ops that would launch kernels on the target GPU,
+    every figure an estimate (nothing was measured on a GPU: `measured_us_per_step` is None)."""
+    n_steps = max(len(trace.step_ids), 1)
     by_name: dict[str, dict] = {}
-    for c in findings.clusters:
-        for op in c.ops:
-            cost = op_cost(op_record_from_dict(op))
-            if cost is None:
-                continue
-            p = by_name.setdefault(op["name"], {"name": op["name"], "kernel_class": None, "calls_per_step": 0.0,
-                                                 "measured_us_per_step": None, "bytes_estimate": 0.0,
-                                                 "flops_estimate": 0.0, "estimate_us_per_step": 0.0,
-                                                 "achieved_gbps": None, "pct_of_peak_bw": None,
-                                                 "memory_bound": True, "cluster_id": c.id})
-            n = c.occurrences_per_step
-            p["calls_per_step"] += n
-            p["bytes_estimate"] += cost.bytes * n
-            p["flops_estimate"] += cost.flops * n
-            p["estimate_us_per_step"] += kernel_time_us(cost, profile) * n
+    for row, cls in zip(findings.unit_ops, findings.unit_classes):
+        record = findings.op_columns.record(row)
+        cost = op_cost(record)
+        p = by_name.setdefault(record.name, {
+            "name": record.name, "short_name": record.short, "kernel_class": cls, "calls_per_step": 0.0,
+            "measured_us_per_step": None, "bytes_estimate": 0.0, "flops_estimate": 0.0, "estimate_us_per_step": 0.0,
+            "intensity": None, "achieved_gbps": None, "pct_of_peak_bw": None, "memory_bound": True,
+            "cluster_id": None, "_clusters": Counter(), "_unknown": False})
+        p["calls_per_step"] += 1 / n_steps
+        if cost is None:
+            p["_unknown"] = True
+        else:
+            p["bytes_estimate"] += cost.bytes / n_steps
+            p["flops_estimate"] += cost.flops / n_steps
+            p["estimate_us_per_step"] += kernel_time_us(cost, profile) / n_steps
             p["memory_bound"] = p["memory_bound"] and is_memory_bound(cost, profile)
+        if row in findings.op_cluster:
+            p["_clusters"][findings.op_cluster[row]] += 1
+    points = []
     for p in by_name.values():
-        p["intensity"] = p["flops_estimate"] / p["bytes_estimate"] if p["bytes_estimate"] else None
-    return sorted(by_name.values(), key=lambda p: -p["estimate_us_per_step"])
-
-
-def op_record_from_dict(op: dict) -> OpRecord:
-    """An OpRecord back from a cluster's JSON `ops` entry."""
-    return OpRecord(name=op["name"], dims=op.get("dims") or (), types=tuple(op.get("types") or ()),
-                    concrete=tuple(op.get("concrete") or ()), module=op.get("module"))
+        clusters, unknown = p.pop("_clusters"), p.pop("_unknown")
+        p["cluster_id"] = clusters.most_common(1)[0][0] if clusters else None
+        if unknown:   # some calls have no cost rule: no partial sums
+            p.update(bytes_estimate=None, flops_estimate=None, estimate_us_per_step=None, memory_bound=None)
+        elif p["bytes_estimate"]:
+            p["intensity"] = p["flops_estimate"] / p["bytes_estimate"]
+        p["calls_per_step"] = round(p["calls_per_step"], 3)
+        points.append(p)
+    return sorted(points, key=lambda p: -(p["estimate_us_per_step"] or 0.0))
 
 
 # -- timeline -------------------------------------------------------------------------------------

@@ -123,15 +123,17 @@ class AdvisorResult:
     device_profile: dict | None = None                   # the DeviceProfile every estimate used
     summary: dict = field(default_factory=dict)          # analyzers.summary.StepSummary
     kernel_classes: list[dict] = field(default_factory=list)   # class, calls_per_step, measured_us_per_step, pct
-    # Roofline points, one per kernel name (per step): name, kernel_class, calls_per_step,
-    # measured_us_per_step, bytes_estimate, flops_estimate, intensity, achieved_gbps,
-    # pct_of_peak_bw, memory_bound, cluster_id (None outside clusters)
+    # Roofline points, one per kernel name (per step): name (the trace's full name), short_name,
+    # kernel_class, calls_per_step, measured_us_per_step, bytes_estimate, flops_estimate,
+    # estimate_us_per_step, intensity, achieved_gbps, pct_of_peak_bw, memory_bound (below the
+    # ridge point), cluster_id (None outside clusters). A CPU-only trace: one point per op name
+    # that would launch a kernel, measured_us_per_step None.
     kernels: list[dict] = field(default_factory=list)
     # One representative step on the GPU, for the timeline chart: name, stream, start_us (from
     # the step's first kernel), dur_us, kernel_class, cluster_id
     timeline: list[dict] = field(default_factory=list)
-    clusters: list[Cluster] = field(default_factory=list)
-    launch_bound: dict | None = None
+    clusters: list[Cluster] = field(default_factory=list)      # ranked by estimated saving per step
+    launch_bound: dict | None = None     # analyzers.launch_bound.LaunchBound (None: no GPU kernels)
     benchmarks: list[Benchmark] = field(default_factory=list)
     recommendations: list[Recommendation] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

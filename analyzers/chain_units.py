@@ -59,6 +59,7 @@ class Unit:
     accumulation: bool = False    # autograd summing a gradient between backward nodes
     context: tuple = ()           # (backward, record_function range): a change ends a chain
     passes: int = 1               # passes over the data: what counts towards a chain's length
+    kernel_class: str | None = None   # of its first kernel (CPU-only: from the op's name)
 
 
 def _as_tuple(x):
@@ -196,7 +197,7 @@ def _owner_rows(ops: pd.DataFrame) -> np.ndarray:
 
 
 def gpu_units(trace: Trace, cl: Classifier) -> list[list[Unit]]:
-    """Units per (step, thread, stream, direction), in launch order."""
+    """Units per (step, thread, device, stream, direction), in launch order."""
     k = trace.kernels
     ops = trace.ops
     steps = trace.step_ids
@@ -217,12 +218,14 @@ def gpu_units(trace: Trace, cl: Classifier) -> list[list[Unit]]:
     tid = np.where(op_rows >= 0, ops["tid"].to_numpy()[np.clip(op_rows, 0, None)], -1)
     bwd = np.where(op_rows >= 0, ops["backward"].to_numpy(dtype=bool)[np.clip(op_rows, 0, None)], False)
     frame = pd.DataFrame({"krow": sel.index.to_numpy(), "op_row": op_rows, "step": sel["step"].to_numpy(),
-                          "tid": tid, "stream": sel["stream"].to_numpy(), "bwd": bwd, "order": order_ts,
+                          "tid": tid, "device": sel["device"].to_numpy(), "stream": sel["stream"].to_numpy(),
+                          "bwd": bwd, "order": order_ts,
                           "name": sel["name"].to_numpy(), "kind": sel["kind"].to_numpy(),
                           "dur": sel["dur"].to_numpy(), "cls": classes.reindex(sel.index).to_numpy()})
-    frame = frame.sort_values(["step", "tid", "stream", "bwd", "order"], kind="stable")
+    key = ["step", "tid", "device", "stream", "bwd"]
+    frame = frame.sort_values(key + ["order"], kind="stable")
     groups = []
-    for _, g in frame.groupby(["step", "tid", "stream", "bwd"], sort=False):
+    for _, g in frame.groupby(key, sort=False, dropna=False):
         units: list[Unit] = []
         for rec in g.itertuples(index=False):
             if units and rec.op_row >= 0 and units[-1].op_row == rec.op_row:
@@ -284,7 +287,8 @@ def _new_unit(cl: Classifier, row: int, owner: np.ndarray, breaker_owner: dict, 
     annotation = col.annotation[top] if top >= 0 and isinstance(col.annotation[top], str) else None
     unit = Unit(op_row=row, top_row=top, kernel_rows=[int(rec.krow)], kernel_names=[short_kernel_name(rec.name)],
                 dur=float(rec.dur), scope=scope, scope_cls=None, backward=backward, record=record,
-                reads=reads, writes=writes, accumulation=accumulation, context=(backward, annotation))
+                reads=reads, writes=writes, accumulation=accumulation, context=(backward, annotation),
+                kernel_class=rec.cls)
     own = int(owner[row]) if row >= 0 else -1
     if own in breaker_owner and rec.cls not in BREAK_CLASSES:
         unit.breaker = f"{BREAK_CLASSES[breaker_owner[own]]} ({col.name[own]}: its {rec.cls} kernel)"

@@ -280,6 +280,9 @@ class ClusterFindings:
     kernel_memory_bound: pd.Series          # bool per row of trace.kernels
     kernel_classes: pd.Series               # class per row of trace.kernels
     op_columns: OpColumns                   # the trace's ops as arrays, with their OpRecords
+    unit_ops: list[int]                     # every op of the steps that launched (or would) a kernel
+    unit_classes: list[str | None]          # its class (CPU-only traces: from the op's name)
+    op_cluster: dict[int, str]              # op row -> cluster id, for the ops inside clusters
 
 
 def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
@@ -305,16 +308,20 @@ def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
 
     n_steps = max(len(trace.step_ids), 1)
     cluster_of = np.full(len(trace.kernels), None, dtype=object)   # Trace rows are labelled 0..n-1
+    op_cluster: dict[int, str] = {}
     clusters = []
     for sig, occurrences in found.items():
         cid = _cluster_id(sig)
         for chain, _ in occurrences:
             for u in chain:
                 cluster_of[u.kernel_rows] = cid
+                op_cluster[u.op_row] = cid
         clusters.append(_build_cluster(trace, cl, matcher, cid, occurrences, n_steps, profile))
     clusters.sort(key=_rank_key, reverse=True)
     kernel_cluster = pd.Series(cluster_of, index=trace.kernels.index, dtype=object)
-    return ClusterFindings(clusters, kernel_cluster, cl.kernel_memory_bound(), cl.kernel_classes, cl.col)
+    return ClusterFindings(clusters, kernel_cluster, cl.kernel_memory_bound(), cl.kernel_classes, cl.col,
+                           unit_ops=[u.op_row for u in units_all], unit_classes=[u.kernel_class for u in units_all],
+                           op_cluster=op_cluster)
 
 
 def _rank_key(c: Cluster) -> tuple:

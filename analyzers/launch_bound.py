@@ -40,7 +40,9 @@ PARTLY_LAUNCH_BOUND_SHARE = 0.10
 # A step whose GPU is busy for at least this share of the unprofiled step time is GPU-bound,
 # whatever the profiled trace shows.
 GPU_BUSY_UNPROFILED_SHARE = 0.70
-# Fused kernels are worth suggesting when memory-bound kernels hold this share of GPU busy time.
+# Fused kernels are worth suggesting when the clusters' estimated saving is at least this share of
+# GPU busy time (or, without estimates, when memory-bound kernels hold MEMORY_BOUND_SHARE of it).
+FUSION_SAVING_SHARE = 0.02
 MEMORY_BOUND_SHARE = 0.20
 TOP_WHERE = 8
 
@@ -66,6 +68,8 @@ class LaunchBound:
     gpu_busy_share_unprofiled: float | None
     memory_bound_us_per_step: float | None   # GPU time in memory-bound kernels
     memory_bound_share: float | None         # of GPU busy time
+    fusion_saving_estimate_us_per_step: float | None  # the clusters' estimated saving, if given
+    launches_fused_away_per_step: float | None        # launches the clusters would no longer make
     by_phase: dict = field(default_factory=dict)    # phase -> launch wait µs per step
     where: list[dict] = field(default_factory=list)  # phase, module, launch_wait_us_per_step, waits_per_step
     remedies: list[dict] = field(default_factory=list)  # remedy, applies, figure_us_per_step, reason
@@ -108,11 +112,14 @@ def _gpu_kernels(trace: Trace) -> pd.DataFrame:
     return k.assign(phase=_phase(backward, ann), module_class=k["module_class"].fillna("(no module)"))
 
 
-def analyze_launch_bound(trace: Trace, memory_bound: pd.Series | None = None) -> LaunchBound | None:
+def analyze_launch_bound(trace: Trace, memory_bound: pd.Series | None = None,
+                         clusters: list | None = None) -> LaunchBound | None:
     """Launch-bound figures and advice; None for a trace without GPU kernels.
 
     `memory_bound`: a boolean per row of `trace.kernels` (True = the kernel is memory-bound), from
-    the kernel classes and the roofline; without it the memory-bound figures are None."""
+    the kernel classes and the roofline; without it the memory-bound figures are None.
+    `clusters`: the clusters analyzer's findings (result.Cluster), whose estimated savings and
+    launches back the fused-kernel remedy."""
     k = _gpu_kernels(trace)
     if k.empty:
         return None
@@ -186,8 +193,15 @@ def analyze_launch_bound(trace: Trace, memory_bound: pd.Series | None = None) ->
         gpu_busy_share_unprofiled=round(busy_share_unprof, 4) if busy_share_unprof is not None else None,
         memory_bound_us_per_step=round(mem_us, 3) if mem_us is not None else None,
         memory_bound_share=round(mem_share, 4) if mem_share is not None else None,
+        fusion_saving_estimate_us_per_step=None, launches_fused_away_per_step=None,
         by_phase=by_phase, where=where,
     )
+    if clusters is not None:
+        lb.fusion_saving_estimate_us_per_step = round(sum((c.estimate.saving_us or 0.0) * c.occurrences_per_step
+                                                          for c in clusters), 3)
+        # One fused launch per occurrence each way (a fused backward may need a second, small one).
+        lb.launches_fused_away_per_step = round(sum(max(c.launches_per_step - c.occurrences_per_step, 0.0)
+                                                    for c in clusters), 2)
     _advise(lb)
     return lb
 
@@ -222,15 +236,26 @@ def _advise(lb: LaunchBound) -> None:
                    f"kernel ({pct} of its {lb.gpu_window_us_per_step:,.0f} µs window, "
                    f"{lb.launch_waits_per_step:,.0f} waits){delay}{unprof}"),
     }
+    saving = lb.fusion_saving_estimate_us_per_step
+    if saving is not None:
+        applies = saving >= FUSION_SAVING_SHARE * lb.gpu_busy_us_per_step and saving > 0
+    else:
+        applies = lb.memory_bound_share is not None and lb.memory_bound_share >= MEMORY_BOUND_SHARE
+    parts = []
+    if lb.memory_bound_share is not None:
+        parts.append(f"memory-bound kernels take {lb.memory_bound_us_per_step:,.0f} µs per step "
+                     f"({100 * lb.memory_bound_share:.0f} % of GPU busy time)")
+    if saving is not None:
+        parts.append(f"fusing the clusters would save an estimated {saving:,.0f} µs per step")
+    if lb.launches_fused_away_per_step and lb.verdict != "gpu-bound":
+        parts.append(f"and launch about {lb.launches_fused_away_per_step:,.0f} fewer kernels per step, each of "
+                     "which this step pays for on the CPU")
     fused = {
         "remedy": "fused_kernels",
         "title": "fused kernels for the memory-bound clusters",
-        "applies": bool(lb.memory_bound_share is not None and lb.memory_bound_share >= MEMORY_BOUND_SHARE),
-        "figure_us_per_step": lb.memory_bound_us_per_step,
-        "reason": ("memory-bound kernels take "
-                   + (f"{lb.memory_bound_us_per_step:,.0f} µs per step ({100 * lb.memory_bound_share:.0f} % of "
-                      f"GPU busy time)" if lb.memory_bound_share is not None else "an unknown share of GPU time")
-                   + ("; on a launch-bound step fusing also removes launches" if lb.verdict != "gpu-bound" else "")),
+        "applies": bool(applies),
+        "figure_us_per_step": saving if saving is not None else lb.memory_bound_us_per_step,
+        "reason": "; ".join(parts) if parts else "no memory-bound figures for this trace",
     }
     lb.remedies = [graphs, fused]
     applicable = [r for r in lb.remedies if r["applies"]]
@@ -240,3 +265,5 @@ def _advise(lb: LaunchBound) -> None:
         lb.primary_remedy = max(applicable, key=lambda r: r["figure_us_per_step"] or 0.0)["remedy"]
     else:
         lb.primary_remedy = None
+        lb.notes.append("neither remedy applies: the GPU time is in compute-bound kernels (GEMM, attention); "
+                        "look at their efficiency, not at fusion or launches")

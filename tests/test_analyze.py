@@ -76,10 +76,14 @@ def test_tiny_llama_is_launch_bound(tiny):
 def test_verdict_follows_the_figures_on_bigger_runs():
     """fp32 runs keep the GPU busy (the CPU runs milliseconds ahead); the bf16 4-layer Llama, whose
     kernels are 5x shorter, is still launch-bound on this H200."""
-    fp32 = analyze_launch_bound(_load("llama-fp32-h200.json.gz"))
-    assert fp32.verdict == "gpu-bound" and fp32.launch_wait_share < 0.1
-    assert fp32.median_queue_delay_us > 1000
-    assert not next(r for r in fp32.remedies if r["remedy"] == "cuda_graphs")["applies"]
+    fp32 = analyze(_load("llama-fp32-h200.json.gz")).launch_bound
+    assert fp32["verdict"] == "gpu-bound" and fp32["launch_wait_share"] < 0.1
+    assert fp32["median_queue_delay_us"] > 1000
+    remedies = {r["remedy"]: r for r in fp32["remedies"]}
+    assert not remedies["cuda_graphs"]["applies"]
+    # the time to win is in the memory-bound clusters
+    assert fp32["primary_remedy"] == "fused_kernels" and remedies["fused_kernels"]["applies"]
+    assert remedies["fused_kernels"]["figure_us_per_step"] == fp32["fusion_saving_estimate_us_per_step"] > 0
     bf16 = analyze_launch_bound(_load("llama-bf16-h200.json.gz"))
     assert bf16.verdict == "launch-bound" and bf16.launch_wait_share > 0.5
 
@@ -101,6 +105,9 @@ def test_analyze_fills_every_section(tiny, tiny_result):
     assert {c["class"] for c in r.kernel_classes} >= {"gemm", "elementwise", "attention"}
     assert r.launch_bound["verdict"] == "launch-bound"
     assert 0 < r.launch_bound["memory_bound_share"] <= 1
+    saving = sum(c.estimate.saving_us * c.occurrences_per_step for c in r.clusters if c.estimate.saving_us)
+    assert r.launch_bound["fusion_saving_estimate_us_per_step"] == pytest.approx(saving, abs=0.01)
+    assert 0 < r.launch_bound["launches_fused_away_per_step"] < r.summary["kernels_per_step"]
     # the timeline is one step: as many kernels as a step has, from 0
     assert len(r.timeline) == r.summary["kernels_per_step"] and r.timeline[0]["start_us"] == 0
     rms = {c.id for c in r.clusters if c.pattern == "rms_norm"}
@@ -156,6 +163,14 @@ def test_cpu_only_trace_is_priced_for_a_target(cpu_only_tiny, tiny_result):
     assert gpu_ids <= set(cpu)
     assert all(cpu[i]["measured_us_per_step"] == 0 and cpu[i]["estimate"]["saving_us"] > 0 for i in gpu_ids)
     assert data["kernels"] and all(p["measured_us_per_step"] is None for p in data["kernels"])
+    points = {p["name"]: p for p in data["kernels"]}
+    # a GEMM is never in a cluster, even one this small, which the roofline puts below the ridge
+    assert points["aten::mm"]["kernel_class"] == "gemm" and points["aten::mm"]["cluster_id"] is None
+    from fusion_advisor.cost_model.device import load_profile
+    h200 = load_profile(target="h200")
+    assert points["aten::mm"]["intensity"] < h200.peak("bf16_tc") / h200.hbm_bytes_per_s
+    assert points["aten::mm"]["memory_bound"]
+    assert points["aten::pow"]["memory_bound"] and points["aten::pow"]["cluster_id"] in gpu_ids
     # without --target-gpu a CPU-only trace is priced for an H100; the terminal says it is an estimate
     plain = invoke("analyze", cpu_only_tiny)
     assert plain.exit_code == 0, plain.output
@@ -178,3 +193,11 @@ def test_a_gpu_without_figures_is_priced_for_the_default_target(tiny, monkeypatc
     # a named target is taken as asked, and said so next to the measured times
     h200 = analyze(tiny, target_gpu="h200")
     assert h200.device_profile["name"] == "NVIDIA H200" and h200.device_profile["chosen_because"] == "--target-gpu h200"
+
+
+def test_ops_know_their_record_function_range(tiny):
+    ops = tiny.ops
+    foreach = ops[ops["name"].str.startswith("aten::_foreach_") & (ops["depth"] == 0)]
+    assert len(foreach) == 2 * 9 and set(foreach["annotation"]) == {"Optimizer.step#AdamW.step"}
+    rms = ops[(ops["name"] == "aten::pow") & ~ops["backward"]]
+    assert rms["annotation"].isna().all()   # ProfilerStep spans are not ranges of their own
