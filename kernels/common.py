@@ -50,3 +50,12 @@ def row_block(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     if block >= 32768:
         num_warps = 32
     return block, num_warps
+
+
+def reduction_programs(n_rows: int, device: torch.device) -> int:
+    """Programs for a backward kernel that loops over rows and writes one partial weight
+    gradient per program: one per SM on a GPU (every SM busy, few partials to sum), a handful
+    in the interpreter (each program is slow there)."""
+    if interpreting() or device.type != "cuda":
+        return max(1, min(n_rows, 4))
+    return max(1, min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count))

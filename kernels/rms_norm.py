@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, interpreting, row_block
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, reduction_programs, row_block
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, register
 
 
@@ -80,12 +80,6 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     return y.view(x.shape), rstd
 
 
-def _programs(n_rows: int, device: torch.device) -> int:
-    if interpreting() or device.type != "cuda":
-        return max(1, min(n_rows, 4))
-    return max(1, min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count))
-
-
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (dx, dweight)."""
@@ -93,7 +87,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dy2 = as_rows(dy, "rms_norm")
     n_rows, n_cols = x2.shape
     dx = torch.empty_like(x2)
-    programs = _programs(n_rows, x.device)
+    programs = reduction_programs(n_rows, x.device)
     rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     block, warps = row_block(n_cols)
@@ -127,7 +121,8 @@ def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 @_rms_norm_bwd_op.register_fake
 def _(dy, x, weight, rstd):
-    return torch.empty_like(x), torch.empty_like(weight)
+    # dx is allocated contiguous (from the row view), whatever x's strides: say so here too.
+    return x.new_empty(x.shape), torch.empty_like(weight)
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fusion_advisor.kernels.registry import FusionPattern, Inputs
+from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord
 from fusion_advisor.kernels.tolerances import tolerance
 
 
@@ -30,10 +30,13 @@ def _outputs(out) -> list[torch.Tensor]:
 
 
 def check_against_reference(pattern: FusionPattern, params: dict, device: torch.device, seed: int = 0,
-                            backward: bool = True, reduced_grads: tuple[int, ...] = ()) -> None:
+                            backward: bool = True, reduced_grads: tuple[int, ...] = (),
+                            reduced_rows: int | None = None) -> None:
     """Forward outputs and every input gradient of `pattern.fused` equal `pattern.reference`'s,
     within the dtype's tolerance. `reduced_grads`: positions of grads summed over the rows of
-    input 0 (all dims but the last), compared with the table's atol scaled by sqrt(rows)."""
+    input 0 (all dims but the last), compared with the table's atol scaled by sqrt(rows);
+    `reduced_rows` says how many terms those sums have when it is not that (e.g. GroupNorm's
+    weight grad sums over batch x spatial positions)."""
     torch.manual_seed(seed)
     base = pattern.make_inputs(params, device, backward)
     ref_in, fused_in = _clone(base), _clone(base)
@@ -53,5 +56,25 @@ def check_against_reference(pattern: FusionPattern, params: dict, device: torch.
     for i in base.grad_inputs:
         gr, gf = ref_in.args[i].grad, fused_in.args[i].grad
         assert gr is not None and gf is not None, f"input {i} got no gradient"
-        rows = base.args[0].numel() // max(base.args[0].shape[-1], 1) if i in reduced_grads else 1
+        rows = 1
+        if i in reduced_grads:
+            rows = reduced_rows or base.args[0].numel() // max(base.args[0].shape[-1], 1)
         torch.testing.assert_close(gf, gr, **tolerance(tol_dtype, rows), msg=lambda m: f"grad of input {i}: {m}")
+
+
+def traced_ops(trace, rows) -> list[OpRecord]:
+    """OpRecords for rows of a loaded Trace's ops frame, as a cluster hands them to a pattern."""
+    def as_tuple(v):
+        return tuple(as_tuple(e) for e in v) if isinstance(v, (list, tuple)) else v
+
+    def field(v) -> tuple:  # ops without shapes (autograd engine ops) hold None there
+        return as_tuple(v) if isinstance(v, (list, tuple)) else ()
+
+    ops, modules = trace.ops, trace.modules
+    records = []
+    for r in rows:
+        op = ops.loc[r]
+        module = modules["class_path"].iloc[op["module_row"]] if op["module_row"] >= 0 else None
+        records.append(OpRecord(op["name"], field(op["input_dims"]), field(op["input_types"]),
+                                field(op["concrete"]), module))
+    return records

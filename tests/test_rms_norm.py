@@ -52,3 +52,13 @@ def test_params_read_from_traced_ops():
            OpRecord("aten::mul", ((256,), (4, 128, 256)), ("c10::BFloat16", "c10::BFloat16"))]
     params = mod.PATTERN.match(ops)
     assert params == {"shape": [4, 128, 256], "dtype": "bfloat16", "weight_dtype": "bfloat16", "eps": 1e-05}
+
+
+def test_custom_ops_pass_opcheck_on_a_transposed_input(device):
+    # The fake kernels must promise exactly the strides the real ones return (torch.compile
+    # trusts them): dx comes back contiguous even for a transposed x.
+    x = torch.randn(40, 6, device=device).t()
+    w = torch.randn(40, device=device)
+    _, rstd = mod.rms_norm_fwd(x, w, 1e-6)
+    torch.library.opcheck(torch.ops.fusion_advisor.rms_norm_fwd.default, (x, w, 1e-6))
+    torch.library.opcheck(torch.ops.fusion_advisor.rms_norm_bwd.default, (torch.randn(6, 40, device=device), x, w, rstd))
