@@ -12,6 +12,7 @@ from fusion_advisor.kernels.registry import FusionPattern, OpRecord, all_pattern
 PATTERN_MODULES: list[str] = [
     "rms_norm",
     "layer_norm",
+    "add_layer_norm",
 ]
 
 for _name in PATTERN_MODULES:
