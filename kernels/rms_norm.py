@@ -21,17 +21,40 @@ from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, re
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, register
 
 
+# -- row functions, shared with add_rms_norm.py's kernels -----------------------------------------
+@triton.jit
+def _rms_norm_row(x, W, cols, mask, n_cols, eps, X):
+    """RMSNorm of one row held in registers (fp32, zero past n_cols) of an input in X's dtype:
+    (y in fp32, rstd)."""
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    # Round the normalised value to x's dtype before the weight, as LlamaRMSNorm does.
+    n = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    return n * w, rstd
+
+
+@triton.jit
+def _rms_norm_row_grad(DY, X, RSTD, row, cols, mask, w, stride_dy, stride_x, n_cols):
+    """One row's backward in fp32: (dx, dy * n); the second sums into dweight."""
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + row)
+    x_hat = x * rstd
+    n = x_hat.to(X.dtype.element_ty).to(tl.float32)
+    g = dy * w
+    dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+    return dx, dy * n
+
+
+# -- kernels ----------------------------------------------------------------------------------------
 @triton.jit
 def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK_SIZE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    # Round the normalised value to x's dtype before the weight, as LlamaRMSNorm does.
-    n = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (n * w).to(Y.dtype.element_ty), mask=mask)
+    y, rstd = _rms_norm_row(x, W, cols, mask, n_cols, eps, X)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
 
 
@@ -47,15 +70,9 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, st
     for i in range(0, rows_per_program):
         row = (row_start + i).to(tl.int64)
         if row < n_rows:
-            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
-            x_hat = x * rstd
-            n = x_hat.to(X.dtype.element_ty).to(tl.float32)
-            dw_acc += dy * n
-            g = dy * w
-            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+            dx, dw = _rms_norm_row_grad(DY, X, RSTD, row, cols, mask, w, stride_dy, stride_x, n_cols)
             tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += dw
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
 
 
