@@ -224,24 +224,28 @@ def fused_bytes(params: dict) -> dict:
 
 
 def params_from_ops(ops: list[OpRecord]) -> dict | None:
-    """Shapes, dtypes and eps from the traced pow/mean/add/rsqrt/mul chain."""
-    x_op = next((o for o in ops if o.short == "pow"), None)
-    if x_op is None or not x_op.dims or not x_op.dims[0]:
+    """Shapes, dtypes and eps from the traced pow/mean/add/rsqrt/mul chain. Each is read off the
+    op at its place in the chain (the cast just before pow, the add and the weight mul after it),
+    so ops around the chain in the list (a residual add, the next layer's muls) do not leak in."""
+    pow_at = next((i for i, o in enumerate(ops) if o.short == "pow"), None)
+    if pow_at is None or not ops[pow_at].dims or not ops[pow_at].dims[0]:
         return None
+    x_op = ops[pow_at]
     shape = list(x_op.dims[0])
-    to_ops = [o for o in ops if o.short in ("to", "_to_copy")]
-    in_dtype = dtype_from_trace(to_ops[0].types[0]) if to_ops and to_ops[0].types else dtype_from_trace(x_op.types[0])
-    eps = 1e-6
-    add = next((o for o in ops if o.short == "add"), None)
+    cast = next((o for o in reversed(ops[:pow_at]) if o.short in ("to", "_to_copy")), None)
+    in_dtype = dtype_from_trace(cast.types[0]) if cast is not None and cast.types else dtype_from_trace(x_op.types[0])
+    after = ops[pow_at + 1:]
+    eps = 1e-6  # LlamaRMSNorm's default: eps is a wrapped Python float there, which traces omit
+    add = next((o for o in after if o.short == "add"), None)
     if add is not None and len(add.concrete) > 1 and add.concrete[1] not in ("", None):
         try:
             eps = float(add.concrete[1])
         except ValueError:
             pass
-    last_mul = [o for o in ops if o.short == "mul"][-1:]
+    weight_mul = [o for o in after if o.short == "mul"][1:2]  # after hidden_states * rsqrt(...)
     w_dtype = in_dtype
-    if last_mul and last_mul[0].types:
-        w_dtype = dtype_from_trace(last_mul[0].types[0]) or in_dtype
+    if weight_mul and weight_mul[0].types:
+        w_dtype = dtype_from_trace(weight_mul[0].types[0]) or in_dtype
     if in_dtype is None:
         return None
     return {"shape": shape, "dtype": str(in_dtype).replace("torch.", ""),
