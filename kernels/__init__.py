@@ -11,6 +11,7 @@ from fusion_advisor.kernels.registry import FusionPattern, OpRecord, all_pattern
 
 PATTERN_MODULES: list[str] = [
     "rms_norm",
+    "add_rms_norm",
     "layer_norm",
     "add_layer_norm",
 ]
