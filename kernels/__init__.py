@@ -14,6 +14,7 @@ PATTERN_MODULES: list[str] = [
     "add_rms_norm",
     "layer_norm",
     "add_layer_norm",
+    "group_norm",
 ]
 
 for _name in PATTERN_MODULES:
