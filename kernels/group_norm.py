@@ -163,6 +163,9 @@ def _group_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PARTIAL, n_samples, groups,
         acc_g = tl.zeros((BLOCK_G, BLOCK_C, BLOCK_HW), dtype=tl.float32)
         acc_gx = tl.zeros((BLOCK_G, BLOCK_C, BLOCK_HW), dtype=tl.float32)
         for c0 in range(0, cpg, BLOCK_C):
+            # Defined before the inner loop: a compiled Triton loop keeps its own names to itself.
+            channel, c_mask = _group_channels(gi, g_mask, c0 + tl.arange(0, BLOCK_C), groups, cpg)
+            w = _group_channel_param(W, channel, c_mask, 1.0, HAS_WEIGHT)
             dw_c = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float32)
             db_c = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float32)
             for h0 in range(0, HW, BLOCK_HW):
@@ -170,8 +173,7 @@ def _group_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PARTIAL, n_samples, groups,
                 dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
                 x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
                 x_hat = tl.where(mask, (x - mean[:, None, None]) * rstd[:, None, None], 0.0)
-                channel, c_mask = _group_channels(gi, g_mask, ci, groups, cpg)
-                g = dy * _group_channel_param(W, channel, c_mask, 1.0, HAS_WEIGHT)
+                g = dy * w
                 acc_g += g
                 acc_gx += g * x_hat
                 dw_c += tl.sum(dy * x_hat, axis=2)
