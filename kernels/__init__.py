@@ -20,6 +20,10 @@ PATTERN_MODULES: list[str] = [
     "kl_div",
     "embedding_add",
     "dropout_add",
+    "add_rms_norm",
+    "layer_norm",
+    "add_layer_norm",
+    "group_norm",
 ]
 
 for _name in PATTERN_MODULES:

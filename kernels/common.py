@@ -74,3 +74,12 @@ def elementwise_tile(n_cols: int, elements: int = 4096) -> tuple[int, int, int]:
     block_n = min(triton.next_power_of_2(max(n_cols, 1)), elements)
     block_m = max(1, elements // block_n)
     return block_m, block_n, 8 if block_m * block_n >= 4096 else 4
+
+
+def reduction_programs(n_rows: int, device: torch.device) -> int:
+    """Programs for a backward kernel that loops over rows and writes one partial weight
+    gradient per program: one per SM on a GPU (every SM busy, few partials to sum), a handful
+    in the interpreter (each program is slow there)."""
+    if interpreting() or device.type != "cuda":
+        return max(1, min(n_rows, 4))
+    return max(1, min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count))

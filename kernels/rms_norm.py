@@ -17,21 +17,44 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, interpreting, row_block
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, reduction_programs, row_block
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, register
 
 
+# -- row functions, shared with add_rms_norm.py's kernels -----------------------------------------
+@triton.jit
+def _rms_norm_row(x, W, cols, mask, n_cols, eps, X):
+    """RMSNorm of one row held in registers (fp32, zero past n_cols) of an input in X's dtype:
+    (y in fp32, rstd)."""
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    # Round the normalised value to x's dtype before the weight, as LlamaRMSNorm does.
+    n = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    return n * w, rstd
+
+
+@triton.jit
+def _rms_norm_row_grad(DY, X, RSTD, row, cols, mask, w, stride_dy, stride_x, n_cols):
+    """One row's backward in fp32: (dx, dy * n); the second sums into dweight."""
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + row)
+    x_hat = x * rstd
+    n = x_hat.to(X.dtype.element_ty).to(tl.float32)
+    g = dy * w
+    dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+    return dx, dy * n
+
+
+# -- kernels ----------------------------------------------------------------------------------------
 @triton.jit
 def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK_SIZE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    # Round the normalised value to x's dtype before the weight, as LlamaRMSNorm does.
-    n = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (n * w).to(Y.dtype.element_ty), mask=mask)
+    y, rstd = _rms_norm_row(x, W, cols, mask, n_cols, eps, X)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
 
 
@@ -47,15 +70,9 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, st
     for i in range(0, rows_per_program):
         row = (row_start + i).to(tl.int64)
         if row < n_rows:
-            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
-            x_hat = x * rstd
-            n = x_hat.to(X.dtype.element_ty).to(tl.float32)
-            dw_acc += dy * n
-            g = dy * w
-            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+            dx, dw = _rms_norm_row_grad(DY, X, RSTD, row, cols, mask, w, stride_dy, stride_x, n_cols)
             tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += dw
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
 
 
@@ -80,12 +97,6 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     return y.view(x.shape), rstd
 
 
-def _programs(n_rows: int, device: torch.device) -> int:
-    if interpreting() or device.type != "cuda":
-        return max(1, min(n_rows, 4))
-    return max(1, min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count))
-
-
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (dx, dweight)."""
@@ -93,7 +104,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dy2 = as_rows(dy, "rms_norm")
     n_rows, n_cols = x2.shape
     dx = torch.empty_like(x2)
-    programs = _programs(n_rows, x.device)
+    programs = reduction_programs(n_rows, x.device)
     rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     block, warps = row_block(n_cols)
@@ -127,7 +138,8 @@ def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 @_rms_norm_bwd_op.register_fake
 def _(dy, x, weight, rstd):
-    return torch.empty_like(x), torch.empty_like(weight)
+    # dx is allocated contiguous (from the row view), whatever x's strides: say so here too.
+    return x.new_empty(x.shape), torch.empty_like(weight)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -212,24 +224,28 @@ def fused_bytes(params: dict) -> dict:
 
 
 def params_from_ops(ops: list[OpRecord]) -> dict | None:
-    """Shapes, dtypes and eps from the traced pow/mean/add/rsqrt/mul chain."""
-    x_op = next((o for o in ops if o.short == "pow"), None)
-    if x_op is None or not x_op.dims or not x_op.dims[0]:
+    """Shapes, dtypes and eps from the traced pow/mean/add/rsqrt/mul chain. Each is read off the
+    op at its place in the chain (the cast just before pow, the add and the weight mul after it),
+    so ops around the chain in the list (a residual add, the next layer's muls) do not leak in."""
+    pow_at = next((i for i, o in enumerate(ops) if o.short == "pow"), None)
+    if pow_at is None or not ops[pow_at].dims or not ops[pow_at].dims[0]:
         return None
+    x_op = ops[pow_at]
     shape = list(x_op.dims[0])
-    to_ops = [o for o in ops if o.short in ("to", "_to_copy")]
-    in_dtype = dtype_from_trace(to_ops[0].types[0]) if to_ops and to_ops[0].types else dtype_from_trace(x_op.types[0])
-    eps = 1e-6
-    add = next((o for o in ops if o.short == "add"), None)
+    cast = next((o for o in reversed(ops[:pow_at]) if o.short in ("to", "_to_copy")), None)
+    in_dtype = dtype_from_trace(cast.types[0]) if cast is not None and cast.types else dtype_from_trace(x_op.types[0])
+    after = ops[pow_at + 1:]
+    eps = 1e-6  # LlamaRMSNorm's default: eps is a wrapped Python float there, which traces omit
+    add = next((o for o in after if o.short == "add"), None)
     if add is not None and len(add.concrete) > 1 and add.concrete[1] not in ("", None):
         try:
             eps = float(add.concrete[1])
         except ValueError:
             pass
-    last_mul = [o for o in ops if o.short == "mul"][-1:]
+    weight_mul = [o for o in after if o.short == "mul"][1:2]  # after hidden_states * rsqrt(...)
     w_dtype = in_dtype
-    if last_mul and last_mul[0].types:
-        w_dtype = dtype_from_trace(last_mul[0].types[0]) or in_dtype
+    if weight_mul and weight_mul[0].types:
+        w_dtype = dtype_from_trace(weight_mul[0].types[0]) or in_dtype
     if in_dtype is None:
         return None
     return {"shape": shape, "dtype": str(in_dtype).replace("torch.", ""),

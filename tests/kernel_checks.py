@@ -1,14 +1,21 @@
-"""The one way every kernel test compares a fused op with the PyTorch code it replaces.
+"""The one way every kernel test compares a fused op with the PyTorch code it replaces, and the
+one way to check that kernels run by the interpreter also compile for the GPU.
 
 The rule itself lives in fusion_advisor.kernels.numerics, shared with `fusion-advisor bench`: a
 kernel that passes here passes the bench's numerics check on the same shapes.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
 import torch
 
 from fusion_advisor.kernels.numerics import compare_pattern
-from fusion_advisor.kernels.registry import FusionPattern
+from fusion_advisor.kernels.registry import FusionPattern, OpRecord
 
 
 def check_against_reference(pattern: FusionPattern, params: dict, device: torch.device, seed: int = 0,
@@ -25,3 +32,100 @@ def round_like_kernel(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp32 `values` rounded to `dtype` as a Triton kernel's `.to(dtype)` rounds them: to nearest
     even, as PyTorch does (tests/conftest.py makes the interpreter round the same way)."""
     return values.float().to(dtype)
+
+
+def op_records(trace, rows) -> list[OpRecord]:
+    """OpRecords for rows of a loaded Trace's ops frame, as a cluster hands them to a pattern."""
+    def as_tuple(v):
+        return tuple(as_tuple(e) for e in v) if isinstance(v, (list, tuple)) else v
+
+    def field(v) -> tuple:  # ops without shapes (autograd engine ops) hold None there
+        return as_tuple(v) if isinstance(v, (list, tuple)) else ()
+
+    ops, modules = trace.ops, trace.modules
+    records = []
+    for r in rows:
+        op = ops.loc[r]
+        module = modules["class_path"].iloc[op["module_row"]] if op["module_row"] >= 0 else None
+        records.append(OpRecord(op["name"], field(op["input_dims"]), field(op["input_types"]),
+                                field(op["concrete"]), module))
+    return records
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Record every Triton launch the interpreter runs inside the block: the kernel, each
+    argument's type as Triton's JIT would specialise it on a GPU, and the constexpr values.
+    Yields the list the records are appended to (for `hopper_compile_errors`)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: list[dict] = []
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs[k] for k in ("num_warps",) if k in kwargs}
+        bound = dict(zip(self.arg_names, args))
+        bound.update({k: v for k, v in kwargs.items() if k in self.arg_names})
+        spec = {}
+        for name, value in bound.items():
+            kind = native_specialize_impl(BaseBackend, value, False, True, True)[0]
+            plain = value if isinstance(value, (bool, int, float, str)) or value is None else None
+            spec[name] = [kind, plain]
+        record = {"module": self.fn.__module__, "name": self.fn.__name__, "args": spec, **options}
+        if record not in launches:
+            launches.append(record)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield launches
+    finally:
+        InterpretedFunction.run = original
+
+
+_COMPILE_TO_TTIR = r"""
+import json, sys, importlib
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource, make_backend
+
+target = GPUTarget("cuda", 90, 32)  # H100 / H200
+backend = make_backend(target)
+errors = []
+for launch in json.load(sys.stdin):
+    fn = getattr(importlib.import_module(launch["module"]), launch["name"])
+    signature, constexprs = {}, {}
+    for param in fn.params:
+        kind, value = launch["args"][param.name]
+        if param.is_constexpr or kind == "constexpr":
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        else:
+            signature[param.name] = kind
+    options = backend.parse_options({"num_warps": launch.get("num_warps", 4)})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    try:
+        ASTSource(fn, signature, constexprs).make_ir(target, options, backend.get_codegen_implementation(options),
+                                                     backend.get_module_map(), context)
+    except Exception as e:
+        errors.append(f"{launch['name']} {constexprs}: {e}")
+json.dump(errors, sys.stdout)
+"""
+
+
+def hopper_compile_errors(launches: list[dict]) -> list[str]:
+    """Generate each recorded launch's Triton IR for sm_90, outside the interpreter (in a
+    subprocess: the interpreter is chosen at import). This is the compiler's front end, where a
+    kernel that runs as plain Python can still fail (a name defined inside a loop and used after
+    it, an op the compiler lacks). One error string per failing launch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", _COMPILE_TO_TTIR], input=json.dumps(launches), env=env,
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        return [f"the compile subprocess failed: {done.stderr[-3000:]}"]
+    return json.loads(done.stdout)

@@ -52,3 +52,28 @@ def test_params_read_from_traced_ops():
            OpRecord("aten::mul", ((256,), (4, 128, 256)), ("c10::BFloat16", "c10::BFloat16"))]
     params = mod.PATTERN.match(ops)
     assert params == {"shape": [4, 128, 256], "dtype": "bfloat16", "weight_dtype": "bfloat16", "eps": 1e-05}
+
+
+def test_custom_ops_pass_opcheck_on_a_transposed_input(device):
+    # The fake kernels must promise exactly the strides the real ones return (torch.compile
+    # trusts them): dx comes back contiguous even for a transposed x.
+    x = torch.randn(40, 6, device=device).t()
+    w = torch.randn(40, device=device)
+    _, rstd = mod.rms_norm_fwd(x, w, 1e-6)
+    torch.library.opcheck(torch.ops.fusion_advisor.rms_norm_fwd.default, (x, w, 1e-6))
+    torch.library.opcheck(torch.ops.fusion_advisor.rms_norm_bwd.default, (torch.randn(6, 40, device=device), x, w, rstd))
+
+
+def test_params_read_from_a_real_llama_trace_with_ops_around_the_chain(data_dir):
+    # The first LlamaRMSNorm follows the rotary embedding's fp32 -> bf16 cast; the ops after it
+    # are the attention's. Neither may leak into the params (the cast once made dtype float32).
+    from fusion_advisor.analyzers.trace import Trace
+    from kernel_checks import op_records
+
+    trace = Trace.load(data_dir / "llama-bf16-h200.json.gz")
+    top = trace.ops[(trace.ops["depth"] == 0) & ~trace.ops["backward"]]
+    at = list(top.index).index(top.index[top["name"] == "aten::pow"][0])
+    records = op_records(trace, top.index[at - 2:at + 9])
+    assert [r.short for r in records][:9] == ["to", "to", "pow", "mean", "add", "rsqrt", "mul", "to", "mul"]
+    assert mod.PATTERN.match(records) == {"shape": [4, 1024, 1024], "dtype": "bfloat16",
+                                          "weight_dtype": "bfloat16", "eps": 1e-6}

@@ -1,0 +1,268 @@
+"""Residual add + LayerNorm: residual = x + residual; y = layer_norm(residual). Returns (y, residual).
+
+Replaces the pre-norm transformer step (GPT-2, BERT, ViT: `x = x + attn(ln_1(x))`, then `ln_2(x)`),
+which eager PyTorch runs as two kernels, add then native_layer_norm, with the sum going through
+HBM in between; `reference` below. Gradients flow into both x and residual (both get d(residual)).
+
+Bytes for M rows x N (element size e; weight and bias size w, each counted only when present;
+P programs in the backward, P <= number of SMs):
+  unfused forward:  add reads x, residual, writes the sum; LayerNorm reads the sum again, writes y,
+                    mean, rstd: M*N*3e + M*N*2e + 2*N*w + 8*M = M*N*5e + 2*N*w + 8*M
+  unfused backward: LayerNorm's two kernels (dx; dweight/dbias), each reading dy and the sum, then
+                    an add of the gradient coming back through the returned residual:
+                    M*N*5e + 16*M + 3*N*w + M*N*3e
+  fused forward:    read x and residual, write the sum and y, and mean, rstd: M*N*4e + 2*N*w + 8*M
+  fused backward:   read dy, the residual's incoming grad, the sum, mean, rstd, weight; write one
+                    grad (both inputs take it); per parameter, write P partial rows in fp32, read
+                    them back and write the grad: M*N*4e + 8*M + N*w + 2*(2*P*N*4 + N*w)
+                    (M*N*3e when nothing flows back through the returned residual)
+`fused_bytes` returns exactly the fused numbers; the cost model prices them.
+
+The row math is layer_norm.py's (`_layer_norm_row`, `_layer_norm_row_grad`): these kernels add
+the residual's load, add and store around it, and keep their own names in profiler traces.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fusion_advisor.kernels import layer_norm as ln
+from fusion_advisor.kernels.common import check_device, check_dtype, reduction_programs, row_block
+from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace, \
+    dtype_name, register
+
+
+@triton.jit
+def _add_layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_cols, eps,
+                               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    # Rounded to the sum's dtype before the norm, as `x + residual` in eager PyTorch is.
+    s = (x + r).to(S.dtype.element_ty)
+    tl.store(S + row * stride_s + cols, s, mask=mask)
+    y, mean, rstd = ln._layer_norm_row(s.to(tl.float32), W, B, cols, mask, n_cols, eps, HAS_WEIGHT, HAS_BIAS)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _add_layer_norm_bwd_kernel(DY, DS_OUT, S, W, MEAN, RSTD, DS, DWB_PARTIAL, stride_dy, stride_ds_out, stride_s,
+                               stride_ds, n_rows, n_cols, rows_per_program, HAS_DS_OUT: tl.constexpr,
+                               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    w = ln._layer_norm_row_weight(W, cols, mask, HAS_WEIGHT, BLOCK_SIZE)
+    dw_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    for i in range(0, rows_per_program):
+        row = (row_start + i).to(tl.int64)
+        if row < n_rows:
+            ds, dw, db = ln._layer_norm_row_grad(DY, S, MEAN, RSTD, row, cols, mask, w, stride_dy, stride_s, n_cols)
+            if HAS_DS_OUT:  # the grad that reached the returned residual directly
+                ds += tl.load(DS_OUT + row * stride_ds_out + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DS + row * stride_ds + cols, ds.to(DS.dtype.element_ty), mask=mask)
+            dw_acc += dw
+            db_acc += db
+    ln._layer_norm_store_param_grads(DWB_PARTIAL, pid, cols, mask, n_cols, dw_acc, db_acc, HAS_WEIGHT, HAS_BIAS)
+
+
+def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, residual.dtype)
+
+
+def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, normalized_shape: Sequence[int],
+                       weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher: (y, residual + x, mean, rstd)."""
+    ln.check_layer_norm_args(x, normalized_shape, weight, bias, "add_layer_norm")
+    check_dtype(residual, "add_layer_norm")
+    check_device(residual, op="add_layer_norm")
+    if residual.shape != x.shape:
+        raise ValueError(f"add_layer_norm: residual shape {list(residual.shape)} is not x's {list(x.shape)}")
+    x2 = ln.normalized_rows(x, normalized_shape, "add_layer_norm")
+    r2 = ln.normalized_rows(residual, normalized_shape, "add_layer_norm")
+    n_rows, n_cols = x2.shape
+    s = torch.empty((n_rows, n_cols), dtype=_sum_dtype(x, residual), device=x.device)
+    y = torch.empty_like(s)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block, warps = row_block(n_cols)
+    if n_rows:
+        _add_layer_norm_fwd_kernel[(n_rows,)](
+            x2, r2, s, x2 if weight is None else weight.contiguous(), x2 if bias is None else bias.contiguous(),
+            y, mean, rstd, x2.stride(0), r2.stride(0), s.stride(0), y.stride(0), n_cols, eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_SIZE=block, num_warps=warps)
+    return y.view(x.shape), s.view(x.shape), mean, rstd
+
+
+def add_layer_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.Tensor,
+                       normalized_shape: Sequence[int], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher: (d(residual + x), dweight, dbias); ds_out is the grad of the returned residual
+    (None when nothing used it)."""
+    s2 = ln.normalized_rows(s, normalized_shape, "add_layer_norm")
+    dy2 = ln.normalized_rows(dy, normalized_shape, "add_layer_norm")
+    dso2 = ln.normalized_rows(ds_out, normalized_shape, "add_layer_norm") if ds_out is not None else dy2
+    n_rows, n_cols = s2.shape
+    ds = torch.empty_like(s2)
+    programs = reduction_programs(n_rows, s.device)
+    rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
+    partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=s.device)
+    block, warps = row_block(n_cols)
+    if n_rows:
+        _add_layer_norm_bwd_kernel[(programs,)](
+            dy2, dso2, s2, s2 if weight is None else weight.contiguous(), mean, rstd, ds, partial,
+            dy2.stride(0), dso2.stride(0), s2.stride(0), ds.stride(0), n_rows, n_cols, rows_per_program,
+            HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_SIZE=block, num_warps=warps)
+    else:
+        partial.zero_()
+    dw, db = ln.row_norm_param_grads(partial, weight, bias)
+    return ds.view(s.shape), dw, db
+
+
+# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
+@torch.library.custom_op("fusion_advisor::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, normalized_shape: list[int],
+                           weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_layer_norm_fwd(x, residual, normalized_shape, weight, bias, eps)
+
+
+@_add_layer_norm_fwd_op.register_fake
+def _(x, residual, normalized_shape, weight, bias, eps):
+    rows = x.numel() // max(1, ln._numel(normalized_shape))
+    s = x.new_empty(x.shape, dtype=_sum_dtype(x, residual))
+    return s.new_empty(x.shape), s, x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusion_advisor::add_layer_norm_bwd", mutates_args=())
+def _add_layer_norm_bwd_op(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.Tensor,
+                           normalized_shape: list[int], weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], mean: torch.Tensor,
+                           rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_layer_norm_bwd(dy, ds_out, s, normalized_shape, weight, bias, mean, rstd)
+
+
+@_add_layer_norm_bwd_op.register_fake
+def _(dy, ds_out, s, normalized_shape, weight, bias, mean, rstd):
+    return s.new_empty(s.shape), *ln.fake_param_grads(mean, weight, bias)
+
+
+class AddLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, normalized_shape, weight, bias, eps):
+        y, s, mean, rstd = torch.ops.fusion_advisor.add_layer_norm_fwd(x, residual, normalized_shape, weight, bias,
+                                                                        eps)
+        ctx.save_for_backward(s, weight, bias, mean, rstd)
+        ctx.normalized_shape = normalized_shape
+        # A returned residual nobody uses gets no zeros-filled grad: the kernel skips that read.
+        ctx.set_materialize_grads(False)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds_out):
+        s, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only the returned residual was used: its grad passes straight through
+            return ds_out, ds_out, None, None, None, None
+        ds, dw, db = torch.ops.fusion_advisor.add_layer_norm_bwd(dy, ds_out, s, ctx.normalized_shape, weight, bias,
+                                                                 mean, rstd)
+        return ds, ds, None, dw if weight is not None else None, db if bias is not None else None, None
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
+                   bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `residual = x + residual; y = F.layer_norm(residual, ...)`: returns (y, residual)."""
+    return AddLayerNormFunction.apply(x, residual, ln._shape_list(normalized_shape), weight, bias, eps)
+
+
+class AddLayerNorm(ln.LayerNorm):
+    """nn.LayerNorm's parameters, called as `y, residual = norm(x, residual)`. It replaces a
+    LayerNorm *and* the add before it, so swapping it in is a source patch of the caller."""
+
+    def forward(self, x, residual):
+        return add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def reference(x: torch.Tensor, residual: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
+              bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm block step, verbatim: the residual add, then nn.LayerNorm.forward."""
+    residual = x + residual
+    return F.layer_norm(residual, normalized_shape, weight, bias, eps), residual
+
+
+def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
+    """layer_norm's params, plus residual_dtype (default dtype)."""
+    base = ln.make_inputs(params, device, requires_grad)
+    x, normalized_shape, weight, bias = base.args
+    rdtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
+    residual = torch.randn(params["shape"], dtype=rdtype, device=device, requires_grad=requires_grad)
+    grads = tuple(i for i, t in ((0, x), (1, residual), (3, weight), (4, bias)) if t is not None) if requires_grad \
+        else ()
+    return Inputs((x, residual, normalized_shape, weight, bias), dict(base.kwargs), grad_inputs=grads)
+
+
+def fused_bytes(params: dict) -> dict:
+    """layer_norm's bytes plus the residual's read and the sum's write forward, and the grad of
+    the returned residual read backward (`residual_grad`: False when nothing uses it)."""
+    x_dtype = dtype_from_name(params["dtype"])
+    r_dtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
+    s_dtype = torch.promote_types(x_dtype, r_dtype)  # the sum's, and so y's and the grads'
+    norm = ln.fused_bytes({**params, "dtype": dtype_name(s_dtype)})
+    m_n = ln._numel(params["shape"])
+    # Forward: the norm's read of its input becomes the sum's write, plus the reads of x and residual.
+    return {"forward": norm["forward"] + m_n * (x_dtype.itemsize + r_dtype.itemsize),
+            "backward": norm["backward"] + (m_n * s_dtype.itemsize if params.get("residual_grad", True) else 0)}
+
+
+def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
+    """The residual add's dtypes and the layer_norm op's params; None unless the add takes two
+    tensors of the normalised input's shape (a broadcast add, e.g. token + position embeddings,
+    is not a residual add) with alpha 1."""
+    norm_at = next((i for i, o in enumerate(ops) if o.short in ("layer_norm", "native_layer_norm")), None)
+    if norm_at is None:
+        return None
+    add = next((o for o in reversed(ops[:norm_at]) if o.short == "add"), None)
+    params = ln.layer_norm_params(ops[norm_at])
+    if add is None or params is None or len(add.dims) < 2 or len(add.types) < 2:
+        return None
+    if [list(d) for d in add.dims[:2]] != [params["shape"], params["shape"]]:
+        return None
+    if len(add.concrete) > 2 and add.concrete[2] not in ("", "1"):
+        return None
+    x_dtype, r_dtype = dtype_from_trace(add.types[0]), dtype_from_trace(add.types[1])
+    if x_dtype is None or r_dtype is None:
+        return None
+    params["dtype"] = dtype_name(x_dtype)
+    if r_dtype != x_dtype:
+        params["residual_dtype"] = dtype_name(r_dtype)
+    return params
+
+
+PATTERN = register(FusionPattern(
+    name="add_layer_norm",
+    description="residual add + LayerNorm as one Triton kernel each way (returns the new residual too)",
+    reference=reference,
+    fused=add_layer_norm,
+    make_inputs=make_inputs,
+    fused_bytes=fused_bytes,
+    forward_signature=r"(?:^| )add (?:native_)?layer_norm(?= |$)",
+    params_from_ops=params_from_ops,
+    # No module swap: the add lives in the caller's forward, so this needs a source patch.
+    modules=(),
+    module_factory=None,
+    example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-5},
+    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-5}
+                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    liger=None,  # Liger-Kernel 0.8.5 has fused add + RMSNorm, not add + LayerNorm
+))

@@ -1,0 +1,271 @@
+"""Residual add + RMSNorm: residual = x + residual; y = LlamaRMSNorm(residual). Returns (y, residual).
+
+Replaces the pre-norm decoder step of Llama, Mistral, Qwen (`hidden_states = residual +
+hidden_states`, then `post_attention_layernorm(hidden_states)`; `reference` below), which eager
+PyTorch runs as an add kernel followed by RMSNorm's 6-8 (see rms_norm.py). Gradients flow into
+both x and residual (both get d(residual)).
+
+Bytes for M rows x N (x element size e, residual r, the sum s = the wider of the two, weight w,
+output o = the wider of s and w; P programs in the backward, P <= number of SMs):
+  unfused forward (bf16, the casts included): the add reads x and residual and writes the sum,
+      M*N*3*2, then rms_norm.py's chain, about M*N*38: about M*N*44 bytes
+  fused forward:  read x and residual; write the sum, y and rstd: M*N*(e + r + s + o) + N*w + 4*M
+  fused backward: read dy, the returned residual's incoming grad, the sum, rstd, weight; write one
+                  grad (both inputs take it) and P partial dweight rows in fp32, read them back and
+                  write dweight: M*N*(o + s + s + s) + 4*M + N*w + 2*P*N*4 + N*w
+                  (M*N*(o + s + s) when nothing flows back through the returned residual)
+`fused_bytes` returns exactly the fused numbers; the cost model prices them.
+
+The row math is rms_norm.py's (`_rms_norm_row`, `_rms_norm_row_grad`): these kernels add the
+residual's load, add and store around it, and keep their own names in profiler traces.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from fusion_advisor.kernels import rms_norm as rms
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, reduction_programs, row_block
+from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace, \
+    dtype_name, register
+
+
+@triton.jit
+def _add_rms_norm_fwd_kernel(X, R, S, W, Y, RSTD, stride_x, stride_r, stride_s, stride_y, n_cols, eps,
+                             BLOCK_SIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    # Rounded to the sum's dtype before the norm, as `x + residual` in eager PyTorch is.
+    s = (x + r).to(S.dtype.element_ty)
+    tl.store(S + row * stride_s + cols, s, mask=mask)
+    y, rstd = rms._rms_norm_row(s.to(tl.float32), W, cols, mask, n_cols, eps, S)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _add_rms_norm_bwd_kernel(DY, DS_OUT, S, W, RSTD, DS, DW_PARTIAL, stride_dy, stride_ds_out, stride_s, stride_ds,
+                             n_rows, n_cols, rows_per_program, HAS_DS_OUT: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    for i in range(0, rows_per_program):
+        row = (row_start + i).to(tl.int64)
+        if row < n_rows:
+            ds, dw = rms._rms_norm_row_grad(DY, S, RSTD, row, cols, mask, w, stride_dy, stride_s, n_cols)
+            if HAS_DS_OUT:  # the grad that reached the returned residual directly
+                ds += tl.load(DS_OUT + row * stride_ds_out + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DS + row * stride_ds + cols, ds.to(DS.dtype.element_ty), mask=mask)
+            dw_acc += dw
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
+
+
+def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, residual.dtype)
+
+
+def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher: (y, residual + x, rstd). x may have any leading dims; weight is (x.shape[-1],)."""
+    for t in (x, residual, weight):
+        check_dtype(t, "add_rms_norm")
+    check_device(x, residual, weight, op="add_rms_norm")
+    if residual.shape != x.shape:
+        raise ValueError(f"add_rms_norm: residual shape {list(residual.shape)} is not x's {list(x.shape)}")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"add_rms_norm: weight shape {list(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    x2, r2 = as_rows(x, "add_rms_norm"), as_rows(residual, "add_rms_norm")
+    n_rows, n_cols = x2.shape
+    s = torch.empty((n_rows, n_cols), dtype=_sum_dtype(x, residual), device=x.device)
+    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(s.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block, warps = row_block(n_cols)
+    if n_rows:
+        _add_rms_norm_fwd_kernel[(n_rows,)](x2, r2, s, weight.contiguous(), y, rstd, x2.stride(0), r2.stride(0),
+                                            s.stride(0), y.stride(0), n_cols, eps, BLOCK_SIZE=block, num_warps=warps)
+    return y.view(x.shape), s.view(x.shape), rstd
+
+
+def add_rms_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
+                     rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: (d(residual + x), dweight); ds_out is the grad of the returned residual (None
+    when nothing used it)."""
+    s2, dy2 = as_rows(s, "add_rms_norm"), as_rows(dy, "add_rms_norm")
+    dso2 = as_rows(ds_out, "add_rms_norm") if ds_out is not None else dy2
+    n_rows, n_cols = s2.shape
+    ds = torch.empty_like(s2)
+    programs = reduction_programs(n_rows, s.device)
+    rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
+    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=s.device)
+    block, warps = row_block(n_cols)
+    if n_rows:
+        _add_rms_norm_bwd_kernel[(programs,)](dy2, dso2, s2, weight.contiguous(), rstd, ds, partial, dy2.stride(0),
+                                              dso2.stride(0), s2.stride(0), ds.stride(0), n_rows, n_cols,
+                                              rows_per_program, HAS_DS_OUT=ds_out is not None, BLOCK_SIZE=block,
+                                              num_warps=warps)
+    else:
+        partial.zero_()
+    return ds.view(s.shape), partial.sum(0).to(weight.dtype)
+
+
+# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
+@torch.library.custom_op("fusion_advisor::add_rms_norm_fwd", mutates_args=())
+def _add_rms_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_rms_norm_fwd(x, residual, weight, eps)
+
+
+@_add_rms_norm_fwd_op.register_fake
+def _(x, residual, weight, eps):
+    rows = x.numel() // x.shape[-1] if x.dim() else 1
+    s_dtype = _sum_dtype(x, residual)
+    return (x.new_empty(x.shape, dtype=torch.promote_types(s_dtype, weight.dtype)), x.new_empty(x.shape, dtype=s_dtype),
+            x.new_empty((rows,), dtype=torch.float32))
+
+
+@torch.library.custom_op("fusion_advisor::add_rms_norm_bwd", mutates_args=())
+def _add_rms_norm_bwd_op(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
+                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return add_rms_norm_bwd(dy, ds_out, s, weight, rstd)
+
+
+@_add_rms_norm_bwd_op.register_fake
+def _(dy, ds_out, s, weight, rstd):
+    return s.new_empty(s.shape), torch.empty_like(weight)
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        y, s, rstd = torch.ops.fusion_advisor.add_rms_norm_fwd(x, residual, weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        # A returned residual nobody uses gets no zeros-filled grad: the kernel skips that read.
+        ctx.set_materialize_grads(False)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds_out):
+        s, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only the returned residual was used: its grad passes straight through
+            return ds_out, ds_out, None, None
+        ds, dw = torch.ops.fusion_advisor.add_rms_norm_bwd(dy, ds_out, s, weight, rstd)
+        return ds, ds, dw, None
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `residual = x + residual; y = LlamaRMSNorm(residual)`: returns (y, residual)."""
+    return AddRMSNormFunction.apply(x, residual, weight, eps)
+
+
+class AddRMSNorm(rms.RMSNorm):
+    """An RMSNorm's weight and eps, called as `y, residual = norm(x, residual)`. It replaces an
+    RMSNorm *and* the add before it, so swapping it in is a source patch of the caller."""
+
+    def forward(self, x, residual):
+        return add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+
+
+def reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+              eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Llama decoder layer's residual add, then LlamaRMSNorm.forward, verbatim."""
+    residual = x + residual
+    input_dtype = residual.dtype
+    hidden_states = residual.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype), residual
+
+
+def liger(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+          eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Liger-Kernel's fused add + RMSNorm on the same inputs (llama casting mode)."""
+    from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+    return LigerFusedAddRMSNormFunction.apply(x, residual, weight, eps, 0.0, "llama", False)
+
+
+def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
+    """params: shape, dtype; optional residual_dtype, weight_dtype (default dtype), eps."""
+    base = rms.make_inputs(params, device, requires_grad)
+    x, weight = base.args
+    rdtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
+    residual = torch.randn(params["shape"], dtype=rdtype, device=device, requires_grad=requires_grad)
+    return Inputs((x, residual, weight), dict(base.kwargs), grad_inputs=(0, 1, 2) if requires_grad else ())
+
+
+def fused_bytes(params: dict) -> dict:
+    shape = params["shape"]
+    n = shape[-1]
+    m = 1
+    for d in shape[:-1]:
+        m *= d
+    x_dtype = dtype_from_name(params["dtype"])
+    r_dtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
+    w_dtype = dtype_from_name(params.get("weight_dtype", params["dtype"]))
+    s_dtype = torch.promote_types(x_dtype, r_dtype)
+    e, r, s, w = x_dtype.itemsize, r_dtype.itemsize, s_dtype.itemsize, w_dtype.itemsize
+    o = torch.promote_types(s_dtype, w_dtype).itemsize
+    programs = min(m, params.get("num_sms", 132))
+    residual_grad = s if params.get("residual_grad", True) else 0
+    return {"forward": m * n * (e + r + s + o) + n * w + 4 * m,
+            "backward": m * n * (o + residual_grad + s + s) + 4 * m + n * w + 2 * programs * n * 4 + n * w}
+
+
+CAST_OPS = ("to", "_to_copy", "empty_strided", "copy_")
+
+
+def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
+    """The residual add's dtypes and the RMSNorm chain's params (rms_norm.params_from_ops on the
+    ops after the add); None unless the add takes two tensors of the normalised shape with
+    alpha 1 and only casts stand between it and the chain."""
+    pow_at = next((i for i, o in enumerate(ops) if o.short == "pow"), None)
+    if pow_at is None:
+        return None
+    add_at = pow_at - 1
+    while add_at >= 0 and ops[add_at].short in CAST_OPS:
+        add_at -= 1
+    if add_at < 0 or ops[add_at].short != "add":
+        return None
+    add = ops[add_at]
+    params = rms.params_from_ops(list(ops[add_at + 1:]))
+    if params is None or len(add.dims) < 2 or len(add.types) < 2:
+        return None
+    if [list(d) for d in add.dims[:2]] != [params["shape"], params["shape"]]:
+        return None
+    if len(add.concrete) > 2 and add.concrete[2] not in ("", "1"):
+        return None
+    x_dtype, r_dtype = dtype_from_trace(add.types[0]), dtype_from_trace(add.types[1])
+    if x_dtype is None or r_dtype is None:
+        return None
+    params["dtype"] = dtype_name(x_dtype)
+    if r_dtype != x_dtype:
+        params["residual_dtype"] = dtype_name(r_dtype)
+    return params
+
+
+PATTERN = register(FusionPattern(
+    name="add_rms_norm",
+    description="residual add + RMSNorm (LlamaRMSNorm-style) as one Triton kernel each way (returns the new residual too)",
+    reference=reference,
+    fused=add_rms_norm,
+    make_inputs=make_inputs,
+    fused_bytes=fused_bytes,
+    forward_signature=r"(?:^| )add (?:(?:to|_to_copy|empty_strided|copy_) )*pow mean add rsqrt mul",
+    params_from_ops=params_from_ops,
+    # No module swap: the add lives in the caller's forward, so this needs a source patch.
+    modules=(),
+    module_factory=None,
+    example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-6},
+    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-6}
+                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    liger=liger,
+))
