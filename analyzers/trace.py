@@ -289,7 +289,7 @@ class Trace:
         mod = ops["module_row"].to_numpy().copy()
         mod[has & (mod < 0)] = mod[fwd_row[has & (mod < 0)]]
         ops["module_row"] = mod
-        src = ops["source"].to_numpy(dtype=object)
+        src = ops["source"].to_numpy(dtype=object).copy()  # pandas 3 hands out read-only views
         fill = np.flatnonzero(has & pd.isna(src))
         src[fill] = src[fwd_row[fill]]
         ops["source"] = src

@@ -135,3 +135,15 @@ def test_cpu_only_trace_requires_kernels_when_asked(tmp_path, data_dir):
     assert not Trace.load(p).has_gpu
     with pytest.raises(TraceError, match="no GPU kernels"):
         Trace.load(p, require_kernels=True)
+
+
+def test_trace_without_stacks_loads(tmp_path, data_dir):
+    """Recorded without with_stack: no op has a source; loading must still work (pandas 3 hands
+    out read-only arrays where pandas 2 did not)."""
+    doc = json.loads(gzip.open(data_dir / LLAMA).read())
+    doc["traceEvents"] = [e for e in doc["traceEvents"] if e.get("cat") != "python_function"]
+    p = tmp_path / "nostack.json"
+    p.write_text(json.dumps(doc))
+    t = Trace.load(p)
+    assert t.modules.empty and t.ops["source"].isna().all()
+    assert len(t.kernel_ops()) == 1184
