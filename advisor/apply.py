@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion_advisor.errors import AdvisorError, OutputError
-from fusion_advisor.kernels import get
+from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.result import AdvisorResult
 from fusion_advisor.source_patch import FileRewrite, rewrite_source
 
@@ -62,6 +62,11 @@ def _is_library(path: Path) -> bool:
     return any(m in path.parts for m in _LIBRARY_MARKERS)
 
 
+def module_pattern_for(module_class: str):
+    """The registered pattern with a module form that replaces this module class, if any."""
+    return next((p for p in all_patterns() if module_class in p.modules and p.module_factory is not None), None)
+
+
 def plan(result: AdvisorResult) -> ApplyPlan:
     """What `apply` would change, file by file; nothing is written."""
     if not result.recommendations:
@@ -82,21 +87,35 @@ def plan(result: AdvisorResult) -> ApplyPlan:
         file_name, _, line = (source or "").rpartition(":")
         path = _resolve(file_name, run) if file_name else None
         if path is None or _is_library(path):
-            if pattern.modules and pattern.module_factory and pattern.name not in out.runtime_patterns:
-                out.runtime_patterns.append(pattern.name)
+            leaf = (cluster.module_class or "").rsplit("/", 1)[-1] if cluster else ""
+            runtime = pattern if pattern.modules and pattern.module_factory else module_pattern_for(leaf)
+            if runtime is not None and runtime.name not in out.runtime_patterns:
+                out.runtime_patterns.append(runtime.name)
             where = "library code" if path is not None else f"{source or 'an unknown source'} (not found on disk)"
             out.notes.append(f"#{rec.rank} {rec.title}: {where}; patched at run time with "
                              f"fusion_advisor.patch(model, result) instead of editing it")
             continue
         targets = per_file.setdefault(path, {"swaps": {}, "rewrites": []})
         leaf = (cluster.module_class or "").rsplit("/", 1)[-1] if cluster else ""
+        if not pattern.module_import and not pattern.rewrites:
+            # e.g. add_rms_norm: its (x, residual) signature needs a hand edit of the caller; the
+            # module it contains (LlamaRMSNorm) can still be swapped for the plain fused kernel.
+            inner = module_pattern_for(leaf)
+            if inner is None:
+                out.notes.append(f"#{rec.rank} {rec.title}: {pattern.name} needs a hand edit at {source} "
+                                 f"(no automatic rewrite)")
+                continue
+            out.notes.append(f"#{rec.rank} {rec.title}: applied as {inner.name} (the {leaf} part); the residual "
+                             f"add stays separate until the caller is edited to use {pattern.name}")
+            pattern = inner
         if pattern.module_import and leaf in pattern.modules:
             mod, _, cls = pattern.module_import.partition(":")
             # Instantiations may sit in any of the user's files: the class's own file and the script.
             for f in {path, script} - {None}:
                 per_file.setdefault(f, {"swaps": {}, "rewrites": []})["swaps"][leaf] = (mod, cls, pattern.name)
         for rw in pattern.rewrites:
-            targets["rewrites"].append((rw, {int(line)} if line.isdigit() else set(), pattern.name))
+            lines = set() if rw.scope == "file" or not line.isdigit() else {int(line)}
+            targets["rewrites"].append((rw, lines, pattern.name))
     for path, t in per_file.items():
         try:
             text = path.read_text(encoding="utf-8")

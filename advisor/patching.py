@@ -141,13 +141,18 @@ def _candidates(model: nn.Module) -> Iterable[tuple[str, nn.Module, str, nn.Modu
 
 
 def _example_input(module: nn.Module, shape_hint) -> torch.Tensor:
-    """A random input for a norm-like module: (2, 7, hidden) from its weight, in its dtype/device."""
+    """A random (2, 7, features) input in the module's dtype and device: features from its own
+    weight (a norm) or its first Linear's in_features (an MLP block)."""
     weight = getattr(module, "weight", None)
-    if weight is None:
-        raise AdvisorError(f"no example input for {type(module).__name__}")
-    hidden = weight.shape[-1]
-    shape = tuple(shape_hint) if shape_hint else (2, 7, hidden)
-    return torch.randn(shape, device=weight.device, dtype=weight.dtype)
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
+        features, ref = weight.shape[-1], weight
+    else:
+        first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+        if first is None:
+            raise AdvisorError(f"no example input for {type(module).__name__} (pass check=False to swap unchecked)")
+        features, ref = first.in_features, first.weight
+    shape = tuple(shape_hint) if shape_hint else (2, 7, features)
+    return torch.randn(shape, device=ref.device, dtype=ref.dtype)
 
 
 def check_equivalent(original: nn.Module, replacement: nn.Module, shape_hint=None) -> str | None:

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels.common import check_device, check_dtype, interpreting
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.registry import Rewrite, FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 REDUCTIONS = ("none", "mean", "sum")
 _REDUCTION_OF_ENUM = {"0": "none", "1": "mean", "2": "sum"}  # at::Reduction, as traced
@@ -375,6 +375,8 @@ PATTERN = register(FusionPattern(
     forward_signature=r"(^| )(cross_entropy_loss|log_softmax( \S+)* nll_loss(_nd|_forward)?)( |$)",
     params_from_ops=params_from_ops,
     modules=("CrossEntropyLoss",),
+    rewrites=(Rewrite("F.cross_entropy($logits, $target)", "cross_entropy($logits, $target)",
+                      ("from fusion_advisor.kernels.cross_entropy import cross_entropy",)),),
     module_factory=CrossEntropyLoss.from_module,
     example_params={"tokens": 37, "vocab": 1000, "dtype": "bfloat16", "upcast": True, "reduction": "mean"},
     bench_params=tuple({"tokens": tokens, "vocab": vocab, "dtype": "bfloat16", "upcast": True, "reduction": "mean"}

@@ -450,6 +450,7 @@ PATTERN = register(FusionPattern(
     forward_signature=r"(?:^| )(?:native_)?group_norm(?= |$)",
     params_from_ops=params_from_ops,
     modules=("GroupNorm",),
+    module_import="fusion_advisor.kernels.group_norm:GroupNorm",
     module_factory=GroupNorm.from_module,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "num_groups": 6, "eps": 1e-5},
     # LLM-training shapes: the per-head GroupNorm of RWKV / RetNet-style blocks over (tokens,

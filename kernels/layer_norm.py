@@ -388,6 +388,7 @@ PATTERN = register(FusionPattern(
     forward_signature=r"(?:^| )(?:native_)?layer_norm(?= |$)",
     params_from_ops=params_from_ops,
     modules=("LayerNorm",),
+    module_import="fusion_advisor.kernels.layer_norm:LayerNorm",
     module_factory=LayerNorm.from_module,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-5},
     bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-5}

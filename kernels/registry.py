@@ -51,6 +51,8 @@ class Rewrite:
     match: str
     replace: str
     imports: tuple[str, ...] = ()
+    scope: str = "function"   # "function": only inside the traced function (its def line);
+                              # "file": anywhere in that file (calls of the traced function itself)
 
 
 @dataclass

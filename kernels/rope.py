@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels.common import check_device, check_dtype
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.registry import Rewrite, FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 
 @triton.jit
@@ -299,4 +299,7 @@ PATTERN = register(FusionPattern(
     bench_params=tuple({"q_shape": [tokens // 4096, hidden // 128, 4096, 128], "k_heads": 8, "dtype": "bfloat16"}
                        for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
     liger=liger,
+    # The traced chain is HF's apply_rotary_pos_emb itself: its calls are what change.
+    rewrites=(Rewrite("apply_rotary_pos_emb($q, $k, $cos, $sin)", "rope($q, $k, $cos, $sin)",
+                      ("from fusion_advisor.kernels.rope import rope",), scope="file"),),
 ))

@@ -79,3 +79,13 @@ def test_a_replacement_that_fails_numerics_is_left_out(model, monkeypatch):
     assert handle.swaps == []
     assert len(handle.skipped) == 5 and "numerics check failed" in handle.skipped[0][1]
     assert not isinstance(model.norm, RMSNorm)
+
+
+def test_mlp_blocks_swap_to_swiglu(model, device):
+    from fusion_advisor.kernels.glu import GatedMLP
+    ids = torch.randint(0, 64, (2, 9), device=device)
+    before = model(ids).detach()
+    with fusion_advisor.patched(model, patterns=["swiglu"]) as handle:
+        assert len(handle.swaps) == 2, handle.summary()  # one LlamaMLP per layer
+        assert all(isinstance(s.replacement, GatedMLP) for s in handle.swaps)
+        torch.testing.assert_close(model(ids).detach(), before, atol=1e-5, rtol=1e-4)

@@ -5,11 +5,11 @@ Estimates and measurements stay apart here as everywhere: a saving is `measured_
 `estimate_*`, and a figure that mixes them (the waterfall) carries a `basis` per item.
 
 Fields of the result's free-form dicts that the report reads:
-  device_profile: name, calibrated (bool), bw_gbps (HBM GB/s), tflops ({dtype: TFLOP/s} or one
-                  number), launch_us; other keys are listed as they are.
-  launch_bound:   launch_bound (bool), verdict (one line), advice; other scalar keys are shown as
-                  the evidence.
-  recommendation.roi: usd_per_month, usd_per_day, gpu_hours_per_day, assumptions.
+  device_profile: cost_model.device.DeviceProfile.to_dict(): label, source ("calibrated" or
+                  "datasheet"), hbm_bytes_per_s, peak_flops ({"bf16_tc": FLOP/s, ...}), launch_us.
+  launch_bound:   analyzers/launch_bound.py: verdict, launch_wait_share, remedies (title, reason,
+                  applies), primary_remedy; other scalar keys are shown as the evidence.
+  recommendation.roi: advisor/recommend.py: usd_per_month, usd_per_day, gpu_hours_per_day, assumptions.
 """
 from __future__ import annotations
 
@@ -135,24 +135,36 @@ def check_shape(result: AdvisorResult, source: str = "result") -> None:
         raise AdvisorError(f"{source}: a cluster id in '{bad}' is not a string")
 
 
+_ROOF_NAMES = {"fp32": "fp32", "tf32_tc": "tf32 (tensor cores)", "bf16_tc": "bf16 (tensor cores)",
+               "fp16_tc": "fp16 (tensor cores)", "fp64": "fp64"}
+
+
 def device_facts(profile: dict | None) -> DeviceFacts | None:
+    """The DeviceProfile the estimates used, as the charts and headers need it."""
     if not profile:
         return None
-    tflops = profile.get("tflops")
-    if is_number(tflops):
-        roofs = [Roof("peak", float(tflops))]
-    elif isinstance(tflops, dict):
-        roofs = [Roof(str(k), float(v)) for k, v in tflops.items() if is_number(v) and v > 0]
-    else:
-        roofs = []
-    bw = profile.get("bw_gbps")
+    flops = profile.get("peak_flops") if isinstance(profile.get("peak_flops"), dict) else {}
+    roofs = [Roof(_ROOF_NAMES.get(k, str(k)), float(v) / 1e12) for k, v in flops.items()
+             if k in ("fp32", "bf16_tc") and is_number(v) and v > 0]
+    bw = profile.get("hbm_bytes_per_s")
     launch = profile.get("launch_us")
-    known = {"name", "calibrated", "bw_gbps", "tflops", "launch_us"}
-    return DeviceFacts(name=str(profile.get("name") or "unnamed profile"), calibrated=bool(profile.get("calibrated")),
-                       bw_gbps=float(bw) if is_number(bw) and bw > 0 else None,
+    known = {"name", "label", "source", "hbm_bytes_per_s", "peak_flops", "launch_us", "bandwidth_curve",
+             "calibration", "element_rates"}
+    return DeviceFacts(name=str(profile.get("label") or profile.get("name") or "unnamed profile"),
+                       calibrated=profile.get("source") == "calibrated",
+                       bw_gbps=float(bw) / 1e9 if is_number(bw) and bw > 0 else None,
                        roofs=sorted(roofs, key=lambda r: -r.tflops),
                        launch_us=float(launch) if is_number(launch) else None,
-                       extra={k: v for k, v in profile.items() if k not in known})
+                       extra={k: v for k, v in profile.items() if k not in known and not isinstance(v, (list, dict))})
+
+
+def launch_bound_headline(lb: dict | None) -> tuple[str, str | None, bool] | None:
+    """(verdict, advice, bound) from analyzers/launch_bound.py's dict."""
+    if not lb or not lb.get("verdict"):
+        return None
+    primary = next((r for r in lb.get("remedies", []) if r.get("remedy") == lb.get("primary_remedy")), None)
+    advice = f"{primary['title']}: {primary['reason']}" if primary else None
+    return str(lb["verdict"]), advice, "launch-bound" in str(lb["verdict"])
 
 
 def _sum(values) -> float | None:

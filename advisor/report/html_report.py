@@ -20,7 +20,7 @@ from pathlib import Path
 from fusion_advisor import __version__
 from fusion_advisor.report import charts
 from fusion_advisor.report.base import Renderer, fmt_bytes, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
-from fusion_advisor.report.facts import BenchRow, RankedRow, ReportFacts, check_shape, report_facts
+from fusion_advisor.report.facts import launch_bound_headline, BenchRow, RankedRow, ReportFacts, check_shape, report_facts
 from fusion_advisor.result import AdvisorResult, write_text_atomic
 
 
@@ -208,12 +208,12 @@ def _share(us: float, step_us: float | None) -> Markup | None:
 def _notices(result: AdvisorResult, facts: ReportFacts) -> Markup:
     out = [el("div", el("strong", "Note:"), note, class_="note") for note in result.notes]
     lb = result.launch_bound
-    if lb:
-        bound = bool(lb.get("launch_bound"))
-        head = lb.get("verdict") or ("launch-bound" if bound else "not launch-bound")
+    headline = launch_bound_headline(lb)
+    if headline:
+        head, advice, bound = headline
         evidence = [f"{k.replace('_', ' ')}: {fmt_num(v) if is_number(v) else v}" for k, v in lb.items()
-                    if k not in ("launch_bound", "verdict", "advice") and isinstance(v, (str, int, float))]
-        out.append(el("div", el("p", el("strong", head)), el("p", lb.get("advice")) if lb.get("advice") else None,
+                    if k not in ("verdict", "primary_remedy") and isinstance(v, (str, int, float))]
+        out.append(el("div", el("p", el("strong", head)), el("p", advice) if advice else None,
                       el("p", "; ".join(evidence), class_="caption") if evidence else None,
                       class_="verdict bound" if bound else "verdict", id="launch-bound"))
     if result.clusters and not facts.bench_ran:

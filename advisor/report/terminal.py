@@ -79,8 +79,6 @@ def render_summary(result: AdvisorResult, console: Console) -> None:
         for row in s["top_cpu_ops"]:
             t.add_row(_t(row.get("op")), _us(row.get("us_per_step")), _pct(row.get("pct")))
         console.print(t)
-    render_clusters(result, console)
-    render_launch_bound(result, console)
 
 
 CLUSTER_ROWS = 10
@@ -125,7 +123,7 @@ def render_clusters(result: AdvisorResult, console: Console) -> None:
 
 def render_launch_bound(result: AdvisorResult, console: Console) -> None:
     lb = result.launch_bound
-    if not lb or "launch_wait_share" not in lb:
+    if not lb or "launch_wait_share" not in lb:  # not from analyzers/launch_bound.py
         return
     console.print(f"[bold]Step verdict:[/] {lb['verdict']} (launch waits: {100 * lb['launch_wait_share']:.0f} % of the "
                   f"GPU window)")
@@ -150,7 +148,7 @@ def render_report(result: AdvisorResult, console: Console) -> None:
     render_summary(result, console)
     facts = report_facts(result)
     _device(facts, console)
-    _launch_bound(result.launch_bound, console)
+    render_launch_bound(result, console)
     if facts.ranked:
         _ranked(facts, console)
     elif result.clusters:
@@ -161,25 +159,13 @@ def render_report(result: AdvisorResult, console: Console) -> None:
         why = "; ".join(facts.bench_not_run_why) or "this result holds no benchmark"
         console.print(f"[yellow]bench did not run:[/] {_t(why)}. Every saving below is an estimate "
                       "(cost model), not a measurement.", highlight=False)
-    if result.clusters:
-        _clusters(facts, console)
+    render_clusters(result, console)
 
 
 def _device(facts: ReportFacts, console: Console) -> None:
     if facts.device is not None:
         d = facts.device
         console.print(f"Estimates use the device profile [bold]{_t(d.name)}[/] ({d.basis}).", highlight=False)
-
-
-def _launch_bound(verdict: dict | None, console: Console) -> None:
-    if not verdict:
-        return
-    bound = verdict.get("launch_bound")
-    head = verdict.get("verdict") or ("launch-bound" if bound else "not launch-bound")
-    style = "bold yellow" if bound else "bold"
-    console.print(f"[{style}]{_t(head)}[/]", highlight=False)
-    if verdict.get("advice"):
-        console.print(f"  {_t(verdict['advice'])}", highlight=False)
 
 
 def _saving(x) -> str:
@@ -233,24 +219,6 @@ def _rejected(facts: ReportFacts, console: Console) -> None:
         numerics = _numerics(b) + (f": {b.numerics_detail}" if b.numerics_detail else "")
         t.add_row(_t(b.pattern), _t(b.cluster_id), _t(b.reason or b.verdict),
                   fmt_us(row.p50("eager")), fmt_us(row.p50("triton")), _t(numerics))
-    console.print(t)
-
-
-def _clusters(facts: ReportFacts, console: Console) -> None:
-    t = Table(title="Memory-bound clusters (chains one fused kernel could replace)", title_justify="left")
-    t.add_column("cluster", overflow="fold")
-    t.add_column("dir")
-    t.add_column("pattern")
-    t.add_column("×/step", justify="right")
-    t.add_column("kernels", justify="right")
-    t.add_column("time/step\nmeasured", justify="right")
-    t.add_column("saving/step\nestimate", justify="right")
-    for c in facts.clusters:
-        est = c.estimate.saving_us
-        per_step = est * c.occurrences_per_step if is_number(est) and is_number(c.occurrences_per_step) else None
-        t.add_row(_t(c.source or c.id), _t(c.direction), _t(c.pattern or "generic"),
-                  fmt_num(c.occurrences_per_step), str(len(c.kernels)), fmt_us(c.measured_us_per_step),
-                  _saving(per_step))
     console.print(t)
 
 
