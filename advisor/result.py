@@ -123,7 +123,8 @@ class AdvisorResult:
     device_profile: dict | None = None                   # the DeviceProfile every estimate used
     summary: dict = field(default_factory=dict)          # analyzers.summary.StepSummary
     kernel_classes: list[dict] = field(default_factory=list)   # class, calls_per_step, measured_us_per_step, pct
-    # Roofline points, one per kernel name (per step): name (the trace's full name), short_name,
+    # Roofline points, one per kernel name, every figure per step (bytes and FLOPs summed over the
+    # step's calls, like the time): name (the trace's full name), short_name,
     # kernel_class, calls_per_step, measured_us_per_step, bytes_estimate, flops_estimate,
     # estimate_us_per_step, intensity, achieved_gbps, pct_of_peak_bw, memory_bound (below the
     # ridge point), cluster_id (None outside clusters). A CPU-only trace: one point per op name

@@ -47,8 +47,8 @@ def roofline(result: AdvisorResult, facts: ReportFacts) -> tuple[dict | None, st
             left_out += 1
             left_out_us += us if is_number(us) else 0.0
             continue
-        per_call_us = us / calls
-        points.append({"x": flops / nbytes, "y": flops / per_call_us / 1e6, "us": us, "k": k})
+        # flops_estimate and bytes_estimate are per step, like measured_us_per_step.
+        points.append({"x": flops / nbytes, "y": flops / us / 1e6, "us": us, "k": k})
 
     cluster_now, cluster_fused = [], []
     for c in result.clusters:
