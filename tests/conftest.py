@@ -5,11 +5,16 @@ the test modules import fusion_advisor.kernels.
 """
 import os
 import pathlib
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Calibrations cached on this machine (`fusion-advisor calibrate`) must not change what the tests
+# see: they read only the profiles committed in cost_model/profiles and the datasheets.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fusion-advisor-test-cache-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -62,7 +62,7 @@ def test_decomposed_rmsnorm_is_one_forward_cluster(llama):
     # priced with the pattern's exact fused bytes, on the trace's own GPU
     pattern = get_pattern("rms_norm")
     assert c.estimate.bytes_fused == pattern.fused_bytes(c.pattern_params)["forward"]
-    assert c.estimate.profile == "NVIDIA H200 (datasheet)"
+    assert c.estimate.profile == "NVIDIA H200 (calibrated 2026-11-22)"  # cost_model/profiles
     assert c.estimate.bytes_now > 4 * c.estimate.bytes_fused
     assert 0 < c.estimate.fused_us < c.estimate.now_us
     assert c.estimate.saving_lo_us <= c.estimate.saving_us <= c.estimate.saving_hi_us

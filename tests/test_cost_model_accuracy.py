@@ -28,6 +28,6 @@ def test_dry_run_writes_a_priced_csv(tmp_path, capsys):
     assert [r["step"] for r in steps] == ["to", "pow", "mean", "add", "rsqrt", "mul", "to", "mul"]
     assert all(float(r["predicted_us"]) > 0 for r in steps if r["step"] != "to")
     assert all(float(r["measured_us"]) > 0 for r in rows)
-    assert all(r["profile"] == "NVIDIA H200 (datasheet)" for r in rows)
+    assert all(r["profile"] == "NVIDIA H200 (calibrated 2026-11-22)" for r in rows)  # cost_model/profiles
     printed = capsys.readouterr().out
     assert "absolute % error" in printed and f"wrote {out}" in printed

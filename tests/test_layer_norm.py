@@ -28,6 +28,8 @@ def test_layer_norm_matches_f_layer_norm(case, dtype, device):
 @pytest.mark.parametrize("options", [{"weight": False, "bias": False}, {"bias": False},
                                      {"weight": False}, {"weight_dtype": "float32"}], ids=str)
 def test_affine_options(options, device):
+    if device.type == "cuda" and options.get("weight_dtype") == "float32":
+        pytest.skip("the reference itself refuses a float32 weight with bfloat16 input on CUDA")
     check_against_reference(mod.PATTERN, {"shape": [5, 3, 77], "dtype": "bfloat16", "eps": 1e-6, **options},
                             device, reduced_grads=(2, 3))
 

@@ -151,7 +151,7 @@ def render_report(result: AdvisorResult, console: Console) -> None:
     render_launch_bound(result, console)
     if facts.ranked:
         _ranked(facts, console)
-    elif result.clusters:
+    elif result.clusters and facts.bench_ran:
         console.print("No recommendation: no replacement was both faster and numerically equal on these shapes.")
     if facts.rejected:
         _rejected(facts, console)
