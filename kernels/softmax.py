@@ -39,53 +39,78 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype, row_block
+from fusion_advisor.kernels.common import check_device, check_dtype, interpreting, row_block
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 
 @triton.jit
 def _softmax_fwd_kernel(X, MASK, Y, n_heads, n_q, n_cols, scale,
                         stride_xb, stride_xh, stride_xq, stride_mb, stride_mh, stride_mq, stride_mk,
-                        HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    # Head-fastest order: consecutive programs share (b, q), hence the mask row when it
-    # broadcasts over heads.
+                        HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr):
+    # ROWS consecutive query rows of one (b, h) per program, head-fastest across programs: the
+    # programs that share (b, q-block), hence the mask rows when the mask broadcasts over heads,
+    # run back to back. Several rows per program keep more loads in flight for short rows.
     pid = tl.program_id(0).to(tl.int64)
+    n_qb = tl.cdiv(n_q, ROWS)
     h = pid % n_heads
-    q = (pid // n_heads) % n_q
-    b = pid // (n_heads * n_q)
+    qb = (pid // n_heads) % n_qb
+    b = pid // (n_heads * n_qb)
+    qs = qb * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_SIZE)
-    keep = cols < n_cols
+    in_row = (qs < n_q)[:, None] & (cols < n_cols)[None, :]
+    keep = in_row
     if CAUSAL:
-        keep = keep & (cols <= q)
-    x = tl.load(X + b * stride_xb + h * stride_xh + q * stride_xq + cols, mask=keep, other=0.0)
+        keep = keep & (cols[None, :] <= qs[:, None])
+    x = tl.load(X + b * stride_xb + h * stride_xh + qs[:, None] * stride_xq + cols[None, :], mask=keep, other=0.0)
     x = (x.to(tl.float32) * scale).to(X.dtype.element_ty).to(tl.float32)
     if HAS_MASK:
-        m = tl.load(MASK + b * stride_mb + h * stride_mh + q * stride_mq + cols * stride_mk, mask=keep, other=0.0)
+        m = tl.load(MASK + b * stride_mb + h * stride_mh + qs[:, None] * stride_mq + cols[None, :] * stride_mk,
+                    mask=keep, other=0.0)
         x = (x + m.to(tl.float32)).to(Y.dtype.element_ty).to(tl.float32)
     x = tl.where(keep, x, float("-inf"))
-    e = tl.exp(x - tl.max(x, axis=0))
-    y = e / tl.sum(e, axis=0)
-    row = (b * n_heads + h) * n_q + q
-    tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=cols < n_cols)
+    e = tl.exp(x - tl.max(x, axis=1)[:, None])
+    y = e / tl.sum(e, axis=1)[:, None]
+    rows = (b * n_heads + h) * n_q + qs
+    tl.store(Y + rows[:, None] * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
-def _softmax_bwd_kernel(DY, Y, DX, DZ, n_q, n_cols, scale, stride_dy,
-                        CAUSAL: tl.constexpr, WRITE_DZ: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _softmax_bwd_kernel(DY, Y, DX, DZ, n_rows, n_q, n_cols, scale, stride_dy,
+                        CAUSAL: tl.constexpr, WRITE_DZ: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_SIZE)
-    keep = cols < n_cols
+    in_row = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    keep = in_row
     if CAUSAL:
-        keep = keep & (cols <= row % n_q)
-    y = tl.load(Y + row * n_cols + cols, mask=keep, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row * stride_dy + cols, mask=keep, other=0.0).to(tl.float32)
+        keep = keep & (cols[None, :] <= (rows % n_q)[:, None])
+    y = tl.load(Y + rows[:, None] * n_cols + cols[None, :], mask=keep, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=keep, other=0.0).to(tl.float32)
     # Rounded as eager rounds it: softmax_backward writes dz in y's dtype, the grad reaches
     # scores * scale in scores' dtype, and the mul's backward rounds dz * scale again.
-    dz = (y * (dy - tl.sum(y * dy, axis=0))).to(Y.dtype.element_ty)
+    dz = (y * (dy - tl.sum(y * dy, axis=1)[:, None])).to(Y.dtype.element_ty)
     if WRITE_DZ:
-        tl.store(DZ + row * n_cols + cols, dz, mask=cols < n_cols)
+        tl.store(DZ + rows[:, None] * n_cols + cols[None, :], dz, mask=in_row)
     dx = dz.to(DX.dtype.element_ty).to(tl.float32) * scale
-    tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=cols < n_cols)
+    tl.store(DX + rows[:, None] * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=in_row)
+
+
+# On a GPU the rows per program and warps are tuned once per (width, variant): short rows (1024
+# bf16 = 2 KB) leave one row per program far from the copy bandwidth (seen on an H200: 1.9 TB/s of
+# 4.2). The interpreter (CI) takes one fixed, small configuration.
+_TUNE_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8, 16) for w in (4, 8)]
+
+
+def _prune(configs, named_args, **kwargs):
+    block = kwargs["BLOCK_SIZE"]
+    kept = [c for c in configs if 1024 <= c.kwargs["ROWS"] * block <= 16384 or (c.kwargs["ROWS"] == 1 and block >= 16384)]
+    return kept or configs[:1]
+
+
+_softmax_fwd_tuned = triton.autotune(_TUNE_CONFIGS, key=["n_cols", "HAS_MASK", "CAUSAL"],
+                                     prune_configs_by={"early_config_prune": _prune})(_softmax_fwd_kernel)
+_softmax_bwd_tuned = triton.autotune(_TUNE_CONFIGS, key=["n_cols", "CAUSAL", "WRITE_DZ"],
+                                     prune_configs_by={"early_config_prune": _prune}, reset_to_zero=[])(_softmax_bwd_kernel)
+_INTERPRETER_ROWS = 2
 
 
 def _out_dtype(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.dtype:
@@ -136,9 +161,13 @@ def softmax_fwd(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, c
     else:
         m4, mask_strides = x4, (0, 0, 0, 0)
     if y.numel():
-        _softmax_fwd_kernel[(n_b * n_h * n_q,)](x4, m4, y, n_h, n_q, n_cols, scale, *x4.stride()[:3], *mask_strides,
-                                                HAS_MASK=mask is not None, CAUSAL=causal, BLOCK_SIZE=block,
-                                                num_warps=warps)
+        args = (x4, m4, y, n_h, n_q, n_cols, scale, *x4.stride()[:3], *mask_strides)
+        flags = dict(HAS_MASK=mask is not None, CAUSAL=causal, BLOCK_SIZE=block)
+        if interpreting():
+            rows = _INTERPRETER_ROWS
+            _softmax_fwd_kernel[(n_b * n_h * triton.cdiv(n_q, rows),)](*args, **flags, ROWS=rows, num_warps=warps)
+        else:
+            _softmax_fwd_tuned[lambda meta: (n_b * n_h * triton.cdiv(n_q, meta["ROWS"]),)](*args, **flags)
     return y
 
 
@@ -158,8 +187,13 @@ def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float, causal: bool, s
     dz = torch.empty(y.shape if with_dz else (0,), dtype=y.dtype, device=y.device)
     block, warps = row_block(n_cols)
     if dx.numel():
-        _softmax_bwd_kernel[(n_rows,)](dy2, y, dx, dz, n_q, n_cols, scale, dy2.stride(0), CAUSAL=causal,
-                                       WRITE_DZ=with_dz, BLOCK_SIZE=block, num_warps=warps)
+        args = (dy2, y, dx, dz, n_rows, n_q, n_cols, scale, dy2.stride(0))
+        flags = dict(CAUSAL=causal, WRITE_DZ=with_dz, BLOCK_SIZE=block)
+        if interpreting():
+            rows = _INTERPRETER_ROWS
+            _softmax_bwd_kernel[(triton.cdiv(n_rows, rows),)](*args, **flags, ROWS=rows, num_warps=warps)
+        else:
+            _softmax_bwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **flags)
     return dx, dz
 
 
