@@ -147,9 +147,17 @@ def sweep(args) -> list[dict]:
                 continue
             print(f"  {label} ...", flush=True)
             shape_start = time.perf_counter()
-            rows += bench_shape(pattern, params, device, args.providers, env, peak, rep_ms, warmup_ms,
-                                measure, compare_pattern)
+            try:
+                rows += bench_shape(pattern, params, device, args.providers, env, peak, rep_ms, warmup_ms,
+                                    measure, compare_pattern)
+            except Exception as exc:  # one broken shape or provider must not lose the rest of the sweep
+                print(f"    FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
+                      flush=True)
+                skipped.append(label + " (failed)")
+                torch_reset()
             print(f"    {time.perf_counter() - shape_start:.1f} s (compiling included)", flush=True)
+            if args.out and not args.dry_run:
+                write_csv(rows, args.out)  # after every shape: a run cut short keeps what it measured
     if skipped:
         print(f"time budget of {args.time_budget_s:.0f} s spent; skipped: {', '.join(skipped)}", file=sys.stderr)
     print(f"swept in {time.perf_counter() - started:.0f} s", flush=True)
