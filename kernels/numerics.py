@@ -116,7 +116,10 @@ def compare(reference: Callable[..., Any], candidate: Callable[..., Any], inputs
 def compare_pattern(pattern: FusionPattern, params: dict, device: torch.device, candidate=None, seed: int = 0,
                     backward: bool = True, reduced_grads: tuple[int, ...] | None = None) -> NumericsResult:
     """`compare` on `pattern.make_inputs(params)` seeded with `seed`; the candidate defaults to
-    `pattern.fused`."""
+    `pattern.fused`. A pattern with randomness (dropout) is compared on its `numerics_params`
+    (the same shapes, the randomness off), where the reference and the kernel must agree."""
+    if pattern.numerics_params is not None:
+        params = pattern.numerics_params(params)
     torch.manual_seed(seed)
     inputs = pattern.make_inputs(params, device, backward)
     return compare(pattern.reference, candidate or pattern.fused, inputs, backward=backward, seed=seed + 1,
