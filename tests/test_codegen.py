@@ -1,5 +1,8 @@
 """Generic fusion: generated kernels against the eager chain they replace, forward and backward."""
 import math
+import os
+import pathlib
+import tempfile
 
 import pytest
 import torch
@@ -20,6 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
                                         "ignore:overflow encountered:RuntimeWarning")
 
 _PRECISION = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+# Generated modules go to a scratch folder, not the user's ~/.cache.
+os.environ.setdefault("FUSION_ADVISOR_CACHE", str(pathlib.Path(tempfile.gettempdir()) / "fusion-advisor-tests"))
 
 
 def _least_precise(pattern: FusionPattern) -> torch.dtype:
@@ -57,9 +62,6 @@ def _assert_close_to_eager(actual, eager, truth, dtype, rows=1, what="output"):
     allowed = tol["atol"] + tol["rtol"] * e.abs() + (e - t).abs().nan_to_num(0.0)
     err = (a - e).abs()
     bad = (err > allowed) & ~(a.isnan() & e.isnan())
-    if bad.any() and __import__("os").environ.get("CODEGEN_DEBUG"):
-        idx = bad.nonzero()[0].tolist()
-        print("DEBUG", idx, "fused", a[tuple(idx)].item(), "eager", e[tuple(idx)].item(), "truth", t[tuple(idx)].item())
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off, worst {float((err - allowed)[bad].max()):.3g} "
                            f"over the allowed {float(allowed[bad].min()):.3g} ({dtype})")
 
@@ -108,13 +110,13 @@ def check_chain(pattern: FusionPattern, device: torch.device, seed: int = 0) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(16))
 def test_random_chain_matches_eager(seed, dtype, device):
     ops = random_chain(seed * 3 + _PRECISION[dtype], dtype)
     check_chain(build_pattern(ops), device, seed)
 
 
-@pytest.mark.parametrize("seed", [100, 101, 102, 103])
+@pytest.mark.parametrize("seed", range(100, 108))
 def test_random_chain_with_reduction_tail(seed, device):
     ops = random_chain(seed, torch.float32, with_reduction=True)
     assert generated(build_pattern(ops)).graph.reduction is not None

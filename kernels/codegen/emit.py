@@ -1,5 +1,5 @@
-"""Triton source for a Graph: one forward kernel, one backward kernel, their launchers, the
-custom_op / autograd glue and the eager reference, as one standalone Python module.
+"""Triton source for a Graph: the forward kernel and the backward kernel (module.py writes the
+rest of the generated module around them).
 
 Kernel layouts (see runtime.py for the words):
   forward, pointwise chain   1-D blocks over the flattened loop shape. Inputs of the loop's shape
@@ -17,13 +17,11 @@ Kernel layouts (see runtime.py for the words):
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
-from fusion_advisor.kernels.codegen import runtime
-from fusion_advisor.kernels.codegen.graph import Graph, Node, Operand, eager_args
+from fusion_advisor.kernels.codegen.graph import Graph, Node, Operand
 from fusion_advisor.kernels.codegen.runtime import grad_kind, padded
 from fusion_advisor.kernels.registry import dtype_name
 
@@ -337,209 +335,7 @@ def _param_text(value) -> str:
     return repr(value)
 
 
-# -- the module ---------------------------------------------------------------------------------
-def _py_value(value) -> str:
-    if isinstance(value, torch.dtype):
-        return f"torch.{dtype_name(value)}"
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return f'float("{value}")'
-    return repr(value)
-
-
-def reference_source(graph: Graph) -> str:
-    """The eager chain: the traced aten ops, one call each, in order."""
-    args = [x.name for x in graph.inputs]
-    sig = ", ".join(args) + (", *, " + ", ".join(s.name for s in graph.scalars) if graph.scalars else "")
-    lines = [f"def reference({sig}):",
-             '    """The traced chain as eager PyTorch runs it: one aten op (one kernel) each."""']
-    for node in graph.nodes:
-        pos, kw = eager_args(node, lambda o: _Verbatim(o.ref) if o.kind in ("value", "input", "scalar") else o.value)
-        text = [repr(a) if isinstance(a, _Verbatim) else _py_value(a) for a in pos]
-        text += [f"{k}={_py_value(v)}" for k, v in kw.items()]
-        cast = f".to(torch.{dtype_name(node.eager_cast)})" if node.eager_cast is not None else ""
-        lines.append(f"    {node.name} = torch.ops.aten.{node.eager_name}({', '.join(text)}){cast}")
-    lines.append(f"    return {graph.nodes[-1].name}")
-    return "\n".join(lines) + "\n"
-
-
-class _Verbatim(str):
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def runtime_source() -> str:
-    text = inspect.getsource(runtime)
-    marker = "# ---- EMBED: everything below is copied into generated modules ----\n"
-    return text[text.index(marker) + len(marker):]
-
-
-@dataclass
-class GeneratedModule:
-    name: str          # "g_1a2b3c4d5e"
-    source: str
-    layout: Layout
-
-
-def module_source(graph: Graph, name: str, header: str) -> GeneratedModule:
-    layout = partition(graph)
-    forward = KernelWriter(graph, layout)
-    fwd_kernel = forward.forward_kernel()
-    backward = KernelWriter(graph, layout)
-    bwd_kernel = backward.backward_kernel()
-    parts = [f'"""{header}"""', runtime_source().rstrip() + "\n", "# " + "-" * 97,
-             f"# The generated kernels for {name}", "# " + "-" * 97,
-             _spec_literal(spec_of(graph, layout, name)), fwd_kernel, bwd_kernel,
-             _launchers(graph, layout, name, forward.consts, backward.consts), reference_source(graph)]
-    return GeneratedModule(name, "\n\n".join(p.rstrip("\n") for p in parts) + "\n", layout)
-
-
 def spec_of(graph: Graph, layout: Layout, name: str) -> dict:
     """The static facts the runtime helpers check shapes against (the module's SPEC)."""
     return {"name": name, "rank": layout.rank, "groups": tuple(layout.groups),
             "inputs": tuple((x.name, x.dtype, tuple(layout.kept[k])) for k, x in enumerate(graph.inputs))}
-
-
-def _spec_literal(spec: dict) -> str:
-    inputs = ",\n".join(f"        ({n!r}, torch.{dtype_name(d)}, {kept!r})" for n, d, kept in spec["inputs"])
-    return (f"SPEC = {{\n    \"name\": {spec['name']!r},\n    \"rank\": {spec['rank']},\n"
-            f"    \"groups\": {spec['groups']!r},\n    \"inputs\": (\n{inputs},\n    ),\n}}")
-
-
-def _launchers(graph: Graph, layout: Layout, name: str, fwd_consts: list[str], bwd_consts: list[str]) -> str:
-    ins = [x.name for x in graph.inputs]
-    scalars = [s.name for s in graph.scalars]
-    grad_inputs = [k for k, x in enumerate(graph.inputs) if x.dtype != torch.bool]
-    red = graph.reduction
-    out_node = graph.nodes[-1]
-    out_dtype = f"torch.{dtype_name(out_node.dtype)}"
-    two_outputs = red is not None and red.reduction == "max"
-    tensor_args = ", ".join(f"{a}: torch.Tensor" for a in ins)
-    scalar_args = "".join(f", {s}: float" for s in scalars)
-    scalar_vals = "".join(f", float({s})" for s in scalars)
-    returns = "tuple[torch.Tensor, torch.Tensor]" if two_outputs else "torch.Tensor"
-    consts_f = "".join(f", {c}=c[{c!r}]" for c in fwd_consts)
-    consts_b = "".join(f", {c}=c[{c!r}]" for c in bwd_consts)
-    lst = ", ".join(ins)
-    shapes = f"[{', '.join(a + '.shape' for a in ins)}]"
-    out_shape = "shape"
-    if red is not None and red.reduction != "softmax" and red.reduction != "log_softmax":
-        keep = bool(red.params.get("keepdim"))
-        out_shape = "shape[:-1] + (1,)" if keep else "shape[:-1]"
-    L = []
-    L.append(f"def _output(shape, device):\n    out = torch.empty({out_shape}, dtype={out_dtype}, device=device)")
-    if two_outputs:
-        L[-1] += f"\n    return out, torch.empty({out_shape}, dtype=torch.int64, device=device)"
-    else:
-        L[-1] += "\n    return out"
-    fwd = [f"def _forward({tensor_args}{scalar_args}) -> {returns}:",
-           f"    {lst}, = prepare_inputs(SPEC, [{lst}])",
-           f"    shape = loop_shape(SPEC, {shapes})",
-           f"    outputs = _output(shape, {ins[0]}.device)",
-           f"    out = outputs[0] if isinstance(outputs, tuple) else outputs"]
-    if red is None:
-        fwd += [f"    c = index_constants(SPEC, shape, {shapes}, 'flat')",
-                "    n = out.numel()",
-                "    block, warps = flat_block(n)",
-                "    if n:",
-                f"        _forward_kernel[(triton.cdiv(n, block),)]({lst}, out{scalar_vals}, n{consts_f},",
-                "                                                   BLOCK_SIZE=block, INDEX_64=n >= 2**31, num_warps=warps)"]
-    else:
-        idx = ", outputs[1]" if two_outputs else ""
-        fwd += [f"    c = index_constants(SPEC, shape, {shapes}, 'rows')",
-                "    sizes = group_sizes(SPEC, shape)",
-                "    n_cols = sizes[-1]",
-                "    n_rows = math.prod(sizes[:-1])",
-                "    block_r, block_c, warps = row_tile(n_rows, n_cols, whole_row=True)",
-                "    if n_rows * n_cols:",
-                f"        _forward_kernel[(triton.cdiv(n_rows, block_r),)]({lst}, out{idx}{scalar_vals}, n_rows, n_cols"
-                f"{consts_f},",
-                "                                                        BLOCK_R=block_r, BLOCK_C=block_c,",
-                "                                                        INDEX_64=n_rows * n_cols >= 2**31, num_warps=warps)"]
-    fwd.append("    return outputs")
-    L.append("\n".join(fwd))
-    # backward launcher
-    wanted = [f"wanted[{j}]" for j in range(len(grad_inputs))]
-    bufs = []
-    for j, k in enumerate(grad_inputs):
-        x = graph.inputs[k]
-        kind = grad_kind(layout.kept[k])
-        bufs.append(f"    buf{k} = grad_buffer({kind!r}, {x.name}.shape, torch.{dtype_name(x.dtype)}, sizes, programs, "
-                    f"n_col_tiles, dout.device) if wanted[{j}] else dout")
-    bwd = [f"def _backward(dout: torch.Tensor, {tensor_args}{scalar_args}, wanted: list[bool]) -> list[torch.Tensor]:",
-           f"    {lst}, = prepare_inputs(SPEC, [{lst}])",
-           "    dout = dout.contiguous()",
-           f"    shape = loop_shape(SPEC, {shapes})",
-           f"    c = index_constants(SPEC, shape, {shapes}, 'rows')",
-           "    sizes = group_sizes(SPEC, shape)",
-           "    n_cols = sizes[-1]",
-           "    n_rows = math.prod(sizes[:-1])",
-           f"    block_r, block_c, warps = row_tile(n_rows, n_cols, whole_row={red is not None})",
-           "    n_col_tiles = triton.cdiv(n_cols, block_c)",
-           "    programs, per_program = row_programs(triton.cdiv(n_rows, block_r), n_col_tiles, dout.device)"]
-    bwd += bufs
-    buf_args = ", ".join(f"buf{k}" for k in grad_inputs)
-    flags = "".join(f", GRAD{k}=bool(wanted[{j}])" for j, k in enumerate(grad_inputs))
-    bwd += ["    if n_rows * n_cols:",
-            f"        _backward_kernel[(n_col_tiles, programs)](dout, {lst}, {buf_args}{scalar_vals}, n_rows, n_cols, "
-            f"per_program{consts_b}{flags},",
-            "                                                  BLOCK_R=block_r, BLOCK_C=block_c,",
-            "                                                  INDEX_64=n_rows * n_cols >= 2**31, num_warps=warps)",
-            "    else:"]
-    bwd += ["        for buf, w in zip([" + ", ".join(f"buf{k}" for k in grad_inputs) + "], wanted):",
-            "            if w:",
-            "                buf.zero_()"]
-    bwd.append("    grads = []")
-    for j, k in enumerate(grad_inputs):
-        x = graph.inputs[k]
-        bwd += [f"    if wanted[{j}]:",
-                f"        grads.append(finish_grad({grad_kind(layout.kept[k])!r}, buf{k}, SPEC['inputs'][{k}][2], sizes, "
-                f"{x.name}.shape, torch.{dtype_name(x.dtype)}))"]
-    bwd.append("    return grads")
-    L.append("\n".join(bwd))
-    # fakes, registration, autograd
-    grad_names = [graph.inputs[k].name for k in grad_inputs]
-    L.append(f"def _forward_fake({', '.join(ins + scalars)}):\n"
-             f"    return _output(loop_shape(SPEC, {shapes}), {ins[0]}.device)")
-    L.append(f"def _backward_fake(dout, {', '.join(ins + scalars)}, wanted):\n"
-             f"    return [torch.empty_like(t) for t, w in zip([{', '.join(grad_names)}], wanted) if w]")
-    L.append(f"# torch.library registration: a patched model still runs under torch.compile. A second import of\n"
-             f"# this code (from another path) finds the ops registered and uses them.\n"
-             f"if not hasattr(torch.ops.fusion_kernels, \"{name}_fwd\"):\n"
-             f"    torch.library.custom_op(\"fusion_kernels::{name}_fwd\", _forward, mutates_args=()).register_fake(_forward_fake)\n"
-             f"    torch.library.custom_op(\"fusion_kernels::{name}_bwd\", _backward, mutates_args=()).register_fake(_backward_fake)")
-    all_args = ins + scalars
-    saved = ", ".join(ins)
-    needs = ", ".join(f"ctx.needs_input_grad[{k}]" for k in grad_inputs)
-    ret = []
-    it = 0
-    for k, x in enumerate(graph.inputs):
-        if x.dtype == torch.bool:
-            ret.append("None")
-        else:
-            ret.append(f"next(grads) if wanted[{it}] else None")
-            it += 1
-    ret += ["None"] * len(scalars)
-    bwd_sig = "dout, _dindices" if two_outputs else "dout"
-    fn = [f"class _Function(torch.autograd.Function):",
-          "    @staticmethod",
-          f"    def forward(ctx, {', '.join(all_args)}):",
-          f"        outputs = torch.ops.fusion_kernels.{name}_fwd({', '.join(all_args)})",
-          f"        ctx.save_for_backward({saved})",
-          f"        ctx.scalars = ({''.join(s + ', ' for s in scalars)})"]
-    if two_outputs:
-        fn.append("        ctx.mark_non_differentiable(outputs[1])")
-    fn += ["        return outputs", "",
-           "    @staticmethod",
-           f"    def backward(ctx, {bwd_sig}):",
-           f"        {saved}, = ctx.saved_tensors",
-           f"        wanted = [{needs}]",
-           f"        if not any(wanted):",
-           f"            return ({'None, ' * len(all_args)})",
-           f"        grads = iter(torch.ops.fusion_kernels.{name}_bwd(dout, {saved}, *ctx.scalars, wanted))",
-           f"        return ({', '.join(ret)},)"]
-    L.append("\n".join(fn))
-    sig = ", ".join(ins) + (", *, " + ", ".join(scalars) if scalars else "")
-    L.append(f"def fused({sig}):\n"
-             f"    \"\"\"The whole chain as one Triton kernel each way (autograd-aware; see the module docstring).\"\"\"\n"
-             f"    return _Function.apply({', '.join(all_args)})")
-    return "\n\n\n".join(L) + "\n"

@@ -24,7 +24,8 @@ import torch
 
 from fusion_advisor import __version__
 from fusion_advisor.kernels.codegen import runtime
-from fusion_advisor.kernels.codegen.emit import Layout, describe, module_source, partition, spec_of
+from fusion_advisor.kernels.codegen.emit import Layout, describe, partition, spec_of
+from fusion_advisor.kernels.codegen.module import module_source
 from fusion_advisor.kernels.codegen.graph import Graph, build_graph
 from fusion_advisor.kernels.codegen.ops import Unsupported
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_name
@@ -224,7 +225,7 @@ def _header(graph: Graph, name: str, module_name: str, ops: Sequence[OpRecord], 
               "Math runs in fp32 registers; explicit casts (`to`) round as eager does; every other intermediate",
               "stays fp32 (eager rounds each op's output to its dtype, so low-precision results differ by a few ulps).",
               "", "Use (needs torch and triton only):",
-              f"    from fusion_kernels.<this file> import fused, reference",
+              "    from fusion_kernels.<this file> import fused, reference",
               f"    y = fused({', '.join(x.name for x in graph.inputs)}"
               f"{''.join(f', {s.name}=...' for s in graph.scalars)})   # == reference(...), autograd-aware",
               "", f"Pattern {name}; custom ops fusion_kernels::{module_name}_fwd / _bwd."]
