@@ -1,0 +1,235 @@
+"""Helpers every generated kernel module carries: launch-time shape checks, index constants,
+block sizes, gradient partial sums, and the @triton.jit math the expressions call.
+
+emit.py copies the code below the EMBED marker verbatim into each generated module, so a module
+dropped into fusion_kernels/<cluster>.py needs torch and triton only; the pattern imports the same
+code from here (bytes, tests).
+
+Words:
+  spec     the static facts of one generated kernel, a literal dict in its module: `name`, `rank`,
+           `groups`, `inputs` as (name, dtype, kept flag per group)
+  groups   the loop shape's dims cut into runs of adjacent dims over which every input is either
+           kept (its dims equal the loop's) or broadcast (its dims are 1). Index arithmetic is per
+           group: a (C,1,1) bias over (N,C,H,W) costs one // and one % by compile-time constants.
+  flat     the pointwise forward's layout: 1-D blocks over the flattened loop shape
+  rows     the layout of reductions and of every backward: (rows, cols) tiles, cols = the last group
+"""
+# ---- EMBED: everything below is copied into generated modules ----
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROW = 65536      # a reduction keeps its whole row in registers
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def prepare_inputs(spec, tensors):
+    """The inputs as contiguous tensors of the traced dtypes on one device, or a clear error."""
+    if len(tensors) != len(spec["inputs"]):
+        raise TypeError(f"{spec['name']}: expected {len(spec['inputs'])} tensors, got {len(tensors)}")
+    device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
+    out = []
+    for (name, dtype, _kept), t in zip(spec["inputs"], tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{spec['name']}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{spec['name']}: {name} is {t.dtype}; the traced chain had {dtype}")
+        if t.device != device:
+            raise ValueError(f"{spec['name']}: {name} is on {t.device}, the first input on {device}")
+        out.append(t.contiguous())
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{spec['name']}: tensors must be on a CUDA device (or run with TRITON_INTERPRET=1)")
+    return out
+
+
+def padded(shape, rank):
+    shape = tuple(shape)
+    return (1,) * (rank - len(shape)) + shape
+
+
+def loop_shape(spec, shapes):
+    """The inputs' broadcast shape, checked against the traced broadcast structure (same rank,
+    the same dims kept or broadcast); any sizes may differ from the traced ones."""
+    rank = spec["rank"]
+    try:
+        shape = tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError as exc:
+        raise ValueError(f"{spec['name']}: the inputs do not broadcast ({exc})") from None
+    if len(shape) > rank:
+        raise ValueError(f"{spec['name']}: inputs broadcast to rank {len(shape)}, the traced chain had rank {rank}")
+    full = padded(shape, rank)
+    for (name, _dtype, kept), s in zip(spec["inputs"], shapes):
+        p = padded(s, rank)
+        for g, dims in enumerate(spec["groups"]):
+            if any((p[d] != full[d]) if kept[g] else (p[d] != 1) for d in dims):
+                raise ValueError(f"{spec['name']}: {name} {tuple(s)} broadcasts over {shape} unlike in the traced "
+                                 f"chain (dims {list(dims)} {'kept' if kept[g] else 'broadcast'}); build a pattern "
+                                 f"for these shapes")
+    return shape
+
+
+def group_sizes(spec, shape):
+    full = padded(shape, spec["rank"])
+    return [math.prod(full[d] for d in dims) for dims in spec["groups"]]
+
+
+def index_constants(spec, shape, shapes, layout):
+    """The kernels' constexpr index arithmetic: G{g}_SIZE and G{g}_INNER (product of the later
+    groups' sizes: every later group in the `flat` layout, later row groups in `rows`), and
+    IN{k}_STRIDE{g}, input k's element stride over group g where it is kept. None depends on
+    the first dim's size: a new batch size does not recompile."""
+    rank = spec["rank"]
+    sizes = group_sizes(spec, shape)
+    n = len(sizes) if layout == "flat" else len(sizes) - 1
+    consts = {}
+    for g in range(n):
+        consts[f"G{g}_SIZE"] = sizes[g]
+        consts[f"G{g}_INNER"] = math.prod(sizes[g + 1:n])
+    for k, (_name, _dtype, kept) in enumerate(spec["inputs"]):
+        p = padded(shapes[k], rank)
+        for g, dims in enumerate(spec["groups"]):
+            if kept[g]:
+                consts[f"IN{k}_STRIDE{g}"] = math.prod(p[max(dims) + 1:])
+    return consts
+
+
+def flat_block(n):
+    """(BLOCK_SIZE, num_warps) of the 1-D pointwise kernel: 8 elements per thread in flight."""
+    return (1024, 4) if n <= (1 << 20) else (2048, 8)
+
+
+def row_tile(n_rows, n_cols, whole_row, budget=2048):
+    """(BLOCK_R, BLOCK_C, num_warps) of a (rows, cols) tile of about `budget` elements; a
+    reduction needs the whole row in one tile."""
+    if whole_row:
+        block_c = triton.next_power_of_2(max(n_cols, 1))
+        if block_c > MAX_ROW:
+            raise ValueError(f"rows of {n_cols} elements are too wide for a one-tile reduction (max {MAX_ROW})")
+    else:
+        block_c = min(triton.next_power_of_2(max(n_cols, 1)), budget)
+    block_r = max(1, min(triton.next_power_of_2(max(n_rows, 1)), budget // block_c))
+    elements = block_r * block_c
+    warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16 if elements <= 32768 else 32
+    return block_r, block_c, warps
+
+
+def row_programs(n_row_tiles, n_col_tiles, device, num_sms=None):
+    """(programs, tiles per program) along the rows of a backward launch: about 4 programs per SM
+    in all, each looping over a contiguous run of row tiles so that its column partial sums stay
+    in registers (and the partial buffers stay small)."""
+    if num_sms is None:
+        on_gpu = device.type == "cuda" and not interpreting()
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
+    target = max(1, (4 * num_sms) // max(n_col_tiles, 1))
+    programs = max(1, min(n_row_tiles, target))
+    per_program = triton.cdiv(n_row_tiles, programs) if n_row_tiles else 0
+    programs = triton.cdiv(n_row_tiles, per_program) if per_program else 1
+    return programs, per_program
+
+
+def grad_kind(kept):
+    """How the backward kernel writes an input's gradient:
+    full      the input has the loop's shape: stored directly, in its dtype
+    cols      kept in the columns only (a per-feature bias): each row program sums its rows
+              into a (programs, cols) fp32 buffer
+    rows      broadcast in the columns (a per-channel (C,1,1) bias, a scalar): each tile sums its
+              columns into a (col tiles, rows) fp32 buffer
+    elements  anything else: per-element fp32 contributions (a full-size buffer)
+    A small torch reduction then sums each buffer to the input's shape (finish_grad)."""
+    if all(kept):
+        return "full"
+    if not kept[-1]:
+        return "rows"
+    if not any(kept[:-1]):
+        return "cols"
+    return "elements"
+
+
+def grad_buffer_shape(kind, sizes, programs, n_col_tiles):
+    n_rows, n_cols = math.prod(sizes[:-1]), sizes[-1]
+    return {"cols": (programs, n_cols), "rows": (n_col_tiles, n_rows), "elements": (n_rows, n_cols)}[kind]
+
+
+def grad_buffer(kind, shape, dtype, sizes, programs, n_col_tiles, device):
+    if kind == "full":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty(grad_buffer_shape(kind, sizes, programs, n_col_tiles), dtype=torch.float32, device=device)
+
+
+def finish_grad(kind, buffer, kept, sizes, shape, dtype):
+    """The second, small reduction: a partial-sum buffer to the input's gradient."""
+    if kind == "full":
+        return buffer
+    if kind == "cols":
+        grad = buffer.sum(0)
+    elif kind == "rows":
+        grad = buffer.sum(0).view(sizes[:-1])
+        broadcast = [g for g, k in enumerate(kept[:-1]) if not k]
+        grad = grad.sum(dim=broadcast) if broadcast else grad
+    else:
+        grad = buffer.view(sizes).sum(dim=[g for g, k in enumerate(kept) if not k])
+    return grad.reshape(shape).to(dtype)
+
+
+# -- fp32 math the generated expressions call (tl has no tanh, log1p or gelu) ----------------------
+@triton.jit
+def round_to_bf16(x):
+    """x rounded to the nearest bfloat16 (ties to even), kept in fp32: what x.to(tl.bfloat16) does on
+    a GPU. Triton's interpreter truncates there instead, which would move values across a clamp."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tanh_f32(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def softplus_f32(x, beta, threshold):
+    z = x * beta
+    return tl.where(z > threshold, x, tl.log(1.0 + tl.exp(z)) / beta)
+
+
+@triton.jit
+def gelu_erf(x):
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_erf_grad(x):
+    cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+    pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    return cdf + x * pdf
+
+
+@triton.jit
+def gelu_tanh(x):
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (1.0 + tanh_f32(inner))
+
+
+@triton.jit
+def gelu_tanh_grad(x):
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    t = tanh_f32(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+
+
+@triton.jit
+def silu_grad(x):
+    s = tl.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+@triton.jit
+def mish_grad(x):
+    t = tanh_f32(softplus_f32(x, 1.0, 20.0))
+    return t + x * tl.sigmoid(x) * (1.0 - t * t)
