@@ -226,3 +226,22 @@ def waterfall(facts: ReportFacts) -> list[dict]:
         now = after
     return steps
 
+
+
+def assumptions_text(assumptions) -> str:
+    """advisor/recommend.py's ROI assumptions as one readable line."""
+    if not isinstance(assumptions, dict):
+        return str(assumptions or "")
+    parts = []
+    cost = assumptions.get("gpu_hourly_cost_usd")
+    if is_number(cost):
+        src = "default" if "default" in str(assumptions.get("gpu_hourly_cost_source", "")) else "given"
+        parts.append(f"${cost:.2f} per GPU-hour ({src})")
+    rate = assumptions.get("steps_per_day")
+    if is_number(rate):
+        parts.append(f"{rate:,.0f} steps a day ({assumptions.get('steps_per_day_source', '')})")
+    if is_number(assumptions.get("gpus")):
+        parts.append(f"{assumptions['gpus']:g} GPU(s)")
+    if is_number(assumptions.get("days_per_month")):
+        parts.append(f"{assumptions['days_per_month']:g}-day month")
+    return "; ".join(parts)

@@ -20,7 +20,7 @@ from pathlib import Path
 from fusion_advisor import __version__
 from fusion_advisor.report import charts
 from fusion_advisor.report.base import Renderer, fmt_bytes, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
-from fusion_advisor.report.facts import launch_bound_headline, BenchRow, RankedRow, ReportFacts, check_shape, report_facts
+from fusion_advisor.report.facts import assumptions_text, launch_bound_headline, BenchRow, RankedRow, ReportFacts, check_shape, report_facts
 from fusion_advisor.result import AdvisorResult, write_text_atomic
 
 
@@ -181,7 +181,7 @@ def _cards(result: AdvisorResult, facts: ReportFacts) -> Markup:
         usd_lines.append(el("div", el("span", fmt_usd(facts.usd_per_month_estimate), class_="value"), tag("estimate")))
     assumptions = next((r.rec.roi.get("assumptions") for r in facts.ranked if (r.rec.roi or {}).get("assumptions")), None)
     cards.append(el("div", el("div", "$ per month", class_="label"), usd_lines or el("div", "—", class_="value"),
-                    el("div", str(assumptions) if assumptions else "no cost figures in this result", class_="detail"),
+                    el("div", assumptions_text(assumptions) if assumptions else "no cost figures in this result", class_="detail"),
                     class_="card"))
     d = facts.device
     if d is None:
@@ -211,8 +211,9 @@ def _notices(result: AdvisorResult, facts: ReportFacts) -> Markup:
     headline = launch_bound_headline(lb)
     if headline:
         head, advice, bound = headline
-        evidence = [f"{k.replace('_', ' ')}: {fmt_num(v) if is_number(v) else v}" for k, v in lb.items()
-                    if k not in ("verdict", "primary_remedy") and isinstance(v, (str, int, float))]
+        shown = ("gpu_busy_share_unprofiled", "launch_wait_share", "memory_bound_share", "kernels_per_step",
+                 "cpu_us_per_launch", "fusion_saving_estimate_us_per_step")
+        evidence = [f"{k.replace('_', ' ')}: {fmt_num(lb[k])}" for k in shown if is_number(lb.get(k))]
         out.append(el("div", el("p", el("strong", head)), el("p", advice) if advice else None,
                       el("p", "; ".join(evidence), class_="caption") if evidence else None,
                       class_="verdict bound" if bound else "verdict", id="launch-bound"))
@@ -303,7 +304,7 @@ def _recommendation(row: RankedRow) -> Markup:
         parts.append(el("p", el("strong", "Return: "),
                         f"{fmt_usd(roi.get('usd_per_month'))} per month, {fmt_usd(roi.get('usd_per_day'))} per day, "
                         f"{fmt_num(roi.get('gpu_hours_per_day'))} GPU-hours per day ", tag(row.basis),
-                        el("div", roi.get("assumptions") or "", class_="caption")))
+                        el("div", assumptions_text(roi.get("assumptions")), class_="caption")))
     if c is not None:
         parts.append(_ops_and_kernels(c))
     parts.append(_patch(rec.patch))
