@@ -126,6 +126,11 @@ def profile(
     gpu_hourly_cost: Optional[float] = typer.Option(None, "--gpu-hourly-cost", help=GPU_COST_HELP),
     steps_per_day: Optional[float] = typer.Option(None, "--steps-per-day", help=STEPS_PER_DAY_HELP),
     gpus: int = typer.Option(1, "--gpus", help=GPUS_HELP),
+    bench: bool = typer.Option(True, "--bench/--no-bench", help="Time and check the matched replacements on the "
+                                                               "GPU (needs a GPU; off: estimates only)."),
+    target_gpu: Optional[str] = typer.Option(None, "--target-gpu", metavar="GPU",
+                                             help="Price the estimates for this GPU (h100, h200, a100, ...); a CPU-only "
+                                                  "run defaults to h100."),
 ):
     """Run SCRIPT under torch.profiler, record a few steady steps, and analyse them.
 
@@ -162,10 +167,13 @@ def profile(
         written = f"; wrote {result_capture.meta_path}"
         _fail(("the script failed before any step was recorded" if result_capture.error else
                "nothing was recorded") + written, EXIT_SCRIPT_FAILED if result_capture.error else 2)
-    result = _analyze_path(result_capture.trace_path)
+    result = _analyze_path(result_capture.trace_path, target_gpu)
     roi_options = _roi_options(gpu_hourly_cost, steps_per_day, gpus)
-    with _bench_progress() as on_cluster:
-        _bench_and_recommend(result, None, roi_options, on_cluster)
+    if bench:
+        with _bench_progress() as on_cluster:
+            _bench_and_recommend(result, None, roi_options, on_cluster)
+    else:
+        result.notes.append("bench was switched off (--no-bench): every saving is an estimate")
     result_path = out / "result.json"
     result.save(result_path)
     html_path = _write_report_html(result, result_path)

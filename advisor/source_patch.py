@@ -122,7 +122,8 @@ class _RewriteSpec:
     rewrite: Rewrite
     matcher: _Matcher
     replacement: cst.BaseExpression
-    def_lines: set[int]        # only inside functions defined on these lines (empty: anywhere)
+    def_lines: set[int]        # only inside the innermost function holding one of these traced lines
+                               # (a def line, or the line a frame was on when recording began)
     why: str
 
 
@@ -133,12 +134,13 @@ class _Transformer(cst.CSTTransformer):
         super().__init__()
         self.class_swaps = class_swaps      # old class name -> (new name, why)
         self.rewrites = rewrites
-        self.functions: list[int] = []      # def lines of the enclosing functions
+        self.functions: list[tuple[int, int]] = []  # (first, last) lines of the enclosing functions
         self.changes: list[Change] = []
         self.imports: list[str] = []
 
     def visit_FunctionDef(self, node):
-        self.functions.append(self.get_metadata(PositionProvider, node).start.line)
+        pos = self.get_metadata(PositionProvider, node)
+        self.functions.append((pos.start.line, pos.end.line))
 
     def leave_FunctionDef(self, original, updated):
         self.functions.pop()
@@ -163,7 +165,8 @@ class _Transformer(cst.CSTTransformer):
 
     def _try_rewrites(self, original, updated):
         for spec in self.rewrites:
-            if spec.def_lines and not (set(self.functions) & spec.def_lines):
+            if spec.def_lines and not (self.functions and any(self.functions[-1][0] <= line <= self.functions[-1][1]
+                                                             for line in spec.def_lines)):
                 continue
             binds = spec.matcher.match(updated)
             if binds is None:
