@@ -12,6 +12,17 @@ from typing import Callable
 import torch
 
 _step_listener: Callable[[], None] | None = None
+_steps_paused = 0  # > 0 while fusion-advisor itself runs modules (patch checks): not the script's steps
+
+
+@contextlib.contextmanager
+def _paused_steps():
+    global _steps_paused
+    _steps_paused += 1
+    try:
+        yield
+    finally:
+        _steps_paused -= 1
 
 
 def _set_step_listener(fn: Callable[[], None] | None) -> None:

@@ -68,7 +68,6 @@ class _Stepper:
         self._depth = 0
         self._forward_pending = False
         self._handles: list = []
-        self.paused = False  # set while the advisor itself runs modules (e.g. patch checks)
 
     def install(self) -> None:
         self._handles.append(torch_optimizer.register_optimizer_step_post_hook(self._optimizer_hook))
@@ -114,7 +113,7 @@ class _Stepper:
 
     def _post_forward(self, module, args, output) -> None:
         self._depth = max(self._depth - 1, 0)
-        if self._depth or self.paused or self.source in ("explicit", "optimizer"):
+        if self._depth or api._steps_paused or self.source in ("explicit", "optimizer"):
             return
         if self.source == "forward":
             self._step()

@@ -24,6 +24,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from fusion_advisor import api
 from fusion_advisor.errors import AdvisorError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FusionPattern
@@ -100,29 +101,35 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
             handle.skipped.append(("*", f"pattern {p.name} has no module form: use `fusion-advisor apply` (source patch)"))
     check = options.get("check", True)
     try:
-        for path, parent, attr, module in list(_candidates(model)):
-            pattern = next((p for p in swappable if type(module).__name__ in p.modules), None)
-            if pattern is None:
-                continue
-            try:
-                replacement = pattern.module_factory(module)
-            except Exception as exc:  # a module that looks alike but is not: leave it alone, say why
-                handle.skipped.append((path, f"{pattern.name}: cannot wrap {type(module).__name__} ({exc})"))
-                continue
-            if check:
-                try:
-                    problem = check_equivalent(module, replacement, options.get("device_check_shape"))
-                except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
-                    problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                if problem:
-                    handle.skipped.append((path, f"{pattern.name}: numerics check failed: {problem}"))
-                    continue
-            setattr(parent, attr, replacement)
-            handle.swaps.append(Swap(path, parent, attr, module, replacement, pattern.name))
+        with api._paused_steps():  # the checks below run modules: under `profile` they are not steps
+            _swap_all(model, swappable, handle, check, options.get("device_check_shape"))
     except BaseException:
         handle.revert()
         raise
     return handle
+
+
+def _swap_all(model, swappable, handle, check, shape_hint) -> None:
+    """Swap every module that a pattern replaces, checking each first (see `patch`)."""
+    for path, parent, attr, module in list(_candidates(model)):
+        pattern = next((p for p in swappable if type(module).__name__ in p.modules), None)
+        if pattern is None:
+            continue
+        try:
+            replacement = pattern.module_factory(module)
+        except Exception as exc:  # a module that looks alike but is not: leave it alone, say why
+            handle.skipped.append((path, f"{pattern.name}: cannot wrap {type(module).__name__} ({exc})"))
+            continue
+        if check:
+            try:
+                problem = check_equivalent(module, replacement, shape_hint)
+            except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
+                problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if problem:
+                handle.skipped.append((path, f"{pattern.name}: numerics check failed: {problem}"))
+                continue
+        setattr(parent, attr, replacement)
+        handle.swaps.append(Swap(path, parent, attr, module, replacement, pattern.name))
 
 
 @contextlib.contextmanager

@@ -88,11 +88,7 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
 
         def patch_first_model(module, args):
             patch_hook.remove()
-            stepper.paused = True  # the patch's numerics checks run modules: not the script's steps
-            try:
-                handle = fusion_advisor.patch(module, patterns=spec.patterns)
-            finally:
-                stepper.paused = False
+            handle = fusion_advisor.patch(module, patterns=spec.patterns)  # its checks pause step counting
             swapped.extend(f"{s.path}: {type(s.original).__name__} -> {type(s.replacement).__name__}"
                            for s in handle.swaps)
             skipped.extend(f"{p}: {why}" for p, why in handle.skipped)

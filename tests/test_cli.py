@@ -200,3 +200,32 @@ def test_help_teaches():
     assert "fusion_advisor.step()" in r.stdout and "Examples" in r.stdout
     top = cli("--help")
     assert "Exit codes" in top.stdout
+
+
+def test_patching_inside_the_script_does_not_count_as_steps(tmp_path):
+    """fusion_advisor.patch runs each module once to check it: under `profile` those forwards are
+    not training steps (seen: a patched HF Llama profile recorded the patch checks)."""
+    s = script(tmp_path, """
+        import torch, fusion_advisor
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(16) for _ in range(6))
+                self.head = torch.nn.Linear(16, 1)
+            def forward(self, x):
+                for n in self.norms:
+                    x = n(x)
+                return self.head(x)
+        model = Net()
+        fusion_advisor.patch(model, patterns=["layer_norm"])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i in range(8):
+            model(torch.randn(4, 16)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    """)
+    r = cli("profile", s, "-w", "2", "-n", "2", "-o", tmp_path / "o", "--no-bench")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert meta["step_source"] == "optimizer" and meta["steps_recorded"] == [2, 3]
+    assert meta["steps_seen"] == 4
