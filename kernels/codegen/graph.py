@@ -402,5 +402,6 @@ def records_from_frame(ops, module_paths: Sequence[str | None] | None = None) ->
     for k, (name, dims, types, concrete) in enumerate(zip(ops["name"], ops["input_dims"], ops["input_types"],
                                                           ops["concrete"])):
         module = module_paths[k] if module_paths is not None else None
-        records.append(OpRecord(str(name), tup(dims or ()), tuple(types or ()), tuple(concrete or ()), module))
+        seq = [x if isinstance(x, (list, tuple)) else () for x in (dims, types, concrete)]   # None / NaN: none
+        records.append(OpRecord(str(name), tup(seq[0]), tuple(seq[1]), tuple(seq[2]), module))
     return records

@@ -81,9 +81,9 @@ def classify(dims: Any, type_name: str, concrete: str) -> Arg:
     dtype = dtype_from_trace(type_name)
     if dtype is not None:
         return Arg("tensor", tuple(int(d) for d in dims), dtype, None, type_name)
-    if type_name == "" and concrete == "":
-        return Arg("none", type_name=type_name)
-    return Arg("scalar", (), None, parse_literal(concrete), type_name) if concrete else Arg("none", type_name=type_name)
+    if concrete:                      # a string argument, if a profiler ever records one (gelu's "tanh")
+        return Arg("scalar", (), None, parse_literal(concrete), type_name)
+    return Arg("none", type_name=type_name)
 
 
 def dtype_from_code(value: Any) -> torch.dtype:
@@ -147,6 +147,8 @@ class Slot:
     kwonly: bool = False       # passed by keyword in the eager call
 
 
+# Table shorthands: V(name) an operand slot, P(name, default) a param slot, IGNORE an argument
+# (non_blocking, memory_format...) that changes nothing the kernel computes.
 V = lambda name: Slot(name, "value")                                    # noqa: E731
 P = lambda name, default=None, kwonly=False: Slot(name, "param", default, kwonly)  # noqa: E731
 IGNORE = Slot("_", "ignore")
