@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fusion_advisor.errors import AdvisorError, OutputError
 from fusion_advisor.kernels import all_patterns, get
+from fusion_advisor.files import write_text_atomic
 from fusion_advisor.result import AdvisorResult
 from fusion_advisor.source_patch import FileRewrite, rewrite_source
 
@@ -152,11 +153,11 @@ def write(p: ApplyPlan, root: Path) -> Path:
     written: list[dict] = []
     try:
         for f, entry in zip(changed, manifest):
-            _replace_atomically(Path(f.path), f.after)
+            write_text_atomic(Path(f.path), f.after)
             written.append(entry)
     except BaseException:
         for entry in written:
-            _replace_atomically(Path(entry["path"]), Path(entry["backup"]).read_text(encoding="utf-8"))
+            write_text_atomic(Path(entry["path"]), Path(entry["backup"]).read_text(encoding="utf-8"))
         raise
     return backup
 
@@ -171,27 +172,6 @@ def revert(root: Path, backup: Path | None = None) -> list[str]:
         backup = candidates[-1]
     manifest = json.loads((backup / "manifest.json").read_text())
     for entry in manifest:
-        _replace_atomically(Path(entry["path"]), Path(entry["backup"]).read_text(encoding="utf-8"))
+        write_text_atomic(Path(entry["path"]), Path(entry["backup"]).read_text(encoding="utf-8"))
     shutil.rmtree(backup)
     return [e["path"] for e in manifest]
-
-
-def _replace_atomically(path: Path, text: str) -> None:
-    try:
-        mode = path.stat().st_mode & 0o777
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise

@@ -31,7 +31,7 @@ import torch.optim.optimizer as torch_optimizer
 
 from fusion_advisor import api
 from fusion_advisor.errors import AdvisorError, OutputError, ScriptError
-from fusion_advisor.result import _default_mode, write_text_atomic
+from fusion_advisor.files import atomic_output, write_text_atomic
 
 
 class _StopScript(BaseException):
@@ -182,16 +182,9 @@ def write_trace_gz(json_path: str, dest: Path, meta: dict) -> None:
     if brace < 0:
         raise AdvisorError("torch.profiler exported an empty trace")
     body = text[:brace + 1] + '\n  "fusion_advisor": ' + json.dumps(meta) + "," + text[brace + 1:]
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
-            gz.write(body.encode("utf-8"))
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(dest, binary=True) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6,
+                                                                mtime=0) as gz:
+        gz.write(body.encode("utf-8"))
 
 
 class _Session:

@@ -249,7 +249,7 @@ def report(
       fusion-advisor report runs/a.json --html /tmp/a.html --no-terminal
     """
     from fusion_advisor.report import HTMLRenderer, default_html_path, load_result, malformed_result_errors
-    from fusion_advisor.result import write_text_atomic
+    from fusion_advisor.files import write_text_atomic
 
     result = load_result(result_path)
     html_path = html if html is not None else default_html_path(result_path)

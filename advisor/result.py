@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion_advisor.errors import AdvisorError, OutputError
+from fusion_advisor.errors import AdvisorError
+from fusion_advisor.files import write_text_atomic
 
 SCHEMA_VERSION = 1
 
@@ -215,33 +215,3 @@ def _convert(type_str, value):
         if t == f"dict[str, {name}]" and isinstance(value, dict):
             return {k: _build(klass, v) if isinstance(v, dict) else v for k, v in value.items()}
     return value
-
-
-def write_text_atomic(dest: Path, text: str) -> None:
-    """Write `text` to `dest` through a temporary file in the same folder and a rename: the file
-    is either the old one or the new one, never half-written."""
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name, suffix=".tmp")
-    except OSError as exc:
-        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, dest)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _default_mode() -> int:
-    """0o666 less the umask: what open() would have given (mkstemp gives 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask

@@ -97,7 +97,7 @@ class DeviceProfile:
         return cls(**kwargs)
 
     def save(self, path: str | os.PathLike) -> str:
-        from fusion_advisor.result import write_text_atomic
+        from fusion_advisor.files import write_text_atomic
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
         return str(path)
 

@@ -21,7 +21,8 @@ from fusion_advisor import __version__
 from fusion_advisor.report import charts
 from fusion_advisor.report.base import Renderer, fmt_bytes, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
 from fusion_advisor.report.facts import assumptions_text, launch_bound_headline, BenchRow, RankedRow, ReportFacts, check_shape, report_facts
-from fusion_advisor.result import AdvisorResult, write_text_atomic
+from fusion_advisor.files import write_text_atomic
+from fusion_advisor.result import AdvisorResult
 
 
 # -- a small element builder: text is escaped unless it is Markup ----------------------------
