@@ -75,6 +75,7 @@ class Trace:
         self.annotations = _frame(raw.annotations)
         self.steps = self._build_steps()
         self.modules = pd.DataFrame()
+        self._kernel_ops: pd.DataFrame | None = None
         self._link()
 
     @classmethod
@@ -328,7 +329,14 @@ class Trace:
 
     # -- convenience views ---------------------------------------------------------------------
     def kernel_ops(self) -> pd.DataFrame:
-        """Kernels joined with the top-level op that launched them, its module and source."""
+        """Kernels joined with the top-level op that launched them, its module and source.
+        Built once and shared by every analyzer (summary, clusters, launch-bound): filter it or
+        `.assign` to it, never modify it in place."""
+        if self._kernel_ops is None:
+            self._kernel_ops = self._join_kernel_ops()
+        return self._kernel_ops
+
+    def _join_kernel_ops(self) -> pd.DataFrame:
         k = self.kernels
         ops = self.ops
         out = k.copy()
