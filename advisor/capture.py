@@ -14,13 +14,10 @@ import gzip
 import json
 import os
 import platform
-import runpy
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +29,7 @@ import torch.optim.optimizer as torch_optimizer
 from fusion_advisor import api
 from fusion_advisor.errors import AdvisorError, OutputError, ScriptError
 from fusion_advisor.files import atomic_output, write_text_atomic
+from fusion_advisor.script import run_as_main
 
 
 class _StopScript(BaseException):
@@ -235,11 +233,6 @@ class _Session:
                       on_trace_ready=self._on_trace_ready)
         if not self.whole_run:
             kwargs["schedule"] = self._schedule()
-        script = os.path.abspath(self.opts.script)
-        saved_argv, saved_path = sys.argv[:], sys.path[:]
-        sys.argv = [self.opts.script, *self.opts.script_args]
-        sys.path.insert(0, os.path.dirname(script))
-        error = None
         t0 = time.perf_counter()
         self.boundaries.append(t0)
         with warnings.catch_warnings():
@@ -248,19 +241,9 @@ class _Session:
             self.stepper.install()
             try:
                 self.prof.start()
-                runpy.run_path(script, run_name="__main__")
-            except _StopScript:
-                pass
-            except SystemExit as exc:
-                if exc.code not in (None, 0):
-                    error = f"the script exited with status {exc.code}"
-            except KeyboardInterrupt:
-                error = "interrupted (Ctrl-C)"
-            except BaseException as exc:  # the user's script raised: keep what was traced
-                error = _format_user_traceback(exc, script)
-            finally:
+                error = run_as_main(self.opts.script, self.opts.script_args, _StopScript)
+            finally:  # whatever happened, keep what was traced
                 self.stepper.remove()
-                sys.argv, sys.path[:] = saved_argv, saved_path
                 try:
                     if not self.trace_ready:
                         self.prof.stop()  # while recording, this saves the partial trace
@@ -270,14 +253,6 @@ class _Session:
 
     def cleanup(self) -> None:
         shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-
-def _format_user_traceback(exc: BaseException, script: str) -> str:
-    """The traceback from the user's script down, without our runpy frames."""
-    tb = exc.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != script:
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
 
 
 def capture(opts: CaptureOptions, progress=None, notice: Callable[[str], None] = print) -> CaptureResult:

@@ -13,7 +13,6 @@ import importlib.abc
 import importlib.machinery
 import json
 import os
-import runpy
 import statistics
 import subprocess
 import sys
@@ -56,7 +55,8 @@ class _Done(BaseException):
 
 def _run_in_process(spec: RunSpec) -> RunMeasurement:
     import torch
-    from fusion_advisor.capture import _format_user_traceback, _Stepper
+    from fusion_advisor.capture import _Stepper
+    from fusion_advisor.script import run_as_main
 
     cuda = torch.cuda.is_available()
     losses: list[float] = []
@@ -95,27 +95,14 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
         patch_hook = register_module_forward_pre_hook(patch_first_model)
 
     torch.manual_seed(spec.seed)
-    script = os.path.abspath(spec.script)
-    sys.argv = [spec.script, *spec.script_args]
-    sys.path.insert(0, os.path.dirname(script))
-    error = None
+    overrides = {os.path.abspath(k): v for k, v in spec.source_overrides.items()}
     torch.Tensor.backward = backward
     stepper.install()
     finder = _OverrideFinder(spec.source_overrides) if spec.source_overrides else None
     if finder:
         sys.meta_path.insert(0, finder)
     try:
-        if script in spec.source_overrides:
-            _run_source(script, spec.source_overrides[script])
-        else:
-            runpy.run_path(script, run_name="__main__")
-    except _Done:
-        pass
-    except SystemExit as exc:
-        if exc.code not in (None, 0):
-            error = f"the script exited with status {exc.code}"
-    except BaseException as exc:
-        error = _format_user_traceback(exc, script)
+        error = run_as_main(spec.script, spec.script_args, _Done, overrides.get(os.path.abspath(spec.script)))
     finally:
         stepper.remove()
         torch.Tensor.backward = orig_backward
@@ -150,20 +137,6 @@ class _OverrideFinder(importlib.abc.MetaPathFinder):
 
         spec.loader = Loader(name, spec.origin)
         return spec
-
-
-def _run_source(script: str, text: str) -> None:
-    """runpy.run_path for a script whose patched text is given."""
-    import types
-    module = types.ModuleType("__main__")
-    module.__file__ = script
-    saved = sys.modules.get("__main__")
-    sys.modules["__main__"] = module
-    try:
-        exec(compile(text, script, "exec"), module.__dict__)
-    finally:
-        if saved is not None:
-            sys.modules["__main__"] = saved
 
 
 def run_script(spec: RunSpec, timeout_s: float = 1800) -> RunMeasurement:
