@@ -29,8 +29,7 @@ import triton.language as tl
 
 from fusion_advisor.kernels import rms_norm as rms
 from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, reduction_programs, row_block
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace, \
-    dtype_name, register
+from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, register, with_residual_add
 
 
 @triton.jit
@@ -237,19 +236,7 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
         return None
     add = ops[add_at]
     params = rms.params_from_ops(list(ops[add_at + 1:]))
-    if params is None or len(add.dims) < 2 or len(add.types) < 2:
-        return None
-    if [list(d) for d in add.dims[:2]] != [params["shape"], params["shape"]]:
-        return None
-    if len(add.concrete) > 2 and add.concrete[2] not in ("", "1"):
-        return None
-    x_dtype, r_dtype = dtype_from_trace(add.types[0]), dtype_from_trace(add.types[1])
-    if x_dtype is None or r_dtype is None:
-        return None
-    params["dtype"] = dtype_name(x_dtype)
-    if r_dtype != x_dtype:
-        params["residual_dtype"] = dtype_name(r_dtype)
-    return params
+    return with_residual_add(add, params)
 
 
 PATTERN = register(FusionPattern(

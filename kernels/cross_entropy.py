@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels.common import check_device, check_dtype, interpreting
-from fusion_advisor.kernels.registry import Rewrite, FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.registry import FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 REDUCTIONS = ("none", "mean", "sum")
 _REDUCTION_OF_ENUM = {"0": "none", "1": "mean", "2": "sum"}  # at::Reduction, as traced

@@ -141,6 +141,26 @@ def dtype_from_trace(type_name: str) -> torch.dtype | None:
     return _TRACE_DTYPES.get(type_name)
 
 
+def with_residual_add(add: OpRecord | None, params: dict | None) -> dict | None:
+    """A norm's params extended by the residual add that feeds it (the add + norm patterns): the
+    add must take two tensors of the normalised shape (a broadcast add, e.g. token + position
+    embeddings, is not a residual add) with alpha 1; x's dtype becomes `dtype`, the residual's
+    `residual_dtype` where it differs. None when the add does not qualify."""
+    if add is None or params is None or len(add.dims) < 2 or len(add.types) < 2:
+        return None
+    if [list(d) for d in add.dims[:2]] != [params["shape"], params["shape"]]:
+        return None
+    if len(add.concrete) > 2 and add.concrete[2] not in ("", "1"):
+        return None
+    x_dtype, r_dtype = dtype_from_trace(add.types[0]), dtype_from_trace(add.types[1])
+    if x_dtype is None or r_dtype is None:
+        return None
+    params["dtype"] = dtype_name(x_dtype)
+    if r_dtype != x_dtype:
+        params["residual_dtype"] = dtype_name(r_dtype)
+    return params
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

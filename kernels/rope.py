@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels.common import check_device, check_dtype
-from fusion_advisor.kernels.registry import Rewrite, FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.registry import FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 
 @triton.jit
