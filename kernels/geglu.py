@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusion_advisor.kernels.glu import GatedMLP, gated_mlp_width, glu, glu_bytes
-from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
-                                             register)
+from fusion_advisor.kernels.glu import GatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
+from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, Rewrite, register
 
 _ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -94,16 +93,8 @@ def fused_bytes(params: dict) -> dict:
 
 def params_from_ops(ops: list[OpRecord]) -> dict | None:
     """Shape and dtype from the traced gelu and the mul of its output with up (same shape)."""
-    act = next((o for o in ops if o.short in ("gelu", "gelu_")), None)
-    if act is None or not act.dims or not act.dims[0] or not act.types:
-        return None
-    shape = tuple(act.dims[0])
-    mul = next((o for o in ops if o.short == "mul" and len(o.dims) >= 2
-                and tuple(o.dims[0]) == shape and tuple(o.dims[1]) == shape), None)
-    dtype = dtype_from_trace(act.types[0])
-    if mul is None or dtype is None:
-        return None
-    return {"shape": list(shape), "dtype": dtype_name(dtype), "approximate": "none"}
+    params = glu_params_from_ops(ops, ("gelu", "gelu_"))
+    return None if params is None else {**params, "approximate": "none"}
 
 
 PATTERN = register(FusionPattern(

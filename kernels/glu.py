@@ -16,6 +16,7 @@ import triton.language as tl
 
 from fusion_advisor.kernels.activations import activation_grad, activation_id, apply_activation
 from fusion_advisor.kernels.common import as_row_view, check_device, check_dtype, elementwise_tile
+from fusion_advisor.kernels.registry import dtype_from_trace, dtype_name
 
 
 @triton.jit
@@ -161,6 +162,21 @@ def glu_bytes(params: dict) -> dict:
         n *= d
     e = getattr(torch, params["dtype"]).itemsize
     return {"forward": 3 * n * e, "backward": 5 * n * e}
+
+
+def glu_params_from_ops(ops, activations: tuple[str, ...]) -> dict | None:
+    """Shape and dtype from a traced activation (one of `activations`, short op names) and the mul
+    of its output with `up` (same shape); None when the ops are not that pair."""
+    act = next((o for o in ops if o.short in activations), None)
+    if act is None or not act.dims or not act.dims[0] or not act.types:
+        return None
+    shape = tuple(act.dims[0])
+    mul = next((o for o in ops if o.short == "mul" and len(o.dims) >= 2
+                and tuple(o.dims[0]) == shape and tuple(o.dims[1]) == shape), None)
+    dtype = dtype_from_trace(act.types[0])
+    if mul is None or dtype is None:
+        return None
+    return {"shape": list(shape), "dtype": dtype_name(dtype)}
 
 
 def gated_mlp_width(hidden: int) -> int:
