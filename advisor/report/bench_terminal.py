@@ -4,22 +4,10 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from fusion_advisor.report.base import fmt_us as _us
+from fusion_advisor.report.facts import assumptions_text, report_facts
+from fusion_advisor.report.terminal import render_ranked
 from fusion_advisor.result import AdvisorResult
-
-
-def _us(x: float | None) -> str:
-    if x is None:
-        return "—"
-    return f"{x / 1000:,.2f} ms" if abs(x) >= 1000 else f"{x:,.1f} µs"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "—"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:,.1f} {unit}"
-    return f"{n} B"
 
 
 def render_benchmarks(result: AdvisorResult, console: Console) -> None:
@@ -49,23 +37,11 @@ def render_benchmarks(result: AdvisorResult, console: Console) -> None:
 
 
 def render_recommendations(result: AdvisorResult, console: Console) -> None:
+    """The ranked table of the report (terminal.render_ranked) and the ROI assumptions in words."""
     if not result.recommendations:
         console.print("No recommendation: nothing measured or estimated saves time.")
         return
-    t = Table(title="Recommendations, ranked", title_justify="left")
-    t.add_column("#", justify="right")
-    t.add_column("what", overflow="fold")
-    t.add_column("measured / step", justify="right")
-    t.add_column("estimate / step", justify="right")
-    t.add_column("memory", justify="right")
-    t.add_column("$ / month", justify="right")
-    for r in result.recommendations:
-        usd = r.roi.get("usd_per_month")
-        t.add_row(str(r.rank), r.title, _us(r.measured_saving_us_per_step), _us(r.estimate_saving_us_per_step),
-                  _bytes(r.memory_saved_bytes), "—" if usd is None else f"${usd:,.2f}")
-    console.print(t)
-    first = result.recommendations[0].roi.get("assumptions", {})
+    render_ranked(report_facts(result), console)
+    first = result.recommendations[0].roi.get("assumptions")
     if first:
-        console.print(f"ROI: ${first.get('gpu_hourly_cost_usd')}/GPU-hour ({first.get('gpu_hourly_cost_source')}); "
-                      f"{first.get('gpus')} GPU(s); steps/day from {first.get('steps_per_day_source')}; "
-                      f"{first.get('days_per_month')}-day month.", highlight=False)
+        console.print(f"ROI: {assumptions_text(first)}.", highlight=False)

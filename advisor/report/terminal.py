@@ -150,7 +150,7 @@ def render_report(result: AdvisorResult, console: Console) -> None:
     _device(facts, console)
     render_launch_bound(result, console)
     if facts.ranked:
-        _ranked(facts, console)
+        render_ranked(facts, console)
     elif result.clusters and facts.bench_ran:
         console.print("No recommendation: no replacement was both faster and numerically equal on these shapes.")
     if facts.rejected:
@@ -172,7 +172,7 @@ def _saving(x) -> str:
     return fmt_us(x) if is_number(x) else "—"
 
 
-def _ranked(facts: ReportFacts, console: Console) -> None:
+def render_ranked(facts: ReportFacts, console: Console) -> None:
     t = Table(title="Recommendations, ranked by time saved per step (measured where timed, else estimate)",
               title_justify="left")
     t.add_column("#", justify="right")
