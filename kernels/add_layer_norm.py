@@ -23,6 +23,7 @@ the residual's load, add and store around it, and keep their own names in profil
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -140,7 +141,7 @@ def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, normalized_s
 
 @_add_layer_norm_fwd_op.register_fake
 def _(x, residual, normalized_shape, weight, bias, eps):
-    rows = x.numel() // max(1, ln._numel(normalized_shape))
+    rows = x.numel() // max(1, math.prod(normalized_shape))
     s = x.new_empty(x.shape, dtype=_sum_dtype(x, residual))
     return s.new_empty(x.shape), s, x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
 
@@ -218,7 +219,7 @@ def fused_bytes(params: dict) -> dict:
     r_dtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
     s_dtype = torch.promote_types(x_dtype, r_dtype)  # the sum's, and so y's and the grads'
     norm = ln.fused_bytes({**params, "dtype": dtype_name(s_dtype)})
-    m_n = ln._numel(params["shape"])
+    m_n = math.prod(params["shape"])
     # Forward: the norm's read of its input becomes the sum's write, plus the reads of x and residual.
     return {"forward": norm["forward"] + m_n * (x_dtype.itemsize + r_dtype.itemsize),
             "backward": norm["backward"] + (m_n * s_dtype.itemsize if params.get("residual_grad", True) else 0)}

@@ -21,6 +21,7 @@ residual's load, add and store around it, and keep their own names in profiler t
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -204,9 +205,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
 def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     n = shape[-1]
-    m = 1
-    for d in shape[:-1]:
-        m *= d
+    m = math.prod(shape[:-1])
     x_dtype = dtype_from_name(params["dtype"])
     r_dtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
     w_dtype = dtype_from_name(params.get("weight_dtype", params["dtype"]))

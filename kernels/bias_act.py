@@ -16,6 +16,7 @@ Bytes for x of M rows x N (element size e), bias of N (size b), output size o = 
 """
 from __future__ import annotations
 
+import math
 import torch
 import triton
 import triton.language as tl
@@ -189,9 +190,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
 def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     n = shape[-1]
-    m = 1
-    for d in shape[:-1]:
-        m *= d
+    m = math.prod(shape[:-1])
     e = getattr(torch, params["dtype"]).itemsize
     b = getattr(torch, params.get("bias_dtype", params["dtype"])).itemsize
     o = max(e, b)

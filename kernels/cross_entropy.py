@@ -42,6 +42,7 @@ Not yet measured on a GPU: `python benchmarks/cross_entropy_memory.py --check` p
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -318,7 +319,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
 
 def fused_bytes(params: dict) -> dict:
     n, v = params["tokens"], params["vocab"]
-    e = torch.tensor([], dtype=getattr(torch, params["dtype"])).element_size()
+    e = getattr(torch, params["dtype"]).itemsize
     reduction = params.get("reduction", "mean")
     forward = 3 * n * v * e + 12 * n + (4 * n if reduction != "none" else 0) + (8 * n if reduction == "mean" else 0)
     return {"forward": forward, "backward": 2 * n * v * e + (4 * n if reduction == "none" else 4)}
@@ -351,17 +352,11 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
     for o in ops[:ops.index(loss_op)]:
         source = dtype_from_trace(o.types[0]) if o.types else None
         if (o.short in ("to", "_to_copy") and source in (torch.bfloat16, torch.float16) and len(o.concrete) > 1
-                and o.concrete[1] == "6" and o.dims and _numel(o.dims[0]) == tokens * vocab):
+                and o.concrete[1] == "6" and o.dims and math.prod(o.dims[0]) == tokens * vocab):
             upcast, dtype = True, source
     return {"tokens": tokens, "vocab": vocab, "dtype": dtype_name(dtype), "upcast": upcast, "reduction": reduction,
             "ignore_index": ignore_index, "label_smoothing": label_smoothing}
 
-
-def _numel(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
 
 
 PATTERN = register(FusionPattern(

@@ -227,8 +227,8 @@ def fused_bytes(params: dict) -> dict:
     n = 1
     for d in params["shape"]:
         n *= d
-    e = torch.tensor([], dtype=getattr(torch, params["dtype"])).element_size()
-    r = torch.tensor([], dtype=getattr(torch, params.get("residual_dtype", params["dtype"]))).element_size()
+    e = getattr(torch, params["dtype"]).itemsize
+    r = getattr(torch, params.get("residual_dtype", params["dtype"])).itemsize
     o = max(e, r)
     cast = n * (o + r) if r != o else 0
     return {"forward": n * (e + r + o), "backward": n * (o + e) + cast}

@@ -28,6 +28,7 @@ vocab V and P positions (index tensors int64):
 """
 from __future__ import annotations
 
+import math
 import torch
 import triton
 import triton.language as tl
@@ -261,8 +262,8 @@ def fused_bytes(params: dict) -> dict:
     batch, seq = params["idx_shape"]
     n = batch * seq
     h, v, p = params["hidden"], params["vocab"], params["positions"]
-    a = torch.tensor([], dtype=getattr(torch, params["dtype"])).element_size()
-    b = torch.tensor([], dtype=getattr(torch, params.get("pos_dtype", params["dtype"]))).element_size()
+    a = getattr(torch, params["dtype"]).itemsize
+    b = getattr(torch, params.get("pos_dtype", params["dtype"])).itemsize
     o = max(a, b)
     return {"forward": n * (16 + h * (a + b + o)),
             "backward": h * (v * a + p * b) + 2 * n * (80 + h * o) + h * (min(v, n) * a + min(p, n) * b)}
@@ -275,7 +276,7 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
     embs = [o for o in ops if o.short == "embedding" and len(o.dims) >= 2 and len(o.dims[0]) == 2 and o.types]
     if len(embs) < 2:
         return None
-    tok, pos = sorted(embs[:2], key=lambda o: -_numel(o.dims[1]))
+    tok, pos = sorted(embs[:2], key=lambda o: -math.prod(o.dims[1]))
     (vocab, hidden), (positions, pos_hidden) = tok.dims[0], pos.dims[0]
     idx_shape = list(tok.dims[1])
     if hidden != pos_hidden or len(idx_shape) != 2 or not pos.dims[1] or pos.dims[1][-1] != idx_shape[-1]:
@@ -289,12 +290,6 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
     return {"idx_shape": idx_shape, "vocab": vocab, "positions": positions, "hidden": hidden,
             "dtype": dtype_name(dtype), "pos_dtype": dtype_name(pdtype), "pos_batched": len(pos.dims[1]) == 2}
 
-
-def _numel(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
 
 
 PATTERN = register(FusionPattern(

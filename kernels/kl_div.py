@@ -238,8 +238,8 @@ def fused_bytes(params: dict) -> dict:
     n = 1
     for d in params["shape"]:
         n *= d
-    e = torch.tensor([], dtype=getattr(torch, params["dtype"])).element_size()
-    t = torch.tensor([], dtype=getattr(torch, params.get("target_dtype", params["dtype"]))).element_size()
+    e = getattr(torch, params["dtype"]).itemsize
+    t = getattr(torch, params.get("target_dtype", params["dtype"])).itemsize
     o = max(e, t)
     if params.get("reduction", "batchmean") == "none":
         return {"forward": n * (e + t + o), "backward": n * (t + e + o)}

@@ -20,6 +20,7 @@ counted only when present; P programs in the backward, P <= number of SMs):
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional, Sequence
 
@@ -198,7 +199,7 @@ def _layer_norm_fwd_op(x: torch.Tensor, normalized_shape: list[int], weight: Opt
 
 @_layer_norm_fwd_op.register_fake
 def _(x, normalized_shape, weight, bias, eps):
-    rows = x.numel() // max(1, _numel(normalized_shape))
+    rows = x.numel() // max(1, math.prod(normalized_shape))
     stats = x.new_empty((rows,), dtype=torch.float32)
     return x.new_empty(x.shape), stats, stats.new_empty((rows,))
 
@@ -222,12 +223,6 @@ def fake_param_grads(like: torch.Tensor, weight: Optional[torch.Tensor],
     db = bias.new_empty(bias.shape) if bias is not None else like.new_empty(0)
     return dw, db
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -321,8 +316,8 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
 
 def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
-    n = _numel(params.get("normalized_shape", shape[-1:]))
-    m = _numel(shape) // n
+    n = math.prod(params.get("normalized_shape", shape[-1:]))
+    m = math.prod(shape) // n
     e = dtype_from_name(params["dtype"]).itemsize
     w = dtype_from_name(params.get("weight_dtype", params["dtype"])).itemsize
     n_params = int(params.get("weight", True)) + int(params.get("bias", True))

@@ -13,6 +13,7 @@ Bytes for x of M rows x N (element size e, weight size w, output size o):
 """
 from __future__ import annotations
 
+import math
 import torch
 import triton
 import triton.language as tl
@@ -212,11 +213,9 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
 def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     n = shape[-1]
-    m = 1
-    for d in shape[:-1]:
-        m *= d
-    e = torch.tensor([], dtype=getattr(torch, params["dtype"])).element_size()
-    w = torch.tensor([], dtype=getattr(torch, params.get("weight_dtype", params["dtype"]))).element_size()
+    m = math.prod(shape[:-1])
+    e = getattr(torch, params["dtype"]).itemsize
+    w = getattr(torch, params.get("weight_dtype", params["dtype"])).itemsize
     o = max(e, w)
     programs = min(m, params.get("num_sms", 132))
     return {"forward": m * n * (e + o) + n * w + 4 * m,
