@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -317,11 +318,7 @@ def capture(opts: CaptureOptions, progress=None, notice: Callable[[str], None] =
 
 
 def _median(xs: list[float]) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    mid = len(s) // 2
-    return round(s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2, 6)
+    return round(statistics.median(xs), 6) if xs else None
 
 
 __all__ = ["CaptureOptions", "CaptureResult", "capture", "ScriptError"]
