@@ -83,10 +83,8 @@ class OpColumns:
     def record(self, row: int) -> OpRecord:
         if row not in self._records:
             mrow = int(self.module_row[row])
-            self._records[row] = OpRecord(
-                name=self.name[row], dims=_as_tuple(self.input_dims[row] or ()),
-                types=tuple(self.input_types[row] or ()), concrete=tuple(self.concrete[row] or ()),
-                module=self.class_path[mrow] if mrow >= 0 else None)
+            self._records[row] = OpRecord.from_trace(self.name[row], self.input_dims[row], self.input_types[row],
+                                                     self.concrete[row], self.class_path[mrow] if mrow >= 0 else None)
         return self._records[row]
 
 

@@ -33,6 +33,19 @@ class OpRecord:
     def short(self) -> str:
         return short_op_name(self.name)
 
+    @classmethod
+    def from_trace(cls, name: str, dims, types, concrete, module: str | None = None) -> "OpRecord":
+        """From a Trace ops row's raw columns (JSON lists, None where the op recorded no shapes):
+        nested lists become tuples, so records compare and hash."""
+        return cls(str(name), _frozen(dims), _frozen(types), _frozen(concrete), module)
+
+
+def _frozen(value) -> tuple:
+    """A recorded argument list as nested tuples; () for a missing one (None, NaN)."""
+    if not isinstance(value, (list, tuple)):
+        return ()
+    return tuple(_frozen(v) if isinstance(v, (list, tuple)) else v for v in value)
+
 
 def short_op_name(name: str) -> str:
     """'aten::native_layer_norm' -> 'native_layer_norm'; other namespaces keep their prefix."""

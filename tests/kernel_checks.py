@@ -15,7 +15,7 @@ import sys
 import torch
 
 from fusion_advisor.kernels.numerics import compare_pattern
-from fusion_advisor.kernels.registry import FusionPattern, OpRecord
+from fusion_advisor.kernels.registry import FusionPattern
 
 
 def check_against_reference(pattern: FusionPattern, params: dict, device: torch.device, seed: int = 0,
@@ -32,24 +32,6 @@ def round_like_kernel(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp32 `values` rounded to `dtype` as a Triton kernel's `.to(dtype)` rounds them: to nearest
     even, as PyTorch does (tests/conftest.py makes the interpreter round the same way)."""
     return values.float().to(dtype)
-
-
-def op_records(trace, rows) -> list[OpRecord]:
-    """OpRecords for rows of a loaded Trace's ops frame, as a cluster hands them to a pattern."""
-    def as_tuple(v):
-        return tuple(as_tuple(e) for e in v) if isinstance(v, (list, tuple)) else v
-
-    def field(v) -> tuple:  # ops without shapes (autograd engine ops) hold None there
-        return as_tuple(v) if isinstance(v, (list, tuple)) else ()
-
-    ops, modules = trace.ops, trace.modules
-    records = []
-    for r in rows:
-        op = ops.loc[r]
-        module = modules["class_path"].iloc[op["module_row"]] if op["module_row"] >= 0 else None
-        records.append(OpRecord(op["name"], field(op["input_dims"]), field(op["input_types"]),
-                                field(op["concrete"]), module))
-    return records
 
 
 @contextlib.contextmanager

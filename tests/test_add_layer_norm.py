@@ -4,7 +4,8 @@ import torch
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.kernels import add_layer_norm as mod
 from fusion_advisor.kernels import match
-from kernel_checks import check_against_reference, op_records
+from kernel_checks import check_against_reference
+from traced_ops import op_records
 
 # Kept to a few thousand elements: the Triton interpreter runs every program in Python.
 CASES = [

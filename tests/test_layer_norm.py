@@ -5,7 +5,8 @@ from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.kernels import layer_norm as mod
 from fusion_advisor.kernels import match
 from fusion_advisor.kernels.registry import OpRecord
-from kernel_checks import check_against_reference, op_records
+from kernel_checks import check_against_reference
+from traced_ops import op_records
 
 # Round and odd shapes, multi-dim normalized
 # shapes, and the nn.LayerNorm options (no affine, no bias, fp32 parameters on a bf16 input).

@@ -68,7 +68,7 @@ def test_params_read_from_a_real_llama_trace_with_ops_around_the_chain(data_dir)
     # The first LlamaRMSNorm follows the rotary embedding's fp32 -> bf16 cast; the ops after it
     # are the attention's. Neither may leak into the params (the cast once made dtype float32).
     from fusion_advisor.analyzers.trace import Trace
-    from kernel_checks import op_records
+    from traced_ops import op_records
 
     trace = Trace.load(data_dir / "llama-bf16-h200.json.gz")
     top = trace.ops[(trace.ops["depth"] == 0) & ~trace.ops["backward"]]

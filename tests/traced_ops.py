@@ -10,20 +10,13 @@ from fusion_advisor.kernels.registry import OpRecord
 DATA = Path(__file__).parent / "data"
 
 
-def _tuples(value):
-    """Trace dims are nested lists (a TensorList's dims are a list of lists): make them tuples."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
 @lru_cache(maxsize=None)
 def forward_ops(trace_name: str) -> tuple[OpRecord, ...]:
     """The top-level forward ops of the trace's first profiled step, in launch order."""
     ops = _load(str(DATA / trace_name)).ops
     step = min(s for s in ops["step"] if s >= 0)
     rows = ops[(ops["step"] == step) & (ops["depth"] == 0) & (~ops["backward"])]
-    return tuple(OpRecord(name, _tuples(dims), tuple(types), tuple(concrete))
+    return tuple(OpRecord.from_trace(name, dims, types, concrete)
                  for name, dims, types, concrete in zip(rows["name"], rows["input_dims"], rows["input_types"],
                                                         rows["concrete"]))
 
@@ -46,7 +39,7 @@ def traced_ops(path, first: str, last: str, max_depth: int | None = 0) -> list[O
     end = names.index(last)
     start = max(i for i in range(end + 1) if names[i] == first)
     rows = sel.iloc[start:end + 1]
-    return [OpRecord(name, _tuples(dims) or (), _tuples(types) or (), _tuples(concrete) or ())
+    return [OpRecord.from_trace(name, dims, types, concrete)
             for name, dims, types, concrete in zip(rows["name"], rows["input_dims"], rows["input_types"],
                                                    rows["concrete"])]
 
@@ -54,3 +47,11 @@ def traced_ops(path, first: str, last: str, max_depth: int | None = 0) -> list[O
 @lru_cache(maxsize=None)
 def _load(path: str) -> Trace:
     return Trace.load(path)
+
+
+def op_records(trace, rows) -> list[OpRecord]:
+    """OpRecords for rows of a loaded Trace's ops frame, as a cluster hands them to a pattern."""
+    ops, modules = trace.ops, trace.modules
+    return [OpRecord.from_trace(op["name"], op["input_dims"], op["input_types"], op["concrete"],
+                                modules["class_path"].iloc[op["module_row"]] if op["module_row"] >= 0 else None)
+            for op in (ops.loc[r] for r in rows)]

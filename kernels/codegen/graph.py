@@ -395,13 +395,9 @@ def split_supported(ops: Sequence[OpRecord]) -> list[tuple[list[OpRecord], str |
 def records_from_frame(ops, module_paths: Sequence[str | None] | None = None) -> list[OpRecord]:
     """OpRecords from rows of a Trace's `ops` frame (columns name, input_dims, input_types,
     concrete), in row order."""
-    def tup(x):
-        return tuple(tup(v) for v in x) if isinstance(x, (list, tuple)) else x
-
     records = []
     for k, (name, dims, types, concrete) in enumerate(zip(ops["name"], ops["input_dims"], ops["input_types"],
                                                           ops["concrete"])):
-        module = module_paths[k] if module_paths is not None else None
-        seq = [x if isinstance(x, (list, tuple)) else () for x in (dims, types, concrete)]   # None / NaN: none
-        records.append(OpRecord(str(name), tup(seq[0]), tuple(seq[1]), tuple(seq[2]), module))
+        records.append(OpRecord.from_trace(name, dims, types, concrete,
+                                           module_paths[k] if module_paths is not None else None))
     return records
