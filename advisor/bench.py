@@ -108,7 +108,7 @@ def bench(result: AdvisorResult, options: BenchOptions | None = None,
     result.benchmarks = []
     if not matched:
         return result
-    from fusion_advisor.kernels import registry  # imports every pattern (and Triton) only when benching
+    from fusion_advisor import kernels as registry  # imports every pattern (and Triton) only when benching
     from fusion_advisor.kernels.common import interpreting
 
     device = _device(options.mode, interpreting())
@@ -147,7 +147,7 @@ def _bench_cluster(cluster, result, registry, device, options, graphs, cache) ->
         if partner is not None:
             return not_run(f"timed with its forward cluster {partner.id} (forward+backward)", FORWARD_BACKWARD)
     try:
-        pattern = registry.get(cluster.pattern)
+        pattern = registry.resolve(cluster.pattern, cluster.pattern_params)
     except KeyError as exc:
         return not_run(f"pattern {cluster.pattern!r} is not registered in this fusion-advisor ({exc.args[0]})")
     backward = cluster.direction == "backward" or has_backward(cluster, result)

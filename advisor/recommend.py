@@ -145,14 +145,14 @@ def _estimate_per_step(cluster: Cluster, result: AdvisorResult) -> float | None:
 
 def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_bound: bool,
                             options: RoiOptions) -> Recommendation | None:
-    from fusion_advisor.kernels import registry
+    from fusion_advisor import kernels as registry
 
     bench = primary_benchmark(cluster, result)
     estimate = _estimate_per_step(cluster, result)
     occurrences, occ_note = _occurrences(cluster)
     where = _module_name(cluster) or cluster.source or cluster.id
     try:
-        pattern = registry.get(cluster.pattern)
+        pattern = registry.resolve(cluster.pattern, cluster.pattern_params)
     except KeyError:
         pattern = None
     if bench is not None and bench.verdict == "rejected" and bench.best_provider is None:
@@ -222,6 +222,14 @@ def _patch(provider: str, cluster: Cluster, pattern) -> dict:
         return {"kind": "liger", "description": doc[0] if doc else "Liger-Kernel's equivalent kernel"}
     if pattern is None:
         return {"kind": "none", "description": f"pattern {cluster.pattern!r} is not registered here"}
+    if pattern.name.startswith("generic:"):
+        call = (cluster.pattern_params.get("chain") or {}).get("call")
+        where = f"{call['path']}:{call['first_line']}-{call['last_line']}" if call else cluster.source
+        from fusion_advisor.kernels.codegen import pattern_source
+        return {"kind": "generated", "module": f"fusion_kernels/{_generated_file(pattern.name)}.py",
+                "source": where, "code": pattern_source(pattern),
+                "description": (f"write the generated kernel to fusion_kernels/ and call it instead of lines "
+                                f"{where}" if call else "the generated kernel (the source was not read: a hand edit)")}
     if module and module in pattern.modules and pattern.module_factory is not None:
         fused = _qualified(pattern.module_factory)
         return {"kind": "module_swap", "modules": [{"from": module, "to": fused}],
@@ -229,6 +237,10 @@ def _patch(provider: str, cluster: Cluster, pattern) -> dict:
     fn = _qualified(pattern.fused)
     return {"kind": "function", "function": fn, "source": cluster.source,
             "description": f"call {fn} where {cluster.source or 'the chain'} computes {pattern.name}"}
+
+
+def _generated_file(pattern_name: str) -> str:
+    return "g_" + pattern_name.split(":", 1)[1]
 
 
 def _launch_bound_recommendation(result: AdvisorResult, options: RoiOptions) -> Recommendation:

@@ -46,7 +46,9 @@ class Cluster:
 
     id: str                                   # stable: same chain, same id, across runs
     direction: str                            # "forward" | "backward"
-    pattern: str | None = None                # registered FusionPattern name; None = generic
+    pattern: str | None = None                # FusionPattern name: registered, or "generic:<hash>" for a
+                                              # generated kernel (pattern_params["chain"] rebuilds it);
+                                              # None: no kernel for it
     pattern_params: dict = field(default_factory=dict)
     module_class: str | None = None           # "LlamaModel/LlamaDecoderLayer/LlamaRMSNorm"
     source: str | None = None                 # "modeling_llama.py:62"
@@ -60,6 +62,7 @@ class Cluster:
     estimate: Estimate = field(default_factory=Estimate)
     split_reason: str | None = None           # why the chain ended where it did
     memory_bound: bool = True
+    notes: list[str] = field(default_factory=list)  # e.g. what a generated kernel leaves eager, and why
 
 
 @dataclass

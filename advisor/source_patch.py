@@ -130,10 +130,12 @@ class _RewriteSpec:
 class _Transformer(cst.CSTTransformer):
     METADATA_DEPENDENCIES = (PositionProvider,)
 
-    def __init__(self, class_swaps: dict[str, tuple[str, str]], rewrites: list[_RewriteSpec]):
+    def __init__(self, class_swaps: dict[str, tuple[str, str]], rewrites: list[_RewriteSpec],
+                 replacements: list[StatementReplacement] = ()):
         super().__init__()
         self.class_swaps = class_swaps      # old class name -> (new name, why)
         self.rewrites = rewrites
+        self.replacements = list(replacements)
         self.functions: list[tuple[int, int]] = []  # (first, last) lines of the enclosing functions
         self.changes: list[Change] = []
         self.imports: list[str] = []
@@ -144,7 +146,25 @@ class _Transformer(cst.CSTTransformer):
 
     def leave_FunctionDef(self, original, updated):
         self.functions.pop()
+        for r in self.replacements:
+            updated = self._replace_statements(original, updated, r)
         return updated
+
+    def _replace_statements(self, original, updated, r: "StatementReplacement"):
+        """Statements first..last of this function's own body become r.code, when exactly those
+        statements span those lines."""
+        lines = [(self.get_metadata(PositionProvider, st).start.line, self.get_metadata(PositionProvider, st).end.line)
+                 for st in original.body.body]
+        inside = [i for i, (a, b) in enumerate(lines) if a >= r.first_line and b <= r.last_line]
+        if not inside or lines[inside[0]][0] != r.first_line or lines[inside[-1]][1] != r.last_line:
+            return updated
+        old = list(updated.body.body)
+        first = old[inside[0]]
+        new = cst.parse_statement(r.code).with_changes(leading_lines=first.leading_lines)
+        self.changes.append(Change(r.first_line, "\n".join(_code(old[i]).strip() for i in inside), r.code.strip(), r.why))
+        self.imports.extend(r.imports)
+        body = old[:inside[0]] + [new] + old[inside[-1] + 1:]
+        return updated.with_changes(body=updated.body.with_changes(body=body))
 
     def _line(self, node) -> int:
         return self.get_metadata(PositionProvider, node).start.line
@@ -180,11 +200,30 @@ class _Transformer(cst.CSTTransformer):
 
 
 @dataclass
+class StatementReplacement:
+    """Replace the statements on lines first..last of one function's body by `code` (one statement,
+    e.g. `return fused_g_1a2b(y, bias, s0=scale)`), adding `imports`."""
+
+    first_line: int
+    last_line: int
+    code: str
+    imports: tuple[str, ...]
+    why: str
+
+
+@dataclass
 class FileRewrite:
     path: str
     before: str
     after: str
     changes: list[Change] = field(default_factory=list)
+    created: bool = False      # a new file (a generated kernel): --revert deletes it
+
+
+def new_file(path: str, text: str, why: str, replace: bool = False) -> FileRewrite:
+    """A file apply creates (or, `replace`, overwrites with a newer generated version)."""
+    before = open(path, encoding="utf-8").read() if replace else ""
+    return FileRewrite(path, before, text, [Change(1, "", f"({len(text.splitlines())} lines)", why)], created=not replace)
 
 
 def _alias(name: str) -> str:
@@ -192,14 +231,16 @@ def _alias(name: str) -> str:
 
 
 def rewrite_source(path: str, text: str, class_swaps: dict[str, tuple[str, str, str]],
-                   rewrites: list[tuple[Rewrite, set[int], str]]) -> FileRewrite:
-    """Apply class swaps {old_name: (module, new_name, why)} and rewrites [(Rewrite, def_lines, why)]."""
+                   rewrites: list[tuple[Rewrite, set[int], str]],
+                   replacements: list[StatementReplacement] = ()) -> FileRewrite:
+    """Apply class swaps {old_name: (module, new_name, why)}, rewrites [(Rewrite, def_lines, why)]
+    and statement replacements."""
     module = cst.parse_module(text)
     specs = [_RewriteSpec(r, _Matcher(_parse_template(r.match)), _parse_template(r.replace), lines, why)
              for r, lines, why in rewrites]
     # Imported under an alias: the user's file may define a class of the same name.
     swaps = {old: (_alias(new), why) for old, (_, new, why) in class_swaps.items()}
-    transformer = _Transformer(swaps, specs)
+    transformer = _Transformer(swaps, specs, replacements)
     new_module = MetadataWrapper(module).visit(transformer)
     if transformer.changes:
         context = CodemodContext()
@@ -211,7 +252,9 @@ def rewrite_source(path: str, text: str, class_swaps: dict[str, tuple[str, str, 
             stmt = cst.parse_statement(line).body[0]
             if isinstance(stmt, cst.ImportFrom):
                 for alias in stmt.names:
-                    AddImportsVisitor.add_needed_import(context, _code(stmt.module), alias.name.value)
+                    AddImportsVisitor.add_needed_import(
+                        context, _code(stmt.module) if stmt.module else None, alias.name.value,
+                        alias.asname.name.value if alias.asname else None, relative=len(stmt.relative))
             elif isinstance(stmt, cst.Import):
                 for alias in stmt.names:
                     AddImportsVisitor.add_needed_import(context, _code(alias.name))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.util
+import linecache
 import json
 import os
 import statistics
@@ -117,26 +119,52 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
 
 
 class _OverrideFinder(importlib.abc.MetaPathFinder):
-    """Imports the user's modules from patched text (apply's dry run) instead of their files."""
+    """Imports the user's modules from patched text (apply's dry run) instead of their files, and
+    the files apply would create (fusion_kernels/...) from their text, as if they were on disk."""
 
     def __init__(self, overrides: dict[str, str]):
         self.overrides = {os.path.abspath(k): v for k, v in overrides.items()}
 
     def find_spec(self, name, path, target=None):
         spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.origin is None or os.path.abspath(spec.origin) not in self.overrides:
+        if spec is None:
+            return self._new_file_spec(name, path)
+        if spec.origin is None or os.path.abspath(spec.origin) not in self.overrides:
             return None
-        text = self.overrides[os.path.abspath(spec.origin)]
-
-        class Loader(importlib.machinery.SourceFileLoader):
-            def get_data(self, p):
-                return text.encode("utf-8") if os.path.abspath(p) == os.path.abspath(spec.origin) else super().get_data(p)
-
-            def path_stats(self, p):  # never use a cached .pyc of the unpatched file
-                raise OSError
-
-        spec.loader = Loader(name, spec.origin)
+        spec.loader = _TextLoader(name, spec.origin, self.overrides[os.path.abspath(spec.origin)])
         return spec
+
+    def _new_file_spec(self, name, path):
+        leaf = name.rpartition(".")[2]
+        for folder in (path if path is not None else sys.path):
+            base = os.path.abspath(os.path.join(folder or os.getcwd(), leaf))
+            for origin, package in ((base + ".py", False), (os.path.join(base, "__init__.py"), True)):
+                if origin in self.overrides:
+                    loader = _TextLoader(name, origin, self.overrides[origin])
+                    return importlib.util.spec_from_file_location(
+                        name, origin, loader=loader, submodule_search_locations=[base] if package else None)
+        return None
+
+
+class _TextLoader(importlib.machinery.SourceFileLoader):
+    """A module's code from a string. The text also goes into linecache: Triton's @jit reads a
+    kernel's source through inspect, which reads the file's lines from there."""
+
+    def __init__(self, name: str, origin: str, text: str):
+        super().__init__(name, origin)
+        self.text = text
+
+    def get_data(self, p):
+        if os.path.abspath(p) == os.path.abspath(self.path):
+            return self.text.encode("utf-8")
+        return super().get_data(p)
+
+    def path_stats(self, p):  # never use a cached .pyc of the file on disk
+        raise OSError
+
+    def exec_module(self, module):
+        linecache.cache[self.path] = (len(self.text), None, self.text.splitlines(True), self.path)
+        super().exec_module(module)
 
 
 def run_script(spec: RunSpec, timeout_s: float = 1800) -> RunMeasurement:

@@ -60,7 +60,7 @@ import pandas as pd
 from fusion_advisor import kernels as pattern_registry
 from fusion_advisor.analyzers.chain_units import (ACCUMULATION_SCOPE, NO_SCOPE, Classifier, OpColumns, Unit,
                                                   cpu_units, feeds, flat_shapes, gpu_units, related)
-from fusion_advisor.analyzers.trace import Trace
+from fusion_advisor.analyzers.trace import Trace, resolve_source_file
 from fusion_advisor.cost_model.device import DeviceProfile
 from fusion_advisor.cost_model.ops import TRACE_DTYPES
 from fusion_advisor.cost_model.roofline import cluster_estimate
@@ -352,7 +352,11 @@ def _build_cluster(trace: Trace, cl: Classifier, matcher: _Matcher, cid: str,
     source = next((cl.col.source[u.op_row] for u in first
                    if u.op_row >= 0 and isinstance(cl.col.source[u.op_row], str)), None)
     matched = matcher.match(first)
-    pattern_name, params, fused = None, {}, None
+    pattern_name, params, fused, notes = None, {}, None, []
+    if matched is None and not str(first[0].context[1] or "").startswith("Optimizer."):
+        generic = _generated_candidate(trace, cl, matcher, first)
+        if generic is not None:
+            matched, notes = (generic.pattern, generic.params), generic.notes
     if matched is not None:
         pattern, params = matched
         pattern_name = pattern.name
@@ -370,5 +374,30 @@ def _build_cluster(trace: Trace, cl: Classifier, matcher: _Matcher, cid: str,
         launches_per_step=round(launches / n_steps, 3),
         measured_us_per_step=round(measured / n_steps, 3),
         measured_us_per_occurrence=round(measured / len(occurrences), 3),
-        estimate=estimate, split_reason=reason, memory_bound=True,
+        estimate=estimate, split_reason=reason, memory_bound=True, notes=notes,
     )
+
+
+def _generated_candidate(trace: Trace, cl: Classifier, matcher: _Matcher, units: Sequence[Unit]):
+    """A chain no registered pattern matches: a generated kernel for its forward ops (the
+    backward cluster gets the same one: the generated backward replaces it), with the dataflow
+    read off the source when the traced file is on this disk. Not for the optimizer's chains
+    (the fix there is a fused or foreach optimizer, not a kernel of ours)."""
+    from fusion_advisor.kernels.codegen.candidate import candidate_for
+    from fusion_advisor.kernels.codegen.ops import Unsupported
+
+    rows = sorted(matcher.forward_rows(units))
+    records = [cl.record(r) for r in rows]
+    source = next((cl.col.source[r] for r in rows if isinstance(cl.col.source[r], str)), None)
+    file_name, _, line = (source or "").rpartition(":")
+    path = resolve_source_file(file_name, trace.run_info) if file_name and line.isdigit() else None
+    try:
+        return candidate_for(records, str(path) if path else None, int(line) if path else None, label=source)
+    except (Unsupported, ValueError, RuntimeError) as exc:   # e.g. the meta run of an op fails
+        return None if isinstance(exc, Unsupported) else _log_none(exc)
+
+
+def _log_none(exc: Exception):
+    import logging
+    logging.getLogger(__name__).debug("no generated kernel: %s", exc)
+    return None

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -59,6 +60,21 @@ def _frame_source(name: str) -> str | None:
     if file.startswith(_LIBRARY_PREFIXES) or "/site-packages/torch/" in file or "/fusion_advisor/" in file:
         return None
     return f"{file}:{m.group('line')}"
+
+
+def resolve_source_file(source_file: str, run: dict) -> Path | None:
+    """A traced file name (Kineto shortens it, relative to a sys.path entry) on this disk: beside
+    the profiled script, under the directory it ran in, or as an absolute path."""
+    script = run.get("script")
+    roots = [Path(script).parent] if script else []
+    if run.get("cwd"):
+        roots.append(Path(run["cwd"]))
+    for root in roots:
+        p = root / source_file
+        if p.is_file():
+            return p.resolve()
+    p = Path(source_file)
+    return p.resolve() if p.is_absolute() and p.is_file() else None
 
 
 class Trace:

@@ -29,4 +29,18 @@ PATTERN_MODULES: list[str] = [
 for _name in PATTERN_MODULES:
     importlib.import_module(f"fusion_advisor.kernels.{_name}")
 
-__all__ = ["FusionPattern", "OpRecord", "Rewrite", "all_patterns", "get", "match", "register", "PATTERN_MODULES"]
+
+def resolve(name: str, params: dict | None = None) -> FusionPattern:
+    """A pattern by name: a registered one, or a generated one ("generic:<hash>") rebuilt from the
+    cluster's pattern_params. KeyError when neither."""
+    if not name.startswith("generic:"):
+        return get(name)
+    from fusion_advisor.kernels.codegen.candidate import pattern_from_params
+    pattern = pattern_from_params(params or {})
+    if pattern.name != name:
+        raise KeyError(f"the params rebuild {pattern.name}, not {name} (a different fusion-advisor version?)")
+    return pattern
+
+
+__all__ = ["FusionPattern", "OpRecord", "Rewrite", "all_patterns", "get", "match", "register", "resolve",
+           "PATTERN_MODULES"]

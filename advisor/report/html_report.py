@@ -291,6 +291,8 @@ def _recommendation(row: RankedRow) -> Markup:
                        ("dtypes", ", ".join(map(str, c.dtypes)) or "—")]
         if c.split_reason:
             facts_list.append(("chain ends because", c.split_reason))
+        for note in c.notes:
+            facts_list.append(("note", note))
     if rec.memory_saved_bytes:
         facts_list.append(("memory saved", fmt_bytes(rec.memory_saved_bytes)))
     dl = el("dl", [[el("dt", k), el("dd", v)] for k, v in facts_list], class_="facts")
@@ -372,6 +374,11 @@ def _patch(patch: dict) -> Markup:
         return el("p", el("strong", "Patch: "), el("span", "none: this recommendation has no patch to apply", class_="none"))
     head = el("p", el("strong", "Patch "), f"({patch.get('kind', 'patch')}",
               f"; modules: {', '.join(map(str, patch.get('modules') or []))}" if patch.get("modules") else "", ")")
+    if patch.get("description"):
+        head = join(head, el("p", patch["description"], class_="caption"))
+    if patch.get("code"):   # a generated kernel: its whole module, as apply writes it
+        head = join(head, el("details", el("summary", f"generated kernel: {patch.get('module', '')}"),
+                             el("pre", str(patch["code"]), class_="code")))
     diff = patch.get("diff")
     if not diff:
         return head

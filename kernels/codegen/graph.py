@@ -138,9 +138,10 @@ class GraphBuilder:
     """Adds ops one at a time; raises Unsupported (the op cannot be fused) or NotLinked (it does
     not consume the previous output) and leaves the graph as it was."""
 
-    def __init__(self, bind: dict[tuple[int, int], str] | None = None):
+    def __init__(self, bind: dict[tuple[int, int], str] | None = None, exact: bool = False):
         self.graph = Graph()
         self.bind = dict(bind or {})
+        self.exact = exact
         self._meta: dict[str, Any] = {}
         # Storage tracking, for in-place ops: every value names the tensor it lives in (an input's
         # or an op's output; `to` to the same dtype returns its input itself, an in-place op its
@@ -254,6 +255,10 @@ class GraphBuilder:
             operands[s] = Operand("value" if ref.startswith("v") else "input", ref)
         if i == 0:
             return operands
+        if self.exact:   # `bind` names every earlier value an op reads (source_bind.py): nothing to guess
+            if not any(o is not None and o.kind == "value" for o in operands):
+                raise NotLinked(f"op {i} reads no earlier value of the chain")
+            return operands
         prev = g.nodes[-1]
         if any(o is not None and o.ref == prev.name for o in operands):
             return operands
@@ -342,11 +347,13 @@ def eager_args(node: Node, value_of) -> tuple[list, dict]:
     return pos, kw
 
 
-def build_graph(ops: Sequence[OpRecord], bind: dict[tuple[int, int], str] | None = None) -> Graph:
-    """The whole op list as one graph; Unsupported (with the op's index) if any op cannot join."""
+def build_graph(ops: Sequence[OpRecord], bind: dict[tuple[int, int], str] | None = None,
+                exact: bool = False) -> Graph:
+    """The whole op list as one graph; Unsupported (with the op's index) if any op cannot join.
+    exact: `bind` holds every link (read off the source), none is guessed from shapes."""
     if not ops:
         raise Unsupported("an empty chain")
-    builder = GraphBuilder(bind)
+    builder = GraphBuilder(bind, exact)
     for i, record in enumerate(ops):
         try:
             builder.add(record)

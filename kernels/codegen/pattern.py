@@ -47,19 +47,20 @@ _PATTERNS: dict[str, FusionPattern] = {}
 
 
 def build_pattern(ops: Sequence[OpRecord], *, bind: dict[tuple[int, int], str] | None = None,
-                  source: str | None = None) -> FusionPattern:
+                  source: str | None = None, exact: bool = False) -> FusionPattern:
     """One generated kernel (each way) for the whole chain. `ops` are the chain's top-level
     forward ops in trace order (split first with `split_supported`: an unsupported op raises
-    Unsupported). `bind`: see graph.py. `source` ("file.py:line") goes into the module header."""
+    Unsupported). `bind`, `exact`: see graph.py. `source` ("file.py:line") goes into the module header."""
     ops = list(ops)
     key = json.dumps({"ops": [[o.name, _plain(o.dims), _plain(o.types), _plain(o.concrete), o.module] for o in ops],
-                      "bind": sorted([list(k), v] for k, v in (bind or {}).items()), "source": source},
+                      "bind": sorted([list(k), v] for k, v in (bind or {}).items()), "source": source,
+                      "exact": exact},
                      sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     name = f"generic:{digest}"
     if name in _PATTERNS:
         return _PATTERNS[name]
-    graph = build_graph(ops, bind)
+    graph = build_graph(ops, bind, exact)
     module_name = f"g_{digest}"
     params = _params(graph)
     header = _header(graph, name, module_name, ops, source, params)
@@ -75,7 +76,7 @@ def build_pattern(ops: Sequence[OpRecord], *, bind: dict[tuple[int, int], str] |
         make_inputs=lambda p, device, requires_grad=True: make_inputs(chain, p, device, requires_grad),
         fused_bytes=lambda p: fused_bytes(graph, chain.layout, p),
         forward_signature=signature,
-        params_from_ops=lambda other: _params_if_same_structure(chain, other, bind),
+        params_from_ops=lambda other: _params_if_same_structure(chain, other, bind, exact),
         example_params=params,
         bench_params=(params,),
     )
@@ -150,13 +151,13 @@ def fused_bytes(graph: Graph, layout: Layout, params: dict, num_sms: int | None 
     return {"forward": in_bytes + out_bytes, "backward": backward}
 
 
-def _params_if_same_structure(chain: GeneratedChain, ops: Sequence[OpRecord], bind) -> dict | None:
+def _params_if_same_structure(chain: GeneratedChain, ops: Sequence[OpRecord], bind, exact) -> dict | None:
     """Params for other ops of the same chain (another layer, other sizes), else None."""
     mine = [(o.name, o.types, o.concrete) for o in (n.record for n in chain.graph.nodes)]
     if [(o.name, tuple(o.types), tuple(o.concrete)) for o in ops] != mine:
         return None
     try:
-        graph = build_graph(list(ops), bind)
+        graph = build_graph(list(ops), bind, exact)
         runtime.loop_shape(chain.module.SPEC, [x.shape for x in graph.inputs])
     except (Unsupported, ValueError):
         return None
