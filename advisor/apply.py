@@ -20,6 +20,7 @@ from fusion_advisor.analyzers.trace import resolve_source_file
 from fusion_advisor.errors import AdvisorError, OutputError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.files import write_text_atomic
+from fusion_advisor.recommend import primary_benchmark
 from fusion_advisor.result import AdvisorResult
 from fusion_advisor.source_patch import FileRewrite, StatementReplacement, new_file, rewrite_source
 
@@ -70,6 +71,12 @@ def plan(result: AdvisorResult) -> ApplyPlan:
         if not rec.pattern:
             continue
         cluster = clusters.get(rec.cluster_id)
+        bench = primary_benchmark(cluster, result) if cluster is not None else None
+        if bench is not None and bench.verdict == "rejected":
+            # e.g. "use torch.compile": the advice stands, but our kernel lost to eager here.
+            out.notes.append(f"#{rec.rank} {rec.title}: our {rec.pattern} kernel was not faster than eager on this "
+                             f"workload ({bench.reason.split(';')[0]}); not applied")
+            continue
         if rec.pattern.startswith("generic:"):
             _plan_generated(rec, cluster, out, generated)
             continue

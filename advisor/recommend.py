@@ -132,9 +132,9 @@ def _occurrences(cluster: Cluster) -> tuple[float, str]:
 def _estimate_per_step(cluster: Cluster, result: AdvisorResult) -> float | None:
     """The cost model's saving per step, the backward cluster's included."""
     parts = [cluster]
-    partner = backward_partner(cluster, result) if cluster.direction == "forward" else None
-    if partner is not None:
-        parts.append(partner)
+    if cluster.direction == "forward" and backward_partner(cluster, result) is not None:
+        # All of them: a generated kernel's one backward can replace several backward clusters.
+        parts += [c for c in result.clusters if c.direction == "backward" and forward_partner(c, result) is cluster]
     total, known = 0.0, False
     for c in parts:
         if c.estimate.saving_us is not None:
@@ -175,7 +175,9 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
     per_call = call_cost_us(eager, launch_bound) - call_cost_us(chosen, launch_bound)
     saving = per_call * occurrences
     kind = {"triton": "fused_kernel", "compile": "torch_compile", "liger": "liger"}.get(best, best)
-    title = {"triton": f"Fuse {where} with our {cluster.pattern} Triton kernel",
+    ours = (f"a generated Triton kernel ({cluster.pattern})" if cluster.pattern.startswith("generic:")
+            else f"our {cluster.pattern} Triton kernel")
+    title = {"triton": f"Fuse {where} with {ours}",
              "compile": f"Use torch.compile on {where}: it beats our {cluster.pattern} kernel here",
              "liger": f"Use Liger-Kernel's {cluster.pattern} for {where}: it beats ours here"}.get(best, best)
     detail = (f"{best} {call_cost_us(chosen, launch_bound):.1f} µs vs eager {call_cost_us(eager, launch_bound):.1f} µs "

@@ -317,6 +317,7 @@ def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
                 cluster_of[u.kernel_rows] = cid
                 op_cluster[u.op_row] = cid
         clusters.append(_build_cluster(trace, cl, matcher, cid, occurrences, n_steps, profile))
+    _share_generated_backward(clusters, profile)
     clusters.sort(key=_rank_key, reverse=True)
     kernel_cluster = pd.Series(cluster_of, index=trace.kernels.index, dtype=object)
     return ClusterFindings(clusters, kernel_cluster, cl.kernel_memory_bound(), cl.kernel_classes, cl.col,
@@ -395,6 +396,40 @@ def _generated_candidate(trace: Trace, cl: Classifier, matcher: _Matcher, units:
         return candidate_for(records, str(path) if path else None, int(line) if path else None, label=source)
     except (Unsupported, ValueError, RuntimeError) as exc:   # e.g. the meta run of an op fails
         return None if isinstance(exc, Unsupported) else _log_none(exc)
+
+
+def _same_op(a: dict, b: dict) -> bool:
+    return (a["name"], a["dims"], a["types"]) == (b["name"], b["dims"], b["types"])
+
+
+def _share_generated_backward(clusters: list[Cluster], profile: DeviceProfile) -> None:
+    """Autograd splits a chain's backward where its gradient graph branches (a clamp's mask, a
+    broadcast input's sum), so one forward chain can have several backward clusters, each over
+    part of its ops. The forward chain's generated kernel replaces all of them with one backward
+    kernel: each such backward cluster takes the forward cluster's pattern (bench then times them
+    together, forward+backward) and its share of that kernel's bytes."""
+    forwards = [c for c in clusters if c.direction == "forward" and (c.pattern or "").startswith("generic:")]
+    shared: dict[str, list[Cluster]] = {}
+    for c in clusters:
+        if c.direction != "backward" or not (c.pattern or "").startswith("generic:"):
+            continue
+        mine = c.pattern_params["chain"]["ops"]
+        for f in forwards:
+            theirs = f.pattern_params["chain"]["ops"]
+            if any(all(_same_op(a, b) for a, b in zip(mine, theirs[i:i + len(mine)]))
+                   for i in range(len(theirs) - len(mine) + 1)):
+                shared.setdefault(f.id, []).append(c)
+                break
+    from fusion_advisor import kernels as pattern_registry_
+    for fid, backs in shared.items():
+        f = next(c for c in clusters if c.id == fid)
+        pattern = pattern_registry_.resolve(f.pattern, f.pattern_params)
+        share = pattern.fused_bytes(f.pattern_params)["backward"] / len(backs)
+        for c in backs:
+            c.pattern, c.pattern_params = f.pattern, f.pattern_params
+            c.estimate = cluster_estimate([OpRecord.from_trace(**o) for o in c.ops], share, profile)
+            others = [b.id for b in backs if b is not c]
+            c.notes = [f"backward of {f.id}'s generated kernel" + (f", with {', '.join(others)}" if others else "")]
 
 
 def _log_none(exc: Exception):
