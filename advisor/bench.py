@@ -78,12 +78,17 @@ def has_backward(cluster: Cluster, result: AdvisorResult) -> bool:
     return result.run.get("step_source") == "optimizer"
 
 
+def backward_partners(cluster: Cluster, result: AdvisorResult) -> list[Cluster]:
+    """The backward clusters of this forward cluster's pattern and shapes (a generated kernel's
+    one backward can replace several)."""
+    return [other for other in result.clusters
+            if other.direction == "backward" and other.pattern == cluster.pattern
+            and _params_key(other.pattern_params) == _params_key(cluster.pattern_params)]
+
+
 def backward_partner(cluster: Cluster, result: AdvisorResult) -> Cluster | None:
-    for other in result.clusters:
-        if (other.direction == "backward" and other.pattern == cluster.pattern
-                and _params_key(other.pattern_params) == _params_key(cluster.pattern_params)):
-            return other
-    return None
+    partners = backward_partners(cluster, result)
+    return partners[0] if partners else None
 
 
 def forward_partner(cluster: Cluster, result: AdvisorResult) -> Cluster | None:

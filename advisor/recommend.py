@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fusion_advisor.bench import (FORWARD, FORWARD_BACKWARD, backward_partner, call_cost_us, forward_partner,
+from fusion_advisor.bench import (FORWARD, FORWARD_BACKWARD, backward_partners, call_cost_us, forward_partner,
                                   is_launch_bound)
 from fusion_advisor.errors import AdvisorError
 from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Recommendation
@@ -131,10 +131,7 @@ def _occurrences(cluster: Cluster) -> tuple[float, str]:
 
 def _estimate_per_step(cluster: Cluster, result: AdvisorResult) -> float | None:
     """The cost model's saving per step, the backward cluster's included."""
-    parts = [cluster]
-    if cluster.direction == "forward" and backward_partner(cluster, result) is not None:
-        # All of them: a generated kernel's one backward can replace several backward clusters.
-        parts += [c for c in result.clusters if c.direction == "backward" and forward_partner(c, result) is cluster]
+    parts = [cluster] + (backward_partners(cluster, result) if cluster.direction == "forward" else [])
     total, known = 0.0, False
     for c in parts:
         if c.estimate.saving_us is not None:
