@@ -7,7 +7,11 @@ code from here (bytes, tests).
 
 Words:
   spec     the static facts of one generated kernel, a literal dict in its module: `name`, `rank`,
-           `groups`, `inputs` as (name, dtype, kept flag per group)
+           `groups`, `reduction` (whether the chain ends in one), the constexpr names each kernel
+           takes (`forward_constants`, `backward_constants`), `inputs` as (name, dtype, kept flag
+           per group)
+  plan     a LaunchPlan: everything a call's launches derive from its inputs' shapes, dtypes and
+           devices, computed on the first call with them and looked up on every later one
   groups   the loop shape's dims cut into runs of adjacent dims over which every input is either
            kept (its dims equal the loop's) or broadcast (its dims are 1). Index arithmetic is per
            group: a (C,1,1) bias over (N,C,H,W) costs one // and one % by compile-time constants.
@@ -187,6 +191,7 @@ class LaunchPlan:
 
 
 def plan_launches(spec, tensors):
+    """The LaunchPlan for these inputs, or a clear error if the kernels cannot take them."""
     check_inputs(spec, tensors)
     shapes = [tuple(t.shape) for t in tensors]
     shape = loop_shape(spec, shapes)
