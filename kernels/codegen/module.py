@@ -1,6 +1,12 @@
 """The generated module as a whole: header, the runtime helpers, SPEC, the two kernels (emit.py),
-their launchers, the torch.library ops, the autograd Function, `fused`, and the eager
-`reference` (the traced aten ops, one call each).
+the launch-plan cache, their launchers, the torch.library ops, the autograd Function, `fused`,
+and the eager `reference` (the traced aten ops, one call each).
+
+The host path is kept short because it runs on every call, and on small tensors its CPU time,
+not the kernel, sets the pace: an eager call builds a key from its inputs' shapes, dtypes and
+devices, looks its LaunchPlan up (runtime.plan_launches computes one per new key), allocates and
+launches. It enters the autograd Function only when an input needs a gradient, and the custom
+ops only under torch.compile (which cannot trace a launch).
 """
 from __future__ import annotations
 
