@@ -5,11 +5,14 @@ timed three ways on the same inputs: `eager` (the pattern's reference: one aten 
 each), `compile` (torch.compile of that reference: Inductor fuses the chain), `generated`
 (pattern.fused). GB/s counts the bytes a fused kernel must move (pattern.fused_bytes: inputs read
 once, output written once; the backward's likewise), the same for all three, so the figures
-compare times. `copy` is a device-to-device copy of the output's size and dtype (one read, one
+compare times. With --kernel-time, `kernel µs` is each provider's summed GPU kernel time per call
+under torch.profiler (no host time): where it is well below the p50, the call is host-bound.
+`copy` is a device-to-device copy of the output's size and dtype (one read, one
 write): the bandwidth a one-read-one-write kernel can reach here; `% copy` = generated / copy.
 
     python benchmarks/bench_codegen.py                   # about a minute on an H100 / H200
     python benchmarks/bench_codegen.py --quick --json out.json
+    python benchmarks/bench_codegen.py --kernel-time      # also the GPU-only time per call
 """
 from __future__ import annotations
 
@@ -91,7 +94,23 @@ def _ms(fn, do_bench) -> tuple[float, float, float]:
     return tuple(do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8]))
 
 
-def bench_one(name, ops, bind, backward: bool, do_bench, device=torch.device("cuda"), compile_backend="inductor") -> dict:
+def kernel_us(run, calls: int = 20) -> float:
+    """GPU time per call: the summed device time of the kernels (and copies) it runs, from
+    torch.profiler; the host's time between launches is not in it."""
+    from torch.profiler import ProfilerActivity, profile
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    total = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                for e in prof.key_averages())
+    return total / calls
+
+
+def bench_one(name, ops, bind, backward: bool, do_bench, device=torch.device("cuda"), compile_backend="inductor",
+              kernel_time: bool = False) -> dict:
     pattern = build_pattern(ops, bind=bind)
     inputs = pattern.make_inputs(pattern.example_params, device, backward)
     args, kwargs = inputs.args, inputs.kwargs
@@ -121,6 +140,8 @@ def bench_one(name, ops, bind, backward: bool, do_bench, device=torch.device("cu
         p20, p50, p80 = _ms(run, do_bench)
         result["measured"][label] = {"p20_us": 1e3 * p20, "p50_us": 1e3 * p50, "p80_us": 1e3 * p80,
                                      "gbps": nbytes / (p50 * 1e-3) / 1e9}
+        if kernel_time:
+            result["measured"][label]["kernel_us"] = kernel_us(run)
     copy_src = torch.empty_like(ref0)
     copy_dst = torch.empty_like(ref0)
     copy_ms = _ms(lambda: copy_dst.copy_(copy_src), do_bench)[1]
@@ -134,6 +155,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer, smaller chains")
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--kernel-time", action="store_true",
+                   help="also each provider's GPU kernel time per call (torch.profiler): host-bound or not")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_codegen.py needs a CUDA GPU", file=sys.stderr)
@@ -146,13 +169,15 @@ def main() -> int:
     print(head)
     for name, ops, bind in configs(args.quick):
         for backward in ([False] if args.no_backward else [False, True]):
-            r = bench_one(name, ops, bind, backward, do_bench)
+            r = bench_one(name, ops, bind, backward, do_bench, kernel_time=args.kernel_time)
             results.append(r)
             m = r["measured"]
             print(f"{name:<26}{r['dtype']:<9}{'fw+bw' if backward else 'fw':<8}"
                   f"{m['eager']['p50_us']:>8.0f}u{m['compile']['p50_us']:>8.0f}u{m['generated']['p50_us']:>9.0f}u  "
                   f"      {m['eager']['gbps']:>6.0f}{m['compile']['gbps']:>8.0f}{m['generated']['gbps']:>6.0f}"
-                  f"{r['copy_gbps']:>6.0f}{r['generated_pct_of_copy']:>6.0f}%   err {r['max_abs_err']:.1e}", flush=True)
+                  f"{r['copy_gbps']:>6.0f}{r['generated_pct_of_copy']:>6.0f}%   err {r['max_abs_err']:.1e}"
+                  + (f"   kernel µs: {m['eager']['kernel_us']:.0f} {m['compile']['kernel_us']:.0f} "
+                     f"{m['generated']['kernel_us']:.0f}" if args.kernel_time else ""), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, fh,

@@ -1,6 +1,12 @@
 """The generated module as a whole: header, the runtime helpers, SPEC, the two kernels (emit.py),
-their launchers, the torch.library ops, the autograd Function, `fused`, and the eager
-`reference` (the traced aten ops, one call each).
+the launch-plan cache, their launchers, the torch.library ops, the autograd Function, `fused`,
+and the eager `reference` (the traced aten ops, one call each).
+
+The host path is kept short because it runs on every call, and on small tensors its CPU time,
+not the kernel, sets the pace: an eager call builds a key from its inputs' shapes, dtypes and
+devices, looks its LaunchPlan up (runtime.plan_launches computes one per new key), allocates and
+launches. It enters the autograd Function only when an input needs a gradient, and the custom
+ops only under torch.compile (which cannot trace a launch).
 """
 from __future__ import annotations
 
@@ -35,10 +41,12 @@ def module_source(graph: Graph, name: str, header: str) -> GeneratedModule:
              _banner("shared helpers, the same in every generated module (fusion_advisor/kernels/codegen/runtime.py)"),
              runtime_source(),
              _banner(f"this chain: {name}"),
-             _spec_literal(spec_of(graph, layout, name)),
+             _spec_literal({**spec_of(graph, layout, name), "reduction": graph.reduction is not None,
+                            "forward_constants": tuple(forward.consts), "backward_constants": tuple(backward.consts)}),
              *kernels,
-             host.output(), host.forward(forward.consts), host.backward(backward.consts),
-             host.fakes(), host.registration(), host.function(), host.fused(), reference_source(graph)]
+             host.output(), host.plan(), host.forward(), host.backward(),
+             host.fakes(), host.registration(), host.dispatch(), host.function(), host.fused(),
+             reference_source(graph)]
     return GeneratedModule(name, "\n\n\n".join(p.strip("\n") for p in parts) + "\n", layout)
 
 
@@ -86,8 +94,15 @@ def _banner(text: str) -> str:
 
 def _spec_literal(spec: dict) -> str:
     inputs = "".join(f'        ("{n}", torch.{dtype_name(d)}, {kept!r}),\n' for n, d, kept in spec["inputs"])
-    return (f'SPEC = {{\n    "name": "{spec["name"]}",\n    "rank": {spec["rank"]},\n'
-            f'    "groups": {spec["groups"]!r},\n    "inputs": (\n{inputs}    ),\n}}')
+    rest = "".join(f'    "{key}": {_literal(value)},\n' for key, value in spec.items() if key not in ("name", "inputs"))
+    return f'SPEC = {{\n    "name": "{spec["name"]}",\n{rest}    "inputs": (\n{inputs}    ),\n}}'
+
+
+def _literal(value) -> str:
+    """repr, with strings in double quotes as in the rest of the module."""
+    if isinstance(value, tuple):
+        return _tuple([_literal(v) for v in value])
+    return f'"{value}"' if isinstance(value, str) else repr(value)
 
 
 def _tuple(items: list[str]) -> str:
@@ -133,76 +148,63 @@ class _Host:
             out += f", torch.empty({shape}, dtype=torch.int64, device=device)"
         return f"def _output(shape, device):\n    return {out}"
 
-    def _prologue(self) -> list[str]:
-        return [f"    [{', '.join(self.ins)}] = prepare_inputs(SPEC, [{', '.join(self.ins)}])",
-                f"    shape = loop_shape(SPEC, {self.shapes})"]
+    def plan(self) -> str:
+        args = ", ".join(self.ins)
+        fields = [f"{a}.{field}" for field in ("shape", "dtype", "device") for a in self.ins]
+        return "\n".join([
+            "PLANS = {}   # LaunchPlan by the inputs' (shapes, dtypes, devices): see plan_launches", "", "",
+            f"def _plan({args}):",
+            '    """The launch plan for these inputs: computed (and the inputs checked) on the first call with',
+            '    their shapes, dtypes and devices, looked up after that."""',
+            "    try:", *_call("key = ", fields, "        "),
+            "    except AttributeError:     # not a tensor: plan_launches says which",
+            "        key = None",
+            "    plan = PLANS.get(key)",
+            "    if plan is None:",
+            f"        plan = PLANS[key] = plan_launches(SPEC, [{args}])",
+            "    return plan"])
 
-    def forward(self, consts: list[str]) -> str:
+    def _contiguous(self) -> list[str]:
+        return [f"{a}.contiguous()" for a in self.ins]   # self when it already is: no copy
+
+    def forward(self) -> str:
         tensors = ", ".join(f"{a}: torch.Tensor" for a in self.ins)
         scalars = "".join(f", {s}: float" for s in self.scalars)
         returns = "tuple[torch.Tensor, torch.Tensor]" if self.two_outputs else "torch.Tensor"
-        lines = [f"def _forward({tensors}{scalars}) -> {returns}:", *self._prologue(),
-                 f"    outputs = _output(shape, {self.ins[0]}.device)",
-                 "    out = outputs[0]" if self.two_outputs else "    out = outputs"]
-        kw = [f'{c}=c["{c}"]' for c in consts]
-        if self.red is None:
-            lines += [f"    c = index_constants(SPEC, shape, {self.shapes}, \"flat\")",
-                      "    n = out.numel()",
-                      "    block, warps = flat_block(n)",
-                      "    if n:"]
-            lines += _call("_forward_kernel[(triton.cdiv(n, block),)]",
-                           [*self.ins, "out", *self.floats, "n", *kw, "BLOCK_SIZE=block", "INDEX_64=n >= 2**31",
-                            "num_warps=warps"], "        ")
-        else:
-            indices = ["outputs[1]"] if self.two_outputs else []
-            lines += [f"    c = index_constants(SPEC, shape, {self.shapes}, \"rows\")",
-                      "    sizes = group_sizes(SPEC, shape)",
-                      "    n_rows, n_cols = math.prod(sizes[:-1]), sizes[-1]",
-                      "    block_r, block_c, warps = row_tile(n_rows, n_cols, whole_row=True)",
-                      "    if n_rows * n_cols:"]
-            lines += _call("_forward_kernel[(triton.cdiv(n_rows, block_r),)]",
-                           [*self.ins, "out", *indices, *self.floats, "n_rows", "n_cols", *kw, "BLOCK_R=block_r",
-                            "BLOCK_C=block_c", "INDEX_64=n_rows * n_cols >= 2**31", "num_warps=warps"], "        ")
+        outs = ["outputs[0]", "outputs[1]"] if self.two_outputs else ["outputs"]
+        lines = [f"def _forward({tensors}{scalars}) -> {returns}:",
+                 f"    plan = _plan({', '.join(self.ins)})",
+                 f"    outputs = _output(plan.shape, {self.ins[0]}.device)",
+                 "    if not plan.empty:"]
+        lines += _call("_forward_kernel[plan.forward_grid]",
+                       [*self._contiguous(), *outs, *self.floats, "*plan.forward_sizes", "**plan.forward_meta"],
+                       "        ")
         lines.append("    return outputs")
         return "\n".join(lines)
 
-    def backward(self, consts: list[str]) -> str:
+    def backward(self) -> str:
         tensors = ", ".join(f"{a}: torch.Tensor" for a in self.ins)
         scalars = "".join(f", {s}: float" for s in self.scalars)
         lines = [f"def _backward(dout: torch.Tensor, {tensors}{scalars}, wanted: list[bool]) -> list[torch.Tensor]:",
                  '    """Gradients of the inputs that `wanted` flags (the float inputs, in order)."""',
-                 *self._prologue(),
-                 "    dout = dout.contiguous()",
-                 f"    c = index_constants(SPEC, shape, {self.shapes}, \"rows\")",
-                 "    sizes = group_sizes(SPEC, shape)",
-                 "    n_rows, n_cols = math.prod(sizes[:-1]), sizes[-1]",
-                 f"    block_r, block_c, warps = row_tile(n_rows, n_cols, whole_row={self.red is not None})",
-                 "    n_col_tiles = triton.cdiv(n_cols, block_c)",
-                 "    programs, per_program = row_programs(triton.cdiv(n_rows, block_r), n_col_tiles, dout.device)"]
+                 f"    plan = _plan({', '.join(self.ins)})",
+                 "    dout = dout.contiguous()"]
         bufs = []
         for j, k in enumerate(self.grad_inputs):
-            x = self.graph.inputs[k]
-            kind = grad_kind(self.layout.kept[k])
-            lines.append(f"    buf{k} = grad_buffer(\"{kind}\", {x.name}.shape, torch.{dtype_name(x.dtype)}, sizes, programs, "
-                         f"n_col_tiles, dout.device) if wanted[{j}] else dout")
+            lines.append(f"    buf{k} = grad_buffer(plan, {k}, dout.device) if wanted[{j}] else dout")
             bufs.append(f"buf{k}")
-        kw = [f'{c}=c["{c}"]' for c in consts]
         flags = [f"GRAD{k}=bool(wanted[{j}])" for j, k in enumerate(self.grad_inputs)]
-        lines.append("    if n_rows * n_cols:")
-        lines += _call("_backward_kernel[(n_col_tiles, programs)]",
-                       ["dout", *self.ins, *bufs, *self.floats, "n_rows", "n_cols", "per_program", *kw, *flags,
-                        "BLOCK_R=block_r", "BLOCK_C=block_c", "INDEX_64=n_rows * n_cols >= 2**31", "num_warps=warps"],
-                       "        ")
+        lines.append("    if not plan.empty:")
+        lines += _call("_backward_kernel[plan.backward_grid]",
+                       ["dout", *self._contiguous(), *bufs, *self.floats, "*plan.backward_sizes", *flags,
+                        "**plan.backward_meta"], "        ")
         lines += ["    else:                      # an empty loop: partial sums of nothing",
                   f"        for buf, w in zip([{', '.join(bufs)}], wanted):",
                   "            if w:",
                   "                buf.zero_()",
                   "    grads = []"]
         for j, k in enumerate(self.grad_inputs):
-            x = self.graph.inputs[k]
-            lines += [f"    if wanted[{j}]:",
-                      f"        grads.append(finish_grad(\"{grad_kind(self.layout.kept[k])}\", buf{k}, SPEC[\"inputs\"][{k}][2], "
-                      f"sizes, {x.name}.shape, torch.{dtype_name(x.dtype)}))"]
+            lines += [f"    if wanted[{j}]:", f"        grads.append(finish_grad(plan, {k}, buf{k}))"]
         lines.append("    return grads")
         return "\n".join(lines)
 
@@ -222,6 +224,20 @@ class _Host:
                 f"    torch.library.custom_op(\"fusion_kernels::{n}_fwd\", _forward, mutates_args=()).register_fake(_forward_fake)\n"
                 f"    torch.library.custom_op(\"fusion_kernels::{n}_bwd\", _backward, mutates_args=()).register_fake(_backward_fake)")
 
+    def dispatch(self) -> str:
+        args = ", ".join(self.ins + self.scalars)
+        n = self.name
+        return (f"# Eager calls launch directly. torch.compile cannot trace a launch: there the custom op stands in,\n"
+                f"# its fake telling the compiler the outputs' shapes.\n"
+                f"def _run_forward({args}):\n"
+                f"    if torch.compiler.is_compiling():\n"
+                f"        return torch.ops.fusion_kernels.{n}_fwd({args})\n"
+                f"    return _forward({args})\n\n\n"
+                f"def _run_backward(dout, {args}, wanted):\n"
+                f"    if torch.compiler.is_compiling():\n"
+                f"        return torch.ops.fusion_kernels.{n}_bwd(dout, {args}, wanted)\n"
+                f"    return _backward(dout, {args}, wanted)")
+
     def function(self) -> str:
         args = self.ins + self.scalars
         wanted = [f"ctx.needs_input_grad[{k}]" for k in self.grad_inputs]
@@ -236,7 +252,7 @@ class _Host:
         lines = ["class _Function(torch.autograd.Function):",
                  "    @staticmethod",
                  f"    def forward(ctx, {', '.join(args)}):",
-                 f"        outputs = torch.ops.fusion_kernels.{self.name}_fwd({', '.join(args)})",
+                 f"        outputs = _run_forward({', '.join(args)})",
                  f"        ctx.save_for_backward({', '.join(self.ins)})   # the inputs only: backward recomputes the rest",
                  f"        ctx.scalars = {_tuple(self.scalars)}"]
         if self.two_outputs:
@@ -248,7 +264,7 @@ class _Host:
                   f"        wanted = [{', '.join(wanted)}]",
                   "        if not any(wanted):",
                   f"            return {_tuple(['None'] * len(args))}",
-                  f"        grads = iter(torch.ops.fusion_kernels.{self.name}_bwd(dout, {', '.join(self.ins)}, *ctx.scalars, wanted))"]
+                  f"        grads = iter(_run_backward(dout, {', '.join(self.ins)}, *ctx.scalars, wanted))"]
         if len(result) == 1:
             lines.append(f"        return ({result[0]},)")
         else:
@@ -256,7 +272,13 @@ class _Host:
         return "\n".join(lines)
 
     def fused(self) -> str:
-        args = self.ins + self.scalars
-        return (f"def fused({_signature(self.graph)}):\n"
-                f"    \"\"\"The whole chain as one Triton kernel each way (autograd-aware; see the module docstring).\"\"\"\n"
-                f"    return _Function.apply({', '.join(args)})")
+        args = ", ".join(self.ins + self.scalars)
+        differentiable = [f'getattr({self.graph.inputs[k].name}, "requires_grad", False)' for k in self.grad_inputs]
+        lines = [f"def fused({_signature(self.graph)}):",
+                 '    """The whole chain as one Triton kernel each way (autograd-aware; see the module docstring)."""']
+        if differentiable:
+            lines += _call("if torch.is_grad_enabled() and ", [" or ".join(differentiable)], "    ")
+            lines[-1] += ":"
+            lines.append(f"        return _Function.apply({args})")
+        lines.append(f"    return _run_forward({args})   # nothing to differentiate: no autograd node")
+        return "\n".join(lines)

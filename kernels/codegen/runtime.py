@@ -7,7 +7,11 @@ code from here (bytes, tests).
 
 Words:
   spec     the static facts of one generated kernel, a literal dict in its module: `name`, `rank`,
-           `groups`, `inputs` as (name, dtype, kept flag per group)
+           `groups`, `reduction` (whether the chain ends in one), the constexpr names each kernel
+           takes (`forward_constants`, `backward_constants`), `inputs` as (name, dtype, kept flag
+           per group)
+  plan     a LaunchPlan: everything a call's launches derive from its inputs' shapes, dtypes and
+           devices, computed on the first call with them and looked up on every later one
   groups   the loop shape's dims cut into runs of adjacent dims over which every input is either
            kept (its dims equal the loop's) or broadcast (its dims are 1). Index arithmetic is per
            group: a (C,1,1) bias over (N,C,H,W) costs one // and one % by compile-time constants.
@@ -23,18 +27,19 @@ import triton
 import triton.language as tl
 
 MAX_ROW = 65536      # a reduction keeps its whole row in registers
+MAX_GRID_Y = 65535   # CUDA's limit on a launch grid's second dim
 
 
 def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def prepare_inputs(spec, tensors):
-    """The inputs as contiguous tensors of the traced dtypes on one device, or a clear error."""
+def check_inputs(spec, tensors):
+    """A clear error unless the inputs are tensors of the traced dtypes on one device (a CUDA one,
+    or any under the interpreter)."""
     if len(tensors) != len(spec["inputs"]):
         raise TypeError(f"{spec['name']}: expected {len(spec['inputs'])} tensors, got {len(tensors)}")
     device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
-    out = []
     for (name, dtype, _kept), t in zip(spec["inputs"], tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{spec['name']}: {name} must be a tensor, got {type(t).__name__}")
@@ -42,10 +47,8 @@ def prepare_inputs(spec, tensors):
             raise TypeError(f"{spec['name']}: {name} is {t.dtype}; the traced chain had {dtype}")
         if t.device != device:
             raise ValueError(f"{spec['name']}: {name} is on {t.device}, the first input on {device}")
-        out.append(t.contiguous())
     if device.type != "cuda" and not interpreting():
         raise RuntimeError(f"{spec['name']}: tensors must be on a CUDA device (or run with TRITON_INTERPRET=1)")
-    return out
 
 
 def padded(shape, rank):
@@ -119,14 +122,20 @@ def row_tile(n_rows, n_cols, whole_row, budget=2048):
     return block_r, block_c, warps
 
 
-def row_programs(n_row_tiles, n_col_tiles, device, num_sms=None):
-    """(programs, tiles per program) along the rows of a backward launch: about 4 programs per SM
-    in all, each looping over a contiguous run of row tiles so that its column partial sums stay
-    in registers (and the partial buffers stay small)."""
-    if num_sms is None:
-        on_gpu = device.type == "cuda" and not interpreting()
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
-    target = max(1, (4 * num_sms) // max(n_col_tiles, 1))
+def row_programs(n_row_tiles, n_col_tiles, device, num_sms=None, accumulate=True):
+    """(programs, tiles per program) along the rows of a backward launch. With a column
+    accumulator (a "cols" gradient, below) about 4 programs per SM in all, each looping over a
+    contiguous run of row tiles so that its column partial sums stay in registers and the
+    (programs, cols) partial buffer stays small. Without one a loop only costs parallelism (its
+    iterations' loads wait for the previous ones' stores): one tile per program, up to the grid's
+    y limit."""
+    if accumulate:
+        if num_sms is None:
+            on_gpu = device.type == "cuda" and not interpreting()
+            num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
+        target = max(1, (4 * num_sms) // max(n_col_tiles, 1))
+    else:
+        target = MAX_GRID_Y
     programs = max(1, min(n_row_tiles, target))
     per_program = triton.cdiv(n_row_tiles, programs) if n_row_tiles else 0
     programs = triton.cdiv(n_row_tiles, per_program) if per_program else 1
@@ -156,25 +165,89 @@ def grad_buffer_shape(kind, sizes, programs, n_col_tiles):
     return {"cols": (programs, n_cols), "rows": (n_col_tiles, n_rows), "elements": (n_rows, n_cols)}[kind]
 
 
-def grad_buffer(kind, shape, dtype, sizes, programs, n_col_tiles, device):
-    if kind == "full":
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.empty(grad_buffer_shape(kind, sizes, programs, n_col_tiles), dtype=torch.float32, device=device)
+def grad_finish(kind, kept, sizes, buffer_shape):
+    """(view, dims): the second, small reduction of a partial-sum buffer, one torch.sum of the
+    buffer viewed as `view` over `dims`, leaves the input's gradient (in its kept groups' order)."""
+    if kind == "cols":
+        return buffer_shape, (0,)
+    if kind == "rows":     # (col tiles, rows): over the col tiles and the broadcast row groups
+        return (buffer_shape[0], *sizes[:-1]), (0, *(1 + g for g, k in enumerate(kept[:-1]) if not k))
+    return tuple(sizes), tuple(g for g, k in enumerate(kept) if not k)
 
 
-def finish_grad(kind, buffer, kept, sizes, shape, dtype):
-    """The second, small reduction: a partial-sum buffer to the input's gradient."""
+class LaunchPlan:
+    """What the launches of a call derive from its inputs' shapes, dtypes and device: computed
+    once per distinct (shapes, dtypes, devices) by `plan_launches` and kept in the module's
+    PLANS dict, so that a call is a key, a dict lookup, the allocations and the launches.
+    forward_sizes / backward_sizes are the kernels' runtime size arguments, *_meta their
+    constexprs and launch options; grads[k] is None for an input without a gradient (bool), else
+    (kind, buffer shape, buffer dtype, view, dims, input shape, input dtype) for grad_buffer and
+    finish_grad."""
+
+    def __init__(self, shape, empty, forward, backward, grads):
+        self.shape, self.empty, self.grads = shape, empty, grads
+        self.forward_grid, self.forward_sizes, self.forward_meta = forward
+        self.backward_grid, self.backward_sizes, self.backward_meta = backward
+
+
+def plan_launches(spec, tensors):
+    """The LaunchPlan for these inputs, or a clear error if the kernels cannot take them."""
+    check_inputs(spec, tensors)
+    shapes = [tuple(t.shape) for t in tensors]
+    shape = loop_shape(spec, shapes)
+    sizes = group_sizes(spec, shape)
+    n = math.prod(shape)
+    n_rows, n_cols = math.prod(sizes[:-1]), sizes[-1]
+    reduction = spec["reduction"]
+    launch = {"INDEX_64": n >= 2**31}
+
+    def constants(names, layout):
+        consts = index_constants(spec, shape, shapes, layout)
+        return {name: consts[name] for name in names}
+
+    if reduction:
+        block_r, block_c, warps = row_tile(n_rows, n_cols, whole_row=True)
+        forward = ((triton.cdiv(n_rows, block_r),), (n_rows, n_cols),
+                   {**constants(spec["forward_constants"], "rows"), "BLOCK_R": block_r, "BLOCK_C": block_c,
+                    **launch, "num_warps": warps})
+    else:
+        block, warps = flat_block(n)
+        forward = ((triton.cdiv(n, block),), (n,),
+                   {**constants(spec["forward_constants"], "flat"), "BLOCK_SIZE": block, **launch,
+                    "num_warps": warps})
+
+    block_r, block_c, warps = row_tile(n_rows, n_cols, whole_row=reduction)
+    n_col_tiles = triton.cdiv(n_cols, block_c)
+    kinds = [None if dtype == torch.bool else grad_kind(kept) for _name, dtype, kept in spec["inputs"]]
+    programs, per_program = row_programs(triton.cdiv(n_rows, block_r), n_col_tiles, tensors[0].device,
+                                         accumulate="cols" in kinds)
+    backward = ((n_col_tiles, programs), (n_rows, n_cols, per_program),
+                {**constants(spec["backward_constants"], "rows"), "BLOCK_R": block_r, "BLOCK_C": block_c,
+                 **launch, "num_warps": warps})
+    grads = []
+    for (_name, dtype, kept), kind, s in zip(spec["inputs"], kinds, shapes):
+        if kind is None:
+            grads.append(None)
+        elif kind == "full":
+            grads.append((kind, s, dtype, None, None, s, dtype))
+        else:
+            buffer_shape = grad_buffer_shape(kind, sizes, programs, n_col_tiles)
+            grads.append((kind, buffer_shape, torch.float32, *grad_finish(kind, kept, sizes, buffer_shape), s, dtype))
+    return LaunchPlan(shape, n == 0, forward, backward, grads)
+
+
+def grad_buffer(plan, k, device):
+    """Where the backward kernel writes input k's gradient: the gradient itself, or fp32 partial sums."""
+    _kind, shape, dtype = plan.grads[k][:3]
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def finish_grad(plan, k, buffer):
+    """Input k's gradient from what the kernel wrote: one small torch.sum of a partial-sum buffer."""
+    kind, _shape, _dtype, view, dims, shape, dtype = plan.grads[k]
     if kind == "full":
         return buffer
-    if kind == "cols":
-        grad = buffer.sum(0)
-    elif kind == "rows":
-        grad = buffer.sum(0).view(sizes[:-1])
-        broadcast = [g for g, k in enumerate(kept[:-1]) if not k]
-        grad = grad.sum(dim=broadcast) if broadcast else grad
-    else:
-        grad = buffer.view(sizes).sum(dim=[g for g, k in enumerate(kept) if not k])
-    return grad.reshape(shape).to(dtype)
+    return buffer.view(view).sum(dims).view(shape).to(dtype)
 
 
 # -- fp32 math the generated expressions call (tl has no tanh, log1p or gelu) ----------------------
