@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU runs behind the README's generated-kernel and apply figures, on a bare GPU machine:
+#   source scripts/device_setup.sh && scripts/gpu_runs.sh generic|models OUT_DIR
+# generic: a small bf16 trace of examples/conv_pointwise.py for CI (tests/data), the same script at a
+#          GPU-bound size profiled (bench included), `apply --verify` on it, and bench_codegen.py.
+# models:  benchmarks/apply_models.py, then examples/llama_train.py profiled and `apply --verify`.
+set -uo pipefail
+phase=${1:?usage: gpu_runs.sh generic|models OUT_DIR}
+out=$(realpath -m "${2:?usage: gpu_runs.sh generic|models OUT_DIR}")
+repo=$(pwd)
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+profile_and_verify() {  # name dir script args...: profile (with bench), then apply --verify
+  local name=$1 dir=$2 script=$3; shift 3
+  mkdir -p "$out/$name"
+  (cd "$dir" && fusion-advisor profile "$script" -o "$out/$name" -- "$@" >"$out/$name/profile.txt" 2>&1)
+  echo "$name profile: rc $?"; tail -40 "$out/$name/profile.txt"
+  rm -f "$out/$name/trace.json.gz" "$out/$name/run.json"
+  (cd "$dir" && fusion-advisor apply "$out/$name/result.json" --verify --steps 20 --warmup 5 \
+      >"$out/$name/apply-verify.txt" 2>&1)
+  echo "$name apply --verify: rc $?"; grep -v '^[-+@ ]' "$out/$name/apply-verify.txt" | tail -25
+}
+
+case $phase in
+generic)
+  tmp=$(mktemp -d)
+  fusion-advisor profile examples/conv_pointwise.py --warmup 3 --steps 2 --no-bench -o "$tmp" -- \
+      --dtype bfloat16 --steps 8 >"$tmp/out.txt" 2>&1 && cp "$tmp/trace.json.gz" "$out/conv-pointwise-bf16-h200.json.gz"
+  echo "fixture: rc $?"
+  profile_and_verify conv "$repo/examples" conv_pointwise.py \
+      --channels 64 --size 128 --batch 64 --blocks 2 --dtype bfloat16 --steps 30
+  timeout 400 python3 benchmarks/bench_codegen.py --kernel-time --json "$out/bench-codegen.json" \
+      >"$out/bench-codegen.txt" 2>&1
+  echo "bench_codegen: rc $?"; cat "$out/bench-codegen.txt"
+  ;;
+models)
+  timeout 420 python3 benchmarks/apply_models.py --out "$out/apply-models.csv" >"$out/apply-models.txt" 2>&1
+  echo "apply_models: rc $?"; cat "$out/apply-models.txt" | tail -30
+  profile_and_verify llama "$repo/examples" llama_train.py \
+      --hidden 2048 --layers 8 --heads 16 --seq 2048 --batch 2 --vocab 32000 --steps 30
+  ;;
+*) echo "unknown phase $phase"; exit 2 ;;
+esac
