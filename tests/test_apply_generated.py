@@ -120,3 +120,23 @@ def _load(path, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_gpu_trace_backward_clusters_share_the_forward_kernel():
+    """On the GPU the autograd engine splits the chain's backward in two clusters (the clamp masks
+    and the bias's sum); both take the forward cluster's generated kernel, whose one backward
+    replaces them, and bench times them with it (tests/data/README.md: recorded on an H200)."""
+    trace = Trace.load(ROOT / "tests" / "data" / "conv-pointwise-bf16-h200.json.gz")
+    trace.meta["fusion_advisor"] = dict(trace.run_info, script=str(ROOT / "examples" / "conv_pointwise.py"),
+                                        cwd=str(ROOT))
+    result = analyze(trace)
+    generic = [c for c in result.clusters if (c.pattern or "").startswith("generic:")]
+    fwd = [c for c in generic if c.direction == "forward"]
+    bwd = [c for c in generic if c.direction == "backward"]
+    assert len(fwd) == 1 and len(bwd) == 2 and {c.pattern for c in generic} == {fwd[0].pattern}
+    assert fwd[0].pattern_params["inputs"][0]["dtype"] == "bfloat16"
+    assert all(fwd[0].id in c.notes[0] for c in bwd)
+    share = sum(c.estimate.bytes_fused for c in bwd)
+    from fusion_advisor.kernels import resolve
+    assert share == pytest.approx(resolve(fwd[0].pattern, fwd[0].pattern_params).fused_bytes(
+        fwd[0].pattern_params)["backward"], abs=2)
