@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype, interpreting
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, interpreting, next_power_of_2
 from fusion_advisor.kernels.registry import FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -126,7 +126,7 @@ def _vocab_block(n_cols: int) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps) for the vocab loop. 4096 bf16 = 8 KiB a chunk, 16 elements a thread
     at 8 warps: two 16-byte loads each. Under the interpreter a small block makes the loop run
     several times on test-sized vocabularies, the path a 128k vocab takes on the GPU."""
-    block = min(triton.next_power_of_2(n_cols), 256 if interpreting() else 4096)
+    block = min(next_power_of_2(n_cols), 256 if interpreting() else 4096)
     return block, 8 if block >= 2048 else 4
 
 
@@ -184,9 +184,9 @@ def cross_entropy_bwd_(grad_logits: torch.Tensor, grad_loss: torch.Tensor) -> No
     if grad_loss.numel() not in (1, n_rows):
         raise ValueError(f"cross_entropy: grad of the loss has {grad_loss.numel()} elements, expected 1 or {n_rows}")
     grad_loss = grad_loss.reshape(-1).contiguous()
-    block = min(triton.next_power_of_2(max(n_cols, 1)), 4096)
+    block = min(next_power_of_2(max(n_cols, 1)), 4096)
     if n_rows and n_cols:
-        _cross_entropy_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        _cross_entropy_bwd_kernel[(n_rows, cdiv(n_cols, block))](
             grad_logits, grad_loss, grad_logits.stride(0), 0 if grad_loss.numel() == 1 else 1,
             n_cols, BLOCK_SIZE=block, num_warps=4)
 
@@ -215,6 +215,23 @@ def _(grad_logits, grad_loss):
     return None
 
 
+def _cross_entropy_fwd_eager(logits, target, grad_logits, ignore_index, label_smoothing, reduction):
+    loss = cross_entropy_fwd(logits, target, grad_logits, ignore_index, label_smoothing, reduction)
+    if grad_logits is not None:  # what the op's declared mutation does: autograd sees the write
+        torch.autograd.graph.increment_version(grad_logits)
+    return loss
+
+
+def _cross_entropy_bwd_eager(grad_logits, grad_loss):
+    cross_entropy_bwd_(grad_logits, grad_loss)
+    torch.autograd.graph.increment_version(grad_logits)
+
+
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(_cross_entropy_fwd_eager, torch.ops.fusion_advisor.cross_entropy_fwd)
+_backward = eager_or_op(_cross_entropy_bwd_eager, torch.ops.fusion_advisor.cross_entropy_bwd)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, upcast, inplace):
@@ -224,8 +241,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad = logits.detach()
             else:
                 grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        loss = torch.ops.fusion_advisor.cross_entropy_fwd(logits, target, grad, ignore_index, label_smoothing,
-                                                          reduction)
+        loss = _forward(logits, target, grad, ignore_index, label_smoothing, reduction)
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.grad_consumed = False
@@ -239,7 +255,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                                "(retain_graph=True); the fused gradient can be used once")
         ctx.grad_consumed = True
         (grad,) = ctx.saved_tensors
-        torch.ops.fusion_advisor.cross_entropy_bwd(grad, grad_loss)
+        _backward(grad, grad_loss)
         return grad, None, None, None, None, None, None
 
 

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype
+from fusion_advisor.kernels.common import check_device, check_dtype, eager_or_op, next_power_of_2
 from fusion_advisor.kernels.registry import FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 
@@ -114,8 +114,8 @@ def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
     cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)
-    block_qh, block_kh = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
-    block_d = triton.next_power_of_2(d // 2)
+    block_qh, block_kh = next_power_of_2(hq), next_power_of_2(hk)
+    block_d = next_power_of_2(d // 2)
     warps = 4 if max(block_qh, block_kh) * block_d <= 2048 else 8
     if q.numel() and k.numel():
         _rope_kernel[(b * s,)](q, k, cos, sin, q_out, k_out, s, hq, hk, d // 2,
@@ -177,10 +177,15 @@ def _(dq_out, dk_out, cos, sin, dtype):
     return _out_like(dq_out, dtype), _out_like(dk_out, dtype)
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(rope_fwd, torch.ops.fusion_advisor.rope_fwd)
+_backward = eager_or_op(rope_bwd, torch.ops.fusion_advisor.rope_bwd)
+
+
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        q_embed, k_embed = torch.ops.fusion_advisor.rope_fwd(q, k, cos, sin)
+        q_embed, k_embed = _forward(q, k, cos, sin)
         ctx.save_for_backward(cos, sin)
         ctx.q_dtype = q.dtype
         return q_embed, k_embed
@@ -188,7 +193,7 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
-        dq, dk = torch.ops.fusion_advisor.rope_bwd(dq_out, dk_out, cos, sin, ctx.q_dtype)
+        dq, dk = _backward(dq_out, dk_out, cos, sin, ctx.q_dtype)
         return dq, dk, None, None
 
 
