@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-from fusion_advisor.kernels.registry import FusionPattern, OpRecord, Rewrite, all_patterns, get, match, register
+from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, OpRecord, Rewrite, all_patterns, get, match,
+                                             register)
 
 PATTERN_MODULES: list[str] = [
     "rms_norm",
@@ -29,4 +30,4 @@ PATTERN_MODULES: list[str] = [
 for _name in PATTERN_MODULES:
     importlib.import_module(f"fusion_advisor.kernels.{_name}")
 
-__all__ = ["FusionPattern", "OpRecord", "Rewrite", "all_patterns", "get", "match", "register", "PATTERN_MODULES"]
+__all__ = ["FunctionPatch", "FusionPattern", "OpRecord", "Rewrite", "all_patterns", "get", "match", "register", "PATTERN_MODULES"]

@@ -50,7 +50,8 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, interpreting, next_power_of_2
-from fusion_advisor.kernels.registry import FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace,
+                                             dtype_name, register)
 
 REDUCTIONS = ("none", "mean", "sum")
 _REDUCTION_OF_ENUM = {"0": "none", "1": "mean", "2": "sum"}  # at::Reduction, as traced
@@ -375,6 +376,47 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
 
 
 
+# -- runtime patch of Hugging Face's loss_function (ForCausalLMLoss) --------------------------------------
+def is_hf_causal_lm_loss(fn) -> bool:
+    return (getattr(fn, "__module__", None) == "transformers.loss.loss_utils"
+            and getattr(fn, "__name__", None) == "ForCausalLMLoss")
+
+
+def hf_causal_lm_loss(original):
+    """HF's ForCausalLMLoss (shift the labels, ignore_index -100, the mean over non-ignored tokens or
+    the sum / num_items_in_batch) on the fused kernel: the logits stay in their dtype (no fp32 copy
+    of the whole (tokens, vocab) tensor), the loss is fp32 as HF's, the gradient written in the
+    forward into one logits-sized buffer. `original` is not called: the numerics check compares them."""
+
+    def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                       **kwargs):
+        if shift_labels is None:
+            shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        target = shift_labels.reshape(-1).to(logits.device)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = cross_entropy(logits.reshape(-1, vocab_size), target, ignore_index, reduction, upcast=True)
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
+
+    causal_lm_loss.fused_original = original
+    return causal_lm_loss
+
+
+def hf_loss_example_inputs(model) -> list[Inputs]:
+    """(logits, labels, vocab_size) as LlamaForCausalLM passes them, over the model's vocab, in its
+    dtype and device, some labels ignored; once with the mean, once with num_items_in_batch."""
+    ref = next(p for p in model.parameters() if p.is_floating_point())
+    vocab = int(model.config.vocab_size)
+    logits = (2.0 * torch.randn(2, 7, vocab, device=ref.device)).to(ref.dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (2, 7), device=ref.device)
+    labels[:, :2] = -100
+    n_items = (labels[:, 1:] != -100).sum() + 1  # not the plain count: the division is what is checked
+    return [Inputs((logits, labels, vocab), grad_inputs=(0,)),
+            Inputs((logits, labels, vocab), {"num_items_in_batch": n_items}, grad_inputs=(0,))]
+
 PATTERN = register(FusionPattern(
     name="cross_entropy",
     description="cross-entropy (log_softmax + nll_loss, HF's logits.float() included) as one Triton pass "
@@ -393,4 +435,6 @@ PATTERN = register(FusionPattern(
     bench_params=tuple({"tokens": tokens, "vocab": vocab, "dtype": "bfloat16", "upcast": True, "reduction": "mean"}
                        for tokens in (4096, 8192, 16384) for vocab in (32768, 65536, 131072)),
     liger=liger,
+    function_patches=(FunctionPatch("loss_function", "instance", is_hf_causal_lm_loss, hf_causal_lm_loss,
+                                    hf_loss_example_inputs),),
 ))
