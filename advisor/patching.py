@@ -8,18 +8,28 @@
     with fusion_advisor.patched(model, result):         # reverted on exit
         train(model)
 
-Only the given instance changes (its submodules are replaced with `setattr` on their parents);
-classes, other instances and module-level functions are untouched. Replacements share the
-original parameters (no copies), so an optimizer built before patching keeps working.
-Each replacement is checked on random inputs against the module it replaces (forward output and
-every gradient, the tolerance table of kernels/tolerances.py) before it goes in; one that fails
-is left out and reported, never silently applied.
+Modules: only the given instance changes (its submodules are replaced with `setattr` on their
+parents); classes and other instances are untouched. Replacements share the original parameters
+(no copies), so an optimizer built before patching keeps working.
+
+Functions: patterns with `function_patches` also replace plain functions the model calls. Hugging
+Face's `apply_rotary_pos_emb` (rope) is a global of the modeling module (e.g.
+transformers.models.llama.modeling_llama) that the attention forward looks up at call time, so
+that swap is PROCESS-GLOBAL for that module while the handle lives: every model of that family in
+the process runs the fused function until `revert()`. The loss (cross_entropy) is the instance's
+`loss_function` attribute (HF's property setter stores it on the instance): this model only.
+
+Each replacement is checked on random inputs against what it replaces (forward output and every
+gradient, the tolerance table of kernels/tolerances.py) before it goes in; one that fails is left
+out and reported, never silently applied. `revert()` puts back the very objects that were there.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -27,7 +37,7 @@ from torch import nn
 from fusion_advisor import api
 from fusion_advisor.errors import AdvisorError
 from fusion_advisor.kernels import all_patterns, get
-from fusion_advisor.kernels.registry import FusionPattern
+from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
 from fusion_advisor.kernels.tolerances import tolerance
 
 _OPTIONS = {"check", "patterns", "device_check_shape"}
@@ -44,12 +54,25 @@ class Swap:
 
 
 @dataclass
+class FunctionSwap:
+    path: str                      # "transformers.models.llama.modeling_llama.apply_rotary_pos_emb"
+    original: Callable
+    replacement: Callable
+    pattern: str
+    restore: Callable[[], None]    # puts `original` back exactly
+
+
+@dataclass
 class PatchHandle:
     swaps: list[Swap] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
+    functions: list[FunctionSwap] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module or function path, reason)
 
     def revert(self) -> None:
-        """Put every original module back, last swapped first."""
+        """Put every original function and module back, last swapped first."""
+        for f in reversed(self.functions):
+            f.restore()
+        self.functions.clear()
         for s in reversed(self.swaps):
             setattr(s.parent, s.attr, s.original)
         self.swaps.clear()
@@ -61,9 +84,10 @@ class PatchHandle:
         self.revert()
 
     def summary(self) -> str:
-        lines = [f"swapped {len(self.swaps)} module(s)"]
+        lines = [f"swapped {len(self.swaps)} module(s), {len(self.functions)} function(s)"]
         lines += [f"  {s.path}: {type(s.original).__name__} -> {type(s.replacement).__name__} ({s.pattern})"
                   for s in self.swaps]
+        lines += [f"  {f.path}: {_name(f.original)} -> fused ({f.pattern})" for f in self.functions]
         lines += [f"  skipped {p}: {why}" for p, why in self.skipped]
         return "\n".join(lines)
 
@@ -79,7 +103,8 @@ def recommended_patterns(result) -> list[str]:
 
 
 def patch(model: nn.Module, result=None, **options) -> PatchHandle:
-    """Swap the modules that the recommended (or named) patterns replace, on this instance only."""
+    """Swap the modules (this instance only) and functions (see the module docstring: a modeling
+    module's global is process-global) that the recommended (or named) patterns replace."""
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"patch(): unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTIONS))}")
@@ -97,12 +122,16 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
     swappable = [p for p in patterns if p.modules and p.module_factory is not None]
     handle = PatchHandle()
     for p in patterns:
-        if p not in swappable:
-            handle.skipped.append(("*", f"pattern {p.name} has no module form: use `fusion-advisor apply` (source patch)"))
+        if p not in swappable and not p.function_patches:
+            handle.skipped.append(("*", f"pattern {p.name} has no module or function form: use `fusion-advisor apply` "
+                                        "(source patch)"))
     check = options.get("check", True)
     try:
         with api._paused_steps():  # the checks below run modules: under `profile` they are not steps
             _swap_all(model, swappable, handle, check, options.get("device_check_shape"))
+            for p in patterns:
+                for fp in p.function_patches:
+                    _swap_function(model, p.name, fp, handle, check)
     except BaseException:
         handle.revert()
         raise
@@ -130,6 +159,104 @@ def _swap_all(model, swappable, handle, check, shape_hint) -> None:
                 continue
         setattr(parent, attr, replacement)
         handle.swaps.append(Swap(path, parent, attr, module, replacement, pattern.name))
+
+
+def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any, Callable]]:
+    """(path, owner, current function) for each place `fp` would swap in this model."""
+    if fp.where == "instance":
+        current = getattr(model, fp.name, None)
+        return [(f"{type(model).__name__}.{fp.name} (this instance)", model, current)] if current is not None else []
+    if fp.where != "module_global":
+        raise ValueError(f"FunctionPatch {fp.name}: unknown where={fp.where!r}")
+    # The globals a forward looks names up in: its function's (through decorators), and the
+    # class's module (a script loaded without a sys.modules entry has only the first).
+    sites, seen = [], set()
+    for m in model.modules():
+        forward = inspect.unwrap(getattr(type(m), "forward", None) or (lambda: None))
+        module = sys.modules.get(type(m).__module__)
+        for namespace in (getattr(forward, "__globals__", None), vars(module) if module else None):
+            if namespace is None or id(namespace) in seen:
+                continue
+            seen.add(id(namespace))
+            current = namespace.get(fp.name)
+            if current is not None:
+                sites.append((f"{namespace.get('__name__', '?')}.{fp.name}", namespace, current))
+    return sites
+
+
+def _swap_function(model: nn.Module, pattern: str, fp: FunctionPatch, handle: PatchHandle, check: bool) -> None:
+    """Replace `fp.name` at each of its sites in this model, checking the replacement first."""
+    for path, owner, original in _function_sites(model, fp):
+        if hasattr(original, "fused_original"):
+            handle.skipped.append((path, f"{pattern}: already replaced (by another live patch handle)"))
+            continue
+        if not fp.replaces(original):
+            handle.skipped.append((path, f"{pattern}: {_name(original)} is not the function this pattern replaces"))
+            continue
+        replacement = fp.factory(original)
+        if check:
+            try:
+                problem = check_function(original, replacement, fp.example_inputs(model))
+            except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
+                problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if problem:
+                handle.skipped.append((path, f"{pattern}: numerics check failed: {problem}"))
+                continue
+        restore = _set_attribute(owner, fp.name, replacement)
+        handle.functions.append(FunctionSwap(path, original, replacement, pattern, restore))
+
+
+def _set_attribute(owner, name: str, value) -> Callable[[], None]:
+    """Set `name` on owner (a module's globals dict, or an instance) to value; returns a function
+    that undoes it exactly. On an instance the attribute may be a property whose setter stores
+    elsewhere (HF's loss_function sets `_loss_function`): every entry of the instance's __dict__
+    the set added or changed is put back as it was (or removed), so the property resolves as before."""
+    if isinstance(owner, dict):  # a module's globals
+        original = owner[name]
+        owner[name] = value
+
+        def restore_global() -> None:
+            owner[name] = original
+        return restore_global
+    before = dict(vars(owner))
+    setattr(owner, name, value)
+    changed = [k for k, v in vars(owner).items() if k not in before or before[k] is not v]
+
+    def restore() -> None:
+        for k in changed:
+            if k in before:
+                vars(owner)[k] = before[k]
+            else:
+                vars(owner).pop(k, None)
+    return restore
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def check_function(original: Callable, replacement: Callable, examples: list[Inputs]) -> str | None:
+    """None when the replacement's outputs and gradients match the original's on every example
+    (the same inputs, the same upstream gradient), else a one-line reason."""
+    for inputs in examples:
+        outs, grads = [], []
+        upstream = None
+        for fn in (original, replacement):
+            args = [a.detach().clone().requires_grad_(i in inputs.grad_inputs) if isinstance(a, torch.Tensor) else a
+                    for i, a in enumerate(inputs.args)]
+            out = fn(*args, **inputs.kwargs)
+            tensors = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)]
+            if upstream is None:
+                upstream = [torch.randn_like(t) for t in tensors]
+            torch.autograd.backward(tensors, upstream)
+            outs.append([t.detach() for t in tensors])
+            grads.append([args[i].grad for i in inputs.grad_inputs])
+        try:
+            for got, want in zip(outs[1] + grads[1], outs[0] + grads[0]):
+                torch.testing.assert_close(got, want, **tolerance(want.dtype))
+        except AssertionError as exc:
+            return str(exc).strip().splitlines()[0]
+    return None
 
 
 @contextlib.contextmanager

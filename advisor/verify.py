@@ -93,6 +93,7 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
             handle = fusion_advisor.patch(module, patterns=spec.patterns)  # its checks pause step counting
             swapped.extend(f"{s.path}: {type(s.original).__name__} -> {type(s.replacement).__name__}"
                            for s in handle.swaps)
+            swapped.extend(f"{f.path}: fused ({f.pattern})" for f in handle.functions)
             skipped.extend(f"{p}: {why}" for p, why in handle.skipped)
         patch_hook = register_module_forward_pre_hook(patch_first_model)
 

@@ -5,7 +5,7 @@ Models are built from local configs (no hub download): Hugging Face LlamaForCaus
 GPT2LMHeadModel and BertModel (eager attention), and examples/llama_train.py's LlamaModel. Each
 model runs in its own subprocess; inside it the variants run in this order, each on a fresh copy of
 the same initial weights and the same batches: eager, fusion-advisor (`fusion_advisor.patch` with
-the patterns that have a module form for the model), fusion-advisor + torch.compile,
+PATCH_PATTERNS: modules, plus HF's rope function and loss_function), fusion-advisor + torch.compile,
 torch.compile, and Liger-Kernel last (its patches are global to the process).
 
     python benchmarks/apply_models.py --out apply-models.csv
@@ -26,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("llama-example", "hf-llama", "hf-gpt2", "hf-bert")
+# Module swaps (norms, gated MLPs) and function swaps (HF's apply_rotary_pos_emb, the model's
+# loss_function): each pattern applies where the model has what it replaces.
+PATCH_PATTERNS = ("rms_norm", "swiglu", "layer_norm", "rope", "cross_entropy")
 COLUMNS = ["gpu", "torch", "triton", "transformers", "model", "config", "variant", "median_step_ms", "speedup_vs_eager",
            "peak_mem_gib", "max_loss_rel_diff", "swapped", "error"]
 
@@ -64,6 +67,16 @@ def build(name: str, device, dtype):
     else:
         loss = lambda m, ids: m(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # noqa: E731
     return model.to(device, dtype), shape, loss, cfg
+
+
+def swapped_text(handle) -> str:
+    """What the patch changed, for the CSV: module count, the functions by name, what it skipped."""
+    text = f"{len(handle.swaps)} modules"
+    if handle.functions:
+        text += " + " + ", ".join(f"{f.path.rsplit('.', 1)[-1]} ({f.pattern})" for f in handle.functions)
+    if handle.skipped:
+        text += f"; skipped {len(handle.skipped)}: " + "; ".join(f"{p}: {why}" for p, why in handle.skipped)[:300]
+    return text
 
 
 def _lm_loss(logits, ids):
@@ -113,8 +126,8 @@ def one_model(name: str, steps: int, warmup: int, variants: list[str]) -> list[d
             model = base
             model.load_state_dict(state)
             if variant.startswith("fusion-advisor"):
-                handle = fusion_advisor.patch(model, patterns=["rms_norm", "swiglu", "layer_norm"])
-                row["swapped"] = f"{len(handle.swaps)} modules"
+                handle = fusion_advisor.patch(model, patterns=list(PATCH_PATTERNS))
+                row["swapped"] = swapped_text(handle)
             if variant.endswith("compile") and variant != "liger":
                 model = torch.compile(model)
             if variant == "liger":

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-from fusion_advisor.kernels.registry import FusionPattern, OpRecord, Rewrite, all_patterns, get, match, register
+from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, OpRecord, Rewrite, all_patterns, get, match,
+                                             register)
 
 PATTERN_MODULES: list[str] = [
     "rms_norm",
@@ -42,5 +43,5 @@ def resolve(name: str, params: dict | None = None) -> FusionPattern:
     return pattern
 
 
-__all__ = ["FusionPattern", "OpRecord", "Rewrite", "all_patterns", "get", "match", "register", "resolve",
-           "PATTERN_MODULES"]
+__all__ = ["FunctionPatch", "FusionPattern", "OpRecord", "Rewrite", "all_patterns", "get", "match", "register",
+           "resolve", "PATTERN_MODULES"]

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels import layer_norm as ln
-from fusion_advisor.kernels.common import check_device, check_dtype, reduction_programs, row_block
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, reduction_programs, row_block
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_name, register, with_residual_add
 
 
@@ -116,7 +116,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torc
     n_rows, n_cols = s2.shape
     ds = torch.empty_like(s2)
     programs = reduction_programs(n_rows, s.device)
-    rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
+    rows_per_program = cdiv(n_rows, programs) if n_rows else 0
     partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=s.device)
     block, warps = row_block(n_cols)
     if n_rows:
@@ -159,11 +159,15 @@ def _(dy, ds_out, s, normalized_shape, weight, bias, mean, rstd):
     return s.new_empty(s.shape), *ln.fake_param_grads(mean, weight, bias)
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(add_layer_norm_fwd, torch.ops.fusion_advisor.add_layer_norm_fwd)
+_backward = eager_or_op(add_layer_norm_bwd, torch.ops.fusion_advisor.add_layer_norm_bwd)
+
+
 class AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, normalized_shape, weight, bias, eps):
-        y, s, mean, rstd = torch.ops.fusion_advisor.add_layer_norm_fwd(x, residual, normalized_shape, weight, bias,
-                                                                        eps)
+        y, s, mean, rstd = _forward(x, residual, normalized_shape, weight, bias, eps)
         ctx.save_for_backward(s, weight, bias, mean, rstd)
         ctx.normalized_shape = normalized_shape
         # A returned residual nobody uses gets no zeros-filled grad: the kernel skips that read.
@@ -175,8 +179,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         s, weight, bias, mean, rstd = ctx.saved_tensors
         if dy is None:  # only the returned residual was used: its grad passes straight through
             return ds_out, ds_out, None, None, None, None
-        ds, dw, db = torch.ops.fusion_advisor.add_layer_norm_bwd(dy, ds_out, s, ctx.normalized_shape, weight, bias,
-                                                                 mean, rstd)
+        ds, dw, db = _backward(dy, ds_out, s, ctx.normalized_shape, weight, bias, mean, rstd)
         return ds, ds, None, dw if weight is not None else None, db if bias is not None else None, None
 
 

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels import rms_norm as rms
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, reduction_programs, row_block
+from fusion_advisor.kernels.common import (as_rows, cdiv, check_device, check_dtype, eager_or_op, reduction_programs,
+                                          row_block)
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, register, with_residual_add
 
 
@@ -104,7 +105,7 @@ def add_rms_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.
     n_rows, n_cols = s2.shape
     ds = torch.empty_like(s2)
     programs = reduction_programs(n_rows, s.device)
-    rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
+    rows_per_program = cdiv(n_rows, programs) if n_rows else 0
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=s.device)
     block, warps = row_block(n_cols)
     if n_rows:
@@ -143,10 +144,15 @@ def _(dy, ds_out, s, weight, rstd):
     return s.new_empty(s.shape), torch.empty_like(weight)
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(add_rms_norm_fwd, torch.ops.fusion_advisor.add_rms_norm_fwd)
+_backward = eager_or_op(add_rms_norm_bwd, torch.ops.fusion_advisor.add_rms_norm_bwd)
+
+
 class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
-        y, s, rstd = torch.ops.fusion_advisor.add_rms_norm_fwd(x, residual, weight, eps)
+        y, s, rstd = _forward(x, residual, weight, eps)
         ctx.save_for_backward(s, weight, rstd)
         # A returned residual nobody uses gets no zeros-filled grad: the kernel skips that read.
         ctx.set_materialize_grads(False)
@@ -157,7 +163,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         s, weight, rstd = ctx.saved_tensors
         if dy is None:  # only the returned residual was used: its grad passes straight through
             return ds_out, ds_out, None, None
-        ds, dw = torch.ops.fusion_advisor.add_rms_norm_bwd(dy, ds_out, s, weight, rstd)
+        ds, dw = _backward(dy, ds_out, s, weight, rstd)
         return ds, ds, dw, None
 
 

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from fusion_advisor.kernels.activations import (ACTIVATION_IDS, activation_grad, activation_id, apply_activation,
                                                 torch_activation)
-from fusion_advisor.kernels.common import as_row_view, check_device, check_dtype, elementwise_tile, interpreting
+from fusion_advisor.kernels.common import (as_row_view, cdiv, check_device, check_dtype, eager_or_op, elementwise_tile,
+                                          interpreting, sm_count)
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
                                              register)
 
@@ -73,15 +74,15 @@ def bwd_programs(n_rows: int, n_cols: int, num_sms: int) -> tuple[int, int]:
     """(row programs P, rows per program) for the backward: about 4 programs per SM in all, each
     over whole BLOCK_M row tiles of one column block. Shared by the launcher and `fused_bytes`."""
     block_m, block_n, _ = elementwise_tile(n_cols)
-    row_tiles = max(1, triton.cdiv(n_rows, block_m))
-    programs = max(1, min(row_tiles, triton.cdiv(4 * num_sms, triton.cdiv(n_cols, block_n))))
-    return programs, triton.cdiv(row_tiles, programs) * block_m
+    row_tiles = max(1, cdiv(n_rows, block_m))
+    programs = max(1, min(row_tiles, cdiv(4 * num_sms, cdiv(n_cols, block_n))))
+    return programs, cdiv(row_tiles, programs) * block_m
 
 
 def _num_sms(device: torch.device) -> int:
     if interpreting() or device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return sm_count(device)
 
 
 def _check(x: torch.Tensor, bias: torch.Tensor, activation: str) -> int:
@@ -102,7 +103,7 @@ def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor, activation: str, negative_
     y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, bias), device=x.device)
     block_m, block_n, warps = elementwise_tile(n_cols)
     if y.numel():
-        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+        grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
         _bias_act_fwd_kernel[grid](x2, bias.contiguous(), y, x2.stride(0), n_rows, n_cols, negative_slope, ACT=act,
                                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return y.view(x.shape)
@@ -119,7 +120,7 @@ def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, activati
     programs, rows_per_program = bwd_programs(n_rows, n_cols, _num_sms(x.device))
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     if dx.numel():
-        grid = (programs, triton.cdiv(n_cols, block_n))
+        grid = (programs, cdiv(n_cols, block_n))
         _bias_act_bwd_kernel[grid](dy2, x2, bias.contiguous(), dx, partial, dy2.stride(0), x2.stride(0), n_rows,
                                    n_cols, rows_per_program, negative_slope, ACT=act, BLOCK_M=block_m,
                                    BLOCK_N=block_n, num_warps=warps)
@@ -149,10 +150,15 @@ def _(dy, x, bias, activation, negative_slope):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias)
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(bias_act_fwd, torch.ops.fusion_advisor.bias_act_fwd)
+_backward = eager_or_op(bias_act_bwd, torch.ops.fusion_advisor.bias_act_bwd)
+
+
 class BiasActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, activation, negative_slope):
-        y = torch.ops.fusion_advisor.bias_act_fwd(x, bias, activation, negative_slope)
+        y = _forward(x, bias, activation, negative_slope)
         ctx.save_for_backward(x, bias)
         ctx.activation, ctx.negative_slope = activation, negative_slope
         return y
@@ -160,7 +166,7 @@ class BiasActFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
-        dx, db = torch.ops.fusion_advisor.bias_act_bwd(dy, x, bias, ctx.activation, ctx.negative_slope)
+        dx, db = _backward(dy, x, bias, ctx.activation, ctx.negative_slope)
         return dx, db, None, None
 
 

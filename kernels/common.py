@@ -1,10 +1,10 @@
 """Launcher helpers shared by the kernel files: input checks, row views, block sizes."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
-import triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -32,7 +32,7 @@ def as_rows(x: torch.Tensor, op: str) -> torch.Tensor:
     PyTorch would do too)."""
     if x.dim() == 0:
         raise ValueError(f"{op}: expected a tensor with at least one dim, got a scalar")
-    if x.stride(-1) != 1 or not x.is_contiguous():
+    if not x.is_contiguous():
         x = x.contiguous()
     return x.view(-1, x.shape[-1])
 
@@ -52,9 +52,23 @@ def as_row_view(x: torch.Tensor, op: str) -> torch.Tensor:
     return x.contiguous().view(-1, x.shape[-1])
 
 
+# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr_functions since
+# Triton 3.5: callable from host code, but at ~1.7 µs a call, several times per launch.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative a and positive b."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for n = 0, as triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+# Block choices depend only on the row width: cached, so a launch pays one dict lookup for them.
+@functools.lru_cache(maxsize=None)
 def row_block(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps) for kernels that keep one whole row in registers."""
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     if block > max_block:
         raise ValueError(f"rows of {n_cols} elements are too wide for a one-block-per-row kernel")
     num_warps = 4
@@ -67,11 +81,12 @@ def row_block(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     return block, num_warps
 
 
+@functools.lru_cache(maxsize=None)
 def elementwise_tile(n_cols: int, elements: int = 4096) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for 2-D elementwise kernels over (rows, n_cols): about
     `elements` per program (16 per thread at 8 warps: 16-byte vectors in bf16 and fp32), rows
     stacked when the row is narrower than that."""
-    block_n = min(triton.next_power_of_2(max(n_cols, 1)), elements)
+    block_n = min(next_power_of_2(max(n_cols, 1)), elements)
     block_m = max(1, elements // block_n)
     return block_m, block_n, 8 if block_m * block_n >= 4096 else 4
 
@@ -82,4 +97,40 @@ def reduction_programs(n_rows: int, device: torch.device) -> int:
     in the interpreter (each program is slow there)."""
     if interpreting() or device.type != "cuda":
         return max(1, min(n_rows, 4))
-    return max(1, min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_rows, sm_count(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the properties call costs µs)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_or_op(launcher, op):
+    """What an autograd.Function calls for one launcher: the launcher itself in eager mode, the
+    registered custom op `op` (torch.ops.fusion_advisor.<name>, same arguments) otherwise.
+
+    Going through the op in eager costs torch.library's dispatch on every call (schema parsing of
+    the arguments, the dispatcher, the Python kernel wrapper): several µs per launch, which on a
+    host-bound training step is more than the fused kernel saves. The op is still what a traced
+    graph must hold, so it is used while torch.compile / torch.export trace (`is_compiling`), and
+    for inputs the launcher cannot run: tensor subclasses (FakeTensor, FunctionalTensor, DTensor:
+    the op's dispatch and its registered fake handle them) and meta tensors."""
+    is_compiling = torch.compiler.is_compiling
+    plain = _PLAIN_TENSORS
+
+    def call(*args):
+        first = args[0]
+        if is_compiling() or type(first) not in plain or first.is_meta:
+            return op(*args)
+        return launcher(*args)
+
+    call.__name__ = call.__qualname__ = f"eager_or_op({launcher.__name__})"
+    return call

@@ -49,8 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype, interpreting
-from fusion_advisor.kernels.registry import FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, interpreting, next_power_of_2
+from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace,
+                                             dtype_name, register)
 
 REDUCTIONS = ("none", "mean", "sum")
 _REDUCTION_OF_ENUM = {"0": "none", "1": "mean", "2": "sum"}  # at::Reduction, as traced
@@ -126,7 +127,7 @@ def _vocab_block(n_cols: int) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps) for the vocab loop. 4096 bf16 = 8 KiB a chunk, 16 elements a thread
     at 8 warps: two 16-byte loads each. Under the interpreter a small block makes the loop run
     several times on test-sized vocabularies, the path a 128k vocab takes on the GPU."""
-    block = min(triton.next_power_of_2(n_cols), 256 if interpreting() else 4096)
+    block = min(next_power_of_2(n_cols), 256 if interpreting() else 4096)
     return block, 8 if block >= 2048 else 4
 
 
@@ -184,9 +185,9 @@ def cross_entropy_bwd_(grad_logits: torch.Tensor, grad_loss: torch.Tensor) -> No
     if grad_loss.numel() not in (1, n_rows):
         raise ValueError(f"cross_entropy: grad of the loss has {grad_loss.numel()} elements, expected 1 or {n_rows}")
     grad_loss = grad_loss.reshape(-1).contiguous()
-    block = min(triton.next_power_of_2(max(n_cols, 1)), 4096)
+    block = min(next_power_of_2(max(n_cols, 1)), 4096)
     if n_rows and n_cols:
-        _cross_entropy_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        _cross_entropy_bwd_kernel[(n_rows, cdiv(n_cols, block))](
             grad_logits, grad_loss, grad_logits.stride(0), 0 if grad_loss.numel() == 1 else 1,
             n_cols, BLOCK_SIZE=block, num_warps=4)
 
@@ -215,6 +216,23 @@ def _(grad_logits, grad_loss):
     return None
 
 
+def _cross_entropy_fwd_eager(logits, target, grad_logits, ignore_index, label_smoothing, reduction):
+    loss = cross_entropy_fwd(logits, target, grad_logits, ignore_index, label_smoothing, reduction)
+    if grad_logits is not None:  # what the op's declared mutation does: autograd sees the write
+        torch.autograd.graph.increment_version(grad_logits)
+    return loss
+
+
+def _cross_entropy_bwd_eager(grad_logits, grad_loss):
+    cross_entropy_bwd_(grad_logits, grad_loss)
+    torch.autograd.graph.increment_version(grad_logits)
+
+
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(_cross_entropy_fwd_eager, torch.ops.fusion_advisor.cross_entropy_fwd)
+_backward = eager_or_op(_cross_entropy_bwd_eager, torch.ops.fusion_advisor.cross_entropy_bwd)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, upcast, inplace):
@@ -224,8 +242,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad = logits.detach()
             else:
                 grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        loss = torch.ops.fusion_advisor.cross_entropy_fwd(logits, target, grad, ignore_index, label_smoothing,
-                                                          reduction)
+        loss = _forward(logits, target, grad, ignore_index, label_smoothing, reduction)
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.grad_consumed = False
@@ -239,7 +256,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                                "(retain_graph=True); the fused gradient can be used once")
         ctx.grad_consumed = True
         (grad,) = ctx.saved_tensors
-        torch.ops.fusion_advisor.cross_entropy_bwd(grad, grad_loss)
+        _backward(grad, grad_loss)
         return grad, None, None, None, None, None, None
 
 
@@ -359,6 +376,47 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
 
 
 
+# -- runtime patch of Hugging Face's loss_function (ForCausalLMLoss) --------------------------------------
+def is_hf_causal_lm_loss(fn) -> bool:
+    return (getattr(fn, "__module__", None) == "transformers.loss.loss_utils"
+            and getattr(fn, "__name__", None) == "ForCausalLMLoss")
+
+
+def hf_causal_lm_loss(original):
+    """HF's ForCausalLMLoss (shift the labels, ignore_index -100, the mean over non-ignored tokens or
+    the sum / num_items_in_batch) on the fused kernel: the logits stay in their dtype (no fp32 copy
+    of the whole (tokens, vocab) tensor), the loss is fp32 as HF's, the gradient written in the
+    forward into one logits-sized buffer. `original` is not called: the numerics check compares them."""
+
+    def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                       **kwargs):
+        if shift_labels is None:
+            shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        target = shift_labels.reshape(-1).to(logits.device)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = cross_entropy(logits.reshape(-1, vocab_size), target, ignore_index, reduction, upcast=True)
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
+
+    causal_lm_loss.fused_original = original
+    return causal_lm_loss
+
+
+def hf_loss_example_inputs(model) -> list[Inputs]:
+    """(logits, labels, vocab_size) as LlamaForCausalLM passes them, over the model's vocab, in its
+    dtype and device, some labels ignored; once with the mean, once with num_items_in_batch."""
+    ref = next(p for p in model.parameters() if p.is_floating_point())
+    vocab = int(model.config.vocab_size)
+    logits = (2.0 * torch.randn(2, 7, vocab, device=ref.device)).to(ref.dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (2, 7), device=ref.device)
+    labels[:, :2] = -100
+    n_items = (labels[:, 1:] != -100).sum() + 1  # not the plain count: the division is what is checked
+    return [Inputs((logits, labels, vocab), grad_inputs=(0,)),
+            Inputs((logits, labels, vocab), {"num_items_in_batch": n_items}, grad_inputs=(0,))]
+
 PATTERN = register(FusionPattern(
     name="cross_entropy",
     description="cross-entropy (log_softmax + nll_loss, HF's logits.float() included) as one Triton pass "
@@ -377,4 +435,6 @@ PATTERN = register(FusionPattern(
     bench_params=tuple({"tokens": tokens, "vocab": vocab, "dtype": "bfloat16", "upcast": True, "reduction": "mean"}
                        for tokens in (4096, 8192, 16384) for vocab in (32768, 65536, 131072)),
     liger=liger,
+    function_patches=(FunctionPatch("loss_function", "instance", is_hf_causal_lm_loss, hf_causal_lm_loss,
+                                    hf_loss_example_inputs),),
 ))

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 # Four quarters of BLOCK_SIZE share one Philox call; 8192 elements = 4 x 2048 at 8 warps: each
@@ -110,7 +110,7 @@ def dropout_add_fwd(x: torch.Tensor, residual: torch.Tensor, p: float, seed: int
     y = torch.empty(x.shape, dtype=_out_dtype(x, residual), device=x.device)
     if n:
         # No fp fusion: x*scale + residual must round twice, as eager's dropout-then-add does.
-        _dropout_add_fwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](
+        _dropout_add_fwd_kernel[(cdiv(n, _BLOCK_SIZE),)](
             x1, res1, y, n, float(p), _scale(p), seed, BLOCK_SIZE=_BLOCK_SIZE, num_warps=_NUM_WARPS,
             enable_fp_fusion=False)
     return y
@@ -122,10 +122,24 @@ def dropout_add_bwd(dy: torch.Tensor, p: float, seed: int, x_dtype: torch.dtype)
     n = dy1.numel()
     dx = torch.empty(dy.shape, dtype=x_dtype, device=dy.device)
     if n:
-        _dropout_add_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](
+        _dropout_add_bwd_kernel[(cdiv(n, _BLOCK_SIZE),)](
             dy1, dx, n, float(p), _scale(p), seed, BLOCK_SIZE=_BLOCK_SIZE, num_warps=_NUM_WARPS,
             enable_fp_fusion=False)
     return dx
+
+
+def dropout_add_fwd_seeded(x: torch.Tensor, residual: torch.Tensor, p: float,
+                           seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward as the autograd.Function calls it: seed < 0 draws one. Returns the output and
+    the seed used (a CPU int64 tensor, saved for the backward)."""
+    if seed < 0:
+        seed = draw_seed()
+    return dropout_add_fwd(x, residual, p, seed), torch.tensor(seed, dtype=torch.int64)
+
+
+def dropout_add_bwd_seeded(dy: torch.Tensor, seed: torch.Tensor, p: float, x_dtype: torch.dtype) -> torch.Tensor:
+    """The backward as the autograd.Function calls it, from the seed tensor the forward returned."""
+    return dropout_add_bwd(dy, p, int(seed.item()), x_dtype)
 
 
 # torch.library registration: a patched model still runs under torch.compile(fullgraph=True). The
@@ -134,10 +148,7 @@ def dropout_add_bwd(dy: torch.Tensor, p: float, seed: int, x_dtype: torch.dtype)
                          tags=(torch.Tag.nondeterministic_seeded,))
 def _dropout_add_fwd_op(x: torch.Tensor, residual: torch.Tensor, p: float,
                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """seed < 0: draw one. Returns the output and the seed used (CPU int64), for the backward."""
-    if seed < 0:
-        seed = draw_seed()
-    return dropout_add_fwd(x, residual, p, seed), torch.tensor(seed, dtype=torch.int64)
+    return dropout_add_fwd_seeded(x, residual, p, seed)
 
 
 @_dropout_add_fwd_op.register_fake
@@ -147,7 +158,7 @@ def _(x, residual, p, seed):
 
 @torch.library.custom_op("fusion_advisor::dropout_add_bwd", mutates_args=())
 def _dropout_add_bwd_op(dy: torch.Tensor, seed: torch.Tensor, p: float, x_dtype: torch.dtype) -> torch.Tensor:
-    return dropout_add_bwd(dy, p, int(seed.item()), x_dtype)
+    return dropout_add_bwd_seeded(dy, seed, p, x_dtype)
 
 
 @_dropout_add_bwd_op.register_fake
@@ -155,10 +166,15 @@ def _(dy, seed, p, x_dtype):
     return dy.new_empty(dy.shape, dtype=x_dtype)
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(dropout_add_fwd_seeded, torch.ops.fusion_advisor.dropout_add_fwd)
+_backward = eager_or_op(dropout_add_bwd_seeded, torch.ops.fusion_advisor.dropout_add_bwd)
+
+
 class DropoutAddFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, p, seed):
-        y, seed_used = torch.ops.fusion_advisor.dropout_add_fwd(x, residual, p, seed)
+        y, seed_used = _forward(x, residual, p, seed)
         ctx.save_for_backward(seed_used)
         ctx.p = p
         ctx.x_dtype = x.dtype
@@ -170,7 +186,7 @@ class DropoutAddFunction(torch.autograd.Function):
         (seed,) = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.ops.fusion_advisor.dropout_add_bwd(dy, seed, ctx.p, ctx.x_dtype)
+            dx = _backward(dy, seed, ctx.p, ctx.x_dtype)
         return dx, dy.to(ctx.residual_dtype), None, None
 
 

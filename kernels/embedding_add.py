@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, next_power_of_2
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -87,7 +87,7 @@ def _embedding_add_bwd_kernel(DY, IDX_SORTED, IDX_ORDER, IDX_END, POS_SORTED, PO
 def _hidden_block(n_cols: int) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps): up to 1024 columns a program, so GPT-2's 768 is one chunk; 8 columns
     a thread (one 16-byte access in bf16)."""
-    block = min(triton.next_power_of_2(n_cols), 1024)
+    block = min(next_power_of_2(n_cols), 1024)
     return block, max(1, block // 256)
 
 
@@ -131,7 +131,7 @@ def embedding_add_fwd(idx: torch.Tensor, pos: torch.Tensor, wte: torch.Tensor, w
     out = torch.empty((n_tokens, n_cols), dtype=_out_dtype(wte, wpe), device=wte.device)
     block, warps = _hidden_block(n_cols)
     if n_tokens and n_cols:
-        _embedding_add_fwd_kernel[(n_tokens, triton.cdiv(n_cols, block))](
+        _embedding_add_fwd_kernel[(n_tokens, cdiv(n_cols, block))](
             idx_flat, pos_flat, wte, wpe, out, n_cols, wte.shape[0], wpe.shape[0], wte.stride(0), wpe.stride(0),
             BLOCK_SIZE=block, num_warps=warps)
     return out.view(*idx.shape, n_cols)
@@ -159,7 +159,7 @@ def embedding_add_bwd(dy: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, wt
     idx_sorted, idx_order, idx_end = _runs(idx.reshape(-1))
     pos_sorted, pos_order, pos_end = _runs(_flat_positions(idx, pos))
     block, warps = _hidden_block(n_cols)
-    _embedding_add_bwd_kernel[(2 * n_tokens, triton.cdiv(n_cols, block))](
+    _embedding_add_bwd_kernel[(2 * n_tokens, cdiv(n_cols, block))](
         dy2, idx_sorted, idx_order, idx_end, pos_sorted, pos_order, pos_end, dwte, dwpe, n_tokens, n_cols,
         dwte.stride(0), dwpe.stride(0), BLOCK_SIZE=block, num_warps=warps)
     return dwte, dwpe
@@ -188,10 +188,15 @@ def _(dy, idx, pos, wte_shape, wte_dtype, wpe_shape, wpe_dtype):
     return dy.new_empty(wte_shape, dtype=wte_dtype), dy.new_empty(wpe_shape, dtype=wpe_dtype)
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(embedding_add_fwd, torch.ops.fusion_advisor.embedding_add_fwd)
+_backward = eager_or_op(embedding_add_bwd, torch.ops.fusion_advisor.embedding_add_bwd)
+
+
 class EmbeddingAddFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx, pos, wte, wpe):
-        out = torch.ops.fusion_advisor.embedding_add_fwd(idx, pos, wte, wpe)
+        out = _forward(idx, pos, wte, wpe)
         ctx.save_for_backward(idx, pos)
         ctx.shapes = (list(wte.shape), wte.dtype, list(wpe.shape), wpe.dtype)
         return out
@@ -199,7 +204,7 @@ class EmbeddingAddFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         idx, pos = ctx.saved_tensors
-        dwte, dwpe = torch.ops.fusion_advisor.embedding_add_bwd(dy, idx, pos, *ctx.shapes)
+        dwte, dwpe = _backward(dy, idx, pos, *ctx.shapes)
         return None, None, dwte, dwpe
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels.activations import activation_grad, activation_id, apply_activation
-from fusion_advisor.kernels.common import as_row_view, check_device, check_dtype, elementwise_tile
+from fusion_advisor.kernels.common import as_row_view, cdiv, check_device, check_dtype, eager_or_op, elementwise_tile
 from fusion_advisor.kernels.registry import dtype_from_trace, dtype_name
 
 
@@ -67,7 +67,7 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tens
     y = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     block_m, block_n, warps = elementwise_tile(n_cols)
     if y.numel():
-        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+        grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
         _glu_fwd_kernel[grid](g2, u2, y, g2.stride(0), u2.stride(0), n_rows, n_cols, ACT=act,
                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return y.view(gate.shape)
@@ -82,7 +82,7 @@ def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: 
     du = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
     block_m, block_n, warps = elementwise_tile(n_cols)
     if dg.numel():
-        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+        grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
         _glu_bwd_kernel[grid](dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), n_rows, n_cols,
                               ACT=act, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return dg.view(gate.shape), du.view(up.shape)
@@ -109,10 +109,15 @@ def _(dy, gate, up, activation):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(glu_fwd, torch.ops.fusion_advisor.glu_fwd)
+_backward = eager_or_op(glu_bwd, torch.ops.fusion_advisor.glu_bwd)
+
+
 class GLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, activation):
-        y = torch.ops.fusion_advisor.glu_fwd(gate, up, activation)
+        y = _forward(gate, up, activation)
         ctx.save_for_backward(gate, up)
         ctx.activation = activation
         return y
@@ -120,7 +125,7 @@ class GLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        dg, du = torch.ops.fusion_advisor.glu_bwd(dy, gate, up, ctx.activation)
+        dg, du = _backward(dy, gate, up, ctx.activation)
         return dg, du, None
 
 

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype, reduction_programs
+from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, eager_or_op, next_power_of_2,
+                                          reduction_programs)
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
                                              dtype_name, register)
 
@@ -199,7 +200,7 @@ def plan(channels: int, positions: int, groups: int) -> dict:
     """Block sizes and plan for a (N, channels, positions) input in `groups` groups (reads
     TILE_ELEMENTS and CHUNK_ELEMENTS when called: tests shrink them)."""
     cpg = channels // groups
-    block_g, block_c, block_hw = (triton.next_power_of_2(d) for d in (groups, cpg, positions))
+    block_g, block_c, block_hw = (next_power_of_2(d) for d in (groups, cpg, positions))
     if block_g * block_c * block_hw <= TILE_ELEMENTS:
         tile = block_g * block_c * block_hw
         return {"ONE_TILE": True, "BLOCK_G": block_g, "BLOCK_C": block_c, "BLOCK_HW": block_hw,
@@ -239,7 +240,7 @@ def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     p = plan(channels, positions, num_groups)
     groups_per_program = num_groups if p["ONE_TILE"] else 1
     if x.numel():
-        _group_norm_fwd_kernel[(triton.cdiv(n_samples * num_groups, groups_per_program),)](
+        _group_norm_fwd_kernel[(cdiv(n_samples * num_groups, groups_per_program),)](
             x, x if weight is None else weight.contiguous(), x if bias is None else bias.contiguous(), y, mean, rstd,
             n_samples * num_groups, num_groups, channels // num_groups, positions, eps,
             GROUPS_PER_PROGRAM=groups_per_program, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **p)
@@ -255,7 +256,7 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: O
     p = plan(channels, positions, num_groups)
     if p["ONE_TILE"]:
         programs = reduction_programs(n_samples, x.device)
-        samples_per_program = triton.cdiv(n_samples, programs) if n_samples else 0
+        samples_per_program = cdiv(n_samples, programs) if n_samples else 0
         partial_rows = programs
     else:
         programs, samples_per_program, partial_rows = n_samples * num_groups, 1, n_samples
@@ -299,10 +300,15 @@ def _(dy, x, num_groups, weight, bias, mean, rstd):
     return x.new_empty(x.shape), dw, db
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(group_norm_fwd, torch.ops.fusion_advisor.group_norm_fwd)
+_backward = eager_or_op(group_norm_bwd, torch.ops.fusion_advisor.group_norm_bwd)
+
+
 class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps):
-        y, mean, rstd = torch.ops.fusion_advisor.group_norm_fwd(x, num_groups, weight, bias, eps)
+        y, mean, rstd = _forward(x, num_groups, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups = num_groups
         return y
@@ -310,7 +316,7 @@ class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = torch.ops.fusion_advisor.group_norm_bwd(dy, x, ctx.num_groups, weight, bias, mean, rstd)
+        dx, dw, db = _backward(dy, x, ctx.num_groups, weight, bias, mean, rstd)
         return dx, None, dw if weight is not None else None, db if bias is not None else None, None
 
 

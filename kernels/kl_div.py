@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
@@ -105,7 +105,7 @@ def kl_div_fwd(input: torch.Tensor, target: torch.Tensor, reduction: str = "batc
     x, t = input.contiguous(), target.contiguous()
     n = x.numel()
     out_dtype = _out_dtype(input, target)
-    programs = triton.cdiv(n, _BLOCK_SIZE)
+    programs = cdiv(n, _BLOCK_SIZE)
     if reduction == "none":
         out = torch.empty(input.shape, dtype=out_dtype, device=input.device)
         if n:
@@ -130,7 +130,7 @@ def kl_div_bwd(grad_loss: torch.Tensor, target: torch.Tensor, input_dtype: torch
     pointwise = reduction == "none"
     grad_loss = grad_loss.contiguous() if pointwise else grad_loss.reshape(1)
     if n:
-        _kl_div_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](
+        _kl_div_bwd_kernel[(cdiv(n, _BLOCK_SIZE),)](
             t, grad_loss, grad_input, n, _scale(reduction, target.shape), LOG_TARGET=log_target,
             POINTWISE=pointwise, BLOCK_SIZE=_BLOCK_SIZE, num_warps=_NUM_WARPS)
     return grad_input
@@ -159,10 +159,15 @@ def _(grad_loss, target, input_dtype, reduction, log_target):
     return target.new_empty(target.shape, dtype=input_dtype)
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(kl_div_fwd, torch.ops.fusion_advisor.kl_div_fwd)
+_backward = eager_or_op(kl_div_bwd, torch.ops.fusion_advisor.kl_div_bwd)
+
+
 class KLDivFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, reduction, log_target):
-        loss = torch.ops.fusion_advisor.kl_div_fwd(input, target, reduction, log_target)
+        loss = _forward(input, target, reduction, log_target)
         ctx.save_for_backward(target)
         ctx.input_dtype = input.dtype
         ctx.reduction = reduction
@@ -172,8 +177,7 @@ class KLDivFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (target,) = ctx.saved_tensors
-        grad_input = torch.ops.fusion_advisor.kl_div_bwd(grad_loss, target, ctx.input_dtype, ctx.reduction,
-                                                         ctx.log_target)
+        grad_input = _backward(grad_loss, target, ctx.input_dtype, ctx.reduction, ctx.log_target)
         return grad_input, None, None, None
 
 
@@ -243,7 +247,7 @@ def fused_bytes(params: dict) -> dict:
     o = max(e, t)
     if params.get("reduction", "batchmean") == "none":
         return {"forward": n * (e + t + o), "backward": n * (t + e + o)}
-    partials = triton.cdiv(n, _BLOCK_SIZE)
+    partials = cdiv(n, _BLOCK_SIZE)
     return {"forward": n * (e + t) + 8 * partials, "backward": n * (t + e) + 4}
 
 

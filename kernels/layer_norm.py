@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, reduction_programs, row_block
+from fusion_advisor.kernels.common import (as_rows, cdiv, check_device, check_dtype, eager_or_op, reduction_programs,
+                                          row_block)
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
                                              dtype_name, register)
 
@@ -176,7 +177,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, normalized_shape: Sequence
     n_rows, n_cols = x2.shape
     dx = torch.empty_like(x2)
     programs = reduction_programs(n_rows, x.device)
-    rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
+    rows_per_program = cdiv(n_rows, programs) if n_rows else 0
     partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=x.device)
     block, warps = row_block(n_cols)
     if n_rows:
@@ -225,10 +226,15 @@ def fake_param_grads(like: torch.Tensor, weight: Optional[torch.Tensor],
 
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(layer_norm_fwd, torch.ops.fusion_advisor.layer_norm_fwd)
+_backward = eager_or_op(layer_norm_bwd, torch.ops.fusion_advisor.layer_norm_bwd)
+
+
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps):
-        y, mean, rstd = torch.ops.fusion_advisor.layer_norm_fwd(x, normalized_shape, weight, bias, eps)
+        y, mean, rstd = _forward(x, normalized_shape, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.normalized_shape = normalized_shape
         return y
@@ -236,7 +242,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = torch.ops.fusion_advisor.layer_norm_bwd(dy, x, ctx.normalized_shape, weight, bias, mean, rstd)
+        dx, dw, db = _backward(dy, x, ctx.normalized_shape, weight, bias, mean, rstd)
         return dx, None, dw if weight is not None else None, db if bias is not None else None, None
 
 

@@ -68,6 +68,25 @@ class Rewrite:
                               # "file": anywhere in that file (calls of the traced function itself)
 
 
+@dataclass(frozen=True)
+class FunctionPatch:
+    """A function that `fusion_advisor.patch` replaces at runtime, beside the modules it swaps:
+    where the model calls a plain function rather than a module (Hugging Face's
+    `apply_rotary_pos_emb`, its `loss_function`).
+
+    where="module_global": the global `name` of each Python module that defines one of the model's
+        classes (HF's modeling_<model>.py, whose forward looks the name up at call time); the swap
+        is process-global for that module while the patch handle lives.
+    where="instance": the attribute `name` of the model instance only."""
+
+    name: str                                        # "apply_rotary_pos_emb", "loss_function"
+    where: str                                       # "module_global" or "instance"
+    replaces: Callable[[Callable], bool]             # is this original one the replacement is equivalent to?
+    factory: Callable[[Callable], Callable]          # original -> replacement (same call signature)
+    example_inputs: Callable[[Any], list]            # model -> [Inputs] to check the replacement against
+                                                     # the original on (the model's dtype and device)
+
+
 @dataclass
 class Inputs:
     """Arguments for `reference` and `fused`; `grad_inputs` says which positional args get grads."""
@@ -96,6 +115,7 @@ class FusionPattern:
     bench_params: tuple[dict, ...] = ()              # LLM-training shapes for benchmarks/bench_kernels.py
     liger: Callable[..., Any] | None = None          # same args as `fused`, runs Liger-Kernel's equivalent
                                                      # (imports liger_kernel lazily; raises ImportError)
+    function_patches: tuple[FunctionPatch, ...] = ()  # functions `fusion_advisor.patch` replaces at runtime
     numerics_params: Callable[[dict], dict] | None = None  # params to check numerics against `reference`
                                                      # with, for ops whose outputs are random draws
                                                      # (dropout_add: the same shapes at p=0); None: as given

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, reduction_programs, row_block
+from fusion_advisor.kernels.common import (as_rows, cdiv, check_device, check_dtype, eager_or_op, reduction_programs,
+                                          row_block)
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, register
 
 
@@ -106,7 +107,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     n_rows, n_cols = x2.shape
     dx = torch.empty_like(x2)
     programs = reduction_programs(n_rows, x.device)
-    rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
+    rows_per_program = cdiv(n_rows, programs) if n_rows else 0
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     block, warps = row_block(n_cols)
     if n_rows:
@@ -143,17 +144,22 @@ def _(dy, x, weight, rstd):
     return x.new_empty(x.shape), torch.empty_like(weight)
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(rms_norm_fwd, torch.ops.fusion_advisor.rms_norm_fwd)
+_backward = eager_or_op(rms_norm_bwd, torch.ops.fusion_advisor.rms_norm_bwd)
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.fusion_advisor.rms_norm_fwd(x, weight, eps)
+        y, rstd = _forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.fusion_advisor.rms_norm_bwd(dy, x, weight, rstd)
+        dx, dw = _backward(dy, x, weight, rstd)
         return dx, dw, None
 
 

@@ -28,12 +28,15 @@ cos), cos and sin of C = Bc*S*D elements each of size c:
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype
-from fusion_advisor.kernels.registry import FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.common import check_device, check_dtype, eager_or_op, next_power_of_2
+from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace,
+                                             dtype_name, register)
 
 
 @triton.jit
@@ -114,8 +117,8 @@ def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
     cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)
-    block_qh, block_kh = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
-    block_d = triton.next_power_of_2(d // 2)
+    block_qh, block_kh = next_power_of_2(hq), next_power_of_2(hk)
+    block_d = next_power_of_2(d // 2)
     warps = 4 if max(block_qh, block_kh) * block_d <= 2048 else 8
     if q.numel() and k.numel():
         _rope_kernel[(b * s,)](q, k, cos, sin, q_out, k_out, s, hq, hk, d // 2,
@@ -177,10 +180,15 @@ def _(dq_out, dk_out, cos, sin, dtype):
     return _out_like(dq_out, dtype), _out_like(dk_out, dtype)
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(rope_fwd, torch.ops.fusion_advisor.rope_fwd)
+_backward = eager_or_op(rope_bwd, torch.ops.fusion_advisor.rope_bwd)
+
+
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        q_embed, k_embed = torch.ops.fusion_advisor.rope_fwd(q, k, cos, sin)
+        q_embed, k_embed = _forward(q, k, cos, sin)
         ctx.save_for_backward(cos, sin)
         ctx.q_dtype = q.dtype
         return q_embed, k_embed
@@ -188,7 +196,7 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
-        dq, dk = torch.ops.fusion_advisor.rope_bwd(dq_out, dk_out, cos, sin, ctx.q_dtype)
+        dq, dk = _backward(dq_out, dk_out, cos, sin, ctx.q_dtype)
         return dq, dk, None, None
 
 
@@ -285,6 +293,53 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
     return params
 
 
+# -- runtime patch of Hugging Face's module-level apply_rotary_pos_emb ---------------------------------
+def _parameter_names(fn) -> list[str]:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def is_hf_apply_rotary_pos_emb(fn) -> bool:
+    """HF's `apply_rotary_pos_emb(q, k, cos, sin, ...)` (its numerics are checked before any swap)."""
+    return callable(fn) and _parameter_names(fn)[:4] == ["q", "k", "cos", "sin"]
+
+
+def hf_apply_rotary_pos_emb(original):
+    """A drop-in for HF's `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` that runs `rope`
+    for the call Llama-style attention makes: (B, H, S, D) q and k, (B or 1, S, D) cos and sin
+    that need no grad, heads on dim 1. Any other call (unsqueeze_dim=2, an old position_ids
+    argument, 4-D cos) goes to `original` unchanged."""
+    fifth = (_parameter_names(original) + [None] * 5)[4]
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if args or kwargs:
+            heads_on_dim_1 = ((not kwargs and len(args) == 1 and fifth == "unsqueeze_dim" and args[0] == 1)
+                              or (not args and kwargs == {"unsqueeze_dim": 1}))
+            if not heads_on_dim_1:
+                return original(q, k, cos, sin, *args, **kwargs)
+        if (q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.requires_grad or sin.requires_grad
+                or q.dtype != k.dtype or cos.dtype != sin.dtype):
+            return original(q, k, cos, sin, *args, **kwargs)
+        return rope(q, k, cos, sin)
+
+    apply_rotary_pos_emb.fused_original = original
+    return apply_rotary_pos_emb
+
+
+def hf_rope_example_inputs(model) -> list[Inputs]:
+    """Random q, k (B=2, 3 heads, 7 positions, the model's head dim) and cos/sin as HF builds them,
+    in the model's dtype and device; GQA-shaped k (1 head) too."""
+    ref = next(p for p in model.parameters() if p.is_floating_point())
+    config = getattr(model, "config", None)
+    head_dim = getattr(config, "head_dim", None)
+    if not head_dim and getattr(config, "num_attention_heads", None):
+        head_dim = config.hidden_size // config.num_attention_heads
+    params = {"q_shape": [2, 3, 7, int(head_dim or 16)], "dtype": dtype_name(ref.dtype)}
+    return [make_inputs(params, ref.device, True), make_inputs({**params, "k_heads": 1}, ref.device, True)]
+
+
 PATTERN = register(FusionPattern(
     name="rope",
     description="rotary position embedding (rotate_half) on q and k in one Triton launch each way",
@@ -302,4 +357,6 @@ PATTERN = register(FusionPattern(
     # The traced chain is HF's apply_rotary_pos_emb itself: its calls are what change.
     rewrites=(Rewrite("apply_rotary_pos_emb($q, $k, $cos, $sin)", "rope($q, $k, $cos, $sin)",
                       ("from fusion_advisor.kernels.rope import rope",), scope="file"),),
+    function_patches=(FunctionPatch("apply_rotary_pos_emb", "module_global", is_hf_apply_rotary_pos_emb,
+                                    hf_apply_rotary_pos_emb, hf_rope_example_inputs),),
 ))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype, interpreting, row_block
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, interpreting, row_block
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 
@@ -165,9 +165,9 @@ def softmax_fwd(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, c
         flags = dict(HAS_MASK=mask is not None, CAUSAL=causal, BLOCK_SIZE=block)
         if interpreting():
             rows = _INTERPRETER_ROWS
-            _softmax_fwd_kernel[(n_b * n_h * triton.cdiv(n_q, rows),)](*args, **flags, ROWS=rows, num_warps=warps)
+            _softmax_fwd_kernel[(n_b * n_h * cdiv(n_q, rows),)](*args, **flags, ROWS=rows, num_warps=warps)
         else:
-            _softmax_fwd_tuned[lambda meta: (n_b * n_h * triton.cdiv(n_q, meta["ROWS"]),)](*args, **flags)
+            _softmax_fwd_tuned[lambda meta: (n_b * n_h * cdiv(n_q, meta["ROWS"]),)](*args, **flags)
     return y
 
 
@@ -191,9 +191,9 @@ def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float, causal: bool, s
         flags = dict(CAUSAL=causal, WRITE_DZ=with_dz, BLOCK_SIZE=block)
         if interpreting():
             rows = _INTERPRETER_ROWS
-            _softmax_bwd_kernel[(triton.cdiv(n_rows, rows),)](*args, **flags, ROWS=rows, num_warps=warps)
+            _softmax_bwd_kernel[(cdiv(n_rows, rows),)](*args, **flags, ROWS=rows, num_warps=warps)
         else:
-            _softmax_bwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **flags)
+            _softmax_bwd_tuned[lambda meta: (cdiv(n_rows, meta["ROWS"]),)](*args, **flags)
     return dx, dz
 
 
@@ -219,10 +219,15 @@ def _(dy, y, scale, causal, scores_dtype, with_dz):
     return y.new_empty(y.shape, dtype=scores_dtype), y.new_empty(y.shape if with_dz else (0,))
 
 
+# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
+_forward = eager_or_op(softmax_fwd, torch.ops.fusion_advisor.softmax_fwd)
+_backward = eager_or_op(softmax_bwd, torch.ops.fusion_advisor.softmax_bwd)
+
+
 class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, mask, scale, causal):
-        y = torch.ops.fusion_advisor.softmax_fwd(scores, mask, scale, causal)
+        y = _forward(scores, mask, scale, causal)
         ctx.save_for_backward(y)
         ctx.scale, ctx.causal, ctx.scores_dtype = scale, causal, scores.dtype
         ctx.mask_shape, ctx.mask_dtype = (mask.shape, mask.dtype) if mask is not None else (None, None)
@@ -232,7 +237,7 @@ class SoftmaxFunction(torch.autograd.Function):
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[1]
-        dx, dz = torch.ops.fusion_advisor.softmax_bwd(dy, y, ctx.scale, ctx.causal, ctx.scores_dtype, mask_grad)
+        dx, dz = _backward(dy, y, ctx.scale, ctx.causal, ctx.scores_dtype, mask_grad)
         dmask = dz.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype) if mask_grad else None
         return dx, dmask, None, None
 

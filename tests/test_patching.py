@@ -89,3 +89,17 @@ def test_mlp_blocks_swap_to_swiglu(model, device):
         assert len(handle.swaps) == 2, handle.summary()  # one LlamaMLP per layer
         assert all(isinstance(s.replacement, GatedMLP) for s in handle.swaps)
         torch.testing.assert_close(model(ids).detach(), before, atol=1e-5, rtol=1e-4)
+
+
+def test_rope_replaces_the_function_the_attention_looks_up_and_reverts(model, device):
+    """examples/llama_train.py is loaded without a sys.modules entry: the swap goes into the
+    globals its attention forward reads."""
+    namespace = type(model.layers[0].self_attn).forward.__globals__
+    before = namespace["apply_rotary_pos_emb"]
+    ids = torch.randint(0, 64, (2, 9), device=device)
+    want = model(ids).detach()
+    with fusion_advisor.patched(model, patterns=["rope"]) as handle:
+        assert [f.pattern for f in handle.functions] == ["rope"], handle.summary()
+        assert namespace["apply_rotary_pos_emb"] is handle.functions[0].replacement
+        torch.testing.assert_close(model(ids).detach(), want, atol=1e-5, rtol=1e-4)
+    assert namespace["apply_rotary_pos_emb"] is before
