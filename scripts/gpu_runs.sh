@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's generated-kernel and apply figures, on a bare GPU machine:
-#   source scripts/device_setup.sh && scripts/gpu_runs.sh generic|models OUT_DIR
+#   source scripts/device_setup.sh && scripts/gpu_runs.sh generic|llama|hf OUT_DIR
 # generic: a small bf16 trace of examples/conv_pointwise.py for CI (tests/data), the same script at a
 #          GPU-bound size profiled (bench included), `apply --verify` on it, and bench_codegen.py.
-# models:  benchmarks/apply_models.py, then examples/llama_train.py profiled and `apply --verify`.
+# llama:   benchmarks/apply_models.py on the two Llamas, then examples/llama_train.py profiled and verified.
+# hf:      examples/hf_llama_train.py profiled and verified, then apply_models.py on GPT-2 and BERT.
 set -uo pipefail
-phase=${1:?usage: gpu_runs.sh generic|models OUT_DIR}
-out=$(realpath -m "${2:?usage: gpu_runs.sh generic|models OUT_DIR}")
+phase=${1:?usage: gpu_runs.sh generic|llama|hf OUT_DIR}
+out=$(realpath -m "${2:?usage: gpu_runs.sh generic|llama|hf OUT_DIR}")
 repo=$(pwd)
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -35,11 +36,19 @@ generic)
       >"$out/bench-codegen.txt" 2>&1
   echo "bench_codegen: rc $?"; cat "$out/bench-codegen.txt"
   ;;
-models)
-  timeout 420 python3 benchmarks/apply_models.py --out "$out/apply-models.csv" >"$out/apply-models.txt" 2>&1
-  echo "apply_models: rc $?"; cat "$out/apply-models.txt" | tail -30
+llama)
+  timeout 300 python3 benchmarks/apply_models.py --models llama-example,hf-llama --steps 20 \
+      --out "$out/apply-models-llama.csv" >"$out/apply-models-llama.txt" 2>&1
+  echo "apply_models: rc $?"; tail -30 "$out/apply-models-llama.txt"
   profile_and_verify llama "$repo/examples" llama_train.py \
       --hidden 2048 --layers 8 --heads 16 --seq 2048 --batch 2 --vocab 32000 --steps 30
+  ;;
+hf)
+  profile_and_verify hf-llama "$repo/examples" hf_llama_train.py \
+      --hidden 2048 --layers 8 --heads 16 --seq 2048 --batch 2 --vocab 32000 --steps 30
+  timeout 300 python3 benchmarks/apply_models.py --models hf-gpt2,hf-bert --steps 20 \
+      --out "$out/apply-models-gpt2-bert.csv" >"$out/apply-models-gpt2-bert.txt" 2>&1
+  echo "apply_models: rc $?"; tail -30 "$out/apply-models-gpt2-bert.txt"
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
