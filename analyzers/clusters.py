@@ -144,10 +144,15 @@ def _runs(units: list[Unit]) -> list[_Run]:
             cur = _Run([_Piece([u])])
             continue
         if skipped:
-            # Across a skipped GEMM only a strict consumer of the chain's output continues it.
-            if u.scope == last.scope and any(feeds(w, r) for w in _chain_writes(cur) for r in u.reads):
+            # Across a skipped GEMM only a strict consumer of the chain's output continues it; in
+            # another module it is the next piece (HF's LlamaMLP: act_fn is a module of its own,
+            # the mul with up_proj's output sits in LlamaMLP), which rule 4 joins or not.
+            if any(feeds(w, r) for w in _chain_writes(cur) for r in u.reads):
                 skipped = []
-                last.units.append(u)
+                if u.scope == last.scope:
+                    last.units.append(u)
+                else:
+                    cur.pieces.append(_Piece([u]))
                 continue
             close(f"next: {skipped[0].breaker}")
             skipped = []

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's generated-kernel and apply figures, on a bare GPU machine:
-#   source scripts/device_setup.sh && scripts/gpu_runs.sh generic|llama|hf OUT_DIR
+#   source scripts/device_setup.sh && scripts/gpu_runs.sh generic|llama|hf|flce OUT_DIR
 # generic: a small bf16 trace of examples/conv_pointwise.py for CI (tests/data), the same script at a
 #          GPU-bound size profiled (bench included), `apply --verify` on it, and bench_codegen.py.
 # llama:   benchmarks/apply_models.py on the two Llamas, then examples/llama_train.py profiled and verified.
-# hf:      examples/hf_llama_train.py profiled and verified, then apply_models.py on GPT-2 and BERT.
+# hf:      a tiny HF Llama trace for CI, then examples/hf_train.py profiled and verified for each model.
+# flce:    apply_models.py on the two Llamas (every variant).
 set -uo pipefail
-phase=${1:?usage: gpu_runs.sh generic|llama|hf OUT_DIR}
-out=$(realpath -m "${2:?usage: gpu_runs.sh generic|llama|hf OUT_DIR}")
+phase=${1:?usage: gpu_runs.sh generic|llama|hf|flce OUT_DIR}
+out=$(realpath -m "${2:?usage: gpu_runs.sh generic|llama|hf|flce OUT_DIR}")
 repo=$(pwd)
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -44,11 +45,21 @@ llama)
       --hidden 2048 --layers 8 --heads 16 --seq 2048 --batch 2 --vocab 32000 --steps 30
   ;;
 hf)
-  profile_and_verify hf-llama "$repo/examples" hf_llama_train.py \
-      --hidden 2048 --layers 8 --heads 16 --seq 2048 --batch 2 --vocab 32000 --steps 30
-  timeout 300 python3 benchmarks/apply_models.py --models hf-gpt2,hf-bert --steps 20 \
-      --out "$out/apply-models-gpt2-bert.csv" >"$out/apply-models-gpt2-bert.txt" 2>&1
-  echo "apply_models: rc $?"; tail -30 "$out/apply-models-gpt2-bert.txt"
+  # a small HF Llama trace for CI (its act_fn is a module of its own: SwiGLU spans two modules)
+  tmp=$(mktemp -d)
+  fusion-advisor profile examples/hf_train.py --warmup 3 --steps 2 --no-bench -o "$tmp" -- --model llama \
+      --hidden 256 --layers 2 --heads 4 --seq 128 --batch 2 --vocab 1024 >"$tmp/out.txt" 2>&1 \
+      && cp "$tmp/trace.json.gz" "$out/hf-llama-tiny-bf16-h200.json.gz"
+  echo "fixture: rc $?"
+  for m in ${MODELS:-llama gpt2 bert}; do
+    profile_and_verify "hf-$m" "$repo/examples" hf_train.py --model "$m" --steps 30
+    rm -f "$out/hf-$m/report.html"
+  done
+  ;;
+flce)
+  timeout 400 python3 benchmarks/apply_models.py --models hf-llama,llama-example --steps 20 \
+      --out "$out/apply-models-llama.csv" >"$out/apply-models-llama.txt" 2>&1
+  echo "apply_models: rc $?"; tail -30 "$out/apply-models-llama.txt"
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
