@@ -210,3 +210,12 @@ def test_optimizer_range_is_its_own_chain(llama):
     assert [op["name"] for op in opt.ops][:2] == ["aten::_foreach_mul_", "aten::_foreach_lerp_"]
     assert len(opt.ops) == 8 and opt.estimate.saving_us is None and len(opt.estimate.unknown_ops) == 8
     assert f.clusters[-1].estimate.saving_us is None   # unpriced clusters rank last
+
+
+def test_hf_swiglu_spans_the_act_fn_module():
+    """HF's LlamaMLP runs act_fn (a module of its own) on gate_proj's output, then up_proj's GEMM
+    (stepped over), then the mul in LlamaMLP: one SwiGLU cluster across the two modules."""
+    _, f = _findings("hf-llama-tiny-bf16-h200.json.gz")
+    swiglu = _one(f.clusters, pattern="swiglu", direction="forward")
+    assert [op["name"] for op in swiglu.ops] == ["aten::silu", "aten::mul"]
+    assert swiglu.module_class.endswith("LlamaDecoderLayer/LlamaMLP") and swiglu.occurrences_per_step == 2
