@@ -196,7 +196,9 @@ def _swap_function(model: nn.Module, pattern: str, fp: FunctionPatch, handle: Pa
         replacement = fp.factory(original)
         if check:
             try:
-                problem = check_function(original, replacement, fp.example_inputs(model))
+                whole_model_check = getattr(fp, "check", None)  # e.g. a forward: loss and parameter grads
+                problem = (whole_model_check(model, original, replacement) if whole_model_check is not None
+                           else check_function(original, replacement, fp.example_inputs(model)))
             except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
                 problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             if problem:
