@@ -18,6 +18,9 @@ transformers.models.llama.modeling_llama) that the attention forward looks up at
 that swap is PROCESS-GLOBAL for that module while the handle lives: every model of that family in
 the process runs the fused function until `revert()`. The loss (cross_entropy) is the instance's
 `loss_function` attribute (HF's property setter stores it on the instance): this model only.
+linear_cross_entropy replaces the instance's `forward` (a causal LM's, in training with labels: the
+loss from the LM head's input, logits=None); it is checked on the whole model (loss and parameter
+gradients) through its FunctionPatch's `check`.
 
 Each replacement is checked on random inputs against what it replaces (forward output and every
 gradient, the tolerance table of kernels/tolerances.py) before it goes in; one that fails is left

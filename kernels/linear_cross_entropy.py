@@ -85,7 +85,8 @@ _ADDMM_OUT_DTYPE = [True]  # does this torch's addmm take out_dtype (bf16 GEMM i
 def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
     """acc += grad_logits.T @ hidden. Same dtype: one addmm (fp32 sums inside, one rounding). An fp32
     acc with bf16/fp16 operands: addmm's out_dtype path on CUDA where torch has it, else the product
-    in the operands' dtype added in fp32 (a weight-sized temporary per chunk)."""
+    in the operands' dtype added in fp32 (a weight-sized temporary in that dtype per chunk; torch >= 2.8
+    on CUDA has the out_dtype path)."""
     if acc.dtype == grad_logits.dtype:
         torch.addmm(acc, grad_logits.t(), hidden, out=acc)
         return
@@ -95,7 +96,7 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
             return
         except (TypeError, RuntimeError, NotImplementedError):
             _ADDMM_OUT_DTYPE[0] = False
-    acc += (grad_logits.t() @ hidden).to(acc.dtype)
+    acc.add_(grad_logits.t() @ hidden)  # the bf16 product is promoted inside the add: no fp32 temporary
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

@@ -168,3 +168,22 @@ def test_a_forward_that_fails_numerics_or_is_not_a_causal_lm_is_left_out(model, 
     model.loss_function = lambda logits, labels, vocab_size, **kw: logits.sum()
     handle = fusion_advisor.patch(model, patterns=["linear_cross_entropy"])
     assert handle.functions == [] and any("is not the function" in why for _, why in handle.skipped)
+
+
+def test_gpt2_with_tied_embeddings_and_dropout(device):
+    """GPT-2: the LM head shares the token embedding's weight; dropout is on (the check seeds both runs)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16, vocab_size=96)
+    gpt2 = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager").train()
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    ids = torch.randint(0, 96, (2, 12))
+
+    def run():
+        torch.manual_seed(3)
+        return _loss_and_grads(gpt2, input_ids=ids, labels=ids)
+    want = run()
+    with fusion_advisor.patched(gpt2, patterns=["linear_cross_entropy"]) as handle:
+        assert len(handle.functions) == 1, handle.summary()
+        got = run()
+    assert got[0].logits is None
+    _assert_same(got, want, ids.numel())
