@@ -262,12 +262,14 @@ def hf_causal_lm_forward(original):
     """The model's forward, except in training with labels: then the loss comes from
     linear_cross_entropy on the lm_head's input (HF's label shift, ignore_index, num_items_in_batch,
     logits_to_keep as the model applied it) and the output's `logits` is None (never materialised).
-    A script that reads outputs.logits while training must not use this patch."""
+    A script that reads outputs.logits while training must not use this patch. Under autocast the
+    original forward runs (the fused op wants one dtype for hidden and weight)."""
     model = _causal_lm(original)
     signature = inspect.signature(original)
 
     def forward(*args, **kwargs):
-        if not model.training:
+        # Autocast would hand the head fp32 weights and bf16 activations: the original runs there.
+        if not model.training or any(torch.is_autocast_enabled(d) for d in ("cuda", "cpu")):
             return original(*args, **kwargs)
         bound = signature.bind_partial(*args, **kwargs)
         labels = bound.arguments.get("labels")

@@ -139,6 +139,16 @@ def test_llama_patched_loss_and_grads_match_logits_none_and_reverts_exactly(mode
     assert handle.functions == []
 
 
+def test_under_autocast_the_original_forward_runs(model):
+    ids = torch.randint(0, 128, (1, 8))
+    with fusion_advisor.patched(model, patterns=["linear_cross_entropy"]) as handle:
+        assert len(handle.functions) == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+    assert out.logits is not None and out.loss.requires_grad
+    assert handle.functions == []
+
+
 def test_num_items_in_batch_and_logits_to_keep_are_honoured(model):
     ids = torch.randint(0, 128, (2, 16))
     kwargs = dict(input_ids=ids, labels=ids[:, -8:], logits_to_keep=8, num_items_in_batch=torch.tensor(11))
