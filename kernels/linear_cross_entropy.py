@@ -24,16 +24,21 @@ rows for the GEMMs' tiles. At 4096 tokens x hidden 2048 x vocab 32000: 16 chunks
 16 MiB of bf16 logits each.
 
 Memory held at the end of the forward (N tokens, H hidden, V vocab, element size e):
-    grad_hidden N*H*e, grad_weight V*H*e (and V*4 for a bias)
+    grad_hidden N*H*e, grad_weight V*H*e (and V*e for a bias)
     while the loop runs: one chunk's logits (~N*H*e) and the grad_weight accumulator:
         grad_weight_fp32=True (default): V*H*4, and V*H*(4+e) for a moment at the final cast;
         grad_weight_fp32=False: V*H*e, accumulated with addmm into the weight's dtype (each GEMM
             sums in fp32 and rounds once per chunk: N/chunk_rows roundings instead of one),
-            as Liger-Kernel's bf16 models do.
-At V=32000, H=2048 bf16 the fp32 accumulator is 250 MiB (375 MiB at the cast) against 125 MiB.
+            as Liger-Kernel does by default.
+At V=32000, H=2048 bf16 the fp32 accumulator is 250 MiB (375 MiB at the cast) against 125 MiB:
+in a training step whose peak is the end of the forward that difference is on the peak
+(benchmarks/apply_models.py measures both: fusion-advisor+flce and +flce-bf16acc).
 
 Cost: three GEMMs of 2*N*H*V flops (logits, grad_hidden, grad_weight), as eager's forward +
 backward of the LM head: this op is compute-bound; `fused_bytes` counts its HBM traffic only.
+Each chunk's weight-gradient GEMM also reads and writes the whole accumulator (V*H*4 bytes twice
+in fp32: 8 GB over 16 chunks at V=32000, H=2048, ~1.7 ms of HBM time on an H200): larger chunks
+(`chunk_rows`) trade logits memory for that traffic and for fuller GEMMs.
 
 Eager only: the chunk loop launches cross_entropy's Triton kernel directly (no torch.library op),
 so a torch.compile'd model should not use it (not tested under compile).
