@@ -240,7 +240,10 @@ class InstanceForwardPatch(FunctionPatch):
     check: Callable | None = None
 
 
-GRAD_WEIGHT_FP32 = True  # the patched forward's accumulator; False trades accuracy for V*H*2 bytes
+# The patched forward's options (module-wide, for benchmarks): the weight-gradient accumulator
+# (False trades accuracy for V*H*2 bytes) and rows per chunk (None: default_chunk_rows).
+GRAD_WEIGHT_FP32 = True
+CHUNK_ROWS: int | None = None
 
 
 def _causal_lm(original) -> torch.nn.Module | None:
@@ -308,7 +311,7 @@ def hf_causal_lm_forward(original):
         num_items = extra.get("num_items_in_batch")
         loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), lm_head.weight,
                                     shift_labels.reshape(-1).to(hidden.device), lm_head.bias, ignore_index,
-                                    "mean" if num_items is None else "sum", grad_weight_fp32=GRAD_WEIGHT_FP32)
+                                    "mean" if num_items is None else "sum", CHUNK_ROWS, GRAD_WEIGHT_FP32)
         if num_items is not None:
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
         if isinstance(out, tuple):
