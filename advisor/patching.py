@@ -18,6 +18,9 @@ transformers.models.llama.modeling_llama) that the attention forward looks up at
 that swap is PROCESS-GLOBAL for that module while the handle lives: every model of that family in
 the process runs the fused function until `revert()`. The loss (cross_entropy) is the instance's
 `loss_function` attribute (HF's property setter stores it on the instance): this model only.
+linear_cross_entropy replaces the instance's `forward` (a causal LM's, in training with labels: the
+loss from the LM head's input, logits=None); it is checked on the whole model (loss and parameter
+gradients) through its FunctionPatch's `check`.
 
 Each replacement is checked on random inputs against what it replaces (forward output and every
 gradient, the tolerance table of kernels/tolerances.py) before it goes in; one that fails is left
@@ -196,7 +199,9 @@ def _swap_function(model: nn.Module, pattern: str, fp: FunctionPatch, handle: Pa
         replacement = fp.factory(original)
         if check:
             try:
-                problem = check_function(original, replacement, fp.example_inputs(model))
+                whole_model_check = getattr(fp, "check", None)  # e.g. a forward: loss and parameter grads
+                problem = (whole_model_check(model, original, replacement) if whole_model_check is not None
+                           else check_function(original, replacement, fp.example_inputs(model)))
             except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
                 problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             if problem:

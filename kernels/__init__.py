@@ -18,6 +18,7 @@ PATTERN_MODULES: list[str] = [
     "geglu",
     "rope",
     "cross_entropy",
+    "linear_cross_entropy",
     "kl_div",
     "embedding_add",
     "dropout_add",
