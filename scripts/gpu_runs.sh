@@ -5,7 +5,7 @@
 #          GPU-bound size profiled (bench included), `apply --verify` on it, and bench_codegen.py.
 # llama:   benchmarks/apply_models.py on the two Llamas, then examples/llama_train.py profiled and verified.
 # hf:      a tiny HF Llama trace for CI, then examples/hf_train.py profiled and verified for each model.
-# flce:    apply_models.py on the two Llamas (every variant).
+# flce:    apply_models.py on HF Llama and GPT-2 with the fused linear cross-entropy variants.
 set -uo pipefail
 phase=${1:?usage: gpu_runs.sh generic|llama|hf|flce OUT_DIR}
 out=$(realpath -m "${2:?usage: gpu_runs.sh generic|llama|hf|flce OUT_DIR}")
@@ -57,9 +57,10 @@ hf)
   done
   ;;
 flce)
-  timeout 400 python3 benchmarks/apply_models.py --models hf-llama,llama-example --steps 20 \
-      --out "$out/apply-models-llama.csv" >"$out/apply-models-llama.txt" 2>&1
-  echo "apply_models: rc $?"; tail -30 "$out/apply-models-llama.txt"
+  timeout 500 python3 benchmarks/apply_models.py --models hf-llama,hf-gpt2 --steps 20 \
+      --variants eager,fusion-advisor,fusion-advisor+flce,fusion-advisor+flce-bf16acc,liger \
+      --out "$out/apply-models-flce.csv" >"$out/apply-models-flce.txt" 2>&1
+  echo "apply_models: rc $?"; tail -30 "$out/apply-models-flce.txt"
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
