@@ -10,8 +10,8 @@ torch.compile, and Liger-Kernel last (its patches are global to the process).
 
 `fusion-advisor+flce` adds the linear_cross_entropy pattern (HF causal LMs: in training with labels
 the loss comes from the LM head's input in row chunks, the logits are never materialised and
-`outputs.logits` is None); `fusion-advisor+flce-bf16acc` the same with the LM head's weight
-gradient accumulated in bf16 instead of an fp32 accumulator (V*H*2 bytes less at the peak).
+`outputs.logits` is None; the LM head's weight gradient accumulated in bf16, as Liger does);
+`fusion-advisor+flce-fp32acc` the same with an fp32 accumulator (V*H*2 bytes more at the peak).
 
     python benchmarks/apply_models.py --models hf-llama --variants eager,fusion-advisor,fusion-advisor+flce,liger
 
@@ -36,7 +36,7 @@ MODELS = ("llama-example", "hf-llama", "hf-gpt2", "hf-bert")
 # Module swaps (norms, gated MLPs) and function swaps (HF's apply_rotary_pos_emb, the model's
 # loss_function): each pattern applies where the model has what it replaces.
 PATCH_PATTERNS = ("rms_norm", "swiglu", "layer_norm", "rope", "cross_entropy")
-FLCE_VARIANTS = ("fusion-advisor+flce", "fusion-advisor+flce-bf16acc")  # + linear_cross_entropy
+FLCE_VARIANTS = ("fusion-advisor+flce", "fusion-advisor+flce-fp32acc")  # + linear_cross_entropy
 COLUMNS = ["gpu", "torch", "triton", "transformers", "model", "config", "variant", "median_step_ms", "speedup_vs_eager",
            "peak_mem_gib", "max_loss_rel_diff", "swapped", "error"]
 
@@ -136,7 +136,7 @@ def one_model(name: str, steps: int, warmup: int, variants: list[str]) -> list[d
             model.load_state_dict(state)
             if variant.startswith("fusion-advisor"):
                 flce = variant in FLCE_VARIANTS
-                flce_module.GRAD_WEIGHT_FP32 = variant != "fusion-advisor+flce-bf16acc"
+                flce_module.GRAD_WEIGHT_FP32 = variant == "fusion-advisor+flce-fp32acc"
                 patterns = list(PATCH_PATTERNS) + (["linear_cross_entropy"] if flce else [])
                 handle = fusion_advisor.patch(model, patterns=patterns)
                 row["swapped"] = swapped_text(handle)
@@ -157,7 +157,7 @@ def one_model(name: str, steps: int, warmup: int, variants: list[str]) -> list[d
         except Exception as exc:  # one variant failing must not lose the others' figures
             row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
         finally:
-            flce_module.GRAD_WEIGHT_FP32 = True
+            flce_module.GRAD_WEIGHT_FP32 = False
             torch._dynamo.reset()
             torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
