@@ -1,7 +1,7 @@
 """A Hugging Face model built from a local config (no download), trained for a few bf16 AdamW steps:
 LlamaForCausalLM, GPT2LMHeadModel or BertModel (eager attention, a mean-square loss on its last
-hidden state). The default sizes are benchmarks/apply_models.py's. `--patch` swaps fusion-advisor's
-fused modules in first (what `fusion-advisor apply` does at run time for library code).
+hidden state). The default sizes are benchmarks/apply_models.py's. `--patch PATTERNS` applies
+fusion_advisor.patch first (what `fusion-advisor apply` does at run time for library code).
 
     fusion-advisor profile examples/hf_train.py -- --model llama
     fusion-advisor apply fusion-report/result.json --verify
@@ -47,7 +47,9 @@ def main():
     for flag in ("hidden", "layers", "heads", "seq", "batch", "vocab"):
         p.add_argument(f"--{flag}", type=int, help="default: the model's size in benchmarks/apply_models.py")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--patch", action="store_true", help="fusion_advisor.patch every pattern with a module form")
+    p.add_argument("--patch", default="", metavar="PATTERNS",
+                   help="fusion_advisor.patch these patterns first, comma-separated "
+                        "(e.g. rms_norm,swiglu,rope,cross_entropy,linear_cross_entropy)")
     args = p.parse_args()
     hidden, layers, heads, seq, batch, vocab = (getattr(args, f) or d for f, d in zip(
         ("hidden", "layers", "heads", "seq", "batch", "vocab"), MODELS[args.model]))
@@ -58,8 +60,7 @@ def main():
     model = model.to(device=device, dtype=torch.bfloat16)
     if args.patch:
         import fusion_advisor
-        print(fusion_advisor.patch(model, patterns=["rms_norm", "swiglu", "layer_norm", "rope", "cross_entropy"])
-              .summary().splitlines()[0])
+        print(fusion_advisor.patch(model, patterns=args.patch.split(",")).summary().splitlines()[0])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     for step in range(args.steps):
