@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -399,8 +400,11 @@ def _generated_candidate(trace: Trace, cl: Classifier, matcher: _Matcher, units:
     path = resolve_source_file(file_name, trace.run_info) if file_name and line.isdigit() else None
     try:
         return candidate_for(records, str(path) if path else None, int(line) if path else None, label=source)
-    except (Unsupported, ValueError, RuntimeError) as exc:   # e.g. the meta run of an op fails
-        return None if isinstance(exc, Unsupported) else _log_none(exc)
+    except Unsupported:
+        return None
+    except (ValueError, RuntimeError) as exc:   # e.g. an op's meta run fails: no kernel, not an error
+        logging.getLogger(__name__).debug("no generated kernel for %s: %s", source, exc)
+        return None
 
 
 def _same_op(a: dict, b: dict) -> bool:
@@ -425,19 +429,12 @@ def _share_generated_backward(clusters: list[Cluster], profile: DeviceProfile) -
                    for i in range(len(theirs) - len(mine) + 1)):
                 shared.setdefault(f.id, []).append(c)
                 break
-    from fusion_advisor import kernels as pattern_registry_
     for fid, backs in shared.items():
         f = next(c for c in clusters if c.id == fid)
-        pattern = pattern_registry_.resolve(f.pattern, f.pattern_params)
+        pattern = pattern_registry.resolve(f.pattern, f.pattern_params)
         share = pattern.fused_bytes(f.pattern_params)["backward"] / len(backs)
         for c in backs:
             c.pattern, c.pattern_params = f.pattern, f.pattern_params
             c.estimate = cluster_estimate([OpRecord.from_trace(**o) for o in c.ops], share, profile)
             others = [b.id for b in backs if b is not c]
             c.notes = [f"backward of {f.id}'s generated kernel" + (f", with {', '.join(others)}" if others else "")]
-
-
-def _log_none(exc: Exception):
-    import logging
-    logging.getLogger(__name__).debug("no generated kernel: %s", exc)
-    return None
