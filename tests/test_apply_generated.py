@@ -140,3 +140,12 @@ def test_gpu_trace_backward_clusters_share_the_forward_kernel():
     from fusion_advisor.kernels import resolve
     assert share == pytest.approx(resolve(fwd[0].pattern, fwd[0].pattern_params).fused_bytes(
         fwd[0].pattern_params)["backward"], abs=2)
+
+
+def test_a_chain_edited_since_the_profile_is_not_rewritten(project):
+    root, script, result = project
+    text = script.read_text().replace("    y = y * scale\n", "    y = y * scale  # edited\n    y = y - 0.0\n")
+    script.write_text(text)
+    plan = apply_mod.plan(AdvisorResult.load(result))
+    assert not any("fusion_kernels" in f.path for f in plan.changed)       # no orphan kernel file
+    assert any("no longer hold the traced chain" in n for n in plan.notes)

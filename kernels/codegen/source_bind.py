@@ -50,13 +50,14 @@ class SourceCall:
     target: str | None         # the name the last statement assigns; None: it returns the value
     args: list[str]            # source expressions of the kernel's tensor inputs, in graph order
     scalars: dict[str, str]    # runtime scalar name ("s0") -> source expression
+    text: str = ""             # those lines as they were read: apply rewrites them only if unchanged
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SourceCall":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def call_text(self, function_name: str) -> str:
         args = self.args + [f"{k}={v}" for k, v in self.scalars.items()]
@@ -317,9 +318,9 @@ def chain_from_source(records: Sequence[OpRecord], path: str, def_line: int) -> 
         target = walk.assigns[last]
         if target is None or walk.env_after[last].get(target, _Sym("ext", "")).index != final:
             raise Unsupported("the last statement of the chain does not assign the chain's output")
-    call = SourceCall(path=path, function=fn.name, def_line=def_line, first_line=walk.stmts[first].lineno,
-                      last_line=walk.stmts[last].end_lineno or walk.stmts[last].lineno, target=target,
-                      args=[], scalars={})
+    first_line, last_line = walk.stmts[first].lineno, walk.stmts[last].end_lineno or walk.stmts[last].lineno
+    call = SourceCall(path=path, function=fn.name, def_line=def_line, first_line=first_line, last_line=last_line,
+                      target=target, args=[], scalars={}, text=lines_of(text, first_line, last_line))
     return SourceChain(out_ops, bind, externals, scalar_exprs, scalar_values, call)
 
 
@@ -377,6 +378,11 @@ def _bind_op(k: int, record: OpRecord, op: _Op, chain_of: dict[int, int]) -> tup
                                   f"{arg.value!r}; write it as a literal")
     return dataclasses.replace(record, concrete=tuple(concrete[:max(len(record.concrete), len(types))]),
                                types=tuple(types)), slots
+
+
+def lines_of(text: str, first: int, last: int) -> str:
+    """Lines first..last (1-based, inclusive) of a file's text."""
+    return "".join(text.splitlines(True)[first - 1:last])
 
 
 def _check_names(walk: _Walk, first: int, last: int) -> None:
