@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's generated-kernel and apply figures, on a bare GPU machine:
-#   source scripts/device_setup.sh && scripts/gpu_runs.sh generic|llama|hf|flce OUT_DIR
+#   source scripts/device_setup.sh && scripts/gpu_runs.sh generic|llama|hf|flce|memory OUT_DIR
 # generic: a small bf16 trace of examples/conv_pointwise.py for CI (tests/data), the same script at a
 #          GPU-bound size profiled (bench included), `apply --verify` on it, and bench_codegen.py.
 # llama:   benchmarks/apply_models.py on the two Llamas, then examples/llama_train.py profiled and verified.
 # hf:      a tiny HF Llama trace for CI, then examples/hf_train.py profiled and verified for each model.
 # flce:    apply_models.py on HF Llama and GPT-2 with the fused linear cross-entropy variants.
+# memory:  memory_by_pattern.py (peak memory, one pattern at a time, ours vs Liger), then HF Llama's
+#          steps in fresh processes, twice each: eager, ours, ours + fused linear cross-entropy, Liger.
 set -uo pipefail
-phase=${1:?usage: gpu_runs.sh generic|llama|hf|flce OUT_DIR}
-out=$(realpath -m "${2:?usage: gpu_runs.sh generic|llama|hf|flce OUT_DIR}")
+phase=${1:?usage: gpu_runs.sh generic|llama|hf|flce|memory OUT_DIR}
+out=$(realpath -m "${2:?usage: gpu_runs.sh generic|llama|hf|flce|memory OUT_DIR}")
 repo=$(pwd)
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -58,9 +60,17 @@ hf)
   ;;
 flce)
   timeout 500 python3 benchmarks/apply_models.py --models hf-llama,hf-gpt2 --steps 20 \
-      --variants eager,fusion-advisor,fusion-advisor+flce,fusion-advisor+flce-bf16acc,liger \
+      --variants eager,fusion-advisor,fusion-advisor+flce,fusion-advisor+flce-fp32acc,liger \
       --out "$out/apply-models-flce.csv" >"$out/apply-models-flce.txt" 2>&1
   echo "apply_models: rc $?"; tail -30 "$out/apply-models-flce.txt"
+  ;;
+memory)
+  timeout 240 python3 benchmarks/memory_by_pattern.py >"$out/memory-by-pattern.txt" 2>&1
+  echo "memory_by_pattern: rc $?"; cat "$out/memory-by-pattern.txt"
+  timeout 330 python3 benchmarks/apply_models.py --models hf-llama --steps 20 --repeats 2 \
+      --variants eager,fusion-advisor,fusion-advisor+flce,liger \
+      --out "$out/apply-models-hf-llama.csv" >"$out/apply-models-hf-llama.txt" 2>&1
+  echo "apply_models: rc $?"; tail -16 "$out/apply-models-hf-llama.txt"
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac

@@ -6,6 +6,7 @@ import torch
 
 from fusion_advisor.kernels import match
 from fusion_advisor.kernels.common import as_row_view
+from fusion_advisor.kernels.tolerances import tolerance
 from fusion_advisor.kernels import swiglu as mod
 from kernel_checks import check_against_reference
 from traced_ops import forward_ops, windows
@@ -110,3 +111,59 @@ def test_source_rewrite_of_the_example_llama_mlp():
     out = rewrite_source(str(path), path.read_text(), {}, [(r, set(), "swiglu") for r in mod.PATTERN.rewrites])
     assert [c.after for c in out.changes] == ["swiglu(self.gate_proj(x), self.up_proj(x))"]
     assert "from fusion_advisor.kernels.swiglu import swiglu" in out.after
+
+
+
+def test_private_inputs_get_their_gradients_in_place(device):
+    """private_inputs=True: dgate and dup are written over gate and up (no new buffers), with the
+    same values as eager silu(gate) * up's backward."""
+    leaf_g = torch.randn(6, 40, device=device, requires_grad=True)
+    leaf_u = torch.randn(6, 40, device=device, requires_grad=True)
+    gate, up = leaf_g * 1.0, leaf_u * 1.0
+    ptrs, grad_ptrs = (gate.data_ptr(), up.data_ptr()), []
+    gate.register_hook(lambda g: grad_ptrs.append(g.data_ptr()))
+    up.register_hook(lambda g: grad_ptrs.append(g.data_ptr()))
+    mod.glu(gate, up, "silu", private_inputs=True).pow(2).sum().backward()
+    assert sorted(grad_ptrs) == sorted(ptrs)
+    g_ref, u_ref = (t.detach().clone().requires_grad_() for t in (leaf_g, leaf_u))
+    mod.reference(g_ref, u_ref).pow(2).sum().backward()
+    torch.testing.assert_close(leaf_g.grad, g_ref.grad, **tolerance(torch.float32))
+    torch.testing.assert_close(leaf_u.grad, u_ref.grad, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mlp_gradients_match_llama_mlp(dtype, device):
+    """The module path (private_inputs): every gradient equals eager LlamaMLP's."""
+    torch.manual_seed(0)
+    mlp = _example_llama().LlamaMLP(24, 40).to(device, dtype)
+    fused = mod.SwiGLUMLP.from_module(mlp)
+    x = torch.randn(3, 5, 24, device=device, dtype=dtype, requires_grad=True)
+    fused(x).float().sum().backward()
+    got = [x.grad] + [p.grad for p in mlp.parameters()]
+    x_ref = x.detach().clone().requires_grad_()
+    for p in mlp.parameters():
+        p.grad = None
+    mlp(x_ref).float().sum().backward()
+    for g, want in zip(got, [x_ref.grad] + [p.grad for p in mlp.parameters()]):
+        torch.testing.assert_close(g, want, **tolerance(dtype, 15))
+
+
+def test_overwritten_inputs_fail_loudly_for_another_reader(device):
+    """private_inputs is a promise: another op that saved gate for its own backward gets autograd's
+    in-place error, never the gradient's values."""
+    leaf = torch.randn(4, 16, device=device, requires_grad=True)
+    gate, up = leaf * 1.0, leaf * 2.0
+    other = gate.sin().sum()  # saves gate; created first, so its backward runs after glu's
+    z = mod.glu(gate, up, "silu", private_inputs=True).sum() + other
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+
+
+def test_strided_halves_are_not_overwritten(device):
+    """gate and up as the two halves of one projection (not contiguous): new gradient buffers."""
+    gu = torch.randn(4, 32, device=device, requires_grad=True)
+    gate, up = (gu * 1.0).chunk(2, -1)
+    mod.glu(gate, up, "silu", private_inputs=True).sum().backward()
+    ref = gu.detach().clone().requires_grad_()
+    mod.reference(*ref.chunk(2, -1)).sum().backward()
+    torch.testing.assert_close(gu.grad, ref.grad, **tolerance(torch.float32))
