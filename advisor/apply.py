@@ -56,8 +56,9 @@ def module_pattern_for(module_class: str):
     return next((p for p in all_patterns() if module_class in p.modules and p.module_factory is not None), None)
 
 
-def plan(result: AdvisorResult) -> ApplyPlan:
-    """What `apply` would change, file by file; nothing is written."""
+def plan(result: AdvisorResult, memory: bool = False) -> ApplyPlan:
+    """What `apply` would change, file by file; nothing is written. Memory trades (recommendations
+    of kind "memory": less peak memory for more time) only with memory=True."""
     if not result.recommendations:
         raise AdvisorError("the result has no recommendations to apply (run `fusion-advisor profile` on a GPU "
                            "to benchmark the candidates)")
@@ -72,7 +73,10 @@ def plan(result: AdvisorResult) -> ApplyPlan:
             continue
         cluster = clusters.get(rec.cluster_id)
         bench = primary_benchmark(cluster, result) if cluster is not None else None
-        if bench is not None and bench.verdict == "rejected":
+        if rec.kind == "memory" and not memory:
+            out.notes.append(f"#{rec.rank} {rec.title}: a memory trade, not applied without --memory")
+            continue
+        if bench is not None and bench.verdict == "rejected" and rec.kind != "memory":
             # e.g. "use torch.compile": the advice stands, but our kernel lost to eager here.
             out.notes.append(f"#{rec.rank} {rec.title}: our {rec.pattern} kernel was not faster than eager on this "
                              f"workload ({bench.reason.split(';')[0]}); not applied")
@@ -86,7 +90,8 @@ def plan(result: AdvisorResult) -> ApplyPlan:
         path = resolve_source_file(file_name, run) if file_name else None
         if path is None or _is_library(path):
             leaf = (cluster.module_class or "").rsplit("/", 1)[-1] if cluster else ""
-            runtime = pattern if pattern.modules and pattern.module_factory else module_pattern_for(leaf)
+            own = (pattern.modules and pattern.module_factory) or pattern.function_patches
+            runtime = pattern if own else module_pattern_for(leaf)
             if runtime is not None and runtime.name not in out.runtime_patterns:
                 out.runtime_patterns.append(runtime.name)
             where = "library code" if path is not None else f"{source or 'an unknown source'} (not found on disk)"

@@ -272,6 +272,9 @@ def apply_cmd(
                                                             "and seed; compare losses, step time and peak memory."),
     steps: int = typer.Option(20, "--steps", "-n", min=1, help="Steps to compare with --verify."),
     warmup: int = typer.Option(5, "--warmup", "-w", min=0, help="Steps before timing with --verify."),
+    memory: bool = typer.Option(False, "--memory", help="Also apply the memory trades (recommendations that lower "
+                                                        "peak memory at a measured time cost, e.g. the LM head's "
+                                                        "linear_cross_entropy: logits never materialised)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan (and verification) as JSON."),
 ):
     """Patch your source with the recommendations: a unified diff by default.
@@ -288,6 +291,7 @@ def apply_cmd(
       fusion-advisor apply fusion-report/result.json --verify    # measure it, still writing nothing
       fusion-advisor apply fusion-report/result.json --write     # apply it
       fusion-advisor apply fusion-report/result.json --revert    # undo the last --write
+      fusion-advisor apply fusion-report/result.json --verify --memory   # with the memory trades
     """
     from dataclasses import asdict
 
@@ -302,7 +306,7 @@ def apply_cmd(
             err.print(f"restored {path}", highlight=False)
         return
     result = AdvisorResult.load(result_path)
-    plan = apply_mod.plan(result)
+    plan = apply_mod.plan(result, memory=memory)
     diff = plan.diff(str(root))
     report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes,
               "changes": [{"path": f.path, **asdict(c)} for f in plan.changed for c in f.changes]}

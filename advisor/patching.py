@@ -2,6 +2,7 @@
 
     handle = fusion_advisor.patch(model, result)        # the recommended patterns
     handle = fusion_advisor.patch(model, patterns=["rms_norm"])
+    handle = fusion_advisor.patch(model, result, memory=True)  # also the memory trades (linear_cross_entropy)
     ...
     handle.revert()                                     # the model is exactly as before
 
@@ -43,7 +44,7 @@ from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
 from fusion_advisor.kernels.tolerances import tolerance
 
-_OPTIONS = {"check", "patterns", "device_check_shape"}
+_OPTIONS = {"check", "patterns", "device_check_shape", "memory"}
 
 
 @dataclass
@@ -95,11 +96,14 @@ class PatchHandle:
         return "\n".join(lines)
 
 
-def recommended_patterns(result) -> list[str]:
-    """Pattern names that an AdvisorResult recommends (measured, or estimated where not benched)."""
+def recommended_patterns(result, memory: bool = False) -> list[str]:
+    """Pattern names that an AdvisorResult recommends (measured, or estimated where not benched);
+    memory trades (kind "memory": slower, less memory) only with memory=True."""
     names = []
     for rec in getattr(result, "recommendations", []) or []:
-        name = rec.pattern if not isinstance(rec, dict) else rec.get("pattern")
+        name, kind = (rec.pattern, rec.kind) if not isinstance(rec, dict) else (rec.get("pattern"), rec.get("kind"))
+        if kind == "memory" and not memory:
+            continue
         if name and not name.startswith("generic:") and name not in names:
             names.append(name)
     return names
@@ -120,7 +124,7 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
     if names is None:
         if result is None:
             raise AdvisorError("patch() needs a result (AdvisorResult) or patterns=[...]")
-        names = recommended_patterns(result)
+        names = recommended_patterns(result, memory=bool(options.get("memory", False)))
     patterns = [get(n) for n in names]
     swappable = [p for p in patterns if p.modules and p.module_factory is not None]
     handle = PatchHandle()

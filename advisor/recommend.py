@@ -11,7 +11,10 @@ Order:
   3. estimates (the cost model's), largest first, only for clusters that bench could not time
      (no GPU, or a CPU/interpreter run), labelled `confidence: "estimate"`.
 A rejected replacement (numerics, or not faster than eager) is never recommended; if
-torch.compile or Liger beat eager there, that is recommended instead.
+torch.compile or Liger beat eager there, that is recommended instead. The exception is a pattern
+whose goal is memory (linear_cross_entropy): measured to lower the peak, it is offered as a trade
+(kind "memory", its time cost in the title), ranked by its time like the rest (a cost ranks last),
+and applied only on request.
 
 ROI: GPU-seconds saved per step x steps per day x GPUs. Steps per day come from `--steps-per-day`,
 else the run's measured unprofiled step time (a job that trains around the clock). The hourly
@@ -152,6 +155,8 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
         pattern = registry.resolve(cluster.pattern, cluster.pattern_params)
     except KeyError:
         pattern = None
+    if pattern is not None and pattern.goal == "memory":
+        return _memory_recommendation(cluster, bench, pattern, where, occurrences, launch_bound, result, options)
     if bench is not None and bench.verdict == "rejected" and bench.best_provider is None:
         return None
     if bench is None or bench.timing != "gpu":
@@ -185,6 +190,38 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
         memory_saved_bytes=_memory_saved(eager, chosen, bench.passes, occurrences),
         patch=_patch(best, cluster, pattern), roi=roi(saving, "measured", result, options), kind=kind,
         detail="; ".join(x for x in (detail, occ_note) if x))
+
+
+def _memory_recommendation(cluster: Cluster, bench: Benchmark | None, pattern, where: str, occurrences: float,
+                           launch_bound: bool, result: AdvisorResult, options: RoiOptions) -> Recommendation | None:
+    """A pattern whose goal is memory (linear_cross_entropy): recommended when bench timed it on
+    the GPU, its numerics passed and its forward+backward peak is lower than eager's, whatever it
+    costs in time; the title states both figures. Never from an estimate: the cost model does not
+    price memory, and a trade must be measured to be offered."""
+    if bench is None or bench.timing != "gpu" or bench.numerics_ok is False:
+        return None
+    eager, ours = bench.measured.get("eager"), bench.measured.get("triton")
+    if eager is None or ours is None or eager.peak_mem_bytes is None or ours.peak_mem_bytes is None:
+        return None
+    saved = int(eager.peak_mem_bytes - ours.peak_mem_bytes)
+    if saved <= 0:
+        return None
+    saving = (call_cost_us(eager, launch_bound) - call_cost_us(ours, launch_bound)) * occurrences
+    time_text = (f"{-saving / 1e3:.2f} ms per step slower" if saving < 0 else f"{saving / 1e3:.2f} ms per step faster")
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    figures = [f"peak of one {bench.passes}: eager {mib(eager.peak_mem_bytes)}, ours {mib(ours.peak_mem_bytes)}",
+               f"ours {call_cost_us(ours, launch_bound):.1f} µs vs eager {call_cost_us(eager, launch_bound):.1f} µs "
+               f"per call (on {bench.device}) x {occurrences:g} per step"]
+    liger = bench.measured.get("liger")
+    if liger is not None and liger.peak_mem_bytes is not None:
+        figures.append(f"Liger-Kernel {call_cost_us(liger, launch_bound):.1f} µs, {mib(liger.peak_mem_bytes)}")
+    figures.append("a memory trade: `fusion-advisor apply --memory` applies it")
+    return Recommendation(
+        rank=0, cluster_id=cluster.id, pattern=cluster.pattern,
+        title=f"Save {mib(saved)} of peak memory in {where} with our {pattern.name} ({time_text})",
+        measured_saving_us_per_step=saving, estimate_saving_us_per_step=None, confidence="measured",
+        memory_saved_bytes=saved, patch=_patch("triton", cluster, pattern),
+        roi=roi(saving, "measured", result, options), kind="memory", detail="; ".join(figures))
 
 
 def _memory_saved(eager, chosen, passes: str, occurrences: float) -> int | None:

@@ -112,7 +112,7 @@ class Recommendation:
     memory_saved_bytes: int | None = None
     patch: dict = field(default_factory=dict)    # {"kind": "module_swap", "modules": [...], "diff": "..."}
     roi: dict = field(default_factory=dict)      # gpu_hours_per_day, usd_per_day, usd_per_month, assumptions
-    kind: str = "fused_kernel"                   # "fused_kernel" | "torch_compile" | "liger" | "cuda_graphs"
+    kind: str = "fused_kernel"                   # "fused_kernel" | "torch_compile" | "liger" | "cuda_graphs" | "memory"
     detail: str = ""                             # one line: the figures behind it
 
 

@@ -44,6 +44,10 @@ direction) merge into one Cluster, whatever the step or the layer: the 9 LlamaRM
 4-layer Llama (2 per layer and the final norm) are one forward cluster with 9 occurrences per
 step. Scalar arguments are not part of the signature (they do not change bytes); pattern params
 are read from the first occurrence.
+
+One cluster is derived rather than found: a cross_entropy forward cluster fed by an LM head's
+`aten::linear` also yields a `linear_cross_entropy` cluster holding both (analyzers/lm_head_loss.py):
+a memory trade, since the GEMM it includes is what rule 2 keeps out of every chain.
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ import pandas as pd
 from fusion_advisor import kernels as pattern_registry
 from fusion_advisor.analyzers.chain_units import (ACCUMULATION_SCOPE, NO_SCOPE, Classifier, OpColumns, Unit,
                                                   cpu_units, feeds, flat_shapes, gpu_units, related)
+from fusion_advisor.analyzers.lm_head_loss import lm_head_loss_clusters
 from fusion_advisor.analyzers.trace import Trace, resolve_source_file
 from fusion_advisor.cost_model.device import DeviceProfile
 from fusion_advisor.cost_model.ops import TRACE_DTYPES
@@ -324,6 +329,12 @@ def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
                 op_cluster[u.op_row] = cid
         clusters.append(_build_cluster(trace, cl, matcher, cid, occurrences, n_steps, profile))
     _share_generated_backward(clusters, profile)
+    first_rows = {_cluster_id(sig): [chain[0].op_row for chain, _ in occ] for sig, occ in found.items()}
+    gemm_us: dict[int, float] = {}
+    for u in units_all:
+        if u.top_row >= 0:
+            gemm_us[u.top_row] = gemm_us.get(u.top_row, 0.0) + u.dur
+    clusters += lm_head_loss_clusters(clusters, first_rows, cl.col, gemm_us, n_steps)
     clusters.sort(key=_rank_key, reverse=True)
     kernel_cluster = pd.Series(cluster_of, index=trace.kernels.index, dtype=object)
     return ClusterFindings(clusters, kernel_cluster, cl.kernel_memory_bound(), cl.kernel_classes, cl.col,

@@ -197,6 +197,9 @@ def analyze_launch_bound(trace: Trace, memory_bound: pd.Series | None = None,
         by_phase=by_phase, where=where,
     )
     if clusters is not None:
+        # Memory-bound clusters only: a derived memory trade (linear_cross_entropy) repeats its loss
+        # cluster's launches and fuses none of its GEMMs away.
+        clusters = [c for c in clusters if c.memory_bound]
         lb.fusion_saving_estimate_us_per_step = round(sum((c.estimate.saving_us or 0.0) * c.occurrences_per_step
                                                           for c in clusters), 3)
         # One fused launch per occurrence each way (a fused backward may need a second, small one).

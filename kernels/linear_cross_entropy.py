@@ -54,7 +54,8 @@ import torch.nn.functional as F
 
 from fusion_advisor.kernels.common import cdiv, check_device, check_dtype
 from fusion_advisor.kernels.cross_entropy import _cross_entropy_fwd_kernel, _vocab_block, is_hf_causal_lm_loss
-from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs, register
+from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Inputs, OpRecord, dtype_from_trace,
+                                             dtype_name, register)
 
 REDUCTIONS = ("mean", "sum")
 
@@ -186,6 +187,39 @@ def reference(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, 
     options (chunk_rows, grad_weight_fp32) change nothing here."""
     logits = F.linear(hidden, weight, bias)
     return F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction=reduction)
+
+
+def liger(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean", chunk_rows=None,
+          grad_weight_fp32=True):
+    """Liger-Kernel's fused linear cross-entropy on the same inputs (its own chunking; fp32 logits
+    inside, as HF's `.float()`)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction=reduction)(weight, hidden, target, bias)
+
+
+def params_from_lm_head(linear: OpRecord, loss_params: dict) -> dict | None:
+    """The fused op's params from a traced LM head (`aten::linear` of (..., H) by a (V, H) weight)
+    and the cross_entropy params of the loss that read its output: None unless the linear's output
+    is exactly the loss's (tokens, vocab) logits, in one float dtype, and the loss is HF's form
+    (logits upcast to fp32, or fp32 already) without label smoothing."""
+    if linear.short != "linear" or len(linear.dims) < 2 or len(linear.dims[0]) < 2 or len(linear.dims[1]) != 2:
+        return None
+    x, w = linear.dims[0], linear.dims[1]
+    tokens, vocab = loss_params.get("tokens"), loss_params.get("vocab")
+    rows = 1
+    for d in x[:-1]:
+        rows *= d
+    if x[-1] != w[1] or (rows, w[0]) != (tokens, vocab) or loss_params.get("label_smoothing"):
+        return None
+    if not (loss_params.get("upcast") or loss_params.get("dtype") == "float32"):
+        return None
+    if len(linear.types) < 2 or linear.types[0] != linear.types[1] or dtype_from_trace(linear.types[0]) is None:
+        return None
+    has_bias = len(linear.dims) > 2 and bool(linear.dims[2])
+    return {"tokens": tokens, "hidden": x[-1], "vocab": vocab, "dtype": dtype_name(dtype_from_trace(linear.types[0])),
+            "bias": has_bias, "reduction": loss_params.get("reduction", "mean"),
+            "ignore_index": loss_params.get("ignore_index", -100), "ignored": 0.1,
+            "grad_weight_fp32": GRAD_WEIGHT_FP32}  # what the HF patch runs
 
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
@@ -382,8 +416,11 @@ PATTERN = register(FusionPattern(
     fused=linear_cross_entropy,
     make_inputs=make_inputs,
     fused_bytes=fused_bytes,
-    # Matching a traced linear + cross-entropy cluster is left to a later change (no forward_signature):
-    # the pattern applies through `fusion_advisor.patch(model, patterns=[..., "linear_cross_entropy"])`.
+    # No forward_signature: the LM head's GEMM is never inside a memory-bound chain. The analyzer
+    # derives this candidate from a matched cross_entropy cluster and the linear that fed it
+    # (analyzers/lm_head_loss.py, params_from_lm_head above).
+    goal="memory",
+    liger=liger,
     example_params={"tokens": 37, "hidden": 48, "vocab": 300, "dtype": "bfloat16", "reduction": "mean",
                     "chunk_rows": 16},
     bench_params=tuple({"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": "bfloat16", "reduction": "mean"}

@@ -116,6 +116,10 @@ class FusionPattern:
     liger: Callable[..., Any] | None = None          # same args as `fused`, runs Liger-Kernel's equivalent
                                                      # (imports liger_kernel lazily; raises ImportError)
     function_patches: tuple[FunctionPatch, ...] = ()  # functions `fusion_advisor.patch` replaces at runtime
+    # "time": recommended when it beats eager. "memory": recommended for the peak memory it saves
+    # even when slower (linear_cross_entropy), as a trade the report prices and apply takes only
+    # when asked (`apply --memory`, `patch(..., memory=True)`).
+    goal: str = "time"
     numerics_params: Callable[[dict], dict] | None = None  # params to check numerics against `reference`
                                                      # with, for ops whose outputs are random draws
                                                      # (dropout_add: the same shapes at p=0); None: as given

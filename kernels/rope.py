@@ -295,10 +295,16 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
 
 # -- runtime patch of Hugging Face's module-level apply_rotary_pos_emb ---------------------------------
 def _parameter_names(fn) -> list[str]:
+    """fn's parameter names. transformers >= 5.2x makes apply_rotary_pos_emb an nn.Module (a `Func`
+    that hub kernels can replace) whose instance signature is (*args, **kwargs): its class's forward
+    carries the real one."""
+    if isinstance(fn, torch.nn.Module):
+        fn = type(fn).forward
     try:
-        return list(inspect.signature(fn).parameters)
+        names = list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return []
+    return names[1:] if names[:1] == ["self"] else names
 
 
 def is_hf_apply_rotary_pos_emb(fn) -> bool:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's generated-kernel and apply figures, on a bare GPU machine:
-#   source scripts/device_setup.sh && scripts/gpu_runs.sh generic|llama|hf|flce|memory OUT_DIR
+#   source scripts/device_setup.sh && scripts/gpu_runs.sh generic|llama|hf|flce|memory|hf-memory OUT_DIR
 # generic: a small bf16 trace of examples/conv_pointwise.py for CI (tests/data), the same script at a
 #          GPU-bound size profiled (bench included), `apply --verify` on it, and bench_codegen.py.
 # llama:   benchmarks/apply_models.py on the two Llamas, then examples/llama_train.py profiled and verified.
@@ -8,9 +8,10 @@
 # flce:    apply_models.py on HF Llama and GPT-2 with the fused linear cross-entropy variants.
 # memory:  memory_by_pattern.py (peak memory, one pattern at a time, ours vs Liger), then HF Llama's
 #          steps in fresh processes, twice each: eager, ours, ours + fused linear cross-entropy, Liger.
+# hf-memory: examples/hf_train.py --model llama profiled, then `apply --verify --memory`.
 set -uo pipefail
-phase=${1:?usage: gpu_runs.sh generic|llama|hf|flce|memory OUT_DIR}
-out=$(realpath -m "${2:?usage: gpu_runs.sh generic|llama|hf|flce|memory OUT_DIR}")
+phase=${1:?usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory OUT_DIR}
+out=$(realpath -m "${2:?usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory OUT_DIR}")
 repo=$(pwd)
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -22,7 +23,7 @@ profile_and_verify() {  # name dir script args...: profile (with bench), then ap
   (cd "$dir" && fusion-advisor profile "$script" -o "$out/$name" -- "$@" >"$out/$name/profile.txt" 2>&1)
   echo "$name profile: rc $?"; tail -40 "$out/$name/profile.txt"
   rm -f "$out/$name/trace.json.gz" "$out/$name/run.json"
-  (cd "$dir" && fusion-advisor apply "$out/$name/result.json" --verify --steps 20 --warmup 5 \
+  (cd "$dir" && fusion-advisor apply "$out/$name/result.json" --verify --steps 20 --warmup 5 ${APPLY_ARGS:-} \
       >"$out/$name/apply-verify.txt" 2>&1)
   echo "$name apply --verify: rc $?"; grep -v '^[-+@ ]' "$out/$name/apply-verify.txt" | tail -25
 }
@@ -71,6 +72,11 @@ memory)
       --variants eager,fusion-advisor,fusion-advisor+flce,liger \
       --out "$out/apply-models-hf-llama.csv" >"$out/apply-models-hf-llama.txt" 2>&1
   echo "apply_models: rc $?"; tail -16 "$out/apply-models-hf-llama.txt"
+  ;;
+hf-memory)
+  # HF Llama profiled (the LM head + loss becomes a measured memory trade), then apply --verify --memory
+  APPLY_ARGS=--memory profile_and_verify hf-llama-memory "$repo/examples" hf_train.py --model llama --steps 30
+  rm -f "$out/hf-llama-memory/report.html"
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac

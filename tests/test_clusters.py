@@ -219,3 +219,29 @@ def test_hf_swiglu_spans_the_act_fn_module():
     swiglu = _one(f.clusters, pattern="swiglu", direction="forward")
     assert [op["name"] for op in swiglu.ops] == ["aten::silu", "aten::mul"]
     assert swiglu.module_class.endswith("LlamaDecoderLayer/LlamaMLP") and swiglu.occurrences_per_step == 2
+
+
+@pytest.mark.parametrize("name, hidden, vocab, tokens", [("hf-llama-tiny-bf16-h200.json.gz", 256, 1024, 256),
+                                                         ("llama-bf16-h200.json.gz", 1024, 1024, 4096)])
+def test_lm_head_and_loss_make_a_linear_cross_entropy_candidate(name, hidden, vocab, tokens):
+    """The LM head's aten::linear whose (tokens, vocab) output the cross-entropy read (HF's
+    ForCausalLMLoss, our example's F.cross_entropy(logits.float())) becomes one memory-trade
+    cluster with the loss's cluster, its GEMM's time included."""
+    _, f = _findings(name)
+    loss = _one(f.clusters, pattern="cross_entropy", direction="forward")
+    lce = _one(f.clusters, pattern="linear_cross_entropy")
+    assert lce.pattern_params == {"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": "bfloat16",
+                                  "bias": False, "reduction": "mean", "ignore_index": -100, "ignored": 0.1,
+                                  "grad_weight_fp32": False}
+    assert lce.ops[0]["name"] == "aten::linear" and lce.ops[1:] == loss.ops
+    assert not lce.memory_bound and lce.measured_us_per_step > loss.measured_us_per_step
+
+
+def test_loss_without_an_lm_head_gets_no_candidate():
+    """No linear of the loss's (tokens, vocab) output before it: nothing derived."""
+    from fusion_advisor.analyzers.lm_head_loss import _head_row
+    _, f = _findings("hf-llama-tiny-bf16-h200.json.gz")
+    loss = _one(f.clusters, pattern="cross_entropy", direction="forward")
+    first = min(r for r, c in f.op_cluster.items() if c == loss.id)
+    assert _head_row(f.op_columns, first, loss.pattern_params) is not None
+    assert _head_row(f.op_columns, first, dict(loss.pattern_params, vocab=999)) is None

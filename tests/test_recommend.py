@@ -122,3 +122,47 @@ def test_recommend_cli_reprices_a_saved_result(result, tmp_path):
     saved = json.loads(path.read_text())
     assert saved["recommendations"][0]["roi"]["usd_per_month"] == pytest.approx(46.08)
     assert [r["cluster_id"] for r in saved["recommendations"]] == ["A", "B", "C"]
+
+
+def _memory_trade_result(eager_peak=1500 * 2**20, ours_peak=160 * 2**20, numerics_ok=True):
+    r = AdvisorResult(run={"step_time_s_unprofiled": 0.05})
+    params = {"tokens": 4096, "hidden": 2048, "vocab": 32000, "dtype": "bfloat16"}
+    r.clusters = [Cluster(id="L", direction="forward", pattern="linear_cross_entropy", pattern_params=params,
+                          module_class="LlamaForCausalLM", source="transformers/loss/loss_utils.py:32",
+                          occurrences_per_step=1, memory_bound=False)]
+    eager = ProviderTiming(3800, 3830, 3860, peak_mem_bytes=eager_peak)
+    ours = ProviderTiming(4400, 4430, 4460, peak_mem_bytes=ours_peak)
+    r.benchmarks = [Benchmark("L", "linear_cross_entropy", params, FB, measured={"eager": eager, "triton": ours},
+                              numerics_ok=numerics_ok, verdict="rejected", timing="gpu", device="NVIDIA H200")]
+    return r
+
+
+def test_memory_trade_is_offered_with_its_time_cost():
+    """linear_cross_entropy is slower than eager (bench says rejected) but lowers the peak: it is
+    recommended as a trade, its cost in the title and in the (negative) saving, ranked last."""
+    r = _memory_trade_result()
+    r.clusters.append(cluster("A", 10, 5.0))
+    r.benchmarks.append(gpu_bench("A", {"eager": timing(30), "triton": timing(10)}, "recommended", "triton"))
+    recs = recommend(r).recommendations
+    assert [x.cluster_id for x in recs] == ["A", "L"]
+    trade = recs[1]
+    assert trade.kind == "memory" and trade.memory_saved_bytes == (1500 - 160) * 2**20
+    assert trade.measured_saving_us_per_step == pytest.approx(-600.0)
+    assert "1,340 MiB" in trade.title and "0.60 ms per step slower" in trade.title
+    assert trade.roi["usd_per_day"] < 0
+
+
+@pytest.mark.parametrize("kw", [{"ours_peak": 1600 * 2**20}, {"numerics_ok": False}])
+def test_memory_trade_needs_a_lower_peak_and_passing_numerics(kw):
+    assert recommend(_memory_trade_result(**kw)).recommendations == []
+
+
+def test_memory_trade_is_applied_only_when_asked(tmp_path):
+    from fusion_advisor.apply import plan
+    from fusion_advisor.patching import recommended_patterns
+    r = recommend(_memory_trade_result())
+    r.run["script"] = str(tmp_path / "train.py")
+    assert recommended_patterns(r) == [] and recommended_patterns(r, memory=True) == ["linear_cross_entropy"]
+    assert plan(r).runtime_patterns == []
+    assert any("not applied without --memory" in n for n in plan(r).notes)
+    assert plan(r, memory=True).runtime_patterns == ["linear_cross_entropy"]

@@ -181,7 +181,11 @@ def report_facts(result: AdvisorResult) -> ReportFacts:
             benches[b.cluster_id] = b
     ranked = [RankedRow(r, clusters.get(r.cluster_id), benches.get(r.cluster_id))
               for r in sorted(result.recommendations, key=lambda r: (r.rank if is_number(r.rank) else 1e9))]
-    rejected = [BenchRow(b, clusters.get(b.cluster_id)) for b in result.benchmarks if b.verdict == "rejected"]
+    # A memory trade is recommended although bench rejected it for speed: it is not listed twice.
+    trades = {r.cluster_id for r in result.recommendations if r.kind == "memory"}
+    rejected = [BenchRow(b, clusters.get(b.cluster_id)) for b in result.benchmarks
+                if b.verdict == "rejected" and b.cluster_id not in trades]
+    speed = [r for r in ranked if r.rec.kind != "memory"]   # the totals add time savings, not trades
     not_run = [BenchRow(b, clusters.get(b.cluster_id)) for b in result.benchmarks if b.verdict == "not run"]
     timed = [b for b in result.benchmarks if b.measured]
     why = sorted({b.reason for b in result.benchmarks if b.verdict == "not run" and b.reason})
@@ -202,10 +206,10 @@ def report_facts(result: AdvisorResult) -> ReportFacts:
         device=device_facts(result.device_profile),
         ranked=ranked, rejected=rejected, not_run=not_run,
         bench_ran=bool(timed), bench_not_run_why=why,
-        measured_saving_us=_sum(r.rec.measured_saving_us_per_step for r in ranked),
-        estimate_saving_us=_sum(r.rec.estimate_saving_us_per_step for r in ranked),
-        usd_per_month_measured=_sum(r.usd_per_month for r in ranked if r.basis == "measured"),
-        usd_per_month_estimate=_sum(r.usd_per_month for r in ranked if r.basis == "estimate"),
+        measured_saving_us=_sum(r.rec.measured_saving_us_per_step for r in speed),
+        estimate_saving_us=_sum(r.rec.estimate_saving_us_per_step for r in speed),
+        usd_per_month_measured=_sum(r.usd_per_month for r in speed if r.basis == "measured"),
+        usd_per_month_estimate=_sum(r.usd_per_month for r in speed if r.basis == "estimate"),
         clusters=sorted(result.clusters, key=lambda c: -(c.measured_us_per_step if is_number(c.measured_us_per_step) else 0)),
     )
 
