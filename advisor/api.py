@@ -25,6 +25,12 @@ def _paused_steps():
         _steps_paused -= 1
 
 
+def steps_paused() -> bool:
+    """True while fusion-advisor runs its own checks inside the user's process (patch's numerics
+    checks): their forwards and backwards are not the script's steps or losses."""
+    return _steps_paused > 0
+
+
 def _set_step_listener(fn: Callable[[], None] | None) -> None:
     global _step_listener
     _step_listener = fn

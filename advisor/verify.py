@@ -57,6 +57,7 @@ class _Done(BaseException):
 
 def _run_in_process(spec: RunSpec) -> RunMeasurement:
     import torch
+    from fusion_advisor import api
     from fusion_advisor.capture import _Stepper
     from fusion_advisor.script import run_as_main
 
@@ -79,7 +80,9 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
     orig_backward = torch.Tensor.backward
 
     def backward(self, *args, **kwargs):
-        if self.numel() == 1:
+        # Not the losses of patch's own numerics checks (linear_cross_entropy's runs the whole
+        # model forward and backward on a small batch): those would read as the script's first losses.
+        if self.numel() == 1 and not api.steps_paused():
             losses.append(float(self.detach().float().item()))
         return orig_backward(self, *args, **kwargs)
 
@@ -230,4 +233,9 @@ def _main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
+    # `python -m` put the working directory first on sys.path; `python train.py`, which this run
+    # stands for, puts only the script's folder there (run_as_main does). Left in, a folder of the
+    # working directory can shadow an installed package (a `kernels/` folder hid Hugging Face's
+    # `kernels`, which transformers >= 5.2x imports).
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.getcwd()]
     _main(sys.argv[1])
