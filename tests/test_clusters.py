@@ -237,11 +237,14 @@ def test_lm_head_and_loss_make_a_linear_cross_entropy_candidate(name, hidden, vo
     assert not lce.memory_bound and lce.measured_us_per_step > loss.measured_us_per_step
 
 
-def test_loss_without_an_lm_head_gets_no_candidate():
-    """No linear of the loss's (tokens, vocab) output before it: nothing derived."""
+def test_a_linear_that_did_not_make_the_logits_is_not_an_lm_head():
+    """The nearest linear before the loss is the head only when its output is the loss's
+    (tokens, vocab) logits."""
     from fusion_advisor.analyzers.lm_head_loss import _head_row
+    from fusion_advisor.kernels.linear_cross_entropy import params_from_lm_head
     _, f = _findings("hf-llama-tiny-bf16-h200.json.gz")
     loss = _one(f.clusters, pattern="cross_entropy", direction="forward")
-    first = min(r for r, c in f.op_cluster.items() if c == loss.id)
-    assert _head_row(f.op_columns, first, loss.pattern_params) is not None
-    assert _head_row(f.op_columns, first, dict(loss.pattern_params, vocab=999)) is None
+    head = f.op_columns.record(_head_row(f.op_columns, min(r for r, c in f.op_cluster.items() if c == loss.id)))
+    assert params_from_lm_head(head, loss.pattern_params) is not None
+    assert params_from_lm_head(head, dict(loss.pattern_params, vocab=999)) is None
+    assert params_from_lm_head(head, dict(loss.pattern_params, upcast=False, dtype="bfloat16")) is None
