@@ -116,12 +116,9 @@ def test_verify_measures_the_patched_source(project):
 def test_real_hf_llama_result_applies_the_memory_trade_only_with_memory():
     """An H100 profile of examples/hf_train.py --model llama (docs/example-hf-h100): the LM head +
     loss trade was measured and ranked, and only `--memory` puts its runtime patch in the plan."""
-    from pathlib import Path
-    from fusion_advisor.apply import plan
-    from fusion_advisor.result import AdvisorResult
-    result = AdvisorResult.load(Path(__file__).resolve().parents[1] / "docs" / "example-hf-h100" / "result.json")
+    result = AdvisorResult.load(ROOT / "docs" / "example-hf-h100" / "result.json")
     trade = [r for r in result.recommendations if r.kind == "memory"]
     assert [r.pattern for r in trade] == ["linear_cross_entropy"] and trade[0].memory_saved_bytes > 2**30
     assert trade[0].measured_saving_us_per_step < 0            # slower: a trade, not a speed-up
-    assert "linear_cross_entropy" not in plan(result).runtime_patterns
-    assert plan(result, memory=True).runtime_patterns[-1] == "linear_cross_entropy"
+    assert "linear_cross_entropy" not in apply_mod.plan(result).runtime_patterns
+    assert apply_mod.plan(result, memory=True).runtime_patterns[-1] == "linear_cross_entropy"
