@@ -83,6 +83,44 @@ def test_a_failed_write_leaves_every_file_whole(project, monkeypatch):
     assert [p.name for p in script.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_apply_write_killed_midway_leaves_the_old_file_whole(project):
+    """SIGKILL `fusion-advisor apply --write` while the new source is written (held inside fsync of
+    the temporary file): the script is still its old self, byte for byte; a second --write works."""
+    import signal
+    import time
+    root, script, result = project
+    before = script.read_text()
+    ready = root / "in-fsync"
+    child = root / "slow_apply.py"
+    child.write_text(
+        "import os, pathlib, sys, time\n"
+        "real = os.fsync\n"
+        "def slow_fsync(fd):\n"
+        "    real(fd)\n"
+        f"    pathlib.Path({str(ready)!r}).write_text('x')\n"
+        "    time.sleep(60)\n"
+        "os.fsync = slow_fsync\n"
+        "from fusion_advisor.cli import main\n"
+        f"sys.argv = ['fusion-advisor', 'apply', {str(result)!r}, '--write']\n"
+        "main()\n")
+    proc = subprocess.Popen([sys.executable, str(child)], cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the write never reached fsync"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert script.read_text() == before
+    r = cli("apply", result, "--write", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert script.read_text().count("FusedRMSNorm(hidden)") == 3
+
+
 def test_a_file_changed_since_the_plan_is_not_overwritten(project):
     root, script, result = project
     plan = apply_mod.plan(AdvisorResult.load(result))
