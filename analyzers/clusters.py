@@ -330,11 +330,7 @@ def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
         clusters.append(_build_cluster(trace, cl, matcher, cid, occurrences, n_steps, profile))
     _share_generated_backward(clusters, profile)
     first_rows = {_cluster_id(sig): [chain[0].op_row for chain, _ in occ] for sig, occ in found.items()}
-    gemm_us: dict[int, float] = {}
-    for u in units_all:
-        if u.top_row >= 0:
-            gemm_us[u.top_row] = gemm_us.get(u.top_row, 0.0) + u.dur
-    clusters += lm_head_loss_clusters(clusters, first_rows, cl.col, gemm_us, n_steps)
+    clusters += lm_head_loss_clusters(clusters, first_rows, cl.col, units_all, n_steps)
     clusters.sort(key=_rank_key, reverse=True)
     kernel_cluster = pd.Series(cluster_of, index=trace.kernels.index, dtype=object)
     return ClusterFindings(clusters, kernel_cluster, cl.kernel_memory_bound(), cl.kernel_classes, cl.col,

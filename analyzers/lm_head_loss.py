@@ -24,11 +24,11 @@ from fusion_advisor.result import Cluster, Estimate
 LOOKBACK = 400   # op rows from the head to its loss (label shift, views, casts): 34 in the HF Llama fixture
 
 
-def lm_head_loss_clusters(clusters: Sequence[Cluster], first_rows: dict[str, list[int]], col,
-                          gemm_us_by_top_row: dict[int, float], n_steps: int) -> list[Cluster]:
+def lm_head_loss_clusters(clusters: Sequence[Cluster], first_rows: dict[str, list[int]], col, units: Sequence,
+                          n_steps: int) -> list[Cluster]:
     """One `linear_cross_entropy` cluster per cross_entropy forward cluster fed by an LM head.
-    first_rows: cluster id -> the first op row of each of its occurrences; gemm_us_by_top_row:
-    kernel µs of each top-level op (the linear's GEMM)."""
+    first_rows: cluster id -> the first op row of each of its occurrences; units: the trace's
+    launching ops (chain_units.Unit), whose durations give the head's GEMM time."""
     from fusion_advisor.kernels.linear_cross_entropy import params_from_lm_head
 
     out = []
@@ -42,7 +42,8 @@ def lm_head_loss_clusters(clusters: Sequence[Cluster], first_rows: dict[str, lis
         params = params_from_lm_head(head, c.pattern_params)
         if params is None:
             continue
-        gemm_us = sum(gemm_us_by_top_row.get(h, 0.0) for h in heads)
+        head_rows = set(heads)
+        gemm_us = sum(u.dur for u in units if u.top_row in head_rows)
         per_step = c.measured_us_per_step + gemm_us / max(n_steps, 1)
         out.append(Cluster(
             id=f"{c.id}-lm-head", direction="forward", pattern="linear_cross_entropy", pattern_params=params,

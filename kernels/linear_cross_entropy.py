@@ -45,7 +45,9 @@ so a torch.compile'd model should not use it (not tested under compile).
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -193,8 +195,14 @@ def liger(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean"
           grad_weight_fp32=True):
     """Liger-Kernel's fused linear cross-entropy on the same inputs (its own chunking; fp32 logits
     inside, as HF's `.float()`)."""
+    return _liger_loss(ignore_index, reduction)(weight, hidden, target, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _liger_loss(ignore_index: int, reduction: str):
+    """One Liger loss module per option set: bench times the calls, not the module's construction."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction=reduction)(weight, hidden, target, bias)
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction=reduction)
 
 
 def params_from_lm_head(linear: OpRecord, loss_params: dict) -> dict | None:
@@ -206,10 +214,7 @@ def params_from_lm_head(linear: OpRecord, loss_params: dict) -> dict | None:
         return None
     x, w = linear.dims[0], linear.dims[1]
     tokens, vocab = loss_params.get("tokens"), loss_params.get("vocab")
-    rows = 1
-    for d in x[:-1]:
-        rows *= d
-    if x[-1] != w[1] or (rows, w[0]) != (tokens, vocab) or loss_params.get("label_smoothing"):
+    if x[-1] != w[1] or (math.prod(x[:-1]), w[0]) != (tokens, vocab) or loss_params.get("label_smoothing"):
         return None
     if not (loss_params.get("upcast") or loss_params.get("dtype") == "float32"):
         return None

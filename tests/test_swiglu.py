@@ -131,7 +131,7 @@ def test_private_inputs_get_their_gradients_in_place(device):
     torch.testing.assert_close(leaf_u.grad, u_ref.grad, **tolerance(torch.float32))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fused_mlp_gradients_match_llama_mlp(dtype, device):
     """The module path (private_inputs): every gradient equals eager LlamaMLP's."""
     torch.manual_seed(0)
