@@ -193,3 +193,15 @@ def test_the_step_time_is_the_steady_one_not_the_warmup(tmp_path):
     assert run["steps_seen"] == 3 + 2 + 5        # stopped once the steady steps were timed
     line = next(l for l in r.stdout.splitlines() if "step wall time (unprofiled)" in l)
     assert " ms" in line and 45 < float(line.split()[-2].replace(",", "")) < 100, line
+
+
+def test_a_failing_patched_run_is_blamed_as_the_patched_one(tmp_path):
+    """A source-only patch (no runtime swap) whose patched run fails: the message names the patched
+    run, never the user's unpatched script."""
+    result = _project(tmp_path, "import")
+    script = tmp_path / "train.py"
+    script.write_text(script.read_text().replace(
+        "model = Net()\n", "model = Net()\nassert type(model.norm).__name__ == 'LlamaRMSNorm', 'patched'\n"))
+    r = _apply(result, "--verify", "--steps", "2", "--warmup", "1")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "the patched run failed: AssertionError: patched" in r.stderr
