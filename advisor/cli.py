@@ -405,7 +405,8 @@ def apply_cmd(
             raise AdvisorError("nothing to verify: no recommendation of this result can be applied (see the notes)")
         v = verify(run["script"], list(run.get("argv", [])[1:]), plan.runtime_patterns, steps=steps, warmup=warmup,
                    source_overrides={f.path: f.after for f in plan.changed},
-                   original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements)
+                   original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements,
+                   nproc=int(run.get("world_size") or 0) if "rank" in run else 0)
         report["verification"] = {**asdict(v), "proven": v.proven}
         if not as_json:
             _print_verification(v, plan.estimates)

@@ -87,3 +87,31 @@ def test_patch_swaps_and_reverts_inside_a_ddp_model(tmp_path):
         assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     finally:
         dist.destroy_process_group()
+
+
+def test_apply_verify_runs_both_jobs_on_every_rank(tmp_path):
+    """A result from `profile --nproc-per-node 2`: --verify runs the unpatched and the patched job
+    under torchrun, losses of rank 0, the runtime swap counted in the patched job."""
+    import shutil
+
+    from fusion_advisor.result import AdvisorResult, Cluster, Recommendation
+    from measured import measured_win
+
+    script = tmp_path / "ddp_train.py"
+    shutil.copy(ROOT / "examples" / "ddp_train.py", script)
+    argv = [str(script), "--hidden", "32", "--tokens", "64", "--layers", "2", "--steps", "40"]
+    cluster = Cluster(id="c1", direction="forward", pattern="layer_norm", module_class="Sequential/Block/LayerNorm",
+                      source="torch/nn/modules/normalization.py:229")
+    rec = Recommendation(rank=1, cluster_id="c1", pattern="layer_norm", title="LayerNorm as one kernel",
+                         measured_saving_us_per_step=5.0, estimate_saving_us_per_step=5.0, confidence="measured")
+    AdvisorResult(run={"script": str(script), "argv": argv, "cwd": str(tmp_path), "rank": 0, "world_size": 2},
+                  clusters=[cluster], recommendations=[rec],
+                  benchmarks=[measured_win("c1", "layer_norm")]).save(tmp_path / "result.json")
+    r = cli("apply", tmp_path / "result.json", "--verify", "--steps", "3", "--warmup", "1", "--json", cwd=tmp_path,
+            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    v = json.loads(r.stdout)["verification"]
+    [row] = v["replacements"]
+    assert row["name"] == "layer_norm" and row["how"] == "runtime swap" and row["calls_per_step"] == pytest.approx(2.0)
+    assert v["losses_match"] and len(v["after"]["losses"]) >= 4
+    assert len(v["after"]["swapped"]) == 2                          # rank 0's two LayerNorms, inside DDP
