@@ -161,6 +161,12 @@ def _swap_all(model, swappable, handle, check, shape_hint) -> None:
         pattern = next((p for p in swappable if type(module).__name__ in p.modules), None)
         if pattern is None:
             continue
+        if _sharded(module):
+            # FSDP2 puts the gathered parameters on the module it wrapped at each forward: a
+            # replacement holding the sharded ones would compute with shards.
+            handle.skipped.append((path, f"{pattern.name}: its parameters are sharded (FSDP2's fully_shard); call "
+                                         f"fusion_advisor.patch on the model before fully_shard"))
+            continue
         try:
             replacement = pattern.module_factory(module)
         except Exception as exc:  # a module that looks alike but is not: leave it alone, say why
@@ -176,6 +182,12 @@ def _swap_all(model, swappable, handle, check, shape_hint) -> None:
                 continue
         setattr(parent, attr, replacement)
         handle.swaps.append(Swap(path, parent, attr, module, replacement, pattern.name))
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Parameters that are DTensors (FSDP2, tensor parallel): not plain tensors a kernel can take."""
+    return any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+               for p in module.parameters(recurse=False))
 
 
 def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any, Callable]]:

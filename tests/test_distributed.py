@@ -115,3 +115,37 @@ def test_apply_verify_runs_both_jobs_on_every_rank(tmp_path):
     assert row["name"] == "layer_norm" and row["how"] == "runtime swap" and row["calls_per_step"] == pytest.approx(2.0)
     assert v["losses_match"] and len(v["after"]["losses"]) >= 4
     assert len(v["after"]["swapped"]) == 2                          # rank 0's two LayerNorms, inside DDP
+
+
+@pytest.mark.parametrize("patch_first", [True, False])
+def test_fsdp2_models_are_patched_before_fully_shard(tmp_path, patch_first):
+    """Patched before `fully_shard`, the fused LayerNorm trains with sharded parameters and gives
+    the unpatched gradients; patched after, the swap is refused with that advice, never applied
+    to shards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import fusion_advisor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+        x = torch.randn(4, 8)
+        model(x).sum().backward()
+        want = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        if patch_first:
+            handle = fusion_advisor.patch(model, patterns=["layer_norm"])
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        if not patch_first:
+            handle = fusion_advisor.patch(model, patterns=["layer_norm"])
+            assert handle.swaps == [] and "before fully_shard" in handle.skipped[0][1]
+            return
+        assert len(handle.swaps) == 1
+        model(x).sum().backward()
+        for p, ref in zip(model.parameters(), want):
+            torch.testing.assert_close(p.grad.full_tensor(), ref, rtol=1e-4, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
