@@ -17,7 +17,7 @@ Pointwise form (pointwise_chain): a leaf module without parameters or buffers wh
 chain of pointwise aten ops on its one input (HF's NewGELUActivation, FastGELUActivation,
 QuickGELUActivation, a user's NewGELU). Its forward is recorded at the dispatcher on a small probe
 (every op, its real constants, which tensor each op reads: nothing is guessed), and
-kernels/codegen generates one Triton kernel each way for that chain, per input dtype.
+kernels/codegen generates one Triton kernel each way for that chain, per input dtype and train/eval mode.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ DEFAULT_EPS = (1e-5, 1e-6)          # F.layer_norm's / nn.LayerNorm's, and Llama
 WEIGHT_NAMES = ("weight", "scale", "gamma")
 BIAS_NAMES = ("bias", "beta")
 POINTWISE_CHAIN = "pointwise_chain"  # the pattern name patch(patterns=[...]) knows this form by
+_TORCH_LAST_DIM_NORMS = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c is not None)
 
 
 # -- norms ----------------------------------------------------------------------------------------
@@ -51,6 +52,9 @@ class NormParts:
 def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormParts | str:
     """The weight, bias and eps candidates of a module that could be a norm over its last dim,
     else why not (one line)."""
+    cls = type(module)
+    if cls.__module__.startswith("torch.nn.") and cls not in _TORCH_LAST_DIM_NORMS:
+        return "a torch.nn module that is not a last-dim norm (GroupNorm, PReLU...)"
     if next(iter(module.children()), None) is not None:
         return "has child modules"
     if next(iter(module.buffers()), None) is not None:
@@ -74,6 +78,10 @@ def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormPart
     own = sorted({float(v) for n in EPS_NAMES if isinstance(v := vars(module).get(n), float)})
     if own:
         return NormParts(weight, bias, tuple(own), True)
+    if "eps" in vars(module) and vars(module)["eps"] is None:     # nn.RMSNorm(eps=None): the dtype's eps
+        return NormParts(weight, bias, (torch.finfo(weight.dtype).eps,), True)
+    if not eps_hints and "norm" not in cls.__name__.lower():
+        return "has no eps attribute and no norm in its name"      # a PReLU-like module: not worth a check
     eps = tuple(dict.fromkeys([*eps_hints, *DEFAULT_EPS]))
     return NormParts(weight, bias, eps, False)
 
@@ -181,6 +189,13 @@ def pointwise_refusal(module: nn.Module) -> str | None:
     return None
 
 
+def rng_kept():
+    """A context in which random draws (the checks' inputs, a recorded forward's dropout) leave the
+    user's RNG streams, CPU and CUDA, as they were: a seeded run draws the same numbers patched."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else [])
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -272,7 +287,7 @@ def capture_chain(module: nn.Module, probe: torch.Tensor) -> CapturedChain:
 class PointwiseChainModule(nn.Module):
     """Runs a pointwise module's forward as one generated Triton kernel each way.
 
-    The kernel is generated from the module's own forward, recorded per input dtype on the first
+    The kernel is generated from the module's own forward, recorded per input dtype (and train/eval mode) on the first
     call with it (on a 64-element probe) and checked against that forward (output and input
     gradient) before it is used; a dtype whose kernel cannot be generated or fails the check runs
     the original forward. Inputs of any shape run flattened (the chain is elementwise on one input).
@@ -280,23 +295,22 @@ class PointwiseChainModule(nn.Module):
 
     def __init__(self, original: nn.Module, count_as: str, shared: tuple[dict, dict] | None = None):
         super().__init__()
-        # Not a submodule: the model's module tree must not grow a child here, and no parameters
-        # are shared or duplicated (the original has none).
-        object.__setattr__(self, "original", original)
+        self.original = original      # a child: train()/eval() reach it (its forward may depend on them)
         self.count_as = count_as
-        # (dtype, device type) -> fused, None: the original runs; the same key -> why. `shared`: the
+        # (dtype, device type, training) -> fused, None: the original runs; the same key -> why. `shared`: the
         # dicts of another instance of the same class and attributes (the same chain).
         self.kernels: dict[tuple, Callable | None]
         self.refusals: dict[tuple, str]
         self.kernels, self.refusals = shared if shared is not None else ({}, {})
 
     def kernel_for(self, dtype: torch.dtype, device: torch.device) -> Callable | None:
-        key = (dtype, device.type)
+        key = (dtype, device.type, self.original.training)
         if key not in self.kernels:
             self.kernels[key] = None
             try:
-                fused = _generated_forward(self.original, dtype, device)
-                problem = _check_pointwise(self.original, fused, dtype, device)
+                with rng_kept():
+                    fused = _generated_forward(self.original, dtype, device)
+                    problem = _check_pointwise(self.original, fused, dtype, device)
             except Exception as exc:   # Unsupported, or a kernel that cannot run here: say why
                 problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             if problem:

@@ -53,7 +53,7 @@ from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
 from fusion_advisor.kernels.tolerances import tolerance
 from fusion_advisor.module_forms import (POINTWISE_CHAIN, PointwiseChainModule, check_norm, norm_builders, norm_parts,
-                                         norm_probe, pointwise_refusal, redrawn_copy)
+                                         norm_probe, pointwise_refusal, redrawn_copy, rng_kept)
 
 _OPTIONS = {"check", "patterns", "device_check_shape", "memory", "modules"}
 _NORM_FORMS = ("rms_norm", "layer_norm")   # tried in this order on a norm-shaped module
@@ -196,7 +196,9 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
                                         "(source patch)"))
     check = options.get("check", True)
     try:
-        with api._paused_steps():  # the checks below run modules: under `profile` they are not steps
+        # The checks below run modules: under `profile` they are not steps, and their random inputs
+        # do not move the user's RNG (apply --verify compares a seeded run's losses with and without).
+        with api._paused_steps(), rng_kept():
             _ModuleSwapper(model, targets, handle, check, options.get("device_check_shape"),
                            _eps_hints(result) if result is not None else {}).run()
             for p in patterns:
@@ -309,7 +311,7 @@ class _ModuleSwapper:
         shared = self.chain_caches.setdefault(self._signature(t, module), ({}, {}))
         replacement = PointwiseChainModule(module, t.name, shared)
         if replacement.kernel_for(self.dtype, self.device) is None:
-            why = replacement.refusals[(self.dtype, self.device.type)]
+            why = replacement.refusals[(self.dtype, self.device.type, module.training)]
             checked = not why.startswith(("Unsupported", "NotLinked"))
             return None, f"{t.name}: {why}" if hinted or checked else None
         return replacement, None

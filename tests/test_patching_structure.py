@@ -255,3 +255,59 @@ def test_modules_option_names_the_classes():
                                   modules={"rms_norm": ["Nothing"], "pointwise_chain": ["NewGELU"]})
     assert [s.path for s in handle.swaps] == ["1"], handle.summary()
     handle.revert()
+
+
+def test_apply_plans_a_runtime_swap_for_a_generated_chain_inside_a_module():
+    from fusion_advisor.apply import plan
+    cluster = Cluster(id="c1", direction="forward", pattern="generic:0123456789", module_class="GPT2MLP/NewGELUActivation",
+                      source="/site-packages/transformers/activations.py:60")
+    rec = Recommendation(rank=1, cluster_id="c1", pattern=cluster.pattern, title="tanh GELU chain",
+                         measured_saving_us_per_step=50.0, estimate_saving_us_per_step=60.0, confidence="measured")
+    p = plan(AdvisorResult(clusters=[cluster], recommendations=[rec]))
+    assert p.runtime_patterns == ["generic:0123456789"]
+    assert p.runtime_modules == {"generic:0123456789": ["NewGELUActivation"]}
+    assert p.files == [] and "patched at run time" in p.notes[0]
+    activations = pytest.importorskip("transformers.activations")
+    model = nn.Sequential(nn.Linear(8, 8), activations.NewGELUActivation())
+    with fusion_advisor.patched(model, patterns=p.runtime_patterns, modules=p.runtime_modules) as handle:
+        assert [(s.path, s.pattern) for s in handle.swaps] == [("1", "generic:0123456789")], handle.summary()
+
+
+class DropGELU(nn.Module):
+    """Pointwise in eval, random in training: the chain is recorded per mode."""
+
+    def forward(self, x):
+        return F.gelu(F.dropout(x * 2.0, 0.5, self.training))
+
+
+def test_a_chain_is_recorded_per_train_eval_mode():
+    model = nn.Sequential(DropGELU()).eval()
+    x = torch.randn(4, 16)
+    with fusion_advisor.patched(model, patterns=["pointwise_chain"]) as handle:
+        assert len(handle.swaps) == 1, handle.summary()
+        calls.reset()
+        torch.testing.assert_close(model(x), F.gelu(x * 2.0), **tolerance(torch.float32))
+        assert calls.snapshot() == {"pointwise_chain": 1}
+        model.train()                                 # dropout now: no generated kernel, the original runs
+        torch.manual_seed(3)
+        got = model(x)
+        torch.manual_seed(3)
+        torch.testing.assert_close(got, handle.swaps[0].original(x))
+        assert calls.snapshot() == {"pointwise_chain": 1}
+
+
+def test_torch_modules_that_are_not_last_dim_norms_are_not_candidates():
+    model = nn.Sequential(nn.PReLU(8), nn.GroupNorm(2, 8), nn.LayerNorm(8), nn.RMSNorm(8, eps=None))
+    handle = fusion_advisor.patch(model, patterns=["rms_norm", "layer_norm"])
+    assert [(s.path, s.pattern) for s in handle.swaps] == [("2", "layer_norm"), ("3", "rms_norm")], handle.summary()
+    assert handle.skipped == []
+
+
+def test_patching_leaves_the_rng_where_it_was(t5_norm):
+    model = Block(t5_norm)
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    with fusion_advisor.patched(model, patterns=ALL) as handle:
+        assert len(handle.swaps) == 6
+        torch.testing.assert_close(torch.rand(3), want, atol=0, rtol=0)
