@@ -1,9 +1,9 @@
 """Replacements chosen by what a module computes, not by its class name.
 
 `fusion_advisor.patch` asks each form here whether a module instance could be one it replaces and,
-if so, for a replacement built from that instance's own parameters and attributes; the equivalence
-check (patching.check_equivalent, against the module's own forward and gradients) then decides.
-Class names are only hints of which form to try first.
+if so, for a replacement built from that instance's own parameters and attributes; an equivalence
+check against the module's own forward and gradients (`check_norm`, `_check_pointwise`: the rule of
+kernels/numerics.py) then decides. Class names are only hints of which form to try first.
 
 Norm forms (rms_norm, layer_norm): a leaf module whose only parameters are a 1-D weight (`weight`,
 `scale` or `gamma`) and an optional bias (`bias`, `beta`) of the same size, and no buffers. Its eps
@@ -17,11 +17,13 @@ Pointwise form (pointwise_chain): a leaf module without parameters or buffers wh
 chain of pointwise aten ops on its one input (HF's NewGELUActivation, FastGELUActivation,
 QuickGELUActivation, a user's NewGELU). Its forward is recorded at the dispatcher on a small probe
 (every op, its real constants, which tensor each op reads: nothing is guessed), and
-kernels/codegen generates one Triton kernel each way for that chain, per input dtype and train/eval mode.
+kernels/codegen generates one Triton kernel each way for that chain, per input dtype and
+values of its plain attributes (train/eval mode, a float `beta`: constants in the kernel).
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -186,6 +188,15 @@ def pointwise_refusal(module: nn.Module) -> str | None:
         return "has child modules"
     if next(iter(module.parameters()), None) is not None or next(iter(module.buffers()), None) is not None:
         return "has parameters or buffers"
+    # Its forward is called on a probe to record it: only a forward of one tensor (a loss's
+    # (input, target), a rotary embedding's (x, positions) are not chains on one input).
+    try:
+        required = [p for p in inspect.signature(module.forward).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return "its forward's signature cannot be read"
+    if len(required) != 1:
+        return f"its forward takes {len(required)} required arguments, not one tensor"
     return None
 
 
@@ -287,7 +298,7 @@ def capture_chain(module: nn.Module, probe: torch.Tensor) -> CapturedChain:
 class PointwiseChainModule(nn.Module):
     """Runs a pointwise module's forward as one generated Triton kernel each way.
 
-    The kernel is generated from the module's own forward, recorded per input dtype (and train/eval mode) on the first
+    The kernel is generated from the module's own forward, recorded per input dtype (and train/eval mode, and plain attribute values) on the first
     call with it (on a 64-element probe) and checked against that forward (output and input
     gradient) before it is used; a dtype whose kernel cannot be generated or fails the check runs
     the original forward. Inputs of any shape run flattened (the chain is elementwise on one input).
@@ -297,14 +308,14 @@ class PointwiseChainModule(nn.Module):
         super().__init__()
         self.original = original      # a child: train()/eval() reach it (its forward may depend on them)
         self.count_as = count_as
-        # (dtype, device type, training) -> fused, None: the original runs; the same key -> why. `shared`: the
+        # (dtype, device type, module_state) -> fused, None: the original runs; the same key -> why. `shared`: the
         # dicts of another instance of the same class and attributes (the same chain).
         self.kernels: dict[tuple, Callable | None]
         self.refusals: dict[tuple, str]
         self.kernels, self.refusals = shared if shared is not None else ({}, {})
 
     def kernel_for(self, dtype: torch.dtype, device: torch.device) -> Callable | None:
-        key = (dtype, device.type, self.original.training)
+        key = (dtype, device.type, module_state(self.original))
         if key not in self.kernels:
             self.kernels[key] = None
             try:
@@ -329,6 +340,12 @@ class PointwiseChainModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self.original).__name__} as a generated Triton kernel ({self.count_as})"
+
+
+def module_state(module: nn.Module) -> tuple:
+    """The module's plain attributes (training, a float `beta`...): the recorded chain holds their
+    values as constants, so a new value (eval(), a temperature schedule) records a new chain."""
+    return tuple(v for v in vars(module).values() if isinstance(v, (bool, int, float, str)))
 
 
 def _generated_forward(module: nn.Module, dtype: torch.dtype, device: torch.device) -> Callable:

@@ -52,8 +52,8 @@ from fusion_advisor.errors import AdvisorError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
 from fusion_advisor.kernels.tolerances import tolerance
-from fusion_advisor.module_forms import (POINTWISE_CHAIN, PointwiseChainModule, check_norm, norm_builders, norm_parts,
-                                         norm_probe, pointwise_refusal, redrawn_copy, rng_kept)
+from fusion_advisor.module_forms import (POINTWISE_CHAIN, PointwiseChainModule, check_norm, module_state, norm_builders,
+                                         norm_parts, norm_probe, pointwise_refusal, redrawn_copy, rng_kept)
 
 _OPTIONS = {"check", "patterns", "device_check_shape", "memory", "modules"}
 _NORM_FORMS = ("rms_norm", "layer_norm")   # tried in this order on a norm-shaped module
@@ -311,7 +311,7 @@ class _ModuleSwapper:
         shared = self.chain_caches.setdefault(self._signature(t, module), ({}, {}))
         replacement = PointwiseChainModule(module, t.name, shared)
         if replacement.kernel_for(self.dtype, self.device) is None:
-            why = replacement.refusals[(self.dtype, self.device.type, module.training)]
+            why = replacement.refusals[(self.dtype, self.device.type, module_state(module))]
             checked = not why.startswith(("Unsupported", "NotLinked"))
             return None, f"{t.name}: {why}" if hinted or checked else None
         return replacement, None

@@ -311,3 +311,30 @@ def test_patching_leaves_the_rng_where_it_was(t5_norm):
     with fusion_advisor.patched(model, patterns=ALL) as handle:
         assert len(handle.swaps) == 6
         torch.testing.assert_close(torch.rand(3), want, atol=0, rtol=0)
+
+
+class Swish(nn.Module):
+    def __init__(self, beta):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.beta * x)
+
+
+def test_a_constant_attribute_is_part_of_the_recorded_chain():
+    model = nn.Sequential(Swish(1.5))
+    x = torch.randn(4, 16)
+    with fusion_advisor.patched(model, patterns=["pointwise_chain"]) as handle:
+        assert len(handle.swaps) == 1
+        torch.testing.assert_close(model(x), x * torch.sigmoid(1.5 * x), **tolerance(torch.float32))
+        handle.swaps[0].original.beta = 0.5          # a new value: a new chain, not the stale kernel
+        torch.testing.assert_close(model(x), x * torch.sigmoid(0.5 * x), **tolerance(torch.float32))
+
+
+def test_modules_that_are_not_one_input_chains_are_left_alone_silently():
+    model = nn.Sequential(nn.Identity(), nn.ReLU(), nn.Dropout(0.1))
+    loss = nn.MSELoss()
+    model.add_module("loss", loss)
+    handle = fusion_advisor.patch(model, patterns=["pointwise_chain"])
+    assert handle.swaps == [] and handle.skipped == []
