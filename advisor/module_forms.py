@@ -39,6 +39,7 @@ DEFAULT_EPS = (1e-5, 1e-6)          # F.layer_norm's / nn.LayerNorm's, and Llama
 WEIGHT_NAMES = ("weight", "scale", "gamma")
 BIAS_NAMES = ("bias", "beta")
 POINTWISE_CHAIN = "pointwise_chain"  # the pattern name patch(patterns=[...]) knows this form by
+NOT_A_CHAIN = "not a pointwise chain on its input"
 _TORCH_LAST_DIM_NORMS = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c is not None)
 
 
@@ -298,11 +299,12 @@ def capture_chain(module: nn.Module, probe: torch.Tensor) -> CapturedChain:
 class PointwiseChainModule(nn.Module):
     """Runs a pointwise module's forward as one generated Triton kernel each way.
 
-    The kernel is generated from the module's own forward, recorded per input dtype (and train/eval mode, and plain attribute values) on the first
-    call with it (on a 64-element probe) and checked against that forward (output and input
-    gradient) before it is used; a dtype whose kernel cannot be generated or fails the check runs
-    the original forward. Inputs of any shape run flattened (the chain is elementwise on one input).
-    Every fused call counts as `count_as` in fusion_advisor.calls."""
+    The kernel is generated from the module's own forward, recorded on a 64-element probe on the
+    first call with each input dtype (and train/eval mode, and values of its plain attributes), and
+    checked against that forward (output and input gradient) before it is used; where no kernel
+    can be generated or it fails the check, the original forward runs. Inputs of any shape run
+    flattened (the chain is elementwise on one input). Every fused call counts as `count_as` in
+    fusion_advisor.calls."""
 
     def __init__(self, original: nn.Module, count_as: str, shared: tuple[dict, dict] | None = None):
         super().__init__()
@@ -315,15 +317,24 @@ class PointwiseChainModule(nn.Module):
         self.kernels, self.refusals = shared if shared is not None else ({}, {})
 
     def kernel_for(self, dtype: torch.dtype, device: torch.device) -> Callable | None:
+        """The fused forward for inputs of this dtype on this device, or None (then `refusals`
+        says why: "not a chain: ..." where the forward is no pointwise chain on one input)."""
         key = (dtype, device.type, module_state(self.original))
         if key not in self.kernels:
             self.kernels[key] = None
-            try:
-                with rng_kept():
-                    fused = _generated_forward(self.original, dtype, device)
+            with rng_kept():
+                try:
+                    chain = capture_chain(self.original, torch.randn(64, device=device).to(dtype))
+                    if chain.n_ops < 2:
+                        raise Unsupported("its forward is one op, already one kernel each way: nothing to fuse")
+                except Exception as exc:   # Unsupported, or a forward that cannot take the probe
+                    self.refusals[key] = f"{NOT_A_CHAIN}: {one_line(exc)}"
+                    return None
+                try:
+                    fused = _generated_forward(self.original, chain)
                     problem = _check_pointwise(self.original, fused, dtype, device)
-            except Exception as exc:   # Unsupported, or a kernel that cannot run here: say why
-                problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                except Exception as exc:   # e.g. a kernel that cannot run on this device
+                    problem = one_line(exc)
             if problem:
                 self.refusals[key] = problem
             else:
@@ -348,14 +359,10 @@ def module_state(module: nn.Module) -> tuple:
     return tuple(v for v in vars(module).values() if isinstance(v, (bool, int, float, str)))
 
 
-def _generated_forward(module: nn.Module, dtype: torch.dtype, device: torch.device) -> Callable:
+def _generated_forward(module: nn.Module, chain: CapturedChain) -> Callable:
     """x -> the generated kernel's output for x (any shape), from the module's recorded chain."""
     from fusion_advisor.kernels.codegen import build_pattern
 
-    probe = torch.randn(64, device=device).to(dtype)
-    chain = capture_chain(module, probe)
-    if chain.n_ops < 2:
-        raise Unsupported("its forward is one op, already one kernel each way: nothing to fuse")
     pattern = build_pattern(chain.records, bind=chain.bind, source=f"module {type(module).__qualname__}",
                             exact=True)
     fused = pattern.fused
@@ -364,6 +371,12 @@ def _generated_forward(module: nn.Module, dtype: torch.dtype, device: torch.devi
         return fused(x.reshape(-1)).view(x.shape)
     run.pattern_name = pattern.name
     return run
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _check_pointwise(module: nn.Module, fused: Callable, dtype: torch.dtype, device: torch.device) -> str | None:

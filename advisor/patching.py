@@ -52,8 +52,9 @@ from fusion_advisor.errors import AdvisorError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
 from fusion_advisor.kernels.tolerances import tolerance
-from fusion_advisor.module_forms import (POINTWISE_CHAIN, PointwiseChainModule, check_norm, module_state, norm_builders,
-                                         norm_parts, norm_probe, pointwise_refusal, redrawn_copy, rng_kept)
+from fusion_advisor.module_forms import (NOT_A_CHAIN, POINTWISE_CHAIN, PointwiseChainModule, check_norm, module_state,
+                                         norm_builders, norm_parts, norm_probe, one_line, pointwise_refusal,
+                                         redrawn_copy, rng_kept)
 
 _OPTIONS = {"check", "patterns", "device_check_shape", "memory", "modules"}
 _NORM_FORMS = ("rms_norm", "layer_norm")   # tried in this order on a norm-shaped module
@@ -285,7 +286,7 @@ class _ModuleSwapper:
             x = norm_probe(parts.weight.shape[0], parts.weight.dtype, parts.weight.device, self.shape_hint)
             return check_norm(twin, build(twin), x)
         except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel, a module that cannot be copied
-            return _one_line(exc)
+            return one_line(exc)
 
     def _by_factory(self, t: _Target, module: nn.Module) -> tuple[nn.Module | None, str | None]:
         try:
@@ -297,7 +298,7 @@ class _ModuleSwapper:
             try:
                 self.verdicts[key] = check_equivalent(module, replacement, self.shape_hint) if self.check else None
             except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
-                self.verdicts[key] = _one_line(exc)
+                self.verdicts[key] = one_line(exc)
         if self.verdicts[key] is not None:
             return None, f"{t.name}: numerics check failed: {self.verdicts[key]}"
         return replacement, None
@@ -312,14 +313,10 @@ class _ModuleSwapper:
         replacement = PointwiseChainModule(module, t.name, shared)
         if replacement.kernel_for(self.dtype, self.device) is None:
             why = replacement.refusals[(self.dtype, self.device.type, module_state(module))]
-            checked = not why.startswith(("Unsupported", "NotLinked"))
-            return None, f"{t.name}: {why}" if hinted or checked else None
+            # A module that is no chain at all (Identity, Dropout, a reshaping forward) is not worth
+            # a line, unless a result pointed at its class.
+            return None, f"{t.name}: {why}" if hinted or not why.startswith(NOT_A_CHAIN) else None
         return replacement, None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any, Callable]]:

@@ -259,8 +259,8 @@ def test_modules_option_names_the_classes():
 
 def test_apply_plans_a_runtime_swap_for_a_generated_chain_inside_a_module():
     from fusion_advisor.apply import plan
-    cluster = Cluster(id="c1", direction="forward", pattern="generic:0123456789", module_class="GPT2MLP/NewGELUActivation",
-                      source="/site-packages/transformers/activations.py:60")
+    cluster = Cluster(id="c1", direction="forward", pattern="generic:0123456789",
+                      module_class="GPT2MLP/NewGELUActivation", source="/site-packages/transformers/activations.py:60")
     rec = Recommendation(rank=1, cluster_id="c1", pattern=cluster.pattern, title="tanh GELU chain",
                          measured_saving_us_per_step=50.0, estimate_saving_us_per_step=60.0, confidence="measured")
     p = plan(AdvisorResult(clusters=[cluster], recommendations=[rec]))
