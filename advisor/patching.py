@@ -220,9 +220,12 @@ class _ModuleSwapper:
         self.check, self.shape_hint, self.eps_hints = check, shape_hint, eps_hints
         self.verdicts: dict[tuple, str | None] = {}        # signature -> None (passed) or why not
         self.chain_caches: dict[tuple, tuple[dict, dict]] = {}
-        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        # A pointwise module's kernel is made and checked at the model's dtype and device (other
+        # dtypes on their first call); a model without tensors runs where the kernels do.
+        first = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
         self.dtype = first.dtype if first is not None else torch.float32
-        self.device = first.device if first is not None else torch.device("cpu")
+        self.device = first.device if first is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
 
     def run(self) -> None:
         swapped: list[str] = []

@@ -130,11 +130,11 @@ def _grads(model, x):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_norms_and_gelu_swapped_by_structure_checked_and_reverted_exactly(t5_norm):
+def test_norms_and_gelu_swapped_by_structure_checked_and_reverted_exactly(t5_norm, device):
     torch.manual_seed(0)
-    model = Block(t5_norm)
+    model = Block(t5_norm).to(device)
     _randomize(model)
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 32, device=device)
     want = model(x).detach()
     want_grads = _grads(model, x)
     modules_before = dict(model.named_modules())
@@ -167,23 +167,23 @@ def test_norms_and_gelu_swapped_by_structure_checked_and_reverted_exactly(t5_nor
     assert torch.equal(model(x).detach(), want)
 
 
-def test_an_optimizer_built_before_patching_keeps_training_the_model(t5_norm):
+def test_an_optimizer_built_before_patching_keeps_training_the_model(t5_norm, device):
     torch.manual_seed(0)
-    model = Block(t5_norm)
+    model = Block(t5_norm).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     weight = model.ln1.weight
     before = weight.detach().clone()
     with fusion_advisor.patched(model, patterns=ALL) as handle:
         assert len(handle.swaps) == 6
-        model(torch.randn(2, 5, 32)).square().mean().backward()
+        model(torch.randn(2, 5, 32, device=device)).square().mean().backward()
         opt.step()
     assert model.ln1.weight is weight and not torch.equal(weight.detach(), before)
 
 
-def test_t5_layer_norm_in_bf16(t5_norm):
+def test_t5_layer_norm_in_bf16(t5_norm, device):
     torch.manual_seed(0)
-    model = nn.Sequential(t5_norm(48, eps=1e-6)).to(torch.bfloat16)
-    x = torch.randn(3, 7, 48, dtype=torch.bfloat16)
+    model = nn.Sequential(t5_norm(48, eps=1e-6)).to(device, torch.bfloat16)
+    x = torch.randn(3, 7, 48, dtype=torch.bfloat16, device=device)
     want = model(x)
     with fusion_advisor.patched(model, patterns=["rms_norm"]) as handle:
         assert [s.pattern for s in handle.swaps] == ["rms_norm"], handle.summary()
@@ -192,26 +192,26 @@ def test_t5_layer_norm_in_bf16(t5_norm):
 
 @pytest.mark.parametrize("norm", [GemmaStyleRMSNorm(16), WrongEpsNorm(16), ExtraScaleNorm(16)],
                          ids=["gemma_1_plus_weight", "eps_not_what_it_says", "extra_scale"])
-def test_look_alike_norms_are_refused_with_a_reason(norm):
-    model = nn.Sequential(norm)
+def test_look_alike_norms_are_refused_with_a_reason(norm, device):
+    model = nn.Sequential(norm).to(device)
     handle = fusion_advisor.patch(model, patterns=ALL)
     assert handle.swaps == [] and model[0] is norm
     [(path, why)] = handle.skipped
     assert path == "0" and "rms_norm: numerics check failed" in why and "layer_norm: numerics check failed" in why
 
 
-def test_hf_gemma_norm_is_refused():
+def test_hf_gemma_norm_is_refused(device):
     modeling_gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
-    model = nn.Sequential(modeling_gemma.GemmaRMSNorm(16, eps=1e-6))
+    model = nn.Sequential(modeling_gemma.GemmaRMSNorm(16, eps=1e-6)).to(device)
     handle = fusion_advisor.patch(model, patterns=["rms_norm"])
     assert handle.swaps == [] and "numerics check failed" in handle.skipped[0][1]
 
 
-def test_hf_activation_modules_become_generated_kernels():
+def test_hf_activation_modules_become_generated_kernels(device):
     activations = pytest.importorskip("transformers.activations")
     model = nn.Sequential(activations.NewGELUActivation(), activations.FastGELUActivation(),
-                          activations.QuickGELUActivation(), activations.GELUTanh(), nn.ReLU())
-    x = torch.randn(3, 5, 24)
+                          activations.QuickGELUActivation(), activations.GELUTanh(), nn.ReLU()).to(device)
+    x = torch.randn(3, 5, 24, device=device)
     want = model(x)
     with fusion_advisor.patched(model, patterns=["pointwise_chain"]) as handle:
         # GELUTanh and ReLU run one op each: already one kernel each way, left alone.
@@ -219,7 +219,7 @@ def test_hf_activation_modules_become_generated_kernels():
         torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
 
 
-def test_one_check_per_signature(t5_norm, monkeypatch):
+def test_one_check_per_signature(t5_norm, monkeypatch, device):
     checks = []
     real = patching.check_norm
 
@@ -227,21 +227,21 @@ def test_one_check_per_signature(t5_norm, monkeypatch):
         checks.append(1)
         return real(*args, **kwargs)
     monkeypatch.setattr(patching, "check_norm", counting)
-    model = nn.Sequential(*[UserRMSNorm(16) for _ in range(6)], *[t5_norm(16) for _ in range(3)])
+    model = nn.Sequential(*[UserRMSNorm(16) for _ in range(6)], *[t5_norm(16) for _ in range(3)]).to(device)
     handle = fusion_advisor.patch(model, patterns=["rms_norm"])
     assert len(handle.swaps) == 9 and len(checks) == 2
 
 
-def test_a_result_limits_the_swaps_to_the_classes_its_clusters_came_from(t5_norm):
+def test_a_result_limits_the_swaps_to_the_classes_its_clusters_came_from(t5_norm, device):
     torch.manual_seed(0)
-    model = Block(t5_norm)
+    model = Block(t5_norm).to(device)
     clusters = [Cluster(id="c1", direction="forward", pattern="rms_norm", module_class="Block/T5LayerNorm"),
                 Cluster(id="c2", direction="forward", pattern="generic:0123456789", module_class="Block/NewGELU")]
     recs = [Recommendation(rank=i + 1, cluster_id=c.id, pattern=c.pattern, title=c.id, measured_saving_us_per_step=5.0,
                            estimate_saving_us_per_step=5.0, confidence="measured") for i, c in enumerate(clusters)]
     result = AdvisorResult(clusters=clusters, recommendations=recs)
     assert patching.recommended_patterns(result) == ["rms_norm", "generic:0123456789"]
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 32, device=device)
     calls.reset()
     with fusion_advisor.patched(model, result) as handle:
         assert {s.path: s.pattern for s in handle.swaps} == {"ln1": "rms_norm", "act": "generic:0123456789"}
@@ -249,15 +249,15 @@ def test_a_result_limits_the_swaps_to_the_classes_its_clusters_came_from(t5_norm
         assert calls.snapshot().get("generic:0123456789") == 1   # counted as the recommendation it came from
 
 
-def test_modules_option_names_the_classes():
-    model = nn.Sequential(UserRMSNorm(16), NewGELU(), nn.Sequential(UserRMSNorm(16)))
+def test_modules_option_names_the_classes(device):
+    model = nn.Sequential(UserRMSNorm(16), NewGELU(), nn.Sequential(UserRMSNorm(16))).to(device)
     handle = fusion_advisor.patch(model, patterns=["rms_norm", "pointwise_chain"],
                                   modules={"rms_norm": ["Nothing"], "pointwise_chain": ["NewGELU"]})
     assert [s.path for s in handle.swaps] == ["1"], handle.summary()
     handle.revert()
 
 
-def test_apply_plans_a_runtime_swap_for_a_generated_chain_inside_a_module():
+def test_apply_plans_a_runtime_swap_for_a_generated_chain_inside_a_module(device):
     from fusion_advisor.apply import plan
     cluster = Cluster(id="c1", direction="forward", pattern="generic:0123456789",
                       module_class="GPT2MLP/NewGELUActivation", source="/site-packages/transformers/activations.py:60")
@@ -268,7 +268,7 @@ def test_apply_plans_a_runtime_swap_for_a_generated_chain_inside_a_module():
     assert p.runtime_modules == {"generic:0123456789": ["NewGELUActivation"]}
     assert p.files == [] and "patched at run time" in p.notes[0]
     activations = pytest.importorskip("transformers.activations")
-    model = nn.Sequential(nn.Linear(8, 8), activations.NewGELUActivation())
+    model = nn.Sequential(nn.Linear(8, 8), activations.NewGELUActivation()).to(device)
     with fusion_advisor.patched(model, patterns=p.runtime_patterns, modules=p.runtime_modules) as handle:
         assert [(s.path, s.pattern) for s in handle.swaps] == [("1", "generic:0123456789")], handle.summary()
 
@@ -280,9 +280,9 @@ class DropGELU(nn.Module):
         return F.gelu(F.dropout(x * 2.0, 0.5, self.training))
 
 
-def test_a_chain_is_recorded_per_train_eval_mode():
+def test_a_chain_is_recorded_per_train_eval_mode(device):
     model = nn.Sequential(DropGELU()).eval()
-    x = torch.randn(4, 16)
+    x = torch.randn(4, 16, device=device)
     with fusion_advisor.patched(model, patterns=["pointwise_chain"]) as handle:
         assert len(handle.swaps) == 1, handle.summary()
         calls.reset()
@@ -296,15 +296,15 @@ def test_a_chain_is_recorded_per_train_eval_mode():
         assert calls.snapshot() == {"pointwise_chain": 1}
 
 
-def test_torch_modules_that_are_not_last_dim_norms_are_not_candidates():
-    model = nn.Sequential(nn.PReLU(8), nn.GroupNorm(2, 8), nn.LayerNorm(8), nn.RMSNorm(8, eps=None))
+def test_torch_modules_that_are_not_last_dim_norms_are_not_candidates(device):
+    model = nn.Sequential(nn.PReLU(8), nn.GroupNorm(2, 8), nn.LayerNorm(8), nn.RMSNorm(8, eps=None)).to(device)
     handle = fusion_advisor.patch(model, patterns=["rms_norm", "layer_norm"])
     assert [(s.path, s.pattern) for s in handle.swaps] == [("2", "layer_norm"), ("3", "rms_norm")], handle.summary()
     assert handle.skipped == []
 
 
-def test_patching_leaves_the_rng_where_it_was(t5_norm):
-    model = Block(t5_norm)
+def test_patching_leaves_the_rng_where_it_was(t5_norm, device):
+    model = Block(t5_norm).to(device)
     torch.manual_seed(5)
     want = torch.rand(3)
     torch.manual_seed(5)
@@ -322,9 +322,9 @@ class Swish(nn.Module):
         return x * torch.sigmoid(self.beta * x)
 
 
-def test_a_constant_attribute_is_part_of_the_recorded_chain():
+def test_a_constant_attribute_is_part_of_the_recorded_chain(device):
     model = nn.Sequential(Swish(1.5))
-    x = torch.randn(4, 16)
+    x = torch.randn(4, 16, device=device)
     with fusion_advisor.patched(model, patterns=["pointwise_chain"]) as handle:
         assert len(handle.swaps) == 1
         torch.testing.assert_close(model(x), x * torch.sigmoid(1.5 * x), **tolerance(torch.float32))
@@ -338,3 +338,34 @@ def test_modules_that_are_not_one_input_chains_are_left_alone_silently():
     model.add_module("loss", loss)
     handle = fusion_advisor.patch(model, patterns=["pointwise_chain"])
     assert handle.swaps == [] and handle.skipped == []
+
+
+def test_hf_t5_v1_1_norms_and_gated_gelu_activation(device):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
+                                   num_heads=2, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).to(device)
+    _randomize(model)
+    ids = torch.randint(0, 64, (2, 6), device=device)
+    labels = torch.randint(0, 64, (2, 5), device=device)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    want_loss, want_grads = loss_and_grads()
+    with fusion_advisor.patched(model, patterns=["rms_norm", "pointwise_chain"]) as handle:
+        swapped = {(type(s.original).__name__, s.pattern) for s in handle.swaps}
+        assert swapped == {("T5LayerNorm", "rms_norm"), ("NewGELUActivation", "pointwise_chain")}, handle.summary()
+        assert len(handle.swaps) == 2 + 3 + 2 + 2, handle.summary()  # 2 + 3 norms in the blocks, 2 final, 2 GELUs
+        calls.reset()
+        got_loss, got_grads = loss_and_grads()
+        assert calls.snapshot().get("pointwise_chain") == 2
+    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
+    assert got_grads.keys() == want_grads.keys()
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, 12), msg=name)
+    torch.testing.assert_close(loss_and_grads()[0], want_loss, atol=0, rtol=0)   # reverted: eager again, bit for bit
