@@ -59,6 +59,13 @@ def module_pattern_for(module_class: str):
     return next((p for p in all_patterns() if module_class in p.modules and p.module_factory is not None), None)
 
 
+def _norm_part(pattern):
+    """The norm inside an add + norm pattern (add_rms_norm -> rms_norm): at run time its module is
+    swapped by what it computes (fusion_advisor.patch), whatever its class (T5LayerNorm)."""
+    part = {"add_rms_norm": "rms_norm", "add_layer_norm": "layer_norm"}.get(pattern.name)
+    return get(part) if part else None
+
+
 def plan(result: AdvisorResult, memory: bool = False) -> ApplyPlan:
     """What `apply` would change, file by file; nothing is written. Memory trades (recommendations
     of kind "memory": less peak memory for more time) only with memory=True."""
@@ -94,7 +101,7 @@ def plan(result: AdvisorResult, memory: bool = False) -> ApplyPlan:
         if path is None or _is_library(path):
             leaf = (cluster.module_class or "").rsplit("/", 1)[-1] if cluster else ""
             own = (pattern.modules and pattern.module_factory) or pattern.function_patches
-            runtime = pattern if own else module_pattern_for(leaf)
+            runtime = pattern if own else module_pattern_for(leaf) or _norm_part(pattern)
             if runtime is not None and runtime.name not in out.runtime_patterns:
                 out.runtime_patterns.append(runtime.name)
             if runtime is not None and leaf and leaf not in out.runtime_modules.setdefault(runtime.name, []):

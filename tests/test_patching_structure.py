@@ -369,3 +369,13 @@ def test_hf_t5_v1_1_norms_and_gated_gelu_activation(device):
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, 12), msg=name)
     torch.testing.assert_close(loss_and_grads()[0], want_loss, atol=0, rtol=0)   # reverted: eager again, bit for bit
+
+
+def test_apply_plans_the_norm_part_of_an_add_norm_cluster_in_library_code():
+    from fusion_advisor.apply import plan
+    cluster = Cluster(id="c1", direction="forward", pattern="add_rms_norm",
+                      module_class="T5Block/T5LayerFF/T5LayerNorm", source="/site-packages/transformers/models/t5/modeling_t5.py:80")
+    rec = Recommendation(rank=1, cluster_id="c1", pattern="add_rms_norm", title="add + T5LayerNorm",
+                         measured_saving_us_per_step=50.0, estimate_saving_us_per_step=60.0, confidence="measured")
+    p = plan(AdvisorResult(clusters=[cluster], recommendations=[rec]))
+    assert p.runtime_patterns == ["rms_norm"] and p.runtime_modules == {"rms_norm": ["T5LayerNorm"]}
