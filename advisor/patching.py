@@ -211,6 +211,10 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
     return handle
 
 
+def _ours(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("fusion_advisor.")
+
+
 class _ModuleSwapper:
     """Swaps the modules of one model that the targets replace (see the module docstring), each
     replacement built from that module and checked first; one check per signature."""
@@ -232,6 +236,8 @@ class _ModuleSwapper:
         for path, parent, attr, module in list(_candidates(self.model)):
             if any(path.startswith(p + ".") for p in swapped):
                 continue   # inside a module already replaced: no longer in the model
+            if _ours(module) or _ours(parent):
+                continue   # a replacement of a live handle (patched twice), or the original it runs
             cls = type(module).__name__
             reasons = []
             for t in sorted(self.targets, key=lambda t: cls not in t.hints):   # hinted first

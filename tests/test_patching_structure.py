@@ -379,3 +379,15 @@ def test_apply_plans_the_norm_part_of_an_add_norm_cluster_in_library_code():
                          measured_saving_us_per_step=50.0, estimate_saving_us_per_step=60.0, confidence="measured")
     p = plan(AdvisorResult(clusters=[cluster], recommendations=[rec]))
     assert p.runtime_patterns == ["rms_norm"] and p.runtime_modules == {"rms_norm": ["T5LayerNorm"]}
+
+
+def test_patching_twice_leaves_the_first_replacements_alone(device):
+    model = nn.Sequential(UserRMSNorm(16), NewGELU()).to(device)
+    originals = list(model)
+    first = fusion_advisor.patch(model, patterns=ALL)
+    assert len(first.swaps) == 2
+    second = fusion_advisor.patch(model, patterns=ALL + ["rms_norm"])
+    assert second.swaps == [] and second.skipped == []
+    second.revert()
+    first.revert()
+    assert list(model) == originals
