@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fusion_advisor import calls
 from fusion_advisor.kernels.codegen.ops import Unsupported
 
 EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "norm_eps", "rms_norm_eps")
@@ -345,7 +346,6 @@ class PointwiseChainModule(nn.Module):
         fused = self.kernel_for(x.dtype, x.device) if isinstance(x, torch.Tensor) else None
         if fused is None:
             return self.original(x)
-        from fusion_advisor import calls
         calls.hit(self.count_as)
         return fused(x)
 
