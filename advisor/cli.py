@@ -390,7 +390,7 @@ def apply_cmd(
     plan = apply_mod.plan(result, memory=memory, include_estimates=include_estimates)
     diff = plan.diff(str(root))
     report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes,
-              "replacements": plan.replacements, "estimates": plan.estimates,
+              "replacements": plan.replacements, "estimates": plan.estimates, "runtime_modules": plan.runtime_modules,
               "changes": [{"path": f.path, **asdict(c)} for f in plan.changed for c in f.changes]}
     if not as_json:
         sys.stdout.write(diff or "(no source change)\n")
@@ -406,7 +406,7 @@ def apply_cmd(
         v = verify(run["script"], list(run.get("argv", [])[1:]), plan.runtime_patterns, steps=steps, warmup=warmup,
                    source_overrides={f.path: f.after for f in plan.changed},
                    original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements,
-                   nproc=int(run.get("world_size") or 0) if "rank" in run else 0)
+                   nproc=int(run.get("world_size") or 0) if "rank" in run else 0, modules=plan.runtime_modules)
         report["verification"] = {**asdict(v), "proven": v.proven}
         if not as_json:
             _print_verification(v, plan.estimates)

@@ -46,6 +46,7 @@ class RunSpec:
     out: str = ""
     patched: bool = False        # the patched run (the unpatched one also runs its files' original text)
     nproc: int = 0               # > 1: a torchrun job of that many local ranks (each rank measured)
+    modules: dict[str, list[str]] = field(default_factory=dict)   # pattern -> the module classes it swaps
 
 
 @dataclass
@@ -120,7 +121,8 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
         def patch_first_model(module, args):
             patch_hook.remove()
             before_checks = calls.snapshot()
-            handle = fusion_advisor.patch(module, patterns=spec.patterns)  # its checks pause step counting
+            handle = fusion_advisor.patch(module, patterns=spec.patterns,   # its checks pause step counting
+                                          modules=spec.modules)
             for name, n in calls.snapshot().items():   # the checks' own calls are not the script's
                 check_calls[name] = check_calls.get(name, 0) + n - before_checks.get(name, 0)
             swapped.extend(f"{s.path}: {type(s.original).__name__} -> {type(s.replacement).__name__}"
@@ -392,7 +394,7 @@ def _why_never_called(name: str, how: str, after: RunMeasurement) -> str:
 def verify(script: str, script_args: list[str], patterns: list[str], steps: int = 20, warmup: int = 5,
            seed: int = 0, source_overrides: dict[str, str] | None = None,
            original_sources: dict[str, str] | None = None, planned: dict[str, str] | None = None,
-           nproc: int = 0) -> Verification:
+           nproc: int = 0, modules: dict[str, list[str]] | None = None) -> Verification:
     """Unpatched run (the original sources) vs patched run (runtime swaps of `patterns` plus the
     patched sources). `planned`: {replacement name: how it is applied}, each of which must run
     (default: the runtime patterns). nproc > 1: both runs are torchrun jobs of that many ranks
@@ -404,7 +406,7 @@ def verify(script: str, script_args: list[str], patterns: list[str], steps: int 
     before = run_script(RunSpec(script, script_args, steps, warmup, seed, [], dict(original_sources or {}),
                                 nproc=nproc))
     after = run_script(RunSpec(script, script_args, steps, warmup, seed, list(patterns),
-                               dict(source_overrides or {}), patched=True, nproc=nproc))
+                               dict(source_overrides or {}), patched=True, nproc=nproc, modules=dict(modules or {})))
     for m in (before, after):
         if m.error:
             raise ScriptError(f"the {'patched' if m.patched else 'unpatched'} run failed: "
