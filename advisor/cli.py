@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fusion_advisor import __version__
-from fusion_advisor.errors import EXIT_SCRIPT_FAILED, AdvisorError
+from fusion_advisor.errors import EXIT_SCRIPT_FAILED, AdvisorError, EnvironmentProblem
 
 HELP = """\
 Find the memory-bound kernel chains in a PyTorch training script, time fused Triton replacements
@@ -396,18 +396,33 @@ def bench(
 
     result = AdvisorResult.load(result_path)
     options = BenchOptions(providers=parse_providers(providers), mode="cpu" if cpu else "auto")
+    if not cpu:
+        _require_gpu(f"bench needs a CUDA GPU to time anything; {result_path} is left as it was "
+                     f"(--cpu checks numerics in the Triton interpreter)")
     roi_options = _roi_options(gpu_hourly_cost, steps_per_day, gpus)
     with _bench_progress() as on_cluster:
         _bench_and_recommend(result, options, roi_options, on_cluster)
-    dest = out or result_path
-    result.save(dest)
+    # CPU mode times nothing that counts: it never replaces a result's measurements by itself.
+    dest = out if cpu else (out or result_path)
+    if dest is not None:
+        result.save(dest)
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
     else:
         console = Console()
         render_benchmarks(result, console)
         render_recommendations(result, console)
-    err.print(f"wrote {dest}", highlight=False)
+    err.print(f"wrote {dest}" if dest is not None else
+              "--cpu: nothing written (CPU mode times nothing that counts; -o FILE keeps its result)", highlight=False)
+
+
+def _require_gpu(message: str) -> None:
+    """EnvironmentProblem (exit 3) unless a CUDA GPU runs the kernels (not the Triton interpreter)."""
+    import torch
+
+    from fusion_advisor.kernels.common import interpreting
+    if not torch.cuda.is_available() or interpreting():
+        raise EnvironmentProblem(message)
 
 
 @app.command()

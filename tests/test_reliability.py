@@ -187,3 +187,32 @@ def test_random_damage_ends_quickly_with_a_clear_outcome(tmp_path):
         else:
             assert r.output.strip().count("\n") == 0, f"case {case}: not one line:\n{r.output}"
     assert time.monotonic() - started < 30
+
+
+# -- 2. bench without a GPU leaves a GPU result as it was ------------------------------------------
+
+def _gpu_result(tmp_path: Path) -> Path:
+    src = tmp_path / "result.json"
+    src.write_bytes((DATA / "result-sample.json").read_bytes())
+    assert any(b.get("measured") for b in json.loads(src.read_text())["benchmarks"])
+    return src
+
+
+def test_bench_without_a_gpu_exits_3_and_leaves_the_result(tmp_path):
+    src = _gpu_result(tmp_path)
+    before = src.read_bytes()
+    r = run_cli("bench", src, timeout_s=120)
+    assert r.exit_code == 3, r.output
+    assert "bench needs a CUDA GPU" in r.output
+    assert src.read_bytes() == before
+
+
+def test_bench_cpu_writes_only_where_out_says(tmp_path):
+    src = _gpu_result(tmp_path)
+    before = src.read_bytes()
+    r = run_cli("bench", src, "--cpu", "--providers", "eager,triton", timeout_s=300)
+    assert r.exit_code == 0, r.output
+    assert src.read_bytes() == before and "nothing written" in r.output
+    r = run_cli("bench", src, "--cpu", "--providers", "eager,triton", "-o", tmp_path / "cpu.json", timeout_s=300)
+    assert r.exit_code == 0, r.output
+    assert src.read_bytes() == before and (tmp_path / "cpu.json").is_file()
