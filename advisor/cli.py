@@ -276,6 +276,8 @@ def apply_cmd(
                                                         "peak memory at a measured time cost, e.g. the LM head's "
                                                         "linear_cross_entropy: logits never materialised)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan (and verification) as JSON."),
+    force: bool = typer.Option(False, "--force", help="With --revert: restore files edited since --write too "
+                                                      "(the edited text is kept in the backup folder)."),
 ):
     """Patch your source with the recommendations: a unified diff by default.
 
@@ -296,17 +298,29 @@ def apply_cmd(
     from dataclasses import asdict
 
     from fusion_advisor import apply as apply_mod
+    from fusion_advisor.files import leftover_temps
     from fusion_advisor.result import AdvisorResult
 
     root = Path.cwd()
     if revert:
         if write:
             raise AdvisorError("--write and --revert together make no sense; choose one")
-        for path in apply_mod.revert(root):
+        try:
+            restored = apply_mod.revert(root, force=force)
+        except apply_mod.RevertConflict as exc:
+            sys.stdout.write(exc.diff)
+            raise
+        for path in restored:
             err.print(f"restored {path}", highlight=False)
         return
+    if force:
+        raise AdvisorError("--force goes with --revert only")
     result = AdvisorResult.load(result_path)
     plan = apply_mod.plan(result, memory=memory)
+    leftovers = [t for f in plan.changed for t in leftover_temps(f.path)]
+    if leftovers and not write:
+        plan.notes.append(f"{len(leftovers)} temporary file(s) of an interrupted write lie beside your sources "
+                          f"({', '.join(map(str, leftovers))}); the next --write removes them")
     diff = plan.diff(str(root))
     report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes,
               "changes": [{"path": f.path, **asdict(c)} for f in plan.changed for c in f.changes]}
@@ -325,14 +339,17 @@ def apply_cmd(
         report["verification"] = asdict(v)
         if not as_json:
             _print_verification(v)
-    if write:
-        backup = apply_mod.write(plan, root)
+    if write and not plan.changed:
+        err.print("nothing to write: the sources already hold every change (or none applies)", highlight=False)
+    elif write:
+        backup = apply_mod.write(plan, root, notice=lambda m: err.print(f"[yellow]note:[/] {m}", highlight=False))
         report["backup"] = str(backup)
         for f in plan.changed:
             err.print(f"wrote {f.path}", highlight=False)
         err.print(f"backups in {backup} (undo: fusion-advisor apply {result_path} --revert)", highlight=False)
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        from fusion_advisor.result import dumps_strict
+        sys.stdout.write(dumps_strict(report) + "\n")
     if verify_run and not report["verification"]["losses_match"]:
         _fail("the patched run's losses differ from the unpatched run's beyond tolerance", EXIT_SCRIPT_FAILED)
 

@@ -216,3 +216,136 @@ def test_bench_cpu_writes_only_where_out_says(tmp_path):
     r = run_cli("bench", src, "--cpu", "--providers", "eager,triton", "-o", tmp_path / "cpu.json", timeout_s=300)
     assert r.exit_code == 0, r.output
     assert src.read_bytes() == before and (tmp_path / "cpu.json").is_file()
+
+
+# -- apply: 3 (revert keeps later edits), 4 (second --write), 5 (stale lines), 6 (read-only) ------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rec(rank, cluster_id, pattern):
+    from fusion_advisor.result import Recommendation
+    return Recommendation(rank=rank, cluster_id=cluster_id, pattern=pattern, title=f"{pattern} as one kernel",
+                          measured_saving_us_per_step=100.0 / rank, estimate_saving_us_per_step=120.0,
+                          confidence="measured")
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """llama_train.py with three recommendations: a class swap (rms_norm), an expression rewrite
+    in LlamaMLP.forward (swiglu, def line 84) and one whose output matches its own template
+    (cross_entropy: `cross_entropy(...)` is what `F.cross_entropy` also matches)."""
+    from fusion_advisor.result import AdvisorResult, Cluster
+    script = tmp_path / "llama_train.py"
+    script.write_text((ROOT / "examples" / "llama_train.py").read_text())
+    clusters = [Cluster(id="c1", direction="forward", pattern="rms_norm", source="llama_train.py:22",
+                        module_class="LlamaModel/LlamaDecoderLayer/LlamaRMSNorm"),
+                Cluster(id="c2", direction="forward", pattern="swiglu", source="llama_train.py:84",
+                        module_class="LlamaModel/LlamaDecoderLayer/LlamaMLP"),
+                Cluster(id="c3", direction="forward", pattern="cross_entropy", source="llama_train.py:119")]
+    recs = [_rec(1, "c1", "rms_norm"), _rec(2, "c2", "swiglu"), _rec(3, "c3", "cross_entropy")]
+    result = AdvisorResult(run={"script": str(script), "argv": [str(script)], "cwd": str(tmp_path)},
+                           clusters=clusters, recommendations=recs)
+    path = tmp_path / "result.json"
+    result.save(path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, script, path
+
+
+def test_revert_refuses_to_lose_edits_made_after_write(project):
+    root, script, result = project
+    original = script.read_text()
+    assert run_cli("apply", result, "--write", timeout_s=120).exit_code == 0
+    edited = script.read_text() + "\n# my own change, made after --write\n"
+    script.write_text(edited)
+    r = run_cli("apply", result, "--revert")
+    assert r.exit_code == 2, r.output
+    assert "+# my own change, made after --write" in r.stdout         # the diff of the user's edits
+    assert "changed since `apply --write`" in r.output
+    assert script.read_text() == edited                               # nothing reverted
+    assert list((root / ".fusion-advisor" / "backups").glob("*/manifest.json"))   # the backup stays
+    r = run_cli("apply", result, "--revert", "--force")
+    assert r.exit_code == 0, r.output
+    assert script.read_text() == original
+    kept = list((root / ".fusion-advisor" / "backups").glob("*/edited-*"))
+    assert len(kept) == 1 and kept[0].read_text() == edited           # the only copy of the edit survives
+    assert run_cli("apply", result, "--revert").exit_code == 2        # and is not a backup to revert
+
+
+def test_a_second_write_changes_nothing_and_revert_still_restores(project):
+    root, script, result = project
+    original = script.read_text()
+    assert run_cli("apply", result, "--write", timeout_s=120).exit_code == 0
+    patched = script.read_text()
+    assert "cross_entropy(logits.float()" in patched and "F.cross_entropy" not in patched
+    r = run_cli("apply", result, "--write")
+    assert r.exit_code == 0, r.output
+    assert "nothing to write" in r.output and script.read_text() == patched
+    assert len(list((root / ".fusion-advisor" / "backups").glob("*/manifest.json"))) == 1
+    assert run_cli("apply", result, "--revert").exit_code == 0
+    assert script.read_text() == original
+
+
+def test_rewrite_tied_to_a_line_is_found_by_content_after_an_edit(project):
+    from fusion_advisor import apply as apply_mod
+    from fusion_advisor.result import AdvisorResult
+    root, script, result = project
+    script.write_text("# three lines added\n# above everything\n# since the profile\n" + script.read_text())
+    plan = apply_mod.plan(AdvisorResult.load(result))
+    after = plan.changed[0].after
+    assert "swiglu(self.gate_proj(x), self.up_proj(x))" in after
+    assert any("found by its content in the function at line 87" in n for n in plan.notes), plan.notes
+
+
+def test_stale_rewrite_with_two_candidates_is_refused_with_a_note(project):
+    from fusion_advisor import apply as apply_mod
+    from fusion_advisor.result import AdvisorResult
+    root, script, result = project
+    text = script.read_text().replace(
+        "class LlamaDecoderLayer(nn.Module):",
+        "def other_mlp(g, u):\n    return F.silu(g) * u\n\n\nclass LlamaDecoderLayer(nn.Module):")
+    script.write_text("# added\n" + text)
+    plan = apply_mod.plan(AdvisorResult.load(result))
+    assert "swiglu(" not in plan.changed[0].after
+    assert any("appears in 2 functions; not rewritten" in n for n in plan.notes), plan.notes
+
+
+def test_write_refuses_a_read_only_file(project):
+    root, script, result = project
+    before = script.read_text()
+    script.chmod(0o444)
+    try:
+        r = run_cli("apply", result, "--write", timeout_s=120)
+        assert r.exit_code == 4, r.output
+        assert "read-only" in r.output
+        assert script.read_text() == before and stat.S_IMODE(script.stat().st_mode) == 0o444
+        assert not list((root / ".fusion-advisor" / "backups").glob("*/manifest.json")) if \
+            (root / ".fusion-advisor" / "backups").exists() else True
+    finally:
+        script.chmod(0o644)
+
+
+def test_write_cleans_what_a_killed_write_left(project):
+    root, script, result = project
+    leftover = root / ".llama_train.pyk3x9_q2z.tmp"
+    leftover.write_text("half a file")
+    r = run_cli("apply", result)
+    assert r.exit_code == 0 and "temporary file(s) of an interrupted write" in r.output and leftover.exists()
+    r = run_cli("apply", result, "--write", timeout_s=120)
+    assert r.exit_code == 0, r.output
+    assert not leftover.exists() and f"removed {leftover}" in r.output
+
+
+def test_write_takes_a_lock(project):
+    from fusion_advisor import apply as apply_mod
+    from fusion_advisor.errors import OutputError
+    from fusion_advisor.result import AdvisorResult
+    root, script, result = project
+    before = script.read_text()
+    plan = apply_mod.plan(AdvisorResult.load(result))
+    with apply_mod.apply_lock(root):
+        with pytest.raises(OutputError, match="another .* is running"):
+            apply_mod.write(plan, root)
+    assert script.read_text() == before
+    apply_mod.write(plan, root)   # free again once released
+    assert script.read_text() != before
