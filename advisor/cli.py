@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import json
 import sys
@@ -146,6 +147,8 @@ def profile(
     """
     from fusion_advisor.capture import CaptureOptions, capture
 
+    for note in _mistyped_options(ctx):
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
     opts = CaptureOptions(script=str(script), script_args=list(ctx.args), warmup=warmup, steps=steps,
                           stop=stop, out_dir=str(out))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -163,6 +166,14 @@ def profile(
         result_capture = capture(opts, progress=on_step, notice=lambda m: err.print(f"[yellow]note:[/] {m}"))
     if result_capture.error:
         err.print(result_capture.error.rstrip(), highlight=False, markup=False)
+    status = result_capture.exited_before_any_step
+    if status is not None:   # e.g. `-- -h`: its output was shown once, and that is all it does
+        message = (f"the script exited (status {status}) before any step: nothing to profile; "
+                   f"wrote {result_capture.meta_path}")
+        if status == 0:
+            err.print(f"[yellow]note:[/] {message}", highlight=False)
+            raise typer.Exit(0)
+        _fail(message, EXIT_SCRIPT_FAILED)
     if result_capture.trace_path is None:
         written = f"; wrote {result_capture.meta_path}"
         _fail(("the script failed before any step was recorded" if result_capture.error else
@@ -181,7 +192,28 @@ def profile(
     err.print(f"wrote {result_capture.trace_path}\nwrote {result_capture.meta_path}\nwrote {result_path}\n"
               f"wrote {html_path}", highlight=False)
     if result_capture.error:
-        _fail("the script raised (traceback above); the steps recorded before it are kept", EXIT_SCRIPT_FAILED)
+        stopped = result_capture.error.startswith(("interrupted", "terminated"))
+        _fail(f"the script was stopped: {result_capture.error.strip()}; the steps recorded before it are kept"
+              if stopped else "the script raised (traceback above); the steps recorded before it are kept",
+              EXIT_SCRIPT_FAILED)
+
+
+def _mistyped_options(ctx: typer.Context) -> list[str]:
+    """Unknown options typed before `--` go to the script; say so when one looks like ours
+    (`--step 5` for `--steps 5`)."""
+    raw = _ARGV if _ARGV is not None else sys.argv[1:]
+    before = raw[:raw.index("--")] if "--" in raw else raw
+    ours = sorted({o for p in ctx.command.params for o in [*p.opts, *p.secondary_opts] if o.startswith("--")})
+    notes = []
+    for arg in before:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--") or arg not in ctx.args or name in ours:
+            continue
+        close = difflib.get_close_matches(name, ours, n=1, cutoff=0.8)
+        if close:
+            notes.append(f"{name} is not a fusion-advisor option (did you mean {close[0]}?): it goes to the script "
+                         f"as one of its own; the script's options belong after `--`")
+    return notes
 
 
 def _analyze_path(trace_path: str, target_gpu: str | None = None):
@@ -529,7 +561,12 @@ def calibrate(
     err.print("\n".join(f"wrote {p}" for p in written), highlight=False)
 
 
+_ARGV: list[str] | None = None   # the command line as typed (click drops the `--` that splits it)
+
+
 def main(argv: List[str] | None = None) -> None:
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     app(args=argv, prog_name="fusion-advisor")
 
 

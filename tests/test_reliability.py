@@ -349,3 +349,116 @@ def test_write_takes_a_lock(project):
     assert script.read_text() == before
     apply_mod.write(plan, root)   # free again once released
     assert script.read_text() != before
+
+
+# -- profile: 8 (chdir), 11 (exit before any step), 12 (SIGTERM), 13 (one run per folder) -------
+
+TRAIN = """
+import os, pathlib, sys
+import torch
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+{before}
+for i in range({n}):
+    loss = model(torch.randn(8, 16)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    {each}
+"""
+
+
+def train_script(tmp_path: Path, n: int = 12, before: str = "", each: str = "", name: str = "train.py") -> Path:
+    p = tmp_path / name
+    p.write_text(TRAIN.format(n=n, before=textwrap.indent(textwrap.dedent(before), ""), each=each))
+    return p
+
+
+def test_a_script_that_changes_directory_does_not_move_the_outputs(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    s = train_script(tmp_path, before=f"os.chdir({str(elsewhere)!r})")
+    r = cli_subprocess("profile", s.name, "--warmup", "1", "--steps", "1", "--no-bench", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "fusion-report"
+    assert {p.name for p in out.iterdir()} >= {"trace.json.gz", "run.json", "result.json", "report.html"}
+    assert not list(elsewhere.iterdir())
+    assert json.loads((out / "run.json").read_text())["cwd"] == str(tmp_path)
+    assert "wrote fusion-report/result.json" in r.stderr
+
+
+def test_a_script_that_prints_its_help_runs_once_and_exits_0(tmp_path):
+    s = tmp_path / "train.py"
+    s.write_text(textwrap.dedent(f"""
+        import argparse, pathlib
+        with open({str(tmp_path / 'runs.log')!r}, "a") as fh:
+            fh.write("ran\\n")
+        p = argparse.ArgumentParser(description="trains a thing")
+        p.add_argument("--lr", type=float, default=0.1)
+        p.parse_args()
+        raise SystemExit("should not get here")
+    """))
+    r = cli_subprocess("profile", s, "-o", tmp_path / "o", "--", "-h")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs.log").read_text() == "ran\n"
+    assert r.stdout.count("trains a thing") == 1
+    assert "the script exited (status 0) before any step" in r.stderr
+
+
+def test_a_script_that_exits_early_runs_once(tmp_path):
+    s = tmp_path / "train.py"
+    s.write_text(f"import sys\nopen({str(tmp_path / 'runs.log')!r}, 'a').write('ran\\n')\nsys.exit(0)\n")
+    r = cli_subprocess("profile", s, "-o", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs.log").read_text() == "ran\n"
+    assert "the script exited (status 0) before any step" in r.stderr
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["script_exit_status"] == 0
+
+
+def test_sigterm_keeps_the_recorded_steps_and_cleans_up(tmp_path):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    marker = tmp_path / "recording"
+    s = train_script(tmp_path, n=100_000, each=f"if i == 4: pathlib.Path({str(marker)!r}).write_text('x')")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(temp))
+    proc = subprocess.Popen([sys.executable, "-m", "fusion_advisor.cli", "profile", str(s), "-o", str(tmp_path / "o"),
+                             "--warmup", "1", "--steps", "100000", "--no-bench"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the script never reached step 4"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, stderr
+    assert "terminated (SIGTERM)" in stderr and "the steps recorded before it are kept" in stderr
+    meta = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert len(meta["steps_recorded"]) >= 3
+    assert (tmp_path / "o" / "trace.json.gz").is_file() and (tmp_path / "o" / "result.json").is_file()
+    assert not [p for p in temp.iterdir() if p.name.startswith("fusion-advisor-")]
+
+
+def test_a_failed_profile_does_not_sit_beside_an_older_run(tmp_path):
+    out = tmp_path / "o"
+    good = train_script(tmp_path, n=6)
+    assert cli_subprocess("profile", good, "-o", out, "--warmup", "1", "--steps", "1", "--no-bench").returncode == 0
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('broken before any step')\n")
+    r = cli_subprocess("profile", bad, "-o", out)
+    assert r.returncode == 1
+    assert {p.name for p in out.iterdir() if p.is_file()} == {"run.json"}
+    assert {p.name for p in (out / "previous").iterdir()} == {"trace.json.gz", "run.json", "result.json", "report.html"}
+    assert json.loads((out / "run.json").read_text())["script"] == str(bad)
+
+
+def test_a_mistyped_option_before_the_separator_is_pointed_out(tmp_path):
+    s = tmp_path / "train.py"
+    s.write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(0)\n")
+    r = cli_subprocess("profile", s, "-o", tmp_path / "o", "--step", "5")
+    assert "--step is not a fusion-advisor option (did you mean --steps?)" in r.stderr
+    r = cli_subprocess("profile", s, "-o", tmp_path / "o", "--", "--step", "5")
+    assert "not a fusion-advisor option" not in r.stderr
