@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fusion_advisor import __version__
@@ -38,7 +39,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from fusion_advisor.report.safe_text import strip_controls
+    err.print(f"[bold red]error:[/] {escape(strip_controls(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -57,8 +59,9 @@ def _print_result(result, as_json: bool, out_console: Console) -> None:
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
         return
+    from fusion_advisor.report.safe_text import terminal_safe
     from fusion_advisor.report.terminal import render_report
-    render_report(result, out_console)
+    render_report(terminal_safe(result), out_console)
 
 
 def _write_report_html(result, result_path: Path) -> Path:
@@ -163,7 +166,7 @@ def profile(
 
     redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     with redirect, progress:
-        result_capture = capture(opts, progress=on_step, notice=lambda m: err.print(f"[yellow]note:[/] {m}"))
+        result_capture = capture(opts, progress=on_step, notice=lambda m: err.print(f"[yellow]note:[/] {escape(m)}"))
     if result_capture.error:
         err.print(result_capture.error.rstrip(), highlight=False, markup=False)
     status = result_capture.exited_before_any_step
@@ -358,8 +361,9 @@ def apply_cmd(
               "changes": [{"path": f.path, **asdict(c)} for f in plan.changed for c in f.changes]}
     if not as_json:
         sys.stdout.write(diff or "(no source change)\n")
+        from fusion_advisor.report.safe_text import strip_controls
         for note in plan.notes:
-            err.print(f"[yellow]note:[/] {note}", highlight=False)
+            err.print(f"[yellow]note:[/] {escape(strip_controls(note))}", highlight=False)
     if verify_run:
         from fusion_advisor.verify import verify
         run = result.run or {}
@@ -374,7 +378,7 @@ def apply_cmd(
     if write and not plan.changed:
         err.print("nothing to write: the sources already hold every change (or none applies)", highlight=False)
     elif write:
-        backup = apply_mod.write(plan, root, notice=lambda m: err.print(f"[yellow]note:[/] {m}", highlight=False))
+        backup = apply_mod.write(plan, root, notice=lambda m: err.print(f"[yellow]note:[/] {escape(m)}", highlight=False))
         report["backup"] = str(backup)
         for f in plan.changed:
             err.print(f"wrote {f.path}", highlight=False)
@@ -459,8 +463,9 @@ def bench(
         sys.stdout.write(result.to_json() + "\n")
     else:
         console = Console()
-        render_benchmarks(result, console)
-        render_recommendations(result, console)
+        from fusion_advisor.report.safe_text import terminal_safe
+        render_benchmarks(terminal_safe(result), console)
+        render_recommendations(terminal_safe(result), console)
     err.print(f"wrote {dest}" if dest is not None else
               "--cpu: nothing written (CPU mode times nothing that counts; -o FILE keeps its result)", highlight=False)
 
@@ -500,7 +505,8 @@ def recommend(
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
     else:
-        render_recommendations(result, Console())
+        from fusion_advisor.report.safe_text import terminal_safe
+        render_recommendations(terminal_safe(result), Console())
     err.print(f"wrote {dest}", highlight=False)
 
 

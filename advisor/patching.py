@@ -118,9 +118,14 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() needs an nn.Module, got {type(model).__name__}")
     names = options.get("patterns")
+    from fusion_advisor.result import AdvisorResult
     if isinstance(result, (str, bytes)) or hasattr(result, "__fspath__"):
-        from fusion_advisor.result import AdvisorResult
         result = AdvisorResult.load(result)
+    elif isinstance(result, dict):   # json.load(f) of a result file: the same as its path
+        result = AdvisorResult.from_dict(result)
+    elif result is not None and not isinstance(result, AdvisorResult):
+        raise TypeError(f"patch(): result must be an AdvisorResult, a result file's path or its JSON as a dict; "
+                        f"got {type(result).__name__}")
     if names is None:
         if result is None:
             raise AdvisorError("patch() needs a result (AdvisorResult) or patterns=[...]")
@@ -151,6 +156,10 @@ def _swap_all(model, swappable, handle, check, shape_hint) -> None:
         pattern = next((p for p in swappable if type(module).__name__ in p.modules), None)
         if pattern is None:
             continue
+        if _is_ours(module):   # a second patch() (or a source apply): already the fused module
+            handle.skipped.append((path, f"{pattern.name}: already fused ({type(module).__name__} from "
+                                         f"{type(module).__module__})"))
+            continue
         try:
             replacement = pattern.module_factory(module)
         except Exception as exc:  # a module that looks alike but is not: leave it alone, say why
@@ -166,6 +175,11 @@ def _swap_all(model, swappable, handle, check, shape_hint) -> None:
                 continue
         setattr(parent, attr, replacement)
         handle.swaps.append(Swap(path, parent, attr, module, replacement, pattern.name))
+
+
+def _is_ours(module: nn.Module) -> bool:
+    """A module fusion_advisor made: patching it again would wrap a fused module in another."""
+    return type(module).__module__.split(".", 1)[0] == "fusion_advisor"
 
 
 def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any, Callable]]:

@@ -462,3 +462,99 @@ def test_a_mistyped_option_before_the_separator_is_pointed_out(tmp_path):
     assert "--step is not a fusion-advisor option (did you mean --steps?)" in r.stderr
     r = cli_subprocess("profile", s, "-o", tmp_path / "o", "--", "--step", "5")
     assert "not a fusion-advisor option" not in r.stderr
+
+
+# -- patch(): 10 (a dict result) and 13 (a second patch, reverts in any order) -------------------
+
+@pytest.fixture
+def llama_model():
+    import importlib.util
+
+    import torch
+    spec = importlib.util.spec_from_file_location("llama_train", ROOT / "examples" / "llama_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    return mod.LlamaModel(vocab=64, hidden=32, layers=1, heads=2, intermediate=64)
+
+
+def test_patch_takes_the_result_json_as_a_dict(llama_model, project):
+    import fusion_advisor
+    root, script, result = project
+    with open(result) as fh:
+        handle = fusion_advisor.patch(llama_model, json.load(fh))
+    try:
+        assert len(handle.swaps) >= 3 and {s.pattern for s in handle.swaps} >= {"rms_norm"}
+    finally:
+        handle.revert()
+    with pytest.raises(TypeError, match="result must be an AdvisorResult"):
+        fusion_advisor.patch(llama_model, [1, 2])
+
+
+def test_a_second_patch_wraps_nothing_and_reverts_in_any_order(llama_model):
+    import fusion_advisor
+    originals = dict(llama_model.named_modules())
+    first = fusion_advisor.patch(llama_model, patterns=["rms_norm"])
+    second = fusion_advisor.patch(llama_model, patterns=["rms_norm"])
+    assert len(first.swaps) == 3 and second.swaps == []
+    assert all("already fused" in why for _, why in second.skipped)
+    first.revert()
+    second.revert()
+    assert dict(llama_model.named_modules()) == originals
+
+
+# -- 13. raw ANSI escapes in a result never reach the terminal -----------------------------------
+
+def test_control_sequences_in_a_result_are_stripped_before_the_terminal(tmp_path):
+    data = json.loads((DATA / "result-sample.json").read_text())
+    hostile = "\x1b]0;pwned\x07\x1b[2J\x1b[31mRED\x1b[0m\x07"
+    data["notes"].append(f"note {hostile} end")
+    data["recommendations"][0]["title"] = f"title {hostile}"
+    src = tmp_path / "result.json"
+    src.write_text(json.dumps(data))
+    for args in (["report", src, "--html", tmp_path / "r.html"], ["recommend", src, "-o", tmp_path / "r2.json"]):
+        r = run_cli(*args, timeout_s=120)
+        assert r.exit_code == 0, r.output
+        assert "\x1b" not in r.output and "\x07" not in r.output
+        assert "RED" in r.output or args[0] == "recommend"   # recommend writes its own titles
+    assert json.loads(src.read_text())["notes"][-1] == f"note {hostile} end"   # the data itself is kept
+
+
+# -- 13. the atomic writer: folder fsynced, umask untouched; schema_version checked ---------------
+
+def test_atomic_writer_fsyncs_the_folder_and_leaves_the_umask(tmp_path, monkeypatch):
+    from fusion_advisor import files
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    def no_umask(*args):
+        raise AssertionError("os.umask changes the whole process's umask (other threads create files too)")
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "umask", no_umask)
+    files.write_text_atomic(tmp_path / "new.txt", "hello")
+    assert (tmp_path / "new.txt").read_text() == "hello"
+    assert synced == [False, True]   # the file's data, then the folder's entry for the rename
+    assert [p.name for p in tmp_path.iterdir()] == ["new.txt"]
+
+
+def test_new_files_get_what_open_would_give(tmp_path):
+    from fusion_advisor import files
+    files.write_text_atomic(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == stat.S_IMODE((tmp_path / "b.txt").stat().st_mode)
+
+
+@pytest.mark.parametrize("version", [0, -7, True, 1.0, "1"])
+def test_a_result_with_a_nonsense_schema_version_is_refused(tmp_path, version):
+    data = json.loads((DATA / "result-sample.json").read_text())
+    data["schema_version"] = version
+    src = tmp_path / "result.json"
+    src.write_text(json.dumps(data))
+    r = run_cli("report", src, "--no-terminal")
+    assert r.exit_code == 2 and "schema_version" in r.output
+    assert not (tmp_path / "report.html").exists()
