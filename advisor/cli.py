@@ -328,6 +328,7 @@ def apply_cmd(
       fusion-advisor apply fusion-report/result.json --verify    # measure it, still writing nothing
       fusion-advisor apply fusion-report/result.json --write     # apply it
       fusion-advisor apply fusion-report/result.json --revert    # undo the last --write
+      fusion-advisor apply fusion-report/result.json --revert --force   # even over edits made since
       fusion-advisor apply fusion-report/result.json --verify --memory   # with the memory trades
     """
     from dataclasses import asdict
