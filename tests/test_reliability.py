@@ -201,6 +201,15 @@ def _gpu_result(tmp_path: Path) -> Path:
     return src
 
 
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+no_gpu_here = pytest.mark.skipif(_has_cuda(), reason="what bench does on a machine without a GPU")
+
+
+@no_gpu_here
 def test_bench_without_a_gpu_exits_3_and_leaves_the_result(tmp_path):
     src = _gpu_result(tmp_path)
     before = src.read_bytes()
@@ -210,6 +219,7 @@ def test_bench_without_a_gpu_exits_3_and_leaves_the_result(tmp_path):
     assert src.read_bytes() == before
 
 
+@no_gpu_here
 def test_bench_cpu_writes_only_where_out_says(tmp_path):
     src = _gpu_result(tmp_path)
     before = src.read_bytes()
