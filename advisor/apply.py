@@ -8,6 +8,7 @@ it: the patch is the instance-scoped runtime swap, `fusion_advisor.patch(model, 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import shutil
@@ -19,12 +20,13 @@ from pathlib import Path
 from fusion_advisor.analyzers.trace import resolve_source_file
 from fusion_advisor.errors import AdvisorError, OutputError
 from fusion_advisor.kernels import all_patterns, get
-from fusion_advisor.files import write_text_atomic
+from fusion_advisor.files import clean_leftovers, folder_lock, is_read_only, write_text_atomic
 from fusion_advisor.recommend import measured_win, primary_benchmark
 from fusion_advisor.result import AdvisorResult
 from fusion_advisor.source_patch import FileRewrite, StatementReplacement, new_file, rewrite_source
 
 BACKUP_DIR = ".fusion-advisor/backups"
+LOCK_FILE = ".fusion-advisor/apply.lock"
 _LIBRARY_MARKERS = ("site-packages", "dist-packages")
 
 
@@ -43,7 +45,8 @@ class ApplyPlan:
 
     @property
     def changed(self) -> list[FileRewrite]:
-        return [f for f in self.files if f.changes]
+        """Files whose text changes (a rewrite that reproduces the file changes nothing)."""
+        return [f for f in self.files if f.changes and f.after != f.before]
 
     def diff(self, root: str | None = None) -> str:
         out = []
@@ -166,6 +169,7 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
         except OSError as exc:
             raise AdvisorError(f"cannot read {path}: {exc.strerror or exc}") from None
         out.files.append(rewrite_source(str(path), text, t["swaps"], t["rewrites"], generated.get(path, [])))
+        out.notes.extend(out.files[-1].notes)
     _drop_unused_kernels(out, generated)
     generated_names = {r.why: r.pattern for rs in generated.values() for r in rs}
     for f in out.changed:
@@ -272,21 +276,31 @@ def _plan_module_swap(rec, cluster, out: ApplyPlan) -> bool:
     return True
 
 
-def write(p: ApplyPlan, root: Path) -> Path:
+def write(p: ApplyPlan, root: Path, notice=None) -> Path:
     """Write every changed file atomically, after backing all of them up; returns the backup folder.
     A file is always either its old or its new self: each is written to a temporary file beside
-    it and renamed. If one write fails, the files already written are restored."""
+    it and renamed. If one write fails, the files already written are restored. Holds the apply
+    lock of `root` throughout; `notice(message)` hears of leftovers of an earlier, killed write."""
     changed = p.changed
     if not changed:
         raise AdvisorError("nothing to write: no source change in the plan")
-    for f in changed:
-        if f.created:
-            if Path(f.path).exists():
-                raise AdvisorError(f"{f.path} appeared since the plan was made; run apply again")
-            continue
-        current = Path(f.path).read_text(encoding="utf-8")
-        if current != f.before:
-            raise AdvisorError(f"{f.path} changed since the plan was made; run apply again")
+    with apply_lock(root):
+        for message in clean_leftovers([f.path for f in changed]) + _drop_interrupted_backups(root):
+            (notice or print)(message)
+        for f in changed:
+            if f.created:
+                if Path(f.path).exists():
+                    raise AdvisorError(f"{f.path} appeared since the plan was made; run apply again")
+                continue
+            current = Path(f.path).read_text(encoding="utf-8")
+            if current != f.before:
+                raise AdvisorError(f"{f.path} changed since the plan was made; run apply again")
+            if is_read_only(Path(f.path)):
+                raise OutputError(f"{f.path} is read-only; nothing was written (make it writable to apply)")
+        return _write_locked(changed, root)
+
+
+def _write_locked(changed: list[FileRewrite], root: Path) -> Path:
     backup = root / BACKUP_DIR / time.strftime("%Y%m%d-%H%M%S")
     try:
         backup.mkdir(parents=True, exist_ok=False)
@@ -296,13 +310,16 @@ def write(p: ApplyPlan, root: Path) -> Path:
         raise OutputError(f"cannot create the backup folder {backup}: {exc.strerror or exc}") from None
     manifest = []
     for i, f in enumerate(changed):
-        if f.created:   # nothing to back up: --revert deletes it
-            manifest.append({"path": f.path, "backup": None})
-            continue
-        saved = backup / f"{i:03d}-{Path(f.path).name}"
-        shutil.copy2(f.path, saved)
-        manifest.append({"path": f.path, "backup": str(saved)})
-    (backup / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        # What --write leaves (its hash, and a copy for the diff --revert shows when it was edited).
+        written_copy = backup / f"{i:03d}-{Path(f.path).name}.written"
+        write_text_atomic(written_copy, f.after)
+        entry = {"path": f.path, "backup": None, "written": str(written_copy), "written_sha256": _sha256(f.after)}
+        if not f.created:   # a created file has nothing to back up: --revert deletes it
+            saved = backup / f"{i:03d}-{Path(f.path).name}"
+            shutil.copy2(f.path, saved)
+            entry["backup"] = str(saved)
+        manifest.append(entry)
+    _save_manifest(backup, manifest, complete=False)
     written: list[dict] = []
     try:
         for f, entry in zip(changed, manifest):
@@ -314,22 +331,116 @@ def write(p: ApplyPlan, root: Path) -> Path:
         for entry in reversed(written):
             _restore(entry)
         raise
+    _save_manifest(backup, manifest, complete=True)
     return backup
 
 
-def revert(root: Path, backup: Path | None = None) -> list[str]:
-    """Restore the files of the latest (or the given) backup; returns their paths."""
+class RevertConflict(AdvisorError):
+    """Files edited since --write: reverting would lose those edits. `diff` shows them."""
+
+    def __init__(self, message: str, diff: str):
+        super().__init__(message)
+        self.diff = diff
+
+
+def revert(root: Path, backup: Path | None = None, force: bool = False) -> list[str]:
+    """Restore the files of the latest (or the given) backup; returns their paths.
+
+    A file that is no longer what --write left (the user edited it since) is not touched: a
+    RevertConflict carries the diff of those edits. With `force`, it is restored all the same and
+    the edited text is kept in the backup folder, which then stays (manifest.reverted.json)."""
     base = root / BACKUP_DIR
-    if backup is None:
-        candidates = sorted(d for d in base.glob("*") if (d / "manifest.json").is_file()) if base.is_dir() else []
-        if not candidates:
-            raise AdvisorError(f"no backup to revert under {base}")
-        backup = candidates[-1]
-    manifest = json.loads((backup / "manifest.json").read_text())
-    for entry in reversed(manifest):
-        _restore(entry)
-    shutil.rmtree(backup)
+    if backup is None and not base.is_dir():
+        raise AdvisorError(f"no backup to revert under {base}")
+    with apply_lock(root):
+        if backup is None:
+            candidates = sorted(d for d in base.glob("*") if (d / "manifest.json").is_file()) if base.is_dir() else []
+            if not candidates:
+                raise AdvisorError(f"no backup to revert under {base}")
+            backup = candidates[-1]
+        manifest = _load_manifest(backup)
+        edited = [e for e in manifest if _edited_since_write(e)]
+        if edited and not force:
+            raise RevertConflict(
+                f"{', '.join(e['path'] for e in edited)} changed since `apply --write` (diff above); nothing was "
+                f"reverted. Keep your edits, or `--revert --force` (your edited text is kept in {backup})",
+                _edits_diff(edited))
+        for i, e in enumerate(edited):
+            e["edited"] = str(backup / f"edited-{i:03d}-{Path(e['path']).name}")
+            shutil.copy2(e["path"], e["edited"])
+        for entry in reversed(manifest):
+            _restore(entry)
+        if edited:   # the only copy of the user's edits: keep it, and out of the next --revert's way
+            write_text_atomic(backup / "manifest.reverted.json", json.dumps(manifest, indent=2))
+            (backup / "manifest.json").unlink()
+        else:
+            shutil.rmtree(backup)
     return [e["path"] for e in manifest]
+
+
+def apply_lock(root: Path):
+    """One `apply --write` or `--revert` at a time in a folder."""
+    return folder_lock(root / LOCK_FILE, "`fusion-advisor apply --write/--revert`")
+
+
+def _drop_interrupted_backups(root: Path) -> list[str]:
+    """Backups of a --write killed before it wrote anything (every file still its backed-up self,
+    no created file present): nothing to revert, so they go. Others stay for --revert."""
+    base = root / BACKUP_DIR
+    messages = []
+    for folder in sorted(base.glob("*")) if base.is_dir() else []:
+        try:
+            data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or data.get("complete", True):
+            continue
+        if all(_untouched(e) for e in data.get("files", [])):
+            shutil.rmtree(folder, ignore_errors=True)
+            messages.append(f"removed {folder}: the backup of an interrupted --write that changed nothing")
+    return messages
+
+
+def _untouched(entry: dict) -> bool:
+    path = Path(entry["path"])
+    if entry.get("backup") is None:
+        return not path.exists()
+    return path.is_file() and path.read_bytes() == Path(entry["backup"]).read_bytes()
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _save_manifest(backup: Path, manifest: list[dict], complete: bool) -> None:
+    write_text_atomic(backup / "manifest.json", json.dumps({"complete": complete, "files": manifest}, indent=2))
+
+
+def _load_manifest(backup: Path) -> list[dict]:
+    data = json.loads((backup / "manifest.json").read_text(encoding="utf-8"))
+    return data["files"] if isinstance(data, dict) else data   # a bare list: written before the hashes
+
+
+def _edited_since_write(entry: dict) -> bool:
+    """True when the file holds text that neither --write wrote nor the backup has: the user's."""
+    path = Path(entry["path"])
+    if not path.is_file() or "written_sha256" not in entry:
+        return False   # deleted (restoring loses nothing), or a backup older than the hashes
+    current = path.read_bytes()
+    if hashlib.sha256(current).hexdigest() == entry["written_sha256"]:
+        return False
+    # An interrupted --write may not have reached this file: it is still the backed-up text.
+    return entry.get("backup") is None or current != Path(entry["backup"]).read_bytes()
+
+
+def _edits_diff(entries: list[dict]) -> str:
+    out = []
+    for e in entries:
+        written = Path(e["written"]).read_text(encoding="utf-8") if Path(e.get("written") or "").is_file() else ""
+        current = Path(e["path"]).read_text(encoding="utf-8", errors="replace")
+        out.extend(difflib.unified_diff(written.splitlines(True), current.splitlines(True),
+                                        f"{e['path']} (as --write left it)", f"{e['path']} (now)"))
+    return "".join(out)
 
 
 def _restore(entry: dict) -> None:

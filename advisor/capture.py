@@ -33,7 +33,7 @@ import torch.optim.optimizer as torch_optimizer
 from fusion_advisor import api
 from fusion_advisor.errors import AdvisorError, OutputError, ScriptError
 from fusion_advisor.files import atomic_output, write_text_atomic
-from fusion_advisor.script import run_as_main
+from fusion_advisor.script import run_as_main, sigterm_as_interrupt
 
 
 class _StopScript(BaseException):
@@ -60,6 +60,7 @@ class CaptureResult:
     meta_path: str
     meta: dict
     error: str | None = None  # the script's exception, formatted, when it raised
+    exited_before_any_step: int | None = None  # sys.exit(code) before any step or forward (e.g. -h)
 
 
 class _Stepper:
@@ -69,6 +70,7 @@ class _Stepper:
         self.on_step = on_step
         self.source: str | None = None
         self.count = 0
+        self.forwards = 0       # module forward calls seen before a better step source was known
         self._depth = 0
         self._forward_pending = False
         self._handles: list = []
@@ -114,6 +116,7 @@ class _Stepper:
 
     def _pre_forward(self, module, args) -> None:
         self._depth += 1
+        self.forwards += 1
 
     def _post_forward(self, module, args, output) -> None:
         self._depth = max(self._depth - 1, 0)
@@ -203,6 +206,7 @@ class _Session:
         self.boundaries: list[float] = []  # wall-clock time of every step boundary
         self.prof: torch.profiler.profile | None = None
         self.stepper = _Stepper(self._on_step)
+        self.exit_code: object = _NOT_EXITED   # what the script passed to sys.exit, if it did
         self._tmpdir = tempfile.mkdtemp(prefix="fusion-advisor-")
 
     def _schedule(self):
@@ -255,7 +259,8 @@ class _Session:
             self.stepper.install()
             try:
                 self.prof.start()
-                error = run_as_main(self.opts.script, self.opts.script_args, _StopScript)
+                error = run_as_main(self.opts.script, self.opts.script_args, _StopScript,
+                                    on_exit=lambda code: setattr(self, "exit_code", code))
             finally:  # whatever happened, keep what was traced
                 self.stepper.remove()
                 try:
@@ -292,9 +297,51 @@ class _Session:
     def cleanup(self) -> None:
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
+    @property
+    def exited_before_any_step(self) -> bool:
+        """The script called sys.exit before any step and before any module forward: it printed
+        its help, or gave up on its arguments. Running it again would only repeat that."""
+        return self.exit_code is not _NOT_EXITED and self.stepper.count == 0 and self.stepper.forwards == 0
+
+
+_NOT_EXITED = object()
+# What a profile writes into its folder: one run's files at a time (see `_set_aside_previous_run`).
+RUN_FILES = ("trace.json.gz", "run.json", "result.json", "report.html")
+PREVIOUS_RUN_DIR = "previous"
+
+
+def _set_aside_previous_run(out: Path, notice: Callable[[str], None], job: bool = False) -> None:
+    """Move an earlier run's files to out/previous/ (replacing what was there), so that a run that
+    fails early never leaves a new run.json beside an old trace, result and report. job: a
+    torchrun job's folder (its rank files too)."""
+    names = list(RUN_FILES)
+    if job:
+        names += sorted(p.name for pattern in ("trace.rank*.json.gz", "run.rank*.json") for p in out.glob(pattern))
+    old = [out / name for name in names if (out / name).is_file()]
+    if not old:
+        return
+    previous = out / PREVIOUS_RUN_DIR
+    try:
+        previous.mkdir(exist_ok=True)
+        for p in old:
+            os.replace(p, previous / p.name)
+        for stale in previous.iterdir():   # what remains there belongs to an even older run
+            if stale.is_file() and not any(p.name == stale.name for p in old):
+                stale.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot move the previous run's files out of {out}: {exc.strerror or exc}") from None
+    notice(f"moved the previous run's {', '.join(p.name for p in old)} to {previous}/")
+
 
 def capture(opts: CaptureOptions, progress=None, notice: Callable[[str], None] = print) -> CaptureResult:
-    """Profile `opts.script`; write trace.json.gz and run.json under `opts.out_dir`."""
+    """Profile `opts.script`; write trace.json.gz and run.json under `opts.out_dir`. SIGTERM is
+    Ctrl-C here: the steps recorded so far are kept and the temporary folder goes."""
+    with sigterm_as_interrupt():
+        return _capture(opts, progress, notice)
+
+
+def _capture(opts: CaptureOptions, progress, notice: Callable[[str], None]) -> CaptureResult:
+    cwd = os.getcwd()   # the script may chdir: every path below is relative to where we started
     script = Path(opts.script)
     if not script.is_file():
         raise AdvisorError(f"script not found: {opts.script}")
@@ -303,6 +350,7 @@ def capture(opts: CaptureOptions, progress=None, notice: Callable[[str], None] =
     if opts.warmup < 0:
         raise AdvisorError("--warmup cannot be negative")
     out = _check_out_dir(opts.out_dir)
+    _set_aside_previous_run(out, notice)
     cuda = torch.cuda.is_available() if opts.cuda is None else opts.cuda
     if not cuda:
         notice("no CUDA GPU: profiling CPU ops only; GPU figures will be estimates for a target GPU")
@@ -310,7 +358,8 @@ def capture(opts: CaptureOptions, progress=None, notice: Callable[[str], None] =
     session = _Session(opts, cuda, whole_run=False, progress=progress)
     error, seconds = session.run()
     sessions = [session]
-    if error is None and not session.trace_ready and session.stepper.count < opts.warmup + 1:
+    if (error is None and not session.trace_ready and session.stepper.count < opts.warmup + 1
+            and not session.exited_before_any_step):
         # The script ended before anything was recorded: run it again, recording all of it.
         n = session.stepper.count
         notice(f"the script ran {n} step{'s' if n != 1 else ''}, fewer than --warmup {opts.warmup} needs; "
@@ -326,7 +375,7 @@ def capture(opts: CaptureOptions, progress=None, notice: Callable[[str], None] =
         meta.update({
             "script": os.path.abspath(opts.script),
             "argv": [opts.script, *opts.script_args],
-            "cwd": os.getcwd(),
+            "cwd": cwd,
             "step_source": session.stepper.source or "none",
             "steps_seen": session.stepper.count,
             "steps_recorded": sorted(recorded),
@@ -336,6 +385,7 @@ def capture(opts: CaptureOptions, progress=None, notice: Callable[[str], None] =
             "profiling_wall_s": round(time.perf_counter() - wall0, 3),
             "script_wall_s": round(seconds, 3),
             "script_error": error.strip().splitlines()[-1] if error else None,
+            "script_exit_status": None if session.exit_code is _NOT_EXITED else session.exit_code,
             "created_unix": round(time.time(), 3),
         })
         if opts.rank is not None:
@@ -350,7 +400,14 @@ def capture(opts: CaptureOptions, progress=None, notice: Callable[[str], None] =
     finally:
         for s in sessions:
             s.cleanup()
-    return CaptureResult(str(trace_path) if trace_path else None, str(meta_path), meta, error)
+    return CaptureResult(str(trace_path) if trace_path else None, str(meta_path), meta, error,
+                         exited_before_any_step=_exit_status(session.exit_code) if session.exited_before_any_step
+                         else None)
+
+
+def _exit_status(code) -> int:
+    """The process status sys.exit(code) gives: None is 0, a message is 1."""
+    return 0 if code is None else code if isinstance(code, int) else 1
 
 
 def _median(xs: list[float]) -> float | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import json
 import sys
@@ -10,10 +11,11 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fusion_advisor import __version__
-from fusion_advisor.errors import EXIT_NOT_VERIFIED, EXIT_SCRIPT_FAILED, AdvisorError
+from fusion_advisor.errors import EXIT_NOT_VERIFIED, EXIT_SCRIPT_FAILED, AdvisorError, EnvironmentProblem
 
 HELP = """\
 Find the memory-bound kernel chains in a PyTorch training script, time fused Triton replacements
@@ -38,7 +40,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from fusion_advisor.report.safe_text import strip_controls
+    err.print(f"[bold red]error:[/] {escape(strip_controls(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -57,8 +60,9 @@ def _print_result(result, as_json: bool, out_console: Console) -> None:
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
         return
+    from fusion_advisor.report.safe_text import terminal_safe
     from fusion_advisor.report.terminal import render_report
-    render_report(result, out_console)
+    render_report(terminal_safe(result), out_console)
 
 
 def _write_report_html(result, result_path: Path) -> Path:
@@ -158,6 +162,8 @@ def profile(
                             target_gpu)
     from fusion_advisor.capture import CaptureOptions, capture
 
+    for note in _mistyped_options(ctx):
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
     opts = CaptureOptions(script=str(script), script_args=list(ctx.args), warmup=warmup, steps=steps,
                           stop=stop, out_dir=str(out), timing_steps=timing_steps)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -175,9 +181,17 @@ def profile(
 
     redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     with redirect, progress:
-        result_capture = capture(opts, progress=on_step, notice=lambda m: err.print(f"[yellow]note:[/] {m}"))
+        result_capture = capture(opts, progress=on_step, notice=lambda m: err.print(f"[yellow]note:[/] {escape(m)}"))
     if result_capture.error:
         err.print(result_capture.error.rstrip(), highlight=False, markup=False)
+    status = result_capture.exited_before_any_step
+    if status is not None:   # e.g. `-- -h`: its output was shown once, and that is all it does
+        message = (f"the script exited (status {status}) before any step: nothing to profile; "
+                   f"wrote {result_capture.meta_path}")
+        if status == 0:
+            err.print(f"[yellow]note:[/] {message}", highlight=False)
+            raise typer.Exit(0)
+        _fail(message, EXIT_SCRIPT_FAILED)
     if result_capture.trace_path is None:
         written = f"; wrote {result_capture.meta_path}"
         _fail(("the script failed before any step was recorded" if result_capture.error else
@@ -196,7 +210,28 @@ def profile(
     err.print(f"wrote {result_capture.trace_path}\nwrote {result_capture.meta_path}\nwrote {result_path}\n"
               f"wrote {html_path}", highlight=False)
     if result_capture.error:
-        _fail("the script raised (traceback above); the steps recorded before it are kept", EXIT_SCRIPT_FAILED)
+        stopped = result_capture.error.startswith(("interrupted", "terminated"))
+        _fail(f"the script was stopped: {result_capture.error.strip()}; the steps recorded before it are kept"
+              if stopped else "the script raised (traceback above); the steps recorded before it are kept",
+              EXIT_SCRIPT_FAILED)
+
+
+def _mistyped_options(ctx: typer.Context) -> list[str]:
+    """Unknown options typed before `--` go to the script; say so when one looks like ours
+    (`--step 5` for `--steps 5`)."""
+    raw = _ARGV if _ARGV is not None else sys.argv[1:]
+    before = raw[:raw.index("--")] if "--" in raw else raw
+    ours = sorted({o for p in ctx.command.params for o in [*p.opts, *p.secondary_opts] if o.startswith("--")})
+    notes = []
+    for arg in before:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--") or arg not in ctx.args or name in ours:
+            continue
+        close = difflib.get_close_matches(name, ours, n=1, cutoff=0.8)
+        if close:
+            notes.append(f"{name} is not a fusion-advisor option (did you mean {close[0]}?): it goes to the script "
+                         f"as one of its own; the script's options belong after `--`")
+    return notes
 
 
 def _profile_job(script: Path, script_args: list[str], nproc: int, out: Path, warmup: int, steps: int,
@@ -207,6 +242,8 @@ def _profile_job(script: Path, script_args: list[str], nproc: int, out: Path, wa
     if not script.is_file():
         raise AdvisorError(f"script not found: {script}")
     out.mkdir(parents=True, exist_ok=True)
+    from fusion_advisor.capture import _set_aside_previous_run
+    _set_aside_previous_run(out, lambda m: err.print(f"[yellow]note:[/] {m}", highlight=False), job=True)
     rank_args = ["--warmup", str(warmup), "--steps", str(steps), "--timing-steps", str(timing_steps),
                  "--stop" if stop else "--no-stop"]
     redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
@@ -357,6 +394,8 @@ def apply_cmd(
                                                 "(estimates only; --verify marks them). Default: only what was "
                                                 "measured faster than eager with its numerics checked."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan (and verification) as JSON."),
+    force: bool = typer.Option(False, "--force", help="With --revert: restore files edited since --write too "
+                                                      "(the edited text is kept in the backup folder)."),
 ):
     """Patch your source with the recommendations: a unified diff by default.
 
@@ -372,30 +411,44 @@ def apply_cmd(
       fusion-advisor apply fusion-report/result.json --verify    # measure it, still writing nothing
       fusion-advisor apply fusion-report/result.json --write     # apply it
       fusion-advisor apply fusion-report/result.json --revert    # undo the last --write
+      fusion-advisor apply fusion-report/result.json --revert --force   # even over edits made since
       fusion-advisor apply fusion-report/result.json --verify --memory   # with the memory trades
     """
     from dataclasses import asdict
 
     from fusion_advisor import apply as apply_mod
+    from fusion_advisor.files import leftover_temps
     from fusion_advisor.result import AdvisorResult
 
     root = Path.cwd()
     if revert:
         if write:
             raise AdvisorError("--write and --revert together make no sense; choose one")
-        for path in apply_mod.revert(root):
+        try:
+            restored = apply_mod.revert(root, force=force)
+        except apply_mod.RevertConflict as exc:
+            sys.stdout.write(exc.diff)
+            raise
+        for path in restored:
             err.print(f"restored {path}", highlight=False)
         return
+    if force:
+        raise AdvisorError("--force goes with --revert only")
     result = AdvisorResult.load(result_path)
     plan = apply_mod.plan(result, memory=memory, include_estimates=include_estimates)
+    leftovers = [t for f in plan.changed for t in leftover_temps(f.path)]
+    if leftovers and not write:
+        plan.notes.append(f"{len(leftovers)} temporary file(s) of an interrupted write lie beside your sources "
+                          f"({', '.join(map(str, leftovers))}); the next --write removes them")
     diff = plan.diff(str(root))
     report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes,
               "replacements": plan.replacements, "estimates": plan.estimates, "runtime_modules": plan.runtime_modules,
               "changes": [{"path": f.path, **asdict(c)} for f in plan.changed for c in f.changes]}
     if not as_json:
         sys.stdout.write(diff or "(no source change)\n")
+        from fusion_advisor.report.safe_text import strip_controls
         for note in plan.notes:
-            err.print(f"[yellow]note:[/] {note}", highlight=False)
+            err.print(f"[yellow]note:[/] {escape(strip_controls(note))}", highlight=False)
     if verify_run:
         from fusion_advisor.verify import verify
         run = result.run or {}
@@ -410,14 +463,17 @@ def apply_cmd(
         report["verification"] = {**asdict(v), "proven": v.proven}
         if not as_json:
             _print_verification(v, plan.estimates)
-    if write:
-        backup = apply_mod.write(plan, root)
+    if write and not plan.changed:
+        err.print("nothing to write: the sources already hold every change (or none applies)", highlight=False)
+    elif write:
+        backup = apply_mod.write(plan, root, notice=lambda m: err.print(f"[yellow]note:[/] {escape(m)}", highlight=False))
         report["backup"] = str(backup)
         for f in plan.changed:
             err.print(f"wrote {f.path}", highlight=False)
         err.print(f"backups in {backup} (undo: fusion-advisor apply {result_path} --revert)", highlight=False)
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        from fusion_advisor.result import dumps_strict
+        sys.stdout.write(dumps_strict(report) + "\n")
     if verify_run and v.never_called:
         first = v.never_called[0]
         more = f" (and {len(v.never_called) - 1} more)" if len(v.never_called) > 1 else ""
@@ -499,18 +555,34 @@ def bench(
 
     result = AdvisorResult.load(result_path)
     options = BenchOptions(providers=parse_providers(providers), mode="cpu" if cpu else "auto")
+    if not cpu:
+        _require_gpu(f"bench needs a CUDA GPU to time anything; {result_path} is left as it was "
+                     f"(--cpu checks numerics in the Triton interpreter)")
     roi_options = _roi_options(gpu_hourly_cost, steps_per_day, gpus)
     with _bench_progress() as on_cluster:
         _bench_and_recommend(result, options, roi_options, on_cluster)
-    dest = out or result_path
-    result.save(dest)
+    # CPU mode times nothing that counts: it never replaces a result's measurements by itself.
+    dest = out if cpu else (out or result_path)
+    if dest is not None:
+        result.save(dest)
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
     else:
         console = Console()
-        render_benchmarks(result, console)
-        render_recommendations(result, console)
-    err.print(f"wrote {dest}", highlight=False)
+        from fusion_advisor.report.safe_text import terminal_safe
+        render_benchmarks(terminal_safe(result), console)
+        render_recommendations(terminal_safe(result), console)
+    err.print(f"wrote {dest}" if dest is not None else
+              "--cpu: nothing written (CPU mode times nothing that counts; -o FILE keeps its result)", highlight=False)
+
+
+def _require_gpu(message: str) -> None:
+    """EnvironmentProblem (exit 3) unless a CUDA GPU runs the kernels (not the Triton interpreter)."""
+    import torch
+
+    from fusion_advisor.kernels.common import interpreting
+    if not torch.cuda.is_available() or interpreting():
+        raise EnvironmentProblem(message)
 
 
 @app.command()
@@ -539,7 +611,8 @@ def recommend(
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
     else:
-        render_recommendations(result, Console())
+        from fusion_advisor.report.safe_text import terminal_safe
+        render_recommendations(terminal_safe(result), Console())
     err.print(f"wrote {dest}", highlight=False)
 
 
@@ -600,7 +673,12 @@ def calibrate(
     err.print("\n".join(f"wrote {p}" for p in written), highlight=False)
 
 
+_ARGV: list[str] | None = None   # the command line as typed (click drops the `--` that splits it)
+
+
 def main(argv: List[str] | None = None) -> None:
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     app(args=argv, prog_name="fusion-advisor")
 
 

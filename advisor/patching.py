@@ -184,9 +184,14 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() needs an nn.Module, got {type(model).__name__}")
     names = options.get("patterns")
+    from fusion_advisor.result import AdvisorResult
     if isinstance(result, (str, bytes)) or hasattr(result, "__fspath__"):
-        from fusion_advisor.result import AdvisorResult
         result = AdvisorResult.load(result)
+    elif isinstance(result, dict):   # json.load(f) of a result file: the same as its path
+        result = AdvisorResult.from_dict(result)
+    elif result is not None and not isinstance(result, AdvisorResult):
+        raise TypeError(f"patch(): result must be an AdvisorResult, a result file's path or its JSON as a dict; "
+                        f"got {type(result).__name__}")
     if names is None:
         if result is None:
             raise AdvisorError("patch() needs a result (AdvisorResult) or patterns=[...]")
@@ -353,6 +358,11 @@ def _sharded(module: nn.Module) -> bool:
     """Parameters that are DTensors (FSDP2, tensor parallel): not plain tensors a kernel can take."""
     return any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
                for p in module.parameters(recurse=False))
+
+
+def _is_ours(module: nn.Module) -> bool:
+    """A module fusion_advisor made: patching it again would wrap a fused module in another."""
+    return type(module).__module__.split(".", 1)[0] == "fusion_advisor"
 
 
 def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any, Callable]]:

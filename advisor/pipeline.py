@@ -60,6 +60,7 @@ def analyze(trace: Trace, target_gpu: str | None = None) -> AdvisorResult:
     result = AdvisorResult(tool_version=__version__, trace_path=trace.path)
     result.run = run_info_from_trace(trace)
     result.summary = summarize(trace).to_dict()
+    result.notes.extend(trace.notes)
     if not trace.step_ids:
         result.notes.append("no ProfilerStep markers in the trace: figures are for the whole trace, not per step")
     profile, why = choose_profile(trace, target_gpu)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -150,14 +151,16 @@ class AdvisorResult:
         return dataclasses.asdict(self)
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+        return dumps_strict(self.to_dict(), indent=indent)
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdvisorResult":
         if not isinstance(data, dict) or "schema_version" not in data:
             raise AdvisorError("not an AdvisorResult (no schema_version)")
-        if not isinstance(data["schema_version"], int):
+        if type(data["schema_version"]) is not int:  # bool is an int to isinstance
             raise AdvisorError(f"not an AdvisorResult (schema_version {data['schema_version']!r} is not a number)")
+        if data["schema_version"] < 1:
+            raise AdvisorError(f"not an AdvisorResult (schema_version {data['schema_version']!r}: versions start at 1)")
         if data["schema_version"] > SCHEMA_VERSION:
             raise AdvisorError(f"result schema {data['schema_version']} is newer than this fusion-advisor "
                                f"understands ({SCHEMA_VERSION}); upgrade fusion-advisor")
@@ -181,6 +184,24 @@ class AdvisorResult:
     def save(self, path: str | os.PathLike) -> str:
         write_text_atomic(Path(path), self.to_json())
         return str(path)
+
+
+def dumps_strict(obj: Any, indent: int | None = 2) -> str:
+    """JSON that every parser reads: NaN and infinities become null (json.dumps would write bare
+    NaN / Infinity, which is not JSON); numpy values become Python ones."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def _finite(obj: Any):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_finite(v) for v in obj]
+    return _finite(_json_default(obj))
 
 
 def _json_default(obj: Any):

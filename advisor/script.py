@@ -3,18 +3,45 @@ and turn how it ended into one value: None (it finished, or `stop` was raised to
 the error to show the user (its own traceback, without our frames)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
+import signal
 import sys
+import threading
 import traceback
 import types
+from typing import Callable
 
 
-def run_as_main(script: str, args: list[str], stop: type[BaseException], source: str | None = None) -> str | None:
-    """`source`: the text to run instead of the file's (apply's patched script); sys.argv and
-    sys.path are restored afterwards."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send before they kill), raised where Ctrl-C would be."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM stops the script the way Ctrl-C does (Terminated), so what was
+    recorded is kept and temporary files are cleaned; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_as_main(script: str, args: list[str], stop: type[BaseException], source: str | None = None,
+                on_exit: Callable[[object], None] | None = None) -> str | None:
+    """`source`: the text to run instead of the file's (apply's patched script); sys.argv, sys.path
+    and the working directory (a script may chdir) are restored afterwards. `on_exit(code)` hears
+    of a sys.exit(code), whatever the code."""
     path = os.path.abspath(script)
-    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    saved_argv, saved_path, saved_cwd = sys.argv[:], sys.path[:], os.getcwd()
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(path))
     try:
@@ -25,14 +52,20 @@ def run_as_main(script: str, args: list[str], stop: type[BaseException], source:
     except stop:
         pass
     except SystemExit as exc:
+        if on_exit is not None:
+            on_exit(exc.code)
         if exc.code not in (None, 0):
             return f"the script exited with status {exc.code}"
+    except Terminated:
+        return "terminated (SIGTERM)"
     except KeyboardInterrupt:
         return "interrupted (Ctrl-C)"
     except BaseException as exc:  # the user's script raised
         return format_user_traceback(exc, path)
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
+        with contextlib.suppress(OSError):
+            os.chdir(saved_cwd)
     return None
 
 

@@ -9,6 +9,7 @@ Imports the new code needs are added once, after the file's own imports.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import libcst as cst
@@ -193,6 +194,8 @@ class _Transformer(cst.CSTTransformer):
                 continue
             new = spec.replacement.visit(_Substitute(binds))
             new = new.with_changes(lpar=updated.lpar, rpar=updated.rpar)
+            if _code(new).strip() == _code(updated).strip():
+                continue   # the code is already the rewrite's output (a second --write): no change
             self.changes.append(Change(self._line(original), _code(original), _code(new), spec.why))
             self.imports.extend(spec.rewrite.imports)
             return new
@@ -219,6 +222,7 @@ class FileRewrite:
     after: str
     changes: list[Change] = field(default_factory=list)
     created: bool = False      # a new file (a generated kernel): --revert deletes it
+    notes: list[str] = field(default_factory=list)   # rewrites found elsewhere than traced, or refused
 
 
 def new_file(path: str, text: str, why: str, replace: bool = False) -> FileRewrite:
@@ -241,8 +245,10 @@ def rewrite_source(path: str, text: str, class_swaps: dict[str, tuple[str, str, 
              for r, lines, why in rewrites]
     # Imported under an alias: the user's file may define a class of the same name.
     swaps = {old: (_alias(new), why) for old, (_, new, why) in class_swaps.items()}
+    wrapper = MetadataWrapper(module)
+    specs, notes = _relocate_stale(wrapper, specs, path)
     transformer = _Transformer(swaps, specs, replacements)
-    new_module = MetadataWrapper(module).visit(transformer)
+    new_module = wrapper.visit(transformer)
     if transformer.changes:
         context = CodemodContext()
         used = {old for old in class_swaps if any(c.why == class_swaps[old][2] for c in transformer.changes)}
@@ -260,4 +266,63 @@ def rewrite_source(path: str, text: str, class_swaps: dict[str, tuple[str, str, 
                 for alias in stmt.names:
                     AddImportsVisitor.add_needed_import(context, _code(alias.name))
         new_module = AddImportsVisitor(context).transform_module(new_module)
-    return FileRewrite(path, text, new_module.code, transformer.changes)
+    return FileRewrite(path, text, new_module.code, transformer.changes, notes=notes)
+
+
+class _FindMatches(cst.CSTVisitor):
+    """Where each rewrite's template matches: (first, last) line of the innermost function, per spec."""
+
+    METADATA_DEPENDENCIES = (PositionProvider,)
+
+    def __init__(self, specs: list[_RewriteSpec]):
+        super().__init__()
+        self.specs = specs
+        self.functions: list[tuple[int, int]] = []
+        self.found: list[list[tuple[int, int] | None]] = [[] for _ in specs]
+
+    def visit_FunctionDef(self, node):
+        pos = self.get_metadata(PositionProvider, node)
+        self.functions.append((pos.start.line, pos.end.line))
+
+    def leave_FunctionDef(self, original):
+        self.functions.pop()
+
+    def _look(self, node):
+        for i, spec in enumerate(self.specs):
+            if spec.matcher.match(node) is not None:
+                self.found[i].append(self.functions[-1] if self.functions else None)
+
+    def visit_Call(self, node):
+        self._look(node)
+
+    def visit_BinaryOperation(self, node):
+        self._look(node)
+
+
+def _relocate_stale(wrapper: MetadataWrapper, specs: list[_RewriteSpec], path: str
+                    ) -> tuple[list[_RewriteSpec], list[str]]:
+    """A function-scoped rewrite whose traced lines no longer hold a match (the file was edited
+    since the profile): found by its content when exactly one function holds it, else refused.
+    Either way a note says so: a stale rewrite is never silently dropped."""
+    finder = _FindMatches(specs)
+    wrapper.visit(finder)
+    kept, notes = [], []
+    for spec, where in zip(specs, finder.found):
+        if not spec.def_lines or any(f is not None and any(f[0] <= ln <= f[1] for ln in spec.def_lines)
+                                     for f in where):
+            kept.append(spec)
+            continue
+        traced = ", ".join(map(str, sorted(spec.def_lines)))
+        functions = sorted({f for f in where if f is not None})
+        if len(functions) == 1:
+            first = functions[0][0]
+            kept.append(dataclasses.replace(spec, def_lines={first}))
+            notes.append(f"{path}: `{spec.rewrite.match}` is not in the function traced at line {traced} "
+                         f"(edited since the profile?); found by its content in the function at line {first} "
+                         f"and rewritten there ({spec.why})")
+        else:
+            where_text = "nowhere in the file" if not functions else f"in {len(functions)} functions"
+            notes.append(f"{path}: `{spec.rewrite.match}` is not in the function traced at line {traced} "
+                         f"(edited since the profile, or written another way?) and appears {where_text}; not rewritten ({spec.why}): "
+                         f"run `fusion-advisor profile` again")
+    return kept, list(dict.fromkeys(notes))

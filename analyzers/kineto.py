@@ -21,6 +21,7 @@ KERNEL_CATS = {"kernel": "kernel", "gpu_memcpy": "memcpy", "gpu_memset": "memset
 LAUNCH_CATS = {"cuda_runtime", "cuda_driver"}
 PYTHON_CATS = {"python_function"}
 ANNOTATION_CATS = {"user_annotation": False, "gpu_user_annotation": True}
+_KEPT_CATS = OP_CATS | set(KERNEL_CATS) | LAUNCH_CATS | PYTHON_CATS | set(ANNOTATION_CATS)
 
 
 @dataclass
@@ -34,6 +35,42 @@ class RawColumns:
     annotations: dict = field(default_factory=dict)
     top: dict = field(default_factory=dict)
     n_events: int = 0
+    bad_spans: dict = field(default_factory=dict)  # category -> events dropped for a missing or corrupt ts/dur
+
+
+# Bounds of a believable span, in µs: Kineto's ts is since the epoch (~1.8e15 in 2027), a dur over
+# ~4 months is corruption. NaN fails every comparison, so it is out of bounds too.
+_MAX_TS_US = 1e17
+_MAX_DUR_US = 1e13
+# More bad spans than this share of the timed events: the trace is damaged, not a few odd events.
+MAX_BAD_SPAN_SHARE = 0.1
+
+
+def _span(ev: dict) -> tuple[float, float] | None:
+    """(ts, dur) of an event, or None when either is missing, not a number, NaN, negative or huge."""
+    ts, dur = ev.get("ts"), ev.get("dur")
+    try:
+        ts = float(ts) if isinstance(ts, (int, float, str)) and not isinstance(ts, bool) else None
+        dur = float(dur) if isinstance(dur, (int, float, str)) and not isinstance(dur, bool) else None
+    except ValueError:
+        return None
+    if ts is None or dur is None or not (-_MAX_TS_US <= ts <= _MAX_TS_US) or not (0.0 <= dur <= _MAX_DUR_US):
+        return None
+    return ts, dur
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _tid(value):
+    """A thread, stream or device id: Kineto writes ints; anything else is 0 (frames sort by it)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _id(value, default: int = -1):
+    """An id field (External id, correlation, Python id): an int, else `default` (ids key dicts)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def _cols(*names: str) -> dict:
@@ -90,33 +127,43 @@ def parse(path: str) -> RawColumns:
     raw.python = _cols("py_id", "parent_id", "name", "ts", "dur", "tid", "module_id")
     raw.annotations = _cols("name", "ts", "dur", "tid", "gpu", "ext_id")
     o, k, la, py, an = raw.ops, raw.kernels, raw.launches, raw.python, raw.annotations
+    timed = 0
     for i in range(len(events)):
         ev = events[i]
         events[i] = None  # drop each dict once read: keeps the peak near the JSON's own size
         if not isinstance(ev, dict) or ev.get("ph") != "X":
             continue
         cat = ev.get("cat")
-        args = ev.get("args") or {}
+        if not isinstance(cat, str) or cat not in _KEPT_CATS:
+            continue
+        timed += 1
+        span = _span(ev)
+        if span is None:
+            raw.bad_spans[cat] = raw.bad_spans.get(cat, 0) + 1
+            continue
+        ev["ts"], ev["dur"] = span
+        args = ev.get("args")
+        args = args if isinstance(args, dict) else {}
         if cat in OP_CATS:
-            o["ext_id"].append(args.get("External id", -1))
-            o["name"].append(ev.get("name", ""))
+            o["ext_id"].append(_id(args.get("External id")))
+            o["name"].append(_text(ev.get("name")))
             o["ts"].append(ev.get("ts", 0.0))
             o["dur"].append(ev.get("dur", 0.0))
-            o["tid"].append(ev.get("tid", 0))
-            o["seq"].append(args.get("Sequence number", -1))
+            o["tid"].append(_tid(ev.get("tid")))
+            o["seq"].append(_id(args.get("Sequence number")))
             o["input_dims"].append(args.get("Input Dims"))
             o["input_types"].append(args.get("Input type"))
             o["input_strides"].append(args.get("Input Strides"))
             o["concrete"].append(args.get("Concrete Inputs"))
         elif cat in KERNEL_CATS:
-            k["name"].append(ev.get("name", ""))
+            k["name"].append(_text(ev.get("name")))
             k["kind"].append(KERNEL_CATS[cat])
             k["ts"].append(ev.get("ts", 0.0))
             k["dur"].append(ev.get("dur", 0.0))
-            k["device"].append(args.get("device", ev.get("pid", 0)))
-            k["stream"].append(args.get("stream", ev.get("tid", 0)))
-            k["correlation"].append(args.get("correlation", -1))
-            k["ext_id"].append(args.get("External id", -1))
+            k["device"].append(_tid(args.get("device", ev.get("pid"))))
+            k["stream"].append(_tid(args.get("stream", ev.get("tid"))))
+            k["correlation"].append(_id(args.get("correlation")))
+            k["ext_id"].append(_id(args.get("External id")))
             k["grid"].append(tuple(args.get("grid", ())) or None)
             k["block"].append(tuple(args.get("block", ())) or None)
             k["registers"].append(args.get("registers per thread"))
@@ -124,26 +171,29 @@ def parse(path: str) -> RawColumns:
             k["occupancy"].append(args.get("est. achieved occupancy %"))
             k["bytes"].append(args.get("bytes"))
         elif cat in LAUNCH_CATS:
-            la["name"].append(ev.get("name", ""))
+            la["name"].append(_text(ev.get("name")))
             la["ts"].append(ev.get("ts", 0.0))
             la["dur"].append(ev.get("dur", 0.0))
-            la["tid"].append(ev.get("tid", 0))
-            la["correlation"].append(args.get("correlation", -1))
-            la["ext_id"].append(args.get("External id", -1))
+            la["tid"].append(_tid(ev.get("tid")))
+            la["correlation"].append(_id(args.get("correlation")))
+            la["ext_id"].append(_id(args.get("External id")))
         elif cat in PYTHON_CATS:
-            py["py_id"].append(args.get("Python id", -1))
-            parent = args.get("Python parent id")
-            py["parent_id"].append(-1 if parent is None else parent)
-            py["name"].append(ev.get("name", ""))
+            py["py_id"].append(_id(args.get("Python id")))
+            py["parent_id"].append(_id(args.get("Python parent id")))
+            py["name"].append(_text(ev.get("name")))
             py["ts"].append(ev.get("ts", 0.0))
             py["dur"].append(ev.get("dur", 0.0))
-            py["tid"].append(ev.get("tid", 0))
-            py["module_id"].append(args.get("Python module id", -1))
+            py["tid"].append(_tid(ev.get("tid")))
+            py["module_id"].append(_id(args.get("Python module id")))
         elif cat in ANNOTATION_CATS:
-            an["name"].append(ev.get("name", ""))
+            an["name"].append(_text(ev.get("name")))
             an["ts"].append(ev.get("ts", 0.0))
             an["dur"].append(ev.get("dur", 0.0))
-            an["tid"].append(ev.get("tid", 0))
+            an["tid"].append(_tid(ev.get("tid")))
             an["gpu"].append(ANNOTATION_CATS[cat])
-            an["ext_id"].append(args.get("External id", -1))
+            an["ext_id"].append(_id(args.get("External id")))
+    bad = sum(raw.bad_spans.values())
+    if bad and bad > MAX_BAD_SPAN_SHARE * timed:
+        raise TraceError(f"{path}: {bad:,} of {timed:,} timed events have a missing, NaN, negative or huge ts/dur: "
+                         f"the trace is damaged")
     return raw

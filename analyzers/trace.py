@@ -84,6 +84,8 @@ class Trace:
         self.path = path
         self.meta: dict = raw.top
         self.n_events = raw.n_events
+        self.bad_spans: dict = dict(raw.bad_spans)  # category -> events dropped (corrupt ts/dur)
+        self.cut_frame_cycles = 0                  # Python frames found to be their own ancestor
         self.ops = _frame(raw.ops)
         self.kernels = _frame(raw.kernels)
         self.launches = _frame(raw.launches)
@@ -103,6 +105,19 @@ class Trace:
         if require_kernels and trace.kernels.empty:
             raise TraceError(f"{path} holds no GPU kernels (was it recorded on a machine with a GPU?)")
         return trace
+
+    @property
+    def notes(self) -> list[str]:
+        """What was wrong with the trace and left out, for the result's notes."""
+        out = []
+        if self.bad_spans:
+            what = ", ".join(f"{n:,} {cat}" for cat, n in sorted(self.bad_spans.items()))
+            out.append(f"dropped {sum(self.bad_spans.values()):,} events with a missing, NaN, negative or huge "
+                       f"ts/dur ({what})")
+        if self.cut_frame_cycles:
+            out.append(f"{self.cut_frame_cycles:,} Python frame(s) were their own ancestor (missing or corrupt "
+                       f"'Python id'/'Python parent id'): treated as top-level frames")
+        return out
 
     # -- facts about the run -------------------------------------------------------------------
     @property
@@ -195,13 +210,20 @@ class Trace:
         path_of: dict[int, tuple[str, ...]] = {}
 
         def module_path(row: int) -> tuple[str, ...]:
-            # Walk up to the nearest enclosing module call (iteratively: stacks can be deep).
+            # Walk up to the nearest enclosing module call (iteratively: stacks can be deep). A
+            # malformed trace can make a frame its own ancestor (ids missing: -1 is its own parent):
+            # the walk stops where it would revisit a frame, and that frame counts as a root.
             chain = []
+            on_chain = set()
             r = row
             while r is not None and r not in path_of:
+                if r in on_chain:
+                    self.cut_frame_cycles += 1
+                    r = None
+                    break
                 chain.append(r)
-                p = row_of_id.get(parents[r])
-                r = p
+                on_chain.add(r)
+                r = row_of_id.get(parents[r])
             base = path_of[r] if r is not None else ()
             for c in reversed(chain):
                 base = base + (names[c][len(_MODULE_PREFIX):],) if is_mod[c] else base
