@@ -1,0 +1,347 @@
+"""The one row-norm kernel family: RMSNorm and LayerNorm, with or without a residual add before the
+norm, with or without a weight and a bias, forward and backward. rms_norm.py, add_rms_norm.py,
+layer_norm.py and add_layer_norm.py keep their public names, custom ops and autograd Functions and
+call the launchers here (`norm_fwd`, `norm_bwd`).
+
+Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached per shape):
+  forward   one program per tile of BLOCK_M rows x BLOCK_N columns (BLOCK_N = the row padded to a
+            power of two): many rows per program for short rows (N = 64: 64 rows), one row for long
+            ones. fp32 statistics; mean (LayerNorm) and rstd saved per row for the backward.
+  backward  persistent: P programs (P = SMs, the cost model's count) each loop over the row tiles
+            pid, pid + P, pid + 2P, ... computing dx in the same pass and keeping dweight / dbias
+            partial sums in fp32 registers; each writes one partial row per parameter, and a second
+            small kernel (`_norm_param_grads_kernel`) sums the P rows into the parameter's dtype.
+            No M x N temporary, no atomics.
+
+Bytes moved by one fused launch (M rows x N; x element size e, residual r, the sum s, output o,
+weight/bias w each only when present; the pattern files' `fused_bytes` give these numbers):
+  forward:  read x (and the residual), write y (and the sum), rstd (and mean) per row, read the
+            weight and bias once per program (L2 hits after the first): M*N*(e [+ r + s] + o)
+            + N*w per parameter + 4*M per statistic
+  backward: read dy, x (the sum), the statistics (and the returned residual's grad); write dx;
+            per parameter write P partial rows in fp32 and read them back, then write the grad:
+            M*N*(o + e + e [+ s]) + 4*M per statistic + N*w + per parameter (2*P*N*4 + N*w)
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusion_advisor.kernels.common import cdiv, interpreting, next_power_of_2, sm_count
+
+MAX_BLOCK_N = 65536     # a row held in registers: wider rows are refused with a clear error
+FWD_TILE = 4096         # elements per forward program (16 a thread at 8 warps: 16-byte vectors)
+BWD_TILE = 8192         # elements per backward loop iteration (16 a thread at 16 warps)
+MIN_BWD_TILE = 2048     # the backward tile shrinks to this to give each program >= 8 iterations
+
+
+# -- row-tile math ------------------------------------------------------------------------------------
+@triton.jit
+def _tile(row0, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows (int64), columns, the row mask and the element mask of the tile starting at row0."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    return rows.to(tl.int64), cols, row_mask, mask
+
+
+@triton.jit
+def _param_row(P, cols, n_cols, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A weight or bias as a [1, BLOCK_N] fp32 row (`absent` everywhere when there is none)."""
+    if HAS:
+        v = tl.load(P + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    else:
+        v = tl.full((BLOCK_N,), absent, tl.float32)
+    return v[None, :]
+
+
+@triton.jit
+def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows, cols, row_mask, mask = _tile(tl.program_id(0) * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Rounded to the sum's dtype before the norm, as `x + residual` in eager PyTorch is.
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+    if IS_RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        # Round the normalised value to the input's dtype before the weight, as LlamaRMSNorm does.
+        if HAS_RESIDUAL:
+            y = (x * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)
+        else:
+            y = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    else:
+        mean = tl.sum(x, axis=1) / n_cols
+        # Two passes over registers, not E[x^2] - E[x]^2: no cancellation when |mean| >> std.
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+        y = xc * rstd[:, None]
+        tl.store(MEAN + rows, mean, mask=row_mask)
+    if HAS_WEIGHT:
+        y = y * _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+    if HAS_BIAS:
+        y = y + _param_row(B, cols, n_cols, 0.0, HAS_BIAS, BLOCK_N)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
+    dweight / dbias sums (fp32, kept per tile element and reduced over rows once at the end)
+    stored as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    w = _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_tiles = tl.cdiv(n_rows, BLOCK_M)
+    for tile in range(pid, n_tiles, programs):
+        rows, _, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+        g = dy * w
+        if IS_RMS:
+            x_hat = x * rstd
+            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None])
+            # dweight sees the normalised value rounded as the forward rounded it.
+            dw_acc += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
+        else:
+            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
+            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+            c1 = tl.sum(g, axis=1) / n_cols
+            c2 = tl.sum(g * x_hat, axis=1) / n_cols
+            dx = rstd * (g - c1[:, None] - x_hat * c2[:, None])
+            dw_acc += dy * x_hat
+            db_acc += dy
+        if HAS_DS_OUT:  # the grad that reached the returned residual directly
+            dx += tl.load(DS_OUT + rows[:, None] * stride_dso + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    col_mask = cols < n_cols
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+# -- kernels: one name per pattern, so profiler traces say which norm ran ------------------------------
+@triton.jit
+def _rms_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   True, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _add_rms_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols,
+                             eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   True, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols,
+                           eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _add_layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows,
+                               n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   False, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                         stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
+                             stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
+                           stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
+                               stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
+                               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+    _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _norm_param_grads_kernel(DW_PARTIAL, DB_PARTIAL, DW, DB, n_partials, n_cols, HAS_WEIGHT: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dweight / dbias = the (P, n_cols) fp32 partial rows summed, written in the parameter's dtype."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    dw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(0, n_partials, BLOCK_P):
+        parts = p0 + tl.arange(0, BLOCK_P)
+        offs = parts.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        mask = (parts < n_partials)[:, None] & col_mask[None, :]
+        if HAS_WEIGHT:
+            dw += tl.load(DW_PARTIAL + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            db += tl.load(DB_PARTIAL + offs, mask=mask, other=0.0)
+    if HAS_WEIGHT:
+        tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
+
+
+_FWD_KERNELS = {(True, False): _rms_norm_fwd_kernel, (True, True): _add_rms_norm_fwd_kernel,
+                (False, False): _layer_norm_fwd_kernel, (False, True): _add_layer_norm_fwd_kernel}
+_BWD_KERNELS = {(True, False): _rms_norm_bwd_kernel, (True, True): _add_rms_norm_bwd_kernel,
+                (False, False): _layer_norm_bwd_kernel, (False, True): _add_layer_norm_bwd_kernel}
+
+
+# -- block and warp choice ----------------------------------------------------------------------------
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+def _warps(tile: int) -> int:
+    """About 16 elements a thread (two 16-byte vectors of bf16, four of fp32), 4 to 32 warps."""
+    return max(4, min(32, tile // (32 * 16)))
+
+
+def _block_n(n_cols: int) -> int:
+    block_n = next_power_of_2(n_cols)
+    if block_n > MAX_BLOCK_N:
+        raise ValueError(f"norm: rows of {n_cols} elements are wider than the {MAX_BLOCK_N} one program holds")
+    return block_n
+
+
+@functools.lru_cache(maxsize=4096)
+def fwd_config(n_cols: int, n_rows: int, programs_wanted: int) -> TileConfig:
+    """Rows stacked up to FWD_TILE elements a program, fewer while that leaves fewer than
+    `programs_wanted` programs (twice the SMs: every SM busy), never more rows than there are."""
+    block_n = _block_n(n_cols)
+    block_m = max(1, FWD_TILE // block_n)
+    block_m = min(block_m, next_power_of_2(max(n_rows, 1)))
+    while block_m > 1 and block_m * block_n > 1024 and cdiv(n_rows, block_m) < programs_wanted:
+        block_m //= 2
+    return TileConfig(block_m, block_n, _warps(block_m * block_n))
+
+
+@functools.lru_cache(maxsize=4096)
+def bwd_config(n_cols: int, n_rows: int, programs: int) -> TileConfig:
+    """Rows stacked up to BWD_TILE elements an iteration, fewer (down to MIN_BWD_TILE) while each
+    of the `programs` would loop fewer than 8 times: fewer idle programs on the last round."""
+    block_n = _block_n(n_cols)
+    block_m = max(1, BWD_TILE // block_n)
+    block_m = min(block_m, next_power_of_2(max(n_rows, 1)))
+    while block_m > 1 and block_m * block_n > MIN_BWD_TILE and cdiv(n_rows, block_m) < 8 * programs:
+        block_m //= 2
+    return TileConfig(block_m, block_n, _warps(block_m * block_n))
+
+
+def _sm_programs(device: torch.device) -> int:
+    """The persistent backward's program count: one per SM on a GPU (what the cost model counts),
+    a handful in the interpreter (each program is slow there)."""
+    if interpreting() or device.type != "cuda":
+        return 4
+    return sm_count(device)
+
+
+# -- launchers ----------------------------------------------------------------------------------------
+def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype,
+             sum_dtype: Optional[torch.dtype] = None):
+    """x (and residual): (rows, n_cols) views with a contiguous last dim. Returns (y, s, mean, rstd):
+    s the residual sum (None without a residual), mean None for RMSNorm; statistics fp32 per row."""
+    n_rows, n_cols = x.shape
+    device = x.device
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=device)
+    s = torch.empty((n_rows, n_cols), dtype=sum_dtype, device=device) if residual is not None else None
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=device)
+    mean = None if rms else torch.empty(n_rows, dtype=torch.float32, device=device)
+    if n_rows and n_cols:
+        cfg = fwd_config(n_cols, n_rows, 2 * _sm_programs(device))
+        r, s_ = (residual, s) if residual is not None else (x, y)
+        # Absent tensors are never read (constexpr flags): another tensor stands in as the pointer.
+        _FWD_KERNELS[(rms, residual is not None)][(cdiv(n_rows, cfg.block_m),)](
+            x, r, s_, x if weight is None else weight, x if bias is None else bias, y,
+            rstd if mean is None else mean, rstd, x.stride(0), r.stride(0), s_.stride(0), y.stride(0),
+            n_rows, n_cols, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    return y, s, mean, rstd
+
+
+def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], mean: Optional[torch.Tensor], rstd: torch.Tensor, rms: bool,
+             residual: bool = False):
+    """dy, ds_out, x: (rows, n_cols) views with a contiguous last dim (x: the norm's input, the sum
+    when `residual`); ds_out the returned residual's grad or None. Returns (dx, dweight, dbias),
+    dx contiguous in x's dtype, each parameter grad in its parameter's dtype (None when absent)."""
+    n_rows, n_cols = x.shape
+    device = x.device
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=device)
+    dw = torch.empty_like(weight) if weight is not None else None
+    db = torch.empty_like(bias) if bias is not None else None
+    if not n_cols:
+        return dx, dw, db
+    if not n_rows:
+        for g in (dw, db):
+            if g is not None:
+                g.zero_()
+        return dx, dw, db
+    sms = _sm_programs(device)
+    cfg = bwd_config(n_cols, n_rows, sms)
+    programs = min(sms, cdiv(n_rows, cfg.block_m))
+    n_params = int(weight is not None) + int(bias is not None)
+    partial = torch.empty((max(n_params, 1), programs, n_cols), dtype=torch.float32, device=device)
+    dw_partial, db_partial = partial[0], partial[n_params - 1]
+    dso = ds_out if ds_out is not None else dy
+    _BWD_KERNELS[(rms, residual)][(programs,)](
+        dy, dso, x, x if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_partial,
+        db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
+        HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    if n_params:
+        block_c = max(32, min(256, cfg.block_n // 64))
+        block_p = min(next_power_of_2(programs), max(1, 4096 // block_c))
+        _norm_param_grads_kernel[(cdiv(n_cols, block_c),)](
+            dw_partial, db_partial, dx if dw is None else dw, dx if db is None else db, programs, n_cols,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c,
+            num_warps=4)
+    return dx, dw, db
