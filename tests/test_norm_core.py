@@ -1,0 +1,108 @@
+"""The shared norm kernels (kernels/norm_core.py) in the regimes the pattern tests do not reach:
+short rows with many rows a program, odd and long rows, a persistent backward whose programs get
+unequal numbers of row tiles, no residual / no weight / no bias; and the tile table's GPU configs
+compile for Hopper."""
+import pytest
+import torch
+
+from fusion_advisor.kernels import add_layer_norm, add_rms_norm, layer_norm, norm_core, rms_norm
+from fusion_advisor.kernels.tolerances import tolerance
+from kernel_checks import check_against_reference, hopper_compile_errors, recorded_launches
+
+DTYPES = ["float32", "float16", "bfloat16"]
+# (rows, N): short rows stacked 32-64 a program with a last partial tile, odd N, a long row.
+SHAPES = [[300, 64], [77, 128], [19, 431], [3, 5120]]
+SWEEP_N = (64, 128, 256, 512, 768, 1024, 2048, 4096, 5120, 8192, 16384)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_rms_norms_in_every_row_regime(shape, dtype, device):
+    params = {"shape": shape, "dtype": dtype, "eps": 1e-6}
+    check_against_reference(rms_norm.PATTERN, params, device, reduced_grads=(1,))
+    check_against_reference(add_rms_norm.PATTERN, params, device, reduced_grads=(2,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_layer_norms_in_every_row_regime(shape, dtype, device):
+    params = {"shape": shape, "dtype": dtype, "eps": 1e-5}
+    check_against_reference(layer_norm.PATTERN, params, device, reduced_grads=(2, 3))
+    check_against_reference(add_layer_norm.PATTERN, params, device, reduced_grads=(3, 4))
+
+
+@pytest.mark.parametrize("options", [{"weight": False, "bias": False}, {"bias": False}, {"weight": False}], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_rows_without_weight_or_bias(options, dtype, device):
+    params = {"shape": [200, 64], "dtype": dtype, "eps": 1e-5, **options}
+    check_against_reference(layer_norm.PATTERN, params, device, reduced_grads=(2, 3))
+    check_against_reference(add_layer_norm.PATTERN, params, device, reduced_grads=(3, 4))
+
+
+def test_backward_programs_get_unequal_numbers_of_tiles(device):
+    # 4 programs in the interpreter; 37 rows in tiles of 4 make 10 tiles: 3, 3, 2 and 2 each.
+    rows, n = 37, 512
+    cfg = norm_core.bwd_config(n, rows, norm_core._sm_programs(device))
+    assert cfg.block_m > 1 and -(-rows // cfg.block_m) % norm_core._sm_programs(device)
+    check_against_reference(layer_norm.PATTERN, {"shape": [rows, n], "dtype": "float32"}, device,
+                            reduced_grads=(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_without_weight_matches_its_formula(dtype, device):
+    # No pattern normalises without an RMSNorm weight; the flag is the kernels' and checked here.
+    torch.manual_seed(0)
+    x = torch.randn(150, 64, device=device, dtype=dtype, requires_grad=True)
+    y, _, _, rstd = norm_core.norm_fwd(x.detach(), None, None, None, 1e-6, rms=True, out_dtype=dtype)
+    xf = x.float()
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    torch.testing.assert_close(y, ref, **tolerance(dtype))
+    dy = torch.randn_like(y)
+    dx, dw, db = norm_core.norm_bwd(dy, None, x.detach(), None, None, None, rstd, rms=True)
+    ref.backward(dy)
+    assert dw is None and db is None
+    torch.testing.assert_close(dx, x.grad, **tolerance(dtype))
+
+
+def test_zero_rows_give_zero_parameter_grads(device):
+    x = torch.empty(0, 64, device=device)
+    w, b = torch.ones(64, device=device), torch.zeros(64, device=device)
+    y, _, mean, rstd = norm_core.norm_fwd(x, None, w, b, 1e-5, rms=False, out_dtype=x.dtype)
+    dx, dw, db = norm_core.norm_bwd(x, None, x, w, b, mean, rstd, rms=False)
+    assert y.shape == dx.shape == (0, 64) and not dw.any() and not db.any()
+
+
+@pytest.mark.parametrize("n", SWEEP_N)
+def test_tile_table_gives_power_of_two_tiles_of_bounded_size(n):
+    for rows in (4096, 65536, 1 << 20):
+        fwd, bwd = norm_core.fwd_config(n, rows, 264), norm_core.bwd_config(n, rows, 132)
+        for cfg, cap in ((fwd, norm_core.FWD_TILE), (bwd, norm_core.BWD_TILE)):
+            assert cfg.block_n >= n and cfg.block_n & (cfg.block_n - 1) == 0 and cfg.block_m & (cfg.block_m - 1) == 0
+            assert cfg.block_m * cfg.block_n <= max(cap, cfg.block_n)
+            assert cfg.num_warps in (4, 8, 16, 32)
+    assert norm_core.fwd_config(64, 1 << 20, 264).block_m >= 32   # short rows: many a program
+    assert norm_core.bwd_config(64, 1 << 20, 132).block_m >= 32
+    with pytest.raises(ValueError, match="wider than"):
+        norm_core.fwd_config(norm_core.MAX_BLOCK_N + 1, 4, 8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")
+def test_gpu_tile_configs_compile_for_hopper(device, monkeypatch):
+    """The interpreter runs any block shape; the GPU compiler does not. Every config the table
+    gives on an H100 for the sweep's row lengths is run here on 3 rows and compiled for sm_90."""
+    shapes = [(n, rows) for n in SWEEP_N for rows in (4096, 1 << 20)]
+    with recorded_launches() as launches:
+        for n, rows in shapes:
+            fwd, bwd = norm_core.fwd_config(n, rows, 264), norm_core.bwd_config(n, rows, 132)
+            monkeypatch.setattr(norm_core, "fwd_config", lambda *a, cfg=fwd: cfg)
+            monkeypatch.setattr(norm_core, "bwd_config", lambda *a, cfg=bwd: cfg)
+            for pattern, params in ((rms_norm.PATTERN, {}), (add_rms_norm.PATTERN, {}),
+                                    (layer_norm.PATTERN, {}), (add_layer_norm.PATTERN, {"bias": False})):
+                inputs = pattern.make_inputs({"shape": [3, n], "dtype": "bfloat16", **params}, device, True)
+                out = pattern.fused(*inputs.args, **inputs.kwargs)
+                outs = [out] if isinstance(out, torch.Tensor) else list(out)
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    names = {launch["name"] for launch in launches}
+    assert {"_rms_norm_fwd_kernel", "_add_layer_norm_bwd_kernel", "_norm_param_grads_kernel"} <= names
+    errors = hopper_compile_errors(launches)
+    assert not errors, "\n\n".join(errors)
