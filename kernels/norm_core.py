@@ -7,7 +7,8 @@ Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached p
   forward   one program per tile of BLOCK_M rows x BLOCK_N columns (BLOCK_N = the row padded to a
             power of two): many rows per program for short rows (N = 64: 64 rows), one row for long
             ones. fp32 statistics; mean (LayerNorm) and rstd saved per row for the backward.
-  backward  persistent: P programs (P = SMs, the cost model's count) each loop over the row tiles
+  backward  persistent: P programs (16 warps of them per SM: P = 2 x SMs for 8-warp tiles, SMs
+            for 16) each loop over the row tiles
             pid, pid + P, pid + 2P, ... computing dx in the same pass and keeping dweight / dbias
             partial sums in fp32 registers; each writes one partial row per parameter, and a second
             small kernel (`_norm_param_grads_kernel`) sums the P rows into the parameter's dtype.
@@ -35,8 +36,10 @@ from fusion_advisor.kernels.common import cdiv, interpreting, next_power_of_2, s
 
 MAX_BLOCK_N = 65536     # a row held in registers: wider rows are refused with a clear error
 FWD_TILE = 4096         # elements per forward program (16 a thread at 8 warps: 16-byte vectors)
-BWD_TILE = 8192         # elements per backward loop iteration (16 a thread at 16 warps)
-MIN_BWD_TILE = 2048     # the backward tile shrinks to this to give each program >= 8 iterations
+BWD_TILE = 2048         # elements per backward loop iteration (8 a thread at 8 warps)
+BWD_PER_THREAD = 8      # at 8, ~95 registers a thread (cuobjdump of the sm_90 cubin): two 8-warp programs fit
+                        # an SM; at 16, 130-150, and only one does
+WARPS_PER_SM = 16       # the persistent backward's programs per SM: 16 warps of them (2 of 8 warps)
 
 
 # -- row-tile math ------------------------------------------------------------------------------------
@@ -239,9 +242,10 @@ class TileConfig(NamedTuple):
     num_warps: int
 
 
-def _warps(tile: int) -> int:
-    """About 16 elements a thread (two 16-byte vectors of bf16, four of fp32), 4 to 32 warps."""
-    return max(4, min(32, tile // (32 * 16)))
+def _warps(tile: int, per_thread: int = 16) -> int:
+    """About `per_thread` elements a thread (16: two 16-byte vectors of bf16, four of fp32), 4 to
+    32 warps."""
+    return max(4, min(32, tile // (32 * per_thread)))
 
 
 def _block_n(n_cols: int) -> int:
@@ -264,20 +268,27 @@ def fwd_config(n_cols: int, n_rows: int, programs_wanted: int) -> TileConfig:
 
 
 @functools.lru_cache(maxsize=4096)
-def bwd_config(n_cols: int, n_rows: int, programs: int) -> TileConfig:
-    """Rows stacked up to BWD_TILE elements an iteration, fewer (down to MIN_BWD_TILE) while each
-    of the `programs` would loop fewer than 8 times: fewer idle programs on the last round."""
+def bwd_config(n_cols: int, n_rows: int) -> TileConfig:
+    """Rows stacked up to BWD_TILE elements an iteration, BWD_PER_THREAD a thread: the registers
+    (dy, x, two fp32 accumulators and the addresses) leave room for two 8-warp programs an SM,
+    one's loads overlapping the other's reductions. Rows of 4096+ take 16-32 warps, one program."""
     block_n = _block_n(n_cols)
-    block_m = max(1, BWD_TILE // block_n)
-    block_m = min(block_m, next_power_of_2(max(n_rows, 1)))
-    while block_m > 1 and block_m * block_n > MIN_BWD_TILE and cdiv(n_rows, block_m) < 8 * programs:
-        block_m //= 2
-    return TileConfig(block_m, block_n, _warps(block_m * block_n))
+    block_m = min(max(1, BWD_TILE // block_n), next_power_of_2(max(n_rows, 1)))
+    return TileConfig(block_m, block_n, _warps(block_m * block_n, BWD_PER_THREAD))
+
+
+def bwd_programs(cfg: TileConfig, n_rows: int, device: torch.device) -> int:
+    """The persistent backward's program count: WARPS_PER_SM warps of programs on every SM of a
+    GPU, a handful in the interpreter (each program is slow there); never more than row tiles."""
+    if interpreting() or device.type != "cuda":
+        per_device = 4
+    else:
+        per_device = sm_count(device) * max(1, WARPS_PER_SM // cfg.num_warps)
+    return max(1, min(per_device, cdiv(n_rows, cfg.block_m)))
 
 
 def _sm_programs(device: torch.device) -> int:
-    """The persistent backward's program count: one per SM on a GPU (what the cost model counts),
-    a handful in the interpreter (each program is slow there)."""
+    """SMs on a GPU, a handful in the interpreter: sizes the forward grid (twice this)."""
     if interpreting() or device.type != "cuda":
         return 4
     return sm_count(device)
@@ -325,9 +336,8 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
             if g is not None:
                 g.zero_()
         return dx, dw, db
-    sms = _sm_programs(device)
-    cfg = bwd_config(n_cols, n_rows, sms)
-    programs = min(sms, cdiv(n_rows, cfg.block_m))
+    cfg = bwd_config(n_cols, n_rows)
+    programs = bwd_programs(cfg, n_rows, device)
     n_params = int(weight is not None) + int(bias is not None)
     partial = torch.empty((max(n_params, 1), programs, n_cols), dtype=torch.float32, device=device)
     dw_partial, db_partial = partial[0], partial[n_params - 1]

@@ -42,8 +42,8 @@ def test_short_rows_without_weight_or_bias(options, dtype, device):
 def test_backward_programs_get_unequal_numbers_of_tiles(device):
     # 4 programs in the interpreter; 37 rows in tiles of 4 make 10 tiles: 3, 3, 2 and 2 each.
     rows, n = 37, 512
-    cfg = norm_core.bwd_config(n, rows, norm_core._sm_programs(device))
-    assert cfg.block_m > 1 and -(-rows // cfg.block_m) % norm_core._sm_programs(device)
+    cfg = norm_core.bwd_config(n, rows)
+    assert cfg.block_m > 1 and -(-rows // cfg.block_m) % norm_core.bwd_programs(cfg, rows, device)
     check_against_reference(layer_norm.PATTERN, {"shape": [rows, n], "dtype": "float32"}, device,
                             reduced_grads=(2, 3))
 
@@ -75,13 +75,13 @@ def test_zero_rows_give_zero_parameter_grads(device):
 @pytest.mark.parametrize("n", SWEEP_N)
 def test_tile_table_gives_power_of_two_tiles_of_bounded_size(n):
     for rows in (4096, 65536, 1 << 20):
-        fwd, bwd = norm_core.fwd_config(n, rows, 264), norm_core.bwd_config(n, rows, 132)
+        fwd, bwd = norm_core.fwd_config(n, rows, 264), norm_core.bwd_config(n, rows)
         for cfg, cap in ((fwd, norm_core.FWD_TILE), (bwd, norm_core.BWD_TILE)):
             assert cfg.block_n >= n and cfg.block_n & (cfg.block_n - 1) == 0 and cfg.block_m & (cfg.block_m - 1) == 0
             assert cfg.block_m * cfg.block_n <= max(cap, cfg.block_n)
             assert cfg.num_warps in (4, 8, 16, 32)
     assert norm_core.fwd_config(64, 1 << 20, 264).block_m >= 32   # short rows: many a program
-    assert norm_core.bwd_config(64, 1 << 20, 132).block_m >= 32
+    assert norm_core.bwd_config(64, 1 << 20).block_m >= 32
     with pytest.raises(ValueError, match="wider than"):
         norm_core.fwd_config(norm_core.MAX_BLOCK_N + 1, 4, 8)
 
@@ -93,7 +93,7 @@ def test_gpu_tile_configs_compile_for_hopper(device, monkeypatch):
     shapes = [(n, rows) for n in SWEEP_N for rows in (4096, 1 << 20)]
     with recorded_launches() as launches:
         for n, rows in shapes:
-            fwd, bwd = norm_core.fwd_config(n, rows, 264), norm_core.bwd_config(n, rows, 132)
+            fwd, bwd = norm_core.fwd_config(n, rows, 264), norm_core.bwd_config(n, rows)
             monkeypatch.setattr(norm_core, "fwd_config", lambda *a, cfg=fwd: cfg)
             monkeypatch.setattr(norm_core, "bwd_config", lambda *a, cfg=bwd: cfg)
             for pattern, params in ((rms_norm.PATTERN, {}), (add_rms_norm.PATTERN, {}),
