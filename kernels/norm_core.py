@@ -22,6 +22,9 @@ weight/bias w each only when present; the pattern files' `fused_bytes` give thes
   backward: read dy, x (the sum), the statistics (and the returned residual's grad); write dx;
             per parameter write P partial rows in fp32 and read them back, then write the grad:
             M*N*(o + e + e [+ s]) + 4*M per statistic + N*w + per parameter (2*P*N*4 + N*w)
+  (`fused_bytes` takes P = the SMs, the cost model's count; for rows under 4096 the kernel runs
+  twice that many programs, whose partial rows, written and read back through L2, add 2*SMs*N*4
+  bytes per parameter: under 1 % of the total at 64k rows x 1024, about 8 % at 4k rows.)
 """
 from __future__ import annotations
 
