@@ -5,6 +5,7 @@ torch.compile(dynamic=False) of it and Liger-Kernel where it is installed (issue
     python benchmarks/bench_norms.py --out benchmarks/results/bench-norms-h100.csv   # ~6 min on an H100
     python benchmarks/bench_norms.py --quick                                           # ~1.5 min
     python benchmarks/bench_norms.py --patterns layer_norm --n 64,768 --rows 1048576 --dtypes bfloat16
+    python benchmarks/bench_norms.py --n 1024 --rows 65536 --providers triton,compile --bwd-tile 4096   # A/B a tile
 
 Shapes run most important first, so that a time budget cuts the least useful ones: bf16 fwd+bwd
 at 64k rows for every N, then 4k and ~1M rows, then fp32. The largest row count is capped so no
@@ -37,8 +38,11 @@ N_VALUES = (64, 128, 256, 512, 768, 1024, 2048, 4096, 5120, 8192, 16384)
 ROW_VALUES = (65536, 4096, 1 << 20)
 QUICK_N = (64, 768, 1024, 4096, 8192)
 PASSES = ("forward", "forward+backward")
-COLUMNS = ["gpu", "driver", "torch", "triton", "liger", "pattern", "n", "rows", "dtype", "pass", "provider",
-           "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_copy", "vs_compile", "vs_eager", "numerics"]
+PROVIDERS = ("eager", "compile", "compile-max", "triton", "liger")
+TILE_KNOBS = {"fwd_tile": "FWD_TILE", "bwd_tile": "BWD_TILE", "bwd_per_thread": "BWD_PER_THREAD",
+              "warps_per_sm": "WARPS_PER_SM"}   # bench flag -> kernels/norm_core.py constant
+COLUMNS = ["gpu", "driver", "torch", "triton", "liger", "tiles", "pattern", "n", "rows", "dtype", "pass", "provider",
+           "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_copy", "vs_compile", "vs_eager", "vs_compile_max", "numerics"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n", default=None, help="comma-separated row lengths (default: the 11 of issue 14)")
     ap.add_argument("--rows", default=None, help="comma-separated row counts (default: 65536,4096,1048576)")
     ap.add_argument("--dtypes", default="bfloat16,float32")
-    ap.add_argument("--providers", default="eager,compile,triton,liger")
+    ap.add_argument("--providers", default="eager,compile,triton,liger",
+                    help=f"comma-separated, of {', '.join(PROVIDERS)} (compile-max: mode="
+                         "max-autotune-no-cudagraphs, minutes of autotuning per shape)")
     ap.add_argument("--quick", action="store_true", help=f"N in {QUICK_N}, 65536 rows, bf16, short timing loops")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds after which no new shape starts (default 330; 90 with --quick); "
@@ -57,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile", default=None, help="DeviceProfile JSON (fusion-advisor calibrate) for the "
                                                     "copy bandwidth; default: measure a copy here")
     ap.add_argument("--out", default="bench_norms.csv")
+    for flag, const in TILE_KNOBS.items():
+        ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
+                        help=f"override norm_core.{const} for this run (to compare tile tables)")
     args = ap.parse_args(argv)
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     args.patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
@@ -69,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.time_budget is None:
         args.time_budget = 90.0 if args.quick else 330.0
     for p in args.providers:
-        if p not in ("eager", "compile", "triton", "liger"):
+        if p not in PROVIDERS:
             ap.error(f"unknown provider {p!r}")
     if "triton" not in args.providers:
         ap.error("--providers must include triton: every ratio is ours against another")
@@ -99,11 +108,32 @@ def shape_plan(args) -> list[tuple[str, int, int, str]]:
     return unique
 
 
+def set_tiles(args) -> str:
+    """Apply the --*-tile overrides to kernels/norm_core.py's table; the table as a CSV label."""
+    from fusion_advisor.kernels import norm_core
+    for flag, const in TILE_KNOBS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(norm_core, const, value)
+    norm_core.fwd_config.cache_clear()
+    norm_core.bwd_config.cache_clear()
+    return (f"fwd{norm_core.FWD_TILE}/bwd{norm_core.BWD_TILE}x{norm_core.BWD_PER_THREAD}"
+            f"/{norm_core.WARPS_PER_SM}w")
+
+
+def provider_fn(pattern, provider: str, measure):
+    if provider == "compile-max":
+        import torch
+        torch._dynamo.reset()
+        return torch.compile(pattern.reference, dynamic=False, mode="max-autotune-no-cudagraphs")
+    return measure.provider_callable(pattern, provider)
+
+
 def bench_one(pattern, params, providers, device, env, copy_bw, rep_ms, warmup_ms, measure, numerics_ok) -> list[dict]:
     fns = {}
     for provider in providers:
         try:
-            fns[provider] = measure.provider_callable(pattern, provider)
+            fns[provider] = provider_fn(pattern, provider, measure)
         except measure.ProviderUnavailable:
             continue
     moved = pattern.fused_bytes(params)
@@ -127,16 +157,18 @@ def bench_one(pattern, params, providers, device, env, copy_bw, rep_ms, warmup_m
                    "p20_ms": round(t.p20_us / 1e3, 5), "p50_ms": round(t.p50_us / 1e3, 5),
                    "p80_ms": round(t.p80_us / 1e3, 5), "gbps": significant(gbps),
                    "pct_copy": round(100 * gbps * 1e9 / copy_bw, 1) if copy_bw else "",
-                   "vs_compile": "", "vs_eager": "", "numerics": numerics_ok if provider == "triton" else ""}
+                   "vs_compile": "", "vs_eager": "", "vs_compile_max": "", "numerics": numerics_ok if provider == "triton" else ""}
             if provider == "triton":
                 for other in ("compile", "eager"):
                     if other in times:
                         row[f"vs_{other}"] = round(times[other].p50_us / t.p50_us, 3)
+                if "compile-max" in times:
+                    row["vs_compile_max"] = round(times["compile-max"].p50_us / t.p50_us, 3)
             rows.append(row)
         if ours:
             pct = f"{100 * nbytes / (ours.p50_us * 1e-6) / copy_bw:5.1f}% copy" if copy_bw else ""
             line = f"    {pass_:<17} ours {ours.p50_us:9.1f} us {pct}"
-            for other in ("eager", "compile", "liger"):
+            for other in ("eager", "compile", "compile-max", "liger"):
                 if other in times:
                     line += f" | {other} {times[other].p50_us / ours.p50_us:5.2f}x"
             print(line, flush=True)
@@ -201,9 +233,10 @@ def main(argv=None) -> int:
         env["liger"] = md.version("liger-kernel")
     except Exception:
         env["liger"] = ""
+    env["tiles"] = set_tiles(args)
     copy_bw, source = peak_bandwidth(args.profile, device)
     print(f"{env['gpu']} | driver {env['driver']} | torch {env['torch']} | triton {env['triton']} | "
-          f"liger {env['liger'] or '-'} | copy {copy_bw / 1e9:,.0f} GB/s ({source})", flush=True)
+          f"liger {env['liger'] or '-'} | tiles {env['tiles']} | copy {copy_bw / 1e9:,.0f} GB/s ({source})", flush=True)
     rep_ms, warmup_ms = (30.0, 10.0) if args.quick else (60.0, 15.0)
     sms = sm_count(device)
     started, rows, skipped = time.perf_counter(), [], []

@@ -45,3 +45,16 @@ def test_summary_names_the_worst_shape(bench):
 def test_refuses_a_sweep_without_our_kernel(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--providers", "eager,compile"])
+
+
+def test_tile_overrides_reach_the_kernels_table_and_the_csv_label(bench, monkeypatch):
+    from fusion_advisor.kernels import norm_core
+    for const in bench.TILE_KNOBS.values():
+        monkeypatch.setattr(norm_core, const, getattr(norm_core, const))  # restored after the test
+    try:
+        label = bench.set_tiles(bench.parse_args(["--bwd-tile", "4096", "--bwd-per-thread", "16"]))
+        assert label == f"fwd{norm_core.FWD_TILE}/bwd4096x16/{norm_core.WARPS_PER_SM}w"
+        assert norm_core.bwd_config(1024, 65536) == norm_core.TileConfig(4, 1024, 8)
+    finally:
+        norm_core.fwd_config.cache_clear()
+        norm_core.bwd_config.cache_clear()
