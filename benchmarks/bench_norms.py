@@ -6,6 +6,7 @@ torch.compile(dynamic=False) of it and Liger-Kernel where it is installed (issue
     python benchmarks/bench_norms.py --quick                                           # ~1.5 min
     python benchmarks/bench_norms.py --patterns layer_norm --n 64,768 --rows 1048576 --dtypes bfloat16
     python benchmarks/bench_norms.py --n 1024 --rows 65536 --providers triton,compile --bwd-tile 4096   # A/B a tile
+    python benchmarks/bench_norms.py --tune --dtypes bfloat16 ...     # search tiles on this GPU first (norm_tune.py)
 
 Shapes run most important first, so that a time budget cuts the least useful ones: bf16 fwd+bwd
 at 64k rows for every N, then 4k and ~1M rows, then fp32. The largest row count is capped so no
@@ -63,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile", default=None, help="DeviceProfile JSON (fusion-advisor calibrate) for the "
                                                     "copy bandwidth; default: measure a copy here")
     ap.add_argument("--out", default="bench_norms.csv")
+    ap.add_argument("--tune", action="store_true", help="first search the tiles of the sweep's row lengths and "
+                                                        "dtypes on this GPU (kernels/norm_tune.py; ~10 s per "
+                                                        "row length and dtype) and sweep with them")
     for flag, const in TILE_KNOBS.items():
         ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
                         help=f"override norm_core.{const} for this run (to compare tile tables)")
@@ -234,6 +238,14 @@ def main(argv=None) -> int:
     except Exception:
         env["liger"] = ""
     env["tiles"] = set_tiles(args)
+    if args.tune:
+        from fusion_advisor.kernels import norm_tune
+        tune_start = time.perf_counter()
+        path = norm_tune.tune(args.n, [getattr(torch, d) for d in args.dtypes], device)
+        print(f"tuned in {time.perf_counter() - tune_start:.0f} s: {path}", flush=True)
+    from fusion_advisor.kernels import norm_core
+    if norm_core.tuned_table(norm_core.gpu_name(device)):
+        env["tiles"] += " + tuned " + norm_core.tuned_path(norm_core.gpu_name(device)).name
     copy_bw, source = peak_bandwidth(args.profile, device)
     print(f"{env['gpu']} | driver {env['driver']} | torch {env['torch']} | triton {env['triton']} | "
           f"liger {env['liger'] or '-'} | tiles {env['tiles']} | copy {copy_bw / 1e9:,.0f} GB/s ({source})", flush=True)

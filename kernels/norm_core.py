@@ -13,6 +13,10 @@ Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached p
             partial sums in fp32 registers; each writes one partial row per parameter, and a second
             small kernel (`_norm_param_grads_kernel`) sums the P rows into the parameter's dtype.
             No M x N temporary, no atomics.
+  tuning    `python -m fusion_advisor.kernels.norm_tune` (GPU only, offline) times a few tiles around
+            the table per (row length, element size) and saves the fastest per GPU model under the
+            user cache dir; `fwd_config` / `bwd_config` read that file once and fall back to the
+            table. A call never searches; the interpreter always uses the table.
 
 Bytes moved by one fused launch (M rows x N; x element size e, residual r, the sum s, output o,
 weight/bias w each only when present; the pattern files' `fused_bytes` give these numbers):
@@ -29,12 +33,16 @@ weight/bias w each only when present; the pattern files' `fused_bytes` give thes
 from __future__ import annotations
 
 import functools
+import json
+import re
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from fusion_advisor.cost_model.device import cache_dir
 from fusion_advisor.kernels.common import cdiv, interpreting, next_power_of_2, sm_count
 
 MAX_BLOCK_N = 65536     # a row held in registers: wider rows are refused with a clear error
@@ -243,6 +251,7 @@ class TileConfig(NamedTuple):
     block_m: int
     block_n: int
     num_warps: int
+    programs_per_sm: int = 1   # the persistent backward's; the forward runs one program per tile
 
 
 def _warps(tile: int, per_thread: int = 16) -> int:
@@ -258,35 +267,73 @@ def _block_n(n_cols: int) -> int:
     return block_n
 
 
+def tuned_path(gpu: str) -> Path:
+    """Where norm_tune.py leaves the configs it chose on one GPU model."""
+    return cache_dir() / "norm-tiles" / (re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-") + ".json")
+
+
+def tuned_key(kind: str, block_n: int, elem_size: int) -> str:
+    return f"{kind}/{block_n}/{elem_size}"
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(gpu: str) -> dict[str, tuple[int, int, int]]:
+    """{tuned_key: (block_m, num_warps, programs_per_sm)} searched on this GPU model by
+    norm_tune.py, read once; empty without a GPU name, without the file, or for a file that is
+    not one (the heuristic answers then)."""
+    if not gpu:
+        return {}
+    try:
+        configs = json.loads(tuned_path(gpu).read_text(encoding="utf-8"))["configs"]
+        table = {}
+        for key, (block_m, warps, per_sm) in configs.items():
+            block_n = int(key.split("/")[1])
+            if (block_m & (block_m - 1) or block_m < 1 or block_m * block_n > MAX_BLOCK_N
+                    or warps not in (1, 2, 4, 8, 16, 32) or not 1 <= per_sm <= 8):
+                continue
+            table[key] = (int(block_m), int(warps), int(per_sm))
+        return table
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return {}
+
+
 @functools.lru_cache(maxsize=4096)
-def fwd_config(n_cols: int, n_rows: int, programs_wanted: int) -> TileConfig:
-    """Rows stacked up to FWD_TILE elements a program, fewer while that leaves fewer than
-    `programs_wanted` programs (twice the SMs: every SM busy), never more rows than there are."""
+def fwd_config(n_cols: int, n_rows: int, programs_wanted: int, elem_size: int = 2, gpu: str = "") -> TileConfig:
+    """Rows stacked up to FWD_TILE elements a program (or as norm_tune.py chose on `gpu`), fewer
+    while that leaves fewer than `programs_wanted` programs (twice the SMs: every SM busy), never
+    more rows than there are."""
     block_n = _block_n(n_cols)
-    block_m = max(1, FWD_TILE // block_n)
-    block_m = min(block_m, next_power_of_2(max(n_rows, 1)))
+    tuned = tuned_table(gpu).get(tuned_key("fwd", block_n, elem_size))
+    block_m = min(tuned[0] if tuned else max(1, FWD_TILE // block_n), next_power_of_2(max(n_rows, 1)))
     while block_m > 1 and block_m * block_n > 1024 and cdiv(n_rows, block_m) < programs_wanted:
         block_m //= 2
-    return TileConfig(block_m, block_n, _warps(block_m * block_n))
+    warps = tuned[1] if tuned and tuned[0] == block_m else _warps(block_m * block_n)
+    return TileConfig(block_m, block_n, warps)
 
 
 @functools.lru_cache(maxsize=4096)
-def bwd_config(n_cols: int, n_rows: int) -> TileConfig:
+def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "") -> TileConfig:
     """Rows stacked up to BWD_TILE elements an iteration, BWD_PER_THREAD a thread: the registers
     (dy, x, two fp32 accumulators and the addresses) leave room for two 8-warp programs an SM,
-    one's loads overlapping the other's reductions. Rows of 4096+ take 16-32 warps, one program."""
+    one's loads overlapping the other's reductions. Rows of 4096+ take 16-32 warps, one program.
+    Where norm_tune.py searched this row length on `gpu`, its choice."""
     block_n = _block_n(n_cols)
-    block_m = min(max(1, BWD_TILE // block_n), next_power_of_2(max(n_rows, 1)))
-    return TileConfig(block_m, block_n, _warps(block_m * block_n, BWD_PER_THREAD))
+    tuned = tuned_table(gpu).get(tuned_key("bwd", block_n, elem_size))
+    rows_cap = next_power_of_2(max(n_rows, 1))
+    if tuned and tuned[0] <= rows_cap:
+        return TileConfig(tuned[0], block_n, tuned[1], tuned[2])
+    block_m = min(max(1, BWD_TILE // block_n), rows_cap)
+    warps = _warps(block_m * block_n, BWD_PER_THREAD)
+    return TileConfig(block_m, block_n, warps, max(1, WARPS_PER_SM // warps))
 
 
 def bwd_programs(cfg: TileConfig, n_rows: int, device: torch.device) -> int:
-    """The persistent backward's program count: WARPS_PER_SM warps of programs on every SM of a
-    GPU, a handful in the interpreter (each program is slow there); never more than row tiles."""
+    """The persistent backward's program count: cfg.programs_per_sm on every SM of a GPU, a
+    handful in the interpreter (each program is slow there); never more than row tiles."""
     if interpreting() or device.type != "cuda":
         per_device = 4
     else:
-        per_device = sm_count(device) * max(1, WARPS_PER_SM // cfg.num_warps)
+        per_device = sm_count(device) * cfg.programs_per_sm
     return max(1, min(per_device, cdiv(n_rows, cfg.block_m)))
 
 
@@ -297,12 +344,25 @@ def _sm_programs(device: torch.device) -> int:
     return sm_count(device)
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_name_of(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def gpu_name(device: torch.device) -> str:
+    """The GPU model the tuned table is keyed by; "" in the interpreter (the heuristic only)."""
+    if interpreting() or device.type != "cuda":
+        return ""
+    return _gpu_name_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 # -- launchers ----------------------------------------------------------------------------------------
 def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
              bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype,
-             sum_dtype: Optional[torch.dtype] = None):
+             sum_dtype: Optional[torch.dtype] = None, config: Optional[TileConfig] = None):
     """x (and residual): (rows, n_cols) views with a contiguous last dim. Returns (y, s, mean, rstd):
-    s the residual sum (None without a residual), mean None for RMSNorm; statistics fp32 per row."""
+    s the residual sum (None without a residual), mean None for RMSNorm; statistics fp32 per row.
+    `config` forces a tile (norm_tune.py's search); default: `fwd_config`."""
     n_rows, n_cols = x.shape
     device = x.device
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=device)
@@ -310,7 +370,7 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
     rstd = torch.empty(n_rows, dtype=torch.float32, device=device)
     mean = None if rms else torch.empty(n_rows, dtype=torch.float32, device=device)
     if n_rows and n_cols:
-        cfg = fwd_config(n_cols, n_rows, 2 * _sm_programs(device))
+        cfg = config or fwd_config(n_cols, n_rows, 2 * _sm_programs(device), x.element_size(), gpu_name(device))
         r, s_ = (residual, s) if residual is not None else (x, y)
         # Absent tensors are never read (constexpr flags): another tensor stands in as the pointer.
         _FWD_KERNELS[(rms, residual is not None)][(cdiv(n_rows, cfg.block_m),)](
@@ -323,7 +383,7 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
 
 def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, weight: Optional[torch.Tensor],
              bias: Optional[torch.Tensor], mean: Optional[torch.Tensor], rstd: torch.Tensor, rms: bool,
-             residual: bool = False):
+             residual: bool = False, config: Optional[TileConfig] = None):
     """dy, ds_out, x: (rows, n_cols) views with a contiguous last dim (x: the norm's input, the sum
     when `residual`); ds_out the returned residual's grad or None. Returns (dx, dweight, dbias),
     dx contiguous in x's dtype, each parameter grad in its parameter's dtype (None when absent)."""
@@ -339,7 +399,7 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
             if g is not None:
                 g.zero_()
         return dx, dw, db
-    cfg = bwd_config(n_cols, n_rows)
+    cfg = config or bwd_config(n_cols, n_rows, x.element_size(), gpu_name(device))
     programs = bwd_programs(cfg, n_rows, device)
     n_params = int(weight is not None) + int(bias is not None)
     partial = torch.empty((max(n_params, 1), programs, n_cols), dtype=torch.float32, device=device)

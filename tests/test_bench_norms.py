@@ -54,7 +54,7 @@ def test_tile_overrides_reach_the_kernels_table_and_the_csv_label(bench, monkeyp
     try:
         label = bench.set_tiles(bench.parse_args(["--bwd-tile", "4096", "--bwd-per-thread", "16"]))
         assert label == f"fwd{norm_core.FWD_TILE}/bwd4096x16/{norm_core.WARPS_PER_SM}w"
-        assert norm_core.bwd_config(1024, 65536) == norm_core.TileConfig(4, 1024, 8)
+        assert norm_core.bwd_config(1024, 65536) == norm_core.TileConfig(4, 1024, 8, 2)
     finally:
         norm_core.fwd_config.cache_clear()
         norm_core.bwd_config.cache_clear()

@@ -5,7 +5,9 @@ compile for Hopper."""
 import pytest
 import torch
 
-from fusion_advisor.kernels import add_layer_norm, add_rms_norm, layer_norm, norm_core, rms_norm
+import json
+
+from fusion_advisor.kernels import add_layer_norm, add_rms_norm, layer_norm, norm_core, norm_tune, rms_norm
 from fusion_advisor.kernels.tolerances import tolerance
 from kernel_checks import check_against_reference, hopper_compile_errors, recorded_launches
 
@@ -90,14 +92,20 @@ def test_tile_table_gives_power_of_two_tiles_of_bounded_size(n):
 def test_gpu_tile_configs_compile_for_hopper(device, monkeypatch):
     """The interpreter runs any block shape; the GPU compiler does not. Every config the table
     gives on an H100 for the sweep's row lengths is run here on 3 rows and compiled for sm_90."""
-    shapes = [(n, rows) for n in SWEEP_N for rows in (4096, 1 << 20)]
+    configs = [(n, norm_core.fwd_config(n, rows, 264), norm_core.bwd_config(n, rows), None)
+               for n in SWEEP_N for rows in (4096, 1 << 20)]
+    # norm_tune.py's candidates too, on the pattern it tunes with (a search must not die compiling).
+    for n in (64, 1024, 5120):
+        fwds, bwds = norm_tune.fwd_candidates(1 << (n - 1).bit_length()), norm_tune.bwd_candidates(1 << (n - 1).bit_length())
+        configs += [(n, fwds[i % len(fwds)], bwds[i % len(bwds)], add_layer_norm.PATTERN)
+                    for i in range(max(len(fwds), len(bwds)))]
+    patterns = ((rms_norm.PATTERN, {}), (add_rms_norm.PATTERN, {}), (layer_norm.PATTERN, {}),
+                (add_layer_norm.PATTERN, {"bias": False}))
     with recorded_launches() as launches:
-        for n, rows in shapes:
-            fwd, bwd = norm_core.fwd_config(n, rows, 264), norm_core.bwd_config(n, rows)
+        for n, fwd, bwd, only in configs:
             monkeypatch.setattr(norm_core, "fwd_config", lambda *a, cfg=fwd: cfg)
             monkeypatch.setattr(norm_core, "bwd_config", lambda *a, cfg=bwd: cfg)
-            for pattern, params in ((rms_norm.PATTERN, {}), (add_rms_norm.PATTERN, {}),
-                                    (layer_norm.PATTERN, {}), (add_layer_norm.PATTERN, {"bias": False})):
+            for pattern, params in patterns if only is None else ((only, {}),):
                 inputs = pattern.make_inputs({"shape": [3, n], "dtype": "bfloat16", **params}, device, True)
                 out = pattern.fused(*inputs.args, **inputs.kwargs)
                 outs = [out] if isinstance(out, torch.Tensor) else list(out)
@@ -106,3 +114,44 @@ def test_gpu_tile_configs_compile_for_hopper(device, monkeypatch):
     assert {"_rms_norm_fwd_kernel", "_add_layer_norm_bwd_kernel", "_norm_param_grads_kernel"} <= names
     errors = hopper_compile_errors(launches)
     assert not errors, "\n\n".join(errors)
+
+
+def test_tuned_table_is_read_for_its_gpu_and_ignored_when_broken():
+    # conftest points XDG_CACHE_HOME at a fresh folder: the file written here is this test's alone.
+    gpu = "NVIDIA Fake GPU 80GB"
+    path = norm_core.tuned_path(gpu)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    caches = (norm_core.tuned_table, norm_core.fwd_config, norm_core.bwd_config)
+    try:
+        path.write_text(json.dumps({"configs": {"fwd/1024/2": [8, 16, 1], "bwd/1024/2": [2, 4, 3],
+                                                "bwd/64/2": [3, 4, 1]}}))  # 3 rows: not a power of two
+        assert norm_core.fwd_config(1024, 65536, 264, 2, gpu) == norm_core.TileConfig(8, 1024, 16, 1)
+        assert norm_core.bwd_config(1000, 65536, 2, gpu) == norm_core.TileConfig(2, 1024, 4, 3)
+        assert norm_core.bwd_config(1024, 65536, 4, gpu) == norm_core.bwd_config(1024, 65536)  # fp32: not tuned
+        assert norm_core.bwd_config(64, 65536, 2, gpu) == norm_core.bwd_config(64, 65536)      # invalid entry
+        assert norm_core.fwd_config(1024, 2, 1, 2, gpu).block_m == 2    # never more rows than there are
+        path.write_text("{not json")
+        for cached in caches:
+            cached.cache_clear()
+        assert norm_core.fwd_config(1024, 65536, 264, 2, gpu) == norm_core.fwd_config(1024, 65536, 264)
+    finally:
+        path.unlink(missing_ok=True)
+        for cached in caches:
+            cached.cache_clear()
+
+
+@pytest.mark.parametrize("n", (64, 1024, 16384))
+def test_tune_candidates_surround_the_heuristic(n):
+    fwds, bwds = norm_tune.fwd_candidates(n), norm_tune.bwd_candidates(n)
+    heuristic_fwd, heuristic_bwd = norm_core.fwd_config(n, 1 << 20, 264), norm_core.bwd_config(n, 1 << 20)
+    assert heuristic_fwd in fwds and heuristic_bwd in bwds
+    for cfg in fwds + bwds:
+        assert cfg.block_m >= 1 and cfg.block_m & (cfg.block_m - 1) == 0 and cfg.block_n == n
+        assert cfg.block_m * cfg.block_n <= max(16384, n) and cfg.num_warps in (4, 8, 16, 32)
+
+
+def test_tuning_needs_a_gpu(device):
+    if device.type == "cuda":
+        pytest.skip("on a GPU it would tune")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        norm_tune.tune([64], [torch.bfloat16], device)
