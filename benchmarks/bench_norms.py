@@ -161,7 +161,8 @@ def bench_one(pattern, params, providers, device, env, copy_bw, rep_ms, warmup_m
                    "p20_ms": round(t.p20_us / 1e3, 5), "p50_ms": round(t.p50_us / 1e3, 5),
                    "p80_ms": round(t.p80_us / 1e3, 5), "gbps": significant(gbps),
                    "pct_copy": round(100 * gbps * 1e9 / copy_bw, 1) if copy_bw else "",
-                   "vs_compile": "", "vs_eager": "", "vs_compile_max": "", "numerics": numerics_ok if provider == "triton" else ""}
+                   "vs_compile": "", "vs_eager": "", "vs_compile_max": "",
+                   "numerics": numerics_ok if provider == "triton" else ""}
             if provider == "triton":
                 for other in ("compile", "eager"):
                     if other in times:

@@ -6,7 +6,7 @@ PyTorch runs as an add kernel followed by RMSNorm's 6-8 (see rms_norm.py). Gradi
 both x and residual (both get d(residual)).
 
 Bytes for M rows x N (x element size e, residual r, the sum s = the wider of the two, weight w,
-output o = the wider of s and w; P programs in the backward, P <= number of SMs):
+output o = the wider of s and w; P backward programs, counted as the SMs; see norm_core.py):
   unfused forward (bf16, the casts included): the add reads x and residual and writes the sum,
       M*N*3*2, then rms_norm.py's chain, about M*N*38: about M*N*44 bytes
   fused forward:  read x and residual; write the sum, y and rstd: M*N*(e + r + s + o) + N*w + 4*M

@@ -7,7 +7,7 @@ for dweight/dbias). The gain here is that backward pass, and the add+LayerNorm f
 the same kernels (add_layer_norm.py).
 
 Bytes for x of M rows x N normalized elements (element size e; weight and bias size w, each
-counted only when present; P programs in the backward, P <= number of SMs):
+counted only when present; P backward programs, counted as the SMs; see norm_core.py):
   unfused forward:  read x, weight, bias; write y, mean, rstd: M*N*2e + 2*N*w + 8*M
   unfused backward: dx kernel reads dy, x, mean, rstd, weight and writes dx; the dweight/dbias
                     kernel reads dy, x, mean, rstd again and writes them:

@@ -96,7 +96,8 @@ def test_gpu_tile_configs_compile_for_hopper(device, monkeypatch):
                for n in SWEEP_N for rows in (4096, 1 << 20)]
     # norm_tune.py's candidates too, on the pattern it tunes with (a search must not die compiling).
     for n in (64, 1024, 5120):
-        fwds, bwds = norm_tune.fwd_candidates(1 << (n - 1).bit_length()), norm_tune.bwd_candidates(1 << (n - 1).bit_length())
+        block_n = 1 << (n - 1).bit_length()
+        fwds, bwds = norm_tune.fwd_candidates(block_n), norm_tune.bwd_candidates(block_n)
         configs += [(n, fwds[i % len(fwds)], bwds[i % len(bwds)], add_layer_norm.PATTERN)
                     for i in range(max(len(fwds), len(bwds)))]
     patterns = ((rms_norm.PATTERN, {}), (add_rms_norm.PATTERN, {}), (layer_norm.PATTERN, {}),
