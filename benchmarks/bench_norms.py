@@ -1,6 +1,8 @@
-"""The norm family's sweep: rms_norm, add_rms_norm, layer_norm, add_layer_norm over row lengths
+"""The norm family's sweep: rms_norm, add_rms_norm, layer_norm, add_layer_norm, group_norm over row lengths
 N x row counts x dtypes, forward and forward+backward, beside eager PyTorch (the exact reference),
-torch.compile(dynamic=False) of it and Liger-Kernel where it is installed (issue 14).
+torch.compile(dynamic=False) of it and Liger-Kernel where it is installed (issue 14). group_norm
+runs over (rows, N) in groups of 64 channels (one group below 64): the per-head GroupNorm of
+RWKV / RetNet-style blocks, the pattern's own bench shapes.
 
     python benchmarks/bench_norms.py --out benchmarks/results/bench-norms-h100.csv   # ~6 min on an H100
     python benchmarks/bench_norms.py --quick                                           # ~1.5 min
@@ -34,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import environment, peak_bandwidth, significant  # noqa: E402  (the sibling script)
 
-PATTERNS = ("rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm")
+PATTERNS = ("rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "group_norm")
 N_VALUES = (64, 128, 256, 512, 768, 1024, 2048, 4096, 5120, 8192, 16384)
 ROW_VALUES = (65536, 4096, 1 << 20)
 QUICK_N = (64, 768, 1024, 4096, 8192)
@@ -261,6 +263,8 @@ def main(argv=None) -> int:
         pattern = patterns[name]
         eps = 1e-6 if "rms" in name else 1e-5
         params = {"shape": [n_rows, n], "dtype": dtype, "eps": eps, "num_sms": sms}
+        if name == "group_norm":
+            params["num_groups"] = max(1, n // 64)
         print(f"  {label}", flush=True)
         try:
             check = compare_pattern(pattern, {**params, "shape": [min(n_rows, 4096), n]}, device, backward=True)

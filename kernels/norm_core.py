@@ -77,7 +77,9 @@ def _param_row(P, cols, n_cols, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_N
 @triton.jit
 def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
                    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+    """SEGMENTS > 1 (GroupNorm over channels, LayerNorm flags, n_cols == BLOCK_N): statistics per
+    segment of BLOCK_N // SEGMENTS columns, stored (rows, SEGMENTS)."""
     rows, cols, row_mask, mask = _tile(tl.program_id(0) * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -93,26 +95,36 @@ def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, s
             y = (x * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)
         else:
             y = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
-    else:
+    elif SEGMENTS == 1:
         mean = tl.sum(x, axis=1) / n_cols
         # Two passes over registers, not E[x^2] - E[x]^2: no cancellation when |mean| >> std.
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
         y = xc * rstd[:, None]
         tl.store(MEAN + rows, mean, mask=row_mask)
+    else:
+        xs = tl.reshape(x, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS))
+        mean = tl.sum(xs, axis=2) / (BLOCK_N // SEGMENTS)
+        xc = xs - mean[:, :, None]
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=2) / (BLOCK_N // SEGMENTS) + eps)
+        y = tl.reshape(xc * rstd[:, :, None], (BLOCK_M, BLOCK_N))
+        stats = rows[:, None] * SEGMENTS + tl.arange(0, SEGMENTS)[None, :]
+        tl.store(MEAN + stats, mean, mask=row_mask[:, None])
+        tl.store(RSTD + stats, rstd, mask=row_mask[:, None])
     if HAS_WEIGHT:
         y = y * _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
     if HAS_BIAS:
         y = y + _param_row(B, cols, n_cols, 0.0, HAS_BIAS, BLOCK_N)
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    if SEGMENTS == 1:
+        tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
 def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
     """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
     dweight / dbias sums (fp32, kept per tile element and reduced over rows once at the end)
     stored as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols)."""
@@ -127,20 +139,32 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
         rows, _, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
         g = dy * w
         if IS_RMS:
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
             x_hat = x * rstd
             dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None])
             # dweight sees the normalised value rounded as the forward rounded it.
             dw_acc += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
-        else:
+        elif SEGMENTS == 1:
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
             mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
             x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
             c1 = tl.sum(g, axis=1) / n_cols
             c2 = tl.sum(g * x_hat, axis=1) / n_cols
             dx = rstd * (g - c1[:, None] - x_hat * c2[:, None])
             dw_acc += dy * x_hat
+            db_acc += dy
+        else:  # per segment, in [rows, segments, segment] views of the tile
+            stats = rows[:, None] * SEGMENTS + tl.arange(0, SEGMENTS)[None, :]
+            rstd = tl.load(RSTD + stats, mask=row_mask[:, None], other=0.0)[:, :, None]
+            mean = tl.load(MEAN + stats, mask=row_mask[:, None], other=0.0)[:, :, None]
+            x_hat = (tl.reshape(x, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS)) - mean) * rstd
+            gs = tl.reshape(g, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS))
+            c1 = tl.sum(gs, axis=2) / (BLOCK_N // SEGMENTS)
+            c2 = tl.sum(gs * x_hat, axis=2) / (BLOCK_N // SEGMENTS)
+            dx = tl.reshape(rstd * (gs - c1[:, :, None] - x_hat * c2[:, :, None]), (BLOCK_M, BLOCK_N))
+            dw_acc += dy * tl.reshape(x_hat, (BLOCK_M, BLOCK_N))
             db_acc += dy
         if HAS_DS_OUT:  # the grad that reached the returned residual directly
             dx += tl.load(DS_OUT + rows[:, None] * stride_dso + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -158,7 +182,7 @@ def _rms_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, strid
                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   True, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+                   True, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
 
 
 @triton.jit
@@ -166,7 +190,7 @@ def _add_rms_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, s
                              eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr):
     _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   True, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+                   True, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
 
 
 @triton.jit
@@ -174,7 +198,7 @@ def _layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, str
                            eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
 
 
 @triton.jit
@@ -182,7 +206,7 @@ def _add_layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r,
                                n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr):
     _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   False, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+                   False, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
 
 
 @triton.jit
@@ -190,7 +214,7 @@ def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIA
                          stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
 
 
 @triton.jit
@@ -198,7 +222,7 @@ def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PA
                              stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
 
 
 @triton.jit
@@ -206,7 +230,7 @@ def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PART
                            stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
 
 
 @triton.jit
@@ -215,7 +239,24 @@ def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N)
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+
+
+@triton.jit
+def _group_norm_rows_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows,
+                                n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS)
+
+
+@triton.jit
+def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
+                                stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
+                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+    _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS)
 
 
 @triton.jit
@@ -357,36 +398,55 @@ def gpu_name(device: torch.device) -> str:
 
 
 # -- launchers ----------------------------------------------------------------------------------------
+def segmentable(n_cols: int, segments: int) -> bool:
+    """Whether rows of n_cols split into `segments` statistics groups in one tile: both powers of
+    two (no padding inside a segment), the row within MAX_BLOCK_N."""
+    return (0 < segments <= n_cols <= MAX_BLOCK_N and not n_cols & (n_cols - 1) and not segments & (segments - 1))
+
+
+def _check_segments(n_cols: int, segments: int, rms: bool, residual: bool) -> None:
+    if rms or residual or not segmentable(n_cols, segments):
+        raise ValueError(f"norm: {segments} segments of rows of {n_cols} need LayerNorm without a residual "
+                         "and powers of two")
+
+
 def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
              bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype,
-             sum_dtype: Optional[torch.dtype] = None, config: Optional[TileConfig] = None):
+             sum_dtype: Optional[torch.dtype] = None, config: Optional[TileConfig] = None, segments: int = 1):
     """x (and residual): (rows, n_cols) views with a contiguous last dim. Returns (y, s, mean, rstd):
-    s the residual sum (None without a residual), mean None for RMSNorm; statistics fp32 per row.
-    `config` forces a tile (norm_tune.py's search); default: `fwd_config`."""
+    s the residual sum (None without a residual), mean None for RMSNorm; statistics fp32 per row,
+    or per row and segment: `segments` > 1 (LayerNorm flags, no residual, n_cols and segments
+    powers of two) normalises each of `segments` equal column groups on its own (GroupNorm over
+    channels). `config` forces a tile (norm_tune.py's search); default: `fwd_config`."""
     n_rows, n_cols = x.shape
     device = x.device
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=device)
     s = torch.empty((n_rows, n_cols), dtype=sum_dtype, device=device) if residual is not None else None
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=device)
-    mean = None if rms else torch.empty(n_rows, dtype=torch.float32, device=device)
+    rstd = torch.empty(n_rows * segments, dtype=torch.float32, device=device)
+    mean = None if rms else torch.empty(n_rows * segments, dtype=torch.float32, device=device)
+    kernel, extra = _FWD_KERNELS[(rms, residual is not None)], {}
+    if segments > 1:
+        _check_segments(n_cols, segments, rms, residual is not None)
+        kernel, extra = _group_norm_rows_fwd_kernel, {"SEGMENTS": segments}
     if n_rows and n_cols:
         cfg = config or fwd_config(n_cols, n_rows, 2 * _sm_programs(device), x.element_size(), gpu_name(device))
         r, s_ = (residual, s) if residual is not None else (x, y)
         # Absent tensors are never read (constexpr flags): another tensor stands in as the pointer.
-        _FWD_KERNELS[(rms, residual is not None)][(cdiv(n_rows, cfg.block_m),)](
+        kernel[(cdiv(n_rows, cfg.block_m),)](
             x, r, s_, x if weight is None else weight, x if bias is None else bias, y,
             rstd if mean is None else mean, rstd, x.stride(0), r.stride(0), s_.stride(0), y.stride(0),
             n_rows, n_cols, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **extra)
     return y, s, mean, rstd
 
 
 def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, weight: Optional[torch.Tensor],
              bias: Optional[torch.Tensor], mean: Optional[torch.Tensor], rstd: torch.Tensor, rms: bool,
-             residual: bool = False, config: Optional[TileConfig] = None):
+             residual: bool = False, config: Optional[TileConfig] = None, segments: int = 1):
     """dy, ds_out, x: (rows, n_cols) views with a contiguous last dim (x: the norm's input, the sum
     when `residual`); ds_out the returned residual's grad or None. Returns (dx, dweight, dbias),
-    dx contiguous in x's dtype, each parameter grad in its parameter's dtype (None when absent)."""
+    dx contiguous in x's dtype, each parameter grad in its parameter's dtype (None when absent);
+    `segments` as norm_fwd's."""
     n_rows, n_cols = x.shape
     device = x.device
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=device)
@@ -405,11 +465,15 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
     partial = torch.empty((max(n_params, 1), programs, n_cols), dtype=torch.float32, device=device)
     dw_partial, db_partial = partial[0], partial[n_params - 1]
     dso = ds_out if ds_out is not None else dy
-    _BWD_KERNELS[(rms, residual)][(programs,)](
+    kernel, extra = _BWD_KERNELS[(rms, residual)], {}
+    if segments > 1:
+        _check_segments(n_cols, segments, rms, residual)
+        kernel, extra = _group_norm_rows_bwd_kernel, {"SEGMENTS": segments}
+    kernel[(programs,)](
         dy, dso, x, x if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_partial,
         db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
         HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **extra)
     if n_params:
         block_c = max(32, min(256, cfg.block_n // 64))
         block_p = min(next_power_of_2(programs), max(1, 4096 // block_c))
