@@ -12,7 +12,10 @@ Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached p
             pid, pid + P, pid + 2P, ... computing dx in the same pass and keeping dweight / dbias
             partial sums in fp32 registers; each writes one partial row per parameter, and a second
             small kernel (`_norm_param_grads_kernel`) sums the P rows into the parameter's dtype.
-            No M x N temporary, no atomics.
+            No M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+ leave no registers for
+            the sums: each program adds them to its own partial rows every tile (L2 traffic,
+            not spills).
+  GroupNorm over channels (`segments`): LayerNorm's tiles with statistics per group of columns.
   tuning    `python -m fusion_advisor.kernels.norm_tune` (GPU only, offline) times a few tiles around
             the table per (row length, element size) and saves the fastest per GPU model under the
             user cache dir; `fwd_config` / `bwd_config` read that file once and fall back to the
@@ -50,6 +53,9 @@ FWD_TILE = 4096         # elements per forward program (16 a thread at 8 warps: 
 BWD_TILE = 2048         # elements per backward loop iteration (8 a thread at 8 warps)
 BWD_PER_THREAD = 8      # at 8, ~95 registers a thread (cuobjdump of the sm_90 cubin): two 8-warp programs fit
                         # an SM; at 16, 130-150, and only one does
+ACC_IN_MEMORY_COLS = 16384  # from this row length the backward adds its dweight/dbias sums to its partial
+                            # rows (L2) every tile: held in registers they spilled (sm_90, 16384 columns,
+                            # 32 warps: 264 bytes a thread; added to memory, 16 warps: 56)
 WARPS_PER_SM = 16       # the persistent backward's programs per SM: 16 warps of them (2 of 8 warps)
 
 
@@ -124,28 +130,39 @@ def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, s
 def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+                    BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
     """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
-    dweight / dbias sums (fp32, kept per tile element and reduced over rows once at the end)
-    stored as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols)."""
+    dweight / dbias sums in fp32 as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols): kept
+    per tile element in registers and reduced over rows once at the end, or (ACC_IN_MEMORY, for
+    rows too long for registers to hold them besides the tile) added to that row every tile, where
+    it stays in L2, rather than spilled."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
     w = _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACC_IN_MEMORY:
+        if HAS_WEIGHT:
+            tl.store(DW_PARTIAL + pid * n_cols + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=col_mask)
+        if HAS_BIAS:
+            tl.store(DB_PARTIAL + pid * n_cols + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=col_mask)
     n_tiles = tl.cdiv(n_rows, BLOCK_M)
     for tile in range(pid, n_tiles, programs):
         rows, _, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = dy * w
+        if ACC_IN_MEMORY:  # the weight from L1/L2 every tile: registers are short
+            g = dy * _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+        else:
+            g = dy * w
         if IS_RMS:
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
             x_hat = x * rstd
             dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None])
             # dweight sees the normalised value rounded as the forward rounded it.
-            dw_acc += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
+            dw_t = dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
         elif SEGMENTS == 1:
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
             mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
@@ -153,8 +170,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
             c1 = tl.sum(g, axis=1) / n_cols
             c2 = tl.sum(g * x_hat, axis=1) / n_cols
             dx = rstd * (g - c1[:, None] - x_hat * c2[:, None])
-            dw_acc += dy * x_hat
-            db_acc += dy
+            dw_t = dy * x_hat
         else:  # per segment, in [rows, segments, segment] views of the tile
             stats = rows[:, None] * SEGMENTS + tl.arange(0, SEGMENTS)[None, :]
             rstd = tl.load(RSTD + stats, mask=row_mask[:, None], other=0.0)[:, :, None]
@@ -164,16 +180,25 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
             c1 = tl.sum(gs, axis=2) / (BLOCK_N // SEGMENTS)
             c2 = tl.sum(gs * x_hat, axis=2) / (BLOCK_N // SEGMENTS)
             dx = tl.reshape(rstd * (gs - c1[:, :, None] - x_hat * c2[:, :, None]), (BLOCK_M, BLOCK_N))
-            dw_acc += dy * tl.reshape(x_hat, (BLOCK_M, BLOCK_N))
-            db_acc += dy
+            dw_t = dy * tl.reshape(x_hat, (BLOCK_M, BLOCK_N))
         if HAS_DS_OUT:  # the grad that reached the returned residual directly
             dx += tl.load(DS_OUT + rows[:, None] * stride_dso + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    col_mask = cols < n_cols
-    if HAS_WEIGHT:
-        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
-    if HAS_BIAS:
-        tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+        if ACC_IN_MEMORY:  # the same thread reads and writes each column: program order is enough
+            if HAS_WEIGHT:
+                dw_row = DW_PARTIAL + pid * n_cols + cols
+                tl.store(dw_row, tl.load(dw_row, mask=col_mask, other=0.0) + tl.sum(dw_t, axis=0), mask=col_mask)
+            if HAS_BIAS:
+                db_row = DB_PARTIAL + pid * n_cols + cols
+                tl.store(db_row, tl.load(db_row, mask=col_mask, other=0.0) + tl.sum(dy, axis=0), mask=col_mask)
+        else:
+            dw_acc += dw_t
+            db_acc += dy
+    if not ACC_IN_MEMORY:
+        if HAS_WEIGHT:
+            tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        if HAS_BIAS:
+            tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
 # -- kernels: one name per pattern, so profiler traces say which norm ran ------------------------------
@@ -212,34 +237,41 @@ def _add_layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r,
 @triton.jit
 def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                          stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
+                    ACC_IN_MEMORY)
 
 
 @triton.jit
 def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                              stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
+                    ACC_IN_MEMORY)
 
 
 @triton.jit
 def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                            stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
+                    ACC_IN_MEMORY)
 
 
 @triton.jit
 def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                                stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr):
+                               BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
+                    ACC_IN_MEMORY)
 
 
 @triton.jit
@@ -254,9 +286,10 @@ def _group_norm_rows_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r
 def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                                 stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+                                BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS)
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
+                    ACC_IN_MEMORY)
 
 
 @triton.jit
@@ -365,6 +398,8 @@ def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "") -> T
         return TileConfig(tuned[0], block_n, tuned[1], tuned[2])
     block_m = min(max(1, BWD_TILE // block_n), rows_cap)
     warps = _warps(block_m * block_n, BWD_PER_THREAD)
+    if block_n >= ACC_IN_MEMORY_COLS:
+        warps = min(warps, 16)   # sm_90 at 16384: 16 warps spill 56 bytes a thread, 32 warps 104
     return TileConfig(block_m, block_n, warps, max(1, WARPS_PER_SM // warps))
 
 
@@ -473,7 +508,8 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         dy, dso, x, x if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_partial,
         db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
         HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **extra)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC_IN_MEMORY=cfg.block_n >= ACC_IN_MEMORY_COLS,
+        num_warps=cfg.num_warps, **extra)
     if n_params:
         block_c = max(32, min(256, cfg.block_n // 64))
         block_p = min(next_power_of_2(programs), max(1, 4096 // block_c))

@@ -40,11 +40,11 @@ def fwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
 
 
 def bwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
-    """Tiles of 1024-4096 elements (one row where it is longer), 8 or 16 elements a thread, one or
-    two programs an SM where a program has 8 warps or fewer."""
+    """Tiles of 1024-4096 elements (one row where it is longer), 8 or 16 elements a thread (32 too
+    for rows of 8192+), one or two programs an SM where a program has 8 warps or fewer."""
     out = []
     for tile in sorted({max(t, block_n) for t in (1024, 2048, 4096)}):
-        for per_thread in (8, 16):
+        for per_thread in (8, 16, 32) if block_n >= 8192 else (8, 16):
             warps = norm_core._warps(tile, per_thread)
             for per_sm in ((1, 2) if warps <= 8 else (1,)):
                 cfg = norm_core.TileConfig(tile // block_n, block_n, warps, per_sm)

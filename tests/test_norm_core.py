@@ -74,6 +74,18 @@ def test_group_norm_keeps_its_own_kernels_where_rows_do_not_fit():
                            segments=4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_parameter_sums_added_to_memory_every_tile(dtype, device, monkeypatch):
+    # The long-row backward (ACC_IN_MEMORY) on short rows: several rows a tile, several tiles a program.
+    monkeypatch.setattr(norm_core, "ACC_IN_MEMORY_COLS", 64)
+    params = {"shape": [300, 64], "dtype": dtype, "eps": 1e-5}   # 10 tiles of 32 rows over 4 programs
+    check_against_reference(rms_norm.PATTERN, params, device, reduced_grads=(1,))
+    check_against_reference(add_rms_norm.PATTERN, params, device, reduced_grads=(2,))
+    check_against_reference(layer_norm.PATTERN, params, device, reduced_grads=(2, 3))
+    check_against_reference(add_layer_norm.PATTERN, {**params, "bias": False}, device, reduced_grads=(3, 4))
+    check_against_reference(group_norm.PATTERN, {**params, "num_groups": 4}, device, reduced_grads=(2, 3))
+
+
 def test_backward_programs_get_unequal_numbers_of_tiles(device):
     # 4 programs in the interpreter; 37 rows in tiles of 4 make 10 tiles: 3, 3, 2 and 2 each.
     rows, n = 37, 512
