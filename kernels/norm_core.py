@@ -7,15 +7,15 @@ Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached p
   forward   one program per tile of BLOCK_M rows x BLOCK_N columns (BLOCK_N = the row padded to a
             power of two): many rows per program for short rows (N = 64: 64 rows), one row for long
             ones. fp32 statistics; mean (LayerNorm) and rstd saved per row for the backward.
-  backward  persistent: P programs (16 warps of them per SM: P = 2 x SMs for 8-warp tiles, SMs
-            for 16) each loop over the row tiles
-            pid, pid + P, pid + 2P, ... computing dx in the same pass and keeping dweight / dbias
-            partial sums in fp32 registers; each writes one partial row per parameter, and a second
-            small kernel (`_norm_param_grads_kernel`) sums the P rows into the parameter's dtype.
-            No M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+ leave no registers for
-            the sums: each program adds them to its own partial rows every tile (L2 traffic,
-            not spills).
-  GroupNorm over channels (`segments`): LayerNorm's tiles with statistics per group of columns.
+  backward  persistent: P programs (WARPS_PER_SM warps of them an SM: 2 x SMs programs of 8 warps for
+            rows up to 2048, SMs of 16+ warps above) each loop over the row tiles pid, pid + P,
+            pid + 2P, ... (several rows a tile for short rows), computing dx in the same pass and
+            keeping dweight / dbias partial sums in fp32 registers; each writes one partial row per
+            parameter, and a second small kernel (`_norm_param_grads_kernel`) sums the P rows into
+            the parameter's dtype. No M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+
+            leave no registers for the sums: each program adds them to its own partial rows every
+            tile (L2 traffic, not spills).
+  segments  GroupNorm over channels: LayerNorm's tiles with statistics per group of columns.
   tuning    `python -m fusion_advisor.kernels.norm_tune` (GPU only, offline) times a few tiles around
             the table per (row length, element size) and saves the fastest per GPU model under the
             user cache dir; `fwd_config` / `bwd_config` read that file once and fall back to the
@@ -29,7 +29,7 @@ weight/bias w each only when present; the pattern files' `fused_bytes` give thes
   backward: read dy, x (the sum), the statistics (and the returned residual's grad); write dx;
             per parameter write P partial rows in fp32 and read them back, then write the grad:
             M*N*(o + e + e [+ s]) + 4*M per statistic + N*w + per parameter (2*P*N*4 + N*w)
-  (`fused_bytes` takes P = the SMs, the cost model's count; for rows under 4096 the kernel runs
+  (`fused_bytes` takes P = the SMs, the cost model's count; for rows up to 2048 the kernel runs
   twice that many programs, whose partial rows, written and read back through L2, add 2*SMs*N*4
   bytes per parameter: under 1 % of the total at 64k rows x 1024, about 8 % at 4k rows.)
 """
