@@ -18,7 +18,8 @@ def bench():
 def test_plan_runs_bf16_64k_first_and_caps_the_largest_tensors(bench):
     args = bench.parse_args([])
     plan = bench.shape_plan(args)
-    assert plan[0] == ("rms_norm", 64, 65536, "bfloat16") and plan[4] == ("group_norm", 64, 65536, "bfloat16")
+    assert plan[0] == ("rms_norm", 1024, 65536, "bfloat16") and plan[4] == ("group_norm", 1024, 65536, "bfloat16")
+    assert [p[1] for p in plan[:15:5]] == [1024, 64, 8192]   # a budget's prefix spans short and long rows
     assert {p[3] for p in plan[: len(plan) // 2]} == {"bfloat16"}
     for pattern, n, rows, dtype in plan:
         assert rows * n * (2 if dtype == "bfloat16" else 4) <= 1 << 28
