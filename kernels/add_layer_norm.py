@@ -5,7 +5,7 @@ which eager PyTorch runs as two kernels, add then native_layer_norm, with the su
 HBM in between; `reference` below. Gradients flow into both x and residual (both get d(residual)).
 
 Bytes for M rows x N (element size e; weight and bias size w, each counted only when present;
-P programs in the backward, P <= number of SMs):
+P backward programs, counted as the SMs; see norm_core.py):
   unfused forward:  add reads x, residual, writes the sum; LayerNorm reads the sum again, writes y,
                     mean, rstd: M*N*3e + M*N*2e + 2*N*w + 8*M = M*N*5e + 2*N*w + 8*M
   unfused backward: LayerNorm's two kernels (dx; dweight/dbias), each reading dy and the sum, then
@@ -18,8 +18,8 @@ P programs in the backward, P <= number of SMs):
                     (M*N*3e when nothing flows back through the returned residual)
 `fused_bytes` returns exactly the fused numbers; the cost model prices them.
 
-The row math is layer_norm.py's (`_layer_norm_row`, `_layer_norm_row_grad`): these kernels add
-the residual's load, add and store around it, and keep their own names in profiler traces.
+The kernels are norm_core.py's (`_add_layer_norm_fwd_kernel`, `_add_layer_norm_bwd_kernel`): the
+shared norm tiles with LayerNorm's and the residual's flags, under their own names in profiler traces.
 """
 from __future__ import annotations
 
@@ -28,52 +28,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from fusion_advisor.kernels import layer_norm as ln
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, reduction_programs, row_block
+from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels.common import check_device, check_dtype, eager_or_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_name, register, with_residual_add
-
-
-@triton.jit
-def _add_layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_cols, eps,
-                               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-    # Rounded to the sum's dtype before the norm, as `x + residual` in eager PyTorch is.
-    s = (x + r).to(S.dtype.element_ty)
-    tl.store(S + row * stride_s + cols, s, mask=mask)
-    y, mean, rstd = ln._layer_norm_row(s.to(tl.float32), W, B, cols, mask, n_cols, eps, HAS_WEIGHT, HAS_BIAS)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-
-
-@triton.jit
-def _add_layer_norm_bwd_kernel(DY, DS_OUT, S, W, MEAN, RSTD, DS, DWB_PARTIAL, stride_dy, stride_ds_out, stride_s,
-                               stride_ds, n_rows, n_cols, rows_per_program, HAS_DS_OUT: tl.constexpr,
-                               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    w = ln._layer_norm_row_weight(W, cols, mask, HAS_WEIGHT, BLOCK_SIZE)
-    dw_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-    row_start = pid * rows_per_program
-    for i in range(0, rows_per_program):
-        row = (row_start + i).to(tl.int64)
-        if row < n_rows:
-            ds, dw, db = ln._layer_norm_row_grad(DY, S, MEAN, RSTD, row, cols, mask, w, stride_dy, stride_s, n_cols)
-            if HAS_DS_OUT:  # the grad that reached the returned residual directly
-                ds += tl.load(DS_OUT + row * stride_ds_out + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DS + row * stride_ds + cols, ds.to(DS.dtype.element_ty), mask=mask)
-            dw_acc += dw
-            db_acc += db
-    ln._layer_norm_store_param_grads(DWB_PARTIAL, pid, cols, mask, n_cols, dw_acc, db_acc, HAS_WEIGHT, HAS_BIAS)
 
 
 def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
@@ -91,17 +50,9 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, normalized_shape
         raise ValueError(f"add_layer_norm: residual shape {list(residual.shape)} is not x's {list(x.shape)}")
     x2 = ln.normalized_rows(x, normalized_shape, "add_layer_norm")
     r2 = ln.normalized_rows(residual, normalized_shape, "add_layer_norm")
-    n_rows, n_cols = x2.shape
-    s = torch.empty((n_rows, n_cols), dtype=_sum_dtype(x, residual), device=x.device)
-    y = torch.empty_like(s)
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block, warps = row_block(n_cols)
-    if n_rows:
-        _add_layer_norm_fwd_kernel[(n_rows,)](
-            x2, r2, s, x2 if weight is None else weight.contiguous(), x2 if bias is None else bias.contiguous(),
-            y, mean, rstd, x2.stride(0), r2.stride(0), s.stride(0), y.stride(0), n_cols, eps,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_SIZE=block, num_warps=warps)
+    s_dtype = _sum_dtype(x, residual)
+    y, s, mean, rstd = norm_core.norm_fwd(x2, r2, ln.flat_param(weight), ln.flat_param(bias), eps, rms=False,
+                                          out_dtype=s_dtype, sum_dtype=s_dtype)
     return y.view(x.shape), s.view(x.shape), mean, rstd
 
 
@@ -110,25 +61,12 @@ def add_layer_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torc
                        mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launcher: (d(residual + x), dweight, dbias); ds_out is the grad of the returned residual
     (None when nothing used it)."""
-    s2 = ln.normalized_rows(s, normalized_shape, "add_layer_norm")
-    dy2 = ln.normalized_rows(dy, normalized_shape, "add_layer_norm")
-    dso2 = ln.normalized_rows(ds_out, normalized_shape, "add_layer_norm") if ds_out is not None else dy2
-    n_rows, n_cols = s2.shape
-    ds = torch.empty_like(s2)
-    programs = reduction_programs(n_rows, s.device)
-    rows_per_program = cdiv(n_rows, programs) if n_rows else 0
-    partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=s.device)
-    block, warps = row_block(n_cols)
-    if n_rows:
-        _add_layer_norm_bwd_kernel[(programs,)](
-            dy2, dso2, s2, s2 if weight is None else weight.contiguous(), mean, rstd, ds, partial,
-            dy2.stride(0), dso2.stride(0), s2.stride(0), ds.stride(0), n_rows, n_cols, rows_per_program,
-            HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_SIZE=block, num_warps=warps)
-    else:
-        partial.zero_()
-    dw, db = ln.row_norm_param_grads(partial, weight, bias)
-    return ds.view(s.shape), dw, db
+    rows = ln.normalized_rows
+    dso2 = rows(ds_out, normalized_shape, "add_layer_norm") if ds_out is not None else None
+    ds, dw, db = norm_core.norm_bwd(rows(dy, normalized_shape, "add_layer_norm"), dso2,
+                                    rows(s, normalized_shape, "add_layer_norm"), ln.flat_param(weight),
+                                    ln.flat_param(bias), mean, rstd, rms=False, residual=True)
+    return (ds.view(s.shape), *ln.param_grads(dw, db, weight, bias, mean))
 
 
 # torch.library registration: a patched model still runs under torch.compile(fullgraph=True).

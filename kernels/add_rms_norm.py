@@ -6,7 +6,7 @@ PyTorch runs as an add kernel followed by RMSNorm's 6-8 (see rms_norm.py). Gradi
 both x and residual (both get d(residual)).
 
 Bytes for M rows x N (x element size e, residual r, the sum s = the wider of the two, weight w,
-output o = the wider of s and w; P programs in the backward, P <= number of SMs):
+output o = the wider of s and w; P backward programs, counted as the SMs; see norm_core.py):
   unfused forward (bf16, the casts included): the add reads x and residual and writes the sum,
       M*N*3*2, then rms_norm.py's chain, about M*N*38: about M*N*44 bytes
   fused forward:  read x and residual; write the sum, y and rstd: M*N*(e + r + s + o) + N*w + 4*M
@@ -16,8 +16,8 @@ output o = the wider of s and w; P programs in the backward, P <= number of SMs)
                   (M*N*(o + s + s) when nothing flows back through the returned residual)
 `fused_bytes` returns exactly the fused numbers; the cost model prices them.
 
-The row math is rms_norm.py's (`_rms_norm_row`, `_rms_norm_row_grad`): these kernels add the
-residual's load, add and store around it, and keep their own names in profiler traces.
+The kernels are norm_core.py's (`_add_rms_norm_fwd_kernel`, `_add_rms_norm_bwd_kernel`): the
+shared norm tiles with RMSNorm's and the residual's flags, under their own names in profiler traces.
 """
 from __future__ import annotations
 
@@ -25,49 +25,11 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import triton
-import triton.language as tl
 
+from fusion_advisor.kernels import norm_core
 from fusion_advisor.kernels import rms_norm as rms
-from fusion_advisor.kernels.common import (as_rows, cdiv, check_device, check_dtype, eager_or_op, reduction_programs,
-                                          row_block)
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, eager_or_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, register, with_residual_add
-
-
-@triton.jit
-def _add_rms_norm_fwd_kernel(X, R, S, W, Y, RSTD, stride_x, stride_r, stride_s, stride_y, n_cols, eps,
-                             BLOCK_SIZE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-    # Rounded to the sum's dtype before the norm, as `x + residual` in eager PyTorch is.
-    s = (x + r).to(S.dtype.element_ty)
-    tl.store(S + row * stride_s + cols, s, mask=mask)
-    y, rstd = rms._rms_norm_row(s.to(tl.float32), W, cols, mask, n_cols, eps, S)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
-
-
-@triton.jit
-def _add_rms_norm_bwd_kernel(DY, DS_OUT, S, W, RSTD, DS, DW_PARTIAL, stride_dy, stride_ds_out, stride_s, stride_ds,
-                             n_rows, n_cols, rows_per_program, HAS_DS_OUT: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-    row_start = pid * rows_per_program
-    for i in range(0, rows_per_program):
-        row = (row_start + i).to(tl.int64)
-        if row < n_rows:
-            ds, dw = rms._rms_norm_row_grad(DY, S, RSTD, row, cols, mask, w, stride_dy, stride_s, n_cols)
-            if HAS_DS_OUT:  # the grad that reached the returned residual directly
-                ds += tl.load(DS_OUT + row * stride_ds_out + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DS + row * stride_ds + cols, ds.to(DS.dtype.element_ty), mask=mask)
-            dw_acc += dw
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
 
 
 def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
@@ -85,14 +47,9 @@ def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"add_rms_norm: weight shape {list(weight.shape)} does not match x's last dim {x.shape[-1]}")
     x2, r2 = as_rows(x, "add_rms_norm"), as_rows(residual, "add_rms_norm")
-    n_rows, n_cols = x2.shape
-    s = torch.empty((n_rows, n_cols), dtype=_sum_dtype(x, residual), device=x.device)
-    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(s.dtype, weight.dtype), device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block, warps = row_block(n_cols)
-    if n_rows:
-        _add_rms_norm_fwd_kernel[(n_rows,)](x2, r2, s, weight.contiguous(), y, rstd, x2.stride(0), r2.stride(0),
-                                            s.stride(0), y.stride(0), n_cols, eps, BLOCK_SIZE=block, num_warps=warps)
+    s_dtype = _sum_dtype(x, residual)
+    y, s, _, rstd = norm_core.norm_fwd(x2, r2, weight.contiguous(), None, eps, rms=True,
+                                       out_dtype=torch.promote_types(s_dtype, weight.dtype), sum_dtype=s_dtype)
     return y.view(x.shape), s.view(x.shape), rstd
 
 
@@ -100,22 +57,10 @@ def add_rms_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.
                      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (d(residual + x), dweight); ds_out is the grad of the returned residual (None
     when nothing used it)."""
-    s2, dy2 = as_rows(s, "add_rms_norm"), as_rows(dy, "add_rms_norm")
-    dso2 = as_rows(ds_out, "add_rms_norm") if ds_out is not None else dy2
-    n_rows, n_cols = s2.shape
-    ds = torch.empty_like(s2)
-    programs = reduction_programs(n_rows, s.device)
-    rows_per_program = cdiv(n_rows, programs) if n_rows else 0
-    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=s.device)
-    block, warps = row_block(n_cols)
-    if n_rows:
-        _add_rms_norm_bwd_kernel[(programs,)](dy2, dso2, s2, weight.contiguous(), rstd, ds, partial, dy2.stride(0),
-                                              dso2.stride(0), s2.stride(0), ds.stride(0), n_rows, n_cols,
-                                              rows_per_program, HAS_DS_OUT=ds_out is not None, BLOCK_SIZE=block,
-                                              num_warps=warps)
-    else:
-        partial.zero_()
-    return ds.view(s.shape), partial.sum(0).to(weight.dtype)
+    dso2 = as_rows(ds_out, "add_rms_norm") if ds_out is not None else None
+    ds, dw, _ = norm_core.norm_bwd(as_rows(dy, "add_rms_norm"), dso2, as_rows(s, "add_rms_norm"),
+                                   weight.contiguous(), None, None, rstd, rms=True, residual=True)
+    return ds.view(s.shape), dw
 
 
 # torch.library registration: a patched model still runs under torch.compile(fullgraph=True).

@@ -5,7 +5,10 @@ y = (x - mean_group) * rsqrt(var_group + eps) * weight[c] + bias[c]. Replaces `F
 In LLM training it appears as the per-head norm over (tokens, hidden) of RWKV and RetNet-style
 blocks (G = heads, nothing spatial); in vision and diffusion over (N, C, H, W).
 
-Two plans, by whether one sample (C x positions, padded to powers of two) fits a tile of
+Three plans. Channels only (no positions: (tokens, hidden)) with channels and groups powers of two:
+  rows         norm_core.py's row kernels with one segment per group (`uses_row_kernels`): several
+      samples a program forward, a persistent backward with per-program dweight/dbias partials.
+Otherwise, by whether one sample (C x positions, padded to powers of two) fits a tile of
 TILE_ELEMENTS:
   whole-sample (tokens x hidden, small images): one program per sample forward; backward, one
       program per SM loops over samples and keeps the per-channel dweight/dbias sums in registers.
@@ -18,8 +21,8 @@ and bias size w, each counted only when present; G groups; P backward programs, 
   unfused (eager CUDA): forward a statistics kernel reads x, an apply kernel reads x and writes y:
       about M*3e; backward a per-channel-sums kernel reads dy and x, a dx kernel reads them again
       and writes dx: about M*5e (plus small (N, C) intermediates)
-  fused forward:   whole-sample M*2e + 2*C*w + 8*N*G;  per-group M*3e + 2*N*C*w + 8*N*G
-  fused backward:  whole-sample: read dy, x, mean, rstd, weight; write dx; per parameter P partial
+  fused forward:   rows and whole-sample M*2e + 2*C*w + 8*N*G;  per-group M*3e + 2*N*C*w + 8*N*G
+  fused backward:  rows and whole-sample: read dy, x, mean, rstd, weight; write dx; per parameter P partial
                    rows of C in fp32 written and read back, and the grad written:
                    M*3e + 8*N*G + C*w + 2*(2*P*C*4 + C*w)
                    per-group: dy and x read twice, the weight once per sample, partial rows per
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fusion_advisor.kernels import norm_core
 from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, eager_or_op, next_power_of_2,
                                           reduction_programs)
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
@@ -210,6 +214,11 @@ def plan(channels: int, positions: int, groups: int) -> dict:
     return {"ONE_TILE": False, "BLOCK_G": 1, "BLOCK_C": block_c, "BLOCK_HW": block_hw, "num_warps": 8}
 
 
+def uses_row_kernels(channels: int, positions: int, groups: int) -> bool:
+    """The rows plan: no positions, channels and groups powers of two (norm_core.segmentable)."""
+    return positions == 1 and norm_core.segmentable(channels, groups)
+
+
 def _check(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
     check_dtype(x, "group_norm")
     check_device(x, weight, bias, op="group_norm")
@@ -224,6 +233,10 @@ def _check(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bia
                 raise ValueError(f"group_norm: {name} shape {list(p.shape)} is not ({x.shape[1]},)")
 
 
+def _contiguous(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return p.contiguous() if p is not None else None
+
+
 def _positions(x: torch.Tensor) -> int:
     return x[0, 0].numel() if x.numel() else 1
 
@@ -234,6 +247,11 @@ def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     _check(x, num_groups, weight, bias)
     x = x.contiguous()
     n_samples, channels, positions = x.shape[0], x.shape[1], _positions(x)
+    if uses_row_kernels(channels, positions, num_groups):
+        y, _, mean, rstd = norm_core.norm_fwd(x.view(n_samples, channels), None, _contiguous(weight),
+                                              _contiguous(bias), eps, rms=False, out_dtype=x.dtype,
+                                              segments=num_groups)
+        return y.view(x.shape), mean.view(n_samples, num_groups), rstd.view(n_samples, num_groups)
     y = torch.empty_like(x)
     mean = torch.empty((n_samples, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
@@ -252,6 +270,12 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: O
     """Launcher: (dx, dweight, dbias); dweight/dbias are empty when weight/bias is None."""
     x, dy = x.contiguous(), dy.contiguous()
     n_samples, channels, positions = x.shape[0], x.shape[1], _positions(x)
+    if uses_row_kernels(channels, positions, num_groups):
+        dx, dw, db = norm_core.norm_bwd(dy.view(n_samples, channels), None, x.view(n_samples, channels),
+                                        _contiguous(weight), _contiguous(bias), mean.contiguous().view(-1),
+                                        rstd.contiguous().view(-1), rms=False, segments=num_groups)
+        return (dx.view(x.shape), dw if dw is not None else mean.new_empty(0),
+                db if db is not None else mean.new_empty(0))
     dx = torch.empty_like(x)
     p = plan(channels, positions, num_groups)
     if p["ONE_TILE"]:
@@ -398,7 +422,7 @@ def fused_bytes(params: dict) -> dict:
     has_weight, has_bias = params.get("weight", True), params.get("bias", True)
     n_params = int(has_weight) + int(has_bias)
     stats = 8 * n_samples * groups
-    if plan(channels, positions, groups)["ONE_TILE"]:
+    if uses_row_kernels(channels, positions, groups) or plan(channels, positions, groups)["ONE_TILE"]:
         programs = min(n_samples, params.get("num_sms", 132))
         return {"forward": m * 2 * e + n_params * channels * w + stats,
                 "backward": m * 3 * e + stats + (channels * w if has_weight else 0)

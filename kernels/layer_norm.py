@@ -4,10 +4,10 @@ Replaces `F.layer_norm` (what `nn.LayerNorm` runs, `reference` below); weight an
 optional (`elementwise_affine=False`, `bias=False`). Eager PyTorch is already one kernel forward
 (native_layer_norm); its backward on CUDA is two kernels that both read dy and x (one for dx, one
 for dweight/dbias). The gain here is that backward pass, and the add+LayerNorm fusion built on
-these row functions (add_layer_norm.py).
+the same kernels (add_layer_norm.py).
 
 Bytes for x of M rows x N normalized elements (element size e; weight and bias size w, each
-counted only when present; P programs in the backward, P <= number of SMs):
+counted only when present; P backward programs, counted as the SMs; see norm_core.py):
   unfused forward:  read x, weight, bias; write y, mean, rstd: M*N*2e + 2*N*w + 8*M
   unfused backward: dx kernel reads dy, x, mean, rstd, weight and writes dx; the dweight/dbias
                     kernel reads dy, x, mean, rstd again and writes them:
@@ -17,6 +17,10 @@ counted only when present; P programs in the backward, P <= number of SMs):
                     in fp32, read them back to sum and write the grad:
                     M*N*3e + 8*M + N*w + 2*(2*P*N*4 + N*w)
 `fused_bytes` returns exactly the fused numbers; the cost model prices them.
+
+The kernels are norm_core.py's (`_layer_norm_fwd_kernel`, `_layer_norm_bwd_kernel`: the shared
+norm tiles with LayerNorm's flags): several rows a program for short rows (a conv output normalised
+over 64 channels), a persistent backward with per-program dweight/dbias partial sums.
 """
 from __future__ import annotations
 
@@ -26,96 +30,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from fusion_advisor.kernels.common import (as_rows, cdiv, check_device, check_dtype, eager_or_op, reduction_programs,
-                                          row_block)
+from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, eager_or_op
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
                                              dtype_name, register)
-
-
-# -- row functions, shared with add_layer_norm.py's kernels ---------------------------------------
-@triton.jit
-def _layer_norm_row(x, W, B, cols, mask, n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """LayerNorm of one row held in registers (fp32, zero past n_cols): (y, mean, rstd)."""
-    mean = tl.sum(x, axis=0) / n_cols
-    # Two passes over registers, not E[x^2] - E[x]^2: no cancellation when |mean| >> std.
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
-    y = xc * rstd
-    if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    return y, mean, rstd
-
-
-@triton.jit
-def _layer_norm_row_weight(W, cols, mask, HAS_WEIGHT: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    else:
-        w = tl.full((BLOCK_SIZE,), 1.0, tl.float32)
-    return w
-
-
-@triton.jit
-def _layer_norm_row_grad(DY, X, MEAN, RSTD, row, cols, mask, w, stride_dy, stride_x, n_cols):
-    """One row's backward in fp32: (dx, dy * x_hat, dy); the last two sum into dweight, dbias."""
-    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + row)
-    rstd = tl.load(RSTD + row)
-    x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
-    g = dy * w
-    dx = rstd * (g - tl.sum(g, axis=0) / n_cols - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
-    return dx, dy * x_hat, dy
-
-
-@triton.jit
-def _layer_norm_store_param_grads(DWB_PARTIAL, pid, cols, mask, n_cols, dw, db, HAS_WEIGHT: tl.constexpr,
-                                  HAS_BIAS: tl.constexpr):
-    """Partial dweight at DWB_PARTIAL[0, pid], dbias at [1, pid] (shape (2, programs, n_cols))."""
-    if HAS_WEIGHT:
-        tl.store(DWB_PARTIAL + pid * n_cols + cols, dw, mask=mask)
-    if HAS_BIAS:
-        tl.store(DWB_PARTIAL + (tl.num_programs(0) + pid) * n_cols + cols, db, mask=mask)
-
-
-# -- kernels ----------------------------------------------------------------------------------------
-@triton.jit
-def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, n_cols, eps, HAS_WEIGHT: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    y, mean, rstd = _layer_norm_row(x, W, B, cols, mask, n_cols, eps, HAS_WEIGHT, HAS_BIAS)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-
-
-@triton.jit
-def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DWB_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols,
-                           rows_per_program, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK_SIZE: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    w = _layer_norm_row_weight(W, cols, mask, HAS_WEIGHT, BLOCK_SIZE)
-    dw_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-    row_start = pid * rows_per_program
-    for i in range(0, rows_per_program):
-        row = (row_start + i).to(tl.int64)
-        if row < n_rows:
-            dx, dw, db = _layer_norm_row_grad(DY, X, MEAN, RSTD, row, cols, mask, w, stride_dy, stride_x, n_cols)
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dw
-            db_acc += db
-    _layer_norm_store_param_grads(DWB_PARTIAL, pid, cols, mask, n_cols, dw_acc, db_acc, HAS_WEIGHT, HAS_BIAS)
 
 
 # -- launchers --------------------------------------------------------------------------------------
@@ -139,14 +58,17 @@ def normalized_rows(t: torch.Tensor, normalized_shape: Sequence[int], op: str) -
     return as_rows(t.flatten(t.dim() - k) if k > 1 else t, op)
 
 
-def row_norm_param_grads(partial: torch.Tensor, weight: Optional[torch.Tensor],
-                         bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dweight, dbias) from the (2, programs, n_cols) fp32 partials; empty for a missing one
-    (a custom op returns tensors, never None)."""
-    # One sum per parameter: a custom op's outputs may not be views of one tensor.
-    dw = partial[0].sum(0).to(weight.dtype).view(weight.shape) if weight is not None else partial.new_empty(0)
-    db = partial[1].sum(0).to(bias.dtype).view(bias.shape) if bias is not None else partial.new_empty(0)
-    return dw, db
+def flat_param(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A weight or bias over normalized_shape as the contiguous 1-D row the kernels index."""
+    return p.contiguous().view(-1) if p is not None else None
+
+
+def param_grads(dw: Optional[torch.Tensor], db: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dweight, dbias) in their parameters' shapes; empty for a missing one (a custom op returns
+    tensors, never None)."""
+    return (dw.view(weight.shape) if weight is not None else like.new_empty(0),
+            db.view(bias.shape) if bias is not None else like.new_empty(0))
 
 
 def layer_norm_fwd(x: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor],
@@ -154,17 +76,8 @@ def layer_norm_fwd(x: torch.Tensor, normalized_shape: Sequence[int], weight: Opt
     """Launcher: (y, mean, rstd); mean and rstd are fp32, one per row."""
     check_layer_norm_args(x, normalized_shape, weight, bias, "layer_norm")
     x2 = normalized_rows(x, normalized_shape, "layer_norm")
-    n_rows, n_cols = x2.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block, warps = row_block(n_cols)
-    if n_rows:
-        # A missing weight or bias is never read (HAS_* is constexpr): x stands in as the pointer.
-        _layer_norm_fwd_kernel[(n_rows,)](
-            x2, x2 if weight is None else weight.contiguous(), x2 if bias is None else bias.contiguous(),
-            y, mean, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_SIZE=block, num_warps=warps)
+    y, _, mean, rstd = norm_core.norm_fwd(x2, None, flat_param(weight), flat_param(bias), eps, rms=False,
+                                          out_dtype=x.dtype)
     return y.view(x.shape), mean, rstd
 
 
@@ -172,23 +85,10 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, normalized_shape: Sequence
                    bias: Optional[torch.Tensor], mean: torch.Tensor,
                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launcher: (dx, dweight, dbias); dweight/dbias are empty when weight/bias is None."""
-    x2 = normalized_rows(x, normalized_shape, "layer_norm")
-    dy2 = normalized_rows(dy, normalized_shape, "layer_norm")
-    n_rows, n_cols = x2.shape
-    dx = torch.empty_like(x2)
-    programs = reduction_programs(n_rows, x.device)
-    rows_per_program = cdiv(n_rows, programs) if n_rows else 0
-    partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=x.device)
-    block, warps = row_block(n_cols)
-    if n_rows:
-        _layer_norm_bwd_kernel[(programs,)](
-            dy2, x2, x2 if weight is None else weight.contiguous(), mean, rstd, dx, partial,
-            dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_SIZE=block, num_warps=warps)
-    else:
-        partial.zero_()
-    dw, db = row_norm_param_grads(partial, weight, bias)
-    return dx.view(x.shape), dw, db
+    dx, dw, db = norm_core.norm_bwd(normalized_rows(dy, normalized_shape, "layer_norm"), None,
+                                    normalized_rows(x, normalized_shape, "layer_norm"), flat_param(weight),
+                                    flat_param(bias), mean, rstd, rms=False)
+    return (dx.view(x.shape), *param_grads(dw, db, weight, bias, mean))
 
 
 # torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
@@ -219,7 +119,7 @@ def _(dy, x, normalized_shape, weight, bias, mean, rstd):
 
 def fake_param_grads(like: torch.Tensor, weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """What row_norm_param_grads returns, as fakes."""
+    """What param_grads returns, as fakes."""
     dw = weight.new_empty(weight.shape) if weight is not None else like.new_empty(0)
     db = bias.new_empty(bias.shape) if bias is not None else like.new_empty(0)
     return dw, db

@@ -8,74 +8,20 @@ Bytes for x of M rows x N (element size e, weight size w, output size o):
       full M x N tensor, most in fp32: about M*N*(2+4 + 4+4 + 4 + 4+4 + 4+2 + 2+2+2) bytes
   fused forward:  read x once, write y once, write rstd: M*N*(e+o) + N*w + 4*M
   fused backward: read dy, x, rstd, weight; write dx and per-program partial dweight:
-                  M*N*(o+e+e) + 4*M + N*w + 2*P*N*4  (P programs, P <= number of SMs)
+                  M*N*(o+e+e) + 4*M + N*w + 2*P*N*4  (P programs: counted as the SMs; see norm_core.py)
 `fused_bytes` returns exactly these numbers; the cost model prices them.
+
+The kernels are norm_core.py's (`_rms_norm_fwd_kernel`, `_rms_norm_bwd_kernel`: the shared norm
+tiles with RMSNorm's flags): several rows a program for short rows, a persistent backward.
 """
 from __future__ import annotations
 
 import math
 import torch
-import triton
-import triton.language as tl
 
-from fusion_advisor.kernels.common import (as_rows, cdiv, check_device, check_dtype, eager_or_op, reduction_programs,
-                                          row_block)
+from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, eager_or_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, register
-
-
-# -- row functions, shared with add_rms_norm.py's kernels -----------------------------------------
-@triton.jit
-def _rms_norm_row(x, W, cols, mask, n_cols, eps, X):
-    """RMSNorm of one row held in registers (fp32, zero past n_cols) of an input in X's dtype:
-    (y in fp32, rstd)."""
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    # Round the normalised value to x's dtype before the weight, as LlamaRMSNorm does.
-    n = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
-    return n * w, rstd
-
-
-@triton.jit
-def _rms_norm_row_grad(DY, X, RSTD, row, cols, mask, w, stride_dy, stride_x, n_cols):
-    """One row's backward in fp32: (dx, dy * n); the second sums into dweight."""
-    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD + row)
-    x_hat = x * rstd
-    n = x_hat.to(X.dtype.element_ty).to(tl.float32)
-    g = dy * w
-    dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
-    return dx, dy * n
-
-
-# -- kernels ----------------------------------------------------------------------------------------
-@triton.jit
-def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK_SIZE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    y, rstd = _rms_norm_row(x, W, cols, mask, n_cols, eps, X)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
-
-
-@triton.jit
-def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols,
-                         rows_per_program, BLOCK_SIZE: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-    row_start = pid * rows_per_program
-    for i in range(0, rows_per_program):
-        row = (row_start + i).to(tl.int64)
-        if row < n_rows:
-            dx, dw = _rms_norm_row_grad(DY, X, RSTD, row, cols, mask, w, stride_dy, stride_x, n_cols)
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dw
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
 
 
 def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -89,34 +35,17 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
     x2 = as_rows(x, "rms_norm")
-    n_rows, n_cols = x2.shape
-    y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight), device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block, warps = row_block(n_cols)
-    if n_rows:
-        _rms_norm_fwd_kernel[(n_rows,)](x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-                                        BLOCK_SIZE=block, num_warps=warps)
+    y, _, _, rstd = norm_core.norm_fwd(x2, None, weight.contiguous(), None, eps, rms=True,
+                                       out_dtype=_out_dtype(x, weight))
     return y.view(x.shape), rstd
 
 
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (dx, dweight)."""
-    x2 = as_rows(x, "rms_norm")
-    dy2 = as_rows(dy, "rms_norm")
-    n_rows, n_cols = x2.shape
-    dx = torch.empty_like(x2)
-    programs = reduction_programs(n_rows, x.device)
-    rows_per_program = cdiv(n_rows, programs) if n_rows else 0
-    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    block, warps = row_block(n_cols)
-    if n_rows:
-        _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, partial, dy2.stride(0),
-                                          x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-                                          BLOCK_SIZE=block, num_warps=warps)
-    else:
-        partial.zero_()
-    return dx.view(x.shape), partial.sum(0).to(weight.dtype)
+    dx, dw, _ = norm_core.norm_bwd(as_rows(dy, "rms_norm"), None, as_rows(x, "rms_norm"), weight.contiguous(), None,
+                                   None, rstd, rms=True)
+    return dx.view(x.shape), dw
 
 
 # torch.library registration: a patched model still runs under torch.compile(fullgraph=True).

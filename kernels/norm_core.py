@@ -1,0 +1,520 @@
+"""The one row-norm kernel family: RMSNorm and LayerNorm, with or without a residual add before the
+norm, with or without a weight and a bias, forward and backward. rms_norm.py, add_rms_norm.py,
+layer_norm.py and add_layer_norm.py keep their public names, custom ops and autograd Functions and
+call the launchers here (`norm_fwd`, `norm_bwd`).
+
+Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached per shape):
+  forward   one program per tile of BLOCK_M rows x BLOCK_N columns (BLOCK_N = the row padded to a
+            power of two): many rows per program for short rows (N = 64: 64 rows), one row for long
+            ones. fp32 statistics; mean (LayerNorm) and rstd saved per row for the backward.
+  backward  persistent: P programs (WARPS_PER_SM warps of them an SM: 2 x SMs programs of 8 warps for
+            rows up to 2048, SMs of 16+ warps above) each loop over the row tiles pid, pid + P,
+            pid + 2P, ... (several rows a tile for short rows), computing dx in the same pass and
+            keeping dweight / dbias partial sums in fp32 registers; each writes one partial row per
+            parameter, and a second small kernel (`_norm_param_grads_kernel`) sums the P rows into
+            the parameter's dtype. No M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+
+            leave no registers for the sums: each program adds them to its own partial rows every
+            tile (L2 traffic, not spills).
+  segments  GroupNorm over channels: LayerNorm's tiles with statistics per group of columns.
+  tuning    `python -m fusion_advisor.kernels.norm_tune` (GPU only, offline) times a few tiles around
+            the table per (row length, element size) and saves the fastest per GPU model under the
+            user cache dir; `fwd_config` / `bwd_config` read that file once and fall back to the
+            table. A call never searches; the interpreter always uses the table.
+
+Bytes moved by one fused launch (M rows x N; x element size e, residual r, the sum s, output o,
+weight/bias w each only when present; the pattern files' `fused_bytes` give these numbers):
+  forward:  read x (and the residual), write y (and the sum), rstd (and mean) per row, read the
+            weight and bias once per program (L2 hits after the first): M*N*(e [+ r + s] + o)
+            + N*w per parameter + 4*M per statistic
+  backward: read dy, x (the sum), the statistics (and the returned residual's grad); write dx;
+            per parameter write P partial rows in fp32 and read them back, then write the grad:
+            M*N*(o + e + e [+ s]) + 4*M per statistic + N*w + per parameter (2*P*N*4 + N*w)
+  (`fused_bytes` takes P = the SMs, the cost model's count; for rows up to 2048 the kernel runs
+  twice that many programs, whose partial rows, written and read back through L2, add 2*SMs*N*4
+  bytes per parameter: under 1 % of the total at 64k rows x 1024, about 8 % at 4k rows.)
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusion_advisor.cost_model.device import cache_dir
+from fusion_advisor.kernels.common import cdiv, interpreting, next_power_of_2, sm_count
+
+MAX_BLOCK_N = 65536     # a row held in registers: wider rows are refused with a clear error
+FWD_TILE = 4096         # elements per forward program (16 a thread at 8 warps: 16-byte vectors)
+BWD_TILE = 2048         # elements per backward loop iteration (8 a thread at 8 warps)
+BWD_PER_THREAD = 8      # at 8, ~95 registers a thread (cuobjdump of the sm_90 cubin): two 8-warp programs fit
+                        # an SM; at 16, 130-150, and only one does
+ACC_IN_MEMORY_COLS = 16384  # from this row length the backward adds its dweight/dbias sums to its partial
+                            # rows (L2) every tile: held in registers they spilled (sm_90, 16384 columns,
+                            # 32 warps: 264 bytes a thread; added to memory, 16 warps: 56)
+WARPS_PER_SM = 16       # the persistent backward's programs per SM: 16 warps of them (2 of 8 warps)
+
+
+# -- row-tile math ------------------------------------------------------------------------------------
+@triton.jit
+def _tile(row0, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows (int64), columns, the row mask and the element mask of the tile starting at row0."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    return rows.to(tl.int64), cols, row_mask, mask
+
+
+@triton.jit
+def _param_row(P, cols, n_cols, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A weight or bias as a [1, BLOCK_N] fp32 row (`absent` everywhere when there is none)."""
+    if HAS:
+        v = tl.load(P + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    else:
+        v = tl.full((BLOCK_N,), absent, tl.float32)
+    return v[None, :]
+
+
+@triton.jit
+def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+    """SEGMENTS > 1 (GroupNorm over channels, LayerNorm flags, n_cols == BLOCK_N): statistics per
+    segment of BLOCK_N // SEGMENTS columns, stored (rows, SEGMENTS)."""
+    rows, cols, row_mask, mask = _tile(tl.program_id(0) * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Rounded to the sum's dtype before the norm, as `x + residual` in eager PyTorch is.
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+    if IS_RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        # Round the normalised value to the input's dtype before the weight, as LlamaRMSNorm does.
+        if HAS_RESIDUAL:
+            y = (x * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)
+        else:
+            y = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    elif SEGMENTS == 1:
+        mean = tl.sum(x, axis=1) / n_cols
+        # Two passes over registers, not E[x^2] - E[x]^2: no cancellation when |mean| >> std.
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+        y = xc * rstd[:, None]
+        tl.store(MEAN + rows, mean, mask=row_mask)
+    else:
+        xs = tl.reshape(x, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS))
+        mean = tl.sum(xs, axis=2) / (BLOCK_N // SEGMENTS)
+        xc = xs - mean[:, :, None]
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=2) / (BLOCK_N // SEGMENTS) + eps)
+        y = tl.reshape(xc * rstd[:, :, None], (BLOCK_M, BLOCK_N))
+        stats = rows[:, None] * SEGMENTS + tl.arange(0, SEGMENTS)[None, :]
+        tl.store(MEAN + stats, mean, mask=row_mask[:, None])
+        tl.store(RSTD + stats, rstd, mask=row_mask[:, None])
+    if HAS_WEIGHT:
+        y = y * _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+    if HAS_BIAS:
+        y = y + _param_row(B, cols, n_cols, 0.0, HAS_BIAS, BLOCK_N)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    if SEGMENTS == 1:
+        tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+    """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
+    dweight / dbias sums in fp32 as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols): kept
+    per tile element in registers and reduced over rows once at the end, or (ACC_IN_MEMORY, for
+    rows too long for registers to hold them besides the tile) added to that row every tile, where
+    it stays in L2, rather than spilled."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACC_IN_MEMORY:
+        if HAS_WEIGHT:
+            tl.store(DW_PARTIAL + pid * n_cols + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=col_mask)
+        if HAS_BIAS:
+            tl.store(DB_PARTIAL + pid * n_cols + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=col_mask)
+    n_tiles = tl.cdiv(n_rows, BLOCK_M)
+    for tile in range(pid, n_tiles, programs):
+        rows, _, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ACC_IN_MEMORY:  # the weight from L1/L2 every tile: registers are short
+            g = dy * _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+        else:
+            g = dy * w
+        if IS_RMS:
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+            x_hat = x * rstd
+            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None])
+            # dweight sees the normalised value rounded as the forward rounded it.
+            dw_t = dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
+        elif SEGMENTS == 1:
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
+            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+            c1 = tl.sum(g, axis=1) / n_cols
+            c2 = tl.sum(g * x_hat, axis=1) / n_cols
+            dx = rstd * (g - c1[:, None] - x_hat * c2[:, None])
+            dw_t = dy * x_hat
+        else:  # per segment, in [rows, segments, segment] views of the tile
+            stats = rows[:, None] * SEGMENTS + tl.arange(0, SEGMENTS)[None, :]
+            rstd = tl.load(RSTD + stats, mask=row_mask[:, None], other=0.0)[:, :, None]
+            mean = tl.load(MEAN + stats, mask=row_mask[:, None], other=0.0)[:, :, None]
+            x_hat = (tl.reshape(x, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS)) - mean) * rstd
+            gs = tl.reshape(g, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS))
+            c1 = tl.sum(gs, axis=2) / (BLOCK_N // SEGMENTS)
+            c2 = tl.sum(gs * x_hat, axis=2) / (BLOCK_N // SEGMENTS)
+            dx = tl.reshape(rstd * (gs - c1[:, :, None] - x_hat * c2[:, :, None]), (BLOCK_M, BLOCK_N))
+            dw_t = dy * tl.reshape(x_hat, (BLOCK_M, BLOCK_N))
+        if HAS_DS_OUT:  # the grad that reached the returned residual directly
+            dx += tl.load(DS_OUT + rows[:, None] * stride_dso + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if ACC_IN_MEMORY:  # the same thread reads and writes each column: program order is enough
+            if HAS_WEIGHT:
+                dw_row = DW_PARTIAL + pid * n_cols + cols
+                tl.store(dw_row, tl.load(dw_row, mask=col_mask, other=0.0) + tl.sum(dw_t, axis=0), mask=col_mask)
+            if HAS_BIAS:
+                db_row = DB_PARTIAL + pid * n_cols + cols
+                tl.store(db_row, tl.load(db_row, mask=col_mask, other=0.0) + tl.sum(dy, axis=0), mask=col_mask)
+        else:
+            dw_acc += dw_t
+            db_acc += dy
+    if not ACC_IN_MEMORY:
+        if HAS_WEIGHT:
+            tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        if HAS_BIAS:
+            tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+# -- kernels: one name per pattern, so profiler traces say which norm ran ------------------------------
+@triton.jit
+def _rms_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   True, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+
+
+@triton.jit
+def _add_rms_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols,
+                             eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   True, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols,
+                           eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+
+
+@triton.jit
+def _add_layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows,
+                               n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   False, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                         stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+    _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
+                    ACC_IN_MEMORY)
+
+
+@triton.jit
+def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
+                             stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+    _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
+                    ACC_IN_MEMORY)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
+                           stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+    _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
+                    ACC_IN_MEMORY)
+
+
+@triton.jit
+def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
+                               stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
+                               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+    _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
+                    ACC_IN_MEMORY)
+
+
+@triton.jit
+def _group_norm_rows_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows,
+                                n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS)
+
+
+@triton.jit
+def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
+                                stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
+                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+    _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
+                    stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
+                    ACC_IN_MEMORY)
+
+
+@triton.jit
+def _norm_param_grads_kernel(DW_PARTIAL, DB_PARTIAL, DW, DB, n_partials, n_cols, HAS_WEIGHT: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dweight / dbias = the (P, n_cols) fp32 partial rows summed, written in the parameter's dtype."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    dw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(0, n_partials, BLOCK_P):
+        parts = p0 + tl.arange(0, BLOCK_P)
+        offs = parts.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        mask = (parts < n_partials)[:, None] & col_mask[None, :]
+        if HAS_WEIGHT:
+            dw += tl.load(DW_PARTIAL + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            db += tl.load(DB_PARTIAL + offs, mask=mask, other=0.0)
+    if HAS_WEIGHT:
+        tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
+
+
+_FWD_KERNELS = {(True, False): _rms_norm_fwd_kernel, (True, True): _add_rms_norm_fwd_kernel,
+                (False, False): _layer_norm_fwd_kernel, (False, True): _add_layer_norm_fwd_kernel}
+_BWD_KERNELS = {(True, False): _rms_norm_bwd_kernel, (True, True): _add_rms_norm_bwd_kernel,
+                (False, False): _layer_norm_bwd_kernel, (False, True): _add_layer_norm_bwd_kernel}
+
+
+# -- block and warp choice ----------------------------------------------------------------------------
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    programs_per_sm: int = 1   # the persistent backward's; the forward runs one program per tile
+
+
+def _warps(tile: int, per_thread: int = 16) -> int:
+    """About `per_thread` elements a thread (16: two 16-byte vectors of bf16, four of fp32), 4 to
+    32 warps."""
+    return max(4, min(32, tile // (32 * per_thread)))
+
+
+def _block_n(n_cols: int) -> int:
+    block_n = next_power_of_2(n_cols)
+    if block_n > MAX_BLOCK_N:
+        raise ValueError(f"norm: rows of {n_cols} elements are wider than the {MAX_BLOCK_N} one program holds")
+    return block_n
+
+
+def tuned_path(gpu: str) -> Path:
+    """Where norm_tune.py leaves the configs it chose on one GPU model."""
+    return cache_dir() / "norm-tiles" / (re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-") + ".json")
+
+
+def tuned_key(kind: str, block_n: int, elem_size: int) -> str:
+    return f"{kind}/{block_n}/{elem_size}"
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(gpu: str) -> dict[str, tuple[int, int, int]]:
+    """{tuned_key: (block_m, num_warps, programs_per_sm)} searched on this GPU model by
+    norm_tune.py, read once; empty without a GPU name, without the file, or for a file that is
+    not one (the heuristic answers then)."""
+    if not gpu:
+        return {}
+    try:
+        configs = json.loads(tuned_path(gpu).read_text(encoding="utf-8"))["configs"]
+        table = {}
+        for key, (block_m, warps, per_sm) in configs.items():
+            block_n = int(key.split("/")[1])
+            if (block_m & (block_m - 1) or block_m < 1 or block_m * block_n > MAX_BLOCK_N
+                    or warps not in (1, 2, 4, 8, 16, 32) or not 1 <= per_sm <= 8):
+                continue
+            table[key] = (int(block_m), int(warps), int(per_sm))
+        return table
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return {}
+
+
+@functools.lru_cache(maxsize=4096)
+def fwd_config(n_cols: int, n_rows: int, programs_wanted: int, elem_size: int = 2, gpu: str = "") -> TileConfig:
+    """Rows stacked up to FWD_TILE elements a program (or as norm_tune.py chose on `gpu`), fewer
+    while that leaves fewer than `programs_wanted` programs (twice the SMs: every SM busy), never
+    more rows than there are."""
+    block_n = _block_n(n_cols)
+    tuned = tuned_table(gpu).get(tuned_key("fwd", block_n, elem_size))
+    block_m = min(tuned[0] if tuned else max(1, FWD_TILE // block_n), next_power_of_2(max(n_rows, 1)))
+    while block_m > 1 and block_m * block_n > 1024 and cdiv(n_rows, block_m) < programs_wanted:
+        block_m //= 2
+    warps = tuned[1] if tuned and tuned[0] == block_m else _warps(block_m * block_n)
+    return TileConfig(block_m, block_n, warps)
+
+
+@functools.lru_cache(maxsize=4096)
+def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "") -> TileConfig:
+    """Rows stacked up to BWD_TILE elements an iteration, BWD_PER_THREAD a thread: the registers
+    (dy, x, two fp32 accumulators and the addresses) leave room for two 8-warp programs an SM,
+    one's loads overlapping the other's reductions. Rows of 4096+ take 16-32 warps, one program.
+    Where norm_tune.py searched this row length on `gpu`, its choice."""
+    block_n = _block_n(n_cols)
+    tuned = tuned_table(gpu).get(tuned_key("bwd", block_n, elem_size))
+    rows_cap = next_power_of_2(max(n_rows, 1))
+    if tuned and tuned[0] <= rows_cap:
+        return TileConfig(tuned[0], block_n, tuned[1], tuned[2])
+    block_m = min(max(1, BWD_TILE // block_n), rows_cap)
+    warps = _warps(block_m * block_n, BWD_PER_THREAD)
+    if block_n >= ACC_IN_MEMORY_COLS:
+        warps = min(warps, 16)   # sm_90 at 16384: 16 warps spill 56 bytes a thread, 32 warps 104
+    return TileConfig(block_m, block_n, warps, max(1, WARPS_PER_SM // warps))
+
+
+def bwd_programs(cfg: TileConfig, n_rows: int, device: torch.device) -> int:
+    """The persistent backward's program count: cfg.programs_per_sm on every SM of a GPU, a
+    handful in the interpreter (each program is slow there); never more than row tiles."""
+    if interpreting() or device.type != "cuda":
+        per_device = 4
+    else:
+        per_device = sm_count(device) * cfg.programs_per_sm
+    return max(1, min(per_device, cdiv(n_rows, cfg.block_m)))
+
+
+def _sm_programs(device: torch.device) -> int:
+    """SMs on a GPU, a handful in the interpreter: sizes the forward grid (twice this)."""
+    if interpreting() or device.type != "cuda":
+        return 4
+    return sm_count(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name_of(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def gpu_name(device: torch.device) -> str:
+    """The GPU model the tuned table is keyed by; "" in the interpreter (the heuristic only)."""
+    if interpreting() or device.type != "cuda":
+        return ""
+    return _gpu_name_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# -- launchers ----------------------------------------------------------------------------------------
+def segmentable(n_cols: int, segments: int) -> bool:
+    """Whether rows of n_cols split into `segments` statistics groups in one tile: both powers of
+    two (no padding inside a segment), the row within MAX_BLOCK_N."""
+    return (0 < segments <= n_cols <= MAX_BLOCK_N and not n_cols & (n_cols - 1) and not segments & (segments - 1))
+
+
+def _check_segments(n_cols: int, segments: int, rms: bool, residual: bool) -> None:
+    if rms or residual or not segmentable(n_cols, segments):
+        raise ValueError(f"norm: {segments} segments of rows of {n_cols} need LayerNorm without a residual "
+                         "and powers of two")
+
+
+def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype,
+             sum_dtype: Optional[torch.dtype] = None, config: Optional[TileConfig] = None, segments: int = 1):
+    """x (and residual): (rows, n_cols) views with a contiguous last dim. Returns (y, s, mean, rstd):
+    s the residual sum (None without a residual), mean None for RMSNorm; statistics fp32 per row,
+    or per row and segment: `segments` > 1 (LayerNorm flags, no residual, n_cols and segments
+    powers of two) normalises each of `segments` equal column groups on its own (GroupNorm over
+    channels). `config` forces a tile (norm_tune.py's search); default: `fwd_config`."""
+    n_rows, n_cols = x.shape
+    device = x.device
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=device)
+    s = torch.empty((n_rows, n_cols), dtype=sum_dtype, device=device) if residual is not None else None
+    rstd = torch.empty(n_rows * segments, dtype=torch.float32, device=device)
+    mean = None if rms else torch.empty(n_rows * segments, dtype=torch.float32, device=device)
+    kernel, extra = _FWD_KERNELS[(rms, residual is not None)], {}
+    if segments > 1:
+        _check_segments(n_cols, segments, rms, residual is not None)
+        kernel, extra = _group_norm_rows_fwd_kernel, {"SEGMENTS": segments}
+    if n_rows and n_cols:
+        cfg = config or fwd_config(n_cols, n_rows, 2 * _sm_programs(device), x.element_size(), gpu_name(device))
+        r, s_ = (residual, s) if residual is not None else (x, y)
+        # Absent tensors are never read (constexpr flags): another tensor stands in as the pointer.
+        kernel[(cdiv(n_rows, cfg.block_m),)](
+            x, r, s_, x if weight is None else weight, x if bias is None else bias, y,
+            rstd if mean is None else mean, rstd, x.stride(0), r.stride(0), s_.stride(0), y.stride(0),
+            n_rows, n_cols, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **extra)
+    return y, s, mean, rstd
+
+
+def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], mean: Optional[torch.Tensor], rstd: torch.Tensor, rms: bool,
+             residual: bool = False, config: Optional[TileConfig] = None, segments: int = 1):
+    """dy, ds_out, x: (rows, n_cols) views with a contiguous last dim (x: the norm's input, the sum
+    when `residual`); ds_out the returned residual's grad or None. Returns (dx, dweight, dbias),
+    dx contiguous in x's dtype, each parameter grad in its parameter's dtype (None when absent);
+    `segments` as norm_fwd's."""
+    n_rows, n_cols = x.shape
+    device = x.device
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=device)
+    dw = torch.empty_like(weight) if weight is not None else None
+    db = torch.empty_like(bias) if bias is not None else None
+    if not n_cols:
+        return dx, dw, db
+    if not n_rows:
+        for g in (dw, db):
+            if g is not None:
+                g.zero_()
+        return dx, dw, db
+    cfg = config or bwd_config(n_cols, n_rows, x.element_size(), gpu_name(device))
+    programs = bwd_programs(cfg, n_rows, device)
+    n_params = int(weight is not None) + int(bias is not None)
+    partial = torch.empty((max(n_params, 1), programs, n_cols), dtype=torch.float32, device=device)
+    dw_partial, db_partial = partial[0], partial[n_params - 1]
+    dso = ds_out if ds_out is not None else dy
+    kernel, extra = _BWD_KERNELS[(rms, residual)], {}
+    if segments > 1:
+        _check_segments(n_cols, segments, rms, residual)
+        kernel, extra = _group_norm_rows_bwd_kernel, {"SEGMENTS": segments}
+    kernel[(programs,)](
+        dy, dso, x, x if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_partial,
+        db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
+        HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC_IN_MEMORY=cfg.block_n >= ACC_IN_MEMORY_COLS,
+        num_warps=cfg.num_warps, **extra)
+    if n_params:
+        block_c = max(32, min(256, cfg.block_n // 64))
+        block_p = min(next_power_of_2(programs), max(1, 4096 // block_c))
+        _norm_param_grads_kernel[(cdiv(n_cols, block_c),)](
+            dw_partial, db_partial, dx if dw is None else dw, dx if db is None else db, programs, n_cols,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c,
+            num_warps=4)
+    return dx, dw, db

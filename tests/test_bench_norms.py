@@ -1,0 +1,62 @@
+"""benchmarks/bench_norms.py's plan and summary, on CPU (the sweep itself needs a GPU)."""
+import importlib.util
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_norms.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_norms", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_runs_bf16_64k_first_and_caps_the_largest_tensors(bench):
+    args = bench.parse_args([])
+    plan = bench.shape_plan(args)
+    assert plan[0] == ("rms_norm", 1024, 65536, "bfloat16") and plan[4] == ("group_norm", 1024, 65536, "bfloat16")
+    assert [p[1] for p in plan[:15:5]] == [1024, 64, 8192]   # a budget's prefix spans short and long rows
+    assert {p[3] for p in plan[: len(plan) // 2]} == {"bfloat16"}
+    for pattern, n, rows, dtype in plan:
+        assert rows * n * (2 if dtype == "bfloat16" else 4) <= 1 << 28
+    big = {(n, dtype): rows for _, n, rows, dtype in plan if rows > 65536}
+    assert big[(64, "bfloat16")] == 1 << 20 and big[(1024, "bfloat16")] == (1 << 27) // 1024
+    assert (16384, "float32") not in big   # capped below 64k rows: already swept at 4k and 64k
+
+
+def test_quick_is_bf16_at_64k_rows(bench):
+    args = bench.parse_args(["--quick"])
+    assert args.dtypes == ["bfloat16"] and args.rows == [65536] and args.time_budget == 90.0
+    assert len(bench.shape_plan(args)) == len(bench.QUICK_N) * len(bench.PATTERNS)
+
+
+def test_summary_names_the_worst_shape(bench):
+    def row(n, vs, pct):
+        return {"pattern": "layer_norm", "pass": "forward+backward", "provider": "triton", "n": n, "rows": 4096,
+                "dtype": "bfloat16", "vs_compile": vs, "vs_eager": 2.0, "pct_copy": pct}
+    lines = bench.summary([row(64, 0.8, 40.0), row(1024, 1.25, 85.0)])
+    assert len(lines) == 1 and "0.80x at 4096x64" in lines[0] and "40.0% copy at 4096x64" in lines[0]
+    assert "geomean 1.00x" in lines[0]
+
+
+def test_refuses_a_sweep_without_our_kernel(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--providers", "eager,compile"])
+
+
+def test_tile_overrides_reach_the_kernels_table_and_the_csv_label(bench, monkeypatch):
+    from fusion_advisor.kernels import norm_core
+    for const in bench.TILE_KNOBS.values():
+        monkeypatch.setattr(norm_core, const, getattr(norm_core, const))  # restored after the test
+    try:
+        label = bench.set_tiles(bench.parse_args(["--bwd-tile", "4096", "--bwd-per-thread", "16"]))
+        assert label == (f"fwd{norm_core.FWD_TILE}/bwd4096x16/{norm_core.WARPS_PER_SM}w"
+                         f"/mem{norm_core.ACC_IN_MEMORY_COLS}")
+        assert norm_core.bwd_config(1024, 65536) == norm_core.TileConfig(4, 1024, 8, 2)
+    finally:
+        norm_core.fwd_config.cache_clear()
+        norm_core.bwd_config.cache_clear()
