@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fusion_advisor.kernels import autocast
 from fusion_advisor.kernels.common import (as_rows, cdiv, check_device, check_dtype, eager_or_op, reduction_programs,
                                           row_block)
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
@@ -252,7 +253,10 @@ def _shape_list(normalized_shape) -> list[int]:
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
-    """Fused LayerNorm with F.layer_norm's arguments, forward and backward."""
+    """Fused LayerNorm with F.layer_norm's arguments, forward and backward. Inside torch.autocast
+    it casts where eager's autocast does (on CUDA: a bf16/fp16 input runs, and returns, in fp32)."""
+    if autocast.upcasts("aten::layer_norm", x, weight, bias):
+        x, weight, bias = autocast.to_fp32(x, weight, bias)
     return LayerNormFunction.apply(x, _shape_list(normalized_shape), weight, bias, eps)
 
 

@@ -1,0 +1,53 @@
+"""What torch.autocast does to an op we replace, asked of PyTorch itself, so that a fused kernel
+called inside the user's autocast region returns what eager returns there.
+
+Autocast changes an op only where PyTorch registers an autocast kernel for it on that device
+type (the dispatcher knows: `AutocastCUDA`, `AutocastCPU`...). For the ops our kernels replace
+(norms, softmax, pow/exp/rsqrt, sums) that kernel is autocast's "fp32" policy: every floating
+argument below fp32 is cast to fp32 and the op runs and returns in fp32. CUDA registers it for
+layer_norm, group_norm, softmax and the others; CPU registers none of them (there, F.layer_norm of a
+bf16 input with fp32 weights under autocast is the mixed-dtype kernel and returns bf16). GEMMs
+(the "lower precision" policy) are never replaced by our kernels and are not handled here.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_DISPATCH_KEYS = {"cuda": "AutocastCUDA", "cpu": "AutocastCPU", "xpu": "AutocastXPU", "mps": "AutocastMPS"}
+_BELOW_FP32 = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_autocast_kernel(op: str, device_type: str) -> bool:
+    key = _DISPATCH_KEYS.get(device_type)
+    if key is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    except RuntimeError:   # an op or key this torch does not know
+        return False
+
+
+def upcasts(op: str, *tensors: torch.Tensor | None) -> bool:
+    """Would eager run `op` (an aten name, "aten::layer_norm") in fp32 on these tensors here:
+    autocast is on for their device type, it has a kernel for `op` there, and a floating argument
+    is below fp32."""
+    live = [t for t in tensors if t is not None]
+    return bool(live) and runs_in_fp32(op, live[0].device.type, *(t.dtype for t in live))
+
+
+def runs_in_fp32(op: str, device_type: str, *dtypes: torch.dtype) -> bool:
+    """`upcasts` for arguments of these dtypes on this device type."""
+    if not torch.is_autocast_enabled(device_type) or not _has_autocast_kernel(op, device_type):
+        return False   # (the first test is the one every call outside autocast pays: one C call)
+    if torch.compiler.is_compiling():
+        return False   # a traced graph gets autocast from the compiler, around the registered op
+    return any(d in _BELOW_FP32 for d in dtypes)
+
+
+def to_fp32(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Autocast's cast, differentiable as eager's is (the gradient is rounded back to each input's
+    dtype on the way out); fp32 and fp64 tensors pass unchanged."""
+    return tuple(t.to(torch.float32) if t is not None and t.dtype in _BELOW_FP32 else t for t in tensors)
