@@ -256,8 +256,10 @@ class GraphBuilder:
         if i == 0:
             return operands
         if self.exact:   # `bind` names every earlier value an op reads (source_bind.py): nothing to guess
-            if not any(o is not None and o.kind == "value" for o in operands):
-                raise NotLinked(f"op {i} reads no earlier value of the chain")
+            # An op may read only inputs the chain already read: `0.5 * x * (1 + tanh(x + x ** 3))`
+            # is a DAG over x, and `x ** 3` reads x alone.
+            if not any(o is not None and o.kind in ("value", "input") for o in operands):
+                raise NotLinked(f"op {i} reads no earlier value or input of the chain")
             return operands
         prev = g.nodes[-1]
         if any(o is not None and o.ref == prev.name for o in operands):
