@@ -48,7 +48,7 @@ def test_traced_forward_splits_into_the_two_pointwise_tails(trace):
     assert [o.short for o in tails[0]] == ["add", "mul", "clamp", "mul", "sigmoid", "mul", "clamp_max"]
     reasons = {why for _, why in segments}
     assert any(why and "conv2d is not a supported" in why for why in reasons)
-    assert any(why and "mean over dims [2, 3]: only the last dim" in why for why in reasons)
+    assert any(why and "mean over dims [2, 3]: one dim at a time" in why for why in reasons)
     assert all(o.module == "ConvNet/Sequential/ConvBlock" for o in tails[0])
 
 

@@ -28,6 +28,10 @@ from fusion_advisor.kernels.codegen.ops import FLOAT_DTYPES, Arg, OpSpec, Unsupp
 from fusion_advisor.kernels.registry import OpRecord, dtype_name
 
 
+# Reductions whose output has their input's shape: pointwise ops may follow them in one kernel.
+ELEMENTWISE_REDUCTIONS = ("softmax", "log_softmax")
+
+
 class NotLinked(Unsupported):
     """A supported op that does not consume the previous op's output: a new chain starts there."""
 
@@ -85,11 +89,36 @@ class Graph:
 
     @property
     def reduction(self) -> Node | None:
-        return self.nodes[-1] if self.nodes and self.nodes[-1].reduction else None
+        """The chain's one reduction: the last node, or a softmax / log_softmax followed by a
+        pointwise epilogue (`softmax(x, 1) + bias`)."""
+        return next((n for n in self.nodes if n.reduction), None)
 
     @property
     def pointwise(self) -> list[Node]:
         return [n for n in self.nodes if not n.reduction]
+
+    @property
+    def prologue(self) -> list[Node]:
+        """The pointwise nodes before the reduction (all of them without one)."""
+        red = self.reduction
+        return self.nodes[:red.index] if red is not None else list(self.nodes)
+
+    @property
+    def epilogue(self) -> list[Node]:
+        """The pointwise nodes after a softmax / log_softmax, on its output's shape."""
+        red = self.reduction
+        return self.nodes[red.index + 1:] if red is not None else []
+
+    @property
+    def reduce_dim(self) -> int | None:
+        """The reduced dim of the loop shape when it is not the last (softmax over the channels of
+        NCHW: 1); the kernels then read the loop in a logical order with that dim last."""
+        red = self.reduction
+        if red is None:
+            return None
+        rank = len(self.loop_shape)
+        (dim,) = reduced_dims(red, rank)
+        return dim if dim != rank - 1 else None
 
     @property
     def loop_shape(self) -> tuple:
@@ -152,7 +181,7 @@ class GraphBuilder:
     def add(self, record: OpRecord) -> Node:
         g = self.graph
         i = len(g.nodes)
-        if g.reduction is not None:
+        if g.reduction is not None and g.reduction.reduction not in ELEMENTWISE_REDUCTIONS:
             raise NotLinked(f"{g.reduction.record.short} ends the kernel: one trailing reduction per kernel")
         if not record.name.startswith("aten::"):
             raise Unsupported(f"{record.name} is not an aten op")
@@ -163,6 +192,8 @@ class GraphBuilder:
         spec, inplace = op_table.lookup(short)
         values, params = op_table.parse_args(spec, args)
         if spec.kind == "reduction":
+            if g.reduction is not None:
+                raise NotLinked(f"one reduction per kernel: {g.reduction.record.short} came first")
             params = _reduction_params(spec.name, args, params)
         if spec.check is not None:
             reason = spec.check(args, params)
@@ -214,6 +245,8 @@ class GraphBuilder:
         if first.dtype not in FLOAT_DTYPES:
             raise Unsupported(f"{record.short} produces {dtype_name(first.dtype)}")
         node.shape, node.dtype = tuple(first.shape), first.dtype
+        if g.reduction is not None and node.shape != g.reduction.shape:
+            raise NotLinked(f"{record.short} after {g.reduction.record.short} changes the shape to {node.shape}")
         if node.reduction is None and node.shape != torch.broadcast_shapes(
                 *[meta_in[o.ref].shape for o in operands if o.kind in ("value", "input")]):
             raise Unsupported(f"{record.short} is not pointwise on these shapes")
@@ -322,8 +355,8 @@ def _run_eager(node: Node, env: dict[str, Any]) -> Any:
     pos, kw = eager_args(node, lambda o: env[o.ref] if o.kind in ("value", "input", "scalar") else o.value)
     if node.reduction is not None:
         rank = len(pos[0].shape)
-        if reduced_dims(node, rank) != [rank - 1]:
-            raise Unsupported(f"{node.record.short} over dims {node.params.get('dim')}: only the last dim is supported")
+        if len(reduced_dims(node, rank)) != 1:
+            raise Unsupported(f"{node.record.short} over dims {node.params.get('dim')}: one dim at a time is supported")
     try:
         return getattr(torch.ops.aten, node.eager_name)(*pos, **kw)
     except Exception as exc:  # torch rejects these shapes or arguments
@@ -383,7 +416,8 @@ def split_supported(ops: Sequence[OpRecord]) -> list[tuple[list[OpRecord], str |
     def take(i: int, record: OpRecord) -> None:
         builder.add(record)
         current.append(record)
-        if builder.graph.reduction is not None:
+        red = builder.graph.reduction
+        if red is not None and red.reduction not in ELEMENTWISE_REDUCTIONS:
             close(f"op {i} ({record.name}) is a reduction: it ends the kernel")
 
     for i, record in enumerate(ops):

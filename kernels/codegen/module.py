@@ -142,7 +142,12 @@ class _Host:
     def output(self) -> str:
         shape = "shape"
         if self.red is not None and self.red.reduction not in ("softmax", "log_softmax"):
-            shape = "shape[:-1] + (1,)" if self.red.params.get("keepdim") else "shape[:-1]"
+            d = self.layout.reduce_dim
+            if d is None:
+                shape = "shape[:-1] + (1,)" if self.red.params.get("keepdim") else "shape[:-1]"
+            else:
+                shape = f"shape[:{d}] + (1,) + shape[{d + 1}:]" if self.red.params.get("keepdim") \
+                    else f"shape[:{d}] + shape[{d + 1}:]"
         out = f"torch.empty({shape}, dtype=torch.{dtype_name(self.graph.nodes[-1].dtype)}, device=device)"
         if self.two_outputs:
             out += f", torch.empty({shape}, dtype=torch.int64, device=device)"
@@ -165,7 +170,12 @@ class _Host:
             "    return plan"])
 
     def _contiguous(self) -> list[str]:
-        return [f"{a}.contiguous()" for a in self.ins]   # self when it already is: no copy
+        # self when it already is: no copy. A broadcast input of a reduction over a dim that is not
+        # the last is laid out in the kernels' logical order (runtime.to_logical).
+        if self.layout.reduce_dim is None:
+            return [f"{a}.contiguous()" for a in self.ins]
+        return [f"{a}.contiguous()" if all(kept) else f"to_logical(SPEC, {a})"
+                for a, kept in zip(self.ins, self.layout.kept)]
 
     def forward(self) -> str:
         tensors = ", ".join(f"{a}: torch.Tensor" for a in self.ins)

@@ -56,6 +56,21 @@ def padded(shape, rank):
     return (1,) * (rank - len(shape)) + shape
 
 
+def logical(shape, reduce_dim):
+    """A padded shape in the kernels' logical order: the reduced dim (when not the last) moved last."""
+    shape = tuple(shape)
+    if reduce_dim is None:
+        return shape
+    return shape[:reduce_dim] + shape[reduce_dim + 1:] + (shape[reduce_dim],)
+
+
+def to_logical(spec, t):
+    """A broadcast input of a reduction over a dim that is not the last, as the kernels index it:
+    contiguous in the logical order (it is small: a (C,1,1) bias; full-size inputs are not copied)."""
+    rank, d = spec["rank"], spec["reduce_dim"]
+    return t.reshape(padded(t.shape, rank)).movedim(d, -1).contiguous()
+
+
 def loop_shape(spec, shapes):
     """The inputs' broadcast shape, checked against the traced broadcast structure (same rank,
     the same dims kept or broadcast); any sizes may differ from the traced ones."""
@@ -66,9 +81,13 @@ def loop_shape(spec, shapes):
         raise ValueError(f"{spec['name']}: the inputs do not broadcast ({exc})") from None
     if len(shape) > rank:
         raise ValueError(f"{spec['name']}: inputs broadcast to rank {len(shape)}, the traced chain had rank {rank}")
-    full = padded(shape, rank)
+    reduce_dim = spec.get("reduce_dim")
+    if reduce_dim is not None and len(shape) != rank:
+        raise ValueError(f"{spec['name']}: the chain reduces dim {reduce_dim} of rank-{rank} tensors; "
+                         f"these inputs broadcast to rank {len(shape)}")
+    full = logical(padded(shape, rank), reduce_dim)
     for (name, _dtype, kept), s in zip(spec["inputs"], shapes):
-        p = padded(s, rank)
+        p = logical(padded(s, rank), reduce_dim)
         for g, dims in enumerate(spec["groups"]):
             if any((p[d] != full[d]) if kept[g] else (p[d] != 1) for d in dims):
                 raise ValueError(f"{spec['name']}: {name} {tuple(s)} broadcasts over {shape} unlike in the traced "
@@ -78,7 +97,8 @@ def loop_shape(spec, shapes):
 
 
 def group_sizes(spec, shape):
-    full = padded(shape, spec["rank"])
+    """Sizes of the groups of a loop shape (physical: put in the logical order here)."""
+    full = logical(padded(shape, spec["rank"]), spec.get("reduce_dim"))
     return [math.prod(full[d] for d in dims) for dims in spec["groups"]]
 
 
@@ -95,7 +115,7 @@ def index_constants(spec, shape, shapes, layout):
         consts[f"G{g}_SIZE"] = sizes[g]
         consts[f"G{g}_INNER"] = math.prod(sizes[g + 1:n])
     for k, (_name, _dtype, kept) in enumerate(spec["inputs"]):
-        p = padded(shapes[k], rank)
+        p = logical(padded(shapes[k], rank), spec.get("reduce_dim"))   # as to_logical lays it out
         for g, dims in enumerate(spec["groups"]):
             if kept[g]:
                 consts[f"IN{k}_STRIDE{g}"] = math.prod(p[max(dims) + 1:])
@@ -205,9 +225,12 @@ def plan_launches(spec, tensors):
         consts = index_constants(spec, shape, shapes, layout)
         return {name: consts[name] for name in names}
 
+    reduce_dim = spec.get("reduce_dim")
+    # A reduced dim that is not the last: the elements after it, between two of its columns.
+    strided = () if reduce_dim is None else (math.prod(shape[reduce_dim + 1:]),)
     if reduction:
         block_r, block_c, warps = row_tile(n_rows, n_cols, whole_row=True)
-        forward = ((triton.cdiv(n_rows, block_r),), (n_rows, n_cols),
+        forward = ((triton.cdiv(n_rows, block_r),), (n_rows, n_cols, *strided),
                    {**constants(spec["forward_constants"], "rows"), "BLOCK_R": block_r, "BLOCK_C": block_c,
                     **launch, "num_warps": warps})
     else:
@@ -221,7 +244,7 @@ def plan_launches(spec, tensors):
     kinds = [None if dtype == torch.bool else grad_kind(kept) for _name, dtype, kept in spec["inputs"]]
     programs, per_program = row_programs(triton.cdiv(n_rows, block_r), n_col_tiles, tensors[0].device,
                                          accumulate="cols" in kinds)
-    backward = ((n_col_tiles, programs), (n_rows, n_cols, per_program),
+    backward = ((n_col_tiles, programs), (n_rows, n_cols, per_program, *strided),
                 {**constants(spec["backward_constants"], "rows"), "BLOCK_R": block_r, "BLOCK_C": block_c,
                  **launch, "num_warps": warps})
     grads = []
