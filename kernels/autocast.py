@@ -30,6 +30,16 @@ def _has_autocast_kernel(op: str, device_type: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def has_autocast_kernel(short_name: str, device_type: str = "cuda") -> bool:
+    """Does autocast on `device_type` handle some overload of aten::<short_name> (e.g. "pow")?"""
+    packet = getattr(torch.ops.aten, short_name, None)
+    if packet is None:
+        return False
+    return any(_has_autocast_kernel(f"aten::{short_name}" + ("" if o == "default" else f".{o}"), device_type)
+               for o in packet.overloads())
+
+
 def upcasts(op: str, *tensors: torch.Tensor | None) -> bool:
     """Would eager run `op` (an aten name, "aten::layer_norm") in fp32 on these tensors here:
     autocast is on for their device type, it has a kernel for `op` there, and a floating argument

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fusion_advisor import apply as apply_mod
+from fusion_advisor.kernels.codegen import generated
 from fusion_advisor.kernels.codegen.candidate import candidate_for, pattern_from_params
 from fusion_advisor.kernels.numerics import compare
 from fusion_advisor.kernels.registry import Inputs, OpRecord
@@ -136,3 +137,52 @@ def test_generated_new_gelu_in_half_precisions(tmp_path, device, dtype):
 def _load_from_text(path, text, name):
     path.write_text(text)
     return _load(path, name)
+
+
+def autocast_records(low: str = "c10::BFloat16") -> list[OpRecord]:
+    """NewGELU on bf16 x traced under CUDA autocast: autocast runs `torch.pow` in fp32 (its fp32
+    policy), so every op after it reads float32; `0.5 * x` stays bf16 until the last mul."""
+    s = SHAPE
+    return [op("mul", [s, ()], [low, "double"], ["", ""]),
+            op("pow", [s, ()], [low, "Scalar"], ["", "3."]),
+            op("mul", [s, ()], [F32, "double"], ["", ""]),
+            op("add", [s, s, ()], [low, F32, "Scalar"], ["", "", "1"]),
+            op("mul", [s, ()], [F32, "double"], ["", ""]),
+            op("tanh", [s], [F32], [""]),
+            op("add", [s, (), ()], [F32, "double", "Scalar"], ["", "", "1"]),
+            op("mul", [s, s], [low, F32], ["", ""])]
+
+
+def test_chain_traced_under_cuda_autocast_runs_its_pow_in_fp32(tmp_path, device):
+    path = tmp_path / "model.py"
+    path.write_text(USER_CODE)
+    found = candidate_for(autocast_records(), str(path), DEF_LINE)
+    assert found is not None and found.call is not None, found and found.notes
+    chain = generated(found.pattern)
+    assert [n.autocast for n in chain.graph.nodes] == [False, True] + [False] * 6
+    assert chain.graph.nodes[-1].dtype == torch.float32           # autocast's output dtype, as eager's
+    assert ".float()" in chain.source.split("def reference(")[1]   # the cast spelled out in the reference
+
+    def autocast_new_gelu(x):   # what CUDA autocast runs for the user's line (the cast made explicit)
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x.float(), 3.0))))
+
+    torch.manual_seed(0)
+    x = (2 * torch.randn(SHAPE, device=device)).to(torch.bfloat16).requires_grad_()
+    kwargs = {k: eval(v, {"math": math}) for k, v in found.call.scalars.items()}
+    for reference in (autocast_new_gelu, lambda x: found.pattern.reference(x, **kwargs)):
+        check = compare(reference, lambda x: found.pattern.fused(x, **kwargs), Inputs((x,), {}, (0,)))
+        assert check.ok, check.detail
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the real torch.autocast('cuda') policy")
+def test_generated_kernel_matches_the_line_under_cuda_autocast(tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(USER_CODE)
+    found = candidate_for(autocast_records(), str(path), DEF_LINE)
+    module = _load_from_text(tmp_path / "original.py", USER_CODE, "original_gelu_autocast")
+    x = (2 * torch.randn(SHAPE, device="cuda")).to(torch.bfloat16).requires_grad_()
+    kwargs = {k: eval(v, {"math": math}) for k, v in found.call.scalars.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        check = compare(lambda x: module.NewGELU()(x), lambda x: found.pattern.fused(x, **kwargs),
+                        Inputs((x,), {}, (0,)))
+    assert check.ok, check.detail

@@ -23,11 +23,13 @@ from typing import Any, Sequence
 
 import torch
 
+from fusion_advisor.kernels import autocast
 from fusion_advisor.kernels.codegen import ops as op_table
 from fusion_advisor.kernels.codegen.ops import FLOAT_DTYPES, Arg, OpSpec, Unsupported, lit
 from fusion_advisor.kernels.registry import OpRecord, dtype_name
 
 
+_BELOW_FP32 = (torch.float16, torch.bfloat16)
 # Reductions whose output has their input's shape: pointwise ops may follow them in one kernel.
 ELEMENTWISE_REDUCTIONS = ("softmax", "log_softmax")
 
@@ -74,6 +76,8 @@ class Node:
     dtype: torch.dtype
     reduction: str | None = None     # "sum" | "mean" | "amax" | "max" | "softmax" | "log_softmax"
     eager_cast: torch.dtype | None = None   # an in-place op run out of place: back to self's dtype
+    autocast: bool = False   # traced under CUDA autocast, which ran it in fp32: its bf16/fp16 operands
+                             # are cast to fp32 first (explicitly, in the eager reference too)
 
     @property
     def name(self) -> str:
@@ -282,6 +286,8 @@ class GraphBuilder:
             if self._version.get(storage, 0) != version:
                 raise Unsupported(f"bind: {ref} was modified in place after it was made")
             shape, dtype = self._value(ref)
+            if (tuple(values[s].dims), values[s].dtype) != (shape, dtype) and self._autocast_fixup(ref, values[s]):
+                shape, dtype = self._value(ref)
             if (tuple(values[s].dims), values[s].dtype) != (shape, dtype):
                 raise Unsupported(f"bind: {ref} is {dtype_name(dtype)} {shape}, op {op_i} argument {s} is "
                                   f"{dtype_name(values[s].dtype)} {tuple(values[s].dims)}")
@@ -297,8 +303,14 @@ class GraphBuilder:
         prev = g.nodes[-1]
         if any(o is not None and o.ref == prev.name for o in operands):
             return operands
-        candidates = [s for s, a in enumerate(values) if operands[s] is None and a.kind == "tensor"
-                      and tuple(a.dims) == prev.shape and a.dtype == prev.dtype and (not inplace or s == 0)]
+        def matching() -> list[int]:
+            return [s for s, a in enumerate(values) if operands[s] is None and a.kind == "tensor"
+                    and tuple(a.dims) == prev.shape and a.dtype == prev.dtype and (not inplace or s == 0)]
+
+        candidates = matching()
+        if not candidates and any(operands[s] is None and a.kind == "tensor" and self._autocast_fixup(prev.name, a)
+                                  for s, a in enumerate(values)):
+            candidates = matching()
         if not candidates:
             raise NotLinked(f"no argument has the previous output's dims {prev.shape} and dtype "
                             f"{dtype_name(prev.dtype)}: it does not consume op {i - 1}")
@@ -309,6 +321,27 @@ class GraphBuilder:
                            f"others are external inputs (pass bind= if one is an earlier value of the chain)")
         operands[candidates[0]] = Operand("value", prev.name)
         return operands
+
+    def _autocast_fixup(self, ref: str, arg: Arg) -> bool:
+        """The trace shows `arg` reading node `ref`'s output as float32 where the op's rules give
+        bf16/fp16: the chain ran under CUDA autocast, whose fp32 policy ran that op (pow, exp,
+        rsqrt, softmax, sum...) in fp32. Re-type the node so (True), unless something already read
+        its lower-precision output or autocast has no kernel for it."""
+        node = next((n for n in self.graph.nodes if n.name == ref), None)
+        if (node is None or node.autocast or arg.kind != "tensor" or arg.dtype != torch.float32
+                or tuple(arg.dims) != node.shape or node.dtype not in (torch.bfloat16, torch.float16)
+                or node.eager_cast is not None or node.eager_name.endswith("_")
+                or not autocast.has_autocast_kernel(node.eager_name)
+                or any(o.ref == ref for n in self.graph.nodes for o in n.operands)):
+            return False
+        node.autocast = True
+        env = {**self._meta, **{x.name: x.placeholder for x in self.graph.scalars}}
+        out = _run_eager(node, env)
+        first = out[0] if isinstance(out, tuple) else out
+        node.dtype, self._meta[node.name] = first.dtype, first
+        self.graph.notes.append(f"op {node.index} {node.record.short}: traced under CUDA autocast, which ran it in "
+                                f"fp32 (the next op reads it as float32); the kernel and the reference do too")
+        return True
 
     def _value(self, ref: str) -> tuple[tuple, torch.dtype]:
         for n in self.graph.nodes:
@@ -353,6 +386,8 @@ def reduced_dims(node: Node, rank: int) -> list[int]:
 def _run_eager(node: Node, env: dict[str, Any]) -> Any:
     """Run the node's aten op on meta tensors: its output shape and dtype, by torch's own rules."""
     pos, kw = eager_args(node, lambda o: env[o.ref] if o.kind in ("value", "input", "scalar") else o.value)
+    if node.autocast:
+        pos = [p.to(torch.float32) if isinstance(p, torch.Tensor) and p.dtype in _BELOW_FP32 else p for p in pos]
     if node.reduction is not None:
         rank = len(pos[0].shape)
         if len(reduced_dims(node, rank)) != 1:

@@ -59,8 +59,15 @@ def reference_source(graph: Graph) -> str:
     """The eager chain: the traced aten ops, one call each, in order."""
     lines = [f"def reference({_signature(graph)}):",
              '    """The traced chain as eager PyTorch runs it: one aten op (one kernel) each."""']
+    def operand(node, o):
+        if o.kind not in ("value", "input", "scalar"):
+            return o.value
+        if node.autocast and o.kind != "scalar" and graph.dtype_of(o.ref) in (torch.float16, torch.bfloat16):
+            return _Verbatim(f"{o.ref}.float()")      # autocast's cast, spelled out: the same outside autocast
+        return _Verbatim(o.ref)
+
     for node in graph.nodes:
-        pos, kw = eager_args(node, lambda o: _Verbatim(o.ref) if o.kind in ("value", "input", "scalar") else o.value)
+        pos, kw = eager_args(node, lambda o: operand(node, o))
         args = [_py_value(a) for a in pos] + [f"{k}={_py_value(v)}" for k, v in kw.items()]
         cast = f".to(torch.{dtype_name(node.eager_cast)})" if node.eager_cast is not None else ""
         lines.append(f"    {node.name} = torch.ops.aten.{node.eager_name}({', '.join(args)}){cast}")
