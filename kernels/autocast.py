@@ -19,15 +19,28 @@ _DISPATCH_KEYS = {"cuda": "AutocastCUDA", "cpu": "AutocastCPU", "xpu": "Autocast
 _BELOW_FP32 = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+# (op, device type) -> has autocast a kernel for it there. A plain dict, filled outside any traced
+# region (for the ops the kernels ask about, at import): torch.compile reads it like a constant.
+_KERNELS: dict[tuple[str, str], bool] = {}
+# The ops our kernels' wrappers ask about (layer_norm.py, add_layer_norm.py, bias_act.py).
+_ASKED = ("aten::layer_norm", "aten::pow.Tensor_Scalar")
+
+
 def _has_autocast_kernel(op: str, device_type: str) -> bool:
-    key = _DISPATCH_KEYS.get(device_type)
-    if key is None:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-    except RuntimeError:   # an op or key this torch does not know
-        return False
+    known = _KERNELS.get((op, device_type))
+    if known is None:
+        key = _DISPATCH_KEYS.get(device_type)
+        try:
+            known = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+        except RuntimeError:   # an op or key this torch does not know
+            known = False
+        _KERNELS[(op, device_type)] = known
+    return known
+
+
+for _op in _ASKED:
+    for _device_type in _DISPATCH_KEYS:
+        _has_autocast_kernel(_op, _device_type)
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,8 +65,8 @@ def runs_in_fp32(op: str, device_type: str, *dtypes: torch.dtype) -> bool:
     """`upcasts` for arguments of these dtypes on this device type."""
     if not torch.is_autocast_enabled(device_type) or not _has_autocast_kernel(op, device_type):
         return False   # (the first test is the one every call outside autocast pays: one C call)
-    if torch.compiler.is_compiling():
-        return False   # a traced graph gets autocast from the compiler, around the registered op
+    # Under torch.compile too: the compiler applies autocast to aten ops, not to our custom ops, so
+    # the cast is ours to make there as well (it traces as a plain `to`).
     return any(d in _BELOW_FP32 for d in dtypes)
 
 

@@ -115,9 +115,7 @@ def cuda_policy_on_cpu(monkeypatch):
     """CPU autocast as CUDA's: the ops that CUDA's autocast runs in fp32 run in fp32 here too, so the
     kernels' CUDA branch is exercised on this machine (the reference spells out autocast's cast)."""
     monkeypatch.setitem(autocast._DISPATCH_KEYS, "cpu", "AutocastCUDA")
-    autocast._has_autocast_kernel.cache_clear()
-    yield
-    autocast._has_autocast_kernel.cache_clear()
+    monkeypatch.setattr(autocast, "_KERNELS", {})
 
 
 def test_cpu_autocast_changes_nothing_and_kernels_agree():
