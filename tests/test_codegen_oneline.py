@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from fusion_advisor import apply as apply_mod
-from fusion_advisor.kernels.codegen import generated
+from fusion_advisor.kernels.codegen import build_pattern, generated
 from fusion_advisor.kernels.codegen.candidate import candidate_for, pattern_from_params
 from fusion_advisor.kernels.numerics import compare
 from fusion_advisor.kernels.registry import Inputs, OpRecord
 from fusion_advisor.kernels.tolerances import tolerance
 from fusion_advisor.result import AdvisorResult, Cluster, Estimate, Recommendation
+from test_codegen import check_chain
 
 USER_CODE = textwrap.dedent("""\
     import math
@@ -186,3 +187,14 @@ def test_generated_kernel_matches_the_line_under_cuda_autocast(tmp_path):
         check = compare(lambda x: module.NewGELU()(x), lambda x: found.pattern.fused(x, **kwargs),
                         Inputs((x,), {}, (0,)))
     assert check.ok, check.detail
+
+
+def test_a_value_nothing_reads_gets_no_gradient(device):
+    """In a DAG over x a value may feed nothing after it (`y = x.sigmoid()` beside the output): the
+    backward kernel skips it rather than reading a gradient that was never made."""
+    s = (4, 9)
+    ops = [op("mul", [s, ()], [F32, "double"], ["", ""]),
+           op("sigmoid", [s], [F32], [""]),
+           op("add", [s, s, ()], [F32, F32, "Scalar"], ["", "", "1"])]
+    pattern = build_pattern(ops, bind={(1, 0): "in0", (2, 0): "v0", (2, 1): "in0"}, exact=True)
+    check_chain(pattern, device)

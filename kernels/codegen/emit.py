@@ -171,6 +171,8 @@ class KernelWriter:
         differentiable = {x.name for x in self.graph.inputs if x.dtype != torch.bool}
         for node in reversed(nodes):
             g = f"g_{node.name}"
+            if g not in defined:
+                continue   # a value nothing after it reads (`y = x * 2` beside the output): no gradient
             x = [o.ref for o in node.operands]
             if node.spec.kind == "cast" or node.spec.backward is None:
                 grads = [g]
