@@ -22,8 +22,8 @@ _BELOW_FP32 = (torch.float16, torch.bfloat16)
 # (op, device type) -> has autocast a kernel for it there. A plain dict, filled outside any traced
 # region (for the ops the kernels ask about, at import): torch.compile reads it like a constant.
 _KERNELS: dict[tuple[str, str], bool] = {}
-# The ops our kernels' wrappers ask about (layer_norm.py, add_layer_norm.py, bias_act.py).
-_ASKED = ("aten::layer_norm", "aten::pow.Tensor_Scalar")
+# The ops our kernels' wrappers ask about (layer_norm.py, add_layer_norm.py, group_norm.py, bias_act.py).
+_ASKED = ("aten::layer_norm", "aten::group_norm", "aten::pow.Tensor_Scalar")
 
 
 def _has_autocast_kernel(op: str, device_type: str) -> bool:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_advisor.bench import BenchOptions, bench
-from fusion_advisor.kernels import add_layer_norm, autocast, bias_act, layer_norm, rms_norm
+from fusion_advisor.kernels import add_layer_norm, autocast, bias_act, group_norm, layer_norm, rms_norm
 from fusion_advisor.kernels import match
 from fusion_advisor.kernels.codegen.candidate import candidate_for
 from fusion_advisor.kernels.numerics import compare, tensor_outputs
@@ -172,6 +172,19 @@ def test_relu_squared_under_cuda_style_autocast(cuda_policy_on_cpu):
     assert y.dtype == torch.float32
 
 
+def test_group_norm_under_cuda_style_autocast(cuda_policy_on_cpu):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7).to(torch.bfloat16)          # NCHW, 3 groups of 2 channels
+    w, b = torch.randn(6), torch.randn(6)
+
+    def autocast_reference(x, groups, w, b):
+        return F.group_norm(x.float(), groups, w, b)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y,) = _check(group_norm.group_norm, autocast_reference, x, 3, w, b)
+    assert y.dtype == torch.float32
+
+
 def test_rms_norm_is_autocast_invariant(cuda_policy_on_cpu):
     # LlamaRMSNorm computes in fp32 explicitly: autocast's fp32 pow/rsqrt change nothing.
     x, w = _mixed_args(torch.float32)
@@ -180,7 +193,7 @@ def test_rms_norm_is_autocast_invariant(cuda_policy_on_cpu):
 
 
 @pytest.mark.skipif(not GPU, reason="needs CUDA: the real torch.autocast('cuda') policy")
-@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "rms_norm", "bias_act"])
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "group_norm", "rms_norm", "bias_act"])
 def test_kernels_match_eager_under_cuda_autocast(name):
     torch.manual_seed(0)
     dev = "cuda"
@@ -190,6 +203,8 @@ def test_kernels_match_eager_under_cuda_autocast(name):
         "layer_norm": (layer_norm.layer_norm, layer_norm.reference, (x, HIDDEN, w, b), {}),
         "add_layer_norm": (add_layer_norm.add_layer_norm, add_layer_norm.reference,
                            (x, torch.randn_like(x), HIDDEN, w, b), {}),
+        "group_norm": (group_norm.group_norm, group_norm.reference,
+                       (torch.randn(2, SHAPE[-1], 5, 7, device=dev, dtype=torch.bfloat16), 4, w, b), {}),
         "rms_norm": (rms_norm.rms_norm, rms_norm.reference, (x, w), {}),
         "bias_act": (bias_act.bias_act, bias_act.reference, (x, b), {"activation": "relu_squared"}),
     }
