@@ -45,7 +45,7 @@ def test_softmax_over_channels_with_its_epilogue_is_one_kernel(dtype, device):
     assert [len(seg) for seg, _ in split_supported(ops)] == [4]          # not cut after the softmax
     pattern = build_pattern(ops)
     chain = generated(pattern)
-    assert chain.graph.reduce_dim == 1 and chain.module.SPEC["reduce_dim"] == 1
+    assert chain.graph.reduce_dims == (1, 1) and chain.module.SPEC["reduce_dims"] == (1, 1)
     assert "RED_INNER" in chain.source and ".movedim" not in chain.source.split("def _forward(")[1].split("\n\n")[0]
     check_chain(pattern, device)
 
@@ -69,7 +69,21 @@ def test_reductions_over_a_middle_dim(reduction, args, device):
            op("add", [NCHW, ()], ["float", "double"], ["", ""]),
            op(reduction, [NCHW] + [()] * len(types), ["float", *types], ["", *concrete])]
     pattern = build_pattern(ops)
-    assert generated(pattern).graph.reduce_dim in (1, 2)
+    assert generated(pattern).graph.reduce_dims in ((1, 1), (2, 2))
+    check_chain(pattern, device)
+
+
+@pytest.mark.parametrize("dims,keepdim", [("[2, 3]", "False"), ("[2, 3]", "True"), ("[1, 2]", "False"),
+                                         ("[-3, -2]", "True")], ids=["hw", "hw-keepdim", "ch", "ch-neg-keepdim"])
+def test_mean_over_a_block_of_adjacent_dims(dims, keepdim, device):
+    """A pointwise tail, then `mean(dim=(2, 3))` (a conv net's global average pool) or over (C, H);
+    the bias broadcasts over the reduced dims ((C, 1, 1) over H, W; (W,) over C, H)."""
+    bias = (NCHW[1], 1, 1) if dims == "[2, 3]" else (NCHW[3],)
+    ops = [op("add", [NCHW, bias, ()], ["float", "float", "Scalar"], ["", "", "1"]),
+           op("sigmoid", [NCHW], ["float"], [""]),
+           op("mean", [NCHW, (), (), ()], ["float", "ScalarList", "Scalar", ""], ["", dims, keepdim, ""])]
+    pattern = build_pattern(ops)
+    assert generated(pattern).graph.reduce_dims == (None if dims == "[2, 3]" else (1, 2))
     check_chain(pattern, device)
 
 
@@ -79,7 +93,7 @@ def test_softmax_over_the_last_dim_takes_an_epilogue_too(device):
            op("softmax", [s, (), ()], ["float", "Scalar", ""], ["", "-1", ""]),
            op("mul", [s, s], ["float", "float"], ["", ""])]           # probabilities * a full-size mask
     pattern = build_pattern(ops)
-    assert generated(pattern).graph.reduce_dim is None and len(generated(pattern).graph.epilogue) == 1
+    assert generated(pattern).graph.reduce_dims is None and len(generated(pattern).graph.epilogue) == 1
     check_chain(pattern, device)
 
 
@@ -96,11 +110,16 @@ def test_what_a_strided_reduction_cannot_take_is_refused():
     odd = (1, NCHW[1], NCHW[2], 1)
     ops = [op("softmax", [NCHW, (), ()], ["float", "Scalar", ""], ["", "1", ""]),
            op("mul", [NCHW, odd], ["float", "float"], ["", ""])]
-    with pytest.raises(Unsupported, match="reduction over dim 1"):
+    with pytest.raises(Unsupported, match=r"reduction over dims \[1\] \(not the last\)"):
         build_pattern(ops)
-    two_dims = op("sum", [NCHW, (), (), ()], ["float", "ScalarList", "Scalar", ""], ["", "[2, 3]", "False", ""])
-    with pytest.raises(Unsupported, match="one dim at a time"):
-        build_graph([two_dims])
+    apart = op("sum", [NCHW, (), (), ()], ["float", "ScalarList", "Scalar", ""], ["", "[1, 3]", "False", ""])
+    with pytest.raises(Unsupported, match="one block of adjacent dims"):
+        build_graph([apart])
+    # (1, C, 1, 1) kept along C, broadcast along H, all reduced together: not one column vector.
+    mixed = [op("mul", [NCHW, (1, NCHW[1], 1, 1)], ["float", "float"], ["", ""]),
+             op("sum", [NCHW, (), (), ()], ["float", "ScalarList", "Scalar", ""], ["", "[1, 2]", "False", ""])]
+    with pytest.raises(Unsupported, match="kept along some of the reduced dims"):
+        build_pattern(mixed)
 
 
 # -- the user's script: source binding and apply ------------------------------------------------

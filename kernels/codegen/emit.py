@@ -37,7 +37,7 @@ class Layout:
     rank: int
     groups: list[tuple[int, ...]]     # of the logical dims (the reduced dim moved last)
     kept: list[tuple[bool, ...]]      # per input, per group
-    reduce_dim: int | None = None     # the reduced dim when it is not the last (graph.reduce_dim)
+    reduce_dims: tuple[int, int] | None = None   # the reduced block when not at the end (graph.reduce_dims)
 
 
 def partition(graph: Graph) -> Layout:
@@ -45,18 +45,26 @@ def partition(graph: Graph) -> Layout:
     reduction's last dim is a group of its own."""
     shape = graph.loop_shape
     rank = max(1, len(shape))
-    reduce_dim = graph.reduce_dim
-    full = logical(padded(shape, rank), reduce_dim)
-    shapes = [logical(padded(x.shape, rank), reduce_dim) for x in graph.inputs]
+    block = graph.reduce_dims
+    full = logical(padded(shape, rank), block)
+    shapes = [logical(padded(x.shape, rank), block) for x in graph.inputs]
     flags = [tuple(s[d] == full[d] for s in shapes) for d in range(rank)]
-    alone = rank - 1 if graph.reduction is not None else None
-    core = [d for d in range(rank) if full[d] != 1 or d == alone]
+    reduced = graph.reduced_block
+    # The reduced dims are the logical order's last ones, one group (the kernels' columns).
+    first_reduced = rank - (reduced[1] - reduced[0] + 1) if reduced is not None else rank
+    core = [d for d in range(first_reduced) if full[d] != 1]
     groups: list[list[int]] = []
     for d in core:
-        if groups and d != alone and groups[-1][-1] != alone and flags[d] == flags[groups[-1][-1]]:
+        if groups and flags[d] == flags[groups[-1][-1]]:
             groups[-1].append(d)
         else:
             groups.append([d])
+    if reduced is not None:
+        groups.append(list(range(first_reduced, rank)))
+        for k, x in enumerate(graph.inputs):
+            if len({shapes[k][d] == full[d] for d in groups[-1] if full[d] != 1}) > 1:
+                raise Unsupported(f"{x.name} {_shape(x.shape)} is kept along some of the reduced dims and broadcast "
+                                  f"along others")
     if not groups:
         groups = [[rank - 1]]
     for d in range(rank):
@@ -65,12 +73,12 @@ def partition(graph: Graph) -> Layout:
             target.append(d)
             target.sort()
     kept = [tuple(all(s[d] == full[d] for d in g) for g in groups) for s in shapes]
-    if reduce_dim is not None:
+    if block is not None:
         for x, k in zip(graph.inputs, kept):
             if x.dtype != torch.bool and grad_kind(k) == "elements":
-                raise Unsupported(f"{x.name} {_shape(x.shape)} broadcasts over the loop in a way a reduction over dim "
-                                  f"{reduce_dim} (not the last) cannot take")
-    return Layout(rank, [tuple(g) for g in groups], kept, reduce_dim)
+                raise Unsupported(f"{x.name} {_shape(x.shape)} broadcasts over the loop in a way a reduction over dims "
+                                  f"{list(range(block[0], block[1] + 1))} (not the last) cannot take")
+    return Layout(rank, [tuple(g) for g in groups], kept, block)
 
 
 def _load_kind(kept: tuple[bool, ...]) -> str:
@@ -205,13 +213,13 @@ class KernelWriter:
         else:
             body = ["if INDEX_64:", "    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)",
                     "else:", "    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)"]
-            body += _tile_lines("tl.arange(0, BLOCK_C)", self.layout.reduce_dim is not None)
+            body += _tile_lines("tl.arange(0, BLOCK_C)", self.layout.reduce_dims is not None)
             body += self._loads("rows") + self._values() + _reduction_forward(red, self._pre_reduction())
             epilogue = self.graph.epilogue
             if epilogue:   # the softmax's rows stay in registers through the pointwise ops after it
                 body = body[:-1] + self._values(epilogue)
                 body.append(f"tl.store(OUT + offs, {epilogue[-1].name}.to(OUT.dtype.element_ty), mask=mask)")
-            params += ["n_rows", "N_COLS"] + (["RED_INNER"] if self.layout.reduce_dim is not None else [])
+            params += ["n_rows", "N_COLS"] + (["RED_INNER"] if self.layout.reduce_dims is not None else [])
             tail = ["BLOCK_R: tl.constexpr", "BLOCK_C: tl.constexpr", "INDEX_64: tl.constexpr"]
         consts = [f"{c}: tl.constexpr" for c in self.consts]
         return _jit("_forward_kernel", params + consts + tail, body)
@@ -224,7 +232,7 @@ class KernelWriter:
         grad_inputs = [k for k, x in enumerate(g.inputs) if x.dtype != torch.bool]
         params = ["DOUT"] + [f"IN{k}" for k in range(len(g.inputs))] + [f"G_IN{k}" for k in grad_inputs]
         params += [s.name for s in g.scalars] + ["n_rows", "N_COLS", "tiles_per_program"]
-        if self.layout.reduce_dim is not None:
+        if self.layout.reduce_dims is not None:
             params.append("RED_INNER")
         kinds = {k: grad_kind(self.layout.kept[k]) for k in grad_inputs}
         body = ["pid_c = tl.program_id(0)", "pid_r = tl.program_id(1)",
@@ -234,7 +242,7 @@ class KernelWriter:
         loop = ["tile = pid_r * tiles_per_program + t", "if INDEX_64:",
                 "    rows = tile.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)", "else:",
                 "    rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)"]
-        loop += _tile_lines(None, self.layout.reduce_dim is not None) + self._loads("rows") + self._values()
+        loop += _tile_lines(None, self.layout.reduce_dims is not None) + self._loads("rows") + self._values()
         defined: set[str] = set()
         if red is None:
             top = g.pointwise[-1].name
@@ -389,6 +397,6 @@ def spec_of(graph: Graph, layout: Layout, name: str) -> dict:
     """The static facts the runtime helpers check shapes against (the module's SPEC)."""
     spec = {"name": name, "rank": layout.rank, "groups": tuple(layout.groups),
             "inputs": tuple((x.name, x.dtype, tuple(layout.kept[k])) for k, x in enumerate(graph.inputs))}
-    if layout.reduce_dim is not None:
-        spec["reduce_dim"] = layout.reduce_dim
+    if layout.reduce_dims is not None:
+        spec["reduce_dims"] = layout.reduce_dims
     return spec

@@ -114,15 +114,22 @@ class Graph:
         return self.nodes[red.index + 1:] if red is not None else []
 
     @property
-    def reduce_dim(self) -> int | None:
-        """The reduced dim of the loop shape when it is not the last (softmax over the channels of
-        NCHW: 1); the kernels then read the loop in a logical order with that dim last."""
+    def reduced_block(self) -> tuple[int, int] | None:
+        """The reduction's dims of the loop shape, first and last (adjacent dims: one block)."""
         red = self.reduction
         if red is None:
             return None
-        rank = len(self.loop_shape)
-        (dim,) = reduced_dims(red, rank)
-        return dim if dim != rank - 1 else None
+        dims = reduced_dims(red, len(self.loop_shape))
+        return dims[0], dims[-1]
+
+    @property
+    def reduce_dims(self) -> tuple[int, int] | None:
+        """The reduced block when it is not at the end (softmax over the channels of NCHW: (1, 1));
+        the kernels then read the loop in a logical order with that block last."""
+        block = self.reduced_block
+        if block is None or block[1] == len(self.loop_shape) - 1:
+            return None
+        return block
 
     @property
     def loop_shape(self) -> tuple:
@@ -390,8 +397,12 @@ def _run_eager(node: Node, env: dict[str, Any]) -> Any:
         pos = [p.to(torch.float32) if isinstance(p, torch.Tensor) and p.dtype in _BELOW_FP32 else p for p in pos]
     if node.reduction is not None:
         rank = len(pos[0].shape)
-        if len(reduced_dims(node, rank)) != 1:
-            raise Unsupported(f"{node.record.short} over dims {node.params.get('dim')}: one dim at a time is supported")
+        dims = reduced_dims(node, rank)
+        if dims != list(range(dims[0], dims[-1] + 1)) or (rank > 1 and len(dims) == rank):
+            raise Unsupported(f"{node.record.short} over dims {node.params.get('dim')}: one dim, or one block of "
+                              f"adjacent dims short of all of them, is supported")
+        if len(dims) > 1 and node.reduction not in ("sum", "mean", "amax"):
+            raise Unsupported(f"{node.record.short} over dims {dims}: over several dims only sum, mean and amax")
     try:
         return getattr(torch.ops.aten, node.eager_name)(*pos, **kw)
     except Exception as exc:  # torch rejects these shapes or arguments

@@ -149,12 +149,11 @@ class _Host:
     def output(self) -> str:
         shape = "shape"
         if self.red is not None and self.red.reduction not in ("softmax", "log_softmax"):
-            d = self.layout.reduce_dim
-            if d is None:
-                shape = "shape[:-1] + (1,)" if self.red.params.get("keepdim") else "shape[:-1]"
-            else:
-                shape = f"shape[:{d}] + (1,) + shape[{d + 1}:]" if self.red.params.get("keepdim") \
-                    else f"shape[:{d}] + shape[{d + 1}:]"
+            a, b = self.graph.reduced_block     # counted from the end: a call may have fewer leading dims
+            rank = len(self.graph.loop_shape)
+            head, tail = f"shape[:{a - rank}]", f"shape[{b + 1 - rank}:]" if b + 1 < rank else "()"
+            ones = f" + {(1,) * (b - a + 1)!r}" if self.red.params.get("keepdim") else ""
+            shape = f"{head}{ones} + {tail}"
         out = f"torch.empty({shape}, dtype=torch.{dtype_name(self.graph.nodes[-1].dtype)}, device=device)"
         if self.two_outputs:
             out += f", torch.empty({shape}, dtype=torch.int64, device=device)"
@@ -179,7 +178,7 @@ class _Host:
     def _contiguous(self) -> list[str]:
         # self when it already is: no copy. A broadcast input of a reduction over a dim that is not
         # the last is laid out in the kernels' logical order (runtime.to_logical).
-        if self.layout.reduce_dim is None:
+        if self.layout.reduce_dims is None:
             return [f"{a}.contiguous()" for a in self.ins]
         return [f"{a}.contiguous()" if all(kept) else f"to_logical(SPEC, {a})"
                 for a, kept in zip(self.ins, self.layout.kept)]

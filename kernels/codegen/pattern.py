@@ -133,7 +133,9 @@ def fused_bytes(graph: Graph, layout: Layout, params: dict, num_sms: int | None 
     out = graph.nodes[-1]
     red = graph.reduction
     n_loop = math.prod(shape)
-    reduced = shape[layout.reduce_dim] if layout.reduce_dim is not None else shape[-1] if shape else 1
+    block = graph.reduced_block
+    full = runtime.padded(shape, len(graph.loop_shape))
+    reduced = math.prod(full[block[0]:block[1] + 1]) if block is not None else 1
     n_out = n_loop if red is None or red.reduction in ("softmax", "log_softmax") else n_loop // max(reduced, 1)
     out_bytes = n_out * out.dtype.itemsize + (n_out * 8 if red is not None and red.reduction == "max" else 0)
     sizes = runtime.group_sizes(spec, shape)
