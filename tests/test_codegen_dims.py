@@ -15,6 +15,7 @@ from fusion_advisor.kernels.codegen.candidate import candidate_for
 from fusion_advisor.kernels.registry import OpRecord
 from fusion_advisor.kernels.tolerances import tolerance
 from fusion_advisor.result import AdvisorResult, Cluster, Estimate, Recommendation
+from codegen_chains import random_chain
 from test_codegen import check_chain
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -202,3 +203,17 @@ def test_the_conv_transpose_script_gets_a_kernel_and_a_source_rewrite(tmp_path, 
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("seed", range(200, 216))
+def test_random_chain_with_a_reduction_over_any_dim(seed, device):
+    """Random chains ending in a reduction over a random dim (or block of two), softmaxes with
+    pointwise ops after them. A broadcast operand the strided layout cannot take is refused by name."""
+    ops = random_chain(seed, torch.float32, with_reduction=True, any_dim=True)
+    try:
+        pattern = build_pattern(ops)
+    except Unsupported as exc:
+        assert "cannot take" in str(exc) or "kept along some of the reduced dims" in str(exc), exc
+        pytest.skip(f"refused: {exc}")
+    assert generated(pattern).graph.reduction is not None
+    check_chain(pattern, device, seed)

@@ -7,7 +7,10 @@ Kernel layouts (see runtime.py for the words):
                              per-group index arithmetic by compile-time constants; an input
                              broadcast everywhere loads once per program. Every op runs in fp32
                              registers; only the output is written.
-  forward, reduction tail    (rows, whole row) tiles: the chain, then the reduction over the row.
+  forward, reduction         (rows, whole row) tiles: the chain, then the reduction over the row (the
+                             reduced dims), then, after a softmax, the pointwise ops that follow it.
+                             Reduced dims that are not the last are read in place (NCHW stays NCHW):
+                             a row is an (outer, inner) pair, its elements RED_INNER apart.
   backward                   (rows, cols) tiles. It reloads the inputs, recomputes every forward
                              value (nothing but the inputs is saved), then runs each op's local
                              derivative in reverse. Gradients of inputs with the loop's shape are
@@ -41,8 +44,9 @@ class Layout:
 
 
 def partition(graph: Graph) -> Layout:
-    """Cut the loop shape's dims into groups (runtime.py). Size-1 dims join the next group; a
-    reduction's last dim is a group of its own."""
+    """Cut the loop shape's dims into groups (runtime.py), in the logical order (runtime.logical:
+    a reduced block not at the end moved last). Size-1 dims join the next group; a reduction's
+    dims are one group of their own, the last (the columns)."""
     shape = graph.loop_shape
     rank = max(1, len(shape))
     block = graph.reduce_dims

@@ -303,7 +303,8 @@ _add(_unary("rsqrt", lambda x: f"tl.rsqrt({x})", lambda x, y, g: f"-0.5 * {g} * 
 _add(OpSpec("to", (V("self"), P("dtype"), IGNORE, IGNORE, IGNORE), kind="cast"))
 _add(OpSpec("_to_copy", (V("self"), P("dtype", None, kwonly=True), IGNORE, IGNORE, IGNORE, IGNORE, IGNORE), kind="cast"))
 
-# Reductions along the last dim: the kernel writer emits them (they need the whole row).
+# Reductions over one dim or a block of adjacent dims: the kernel writer emits them (they need the
+# whole row, the reduced dims, in one tile).
 _add(OpSpec("sum", (V("self"), P("dim"), P("keepdim", False), P("dtype", None, kwonly=True)), kind="reduction"))
 _add(OpSpec("mean", (V("self"), P("dim"), P("keepdim", False), P("dtype", None, kwonly=True)), kind="reduction"))
 _add(OpSpec("amax", (V("self"), P("dim", ()), P("keepdim", False)), kind="reduction"))
@@ -322,7 +323,7 @@ def lookup(short_name: str) -> tuple[OpSpec, bool]:
     inplace = short_name.endswith("_") and not short_name.startswith("_")
     base = short_name[:-1] if inplace else short_name
     if base not in _SPECS:
-        raise Unsupported(f"{short_name} is not a supported pointwise op or last-dim reduction")
+        raise Unsupported(f"{short_name} is not a supported pointwise op or reduction")
     spec = _SPECS[base]
     if inplace and spec.kind != "pointwise":
         raise Unsupported(f"in-place {short_name}")
