@@ -198,3 +198,36 @@ def test_a_value_nothing_reads_gets_no_gradient(device):
            op("add", [s, s, ()], [F32, F32, "Scalar"], ["", "", "1"])]
     pattern = build_pattern(ops, bind={(1, 0): "in0", (2, 0): "v0", (2, 1): "in0"}, exact=True)
     check_chain(pattern, device)
+
+
+ERF_GELU_CODE = textwrap.dedent("""\
+    import math
+
+    import torch
+
+
+    def gelu(x):
+        return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    """)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hand_written_erf_gelu_binds_and_matches(tmp_path, device, dtype):
+    """The exact GELU users write by hand (BERT-era code): erf is fused too, `math.sqrt(2.0)` folds."""
+    path = tmp_path / "model.py"
+    path.write_text(ERF_GELU_CODE)
+    t, s = {torch.float32: F32, torch.bfloat16: "c10::BFloat16"}[dtype], SHAPE
+    records = [op("mul", [s, ()], [t, "double"], ["", ""]),
+               op("div", [s, ()], [t, "double"], ["", ""]),
+               op("erf", [s], [t], [""]),
+               op("add", [s, (), ()], [t, "double", "Scalar"], ["", "", "1"]),
+               op("mul", [s, s], [t, t], ["", ""])]
+    found = candidate_for(records, str(path), 6)
+    assert found is not None and found.call is not None, found and found.notes
+    assert found.call.args == ["x"] and "math.sqrt(2.0)" in found.call.scalars.values()
+    module = _load_from_text(tmp_path / "original.py", ERF_GELU_CODE, f"original_erf_gelu_{dtype}")
+    kwargs = {k: eval(v, {"math": math}) for k, v in found.call.scalars.items()}
+    torch.manual_seed(0)
+    x = (2 * torch.randn(SHAPE, device=device)).to(dtype).requires_grad_()
+    check = compare(module.gelu, lambda x: found.pattern.fused(x, **kwargs), Inputs((x,), {}, (0,)))
+    assert check.ok, check.detail

@@ -294,6 +294,8 @@ _add(_unary("hardswish", lambda x: f"{x} * tl.minimum(tl.maximum({x} + 3.0, 0.0)
 _add(_unary("hardsigmoid", lambda x: f"tl.minimum(tl.maximum({x} + 3.0, 0.0), 6.0) / 6.0",
             lambda x, y, g: f"tl.where(({x} > -3.0) & ({x} < 3.0), {g} / 6.0, 0.0)"))
 _add(_unary("exp", lambda x: f"tl.exp({x})", lambda x, y, g: f"{g} * {y}"))
+# erf: hand-written exact GELU, x * 0.5 * (1 + erf(x / sqrt(2))); d/dx = 2 / sqrt(pi) * exp(-x^2)
+_add(_unary("erf", lambda x: f"tl.erf({x})", lambda x, y, g: f"{g} * 1.1283791670955126 * tl.exp(-{x} * {x})"))
 _add(_unary("log", lambda x: f"tl.log({x})", lambda x, y, g: f"{g} / {x}", positive_operands=(0,)))
 _add(_unary("sqrt", lambda x: f"tl.sqrt({x})", lambda x, y, g: f"{g} / (2.0 * {y})", positive_operands=(0,)))
 _add(_unary("rsqrt", lambda x: f"tl.rsqrt({x})", lambda x, y, g: f"-0.5 * {g} * {y} * {y} * {y}", positive_operands=(0,)))
