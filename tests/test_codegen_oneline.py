@@ -64,16 +64,24 @@ def _load(path, name):
     return module
 
 
+SPELLINGS = {"math": "math.sqrt(2.0 / math.pi)", "numpy": "np.sqrt(2.0 / np.pi)", "torch.pi": "math.sqrt(2.0 / torch.pi)"}
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
 @pytest.mark.parametrize("constant_recorded", [False, True], ids=["double", "recorded-scalar"])
-def test_one_line_new_gelu_binds_to_its_source(tmp_path, constant_recorded):
+def test_one_line_new_gelu_binds_to_its_source(tmp_path, constant_recorded, spelling):
     path = tmp_path / "model.py"
-    path.write_text(USER_CODE)
-    found = candidate_for(new_gelu_records(constant_recorded), str(path), DEF_LINE, "model.py:8")
+    constant = SPELLINGS[spelling]
+    path.write_text(USER_CODE.replace("import math\n", "import math\n\nimport numpy as np\n" if spelling == "numpy"
+                                      else "import math\n").replace("math.sqrt(2.0 / math.pi)", constant))
+    found = candidate_for(new_gelu_records(constant_recorded), str(path), DEF_LINE + (2 if spelling == "numpy" else 0),
+                          "model.py:8")
     assert found is not None and found.call is not None, found and found.notes
     assert found.call.args == ["x"]                       # x read once, by every op that uses it
-    assert "math.sqrt(2.0 / math.pi)" in found.call.scalars.values()
-    assert (found.call.first_line, found.call.last_line, found.call.target) == (9, 9, None)
-    sqrt_scalar = next(k for k, v in found.call.scalars.items() if v == "math.sqrt(2.0 / math.pi)")
+    assert constant in found.call.scalars.values()
+    line = 9 + (2 if spelling == "numpy" else 0)
+    assert (found.call.first_line, found.call.last_line, found.call.target) == (line, line, None)
+    sqrt_scalar = next(k for k, v in found.call.scalars.items() if v == constant)
     assert found.params["scalars"][sqrt_scalar] == pytest.approx(0.7978845608028654)   # bench uses the value
     assert pattern_from_params(found.params) is found.pattern
 

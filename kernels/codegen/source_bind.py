@@ -33,6 +33,9 @@ from fusion_advisor.kernels.registry import OpRecord
 
 _MODULE_PREFIXES = ("torch.nn.functional.", "nn.functional.", "functional.", "F.", "torch.")
 _BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow"}
+# Modules whose constants (pi, e...) and, but for torch, functions of Python numbers (sqrt, exp...)
+# Python evaluates before any op runs: their results reach the trace as plain numbers.
+_NUMBER_MODULES = ("math", "np", "numpy", "torch")
 _PY_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.Pow: operator.pow}
 _CASTS = {"float": "to", "half": "to", "bfloat16": "to", "double": "to", "to": "to", "type_as": "to"}
@@ -154,9 +157,10 @@ class _Evaluator:
         """`math.sqrt(2.0 / math.pi)`: Python computes it before any op runs, so the trace holds
         only its value (a scalar argument of the op it feeds): a number here, not an op."""
         dotted = _dotted(node.func)
-        if dotted is None or not dotted.startswith("math.") or node.keywords:
-            return None
-        fn = getattr(math, dotted[len("math."):], None)
+        module, _, name = (dotted or "").rpartition(".")
+        if module not in _NUMBER_MODULES or module == "torch" or node.keywords:
+            return None   # (torch.sqrt of a Python number raises: the user's code never does it)
+        fn = getattr(math, name, None)      # np.sqrt(2 / np.pi) is math.sqrt's value too
         if not callable(fn):
             return None
         args = [self.eval(a) for a in node.args]
@@ -202,11 +206,11 @@ def _fold(fn, *values) -> int | float | None:
 
 
 def _math_constant(node: ast.AST) -> float | None:
-    """math.pi, math.e, math.tau, math.inf: their value."""
-    dotted = _dotted(node)
-    if dotted is None or not dotted.startswith("math.") or dotted.count(".") != 1:
+    """math.pi, math.e, math.tau, math.inf (or numpy's, torch's): their value."""
+    module, _, name = (_dotted(node) or "").rpartition(".")
+    if module not in _NUMBER_MODULES:
         return None
-    value = getattr(math, dotted[len("math."):], None)
+    value = getattr(math, name, None)
     return value if isinstance(value, float) else None
 
 
