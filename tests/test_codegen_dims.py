@@ -217,3 +217,34 @@ def test_random_chain_with_a_reduction_over_any_dim(seed, device):
         pytest.skip(f"refused: {exc}")
     assert generated(pattern).graph.reduction is not None
     check_chain(pattern, device, seed)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")
+def test_new_kernel_shapes_compile_for_hopper(device):
+    """The interpreter runs a kernel as Python; Triton's compiler front end is stricter. The new
+    layouts (a strided reduced dim, a block of dims, a softmax epilogue, erf, an autocast fp32 op)
+    generate Triton IR for sm_90."""
+    from kernel_checks import hopper_compile_errors, recorded_launches
+    from test_codegen_oneline import autocast_records
+
+    c = (NCHW[1], 1, 1)
+    chains = [
+        (softmax_tail(torch.bfloat16), None, False),
+        (softmax_tail(kind="log_softmax", dim=2), None, False),
+        ([op("add", [NCHW, c, ()], ["float", "float", "Scalar"], ["", "", "1"]),
+          op("erf", [NCHW], ["float"], [""]),
+          op("mean", [NCHW, (), (), ()], ["float", "ScalarList", "Scalar", ""], ["", "[2, 3]", "True", ""])], None, False),
+        ([op("mul", [NCHW, (NCHW[3],)], ["float", "float"], ["", ""]),
+          op("sum", [NCHW, (), (), ()], ["float", "ScalarList", "Scalar", ""], ["", "[1, 2]", "False", ""])], None, False),
+        (autocast_records(), {(1, 0): "in0", (2, 0): "v1", (3, 0): "in0", (3, 1): "v2", (4, 0): "v3", (5, 0): "v4",
+                              (6, 0): "v5", (7, 0): "v0", (7, 1): "v6"}, True),
+    ]
+    with recorded_launches() as launches:
+        for ops, bind, exact in chains:
+            pattern = build_pattern(ops, bind=bind, exact=exact)
+            inputs = pattern.make_inputs(pattern.example_params, device, True)
+            out = pattern.fused(*inputs.args, **inputs.kwargs)
+            out.backward(torch.ones_like(out))
+    assert len(launches) >= 2 * len(chains)
+    errors = hopper_compile_errors(launches)
+    assert not errors, "\n\n".join(errors)
