@@ -71,7 +71,7 @@ def recorded_launches():
 
 
 _COMPILE_TO_TTIR = r"""
-import json, sys, importlib
+import json, sys, importlib, importlib.util
 from triton._C.libtriton import ir
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource, make_backend
@@ -82,7 +82,6 @@ errors = []
 def load(launch):
     if "path" not in launch:
         return importlib.import_module(launch["module"])
-    import importlib.util
     if launch["module"] not in sys.modules:
         spec = importlib.util.spec_from_file_location(launch["module"], launch["path"])
         module = importlib.util.module_from_spec(spec)
