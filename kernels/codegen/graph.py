@@ -310,6 +310,7 @@ class GraphBuilder:
         prev = g.nodes[-1]
         if any(o is not None and o.ref == prev.name for o in operands):
             return operands
+
         def matching() -> list[int]:
             return [s for s, a in enumerate(values) if operands[s] is None and a.kind == "tensor"
                     and tuple(a.dims) == prev.shape and a.dtype == prev.dtype and (not inplace or s == 0)]
