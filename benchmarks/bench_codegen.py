@@ -78,6 +78,33 @@ def masked_softmax(shape, dtype):
     return ops, None
 
 
+def channel_softmax_tail(shape, dtype):
+    """A conv output (NCHW): softmax over the channels (dim=1, not the last), + bias (C,1,1),
+    * scale, sigmoid: one kernel reading NCHW in place."""
+    t, c = TYPE[dtype], (shape[1], 1, 1)
+    ops = [_op("softmax", [shape, (), ()], [t, "Scalar", ""], ["", "1", ""]),
+           _op("add", [shape, c, ()], [t, t, "Scalar"], ["", "", "1"]),
+           _op("mul", [shape, ()], [t, "double"], ["", ""]),
+           _op("sigmoid", [shape], [t], [""])]
+    return ops, None
+
+
+def new_gelu(shape, dtype):
+    """minGPT's NewGELU, one Python line: a DAG over x (its dataflow as source_bind reads it)."""
+    t = TYPE[dtype]
+    ops = [_op("mul", [shape, ()], [t, "double"], ["", ""]),
+           _op("pow", [shape, ()], [t, "Scalar"], ["", "3."]),
+           _op("mul", [shape, ()], [t, "double"], ["", ""]),
+           _op("add", [shape, shape, ()], [t, t, "Scalar"], ["", "", "1"]),
+           _op("mul", [shape, ()], [t, "double"], ["", ""]),
+           _op("tanh", [shape], [t], [""]),
+           _op("add", [shape, (), ()], [t, "double", "Scalar"], ["", "", "1"]),
+           _op("mul", [shape, shape], [t, t], ["", ""])]
+    bind = {(1, 0): "in0", (2, 0): "v1", (3, 0): "in0", (3, 1): "v2", (4, 0): "v3", (5, 0): "v4", (6, 0): "v5",
+            (7, 0): "v0", (7, 1): "v6"}
+    return ops, bind
+
+
 def configs(quick: bool):
     big = (1 << 26) if not quick else (1 << 24)
     rows = [("4 unary ops", *unary_chain((big,), torch.bfloat16, 4)),
@@ -86,7 +113,11 @@ def configs(quick: bool):
             ("conv tail (7 ops)", *conv_tail((32, 128, 64, 64), torch.bfloat16)),
             ("conv tail (7 ops)", *conv_tail((32, 128, 64, 64), torch.float32)),
             ("bias+gelu+scale+residual", *bias_gelu_residual((16384, 4096), torch.bfloat16)),
-            ("scale+mask+softmax", *masked_softmax((8, 12, 1024, 1024), torch.bfloat16))]
+            ("scale+mask+softmax", *masked_softmax((8, 12, 1024, 1024), torch.bfloat16)),
+            ("softmax(C)+bias*scale+sig", *channel_softmax_tail((128, 64, 64, 64), torch.float32)),
+            ("softmax(C)+bias*scale+sig", *channel_softmax_tail((128, 64, 64, 64), torch.bfloat16)),
+            ("NewGELU (one line)", *new_gelu((16384, 3072), torch.float32)),
+            ("NewGELU (one line)", *new_gelu((16384, 3072), torch.bfloat16))]
     return rows[:4] if quick else rows
 
 
@@ -111,7 +142,8 @@ def kernel_us(run, calls: int = 20) -> float:
 
 def bench_one(name, ops, bind, backward: bool, do_bench, device=torch.device("cuda"), compile_backend="inductor",
               kernel_time: bool = False) -> dict:
-    pattern = build_pattern(ops, bind=bind)
+    # A bind that names every link is read off the source (exact): NewGELU is a DAG over x.
+    pattern = build_pattern(ops, bind=bind, exact=bind is not None and len(bind) >= len(ops) - 1)
     inputs = pattern.make_inputs(pattern.example_params, device, backward)
     args, kwargs = inputs.args, inputs.kwargs
     compiled = torch.compile(pattern.reference, dynamic=False, backend=compile_backend)

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from fusion_advisor.kernels import autocast
 from fusion_advisor.kernels import layer_norm as ln
 from fusion_advisor.kernels import norm_core
 from fusion_advisor.kernels.common import check_device, check_dtype, eager_or_op
@@ -123,7 +124,12 @@ class AddLayerNormFunction(torch.autograd.Function):
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused `residual = x + residual; y = F.layer_norm(residual, ...)`: returns (y, residual)."""
+    """Fused `residual = x + residual; y = F.layer_norm(residual, ...)`: returns (y, residual).
+    Where torch.autocast would run the norm of a bf16/fp16 sum in fp32 (CUDA), the add and the norm
+    run apart, as eager runs them there: the kernel writes y in the sum's dtype."""
+    if autocast.runs_in_fp32("aten::layer_norm", x.device.type, _sum_dtype(x, residual)):
+        residual = x + residual
+        return ln.layer_norm(residual, normalized_shape, weight, bias, eps), residual
     return AddLayerNormFunction.apply(x, residual, ln._shape_list(normalized_shape), weight, bias, eps)
 
 

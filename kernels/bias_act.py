@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusion_advisor.kernels import autocast
 from fusion_advisor.kernels.activations import (ACTIVATION_IDS, activation_grad, activation_id, apply_activation,
                                                 torch_activation)
 from fusion_advisor.kernels.common import (as_row_view, cdiv, check_device, check_dtype, eager_or_op, elementwise_tile,
@@ -176,6 +177,10 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor, activation: str = "gelu", nega
     (a source rewrite of `F.gelu(bias + x)` may bind them in that order)."""
     if bias.dim() != 1 and x.dim() == 1:
         x, bias = bias, x
+    if activation == "relu_squared" and autocast.runs_in_fp32("aten::pow.Tensor_Scalar", x.device.type,
+                                                               torch.promote_types(x.dtype, bias.dtype)):
+        # Under CUDA autocast `.square()` (a pow) runs in fp32 on the rounded relu: autocast's cast.
+        return BiasActFunction.apply(x, bias, "relu", float(negative_slope)).to(torch.float32).square()
     return BiasActFunction.apply(x, bias, activation, float(negative_slope))
 
 

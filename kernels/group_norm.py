@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels import autocast, norm_core
 from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, eager_or_op, next_power_of_2,
                                           reduction_programs)
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
@@ -346,7 +346,10 @@ class GroupNormFunction(torch.autograd.Function):
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
-    """Fused GroupNorm with F.group_norm's arguments, forward and backward."""
+    """Fused GroupNorm with F.group_norm's arguments, forward and backward. Inside torch.autocast
+    it casts where eager's autocast does (on CUDA: a bf16/fp16 input runs, and returns, in fp32)."""
+    if autocast.upcasts("aten::group_norm", x, weight, bias):
+        x, weight, bias = autocast.to_fp32(x, weight, bias)
     return GroupNormFunction.apply(x, int(num_groups), weight, bias, eps)
 
 

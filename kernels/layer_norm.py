@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels import autocast, norm_core
 from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, eager_or_op
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
                                              dtype_name, register)
@@ -152,7 +152,10 @@ def _shape_list(normalized_shape) -> list[int]:
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
-    """Fused LayerNorm with F.layer_norm's arguments, forward and backward."""
+    """Fused LayerNorm with F.layer_norm's arguments, forward and backward. Inside torch.autocast
+    it casts where eager's autocast does (on CUDA: a bf16/fp16 input runs, and returns, in fp32)."""
+    if autocast.upcasts("aten::layer_norm", x, weight, bias):
+        x, weight, bias = autocast.to_fp32(x, weight, bias)
     return LayerNormFunction.apply(x, _shape_list(normalized_shape), weight, bias, eps)
 
 

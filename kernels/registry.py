@@ -189,7 +189,8 @@ def with_residual_add(add: OpRecord | None, params: dict | None) -> dict | None:
     """A norm's params extended by the residual add that feeds it (the add + norm patterns): the
     add must take two tensors of the normalised shape (a broadcast add, e.g. token + position
     embeddings, is not a residual add) with alpha 1; x's dtype becomes `dtype`, the residual's
-    `residual_dtype` where it differs. None when the add does not qualify."""
+    `residual_dtype` where it differs; the norm's weight keeps its dtype (`weight_dtype`). None when
+    the add does not qualify."""
     if add is None or params is None or len(add.dims) < 2 or len(add.types) < 2:
         return None
     if [list(d) for d in add.dims[:2]] != [params["shape"], params["shape"]]:
@@ -199,7 +200,12 @@ def with_residual_add(add: OpRecord | None, params: dict | None) -> dict | None:
     x_dtype, r_dtype = dtype_from_trace(add.types[0]), dtype_from_trace(add.types[1])
     if x_dtype is None or r_dtype is None:
         return None
+    # The norm's weight keeps its own traced dtype (fp32 master weights under autocast), which
+    # defaulted to the norm input's dtype until `dtype` becomes x's here.
+    norm_weight = params.get("weight_dtype", params["dtype"])
     params["dtype"] = dtype_name(x_dtype)
+    if norm_weight != params["dtype"] and (params.get("weight", True) or params.get("bias", True)):
+        params["weight_dtype"] = norm_weight
     if r_dtype != x_dtype:
         params["residual_dtype"] = dtype_name(r_dtype)
     return params

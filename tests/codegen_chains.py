@@ -3,7 +3,8 @@
 `random_chain(seed, dtype)` returns OpRecords (dims, types, concrete inputs in the profiler's
 formats: `double` for a Python number, `Scalar` with its value for a recorded constant, in-place
 variants, casts) of 4-8 supported ops over one odd loop shape, with broadcast operands of
-several kinds, sometimes ending in a last-dim reduction. It keeps every value in a range where
+several kinds, sometimes ending in a last-dim reduction (or, with `any_dim`, a reduction over any
+dim or block of two, a softmax possibly followed by pointwise ops). It keeps every value in a range where
 the ops are well conditioned: before an op that needs x > 0 (log, sqrt, rsqrt, reciprocal,
 fractional pow, a divisor) it inserts abs and + 1; when values grow it squashes them (tanh,
 hardtanh, clamp). The interval arithmetic assumes make_inputs' draws: N(0, 1) (taken as
@@ -23,7 +24,7 @@ CODES = {torch.float32: "6", torch.float16: "5", torch.bfloat16: "15"}
 SHAPES = [(3, 5, 7, 11), (6, 42, 13), (4, 3, 9, 16), (2, 130)]
 # An op whose backward reads its own output: the next op cannot modify that output in place (autograd
 # would refuse, so a training trace never shows it).
-SAVES_OUTPUT = {"sigmoid", "tanh", "exp", "relu", "sqrt", "rsqrt", "reciprocal"}
+SAVES_OUTPUT = {"sigmoid", "tanh", "exp", "relu", "sqrt", "rsqrt", "reciprocal", "softmax", "_log_softmax"}
 INPLACE = {"add", "sub", "mul", "div", "clamp", "clamp_min", "relu", "sigmoid", "tanh", "hardtanh", "leaky_relu",
            "silu", "exp", "neg", "abs"}
 
@@ -200,27 +201,38 @@ class _Chain:
         self.emit("add", [self.shape, self.shape, ()], [self.t, self.t, "Scalar"], ["", "", "1"],
                   self.lo - 4, self.hi + 4, inplace_ok=False)
 
-    def reduction(self, exact_ties_ok: bool) -> None:
+    def reduction(self, exact_ties_ok: bool, any_dim: bool = False) -> None:
+        """A last-dim reduction; `any_dim`: over a random dim (sum and mean: sometimes a block of two
+        adjacent dims), and a softmax may get a few pointwise ops after it."""
         s, t = self.shape, self.t
         kinds = ["sum", "mean", "softmax", "log_softmax"] + (["amax", "max"] if exact_ties_ok else [])
         kind = self.rng.choice(kinds)
         keep = self.rng.choice(["True", "False"])
+        dim = str(self.rng.randrange(len(s)) - len(s)) if any_dim else "-1"
+        dims = f"[{dim}]"
+        if any_dim and kind in ("sum", "mean") and int(dim) < -1 and self.rng.random() < 0.5:
+            dims = f"[{dim}, {int(dim) + 1}]"
         if kind in ("sum", "mean"):
             self.squash(4.0)
-            self.emit(kind, [s, (), (), ()], [t, "ScalarList", "Scalar", ""], ["", "[-1]", keep, ""], 0, 0, False)
+            self.emit(kind, [s, (), (), ()], [t, "ScalarList", "Scalar", ""], ["", dims, keep, ""], 0, 0, False)
         elif kind == "amax":
             self.add_noise()
-            self.emit("amax", [s, (), ()], [t, "ScalarList", "Scalar"], ["", "[-1]", keep], 0, 0, False)
+            self.emit("amax", [s, (), ()], [t, "ScalarList", "Scalar"], ["", dims, keep], 0, 0, False)
         elif kind == "max":
             self.add_noise()
-            self.emit("max", [s, (), ()], [t, "Scalar", "Scalar"], ["", "-1", keep], 0, 0, False)
+            self.emit("max", [s, (), ()], [t, "Scalar", "Scalar"], ["", dim, keep], 0, 0, False)
         elif kind == "softmax":
-            self.emit("softmax", [s, (), ()], [t, "Scalar", ""], ["", "-1", ""], 0, 0, False)
+            self.emit("softmax", [s, (), ()], [t, "Scalar", ""], ["", dim, ""], 0, 1, False)
         else:
-            self.emit("_log_softmax", [s, (), ()], [t, "Scalar", "Scalar"], ["", "-1", "False"], 0, 0, False)
+            self.emit("_log_softmax", [s, (), ()], [t, "Scalar", "Scalar"], ["", dim, "False"], -30, 0, False)
+        if any_dim and kind in ("softmax", "log_softmax"):
+            self.squash(4.0)
+            for _ in range(self.rng.randint(0, 3)):
+                self.step()
 
 
-def random_chain(seed: int, dtype: torch.dtype, with_reduction: bool | None = None) -> list[OpRecord]:
+def random_chain(seed: int, dtype: torch.dtype, with_reduction: bool | None = None,
+                 any_dim: bool = False) -> list[OpRecord]:
     rng = random.Random(seed)
     chain = _Chain(rng, dtype, rng.choice(SHAPES))
     for _ in range(rng.randint(4, 7)):
@@ -228,5 +240,5 @@ def random_chain(seed: int, dtype: torch.dtype, with_reduction: bool | None = No
     if with_reduction if with_reduction is not None else rng.random() < 0.25:
         # amax / max ties: eager rounds each op's output to bf16/fp16 and creates ties the fp32
         # kernel does not see; those are compared in fp32 only.
-        chain.reduction(exact_ties_ok=not chain.rounded)
+        chain.reduction(exact_ties_ok=not chain.rounded, any_dim=any_dim)
     return chain.ops

@@ -56,6 +56,9 @@ def recorded_launches():
             plain = value if isinstance(value, (bool, int, float, str)) or value is None else None
             spec[name] = [kind, plain]
         record = {"module": self.fn.__module__, "name": self.fn.__name__, "args": spec, **options}
+        module = sys.modules.get(self.fn.__module__)
+        if self.fn.__module__.startswith("fusion_advisor_generated_") and module is not None:
+            record["path"] = module.__file__    # a generated module: imported from its file
         if record not in launches:
             launches.append(record)
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -68,7 +71,7 @@ def recorded_launches():
 
 
 _COMPILE_TO_TTIR = r"""
-import json, sys, importlib
+import json, sys, importlib, importlib.util
 from triton._C.libtriton import ir
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource, make_backend
@@ -76,8 +79,19 @@ from triton.compiler.compiler import ASTSource, make_backend
 target = GPUTarget("cuda", 90, 32)  # H100 / H200
 backend = make_backend(target)
 errors = []
+def load(launch):
+    if "path" not in launch:
+        return importlib.import_module(launch["module"])
+    if launch["module"] not in sys.modules:
+        spec = importlib.util.spec_from_file_location(launch["module"], launch["path"])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[launch["module"]] = module
+        spec.loader.exec_module(module)
+    return sys.modules[launch["module"]]
+
+
 for launch in json.load(sys.stdin):
-    fn = getattr(importlib.import_module(launch["module"]), launch["name"])
+    fn = getattr(load(launch), launch["name"])
     signature, constexprs = {}, {}
     for param in fn.params:
         kind, value = launch["args"][param.name]

@@ -314,7 +314,8 @@ def test_split_where_an_op_does_not_consume_the_previous_output():
 @pytest.mark.parametrize("op,why", [
     (_op("aten::div", [(4, 8), (4, 8), ()], ["float", "float", ""], ["", "", ""]), "rounding_mode"),
     (_op("aten::pow", [(4, 8), (4, 8)], ["float", "float"], ["", ""]), "tensor exponent"),
-    (_op("aten::sum", [(4, 8), (), (), ()], ["float", "ScalarList", "Scalar", ""], ["", "[0]", "False", ""]), "only the last dim"),
+    (_op("aten::sum", [(4, 8), (), (), ()], ["float", "ScalarList", "Scalar", ""], ["", "[0, 1]", "False", ""]),
+     "short of all of them"),
     (_op("aten::add", [(4, 8), (4, 8), ()], ["float", "long int", "Scalar"], ["", "", "1"]), "dtype int64"),
     (_op("aten::to", [(4, 8), (), (), (), ()], ["float", "Scalar", "Scalar", "Scalar", ""], ["", "7", "False", "False", ""]), "float64"),
     (_op("aten::clamp", [(4, 8), (4, 8), ()], ["float", "float", ""], ["", "", ""]), "tensor bounds"),

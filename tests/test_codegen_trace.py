@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fusion_advisor.analyzers.trace import Trace
-from fusion_advisor.kernels.codegen import build_pattern, pattern_source, records_from_frame, split_supported
+from fusion_advisor.kernels.codegen import (build_pattern, generated, pattern_source, records_from_frame,
+                                            split_supported)
 from fusion_advisor.kernels.tolerances import tolerance
 from test_codegen import check_chain
 
@@ -43,13 +44,21 @@ def _forward_top_level(trace: Trace):
 def test_traced_forward_splits_into_the_two_pointwise_tails(trace):
     ops, records = _forward_top_level(trace)
     segments = split_supported(records)
-    tails = [seg for seg, _ in segments if len(seg) == 7]
-    assert len(tails) == 2          # one per ConvBlock
-    assert [o.short for o in tails[0]] == ["add", "mul", "clamp", "mul", "sigmoid", "mul", "clamp_max"]
+    tail = ["add", "mul", "clamp", "mul", "sigmoid", "mul", "clamp_max"]
+    shorts = [[o.short for o in seg] for seg, _ in segments]
+    # One per ConvBlock; the last one also takes ConvNet's global average pool, mean over (H, W).
+    assert shorts[:2] == [tail, tail + ["mean"]]
     reasons = {why for _, why in segments}
     assert any(why and "conv2d is not a supported" in why for why in reasons)
-    assert any(why and "mean over dims [2, 3]: only the last dim" in why for why in reasons)
-    assert all(o.module == "ConvNet/Sequential/ConvBlock" for o in tails[0])
+    assert all(o.module == "ConvNet/Sequential/ConvBlock" for o in segments[0][0])
+
+
+def test_tail_and_global_average_pool_as_one_kernel(trace, device):
+    _, records = _forward_top_level(trace)
+    pooled = split_supported(records)[1][0]
+    pattern = build_pattern(pooled, bind={(5, 0): "v2"})
+    assert generated(pattern).graph.reduced_block == (2, 3)
+    check_chain(pattern, device)
 
 
 def test_traced_tail_gives_a_working_kernel(trace, device):

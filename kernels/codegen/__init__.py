@@ -1,5 +1,6 @@
 """Generic fusion: one generated Triton kernel (each way) for any traced chain of pointwise ops,
-optionally ending in one reduction along the last dim.
+optionally with one reduction over one dim or one block of adjacent dims (any of them: softmax over
+the channels of NCHW, mean over (H, W)); a softmax / log_softmax may be followed by pointwise ops.
 
     segments = split_supported(ops)            # [(ops, why the segment ended), ...]
     pattern = build_pattern(segments[0][0])    # a FusionPattern named generic:<hash>

@@ -7,7 +7,10 @@ Kernel layouts (see runtime.py for the words):
                              per-group index arithmetic by compile-time constants; an input
                              broadcast everywhere loads once per program. Every op runs in fp32
                              registers; only the output is written.
-  forward, reduction tail    (rows, whole row) tiles: the chain, then the reduction over the row.
+  forward, reduction         (rows, whole row) tiles: the chain, then the reduction over the row (the
+                             reduced dims), then, after a softmax, the pointwise ops that follow it.
+                             Reduced dims that are not the last are read in place (NCHW stays NCHW):
+                             a row is an (outer, inner) pair, its elements RED_INNER apart.
   backward                   (rows, cols) tiles. It reloads the inputs, recomputes every forward
                              value (nothing but the inputs is saved), then runs each op's local
                              derivative in reverse. Gradients of inputs with the loop's shape are
@@ -22,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from fusion_advisor.kernels.codegen.graph import Graph, Node, Operand
-from fusion_advisor.kernels.codegen.runtime import grad_kind, padded
+from fusion_advisor.kernels.codegen.ops import Unsupported
+from fusion_advisor.kernels.codegen.runtime import grad_kind, logical, padded
 from fusion_advisor.kernels.registry import dtype_name
 
 _TL = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16"}
@@ -34,26 +38,37 @@ _ROW_MAX = "row_max = tl.where(row_mask, tl.max(masked, axis=1), 0.0)"
 @dataclass
 class Layout:
     rank: int
-    groups: list[tuple[int, ...]]
+    groups: list[tuple[int, ...]]     # of the logical dims (the reduced dim moved last)
     kept: list[tuple[bool, ...]]      # per input, per group
+    reduce_dims: tuple[int, int] | None = None   # the reduced block when not at the end (graph.reduce_dims)
 
 
 def partition(graph: Graph) -> Layout:
-    """Cut the loop shape's dims into groups (runtime.py). Size-1 dims join the next group; a
-    reduction's last dim is a group of its own."""
+    """Cut the loop shape's dims into groups (runtime.py), in the logical order (runtime.logical:
+    a reduced block not at the end moved last). Size-1 dims join the next group; a reduction's
+    dims are one group of their own, the last (the columns)."""
     shape = graph.loop_shape
     rank = max(1, len(shape))
-    full = padded(shape, rank)
-    shapes = [padded(x.shape, rank) for x in graph.inputs]
+    block = graph.reduce_dims
+    full = logical(padded(shape, rank), block)
+    shapes = [logical(padded(x.shape, rank), block) for x in graph.inputs]
     flags = [tuple(s[d] == full[d] for s in shapes) for d in range(rank)]
-    alone = rank - 1 if graph.reduction is not None else None
-    core = [d for d in range(rank) if full[d] != 1 or d == alone]
+    reduced = graph.reduced_block
+    # The reduced dims are the logical order's last ones, one group (the kernels' columns).
+    first_reduced = rank - (reduced[1] - reduced[0] + 1) if reduced is not None else rank
+    core = [d for d in range(first_reduced) if full[d] != 1]
     groups: list[list[int]] = []
     for d in core:
-        if groups and d != alone and groups[-1][-1] != alone and flags[d] == flags[groups[-1][-1]]:
+        if groups and flags[d] == flags[groups[-1][-1]]:
             groups[-1].append(d)
         else:
             groups.append([d])
+    if reduced is not None:
+        groups.append(list(range(first_reduced, rank)))
+        for k, x in enumerate(graph.inputs):
+            if len({shapes[k][d] == full[d] for d in groups[-1] if full[d] != 1}) > 1:
+                raise Unsupported(f"{x.name} {_shape(x.shape)} is kept along some of the reduced dims and broadcast "
+                                  f"along others")
     if not groups:
         groups = [[rank - 1]]
     for d in range(rank):
@@ -62,7 +77,12 @@ def partition(graph: Graph) -> Layout:
             target.append(d)
             target.sort()
     kept = [tuple(all(s[d] == full[d] for d in g) for g in groups) for s in shapes]
-    return Layout(rank, [tuple(g) for g in groups], kept)
+    if block is not None:
+        for x, k in zip(graph.inputs, kept):
+            if x.dtype != torch.bool and grad_kind(k) == "elements":
+                raise Unsupported(f"{x.name} {_shape(x.shape)} broadcasts over the loop in a way a reduction over dims "
+                                  f"{list(range(block[0], block[1] + 1))} (not the last) cannot take")
+    return Layout(rank, [tuple(g) for g in groups], kept, block)
 
 
 def _load_kind(kept: tuple[bool, ...]) -> str:
@@ -144,9 +164,9 @@ class KernelWriter:
         return lines + body
 
     # -- values and their derivatives ---------------------------------------------------------
-    def _values(self) -> list[str]:
+    def _values(self, nodes: list[Node] | None = None) -> list[str]:
         lines = []
-        for node in self.graph.pointwise:
+        for node in self.graph.prologue if nodes is None else nodes:
             x = [o.ref for o in node.operands]
             if node.spec.kind == "cast":
                 expr = {torch.float32: x[0], torch.bfloat16: f"round_to_bf16({x[0]})",
@@ -156,12 +176,15 @@ class KernelWriter:
             lines.append(f"{node.name} = {expr}  # {describe(node)}")
         return lines
 
-    def _reverse(self) -> list[str]:
-        """Reverse-mode through the pointwise nodes, from g_<last pointwise value>."""
-        lines, defined = [], {f"g_{self.graph.pointwise[-1].name}"}
+    def _reverse(self, nodes: list[Node], defined: set[str]) -> list[str]:
+        """Reverse-mode through `nodes` (pointwise), from the gradients in `defined` (which it
+        extends: a value read on both sides of a softmax sums its two gradients)."""
+        lines = []
         differentiable = {x.name for x in self.graph.inputs if x.dtype != torch.bool}
-        for node in reversed(self.graph.pointwise):
+        for node in reversed(nodes):
             g = f"g_{node.name}"
+            if g not in defined:
+                continue   # a value nothing after it reads (`y = x * 2` beside the output): no gradient
             x = [o.ref for o in node.operands]
             if node.spec.kind == "cast" or node.spec.backward is None:
                 grads = [g]
@@ -194,9 +217,13 @@ class KernelWriter:
         else:
             body = ["if INDEX_64:", "    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)",
                     "else:", "    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)"]
-            body += _tile_lines("tl.arange(0, BLOCK_C)")
+            body += _tile_lines("tl.arange(0, BLOCK_C)", self.layout.reduce_dims is not None)
             body += self._loads("rows") + self._values() + _reduction_forward(red, self._pre_reduction())
-            params += ["n_rows", "N_COLS"]
+            epilogue = self.graph.epilogue
+            if epilogue:   # the softmax's rows stay in registers through the pointwise ops after it
+                body = body[:-1] + self._values(epilogue)
+                body.append(f"tl.store(OUT + offs, {epilogue[-1].name}.to(OUT.dtype.element_ty), mask=mask)")
+            params += ["n_rows", "N_COLS"] + (["RED_INNER"] if self.layout.reduce_dims is not None else [])
             tail = ["BLOCK_R: tl.constexpr", "BLOCK_C: tl.constexpr", "INDEX_64: tl.constexpr"]
         consts = [f"{c}: tl.constexpr" for c in self.consts]
         return _jit("_forward_kernel", params + consts + tail, body)
@@ -209,6 +236,8 @@ class KernelWriter:
         grad_inputs = [k for k, x in enumerate(g.inputs) if x.dtype != torch.bool]
         params = ["DOUT"] + [f"IN{k}" for k in range(len(g.inputs))] + [f"G_IN{k}" for k in grad_inputs]
         params += [s.name for s in g.scalars] + ["n_rows", "N_COLS", "tiles_per_program"]
+        if self.layout.reduce_dims is not None:
+            params.append("RED_INNER")
         kinds = {k: grad_kind(self.layout.kept[k]) for k in grad_inputs}
         body = ["pid_c = tl.program_id(0)", "pid_r = tl.program_id(1)",
                 "cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)", "col_mask = cols < N_COLS"]
@@ -217,15 +246,25 @@ class KernelWriter:
         loop = ["tile = pid_r * tiles_per_program + t", "if INDEX_64:",
                 "    rows = tile.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)", "else:",
                 "    rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)"]
-        loop += _tile_lines(None) + self._loads("rows") + self._values()
-        top = g.pointwise[-1].name if g.pointwise else None
+        loop += _tile_lines(None, self.layout.reduce_dims is not None) + self._loads("rows") + self._values()
+        defined: set[str] = set()
         if red is None:
+            top = g.pointwise[-1].name
             loop.append(f"g_{top} = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)")
+            defined.add(f"g_{top}")
+        elif g.epilogue:
+            last = g.epilogue[-1].name
+            loop += _softmax_recompute(red, self._pre_reduction()) + self._values(g.epilogue)
+            loop.append(f"g_{last} = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)")
+            defined.add(f"g_{last}")
+            loop += self._reverse(g.epilogue, defined)
+            loop.append(f"dy = tl.where(mask, g_{red.name}, 0.0)")
+            loop += _softmax_grad(red, self._pre_reduction(), defined)
         else:
             loop += _reduction_backward(red, self._pre_reduction())
-            top = self._pre_reduction()
-        if g.pointwise:
-            loop += self._reverse()
+            defined.add(f"g_{self._pre_reduction()}")
+        if g.prologue:
+            loop += self._reverse(g.prologue, defined)
         for k in grad_inputs:
             name, kind = g.inputs[k].name, kinds[k]
             grad = f"g_{name}"
@@ -249,10 +288,14 @@ class KernelWriter:
         return _jit("_backward_kernel", params + consts + flags + tail, body)
 
 
-def _tile_lines(cols: str | None) -> list[str]:
+def _tile_lines(cols: str | None, strided: bool = False) -> list[str]:
+    """Tile indices. `strided`: the reduced dim (the columns) is not the tensors' last: row r is
+    (outer o, inner i) = (r // RED_INNER, r % RED_INNER), column c sits RED_INNER elements apart, and
+    full-size tensors are read and written in their own (NCHW) layout, neither copied nor permuted."""
     lines = [f"cols = {cols}", "col_mask = cols < N_COLS"] if cols else []
-    return lines + ["row_mask = rows < n_rows", "mask = row_mask[:, None] & col_mask[None, :]",
-                    "offs = rows[:, None] * N_COLS + cols[None, :]"]
+    offs = ("offs = ((rows // RED_INNER) * (N_COLS * RED_INNER) + rows % RED_INNER)[:, None] + cols[None, :] * RED_INNER"
+            if strided else "offs = rows[:, None] * N_COLS + cols[None, :]")
+    return lines + ["row_mask = rows < n_rows", "mask = row_mask[:, None] & col_mask[None, :]", offs]
 
 
 def _reduction_forward(node: Node, x: str) -> list[str]:
@@ -297,6 +340,25 @@ def _reduction_backward(node: Node, x: str) -> list[str]:
     return lines + [f"{g} = dy - y * tl.sum(dy, axis=1)[:, None]  # through {describe(node)}"]
 
 
+def _softmax_recompute(node: Node, x: str) -> list[str]:
+    """The softmax / log_softmax output (named as its node) and y = softmax, recomputed from x."""
+    lines = [f"masked = tl.where(mask, {x}, {_NEG_INF})", _ROW_MAX, "shifted = masked - row_max[:, None]",
+             "e = tl.exp(shifted)", "y = e / tl.sum(e, axis=1)[:, None]"]
+    if node.reduction == "softmax":
+        return lines + [f"{node.name} = y  # {describe(node)}"]
+    return lines + [f"{node.name} = shifted - tl.log(tl.sum(e, axis=1))[:, None]  # {describe(node)}"]
+
+
+def _softmax_grad(node: Node, x: str, defined: set[str]) -> list[str]:
+    """g_<x> from `dy`, the gradient at the softmax's output (masked to the row)."""
+    g = f"g_{x}"
+    op = "+=" if g in defined else "="
+    defined.add(g)
+    if node.reduction == "softmax":
+        return [f"{g} {op} y * (dy - tl.sum(dy * y, axis=1)[:, None])  # through {describe(node)}"]
+    return [f"{g} {op} dy - y * tl.sum(dy, axis=1)[:, None]  # through {describe(node)}"]
+
+
 def _jit(name: str, params: list[str], body: list[str]) -> str:
     head = f"@triton.jit\ndef {name}(" + _wrap(params, len(name) + 5) + "):"
     return head + "\n" + "\n".join("    " + line for line in body) + "\n"
@@ -337,5 +399,8 @@ def _param_text(value) -> str:
 
 def spec_of(graph: Graph, layout: Layout, name: str) -> dict:
     """The static facts the runtime helpers check shapes against (the module's SPEC)."""
-    return {"name": name, "rank": layout.rank, "groups": tuple(layout.groups),
+    spec = {"name": name, "rank": layout.rank, "groups": tuple(layout.groups),
             "inputs": tuple((x.name, x.dtype, tuple(layout.kept[k])) for k, x in enumerate(graph.inputs))}
+    if layout.reduce_dims is not None:
+        spec["reduce_dims"] = layout.reduce_dims
+    return spec

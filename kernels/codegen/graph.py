@@ -23,9 +23,15 @@ from typing import Any, Sequence
 
 import torch
 
+from fusion_advisor.kernels import autocast
 from fusion_advisor.kernels.codegen import ops as op_table
 from fusion_advisor.kernels.codegen.ops import FLOAT_DTYPES, Arg, OpSpec, Unsupported, lit
 from fusion_advisor.kernels.registry import OpRecord, dtype_name
+
+
+_BELOW_FP32 = (torch.float16, torch.bfloat16)
+# Reductions whose output has their input's shape: pointwise ops may follow them in one kernel.
+ELEMENTWISE_REDUCTIONS = ("softmax", "log_softmax")
 
 
 class NotLinked(Unsupported):
@@ -70,6 +76,8 @@ class Node:
     dtype: torch.dtype
     reduction: str | None = None     # "sum" | "mean" | "amax" | "max" | "softmax" | "log_softmax"
     eager_cast: torch.dtype | None = None   # an in-place op run out of place: back to self's dtype
+    autocast: bool = False   # traced under CUDA autocast, which ran it in fp32: its bf16/fp16 operands
+                             # are cast to fp32 first (explicitly, in the eager reference too)
 
     @property
     def name(self) -> str:
@@ -85,11 +93,43 @@ class Graph:
 
     @property
     def reduction(self) -> Node | None:
-        return self.nodes[-1] if self.nodes and self.nodes[-1].reduction else None
+        """The chain's one reduction: the last node, or a softmax / log_softmax followed by a
+        pointwise epilogue (`softmax(x, 1) + bias`)."""
+        return next((n for n in self.nodes if n.reduction), None)
 
     @property
     def pointwise(self) -> list[Node]:
         return [n for n in self.nodes if not n.reduction]
+
+    @property
+    def prologue(self) -> list[Node]:
+        """The pointwise nodes before the reduction (all of them without one)."""
+        red = self.reduction
+        return self.nodes[:red.index] if red is not None else list(self.nodes)
+
+    @property
+    def epilogue(self) -> list[Node]:
+        """The pointwise nodes after a softmax / log_softmax, on its output's shape."""
+        red = self.reduction
+        return self.nodes[red.index + 1:] if red is not None else []
+
+    @property
+    def reduced_block(self) -> tuple[int, int] | None:
+        """The reduction's dims of the loop shape, first and last (adjacent dims: one block)."""
+        red = self.reduction
+        if red is None:
+            return None
+        dims = reduced_dims(red, len(self.loop_shape))
+        return dims[0], dims[-1]
+
+    @property
+    def reduce_dims(self) -> tuple[int, int] | None:
+        """The reduced block when it is not at the end (softmax over the channels of NCHW: (1, 1));
+        the kernels then read the loop in a logical order with that block last."""
+        block = self.reduced_block
+        if block is None or block[1] == len(self.loop_shape) - 1:
+            return None
+        return block
 
     @property
     def loop_shape(self) -> tuple:
@@ -152,7 +192,7 @@ class GraphBuilder:
     def add(self, record: OpRecord) -> Node:
         g = self.graph
         i = len(g.nodes)
-        if g.reduction is not None:
+        if g.reduction is not None and g.reduction.reduction not in ELEMENTWISE_REDUCTIONS:
             raise NotLinked(f"{g.reduction.record.short} ends the kernel: one trailing reduction per kernel")
         if not record.name.startswith("aten::"):
             raise Unsupported(f"{record.name} is not an aten op")
@@ -163,6 +203,8 @@ class GraphBuilder:
         spec, inplace = op_table.lookup(short)
         values, params = op_table.parse_args(spec, args)
         if spec.kind == "reduction":
+            if g.reduction is not None:
+                raise NotLinked(f"one reduction per kernel: {g.reduction.record.short} came first")
             params = _reduction_params(spec.name, args, params)
         if spec.check is not None:
             reason = spec.check(args, params)
@@ -214,6 +256,8 @@ class GraphBuilder:
         if first.dtype not in FLOAT_DTYPES:
             raise Unsupported(f"{record.short} produces {dtype_name(first.dtype)}")
         node.shape, node.dtype = tuple(first.shape), first.dtype
+        if g.reduction is not None and node.shape != g.reduction.shape:
+            raise NotLinked(f"{record.short} after {g.reduction.record.short} changes the shape to {node.shape}")
         if node.reduction is None and node.shape != torch.broadcast_shapes(
                 *[meta_in[o.ref].shape for o in operands if o.kind in ("value", "input")]):
             raise Unsupported(f"{record.short} is not pointwise on these shapes")
@@ -249,6 +293,8 @@ class GraphBuilder:
             if self._version.get(storage, 0) != version:
                 raise Unsupported(f"bind: {ref} was modified in place after it was made")
             shape, dtype = self._value(ref)
+            if (tuple(values[s].dims), values[s].dtype) != (shape, dtype) and self._autocast_fixup(ref, values[s]):
+                shape, dtype = self._value(ref)
             if (tuple(values[s].dims), values[s].dtype) != (shape, dtype):
                 raise Unsupported(f"bind: {ref} is {dtype_name(dtype)} {shape}, op {op_i} argument {s} is "
                                   f"{dtype_name(values[s].dtype)} {tuple(values[s].dims)}")
@@ -256,14 +302,23 @@ class GraphBuilder:
         if i == 0:
             return operands
         if self.exact:   # `bind` names every earlier value an op reads (source_bind.py): nothing to guess
-            if not any(o is not None and o.kind == "value" for o in operands):
-                raise NotLinked(f"op {i} reads no earlier value of the chain")
+            # An op may read only inputs the chain already read: `0.5 * x * (1 + tanh(x + x ** 3))`
+            # is a DAG over x, and `x ** 3` reads x alone.
+            if not any(o is not None and o.kind in ("value", "input") for o in operands):
+                raise NotLinked(f"op {i} reads no earlier value or input of the chain")
             return operands
         prev = g.nodes[-1]
         if any(o is not None and o.ref == prev.name for o in operands):
             return operands
-        candidates = [s for s, a in enumerate(values) if operands[s] is None and a.kind == "tensor"
-                      and tuple(a.dims) == prev.shape and a.dtype == prev.dtype and (not inplace or s == 0)]
+
+        def matching() -> list[int]:
+            return [s for s, a in enumerate(values) if operands[s] is None and a.kind == "tensor"
+                    and tuple(a.dims) == prev.shape and a.dtype == prev.dtype and (not inplace or s == 0)]
+
+        candidates = matching()
+        if not candidates and any(operands[s] is None and a.kind == "tensor" and self._autocast_fixup(prev.name, a)
+                                  for s, a in enumerate(values)):
+            candidates = matching()
         if not candidates:
             raise NotLinked(f"no argument has the previous output's dims {prev.shape} and dtype "
                             f"{dtype_name(prev.dtype)}: it does not consume op {i - 1}")
@@ -274,6 +329,27 @@ class GraphBuilder:
                            f"others are external inputs (pass bind= if one is an earlier value of the chain)")
         operands[candidates[0]] = Operand("value", prev.name)
         return operands
+
+    def _autocast_fixup(self, ref: str, arg: Arg) -> bool:
+        """The trace shows `arg` reading node `ref`'s output as float32 where the op's rules give
+        bf16/fp16: the chain ran under CUDA autocast, whose fp32 policy ran that op (pow, exp,
+        rsqrt, softmax, sum...) in fp32. Re-type the node so (True), unless something already read
+        its lower-precision output or autocast has no kernel for it."""
+        node = next((n for n in self.graph.nodes if n.name == ref), None)
+        if (node is None or node.autocast or arg.kind != "tensor" or arg.dtype != torch.float32
+                or tuple(arg.dims) != node.shape or node.dtype not in (torch.bfloat16, torch.float16)
+                or node.eager_cast is not None or node.eager_name.endswith("_")
+                or not autocast.has_autocast_kernel(node.eager_name)
+                or any(o.ref == ref for n in self.graph.nodes for o in n.operands)):
+            return False
+        node.autocast = True
+        env = {**self._meta, **{x.name: x.placeholder for x in self.graph.scalars}}
+        out = _run_eager(node, env)
+        first = out[0] if isinstance(out, tuple) else out
+        node.dtype, self._meta[node.name] = first.dtype, first
+        self.graph.notes.append(f"op {node.index} {node.record.short}: traced under CUDA autocast, which ran it in "
+                                f"fp32 (the next op reads it as float32); the kernel and the reference do too")
+        return True
 
     def _value(self, ref: str) -> tuple[tuple, torch.dtype]:
         for n in self.graph.nodes:
@@ -318,10 +394,16 @@ def reduced_dims(node: Node, rank: int) -> list[int]:
 def _run_eager(node: Node, env: dict[str, Any]) -> Any:
     """Run the node's aten op on meta tensors: its output shape and dtype, by torch's own rules."""
     pos, kw = eager_args(node, lambda o: env[o.ref] if o.kind in ("value", "input", "scalar") else o.value)
+    if node.autocast:
+        pos = [p.to(torch.float32) if isinstance(p, torch.Tensor) and p.dtype in _BELOW_FP32 else p for p in pos]
     if node.reduction is not None:
         rank = len(pos[0].shape)
-        if reduced_dims(node, rank) != [rank - 1]:
-            raise Unsupported(f"{node.record.short} over dims {node.params.get('dim')}: only the last dim is supported")
+        dims = reduced_dims(node, rank)
+        if dims != list(range(dims[0], dims[-1] + 1)) or (rank > 1 and len(dims) == rank):
+            raise Unsupported(f"{node.record.short} over dims {node.params.get('dim')}: one dim, or one block of "
+                              f"adjacent dims short of all of them, is supported")
+        if len(dims) > 1 and node.reduction not in ("sum", "mean", "amax"):
+            raise Unsupported(f"{node.record.short} over dims {dims}: over several dims only sum, mean and amax")
     try:
         return getattr(torch.ops.aten, node.eager_name)(*pos, **kw)
     except Exception as exc:  # torch rejects these shapes or arguments
@@ -381,7 +463,8 @@ def split_supported(ops: Sequence[OpRecord]) -> list[tuple[list[OpRecord], str |
     def take(i: int, record: OpRecord) -> None:
         builder.add(record)
         current.append(record)
-        if builder.graph.reduction is not None:
+        red = builder.graph.reduction
+        if red is not None and red.reduction not in ELEMENTWISE_REDUCTIONS:
             close(f"op {i} ({record.name}) is a reduction: it ends the kernel")
 
     for i, record in enumerate(ops):

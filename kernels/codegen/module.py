@@ -59,8 +59,15 @@ def reference_source(graph: Graph) -> str:
     """The eager chain: the traced aten ops, one call each, in order."""
     lines = [f"def reference({_signature(graph)}):",
              '    """The traced chain as eager PyTorch runs it: one aten op (one kernel) each."""']
+    def operand(node, o):
+        if o.kind not in ("value", "input", "scalar"):
+            return o.value
+        if node.autocast and o.kind != "scalar" and graph.dtype_of(o.ref) in (torch.float16, torch.bfloat16):
+            return _Verbatim(f"{o.ref}.float()")      # autocast's cast, spelled out: the same outside autocast
+        return _Verbatim(o.ref)
+
     for node in graph.nodes:
-        pos, kw = eager_args(node, lambda o: _Verbatim(o.ref) if o.kind in ("value", "input", "scalar") else o.value)
+        pos, kw = eager_args(node, lambda o: operand(node, o))
         args = [_py_value(a) for a in pos] + [f"{k}={_py_value(v)}" for k, v in kw.items()]
         cast = f".to(torch.{dtype_name(node.eager_cast)})" if node.eager_cast is not None else ""
         lines.append(f"    {node.name} = torch.ops.aten.{node.eager_name}({', '.join(args)}){cast}")
@@ -142,7 +149,11 @@ class _Host:
     def output(self) -> str:
         shape = "shape"
         if self.red is not None and self.red.reduction not in ("softmax", "log_softmax"):
-            shape = "shape[:-1] + (1,)" if self.red.params.get("keepdim") else "shape[:-1]"
+            a, b = self.graph.reduced_block     # counted from the end: a call may have fewer leading dims
+            rank = len(self.graph.loop_shape)
+            head, tail = f"shape[:{a - rank}]", f"shape[{b + 1 - rank}:]" if b + 1 < rank else "()"
+            ones = f" + {(1,) * (b - a + 1)!r}" if self.red.params.get("keepdim") else ""
+            shape = f"{head}{ones} + {tail}"
         out = f"torch.empty({shape}, dtype=torch.{dtype_name(self.graph.nodes[-1].dtype)}, device=device)"
         if self.two_outputs:
             out += f", torch.empty({shape}, dtype=torch.int64, device=device)"
@@ -165,7 +176,12 @@ class _Host:
             "    return plan"])
 
     def _contiguous(self) -> list[str]:
-        return [f"{a}.contiguous()" for a in self.ins]   # self when it already is: no copy
+        # self when it already is: no copy. A broadcast input of a reduction over a dim that is not
+        # the last is laid out in the kernels' logical order (runtime.to_logical).
+        if self.layout.reduce_dims is None:
+            return [f"{a}.contiguous()" for a in self.ins]
+        return [f"{a}.contiguous()" if all(kept) else f"to_logical(SPEC, {a})"
+                for a, kept in zip(self.ins, self.layout.kept)]
 
     def forward(self) -> str:
         tensors = ", ".join(f"{a}: torch.Tensor" for a in self.ins)

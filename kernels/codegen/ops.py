@@ -294,6 +294,8 @@ _add(_unary("hardswish", lambda x: f"{x} * tl.minimum(tl.maximum({x} + 3.0, 0.0)
 _add(_unary("hardsigmoid", lambda x: f"tl.minimum(tl.maximum({x} + 3.0, 0.0), 6.0) / 6.0",
             lambda x, y, g: f"tl.where(({x} > -3.0) & ({x} < 3.0), {g} / 6.0, 0.0)"))
 _add(_unary("exp", lambda x: f"tl.exp({x})", lambda x, y, g: f"{g} * {y}"))
+# erf: hand-written exact GELU, x * 0.5 * (1 + erf(x / sqrt(2))); d/dx = 2 / sqrt(pi) * exp(-x^2)
+_add(_unary("erf", lambda x: f"tl.erf({x})", lambda x, y, g: f"{g} * 1.1283791670955126 * tl.exp(-{x} * {x})"))
 _add(_unary("log", lambda x: f"tl.log({x})", lambda x, y, g: f"{g} / {x}", positive_operands=(0,)))
 _add(_unary("sqrt", lambda x: f"tl.sqrt({x})", lambda x, y, g: f"{g} / (2.0 * {y})", positive_operands=(0,)))
 _add(_unary("rsqrt", lambda x: f"tl.rsqrt({x})", lambda x, y, g: f"-0.5 * {g} * {y} * {y} * {y}", positive_operands=(0,)))
@@ -303,7 +305,8 @@ _add(_unary("rsqrt", lambda x: f"tl.rsqrt({x})", lambda x, y, g: f"-0.5 * {g} * 
 _add(OpSpec("to", (V("self"), P("dtype"), IGNORE, IGNORE, IGNORE), kind="cast"))
 _add(OpSpec("_to_copy", (V("self"), P("dtype", None, kwonly=True), IGNORE, IGNORE, IGNORE, IGNORE, IGNORE), kind="cast"))
 
-# Reductions along the last dim: the kernel writer emits them (they need the whole row).
+# Reductions over one dim or a block of adjacent dims: the kernel writer emits them (they need the
+# whole row, the reduced dims, in one tile).
 _add(OpSpec("sum", (V("self"), P("dim"), P("keepdim", False), P("dtype", None, kwonly=True)), kind="reduction"))
 _add(OpSpec("mean", (V("self"), P("dim"), P("keepdim", False), P("dtype", None, kwonly=True)), kind="reduction"))
 _add(OpSpec("amax", (V("self"), P("dim", ()), P("keepdim", False)), kind="reduction"))
@@ -322,7 +325,7 @@ def lookup(short_name: str) -> tuple[OpSpec, bool]:
     inplace = short_name.endswith("_") and not short_name.startswith("_")
     base = short_name[:-1] if inplace else short_name
     if base not in _SPECS:
-        raise Unsupported(f"{short_name} is not a supported pointwise op or last-dim reduction")
+        raise Unsupported(f"{short_name} is not a supported pointwise op or reduction")
     spec = _SPECS[base]
     if inplace and spec.kind != "pointwise":
         raise Unsupported(f"in-place {short_name}")

@@ -133,7 +133,10 @@ def fused_bytes(graph: Graph, layout: Layout, params: dict, num_sms: int | None 
     out = graph.nodes[-1]
     red = graph.reduction
     n_loop = math.prod(shape)
-    n_out = n_loop if red is None or red.reduction in ("softmax", "log_softmax") else n_loop // max(shape[-1], 1)
+    block = graph.reduced_block
+    full = runtime.padded(shape, len(graph.loop_shape))
+    reduced = math.prod(full[block[0]:block[1] + 1]) if block is not None else 1
+    n_out = n_loop if red is None or red.reduction in ("softmax", "log_softmax") else n_loop // max(reduced, 1)
     out_bytes = n_out * out.dtype.itemsize + (n_out * 8 if red is not None and red.reduction == "max" else 0)
     sizes = runtime.group_sizes(spec, shape)
     n_rows, n_cols = math.prod(sizes[:-1]), sizes[-1]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,6 +33,11 @@ from fusion_advisor.kernels.registry import OpRecord
 
 _MODULE_PREFIXES = ("torch.nn.functional.", "nn.functional.", "functional.", "F.", "torch.")
 _BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow"}
+# Modules whose constants (pi, e...) and, but for torch, functions of Python numbers (sqrt, exp...)
+# Python evaluates before any op runs: their results reach the trace as plain numbers.
+_NUMBER_MODULES = ("math", "np", "numpy", "torch")
+_PY_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.Pow: operator.pow}
 _CASTS = {"float": "to", "half": "to", "bfloat16": "to", "double": "to", "to": "to", "type_as": "to"}
 # Tensor methods that return a view or the tensor itself: no kernel, so not in the traced chain;
 # their result is an external input expression (`self.bias.view(1, -1, 1, 1)`).
@@ -127,10 +134,16 @@ class _Evaluator:
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             left, right = self.eval(node.left), self.eval(node.right)
             if left.kind == "num" and right.kind == "num":
-                return _Sym("num", ast.unparse(node), value=eval(compile(ast.Expression(node), "", "eval")))
+                folded = _fold(_PY_BINOPS[type(node.op)], left.value, right.value)
+                if folded is not None:
+                    return _Sym("num", ast.unparse(node), value=folded)
             return self.op(_BINOPS[type(node.op)], [left, right], {}, node, binary=True)
         if isinstance(node, ast.Call):
-            return self.call(node)
+            folded = self.math_call(node)
+            return folded if folded is not None else self.call(node)
+        constant = _math_constant(node)
+        if constant is not None:
+            return _Sym("num", ast.unparse(node), value=constant)
         if isinstance(node, (ast.Tuple, ast.List)):
             parts = [self.eval(e) for e in node.elts]
             return self.op("<tuple>", [], {}, node) if any(p.kind == "op" for p in parts) else _Sym("ext", ast.unparse(node))
@@ -139,6 +152,22 @@ class _Evaluator:
         holds_chain = any(isinstance(n, ast.Name) and self.env.get(n.id, _Sym("ext", "")).kind == "op"
                           for n in ast.walk(node))
         return self.op("<opaque>", [], {}, node) if holds_chain else _Sym("ext", ast.unparse(node))
+
+    def math_call(self, node: ast.Call) -> _Sym | None:
+        """`math.sqrt(2.0 / math.pi)`: Python computes it before any op runs, so the trace holds
+        only its value (a scalar argument of the op it feeds): a number here, not an op."""
+        dotted = _dotted(node.func)
+        module, _, name = (dotted or "").rpartition(".")
+        if module not in _NUMBER_MODULES or module == "torch" or node.keywords:
+            return None   # (torch.sqrt of a Python number raises: the user's code never does it)
+        fn = getattr(math, name, None)      # np.sqrt(2 / np.pi) is math.sqrt's value too
+        if not callable(fn):
+            return None
+        args = [self.eval(a) for a in node.args]
+        if not args or any(a.kind != "num" for a in args):
+            return None
+        folded = _fold(fn, *(a.value for a in args))
+        return _Sym("num", ast.unparse(node), value=folded) if folded is not None else None
 
     def call(self, node: ast.Call) -> _Sym:
         func = node.func
@@ -165,6 +194,24 @@ class _Evaluator:
         if any(a.kind == "op" for a in [*args, *kwargs.values()]):
             return self.op("<call>", [], {}, node)
         return _Sym("ext", ast.unparse(node))
+
+
+def _fold(fn, *values) -> int | float | None:
+    """fn(*values) when it is a real number (None for an error or a complex/other result)."""
+    try:
+        value = fn(*values)
+    except (ArithmeticError, ValueError, TypeError):
+        return None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _math_constant(node: ast.AST) -> float | None:
+    """math.pi, math.e, math.tau, math.inf (or numpy's, torch's): their value."""
+    module, _, name = (_dotted(node) or "").rpartition(".")
+    if module not in _NUMBER_MODULES:
+        return None
+    value = getattr(math, name, None)
+    return value if isinstance(value, float) else None
 
 
 def _known(name: str) -> bool:
