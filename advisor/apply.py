@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusion_advisor import provider_choice
 from fusion_advisor.analyzers.trace import resolve_source_file
+from fusion_advisor.bench import is_launch_bound
 from fusion_advisor.errors import AdvisorError, OutputError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.files import write_text_atomic
@@ -33,6 +35,7 @@ class ApplyPlan:
     files: list[FileRewrite] = field(default_factory=list)
     runtime_patterns: list[str] = field(default_factory=list)  # for library code: fusion_advisor.patch
     notes: list[str] = field(default_factory=list)
+    providers: list[dict] = field(default_factory=list)  # per recommendation: provider_choice.ProviderChoice
 
     @property
     def changed(self) -> list[FileRewrite]:
@@ -73,6 +76,8 @@ def plan(result: AdvisorResult, memory: bool = False) -> ApplyPlan:
             continue
         cluster = clusters.get(rec.cluster_id)
         bench = primary_benchmark(cluster, result) if cluster is not None else None
+        if _chose_compile(rec, cluster, bench, result, memory, out):
+            continue
         if rec.kind == "memory" and not memory:
             out.notes.append(f"#{rec.rank} {rec.title}: a memory trade, not applied without --memory")
             continue
@@ -129,6 +134,19 @@ def plan(result: AdvisorResult, memory: bool = False) -> ApplyPlan:
         out.files.append(rewrite_source(str(path), text, t["swaps"], t["rewrites"], generated.get(path, [])))
     _drop_unused_kernels(out, generated)
     return out
+
+
+def _chose_compile(rec, cluster, bench, result: AdvisorResult, memory: bool, out: ApplyPlan) -> bool:
+    """Record which provider this cluster gets (out.providers); True when it is regional
+    torch.compile (then planned here, as the runtime patch "compile:<ModuleClass>")."""
+    choice = provider_choice.choose(rec, cluster, bench, is_launch_bound(result), memory)
+    out.providers.append(choice.as_dict())
+    if choice.provider != "compile":
+        return False
+    if choice.runtime_pattern not in out.runtime_patterns:
+        out.runtime_patterns.append(choice.runtime_pattern)
+    out.notes.append(f"#{rec.rank} {rec.title}: {choice.why}")
+    return True
 
 
 def _drop_unused_kernels(out: ApplyPlan, generated: dict[Path, list[StatementReplacement]]) -> None:

@@ -308,12 +308,15 @@ def apply_cmd(
     result = AdvisorResult.load(result_path)
     plan = apply_mod.plan(result, memory=memory)
     diff = plan.diff(str(root))
-    report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes,
+    report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes, "providers": plan.providers,
               "changes": [{"path": f.path, **asdict(c)} for f in plan.changed for c in f.changes]}
     if not as_json:
         sys.stdout.write(diff or "(no source change)\n")
         for note in plan.notes:
             err.print(f"[yellow]note:[/] {note}", highlight=False)
+        for c in plan.providers:
+            err.print(f"provider for #{c['rank']} ({c['module'] or c['cluster_id']}): {c['provider'] or 'nothing'} - "
+                      f"{c['why']}", highlight=False)
     if verify_run:
         from fusion_advisor.verify import verify
         run = result.run or {}

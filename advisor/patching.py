@@ -23,6 +23,11 @@ linear_cross_entropy replaces the instance's `forward` (a causal LM's, in traini
 loss from the LM head's input, logits=None); it is checked on the whole model (loss and parameter
 gradients) through its FunctionPatch's `check`.
 
+Regional compilation: a name "compile:<ModuleClass>" (where bench measured torch.compile fastest on
+the cluster, see advisor/regional_compile.py) compiles that class's instances in this model, one
+shared compiled forward per class; each instance's swapped forward is listed among the functions,
+and revert() takes it out. Compile's numerics were checked by bench on the cluster.
+
 Each replacement is checked on random inputs against what it replaces (forward output and every
 gradient, the tolerance table of kernels/tolerances.py) before it goes in; one that fails is left
 out and reported, never silently applied. `revert()` puts back the very objects that were there.
@@ -38,7 +43,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from fusion_advisor import api
+from fusion_advisor import api, regional_compile
 from fusion_advisor.errors import AdvisorError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
@@ -104,9 +109,18 @@ def recommended_patterns(result, memory: bool = False) -> list[str]:
         name, kind = (rec.pattern, rec.kind) if not isinstance(rec, dict) else (rec.get("pattern"), rec.get("kind"))
         if kind == "memory" and not memory:
             continue
+        target = _compile_target(rec) if kind == "torch_compile" else None
+        if target:   # bench measured torch.compile fastest on this cluster: compile its module
+            name = regional_compile.pattern_name(target)
         if name and not name.startswith("generic:") and name not in names:
             names.append(name)
     return names
+
+
+def _compile_target(rec) -> str | None:
+    patch_info = rec.get("patch") if isinstance(rec, dict) else getattr(rec, "patch", None)
+    target = (patch_info or {}).get("target")
+    return target if isinstance(target, str) and target and target != "the model" else None
 
 
 def patch(model: nn.Module, result=None, **options) -> PatchHandle:
@@ -125,7 +139,8 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
         if result is None:
             raise AdvisorError("patch() needs a result (AdvisorResult) or patterns=[...]")
         names = recommended_patterns(result, memory=bool(options.get("memory", False)))
-    patterns = [get(n) for n in names]
+    compile_names = [n for n in names if regional_compile.is_compile_pattern(n)]
+    patterns = [get(n) for n in names if n not in compile_names]
     swappable = [p for p in patterns if p.modules and p.module_factory is not None]
     handle = PatchHandle()
     for p in patterns:
@@ -139,6 +154,8 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
             for p in patterns:
                 for fp in p.function_patches:
                     _swap_function(model, p.name, fp, handle, check)
+            if compile_names:
+                _compile_regions(model, compile_names, handle)
     except BaseException:
         handle.revert()
         raise
@@ -166,6 +183,15 @@ def _swap_all(model, swappable, handle, check, shape_hint) -> None:
                 continue
         setattr(parent, attr, replacement)
         handle.swaps.append(Swap(path, parent, attr, module, replacement, pattern.name))
+
+
+def _compile_regions(model: nn.Module, names: list[str], handle: PatchHandle) -> None:
+    """Regional torch.compile ("compile:<ModuleClass>", where bench measured compile fastest): each
+    compiled instance's forward is a FunctionSwap, so revert() and the verify listing cover it."""
+    compiled = regional_compile.compile_regions(model, names)
+    handle.functions.extend(FunctionSwap(f"{f.path}.forward", f.original, f.replacement, f.pattern, f.restore)
+                            for f in compiled.forwards)
+    handle.skipped.extend(compiled.skipped)
 
 
 def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any, Callable]]:
