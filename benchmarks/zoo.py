@@ -74,46 +74,47 @@ IMAGE_TINY_IN = {"batch": 2, "image": 32}
 
 # Sizes: small but real (widths of base models, few layers) so a step is ~10-60 ms on an H100 and
 # whole-model compile takes seconds, not minutes. Dropout 0: the patched and unpatched runs must
-# draw the same numbers for their losses to be compared.
+# draw the same numbers for their losses to be compared. use_cache=False, as in training: no KV cache
+# (its per-layer `layer_idx` would also make regional compile recompile per layer).
 MODELS: list[ModelSpec] = [
     ModelSpec("llama", "decoder", "LlamaForCausalLM", "LlamaConfig",
-              dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+              dict(use_cache=False, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                    num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048),
               dict(kind="causal_lm", batch=4, seq=1024), tiny=LM_TINY, tiny_inputs=TOKENS_TINY),
     ModelSpec("qwen2", "decoder", "Qwen2ForCausalLM", "Qwen2Config",
-              dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+              dict(use_cache=False, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
               dict(kind="causal_lm", batch=4, seq=1024), tiny=LM_TINY, tiny_inputs=TOKENS_TINY),
     ModelSpec("gemma", "decoder", "GemmaForCausalLM", "GemmaConfig",
-              dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
+              dict(use_cache=False, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=8, head_dim=128, vocab_size=32000, max_position_embeddings=2048),
               dict(kind="causal_lm", batch=4, seq=1024), tiny={**LM_TINY, "head_dim": 16}, tiny_inputs=TOKENS_TINY),
     ModelSpec("phi3", "decoder", "Phi3ForCausalLM", "Phi3Config",
-              dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+              dict(use_cache=False, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                    num_key_value_heads=16, vocab_size=32064, max_position_embeddings=2048, resid_pdrop=0.0,
                    embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0),
               dict(kind="causal_lm", batch=4, seq=1024), tiny=LM_TINY, tiny_inputs=TOKENS_TINY),
     ModelSpec("gpt2", "decoder", "GPT2LMHeadModel", "GPT2Config",
-              dict(n_embd=1024, n_layer=4, n_head=16, n_positions=1024, vocab_size=32000, resid_pdrop=0.0,
+              dict(use_cache=False, n_embd=1024, n_layer=4, n_head=16, n_positions=1024, vocab_size=32000, resid_pdrop=0.0,
                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
               dict(kind="causal_lm", batch=4, seq=1024),
               tiny=dict(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=128), tiny_inputs=TOKENS_TINY),
     ModelSpec("gpt-neox", "decoder", "GPTNeoXForCausalLM", "GPTNeoXConfig",
-              dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
+              dict(use_cache=False, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
                    vocab_size=32000, max_position_embeddings=2048, rotary_pct=0.25, hidden_dropout=0.0,
                    attention_dropout=0.0),
               dict(kind="causal_lm", batch=4, seq=1024),
               tiny=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                         vocab_size=128), tiny_inputs=TOKENS_TINY),
     ModelSpec("t5-v1.1", "encoder-decoder", "T5ForConditionalGeneration", "T5Config",
-              dict(d_model=768, d_ff=2048, d_kv=64, num_layers=3, num_decoder_layers=3, num_heads=12,
+              dict(use_cache=False, d_model=768, d_ff=2048, d_kv=64, num_layers=3, num_decoder_layers=3, num_heads=12,
                    vocab_size=32128, feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False,
                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
               dict(kind="seq2seq", batch=8, seq=512, target=128),
               tiny=dict(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=128),
               tiny_inputs=SEQ2SEQ_TINY_IN),
     ModelSpec("bart", "encoder-decoder", "BartForConditionalGeneration", "BartConfig",
-              dict(d_model=768, encoder_layers=3, decoder_layers=3, encoder_attention_heads=12,
+              dict(use_cache=False, d_model=768, encoder_layers=3, decoder_layers=3, encoder_attention_heads=12,
                    decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=50265,
                    max_position_embeddings=1024, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
               dict(kind="seq2seq", batch=8, seq=512, target=128),
@@ -165,7 +166,7 @@ MODELS: list[ModelSpec] = [
               tiny=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10),
               tiny_inputs=IMAGE_TINY_IN),
     ModelSpec("whisper", "speech", "WhisperForConditionalGeneration", "WhisperConfig",
-              dict(d_model=512, encoder_layers=3, decoder_layers=3, encoder_attention_heads=8,
+              dict(use_cache=False, d_model=512, encoder_layers=3, decoder_layers=3, encoder_attention_heads=8,
                    decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, num_mel_bins=80,
                    max_source_positions=750, max_target_positions=448, vocab_size=51865, dropout=0.0, attention_dropout=0.0,
                    activation_dropout=0.0),
@@ -262,8 +263,8 @@ def write_script(spec: ModelSpec, folder: Path, tiny: bool = False) -> Path:
     return path
 
 
-def config_text(spec: ModelSpec) -> str:
-    c, i = spec.config, spec.inputs
+def config_text(spec: ModelSpec, tiny: bool = False) -> str:
+    c, i = spec.scaled(tiny)
     width = c.get("hidden_size") or c.get("d_model") or c.get("n_embd") or c.get("embed_dim") or c.get("hidden_sizes")
     layers = c.get("num_hidden_layers") or c.get("n_layer") or c.get("num_layers") or c.get("encoder_layers") \
         or c.get("depths")
@@ -313,7 +314,7 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
     """Profile, apply --verify and the compile reference of one model in one mode: its CSV row."""
     from fusion_advisor.verify import RunSpec, run_script
 
-    row: dict = {"model": spec.name, "family": spec.family, "mode": mode, "config": config_text(spec)}
+    row: dict = {"model": spec.name, "family": spec.family, "mode": mode, "config": config_text(spec, tiny)}
     errors: list[str] = []
     folder = work / f"{spec.name}-{mode}"
     script = write_script(spec, folder, tiny)
