@@ -24,7 +24,8 @@ instance's own `forward` object if it had one. The wrapper counts each call
 first call of each class: that is the compile time the swap adds (it includes one run).
 
 Not compiled, and said why: an instance nested inside another compiled instance (it is compiled
-as part of it), and a class whose instance holds more than BACKBONE_SHARE of the model's parameters
+as part of it), one of our fused modules that another cluster's kernel swap put there under the
+same class name, and a class whose instance holds more than BACKBONE_SHARE of the model's parameters
 (that is whole-model compilation under another name: measure it with WHOLE_MODEL instead).
 """
 from __future__ import annotations
@@ -135,6 +136,9 @@ def _targets(model, wanted: list[str], handle: RegionalCompile) -> list[tuple[st
     for path, module in model.named_modules():
         name = by_class.get(type(module).__name__)
         if name is None:
+            continue
+        if type(module).__module__.startswith("fusion_advisor."):
+            handle.skipped.append((path, f"{name}: already our fused module (a kernel swap of another cluster)"))
             continue
         outer = next((p for p, _, _ in chosen if p == "" or path.startswith(p + ".")), None)
         if outer is not None:

@@ -168,6 +168,16 @@ def test_nested_and_backbone_classes_are_not_compiled_and_say_why(counting_backe
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+def test_a_module_our_kernel_swap_put_there_is_not_compiled(counting_backend):
+    from fusion_advisor.kernels.rms_norm import RMSNorm as FusedRMSNorm
+    model = Net()
+    model.blocks[0].norm = FusedRMSNorm(8)
+    handle = regional_compile.compile_regions(model, ["compile:RMSNorm"])
+    assert {f.path for f in handle.forwards} == {"blocks.1.norm", "blocks.2.norm"}
+    assert "already our fused module" in dict(handle.skipped)["blocks.0.norm"]
+    handle.revert()
+
+
 def test_whole_model_compile_is_the_model_itself(counting_backend):
     model = Net()
     x = torch.randn(2, 3, 8)
