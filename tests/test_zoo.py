@@ -110,7 +110,7 @@ def test_time_budget_skips_and_resume_runs_the_rest(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(zoo, "environment", lambda: {"gpu": "fake GPU", "driver": "1.0", "torch": "2", "triton": "3",
                                                       "transformers": "5"})
     out = tmp_path / "zoo.csv"
-    args = ["--models", "gpt2,bert,llama", "--out", str(out), "--work", str(tmp_path / "w")]
+    args = ["--models", "gpt2,bert,llama", "--out", str(out), "--work", str(tmp_path / "w"), "--prewarm-jobs", "0"]
     zoo.main(args + ["--time-budget", "0.5"])
     rows = zoo.read_csv(out)
     assert ran == [("gpt2", "bf16"), ("bert", "bf16")]   # the third would start after the budget
@@ -120,3 +120,17 @@ def test_time_budget_skips_and_resume_runs_the_rest(tmp_path, monkeypatch, capsy
     assert ran[2:] == [("llama", "bf16")]
     assert [r["model"] for r in zoo.read_csv(out)] == ["gpt2", "bert", "llama"]
     assert not any(r["error"] for r in zoo.read_csv(out))
+
+
+def test_prewarm_runs_each_compile_script_untimed(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd[1:])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(zoo.subprocess, "run", fake_run)
+    runs = zoo.plan_runs(["gpt2", "vit"], quick=False)
+    zoo.prewarm(runs, tmp_path, jobs=2, tiny=True, timeout=60)
+    assert sorted(c[1:] for c in seen) == sorted([["--mode", m, "--compile", "--steps", "2"]
+                                                  for m in ("bf16", "autocast", "bf16")])
+    assert all(Path(c[0]).is_file() for c in seen)
