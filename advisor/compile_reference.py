@@ -18,11 +18,16 @@ from fusion_advisor.verify import RunMeasurement, RunSpec, run_script
 
 
 def compile_reference(script: str, script_args: list[str], steps: int = 20, warmup: int = 5, seed: int = 0,
+                      patterns: list[str] | None = None, source_overrides: dict[str, str] | None = None,
                       timeout_s: float = 1800) -> RunMeasurement:
-    """The script with whole-model torch.compile: median step time, peak memory, losses."""
+    """The script with whole-model torch.compile: median step time, peak memory, losses. With the
+    plan's `patterns` (and its patched sources) it is "patched + compile": the runtime swaps go in
+    first, then the whole model is compiled around them (its own regional compiles give way)."""
     if warmup < 2:
         raise AdvisorError("the compile reference needs --warmup >= 2: the compile happens in the second step")
-    return run_script(RunSpec(script, list(script_args), steps, warmup, seed, [WHOLE_MODEL]), timeout_s=timeout_s)
+    names = [*(patterns or []), WHOLE_MODEL]
+    return run_script(RunSpec(script, list(script_args), steps, warmup, seed, names, dict(source_overrides or {})),
+                      timeout_s=timeout_s)
 
 
 def fastest(rows: dict[str, float | None]) -> tuple[str, str]:

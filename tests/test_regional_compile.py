@@ -234,3 +234,18 @@ def test_apply_verify_compiles_the_won_cluster_in_the_patched_run(tmp_path):
     v = report["verification"]
     assert v["losses_match"]
     assert sorted(v["after"]["swapped"]) == [f"blocks.{i}.mlp.forward: fused (compile:LlamaMLP)" for i in range(3)]
+
+
+def test_compile_reference_runs_the_script_with_the_whole_model_compiled(tmp_path, monkeypatch):
+    from fusion_advisor.compile_reference import compile_reference
+    from fusion_advisor.verify import RunSpec, run_script
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(here=str(__import__("pathlib").Path(__file__).parent)))
+    monkeypatch.setenv("FUSION_ADVISOR_COMPILE_BACKEND", "aot_eager")
+    ref = compile_reference(str(script), [], steps=3, warmup=2)
+    assert ref.error is None and ref.median_step_s and len(ref.step_times_s) == 3
+    assert ref.swapped == ["(model).forward: fused (compile:*)"]
+    eager = run_script(RunSpec(str(script), [], 3, 2))
+    torch.testing.assert_close(torch.tensor(ref.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-6)
+    with pytest.raises(Exception, match="warmup >= 2"):
+        compile_reference(str(script), [], warmup=1)
