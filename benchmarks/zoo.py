@@ -285,10 +285,13 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def replacements_text(after: dict) -> str:
-    """What the patched run applied, with its calls per step: verify's `calls_per_step` (or
-    `calls` divided by the steps run), else the swaps it listed, counted per pattern."""
+def replacements_text(after: dict, verification: dict | None = None) -> str:
+    """What the patched run applied, with its calls per step: verify's `calls_per_step` (on the
+    patched run or on the verification; or `calls` divided by the steps run), else the swaps it
+    listed, counted per pattern."""
     per_step = after.get("calls_per_step")
+    if not isinstance(per_step, dict) or not per_step:
+        per_step = (verification or {}).get("calls_per_step")
     if not isinstance(per_step, dict) or not per_step:
         counts, steps = after.get("calls"), after.get("steps_run")
         if isinstance(counts, dict) and counts:
@@ -342,7 +345,7 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
             v = (report or {}).get("verification")
             if v:
                 eager, applied = v.get("before") or {}, v.get("after") or {}
-                row["replacements"] = replacements_text(applied)
+                row["replacements"] = replacements_text(applied, v)
                 row["losses_match"] = v.get("losses_match")
                 if ap.returncode != 0:
                     errors.append(f"apply --verify exit {ap.returncode}: {_last_line(ap.stderr)}")

@@ -89,6 +89,7 @@ def test_replacements_with_calls_per_step_read_defensively():
     assert zoo.replacements_text({"calls_per_step": {"rms_norm": 9.0, "compile:LlamaMLP": 4.0}}) == \
         "compile:LlamaMLP x4/step; rms_norm x9/step"
     assert zoo.replacements_text({"calls": {"rope": 24}, "steps_run": 12}) == "rope x2/step"
+    assert zoo.replacements_text({}, {"calls_per_step": {"rope": 8}}) == "rope x8/step"
     swapped = ["model.layers.0.mlp.forward: fused (compile:LlamaMLP)", "model.layers.1.mlp.forward: fused (compile:LlamaMLP)",
                "model.norm: LlamaRMSNorm -> FusedRMSNorm"]
     assert zoo.replacements_text({"swapped": swapped}) == "FusedRMSNorm (1 swapped); compile:LlamaMLP (2 swapped)"
