@@ -22,7 +22,7 @@ from fusion_advisor.bench import is_launch_bound
 from fusion_advisor.errors import AdvisorError, OutputError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.files import write_text_atomic
-from fusion_advisor.recommend import primary_benchmark
+from fusion_advisor.recommend import measured_win, primary_benchmark
 from fusion_advisor.result import AdvisorResult
 from fusion_advisor.source_patch import FileRewrite, StatementReplacement, new_file, rewrite_source
 
@@ -36,6 +36,10 @@ class ApplyPlan:
     runtime_patterns: list[str] = field(default_factory=list)  # for library code: fusion_advisor.patch
     notes: list[str] = field(default_factory=list)
     providers: list[dict] = field(default_factory=list)  # per recommendation: provider_choice.ProviderChoice
+    # What --verify must see run, {replacement: how it is applied}: "runtime swap", or "source: FILE"
+    # for a rewrite that landed in the plan's files.
+    replacements: dict[str, str] = field(default_factory=dict)
+    estimates: list[str] = field(default_factory=list)   # applied without a measurement (--include-estimates)
 
     @property
     def changed(self) -> list[FileRewrite]:
@@ -59,9 +63,19 @@ def module_pattern_for(module_class: str):
     return next((p for p in all_patterns() if module_class in p.modules and p.module_factory is not None), None)
 
 
-def plan(result: AdvisorResult, memory: bool = False) -> ApplyPlan:
-    """What `apply` would change, file by file; nothing is written. Memory trades (recommendations
-    of kind "memory": less peak memory for more time) only with memory=True."""
+def _untimed_reason(bench) -> str:
+    if bench is None:
+        return "not benchmarked"
+    if bench.numerics_ok is False:
+        return f"its numerics check failed ({bench.numerics_detail.split(';')[0] or bench.reason})"
+    return f"not timed on a GPU ({bench.reason.split(';')[0] or bench.verdict})"
+
+
+def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = False) -> ApplyPlan:
+    """What `apply` would change, file by file; nothing is written. Only what bench measured
+    faster than eager with its numerics checked, unless include_estimates (then the untimed ones
+    are listed in `estimates`). Memory trades (recommendations of kind "memory": less peak memory
+    for more time) only with memory=True, and only measured ones."""
     if not result.recommendations:
         raise AdvisorError("the result has no recommendations to apply (run `fusion-advisor profile` on a GPU "
                            "to benchmark the candidates)")
@@ -86,6 +100,14 @@ def plan(result: AdvisorResult, memory: bool = False) -> ApplyPlan:
             out.notes.append(f"#{rec.rank} {rec.title}: our {rec.pattern} kernel was not faster than eager on this "
                              f"workload ({bench.reason.split(';')[0]}); not applied")
             continue
+        timed = (bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False) if rec.kind == "memory" \
+            else measured_win(bench)
+        if not timed:
+            if not include_estimates or (bench is not None and bench.numerics_ok is False):
+                out.notes.append(f"#{rec.rank} {rec.title}: {_untimed_reason(bench)}; not applied (an estimate is "
+                                 f"never applied without --include-estimates)")
+                continue
+            out.estimates.append(rec.pattern)
         if rec.pattern.startswith("generic:"):
             _plan_generated(rec, cluster, out, generated)
             continue
@@ -97,11 +119,16 @@ def plan(result: AdvisorResult, memory: bool = False) -> ApplyPlan:
             leaf = (cluster.module_class or "").rsplit("/", 1)[-1] if cluster else ""
             own = (pattern.modules and pattern.module_factory) or pattern.function_patches
             runtime = pattern if own else module_pattern_for(leaf)
-            if runtime is not None and runtime.name not in out.runtime_patterns:
-                out.runtime_patterns.append(runtime.name)
             where = "library code" if path is not None else f"{source or 'an unknown source'} (not found on disk)"
+            if runtime is None:
+                out.notes.append(f"#{rec.rank} {rec.title}: {where}, and {pattern.name} has no runtime swap for "
+                                 f"{leaf or 'this code'}; not applied")
+                continue
+            if runtime.name not in out.runtime_patterns:
+                out.runtime_patterns.append(runtime.name)
+                out.replacements[runtime.name] = "runtime swap"
             out.notes.append(f"#{rec.rank} {rec.title}: {where}; patched at run time with "
-                             f"fusion_advisor.patch(model, result) instead of editing it")
+                             f"fusion_advisor.patch(model, result) ({runtime.name}) instead of editing it")
             continue
         targets = per_file.setdefault(path, {"swaps": {}, "rewrites": []})
         leaf = (cluster.module_class or "").rsplit("/", 1)[-1] if cluster else ""
@@ -133,6 +160,13 @@ def plan(result: AdvisorResult, memory: bool = False) -> ApplyPlan:
             raise AdvisorError(f"cannot read {path}: {exc.strerror or exc}") from None
         out.files.append(rewrite_source(str(path), text, t["swaps"], t["rewrites"], generated.get(path, [])))
     _drop_unused_kernels(out, generated)
+    generated_names = {r.why: r.pattern for rs in generated.values() for r in rs}
+    for f in out.changed:
+        for c in f.changes:
+            name = generated_names.get(c.why, c.why)
+            if f.created or not (name.startswith("generic:") or _is_pattern(name)):
+                continue
+            out.replacements.setdefault(name, f"source: {os.path.basename(f.path)}")
     return out
 
 
@@ -145,8 +179,17 @@ def _chose_compile(rec, cluster, bench, result: AdvisorResult, memory: bool, out
         return False
     if choice.runtime_pattern not in out.runtime_patterns:
         out.runtime_patterns.append(choice.runtime_pattern)
+        out.replacements[choice.runtime_pattern] = "runtime swap (regional torch.compile)"
     out.notes.append(f"#{rec.rank} {rec.title}: {choice.why}")
     return True
+
+
+def _is_pattern(name: str) -> bool:
+    try:
+        get(name)
+        return True
+    except KeyError:
+        return False
 
 
 def _drop_unused_kernels(out: ApplyPlan, generated: dict[Path, list[StatementReplacement]]) -> None:
@@ -206,7 +249,8 @@ def _plan_generated(rec, cluster, out: ApplyPlan, generated: dict[Path, list[Sta
     code = f"return {code}" if call.target is None else f"{call.target} = {code}"
     imports = (f"from {'.' if in_package else ''}fusion_kernels.{stem} import fused as {local}",)
     why = f"#{rec.rank}: lines {call.first_line}-{call.last_line} as one generated Triton kernel each way"
-    generated.setdefault(path, []).append(StatementReplacement(call.first_line, call.last_line, code, imports, why))
+    generated.setdefault(path, []).append(StatementReplacement(call.first_line, call.last_line, code, imports, why,
+                                                                       rec.pattern))
     planned = {f.path for f in out.files}
     init = folder / "__init__.py"
     if not init.exists() and str(init) not in planned:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fusion_advisor import __version__
-from fusion_advisor.errors import EXIT_SCRIPT_FAILED, AdvisorError
+from fusion_advisor.errors import EXIT_NOT_VERIFIED, EXIT_SCRIPT_FAILED, AdvisorError
 
 HELP = """\
 Find the memory-bound kernel chains in a PyTorch training script, time fused Triton replacements
@@ -28,6 +28,7 @@ Typical use:
 \b
 Exit codes: 0 ok · 1 the profiled script failed · 2 bad input (usage, missing or broken file)
             3 missing GPU or dependency · 4 an output could not be written
+            5 apply --verify could not prove the patch (a replacement never ran, or losses differ)
 """
 
 app = typer.Typer(help=HELP, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -119,6 +120,9 @@ def profile(
     warmup: int = typer.Option(3, "--warmup", "-w", min=0,
                                help="Steps to run before recording (the first steps allocate, compile and autotune)."),
     steps: int = typer.Option(3, "--steps", "-n", min=1, help="Steps to record."),
+    timing_steps: int = typer.Option(5, "--timing-steps", min=0,
+                                     help="Unprofiled steps to time after the recorded ones: their median is the "
+                                          "step time that $ figures and the launch-bound verdict use."),
     stop: bool = typer.Option(True, "--stop/--no-stop", help="Stop the script once the steps are recorded."),
     out: Path = typer.Option(Path("fusion-report"), "--out", "-o", help="Folder for the trace, metadata and report."),
     as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout (the script's own "
@@ -147,7 +151,7 @@ def profile(
     from fusion_advisor.capture import CaptureOptions, capture
 
     opts = CaptureOptions(script=str(script), script_args=list(ctx.args), warmup=warmup, steps=steps,
-                          stop=stop, out_dir=str(out))
+                          stop=stop, out_dir=str(out), timing_steps=timing_steps)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), console=err, transient=True)
     task = progress.add_task("warm-up steps", total=max(warmup, 1))
@@ -155,8 +159,11 @@ def profile(
     def on_step(n: int, w: int, a: int, source: str | None) -> None:
         if n < w:
             progress.update(task, description=f"warm-up steps (by {source or '?'})", completed=n, total=w)
+        elif n - w <= a:
+            progress.update(task, description=f"recording steps (by {source})", completed=n - w, total=a)
         else:
-            progress.update(task, description=f"recording steps (by {source})", completed=min(n - w, a), total=a)
+            progress.update(task, description="timing steady steps (profiler off)", completed=n - w - a,
+                            total=timing_steps)
 
     redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     with redirect, progress:
@@ -275,6 +282,10 @@ def apply_cmd(
     memory: bool = typer.Option(False, "--memory", help="Also apply the memory trades (recommendations that lower "
                                                         "peak memory at a measured time cost, e.g. the LM head's "
                                                         "linear_cross_entropy: logits never materialised)."),
+    include_estimates: bool = typer.Option(False, "--include-estimates",
+                                           help="Also apply recommendations that bench did not time on a GPU "
+                                                "(estimates only; --verify marks them). Default: only what was "
+                                                "measured faster than eager with its numerics checked."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan (and verification) as JSON."),
 ):
     """Patch your source with the recommendations: a unified diff by default.
@@ -306,9 +317,10 @@ def apply_cmd(
             err.print(f"restored {path}", highlight=False)
         return
     result = AdvisorResult.load(result_path)
-    plan = apply_mod.plan(result, memory=memory)
+    plan = apply_mod.plan(result, memory=memory, include_estimates=include_estimates)
     diff = plan.diff(str(root))
-    report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes, "providers": plan.providers,
+    report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes,
+              "replacements": plan.replacements, "estimates": plan.estimates, "providers": plan.providers,
               "changes": [{"path": f.path, **asdict(c)} for f in plan.changed for c in f.changes]}
     if not as_json:
         sys.stdout.write(diff or "(no source change)\n")
@@ -322,12 +334,14 @@ def apply_cmd(
         run = result.run or {}
         if not run.get("script"):
             raise AdvisorError("the result does not say which script it came from; --verify needs it")
+        if not plan.replacements:
+            raise AdvisorError("nothing to verify: no recommendation of this result can be applied (see the notes)")
         v = verify(run["script"], list(run.get("argv", [])[1:]), plan.runtime_patterns, steps=steps, warmup=warmup,
                    source_overrides={f.path: f.after for f in plan.changed},
-                   original_sources={f.path: f.before for f in plan.changed})
-        report["verification"] = asdict(v)
+                   original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements)
+        report["verification"] = {**asdict(v), "proven": v.proven}
         if not as_json:
-            _print_verification(v)
+            _print_verification(v, plan.estimates)
     if write:
         backup = apply_mod.write(plan, root)
         report["backup"] = str(backup)
@@ -336,11 +350,17 @@ def apply_cmd(
         err.print(f"backups in {backup} (undo: fusion-advisor apply {result_path} --revert)", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
-    if verify_run and not report["verification"]["losses_match"]:
-        _fail("the patched run's losses differ from the unpatched run's beyond tolerance", EXIT_SCRIPT_FAILED)
+    if verify_run and v.never_called:
+        first = v.never_called[0]
+        more = f" (and {len(v.never_called) - 1} more)" if len(v.never_called) > 1 else ""
+        _fail(f"not verified: {first.name} ({first.how}) never ran: {first.why}{more}", EXIT_NOT_VERIFIED)
+    if verify_run and not v.proven:
+        _fail("not verified: no planned replacement was counted in the patched run", EXIT_NOT_VERIFIED)
+    if verify_run and not v.losses_match:
+        _fail("the patched run's losses differ from the unpatched run's beyond tolerance", EXIT_NOT_VERIFIED)
 
 
-def _print_verification(v) -> None:
+def _print_verification(v, estimates: list[str] = ()) -> None:
     from rich.table import Table
 
     t = Table(title="apply --verify (measured)", title_justify="left")
@@ -354,9 +374,21 @@ def _print_verification(v) -> None:
     t.add_row("losses (first, last)", f"{v.before.losses[0]:.4f}, {v.before.losses[-1]:.4f}" if v.before.losses else "—",
               f"{v.after.losses[0]:.4f}, {v.after.losses[-1]:.4f}" if v.after.losses else "—")
     Console().print(t)
-    verdict = "match" if v.losses_match else "DIFFER"
-    Console().print(f"speedup {v.speedup:.2f}x; losses {verdict} (max relative difference "
-                    f"{v.max_loss_rel_diff:.2e})" if v.speedup and v.max_loss_rel_diff is not None else "no timing")
+    r = Table(title="replacements in the patched run (calls counted)", title_justify="left")
+    for col, justify in (("replacement", "left"), ("applied as", "left"), ("calls / step", "right"), ("", "left")):
+        r.add_column(col, justify=justify, no_wrap=col != "")
+    for row in v.replacements:
+        mark = " (estimate)" if row.name in estimates else ""
+        calls = f"{row.calls_per_step:,.1f}" if row.status == "ran" else "—"
+        r.add_row(row.name + mark, row.how, calls, row.status if row.status == "ran" else f"{row.status}: {row.why}")
+    Console().print(r)
+    if not v.proven:
+        Console().print("losses not compared: the patch did not demonstrably run (see above)")
+    elif v.speedup and v.max_loss_rel_diff is not None:
+        verdict = "match" if v.losses_match else "DIFFER"
+        Console().print(f"speedup {v.speedup:.2f}x; losses {verdict} (max relative difference {v.max_loss_rel_diff:.2e})")
+    else:
+        Console().print("no timing")
     for s in v.after.swapped:
         Console().print(f"  runtime swap: {s}", highlight=False)
     for s in v.after.skipped:

@@ -6,6 +6,7 @@ Exit codes (also in `fusion-advisor --help`):
   2  bad input: usage, a missing or unreadable file, a trace that is empty, truncated or not a trace
   3  the environment cannot do it: no CUDA GPU where one is required, a missing dependency
   4  an output could not be written (nothing was half-written)
+  5  `apply --verify` could not prove the patch: a planned replacement never ran, or losses differ
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ EXIT_SCRIPT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_ENVIRONMENT = 3
 EXIT_CANNOT_WRITE = 4
+EXIT_NOT_VERIFIED = 5
 
 
 class AdvisorError(Exception):
@@ -47,3 +49,9 @@ class OutputError(AdvisorError):
     """An output path cannot be written."""
 
     exit_code = EXIT_CANNOT_WRITE
+
+
+class VerifyError(AdvisorError):
+    """`apply --verify` ran both scripts but cannot vouch for the patch."""
+
+    exit_code = EXIT_NOT_VERIFIED

@@ -1,6 +1,6 @@
 """Runtime patching: swap modules of ONE model instance for fused ones, checked, revertible.
 
-    handle = fusion_advisor.patch(model, result)        # the recommended patterns
+    handle = fusion_advisor.patch(model, result)        # the recommendations bench measured faster
     handle = fusion_advisor.patch(model, patterns=["rms_norm"])
     handle = fusion_advisor.patch(model, result, memory=True)  # also the memory trades (linear_cross_entropy)
     ...
@@ -49,7 +49,7 @@ from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
 from fusion_advisor.kernels.tolerances import tolerance
 
-_OPTIONS = {"check", "patterns", "device_check_shape", "memory"}
+_OPTIONS = {"check", "patterns", "device_check_shape", "memory", "include_estimates"}
 
 
 @dataclass
@@ -101,26 +101,44 @@ class PatchHandle:
         return "\n".join(lines)
 
 
-def recommended_patterns(result, memory: bool = False) -> list[str]:
-    """Pattern names that an AdvisorResult recommends (measured, or estimated where not benched);
-    memory trades (kind "memory": slower, less memory) only with memory=True."""
+def recommended_patterns(result, memory: bool = False, include_estimates: bool = False) -> list[str]:
+    """Pattern names of an AdvisorResult's recommendations that bench measured faster than eager
+    with their numerics checked (the untimed ones too with include_estimates); memory trades
+    (kind "memory": slower, less memory) only with memory=True, and only timed ones."""
+    from fusion_advisor.recommend import measured_win, primary_benchmark
+
+    clusters = {c.id: c for c in getattr(result, "clusters", []) or []}
     names = []
     for rec in getattr(result, "recommendations", []) or []:
-        name, kind = (rec.pattern, rec.kind) if not isinstance(rec, dict) else (rec.get("pattern"), rec.get("kind"))
-        if kind == "memory" and not memory:
+        if rec.kind == "memory" and not memory:
             continue
-        target = _compile_target(rec) if kind == "torch_compile" else None
-        if target:   # bench measured torch.compile fastest on this cluster: compile its module
-            name = regional_compile.pattern_name(target)
-        if name and not name.startswith("generic:") and name not in names:
-            names.append(name)
+        if not rec.pattern:
+            continue
+        cluster = clusters.get(rec.cluster_id)
+        bench = primary_benchmark(cluster, result) if cluster is not None else None
+        target = _compile_target(rec) if rec.kind == "torch_compile" else None
+        if target and measured_compile_win(bench):   # bench measured compile fastest: compile its module
+            if regional_compile.pattern_name(target) not in names:
+                names.append(regional_compile.pattern_name(target))
+            continue
+        if rec.pattern.startswith("generic:") or rec.pattern in names:
+            continue
+        timed = (bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False) \
+            if rec.kind == "memory" else measured_win(bench)
+        if timed or (include_estimates and not (bench is not None and bench.numerics_ok is False)):
+            names.append(rec.pattern)
     return names
 
 
 def _compile_target(rec) -> str | None:
-    patch_info = rec.get("patch") if isinstance(rec, dict) else getattr(rec, "patch", None)
-    target = (patch_info or {}).get("target")
+    target = (getattr(rec, "patch", None) or {}).get("target")
     return target if isinstance(target, str) and target and target != "the model" else None
+
+
+def measured_compile_win(bench) -> bool:
+    """Bench timed torch.compile on a GPU, its numerics passed and it was the fastest provider."""
+    return bench is not None and bench.timing == "gpu" and bench.best_provider == "compile" and \
+        bench.numerics_by_provider.get("compile", "ok") == "ok"
 
 
 def patch(model: nn.Module, result=None, **options) -> PatchHandle:
@@ -138,7 +156,8 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
     if names is None:
         if result is None:
             raise AdvisorError("patch() needs a result (AdvisorResult) or patterns=[...]")
-        names = recommended_patterns(result, memory=bool(options.get("memory", False)))
+        names = recommended_patterns(result, memory=bool(options.get("memory", False)),
+                                     include_estimates=bool(options.get("include_estimates", False)))
     compile_names = [n for n in names if regional_compile.is_compile_pattern(n)]
     patterns = [get(n) for n in names if n not in compile_names]
     swappable = [p for p in patterns if p.modules and p.module_factory is not None]

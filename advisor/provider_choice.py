@@ -65,7 +65,8 @@ def choose(rec: Recommendation, cluster: Cluster | None, bench: Benchmark | None
     ok = [p for p in APPLIED if p in cost and _numerics_ok(bench, p)]
     faster = [p for p in ok if cost["eager"] / cost[p] >= MIN_SPEEDUP]
     if not faster:
-        failed = [f"{p}: {bench.numerics_by_provider[p]}" for p in APPLIED if not _numerics_ok(bench, p)]
+        failed = [f"{p}: {bench.numerics_by_provider.get(p) or bench.numerics_detail or 'failed'}"
+                  for p in APPLIED if not _numerics_ok(bench, p)]
         choice.why = "nothing measured faster than eager" + (f" (numerics failed: {'; '.join(failed)})" if failed else "")
         return choice
     best = min(faster, key=cost.__getitem__)

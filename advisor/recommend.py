@@ -126,6 +126,13 @@ def primary_benchmark(cluster: Cluster, result: AdvisorResult) -> Benchmark | No
     return None
 
 
+def measured_win(bench) -> bool:
+    """Bench timed it on a GPU, its numerics passed, and it beat eager: the only kind of
+    recommendation `apply` and `patch` take by default."""
+    return bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False and \
+        bench.verdict == "recommended"
+
+
 def _occurrences(cluster: Cluster) -> tuple[float, str]:
     if cluster.occurrences_per_step > 0:
         return cluster.occurrences_per_step, ""

@@ -209,6 +209,7 @@ class StatementReplacement:
     code: str
     imports: tuple[str, ...]
     why: str
+    pattern: str = ""        # the generated pattern it calls ("generic:<hash>")
 
 
 @dataclass

@@ -6,6 +6,13 @@ share no allocator state, compile cache or RNG stream. Inside it the script runs
 `__main__`; steps are found as `profile` finds them (optimizer.step(), fusion_advisor.step() or a
 top-level forward); losses are read from every scalar `.backward()`; the patched run swaps the
 fused modules into the model at its first top-level forward (`fusion_advisor.patch`).
+
+The patched run proves that each planned replacement ran: every fused op, generated kernel and
+swapped function counts its calls (fusion_advisor.calls), and a replacement that was planned and
+never called fails the verification with the reason, so zero calls can never read "losses match".
+Patched source reaches the run however the script loads it: normal imports, importlib's
+`spec_from_file_location` + `exec_module`, `SourceFileLoader`, `runpy.run_path`, and
+`exec(compile(open(path).read(), path, "exec"))` all read the patched text.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fusion_advisor.errors import AdvisorError, ScriptError
+from fusion_advisor import calls
+from fusion_advisor.errors import AdvisorError, ScriptError, VerifyError
 
 
 @dataclass
@@ -36,6 +44,7 @@ class RunSpec:
     patterns: list[str] = field(default_factory=list)  # runtime swaps; empty: the unpatched run
     source_overrides: dict[str, str] = field(default_factory=dict)  # file path -> text to run instead
     out: str = ""
+    patched: bool = False        # the patched run (the unpatched one also runs its files' original text)
 
 
 @dataclass
@@ -49,6 +58,21 @@ class RunMeasurement:
     swapped: list[str] = field(default_factory=list)   # "path: Old -> New"
     skipped: list[str] = field(default_factory=list)
     error: str | None = None
+    calls: dict[str, int] = field(default_factory=dict)   # fusion_advisor.calls over the script's run,
+                                                          # patch's own numerics checks excluded
+    overrides_read: list[str] = field(default_factory=list)  # patched files the run actually read
+    compiled: bool = False                                 # the script called torch.compile
+
+
+@dataclass
+class ReplacementCalls:
+    """One planned replacement in the patched run: how often it ran, or why it never did."""
+
+    name: str                # "rms_norm", "generic:1a2b3c4d5e"
+    how: str                 # "runtime swap" | "source: model.py" | ...
+    calls_per_step: float
+    status: str              # "ran" | "never called" | "not counted" (inside torch.compile)
+    why: str = ""
 
 
 class _Done(BaseException):
@@ -66,6 +90,7 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
     marks: list[float] = [time.perf_counter()]
     swapped: list[str] = []
     skipped: list[str] = []
+    check_calls: dict[str, int] = {}
 
     def on_step():
         if cuda:
@@ -93,7 +118,10 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
 
         def patch_first_model(module, args):
             patch_hook.remove()
+            before_checks = calls.snapshot()
             handle = fusion_advisor.patch(module, patterns=spec.patterns)  # its checks pause step counting
+            for name, n in calls.snapshot().items():   # the checks' own calls are not the script's
+                check_calls[name] = check_calls.get(name, 0) + n - before_checks.get(name, 0)
             swapped.extend(f"{s.path}: {type(s.original).__name__} -> {type(s.replacement).__name__}"
                            for s in handle.swaps)
             swapped.extend(f"{f.path}: fused ({f.pattern})" for f in handle.functions)
@@ -103,86 +131,160 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
     torch.manual_seed(spec.seed)
     overrides = {os.path.abspath(k): v for k, v in spec.source_overrides.items()}
     torch.Tensor.backward = backward
+    compiled = _note_compile(torch)
     stepper.install()
-    finder = _OverrideFinder(spec.source_overrides) if spec.source_overrides else None
-    if finder:
-        sys.meta_path.insert(0, finder)
+    sources = _PatchedSources(overrides)
+    calls.reset()
     try:
-        error = run_as_main(spec.script, spec.script_args, _Done, overrides.get(os.path.abspath(spec.script)))
+        with sources:
+            error = run_as_main(spec.script, spec.script_args, _Done, overrides.get(os.path.abspath(spec.script)))
     finally:
         stepper.remove()
         torch.Tensor.backward = orig_backward
-        if finder:
-            sys.meta_path.remove(finder)
+        compiled.restore()
+    counted = {k: n - check_calls.get(k, 0) for k, n in calls.snapshot().items()}
+    read = sorted(sources.read | ({os.path.abspath(spec.script)} & set(overrides)))
     times = [b - a for a, b in zip(marks, marks[1:])][spec.warmup:]
     return RunMeasurement(
-        patched=bool(spec.patterns), steps_run=stepper.count, losses=losses, step_times_s=times,
-        median_step_s=statistics.median(times) if times else None,
+        patched=spec.patched, steps_run=stepper.count, losses=losses,
+        step_times_s=times, median_step_s=statistics.median(times) if times else None,
         peak_mem_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
-        swapped=swapped, skipped=skipped, error=error)
+        swapped=swapped, skipped=skipped, error=error, calls={k: n for k, n in counted.items() if n > 0},
+        overrides_read=read, compiled=compiled.called)
 
 
-class _OverrideFinder(importlib.abc.MetaPathFinder):
-    """Imports the user's modules from patched text (apply's dry run) instead of their files, and
-    the files apply would create (fusion_kernels/...) from their text, as if they were on disk."""
+class _note_compile:
+    """Notes whether the script calls torch.compile: calls inside a compiled graph run without our
+    counter (the custom op stands in for the launcher there), so zero calls then prove nothing."""
+
+    def __init__(self, torch):
+        self.torch, self.original, self.called = torch, torch.compile, False
+
+        def compile_noted(*args, **kwargs):
+            self.called = True
+            return self.original(*args, **kwargs)
+        compile_noted.fusion_advisor_original = self.original   # regional compile (ours) is not the script's
+        torch.compile = compile_noted
+
+    def restore(self) -> None:
+        self.torch.compile = self.original
+
+
+class _PatchedSources:
+    """While active, every way a script reads one of the overridden files gets the patched text:
+    the import system's file loader (normal imports, `spec_from_file_location` + `exec_module`,
+    `SourceFileLoader`), `io.open_code` (runpy.run_path), `open()` (exec(compile(open(p).read(), ...)))
+    and linecache (Triton's @jit reads a kernel's source through inspect). Files apply would create
+    (fusion_kernels/...) import from their text. `read` collects the overridden paths served."""
 
     def __init__(self, overrides: dict[str, str]):
-        self.overrides = {os.path.abspath(k): v for k, v in overrides.items()}
+        self.overrides = overrides
+        self.read: set[str] = set()
+
+    def _text(self, path) -> str | None:
+        try:
+            key = os.path.abspath(os.fsdecode(path))
+        except TypeError:   # a file descriptor, not a path
+            return None
+        text = self.overrides.get(key)
+        if text is not None:
+            self.read.add(key)
+        return text
+
+    def __enter__(self):
+        import builtins
+        import io
+        from importlib import _bootstrap_external as external
+
+        if not self.overrides:
+            self._undo = []
+            return self
+        me = self
+        get_data, path_stats = external.FileLoader.get_data, external.SourceLoader.path_stats
+        open_code, builtin_open = io.open_code, builtins.open
+
+        def patched_get_data(loader, path):
+            text = me._text(path)
+            return text.encode("utf-8") if text is not None else get_data(loader, path)
+
+        def patched_path_stats(loader, path):
+            if os.path.abspath(path) in me.overrides:
+                raise OSError("patched text: no bytecode cache")   # never the .pyc of the file on disk
+            return path_stats(loader, path)
+
+        def patched_open_code(path):
+            text = me._text(path)
+            return io.BytesIO(text.encode("utf-8")) if text is not None else open_code(path)
+
+        def patched_open(file, mode="r", *args, **kwargs):
+            text = me._text(file) if isinstance(file, (str, bytes, os.PathLike)) and set(mode) <= set("rbt") else None
+            if text is None:
+                return builtin_open(file, mode, *args, **kwargs)
+            return io.BytesIO(text.encode("utf-8")) if "b" in mode else io.StringIO(text)
+
+        external.FileLoader.get_data = patched_get_data
+        external.SourceLoader.path_stats = patched_path_stats
+        io.open_code, builtins.open, io.open = patched_open_code, patched_open, patched_open
+        for path, text in self.overrides.items():
+            linecache.cache[path] = (len(text), None, text.splitlines(True), path)
+        finder = _NewFileFinder(self.overrides, self.read)
+        sys.meta_path.insert(0, finder)
+        self._undo = [lambda: setattr(external.FileLoader, "get_data", get_data),
+                      lambda: setattr(external.SourceLoader, "path_stats", path_stats),
+                      lambda: setattr(io, "open_code", open_code),
+                      lambda: setattr(builtins, "open", builtin_open),
+                      lambda: setattr(io, "open", builtin_open),
+                      lambda: sys.meta_path.remove(finder)]
+        return self
+
+    def __exit__(self, *exc):
+        for undo in self._undo:
+            undo()
+        return False
+
+
+class _NewFileFinder(importlib.abc.MetaPathFinder):
+    """Imports the files apply would create (fusion_kernels/...) from their text, as if they were on
+    disk. Files that exist are served by the patched file loader (see _PatchedSources)."""
+
+    def __init__(self, overrides: dict[str, str], read: set[str]):
+        self.overrides, self.read = overrides, read
 
     def find_spec(self, name, path, target=None):
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None:
-            return self._new_file_spec(name, path)
-        if spec.origin is None or os.path.abspath(spec.origin) not in self.overrides:
-            return None
-        spec.loader = _TextLoader(name, spec.origin, self.overrides[os.path.abspath(spec.origin)])
-        return spec
-
-    def _new_file_spec(self, name, path):
         leaf = name.rpartition(".")[2]
         for folder in (path if path is not None else sys.path):
             base = os.path.abspath(os.path.join(folder or os.getcwd(), leaf))
             for origin, package in ((base + ".py", False), (os.path.join(base, "__init__.py"), True)):
-                if origin in self.overrides:
-                    loader = _TextLoader(name, origin, self.overrides[origin])
+                if origin in self.overrides and not os.path.exists(origin):
+                    self.read.add(origin)
                     return importlib.util.spec_from_file_location(
-                        name, origin, loader=loader, submodule_search_locations=[base] if package else None)
+                        name, origin, submodule_search_locations=[base] if package else None)
         return None
 
 
-class _TextLoader(importlib.machinery.SourceFileLoader):
-    """A module's code from a string. The text also goes into linecache: Triton's @jit reads a
-    kernel's source through inspect, which reads the file's lines from there."""
-
-    def __init__(self, name: str, origin: str, text: str):
-        super().__init__(name, origin)
-        self.text = text
-
-    def get_data(self, p):
-        if os.path.abspath(p) == os.path.abspath(self.path):
-            return self.text.encode("utf-8")
-        return super().get_data(p)
-
-    def path_stats(self, p):  # never use a cached .pyc of the file on disk
-        raise OSError
-
-    def exec_module(self, module):
-        linecache.cache[self.path] = (len(self.text), None, self.text.splitlines(True), self.path)
-        super().exec_module(module)
-
-
 def run_script(spec: RunSpec, timeout_s: float = 1800) -> RunMeasurement:
-    """Run one measurement in a fresh subprocess."""
+    """Run one measurement in a fresh subprocess. Without a CUDA GPU both runs use Triton's
+    interpreter (CPU tensors), as the tests do: numerics and call counts hold, timings are CPU's."""
+    env = dict(os.environ)
+    if not _cuda_available():
+        env.setdefault("TRITON_INTERPRET", "1")
     with tempfile.TemporaryDirectory(prefix="fusion-advisor-verify-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec.out = str(Path(tmp) / "measurement.json")
         spec_path.write_text(json.dumps(asdict(spec)))
-        proc = subprocess.run([sys.executable, "-m", "fusion_advisor.verify", str(spec_path)],
+        proc = subprocess.run([sys.executable, "-m", "fusion_advisor.verify", str(spec_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
         if not os.path.exists(spec.out):
             tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
-            raise ScriptError(f"the verification run exited with status {proc.returncode} before measuring: {tail}")
+            which = "patched" if spec.patched else "unpatched"
+            raise ScriptError(f"the {which} verification run exited with status {proc.returncode} before "
+                              f"measuring: {tail}")
         return RunMeasurement(**json.loads(Path(spec.out).read_text()))
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -193,11 +295,24 @@ class Verification:
     losses_match: bool
     speedup: float | None
     mem_saved_bytes: int | None
+    replacements: list[ReplacementCalls] = field(default_factory=list)
+
+    @property
+    def never_called(self) -> list[ReplacementCalls]:
+        return [r for r in self.replacements if r.status == "never called"]
+
+    @property
+    def proven(self) -> bool:
+        """Every planned replacement ran (or ran inside torch.compile, where calls go uncounted),
+        and at least one was counted: only then can the runs' comparison speak for the patch."""
+        return not self.never_called and any(r.status == "ran" for r in self.replacements)
 
 
-def compare(before: RunMeasurement, after: RunMeasurement, loss_rtol: float = 2e-2) -> Verification:
+def compare(before: RunMeasurement, after: RunMeasurement, loss_rtol: float = 2e-2,
+            planned: dict[str, str] | None = None) -> Verification:
     """Losses step by step within `loss_rtol` (bf16 training drifts a little: the fused kernels round
-    differently), and the measured step-time ratio."""
+    differently), the measured step-time ratio, and the calls of each planned replacement
+    ({name: how it was applied}). Losses never "match" when no planned replacement ran."""
     n = min(len(before.losses), len(after.losses))
     diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(after.losses[:n], before.losses[:n])]
     worst = max(diffs) if diffs else None
@@ -205,23 +320,75 @@ def compare(before: RunMeasurement, after: RunMeasurement, loss_rtol: float = 2e
                if before.median_step_s and after.median_step_s else None)
     mem = (before.peak_mem_bytes - after.peak_mem_bytes
            if before.peak_mem_bytes is not None and after.peak_mem_bytes is not None else None)
-    return Verification(before, after, worst, worst is not None and worst <= loss_rtol, speedup, mem)
+    rows = replacement_calls(planned, after) if planned is not None else []
+    v = Verification(before, after, worst, worst is not None and worst <= loss_rtol, speedup, mem, rows)
+    if planned is not None and not v.proven:
+        v.losses_match = False
+    return v
+
+
+def call_key(name: str) -> str:
+    """The counter a replacement's calls land in (fusion_advisor.calls)."""
+    if name.startswith("generic:") or name.startswith("compile:"):
+        return name
+    from fusion_advisor.kernels import get
+    try:
+        return get(name).call_key
+    except KeyError:
+        return name
+
+
+def replacement_calls(planned: dict[str, str], after: RunMeasurement) -> list[ReplacementCalls]:
+    """One row per planned replacement: calls per step in the patched run, or why it never ran."""
+    steps = max(after.steps_run, 1)
+    rows = []
+    for name, how in planned.items():
+        n = after.calls.get(call_key(name), 0)
+        if n:
+            rows.append(ReplacementCalls(name, how, n / steps, "ran"))
+        elif after.compiled:
+            rows.append(ReplacementCalls(name, how, 0.0, "not counted",
+                                         "the script calls torch.compile: calls inside compiled graphs are not counted"))
+        else:
+            rows.append(ReplacementCalls(name, how, 0.0, "never called", _why_never_called(name, how, after)))
+    return rows
+
+
+def _why_never_called(name: str, how: str, after: RunMeasurement) -> str:
+    if how.startswith("source: "):
+        path = how[len("source: "):]
+        if not any(os.path.basename(r) == os.path.basename(path) for r in after.overrides_read):
+            return (f"the run never read the patched {os.path.basename(path)} (loaded in a way the verification "
+                    f"cannot reach?); not patched")
+        return f"the patched code in {os.path.basename(path)} never ran on the script's path"
+    # patch's skipped entries read "path: pattern: reason" (or "*: pattern NAME has no ... form")
+    refused = [entry.split(f": {name}: ", 1)[1] for entry in after.skipped if f": {name}: " in entry]
+    if refused:
+        return f"swap refused ({refused[0]})"
+    unpatchable = [entry.split(": ", 1)[1] for entry in after.skipped if entry.startswith(f"*: pattern {name} ")]
+    if unpatchable:
+        return unpatchable[0]
+    return "no module or function of the model was swapped for it (no runtime swap fits the model's modules)"
 
 
 def verify(script: str, script_args: list[str], patterns: list[str], steps: int = 20, warmup: int = 5,
            seed: int = 0, source_overrides: dict[str, str] | None = None,
-           original_sources: dict[str, str] | None = None) -> Verification:
+           original_sources: dict[str, str] | None = None, planned: dict[str, str] | None = None) -> Verification:
     """Unpatched run (the original sources) vs patched run (runtime swaps of `patterns` plus the
-    patched sources)."""
+    patched sources). `planned`: {replacement name: how it is applied}, each of which must run
+    (default: the runtime patterns)."""
     if not patterns and not source_overrides:
         raise AdvisorError("nothing to verify: no source change and no runtime patch in the plan")
+    if planned is None:
+        planned = {p: "runtime swap" for p in patterns}
     before = run_script(RunSpec(script, script_args, steps, warmup, seed, [], dict(original_sources or {})))
-    after = run_script(RunSpec(script, script_args, steps, warmup, seed, list(patterns), dict(source_overrides or {})))
+    after = run_script(RunSpec(script, script_args, steps, warmup, seed, list(patterns),
+                               dict(source_overrides or {}), patched=True))
     for m in (before, after):
         if m.error:
             raise ScriptError(f"the {'patched' if m.patched else 'unpatched'} run failed: "
                               f"{m.error.strip().splitlines()[-1]}")
-    return compare(before, after)
+    return compare(before, after, planned=planned)
 
 
 def _main(spec_path: str) -> None:

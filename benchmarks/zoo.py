@@ -286,9 +286,13 @@ def _last_line(text: str) -> str:
 
 
 def replacements_text(after: dict, verification: dict | None = None) -> str:
-    """What the patched run applied, with its calls per step: verify's `calls_per_step` (on the
-    patched run or on the verification; or `calls` divided by the steps run), else the swaps it
-    listed, counted per pattern."""
+    """What the patched run applied, with its calls per step: verify's `replacements` rows (name,
+    calls_per_step, status), else a `calls_per_step` dict (on the patched run or the verification),
+    else `calls` divided by the steps run, else the swaps it listed, counted per pattern."""
+    rows = (verification or {}).get("replacements")
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) and "name" in r for r in rows):
+        return "; ".join(f"{r['name']} x{r.get('calls_per_step', 0):g}/step" if r.get("status") == "ran"
+                         else f"{r['name']} {r.get('status', '?')}" for r in rows)
     per_step = after.get("calls_per_step")
     if not isinstance(per_step, dict) or not per_step:
         per_step = (verification or {}).get("calls_per_step")

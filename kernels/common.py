@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from fusion_advisor.calls import hit
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -125,11 +127,19 @@ def eager_or_op(launcher, op):
     the op's dispatch and its registered fake handle them) and meta tensors."""
     is_compiling = torch.compiler.is_compiling
     plain = _PLAIN_TENSORS
+    # A forward launch counts one call of the replacement (`apply --verify` proves it ran): keyed
+    # by the op's stem, "rms_norm" for fusion_advisor::rms_norm_fwd (FusionPattern.counted_as maps
+    # a pattern that shares another's launcher, swiglu -> "glu"). Only eager launches are counted:
+    # inside a compiled graph the op runs without this wrapper.
+    op_name = getattr(op, "__name__", "")
+    key = op_name[:-4] if op_name.endswith("_fwd") else None
 
     def call(*args):
         first = args[0]
         if is_compiling() or type(first) not in plain or first.is_meta:
             return op(*args)
+        if key is not None:
+            hit(key)
         return launcher(*args)
 
     call.__name__ = call.__qualname__ = f"eager_or_op({launcher.__name__})"

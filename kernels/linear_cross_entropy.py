@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from fusion_advisor.kernels.common import cdiv, check_device, check_dtype
 from fusion_advisor.kernels.cross_entropy import _cross_entropy_fwd_kernel, _vocab_block, is_hf_causal_lm_loss
+from fusion_advisor import calls
 from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Inputs, OpRecord, dtype_from_trace,
                                              dtype_name, register)
 
@@ -110,6 +111,7 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, chunk_rows, grad_weight_fp32):
+        calls.hit("linear_cross_entropy")
         n_rows, n_hidden = hidden.shape
         vocab = weight.shape[0]
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -123,6 +123,13 @@ class FusionPattern:
     numerics_params: Callable[[dict], dict] | None = None  # params to check numerics against `reference`
                                                      # with, for ops whose outputs are random draws
                                                      # (dropout_add: the same shapes at p=0); None: as given
+    counted_as: str = ""                             # the call counter's key (fusion_advisor.calls) when the
+                                                     # launcher is another file's: swiglu -> "glu"; "": name
+
+    @property
+    def call_key(self) -> str:
+        """What `fusion_advisor.calls` counts one call of this pattern's fused op as."""
+        return self.counted_as or self.name
 
     def match(self, ops: Sequence[OpRecord]) -> dict | None:
         """Params if these forward ops are this pattern, else None."""

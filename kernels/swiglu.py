@@ -86,4 +86,5 @@ PATTERN = register(FusionPattern(
     bench_params=tuple({"shape": [tokens, gated_mlp_width(hidden)], "dtype": "bfloat16"}
                        for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
     liger=liger,
+    counted_as="glu",  # its launches are glu.py's, shared with the other gated MLP
 ))

@@ -10,6 +10,7 @@ import pytest
 
 from fusion_advisor import apply as apply_mod
 from fusion_advisor.result import AdvisorResult, Cluster, Recommendation
+from measured import measured_win
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--seq", "8", "--vocab", "64", "--dtype", "float32",
@@ -25,7 +26,7 @@ def project(tmp_path):
     rec = Recommendation(rank=1, cluster_id="c1", pattern="rms_norm", title="RMSNorm as one kernel",
                          measured_saving_us_per_step=100.0, estimate_saving_us_per_step=120.0, confidence="measured")
     result = AdvisorResult(run={"script": str(script), "argv": [str(script), *TINY], "cwd": str(tmp_path)},
-                           clusters=[cluster], recommendations=[rec])
+                           clusters=[cluster], recommendations=[rec], benchmarks=[measured_win("c1", "rms_norm")])
     path = tmp_path / "result.json"
     result.save(path)
     return tmp_path, script, path

@@ -70,7 +70,7 @@ def test_the_unnamed_chain_gets_a_generated_kernel_both_ways(analyzed):
 def test_apply_writes_the_kernel_and_calls_it(project):
     root, script, result = project
     before = script.read_text()
-    plan = apply_mod.plan(AdvisorResult.load(result))
+    plan = apply_mod.plan(AdvisorResult.load(result), include_estimates=True)  # a CPU trace: estimates only
     diff = plan.diff(str(root))
     stem = next(Path(f.path).stem for f in plan.changed if f.created and Path(f.path).stem.startswith("g_"))
     assert f"+    return fused_{stem}(y, bias, s0=scale, s1=1.702)" in diff
@@ -108,10 +108,14 @@ def test_verify_runs_the_generated_kernel_before_anything_is_written(project):
     root, script, result = project
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-m", "fusion_advisor.cli", "apply", str(result), "--verify", "--steps", "2",
-                        "--warmup", "1", "--json"], cwd=root, capture_output=True, text=True, timeout=600, env=env)
+                        "--warmup", "1", "--include-estimates", "--json"], cwd=root, capture_output=True, text=True,
+                       timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     v = json.loads(r.stdout)["verification"]
     assert v["losses_match"] and len(v["after"]["losses"]) >= 3
+    rows = {r["name"].split(":")[0]: r for r in v["replacements"]}   # each counted as it ran
+    assert set(rows) == {"generic", "cross_entropy"}
+    assert all(r["status"] == "ran" and r["calls_per_step"] >= 1 for r in rows.values()), rows
     assert not (root / "fusion_kernels").exists()            # served from memory, not written
 
 
@@ -146,6 +150,6 @@ def test_a_chain_edited_since_the_profile_is_not_rewritten(project):
     root, script, result = project
     text = script.read_text().replace("    y = y * scale\n", "    y = y * scale  # edited\n    y = y - 0.0\n")
     script.write_text(text)
-    plan = apply_mod.plan(AdvisorResult.load(result))
+    plan = apply_mod.plan(AdvisorResult.load(result), include_estimates=True)  # a CPU trace: estimates only
     assert not any("fusion_kernels" in f.path for f in plan.changed)       # no orphan kernel file
     assert any("no longer hold the traced chain" in n for n in plan.notes)

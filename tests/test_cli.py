@@ -228,4 +228,4 @@ def test_patching_inside_the_script_does_not_count_as_steps(tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "o" / "run.json").read_text())
     assert meta["step_source"] == "optimizer" and meta["steps_recorded"] == [2, 3]
-    assert meta["steps_seen"] == 4
+    assert meta["steps_seen"] == 8   # 2 warm-up + 2 recorded + the steady steps timed after them (the script has 8)

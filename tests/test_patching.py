@@ -7,7 +7,8 @@ import torch
 
 import fusion_advisor
 from fusion_advisor.kernels.rms_norm import RMSNorm
-from fusion_advisor.result import AdvisorResult, Recommendation
+from fusion_advisor.result import AdvisorResult, Cluster, Recommendation
+from measured import measured_win
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +52,9 @@ def test_only_this_instance_changes(model, device):
 def test_patterns_come_from_a_result(model, tmp_path):
     result = AdvisorResult(recommendations=[Recommendation(rank=1, cluster_id="c1", pattern="rms_norm", title="RMSNorm",
                                                            measured_saving_us_per_step=10.0,
-                                                           estimate_saving_us_per_step=12.0, confidence="measured")])
+                                                           estimate_saving_us_per_step=12.0, confidence="measured")],
+                           clusters=[Cluster(id="c1", direction="forward", pattern="rms_norm")],
+                           benchmarks=[measured_win("c1", "rms_norm")])
     path = tmp_path / "result.json"
     result.save(path)
     handle = fusion_advisor.patch(model, str(path))

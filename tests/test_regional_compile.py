@@ -234,6 +234,9 @@ def test_apply_verify_compiles_the_won_cluster_in_the_patched_run(tmp_path):
     v = report["verification"]
     assert v["losses_match"]
     assert sorted(v["after"]["swapped"]) == [f"blocks.{i}.mlp.forward: fused (compile:LlamaMLP)" for i in range(3)]
+    assert v["after"]["compiled"] is False      # our compile is not the script's: calls stay counted
+    rows = {r["name"]: r for r in v["replacements"]}
+    assert rows["compile:LlamaMLP"]["status"] == "ran" and rows["compile:LlamaMLP"]["calls_per_step"] >= 3
 
 
 def test_compile_reference_runs_the_script_with_the_whole_model_compiled(tmp_path, monkeypatch):
@@ -249,3 +252,16 @@ def test_compile_reference_runs_the_script_with_the_whole_model_compiled(tmp_pat
     torch.testing.assert_close(torch.tensor(ref.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-6)
     with pytest.raises(Exception, match="warmup >= 2"):
         compile_reference(str(script), [], warmup=1)
+
+
+def test_our_kernel_failing_numerics_leaves_compile_or_nothing_with_the_reason():
+    from fusion_advisor import provider_choice
+    result = _result()
+    cluster, rec = result.clusters[0], result.recommendations[0]
+    bench = _bench("c1", "swiglu", eager=100.0, triton=20.0, compile=40.0)
+    bench.numerics_ok, bench.numerics_detail = False, "max abs diff 0.3"
+    bench.numerics_by_provider.pop("triton")
+    assert provider_choice.choose(rec, cluster, bench).provider == "compile"
+    bench.measured["compile"] = ProviderTiming(99.5, 99.5, 99.5)
+    choice = provider_choice.choose(rec, cluster, bench)
+    assert choice.provider is None and "numerics failed: triton: max abs diff 0.3" in choice.why

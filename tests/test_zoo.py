@@ -90,6 +90,10 @@ def test_replacements_with_calls_per_step_read_defensively():
         "compile:LlamaMLP x4/step; rms_norm x9/step"
     assert zoo.replacements_text({"calls": {"rope": 24}, "steps_run": 12}) == "rope x2/step"
     assert zoo.replacements_text({}, {"calls_per_step": {"rope": 8}}) == "rope x8/step"
+    rows = [{"name": "rms_norm", "how": "runtime swap", "calls_per_step": 9.0, "status": "ran", "why": ""},
+            {"name": "rope", "how": "runtime swap", "calls_per_step": 0.0, "status": "never called", "why": "x"}]
+    assert zoo.replacements_text({"calls": {"rms_norm": 99}}, {"replacements": rows}) == \
+        "rms_norm x9/step; rope never called"
     swapped = ["model.layers.0.mlp.forward: fused (compile:LlamaMLP)", "model.layers.1.mlp.forward: fused (compile:LlamaMLP)",
                "model.norm: LlamaRMSNorm -> FusedRMSNorm"]
     assert zoo.replacements_text({"swapped": swapped}) == "FusedRMSNorm (1 swapped); compile:LlamaMLP (2 swapped)"

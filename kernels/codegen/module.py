@@ -227,11 +227,18 @@ class _Host:
     def dispatch(self) -> str:
         args = ", ".join(self.ins + self.scalars)
         n = self.name
-        return (f"# Eager calls launch directly. torch.compile cannot trace a launch: there the custom op stands in,\n"
+        counted = "generic:" + n[2:] if n.startswith("g_") else n
+        return (f"try:  # each eager call is counted, so `fusion-advisor apply --verify` can prove this kernel ran\n"
+                f"    from fusion_advisor.calls import hit as _count_call\n"
+                f"except ImportError:  # the module also runs without fusion-advisor installed\n"
+                f"    def _count_call(name):\n"
+                f"        pass\n\n\n"
+                f"# Eager calls launch directly. torch.compile cannot trace a launch: there the custom op stands in,\n"
                 f"# its fake telling the compiler the outputs' shapes.\n"
                 f"def _run_forward({args}):\n"
                 f"    if torch.compiler.is_compiling():\n"
                 f"        return torch.ops.fusion_kernels.{n}_fwd({args})\n"
+                f"    _count_call(\"{counted}\")\n"
                 f"    return _forward({args})\n\n\n"
                 f"def _run_backward(dout, {args}, wanted):\n"
                 f"    if torch.compiler.is_compiling():\n"
