@@ -42,11 +42,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_SLOWER = 0.98   # "never slower than eager", allowing run-to-run noise
+EXIT_BAD_INPUT = 2   # advisor/errors.py: apply's "nothing to verify" / "no recommendations"
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
            "eager_ms", "compile_ms", "applied_ms", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
            "compile_speedup", "applied_speedup", "share_of_compile_gain", "beats_compile", "losses_match",
-           "replacements", "providers", "error"]
+           "replacements", "regional_compile_s", "providers", "error"]
 
 
 @dataclass(frozen=True)
@@ -334,6 +335,7 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
         return max(30.0, timeout - (time.monotonic() - started))
 
     eager = applied = None
+    nothing_applied = ""
     try:
         prof = _cli("profile", script, "-o", folder / "report", "--warmup", "2", "--steps", "2", "--", *args,
                     cwd=folder, timeout=left())
@@ -350,15 +352,22 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
             if v:
                 eager, applied = v.get("before") or {}, v.get("after") or {}
                 row["replacements"] = replacements_text(applied, v)
+                firsts = [c.get("first_call_s") for c in (applied.get("regional_compiles") or {}).values()
+                          if isinstance(c, dict) and c.get("first_call_s")]
+                if firsts:   # the compile time regional compilation adds (first calls: compile + one run)
+                    row["regional_compile_s"] = round(sum(firsts), 2)
                 row["losses_match"] = v.get("losses_match")
                 if ap.returncode != 0:
                     errors.append(f"apply --verify exit {ap.returncode}: {_last_line(ap.stderr)}")
             else:
-                errors.append(f"nothing applied: {_last_line(ap.stderr) or 'apply exit ' + str(ap.returncode)}")
+                why = _last_line(ap.stderr) or f"apply exit {ap.returncode}"
+                if ap.returncode != EXIT_BAD_INPUT or ("nothing to verify" not in why and "no recommendations" not in why):
+                    errors.append(f"apply --verify exit {ap.returncode}: {why}")
+                nothing_applied = why
         if eager is None:   # nothing was applied: the advisor's configuration is eager itself
             m = run_script(RunSpec(str(script), args, steps, warmup), timeout_s=left())
             eager = applied = _measurement_dict(m)
-            row["replacements"] = "(none)"
+            row["replacements"] = f"(none: {nothing_applied})" if nothing_applied else "(none)"
         c = run_script(RunSpec(str(script), args + ["--compile"], steps, warmup), timeout_s=left())
         compiled = _measurement_dict(c)
         if compiled.get("error"):

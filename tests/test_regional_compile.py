@@ -237,6 +237,8 @@ def test_apply_verify_compiles_the_won_cluster_in_the_patched_run(tmp_path):
     assert v["after"]["compiled"] is False      # our compile is not the script's: calls stay counted
     rows = {r["name"]: r for r in v["replacements"]}
     assert rows["compile:LlamaMLP"]["status"] == "ran" and rows["compile:LlamaMLP"]["calls_per_step"] >= 3
+    compiled = v["after"]["regional_compiles"]["compile:LlamaMLP"]
+    assert compiled["instances"] == 3 and compiled["graphs"] >= 1 and compiled["first_call_s"] > 0
 
 
 def test_compile_reference_runs_the_script_with_the_whole_model_compiled(tmp_path, monkeypatch):
