@@ -180,7 +180,8 @@ def _chose_compile(rec, cluster, bench, result: AdvisorResult, memory: bool, out
     if choice.runtime_pattern not in out.runtime_patterns:
         out.runtime_patterns.append(choice.runtime_pattern)
         out.replacements[choice.runtime_pattern] = "runtime swap (regional torch.compile)"
-    out.notes.append(f"#{rec.rank} {rec.title}: {choice.why}")
+    out.notes.append(f"#{rec.rank} {rec.title}: applied as regional torch.compile ({choice.runtime_pattern}, "
+                     f"at run time: fusion_advisor.patch); the figures are in its provider line")
     return True
 
 
