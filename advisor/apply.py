@@ -34,6 +34,9 @@ _LIBRARY_MARKERS = ("site-packages", "dist-packages")
 class ApplyPlan:
     files: list[FileRewrite] = field(default_factory=list)
     runtime_patterns: list[str] = field(default_factory=list)  # for library code: fusion_advisor.patch
+    # pattern -> the module classes it swaps at run time (fusion_advisor.patch(..., modules=...)): a
+    # generated kernel ("generic:<hash>") replaces the forward of those modules only
+    runtime_modules: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     providers: list[dict] = field(default_factory=list)  # per recommendation: provider_choice.ProviderChoice
     # What --verify must see run, {replacement: how it is applied}: "runtime swap", or "source: FILE"
@@ -61,6 +64,13 @@ def _is_library(path: Path) -> bool:
 def module_pattern_for(module_class: str):
     """The registered pattern with a module form that replaces this module class, if any."""
     return next((p for p in all_patterns() if module_class in p.modules and p.module_factory is not None), None)
+
+
+def _norm_part(pattern):
+    """The norm inside an add + norm pattern (add_rms_norm -> rms_norm): at run time its module is
+    swapped by what it computes (fusion_advisor.patch), whatever its class (T5LayerNorm)."""
+    part = {"add_rms_norm": "rms_norm", "add_layer_norm": "layer_norm"}.get(pattern.name)
+    return get(part) if part else None
 
 
 def _untimed_reason(bench) -> str:
@@ -118,7 +128,7 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
         if path is None or _is_library(path):
             leaf = (cluster.module_class or "").rsplit("/", 1)[-1] if cluster else ""
             own = (pattern.modules and pattern.module_factory) or pattern.function_patches
-            runtime = pattern if own else module_pattern_for(leaf)
+            runtime = pattern if own else module_pattern_for(leaf) or _norm_part(pattern)
             where = "library code" if path is not None else f"{source or 'an unknown source'} (not found on disk)"
             if runtime is None:
                 out.notes.append(f"#{rec.rank} {rec.title}: {where}, and {pattern.name} has no runtime swap for "
@@ -127,6 +137,8 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
             if runtime.name not in out.runtime_patterns:
                 out.runtime_patterns.append(runtime.name)
                 out.replacements[runtime.name] = "runtime swap"
+            if leaf and leaf not in out.runtime_modules.setdefault(runtime.name, []):
+                out.runtime_modules[runtime.name].append(leaf)   # swapped by structure: T5LayerNorm too
             out.notes.append(f"#{rec.rank} {rec.title}: {where}; patched at run time with "
                              f"fusion_advisor.patch(model, result) ({runtime.name}) instead of editing it")
             continue
@@ -230,13 +242,13 @@ def _plan_generated(rec, cluster, out: ApplyPlan, generated: dict[Path, list[Sta
         return   # a backward cluster shares its forward cluster's kernel (the generated backward)
     stem = "g_" + rec.pattern.split(":", 1)[1]
     call = source_call(cluster.pattern_params)
-    if call is None:
+    path = Path(call.path) if call is not None else None
+    if call is None or not path.is_file() or _is_library(path):
+        if _plan_module_swap(rec, cluster, out):
+            return
         out.notes.append(f"#{rec.rank} {rec.title}: the chain's dataflow was guessed from the trace, not read off "
-                         f"the source; not rewritten (see the report for the generated kernel)")
-        return
-    path = Path(call.path)
-    if not path.is_file() or _is_library(path):
-        out.notes.append(f"#{rec.rank} {rec.title}: {call.path} is not an editable file of yours; not rewritten")
+                         f"the source; not rewritten (see the report for the generated kernel)" if call is None else
+                         f"#{rec.rank} {rec.title}: {call.path} is not an editable file of yours; not rewritten")
         return
     if lines_of(path.read_text(encoding="utf-8"), call.first_line, call.last_line) != call.text:
         out.notes.append(f"#{rec.rank} {rec.title}: {call.path} lines {call.first_line}-{call.last_line} no longer "
@@ -260,6 +272,24 @@ def _plan_generated(rec, cluster, out: ApplyPlan, generated: dict[Path, list[Sta
     text = pattern_source(pattern)
     if str(target) not in planned and not (target.exists() and target.read_text(encoding="utf-8") == text):
         out.files.append(new_file(str(target), text, f"#{rec.rank}: the generated kernel", replace=target.exists()))
+
+
+def _plan_module_swap(rec, cluster, out: ApplyPlan) -> bool:
+    """A generated kernel with no source rewrite, whose chain ran inside a module (HF's
+    NewGELUActivation): that module's forward is swapped at run time, if it is exactly the chain
+    (fusion_advisor.patch records its forward, generates the kernel and checks it)."""
+    leaf = (cluster.module_class or "").rsplit("/", 1)[-1]
+    if not leaf:
+        return False
+    if rec.pattern not in out.runtime_patterns:
+        out.runtime_patterns.append(rec.pattern)
+        out.replacements[rec.pattern] = f"runtime swap ({leaf})"
+    classes = out.runtime_modules.setdefault(rec.pattern, [])
+    if leaf not in classes:
+        classes.append(leaf)
+    out.notes.append(f"#{rec.rank} {rec.title}: no source rewrite; {leaf}'s forward patched at run time with "
+                     f"fusion_advisor.patch(model, result) where it is exactly this chain (checked numerically)")
+    return True
 
 
 def write(p: ApplyPlan, root: Path) -> Path:

@@ -50,6 +50,7 @@ class CaptureOptions:
     stop: bool = True
     out_dir: str = "fusion-report"
     timing_steps: int = 5     # unprofiled steady steps timed after the trace
+    rank: int | None = None   # under torchrun: files named trace.rank<k>.json.gz, run.rank<k>.json
     cuda: bool | None = None  # None: use CUDA when available
 
 
@@ -337,11 +338,14 @@ def capture(opts: CaptureOptions, progress=None, notice: Callable[[str], None] =
             "script_error": error.strip().splitlines()[-1] if error else None,
             "created_unix": round(time.time(), 3),
         })
+        if opts.rank is not None:
+            meta.update({"rank": opts.rank, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+                         "local_rank": int(os.environ.get("LOCAL_RANK", 0))})
         trace_path = None
         if session.exported_json:
-            trace_path = out / "trace.json.gz"
+            trace_path = out / ("trace.json.gz" if opts.rank is None else f"trace.rank{opts.rank}.json.gz")
             write_trace_gz(session.exported_json, trace_path, meta)
-        meta_path = out / "run.json"
+        meta_path = out / ("run.json" if opts.rank is None else f"run.rank{opts.rank}.json")
         write_text_atomic(meta_path, json.dumps(meta, indent=2, default=str) + "\n")
     finally:
         for s in sessions:

@@ -135,6 +135,10 @@ def profile(
     target_gpu: Optional[str] = typer.Option(None, "--target-gpu", metavar="GPU",
                                              help="Price the estimates for this GPU (h100, h200, a100, ...); a CPU-only "
                                                   "run defaults to h100."),
+    nproc_per_node: int = typer.Option(0, "--nproc-per-node", metavar="N", min=0,
+                                       help="Launch SCRIPT as a torchrun job of N local ranks (DDP, FSDP): every rank "
+                                            "is profiled (trace.rank<k>.json.gz) and one result is merged, priced on "
+                                            "the slowest rank, dollars for all N GPUs."),
 ):
     """Run SCRIPT under torch.profiler, record a few steady steps, and analyse them.
 
@@ -148,6 +152,10 @@ def profile(
       fusion-advisor profile examples/llama_train.py
       fusion-advisor profile train.py --warmup 5 --steps 2 -o runs/today -- --batch-size 8
     """
+    if nproc_per_node:
+        return _profile_job(script, list(ctx.args), nproc_per_node, out, warmup, steps, timing_steps, stop, as_json,
+                            _roi_options(gpu_hourly_cost, steps_per_day, max(gpus, nproc_per_node)), bench,
+                            target_gpu)
     from fusion_advisor.capture import CaptureOptions, capture
 
     opts = CaptureOptions(script=str(script), script_args=list(ctx.args), warmup=warmup, steps=steps,
@@ -189,6 +197,68 @@ def profile(
               f"wrote {html_path}", highlight=False)
     if result_capture.error:
         _fail("the script raised (traceback above); the steps recorded before it are kept", EXIT_SCRIPT_FAILED)
+
+
+def _profile_job(script: Path, script_args: list[str], nproc: int, out: Path, warmup: int, steps: int,
+                 timing_steps: int, stop: bool, as_json: bool, roi_options, bench: bool, target_gpu: str | None):
+    """`profile --nproc-per-node N`: every rank through torchrun, then one merged result."""
+    from fusion_advisor import distributed
+
+    if not script.is_file():
+        raise AdvisorError(f"script not found: {script}")
+    out.mkdir(parents=True, exist_ok=True)
+    rank_args = ["--warmup", str(warmup), "--steps", str(steps), "--timing-steps", str(timing_steps),
+                 "--stop" if stop else "--no-stop"]
+    redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    with redirect:
+        err.print(f"launching {nproc} ranks with torch.distributed.run", highlight=False)
+        status = distributed.launch(str(script), script_args, nproc, out, rank_args)
+    traces = distributed.rank_traces(out)
+    result = distributed.merge(traces, target_gpu)
+    if bench:
+        with _bench_progress() as on_cluster:
+            _bench_and_recommend(result, None, roi_options, on_cluster)
+    else:
+        result.notes.append("bench was switched off (--no-bench): every saving is an estimate")
+    result_path = out / "result.json"
+    result.save(result_path)
+    html_path = _write_report_html(result, result_path)
+    _print_result(result, as_json, Console())
+    err.print("\n".join(f"wrote {t}" for t in traces) + f"\nwrote {result_path}\nwrote {html_path}", highlight=False)
+    if status != 0:
+        _fail(f"a rank exited with status {status} (its output above); the traces the ranks wrote are kept",
+              EXIT_SCRIPT_FAILED)
+
+
+@app.command(name="profile-rank", hidden=True,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handles_errors
+def profile_rank(
+    ctx: typer.Context,
+    script: Path = typer.Argument(..., help="The training script; its arguments after `--`."),
+    warmup: int = typer.Option(3, "--warmup", "-w", min=0),
+    steps: int = typer.Option(3, "--steps", "-n", min=1),
+    timing_steps: int = typer.Option(5, "--timing-steps", min=0),
+    stop: bool = typer.Option(True, "--stop/--no-stop"),
+    out: Path = typer.Option(Path("fusion-report"), "--out", "-o"),
+):
+    """One rank of a torchrun job (RANK, WORLD_SIZE from the environment): profile it and write
+    OUT/trace.rank<k>.json.gz and OUT/run.rank<k>.json; `profile --nproc-per-node` merges them.
+
+    \b
+    Under your own launcher:
+      torchrun --nproc-per-node 8 -m fusion_advisor.cli profile-rank -o runs/job train.py -- ARGS
+    """
+    from fusion_advisor import distributed
+    from fusion_advisor.capture import CaptureOptions, capture
+
+    rank, _ = distributed.rank_from_env()
+    opts = CaptureOptions(script=str(script), script_args=list(ctx.args), warmup=warmup, steps=steps,
+                          stop=stop, out_dir=str(out), timing_steps=timing_steps, rank=rank)
+    captured = capture(opts, notice=lambda m: err.print(f"[yellow]rank {rank} note:[/] {m}"))
+    if captured.error:
+        err.print(captured.error.rstrip(), highlight=False, markup=False)
+        _fail(f"rank {rank}: the script raised (traceback above)", EXIT_SCRIPT_FAILED)
 
 
 def _analyze_path(trace_path: str, target_gpu: str | None = None):
@@ -320,7 +390,8 @@ def apply_cmd(
     plan = apply_mod.plan(result, memory=memory, include_estimates=include_estimates)
     diff = plan.diff(str(root))
     report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes,
-              "replacements": plan.replacements, "estimates": plan.estimates, "providers": plan.providers,
+              "replacements": plan.replacements, "estimates": plan.estimates, "runtime_modules": plan.runtime_modules,
+              "providers": plan.providers,
               "changes": [{"path": f.path, **asdict(c)} for f in plan.changed for c in f.changes]}
     if not as_json:
         sys.stdout.write(diff or "(no source change)\n")
@@ -338,7 +409,8 @@ def apply_cmd(
             raise AdvisorError("nothing to verify: no recommendation of this result can be applied (see the notes)")
         v = verify(run["script"], list(run.get("argv", [])[1:]), plan.runtime_patterns, steps=steps, warmup=warmup,
                    source_overrides={f.path: f.after for f in plan.changed},
-                   original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements)
+                   original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements,
+                   nproc=int(run.get("world_size") or 0) if "rank" in run else 0, modules=plan.runtime_modules)
         report["verification"] = {**asdict(v), "proven": v.proven}
         if not as_json:
             _print_verification(v, plan.estimates)

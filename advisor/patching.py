@@ -28,6 +28,15 @@ the cluster, see advisor/regional_compile.py) compiles that class's instances in
 shared compiled forward per class; each instance's swapped forward is listed among the functions,
 and revert() takes it out. Compile's numerics were checked by bench on the cluster.
 
+Modules are chosen by what they compute (advisor/module_forms.py): any leaf module shaped like a
+norm (a 1-D weight, an optional bias, an eps) is tried as rms_norm, then layer_norm, built from its
+own weight, bias and eps (T5LayerNorm, a user's RMSNorm with `epsilon`, nanoGPT's LayerNorm, per-head
+q/k norms), and any leaf module whose forward is a chain of pointwise ops on its input (NewGELU and
+kin) runs as a kernel generated from that chain (pattern name "pointwise_chain", or the result's
+"generic:<hash>"). Class names are hints, tried first; with a result (or `modules={pattern: [class
+names]}`) only the classes its clusters came from, and the pattern's own, are tried. Checks run once
+per (pattern, class, shapes, dtypes, attributes) signature, so a deep model costs a few checks.
+
 Each replacement is checked on random inputs against what it replaces (forward output and every
 gradient, the tolerance table of kernels/tolerances.py) before it goes in; one that fails is left
 out and reported, never silently applied. `revert()` puts back the very objects that were there.
@@ -48,8 +57,12 @@ from fusion_advisor.errors import AdvisorError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
 from fusion_advisor.kernels.tolerances import tolerance
+from fusion_advisor.module_forms import (NOT_A_CHAIN, POINTWISE_CHAIN, PointwiseChainModule, check_norm, module_state,
+                                         norm_builders, norm_parts, norm_probe, one_line, pointwise_refusal,
+                                         redrawn_copy, rng_kept)
 
-_OPTIONS = {"check", "patterns", "device_check_shape", "memory", "include_estimates"}
+_OPTIONS = {"check", "patterns", "device_check_shape", "memory", "modules", "include_estimates"}
+_NORM_FORMS = ("rms_norm", "layer_norm")   # tried in this order on a norm-shaped module
 
 
 @dataclass
@@ -104,15 +117,22 @@ class PatchHandle:
 def recommended_patterns(result, memory: bool = False, include_estimates: bool = False) -> list[str]:
     """Pattern names of an AdvisorResult's recommendations that bench measured faster than eager
     with their numerics checked (the untimed ones too with include_estimates); memory trades
-    (kind "memory": slower, less memory) only with memory=True, and only timed ones."""
+    (kind "memory": slower, less memory) only with memory=True, and only timed ones. A generated
+    kernel ("generic:<hash>") is included where its cluster came from a module (a runtime swap of
+    that module's forward); elsewhere it is a source rewrite (`fusion-advisor apply`)."""
     from fusion_advisor.recommend import measured_win, primary_benchmark
+    from fusion_advisor.result import AdvisorResult
 
-    clusters = {c.id: c for c in getattr(result, "clusters", []) or []}
+    if isinstance(result, dict):
+        result = AdvisorResult.from_dict(result)
+    hinted = module_hints(result)
+    clusters = {c.id: c for c in result.clusters}
     names = []
-    for rec in getattr(result, "recommendations", []) or []:
+    for rec in result.recommendations:
+        name = rec.pattern
         if rec.kind == "memory" and not memory:
             continue
-        if not rec.pattern:
+        if not name:
             continue
         cluster = clusters.get(rec.cluster_id)
         bench = primary_benchmark(cluster, result) if cluster is not None else None
@@ -121,12 +141,12 @@ def recommended_patterns(result, memory: bool = False, include_estimates: bool =
             if regional_compile.pattern_name(target) not in names:
                 names.append(regional_compile.pattern_name(target))
             continue
-        if rec.pattern.startswith("generic:") or rec.pattern in names:
+        if (name.startswith("generic:") and name not in hinted) or name in names:
             continue
         timed = (bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False) \
             if rec.kind == "memory" else measured_win(bench)
         if timed or (include_estimates and not (bench is not None and bench.numerics_ok is False)):
-            names.append(rec.pattern)
+            names.append(name)
     return names
 
 
@@ -139,6 +159,43 @@ def measured_compile_win(bench) -> bool:
     """Bench timed torch.compile on a GPU, its numerics passed and it was the fastest provider."""
     return bench is not None and bench.timing == "gpu" and bench.best_provider == "compile" and \
         bench.numerics_by_provider.get("compile", "ok") == "ok"
+
+
+def module_hints(result) -> dict[str, set[str]]:
+    """pattern name -> the module classes (leaf class names) its recommended clusters came from."""
+    clusters = {_field(c, "id"): c for c in getattr(result, "clusters", []) or []}
+    hints: dict[str, set[str]] = {}
+    for rec in getattr(result, "recommendations", []) or []:
+        cluster = clusters.get(_field(rec, "cluster_id"))
+        leaf = (_field(cluster, "module_class") or "").rsplit("/", 1)[-1] if cluster is not None else ""
+        if _field(rec, "pattern") and leaf:
+            hints.setdefault(_field(rec, "pattern"), set()).add(leaf)
+    return hints
+
+
+def _eps_hints(result) -> dict[str, tuple[float, ...]]:
+    """module class -> the eps its traced norm clusters recorded (tried when the module has no eps attribute)."""
+    out: dict[str, list[float]] = {}
+    for c in getattr(result, "clusters", []) or []:
+        leaf = (_field(c, "module_class") or "").rsplit("/", 1)[-1]
+        eps = (_field(c, "pattern_params") or {}).get("eps")
+        if leaf and isinstance(eps, (int, float)) and float(eps) not in out.setdefault(leaf, []):
+            out[leaf].append(float(eps))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _field(obj, name: str):
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+@dataclass
+class _Target:
+    """One pattern that swaps modules: its registered pattern (None for a pointwise chain), the
+    class names tried first, and whether only those are tried (a result said where it applies)."""
+    name: str
+    pattern: FusionPattern | None
+    hints: frozenset[str]
+    only_hinted: bool
 
 
 def patch(model: nn.Module, result=None, **options) -> PatchHandle:
@@ -159,17 +216,32 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
         names = recommended_patterns(result, memory=bool(options.get("memory", False)),
                                      include_estimates=bool(options.get("include_estimates", False)))
     compile_names = [n for n in names if regional_compile.is_compile_pattern(n)]
-    patterns = [get(n) for n in names if n not in compile_names]
-    swappable = [p for p in patterns if p.modules and p.module_factory is not None]
+    hints = module_hints(result) if result is not None else {}
+    for name, classes in (options.get("modules") or {}).items():
+        hints.setdefault(name, set()).update(classes)
+    patterns, targets = [], []
+    for n in names:
+        if n in compile_names:
+            continue   # regional torch.compile: after the swaps, below
+        if n == POINTWISE_CHAIN or n.startswith("generic:"):
+            targets.append(_Target(n, None, frozenset(hints.get(n, ())), bool(hints.get(n))))
+            continue
+        p = get(n)
+        patterns.append(p)
+        if p.modules and p.module_factory is not None:
+            targets.append(_Target(n, p, frozenset(p.modules) | frozenset(hints.get(n, ())), bool(hints.get(n))))
     handle = PatchHandle()
     for p in patterns:
-        if p not in swappable and not p.function_patches:
+        if not (p.modules and p.module_factory is not None) and not p.function_patches:
             handle.skipped.append(("*", f"pattern {p.name} has no module or function form: use `fusion-advisor apply` "
                                         "(source patch)"))
     check = options.get("check", True)
     try:
-        with api._paused_steps():  # the checks below run modules: under `profile` they are not steps
-            _swap_all(model, swappable, handle, check, options.get("device_check_shape"))
+        # The checks below run modules: under `profile` they are not steps, and their random inputs
+        # do not move the user's RNG (apply --verify compares a seeded run's losses with and without).
+        with api._paused_steps(), rng_kept():
+            _ModuleSwapper(model, targets, handle, check, options.get("device_check_shape"),
+                           _eps_hints(result) if result is not None else {}).run()
             for p in patterns:
                 for fp in p.function_patches:
                     _swap_function(model, p.name, fp, handle, check)
@@ -181,27 +253,134 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
     return handle
 
 
-def _swap_all(model, swappable, handle, check, shape_hint) -> None:
-    """Swap every module that a pattern replaces, checking each first (see `patch`)."""
-    for path, parent, attr, module in list(_candidates(model)):
-        pattern = next((p for p in swappable if type(module).__name__ in p.modules), None)
-        if pattern is None:
-            continue
-        try:
-            replacement = pattern.module_factory(module)
-        except Exception as exc:  # a module that looks alike but is not: leave it alone, say why
-            handle.skipped.append((path, f"{pattern.name}: cannot wrap {type(module).__name__} ({exc})"))
-            continue
-        if check:
-            try:
-                problem = check_equivalent(module, replacement, shape_hint)
-            except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
-                problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            if problem:
-                handle.skipped.append((path, f"{pattern.name}: numerics check failed: {problem}"))
+def _ours(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("fusion_advisor.")
+
+
+class _ModuleSwapper:
+    """Swaps the modules of one model that the targets replace (see the module docstring), each
+    replacement built from that module and checked first; one check per signature."""
+
+    def __init__(self, model, targets, handle, check, shape_hint, eps_hints):
+        self.model, self.targets, self.handle = model, targets, handle
+        self.check, self.shape_hint, self.eps_hints = check, shape_hint, eps_hints
+        self.verdicts: dict[tuple, str | None] = {}        # signature -> None (passed) or why not
+        self.chain_caches: dict[tuple, tuple[dict, dict]] = {}
+        # A pointwise module's kernel is made and checked at the model's dtype and device (other
+        # dtypes on their first call); a model without tensors runs where the kernels do.
+        first = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+        self.dtype = first.dtype if first is not None else torch.float32
+        self.device = first.device if first is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+
+    def run(self) -> None:
+        swapped: list[str] = []
+        for path, parent, attr, module in list(_candidates(self.model)):
+            if any(path.startswith(p + ".") for p in swapped):
+                continue   # inside a module already replaced: no longer in the model
+            if _ours(module) or _ours(parent):
+                continue   # a replacement of a live handle (patched twice), or the original it runs
+            cls = type(module).__name__
+            reasons = []
+            if _sharded(module):
+                # FSDP2 puts the gathered parameters on the module it wrapped at each forward: a
+                # replacement holding the sharded ones would compute with shards.
+                if any(cls in t.hints or t.name in _NORM_FORMS for t in self.targets):
+                    self.handle.skipped.append((path, "its parameters are sharded (FSDP2's fully_shard): call "
+                                                      "fusion_advisor.patch on the model before fully_shard"))
                 continue
-        setattr(parent, attr, replacement)
-        handle.swaps.append(Swap(path, parent, attr, module, replacement, pattern.name))
+            for t in sorted(self.targets, key=lambda t: cls not in t.hints):   # hinted first
+                if t.only_hinted and cls not in t.hints:
+                    continue
+                replacement, why = self._replacement(t, module, cls in t.hints)
+                if replacement is not None:
+                    setattr(parent, attr, replacement)
+                    self.handle.swaps.append(Swap(path, parent, attr, module, replacement, t.name))
+                    swapped.append(path)
+                    break
+                if why:
+                    reasons.append(why)
+            else:
+                if reasons:
+                    self.handle.skipped.append((path, "; ".join(reasons)))
+
+    def _replacement(self, t: _Target, module: nn.Module, hinted: bool) -> tuple[nn.Module | None, str | None]:
+        """(replacement, None), or (None, why not: None where the module is simply not of this form)."""
+        if t.pattern is None:
+            return self._pointwise(t, module, hinted)
+        if t.name in _NORM_FORMS:
+            parts = norm_parts(module, self.eps_hints.get(type(module).__name__, ()))
+            if not isinstance(parts, str):
+                return self._norm(t, module, parts)
+        if not hinted:
+            return None, None
+        return self._by_factory(t, module)
+
+    def _signature(self, t: _Target, module: nn.Module, *extra) -> tuple:
+        attrs = tuple(sorted((k, v) for k, v in vars(module).items()
+                             if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))))
+        tensors = tuple((n, tuple(p.shape), p.dtype, p.device.type, p.requires_grad)
+                        for n, p in [*module.named_parameters(), *module.named_buffers()])
+        return (t.name, type(module), attrs, tensors, *extra)
+
+    def _norm(self, t: _Target, module: nn.Module, parts) -> tuple[nn.Module | None, str | None]:
+        builders = norm_builders(t.name, parts)
+        if not builders:
+            return None, None
+        problems = []
+        for eps, build in builders:
+            key = self._signature(t, module, eps)
+            if key not in self.verdicts:
+                self.verdicts[key] = self._check_norm(module, build, parts) if self.check else None
+            if self.verdicts[key] is None:
+                return build(module), None
+            problems.append(f"eps={eps:g}: {self.verdicts[key]}")
+        where = "its own eps" if parts.eps_from_module else "no eps attribute, the usual ones tried"
+        return None, f"{t.name}: numerics check failed ({where}): " + "; ".join(problems)
+
+    def _check_norm(self, module: nn.Module, build, parts) -> str | None:
+        try:
+            twin = redrawn_copy(module)
+            x = norm_probe(parts.weight.shape[0], parts.weight.dtype, parts.weight.device, self.shape_hint)
+            return check_norm(twin, build(twin), x)
+        except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel, a module that cannot be copied
+            return one_line(exc)
+
+    def _by_factory(self, t: _Target, module: nn.Module) -> tuple[nn.Module | None, str | None]:
+        try:
+            replacement = t.pattern.module_factory(module)
+        except Exception as exc:  # a module that looks alike but is not: leave it alone, say why
+            return None, f"{t.name}: cannot wrap {type(module).__name__} ({exc})"
+        key = self._signature(t, module)
+        if key not in self.verdicts:
+            try:
+                self.verdicts[key] = check_equivalent(module, replacement, self.shape_hint) if self.check else None
+            except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
+                self.verdicts[key] = one_line(exc)
+        if self.verdicts[key] is not None:
+            return None, f"{t.name}: numerics check failed: {self.verdicts[key]}"
+        return replacement, None
+
+    def _pointwise(self, t: _Target, module: nn.Module, hinted: bool) -> tuple[nn.Module | None, str | None]:
+        refusal = pointwise_refusal(module)
+        if refusal:
+            return None, f"{t.name}: {type(module).__name__} {refusal}" if hinted else None
+        # Instances of one class with the same attributes share their kernels (one capture and
+        # one check per dtype for the whole model).
+        shared = self.chain_caches.setdefault(self._signature(t, module), ({}, {}))
+        replacement = PointwiseChainModule(module, t.name, shared)
+        if replacement.kernel_for(self.dtype, self.device) is None:
+            why = replacement.refusals[(self.dtype, self.device.type, module_state(module))]
+            # A module that is no chain at all (Identity, Dropout, a reshaping forward) is not worth
+            # a line, unless a result pointed at its class.
+            return None, f"{t.name}: {why}" if hinted or not why.startswith(NOT_A_CHAIN) else None
+        return replacement, None
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Parameters that are DTensors (FSDP2, tensor parallel): not plain tensors a kernel can take."""
+    return any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+               for p in module.parameters(recurse=False))
 
 
 def _compile_regions(model: nn.Module, names: list[str], handle: PatchHandle) -> None:

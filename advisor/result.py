@@ -141,6 +141,9 @@ class AdvisorResult:
     benchmarks: list[Benchmark] = field(default_factory=list)
     recommendations: list[Recommendation] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # A torchrun job (advisor/distributed.py): world_size, ranks [{rank, trace, step_time_s,
+    # communication {comm_us_per_step, exposed_us_per_step, ...}}], slowest_rank, skew_pct
+    distributed: dict | None = None
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -45,6 +45,8 @@ class RunSpec:
     source_overrides: dict[str, str] = field(default_factory=dict)  # file path -> text to run instead
     out: str = ""
     patched: bool = False        # the patched run (the unpatched one also runs its files' original text)
+    nproc: int = 0               # > 1: a torchrun job of that many local ranks (each rank measured)
+    modules: dict[str, list[str]] = field(default_factory=dict)   # pattern -> the module classes it swaps
 
 
 @dataclass
@@ -121,7 +123,8 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
         def patch_first_model(module, args):
             patch_hook.remove()
             before_checks = calls.snapshot()
-            handle = fusion_advisor.patch(module, patterns=spec.patterns)  # its checks pause step counting
+            handle = fusion_advisor.patch(module, patterns=spec.patterns,   # its checks pause step counting
+                                          modules=spec.modules)
             for name, n in calls.snapshot().items():   # the checks' own calls are not the script's
                 check_calls[name] = check_calls.get(name, 0) + n - before_checks.get(name, 0)
             swapped.extend(f"{s.path}: {type(s.original).__name__} -> {type(s.replacement).__name__}"
@@ -279,14 +282,32 @@ def run_script(spec: RunSpec, timeout_s: float = 1800) -> RunMeasurement:
         spec_path = Path(tmp) / "spec.json"
         spec.out = str(Path(tmp) / "measurement.json")
         spec_path.write_text(json.dumps(asdict(spec)))
-        proc = subprocess.run([sys.executable, "-m", "fusion_advisor.verify", str(spec_path)], env=env,
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.nproc}"]
+                    if spec.nproc > 1 else [sys.executable])
+        proc = subprocess.run([*launcher, "-m", "fusion_advisor.verify", str(spec_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
-        if not os.path.exists(spec.out):
+        outs = [spec.out] if spec.nproc <= 1 else [f"{spec.out}.rank{k}" for k in range(spec.nproc)]
+        if not all(os.path.exists(o) for o in outs):
             tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
             which = "patched" if spec.patched else "unpatched"
             raise ScriptError(f"the {which} verification run exited with status {proc.returncode} before "
                               f"measuring: {tail}")
-        return RunMeasurement(**json.loads(Path(spec.out).read_text()))
+        ranks = [RunMeasurement(**json.loads(Path(o).read_text())) for o in outs]
+        return ranks[0] if len(ranks) == 1 else slowest_rank(ranks)
+
+
+def slowest_rank(ranks: list[RunMeasurement]) -> RunMeasurement:
+    """A job's measurement: rank 0's losses, calls and swaps (every rank runs the same code), each
+    step's time the slowest rank's (the step ends when the last rank's does), the highest peak."""
+    first = ranks[0]
+    n = min(len(r.step_times_s) for r in ranks)
+    times = [max(r.step_times_s[i] for r in ranks) for i in range(n)]
+    peaks = [r.peak_mem_bytes for r in ranks if r.peak_mem_bytes is not None]
+    error = next((r.error for r in ranks if r.error), None)
+    return RunMeasurement(patched=first.patched, steps_run=min(r.steps_run for r in ranks), losses=first.losses,
+                          step_times_s=times, median_step_s=statistics.median(times) if times else None,
+                          peak_mem_bytes=max(peaks) if peaks else None, swapped=first.swapped, skipped=first.skipped,
+                          error=error, calls=first.calls, overrides_read=first.overrides_read, compiled=first.compiled)
 
 
 def _cuda_available() -> bool:
@@ -380,17 +401,20 @@ def _why_never_called(name: str, how: str, after: RunMeasurement) -> str:
 
 def verify(script: str, script_args: list[str], patterns: list[str], steps: int = 20, warmup: int = 5,
            seed: int = 0, source_overrides: dict[str, str] | None = None,
-           original_sources: dict[str, str] | None = None, planned: dict[str, str] | None = None) -> Verification:
+           original_sources: dict[str, str] | None = None, planned: dict[str, str] | None = None,
+           nproc: int = 0, modules: dict[str, list[str]] | None = None) -> Verification:
     """Unpatched run (the original sources) vs patched run (runtime swaps of `patterns` plus the
     patched sources). `planned`: {replacement name: how it is applied}, each of which must run
-    (default: the runtime patterns)."""
+    (default: the runtime patterns). nproc > 1: both runs are torchrun jobs of that many ranks
+    (losses of rank 0, each step's time the slowest rank's)."""
     if not patterns and not source_overrides:
         raise AdvisorError("nothing to verify: no source change and no runtime patch in the plan")
     if planned is None:
         planned = {p: "runtime swap" for p in patterns}
-    before = run_script(RunSpec(script, script_args, steps, warmup, seed, [], dict(original_sources or {})))
+    before = run_script(RunSpec(script, script_args, steps, warmup, seed, [], dict(original_sources or {}),
+                                nproc=nproc))
     after = run_script(RunSpec(script, script_args, steps, warmup, seed, list(patterns),
-                               dict(source_overrides or {}), patched=True))
+                               dict(source_overrides or {}), patched=True, nproc=nproc, modules=dict(modules or {})))
     for m in (before, after):
         if m.error:
             raise ScriptError(f"the {'patched' if m.patched else 'unpatched'} run failed: "
@@ -401,7 +425,8 @@ def verify(script: str, script_args: list[str], patterns: list[str], steps: int 
 def _main(spec_path: str) -> None:
     spec = RunSpec(**json.loads(Path(spec_path).read_text()))
     measurement = _run_in_process(spec)
-    Path(spec.out).write_text(json.dumps(asdict(measurement)))
+    out = spec.out if spec.nproc <= 1 else f"{spec.out}.rank{os.environ.get('RANK', '0')}"
+    Path(out).write_text(json.dumps(asdict(measurement)))
     if measurement.error:
         print(measurement.error, file=sys.stderr)
 

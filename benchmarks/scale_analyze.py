@@ -7,6 +7,12 @@ and the subprocess's peak RSS.
 
     python benchmarks/scale_analyze.py                       # ~1M events from the llama fixture
     python benchmarks/scale_analyze.py --events 200000 --keep /tmp/big.json.gz
+    python benchmarks/scale_analyze.py --ranks 8             # a torchrun job: 8 ranks of ~1M events, merged
+
+With --ranks N the trace is written N times as trace.rank<k>.json.gz and the multi-rank merge of
+`profile --nproc-per-node` (advisor/distributed.py: every rank's step and communication figures,
+the slowest rank analysed in full) runs on them; the memory figure is then the peak of the summed
+RSS of the merging process and its workers, sampled every 0.1 s.
 """
 from __future__ import annotations
 
@@ -70,7 +76,10 @@ def main() -> None:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--source", type=Path, default=ROOT / "tests" / "data" / "llama-bf16-h200.json.gz")
     p.add_argument("--keep", type=Path, help="keep the generated trace here")
+    p.add_argument("--ranks", type=int, default=0, help="merge this many rank traces (advisor/distributed.py)")
     args = p.parse_args()
+    if args.ranks:
+        return merge_ranks(args)
     tmp = Path(tempfile.mkdtemp())
     trace = args.keep or tmp / "big.json.gz"
     t0 = time.perf_counter()
@@ -92,6 +101,54 @@ def main() -> None:
     print(f"result       {len(result.get('clusters', []))} clusters, {result['summary']['kernels_per_step']:.0f} kernels/step")
     if not args.keep:
         trace.unlink()
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    """Summed RSS of a process and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo.extend(children.get(p, []))
+    return total
+
+
+def merge_ranks(args) -> None:
+    folder = Path(tempfile.mkdtemp())
+    first = folder / "trace.rank0.json.gz"
+    n = replicate(args.source, args.events, first)
+    for k in range(1, args.ranks):
+        os.link(first, folder / f"trace.rank{k}.json.gz")
+    code = ("import sys; from pathlib import Path; from fusion_advisor.distributed import merge, rank_traces; "
+            "r = merge(rank_traces(Path(sys.argv[1]))); print(len(r.distributed['ranks']), len(r.clusters))")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_bytes(proc.pid))
+        time.sleep(0.1)
+    wall = time.perf_counter() - t0
+    out, err = proc.communicate()
+    if proc.returncode:
+        sys.exit(f"merge failed: {err.strip()}")
+    print(f"machine      {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"job          {args.ranks} ranks x {n:,} events ({first.stat().st_size / 1e6:,.0f} MB gzipped each)")
+    print(f"merge        {wall:.1f} s wall, peak RSS {peak / 1e9:.2f} GB (process tree); ranks, clusters: {out.strip()}")
+    for f in folder.iterdir():
+        f.unlink()
+    folder.rmdir()
 
 
 if __name__ == "__main__":

@@ -9,9 +9,15 @@
 # memory:  memory_by_pattern.py (peak memory, one pattern at a time, ours vs Liger), then HF Llama's
 #          steps in fresh processes, twice each: eager, ours, ours + fused linear cross-entropy, Liger.
 # hf-memory: examples/hf_train.py --model llama profiled, then `apply --verify --memory`.
+# kernels: every kernel test on the GPU (no interpreter), then the norm family's sweep (bench_norms.py).
+# zoo:     benchmarks/zoo.py: model families we did not tune on, eager vs whole-model compile vs
+#          profile + apply (ZOO_ARGS adds flags, e.g. --models or --resume with ZOO_CSV from an earlier run).
+# verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
+#          under autocast, and the Llama example.
 set -uo pipefail
-phase=${1:?usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory OUT_DIR}
-out=$(realpath -m "${2:?usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory OUT_DIR}")
+usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|verify OUT_DIR"
+phase=${1:?$usage}
+out=$(realpath -m "${2:?$usage}")
 repo=$(pwd)
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -77,6 +83,28 @@ hf-memory)
   # HF Llama profiled (the LM head + loss becomes a measured memory trade), then apply --verify --memory
   APPLY_ARGS=--memory profile_and_verify hf-llama-memory "$repo/examples" hf_train.py --model llama --steps 30
   rm -f "$out/hf-llama-memory/report.html"
+  ;;
+kernels)
+  timeout 200 python3 -m pytest -q -x tests/test_rms_norm.py tests/test_add_rms_norm.py tests/test_layer_norm.py \
+      tests/test_add_layer_norm.py tests/test_group_norm.py tests/test_softmax.py tests/test_cross_entropy.py \
+      tests/test_swiglu.py tests/test_bias_act.py tests/test_rope.py tests/test_codegen.py \
+      >"$out/gpu-tests.txt" 2>&1
+  echo "gpu tests: rc $?"; tail -5 "$out/gpu-tests.txt"
+  timeout ${NORMS_TIMEOUT:-330} python3 benchmarks/bench_norms.py ${NORMS_ARGS:-} --out "$out/bench-norms.csv" \
+      >"$out/bench-norms.txt" 2>&1
+  echo "bench_norms: rc $?"; tail -40 "$out/bench-norms.txt"
+  ;;
+zoo)
+  [ -n "${ZOO_CSV:-}" ] && cp "$ZOO_CSV" "$out/zoo.csv"
+  timeout ${ZOO_TIMEOUT:-560} python3 benchmarks/zoo.py --out "$out/zoo.csv" ${ZOO_ARGS:-} >"$out/zoo.txt" 2>&1
+  echo "zoo: rc $?"; tail -45 "$out/zoo.txt"
+  ;;
+verify)
+  profile_and_verify nanogpt "$repo/examples" nanogpt_train.py --steps 40
+  rm -f "$out/nanogpt/report.html"
+  profile_and_verify llama "$repo/examples" llama_train.py \
+      --hidden 2048 --layers 8 --heads 16 --seq 2048 --batch 2 --vocab 32000 --steps 30
+  rm -f "$out/llama/report.html"
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
