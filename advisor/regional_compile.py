@@ -21,7 +21,12 @@ The swap sets the instance attribute `forward` (nn.Module.__call__ looks `self.f
 call), so classes and other instances are untouched; `revert()` deletes it again, or puts back the
 instance's own `forward` object if it had one. The wrapper counts each call
 (`fusion_advisor.calls.hit("compile:<ModuleClass>")`) outside the compiled code, and times the
-first call of each class: that is the compile time the swap adds (it includes one run).
+first call of each class: the forward's compile time the swap adds (it includes one run; the
+backward compiles lazily at its first backward, and is not in that figure).
+
+Under `profile` and `apply --verify` the step finder's global module hooks are live during the first
+step only; a graph compiled then guards on them, so each class compiles once more in the second
+step (dynamo's recompile on the hook count). Keep --warmup >= 3 when timing compiled runs there.
 
 Not compiled, and said why: an instance nested inside another compiled instance (it is compiled
 as part of it), one of our fused modules that another cluster's kernel swap put there under the
