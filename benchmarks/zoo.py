@@ -392,13 +392,15 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
 
 
 def _json_object(text: str):
-    start = (text or "").find("{")
-    if start < 0:
-        return None
-    try:
-        return json.loads(text[start:])
-    except json.JSONDecodeError:
-        return None
+    """The JSON object apply --json printed (its first line is "{"), whatever came before it."""
+    lines = (text or "").splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.strip() == "{":
+            try:
+                return json.loads("".join(lines[i:]))
+            except json.JSONDecodeError:
+                continue
+    return None
 
 
 def _measurement_dict(m) -> dict:

@@ -139,3 +139,9 @@ def test_prewarm_runs_each_compile_script_untimed(tmp_path, monkeypatch):
     assert sorted(c[1:] for c in seen) == sorted([["--mode", m, "--compile", "--steps", "2"]
                                                   for m in ("bf16", "autocast", "bf16")])
     assert all(Path(c[0]).is_file() for c in seen)
+
+
+def test_the_apply_json_is_found_after_other_output():
+    text = 'warning: {not json}\n{\n  "providers": [],\n  "verification": {"losses_match": true}\n}\n'
+    assert zoo._json_object(text) == {"providers": [], "verification": {"losses_match": True}}
+    assert zoo._json_object("error: nothing to verify") is None
