@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusion_advisor import provider_choice
 from fusion_advisor.analyzers.trace import resolve_source_file
+from fusion_advisor.bench import is_launch_bound
 from fusion_advisor.errors import AdvisorError, OutputError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.files import clean_leftovers, folder_lock, is_read_only, write_text_atomic
@@ -38,6 +40,7 @@ class ApplyPlan:
     # generated kernel ("generic:<hash>") replaces the forward of those modules only
     runtime_modules: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    providers: list[dict] = field(default_factory=list)  # per recommendation: provider_choice.ProviderChoice
     # What --verify must see run, {replacement: how it is applied}: "runtime swap", or "source: FILE"
     # for a rewrite that landed in the plan's files.
     replacements: dict[str, str] = field(default_factory=dict)
@@ -100,6 +103,8 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
             continue
         cluster = clusters.get(rec.cluster_id)
         bench = primary_benchmark(cluster, result) if cluster is not None else None
+        if _chose_compile(rec, cluster, bench, result, memory, out):
+            continue
         if rec.kind == "memory" and not memory:
             out.notes.append(f"#{rec.rank} {rec.title}: a memory trade, not applied without --memory")
             continue
@@ -179,6 +184,21 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
                 continue
             out.replacements.setdefault(name, f"source: {os.path.basename(f.path)}")
     return out
+
+
+def _chose_compile(rec, cluster, bench, result: AdvisorResult, memory: bool, out: ApplyPlan) -> bool:
+    """Record which provider this cluster gets (out.providers); True when it is regional
+    torch.compile (then planned here, as the runtime patch "compile:<ModuleClass>")."""
+    choice = provider_choice.choose(rec, cluster, bench, is_launch_bound(result), memory)
+    out.providers.append(choice.as_dict())
+    if choice.provider != "compile":
+        return False
+    if choice.runtime_pattern not in out.runtime_patterns:
+        out.runtime_patterns.append(choice.runtime_pattern)
+        out.replacements[choice.runtime_pattern] = "runtime swap (regional torch.compile)"
+    out.notes.append(f"#{rec.rank} {rec.title}: applied as regional torch.compile ({choice.runtime_pattern}, "
+                     f"at run time: fusion_advisor.patch); the figures are in its provider line")
+    return True
 
 
 def _is_pattern(name: str) -> bool:

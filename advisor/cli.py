@@ -443,12 +443,16 @@ def apply_cmd(
     diff = plan.diff(str(root))
     report = {"diff": diff, "runtime_patterns": plan.runtime_patterns, "notes": plan.notes,
               "replacements": plan.replacements, "estimates": plan.estimates, "runtime_modules": plan.runtime_modules,
+              "providers": plan.providers,
               "changes": [{"path": f.path, **asdict(c)} for f in plan.changed for c in f.changes]}
     if not as_json:
         sys.stdout.write(diff or "(no source change)\n")
         from fusion_advisor.report.safe_text import strip_controls
         for note in plan.notes:
             err.print(f"[yellow]note:[/] {escape(strip_controls(note))}", highlight=False)
+        for c in plan.providers:
+            err.print(f"provider for #{c['rank']} ({c['module'] or c['cluster_id']}): {c['provider'] or 'nothing'} - "
+                      f"{c['why']}", highlight=False)
     if verify_run:
         from fusion_advisor.verify import verify
         run = result.run or {}

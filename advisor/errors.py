@@ -49,9 +49,3 @@ class OutputError(AdvisorError):
     """An output path cannot be written."""
 
     exit_code = EXIT_CANNOT_WRITE
-
-
-class VerifyError(AdvisorError):
-    """`apply --verify` ran both scripts but cannot vouch for the patch."""
-
-    exit_code = EXIT_NOT_VERIFIED

@@ -23,6 +23,11 @@ linear_cross_entropy replaces the instance's `forward` (a causal LM's, in traini
 loss from the LM head's input, logits=None); it is checked on the whole model (loss and parameter
 gradients) through its FunctionPatch's `check`.
 
+Regional compilation: a name "compile:<ModuleClass>" (where bench measured torch.compile fastest on
+the cluster, see advisor/regional_compile.py) compiles that class's instances in this model, one
+shared compiled forward per class; each instance's swapped forward is listed among the functions,
+and revert() takes it out. Compile's numerics were checked by bench on the cluster.
+
 Modules are chosen by what they compute (advisor/module_forms.py): any leaf module shaped like a
 norm (a 1-D weight, an optional bias, an eps) is tried as rms_norm, then layer_norm, built from its
 own weight, bias and eps (T5LayerNorm, a user's RMSNorm with `epsilon`, nanoGPT's LayerNorm, per-head
@@ -47,7 +52,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from fusion_advisor import api
+from fusion_advisor import api, regional_compile
 from fusion_advisor.errors import AdvisorError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
@@ -127,15 +132,33 @@ def recommended_patterns(result, memory: bool = False, include_estimates: bool =
         name = rec.pattern
         if rec.kind == "memory" and not memory:
             continue
-        if not name or (name.startswith("generic:") and name not in hinted) or name in names:
+        if not name:
             continue
         cluster = clusters.get(rec.cluster_id)
         bench = primary_benchmark(cluster, result) if cluster is not None else None
+        target = _compile_target(rec) if rec.kind == "torch_compile" else None
+        if target and measured_compile_win(bench):   # bench measured compile fastest: compile its module
+            if regional_compile.pattern_name(target) not in names:
+                names.append(regional_compile.pattern_name(target))
+            continue
+        if (name.startswith("generic:") and name not in hinted) or name in names:
+            continue
         timed = (bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False) \
             if rec.kind == "memory" else measured_win(bench)
         if timed or (include_estimates and not (bench is not None and bench.numerics_ok is False)):
             names.append(name)
     return names
+
+
+def _compile_target(rec) -> str | None:
+    target = (getattr(rec, "patch", None) or {}).get("target")
+    return target if isinstance(target, str) and target and target != "the model" else None
+
+
+def measured_compile_win(bench) -> bool:
+    """Bench timed torch.compile on a GPU, its numerics passed and it was the fastest provider."""
+    return bench is not None and bench.timing == "gpu" and bench.best_provider == "compile" and \
+        bench.numerics_by_provider.get("compile", "ok") == "ok"
 
 
 def module_hints(result) -> dict[str, set[str]]:
@@ -197,11 +220,14 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
             raise AdvisorError("patch() needs a result (AdvisorResult) or patterns=[...]")
         names = recommended_patterns(result, memory=bool(options.get("memory", False)),
                                      include_estimates=bool(options.get("include_estimates", False)))
+    compile_names = [n for n in names if regional_compile.is_compile_pattern(n)]
     hints = module_hints(result) if result is not None else {}
     for name, classes in (options.get("modules") or {}).items():
         hints.setdefault(name, set()).update(classes)
     patterns, targets = [], []
     for n in names:
+        if n in compile_names:
+            continue   # regional torch.compile: after the swaps, below
         if n == POINTWISE_CHAIN or n.startswith("generic:"):
             targets.append(_Target(n, None, frozenset(hints.get(n, ())), bool(hints.get(n))))
             continue
@@ -224,6 +250,8 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
             for p in patterns:
                 for fp in p.function_patches:
                     _swap_function(model, p.name, fp, handle, check)
+            if compile_names:
+                _compile_regions(model, compile_names, handle)
     except BaseException:
         handle.revert()
         raise
@@ -360,9 +388,13 @@ def _sharded(module: nn.Module) -> bool:
                for p in module.parameters(recurse=False))
 
 
-def _is_ours(module: nn.Module) -> bool:
-    """A module fusion_advisor made: patching it again would wrap a fused module in another."""
-    return type(module).__module__.split(".", 1)[0] == "fusion_advisor"
+def _compile_regions(model: nn.Module, names: list[str], handle: PatchHandle) -> None:
+    """Regional torch.compile ("compile:<ModuleClass>", where bench measured compile fastest): each
+    compiled instance's forward is a FunctionSwap, so revert() and the verify listing cover it."""
+    compiled = regional_compile.compile_regions(model, names)
+    handle.functions.extend(FunctionSwap(f"{f.path}.forward", f.original, f.replacement, f.pattern, f.restore)
+                            for f in compiled.forwards)
+    handle.skipped.extend(compiled.skipped)
 
 
 def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any, Callable]]:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fusion_advisor import calls
-from fusion_advisor.errors import AdvisorError, ScriptError, VerifyError
+from fusion_advisor.errors import AdvisorError, ScriptError
 
 
 @dataclass
@@ -64,6 +64,8 @@ class RunMeasurement:
                                                           # patch's own numerics checks excluded
     overrides_read: list[str] = field(default_factory=list)  # patched files the run actually read
     compiled: bool = False                                 # the script called torch.compile
+    # regional torch.compile of the patch ("compile:<Class>"): {name: {instances, graphs, first_call_s}}
+    regional_compiles: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,7 +155,12 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
         step_times_s=times, median_step_s=statistics.median(times) if times else None,
         peak_mem_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
         swapped=swapped, skipped=skipped, error=error, calls={k: n for k, n in counted.items() if n > 0},
-        overrides_read=read, compiled=compiled.called)
+        overrides_read=read, compiled=compiled.called, regional_compiles=_regional_compiles())
+
+
+def _regional_compiles() -> dict[str, dict]:
+    module = sys.modules.get("fusion_advisor.regional_compile")   # imported only if the patch compiled
+    return module.report() if module is not None else {}
 
 
 class _note_compile:
@@ -166,6 +173,7 @@ class _note_compile:
         def compile_noted(*args, **kwargs):
             self.called = True
             return self.original(*args, **kwargs)
+        compile_noted.fusion_advisor_original = self.original   # regional compile (ours) is not the script's
         torch.compile = compile_noted
 
     def restore(self) -> None:

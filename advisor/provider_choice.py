@@ -1,0 +1,106 @@
+"""Which provider `apply` gives each cluster, and why: the fastest one bench measured that `apply`
+can put in (our Triton kernel, or regional torch.compile of the cluster's module), that passed
+numerics and beat eager by bench.MIN_SPEEDUP.
+
+Liger-Kernel is timed by bench but not applied here; where it measured fastest the choice says so
+and falls back to the next best of ours and compile. Where bench did not time the cluster on a GPU
+(a CPU run, no GPU) nothing is measured: the choice is our kernel on the cost model's estimate, as
+`apply` always did, and says so.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from fusion_advisor.bench import MIN_SPEEDUP, call_cost_us
+from fusion_advisor.regional_compile import pattern_name
+from fusion_advisor.result import Benchmark, Cluster, Recommendation
+
+APPLIED = ("triton", "compile")   # providers apply can put in the user's run
+
+
+@dataclass
+class ProviderChoice:
+    rank: int
+    cluster_id: str
+    module: str | None                   # the cluster's module class, "A/B/C"
+    pattern: str | None
+    provider: str | None                 # "triton" | "compile" | None: nothing applied
+    why: str
+    passes: str = ""                     # what was timed: "forward" | "forward+backward"
+    measured_us: dict[str, float] = field(default_factory=dict)   # per call, per provider (bench p50)
+    runtime_pattern: str | None = None   # "compile:<ModuleClass>" when provider is compile
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def note(self) -> str:
+        """One line for the plan's notes: provider, why, the measured times."""
+        return f"#{self.rank} cluster {self.cluster_id} ({_leaf(self.module) or '?'}): {self.provider or 'nothing'} - {self.why}"
+
+
+def _leaf(module_class: str | None) -> str | None:
+    return module_class.rsplit("/", 1)[-1] if module_class else None
+
+
+def times_text(measured_us: dict[str, float]) -> str:
+    names = {"eager": "eager", "triton": "ours", "compile": "compile", "liger": "Liger"}
+    return ", ".join(f"{names.get(p, p)} {t:.1f} µs" for p, t in measured_us.items() if p in names)
+
+
+def choose(rec: Recommendation, cluster: Cluster | None, bench: Benchmark | None, launch_bound: bool = False,
+           memory: bool = False) -> ProviderChoice:
+    """The provider for one recommendation's cluster (see the module docstring)."""
+    module = cluster.module_class if cluster is not None else None
+    choice = ProviderChoice(rec.rank, rec.cluster_id, module, rec.pattern, None, "")
+    if rec.kind == "memory":
+        choice.provider = "triton" if memory else None
+        choice.why = "a memory trade (less peak memory, measured time cost)" + ("" if memory else ": only with --memory")
+        _fill_times(choice, bench, launch_bound)
+        return choice
+    if bench is None or bench.timing != "gpu" or "eager" not in bench.measured:
+        choice.provider = "triton"
+        choice.why = "not timed on a GPU: our kernel on the cost model's estimate"
+        return choice
+    cost = _fill_times(choice, bench, launch_bound)
+    ok = [p for p in APPLIED if p in cost and _numerics_ok(bench, p)]
+    faster = [p for p in ok if cost["eager"] / cost[p] >= MIN_SPEEDUP]
+    if not faster:
+        failed = [f"{p}: {bench.numerics_by_provider.get(p) or bench.numerics_detail or 'failed'}"
+                  for p in APPLIED if not _numerics_ok(bench, p)]
+        choice.why = "nothing measured faster than eager" + (f" (numerics failed: {'; '.join(failed)})" if failed else "")
+        return choice
+    best = min(faster, key=cost.__getitem__)
+    if best == "compile" and "triton" in faster and cost["triton"] / cost["compile"] < MIN_SPEEDUP:
+        best = "triton"   # within noise of compile, without its compile time
+    if best == "compile" and not _leaf(module):
+        choice.why = "torch.compile measured fastest, but the cluster has no module to compile"
+        best = "triton" if "triton" in faster else None
+        if best is None:
+            return choice
+    choice.provider = best
+    why = f"{'our kernel' if best == 'triton' else 'torch.compile'} measured fastest " \
+          f"({cost['eager'] / cost[best]:.2f}x eager, {bench.passes})"
+    liger = cost.get("liger")
+    if liger is not None and liger < cost[best] and _numerics_ok(bench, "liger"):
+        why += f"; Liger-Kernel measured faster still ({liger:.1f} µs) but apply does not put it in"
+    if best == "compile":
+        choice.runtime_pattern = pattern_name(module)
+        why += (f"; regional torch.compile of every {_leaf(module)} (one shared compile per class, "
+                "dynamic=False): adds one compile at its first call, timed by apply --verify")
+    choice.why = why + f"; measured {times_text(choice.measured_us)}"
+    return choice
+
+
+def _numerics_ok(bench: Benchmark, provider: str) -> bool:
+    if provider == "triton" and bench.numerics_ok is False:
+        return False
+    return bench.numerics_by_provider.get(provider, "ok") == "ok"
+
+
+def _fill_times(choice: ProviderChoice, bench: Benchmark | None, launch_bound: bool) -> dict[str, float]:
+    if bench is None or bench.timing != "gpu":
+        return {}
+    cost = {p: call_cost_us(t, launch_bound) for p, t in bench.measured.items()}
+    choice.passes = bench.passes
+    choice.measured_us = {p: round(c, 3) for p, c in cost.items()}
+    return cost

@@ -1,0 +1,599 @@
+"""A zoo of model families we did not tune on: does the advisor's applied configuration keep up
+with whole-model torch.compile? (GPU)
+
+For each model (Hugging Face transformers, built from a config object: no download) this writes a
+small standalone training script (fixed seed, random batches, AdamW; `--mode bf16` trains bf16
+weights, `--mode autocast` fp32 weights under bf16 autocast; `--compile` wraps the model in
+torch.compile), then runs, each in fresh processes:
+
+  1. fusion-advisor profile SCRIPT -o DIR --warmup 2 --steps 2 -- --mode M
+  2. fusion-advisor apply DIR/result.json --verify --json --steps S --warmup W
+     (its unpatched run is the eager baseline, its patched run the advisor-applied configuration)
+  3. the same script with --compile, measured as verify measures (advisor/verify.py run_script)
+
+Before any of that, `--prewarm-jobs` untimed `--compile` runs fill inductor's on-disk caches, several
+at a time, so that the timed compile runs do not spend the time budget compiling. It writes one CSV
+row per (model, mode): GPU, driver and versions; eager, whole-model compile and
+advisor-applied median step time and peak memory; the replacements applied with their calls per
+step (verify's `calls_per_step`, else `calls`, else the swaps it listed); compile's speedup, ours,
+and our share of compile's gain ((eager - ours) / (eager - compile)). The CSV is rewritten after
+every model, so a run cut short keeps what it measured; `--resume` skips the rows already there.
+
+    python benchmarks/zoo.py --out benchmarks/results/zoo-h100.csv --time-budget 480
+    python benchmarks/zoo.py --out benchmarks/results/zoo-h100.csv --resume        # the rest
+    python benchmarks/zoo.py --models gpt2,bert --quick
+    python benchmarks/zoo.py --dry-run
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import pprint
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOT_SLOWER = 0.98   # "never slower than eager", allowing run-to-run noise
+EXIT_BAD_INPUT = 2   # advisor/errors.py: apply's "nothing to verify" / "no recommendations"
+
+COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
+           "eager_ms", "compile_ms", "applied_ms", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
+           "compile_speedup", "applied_speedup", "share_of_compile_gain", "beats_compile", "losses_match",
+           "replacements", "regional_compile_s", "providers", "error"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str                       # decoder | encoder-decoder | encoder | vision | speech
+    model_class: str                  # a transformers class with a loss head
+    config_class: str
+    config: dict
+    inputs: dict                      # kind: causal_lm | masked_lm | seq2seq | image | speech, and sizes
+    modes: tuple[str, ...] = ("bf16",)
+    tiny: dict = field(default_factory=dict)         # config overrides for CPU tests
+    tiny_inputs: dict = field(default_factory=dict)
+
+    def scaled(self, tiny: bool) -> tuple[dict, dict]:
+        if not tiny:
+            return dict(self.config), dict(self.inputs)
+        return {**self.config, **self.tiny}, {**self.inputs, **self.tiny_inputs}
+
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+LM_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "num_key_value_heads": 2, "vocab_size": 128}
+TOKENS_TINY = {"batch": 2, "seq": 8}
+SEQ2SEQ_TINY_IN = {"batch": 2, "seq": 8, "target": 4}
+IMAGE_TINY_IN = {"batch": 2, "image": 32}
+
+# Sizes: small but real (widths of base models, few layers) so a step is ~10-60 ms on an H100 and
+# whole-model compile takes seconds, not minutes. Dropout 0: the patched and unpatched runs must
+# draw the same numbers for their losses to be compared. use_cache=False, as in training: no KV cache
+# (its per-layer `layer_idx` would also make regional compile recompile per layer).
+MODELS: list[ModelSpec] = [
+    ModelSpec("llama", "decoder", "LlamaForCausalLM", "LlamaConfig",
+              dict(use_cache=False, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                   num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048),
+              dict(kind="causal_lm", batch=4, seq=1024), tiny=LM_TINY, tiny_inputs=TOKENS_TINY),
+    ModelSpec("qwen2", "decoder", "Qwen2ForCausalLM", "Qwen2Config",
+              dict(use_cache=False, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+              dict(kind="causal_lm", batch=4, seq=1024), tiny=LM_TINY, tiny_inputs=TOKENS_TINY),
+    ModelSpec("gemma", "decoder", "GemmaForCausalLM", "GemmaConfig",
+              dict(use_cache=False, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=8, head_dim=128, vocab_size=32000, max_position_embeddings=2048),
+              dict(kind="causal_lm", batch=4, seq=1024), tiny={**LM_TINY, "head_dim": 16}, tiny_inputs=TOKENS_TINY),
+    ModelSpec("phi3", "decoder", "Phi3ForCausalLM", "Phi3Config",
+              dict(use_cache=False, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                   num_key_value_heads=16, vocab_size=32064, max_position_embeddings=2048, resid_pdrop=0.0,
+                   embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0),
+              dict(kind="causal_lm", batch=4, seq=1024), tiny=LM_TINY, tiny_inputs=TOKENS_TINY),
+    ModelSpec("gpt2", "decoder", "GPT2LMHeadModel", "GPT2Config",
+              dict(use_cache=False, n_embd=1024, n_layer=4, n_head=16, n_positions=1024, vocab_size=32000, resid_pdrop=0.0,
+                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
+              dict(kind="causal_lm", batch=4, seq=1024),
+              tiny=dict(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=128), tiny_inputs=TOKENS_TINY),
+    ModelSpec("gpt-neox", "decoder", "GPTNeoXForCausalLM", "GPTNeoXConfig",
+              dict(use_cache=False, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
+                   vocab_size=32000, max_position_embeddings=2048, rotary_pct=0.25, hidden_dropout=0.0,
+                   attention_dropout=0.0),
+              dict(kind="causal_lm", batch=4, seq=1024),
+              tiny=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        vocab_size=128), tiny_inputs=TOKENS_TINY),
+    ModelSpec("t5-v1.1", "encoder-decoder", "T5ForConditionalGeneration", "T5Config",
+              dict(use_cache=False, d_model=768, d_ff=2048, d_kv=64, num_layers=3, num_decoder_layers=3, num_heads=12,
+                   vocab_size=32128, feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+              dict(kind="seq2seq", batch=8, seq=512, target=128),
+              tiny=dict(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=128),
+              tiny_inputs=SEQ2SEQ_TINY_IN),
+    ModelSpec("bart", "encoder-decoder", "BartForConditionalGeneration", "BartConfig",
+              dict(use_cache=False, d_model=768, encoder_layers=3, decoder_layers=3, encoder_attention_heads=12,
+                   decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=50265,
+                   max_position_embeddings=1024, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
+              dict(kind="seq2seq", batch=8, seq=512, target=128),
+              tiny=dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128,
+                        max_position_embeddings=64), tiny_inputs=SEQ2SEQ_TINY_IN),
+    ModelSpec("bert", "encoder", "BertForMaskedLM", "BertConfig",
+              dict(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
+                   vocab_size=30522, **NO_DROPOUT),
+              dict(kind="masked_lm", batch=16, seq=512),
+              tiny=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=128), tiny_inputs=TOKENS_TINY),
+    ModelSpec("roberta", "encoder", "RobertaForMaskedLM", "RobertaConfig",
+              dict(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
+                   vocab_size=50265, max_position_embeddings=514, **NO_DROPOUT),
+              dict(kind="masked_lm", batch=16, seq=512),
+              tiny=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=128), tiny_inputs=TOKENS_TINY),
+    ModelSpec("deberta-v2", "encoder", "DebertaV2ForMaskedLM", "DebertaV2Config",
+              dict(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
+                   vocab_size=32000, max_position_embeddings=512, relative_attention=True, position_buckets=256,
+                   pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
+                   position_biased_input=False, max_relative_positions=-1, **NO_DROPOUT),
+              dict(kind="masked_lm", batch=8, seq=512),
+              tiny=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=128, position_buckets=8), tiny_inputs=TOKENS_TINY),
+    ModelSpec("vit", "vision", "ViTForImageClassification", "ViTConfig",
+              dict(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
+                   image_size=224, patch_size=16, num_labels=1000, **NO_DROPOUT),
+              dict(kind="image", batch=64, image=224), modes=("autocast", "bf16"),
+              tiny=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        image_size=32, patch_size=8, num_labels=10), tiny_inputs=IMAGE_TINY_IN),
+    ModelSpec("convnext", "vision", "ConvNextForImageClassification", "ConvNextConfig",
+              dict(hidden_sizes=[96, 192, 384, 768], depths=[2, 2, 4, 2], image_size=224, num_labels=1000,
+                   drop_path_rate=0.0),
+              dict(kind="image", batch=64, image=224), modes=("autocast", "bf16"),
+              tiny=dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], image_size=32, num_labels=10),
+              tiny_inputs=IMAGE_TINY_IN),
+    ModelSpec("swin", "vision", "SwinForImageClassification", "SwinConfig",
+              dict(embed_dim=96, depths=[2, 2, 4, 2], num_heads=[3, 6, 12, 24], image_size=224, window_size=7,
+                   num_labels=1000, drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+              dict(kind="image", batch=64, image=224), modes=("autocast", "bf16"),
+              tiny=dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=32, patch_size=4, window_size=4,
+                        num_labels=10), tiny_inputs=IMAGE_TINY_IN),
+    ModelSpec("resnet", "vision", "ResNetForImageClassification", "ResNetConfig",
+              dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[2, 2, 3, 2],
+                   layer_type="bottleneck", num_labels=1000),
+              dict(kind="image", batch=64, image=224), modes=("autocast", "bf16"),
+              tiny=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10),
+              tiny_inputs=IMAGE_TINY_IN),
+    ModelSpec("whisper", "speech", "WhisperForConditionalGeneration", "WhisperConfig",
+              dict(use_cache=False, d_model=512, encoder_layers=3, decoder_layers=3, encoder_attention_heads=8,
+                   decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, num_mel_bins=80,
+                   max_source_positions=750, max_target_positions=448, vocab_size=51865, dropout=0.0, attention_dropout=0.0,
+                   activation_dropout=0.0),
+              dict(kind="speech", batch=8, target=128), modes=("bf16", "autocast"),
+              tiny=dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                        max_source_positions=16, max_target_positions=32), tiny_inputs={"batch": 2, "target": 4}),
+]
+BY_NAME = {m.name: m for m in MODELS}
+
+
+# -- the generated training script --------------------------------------------------------------
+SCRIPT = '''\
+"""{name}: {model_class} built from its config (no download), trained on random batches with AdamW.
+Written by benchmarks/zoo.py; run it as `python {file} --mode bf16|autocast|fp32 [--compile]`."""
+import argparse
+import contextlib
+
+import torch
+import transformers
+
+CONFIG = {config}
+INPUTS = {inputs}
+
+
+def build_model():
+    return transformers.{model_class}(transformers.{config_class}(**CONFIG))
+
+
+def make_batch(gen, float_dtype):
+    kind, batch = INPUTS["kind"], INPUTS["batch"]
+    vocab = CONFIG.get("vocab_size", 0)
+    if kind in ("causal_lm", "masked_lm"):
+        ids = torch.randint(0, vocab, (batch, INPUTS["seq"]), generator=gen)
+        return {{"input_ids": ids, "labels": ids.clone()}}
+    if kind == "seq2seq":
+        return {{"input_ids": torch.randint(0, vocab, (batch, INPUTS["seq"]), generator=gen),
+                "labels": torch.randint(0, vocab, (batch, INPUTS["target"]), generator=gen)}}
+    if kind == "image":
+        size = INPUTS["image"]
+        return {{"pixel_values": torch.randn(batch, 3, size, size, generator=gen).to(float_dtype),
+                "labels": torch.randint(0, CONFIG["num_labels"], (batch,), generator=gen)}}
+    if kind == "speech":
+        frames = 2 * CONFIG["max_source_positions"]
+        features = torch.randn(batch, CONFIG["num_mel_bins"], frames, generator=gen).to(float_dtype)
+        return {{"input_features": features,
+                "labels": torch.randint(0, vocab, (batch, INPUTS["target"]), generator=gen)}}
+    raise SystemExit(f"unknown input kind {{kind}}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--mode", choices=("bf16", "autocast", "fp32"), default="bf16",
+                    help="bf16: bf16 weights; autocast: fp32 weights under bf16 autocast; fp32")
+    ap.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = build_model().to(device)
+    weights = torch.bfloat16 if args.mode == "bf16" else torch.float32
+    model = model.to(weights).train()
+    if args.compile:
+        model = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    batches = [{{k: v.to(device) for k, v in make_batch(gen, weights).items()}} for _ in range(2)]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.mode == "autocast"
+                else contextlib.nullcontext())
+    for step in range(args.steps):
+        with autocast:
+            loss = model(**batches[step % len(batches)]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    print(f"last loss {{loss.item():.4f}}")
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def write_script(spec: ModelSpec, folder: Path, tiny: bool = False) -> Path:
+    """The standalone training script of one model, written into `folder`."""
+    config, inputs = spec.scaled(tiny)
+    path = folder / f"{spec.name.replace('-', '_').replace('.', '_')}_train.py"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(SCRIPT.format(name=spec.name, file=path.name, model_class=spec.model_class,
+                                  config_class=spec.config_class, config=pprint.pformat(config, width=100),
+                                  inputs=pprint.pformat(inputs, width=100)))
+    return path
+
+
+def config_text(spec: ModelSpec, tiny: bool = False) -> str:
+    c, i = spec.scaled(tiny)
+    width = c.get("hidden_size") or c.get("d_model") or c.get("n_embd") or c.get("embed_dim") or c.get("hidden_sizes")
+    layers = c.get("num_hidden_layers") or c.get("n_layer") or c.get("num_layers") or c.get("encoder_layers") \
+        or c.get("depths")
+    shape = {k: v for k, v in i.items() if k != "kind"}
+    return f"{spec.model_class}, width {width}, layers {layers}, " + ", ".join(f"{k} {v}" for k, v in shape.items())
+
+
+# -- running one model ---------------------------------------------------------------------------
+def _cli(*args, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusion_advisor.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def replacements_text(after: dict, verification: dict | None = None) -> str:
+    """What the patched run applied, with its calls per step: verify's `replacements` rows (name,
+    calls_per_step, status), else a `calls_per_step` dict (on the patched run or the verification),
+    else `calls` divided by the steps run, else the swaps it listed, counted per pattern."""
+    rows = (verification or {}).get("replacements")
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) and "name" in r for r in rows):
+        return "; ".join(f"{r['name']} x{r.get('calls_per_step', 0):g}/step" if r.get("status") == "ran"
+                         else f"{r['name']} {r.get('status', '?')}" for r in rows)
+    per_step = after.get("calls_per_step")
+    if not isinstance(per_step, dict) or not per_step:
+        per_step = (verification or {}).get("calls_per_step")
+    if not isinstance(per_step, dict) or not per_step:
+        counts, steps = after.get("calls"), after.get("steps_run")
+        if isinstance(counts, dict) and counts:
+            per_step = {k: (v / steps if steps else v) for k, v in counts.items()}
+    if isinstance(per_step, dict) and per_step:
+        return "; ".join(f"{k} x{v:g}/step" for k, v in sorted(per_step.items()))
+    swaps: dict[str, int] = {}
+    for s in after.get("swapped") or []:
+        key = s.rsplit("(", 1)[-1].rstrip(")") if s.endswith(")") else s.rsplit(" -> ", 1)[-1]
+        swaps[key] = swaps.get(key, 0) + 1
+    return "; ".join(f"{k} ({n} swapped)" for k, n in sorted(swaps.items()))
+
+
+def providers_text(providers) -> str:
+    out = []
+    for c in providers or []:
+        if isinstance(c, dict) and c.get("provider"):
+            module = (c.get("module") or c.get("cluster_id") or "?").rsplit("/", 1)[-1]
+            out.append(f"{module}:{c['provider']}")
+    return "; ".join(dict.fromkeys(out))
+
+
+def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, timeout: float,
+              tiny: bool = False) -> dict:
+    """Profile, apply --verify and the compile reference of one model in one mode: its CSV row."""
+    from fusion_advisor.verify import RunSpec, run_script
+
+    row: dict = {"model": spec.name, "family": spec.family, "mode": mode, "config": config_text(spec, tiny)}
+    errors: list[str] = []
+    folder = work / f"{spec.name}-{mode}"
+    script = write_script(spec, folder, tiny)
+    args = ["--mode", mode]
+    started = time.monotonic()
+
+    def left() -> float:
+        return max(30.0, timeout - (time.monotonic() - started))
+
+    eager = applied = None
+    nothing_applied = ""
+    try:
+        prof = _cli("profile", script, "-o", folder / "report", "--warmup", "2", "--steps", "2", "--", *args,
+                    cwd=folder, timeout=left())
+        if prof.returncode != 0:
+            errors.append(f"profile exit {prof.returncode}: {_last_line(prof.stderr)}")
+        result_path = folder / "report" / "result.json"
+        if result_path.exists():
+            ap = _cli("apply", result_path, "--verify", "--json", "--steps", steps, "--warmup", warmup,
+                      cwd=folder, timeout=left())
+            report = _json_object(ap.stdout)
+            if report is not None:
+                row["providers"] = providers_text(report.get("providers"))
+            v = (report or {}).get("verification")
+            if v:
+                eager, applied = v.get("before") or {}, v.get("after") or {}
+                row["replacements"] = replacements_text(applied, v)
+                firsts = [c.get("first_call_s") for c in (applied.get("regional_compiles") or {}).values()
+                          if isinstance(c, dict) and c.get("first_call_s")]
+                if firsts:   # the compile time regional compilation adds (first calls: compile + one run)
+                    row["regional_compile_s"] = round(sum(firsts), 2)
+                row["losses_match"] = v.get("losses_match")
+                if ap.returncode != 0:
+                    errors.append(f"apply --verify exit {ap.returncode}: {_last_line(ap.stderr)}")
+            else:
+                why = _last_line(ap.stderr) or f"apply exit {ap.returncode}"
+                if ap.returncode != EXIT_BAD_INPUT or ("nothing to verify" not in why and "no recommendations" not in why):
+                    errors.append(f"apply --verify exit {ap.returncode}: {why}")
+                nothing_applied = why
+        if eager is None:   # nothing was applied: the advisor's configuration is eager itself
+            m = run_script(RunSpec(str(script), args, steps, warmup), timeout_s=left())
+            eager = applied = _measurement_dict(m)
+            row["replacements"] = f"(none: {nothing_applied})" if nothing_applied else "(none)"
+        c = run_script(RunSpec(str(script), args + ["--compile"], steps, warmup), timeout_s=left())
+        compiled = _measurement_dict(c)
+        if compiled.get("error"):
+            errors.append(f"compile run: {_last_line(compiled['error'])}")
+    except subprocess.TimeoutExpired as exc:
+        errors.append(f"timed out after {exc.timeout:.0f} s: {' '.join(map(str, exc.cmd[3:5]))}")
+        compiled = {}
+    except Exception as exc:  # one model failing must not lose the others' rows
+        errors.append(f"{type(exc).__name__}: {_last_line(str(exc))}")
+        compiled = {}
+    for key, m in (("eager", eager), ("applied", applied), ("compile", compiled)):
+        m = m or {}
+        if m.get("error") and key != "compile":
+            errors.append(f"{key} run: {_last_line(m['error'])}")
+        if m.get("median_step_s"):
+            row[f"{key}_ms"] = round(m["median_step_s"] * 1e3, 3)
+        if m.get("peak_mem_bytes") is not None:
+            row[f"{key}_peak_gib"] = round(m["peak_mem_bytes"] / 2**30, 3)
+    row.update(derived(row.get("eager_ms"), row.get("compile_ms"), row.get("applied_ms")))
+    row["error"] = " | ".join(dict.fromkeys(errors))
+    return row
+
+
+def _json_object(text: str):
+    """The JSON object apply --json printed (its first line is "{"), whatever came before it."""
+    lines = (text or "").splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.strip() == "{":
+            try:
+                return json.loads("".join(lines[i:]))
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def _measurement_dict(m) -> dict:
+    return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes, "error": m.error,
+            "swapped": m.swapped}
+
+
+# -- the figures -----------------------------------------------------------------------------------
+def derived(eager_ms, compile_ms, applied_ms) -> dict:
+    """Speedups against eager, our share of compile's gain (None when compile gained nothing),
+    and whether ours beat compile."""
+    out: dict = {}
+    if not eager_ms:
+        return out
+    if compile_ms:
+        out["compile_speedup"] = round(eager_ms / compile_ms, 3)
+    if applied_ms:
+        out["applied_speedup"] = round(eager_ms / applied_ms, 3)
+    if compile_ms and applied_ms:
+        gain = eager_ms - compile_ms
+        out["share_of_compile_gain"] = round((eager_ms - applied_ms) / gain, 3) if gain > 0 else None
+        out["beats_compile"] = applied_ms < compile_ms
+    return out
+
+
+def summary(rows: list[dict]) -> dict:
+    """Median share of compile's gain, models beating compile, models slower than eager."""
+    timed = [r for r in rows if _num(r.get("applied_speedup")) is not None]
+    shares = [_num(r.get("share_of_compile_gain")) for r in rows]
+    shares = [s for s in shares if s is not None]
+    beats = [r for r in rows if str(r.get("beats_compile")) == "True"]
+    slower = [r for r in timed if _num(r["applied_speedup"]) < NOT_SLOWER]
+    return {"models": len(rows), "timed": len(timed),
+            "median_share_of_compile_gain": round(statistics.median(shares), 3) if shares else None,
+            "beating_compile": len(beats), "slower_than_eager": len(slower),
+            "slower_than_eager_models": [f"{r['model']}/{r['mode']}" for r in slower]}
+
+
+def _num(v):
+    try:
+        return None if v in (None, "") else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'model':<12} {'mode':<9} {'eager':>8} {'compile':>8} {'applied':>8} {'comp x':>7} {'ours x':>7} " \
+           f"{'share':>6}  replacements / error"
+    lines = [head, "-" * len(head)]
+    f = lambda v, spec: format(_num(v), spec) if _num(v) is not None else "—"  # noqa: E731
+    for r in rows:
+        lines.append(f"{r.get('model', ''):<12} {r.get('mode', ''):<9} {f(r.get('eager_ms'), '8.2f'):>8} "
+                     f"{f(r.get('compile_ms'), '8.2f'):>8} {f(r.get('applied_ms'), '8.2f'):>8} "
+                     f"{f(r.get('compile_speedup'), '6.2f'):>7} {f(r.get('applied_speedup'), '6.2f'):>7} "
+                     f"{f(r.get('share_of_compile_gain'), '5.0%'):>6}  "
+                     f"{r.get('replacements') or ''}{'  ERROR ' + r['error'] if r.get('error') else ''}")
+    s = summary(rows)
+    share = f"{s['median_share_of_compile_gain']:.0%}" if s["median_share_of_compile_gain"] is not None else "—"
+    lines.append(f"\n{s['timed']}/{s['models']} timed; median share of compile's gain {share}; beating whole-model "
+                 f"compile: {s['beating_compile']}; slower than eager (< {NOT_SLOWER}x): {s['slower_than_eager']}"
+                 + (f" ({', '.join(s['slower_than_eager_models'])})" if s["slower_than_eager_models"] else ""))
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    """GPU, driver and versions, read without importing torch here (no CUDA context in this process)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return ""
+    env = {"torch": v("torch"), "triton": v("triton"), "transformers": v("transformers"), "gpu": "", "driver": ""}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        out = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            name, _, driver = out.stdout.strip().splitlines()[0].rpartition(",")
+            env.update(gpu=name.strip(), driver=driver.strip())
+    return env
+
+
+def prewarm(runs: list[tuple[ModelSpec, str]], work: Path, jobs: int, tiny: bool, timeout: float) -> float:
+    """Run each model's `--compile` script for 2 steps, `jobs` at a time, before anything is timed:
+    the timed compile runs then find their graphs in inductor's on-disk caches (FX graph, AOT
+    autograd, Triton kernels) and spend seconds, not a minute, compiling. Nothing here is measured;
+    a failure shows again in the timed run. Returns the seconds it took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.monotonic()
+
+    def one(run):
+        spec, mode = run
+        script = write_script(spec, work / f"{spec.name}-{mode}", tiny)
+        try:
+            subprocess.run([sys.executable, str(script), "--mode", mode, "--compile", "--steps", "2"],
+                           capture_output=True, text=True, timeout=timeout, cwd=script.parent)
+        except subprocess.TimeoutExpired:
+            pass
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, runs))
+    return time.monotonic() - start
+
+
+def plan_runs(names: list[str], quick: bool, mode: str | None = None) -> list[tuple[ModelSpec, str]]:
+    runs = []
+    for name in names:
+        if name not in BY_NAME:
+            raise SystemExit(f"zoo.py: unknown model {name!r} (known: {', '.join(BY_NAME)})")
+        spec = BY_NAME[name]
+        modes = (mode,) if mode else spec.modes[:1] if quick else spec.modes
+        runs += [(spec, m) for m in modes]
+    return runs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(BY_NAME), help="comma-separated; default: all")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps of each verify / compile run")
+    ap.add_argument("--warmup", type=int, default=3, help="steps before timing (>= 2: compile happens there)")
+    ap.add_argument("--out", default="zoo.csv")
+    ap.add_argument("--time-budget", type=float, default=480.0,
+                    help="seconds; models that would start after it is spent are skipped (rerun with --resume)")
+    ap.add_argument("--quick", action="store_true", help="first mode of each model only, 5 steps after 2")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out; run only the others")
+    ap.add_argument("--work", help="folder for the generated scripts and reports [default: a temporary one]")
+    ap.add_argument("--dry-run", action="store_true", help="list the models and modes, run nothing")
+    ap.add_argument("--mode", choices=("bf16", "autocast", "fp32"), help="only this mode [default: each model's]")
+    ap.add_argument("--prewarm-jobs", type=int, default=4,
+                    help="fill inductor's caches with untimed --compile runs, this many at a time, before timing "
+                         "anything (0: off)")
+    ap.add_argument("--tiny", action="store_true", help="hidden-32 configs: a CPU smoke test of the plumbing")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 5, 2
+    runs = plan_runs([m for m in args.models.split(",") if m], args.quick, args.mode)
+    if args.dry_run:
+        for spec, mode in runs:
+            print(f"{spec.name:<12} {mode:<9} {spec.family:<16} {config_text(spec)}")
+        print(f"{len(runs)} runs, {len({s.name for s, _ in runs})} models")
+        return 0
+    out = Path(args.out)
+    rows = read_csv(out) if args.resume else []
+    done = {(r.get("model"), r.get("mode")) for r in rows if not r.get("error", "").startswith("skipped")}
+    rows = [r for r in rows if (r.get("model"), r.get("mode")) in done]
+    env = environment()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fusion-advisor-zoo-"))
+    start, durations = time.monotonic(), []
+    todo = [r for r in runs if (r[0].name, r[1]) not in done]
+    if args.prewarm_jobs > 0 and todo:
+        took = prewarm(todo, work, args.prewarm_jobs, args.tiny, timeout=max(60.0, args.time_budget / 2))
+        print(f"prewarmed the compile caches of {len(todo)} runs in {took:.0f} s", flush=True)
+    for spec, mode in runs:
+        if (spec.name, mode) in done:
+            continue
+        spent = time.monotonic() - start
+        expected = statistics.median(durations) if durations else 0.0
+        if spent + expected > args.time_budget:
+            row = {"model": spec.name, "family": spec.family, "mode": mode, "config": config_text(spec),
+                   "error": f"skipped: time budget {args.time_budget:.0f} s spent (rerun with --resume)"}
+        else:
+            t0 = time.monotonic()
+            row = run_model(spec, mode, work, args.steps, args.warmup,
+                            timeout=max(60.0, args.time_budget - spent + 60.0), tiny=args.tiny)
+            durations.append(time.monotonic() - t0)
+            print(f"{spec.name:<12} {mode:<9} eager {row.get('eager_ms', '—')} ms, compile {row.get('compile_ms', '—')} "
+                  f"ms, applied {row.get('applied_ms', '—')} ms ({durations[-1]:.0f} s) {row.get('error', '')}",
+                  flush=True)
+        rows.append({**env, **row})
+        write_csv(rows, out)
+    print(table(rows))
+    print(f"wrote {out}; scripts and reports in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

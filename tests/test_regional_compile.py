@@ -1,0 +1,269 @@
+"""Regional torch.compile where bench measured compile fastest: the plan names the provider of each
+cluster with its measured times, patch() compiles exactly the instances of that class (one graph
+per class), revert() puts the very forward objects back, and apply --verify runs it."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fusion_advisor
+from fusion_advisor import apply as apply_mod
+from fusion_advisor import calls, regional_compile
+from fusion_advisor.bench import judge
+from fusion_advisor.compile_reference import fastest
+from fusion_advisor.patching import recommended_patterns
+from fusion_advisor.recommend import recommend
+from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, ProviderTiming
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.mlp = RMSNorm(d), LlamaMLP(d)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class Net(nn.Module):
+    def __init__(self, d=8, layers=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def _bench(cluster_id, pattern, **us):
+    measured = {p: ProviderTiming(t, t, t) for p, t in us.items()}
+    numerics = {p: "ok" for p in us if p != "eager"}
+    verdict, reason, best = judge(measured, numerics, "gpu")
+    return Benchmark(cluster_id, pattern, {}, "forward+backward", measured, numerics_ok=True, verdict=verdict,
+                     reason=reason, timing="gpu", device="NVIDIA H100", numerics_by_provider=numerics,
+                     best_provider=best)
+
+
+def _result():
+    """The MLP's cluster won by torch.compile (ours recommended, compile faster still), the norm's
+    by our kernel, a third cluster by nothing."""
+    clusters = [Cluster("c1", "forward", "swiglu", module_class="Net/Block/LlamaMLP", occurrences_per_step=3),
+                Cluster("c2", "forward", "rms_norm", module_class="Net/Block/RMSNorm", occurrences_per_step=3),
+                Cluster("c3", "forward", "layer_norm", module_class="Net/LayerNorm", occurrences_per_step=1)]
+    result = AdvisorResult(clusters=clusters, benchmarks=[
+        _bench("c1", "swiglu", eager=100.0, triton=90.0, compile=40.0),
+        _bench("c2", "rms_norm", eager=50.0, triton=20.0, compile=30.0),
+        _bench("c3", "layer_norm", eager=10.0, triton=12.0, compile=10.1)])
+    return recommend(result)
+
+
+@pytest.fixture
+def counting_backend(monkeypatch):
+    """The graphs dynamo hands the backend, compiled with aot_eager (forward and backward, no C++)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    monkeypatch.setattr(regional_compile, "DEFAULT_BACKEND", backend)
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()
+
+
+def test_the_plan_gives_each_cluster_its_measured_fastest_provider_with_the_times():
+    plan = apply_mod.plan(_result())
+    by_cluster = {c["cluster_id"]: c for c in plan.providers}
+    assert by_cluster["c1"]["provider"] == "compile" and by_cluster["c1"]["runtime_pattern"] == "compile:LlamaMLP"
+    assert by_cluster["c1"]["measured_us"] == {"eager": 100.0, "triton": 90.0, "compile": 40.0}
+    assert "eager 100.0 µs, ours 90.0 µs, compile 40.0 µs" in by_cluster["c1"]["why"]
+    assert "adds one compile" in by_cluster["c1"]["why"]
+    assert by_cluster["c2"]["provider"] == "triton" and "ours 20.0 µs" in by_cluster["c2"]["why"]
+    assert "c3" not in by_cluster   # nothing beat eager there: not even recommended
+    assert plan.runtime_patterns == ["compile:LlamaMLP", "rms_norm"]
+    assert any("regional torch.compile (compile:LlamaMLP" in n for n in plan.notes)
+
+
+def test_compile_within_noise_of_ours_goes_to_ours():
+    result = _result()
+    result.benchmarks[0] = _bench("c1", "swiglu", eager=100.0, triton=40.5, compile=40.0)
+    recommend(result)
+    c1 = next(c for c in apply_mod.plan(result).providers if c["cluster_id"] == "c1")
+    assert c1["provider"] == "triton"
+
+
+def test_patch_compiles_exactly_those_instances_once_per_class_and_reverts(counting_backend):
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(2, 5, 8)
+    want = model(x)
+    originals = {name: m.forward for name, m in model.named_modules()}
+    calls.reset()
+    handle = fusion_advisor.patch(model, patterns=["compile:LlamaMLP"])
+    compiled = {f.path for f in handle.functions}
+    assert compiled == {f"blocks.{i}.mlp.forward" for i in range(3)}
+    assert [n for n, m in model.named_modules() if "forward" in vars(m)] == [f"blocks.{i}.mlp" for i in range(3)]
+    for _ in range(2):
+        got = model(x)
+        got.sum().backward()
+    torch.testing.assert_close(got, want)
+    assert len(counting_backend) == 1                 # one graph for three instances, two steps
+    assert calls.snapshot()["compile:LlamaMLP"] == 6  # counted per call, outside the compiled code
+    assert all(p.grad is not None for p in model.blocks[2].mlp.parameters())
+    info = regional_compile.report()["compile:LlamaMLP"]
+    assert info["graphs"] >= 1 and info["first_call_s"] is not None
+    handle.revert()
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert all(m.forward == originals[n] for n, m in model.named_modules())
+    graphs = len(counting_backend)
+    torch.testing.assert_close(model(x), want)
+    assert len(counting_backend) == graphs            # reverted: nothing compiled runs
+
+
+def test_an_instance_forward_of_its_own_comes_back_as_the_same_object(counting_backend):
+    model = Net()
+    own = model.blocks[1].mlp.forward
+    model.blocks[1].mlp.forward = own                 # e.g. another patch left an instance forward
+    handle = regional_compile.compile_regions(model, ["compile:LlamaMLP"])
+    assert model.blocks[1].mlp.forward is not own
+    model(torch.randn(1, 3, 8)).sum().backward()
+    handle.revert()
+    assert vars(model.blocks[1].mlp)["forward"] is own
+    assert "forward" not in vars(model.blocks[0].mlp)
+
+
+def test_nested_and_backbone_classes_are_not_compiled_and_say_why(counting_backend):
+    model = Net()
+    handle = regional_compile.compile_regions(model, ["compile:Block", "compile:LlamaMLP", "compile:Net",
+                                                      "compile:GELU"])
+    assert {f.path for f in handle.forwards} == {"blocks.0", "blocks.1", "blocks.2"}
+    why = dict(handle.skipped)
+    assert "inside the compiled blocks.0" in why["blocks.0.mlp"]
+    assert "whole-model compilation" in why["(model)"]
+    assert any("no GELU module" in r for _, r in handle.skipped)
+    handle.revert()
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_a_module_our_kernel_swap_put_there_is_not_compiled(counting_backend):
+    from fusion_advisor.kernels.rms_norm import RMSNorm as FusedRMSNorm
+    model = Net()
+    model.blocks[0].norm = FusedRMSNorm(8)
+    handle = regional_compile.compile_regions(model, ["compile:RMSNorm"])
+    assert {f.path for f in handle.forwards} == {"blocks.1.norm", "blocks.2.norm"}
+    assert "already our fused module" in dict(handle.skipped)["blocks.0.norm"]
+    handle.revert()
+
+
+def test_whole_model_compile_is_the_model_itself(counting_backend):
+    model = Net()
+    x = torch.randn(2, 3, 8)
+    want = model(x)
+    handle = fusion_advisor.patch(model, patterns=[regional_compile.WHOLE_MODEL])
+    assert [f.path for f in handle.functions] == ["(model).forward"]
+    torch.testing.assert_close(model(x), want)
+    handle.revert()
+    assert "forward" not in vars(model)
+
+
+def test_patch_with_a_result_compiles_what_compile_won():
+    names = recommended_patterns(_result())
+    assert "compile:LlamaMLP" in names and "swiglu" not in names and "rms_norm" in names
+
+
+def test_fastest_configuration_verdict():
+    name, text = fastest({"unpatched": 0.010, "patched": 0.008, "torch.compile (whole model)": 0.007})
+    assert name == "torch.compile (whole model)" and "patched 1.25x" in text and "7.00 ms" in text
+    assert fastest({"unpatched": None})[0] == ""
+
+
+SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {here!r})
+from test_regional_compile import Net
+torch.manual_seed(0)
+model = Net()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+for _ in range(50):
+    loss = model(torch.randn(2, 5, 8)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+'''
+
+
+def test_apply_verify_compiles_the_won_cluster_in_the_patched_run(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(here=str(__import__("pathlib").Path(__file__).parent)))
+    result = _result()
+    result.benchmarks[1] = _bench("c2", "rms_norm", eager=50.0, triton=60.0, compile=49.9)  # nothing there
+    recommend(result)
+    result.run = {"script": str(script), "argv": [str(script)], "cwd": str(tmp_path)}
+    result.save(tmp_path / "result.json")
+    env = {**__import__("os").environ, "FUSION_ADVISOR_COMPILE_BACKEND": "aot_eager"}
+    r = subprocess.run([sys.executable, "-m", "fusion_advisor.cli", "apply", str(tmp_path / "result.json"), "--verify",
+                        "--steps", "3", "--warmup", "1", "--json"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["runtime_patterns"] == ["compile:LlamaMLP"]
+    assert [c["provider"] for c in report["providers"]] == ["compile"]
+    v = report["verification"]
+    assert v["losses_match"]
+    assert sorted(v["after"]["swapped"]) == [f"blocks.{i}.mlp.forward: fused (compile:LlamaMLP)" for i in range(3)]
+    assert v["after"]["compiled"] is False      # our compile is not the script's: calls stay counted
+    rows = {r["name"]: r for r in v["replacements"]}
+    assert rows["compile:LlamaMLP"]["status"] == "ran" and rows["compile:LlamaMLP"]["calls_per_step"] >= 3
+    compiled = v["after"]["regional_compiles"]["compile:LlamaMLP"]
+    assert compiled["instances"] == 3 and compiled["graphs"] >= 1 and compiled["first_call_s"] > 0
+
+
+def test_compile_reference_runs_the_script_with_the_whole_model_compiled(tmp_path, monkeypatch):
+    from fusion_advisor.compile_reference import compile_reference
+    from fusion_advisor.verify import RunSpec, run_script
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(here=str(__import__("pathlib").Path(__file__).parent)))
+    monkeypatch.setenv("FUSION_ADVISOR_COMPILE_BACKEND", "aot_eager")
+    ref = compile_reference(str(script), [], steps=3, warmup=2)
+    assert ref.error is None and ref.median_step_s and len(ref.step_times_s) == 3
+    assert ref.swapped == ["(model).forward: fused (compile:*)"]
+    eager = run_script(RunSpec(str(script), [], 3, 2))
+    torch.testing.assert_close(torch.tensor(ref.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-6)
+    with pytest.raises(Exception, match="warmup >= 2"):
+        compile_reference(str(script), [], warmup=1)
+
+
+def test_our_kernel_failing_numerics_leaves_compile_or_nothing_with_the_reason():
+    from fusion_advisor import provider_choice
+    result = _result()
+    cluster, rec = result.clusters[0], result.recommendations[0]
+    bench = _bench("c1", "swiglu", eager=100.0, triton=20.0, compile=40.0)
+    bench.numerics_ok, bench.numerics_detail = False, "max abs diff 0.3"
+    bench.numerics_by_provider.pop("triton")
+    assert provider_choice.choose(rec, cluster, bench).provider == "compile"
+    bench.measured["compile"] = ProviderTiming(99.5, 99.5, 99.5)
+    choice = provider_choice.choose(rec, cluster, bench)
+    assert choice.provider is None and "numerics failed: triton: max abs diff 0.3" in choice.why

@@ -1,0 +1,147 @@
+"""benchmarks/zoo.py on CPU: the generated training scripts run, the figures and the CSV are right,
+the time budget skips and --resume picks up. (The zoo itself runs on a GPU.)"""
+import csv
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("zoo", ROOT / "benchmarks" / "zoo.py")
+zoo = importlib.util.module_from_spec(_spec)
+sys.modules["zoo"] = zoo   # its dataclasses look their module up there
+_spec.loader.exec_module(zoo)
+
+
+@pytest.mark.parametrize("name, mode", [("gpt2", "bf16"), ("bert", "autocast")])
+def test_the_generated_script_trains_two_steps_on_cpu(tmp_path, name, mode):
+    script = zoo.write_script(zoo.BY_NAME[name], tmp_path, tiny=True)
+    assert "32" in script.read_text().split("INPUTS")[0]   # the tiny config, not the GPU one
+    r = subprocess.run([sys.executable, str(script), "--steps", "2", "--device", "cpu", "--mode", mode],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loss = float(r.stdout.strip().rsplit(" ", 1)[-1])
+    assert math.isfinite(loss) and loss > 0
+
+
+def test_the_zoo_has_twelve_families_of_five_kinds():
+    assert len({m.model_class for m in zoo.MODELS}) >= 12
+    assert {m.family for m in zoo.MODELS} == {"decoder", "encoder-decoder", "encoder", "vision", "speech"}
+    assert all("autocast" in m.modes for m in zoo.MODELS if m.family == "vision")
+    assert all(m.modes[0] in ("bf16", "autocast") for m in zoo.MODELS)
+
+
+def test_dry_run_lists_every_run(capsys):
+    assert zoo.main(["--dry-run", "--models", "vit,gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert "vit          autocast" in out and "vit          bf16" in out and "3 runs, 2 models" in out
+    assert zoo.main(["--dry-run", "--models", "vit,gpt2", "--quick"]) == 0
+    assert "2 runs, 2 models" in capsys.readouterr().out
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(SystemExit, match="unknown model 'gpt5'"):
+        zoo.main(["--dry-run", "--models", "gpt5"])
+
+
+def test_speedups_and_share_of_compile_gain():
+    d = zoo.derived(10.0, 8.0, 9.0)
+    assert d == {"compile_speedup": 1.25, "applied_speedup": 1.111, "share_of_compile_gain": 0.5,
+                 "beats_compile": False}
+    assert zoo.derived(10.0, 8.0, 7.5)["share_of_compile_gain"] == 1.25
+    slower_compile = zoo.derived(10.0, 12.0, 9.0)
+    assert slower_compile["share_of_compile_gain"] is None and slower_compile["beats_compile"] is True
+    assert zoo.derived(None, 8.0, 9.0) == {}
+    assert zoo.derived(10.0, None, 9.0) == {"applied_speedup": 1.111}
+
+
+def _fake_rows():
+    rows = []
+    for model, (e, c, a) in {"a": (10.0, 8.0, 9.0), "b": (10.0, 8.0, 7.5), "c": (10.0, 9.0, 10.5),
+                             "d": (10.0, 12.0, 9.0)}.items():
+        rows.append({"model": model, "mode": "bf16", "eager_ms": e, "compile_ms": c, "applied_ms": a,
+                     **zoo.derived(e, c, a)})
+    rows.append({"model": "e", "mode": "bf16", "error": "profile exit 1: boom"})
+    return rows
+
+
+def test_summary_math_and_the_csv_round_trip(tmp_path):
+    rows = _fake_rows()
+    s = zoo.summary(rows)
+    # shares: a 0.5, b 1.25, c -0.5 (slower than eager), d none (compile gained nothing)
+    assert s["median_share_of_compile_gain"] == 0.5
+    assert s["beating_compile"] == 2 and s["slower_than_eager"] == 1 and s["slower_than_eager_models"] == ["c/bf16"]
+    assert s["timed"] == 4 and s["models"] == 5
+    path = tmp_path / "zoo.csv"
+    zoo.write_csv(rows, path)
+    with open(path, newline="") as fh:
+        assert next(csv.reader(fh)) == zoo.COLUMNS
+    assert zoo.summary(zoo.read_csv(path)) == s        # the same figures from the CSV's text
+    text = zoo.table(rows)
+    assert "median share of compile's gain 50%" in text and "slower than eager (< 0.98x): 1 (c/bf16)" in text
+    assert "ERROR profile exit 1: boom" in text
+
+
+def test_replacements_with_calls_per_step_read_defensively():
+    assert zoo.replacements_text({"calls_per_step": {"rms_norm": 9.0, "compile:LlamaMLP": 4.0}}) == \
+        "compile:LlamaMLP x4/step; rms_norm x9/step"
+    assert zoo.replacements_text({"calls": {"rope": 24}, "steps_run": 12}) == "rope x2/step"
+    assert zoo.replacements_text({}, {"calls_per_step": {"rope": 8}}) == "rope x8/step"
+    rows = [{"name": "rms_norm", "how": "runtime swap", "calls_per_step": 9.0, "status": "ran", "why": ""},
+            {"name": "rope", "how": "runtime swap", "calls_per_step": 0.0, "status": "never called", "why": "x"}]
+    assert zoo.replacements_text({"calls": {"rms_norm": 99}}, {"replacements": rows}) == \
+        "rms_norm x9/step; rope never called"
+    swapped = ["model.layers.0.mlp.forward: fused (compile:LlamaMLP)", "model.layers.1.mlp.forward: fused (compile:LlamaMLP)",
+               "model.norm: LlamaRMSNorm -> FusedRMSNorm"]
+    assert zoo.replacements_text({"swapped": swapped}) == "FusedRMSNorm (1 swapped); compile:LlamaMLP (2 swapped)"
+    assert zoo.replacements_text({}) == ""
+    providers = [{"module": "M/Block/LlamaMLP", "provider": "compile"}, {"module": "M/RMSNorm", "provider": None}]
+    assert zoo.providers_text(providers) == "LlamaMLP:compile"
+
+
+def test_time_budget_skips_and_resume_runs_the_rest(tmp_path, monkeypatch, capsys):
+    ran = []
+
+    def fake_run(spec, mode, work, steps, warmup, timeout, tiny=False):
+        ran.append((spec.name, mode))
+        import time
+        time.sleep(0.2)
+        return {"model": spec.name, "family": spec.family, "mode": mode, "eager_ms": 10.0, "compile_ms": 8.0,
+                "applied_ms": 9.0, **zoo.derived(10.0, 8.0, 9.0)}
+    monkeypatch.setattr(zoo, "run_model", fake_run)
+    monkeypatch.setattr(zoo, "environment", lambda: {"gpu": "fake GPU", "driver": "1.0", "torch": "2", "triton": "3",
+                                                      "transformers": "5"})
+    out = tmp_path / "zoo.csv"
+    args = ["--models", "gpt2,bert,llama", "--out", str(out), "--work", str(tmp_path / "w"), "--prewarm-jobs", "0"]
+    zoo.main(args + ["--time-budget", "0.5"])
+    rows = zoo.read_csv(out)
+    assert ran == [("gpt2", "bf16"), ("bert", "bf16")]   # the third would start after the budget
+    assert [r["error"].startswith("skipped") for r in rows] == [False, False, True]
+    assert rows[0]["gpu"] == "fake GPU" and rows[0]["share_of_compile_gain"] == "0.5"
+    zoo.main(args + ["--resume"])
+    assert ran[2:] == [("llama", "bf16")]
+    assert [r["model"] for r in zoo.read_csv(out)] == ["gpt2", "bert", "llama"]
+    assert not any(r["error"] for r in zoo.read_csv(out))
+
+
+def test_prewarm_runs_each_compile_script_untimed(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd[1:])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(zoo.subprocess, "run", fake_run)
+    runs = zoo.plan_runs(["gpt2", "vit"], quick=False)
+    zoo.prewarm(runs, tmp_path, jobs=2, tiny=True, timeout=60)
+    assert sorted(c[1:] for c in seen) == sorted([["--mode", m, "--compile", "--steps", "2"]
+                                                  for m in ("bf16", "autocast", "bf16")])
+    assert all(Path(c[0]).is_file() for c in seen)
+
+
+def test_the_apply_json_is_found_after_other_output():
+    text = 'warning: {not json}\n{\n  "providers": [],\n  "verification": {"losses_match": true}\n}\n'
+    assert zoo._json_object(text) == {"providers": [], "verification": {"losses_match": True}}
+    assert zoo._json_object("error: nothing to verify") is None
