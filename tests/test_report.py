@@ -233,7 +233,7 @@ def test_html_sections(sample):
 def test_html_says_nothing_was_measured_when_bench_did_not_run(sample):
     doc = parse(render_html(not_run_variant(sample)))
     notice = doc.find_all(id="not-run")[0].all_text()
-    assert "did not run" in notice and "no CUDA GPU on this machine" in notice and "nothing was timed" in notice
+    assert "Not benchmarked" in notice and "no CUDA GPU on this machine" in notice and "nothing was timed" in notice
     for row in doc.find_all("tr", class_="rec-row"):
         cells = [c for c in row.children if c.tag == "td"]
         assert cells[4].all_text() == "—"                 # the measured column

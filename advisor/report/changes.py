@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusion_advisor.cluster_names import module_leaf, short_source
 from fusion_advisor.result import AdvisorResult, Recommendation
 
 RESULT_PLACEHOLDER = "fusion-report/result.json"
@@ -102,9 +103,11 @@ def _change(result: AdvisorResult, rec: Recommendation, result_path: str | None)
     change.applied_by_apply = bool(change.diff or change.runtime)
     change.action = _action(rec, change, plan)
     best = _best_provider(result, rec)
+    cluster = next((c for c in result.clusters if c.id == rec.cluster_id), None)
     if best == "compile":
-        change.by_hand = (f"torch.compile measured faster here: instead of `apply`, wrap "
-                          f"{_module_leaf(result, rec) or 'the code'} in torch.compile yourself.")
+        target = _module_leaf(result, rec) or (f"the code at {short_source(cluster.source)}"
+                                               if cluster is not None and cluster.source else "the code")
+        change.by_hand = f"torch.compile measured faster here: instead of `apply`, wrap {target} in torch.compile yourself."
     elif best == "liger":
         change.by_hand = "Liger-Kernel measured faster here: instead of `apply`, use Liger-Kernel's equivalent yourself."
     return change
@@ -150,7 +153,7 @@ def _runtime_lines(name: str, result: AdvisorResult, rec: Recommendation) -> lis
 
 def _module_leaf(result: AdvisorResult, rec: Recommendation) -> str | None:
     cluster = next((c for c in result.clusters if c.id == rec.cluster_id), None)
-    return cluster.module_class.rsplit("/", 1)[-1] if cluster is not None and cluster.module_class else None
+    return module_leaf(cluster) if cluster is not None else None
 
 
 def _best_provider(result: AdvisorResult, rec: Recommendation) -> str | None:

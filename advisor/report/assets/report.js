@@ -1,13 +1,17 @@
-// Draws the charts from the figure specs embedded in this page (built by fusion_advisor.report.charts).
+// Draws the charts from the figure specs embedded in this page (built by fusion_advisor.report.charts),
+// and wires the copy buttons of the diffs.
 (function () {
   "use strict";
   var figures = JSON.parse(document.getElementById("fa-figures").textContent);
+  // Each chart's box has an explicit height (set from its figure): plotly fills the box's width
+  // and never grows past its height, so a resize cannot push a chart over the next heading.
   var config = {displaylogo: false, responsive: true, toImageButtonOptions: {format: "png", scale: 2}};
   var divs = document.querySelectorAll("[data-figure]");
   if (divs.length && typeof Plotly === "undefined") {
     console.error("plotly.js is missing from this page: the charts cannot be drawn");
     return;
   }
+  var narrow = window.innerWidth < 700;
   var pending = [];
   Array.prototype.forEach.call(divs, function (div) {
     var name = div.getAttribute("data-figure");
@@ -16,7 +20,14 @@
       console.error("no figure named " + name + " in this report");
       return;
     }
-    pending.push(Promise.resolve(Plotly.newPlot(div, fig.data, fig.layout, config)).then(function () {
+    var layout = JSON.parse(JSON.stringify(fig.layout));
+    if (narrow) {
+      // A phone: legends wrap to more rows and the plot needs the room.
+      layout.height = (layout.height || 420) + 160;
+      layout.margin = Object.assign({}, layout.margin || {}, {l: 50, r: 10});
+    }
+    div.style.height = (layout.height || 420) + "px";
+    pending.push(Promise.resolve(Plotly.newPlot(div, fig.data, layout, config)).then(function () {
       div.setAttribute("data-rendered", "yes");
     }));
   });
@@ -25,4 +36,31 @@
   }, function (err) {
     console.error("a chart failed to draw: " + ((err && err.message) || err));
   });
+
+  Array.prototype.forEach.call(document.querySelectorAll("button.copy"), function (button) {
+    button.addEventListener("click", function () {
+      var source = document.getElementById(button.getAttribute("data-copy"));
+      if (!source) { return; }
+      var text = Array.prototype.map.call(source.querySelectorAll("span"), function (s) { return s.textContent; });
+      text = text.length ? text.join("\n") + "\n" : source.textContent;
+      var done = function () { button.textContent = "Copied"; setTimeout(function () { button.textContent = "Copy"; }, 1500); };
+      if (navigator.clipboard && navigator.clipboard.writeText) {
+        navigator.clipboard.writeText(text).then(done, function () { fallback(text); done(); });
+      } else {
+        fallback(text);
+        done();
+      }
+    });
+  });
+
+  function fallback(text) {
+    var area = document.createElement("textarea");
+    area.value = text;
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.appendChild(area);
+    area.select();
+    try { document.execCommand("copy"); } catch (e) { /* nothing more to try offline */ }
+    document.body.removeChild(area);
+  }
 })();
