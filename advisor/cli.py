@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fusion_advisor import __version__
 from fusion_advisor.errors import EXIT_SCRIPT_FAILED, AdvisorError
@@ -52,20 +52,46 @@ def handles_errors(fn):
     return wrapper
 
 
-def _print_result(result, as_json: bool, out_console: Console) -> None:
+def _print_result(result, as_json: bool, out_console: Console, detail: bool = False, diff: bool = False,
+                  result_path: Path | None = None) -> None:
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
         return
     from fusion_advisor.report.terminal import render_report
-    render_report(result, out_console)
+    render_report(result, out_console, detail=detail, diff=diff,
+                  result_path=str(result_path) if result_path is not None else None)
 
 
 def _write_report_html(result, result_path: Path) -> Path:
     """report.html beside the saved result (OutputError, exit 4, when it cannot be written)."""
     from fusion_advisor.report import default_html_path, write_html
     html_path = default_html_path(result_path)
-    write_html(result, html_path)
+    write_html(result, html_path, str(result_path))
     return html_path
+
+
+# The report's options, the same on `profile` and `report`.
+DIFF_HELP = "Show each recommendation's change in the terminal: the diff `apply` writes, or its runtime patch."
+DETAIL_HELP = "Also print the detail tables: GPU time by kernel and by module, the memory-bound clusters."
+QUIET_HELP = "Print no terminal report: only the files written, and errors."
+VERBOSE_HELP = "Print everything: --detail and --diff."
+OPEN_HELP = "Open the HTML report in the web browser, when this machine has one."
+
+
+def _open_in_browser(path: Path) -> None:
+    import webbrowser
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        err.print(f"no web browser found here; open {path} yourself", highlight=False)
+        return
+    if not browser.open(path.resolve().as_uri()):
+        err.print(f"the web browser did not open; open {path} yourself", highlight=False)
+
+
+def _progress_console() -> Console:
+    """stderr, its terminal-ness fixed now: while the script runs, fd 2 is a pipe (stderr_filter)."""
+    return Console(stderr=True, force_terminal=sys.stderr.isatty() or None)
 
 
 def _version_callback(value: bool):
@@ -95,7 +121,7 @@ def _roi_options(gpu_hourly_cost: Optional[float], steps_per_day: Optional[float
 @contextlib.contextmanager
 def _bench_progress():
     """A progress bar with one tick per benchmarked cluster, on stderr."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err, transient=True)
     task = progress.add_task("benchmarking", total=None)
 
@@ -128,6 +154,11 @@ def profile(
     gpus: int = typer.Option(1, "--gpus", help=GPUS_HELP),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Time and check the matched replacements on the "
                                                                "GPU (needs a GPU; off: estimates only)."),
+    diff: bool = typer.Option(False, "--diff", help=DIFF_HELP),
+    detail: bool = typer.Option(False, "--detail", help=DETAIL_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    open_html: bool = typer.Option(False, "--open", help=OPEN_HELP),
     target_gpu: Optional[str] = typer.Option(None, "--target-gpu", metavar="GPU",
                                              help="Price the estimates for this GPU (h100, h200, a100, ...); a CPU-only "
                                                   "run defaults to h100."),
@@ -145,11 +176,12 @@ def profile(
       fusion-advisor profile train.py --warmup 5 --steps 2 -o runs/today -- --batch-size 8
     """
     from fusion_advisor.capture import CaptureOptions, capture
+    from fusion_advisor.stderr_filter import without_kineto_lines
 
     opts = CaptureOptions(script=str(script), script_args=list(ctx.args), warmup=warmup, steps=steps,
                           stop=stop, out_dir=str(out))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=err, transient=True)
+                        TimeElapsedColumn(), console=_progress_console(), transient=True)
     task = progress.add_task("warm-up steps", total=max(warmup, 1))
 
     def on_step(n: int, w: int, a: int, source: str | None) -> None:
@@ -159,7 +191,7 @@ def profile(
             progress.update(task, description=f"recording steps (by {source})", completed=min(n - w, a), total=a)
 
     redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
-    with redirect, progress:
+    with redirect, without_kineto_lines(), progress:
         result_capture = capture(opts, progress=on_step, notice=lambda m: err.print(f"[yellow]note:[/] {m}"))
     if result_capture.error:
         err.print(result_capture.error.rstrip(), highlight=False, markup=False)
@@ -167,7 +199,8 @@ def profile(
         written = f"; wrote {result_capture.meta_path}"
         _fail(("the script failed before any step was recorded" if result_capture.error else
                "nothing was recorded") + written, EXIT_SCRIPT_FAILED if result_capture.error else 2)
-    result = _analyze_path(result_capture.trace_path, target_gpu)
+    with err.status("analysing the trace", spinner="dots"):
+        result = _analyze_path(result_capture.trace_path, target_gpu)
     roi_options = _roi_options(gpu_hourly_cost, steps_per_day, gpus)
     if bench:
         with _bench_progress() as on_cluster:
@@ -175,11 +208,18 @@ def profile(
     else:
         result.notes.append("bench was switched off (--no-bench): every saving is an estimate")
     result_path = out / "result.json"
+    if result.recommendations:   # while the sources are on this disk: a copied result still shows its diffs
+        from fusion_advisor.report.changes import fill_patch_diffs
+        fill_patch_diffs(result)
     result.save(result_path)
     html_path = _write_report_html(result, result_path)
-    _print_result(result, as_json, Console())
+    if as_json or not quiet:
+        _print_result(result, as_json, Console(), detail=detail or verbose, diff=diff or verbose,
+                      result_path=result_path)
     err.print(f"wrote {result_capture.trace_path}\nwrote {result_capture.meta_path}\nwrote {result_path}\n"
               f"wrote {html_path}", highlight=False)
+    if open_html:
+        _open_in_browser(html_path)
     if result_capture.error:
         _fail("the script raised (traceback above); the steps recorded before it are kept", EXIT_SCRIPT_FAILED)
 
@@ -235,18 +275,25 @@ def report(
                                                              "beside result.json; beside NAME.json, NAME.html]."),
     as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout instead of the "
                                                        "terminal report."),
-    no_terminal: bool = typer.Option(False, "--no-terminal", help="Print no terminal report."),
+    no_terminal: bool = typer.Option(False, "--no-terminal", help="Print no terminal report (as --quiet)."),
+    diff: bool = typer.Option(False, "--diff", help=DIFF_HELP),
+    detail: bool = typer.Option(False, "--detail", help=DETAIL_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    open_html: bool = typer.Option(False, "--open", help=OPEN_HELP),
 ):
     """Re-render a saved result: the terminal report and one self-contained HTML file, without profiling.
 
     \b
     The HTML file opens offline (plotly.js and the result are inside it): the ranked recommendations,
-    a roofline, one step's timeline, a waterfall of the savings, each patch as a diff.
+    each with its change (the diff `apply` writes, or its runtime patch), a waterfall of the savings,
+    a roofline, one step's timeline, and the `apply` commands to run.
 
     \b
     Examples:
       fusion-advisor report fusion-report/result.json
-      fusion-advisor report runs/a.json --html /tmp/a.html --no-terminal
+      fusion-advisor report fusion-report/result.json --diff       # each change in the terminal
+      fusion-advisor report runs/a.json --html /tmp/a.html -q --open
     """
     from fusion_advisor.report import HTMLRenderer, default_html_path, load_result, malformed_result_errors
     from fusion_advisor.files import write_text_atomic
@@ -254,17 +301,20 @@ def report(
     result = load_result(result_path)
     html_path = html if html is not None else default_html_path(result_path)
     with malformed_result_errors(str(result_path)):  # a malformed result writes nothing
-        page = HTMLRenderer().render(result)
-        if as_json or not no_terminal:
-            _print_result(result, as_json, Console())
+        page = HTMLRenderer(str(result_path)).render(result)
+        if as_json or not (no_terminal or quiet):
+            _print_result(result, as_json, Console(), detail=detail or verbose, diff=diff or verbose,
+                          result_path=result_path)
     write_text_atomic(html_path, page)
     err.print(f"wrote {html_path}", highlight=False)
+    if open_html:
+        _open_in_browser(html_path)
 
 
 @app.command(name="apply")
 @handles_errors
 def apply_cmd(
-    result_path: Path = typer.Argument(..., metavar="RESULT.json", help="An AdvisorResult from `profile` or `bench`."),
+    result_path: Path = typer.Argument(..., metavar="RESULT", help="An AdvisorResult from `profile` or `bench`."),
     write: bool = typer.Option(False, "--write", help="Write the changes (atomically, with backups under "
                                                        "./.fusion-advisor/backups). Default: print the diff only."),
     revert: bool = typer.Option(False, "--revert", help="Restore the files of the latest --write from their backups."),
@@ -363,7 +413,7 @@ def _print_verification(v) -> None:
 @app.command()
 @handles_errors
 def bench(
-    result_path: Path = typer.Argument(..., metavar="RESULT.json", help="An AdvisorResult from profile or analyze."),
+    result_path: Path = typer.Argument(..., metavar="RESULT", help="An AdvisorResult from profile or analyze."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the result [default: RESULT.json]."),
     providers: str = typer.Option("eager,triton,compile,liger", "--providers",
                                   help="What to time, comma-separated: eager, triton, compile, liger, cuda_graph "
@@ -413,7 +463,7 @@ def bench(
 @app.command()
 @handles_errors
 def recommend(
-    result_path: Path = typer.Argument(..., metavar="RESULT.json", help="An AdvisorResult, benchmarked or not."),
+    result_path: Path = typer.Argument(..., metavar="RESULT", help="An AdvisorResult, benchmarked or not."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the result [default: RESULT.json]."),
     gpu_hourly_cost: Optional[float] = typer.Option(None, "--gpu-hourly-cost", help=GPU_COST_HELP),
     steps_per_day: Optional[float] = typer.Option(None, "--steps-per-day", help=STEPS_PER_DAY_HELP),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -135,23 +136,27 @@ def test_sample_is_labelled_synthetic_and_consistent(sample):
 # -- terminal and JSON -----------------------------------------------------------------------
 def test_terminal_ranks_and_labels_every_figure(sample):
     text = render_terminal(sample, width=160)
-    lines = text.splitlines()
-    rank_rows = [ln for ln in lines if ln.startswith("│ ") and ln[2:4].strip() in {"1", "2", "3"}]
-    assert [r[2:4].strip() for r in rank_rows] == ["1", "2", "3"]
+    ranked = text[text.index("Recommendations, ranked"):text.index("Potential saving")]
+    rank_rows = [ln for ln in ranked.splitlines() if re.match(r"^\s{1,3}\d\s{2,}\S", ln)]
+    assert [r.split()[0] for r in rank_rows] == ["1", "2", "3"]
     assert "Fuse RMSNorm" in rank_rows[0] and "(measured)" in rank_rows[0]
     assert "(estimate)" in rank_rows[1] and "—" in rank_rows[1]   # bench did not time #2: no measured figure
-    for header in ("saving/step", "measured", "estimate", "est. save"):
+    for header in ("saving/step", "measured", "estimate"):
         assert header in text
     assert "Rejected replacements" in text and "failed numerics" in text and "not faster than eager" in text
     assert "launch-bound" in text and "CUDA graphs" in text
     assert "datasheet figures, not calibrated" in text
-    assert "bench did not run" not in text
+    assert "Not benchmarked" not in text
+    assert text.index("Recommendations, ranked") < text.index("Rejected replacements")
+    assert "GPU time per step by kernel" not in text   # behind --detail
+    assert "GPU time per step by kernel" in render_terminal(sample, width=160, detail=True)
+    assert text.rstrip().splitlines()[-1].strip() == "fusion-advisor apply fusion-report/result.json --write"
 
 
 def test_terminal_says_when_bench_did_not_run(sample):
     text = render_terminal(not_run_variant(sample), width=160)
-    assert "bench did not run: no CUDA GPU on this machine" in text
-    assert "(measured)" not in text
+    assert "Not benchmarked: no CUDA GPU on this machine" in text
+    assert "(measured)" not in text[text.index("Recommendations, ranked"):]
 
 
 def test_terminal_keeps_markup_as_text(hostile):

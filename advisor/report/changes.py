@@ -89,7 +89,7 @@ def _change(result: AdvisorResult, rec: Recommendation, result_path: str | None)
     change = Change(rec.rank, "", bool(plan.changed or plan.runtime_patterns), diff=diff, notes=notes)
     if not diff and patch.get("diff"):
         change.diff = str(patch["diff"])   # planned at profile time, on the machine that ran it
-        change.notes.append("the diff below was planned when the result was made; the source is not on this disk")
+        change.notes.append("this diff was planned when the result was made: the source is not on this disk")
     for name in plan.runtime_patterns:
         change.runtime += _runtime_lines(name, result, rec)
     if not change.runtime and patch.get("runtime") and not plan.changed:
@@ -116,11 +116,11 @@ def _change(result: AdvisorResult, rec: Recommendation, result_path: str | None)
 def _action(rec: Recommendation, change: Change, plan) -> str:
     memory = " (a memory trade: only with --memory)" if rec.kind == "memory" else ""
     if change.diff and change.runtime:
-        return f"`apply` edits your source (diff below) and patches the model at run time{memory}."
+        return f"`apply` edits your source and patches the model at run time{memory}."
     if change.diff:
         files = sorted({Path(f.path).name for f in plan.changed}) if plan.changed else []
         where = f" ({', '.join(files)})" if files else ""
-        return f"`apply` edits your source{where}: the diff below{memory}."
+        return f"`apply` edits your source{where}{memory}."
     if change.runtime:
         return f"`apply` patches the model at run time (library code is never edited){memory}."
     return "`apply` leaves this one alone" + (f": {change.notes[0]}" if change.notes else ".")
