@@ -122,7 +122,7 @@ def _roi_options(gpu_hourly_cost: Optional[float], steps_per_day: Optional[float
 def _bench_progress():
     """A progress bar with one tick per benchmarked cluster, on stderr."""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=err, transient=True)
+                        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
     task = progress.add_task("benchmarking", total=None)
 
     def on_cluster(done: int, total: int, label: str) -> None:
@@ -180,8 +180,9 @@ def profile(
 
     opts = CaptureOptions(script=str(script), script_args=list(ctx.args), warmup=warmup, steps=steps,
                           stop=stop, out_dir=str(out))
+    console = _progress_console()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=_progress_console(), transient=True)
+                        TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
     task = progress.add_task("warm-up steps", total=max(warmup, 1))
 
     def on_step(n: int, w: int, a: int, source: str | None) -> None:

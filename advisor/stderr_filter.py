@@ -1,6 +1,7 @@
 """Keep Kineto's own log lines out of what `profile` prints.
 
-libkineto writes lines such as `USDT: ... profiler_start` straight to file descriptor 2 from C++,
+libkineto writes lines such as
+`USDT:2026-12-06 13:19:19 21674:21674 SyncActivityProfilerHandler.cpp:52] profiler_start` straight to file descriptor 2 from C++,
 around every profiler start and stop; Python's sys.stderr never sees them. While the profiled script
 runs, fd 2 goes through a pipe and a thread passes everything on except those lines. The script's
 own stderr (its prints, warnings, tracebacks, progress bars) passes unchanged and at once: a
@@ -15,8 +16,8 @@ import sys
 import threading
 
 # Kineto's start/stop markers; its "STAGE:" lines come from the same logger on some builds.
-DROPPED = re.compile(rb"^(USDT: .*profiler_(start|stop)|STAGE:\d{4}-\d\d-\d\d .*ActivityProfilerController).*$")
-_PREFIXES = (b"USDT: ", b"STAGE:")
+DROPPED = re.compile(rb"^(USDT:.*\] profiler_(start|stop)|STAGE:\d{4}-\d\d-\d\d .*ActivityProfilerController).*$")
+_PREFIXES = (b"USDT:", b"STAGE:")
 
 
 @contextlib.contextmanager

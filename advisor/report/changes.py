@@ -83,8 +83,7 @@ def _change(result: AdvisorResult, rec: Recommendation, result_path: str | None)
         plan = apply_mod.plan(one, memory=True)
     except AdvisorError as exc:
         return Change(rec.rank, f"`apply` cannot plan it here: {exc}", False, diff=str(patch.get("diff") or ""))
-    root = _run_folder(result)
-    diff = plan.diff(root) if plan.changed else ""
+    diff = plan.diff(_diff_root(result, [f.path for f in plan.changed])) if plan.changed else ""
     notes = [_strip_title(n, rec) for n in plan.notes]
     change = Change(rec.rank, "", bool(plan.changed or plan.runtime_patterns), diff=diff, notes=notes)
     if not diff and patch.get("diff"):
@@ -163,12 +162,14 @@ def _best_provider(result: AdvisorResult, rec: Recommendation) -> str | None:
     return bench.best_provider if bench is not None else None
 
 
-def _run_folder(result: AdvisorResult) -> str | None:
+def _diff_root(result: AdvisorResult, paths: list[str]) -> str | None:
+    """The folder the diff's paths are relative to: where the run ran, else the script's folder,
+    whichever holds every changed file (else the paths stay absolute)."""
     run = result.run or {}
-    if run.get("cwd") and os.path.isdir(run["cwd"]):
-        return str(run["cwd"])
-    script = run.get("script")
-    return str(Path(script).parent) if script else None
+    for root in (run.get("cwd"), str(Path(run["script"]).parent) if run.get("script") else None):
+        if root and os.path.isdir(root) and all(Path(p).resolve().is_relative_to(Path(root).resolve()) for p in paths):
+            return str(root)
+    return None
 
 
 def _py_str(s: str) -> str:

@@ -308,7 +308,8 @@ def _ranked(facts: ReportFacts) -> Markup:
                        el("td", code(short_source(_where(c, rec.cluster_id)))),
                        num_cell(fmt_num(c.occurrences_per_step) if c else "—"),
                        _saving_cell(rec.measured_saving_us_per_step), _saving_cell(rec.estimate_saving_us_per_step, "estimate"),
-                       num_cell(money) if usd else None, el("td", _numerics(row.bench)), class_="rec-row", data_rank=rec.rank))
+                       num_cell(money) if usd else None, el("td", _numerics(row.bench), class_="nowrap"), class_="rec-row",
+                       data_rank=rec.rank))
     return el("section", el("h2", "Recommendations, ranked"),
               el("p", "Ranked by time saved per step: measured where bench timed the replacement, else the "
                       "cost model's estimate. Each links to its change below.", class_="caption"),
