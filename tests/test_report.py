@@ -325,14 +325,14 @@ def chromium_binary() -> str | None:
     return None
 
 
-def dump_dom(page: Path, tmp_path: Path, budget_ms: int = 15000) -> str:
+def dump_dom(page: Path, tmp_path: Path, budget_ms: int = 15000, extra: list[str] | None = None) -> str:
     """The DOM after the page's scripts ran, from headless Chromium. The flags keep it off the
     network (a closed network refuses its background connections) and out of the user's profile."""
     browser = chromium_binary()
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-           f"--virtual-time-budget={budget_ms}", "--dump-dom", page.resolve().as_uri()]
+           f"--virtual-time-budget={budget_ms}", *(extra or []), "--dump-dom", page.resolve().as_uri()]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "</html>" in r.stdout, f"chromium failed ({r.returncode}): {r.stderr[-2000:]}"
     return r.stdout

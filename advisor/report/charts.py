@@ -80,7 +80,7 @@ def roofline(result: AdvisorResult, facts: ReportFacts) -> tuple[dict | None, st
                                     f"memory roof {device.bw_gbps:,.0f} GB/s", "#444"))
         for i, roof in enumerate(peak_lines):
             ys_roof = [min(device.bw_gbps * x / 1e3, roof.tflops) for x in xs_roof]
-            name = f"roof: {device.bw_gbps:,.0f} GB/s, {roof.tflops:,.0f} TFLOP/s {_text(roof.label)}"
+            name = f"roof {device.bw_gbps:,.0f} GB/s, {roof.tflops:,.0f} TFLOP/s {_text(roof.label)}"
             data.append(_roof_trace(xs_roof, ys_roof, name, "#333" if i == 0 else "#888", dash="solid" if i == 0 else "dot"))
         ys += [r.tflops for r in peak_lines]
     max_us = max([p["us"] for p in points] or [1.0])
@@ -127,9 +127,9 @@ def roofline(result: AdvisorResult, facts: ReportFacts) -> tuple[dict | None, st
     y_lo, y_hi = min(ys) / 3, max(ys) * 2
     layout = _layout(
         height=520, shapes=shapes, annotations=annotations,
-        xaxis={"type": "log", "title": {"text": "arithmetic intensity, FLOP per byte (estimate)"},
+        xaxis={"type": "log", "title": {"text": "intensity, FLOP per byte (estimate)"},
                "range": [math.log10(x_lo), math.log10(x_hi)], "gridcolor": "#eee", "automargin": True},
-        yaxis={"type": "log", "title": {"text": "TFLOP/s: estimated FLOPs ÷ measured time"},
+        yaxis={"type": "log", "title": {"text": "TFLOP/s (est. FLOPs ÷ measured time)"},
                "range": [math.log10(y_lo), math.log10(y_hi)], "gridcolor": "#eee", "automargin": True})
     caption = (f"{len(points)} kernels (one point per kernel name, size by GPU time per step) and "
                f"{len(cluster_now)} clusters.")

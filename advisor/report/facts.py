@@ -138,8 +138,8 @@ def check_shape(result: AdvisorResult, source: str = "result") -> None:
         raise AdvisorError(f"{source}: a cluster id in '{bad}' is not a string")
 
 
-_ROOF_NAMES = {"fp32": "fp32", "tf32_tc": "tf32 (tensor cores)", "bf16_tc": "bf16 (tensor cores)",
-               "fp16_tc": "fp16 (tensor cores)", "fp64": "fp64"}
+_ROOF_NAMES = {"fp32": "fp32", "tf32_tc": "tf32 tensor-core", "bf16_tc": "bf16 tensor-core",
+               "fp16_tc": "fp16 tensor-core", "fp64": "fp64"}
 
 
 def device_facts(profile: dict | None) -> DeviceFacts | None:

@@ -336,7 +336,7 @@ def _recommendation(row: RankedRow, change: Change | None, first: bool) -> Marku
     rec, c, b = row.rec, row.cluster, row.bench
     parts = [el("h3", f"#{rec.rank} ", rec.title)]
     if rec.detail:
-        parts.append(el("p", rec.detail, class_="caption"))
+        parts.append(el("p", ticks(rec.detail), class_="caption"))
     parts.append(_change(rec, change, first))
     facts_list = [("cluster", code(rec.cluster_id))]
     if c is not None:
@@ -407,7 +407,8 @@ def _change(rec, change: Change | None, first: bool) -> Markup:
                              el("pre", change.kernel_code, class_="code", id=f"kernel-{n}"), f"kernel-{n}",
                              first and not change.diff and not change.runtime))
     for note in change.notes:
-        out.append(el("p", ticks(note), class_="caption"))
+        if note not in change.action:   # the action may already say it
+            out.append(el("p", ticks(note), class_="caption"))
     if change.by_hand:
         out.append(el("p", el("strong", "By hand: "), ticks(change.by_hand), class_="caption"))
     return el("div", out, class_="change")

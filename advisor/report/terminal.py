@@ -320,7 +320,8 @@ def _change_lines(change, console: Console, width: int, pad: str, diff: bool, ac
         _out(console, _wrap(change.by_hand, width, pad + "  ", pad), "dim")
     if diff:
         for note in change.notes:
-            _out(console, _wrap(note, width, pad + "  ", pad), "dim")
+            if note not in change.action:
+                _out(console, _wrap(note, width, pad + "  ", pad), "dim")
         if change.diff:
             _print_diff(change.diff, console)
         elif change.kernel_code:
