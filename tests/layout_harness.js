@@ -92,19 +92,33 @@
   wide.addEventListener("load", function () {
     whenDrawn(wide, function () {
       results.desktop = measure(wide);
-      var measured = false, settle = null;
-      var measureResized = function () {
-        if (measured) { return; }
-        measured = true;
-        results.resized = measure(wide);
-        phone.src = wide.getAttribute("data-src");
+      // The window narrows; the charts follow its width (report.js, on the resize event): measure
+      // once every chart has its box's width again, or after a while (and then fail on it).
+      var tries = 0;
+      var fitted = function () {
+        var doc = wide.contentDocument;
+        return Array.prototype.every.call(doc.querySelectorAll("[data-figure]"), function (chart) {
+          var svg = chart.querySelector("svg.main-svg");
+          return svg && Math.abs(svg.getBoundingClientRect().width - chart.clientWidth) <= 2;
+        });
       };
-      // The window narrows; plotly redraws on its resize event: measure a while after that event.
-      wide.contentWindow.addEventListener("resize", function () {
-        clearTimeout(settle);
-        settle = setTimeout(measureResized, 1500);
-      });
-      setTimeout(measureResized, 6000);        // no resize event at all: measure anyway (and fail)
+      var waitResized = function () {
+        if (fitted() || tries++ > 80) {
+          results.resized = measure(wide);
+          results.resized.resize_polls = tries;
+          phone.src = wide.getAttribute("data-src");
+        } else {
+          setTimeout(waitResized, 100);
+        }
+      };
+      // Headless Chromium under virtual time does not always deliver a frame's resize event:
+      // deliver it, as a browser window does, when it has not come.
+      var resized = false;
+      wide.contentWindow.addEventListener("resize", function () { resized = true; });
+      setTimeout(function () {
+        if (!resized) { wide.contentWindow.dispatchEvent(new Event("resize")); }
+        setTimeout(waitResized, 300);
+      }, 300);
       wide.style.width = "1000px";
     });
   });

@@ -65,6 +65,29 @@ def apply_commands(result_path: str | None, memory: bool = False) -> list[str]:
     return [f"fusion-advisor apply {path} --verify{extra}", f"fusion-advisor apply {path} --write{extra}"]
 
 
+def next_steps(recommendations: list[Recommendation], changes: dict[int, Change],
+               result_path: str | None) -> list[tuple[str, str]]:
+    """What to run after reading the report, as (what it does, the command or code) pairs; the
+    command is "" for a step that is only said. Empty when `apply` would change nothing."""
+    applied = [(r, changes[r.rank]) for r in recommendations if r.rank in changes and changes[r.rank].applied_by_apply]
+    speed = [(r, c) for r, c in applied if r.kind != "memory"]
+    memory = any(r.kind == "memory" for r, _ in applied)
+    if not applied:
+        return []
+    chosen = speed or applied
+    verify, write = apply_commands(result_path, memory=not speed)
+    steps = [("See the change and measure it, unpatched against patched (writes nothing)", verify)]
+    if any(c.diff for _, c in chosen):
+        steps.append(("Then write it (with backups; --revert undoes it)", write))
+    if any(c.runtime for _, c in chosen):
+        path = _py_str(result_path or RESULT_PLACEHOLDER)
+        steps.append(("Library code is never edited: to keep its runtime patch, add this to your script after "
+                      "building the model", f"fusion_advisor.patch(model, {path})"))
+    if memory and speed:
+        steps.append(("The memory trade too: add --memory to these commands", ""))
+    return steps
+
+
 def _shell_path(path: str) -> str:
     import shlex
     return shlex.quote(str(path))

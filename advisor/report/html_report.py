@@ -20,7 +20,7 @@ from markupsafe import Markup, escape
 
 from fusion_advisor import __version__
 from fusion_advisor.report import charts
-from fusion_advisor.report.changes import Change, apply_commands, recommendation_changes
+from fusion_advisor.report.changes import Change, next_steps, recommendation_changes
 from fusion_advisor.report.base import Renderer, fmt_bytes, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
 from fusion_advisor.cluster_names import short_source, where_label
 from fusion_advisor.report.facts import (BenchRow, RankedRow, ReportFacts, assumptions_text, check_shape,
@@ -578,18 +578,16 @@ def _run(result: AdvisorResult) -> Markup:
 def _apply_it(facts: ReportFacts, changes: dict[int, Change], result_path: str | None) -> Markup:
     if not facts.ranked:
         return Markup("")
-    applied = [r.rec.rank for r in facts.ranked if changes.get(r.rec.rank) and changes[r.rec.rank].applied_by_apply
-               and r.rec.kind != "memory"]
-    memory = any(r.rec.kind == "memory" for r in facts.ranked)
-    verify, write = apply_commands(result_path)
+    steps = next_steps([r.rec for r in facts.ranked], changes, result_path)
+    if not steps:
+        return el("section", el("h2", "Apply it"),
+                  el("p", ticks("`apply` would change nothing here: each recommendation above says why.")), id="apply")
+    applied = [r.rec.rank for r in facts.ranked if changes.get(r.rec.rank) and changes[r.rec.rank].applied_by_apply]
     what = ticks(f"`apply` puts in recommendation{'s' if len(applied) != 1 else ''} "
-            f"{', '.join(f'#{n}' for n in applied)}; the others say above why it leaves them."
-            if applied else "`apply` would change nothing here (each recommendation above says why).")
-    steps = [el("li", "See the change and measure it (writes nothing): ", el("pre", verify, class_="code cmd")),
-             el("li", "Then write it (with backups; ", code("--revert"), " undoes it): ", el("pre", write, class_="code cmd"))]
-    if memory:
-        steps.append(el("li", "The memory trade too: add ", code("--memory"), "."))
-    return el("section", el("h2", "Apply it"), el("p", what), el("ol", steps), id="apply")
+                 f"{', '.join(f'#{n}' for n in applied)}; the others say above why it leaves them.")
+    items = [el("li", ticks(text) if not command else join(ticks(text), ":"),
+                el("pre", command, class_="code cmd") if command else None) for text, command in steps]
+    return el("section", el("h2", "Apply it"), el("p", what), el("ol", items), id="apply")
 
 
 def _footer(result: AdvisorResult) -> Markup:

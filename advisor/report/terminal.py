@@ -338,19 +338,18 @@ def _print_diff(text: str, console: Console) -> None:
 
 
 def _next_steps(facts: ReportFacts, changes: dict, result_path: str | None, console: Console, diff: bool) -> None:
-    from fusion_advisor.report.changes import apply_commands
-    verify, write = apply_commands(result_path)
+    from fusion_advisor.report.changes import next_steps
+    steps = next_steps([r.rec for r in facts.ranked], changes, result_path)
     console.print()
-    if not any(c.applied_by_apply for c in changes.values()):
+    if not steps:
         console.print("`apply` would change nothing here (each recommendation says why).", highlight=False, markup=False)
         return
     if not diff:
         console.print("See each change: add --diff.", highlight=False, markup=False)
-    console.print("Next, measure the change (writes nothing), then write it:", highlight=False, markup=False)
-    console.print(Text("  " + verify, style="bold"), soft_wrap=True)
-    console.print(Text("  " + write, style="bold"), soft_wrap=True)
-    if any(r.rec.kind == "memory" for r in facts.ranked):
-        console.print("  (add --memory for the memory trade)", highlight=False, markup=False)
+    for text, command in steps:
+        _out(console, _wrap(text + (":" if command else "."), console.width, ""))
+        if command:
+            console.print(Text("  " + command, style="bold"), soft_wrap=True)
 
 
 def _numerics(bench) -> str:
