@@ -19,10 +19,10 @@ from pathlib import Path
 from markupsafe import Markup, escape
 
 from fusion_advisor import __version__
-from fusion_advisor.report import charts
-from fusion_advisor.report.changes import Change, next_steps, recommendation_changes
-from fusion_advisor.report.base import Renderer, fmt_bytes, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
 from fusion_advisor.cluster_names import short_source, where_label
+from fusion_advisor.report import charts
+from fusion_advisor.report.base import Renderer, fmt_bytes, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
+from fusion_advisor.report.changes import Change, next_steps, recommendation_changes
 from fusion_advisor.report.facts import (BenchRow, RankedRow, ReportFacts, assumptions_text, check_shape,
                                          launch_bound_headline, report_facts, sentence)
 from fusion_advisor.files import write_text_atomic

@@ -1,8 +1,11 @@
 """Terminal rendering of an AdvisorResult with rich.
 
-`render_summary` prints the step summary (what `analyze` knows on its own); `render_report` adds
-what the later stages found: the launch-bound verdict, the ranked recommendations, the rejected
-replacements, the clusters. Every time figure says whether it is measured or an estimate.
+`render_report` puts what to change first: a short heading, the launch-bound verdict, the ranked
+recommendations (a table from 100 columns, a stacked block per recommendation below that, never
+splitting a word or a file:line), what `apply` does for each (its diff with `diff`), the rejected
+replacements; then, with `detail` (or when nothing is recommended), `render_summary`'s tables and
+the clusters; and last the commands to run. Every time figure says whether it is measured or an
+estimate.
 """
 from __future__ import annotations
 
@@ -188,7 +191,7 @@ def render_report(result: AdvisorResult, console: Console, detail: bool = False,
 
 
 def _heading(result: AdvisorResult, facts: ReportFacts, console: Console) -> None:
-    run, s = result.run, result.summary
+    s = result.summary
     console.print(f"[bold]{escape(Path(facts.script).name)}[/] on {_t(facts.gpu)}"
                   + (f" ({_t(facts.versions)})" if facts.versions else ""), highlight=False)
     parts = []
