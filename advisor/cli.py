@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fusion_advisor import __version__
 from fusion_advisor.errors import EXIT_NOT_VERIFIED, EXIT_SCRIPT_FAILED, AdvisorError, EnvironmentProblem
@@ -56,21 +56,47 @@ def handles_errors(fn):
     return wrapper
 
 
-def _print_result(result, as_json: bool, out_console: Console) -> None:
+def _print_result(result, as_json: bool, out_console: Console, detail: bool = False, diff: bool = False,
+                  result_path: Path | None = None) -> None:
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
         return
     from fusion_advisor.report.safe_text import terminal_safe
     from fusion_advisor.report.terminal import render_report
-    render_report(terminal_safe(result), out_console)
+    render_report(terminal_safe(result), out_console, detail=detail, diff=diff,
+                  result_path=str(result_path) if result_path is not None else None)
 
 
 def _write_report_html(result, result_path: Path) -> Path:
     """report.html beside the saved result (OutputError, exit 4, when it cannot be written)."""
     from fusion_advisor.report import default_html_path, write_html
     html_path = default_html_path(result_path)
-    write_html(result, html_path)
+    write_html(result, html_path, str(result_path))
     return html_path
+
+
+# The report's options, the same on `profile` and `report`.
+DIFF_HELP = "Show each recommendation's change in the terminal: the diff `apply` writes, or its runtime patch."
+DETAIL_HELP = "Also print the detail tables: GPU time by kernel and by module, the memory-bound clusters."
+QUIET_HELP = "Print no terminal report: only the files written, and errors."
+VERBOSE_HELP = "Print everything: --detail and --diff."
+OPEN_HELP = "Open the HTML report in the web browser, when this machine has one."
+
+
+def _open_in_browser(path: Path) -> None:
+    import webbrowser
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        err.print(f"no web browser found here; open {path} yourself", highlight=False)
+        return
+    if not browser.open(path.resolve().as_uri()):
+        err.print(f"the web browser did not open; open {path} yourself", highlight=False)
+
+
+def _progress_console() -> Console:
+    """stderr, its terminal-ness fixed now: while the script runs, fd 2 is a pipe (stderr_filter)."""
+    return Console(stderr=True, force_terminal=sys.stderr.isatty() or None)
 
 
 def _version_callback(value: bool):
@@ -100,8 +126,8 @@ def _roi_options(gpu_hourly_cost: Optional[float], steps_per_day: Optional[float
 @contextlib.contextmanager
 def _bench_progress():
     """A progress bar with one tick per benchmarked cluster, on stderr."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=err, transient=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
     task = progress.add_task("benchmarking", total=None)
 
     def on_cluster(done: int, total: int, label: str) -> None:
@@ -136,6 +162,11 @@ def profile(
     gpus: int = typer.Option(1, "--gpus", help=GPUS_HELP),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Time and check the matched replacements on the "
                                                                "GPU (needs a GPU; off: estimates only)."),
+    diff: bool = typer.Option(False, "--diff", help=DIFF_HELP),
+    detail: bool = typer.Option(False, "--detail", help=DETAIL_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    open_html: bool = typer.Option(False, "--open", help=OPEN_HELP),
     target_gpu: Optional[str] = typer.Option(None, "--target-gpu", metavar="GPU",
                                              help="Price the estimates for this GPU (h100, h200, a100, ...); a CPU-only "
                                                   "run defaults to h100."),
@@ -161,13 +192,15 @@ def profile(
                             _roi_options(gpu_hourly_cost, steps_per_day, max(gpus, nproc_per_node)), bench,
                             target_gpu)
     from fusion_advisor.capture import CaptureOptions, capture
+    from fusion_advisor.stderr_filter import without_kineto_lines
 
     for note in _mistyped_options(ctx):
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     opts = CaptureOptions(script=str(script), script_args=list(ctx.args), warmup=warmup, steps=steps,
                           stop=stop, out_dir=str(out), timing_steps=timing_steps)
+    console = _progress_console()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=err, transient=True)
+                        TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
     task = progress.add_task("warm-up steps", total=max(warmup, 1))
 
     def on_step(n: int, w: int, a: int, source: str | None) -> None:
@@ -180,7 +213,7 @@ def profile(
                             total=timing_steps)
 
     redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
-    with redirect, progress:
+    with redirect, without_kineto_lines(), progress:
         result_capture = capture(opts, progress=on_step, notice=lambda m: err.print(f"[yellow]note:[/] {escape(m)}"))
     if result_capture.error:
         err.print(result_capture.error.rstrip(), highlight=False, markup=False)
@@ -196,7 +229,8 @@ def profile(
         written = f"; wrote {result_capture.meta_path}"
         _fail(("the script failed before any step was recorded" if result_capture.error else
                "nothing was recorded") + written, EXIT_SCRIPT_FAILED if result_capture.error else 2)
-    result = _analyze_path(result_capture.trace_path, target_gpu)
+    with err.status("analysing the trace", spinner="dots"):
+        result = _analyze_path(result_capture.trace_path, target_gpu)
     roi_options = _roi_options(gpu_hourly_cost, steps_per_day, gpus)
     if bench:
         with _bench_progress() as on_cluster:
@@ -204,11 +238,18 @@ def profile(
     else:
         result.notes.append("bench was switched off (--no-bench): every saving is an estimate")
     result_path = out / "result.json"
+    if result.recommendations:   # while the sources are on this disk: a copied result still shows its diffs
+        from fusion_advisor.report.changes import fill_patch_diffs
+        fill_patch_diffs(result)
     result.save(result_path)
     html_path = _write_report_html(result, result_path)
-    _print_result(result, as_json, Console())
+    if as_json or not quiet:
+        _print_result(result, as_json, Console(), detail=detail or verbose, diff=diff or verbose,
+                      result_path=result_path)
     err.print(f"wrote {result_capture.trace_path}\nwrote {result_capture.meta_path}\nwrote {result_path}\n"
               f"wrote {html_path}", highlight=False)
+    if open_html:
+        _open_in_browser(html_path)
     if result_capture.error:
         stopped = result_capture.error.startswith(("interrupted", "terminated"))
         _fail(f"the script was stopped: {result_capture.error.strip()}; the steps recorded before it are kept"
@@ -258,9 +299,12 @@ def _profile_job(script: Path, script_args: list[str], nproc: int, out: Path, wa
     else:
         result.notes.append("bench was switched off (--no-bench): every saving is an estimate")
     result_path = out / "result.json"
+    if result.recommendations:
+        from fusion_advisor.report.changes import fill_patch_diffs
+        fill_patch_diffs(result)
     result.save(result_path)
     html_path = _write_report_html(result, result_path)
-    _print_result(result, as_json, Console())
+    _print_result(result, as_json, Console(), result_path=result_path)
     err.print("\n".join(f"wrote {t}" for t in traces) + f"\nwrote {result_path}\nwrote {html_path}", highlight=False)
     if status != 0:
         _fail(f"a rank exited with status {status} (its output above); the traces the ranks wrote are kept",
@@ -349,18 +393,25 @@ def report(
                                                              "beside result.json; beside NAME.json, NAME.html]."),
     as_json: bool = typer.Option(False, "--json", help="Print the AdvisorResult JSON on stdout instead of the "
                                                        "terminal report."),
-    no_terminal: bool = typer.Option(False, "--no-terminal", help="Print no terminal report."),
+    no_terminal: bool = typer.Option(False, "--no-terminal", help="Print no terminal report (as --quiet)."),
+    diff: bool = typer.Option(False, "--diff", help=DIFF_HELP),
+    detail: bool = typer.Option(False, "--detail", help=DETAIL_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    open_html: bool = typer.Option(False, "--open", help=OPEN_HELP),
 ):
     """Re-render a saved result: the terminal report and one self-contained HTML file, without profiling.
 
     \b
     The HTML file opens offline (plotly.js and the result are inside it): the ranked recommendations,
-    a roofline, one step's timeline, a waterfall of the savings, each patch as a diff.
+    each with its change (the diff `apply` writes, or its runtime patch), a waterfall of the savings,
+    a roofline, one step's timeline, and the `apply` commands to run.
 
     \b
     Examples:
       fusion-advisor report fusion-report/result.json
-      fusion-advisor report runs/a.json --html /tmp/a.html --no-terminal
+      fusion-advisor report fusion-report/result.json --diff       # each change in the terminal
+      fusion-advisor report runs/a.json --html /tmp/a.html -q --open
     """
     from fusion_advisor.report import HTMLRenderer, default_html_path, load_result, malformed_result_errors
     from fusion_advisor.files import write_text_atomic
@@ -368,17 +419,20 @@ def report(
     result = load_result(result_path)
     html_path = html if html is not None else default_html_path(result_path)
     with malformed_result_errors(str(result_path)):  # a malformed result writes nothing
-        page = HTMLRenderer().render(result)
-        if as_json or not no_terminal:
-            _print_result(result, as_json, Console())
+        page = HTMLRenderer(str(result_path)).render(result)
+        if as_json or not (no_terminal or quiet):
+            _print_result(result, as_json, Console(), detail=detail or verbose, diff=diff or verbose,
+                          result_path=result_path)
     write_text_atomic(html_path, page)
     err.print(f"wrote {html_path}", highlight=False)
+    if open_html:
+        _open_in_browser(html_path)
 
 
 @app.command(name="apply")
 @handles_errors
 def apply_cmd(
-    result_path: Path = typer.Argument(..., metavar="RESULT.json", help="An AdvisorResult from `profile` or `bench`."),
+    result_path: Path = typer.Argument(..., metavar="RESULT", help="An AdvisorResult from `profile` or `bench`."),
     write: bool = typer.Option(False, "--write", help="Write the changes (atomically, with backups under "
                                                        "./.fusion-advisor/backups). Default: print the diff only."),
     revert: bool = typer.Option(False, "--revert", help="Restore the files of the latest --write from their backups."),
@@ -526,7 +580,7 @@ def _print_verification(v, estimates: list[str] = ()) -> None:
 @app.command()
 @handles_errors
 def bench(
-    result_path: Path = typer.Argument(..., metavar="RESULT.json", help="An AdvisorResult from profile or analyze."),
+    result_path: Path = typer.Argument(..., metavar="RESULT", help="An AdvisorResult from profile or analyze."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the result [default: RESULT.json]."),
     providers: str = typer.Option("eager,triton,compile,liger", "--providers",
                                   help="What to time, comma-separated: eager, triton, compile, liger, cuda_graph "
@@ -592,7 +646,7 @@ def _require_gpu(message: str) -> None:
 @app.command()
 @handles_errors
 def recommend(
-    result_path: Path = typer.Argument(..., metavar="RESULT.json", help="An AdvisorResult, benchmarked or not."),
+    result_path: Path = typer.Argument(..., metavar="RESULT", help="An AdvisorResult, benchmarked or not."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the result [default: RESULT.json]."),
     gpu_hourly_cost: Optional[float] = typer.Option(None, "--gpu-hourly-cost", help=GPU_COST_HELP),
     steps_per_day: Optional[float] = typer.Option(None, "--steps-per-day", help=STEPS_PER_DAY_HELP),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from fusion_advisor.bench import (FORWARD, FORWARD_BACKWARD, backward_partners, call_cost_us, forward_partner,
                                   is_launch_bound)
+from fusion_advisor.cluster_names import module_leaf, where_label
 from fusion_advisor.errors import AdvisorError
 from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Recommendation
 
@@ -110,8 +111,12 @@ def recommend(result: AdvisorResult, options: RoiOptions | None = None) -> Advis
     ranked += sorted(estimated, key=lambda r: -(r.estimate_saving_us_per_step or 0.0))
     if launch_bound:
         ranked.insert(0, _launch_bound_recommendation(result, options))
+    seen: set[str] = set()
     for rank, rec in enumerate(ranked, 1):
         rec.rank = rank
+        if rec.title in seen:   # two clusters alike in every named respect: the id tells them apart
+            rec.title += f" [{rec.cluster_id}]"
+        seen.add(rec.title)
     result.recommendations = ranked
     return result
 
@@ -157,7 +162,7 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
     bench = primary_benchmark(cluster, result)
     estimate = _estimate_per_step(cluster, result)
     occurrences, occ_note = _occurrences(cluster)
-    where = _module_name(cluster) or cluster.source or cluster.id
+    where = where_label(cluster)
     try:
         pattern = registry.resolve(cluster.pattern, cluster.pattern_params)
     except KeyError:
@@ -172,7 +177,7 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
         why = bench.reason if bench is not None and bench.reason else "not benchmarked"
         return Recommendation(
             rank=0, cluster_id=cluster.id, pattern=cluster.pattern,
-            title=f"Fuse {where} into {cluster.pattern} (estimate: not timed)",
+            title=f"Fuse {where} with {_whose(cluster)} (estimate: not timed)",
             measured_saving_us_per_step=None, estimate_saving_us_per_step=estimate, confidence="estimate",
             patch=_patch("triton", cluster, pattern),
             roi=roi(estimate, "estimate", result, options), kind="fused_kernel",
@@ -184,13 +189,22 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
     per_call = call_cost_us(eager, launch_bound) - call_cost_us(chosen, launch_bound)
     saving = per_call * occurrences
     kind = {"triton": "fused_kernel", "compile": "torch_compile", "liger": "liger"}.get(best, best)
-    ours = (f"a generated Triton kernel ({cluster.pattern})" if cluster.pattern.startswith("generic:")
-            else f"our {cluster.pattern} Triton kernel")
-    title = {"triton": f"Fuse {where} with {ours}",
-             "compile": f"Use torch.compile on {where}: it beats our {cluster.pattern} kernel here",
-             "liger": f"Use Liger-Kernel's {cluster.pattern} for {where}: it beats ours here"}.get(best, best)
+    ours_applied = bench.verdict != "rejected"   # `apply` uses our kernel wherever it beat eager
+    other = {"compile": "torch.compile", "liger": "Liger-Kernel"}.get(best)
+    if best == "triton":
+        title = f"Fuse {where} with {_whose(cluster)}"
+    elif ours_applied:
+        title = f"Fuse {where} with {_whose(cluster)} ({other} measured faster still)"
+    else:
+        title = (f"Wrap {where} in torch.compile by hand" if best == "compile" else
+                 f"Use Liger-Kernel's {cluster.pattern} for {where} by hand") + \
+                f": our {cluster.pattern} kernel lost to eager, `apply` leaves it"
     detail = (f"{best} {call_cost_us(chosen, launch_bound):.1f} µs vs eager {call_cost_us(eager, launch_bound):.1f} µs "
               f"per call ({bench.passes}, on {bench.device}) x {occurrences:g} per step")
+    ours = bench.measured.get("triton")
+    if other and ours_applied and ours is not None:
+        ours_saving = (call_cost_us(eager, launch_bound) - call_cost_us(ours, launch_bound)) * occurrences
+        detail += f"; what `apply` puts in, our kernel, saves {ours_saving:.1f} µs per step"
     return Recommendation(
         rank=0, cluster_id=cluster.id, pattern=cluster.pattern, title=title,
         measured_saving_us_per_step=saving, estimate_saving_us_per_step=estimate, confidence="measured",
@@ -243,8 +257,14 @@ def _memory_saved(eager, chosen, passes: str, occurrences: float) -> int | None:
     return int(eager.peak_mem_bytes - chosen.peak_mem_bytes)
 
 
+def _whose(cluster: Cluster) -> str:
+    if cluster.pattern and cluster.pattern.startswith("generic:"):
+        return f"a generated Triton kernel ({cluster.pattern})"
+    return f"our {cluster.pattern} Triton kernel"
+
+
 def _module_name(cluster: Cluster) -> str | None:
-    return cluster.module_class.rsplit("/", 1)[-1] if cluster.module_class else None
+    return module_leaf(cluster)
 
 
 def _qualified(obj) -> str:

@@ -39,7 +39,7 @@ for i in range({n}):
 
 def test_profile_llama_example_on_cpu(tmp_path):
     r = cli("profile", ROOT / "examples" / "llama_train.py", "--warmup", "2", "--steps", "2", "-o", tmp_path / "out",
-            "--", "--hidden", "64", "--layers", "1", "--seq", "16", "--vocab", "128", "--steps", "20")
+            "--detail", "--", "--hidden", "64", "--layers", "1", "--seq", "16", "--vocab", "128", "--steps", "20")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
     meta = json.loads((out / "run.json").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -135,23 +136,27 @@ def test_sample_is_labelled_synthetic_and_consistent(sample):
 # -- terminal and JSON -----------------------------------------------------------------------
 def test_terminal_ranks_and_labels_every_figure(sample):
     text = render_terminal(sample, width=160)
-    lines = text.splitlines()
-    rank_rows = [ln for ln in lines if ln.startswith("│ ") and ln[2:4].strip() in {"1", "2", "3"}]
-    assert [r[2:4].strip() for r in rank_rows] == ["1", "2", "3"]
+    ranked = text[text.index("Recommendations, ranked"):text.index("Potential saving")]
+    rank_rows = [ln for ln in ranked.splitlines() if re.match(r"^\s{1,3}\d\s{2,}\S", ln)]
+    assert [r.split()[0] for r in rank_rows] == ["1", "2", "3"]
     assert "Fuse RMSNorm" in rank_rows[0] and "(measured)" in rank_rows[0]
     assert "(estimate)" in rank_rows[1] and "—" in rank_rows[1]   # bench did not time #2: no measured figure
-    for header in ("saving/step", "measured", "estimate", "est. save"):
+    for header in ("saving/step", "measured", "estimate"):
         assert header in text
     assert "Rejected replacements" in text and "failed numerics" in text and "not faster than eager" in text
     assert "launch-bound" in text and "CUDA graphs" in text
     assert "datasheet figures, not calibrated" in text
-    assert "bench did not run" not in text
+    assert "Not benchmarked" not in text
+    assert text.index("Recommendations, ranked") < text.index("Rejected replacements")
+    assert "GPU time per step by kernel" not in text   # behind --detail
+    assert "GPU time per step by kernel" in render_terminal(sample, width=160, detail=True)
+    assert text.rstrip().splitlines()[-1].strip() == "fusion-advisor apply fusion-report/result.json --write"
 
 
 def test_terminal_says_when_bench_did_not_run(sample):
     text = render_terminal(not_run_variant(sample), width=160)
-    assert "bench did not run: no CUDA GPU on this machine" in text
-    assert "(measured)" not in text
+    assert "Not benchmarked: no CUDA GPU on this machine" in text
+    assert "(measured)" not in text[text.index("Recommendations, ranked"):]
 
 
 def test_terminal_keeps_markup_as_text(hostile):
@@ -233,7 +238,7 @@ def test_html_sections(sample):
 def test_html_says_nothing_was_measured_when_bench_did_not_run(sample):
     doc = parse(render_html(not_run_variant(sample)))
     notice = doc.find_all(id="not-run")[0].all_text()
-    assert "did not run" in notice and "no CUDA GPU on this machine" in notice and "nothing was timed" in notice
+    assert "Not benchmarked" in notice and "no CUDA GPU on this machine" in notice and "nothing was timed" in notice
     for row in doc.find_all("tr", class_="rec-row"):
         cells = [c for c in row.children if c.tag == "td"]
         assert cells[4].all_text() == "—"                 # the measured column
@@ -320,14 +325,14 @@ def chromium_binary() -> str | None:
     return None
 
 
-def dump_dom(page: Path, tmp_path: Path, budget_ms: int = 15000) -> str:
+def dump_dom(page: Path, tmp_path: Path, budget_ms: int = 15000, extra: list[str] | None = None) -> str:
     """The DOM after the page's scripts ran, from headless Chromium. The flags keep it off the
     network (a closed network refuses its background connections) and out of the user's profile."""
     browser = chromium_binary()
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-           f"--virtual-time-budget={budget_ms}", "--dump-dom", page.resolve().as_uri()]
+           f"--virtual-time-budget={budget_ms}", *(extra or []), "--dump-dom", page.resolve().as_uri()]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "</html>" in r.stdout, f"chromium failed ({r.returncode}): {r.stderr[-2000:]}"
     return r.stdout
@@ -355,3 +360,124 @@ def test_report_in_headless_chromium(hostile, tmp_path):
     assert "Fuse<img src=x" in rows[0].all_text()  # shown as text, not made an element
     assert not [n for n in body.walk() if n.tag == "img"]
 
+
+
+# -- each recommendation's change, the CPU-only report, the report's options -------------------
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example-llama-h200" / "result.json"
+
+
+@pytest.fixture
+def example_here(tmp_path) -> tuple[AdvisorResult, Path]:
+    """The committed Llama example, its run pointed at a copy of examples/llama_train.py here."""
+    result = load_result(EXAMPLE)
+    script = tmp_path / "llama_train.py"
+    shutil.copy(EXAMPLE.parent.parent.parent / "examples" / "llama_train.py", script)
+    result.run.update(script=str(script), cwd=str(tmp_path))
+    for rec in result.recommendations:   # what apply plans now, not what was stored
+        rec.patch.pop("diff", None)
+    return result, tmp_path
+
+
+def test_each_recommendation_carries_the_diff_apply_writes(example_here):
+    from fusion_advisor import apply as apply_mod
+    from fusion_advisor.report.changes import recommendation_changes
+    result, folder = example_here
+    changes = recommendation_changes(result, "runs/result.json")
+    first = changes[1]
+    assert first.applied_by_apply and "edits your source (llama_train.py)" in first.action
+    assert "+from fusion_advisor.kernels.rms_norm import RMSNorm as FusedRMSNorm" in first.diff
+    assert "--- a/llama_train.py" in first.diff    # relative to the run's folder
+    assert "torch.compile measured faster" in first.by_hand
+    # Each diff is exactly what `apply` writes for that recommendation alone.
+    import dataclasses
+    alone = dataclasses.replace(result, recommendations=[result.recommendations[1]])
+    assert changes[2].diff == apply_mod.plan(alone, memory=True).diff(str(folder))
+    doc = parse(render_html(result, "runs/result.json"))
+    rec1 = doc.find_all("article", id="rec-1")[0]
+    diff = rec1.find_all("pre", id="diff-1")[0]
+    assert any("add" in n.classes() for n in diff.walk()) and "FusedRMSNorm" in diff.all_text()
+    assert rec1.find_all("button", class_="copy")[0].attrs["data-copy"] == "diff-1"
+    commands = doc.find_all("section", id="apply")[0].all_text()
+    assert "fusion-advisor apply runs/result.json --verify" in commands
+    assert "fusion-advisor apply runs/result.json --write" in commands
+    text = render_terminal(result, width=80, diff=True, result_path="runs/result.json")
+    assert "+from fusion_advisor.kernels.rms_norm import RMSNorm as FusedRMSNorm" in text
+    assert text.rstrip().endswith("fusion-advisor apply runs/result.json --write")
+
+
+def test_a_result_away_from_its_source_shows_the_stored_diff(example_here):
+    from fusion_advisor.report.changes import fill_patch_diffs, recommendation_changes
+    result, folder = example_here
+    fill_patch_diffs(result)
+    (folder / "llama_train.py").unlink()             # the result copied to another machine
+    change = recommendation_changes(result)[1]
+    assert "FusedRMSNorm" in change.diff and any("planned when the result was made" in n for n in change.notes)
+
+
+def test_titles_name_the_code_and_tell_duplicates_apart():
+    from fusion_advisor.recommend import RoiOptions, recommend
+    result = load_result(EXAMPLE)
+    recommend(result, RoiOptions())
+    titles = [r.title for r in result.recommendations]
+    assert len(set(titles)) == len(titles)
+    assert not any("(no module)" in t for t in titles)
+    assert "Fuse cross_entropy @ llama_train.py:145 (backward) with our cross_entropy Triton kernel" in titles
+    assert titles[0] == ("Fuse LlamaRMSNorm @ llama_train.py:96 with our add_rms_norm Triton kernel "
+                         "(torch.compile measured faster still)")
+
+
+def cpu_only_variant(sample: AdvisorResult) -> AdvisorResult:
+    """A run without a GPU: a CPU step time, estimates for a target GPU, nothing benchmarked."""
+    r = not_run_variant(sample)
+    r.run["gpu_name"] = None
+    r.summary["has_gpu"] = False
+    r.benchmarks = [Benchmark(cluster_id=c.id, pattern=c.pattern or "generic", params={}, passes="forward",
+                              verdict="not run", reason="no CUDA GPU") for c in r.clusters]
+    return r
+
+
+def test_cpu_only_report_compares_no_gpu_saving_with_the_cpu_step(sample):
+    r = cpu_only_variant(sample)
+    page = render_html(r)
+    doc = parse(page)
+    text = doc.all_text()
+    assert "% of the step" not in text and "$ per month" not in text and "$/month" not in text
+    assert "<strong>Not benchmarked: </strong>this machine has no CUDA GPU.</p>" in page
+    assert "timed with its forward cluster" not in text
+    assert not [d for d in doc.find_all("div") if d.attrs.get("data-figure") == "waterfall"]
+    term = render_terminal(r, width=120)
+    assert "$" not in term.split("Recommendations, ranked")[1].split("Next,")[0]
+    assert "Not benchmarked: this machine has no CUDA GPU." in term
+
+
+def test_report_options_diff_detail_quiet_open(sample_path, tmp_path, monkeypatch):
+    import webbrowser
+    src = tmp_path / "result.json"
+    shutil.copy(sample_path, src)
+    r = runner.invoke(app, ["report", str(src), "--diff", "--detail"])
+    assert r.exit_code == 0, r.output
+    assert "GPU time per step by kernel" in r.stdout and "+from fusion_advisor.kernels.rms_norm import" in r.stdout
+    assert r.stdout.index("Recommendations, ranked") < r.stdout.index("GPU time per step by kernel")
+    r = runner.invoke(app, ["report", str(src), "-q"])
+    assert r.exit_code == 0 and r.stdout == "" and "wrote" in r.stderr
+
+    def no_browser(*_):
+        raise webbrowser.Error("none")
+    monkeypatch.setattr(webbrowser, "get", no_browser)
+    r = runner.invoke(app, ["report", str(src), "-q", "--open"])
+    assert r.exit_code == 0 and "no web browser found here; open" in r.stderr
+
+
+def test_kineto_lines_are_kept_off_stderr(tmp_path):
+    import sys
+    code = ("import os, sys\nfrom fusion_advisor.stderr_filter import without_kineto_lines\n"
+            "with without_kineto_lines():\n"
+            "    os.write(2, b'script line\\nUSDT:2026-12-06 13:19:19 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\\n')\n"
+            "    os.write(2, b'progress 1/2\\r')\n"
+            "    os.write(2, b'USDT:2026-12-06 13:19:20 1:1 SyncActivityProfilerHandler.cpp:59] profiler_st')\n"
+            "    os.write(2, b'op\\nTraceback: kept\\n')\n"
+            "    print('python stderr', file=sys.stderr)\n"
+            "print('after', file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == b"script line\nprogress 1/2\rTraceback: kept\npython stderr\nafter\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import math
 
+from fusion_advisor.cluster_names import where_label
 from fusion_advisor.report.base import fmt_us, is_number
 from fusion_advisor.report.facts import ReportFacts, waterfall
 from fusion_advisor.result import AdvisorResult
@@ -28,9 +29,11 @@ def _text(s) -> str:
 
 
 def _layout(**kw) -> dict:
-    base = {"font": FONT, "margin": {"l": 70, "r": 20, "t": 30, "b": 55}, "hovermode": "closest",
+    # The legend sits under the plot and pushes the bottom margin (plotly's automargin): it never
+    # covers the data, and the chart's box has a fixed height (see report.js).
+    base = {"font": FONT, "margin": {"l": 70, "r": 20, "t": 30, "b": 40}, "hovermode": "closest",
             "paper_bgcolor": "white", "plot_bgcolor": "white",
-            "legend": {"orientation": "h", "y": -0.22, "x": 0}}
+            "legend": {"orientation": "h", "x": 0, "y": -0.16, "yanchor": "top"}}
     base.update(kw)
     return base
 
@@ -77,7 +80,7 @@ def roofline(result: AdvisorResult, facts: ReportFacts) -> tuple[dict | None, st
                                     f"memory roof {device.bw_gbps:,.0f} GB/s", "#444"))
         for i, roof in enumerate(peak_lines):
             ys_roof = [min(device.bw_gbps * x / 1e3, roof.tflops) for x in xs_roof]
-            name = f"roof: {device.bw_gbps:,.0f} GB/s, {roof.tflops:,.0f} TFLOP/s {_text(roof.label)}"
+            name = f"roof {device.bw_gbps:,.0f} GB/s, {roof.tflops:,.0f} TFLOP/s {_text(roof.label)}"
             data.append(_roof_trace(xs_roof, ys_roof, name, "#333" if i == 0 else "#888", dash="solid" if i == 0 else "dot"))
         ys += [r.tflops for r in peak_lines]
     max_us = max([p["us"] for p in points] or [1.0])
@@ -124,10 +127,10 @@ def roofline(result: AdvisorResult, facts: ReportFacts) -> tuple[dict | None, st
     y_lo, y_hi = min(ys) / 3, max(ys) * 2
     layout = _layout(
         height=520, shapes=shapes, annotations=annotations,
-        xaxis={"type": "log", "title": {"text": "arithmetic intensity, FLOP per byte (estimate)"},
-               "range": [math.log10(x_lo), math.log10(x_hi)], "gridcolor": "#eee"},
-        yaxis={"type": "log", "title": {"text": "TFLOP/s: estimated FLOPs ÷ measured time"},
-               "range": [math.log10(y_lo), math.log10(y_hi)], "gridcolor": "#eee"})
+        xaxis={"type": "log", "title": {"text": "intensity, FLOP per byte (estimate)"},
+               "range": [math.log10(x_lo), math.log10(x_hi)], "gridcolor": "#eee", "automargin": True},
+        yaxis={"type": "log", "title": {"text": "TFLOP/s (est. FLOPs ÷ measured time)"},
+               "range": [math.log10(y_lo), math.log10(y_hi)], "gridcolor": "#eee", "automargin": True})
     caption = (f"{len(points)} kernels (one point per kernel name, size by GPU time per step) and "
                f"{len(cluster_now)} clusters.")
     if device is None or not device.bw_gbps:
@@ -162,7 +165,7 @@ def _kernel_hover(p: dict) -> str:
 
 
 def _cluster_hover(c, what: str) -> str:
-    return "<br>".join([f"<b>{_text(c.source or c.id)}</b> ({_text(c.direction)})",
+    return "<br>".join([f"<b>{_text(where_label(c))}</b>",
                         f"{_text(c.pattern or 'generic')}: {len(c.kernels)} kernels", what])
 
 
@@ -182,22 +185,24 @@ def timeline(result: AdvisorResult) -> tuple[dict | None, str]:
         by_time[r.get("cluster_id")] = by_time.get(r.get("cluster_id"), 0.0) + r["dur_us"]
     cluster_ids = sorted((c for c in by_time if c), key=lambda c: -by_time[c])
     lanes = sorted({str(r.get("stream", "?")) for r in shown})
+    names = {c.id: where_label(c) for c in result.clusters}
     data = []
     for i, cid in enumerate([None] + cluster_ids):
         sel = [r for r in shown if r.get("cluster_id") == cid]
         color = OTHER_KERNEL if cid is None else CLUSTER_COLORS[(i - 1) % len(CLUSTER_COLORS)]
         data.append({
-            "type": "bar", "orientation": "h", "name": "kernels outside clusters" if cid is None else _text(cid),
+            "type": "bar", "orientation": "h", "name": "kernels outside clusters" if cid is None else _text(names.get(cid, cid)),
             "base": [r["start_us"] for r in sel], "x": [r["dur_us"] for r in sel],
             "y": [f"stream {r.get('stream', '?')}" for r in sel], "width": 0.6,
             # A 1-px outline keeps a 2-µs kernel visible on a 30-ms axis.
             "marker": {"color": color, "line": {"color": color, "width": 1}},
             "hovertext": [_timeline_hover(r) for r in sel], "hoverinfo": "text"})
-    layout = _layout(height=230 + 45 * len(lanes), barmode="overlay", bargap=0.2,
-                     legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"},
-                     margin={"l": 70, "r": 20, "t": 70, "b": 50},
+    # Room for the legend under the plot: about two names a row.
+    layout = _layout(height=260 + 45 * len(lanes) + 22 * ((len(data) + 1) // 2), barmode="overlay", bargap=0.2,
+                     legend={"orientation": "h", "x": 0, "y": -0.25, "yanchor": "top"},
+                     margin={"l": 70, "r": 20, "t": 20, "b": 40},
                      xaxis={"title": {"text": "µs from the step's first kernel (measured)"}, "gridcolor": "#eee",
-                            "zeroline": False},
+                            "zeroline": False, "automargin": True},
                      yaxis={"categoryorder": "array", "categoryarray": [f"stream {s}" for s in lanes],
                             "automargin": True})
     return {"data": data, "layout": layout}, caption
@@ -209,7 +214,7 @@ def _timeline_hover(r: dict) -> str:
     if r.get("kernel_class"):
         lines.append(_text(r["kernel_class"]))
     if r.get("cluster_id"):
-        lines.append(f"cluster {_text(r['cluster_id'])}")
+        lines.append(f"cluster {_text(r.get('cluster_label') or r['cluster_id'])}")
     return "<br>".join(lines)
 
 
@@ -218,7 +223,9 @@ def savings_waterfall(facts: ReportFacts) -> tuple[dict | None, str]:
     """Step time, then the step after each recommendation in rank order."""
     steps = waterfall(facts)
     if not steps:
-        why = "no step time" if facts.step_us is None else "no recommendation with a saving"
+        why = ("no step time" if facts.step_us is None else
+               "no GPU step time (a CPU run's step is no yardstick for GPU savings)" if not facts.gpu_run else
+               "no recommendation with a saving")
         return None, f"No waterfall: {why} in this result."
     ms = lambda us: us / 1000.0  # noqa: E731
     labels = [f"step now ({facts.step_basis}, measured)"] + [_text(s["label"]) for s in steps] + ["step after all"]
@@ -226,6 +233,7 @@ def savings_waterfall(facts: ReportFacts) -> tuple[dict | None, str]:
              "y": [ms(facts.step_us), ms(steps[-1]["after_us"])],
              "marker": {"color": ["#5b6470", "#8a949e"]},
              "text": [fmt_us(facts.step_us), fmt_us(steps[-1]["after_us"])], "textposition": "outside",
+             "cliponaxis": False,
              "hovertext": [f"step time ({facts.step_basis}): measured", "what the savings would leave (projection)"],
              "hoverinfo": "text+y"}]
     for basis, color in (("measured", MEASURED), ("estimate", ESTIMATE)):
@@ -237,20 +245,22 @@ def savings_waterfall(facts: ReportFacts) -> tuple[dict | None, str]:
             marker["pattern"] = {"shape": "/", "fillmode": "overlay", "fgcolor": "white", "size": 7, "solidity": 0.35}
         data.append({"type": "bar", "name": f"saving ({basis})", "x": [lab for lab, _ in sel],
                      "base": [ms(s["after_us"]) for _, s in sel], "y": [ms(s["saving_us"]) for _, s in sel],
-                     "marker": marker, "text": [f"−{fmt_us(s['saving_us'])} ({basis})" for _, s in sel],
-                     "textposition": "outside",
+                     "marker": marker, "text": [f"−{fmt_us(s['saving_us'])}" for _, s in sel],
+                     "textposition": "outside", "cliponaxis": False,
                      "hovertext": [f"{_text(s['title'])}<br>saves {fmt_us(s['saving_us'])} per step ({basis})"
                                    for _, s in sel], "hoverinfo": "text"})
     # Savings of a few % vanish on an axis from zero: start it near the end value, and say so.
     after_all = steps[-1]["after_us"]
-    yaxis = {"title": {"text": "step time (ms)"}, "gridcolor": "#eee"}
+    yaxis = {"title": {"text": "step time (ms)"}, "gridcolor": "#eee", "automargin": True}
     if after_all > 0.85 * facts.step_us:
-        yaxis["range"] = [ms(after_all) * 0.9, ms(facts.step_us) * 1.04]
+        yaxis["range"] = [ms(after_all) * 0.9, ms(facts.step_us) * 1.1]   # room for the labels above the bars
         yaxis["title"]["text"] = "step time (ms; the axis does not start at 0)"
     else:
         yaxis["rangemode"] = "tozero"
-    layout = _layout(height=420, barmode="overlay", showlegend=True, yaxis=yaxis,
-                     xaxis={"categoryorder": "array", "categoryarray": labels, "type": "category"})
+    layout = _layout(height=460, barmode="overlay", showlegend=True, yaxis=yaxis, margin={"l": 70, "r": 20, "t": 40, "b": 40},
+                     legend={"orientation": "h", "x": 0, "y": -0.3, "yanchor": "top"},
+                     xaxis={"categoryorder": "array", "categoryarray": labels, "type": "category", "automargin": True,
+                            "tickangle": -30})
     caption = ("From the step time, each recommendation's saving in rank order: measured where bench timed it "
                "(solid), else the cost model's estimate (hatched). The savings are assumed to add up; the last bar "
                "is a projection, not a measurement.")

@@ -45,6 +45,7 @@ class RankedRow:
     rec: Recommendation
     cluster: Cluster | None
     bench: Benchmark | None
+    gpu_run: bool = True        # False: the step time and $ figures came from a CPU run: not shown
 
     @property
     def saving_us(self) -> float | None:
@@ -98,6 +99,8 @@ class ReportFacts:
     usd_per_month_measured: float | None
     usd_per_month_estimate: float | None     # recommendations without a measurement only
     clusters: list[Cluster] = field(default_factory=list)
+    gpu_run: bool = True                     # the run had a GPU: step time, % of the step and $ mean something
+    target_gpu: str = ""                     # the device profile the estimates are for
 
 
 def check_shape(result: AdvisorResult, source: str = "result") -> None:
@@ -135,8 +138,8 @@ def check_shape(result: AdvisorResult, source: str = "result") -> None:
         raise AdvisorError(f"{source}: a cluster id in '{bad}' is not a string")
 
 
-_ROOF_NAMES = {"fp32": "fp32", "tf32_tc": "tf32 (tensor cores)", "bf16_tc": "bf16 (tensor cores)",
-               "fp16_tc": "fp16 (tensor cores)", "fp64": "fp64"}
+_ROOF_NAMES = {"fp32": "fp32", "tf32_tc": "tf32 tensor-core", "bf16_tc": "bf16 tensor-core",
+               "fp16_tc": "fp16 tensor-core", "fp64": "fp64"}
 
 
 def device_facts(profile: dict | None) -> DeviceFacts | None:
@@ -179,16 +182,19 @@ def report_facts(result: AdvisorResult) -> ReportFacts:
     for b in result.benchmarks:  # one per cluster; a "recommended" verdict wins over others
         if b.cluster_id not in benches or b.verdict == "recommended":
             benches[b.cluster_id] = b
-    ranked = [RankedRow(r, clusters.get(r.cluster_id), benches.get(r.cluster_id))
+    gpu_run = bool(summary.get("has_gpu") or run.get("gpu_name"))
+    ranked = [RankedRow(r, clusters.get(r.cluster_id), benches.get(r.cluster_id), gpu_run)
               for r in sorted(result.recommendations, key=lambda r: (r.rank if is_number(r.rank) else 1e9))]
     # A memory trade is recommended although bench rejected it for speed: it is not listed twice.
     trades = {r.cluster_id for r in result.recommendations if r.kind == "memory"}
     rejected = [BenchRow(b, clusters.get(b.cluster_id)) for b in result.benchmarks
                 if b.verdict == "rejected" and b.cluster_id not in trades]
     speed = [r for r in ranked if r.rec.kind != "memory"]   # the totals add time savings, not trades
-    not_run = [BenchRow(b, clusters.get(b.cluster_id)) for b in result.benchmarks if b.verdict == "not run"]
+    not_run = [BenchRow(b, clusters.get(b.cluster_id)) for b in result.benchmarks
+               if b.verdict == "not run" and not b.reason.startswith(_PARTNER_TIMED)]
     timed = [b for b in result.benchmarks if b.measured]
-    why = sorted({b.reason for b in result.benchmarks if b.verdict == "not run" and b.reason})
+    why = sorted({sentence(b.reason, end="") for b in result.benchmarks
+                  if b.verdict == "not run" and b.reason and not b.reason.startswith(_PARTNER_TIMED)})
 
     unprofiled = run.get("step_time_s_unprofiled")
     if is_number(unprofiled) and unprofiled > 0:
@@ -210,14 +216,26 @@ def report_facts(result: AdvisorResult) -> ReportFacts:
         estimate_saving_us=_sum(r.rec.estimate_saving_us_per_step for r in speed),
         usd_per_month_measured=_sum(r.usd_per_month for r in speed if r.basis == "measured"),
         usd_per_month_estimate=_sum(r.usd_per_month for r in speed if r.basis == "estimate"),
+        gpu_run=gpu_run, target_gpu=str((result.device_profile or {}).get("label") or ""),
         clusters=sorted(result.clusters, key=lambda c: -(c.measured_us_per_step if is_number(c.measured_us_per_step) else 0)),
     )
 
 
+_PARTNER_TIMED = "timed with its forward cluster"   # bench's note on a backward cluster: not a reason
+_REASONS = {"no CUDA GPU": "this machine has no CUDA GPU"}
+
+
+def sentence(reason: str, end: str = ".") -> str:
+    """A bench reason as a reader's clause: "no CUDA GPU" -> "this machine has no CUDA GPU."."""
+    text = _REASONS.get(reason.strip(), reason.strip())
+    return text + end if end and not text.endswith((".", "!", "?")) else text
+
+
 def waterfall(facts: ReportFacts) -> list[dict]:
     """Step time, then the step after each ranked recommendation in turn (savings assumed to add
-    up): [{label, before_us, after_us, saving_us, basis}]."""
-    if facts.step_us is None:
+    up): [{label, before_us, after_us, saving_us, basis}]. None from a CPU run: its step time is no
+    yardstick for a GPU saving."""
+    if facts.step_us is None or not facts.gpu_run:
         return []
     steps, now = [], facts.step_us
     for row in facts.ranked:
@@ -225,7 +243,9 @@ def waterfall(facts: ReportFacts) -> list[dict]:
         if saving is None or saving <= 0:
             continue
         after = max(now - saving, 0.0)
-        steps.append({"label": f"#{row.rec.rank} {row.rec.pattern or 'generic'}", "title": row.rec.title,
+        pattern = row.rec.pattern or "step"
+        steps.append({"label": f"#{row.rec.rank} {'generated' if pattern.startswith('generic:') else pattern}",
+                      "title": row.rec.title,
                       "before_us": now, "after_us": after, "saving_us": now - after, "basis": row.basis})
         now = after
     return steps

@@ -1,0 +1,29 @@
+"""How the report and the recommendations name a cluster, for a person: its module or, module-less,
+its pattern (else its first ops), at its source line. Imports nothing heavy (no torch)."""
+from __future__ import annotations
+
+
+def module_leaf(cluster) -> str | None:
+    """"LlamaRMSNorm" of "LlamaModel/LlamaDecoderLayer/LlamaRMSNorm"; None for the analyzers'
+    placeholders ("(no module)")."""
+    leaf = cluster.module_class.rsplit("/", 1)[-1] if cluster.module_class else None
+    return None if not leaf or leaf.startswith("(") else leaf
+
+
+def short_source(source: str | None) -> str | None:
+    """"modeling_llama.py:62" of "transformers/models/llama/modeling_llama.py:62"."""
+    return source.replace("\\", "/").rsplit("/", 1)[-1] if source else None
+
+
+def where_label(cluster) -> str:
+    """"LlamaRMSNorm @ llama_train.py:96", "cross_entropy @ llama_train.py:145 (backward)"."""
+    name = module_leaf(cluster)
+    if not name:
+        if cluster.pattern and not cluster.pattern.startswith("generic:"):
+            name = cluster.pattern
+        else:
+            ops = [str(op.get("name", "?")).split("::")[-1] for op in cluster.ops if isinstance(op, dict)]
+            name = "+".join(ops[:3]) + ("+…" if len(ops) > 3 else "") if ops else cluster.id
+    source = short_source(cluster.source)
+    label = f"{name} @ {source}" if source else name
+    return label + (" (backward)" if cluster.direction == "backward" else "")
