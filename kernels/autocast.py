@@ -57,8 +57,11 @@ def upcasts(op: str, *tensors: torch.Tensor | None) -> bool:
     """Would eager run `op` (an aten name, "aten::layer_norm") in fp32 on these tensors here:
     autocast is on for their device type, it has a kernel for `op` there, and a floating argument
     is below fp32."""
-    live = [t for t in tensors if t is not None]
-    return bool(live) and runs_in_fp32(op, live[0].device.type, *(t.dtype for t in live))
+    # (no truth test of a list here: torch.compile(fullgraph=True) cannot trace `bool(list)`)
+    first = next((t for t in tensors if t is not None), None)
+    if first is None:
+        return False
+    return runs_in_fp32(op, first.device.type, *(t.dtype for t in tensors if t is not None))
 
 
 def runs_in_fp32(op: str, device_type: str, *dtypes: torch.dtype) -> bool:

@@ -96,7 +96,7 @@ def test_apply_rewrites_the_line_and_the_kernel_matches_it(tmp_path, device):
     result = AdvisorResult(run={"script": str(path), "cwd": str(tmp_path)}, clusters=[cluster],
                            recommendations=[Recommendation(1, cluster.id, cluster.pattern, "NewGELU as one kernel",
                                                            None, 3.0, "estimate")])
-    plan = apply_mod.plan(result)
+    plan = apply_mod.plan(result, include_estimates=True)   # an estimate: a CPU-built result
     diff = plan.diff(str(tmp_path))
     stem = "g_" + found.pattern.name.split(":", 1)[1]
     assert "-        return 0.5 * x * (1.0 + torch.tanh(" in diff
