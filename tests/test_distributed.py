@@ -40,6 +40,8 @@ def test_a_two_rank_ddp_job_gives_rank_traces_and_one_merged_result(tmp_path):
         assert "c10d::allreduce_" in comm["collectives"]            # DDP's gradient all-reduce, once a step
         assert all(kernel_class(name) == "communication" for name in comm["collectives"])
     assert f"wrote {out / 'trace.rank1.json.gz'}" in r.stderr
+    assert f"2-rank job: rank {job['slowest_rank']} is the slowest" in " ".join(r.stdout.split())
+    assert 'id="ranks"' in (out / "report.html").read_text()
     for cluster in result["clusters"]:                              # collectives never join a cluster
         assert not any("allreduce" in op["name"] for op in cluster.get("ops", []))
 

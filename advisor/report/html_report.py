@@ -21,6 +21,7 @@ from markupsafe import Markup, escape
 from fusion_advisor import __version__
 from fusion_advisor.cluster_names import short_source, where_label
 from fusion_advisor.report import charts
+from fusion_advisor.report.ranks import job_facts
 from fusion_advisor.report.base import Renderer, fmt_bytes, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
 from fusion_advisor.report.changes import Change, next_steps, recommendation_changes
 from fusion_advisor.report.facts import (BenchRow, RankedRow, ReportFacts, assumptions_text, check_shape,
@@ -87,7 +88,7 @@ class HTMLRenderer(Renderer):
                   _chart_section("waterfall", "Savings per step", figures, captions),
                   _chart_section("roofline", "Roofline: kernels and clusters under the GPU's roofs", figures, captions),
                   _chart_section("timeline", "One step on the GPU", figures, captions),
-                  _rejected(facts), _clusters(facts), _where_time_goes(result),
+                  _rejected(facts), _clusters(facts), _where_time_goes(result), _ranks(result),
                   _run(result), _apply_it(facts, changes, self.result_path), _footer(result))
         values = {
             "version": str(escape(__version__)),
@@ -573,6 +574,23 @@ def _run(result: AdvisorResult) -> Markup:
         rows.append(el("tr", el("th", "trace"), el("td", code(result.trace_path))))
     return el("section", el("h2", "The run"), el("details", el("summary", "versions, command line, step source"),
                                                  scroll(el("table", el("tbody", rows), class_="compact"))), id="run")
+
+
+def _ranks(result: AdvisorResult) -> Markup:
+    """A torchrun job: each rank's step and communication time (report/ranks.py)."""
+    job = job_facts(result.distributed)
+    if job is None:
+        return Markup("")
+    ms = lambda v: f"{v:,.2f} ms" if v is not None else "—"  # noqa: E731
+    head = el("tr", *(el("th", h) for h in ("rank", "step (unprofiled)", "collectives", "exposed",
+                                             "collectives per step")))
+    rows = [el("tr", el("td", f"{r.rank}" + (" (slowest)" if r.slowest else "")), num_cell(ms(r.step_ms)),
+               num_cell(ms(r.comm_ms)), num_cell(ms(r.exposed_ms)), el("td", code(r.collectives)))
+            for r in job.rows]
+    basis = {"gpu kernels": "NCCL kernels; exposed: the part no compute kernel overlaps",
+             "cpu ops": "the collectives' CPU ops (gloo: the calling thread waits on them)"}.get(job.basis, "")
+    return el("section", el("h2", "Ranks"), el("p", job.headline + (f" ({basis})" if basis else "")),
+              scroll(el("table", el("thead", head), el("tbody", rows))), id="ranks")
 
 
 def _apply_it(facts: ReportFacts, changes: dict[int, Change], result_path: str | None) -> Markup:

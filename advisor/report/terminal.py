@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fusion_advisor.cluster_names import short_source
+from fusion_advisor.report.ranks import job_facts
 from fusion_advisor.report.base import Renderer, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
 from fusion_advisor.report.facts import ReportFacts, report_facts
 from fusion_advisor.result import AdvisorResult
@@ -180,6 +181,7 @@ def render_report(result: AdvisorResult, console: Console, detail: bool = False,
         console.print("No recommendation: no replacement was both faster and numerically equal on these shapes.")
     if facts.rejected:
         _rejected(facts, console)
+    _ranks(result, console)
     if detail or not facts.ranked:
         console.print()
         render_summary(result, console, heading=False)
@@ -188,6 +190,21 @@ def render_report(result: AdvisorResult, console: Console, detail: bool = False,
         console.print("[dim](--detail: the kernels, modules and clusters behind these figures)[/]", highlight=False)
     if facts.ranked:
         _next_steps(facts, changes or {}, result_path, console, diff)
+
+
+def _ranks(result: AdvisorResult, console: Console) -> None:
+    """A torchrun job: one line of headline, one row per rank (report/ranks.py)."""
+    job = job_facts(result.distributed)
+    if job is None:
+        return
+    console.print(_t(job.headline), highlight=False)
+    t = Table(box=None, pad_edge=False)
+    for col in ("rank", "step", "collectives", "exposed"):
+        t.add_column(col, justify="left" if col == "rank" else "right", no_wrap=True)
+    ms = lambda v: f"{v:,.2f} ms" if v is not None else "—"  # noqa: E731
+    for r in job.rows:
+        t.add_row(f"{r.rank}{' (slowest)' if r.slowest else ''}", ms(r.step_ms), ms(r.comm_ms), ms(r.exposed_ms))
+    console.print(t)
 
 
 def _heading(result: AdvisorResult, facts: ReportFacts, console: Console) -> None:
