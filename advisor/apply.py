@@ -84,6 +84,31 @@ def _untimed_reason(bench) -> str:
     return f"not timed on a GPU ({bench.reason.split(';')[0] or bench.verdict})"
 
 
+def relocate(result: AdvisorResult, here: Path) -> str | None:
+    """A result copied with its checkout to another folder or machine: run from elsewhere than the
+    recorded working directory, where the script lies at the same relative path, every recorded
+    path under the old working directory moves under `here` (so the copy is patched, never the
+    original). Returns a note, or None when nothing moved. The recorded cwd stays in
+    run["recorded_cwd"]."""
+    run = result.run or {}
+    script, cwd = run.get("script"), run.get("cwd")
+    if not script or not cwd or Path(cwd).resolve() == here.resolve():
+        return None
+    try:
+        rel = Path(script).relative_to(cwd)
+    except ValueError:
+        return None
+    if not (here / rel).is_file():
+        return None
+    old, new = str(cwd).rstrip("/") + "/", str(here).rstrip("/") + "/"
+    run.update(script=str(here / rel), cwd=str(here), recorded_cwd=cwd)
+    for c in result.clusters:   # a generated kernel's call site
+        call = (c.pattern_params.get("chain") or {}).get("call") if isinstance(c.pattern_params, dict) else None
+        if isinstance(call, dict) and str(call.get("path", "")).startswith(old):
+            call["path"] = new + call["path"][len(old):]
+    return f"the result was recorded in {cwd}; its paths are read under {here}"
+
+
 def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = False) -> ApplyPlan:
     """What `apply` would change, file by file; nothing is written. Only what bench measured
     faster than eager with its numerics checked, unless include_estimates (then the untimed ones

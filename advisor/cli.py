@@ -489,7 +489,14 @@ def apply_cmd(
     if force:
         raise AdvisorError("--force goes with --revert only")
     result = AdvisorResult.load(result_path)
+    moved = apply_mod.relocate(result, root)
+    script = (result.run or {}).get("script")
+    if script and not Path(script).is_file() and (verify_run or write):
+        raise AdvisorError(f"the profiled script {script} is not on this disk (run apply from the folder you "
+                           f"profiled in, or with the checkout it came from)")
     plan = apply_mod.plan(result, memory=memory, include_estimates=include_estimates)
+    if moved:
+        plan.notes.insert(0, moved)
     leftovers = [t for f in plan.changed for t in leftover_temps(f.path)]
     if leftovers and not write:
         plan.notes.append(f"{len(leftovers)} temporary file(s) of an interrupted write lie beside your sources "

@@ -161,3 +161,22 @@ def test_real_hf_llama_result_applies_the_memory_trade_only_with_memory():
     assert trade[0].measured_saving_us_per_step < 0            # slower: a trade, not a speed-up
     assert "linear_cross_entropy" not in apply_mod.plan(result).runtime_patterns
     assert apply_mod.plan(result, memory=True).runtime_patterns[-1] == "linear_cross_entropy"
+
+
+def test_a_result_copied_with_its_checkout_patches_the_copy(project, tmp_path_factory):
+    """The result records absolute paths; copied with the checkout elsewhere, apply reads them
+    under the folder it runs in, and says so; without the script there it fails in one line."""
+    root, script, result = project
+    copy = tmp_path_factory.mktemp("elsewhere") / "checkout"
+    shutil.copytree(root, copy)
+    r = cli("apply", copy / "result.json", cwd=copy)
+    assert r.returncode == 0, r.stderr
+    assert f"+++ b/{script.name}" in r.stdout and "FusedRMSNorm(hidden)" in r.stdout
+    assert f"recorded in {root}" in " ".join(r.stderr.split())
+    r = cli("apply", copy / "result.json", "--write", cwd=copy)
+    assert r.returncode == 0 and "FusedRMSNorm" in (copy / script.name).read_text()
+    assert "FusedRMSNorm" not in script.read_text()          # the original checkout is untouched
+    (copy / script.name).unlink()
+    shutil.rmtree(root)
+    r = cli("apply", copy / "result.json", "--verify", cwd=copy)
+    assert r.returncode == 2 and "is not on this disk" in r.stderr.strip().splitlines()[-1]
