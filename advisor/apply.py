@@ -310,6 +310,14 @@ def _plan_module_swap(rec, cluster, out: ApplyPlan) -> bool:
     leaf = (cluster.module_class or "").rsplit("/", 1)[-1]
     if not leaf:
         return False
+    claimed = next((name for name, classes in out.runtime_modules.items()
+                    if name != rec.pattern and name.startswith("generic:") and leaf in classes), None)
+    if claimed is not None:
+        # One swap records the module's forward and serves every shape it is called with (T5's
+        # encoder and decoder NewGELUActivation traced as two chains): a second name would never run.
+        out.notes.append(f"#{rec.rank} {rec.title}: {leaf}'s forward is already swapped for {claimed}, which "
+                         f"covers this chain too")
+        return True
     if rec.pattern not in out.runtime_patterns:
         out.runtime_patterns.append(rec.pattern)
         out.replacements[rec.pattern] = f"runtime swap ({leaf})"

@@ -275,6 +275,22 @@ def test_apply_plans_a_runtime_swap_for_a_generated_chain_inside_a_module(device
         assert [(s.path, s.pattern) for s in handle.swaps] == [("1", "generic:0123456789")], handle.summary()
 
 
+def test_two_chains_in_one_module_class_plan_one_swap():
+    """T5 (H100 zoo run): the encoder's and the decoder's NewGELUActivation traced as two chains,
+    two generated names; one swap of the class serves both, so the second is not planned (it
+    would never run, and verify would rightly fail it)."""
+    from fusion_advisor.apply import plan
+    clusters = [Cluster(id=f"c{i}", direction="forward", pattern=f"generic:{i}123456789",
+                        module_class="T5DenseGatedActDense/NewGELUActivation",
+                        source="/site-packages/transformers/activations.py:65") for i in (1, 2)]
+    recs = [Recommendation(rank=i, cluster_id=c.id, pattern=c.pattern, title=f"chain {i}", measured_saving_us_per_step=5.0,
+                           estimate_saving_us_per_step=5.0, confidence="measured") for i, c in enumerate(clusters, 1)]
+    p = plan(AdvisorResult(clusters=clusters, recommendations=recs,
+                           benchmarks=[measured_win(c.id, c.pattern) for c in clusters]))
+    assert p.runtime_patterns == ["generic:1123456789"] and list(p.replacements) == ["generic:1123456789"]
+    assert any("already swapped for generic:1123456789" in n for n in p.notes), p.notes
+
+
 class DropGELU(nn.Module):
     """Pointwise in eval, random in training: the chain is recorded per mode."""
 
