@@ -205,3 +205,15 @@ def test_a_failing_patched_run_is_blamed_as_the_patched_one(tmp_path):
     r = _apply(result, "--verify", "--steps", "2", "--warmup", "1")
     assert r.returncode == 1, r.stderr[-2000:]
     assert "the patched run failed: AssertionError: patched" in r.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="what --verify does without a GPU")
+def test_verify_without_a_gpu_runs_both_scripts_in_the_interpreter(tmp_path):
+    """No TRITON_INTERPRET in the user's environment and no GPU: the kernels would refuse CPU
+    tensors ("must be on a CUDA device"); verify runs both scripts in Triton's interpreter instead."""
+    result = _project(tmp_path, "import")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "fusion_advisor.cli", "apply", str(result), "--verify", "--steps", "2",
+                        "--warmup", "1", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["verification"]["replacements"][0]["status"] == "ran"
