@@ -6,7 +6,6 @@ working directory or a second run is the point.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import gzip
 import json

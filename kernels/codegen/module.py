@@ -18,7 +18,6 @@ import torch
 from fusion_advisor.kernels.codegen import runtime
 from fusion_advisor.kernels.codegen.emit import KernelWriter, Layout, partition, spec_of
 from fusion_advisor.kernels.codegen.graph import Graph, eager_args
-from fusion_advisor.kernels.codegen.runtime import grad_kind
 from fusion_advisor.kernels.registry import dtype_name
 
 _RUNTIME_MARKER = "# ---- EMBED: everything below is copied into generated modules ----\n"
