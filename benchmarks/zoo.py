@@ -11,8 +11,9 @@ torch.compile), then runs, each in fresh processes:
      (its unpatched run is the eager baseline, its patched run the advisor-applied configuration)
   3. the same script with --compile, measured as verify measures (advisor/verify.py run_script)
 
-Before any of that, `--prewarm-jobs` untimed `--compile` runs fill inductor's on-disk caches, several
-at a time, so that the timed compile runs do not spend the time budget compiling. It writes one CSV
+With `--prewarm-jobs N`, before any of that, untimed `--compile` runs fill inductor's on-disk caches,
+N at a time, so that the timed compile runs do not spend the time budget compiling (off by default:
+see the option). It writes one CSV
 row per (model, mode): GPU, driver and versions; eager, whole-model compile and
 advisor-applied median step time and peak memory; the replacements applied with their calls per
 step (verify's `calls_per_step`, else `calls`, else the swaps it listed); compile's speedup, ours,
@@ -548,9 +549,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", help="folder for the generated scripts and reports [default: a temporary one]")
     ap.add_argument("--dry-run", action="store_true", help="list the models and modes, run nothing")
     ap.add_argument("--mode", choices=("bf16", "autocast", "fp32"), help="only this mode [default: each model's]")
-    ap.add_argument("--prewarm-jobs", type=int, default=4,
+    # Off by default: on an H100 prewarming all 21 runs 4 at a time took 242 s before the first model
+    # was timed, and a 10-minute GPU window then timed one model; it pays only on a machine that
+    # stays up for the whole zoo.
+    ap.add_argument("--prewarm-jobs", type=int, default=0,
                     help="fill inductor's caches with untimed --compile runs, this many at a time, before timing "
-                         "anything (0: off)")
+                         "anything (0: off; worth it only where one machine runs the whole zoo)")
     ap.add_argument("--tiny", action="store_true", help="hidden-32 configs: a CPU smoke test of the plumbing")
     args = ap.parse_args(argv)
     if args.quick:
