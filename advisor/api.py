@@ -9,8 +9,6 @@ import contextlib
 import functools
 from typing import Callable
 
-import torch
-
 _step_listener: Callable[[], None] | None = None
 _steps_paused = 0  # > 0 while fusion-advisor itself runs modules (patch checks): not the script's steps
 
@@ -56,6 +54,8 @@ class region(contextlib.ContextDecorator):
         self._stack: list[contextlib.ExitStack] = []
 
     def __enter__(self):
+        import torch   # here, not at import: `import fusion_advisor` (and `fusion-advisor -h`) loads no torch
+
         stack = contextlib.ExitStack()
         stack.enter_context(torch.profiler.record_function(self.name))
         nvtx = _nvtx()
