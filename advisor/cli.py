@@ -440,6 +440,10 @@ def apply_cmd(
                                                             "and seed; compare losses, step time and peak memory."),
     steps: int = typer.Option(20, "--steps", "-n", min=1, help="Steps to compare with --verify."),
     warmup: int = typer.Option(5, "--warmup", "-w", min=0, help="Steps before timing with --verify."),
+    compile_reference: Optional[bool] = typer.Option(
+        None, "--compile-reference/--no-compile-reference",
+        help="With --verify, also time the script under whole-model torch.compile and name the fastest "
+             "configuration measured [default: on with a CUDA GPU]."),
     memory: bool = typer.Option(False, "--memory", help="Also apply the memory trades (recommendations that lower "
                                                         "peak memory at a measured time cost, e.g. the LM head's "
                                                         "linear_cross_entropy: logits never materialised)."),
@@ -526,8 +530,11 @@ def apply_cmd(
                    original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements,
                    nproc=int(run.get("world_size") or 0) if "rank" in run else 0, modules=plan.runtime_modules)
         report["verification"] = {**asdict(v), "proven": v.proven}
+        reference = _compile_reference(run, steps, warmup, compile_reference, v, plan.notes)
+        if reference is not None:
+            report["verification"]["compile_reference"] = reference
         if not as_json:
-            _print_verification(v, plan.estimates)
+            _print_verification(v, plan.estimates, reference)
     if write and not plan.changed:
         err.print("nothing to write: the sources already hold every change (or none applies)", highlight=False)
     elif write:
@@ -549,23 +556,59 @@ def apply_cmd(
         _fail("the patched run's losses differ from the unpatched run's beyond tolerance", EXIT_NOT_VERIFIED)
 
 
-def _print_verification(v, estimates: list[str] = ()) -> None:
+def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, v, notes: list[str]) -> dict | None:
+    """Whole-model torch.compile of the same script, timed as verify times (issue 13): the
+    reference row and the fastest configuration measured. None when not wanted or not possible."""
+    if wanted is None:
+        import torch
+        wanted = torch.cuda.is_available()   # inductor on a CPU compiles C++ for minutes: opt in there
+    if not wanted:
+        return None
+    if "rank" in run:
+        notes.append("no torch.compile reference for a torchrun job")
+        return None
+    from fusion_advisor.compile_reference import compile_reference, fastest
+    from fusion_advisor.errors import ScriptError
+    try:
+        m = compile_reference(run["script"], list(run.get("argv", [])[1:]), steps=steps, warmup=max(warmup, 2))
+    except ScriptError as exc:
+        return {"error": str(exc), "verdict": "torch.compile reference failed: " + str(exc)}
+    if m.error:
+        return {"error": m.error.strip().splitlines()[-1], "verdict": "the torch.compile reference run failed"}
+    best, verdict = fastest({"unpatched": v.before.median_step_s, "patched": v.after.median_step_s if v.proven else None,
+                             "torch.compile (whole model)": m.median_step_s})
+    return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes,
+            "losses": m.losses[:1] + m.losses[-1:], "fastest": best, "verdict": verdict}
+
+
+def _print_verification(v, estimates: list[str] = (), reference: dict | None = None) -> None:
     from rich.table import Table
 
     t = Table(title="apply --verify (measured)", title_justify="left")
     t.add_column("")
     t.add_column("unpatched", justify="right")
     t.add_column("patched", justify="right")
+    ref = reference if reference and "median_step_s" in reference else None
+    if ref:
+        t.add_column("torch.compile (whole model)", justify="right")
     ms = lambda s: f"{s * 1e3:,.2f} ms" if s else "—"  # noqa: E731
     gb = lambda b: f"{b / 2**30:,.2f} GiB" if b is not None else "—"  # noqa: E731
-    t.add_row("median step time", ms(v.before.median_step_s), ms(v.after.median_step_s))
-    t.add_row("peak memory", gb(v.before.peak_mem_bytes), gb(v.after.peak_mem_bytes))
-    t.add_row("losses (first, last)", f"{v.before.losses[0]:.4f}, {v.before.losses[-1]:.4f}" if v.before.losses else "—",
-              f"{v.after.losses[0]:.4f}, {v.after.losses[-1]:.4f}" if v.after.losses else "—")
+    first_last = lambda xs: f"{xs[0]:.4f}, {xs[-1]:.4f}" if xs else "—"  # noqa: E731
+    extra = (lambda *cells: list(cells)) if ref else (lambda *cells: [])
+    t.add_row("median step time", ms(v.before.median_step_s), ms(v.after.median_step_s),
+              *extra(ms(ref and ref["median_step_s"])))
+    t.add_row("peak memory", gb(v.before.peak_mem_bytes), gb(v.after.peak_mem_bytes),
+              *extra(gb(ref and ref["peak_mem_bytes"])))
+    t.add_row("losses (first, last)", first_last(v.before.losses), first_last(v.after.losses),
+              *extra(first_last(ref and ref["losses"])))
     Console().print(t)
+    if reference:
+        Console().print(reference["verdict"], highlight=False)
     r = Table(title="replacements in the patched run (calls counted)", title_justify="left")
-    for col, justify in (("replacement", "left"), ("applied as", "left"), ("calls / step", "right"), ("", "left")):
-        r.add_column(col, justify=justify, no_wrap=col != "")
+    r.add_column("replacement", no_wrap=True)
+    r.add_column("applied as", ratio=1)            # words: these wrap at a narrow terminal, nothing else
+    r.add_column("calls / step", justify="right", no_wrap=True)
+    r.add_column("", min_width=3, ratio=1)
     for row in v.replacements:
         mark = " (estimate)" if row.name in estimates else ""
         calls = f"{row.calls_per_step:,.1f}" if row.status == "ran" else "—"

@@ -284,3 +284,22 @@ def test_our_kernel_failing_numerics_leaves_compile_or_nothing_with_the_reason()
     bench.measured["compile"] = ProviderTiming(299.5, 299.5, 299.5)
     choice = provider_choice.choose(rec, cluster, bench)
     assert choice.provider is None and "numerics failed: triton: max abs diff 0.3" in choice.why
+
+
+def test_apply_verify_times_whole_model_compile_as_the_reference(tmp_path):
+    """--compile-reference: the same script under whole-model torch.compile, timed as verify times,
+    a third column, and a verdict naming the fastest configuration measured."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(here=str(__import__("pathlib").Path(__file__).parent)))
+    result = _result()
+    result.run = {"script": str(script), "argv": [str(script)], "cwd": str(tmp_path)}
+    result.save(tmp_path / "result.json")
+    env = {**__import__("os").environ, "FUSION_ADVISOR_COMPILE_BACKEND": "aot_eager"}
+    r = subprocess.run([sys.executable, "-m", "fusion_advisor.cli", "apply", str(tmp_path / "result.json"), "--verify",
+                        "--steps", "3", "--warmup", "2", "--compile-reference", "--json"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    ref = json.loads(r.stdout)["verification"]["compile_reference"]
+    assert ref["median_step_s"] > 0 and len(ref["losses"]) == 2
+    assert ref["fastest"] in ("unpatched", "patched", "torch.compile (whole model)")
+    assert ref["verdict"].startswith(f"fastest: {ref['fastest']} (") and "vs unpatched" in ref["verdict"]
