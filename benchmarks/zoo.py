@@ -344,8 +344,8 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
             errors.append(f"profile exit {prof.returncode}: {_last_line(prof.stderr)}")
         result_path = folder / "report" / "result.json"
         if result_path.exists():
-            ap = _cli("apply", result_path, "--verify", "--no-compile-reference", "--json", "--steps", steps, "--warmup", warmup,
-                      cwd=folder, timeout=left())
+            ap = _cli("apply", result_path, "--verify", "--no-compile-reference", "--json", "--steps", steps,
+                      "--warmup", warmup, cwd=folder, timeout=left())
             report = _json_object(ap.stdout)
             if report is not None:
                 row["providers"] = providers_text(report.get("providers"))
