@@ -29,9 +29,8 @@ weight/bias w each only when present; the pattern files' `fused_bytes` give thes
   backward: read dy, x (the sum), the statistics (and the returned residual's grad); write dx;
             per parameter write P partial rows in fp32 and read them back, then write the grad:
             M*N*(o + e + e [+ s]) + 4*M per statistic + N*w + per parameter (2*P*N*4 + N*w)
-  (`fused_bytes` takes P = the SMs, the cost model's count; for rows up to 2048 the kernel runs
-  twice that many programs, whose partial rows, written and read back through L2, add 2*SMs*N*4
-  bytes per parameter: under 1 % of the total at 64k rows x 1024, about 8 % at 4k rows.)
+  (`fused_bytes` takes P from `backward_programs_for`, the count the launcher uses on a GPU of that
+  many SMs: twice the SMs for rows up to 2048, the SMs above, never more than row tiles.)
 """
 from __future__ import annotations
 
@@ -411,6 +410,13 @@ def bwd_programs(cfg: TileConfig, n_rows: int, device: torch.device) -> int:
     else:
         per_device = sm_count(device) * cfg.programs_per_sm
     return max(1, min(per_device, cdiv(n_rows, cfg.block_m)))
+
+
+def backward_programs_for(n_cols: int, n_rows: int, num_sms: int, elem_size: int = 2) -> int:
+    """P, the backward's program count on a GPU of `num_sms` SMs with the tile table (no tuned
+    file): what `fused_bytes` counts the partial rows of."""
+    cfg = bwd_config(n_cols, n_rows, elem_size)
+    return max(1, min(num_sms * cfg.programs_per_sm, cdiv(n_rows, cfg.block_m)))
 
 
 def _sm_programs(device: torch.device) -> int:

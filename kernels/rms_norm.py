@@ -8,7 +8,7 @@ Bytes for x of M rows x N (element size e, weight size w, output size o):
       full M x N tensor, most in fp32: about M*N*(2+4 + 4+4 + 4 + 4+4 + 4+2 + 2+2+2) bytes
   fused forward:  read x once, write y once, write rstd: M*N*(e+o) + N*w + 4*M
   fused backward: read dy, x, rstd, weight; write dx and per-program partial dweight:
-                  M*N*(o+e+e) + 4*M + N*w + 2*P*N*4  (P programs: counted as the SMs; see norm_core.py)
+                  M*N*(o+e+e) + 4*M + N*w + 2*P*N*4  (P programs: norm_core.backward_programs_for)
 `fused_bytes` returns exactly these numbers; the cost model prices them.
 
 The kernels are norm_core.py's (`_rms_norm_fwd_kernel`, `_rms_norm_bwd_kernel`: the shared norm
@@ -152,7 +152,7 @@ def fused_bytes(params: dict) -> dict:
     e = getattr(torch, params["dtype"]).itemsize
     w = getattr(torch, params.get("weight_dtype", params["dtype"])).itemsize
     o = max(e, w)
-    programs = min(m, params.get("num_sms", 132))
+    programs = norm_core.backward_programs_for(n, m, params.get("num_sms", 132), e)
     return {"forward": m * n * (e + o) + n * w + 4 * m,
             "backward": m * n * (o + e + e) + 4 * m + n * w + 2 * programs * n * 4}
 
