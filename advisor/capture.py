@@ -194,6 +194,17 @@ def write_trace_gz(json_path: str, dest: Path, meta: dict) -> None:
         gz.write(body.encode("utf-8"))
 
 
+def add_trace_events(path: Path, events: list[dict]) -> None:
+    """Append events to a saved trace (.json.gz), rewriting it atomically: the file is either the
+    old trace or the new one, never half-written."""
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        doc = json.load(fh)
+    doc.setdefault("traceEvents", []).extend(events)
+    with atomic_output(path, binary=True) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6,
+                                                                mtime=0) as gz:
+        gz.write(json.dumps(doc).encode("utf-8"))
+
+
 class _Session:
     """One run of the script under the profiler."""
 

@@ -230,7 +230,7 @@ def profile(
         _fail(("the script failed before any step was recorded" if result_capture.error else
                "nothing was recorded") + written, EXIT_SCRIPT_FAILED if result_capture.error else 2)
     with err.status("analysing the trace", spinner="dots"):
-        result = _analyze_path(result_capture.trace_path, target_gpu)
+        result = _analyze_and_annotate(result_capture.trace_path, target_gpu)
     roi_options = _roi_options(gpu_hourly_cost, steps_per_day, gpus)
     if bench:
         with _bench_progress() as on_cluster:
@@ -340,6 +340,26 @@ def profile_rank(
     if captured.error:
         err.print(captured.error.rstrip(), highlight=False, markup=False)
         _fail(f"rank {rank}: the script raised (traceback above)", EXIT_SCRIPT_FAILED)
+
+
+def _analyze_and_annotate(trace_path: str, target_gpu: str | None = None):
+    """Analyse our own saved trace and write its clusters into it as annotation tracks (Perfetto
+    shows them beside the kernels). A trace that cannot be rewritten keeps its kernels only."""
+    from fusion_advisor.analyzers.annotations import span_events
+    from fusion_advisor.analyzers.trace import Trace
+    from fusion_advisor.capture import add_trace_events
+    from fusion_advisor.cluster_names import where_label
+    from fusion_advisor.pipeline import analyze
+
+    spans: list = []
+    result = analyze(Trace.load(trace_path), target_gpu=target_gpu, spans=spans)
+    if spans:
+        names = {c.id: where_label(c) for c in result.clusters}
+        try:
+            add_trace_events(Path(trace_path), span_events(spans, names))
+        except (OSError, ValueError) as exc:
+            result.notes.append(f"the clusters were not written into {trace_path} as annotation tracks: {exc}")
+    return result
 
 
 def _analyze_path(trace_path: str, target_gpu: str | None = None):

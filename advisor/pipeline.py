@@ -54,9 +54,10 @@ def choose_profile(trace: Trace, target_gpu: str | None) -> tuple[DeviceProfile,
     return load_profile(target=DEFAULT_TARGET_GPU), f"default target for a CPU-only trace ({DEFAULT_TARGET_GPU})"
 
 
-def analyze(trace: Trace, target_gpu: str | None = None) -> AdvisorResult:
+def analyze(trace: Trace, target_gpu: str | None = None, spans: list | None = None) -> AdvisorResult:
     """Trace -> AdvisorResult: step summary, kernel classes, roofline points, a step timeline,
-    the memory-bound clusters ranked by estimated saving, and the launch-bound verdict."""
+    the memory-bound clusters ranked by estimated saving, and the launch-bound verdict. `spans`,
+    when given, is filled with each cluster occurrence's span on the GPU (analyzers/annotations.py)."""
     result = AdvisorResult(tool_version=__version__, trace_path=trace.path)
     result.run = run_info_from_trace(trace)
     result.summary = summarize(trace).to_dict()
@@ -74,6 +75,9 @@ def analyze(trace: Trace, target_gpu: str | None = None) -> AdvisorResult:
 
     findings = find_clusters(trace, profile)
     result.clusters = findings.clusters
+    if spans is not None and trace.has_gpu:
+        from fusion_advisor.analyzers.annotations import cluster_spans
+        spans.extend(cluster_spans(trace, findings.kernel_cluster))
     result.kernel_classes = class_summary(trace)
     result.kernels = roofline_points(trace, findings, profile) if trace.has_gpu else op_points(trace, findings, profile)
     result.timeline = timeline(trace, findings)
