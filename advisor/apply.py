@@ -23,7 +23,7 @@ from fusion_advisor.bench import is_launch_bound
 from fusion_advisor.errors import AdvisorError, OutputError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.files import clean_leftovers, folder_lock, is_read_only, write_text_atomic
-from fusion_advisor.recommend import measured_win, primary_benchmark
+from fusion_advisor.recommend import numerics_failed, primary_benchmark, timed_for_apply
 from fusion_advisor.result import AdvisorResult
 from fusion_advisor.source_patch import FileRewrite, StatementReplacement, new_file, rewrite_source
 
@@ -138,10 +138,8 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
             out.notes.append(f"#{rec.rank} {rec.title}: our {rec.pattern} kernel was not faster than eager on this "
                              f"workload ({bench.reason.split(';')[0]}); not applied")
             continue
-        timed = (bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False) if rec.kind == "memory" \
-            else measured_win(bench)
-        if not timed:
-            if not include_estimates or (bench is not None and bench.numerics_ok is False):
+        if not timed_for_apply(rec, bench):
+            if not include_estimates or numerics_failed(bench):
                 out.notes.append(f"#{rec.rank} {rec.title}: {_untimed_reason(bench)}; not applied (an estimate is "
                                  f"never applied without --include-estimates)")
                 continue

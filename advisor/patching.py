@@ -120,45 +120,34 @@ def recommended_patterns(result, memory: bool = False, include_estimates: bool =
     (kind "memory": slower, less memory) only with memory=True, and only timed ones. A generated
     kernel ("generic:<hash>") is included where its cluster came from a module (a runtime swap of
     that module's forward); elsewhere it is a source rewrite (`fusion-advisor apply`)."""
-    from fusion_advisor.recommend import measured_win, primary_benchmark
+    from fusion_advisor import provider_choice
+    from fusion_advisor.bench import is_launch_bound
+    from fusion_advisor.recommend import numerics_failed, primary_benchmark, timed_for_apply
     from fusion_advisor.result import AdvisorResult
 
     if isinstance(result, dict):
         result = AdvisorResult.from_dict(result)
     hinted = module_hints(result)
     clusters = {c.id: c for c in result.clusters}
+    launch_bound = is_launch_bound(result)
     names = []
     for rec in result.recommendations:
         name = rec.pattern
-        if rec.kind == "memory" and not memory:
-            continue
-        if not name:
+        if (rec.kind == "memory" and not memory) or not name:
             continue
         cluster = clusters.get(rec.cluster_id)
         bench = primary_benchmark(cluster, result) if cluster is not None else None
-        target = _compile_target(rec) if rec.kind == "torch_compile" else None
-        if target and measured_compile_win(bench):   # bench measured compile fastest: compile its module
-            if regional_compile.pattern_name(target) not in names:
-                names.append(regional_compile.pattern_name(target))
+        # The provider is apply's choice (provider_choice): regional compile only where it pays.
+        choice = provider_choice.choose(rec, cluster, bench, launch_bound, memory)
+        if choice.provider == "compile":
+            if choice.runtime_pattern not in names:
+                names.append(choice.runtime_pattern)
             continue
         if (name.startswith("generic:") and name not in hinted) or name in names:
             continue
-        timed = (bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False) \
-            if rec.kind == "memory" else measured_win(bench)
-        if timed or (include_estimates and not (bench is not None and bench.numerics_ok is False)):
+        if timed_for_apply(rec, bench) or (include_estimates and not numerics_failed(bench)):
             names.append(name)
     return names
-
-
-def _compile_target(rec) -> str | None:
-    target = (getattr(rec, "patch", None) or {}).get("target")
-    return target if isinstance(target, str) and target and target != "the model" else None
-
-
-def measured_compile_win(bench) -> bool:
-    """Bench timed torch.compile on a GPU, its numerics passed and it was the fastest provider."""
-    return bench is not None and bench.timing == "gpu" and bench.best_provider == "compile" and \
-        bench.numerics_by_provider.get("compile", "ok") == "ok"
 
 
 def module_hints(result) -> dict[str, set[str]]:

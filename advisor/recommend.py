@@ -138,6 +138,19 @@ def measured_win(bench) -> bool:
         bench.verdict == "recommended"
 
 
+def timed_for_apply(rec: Recommendation, bench) -> bool:
+    """What `apply` and `patch` take without --include-estimates: a measured win, or for a memory
+    trade (slower by design) a GPU measurement whose numerics passed."""
+    if rec.kind == "memory":
+        return bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False
+    return measured_win(bench)
+
+
+def numerics_failed(bench) -> bool:
+    """Bench checked it and it failed: never applied, estimates or not."""
+    return bench is not None and bench.numerics_ok is False
+
+
 def _occurrences(cluster: Cluster) -> tuple[float, str]:
     if cluster.occurrences_per_step > 0:
         return cluster.occurrences_per_step, ""
