@@ -464,6 +464,10 @@ def apply_cmd(
         None, "--compile-reference/--no-compile-reference",
         help="With --verify, also time the script under whole-model torch.compile and name the fastest "
              "configuration measured [default: on with a CUDA GPU]."),
+    compile_blocks: Optional[bool] = typer.Option(
+        None, "--compile-blocks/--no-compile-blocks",
+        help="With --verify, also time the patch plus regional torch.compile of the model's repeated blocks "
+             "(its transformer layers, CNN stages' blocks), checked like the patch [default: on with a CUDA GPU]."),
     memory: bool = typer.Option(False, "--memory", help="Also apply the memory trades (recommendations that lower "
                                                         "peak memory at a measured time cost, e.g. the LM head's "
                                                         "linear_cross_entropy: logits never materialised)."),
@@ -550,11 +554,18 @@ def apply_cmd(
                    original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements,
                    nproc=int(run.get("world_size") or 0) if "rank" in run else 0, modules=plan.runtime_modules)
         report["verification"] = {**asdict(v), "proven": v.proven}
+        blocks = _compiled_blocks(run, steps, warmup, compile_blocks, v, plan)
+        if blocks is not None:
+            report["verification"]["compiled_blocks"] = blocks
         reference = _compile_reference(run, steps, warmup, compile_reference, v, plan.notes)
         if reference is not None:
             report["verification"]["compile_reference"] = reference
+        best, verdict = _fastest_configuration(v, blocks, reference)
+        report["verification"]["fastest"] = {"configuration": best, "verdict": verdict}
+        if reference is not None and "median_step_s" in reference:
+            reference.update(fastest=best, verdict=verdict)
         if not as_json:
-            _print_verification(v, plan.estimates, reference)
+            _print_verification(v, plan.estimates, reference, blocks, verdict)
     if write and not plan.changed:
         err.print("nothing to write: the sources already hold every change (or none applies)", highlight=False)
     elif write:
@@ -576,18 +587,64 @@ def apply_cmd(
         _fail("the patched run's losses differ from the unpatched run's beyond tolerance", EXIT_NOT_VERIFIED)
 
 
-def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, v, notes: list[str]) -> dict | None:
-    """Whole-model torch.compile of the same script, timed as verify times (issue 13): the
-    reference row and the fastest configuration measured. None when not wanted or not possible."""
+def _wanted_on_gpu(wanted: bool | None) -> bool:
     if wanted is None:
         import torch
         wanted = torch.cuda.is_available()   # inductor on a CPU compiles C++ for minutes: opt in there
-    if not wanted:
+    return wanted
+
+
+def _compiled_blocks(run: dict, steps: int, warmup: int, wanted: bool | None, v, plan) -> dict | None:
+    """The patch plus regional torch.compile of the repeated blocks, timed and checked against the
+    unpatched run (compile_reference.compiled_blocks). None when not wanted or not possible."""
+    if not _wanted_on_gpu(wanted) or not v.proven or not v.losses_match:
+        return None
+    if "rank" in run:
+        plan.notes.append("no compiled-blocks run for a torchrun job")
+        return None
+    from dataclasses import asdict
+
+    from fusion_advisor.compile_reference import compiled_blocks
+    from fusion_advisor.errors import ScriptError
+    try:
+        b = compiled_blocks(run["script"], list(run.get("argv", [])[1:]), v.before, plan.runtime_patterns,
+                            plan.replacements, {f.path: f.after for f in plan.changed}, steps=steps,
+                            warmup=max(warmup, 2), modules=plan.runtime_modules)
+    except ScriptError as exc:
+        return {"error": str(exc)}
+    m = b.after
+    if m.error:
+        return {"error": m.error.strip().splitlines()[-1]}
+    return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes,
+            "losses": m.losses[:1] + m.losses[-1:], "losses_match": b.losses_match, "proven": b.proven,
+            "speedup": b.speedup, "max_loss_rel_diff": b.max_loss_rel_diff,
+            "replacements": [asdict(r) for r in b.replacements], "regional_compiles": m.regional_compiles,
+            "skipped": m.skipped}
+
+
+def _verified_step_s(blocks: dict | None) -> float | None:
+    return blocks.get("median_step_s") if blocks and blocks.get("proven") and blocks.get("losses_match") else None
+
+
+def _fastest_configuration(v, blocks: dict | None, reference: dict | None) -> tuple[str, str]:
+    """The fastest configuration measured, among those whose losses matched the unpatched run's
+    (whole-model compile is the reference: its own losses are shown, not gated)."""
+    from fusion_advisor.compile_reference import fastest
+    return fastest({"unpatched": v.before.median_step_s,
+                    "patched": v.after.median_step_s if v.proven and v.losses_match else None,
+                    "patched + compiled blocks": _verified_step_s(blocks),
+                    "torch.compile (whole model)": (reference or {}).get("median_step_s")})
+
+
+def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, v, notes: list[str]) -> dict | None:
+    """Whole-model torch.compile of the same script, timed as verify times (issue 13): the
+    reference row and the fastest configuration measured. None when not wanted or not possible."""
+    if not _wanted_on_gpu(wanted):
         return None
     if "rank" in run:
         notes.append("no torch.compile reference for a torchrun job")
         return None
-    from fusion_advisor.compile_reference import compile_reference, fastest
+    from fusion_advisor.compile_reference import compile_reference
     from fusion_advisor.errors import ScriptError
     try:
         m = compile_reference(run["script"], list(run.get("argv", [])[1:]), steps=steps, warmup=max(warmup, 2))
@@ -595,35 +652,45 @@ def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, 
         return {"error": str(exc), "verdict": "torch.compile reference failed: " + str(exc)}
     if m.error:
         return {"error": m.error.strip().splitlines()[-1], "verdict": "the torch.compile reference run failed"}
-    best, verdict = fastest({"unpatched": v.before.median_step_s, "patched": v.after.median_step_s if v.proven else None,
-                             "torch.compile (whole model)": m.median_step_s})
     return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes,
-            "losses": m.losses[:1] + m.losses[-1:], "fastest": best, "verdict": verdict}
+            "losses": m.losses[:1] + m.losses[-1:]}
 
 
-def _print_verification(v, estimates: list[str] = (), reference: dict | None = None) -> None:
+def _print_verification(v, estimates: list[str] = (), reference: dict | None = None, blocks: dict | None = None,
+                        verdict: str = "") -> None:
     from rich.table import Table
 
     t = Table(title="apply --verify (measured)", title_justify="left")
     t.add_column("")
     t.add_column("unpatched", justify="right")
     t.add_column("patched", justify="right")
-    ref = reference if reference and "median_step_s" in reference else None
-    if ref:
-        t.add_column("torch.compile (whole model)", justify="right")
+    columns = [(name, row) for name, row in (("patched + compiled blocks", blocks),
+                                             ("torch.compile (whole model)", reference))
+               if row and "median_step_s" in row]
+    for name, _ in columns:
+        t.add_column(name, justify="right")
     ms = lambda s: f"{s * 1e3:,.2f} ms" if s else "—"  # noqa: E731
     gb = lambda b: f"{b / 2**30:,.2f} GiB" if b is not None else "—"  # noqa: E731
     first_last = lambda xs: f"{xs[0]:.4f}, {xs[-1]:.4f}" if xs else "—"  # noqa: E731
-    extra = (lambda *cells: list(cells)) if ref else (lambda *cells: [])
     t.add_row("median step time", ms(v.before.median_step_s), ms(v.after.median_step_s),
-              *extra(ms(ref and ref["median_step_s"])))
+              *(ms(row["median_step_s"]) for _, row in columns))
     t.add_row("peak memory", gb(v.before.peak_mem_bytes), gb(v.after.peak_mem_bytes),
-              *extra(gb(ref and ref["peak_mem_bytes"])))
+              *(gb(row["peak_mem_bytes"]) for _, row in columns))
     t.add_row("losses (first, last)", first_last(v.before.losses), first_last(v.after.losses),
-              *extra(first_last(ref and ref["losses"])))
+              *(first_last(row["losses"]) for _, row in columns))
     Console().print(t)
-    if reference:
+    if blocks and blocks.get("error"):
+        Console().print(f"patched + compiled blocks: not measured ({blocks['error']})", highlight=False)
+    elif blocks and not (blocks.get("proven") and blocks.get("losses_match")):
+        Console().print("patched + compiled blocks: not a candidate (its losses differ or its blocks never compiled)",
+                        highlight=False)
+    if reference and reference.get("error"):
         Console().print(reference["verdict"], highlight=False)
+    if verdict and (blocks or reference):
+        Console().print(verdict, highlight=False)
+    if verdict.startswith("fastest: patched + compiled blocks"):
+        Console().print("  to run it: fusion_advisor.patch(model, RESULT, compile_blocks=True) after building the "
+                        "model (with your source patches written: apply --write)", highlight=False)
     r = Table(title="replacements in the patched run (calls counted)", title_justify="left")
     r.add_column("replacement", no_wrap=True)
     r.add_column("applied as", ratio=1)            # words: these wrap at a narrow terminal, nothing else
@@ -637,8 +704,8 @@ def _print_verification(v, estimates: list[str] = (), reference: dict | None = N
     if not v.proven:
         Console().print("losses not compared: the patch did not demonstrably run (see above)")
     elif v.speedup and v.max_loss_rel_diff is not None:
-        verdict = "match" if v.losses_match else "DIFFER"
-        Console().print(f"speedup {v.speedup:.2f}x; losses {verdict} (max relative difference {v.max_loss_rel_diff:.2e})")
+        agree = "match" if v.losses_match else "DIFFER"
+        Console().print(f"speedup {v.speedup:.2f}x; losses {agree} (max relative difference {v.max_loss_rel_diff:.2e})")
     else:
         Console().print("no timing")
     for s in v.after.swapped:

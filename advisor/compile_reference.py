@@ -9,12 +9,19 @@ happens in the second: keep warmup >= 2 (its time is then out of the median).
 
     m = compile_reference("train.py", ["--steps", "100"], steps=20, warmup=5)
     m.median_step_s, m.peak_mem_bytes, m.losses
+
+`compiled_blocks` is the other compiled configuration `apply --verify` times: the patch, plus
+regional torch.compile of the model's repeated blocks (regional_compile.BLOCKS), checked against the
+unpatched run like the patch itself.
 """
 from __future__ import annotations
 
 from fusion_advisor.errors import AdvisorError
-from fusion_advisor.regional_compile import WHOLE_MODEL
-from fusion_advisor.verify import RunMeasurement, RunSpec, run_script
+from fusion_advisor.regional_compile import BLOCKS, WHOLE_MODEL, is_compile_pattern
+from fusion_advisor.verify import (ReplacementCalls, RunMeasurement, RunSpec, Verification, call_key, compare,
+                                   run_script)
+
+BLOCKS_HOW = "runtime swap (regional torch.compile of the repeated blocks)"
 
 
 def compile_reference(script: str, script_args: list[str], steps: int = 20, warmup: int = 5, seed: int = 0,
@@ -28,6 +35,30 @@ def compile_reference(script: str, script_args: list[str], steps: int = 20, warm
     names = [*(patterns or []), WHOLE_MODEL]
     return run_script(RunSpec(script, list(script_args), steps, warmup, seed, names, dict(source_overrides or {})),
                       timeout_s=timeout_s)
+
+
+def compiled_blocks(script: str, script_args: list[str], before: RunMeasurement, patterns: list[str],
+                    planned: dict[str, str], source_overrides: dict[str, str] | None = None, steps: int = 20,
+                    warmup: int = 5, seed: int = 0, modules: dict[str, list[str]] | None = None,
+                    timeout_s: float = 1800) -> Verification:
+    """The patch plus regional torch.compile of the repeated blocks, against the unpatched run
+    `before`: losses, speedup and calls as verify compares them. The plan's own regional compiles
+    give way to the blocks (they sit inside them). Our kernels inside a compiled block run as custom
+    ops inside its graph, where calls are not counted: there the proof is the blocks' own count."""
+    if warmup < 2:
+        raise AdvisorError("timing compiled blocks needs --warmup >= 2: the compile happens in the first steps")
+    names = [p for p in patterns if not is_compile_pattern(p)] + [BLOCKS]
+    m = run_script(RunSpec(script, list(script_args), steps, warmup, seed, names, dict(source_overrides or {}),
+                           patched=True, modules=dict(modules or {})), timeout_s=timeout_s)
+    v = compare(before, m, planned={BLOCKS: BLOCKS_HOW})
+    counted = {r.name for r in v.replacements}
+    for name, how in planned.items():
+        if name in counted or is_compile_pattern(name):
+            continue
+        n = m.calls.get(call_key(name), 0)   # eager calls outside the blocks still count
+        v.replacements.append(ReplacementCalls(name, how, n / max(m.steps_run, 1), "ran" if n else "not counted",
+                                               "" if n else "inside a compiled block: calls there are not counted"))
+    return v
 
 
 def fastest(rows: dict[str, float | None]) -> tuple[str, str]:

@@ -3,6 +3,7 @@
     handle = fusion_advisor.patch(model, result)        # the recommendations bench measured faster
     handle = fusion_advisor.patch(model, patterns=["rms_norm"])
     handle = fusion_advisor.patch(model, result, memory=True)  # also the memory trades (linear_cross_entropy)
+    handle = fusion_advisor.patch(model, result, compile_blocks=True)  # plus torch.compile of the repeated blocks
     ...
     handle.revert()                                     # the model is exactly as before
 
@@ -26,7 +27,9 @@ gradients) through its FunctionPatch's `check`.
 Regional compilation: a name "compile:<ModuleClass>" (where bench measured torch.compile fastest on
 the cluster, see advisor/regional_compile.py) compiles that class's instances in this model, one
 shared compiled forward per class; each instance's swapped forward is listed among the functions,
-and revert() takes it out. Compile's numerics were checked by bench on the cluster.
+and revert() takes it out. Compile's numerics were checked by bench on the cluster. With
+compile_blocks=True the model's repeated blocks (regional_compile.BLOCKS) are compiled instead, our
+swapped modules inside them: the configuration `apply --verify` times as "patched + compiled blocks".
 
 Modules are chosen by what they compute (advisor/module_forms.py): any leaf module shaped like a
 norm (a 1-D weight, an optional bias, an eps) is tried as rms_norm, then layer_norm, built from its
@@ -61,7 +64,7 @@ from fusion_advisor.module_forms import (NOT_A_CHAIN, POINTWISE_CHAIN, Pointwise
                                          norm_builders, norm_parts, norm_probe, one_line, pointwise_refusal,
                                          redrawn_copy, rng_kept)
 
-_OPTIONS = {"check", "patterns", "device_check_shape", "memory", "modules", "include_estimates"}
+_OPTIONS = {"check", "patterns", "device_check_shape", "memory", "modules", "include_estimates", "compile_blocks"}
 _NORM_FORMS = ("rms_norm", "layer_norm")   # tried in this order on a norm-shaped module
 
 
@@ -209,6 +212,9 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
             raise AdvisorError("patch() needs a result (AdvisorResult) or patterns=[...]")
         names = recommended_patterns(result, memory=bool(options.get("memory", False)),
                                      include_estimates=bool(options.get("include_estimates", False)))
+    if options.get("compile_blocks"):
+        # the measured "patched + compiled blocks" of apply --verify: the blocks hold the regions
+        names = [n for n in names if not regional_compile.is_compile_pattern(n)] + [regional_compile.BLOCKS]
     compile_names = [n for n in names if regional_compile.is_compile_pattern(n)]
     hints = module_hints(result) if result is not None else {}
     for name, classes in (options.get("modules") or {}).items():

@@ -7,7 +7,11 @@ torch.compile fastest on that cluster, instead of our kernel or nothing.
 
 A pattern name "compile:<ModuleClass>" targets every instance of that class (by class name, like
 the rest of the runtime patches) in ONE model; "compile:*" (WHOLE_MODEL) compiles the model itself,
-the reference that `apply --verify` compares against (advisor/compile_reference.py).
+the reference that `apply --verify` compares against (advisor/compile_reference.py); "compile:blocks"
+(BLOCKS) compiles the model's repeated blocks, PyTorch's regional-compilation recipe: every class of
+which an nn.ModuleList holds two or more instances (a transformer's layers, a CNN stage's blocks),
+outermost first. `apply --verify` times that configuration on top of the patch (the kernels we
+swapped in run inside the compiled blocks as opaque custom ops) beside the patch alone.
 
 One compile per class: every instance of a class calls one shared
 `torch.compile(Class.forward, dynamic=False)` with itself as the first argument. Dynamo lifts the
@@ -44,6 +48,7 @@ from fusion_advisor import calls
 
 PREFIX = "compile:"
 WHOLE_MODEL = "compile:*"
+BLOCKS = "compile:blocks"
 BACKBONE_SHARE = 0.5
 # Tests on CPU use "eager" or "aot_eager" (no C++ toolchain work); real runs use inductor.
 DEFAULT_BACKEND = os.environ.get("FUSION_ADVISOR_COMPILE_BACKEND", "inductor")
@@ -135,7 +140,12 @@ def _targets(model, wanted: list[str], handle: RegionalCompile) -> list[tuple[st
         others = [n for n in wanted if n != WHOLE_MODEL]
         handle.skipped.extend(("*", f"{n}: inside the whole-model compile ({WHOLE_MODEL})") for n in others)
         return [("", model, WHOLE_MODEL)]
-    by_class = {n[len(PREFIX):]: n for n in wanted}
+    by_class = {n[len(PREFIX):]: n for n in wanted if n != BLOCKS}
+    if BLOCKS in wanted:
+        blocks = repeated_block_classes(model)
+        if not blocks:
+            handle.skipped.append(("*", f"{BLOCKS}: no nn.ModuleList of this model holds two modules of one class"))
+        by_class.update({cls: BLOCKS for cls in blocks if cls not in by_class})
     total = sum(p.numel() for p in model.parameters()) or 1
     chosen: list[tuple[str, Any, str]] = []
     for path, module in model.named_modules():
@@ -156,6 +166,23 @@ def _targets(model, wanted: list[str], handle: RegionalCompile) -> list[tuple[st
             continue
         chosen.append((path, module, name))
     return chosen
+
+
+def repeated_block_classes(model) -> list[str]:
+    """Class names of the model's repeated blocks: classes of which one nn.ModuleList holds two or
+    more instances (our own fused modules excepted), in the order the model lists them."""
+    from torch import nn
+
+    found: dict[str, None] = {}
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        counts: dict[type, int] = {}
+        for child in module:
+            if not type(child).__module__.startswith("fusion_advisor."):
+                counts[type(child)] = counts.get(type(child), 0) + 1
+        found.update((cls.__name__, None) for cls, n in counts.items() if n >= 2)
+    return list(found)
 
 
 def _swap_forward(path: str, module, name: str, record: CompiledClass, backend, dynamic: bool,

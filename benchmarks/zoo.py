@@ -7,8 +7,10 @@ weights, `--mode autocast` fp32 weights under bf16 autocast; `--compile` wraps t
 torch.compile), then runs, each in fresh processes:
 
   1. fusion-advisor profile SCRIPT -o DIR --warmup 2 --steps 2 -- --mode M
-  2. fusion-advisor apply DIR/result.json --verify --json --steps S --warmup W
-     (its unpatched run is the eager baseline, its patched run the advisor-applied configuration)
+  2. fusion-advisor apply DIR/result.json --verify --compile-blocks --json --steps S --warmup W
+     (its unpatched run is the eager baseline; the advisor's configuration is the fastest of the runs
+     verify checked: patched, or patched + compiled blocks, or unpatched where neither was faster;
+     the CSV keeps all three times and names the one chosen in `advisor_config`)
   3. the same script with --compile, measured as verify measures (advisor/verify.py run_script)
 
 With `--prewarm-jobs N`, before any of that, untimed `--compile` runs fill inductor's on-disk caches,
@@ -46,7 +48,7 @@ NOT_SLOWER = 0.98   # "never slower than eager", allowing run-to-run noise
 EXIT_BAD_INPUT = 2   # advisor/errors.py: apply's "nothing to verify" / "no recommendations"
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
-           "eager_ms", "compile_ms", "applied_ms", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
+           "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
            "compile_speedup", "applied_speedup", "share_of_compile_gain", "beats_compile", "losses_match",
            "replacements", "regional_compile_s", "providers", "error"]
 
@@ -344,8 +346,8 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
             errors.append(f"profile exit {prof.returncode}: {_last_line(prof.stderr)}")
         result_path = folder / "report" / "result.json"
         if result_path.exists():
-            ap = _cli("apply", result_path, "--verify", "--no-compile-reference", "--json", "--steps", steps,
-                      "--warmup", warmup, cwd=folder, timeout=left())
+            ap = _cli("apply", result_path, "--verify", "--no-compile-reference", "--compile-blocks", "--json",
+                      "--steps", steps, "--warmup", warmup, cwd=folder, timeout=left())
             report = _json_object(ap.stdout)
             if report is not None:
                 row["providers"] = providers_text(report.get("providers"))
@@ -353,6 +355,7 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
             if v:
                 eager, applied = v.get("before") or {}, v.get("after") or {}
                 row["replacements"] = replacements_text(applied, v)
+                applied = _advisor_configuration(row, v)
                 firsts = [c.get("first_call_s") for c in (applied.get("regional_compiles") or {}).values()
                           if isinstance(c, dict) and c.get("first_call_s")]
                 if firsts:   # the compile time regional compilation adds (first calls: compile + one run)
@@ -390,6 +393,25 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
     row.update(derived(row.get("eager_ms"), row.get("compile_ms"), row.get("applied_ms")))
     row["error"] = " | ".join(dict.fromkeys(errors))
     return row
+
+
+def _advisor_configuration(row: dict, v: dict) -> dict:
+    """The configuration the advisor ends on: verify's fastest among unpatched, patched and patched
+    + compiled blocks (each of the last two only where its losses matched and it provably ran).
+    Fills patched_ms / blocks_ms / advisor_config; returns that configuration's measurement."""
+    after, blocks = v.get("after") or {}, v.get("compiled_blocks") or {}
+    for key, m in (("patched_ms", after), ("blocks_ms", blocks)):
+        if m.get("median_step_s"):
+            row[key] = round(m["median_step_s"] * 1e3, 3)
+    best = (v.get("fastest") or {}).get("configuration") or "patched"
+    row["advisor_config"] = best
+    if best == "patched + compiled blocks":
+        firsts = [c.get("first_call_s") for c in (blocks.get("regional_compiles") or {}).values()
+                  if isinstance(c, dict) and c.get("first_call_s")]
+        if firsts:
+            row["regional_compile_s"] = round(sum(firsts), 2)
+        return blocks
+    return v.get("before") or {} if best == "unpatched" else after
 
 
 def _json_object(text: str):
@@ -465,13 +487,14 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'model':<12} {'mode':<9} {'eager':>8} {'compile':>8} {'applied':>8} {'comp x':>7} {'ours x':>7} " \
-           f"{'share':>6}  replacements / error"
+    head = f"{'model':<12} {'mode':<9} {'eager':>8} {'compile':>8} {'patched':>8} {'+blocks':>8} {'comp x':>7} " \
+           f"{'ours x':>7} {'share':>6}  replacements / error"
     lines = [head, "-" * len(head)]
     f = lambda v, spec: format(_num(v), spec) if _num(v) is not None else "—"  # noqa: E731
     for r in rows:
         lines.append(f"{r.get('model', ''):<12} {r.get('mode', ''):<9} {f(r.get('eager_ms'), '8.2f'):>8} "
-                     f"{f(r.get('compile_ms'), '8.2f'):>8} {f(r.get('applied_ms'), '8.2f'):>8} "
+                     f"{f(r.get('compile_ms'), '8.2f'):>8} {f(r.get('patched_ms'), '8.2f'):>8} "
+                     f"{f(r.get('blocks_ms'), '8.2f'):>8} "
                      f"{f(r.get('compile_speedup'), '6.2f'):>7} {f(r.get('applied_speedup'), '6.2f'):>7} "
                      f"{f(r.get('share_of_compile_gain'), '5.0%'):>6}  "
                      f"{r.get('replacements') or ''}{'  ERROR ' + r['error'] if r.get('error') else ''}")

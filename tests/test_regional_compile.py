@@ -303,3 +303,63 @@ def test_apply_verify_times_whole_model_compile_as_the_reference(tmp_path):
     assert ref["median_step_s"] > 0 and len(ref["losses"]) == 2
     assert ref["fastest"] in ("unpatched", "patched", "torch.compile (whole model)")
     assert ref["verdict"].startswith(f"fastest: {ref['fastest']} (") and "vs unpatched" in ref["verdict"]
+
+
+def test_repeated_blocks_are_the_classes_a_module_list_holds_twice():
+    model = Net()
+    assert regional_compile.repeated_block_classes(model) == ["Block"]
+    model.extra = nn.ModuleList([LlamaMLP(8), RMSNorm(8)])       # one of each: no repeated block
+    assert regional_compile.repeated_block_classes(model) == ["Block"]
+    assert regional_compile.repeated_block_classes(Net(layers=1)) == []
+
+
+def test_compile_blocks_compiles_each_repeated_block_around_our_swapped_kernels(counting_backend):
+    model = Net()
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    want = model(x)
+    want.sum().backward()
+    want_grad = x.grad.clone()
+    x.grad = None
+    calls.reset()
+    handle = fusion_advisor.patch(model, patterns=["rms_norm", "compile:LlamaMLP"], compile_blocks=True)
+    assert sorted(f.path for f in handle.functions) == [f"blocks.{i}.forward" for i in range(3)]
+    assert all(f.pattern == regional_compile.BLOCKS for f in handle.functions)
+    assert {type(b.norm).__module__ for b in model.blocks} == {"fusion_advisor.kernels.rms_norm"}
+    got = model(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(x.grad, want_grad)
+    assert calls.snapshot().get(regional_compile.BLOCKS) == 3 and len(counting_backend) >= 1
+    handle.revert()
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert {type(b.norm) for b in model.blocks} == {RMSNorm}
+
+
+def test_compile_blocks_without_a_repeated_block_says_so(counting_backend):
+    handle = fusion_advisor.patch(Net(layers=1), patterns=[], compile_blocks=True)
+    assert not handle.functions
+    assert any("no nn.ModuleList" in why for _, why in handle.skipped)
+
+
+def test_apply_verify_times_the_patch_with_compiled_blocks(tmp_path):
+    """--compile-blocks: the patch plus regional compile of the repeated blocks, checked against the
+    unpatched run (its blocks' calls counted), a column of its own, and the verdict among all."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(here=str(__import__("pathlib").Path(__file__).parent)))
+    result = _result()
+    result.run = {"script": str(script), "argv": [str(script)], "cwd": str(tmp_path)}
+    result.save(tmp_path / "result.json")
+    env = {**__import__("os").environ, "FUSION_ADVISOR_COMPILE_BACKEND": "aot_eager"}
+    r = subprocess.run([sys.executable, "-m", "fusion_advisor.cli", "apply", str(tmp_path / "result.json"), "--verify",
+                        "--steps", "3", "--warmup", "2", "--compile-blocks", "--json"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["verification"]
+    blocks = v["compiled_blocks"]
+    assert blocks["proven"] and blocks["losses_match"] and blocks["median_step_s"] > 0
+    rows = {row["name"]: row for row in blocks["replacements"]}
+    assert rows[regional_compile.BLOCKS]["status"] == "ran" and rows[regional_compile.BLOCKS]["calls_per_step"] == 3
+    assert blocks["regional_compiles"][regional_compile.BLOCKS]["instances"] == 3
+    assert "compile_reference" not in v   # not asked for (and off without a GPU)
+    assert v["fastest"]["configuration"] in ("unpatched", "patched", "patched + compiled blocks")
+    assert v["fastest"]["verdict"].startswith(f"fastest: {v['fastest']['configuration']} (")

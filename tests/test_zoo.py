@@ -145,3 +145,15 @@ def test_the_apply_json_is_found_after_other_output():
     text = 'warning: {not json}\n{\n  "providers": [],\n  "verification": {"losses_match": true}\n}\n'
     assert zoo._json_object(text) == {"providers": [], "verification": {"losses_match": True}}
     assert zoo._json_object("error: nothing to verify") is None
+
+
+def test_the_advisor_configuration_is_the_fastest_checked_run():
+    v = {"before": {"median_step_s": 0.010}, "after": {"median_step_s": 0.009},
+         "compiled_blocks": {"median_step_s": 0.006, "regional_compiles": {"compile:blocks": {"first_call_s": 4.5}}},
+         "fastest": {"configuration": "patched + compiled blocks"}}
+    row: dict = {}
+    assert zoo._advisor_configuration(row, v)["median_step_s"] == 0.006
+    assert row == {"patched_ms": 9.0, "blocks_ms": 6.0, "advisor_config": "patched + compiled blocks",
+                   "regional_compile_s": 4.5}
+    v["fastest"]["configuration"] = "unpatched"   # neither patched run was faster: the advisor leaves it
+    assert zoo._advisor_configuration({}, v)["median_step_s"] == 0.010
