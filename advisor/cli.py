@@ -706,6 +706,9 @@ def _print_verification(v, estimates: list[str] = (), reference: dict | None = N
     elif v.speedup and v.max_loss_rel_diff is not None:
         agree = "match" if v.losses_match else "DIFFER"
         Console().print(f"speedup {v.speedup:.2f}x; losses {agree} (max relative difference {v.max_loss_rel_diff:.2e})")
+        if v.speedup < 1.0:
+            Console().print("the patch made the step slower: keep the unpatched script (do not --write it)",
+                            highlight=False)
     else:
         Console().print("no timing")
     for s in v.after.swapped:
