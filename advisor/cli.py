@@ -706,7 +706,7 @@ def _print_verification(v, estimates: list[str] = (), reference: dict | None = N
     elif v.speedup and v.max_loss_rel_diff is not None:
         agree = "match" if v.losses_match else "DIFFER"
         Console().print(f"speedup {v.speedup:.2f}x; losses {agree} (max relative difference {v.max_loss_rel_diff:.2e})")
-        if v.speedup < 1.0:
+        if v.speedup < 0.98:   # beyond the ~2 % run-to-run noise of a median step time
             Console().print("the patch made the step slower: keep the unpatched script (do not --write it)",
                             highlight=False)
     else:
