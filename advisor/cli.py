@@ -577,6 +577,10 @@ def apply_cmd(
     if as_json:
         from fusion_advisor.result import dumps_strict
         sys.stdout.write(dumps_strict(report) + "\n")
+    refused = [r for r in v.replacements if r.status == "refused"] if verify_run else []
+    if refused and not as_json:
+        err.print(f"[yellow]note:[/] {len(refused)} planned replacement(s) refused by the patch's own check, not "
+                  f"applied: {'; '.join(f'{r.name}: {r.why}' for r in refused)}", highlight=False)
     if verify_run and v.never_called:
         first = v.never_called[0]
         more = f" (and {len(v.never_called) - 1} more)" if len(v.never_called) > 1 else ""

@@ -10,6 +10,9 @@ fused modules into the model at its first top-level forward (`fusion_advisor.pat
 The patched run proves that each planned replacement ran: every fused op, generated kernel and
 swapped function counts its calls (fusion_advisor.calls), and a replacement that was planned and
 never called fails the verification with the reason, so zero calls can never read "losses match".
+One that the patch's own check refused at run time (the module holds buffers the chain does not
+take, the model's loss is another function) is listed as "refused", with the reason: not applied,
+so not claimed; the verification stands on what did run, and fails when nothing did.
 Patched source reaches the run however the script loads it: normal imports, importlib's
 `spec_from_file_location` + `exec_module`, `SourceFileLoader`, `runpy.run_path`, and
 `exec(compile(open(path).read(), path, "exec"))` all read the patched text.
@@ -75,7 +78,8 @@ class ReplacementCalls:
     name: str                # "rms_norm", "generic:1a2b3c4d5e"
     how: str                 # "runtime swap" | "source: model.py" | ...
     calls_per_step: float
-    status: str              # "ran" | "never called" | "not counted" (inside torch.compile)
+    status: str              # "ran" | "never called" | "refused" (by the patch's check) | "not counted"
+                             # (inside torch.compile)
     why: str = ""
 
 
@@ -378,8 +382,14 @@ def replacement_calls(planned: dict[str, str], after: RunMeasurement) -> list[Re
             rows.append(ReplacementCalls(name, how, 0.0, "not counted",
                                          "the script calls torch.compile: calls inside compiled graphs are not counted"))
         else:
-            rows.append(ReplacementCalls(name, how, 0.0, "never called", _why_never_called(name, how, after)))
+            why = _why_never_called(name, how, after)
+            refused = why.startswith(_REFUSED)
+            rows.append(ReplacementCalls(name, how, 0.0, "refused" if refused else "never called",
+                                         why[len(_REFUSED) + 2:-1] if refused else why))
     return rows
+
+
+_REFUSED = "swap refused"
 
 
 def _why_never_called(name: str, how: str, after: RunMeasurement) -> str:
@@ -392,7 +402,7 @@ def _why_never_called(name: str, how: str, after: RunMeasurement) -> str:
     # patch's skipped entries read "path: pattern: reason" (or "*: pattern NAME has no ... form")
     refused = [entry.split(f": {name}: ", 1)[1] for entry in after.skipped if f": {name}: " in entry]
     if refused:
-        return f"swap refused ({refused[0]})"
+        return f"{_REFUSED} ({refused[0]})"
     unpatchable = [entry.split(": ", 1)[1] for entry in after.skipped if entry.startswith(f"*: pattern {name} ")]
     if unpatchable:
         return unpatchable[0]

@@ -342,12 +342,15 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
     try:
         prof = _cli("profile", script, "-o", folder / "report", "--warmup", "2", "--steps", "2", "--", *args,
                     cwd=folder, timeout=left())
+        (folder / "profile.log").write_text(prof.stdout + prof.stderr)   # kept for a failed or slow model
         if prof.returncode != 0:
             errors.append(f"profile exit {prof.returncode}: {_last_line(prof.stderr)}")
         result_path = folder / "report" / "result.json"
         if result_path.exists():
             ap = _cli("apply", result_path, "--verify", "--no-compile-reference", "--compile-blocks", "--json",
                       "--steps", steps, "--warmup", warmup, cwd=folder, timeout=left())
+            (folder / "apply.json").write_text(ap.stdout)
+            (folder / "apply.log").write_text(ap.stderr)
             report = _json_object(ap.stdout)
             if report is not None:
                 row["providers"] = providers_text(report.get("providers"))

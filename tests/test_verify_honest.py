@@ -217,3 +217,26 @@ def test_verify_without_a_gpu_runs_both_scripts_in_the_interpreter(tmp_path):
                         "--warmup", "1", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["verification"]["replacements"][0]["status"] == "ran"
+
+
+def _measurement(calls: dict, skipped: list[str]):
+    from fusion_advisor.verify import RunMeasurement
+    return RunMeasurement(patched=True, steps_run=4, losses=[1.0] * 4, step_times_s=[0.01] * 4, median_step_s=0.01,
+                          peak_mem_bytes=None, skipped=skipped, calls=calls)
+
+
+def test_a_swap_the_patch_refused_is_listed_as_refused_not_claimed():
+    """H100 zoo, HF Llama: the generated rotary chain's swap was refused (the module holds the
+    inv_freq buffer); the verification stands on what ran and says what was refused and why."""
+    from fusion_advisor.verify import compare
+    before = _measurement({}, [])
+    after = _measurement({"rms_norm": 36}, ["model.rotary_emb: generic:c7e8345cec: LlamaRotaryEmbedding has "
+                                            "parameters or buffers"])
+    v = compare(before, after, planned={"rms_norm": "runtime swap", "generic:c7e8345cec": "runtime swap"})
+    rows = {r.name: r for r in v.replacements}
+    assert rows["rms_norm"].status == "ran" and rows["rms_norm"].calls_per_step == 9
+    assert rows["generic:c7e8345cec"].status == "refused"
+    assert rows["generic:c7e8345cec"].why == "LlamaRotaryEmbedding has parameters or buffers"
+    assert v.proven and v.losses_match and not v.never_called
+    only_refused = compare(before, _measurement({}, after.skipped), planned={"generic:c7e8345cec": "runtime swap"})
+    assert not only_refused.proven and not only_refused.losses_match   # nothing ran: nothing to claim
