@@ -20,11 +20,11 @@ from pathlib import Path
 from fusion_advisor import provider_choice
 from fusion_advisor.analyzers.trace import resolve_source_file
 from fusion_advisor.bench import is_launch_bound
-from fusion_advisor.errors import AdvisorError, OutputError
+from fusion_advisor.core.errors import AdvisorError, OutputError
 from fusion_advisor.kernels import all_patterns, get
-from fusion_advisor.files import clean_leftovers, folder_lock, is_read_only, write_text_atomic
+from fusion_advisor.core.files import clean_leftovers, folder_lock, is_read_only, write_text_atomic
 from fusion_advisor.recommend import numerics_failed, primary_benchmark, timed_for_apply
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.result import AdvisorResult
 from fusion_advisor.source_patch import FileRewrite, StatementReplacement, new_file, rewrite_source
 
 BACKUP_DIR = ".fusion-advisor/backups"

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 
 from fusion_advisor import measure
-from fusion_advisor.errors import AdvisorError, EnvironmentProblem
-from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, ProviderTiming
+from fusion_advisor.core.errors import AdvisorError, EnvironmentProblem
+from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, ProviderTiming
 
 MIN_SPEEDUP = 1.02          # below this the difference is within run-to-run noise: not "faster"
 CPU_MAX_ELEMENTS = 1 << 16  # the interpreter runs one program at a time: CPU mode is for tiny shapes

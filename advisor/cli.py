@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fusion_advisor import __version__
-from fusion_advisor.errors import EXIT_NOT_VERIFIED, EXIT_SCRIPT_FAILED, AdvisorError, EnvironmentProblem
+from fusion_advisor.core.errors import EXIT_NOT_VERIFIED, EXIT_SCRIPT_FAILED, AdvisorError, EnvironmentProblem
 
 HELP = """\
 Find the memory-bound kernel chains in a PyTorch training script, time fused Triton replacements
@@ -434,7 +434,7 @@ def report(
       fusion-advisor report runs/a.json --html /tmp/a.html -q --open
     """
     from fusion_advisor.report import HTMLRenderer, default_html_path, load_result, malformed_result_errors
-    from fusion_advisor.files import write_text_atomic
+    from fusion_advisor.core.files import write_text_atomic
 
     result = load_result(result_path)
     html_path = html if html is not None else default_html_path(result_path)
@@ -495,8 +495,8 @@ def apply_cmd(
     from dataclasses import asdict
 
     from fusion_advisor import apply as apply_mod
-    from fusion_advisor.files import leftover_temps
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.files import leftover_temps
+    from fusion_advisor.core.result import AdvisorResult
 
     root = Path.cwd()
     if revert:
@@ -564,7 +564,7 @@ def apply_cmd(
             err.print(f"wrote {f.path}", highlight=False)
         err.print(f"backups in {backup} (undo: fusion-advisor apply {result_path} --revert)", highlight=False)
     if as_json:
-        from fusion_advisor.result import dumps_strict
+        from fusion_advisor.core.result import dumps_strict
         sys.stdout.write(dumps_strict(report) + "\n")
     if verify_run and v.never_called:
         first = v.never_called[0]
@@ -588,7 +588,7 @@ def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, 
         notes.append("no torch.compile reference for a torchrun job")
         return None
     from fusion_advisor.compile_reference import compile_reference, fastest
-    from fusion_advisor.errors import ScriptError
+    from fusion_advisor.core.errors import ScriptError
     try:
         m = compile_reference(run["script"], list(run.get("argv", [])[1:]), steps=steps, warmup=max(warmup, 2))
     except ScriptError as exc:
@@ -679,7 +679,7 @@ def bench(
         os.environ.setdefault("TRITON_INTERPRET", "1")   # read when the kernels are defined, so set it first
     from fusion_advisor.bench import BenchOptions, parse_providers
     from fusion_advisor.report.bench_terminal import render_benchmarks, render_recommendations
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
 
     result = AdvisorResult.load(result_path)
     options = BenchOptions(providers=parse_providers(providers), mode="cpu" if cpu else "auto")
@@ -731,7 +731,7 @@ def recommend(
     """
     from fusion_advisor.recommend import recommend as rank
     from fusion_advisor.report.bench_terminal import render_recommendations
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
 
     result = rank(AdvisorResult.load(result_path), _roi_options(gpu_hourly_cost, steps_per_day, gpus))
     dest = out or result_path

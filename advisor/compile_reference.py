@@ -12,7 +12,7 @@ happens in the second: keep warmup >= 2 (its time is then out of the median).
 """
 from __future__ import annotations
 
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.regional_compile import WHOLE_MODEL
 from fusion_advisor.verify import RunMeasurement, RunSpec, run_script
 

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from fusion_advisor import api, regional_compile
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
 from fusion_advisor.kernels.tolerances import tolerance
@@ -123,7 +123,7 @@ def recommended_patterns(result, memory: bool = False, include_estimates: bool =
     from fusion_advisor import provider_choice
     from fusion_advisor.bench import is_launch_bound
     from fusion_advisor.recommend import numerics_failed, primary_benchmark, timed_for_apply
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
 
     if isinstance(result, dict):
         result = AdvisorResult.from_dict(result)
@@ -196,7 +196,7 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() needs an nn.Module, got {type(model).__name__}")
     names = options.get("patterns")
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
     if isinstance(result, (str, bytes)) or hasattr(result, "__fspath__"):
         result = AdvisorResult.load(result)
     elif isinstance(result, dict):   # json.load(f) of a result file: the same as its path

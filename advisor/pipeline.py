@@ -15,8 +15,9 @@ from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.cost_model.device import DeviceProfile, load_profile
 from fusion_advisor.cost_model.ops import op_cost
 from fusion_advisor.cost_model.roofline import is_memory_bound, kernel_time_us, memory_time_us
-from fusion_advisor.errors import AdvisorError
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.errors import AdvisorError
+from fusion_advisor.kernels.lookup import pattern_lookup
+from fusion_advisor.core.result import AdvisorResult
 
 DEFAULT_TARGET_GPU = "h100"   # what a CPU-only trace is priced for when no target is named
 
@@ -73,7 +74,7 @@ def analyze(trace: Trace, target_gpu: str | None = None, spans: list | None = No
         result.notes.append(f"measured times are from the trace's {trace.device_name}; estimates are for "
                             f"{profile.label()} ({why})")
 
-    findings = find_clusters(trace, profile)
+    findings = find_clusters(trace, profile, pattern_lookup())
     result.clusters = findings.clusters
     if spans is not None and trace.has_gpu:
         from fusion_advisor.analyzers.annotations import cluster_spans

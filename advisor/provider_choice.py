@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from fusion_advisor.bench import MIN_SPEEDUP, call_cost_us
 from fusion_advisor.regional_compile import pattern_name
-from fusion_advisor.result import Benchmark, Cluster, Recommendation
+from fusion_advisor.core.result import Benchmark, Cluster, Recommendation
 
 APPLIED = ("triton", "compile")   # providers apply can put in the user's run
 # A compiled region's cost in the whole step beyond its isolated bench time, per call: the zoo's

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from fusion_advisor.bench import (FORWARD, FORWARD_BACKWARD, backward_partners, call_cost_us, forward_partner,
                                   is_launch_bound)
 from fusion_advisor.cluster_names import module_leaf, where_label
-from fusion_advisor.errors import AdvisorError
-from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Recommendation
+from fusion_advisor.core.errors import AdvisorError
+from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, Recommendation
 
 # A round figure for renting one H100/H200 SXM GPU on demand from the specialty GPU clouds in
 # 2026: published comparisons put H100 SXM at about $2.50-3.50 per GPU-hour there (hyperscalers

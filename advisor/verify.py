@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fusion_advisor import calls
-from fusion_advisor.errors import AdvisorError, ScriptError
+from fusion_advisor.core.errors import AdvisorError, ScriptError
 
 
 @dataclass

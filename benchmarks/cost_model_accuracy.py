@@ -39,8 +39,8 @@ from fusion_advisor.analyzers.trace import Trace  # noqa: E402
 from fusion_advisor.cost_model.device import DeviceProfile, load_profile  # noqa: E402
 from fusion_advisor.cost_model.ops import OpCost, op_cost, unknown_reason  # noqa: E402
 from fusion_advisor.cost_model.roofline import chain_dtype, kernel_time_us  # noqa: E402
-from fusion_advisor.errors import AdvisorError  # noqa: E402
-from fusion_advisor.kernels.registry import OpRecord  # noqa: E402
+from fusion_advisor.core.errors import AdvisorError  # noqa: E402
+from fusion_advisor.core.records import OpRecord  # noqa: E402
 
 aten = torch.ops.aten
 

@@ -25,7 +25,7 @@ import time
 from typing import Callable
 
 from fusion_advisor.cost_model.device import DeviceProfile
-from fusion_advisor.errors import EnvironmentProblem
+from fusion_advisor.core.errors import EnvironmentProblem
 
 Progress = Callable[[str, int, int], None]   # (what, done, total)
 

@@ -16,7 +16,7 @@ from fusion_advisor import apply as apply_mod
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.pipeline import analyze
 from fusion_advisor.recommend import recommend
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.result import AdvisorResult
 from fusion_advisor.kernels.tolerances import tolerance
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,10 +11,10 @@ import torch
 from fusion_advisor import measure
 from fusion_advisor.bench import (NOT_TIMED_ON_GPU, BenchOptions, bench, has_backward, is_launch_bound, judge,
                                   parse_providers)
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.kernels import registry
 from fusion_advisor.kernels import rms_norm as rms
-from fusion_advisor.result import AdvisorResult, Cluster, Estimate, ProviderTiming
+from fusion_advisor.core.result import AdvisorResult, Cluster, Estimate, ProviderTiming
 
 TINY = {"shape": [4, 64], "dtype": "bfloat16", "eps": 1e-6}
 CPU = BenchOptions(providers=("eager", "triton"), mode="cpu")

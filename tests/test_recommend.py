@@ -5,9 +5,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fusion_advisor.cli import app
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.recommend import DEFAULT_GPU_HOURLY_COST, RoiOptions, recommend, roi
-from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming
+from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming
 
 FB = "forward+backward"
 

@@ -21,7 +21,7 @@ from fusion_advisor.report.facts import report_facts, waterfall
 from fusion_advisor.report.html_report import render as render_html
 from fusion_advisor.report.json_report import render as render_json
 from fusion_advisor.report.terminal import render as render_terminal
-from fusion_advisor.result import AdvisorResult, Benchmark
+from fusion_advisor.core.result import AdvisorResult, Benchmark
 
 HOSTILE = '<img src=x onerror="document.body.setAttribute(\'data-pwned\',\'1\')"></script><script>alert(1)</script>&amp;{{css}}'
 

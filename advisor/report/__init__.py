@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.report.base import Renderer
 from fusion_advisor.report.facts import check_shape
 from fusion_advisor.report.html_report import HTMLRenderer, default_html_path, write_html
 from fusion_advisor.report.json_report import JSONRenderer
 from fusion_advisor.report.terminal import TerminalRenderer
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.result import AdvisorResult
 
 RENDERERS: dict[str, type[Renderer]] = {r.name: r for r in (TerminalRenderer, JSONRenderer, HTMLRenderer)}
 

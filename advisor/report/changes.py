@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion_advisor.cluster_names import module_leaf, short_source
-from fusion_advisor.result import AdvisorResult, Recommendation
+from fusion_advisor.core.result import AdvisorResult, Recommendation
 
 RESULT_PLACEHOLDER = "fusion-report/result.json"
 
@@ -99,7 +99,7 @@ def _change(result: AdvisorResult, rec: Recommendation, result_path: str | None)
         return Change(rec.rank, "`apply` does not do this: it is a change to how the step runs, made by hand.", False,
                       by_hand=str(patch.get("description") or ""))
     from fusion_advisor import apply as apply_mod
-    from fusion_advisor.errors import AdvisorError
+    from fusion_advisor.core.errors import AdvisorError
 
     one = dataclasses.replace(result, recommendations=[rec])
     try:

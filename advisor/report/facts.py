@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.report.base import is_number
-from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming, Recommendation
+from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming, Recommendation
 
 
 @dataclass

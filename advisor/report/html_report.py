@@ -26,8 +26,8 @@ from fusion_advisor.report.base import Renderer, fmt_bytes, fmt_num, fmt_pct, fm
 from fusion_advisor.report.changes import Change, next_steps, recommendation_changes
 from fusion_advisor.report.facts import (BenchRow, RankedRow, ReportFacts, assumptions_text, check_shape,
                                          launch_bound_headline, report_facts, sentence)
-from fusion_advisor.files import write_text_atomic
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.files import write_text_atomic
+from fusion_advisor.core.result import AdvisorResult
 
 
 # -- a small element builder: text is escaped unless it is Markup (MarkupSafe) -----------------

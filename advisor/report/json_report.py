@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fusion_advisor.report.base import Renderer
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.result import AdvisorResult
 
 
 class JSONRenderer(Renderer):

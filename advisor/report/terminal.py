@@ -22,7 +22,7 @@ from fusion_advisor.cluster_names import short_source
 from fusion_advisor.report.ranks import job_facts
 from fusion_advisor.report.base import Renderer, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
 from fusion_advisor.report.facts import ReportFacts, report_facts
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.result import AdvisorResult
 
 _us = fmt_us
 

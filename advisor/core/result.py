@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion_advisor.errors import AdvisorError
-from fusion_advisor.files import write_text_atomic
+from fusion_advisor.core.errors import AdvisorError
+from fusion_advisor.core.files import write_text_atomic
 
 SCHEMA_VERSION = 1
 
