@@ -138,7 +138,7 @@ def _bench_progress():
 
 
 def _bench_and_recommend(result, bench_options, roi_options, on_cluster):
-    from fusion_advisor.recommend import bench_and_recommend
+    from fusion_advisor.pipeline import bench_and_recommend
     return bench_and_recommend(result, bench_options, roi_options, progress=on_cluster)
 
 
@@ -729,7 +729,7 @@ def recommend(
     Re-run it with your own prices and scale; nothing is timed again:
       fusion-advisor recommend fusion-report/result.json --gpu-hourly-cost 4.10 --gpus 64
     """
-    from fusion_advisor.recommend import recommend as rank
+    from fusion_advisor.pipeline import rank
     from fusion_advisor.report.bench_terminal import render_recommendations
     from fusion_advisor.core.result import AdvisorResult
 

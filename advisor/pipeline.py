@@ -1,4 +1,8 @@
-"""The stages, wired in order. Each stage reads the previous stage's data and nothing else."""
+"""The stages, wired in order. Each stage reads the previous stage's data and nothing else.
+
+analyze (trace -> clusters, estimates) -> bench (time them) -> rank (recommend orders them; apply
+says what each change is). The stages past analyze are imported when called: analysing a trace
+needs neither the benchmark harness nor apply."""
 from __future__ import annotations
 
 from collections import Counter
@@ -85,6 +89,22 @@ def analyze(trace: Trace, target_gpu: str | None = None, spans: list | None = No
     lb = analyze_launch_bound(trace, findings.kernel_memory_bound, findings.clusters)
     result.launch_bound = lb.to_dict() if lb is not None else None
     return result
+
+
+def rank(result: AdvisorResult, roi_options=None) -> AdvisorResult:
+    """Rank the recommendations (recommend) and record what applying each one changes (apply)."""
+    from fusion_advisor.apply import describe_patches
+    from fusion_advisor.recommend import recommend
+
+    return describe_patches(recommend(result, roi_options))
+
+
+def bench_and_recommend(result: AdvisorResult, bench_options=None, roi_options=None, progress=None) -> AdvisorResult:
+    """The stages after `analyze`: time the matched clusters, then rank."""
+    from fusion_advisor.bench import bench
+
+    bench(result, bench_options, progress=progress)
+    return rank(result, roi_options)
 
 
 # -- roofline points ------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ from fusion_advisor.cost_model.device import DeviceProfile
 from fusion_advisor.core.dtypes import TRACE_DTYPES
 from fusion_advisor.cost_model.roofline import cluster_estimate
 from fusion_advisor.core.records import OpRecord
-from fusion_advisor.core.result import Cluster
+from fusion_advisor.core.result import Cluster, is_generated
 
 MIN_KERNELS = 2
 
@@ -432,10 +432,10 @@ def _share_generated_backward(clusters: list[Cluster], profile: DeviceProfile, p
     part of its ops. The forward chain's generated kernel replaces all of them with one backward
     kernel: each such backward cluster takes the forward cluster's pattern (bench then times them
     together, forward+backward) and its share of that kernel's bytes."""
-    forwards = [c for c in clusters if c.direction == "forward" and (c.pattern or "").startswith("generic:")]
+    forwards = [c for c in clusters if c.direction == "forward" and is_generated(c.pattern)]
     shared: dict[str, list[Cluster]] = {}
     for c in clusters:
-        if c.direction != "backward" or not (c.pattern or "").startswith("generic:"):
+        if c.direction != "backward" or not is_generated(c.pattern):
             continue
         mine = c.pattern_params["chain"]["ops"]
         for f in forwards:

@@ -23,6 +23,14 @@ from fusion_advisor.core.files import write_text_atomic
 
 SCHEMA_VERSION = 1
 
+FORWARD, FORWARD_BACKWARD = "forward", "forward+backward"    # Benchmark.passes
+GENERATED_PREFIX = "generic:"   # a generated kernel's pattern name: "generic:<hash>"
+
+
+def is_generated(pattern: str | None) -> bool:
+    """A generated kernel's pattern name ("generic:<hash>"), not a registered pattern's."""
+    return bool(pattern) and pattern.startswith(GENERATED_PREFIX)
+
 
 @dataclass
 class Estimate:
@@ -82,6 +90,13 @@ class ProviderTiming:
     peak_mem_bytes: int | None = None
     host_us: float | None = None
     activation_bytes: int | None = None
+
+    def call_cost_us(self, launch_bound: bool = False) -> float:
+        """What one call costs in the step: its GPU time (p50); in a launch-bound step, where the GPU
+        waits for the host, the larger of that and the host time to issue the call."""
+        if launch_bound and self.host_us is not None:
+            return max(self.p50_us, self.host_us)
+        return self.p50_us
 
 
 @dataclass
@@ -146,6 +161,59 @@ class AdvisorResult:
     # communication {comm_us_per_step, exposed_us_per_step, ...}}], slowest_rank, skew_pct
     distributed: dict | None = None
 
+    # -- queries -------------------------------------------------------------------------------
+    def is_launch_bound(self) -> bool:
+        """What the launch-bound analyzer concluded, read defensively: a bool, or a dict with a
+        `launch_bound` / `is_launch_bound` flag or a `verdict` of "launch-bound"."""
+        lb = self.launch_bound
+        if isinstance(lb, bool):
+            return lb
+        if not isinstance(lb, dict):
+            return False
+        for key in ("launch_bound", "is_launch_bound"):
+            if isinstance(lb.get(key), bool):
+                return lb[key]
+        verdict = lb.get("verdict")
+        return isinstance(verdict, str) and verdict.strip().lower().replace("_", "-") == "launch-bound"
+
+    def backward_partners(self, cluster: Cluster) -> list[Cluster]:
+        """The backward clusters of this forward cluster's pattern and shapes (a generated kernel's
+        one backward can replace several)."""
+        return [other for other in self.clusters
+                if other.direction == "backward" and other.pattern == cluster.pattern
+                and params_key(other.pattern_params) == params_key(cluster.pattern_params)]
+
+    def backward_partner(self, cluster: Cluster) -> Cluster | None:
+        partners = self.backward_partners(cluster)
+        return partners[0] if partners else None
+
+    def forward_partner(self, cluster: Cluster) -> Cluster | None:
+        for other in self.clusters:
+            if (other.direction == "forward" and other.pattern == cluster.pattern
+                    and params_key(other.pattern_params) == params_key(cluster.pattern_params)):
+                return other
+        return None
+
+    def has_backward(self, cluster: Cluster) -> bool:
+        """Does this forward cluster run backward in the step? Its pattern_params may say so
+        (`requires_grad`); else a backward cluster of the same pattern and shapes, or a training
+        run (the step was an optimizer step), says yes."""
+        explicit = cluster.pattern_params.get("requires_grad")
+        if isinstance(explicit, bool):
+            return explicit
+        if self.backward_partner(cluster) is not None:
+            return True
+        return self.run.get("step_source") == "optimizer"
+
+    def primary_benchmark(self, cluster: Cluster) -> Benchmark | None:
+        """The cluster's benchmark that counts: forward+backward when it was timed so, else forward."""
+        mine = [b for b in self.benchmarks if b.cluster_id == cluster.id]
+        for passes in (FORWARD_BACKWARD, FORWARD):
+            for b in mine:
+                if b.passes == passes:
+                    return b
+        return None
+
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,6 +252,13 @@ class AdvisorResult:
     def save(self, path: str | os.PathLike) -> str:
         write_text_atomic(Path(path), self.to_json())
         return str(path)
+
+
+def params_key(params: dict) -> str:
+    """Pattern params as a key that ignores `requires_grad`: the same shapes forward and backward."""
+    shape_only = {k: v for k, v in params.items() if k != "requires_grad"}
+    return json.dumps(shape_only, sort_keys=True, default=str)
+
 
 
 def dumps_strict(obj: Any, indent: int | None = 2) -> str:

@@ -154,8 +154,8 @@ def _strip_title(note: str, rec: Recommendation) -> str:
 
 
 def _runtime_lines(name: str, result: AdvisorResult, rec: Recommendation) -> list[str]:
+    from fusion_advisor.apply import qualified
     from fusion_advisor.kernels import get
-    from fusion_advisor.recommend import _qualified
 
     try:
         pattern = get(name)
@@ -166,10 +166,10 @@ def _runtime_lines(name: str, result: AdvisorResult, rec: Recommendation) -> lis
     if pattern.modules and pattern.module_factory is not None:
         modules = [leaf] if leaf in pattern.modules else list(pattern.modules)
         for m in modules:
-            lines.append(f"every {m} of the model -> {_qualified(pattern.module_factory)} (same parameters)")
+            lines.append(f"every {m} of the model -> {qualified(pattern.module_factory)} (same parameters)")
     for fp in pattern.function_patches:
         where = ("the modeling module's global" if fp.where == "module_global" else "the model instance's")
-        lines.append(f"{where} {fp.name} -> the fused {pattern.name} ({_qualified(pattern.fused)})")
+        lines.append(f"{where} {fp.name} -> the fused {pattern.name} ({qualified(pattern.fused)})")
     return lines or [f"{pattern.name}: no runtime form (needs a source edit)"]
 
 
@@ -179,9 +179,8 @@ def _module_leaf(result: AdvisorResult, rec: Recommendation) -> str | None:
 
 
 def _best_provider(result: AdvisorResult, rec: Recommendation) -> str | None:
-    from fusion_advisor.recommend import primary_benchmark
     cluster = next((c for c in result.clusters if c.id == rec.cluster_id), None)
-    bench = primary_benchmark(cluster, result) if cluster is not None else None
+    bench = result.primary_benchmark(cluster) if cluster is not None else None
     return bench.best_provider if bench is not None else None
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.report.base import is_number
-from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming, Recommendation
+from fusion_advisor.core.result import (AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming, Recommendation,
+                                        is_generated)
 
 
 @dataclass
@@ -244,7 +245,7 @@ def waterfall(facts: ReportFacts) -> list[dict]:
             continue
         after = max(now - saving, 0.0)
         pattern = row.rec.pattern or "step"
-        steps.append({"label": f"#{row.rec.rank} {'generated' if pattern.startswith('generic:') else pattern}",
+        steps.append({"label": f"#{row.rec.rank} {'generated' if is_generated(pattern) else pattern}",
                       "title": row.rec.title,
                       "before_us": now, "after_us": after, "saving_us": now - after, "basis": row.basis})
         now = after

@@ -419,5 +419,5 @@ class TerminalRenderer(Renderer):
 
 def render(result: AdvisorResult, width: int = 120, detail: bool = False, diff: bool = False,
            result_path: str | None = None) -> str:
-    """The terminal report as text (the same renderer base as the HTML and JSON renderers)."""
+    """The terminal report as text (the same renderer base as the HTML renderer)."""
     return TerminalRenderer(width, detail, diff, result_path).render(result)
