@@ -4,8 +4,8 @@ profile/analyze write it, bench and recommend add to it, report and apply read i
 figure says in its name whether it is an estimate (`estimate_*`, `*_estimate_us`) or a measurement
 (`measured_*`); the two never share a field.
 
-Bump SCHEMA_VERSION when a field changes meaning or is removed; adding a field with a default
-is compatible (readers ignore unknown keys and default missing ones).
+Bump SCHEMA_VERSION when a field changes meaning or is removed, with an entry in CHANGELOG.md;
+adding a field with a default is compatible (readers ignore unknown keys and default missing ones).
 """
 from __future__ import annotations
 
