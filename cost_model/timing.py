@@ -140,12 +140,7 @@ def back_to_back_us(fn: Callable[[], None], calls: int, samples: int, graph: boo
     graph=True replays a CUDA graph of the calls: launches cost the CPU nothing."""
     import torch
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    warm_up_on_side_stream(fn)
     torch.cuda.synchronize()
     if graph:
         g = torch.cuda.CUDAGraph()
@@ -168,3 +163,16 @@ def back_to_back_us(fn: Callable[[], None], calls: int, samples: int, graph: boo
         end.synchronize()
         out.append(start.elapsed_time(end) * 1e3 / calls)
     return out
+
+
+def warm_up_on_side_stream(fn: Callable[[], Any], times: int = 3) -> None:
+    """Run fn `times` times on a side stream, then make the current stream wait for it: the warm-up
+    CUDA graph capture asks for (allocations and autotuning happen outside the capture)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
