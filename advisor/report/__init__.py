@@ -8,17 +8,15 @@ import os
 
 from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.report.base import Renderer
-from fusion_advisor.report.facts import check_shape
 from fusion_advisor.report.html_report import HTMLRenderer, default_html_path, write_html
 from fusion_advisor.report.terminal import TerminalRenderer
 from fusion_advisor.core.result import AdvisorResult
 
 
 def load_result(path: str | os.PathLike) -> AdvisorResult:
-    """A saved AdvisorResult, checked enough to render: AdvisorError (exit 2) with one line if not."""
-    result = AdvisorResult.load(path)
-    check_shape(result, source=str(path))
-    return result
+    """A saved AdvisorResult, checked enough to render by its loader (the typed converter):
+    AdvisorError (exit 2) with one line if not."""
+    return AdvisorResult.load(path)
 
 
 @contextlib.contextmanager
