@@ -15,19 +15,19 @@ Verdicts (on the cluster's own figures, never on estimates):
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from fusion_advisor import measure
-from fusion_advisor.errors import AdvisorError, EnvironmentProblem
-from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, ProviderTiming
+from fusion_advisor.cost_model.timing import Timing, time_calls
+from fusion_advisor.core.errors import AdvisorError, EnvironmentProblem
+from fusion_advisor.core.result import (FORWARD, FORWARD_BACKWARD, AdvisorResult, Benchmark, ProviderTiming,
+                                        params_key)
 
 MIN_SPEEDUP = 1.02          # below this the difference is within run-to-run noise: not "faster"
 CPU_MAX_ELEMENTS = 1 << 16  # the interpreter runs one program at a time: CPU mode is for tiny shapes
-FORWARD, FORWARD_BACKWARD = "forward", "forward+backward"
 NOT_TIMED_ON_GPU = "not timed on GPU: CPU/interpreter timings exercise the plumbing only"
 
 
@@ -51,59 +51,6 @@ def parse_providers(text: str) -> tuple[str, ...]:
     return names
 
 
-def is_launch_bound(result: AdvisorResult) -> bool:
-    """What the launch-bound analyzer concluded, read defensively: a bool, or a dict with a
-    `launch_bound` / `is_launch_bound` flag or a `verdict` of "launch-bound"."""
-    lb = result.launch_bound
-    if isinstance(lb, bool):
-        return lb
-    if not isinstance(lb, dict):
-        return False
-    for key in ("launch_bound", "is_launch_bound"):
-        if isinstance(lb.get(key), bool):
-            return lb[key]
-    verdict = lb.get("verdict")
-    return isinstance(verdict, str) and verdict.strip().lower().replace("_", "-") == "launch-bound"
-
-
-def has_backward(cluster: Cluster, result: AdvisorResult) -> bool:
-    """Does this forward cluster run backward in the step? Its pattern_params may say so
-    (`requires_grad`); else a backward cluster of the same pattern and shapes, or a training
-    run (the step was an optimizer step), says yes."""
-    explicit = cluster.pattern_params.get("requires_grad")
-    if isinstance(explicit, bool):
-        return explicit
-    if backward_partner(cluster, result) is not None:
-        return True
-    return result.run.get("step_source") == "optimizer"
-
-
-def backward_partners(cluster: Cluster, result: AdvisorResult) -> list[Cluster]:
-    """The backward clusters of this forward cluster's pattern and shapes (a generated kernel's
-    one backward can replace several)."""
-    return [other for other in result.clusters
-            if other.direction == "backward" and other.pattern == cluster.pattern
-            and _params_key(other.pattern_params) == _params_key(cluster.pattern_params)]
-
-
-def backward_partner(cluster: Cluster, result: AdvisorResult) -> Cluster | None:
-    partners = backward_partners(cluster, result)
-    return partners[0] if partners else None
-
-
-def forward_partner(cluster: Cluster, result: AdvisorResult) -> Cluster | None:
-    for other in result.clusters:
-        if (other.direction == "forward" and other.pattern == cluster.pattern
-                and _params_key(other.pattern_params) == _params_key(cluster.pattern_params)):
-            return other
-    return None
-
-
-def _params_key(params: dict) -> str:
-    shape_only = {k: v for k, v in params.items() if k != "requires_grad"}
-    return json.dumps(shape_only, sort_keys=True, default=str)
-
-
 def bench(result: AdvisorResult, options: BenchOptions | None = None,
           progress: Callable[[int, int, str], None] | None = None) -> AdvisorResult:
     """Fill `result.benchmarks` (replacing any earlier ones). `progress(done, total, label)` is
@@ -117,7 +64,7 @@ def bench(result: AdvisorResult, options: BenchOptions | None = None,
     from fusion_advisor.kernels.common import interpreting
 
     device = _device(options.mode, interpreting())
-    graphs = options.cuda_graphs if options.cuda_graphs is not None else is_launch_bound(result)
+    graphs = options.cuda_graphs if options.cuda_graphs is not None else result.is_launch_bound()
     if measure.CUDA_GRAPH in options.providers:
         graphs = True
     cache: dict[tuple, list[Benchmark]] = {}
@@ -148,20 +95,20 @@ def _bench_cluster(cluster, result, registry, device, options, graphs, cache) ->
         return [Benchmark(cluster.id, cluster.pattern, dict(cluster.pattern_params), passes, reason=reason)]
 
     if cluster.direction == "backward":
-        partner = forward_partner(cluster, result)
+        partner = result.forward_partner(cluster)
         if partner is not None:
             return not_run(f"timed with its forward cluster {partner.id} (forward+backward)", FORWARD_BACKWARD)
     try:
         pattern = registry.resolve(cluster.pattern, cluster.pattern_params)
     except KeyError as exc:
         return not_run(f"pattern {cluster.pattern!r} is not registered in this fusion-advisor ({exc.args[0]})")
-    backward = cluster.direction == "backward" or has_backward(cluster, result)
+    backward = cluster.direction == "backward" or result.has_backward(cluster)
     primary = FORWARD_BACKWARD if backward else FORWARD
     if device is None:
         return not_run("no CUDA GPU", primary)
     params = {k: v for k, v in cluster.pattern_params.items() if k != "requires_grad"}
-    launch_bound = is_launch_bound(result)
-    key = (pattern.name, _params_key(params), backward, graphs)
+    launch_bound = result.is_launch_bound()
+    key = (pattern.name, params_key(params), backward, graphs)
     if key not in cache:
         cache[key] = _bench_pattern(pattern, params, device, backward, options, graphs, launch_bound)
     return [dataclasses.replace(b, cluster_id=cluster.id, params=dict(cluster.pattern_params),
@@ -243,26 +190,18 @@ def _input_elements(pattern, params: dict) -> int:
 def _time_provider(work: measure.Workload, provider: str, fn, device, options: BenchOptions) -> ProviderTiming:
     if provider == measure.CUDA_GRAPH:
         replays, graphs = measure.graph_replays(work, fn)
-        timing = measure.time_calls(replays, device, warmup_ms=options.warmup_ms, rep_ms=options.rep_ms)
+        timing = time_calls(replays, device, warmup_ms=options.warmup_ms, rep_ms=options.rep_ms)
         del graphs
         return ProviderTiming(*_rounded(timing), host_us=round(timing.host_us, 3))
-    timing = measure.time_calls(work.calls(fn), device, before=work.clear_grads,
+    timing = time_calls(work.calls(fn), device, before=work.clear_grads,
                                 warmup_ms=options.warmup_ms, rep_ms=options.rep_ms)
     memory = measure.measure_memory(work, fn, device)
     return ProviderTiming(*_rounded(timing), peak_mem_bytes=memory.peak_bytes,
                           host_us=round(timing.host_us, 3), activation_bytes=memory.activation_bytes)
 
 
-def _rounded(timing: measure.Timing) -> tuple[float, float, float]:
+def _rounded(timing: Timing) -> tuple[float, float, float]:
     return round(timing.p20_us, 3), round(timing.p50_us, 3), round(timing.p80_us, 3)
-
-
-def call_cost_us(t: ProviderTiming, launch_bound: bool = False) -> float:
-    """What one call costs in the step: its GPU time (p50); in a launch-bound step, where the GPU
-    waits for the host, the larger of that and the host time to issue the call."""
-    if launch_bound and t.host_us is not None:
-        return max(t.p50_us, t.host_us)
-    return t.p50_us
 
 
 def judge(measured: dict[str, ProviderTiming], numerics: dict[str, str], timing: str,
@@ -276,7 +215,7 @@ def judge(measured: dict[str, ProviderTiming], numerics: dict[str, str], timing:
     eager = measured.get("eager")
     if eager is None:
         return "not run", "eager was not timed: no baseline", None
-    cost = {p: call_cost_us(t, launch_bound) for p, t in measured.items()}
+    cost = {p: t.call_cost_us(launch_bound) for p, t in measured.items()}
     basis = "max of GPU and host time (launch-bound step)" if launch_bound else "GPU time"
     faster = [p for p in measured if p not in ("eager", measure.CUDA_GRAPH) and cost["eager"] / cost[p] >= MIN_SPEEDUP]
     best = min(faster, key=cost.__getitem__) if faster else None

@@ -31,8 +31,8 @@ import torch
 import torch.optim.optimizer as torch_optimizer
 
 from fusion_advisor import api
-from fusion_advisor.errors import AdvisorError, OutputError, ScriptError
-from fusion_advisor.files import atomic_output, write_text_atomic
+from fusion_advisor.core.errors import AdvisorError, OutputError, ScriptError
+from fusion_advisor.core.files import atomic_output, write_text_atomic
 from fusion_advisor.script import run_as_main, sigterm_as_interrupt
 
 

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fusion_advisor import __version__
-from fusion_advisor.errors import EXIT_NOT_VERIFIED, EXIT_SCRIPT_FAILED, AdvisorError, EnvironmentProblem
+from fusion_advisor.core.errors import EXIT_NOT_VERIFIED, EXIT_SCRIPT_FAILED, AdvisorError, EnvironmentProblem
 
 HELP = """\
 Find the memory-bound kernel chains in a PyTorch training script, time fused Triton replacements
@@ -137,11 +137,6 @@ def _bench_progress():
         yield on_cluster
 
 
-def _bench_and_recommend(result, bench_options, roi_options, on_cluster):
-    from fusion_advisor.recommend import bench_and_recommend
-    return bench_and_recommend(result, bench_options, roi_options, progress=on_cluster)
-
-
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @handles_errors
 def profile(
@@ -191,32 +186,16 @@ def profile(
         return _profile_job(script, list(ctx.args), nproc_per_node, out, warmup, steps, timing_steps, stop, as_json,
                             _roi_options(gpu_hourly_cost, steps_per_day, max(gpus, nproc_per_node)), bench,
                             target_gpu)
-    from fusion_advisor.capture import CaptureOptions, capture
-    from fusion_advisor.stderr_filter import without_kineto_lines
+    from fusion_advisor import pipeline
+    from fusion_advisor.capture import CaptureOptions
 
     for note in _mistyped_options(ctx):
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     opts = CaptureOptions(script=str(script), script_args=list(ctx.args), warmup=warmup, steps=steps,
                           stop=stop, out_dir=str(out), timing_steps=timing_steps)
-    console = _progress_console()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
-    task = progress.add_task("warm-up steps", total=max(warmup, 1))
-
-    def on_step(n: int, w: int, a: int, source: str | None) -> None:
-        if n < w:
-            progress.update(task, description=f"warm-up steps (by {source or '?'})", completed=n, total=w)
-        elif n - w <= a:
-            progress.update(task, description=f"recording steps (by {source})", completed=n - w, total=a)
-        else:
-            progress.update(task, description="timing steady steps (profiler off)", completed=n - w - a,
-                            total=timing_steps)
-
-    redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
-    with redirect, without_kineto_lines(), progress:
-        result_capture = capture(opts, progress=on_step, notice=lambda m: err.print(f"[yellow]note:[/] {escape(m)}"))
-    if result_capture.error:
-        err.print(result_capture.error.rstrip(), highlight=False, markup=False)
+    run = pipeline.profile(opts, target_gpu, _roi_options(gpu_hourly_cost, steps_per_day, gpus), bench,
+                           _Watch(as_json, warmup, timing_steps))
+    result_capture = run.captured
     status = result_capture.exited_before_any_step
     if status is not None:   # e.g. `-- -h`: its output was shown once, and that is all it does
         message = (f"the script exited (status {status}) before any step: nothing to profile; "
@@ -229,19 +208,7 @@ def profile(
         written = f"; wrote {result_capture.meta_path}"
         _fail(("the script failed before any step was recorded" if result_capture.error else
                "nothing was recorded") + written, EXIT_SCRIPT_FAILED if result_capture.error else 2)
-    with err.status("analysing the trace", spinner="dots"):
-        result = _analyze_and_annotate(result_capture.trace_path, target_gpu)
-    roi_options = _roi_options(gpu_hourly_cost, steps_per_day, gpus)
-    if bench:
-        with _bench_progress() as on_cluster:
-            _bench_and_recommend(result, None, roi_options, on_cluster)
-    else:
-        result.notes.append("bench was switched off (--no-bench): every saving is an estimate")
-    result_path = out / "result.json"
-    if result.recommendations:   # while the sources are on this disk: a copied result still shows its diffs
-        from fusion_advisor.report.changes import fill_patch_diffs
-        fill_patch_diffs(result)
-    result.save(result_path)
+    result, result_path = run.result, run.result_path
     html_path = _write_report_html(result, result_path)
     if as_json or not quiet:
         _print_result(result, as_json, Console(), detail=detail or verbose, diff=diff or verbose,
@@ -255,6 +222,51 @@ def profile(
         _fail(f"the script was stopped: {result_capture.error.strip()}; the steps recorded before it are kept"
               if stopped else "the script raised (traceback above); the steps recorded before it are kept",
               EXIT_SCRIPT_FAILED)
+
+
+class _Watch:
+    """What `profile` shows while pipeline.profile runs (its Watch hooks): the step progress bar
+    during capture (the script's stdout on stderr under --json, Kineto's noise filtered), its
+    notes, the script's traceback, a spinner while analysing, a bar per benchmarked cluster."""
+
+    def __init__(self, as_json: bool = False, warmup: int = 0, timing_steps: int = 0):
+        self.as_json, self.warmup, self.timing_steps = as_json, warmup, timing_steps
+
+    def notice(self, message: str) -> None:
+        err.print(f"[yellow]note:[/] {escape(message)}")
+
+    @contextlib.contextmanager
+    def capturing(self):
+        from fusion_advisor.stderr_filter import without_kineto_lines
+
+        console = _progress_console()
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+        task = progress.add_task("warm-up steps", total=max(self.warmup, 1))
+        timing_steps = self.timing_steps
+
+        def on_step(n: int, w: int, a: int, source: str | None) -> None:
+            if n < w:
+                progress.update(task, description=f"warm-up steps (by {source or '?'})", completed=n, total=w)
+            elif n - w <= a:
+                progress.update(task, description=f"recording steps (by {source})", completed=n - w, total=a)
+            else:
+                progress.update(task, description="timing steady steps (profiler off)", completed=n - w - a,
+                                total=timing_steps)
+
+        redirect = contextlib.redirect_stdout(sys.stderr) if self.as_json else contextlib.nullcontext()
+        with redirect, without_kineto_lines(), progress:
+            yield on_step
+
+    def captured(self, captured) -> None:
+        if captured.error:
+            err.print(captured.error.rstrip(), highlight=False, markup=False)
+
+    def analysing(self):
+        return err.status("analysing the trace", spinner="dots")
+
+    def benchmarking(self):
+        return _bench_progress()
 
 
 def _mistyped_options(ctx: typer.Context) -> list[str]:
@@ -278,7 +290,7 @@ def _mistyped_options(ctx: typer.Context) -> list[str]:
 def _profile_job(script: Path, script_args: list[str], nproc: int, out: Path, warmup: int, steps: int,
                  timing_steps: int, stop: bool, as_json: bool, roi_options, bench: bool, target_gpu: str | None):
     """`profile --nproc-per-node N`: every rank through torchrun, then one merged result."""
-    from fusion_advisor import distributed
+    from fusion_advisor import distributed, pipeline
 
     if not script.is_file():
         raise AdvisorError(f"script not found: {script}")
@@ -293,16 +305,7 @@ def _profile_job(script: Path, script_args: list[str], nproc: int, out: Path, wa
         status = distributed.launch(str(script), script_args, nproc, out, rank_args)
     traces = distributed.rank_traces(out)
     result = distributed.merge(traces, target_gpu)
-    if bench:
-        with _bench_progress() as on_cluster:
-            _bench_and_recommend(result, None, roi_options, on_cluster)
-    else:
-        result.notes.append("bench was switched off (--no-bench): every saving is an estimate")
-    result_path = out / "result.json"
-    if result.recommendations:
-        from fusion_advisor.report.changes import fill_patch_diffs
-        fill_patch_diffs(result)
-    result.save(result_path)
+    result_path = pipeline.finish(result, out, roi_options, bench, _Watch())
     html_path = _write_report_html(result, result_path)
     _print_result(result, as_json, Console(), result_path=result_path)
     err.print("\n".join(f"wrote {t}" for t in traces) + f"\nwrote {result_path}\nwrote {html_path}", highlight=False)
@@ -340,26 +343,6 @@ def profile_rank(
     if captured.error:
         err.print(captured.error.rstrip(), highlight=False, markup=False)
         _fail(f"rank {rank}: the script raised (traceback above)", EXIT_SCRIPT_FAILED)
-
-
-def _analyze_and_annotate(trace_path: str, target_gpu: str | None = None):
-    """Analyse our own saved trace and write its clusters into it as annotation tracks (Perfetto
-    shows them beside the kernels). A trace that cannot be rewritten keeps its kernels only."""
-    from fusion_advisor.analyzers.annotations import span_events
-    from fusion_advisor.analyzers.trace import Trace
-    from fusion_advisor.capture import add_trace_events
-    from fusion_advisor.cluster_names import where_label
-    from fusion_advisor.pipeline import analyze
-
-    spans: list = []
-    result = analyze(Trace.load(trace_path), target_gpu=target_gpu, spans=spans)
-    if spans:
-        names = {c.id: where_label(c) for c in result.clusters}
-        try:
-            add_trace_events(Path(trace_path), span_events(spans, names))
-        except (OSError, ValueError) as exc:
-            result.notes.append(f"the clusters were not written into {trace_path} as annotation tracks: {exc}")
-    return result
 
 
 def _analyze_path(trace_path: str, target_gpu: str | None = None):
@@ -434,7 +417,7 @@ def report(
       fusion-advisor report runs/a.json --html /tmp/a.html -q --open
     """
     from fusion_advisor.report import HTMLRenderer, default_html_path, load_result, malformed_result_errors
-    from fusion_advisor.files import write_text_atomic
+    from fusion_advisor.core.files import write_text_atomic
 
     result = load_result(result_path)
     html_path = html if html is not None else default_html_path(result_path)
@@ -499,8 +482,8 @@ def apply_cmd(
     from dataclasses import asdict
 
     from fusion_advisor import apply as apply_mod
-    from fusion_advisor.files import leftover_temps
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.files import leftover_temps
+    from fusion_advisor.core.result import AdvisorResult
 
     root = Path.cwd()
     if revert:
@@ -575,7 +558,7 @@ def apply_cmd(
             err.print(f"wrote {f.path}", highlight=False)
         err.print(f"backups in {backup} (undo: fusion-advisor apply {result_path} --revert)", highlight=False)
     if as_json:
-        from fusion_advisor.result import dumps_strict
+        from fusion_advisor.core.result import dumps_strict
         sys.stdout.write(dumps_strict(report) + "\n")
     refused = [r for r in v.replacements if r.status == "refused"] if verify_run else []
     if refused and not as_json:
@@ -609,7 +592,7 @@ def _compiled_blocks(run: dict, steps: int, warmup: int, wanted: bool | None, v,
     from dataclasses import asdict
 
     from fusion_advisor.compile_reference import compiled_blocks
-    from fusion_advisor.errors import ScriptError
+    from fusion_advisor.core.errors import ScriptError
     try:
         b = compiled_blocks(run["script"], list(run.get("argv", [])[1:]), v.before, plan.runtime_patterns,
                             plan.replacements, {f.path: f.after for f in plan.changed}, steps=steps,
@@ -649,7 +632,7 @@ def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, 
         notes.append("no torch.compile reference for a torchrun job")
         return None
     from fusion_advisor.compile_reference import compile_reference
-    from fusion_advisor.errors import ScriptError
+    from fusion_advisor.core.errors import ScriptError
     try:
         m = compile_reference(run["script"], list(run.get("argv", [])[1:]), steps=steps, warmup=max(warmup, 2))
     except ScriptError as exc:
@@ -752,8 +735,9 @@ def bench(
         import os
         os.environ.setdefault("TRITON_INTERPRET", "1")   # read when the kernels are defined, so set it first
     from fusion_advisor.bench import BenchOptions, parse_providers
+    from fusion_advisor.pipeline import bench_and_recommend
     from fusion_advisor.report.bench_terminal import render_benchmarks, render_recommendations
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
 
     result = AdvisorResult.load(result_path)
     options = BenchOptions(providers=parse_providers(providers), mode="cpu" if cpu else "auto")
@@ -762,7 +746,7 @@ def bench(
                      f"(--cpu checks numerics in the Triton interpreter)")
     roi_options = _roi_options(gpu_hourly_cost, steps_per_day, gpus)
     with _bench_progress() as on_cluster:
-        _bench_and_recommend(result, options, roi_options, on_cluster)
+        bench_and_recommend(result, options, roi_options, progress=on_cluster)
     # CPU mode times nothing that counts: it never replaces a result's measurements by itself.
     dest = out if cpu else (out or result_path)
     if dest is not None:
@@ -803,9 +787,9 @@ def recommend(
     Re-run it with your own prices and scale; nothing is timed again:
       fusion-advisor recommend fusion-report/result.json --gpu-hourly-cost 4.10 --gpus 64
     """
-    from fusion_advisor.recommend import recommend as rank
+    from fusion_advisor.pipeline import rank
     from fusion_advisor.report.bench_terminal import render_recommendations
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
 
     result = rank(AdvisorResult.load(result_path), _roi_options(gpu_hourly_cost, steps_per_day, gpus))
     dest = out or result_path

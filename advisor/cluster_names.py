@@ -2,6 +2,8 @@
 its pattern (else its first ops), at its source line. Imports nothing heavy (no torch)."""
 from __future__ import annotations
 
+from fusion_advisor.core.result import is_generated
+
 
 def module_leaf(cluster) -> str | None:
     """"LlamaRMSNorm" of "LlamaModel/LlamaDecoderLayer/LlamaRMSNorm"; None for the analyzers'
@@ -19,7 +21,7 @@ def where_label(cluster) -> str:
     """"LlamaRMSNorm @ llama_train.py:96", "cross_entropy @ llama_train.py:145 (backward)"."""
     name = module_leaf(cluster)
     if not name:
-        if cluster.pattern and not cluster.pattern.startswith("generic:"):
+        if cluster.pattern and not is_generated(cluster.pattern):
             name = cluster.pattern
         else:
             ops = [str(op.get("name", "?")).split("::")[-1] for op in cluster.ops if isinstance(op, dict)]

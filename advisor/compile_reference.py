@@ -16,7 +16,7 @@ unpatched run like the patch itself.
 """
 from __future__ import annotations
 
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.regional_compile import BLOCKS, WHOLE_MODEL, is_compile_pattern
 from fusion_advisor.verify import (ReplacementCalls, RunMeasurement, RunSpec, Verification, call_key, compare,
                                    run_script)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fusion_advisor.errors import AdvisorError, ScriptError
+from fusion_advisor.core.errors import AdvisorError, ScriptError
 
 
 def rank_from_env() -> tuple[int, int]:

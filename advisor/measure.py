@@ -8,7 +8,7 @@ Providers, for a registered FusionPattern:
   liger       `pattern.liger`: Liger-Kernel's equivalent, where one exists and is installed
   cuda_graph  the eager reference captured in a torch.cuda.CUDAGraph and replayed
 
-Timing, with the profiler off: every call is warmed up first (torch.compile compiles, Triton
+Timing, with the profiler off (cost_model/timing.py): every call is warmed up first (torch.compile compiles, Triton
 autotunes), then each timed call gets its own pair of CUDA events. A short spin kernel before each
 start event keeps the host ahead of the GPU, so the events measure GPU time, not launch latency;
 the host time to issue a call is measured apart (`host_us`). When one input set fits in L2, several
@@ -17,8 +17,6 @@ are built and rotated so that no call reads what the call before it left in L2.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -137,112 +135,6 @@ def build_workload(pattern: FusionPattern, params: dict, device: torch.device, b
         for k in range(len(sets)):
             work.clear_grads(k)
     return work
-
-
-# -- timing -------------------------------------------------------------------------------------
-@dataclass
-class Timing:
-    p20_us: float
-    p50_us: float
-    p80_us: float
-    host_us: float
-    iterations: int
-
-
-def quantiles(samples: list[float]) -> tuple[float, float, float]:
-    """p20, p50, p80 (linear interpolation between order statistics)."""
-    if len(samples) == 1:
-        return samples[0], samples[0], samples[0]
-    q = statistics.quantiles(samples, n=10, method="inclusive")
-    return q[1], statistics.median(samples), q[7]
-
-
-def time_calls(calls: list[Callable[[], Any]], device: torch.device, before: Callable[[int], None] | None = None,
-               warmup_ms: float = 25.0, rep_ms: float = 100.0, max_iters: int = 1000) -> Timing:
-    """Time `calls` rotated (call k % len(calls) at iteration k); `before(k)` runs untimed ahead
-    of each call (clearing grads). The first call of each is an untimed warm-up."""
-    before = before or (lambda k: None)
-    if device.type == "cuda":
-        return _time_cuda(calls, before, warmup_ms, rep_ms, max_iters)
-    return _time_host(calls, before)
-
-
-def _time_cuda(calls, before, warmup_ms, rep_ms, max_iters) -> Timing:
-    n = len(calls)
-    for k in range(n):
-        before(k)
-        calls[k]()
-    torch.cuda.synchronize()
-    # Rough GPU and host time per call, to size the warm-up, the loop and the spin.
-    probe = max(5, n)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0 = time.perf_counter()
-    start.record()
-    for k in range(probe):
-        before(k % n)
-        calls[k % n]()
-    end.record()
-    host_probe_us = (time.perf_counter() - t0) / probe * 1e6
-    torch.cuda.synchronize()
-    gpu_ms = max(start.elapsed_time(end) / probe, 1e-3)
-    spin_us = max(20.0, 2.0 * host_probe_us)
-    iters = int(min(max_iters, max(10, rep_ms / (gpu_ms + spin_us / 1e3))))
-    for k in range(int(min(200, max(1, warmup_ms / gpu_ms)))):
-        before(k % n)
-        calls[k % n]()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    host: list[float] = []
-    cycles = int(spin_us * _spin_cycles_per_us())
-    torch.cuda.synchronize()
-    for k in range(iters):
-        before(k % n)
-        if cycles:
-            torch.cuda._sleep(cycles)   # GPU busy while the host issues the call: no launch gaps timed
-        h0 = time.perf_counter()
-        starts[k].record()
-        calls[k % n]()
-        ends[k].record()
-        host.append((time.perf_counter() - h0) * 1e6)
-    torch.cuda.synchronize()
-    p20, p50, p80 = quantiles([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
-    return Timing(p20, p50, p80, statistics.median(host), iters)
-
-
-_CYCLES_PER_US: float | None = None
-
-
-def _spin_cycles_per_us() -> float:
-    """GPU clock cycles per µs for torch.cuda._sleep, measured once (0: no spin kernel here)."""
-    global _CYCLES_PER_US
-    if _CYCLES_PER_US is None:
-        if not hasattr(torch.cuda, "_sleep"):
-            _CYCLES_PER_US = 0.0
-            return 0.0
-        cycles = 2_000_000
-        torch.cuda._sleep(cycles)   # first launch loads the kernel
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        torch.cuda.synchronize()
-        _CYCLES_PER_US = cycles / max(start.elapsed_time(end) * 1e3, 1.0)
-    return _CYCLES_PER_US
-
-
-def _time_host(calls, before, iters: int = 3) -> Timing:
-    """CPU tensors (the Triton interpreter): wall time per call. Plumbing only, never a GPU figure."""
-    n = len(calls)
-    before(0)
-    calls[0]()
-    samples = []
-    for k in range(max(iters, n)):
-        before(k % n)
-        t0 = time.perf_counter()
-        calls[k % n]()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    p20, p50, p80 = quantiles(samples)
-    return Timing(p20, p50, p80, p50, len(samples))
 
 
 # -- memory -------------------------------------------------------------------------------------

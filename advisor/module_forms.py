@@ -250,7 +250,7 @@ def capture_chain(module: nn.Module, probe: torch.Tensor) -> CapturedChain:
     """The module's forward on `probe` as a chain for kernels/codegen, read at the dispatcher.
     Raises Unsupported when it is not a chain of pointwise ops on its one input."""
     from fusion_advisor.kernels.codegen import ops as op_table
-    from fusion_advisor.kernels.registry import OpRecord
+    from fusion_advisor.core.records import OpRecord
 
     with torch.no_grad(), _Recorder() as rec:
         out = module(probe)

@@ -56,7 +56,8 @@ import torch
 from torch import nn
 
 from fusion_advisor import api, regional_compile
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
+from fusion_advisor.core.result import is_generated
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
 from fusion_advisor.kernels.tolerances import tolerance
@@ -124,29 +125,28 @@ def recommended_patterns(result, memory: bool = False, include_estimates: bool =
     kernel ("generic:<hash>") is included where its cluster came from a module (a runtime swap of
     that module's forward); elsewhere it is a source rewrite (`fusion-advisor apply`)."""
     from fusion_advisor import provider_choice
-    from fusion_advisor.bench import is_launch_bound
-    from fusion_advisor.recommend import numerics_failed, primary_benchmark, timed_for_apply
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
+    from fusion_advisor.provider_choice import numerics_failed, timed_for_apply
 
     if isinstance(result, dict):
         result = AdvisorResult.from_dict(result)
     hinted = module_hints(result)
     clusters = {c.id: c for c in result.clusters}
-    launch_bound = is_launch_bound(result)
+    launch_bound = result.is_launch_bound()
     names = []
     for rec in result.recommendations:
         name = rec.pattern
         if (rec.kind == "memory" and not memory) or not name:
             continue
         cluster = clusters.get(rec.cluster_id)
-        bench = primary_benchmark(cluster, result) if cluster is not None else None
+        bench = result.primary_benchmark(cluster) if cluster is not None else None
         # The provider is apply's choice (provider_choice): regional compile only where it pays.
         choice = provider_choice.choose(rec, cluster, bench, launch_bound, memory)
         if choice.provider == "compile":
             if choice.runtime_pattern not in names:
                 names.append(choice.runtime_pattern)
             continue
-        if (name.startswith("generic:") and name not in hinted) or name in names:
+        if (is_generated(name) and name not in hinted) or name in names:
             continue
         if timed_for_apply(rec, bench) or (include_estimates and not numerics_failed(bench)):
             names.append(name)
@@ -199,7 +199,7 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() needs an nn.Module, got {type(model).__name__}")
     names = options.get("patterns")
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
     if isinstance(result, (str, bytes)) or hasattr(result, "__fspath__"):
         result = AdvisorResult.load(result)
     elif isinstance(result, dict):   # json.load(f) of a result file: the same as its path
@@ -223,7 +223,7 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
     for n in names:
         if n in compile_names:
             continue   # regional torch.compile: after the swaps, below
-        if n == POINTWISE_CHAIN or n.startswith("generic:"):
+        if n == POINTWISE_CHAIN or is_generated(n):
             targets.append(_Target(n, None, frozenset(hints.get(n, ())), bool(hints.get(n))))
             continue
         p = get(n)

@@ -1,7 +1,16 @@
-"""The stages, wired in order. Each stage reads the previous stage's data and nothing else."""
+"""The stages, wired in order. Each stage reads the previous stage's data and nothing else.
+
+profile: capture (run the script under the profiler) -> analyze (trace -> clusters, estimates)
+-> bench (time them) -> rank (recommend orders them; apply says what each change is) -> save.
+The CLI parses arguments, calls these and prints. The stages are imported when called: analysing
+a trace needs neither the capture, the benchmark harness nor apply."""
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,8 +24,9 @@ from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.cost_model.device import DeviceProfile, load_profile
 from fusion_advisor.cost_model.ops import op_cost
 from fusion_advisor.cost_model.roofline import is_memory_bound, kernel_time_us, memory_time_us
-from fusion_advisor.errors import AdvisorError
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.errors import AdvisorError
+from fusion_advisor.kernels.lookup import pattern_lookup
+from fusion_advisor.core.result import AdvisorResult
 
 DEFAULT_TARGET_GPU = "h100"   # what a CPU-only trace is priced for when no target is named
 
@@ -73,7 +83,7 @@ def analyze(trace: Trace, target_gpu: str | None = None, spans: list | None = No
         result.notes.append(f"measured times are from the trace's {trace.device_name}; estimates are for "
                             f"{profile.label()} ({why})")
 
-    findings = find_clusters(trace, profile)
+    findings = find_clusters(trace, profile, pattern_lookup())
     result.clusters = findings.clusters
     if spans is not None and trace.has_gpu:
         from fusion_advisor.analyzers.annotations import cluster_spans
@@ -83,6 +93,111 @@ def analyze(trace: Trace, target_gpu: str | None = None, spans: list | None = No
     result.timeline = timeline(trace, findings)
     lb = analyze_launch_bound(trace, findings.kernel_memory_bound, findings.clusters)
     result.launch_bound = lb.to_dict() if lb is not None else None
+    return result
+
+
+def rank(result: AdvisorResult, roi_options=None) -> AdvisorResult:
+    """Rank the recommendations (recommend) and record what applying each one changes (apply)."""
+    from fusion_advisor.apply import describe_patches
+    from fusion_advisor.recommend import recommend
+
+    return describe_patches(recommend(result, roi_options))
+
+
+def bench_and_recommend(result: AdvisorResult, bench_options=None, roi_options=None, progress=None) -> AdvisorResult:
+    """The stages after `analyze`: time the matched clusters, then rank."""
+    from fusion_advisor.bench import bench
+
+    bench(result, bench_options, progress=progress)
+    return rank(result, roi_options)
+
+
+# -- the whole run: capture -> analyze -> bench -> recommend -> save --------------------------------
+class Watch:
+    """How a caller follows `profile` (the CLI's _Watch draws progress bars and prints notes): any
+    object with these methods will do; here every hook does nothing."""
+
+    def notice(self, message: str) -> None:
+        """A note for the user while capturing (a previous run set aside, ...)."""
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Around the capture; yields its progress callback (n, warmup, active, step source), or None."""
+        yield None
+
+    def captured(self, captured) -> None:
+        """Right after the capture (capture.CaptureResult): e.g. show the script's traceback."""
+
+    @contextlib.contextmanager
+    def analysing(self):
+        yield
+
+    @contextlib.contextmanager
+    def benchmarking(self):
+        """Around bench; yields its progress callback (done, total, label), or None."""
+        yield None
+
+
+@dataclass
+class ProfileRun:
+    captured: Any                          # capture.CaptureResult: the trace, run.json, the script's error
+    result: AdvisorResult | None = None    # None: nothing was recorded to analyse
+    result_path: Path | None = None
+
+
+def profile(options, target_gpu: str | None = None, roi_options=None, bench: bool = True,
+            watch: Watch | None = None) -> ProfileRun:
+    """Run the script under the profiler (capture.CaptureOptions), analyse the trace it wrote,
+    time and rank the replacements, and save OUT/result.json. A script that stopped before any
+    step was recorded yields a ProfileRun without a result."""
+    from fusion_advisor.capture import capture
+
+    watch = watch or Watch()
+    with watch.capturing() as on_step:
+        captured = capture(options, progress=on_step, notice=watch.notice)
+    watch.captured(captured)
+    if captured.exited_before_any_step is not None or captured.trace_path is None:
+        return ProfileRun(captured)
+    with watch.analysing():
+        result = analyze_and_annotate(captured.trace_path, target_gpu)
+    result_path = finish(result, Path(options.out_dir), roi_options, bench, watch)
+    return ProfileRun(captured, result, result_path)
+
+
+def finish(result: AdvisorResult, out_dir: Path, roi_options=None, bench: bool = True,
+           watch: Watch | None = None) -> Path:
+    """The stages after analyze, for one run or a merged torchrun job: bench and rank (or, with
+    bench off, estimates only), each change's diff stored while the sources are on this disk
+    (a copied result still shows them), then OUT/result.json."""
+    watch = watch or Watch()
+    if bench:
+        with watch.benchmarking() as on_cluster:
+            bench_and_recommend(result, None, roi_options, progress=on_cluster)
+    else:
+        result.notes.append("bench was switched off (--no-bench): every saving is an estimate")
+    if result.recommendations:
+        from fusion_advisor.report.changes import fill_patch_diffs
+        fill_patch_diffs(result)
+    result_path = out_dir / "result.json"
+    result.save(result_path)
+    return result_path
+
+
+def analyze_and_annotate(trace_path: str, target_gpu: str | None = None) -> AdvisorResult:
+    """Analyse our own saved trace and write its clusters into it as annotation tracks (Perfetto
+    shows them beside the kernels). A trace that cannot be rewritten keeps its kernels only."""
+    from fusion_advisor.analyzers.annotations import span_events
+    from fusion_advisor.capture import add_trace_events
+    from fusion_advisor.cluster_names import where_label
+
+    spans: list = []
+    result = analyze(Trace.load(trace_path), target_gpu=target_gpu, spans=spans)
+    if spans:
+        names = {c.id: where_label(c) for c in result.clusters}
+        try:
+            add_trace_events(Path(trace_path), span_events(spans, names))
+        except (OSError, ValueError) as exc:
+            result.notes.append(f"the clusters were not written into {trace_path} as annotation tracks: {exc}")
     return result
 
 

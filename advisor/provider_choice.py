@@ -11,15 +11,35 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from fusion_advisor.bench import MIN_SPEEDUP, call_cost_us
+from fusion_advisor.bench import MIN_SPEEDUP
 from fusion_advisor.regional_compile import pattern_name
-from fusion_advisor.result import Benchmark, Cluster, Recommendation
+from fusion_advisor.core.result import Benchmark, Cluster, Recommendation
 
 APPLIED = ("triton", "compile")   # providers apply can put in the user's run
 # A compiled region's cost in the whole step beyond its isolated bench time, per call: the zoo's
 # HF Llama (H100, torch 2.11) lost 2.2 ms a step to 18 region calls (9 RMSNorms, forward and
 # backward), about 120 µs each. Regional compile is applied only where it saves more than that.
 MIN_REGION_SAVING_US = 120.0
+
+
+def measured_win(bench) -> bool:
+    """Bench timed it on a GPU, its numerics passed, and it beat eager: the only kind of
+    recommendation `apply` and `patch` take by default."""
+    return bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False and \
+        bench.verdict == "recommended"
+
+
+def timed_for_apply(rec: Recommendation, bench) -> bool:
+    """What `apply` and `patch` take without --include-estimates: a measured win, or for a memory
+    trade (slower by design) a GPU measurement whose numerics passed."""
+    if rec.kind == "memory":
+        return bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False
+    return measured_win(bench)
+
+
+def numerics_failed(bench) -> bool:
+    """Bench checked it and it failed: never applied, estimates or not."""
+    return bench is not None and bench.numerics_ok is False
 
 
 @dataclass
@@ -111,7 +131,7 @@ def _numerics_ok(bench: Benchmark, provider: str) -> bool:
 def _fill_times(choice: ProviderChoice, bench: Benchmark | None, launch_bound: bool) -> dict[str, float]:
     if bench is None or bench.timing != "gpu":
         return {}
-    cost = {p: call_cost_us(t, launch_bound) for p, t in bench.measured.items()}
+    cost = {p: t.call_cost_us(launch_bound) for p, t in bench.measured.items()}
     choice.passes = bench.passes
     choice.measured_us = {p: round(c, 3) for p, c in cost.items()}
     return cost

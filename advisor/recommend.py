@@ -1,7 +1,8 @@
 """recommend: rank what to change by the time it saves per step, and price it.
 
 Reads `result.clusters`, `result.benchmarks`, `result.launch_bound`, `result.summary` and
-`result.run`; writes `result.recommendations`.
+`result.run`; writes `result.recommendations`. It only ranks: what applying each one changes
+(`Recommendation.patch`) is apply's to say (apply.describe_patches).
 
 Order:
   1. when the step is launch-bound, the CUDA-graphs / torch.compile verdict comes first: fewer
@@ -24,11 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fusion_advisor.bench import (FORWARD, FORWARD_BACKWARD, backward_partners, call_cost_us, forward_partner,
-                                  is_launch_bound)
-from fusion_advisor.cluster_names import module_leaf, where_label
-from fusion_advisor.errors import AdvisorError
-from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Recommendation
+from fusion_advisor.cluster_names import where_label
+from fusion_advisor.core.errors import AdvisorError
+from fusion_advisor.core.result import FORWARD_BACKWARD, AdvisorResult, Benchmark, Cluster, Recommendation, is_generated
 
 # A round figure for renting one H100/H200 SXM GPU on demand from the specialty GPU clouds in
 # 2026: published comparisons put H100 SXM at about $2.50-3.50 per GPU-hour there (hyperscalers
@@ -97,12 +96,12 @@ def roi(saving_us_per_step: float | None, basis: str, result: AdvisorResult, opt
 def recommend(result: AdvisorResult, options: RoiOptions | None = None) -> AdvisorResult:
     """Fill `result.recommendations`, ranked (replacing any earlier ones)."""
     options = options or RoiOptions()
-    launch_bound = is_launch_bound(result)
+    launch_bound = result.is_launch_bound()
     measured, estimated = [], []
     for cluster in result.clusters:
         if not cluster.pattern:
             continue   # no registered replacement: nothing we could time or apply
-        if cluster.direction == "backward" and forward_partner(cluster, result) is not None:
+        if cluster.direction == "backward" and result.forward_partner(cluster) is not None:
             continue   # its saving is in the forward cluster's forward+backward figures
         rec = _cluster_recommendation(cluster, result, launch_bound, options)
         if rec is not None:
@@ -121,36 +120,6 @@ def recommend(result: AdvisorResult, options: RoiOptions | None = None) -> Advis
     return result
 
 
-def primary_benchmark(cluster: Cluster, result: AdvisorResult) -> Benchmark | None:
-    """The cluster's benchmark that counts: forward+backward when it was timed so, else forward."""
-    mine = [b for b in result.benchmarks if b.cluster_id == cluster.id]
-    for passes in (FORWARD_BACKWARD, FORWARD):
-        for b in mine:
-            if b.passes == passes:
-                return b
-    return None
-
-
-def measured_win(bench) -> bool:
-    """Bench timed it on a GPU, its numerics passed, and it beat eager: the only kind of
-    recommendation `apply` and `patch` take by default."""
-    return bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False and \
-        bench.verdict == "recommended"
-
-
-def timed_for_apply(rec: Recommendation, bench) -> bool:
-    """What `apply` and `patch` take without --include-estimates: a measured win, or for a memory
-    trade (slower by design) a GPU measurement whose numerics passed."""
-    if rec.kind == "memory":
-        return bench is not None and bench.timing == "gpu" and bench.numerics_ok is not False
-    return measured_win(bench)
-
-
-def numerics_failed(bench) -> bool:
-    """Bench checked it and it failed: never applied, estimates or not."""
-    return bench is not None and bench.numerics_ok is False
-
-
 def _occurrences(cluster: Cluster) -> tuple[float, str]:
     if cluster.occurrences_per_step > 0:
         return cluster.occurrences_per_step, ""
@@ -159,7 +128,7 @@ def _occurrences(cluster: Cluster) -> tuple[float, str]:
 
 def _estimate_per_step(cluster: Cluster, result: AdvisorResult) -> float | None:
     """The cost model's saving per step, the backward cluster's included."""
-    parts = [cluster] + (backward_partners(cluster, result) if cluster.direction == "forward" else [])
+    parts = [cluster] + (result.backward_partners(cluster) if cluster.direction == "forward" else [])
     total, known = 0.0, False
     for c in parts:
         if c.estimate.saving_us is not None:
@@ -172,7 +141,7 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
                             options: RoiOptions) -> Recommendation | None:
     from fusion_advisor import kernels as registry
 
-    bench = primary_benchmark(cluster, result)
+    bench = result.primary_benchmark(cluster)
     estimate = _estimate_per_step(cluster, result)
     occurrences, occ_note = _occurrences(cluster)
     where = where_label(cluster)
@@ -192,14 +161,13 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
             rank=0, cluster_id=cluster.id, pattern=cluster.pattern,
             title=f"Fuse {where} with {_whose(cluster)} (estimate: not timed)",
             measured_saving_us_per_step=None, estimate_saving_us_per_step=estimate, confidence="estimate",
-            patch=_patch("triton", cluster, pattern),
             roi=roi(estimate, "estimate", result, options), kind="fused_kernel",
             detail="; ".join(x for x in (f"cost-model estimate, {why}", occ_note) if x))
     best = bench.best_provider
     if best is None or "eager" not in bench.measured or best not in bench.measured:
         return None
     eager, chosen = bench.measured["eager"], bench.measured[best]
-    per_call = call_cost_us(eager, launch_bound) - call_cost_us(chosen, launch_bound)
+    per_call = eager.call_cost_us(launch_bound) - chosen.call_cost_us(launch_bound)
     saving = per_call * occurrences
     kind = {"triton": "fused_kernel", "compile": "torch_compile", "liger": "liger"}.get(best, best)
     ours_applied = bench.verdict != "rejected"   # `apply` uses our kernel wherever it beat eager
@@ -212,17 +180,17 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
         title = (f"Wrap {where} in torch.compile by hand" if best == "compile" else
                  f"Use Liger-Kernel's {cluster.pattern} for {where} by hand") + \
                 f": our {cluster.pattern} kernel lost to eager, `apply` leaves it"
-    detail = (f"{best} {call_cost_us(chosen, launch_bound):.1f} µs vs eager {call_cost_us(eager, launch_bound):.1f} µs "
+    detail = (f"{best} {chosen.call_cost_us(launch_bound):.1f} µs vs eager {eager.call_cost_us(launch_bound):.1f} µs "
               f"per call ({bench.passes}, on {bench.device}) x {occurrences:g} per step")
     ours = bench.measured.get("triton")
     if other and ours_applied and ours is not None:
-        ours_saving = (call_cost_us(eager, launch_bound) - call_cost_us(ours, launch_bound)) * occurrences
+        ours_saving = (eager.call_cost_us(launch_bound) - ours.call_cost_us(launch_bound)) * occurrences
         detail += f"; what `apply` puts in, our kernel, saves {ours_saving:.1f} µs per step"
     return Recommendation(
         rank=0, cluster_id=cluster.id, pattern=cluster.pattern, title=title,
         measured_saving_us_per_step=saving, estimate_saving_us_per_step=estimate, confidence="measured",
         memory_saved_bytes=_memory_saved(eager, chosen, bench.passes, occurrences),
-        patch=_patch(best, cluster, pattern), roi=roi(saving, "measured", result, options), kind=kind,
+        roi=roi(saving, "measured", result, options), kind=kind,
         detail="; ".join(x for x in (detail, occ_note) if x))
 
 
@@ -240,21 +208,21 @@ def _memory_recommendation(cluster: Cluster, bench: Benchmark | None, pattern, w
     saved = int(eager.peak_mem_bytes - ours.peak_mem_bytes)
     if saved <= 0:
         return None
-    saving = (call_cost_us(eager, launch_bound) - call_cost_us(ours, launch_bound)) * occurrences
+    saving = (eager.call_cost_us(launch_bound) - ours.call_cost_us(launch_bound)) * occurrences
     time_text = (f"{-saving / 1e3:.2f} ms per step slower" if saving < 0 else f"{saving / 1e3:.2f} ms per step faster")
     mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
     figures = [f"peak of one {bench.passes}: eager {mib(eager.peak_mem_bytes)}, ours {mib(ours.peak_mem_bytes)}",
-               f"ours {call_cost_us(ours, launch_bound):.1f} µs vs eager {call_cost_us(eager, launch_bound):.1f} µs "
+               f"ours {ours.call_cost_us(launch_bound):.1f} µs vs eager {eager.call_cost_us(launch_bound):.1f} µs "
                f"per call (on {bench.device}) x {occurrences:g} per step"]
     liger = bench.measured.get("liger")
     if liger is not None and liger.peak_mem_bytes is not None:
-        figures.append(f"Liger-Kernel {call_cost_us(liger, launch_bound):.1f} µs, {mib(liger.peak_mem_bytes)}")
+        figures.append(f"Liger-Kernel {liger.call_cost_us(launch_bound):.1f} µs, {mib(liger.peak_mem_bytes)}")
     figures.append("a memory trade: `fusion-advisor apply --memory` applies it")
     return Recommendation(
         rank=0, cluster_id=cluster.id, pattern=cluster.pattern,
         title=f"Save {mib(saved)} of peak memory in {where} with our {pattern.name} ({time_text})",
         measured_saving_us_per_step=saving, estimate_saving_us_per_step=None, confidence="measured",
-        memory_saved_bytes=saved, patch=_patch("triton", cluster, pattern),
+        memory_saved_bytes=saved,
         roi=roi(saving, "measured", result, options), kind="memory", detail="; ".join(figures))
 
 
@@ -271,52 +239,9 @@ def _memory_saved(eager, chosen, passes: str, occurrences: float) -> int | None:
 
 
 def _whose(cluster: Cluster) -> str:
-    if cluster.pattern and cluster.pattern.startswith("generic:"):
+    if is_generated(cluster.pattern):
         return f"a generated Triton kernel ({cluster.pattern})"
     return f"our {cluster.pattern} Triton kernel"
-
-
-def _module_name(cluster: Cluster) -> str | None:
-    return module_leaf(cluster)
-
-
-def _qualified(obj) -> str:
-    owner = getattr(obj, "__self__", None)   # a classmethod factory: name its class
-    target = owner if isinstance(owner, type) else obj
-    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
-
-
-def _patch(provider: str, cluster: Cluster, pattern) -> dict:
-    """What `apply` would change. A source diff is added later by apply."""
-    module = _module_name(cluster)
-    if provider == "compile":
-        target = module or "the model"
-        return {"kind": "torch_compile", "target": target,
-                "description": f"wrap {target} in torch.compile (it fuses this chain itself)"}
-    if provider == "liger":
-        doc = (getattr(pattern.liger, "__doc__", "") or "").strip().splitlines() if pattern else []
-        return {"kind": "liger", "description": doc[0] if doc else "Liger-Kernel's equivalent kernel"}
-    if pattern is None:
-        return {"kind": "none", "description": f"pattern {cluster.pattern!r} is not registered here"}
-    if pattern.name.startswith("generic:"):
-        call = (cluster.pattern_params.get("chain") or {}).get("call")
-        where = f"{call['path']}:{call['first_line']}-{call['last_line']}" if call else cluster.source
-        from fusion_advisor.kernels.codegen import pattern_source
-        return {"kind": "generated", "module": f"fusion_kernels/{_generated_file(pattern.name)}.py",
-                "source": where, "code": pattern_source(pattern),
-                "description": (f"write the generated kernel to fusion_kernels/ and call it instead of lines "
-                                f"{where}" if call else "the generated kernel (the source was not read: a hand edit)")}
-    if module and module in pattern.modules and pattern.module_factory is not None:
-        fused = _qualified(pattern.module_factory)
-        return {"kind": "module_swap", "modules": [{"from": module, "to": fused}],
-                "description": f"every {module} becomes {fused} (same parameters, shared)"}
-    fn = _qualified(pattern.fused)
-    return {"kind": "function", "function": fn, "source": cluster.source,
-            "description": f"call {fn} where {cluster.source or 'the chain'} computes {pattern.name}"}
-
-
-def _generated_file(pattern_name: str) -> str:
-    return "g_" + pattern_name.split(":", 1)[1]
 
 
 def _launch_bound_recommendation(result: AdvisorResult, options: RoiOptions) -> Recommendation:
@@ -324,10 +249,10 @@ def _launch_bound_recommendation(result: AdvisorResult, options: RoiOptions) -> 
     lb = result.launch_bound if isinstance(result.launch_bound, dict) else {}
     measured, timed = 0.0, 0
     for cluster in result.clusters:
-        bench = primary_benchmark(cluster, result)
+        bench = result.primary_benchmark(cluster)
         if bench is None or bench.timing != "gpu" or "cuda_graph" not in bench.measured or "eager" not in bench.measured:
             continue
-        per_call = call_cost_us(bench.measured["eager"], True) - call_cost_us(bench.measured["cuda_graph"], True)
+        per_call = bench.measured["eager"].call_cost_us(True) - bench.measured["cuda_graph"].call_cost_us(True)
         measured += per_call * _occurrences(cluster)[0]
         timed += 1
     estimate = lb.get("estimate_saving_us_per_step")
@@ -349,15 +274,5 @@ def _launch_bound_recommendation(result: AdvisorResult, options: RoiOptions) -> 
         measured_saving_us_per_step=saving,
         estimate_saving_us_per_step=float(estimate) if isinstance(estimate, (int, float)) else None,
         confidence="measured" if timed else "estimate",
-        patch={"kind": "cuda_graphs", "description": "torch.compile(model, mode=\"reduce-overhead\"), or "
-                                                     "torch.cuda.graphs around the static part of the step"},
         roi=roi(saving if timed else estimate, "measured" if timed else "estimate", result, options),
         kind="cuda_graphs", detail=detail)
-
-
-def bench_and_recommend(result: AdvisorResult, bench_options=None, roi_options: RoiOptions | None = None,
-                        progress=None) -> AdvisorResult:
-    """The pipeline's last two stages after `analyze`: time the matched clusters, then rank."""
-    from fusion_advisor.bench import bench
-    bench(result, bench_options, progress=progress)
-    return recommend(result, roi_options)

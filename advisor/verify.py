@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fusion_advisor import calls
-from fusion_advisor.errors import AdvisorError, ScriptError
+from fusion_advisor.core.errors import AdvisorError, ScriptError
+from fusion_advisor.core.result import is_generated
 
 
 @dataclass
@@ -361,7 +362,7 @@ def compare(before: RunMeasurement, after: RunMeasurement, loss_rtol: float = 2e
 
 def call_key(name: str) -> str:
     """The counter a replacement's calls land in (fusion_advisor.calls)."""
-    if name.startswith("generic:") or name.startswith("compile:"):
+    if is_generated(name) or name.startswith("compile:"):
         return name
     from fusion_advisor.kernels import get
     try:

@@ -21,9 +21,10 @@ from fusion_advisor.analyzers.kernel_classes import classify, kernel_class
 from fusion_advisor.analyzers.summary import short_kernel_name
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.cost_model.device import DeviceProfile
-from fusion_advisor.cost_model.ops import TRACE_DTYPES, OpCost, op_cost
+from fusion_advisor.core.dtypes import TRACE_DTYPES
+from fusion_advisor.cost_model.ops import OpCost, op_cost
 from fusion_advisor.cost_model.roofline import is_memory_bound
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 
 BREAK_CLASSES = {"gemm": "a GEMM", "attention": "an attention kernel", "conv": "a convolution",
                  "communication": "a collective", "triton": "an already-compiled (Triton) kernel"}

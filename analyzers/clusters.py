@@ -57,23 +57,35 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from fusion_advisor import kernels as pattern_registry
 from fusion_advisor.analyzers.chain_units import (ACCUMULATION_SCOPE, NO_SCOPE, Classifier, OpColumns, Unit,
                                                   cpu_units, feeds, flat_shapes, gpu_units, related)
 from fusion_advisor.analyzers.lm_head_loss import lm_head_loss_clusters
 from fusion_advisor.analyzers.trace import Trace, resolve_source_file
 from fusion_advisor.cost_model.device import DeviceProfile
-from fusion_advisor.cost_model.ops import TRACE_DTYPES
+from fusion_advisor.core.dtypes import TRACE_DTYPES
 from fusion_advisor.cost_model.roofline import cluster_estimate
-from fusion_advisor.kernels.registry import OpRecord
-from fusion_advisor.result import Cluster
+from fusion_advisor.core.records import OpRecord
+from fusion_advisor.core.result import Cluster, is_generated
 
 MIN_KERNELS = 2
+
+
+@dataclass(frozen=True)
+class PatternLookup:
+    """What finding clusters asks of the kernels layer (rule 4a, the pattern of each cluster), handed
+    in by the caller so the analyzers import no kernel: fusion_advisor.kernels.lookup.pattern_lookup()."""
+
+    match: Callable[[Sequence[OpRecord]], tuple[Any, dict] | None]   # registered (pattern, params), or None
+    resolve: Callable[[str, dict], Any]                              # a pattern by name, "generic:" ones rebuilt
+    # forward ops, source file, def line, label -> a generated-kernel candidate (.pattern, .params,
+    # .notes), None where codegen supports too little of the chain
+    generated: Callable[[Sequence[OpRecord], str | None, int | None, str | None], Any]
+    lm_head_params: Callable[[OpRecord, dict], dict | None]          # linear_cross_entropy's params_from_lm_head
 
 
 # -- chains (rules 2-5) --------------------------------------------------------------------------
@@ -206,8 +218,8 @@ def _scope_label(col: OpColumns, scope: int) -> str:
 class _Matcher:
     """Forward ops of a chain (the top-level ops the user's code called) and their pattern."""
 
-    def __init__(self, trace: Trace, cl: Classifier, launching_tops: np.ndarray):
-        self.trace, self.cl, self.launching_tops = trace, cl, launching_tops
+    def __init__(self, trace: Trace, cl: Classifier, launching_tops: np.ndarray, patterns: PatternLookup):
+        self.trace, self.cl, self.launching_tops, self.patterns = trace, cl, launching_tops, patterns
 
     def forward_rows(self, units: Sequence[Unit]) -> list[int]:
         if not units[0].backward:
@@ -228,7 +240,7 @@ class _Matcher:
         rows = sorted(self.forward_rows(units))
         if not rows:
             return None
-        return pattern_registry.match([self.cl.record(r) for r in rows])
+        return self.patterns.match([self.cl.record(r) for r in rows])
 
     def spans(self, left: Sequence[Unit], right: Sequence[Unit]) -> bool:
         """Rule 4a: a pattern matches left+right, and not left or right alone, and its signature
@@ -296,8 +308,9 @@ class ClusterFindings:
     op_cluster: dict[int, str]              # op row -> cluster id, for the ops inside clusters
 
 
-def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
-    """Every memory-bound cluster of the trace's steps, merged, matched and priced on `profile`."""
+def find_clusters(trace: Trace, profile: DeviceProfile, patterns: PatternLookup) -> ClusterFindings:
+    """Every memory-bound cluster of the trace's steps, merged, matched to `patterns` and priced on
+    `profile`."""
     cl = Classifier(trace, profile)
     groups = gpu_units(trace, cl) if trace.has_gpu else cpu_units(trace, cl)
     mods = trace.modules
@@ -308,7 +321,7 @@ def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
     for u in units_all:
         u.scope_cls = cls_of[u.scope] if u.scope >= 0 else None
     launching_tops = np.array(sorted({u.top_row for u in units_all if u.top_row >= 0}), dtype=np.int64)
-    matcher = _Matcher(trace, cl, launching_tops)
+    matcher = _Matcher(trace, cl, launching_tops, patterns)
 
     found: dict[tuple, list[tuple[list[Unit], str]]] = {}
     for g in groups:
@@ -328,9 +341,9 @@ def find_clusters(trace: Trace, profile: DeviceProfile) -> ClusterFindings:
                 cluster_of[u.kernel_rows] = cid
                 op_cluster[u.op_row] = cid
         clusters.append(_build_cluster(trace, cl, matcher, cid, occurrences, n_steps, profile))
-    _share_generated_backward(clusters, profile)
+    _share_generated_backward(clusters, profile, patterns)
     first_rows = {_cluster_id(sig): [chain[0].op_row for chain, _ in occ] for sig, occ in found.items()}
-    clusters += lm_head_loss_clusters(clusters, first_rows, cl.col, units_all, n_steps)
+    clusters += lm_head_loss_clusters(clusters, first_rows, cl.col, units_all, n_steps, patterns.lm_head_params)
     clusters.sort(key=_rank_key, reverse=True)
     kernel_cluster = pd.Series(cluster_of, index=trace.kernels.index, dtype=object)
     return ClusterFindings(clusters, kernel_cluster, cl.kernel_memory_bound(), cl.kernel_classes, cl.col,
@@ -397,18 +410,13 @@ def _generated_candidate(trace: Trace, cl: Classifier, matcher: _Matcher, units:
     backward cluster gets the same one: the generated backward replaces it), with the dataflow
     read off the source when the traced file is on this disk. Not for the optimizer's chains
     (the fix there is a fused or foreach optimizer, not a kernel of ours)."""
-    from fusion_advisor.kernels.codegen.candidate import candidate_for
-    from fusion_advisor.kernels.codegen.ops import Unsupported
-
     rows = sorted(matcher.forward_rows(units))
     records = [cl.record(r) for r in rows]
     source = next((cl.col.source[r] for r in rows if isinstance(cl.col.source[r], str)), None)
     file_name, _, line = (source or "").rpartition(":")
     path = resolve_source_file(file_name, trace.run_info) if file_name and line.isdigit() else None
     try:
-        return candidate_for(records, str(path) if path else None, int(line) if path else None, label=source)
-    except Unsupported:
-        return None
+        return matcher.patterns.generated(records, str(path) if path else None, int(line) if path else None, source)
     except (ValueError, RuntimeError) as exc:   # e.g. an op's meta run fails: no kernel, not an error
         logging.getLogger(__name__).debug("no generated kernel for %s: %s", source, exc)
         return None
@@ -418,16 +426,16 @@ def _same_op(a: dict, b: dict) -> bool:
     return (a["name"], a["dims"], a["types"]) == (b["name"], b["dims"], b["types"])
 
 
-def _share_generated_backward(clusters: list[Cluster], profile: DeviceProfile) -> None:
+def _share_generated_backward(clusters: list[Cluster], profile: DeviceProfile, patterns: PatternLookup) -> None:
     """Autograd splits a chain's backward where its gradient graph branches (a clamp's mask, a
     broadcast input's sum), so one forward chain can have several backward clusters, each over
     part of its ops. The forward chain's generated kernel replaces all of them with one backward
     kernel: each such backward cluster takes the forward cluster's pattern (bench then times them
     together, forward+backward) and its share of that kernel's bytes."""
-    forwards = [c for c in clusters if c.direction == "forward" and (c.pattern or "").startswith("generic:")]
+    forwards = [c for c in clusters if c.direction == "forward" and is_generated(c.pattern)]
     shared: dict[str, list[Cluster]] = {}
     for c in clusters:
-        if c.direction != "backward" or not (c.pattern or "").startswith("generic:"):
+        if c.direction != "backward" or not is_generated(c.pattern):
             continue
         mine = c.pattern_params["chain"]["ops"]
         for f in forwards:
@@ -438,7 +446,7 @@ def _share_generated_backward(clusters: list[Cluster], profile: DeviceProfile) -
                 break
     for fid, backs in shared.items():
         f = next(c for c in clusters if c.id == fid)
-        pattern = pattern_registry.resolve(f.pattern, f.pattern_params)
+        pattern = patterns.resolve(f.pattern, f.pattern_params)
         share = pattern.fused_bytes(f.pattern_params)["backward"] / len(backs)
         for c in backs:
             c.pattern, c.pattern_params = f.pattern, f.pattern_params

@@ -13,7 +13,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 
-from fusion_advisor.errors import TraceError
+from fusion_advisor.core.errors import TraceError
 
 # Categories we keep, mapped to the frame they feed.
 OP_CATS = {"cpu_op"}

@@ -17,20 +17,19 @@ reference does.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
-from fusion_advisor.result import Cluster, Estimate
+from fusion_advisor.core.result import Cluster, Estimate
 
 LOOKBACK = 400   # op rows from the head to its loss (label shift, views, casts): 34 in the HF Llama fixture
 
 
 def lm_head_loss_clusters(clusters: Sequence[Cluster], first_rows: dict[str, list[int]], col, units: Sequence,
-                          n_steps: int) -> list[Cluster]:
+                          n_steps: int, params_from_lm_head: Callable) -> list[Cluster]:
     """One `linear_cross_entropy` cluster per cross_entropy forward cluster fed by an LM head.
     first_rows: cluster id -> the first op row of each of its occurrences; units: the trace's
-    launching ops (chain_units.Unit), whose durations give the head's GEMM time."""
-    from fusion_advisor.kernels.linear_cross_entropy import params_from_lm_head
-
+    launching ops (chain_units.Unit), whose durations give the head's GEMM time;
+    params_from_lm_head: linear_cross_entropy's (head op, loss params) -> its params, or None."""
     out = []
     for c in clusters:
         if c.pattern != "cross_entropy" or c.direction != "forward":

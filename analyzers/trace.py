@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from fusion_advisor.analyzers import kineto
-from fusion_advisor.errors import TraceError
+from fusion_advisor.core.errors import TraceError
 
 _STEP_RE = re.compile(r"^ProfilerStep#(\d+)$")
 _FRAME_RE = re.compile(r"^(?P<file>.+?)\((?P<line>\d+)\): (?P<func>.*)$")

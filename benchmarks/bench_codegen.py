@@ -23,7 +23,7 @@ import sys
 import torch
 
 from fusion_advisor.kernels.codegen import build_pattern
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 
 TYPE = {torch.float32: "float", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
 

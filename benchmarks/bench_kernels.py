@@ -101,7 +101,7 @@ def peak_bandwidth(profile_path: str | None, device) -> tuple[float | None, str]
 
 def measured_copy_bandwidth(device) -> float:
     import torch
-    from fusion_advisor.measure import time_calls
+    from fusion_advisor.cost_model.timing import time_calls
     src = torch.empty(2**29, dtype=torch.float16, device=device)   # 1 GiB: far beyond L2
     dst = torch.empty_like(src)
     timing = time_calls([lambda: dst.copy_(src)], device, rep_ms=50)
@@ -165,6 +165,8 @@ def sweep(args) -> list[dict]:
 
 
 def bench_shape(pattern, params, device, providers, env, peak, rep_ms, warmup_ms, measure, compare_pattern) -> list[dict]:
+    from fusion_advisor.cost_model.timing import time_calls
+
     fns, numerics = {}, {}
     for provider in providers:
         try:
@@ -183,7 +185,7 @@ def bench_shape(pattern, params, device, providers, env, peak, rep_ms, warmup_ms
         work = measure.build_workload(pattern, params, device, backward=backward, requires_grad=True)
         moved = bytes_["forward"] + (bytes_["backward"] if backward else 0)
         for provider, fn in fns.items():
-            timing = measure.time_calls(work.calls(fn), device, before=work.clear_grads, warmup_ms=warmup_ms,
+            timing = time_calls(work.calls(fn), device, before=work.clear_grads, warmup_ms=warmup_ms,
                                         rep_ms=rep_ms)
             memory = measure.measure_memory(work, fn, device)
             gbps = moved / (timing.p50_us * 1e-6) / 1e9

@@ -141,6 +141,8 @@ def provider_fn(pattern, provider: str, measure):
 
 
 def bench_one(pattern, params, providers, device, env, copy_bw, rep_ms, warmup_ms, measure, numerics_ok) -> list[dict]:
+    from fusion_advisor.cost_model.timing import time_calls
+
     fns = {}
     for provider in providers:
         try:
@@ -156,7 +158,7 @@ def bench_one(pattern, params, providers, device, env, copy_bw, rep_ms, warmup_m
         times = {}
         for provider, fn in fns.items():
             try:
-                times[provider] = measure.time_calls(work.calls(fn), device, before=work.clear_grads,
+                times[provider] = time_calls(work.calls(fn), device, before=work.clear_grads,
                                                      warmup_ms=warmup_ms, rep_ms=rep_ms)
             except Exception as exc:  # one provider failing (Liger on an odd shape) must not lose the others
                 print(f"    {provider} {pass_}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)

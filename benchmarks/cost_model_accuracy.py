@@ -39,8 +39,9 @@ from fusion_advisor.analyzers.trace import Trace  # noqa: E402
 from fusion_advisor.cost_model.device import DeviceProfile, load_profile  # noqa: E402
 from fusion_advisor.cost_model.ops import OpCost, op_cost, unknown_reason  # noqa: E402
 from fusion_advisor.cost_model.roofline import chain_dtype, kernel_time_us  # noqa: E402
-from fusion_advisor.errors import AdvisorError  # noqa: E402
-from fusion_advisor.kernels.registry import OpRecord  # noqa: E402
+from fusion_advisor.cost_model.timing import warm_up_on_side_stream  # noqa: E402
+from fusion_advisor.core.errors import AdvisorError  # noqa: E402
+from fusion_advisor.core.records import OpRecord  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -267,12 +268,7 @@ def measure_us(fn: Callable[[], object], target_ms: float, samples: int) -> tupl
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e6, "cpu-wall"
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up_on_side_stream(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()

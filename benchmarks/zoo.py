@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_SLOWER = 0.98   # "never slower than eager", allowing run-to-run noise
-EXIT_BAD_INPUT = 2   # advisor/errors.py: apply's "nothing to verify" / "no recommendations"
+EXIT_BAD_INPUT = 2   # advisor/core/errors.py: apply's "nothing to verify" / "no recommendations"
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
            "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",

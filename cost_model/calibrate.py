@@ -25,7 +25,8 @@ import time
 from typing import Callable
 
 from fusion_advisor.cost_model.device import DeviceProfile
-from fusion_advisor.errors import EnvironmentProblem
+from fusion_advisor.cost_model.timing import back_to_back_us, percentile
+from fusion_advisor.core.errors import EnvironmentProblem
 
 Progress = Callable[[str, int, int], None]   # (what, done, total)
 
@@ -65,52 +66,6 @@ def _require_gpu():
     return torch
 
 
-def _percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = (len(s) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-class _Timer:
-    def __init__(self, torch):
-        self.torch = torch
-
-    def per_call_us(self, fn: Callable[[], None], calls: int, samples: int, graph: bool) -> list[float]:
-        """`samples` timings (µs per call) of `calls` back-to-back calls of fn, after a warm-up.
-        graph=True replays a CUDA graph of the calls: launches cost the CPU nothing."""
-        torch = self.torch
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        if graph:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(calls):
-                    fn()
-            run = g.replay
-        else:
-            def run():
-                for _ in range(calls):
-                    fn()
-        run()  # warm-up of the graph (or loop) itself
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(samples):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) * 1e3 / calls)
-        return out
-
-
 def _sizes(max_bytes: int, quick: bool) -> list[int]:
     """Bytes moved per kernel: 4 KiB up to `max_bytes`, every power of 2 (every 4th when quick)."""
     step = 4 if quick else 1
@@ -132,7 +87,7 @@ def _calls_for(bytes_moved: int) -> int:
 _STREAMS = {"memcpy": 2, "copy": 2, "triad": 3}
 
 
-def _stream_curve(torch, timer: _Timer, kind: str, sizes: list[int], samples: int, step: Progress) -> list[dict]:
+def _stream_curve(torch, kind: str, sizes: list[int], samples: int, step: Progress) -> list[dict]:
     """[{bytes, median_us, p10_us, p90_us}] of one streaming call per size, fp32 (`_STREAMS`)."""
     streams = _STREAMS[kind]
     rows = []
@@ -143,15 +98,15 @@ def _stream_curve(torch, timer: _Timer, kind: str, sizes: list[int], samples: in
         fn = {"memcpy": lambda: a.copy_(b), "copy": lambda: torch.neg(b, out=a),
               "triad": lambda: torch.add(b, c, alpha=0.5, out=a)}[kind]
         calls = _calls_for(size)
-        t = timer.per_call_us(fn, calls, samples, graph=calls > 2)
+        t = back_to_back_us(fn, calls, samples, graph=calls > 2)
         moved = n * 4 * streams
-        rows.append({"bytes": moved, "median_us": statistics.median(t), "p10_us": _percentile(t, 0.1),
-                     "p90_us": _percentile(t, 0.9)})
+        rows.append({"bytes": moved, "median_us": statistics.median(t), "p10_us": percentile(t, 0.1),
+                     "p90_us": percentile(t, 0.9)})
         step(f"{kind} {moved / 1e6:,.3f} MB", i + 1, len(sizes))
     return rows
 
 
-def _matmul_peaks(torch, timer: _Timer, quick: bool, step: Progress) -> dict:
+def _matmul_peaks(torch, quick: bool, step: Progress) -> dict:
     # (key, dtype, allow_tf32, n): fp32 and fp64 at 4096 (already seconds-long on GPUs with slow
     # fp64); tensor-core dtypes at 8192, which saturates an H100/H200.
     big = 4096 if quick else 8192
@@ -166,7 +121,7 @@ def _matmul_peaks(torch, timer: _Timer, quick: bool, step: Progress) -> dict:
             x = torch.randn(n, n, device="cuda", dtype=dtype)
             y = torch.randn(n, n, device="cuda", dtype=dtype)
             z = torch.empty(n, n, device="cuda", dtype=dtype)
-            t = timer.per_call_us(lambda: torch.mm(x, y, out=z), 1 if key in ("fp32", "fp64") else 3,
+            t = back_to_back_us(lambda: torch.mm(x, y, out=z), 1 if key in ("fp32", "fp64") else 3,
                                   3 if quick else 5, graph=False)
             us = statistics.median(t)
             out[key] = {"n": n, "median_us": us, "flops_per_s": 2 * n ** 3 / (us * 1e-6)}
@@ -176,7 +131,7 @@ def _matmul_peaks(torch, timer: _Timer, quick: bool, step: Progress) -> dict:
     return out
 
 
-def _element_rates(torch, timer: _Timer, quick: bool, step: Progress) -> dict:
+def _element_rates(torch, quick: bool, step: Progress) -> dict:
     """Elements per second of the kernel families priced by elements as well as bytes (OpCost.loop):
     a broadcast add (PyTorch's generic strided loop), softmax over rows of 512, LayerNorm over
     rows of 768; ~32 M elements each (16 M when quick)."""
@@ -192,16 +147,16 @@ def _element_rates(torch, timer: _Timer, quick: bool, step: Progress) -> dict:
             ("norm", lambda: F.layer_norm(rows768, (768,), w, b, 1e-5), rows768.numel())]
     out = {}
     for i, (key, fn, elements) in enumerate(plan):
-        us = statistics.median(timer.per_call_us(fn, 4, 3 if quick else 5, graph=True))
+        us = statistics.median(back_to_back_us(fn, 4, 3 if quick else 5, graph=True))
         out[key] = {"elements": elements, "median_us": us, "elements_per_s": elements / (us * 1e-6)}
         step(f"element rate {key}", i + 1, len(plan))
     return out
 
 
-def _launch_costs(torch, timer: _Timer, quick: bool) -> tuple[float, float]:
+def _launch_costs(torch, quick: bool) -> tuple[float, float]:
     """(GPU µs per back-to-back one-element kernel, CPU µs per eager launch)."""
     x = torch.zeros(1, device="cuda")
-    gpu = statistics.median(timer.per_call_us(lambda: x.add_(1.0), 1000, 5, graph=True))
+    gpu = statistics.median(back_to_back_us(lambda: x.add_(1.0), 1000, 5, graph=True))
     n = 2000 if quick else 5000
     cpu = []
     for _ in range(3):
@@ -238,24 +193,23 @@ def calibrate(quick: bool = False, progress: Progress | None = None) -> DevicePr
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     name = torch.cuda.get_device_name()
     l2_bytes = int(getattr(props, "L2_cache_size", 0) or 0)
-    timer = _Timer(torch)
     # Largest transfer: 4 GiB moved, within an eighth of the GPU's memory.
     max_bytes = min(4 * GiB if not quick else 1 * GiB, props.total_memory // 8)
     sizes = _sizes(max_bytes, quick)
     samples = 5 if quick else 10
     # Each stage's buffers are freed when it returns; the cache is emptied so that the next
     # stage's large allocations do not fail on a GPU with little memory.
-    copy = _stream_curve(torch, timer, "copy", sizes, samples, step)
+    copy = _stream_curve(torch, "copy", sizes, samples, step)
     torch.cuda.empty_cache()
-    triad = _stream_curve(torch, timer, "triad", sizes, samples, step)
+    triad = _stream_curve(torch, "triad", sizes, samples, step)
     torch.cuda.empty_cache()
-    memcpy = _stream_curve(torch, timer, "memcpy", sizes, samples, step)
+    memcpy = _stream_curve(torch, "memcpy", sizes, samples, step)
     torch.cuda.empty_cache()
-    matmul = _matmul_peaks(torch, timer, quick, step)
+    matmul = _matmul_peaks(torch, quick, step)
     torch.cuda.empty_cache()
-    rates = _element_rates(torch, timer, quick, step)
+    rates = _element_rates(torch, quick, step)
     torch.cuda.empty_cache()
-    min_kernel_us, launch_us = _launch_costs(torch, timer, quick)
+    min_kernel_us, launch_us = _launch_costs(torch, quick)
     step("launch overhead", 1, 1)
     curve = [(r["bytes"], r["bytes"] / (r["median_us"] * 1e-6)) for r in copy]
     # Asymptotic copy bandwidth: the best median among transfers far larger than L2.

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 
 MiB = 1 << 20
 
@@ -97,7 +97,7 @@ class DeviceProfile:
         return cls(**kwargs)
 
     def save(self, path: str | os.PathLike) -> str:
-        from fusion_advisor.files import write_text_atomic
+        from fusion_advisor.core.files import write_text_atomic
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
         return str(path)
 

@@ -31,17 +31,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.dtypes import TRACE_DTYPES
+from fusion_advisor.core.records import OpRecord, TensorSpec
 
-# trace type name -> (dtype name, bytes per element)
-TRACE_DTYPES: dict[str, tuple[str, int]] = {
-    "float": ("float32", 4), "c10::BFloat16": ("bfloat16", 2), "c10::Half": ("float16", 2),
-    "double": ("float64", 8), "long int": ("int64", 8), "int": ("int32", 4), "short int": ("int16", 2),
-    "signed char": ("int8", 1), "unsigned char": ("uint8", 1), "bool": ("bool", 1),
-    "c10::Float8_e4m3fn": ("float8_e4m3fn", 1), "c10::Float8_e5m2": ("float8_e5m2", 1),
-    "c10::complex<float>": ("complex64", 8), "c10::complex<double>": ("complex128", 16),
-}
-DTYPE_BYTES: dict[str, int] = {d: b for d, b in TRACE_DTYPES.values()}
 # c10::ScalarType codes, as scalar arguments (dtype=, input_dtype) appear in Concrete Inputs.
 SCALAR_TYPE_CODES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
                      7: "float64", 11: "bool", 15: "bfloat16", 23: "float8_e5m2", 24: "float8_e4m3fn"}
@@ -49,22 +41,6 @@ SCALAR_TYPE_CODES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 
 _FLOAT_RANK = {"float8_e5m2": 0, "float8_e4m3fn": 0, "float16": 1, "bfloat16": 1, "float32": 2, "float64": 3}
 _INT_RANK = {"bool": 0, "uint8": 1, "int8": 1, "int16": 2, "int32": 3, "int64": 4}
 TENSOR_CORE_DTYPES = {"bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor a kernel reads or writes: its shape and dtype (no identity: the trace has none)."""
-
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES[self.dtype]
 
 
 @dataclass

@@ -14,9 +14,10 @@ from collections import Counter
 from typing import Sequence
 
 from fusion_advisor.cost_model.device import DeviceProfile
-from fusion_advisor.cost_model.ops import TRACE_DTYPES, OpCost, op_cost
-from fusion_advisor.kernels.registry import OpRecord
-from fusion_advisor.result import Estimate
+from fusion_advisor.core.dtypes import TRACE_DTYPES
+from fusion_advisor.cost_model.ops import OpCost, op_cost
+from fusion_advisor.core.records import OpRecord
+from fusion_advisor.core.result import Estimate
 
 _TC_KEYS = {"bfloat16": "bf16_tc", "float16": "fp16_tc", "float32": "tf32_tc",
             # No fp8 key in the profiles yet: priced at the bf16 rate (conservative: half the speed).

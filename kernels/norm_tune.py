@@ -106,7 +106,7 @@ def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = pr
     for n in n_values:
         for dtype in dtypes:
             configs.update(tune_one(n, dtype, device, log=log))
-    from fusion_advisor.files import atomic_output
+    from fusion_advisor.core.files import atomic_output
     with atomic_output(path) as fh:
         json.dump({"gpu": gpu, "torch": torch.__version__, "configs": dict(sorted(configs.items()))}, fh, indent=1)
     for cached in (norm_core.tuned_table, norm_core.fwd_config, norm_core.bwd_config):

@@ -18,38 +18,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-
-@dataclass(frozen=True)
-class OpRecord:
-    """One traced op, as a pattern sees it (from the Trace's ops frame or a cluster in JSON)."""
-
-    name: str                                  # "aten::mul"
-    dims: tuple = ()                           # Input Dims, e.g. ((4, 128, 256), (256,))
-    types: tuple = ()                          # Input type, e.g. ("c10::BFloat16", "float")
-    concrete: tuple = ()                       # Concrete Inputs, e.g. ("", "2")
-    module: str | None = None                  # nn.Module class path, e.g. "LlamaDecoderLayer/LlamaRMSNorm"
-
-    @property
-    def short(self) -> str:
-        return short_op_name(self.name)
-
-    @classmethod
-    def from_trace(cls, name: str, dims, types, concrete, module: str | None = None) -> "OpRecord":
-        """From a Trace ops row's raw columns (JSON lists, None where the op recorded no shapes):
-        nested lists become tuples, so records compare and hash."""
-        return cls(str(name), _frozen(dims), _frozen(types), _frozen(concrete), module)
-
-
-def _frozen(value) -> tuple:
-    """A recorded argument list as nested tuples; () for a missing one (None, NaN)."""
-    if not isinstance(value, (list, tuple)):
-        return ()
-    return tuple(_frozen(v) if isinstance(v, (list, tuple)) else v for v in value)
-
-
-def short_op_name(name: str) -> str:
-    """'aten::native_layer_norm' -> 'native_layer_norm'; other namespaces keep their prefix."""
-    return name[6:] if name.startswith("aten::") else name
+from fusion_advisor.core.dtypes import dtype_from_name, dtype_from_trace, dtype_name  # noqa: F401 (the patterns import them here)
+from fusion_advisor.core.records import OpRecord, short_op_name  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -172,19 +142,6 @@ def match(ops: Sequence[OpRecord]) -> tuple[FusionPattern, dict] | None:
     return None
 
 
-# -- dtype helpers shared by the patterns ------------------------------------------------------
-_TRACE_DTYPES = {
-    "float": torch.float32, "c10::Half": torch.float16, "c10::BFloat16": torch.bfloat16,
-    "double": torch.float64, "long int": torch.int64, "int": torch.int32, "bool": torch.bool,
-    "unsigned char": torch.uint8, "signed char": torch.int8, "short int": torch.int16,
-}
-
-
-def dtype_from_trace(type_name: str) -> torch.dtype | None:
-    """'c10::BFloat16' -> torch.bfloat16; None for scalars and unknown names."""
-    return _TRACE_DTYPES.get(type_name)
-
-
 def with_residual_add(add: OpRecord | None, params: dict | None) -> dict | None:
     """A norm's params extended by the residual add that feeds it (the add + norm patterns): the
     add must take two tensors of the normalised shape (a broadcast add, e.g. token + position
@@ -209,14 +166,3 @@ def with_residual_add(add: OpRecord | None, params: dict | None) -> dict | None:
     if r_dtype != x_dtype:
         params["residual_dtype"] = dtype_name(r_dtype)
     return params
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dt

@@ -17,7 +17,7 @@ import random
 
 import torch
 
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 
 TYPE_NAMES = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}
 CODES = {torch.float32: "6", torch.float16: "5", torch.bfloat16: "15"}

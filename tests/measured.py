@@ -1,7 +1,7 @@
 """A benchmark row as bench writes one for a replacement it timed on a GPU and found faster than
 eager with its numerics checked: what `apply` and `patch` need before they take a recommendation.
 The figures are synthetic; tests that use it check what apply does with a measured win, not the win."""
-from fusion_advisor.result import Benchmark, ProviderTiming
+from fusion_advisor.core.result import Benchmark, ProviderTiming
 
 
 def measured_win(cluster_id: str, pattern: str) -> Benchmark:

@@ -10,7 +10,7 @@ import pytest
 from fusion_advisor.analyzers.launch_bound import analyze_launch_bound
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.pipeline import analyze
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.result import AdvisorResult
 from fusion_advisor.report.terminal import render
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fusion_advisor import apply as apply_mod
-from fusion_advisor.result import AdvisorResult, Cluster, Recommendation
+from fusion_advisor.core.result import AdvisorResult, Cluster, Recommendation
 from measured import measured_win
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ import torch
 from fusion_advisor import apply as apply_mod
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.pipeline import analyze
-from fusion_advisor.recommend import recommend
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.pipeline import rank
+from fusion_advisor.core.result import AdvisorResult
 from fusion_advisor.kernels.tolerances import tolerance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ def analyzed(tmp_path_factory):
     trace = Trace.load(FIXTURE)
     trace.meta["fusion_advisor"] = dict(trace.run_info, script=str(script), cwd=str(root),
                                         argv=[str(script), *SMALL])
-    result = recommend(analyze(trace))
+    result = rank(analyze(trace))
     return root, script, result
 
 

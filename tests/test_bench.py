@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from fusion_advisor import measure
-from fusion_advisor.bench import (NOT_TIMED_ON_GPU, BenchOptions, bench, has_backward, is_launch_bound, judge,
+from fusion_advisor.bench import (NOT_TIMED_ON_GPU, BenchOptions, bench, judge,
                                   parse_providers)
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.kernels import registry
 from fusion_advisor.kernels import rms_norm as rms
-from fusion_advisor.result import AdvisorResult, Cluster, Estimate, ProviderTiming
+from fusion_advisor.core.result import AdvisorResult, Cluster, Estimate, ProviderTiming
 
 TINY = {"shape": [4, 64], "dtype": "bfloat16", "eps": 1e-6}
 CPU = BenchOptions(providers=("eager", "triton"), mode="cpu")
@@ -98,7 +98,7 @@ def test_backward_cluster_is_timed_with_its_forward_partner():
     result.clusters.append(Cluster(id="c-rms-bwd", direction="backward", pattern="rms_norm",
                                    pattern_params=dict(TINY)))
     result.run["step_source"] = "module"   # only the partner says there is a backward
-    assert has_backward(result.clusters[0], result)
+    assert result.has_backward(result.clusters[0])
     benches = bench(result, HERE).benchmarks
     assert [(b.cluster_id, b.passes) for b in benches] == [
         ("c-rms", "forward"), ("c-rms", "forward+backward"), ("c-rms-bwd", "forward+backward")]
@@ -167,7 +167,7 @@ def test_judge_never_uses_cpu_timings():
     ({"verdict": "launch-bound"}, True), ({"verdict": "not launch-bound"}, False), ({"gpu_busy_pct": 20}, False),
     ("garbage", False)])
 def test_launch_bound_is_read_defensively(value, expected):
-    assert is_launch_bound(AdvisorResult(launch_bound=value)) is expected
+    assert AdvisorResult(launch_bound=value).is_launch_bound() is expected
 
 
 def test_providers_are_checked():

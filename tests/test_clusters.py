@@ -6,6 +6,7 @@ import json
 import pytest
 
 from fusion_advisor.analyzers.clusters import feeds, related, find_clusters
+from fusion_advisor.kernels.lookup import pattern_lookup
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.cost_model.device import load_profile
 from fusion_advisor.kernels import get as get_pattern
@@ -18,7 +19,7 @@ BREAKERS = {"gemm", "attention", "conv", "communication"}
 def _findings(name):
     from conftest import DATA
     trace = Trace.load(DATA / name)
-    return trace, find_clusters(trace, load_profile(gpu_name=trace.device_name))
+    return trace, find_clusters(trace, load_profile(gpu_name=trace.device_name), pattern_lookup())
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_cluster_ids_are_stable_and_cpu_traces_find_the_same_chains(llama, tmp_p
     doc["traceEvents"] = [e for e in doc["traceEvents"] if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset")]
     path = tmp_path / "cpu.json"
     path.write_text(json.dumps(doc))
-    cpu = find_clusters(Trace.load(path), load_profile(target="h100"))
+    cpu = find_clusters(Trace.load(path), load_profile(target="h100"), pattern_lookup())
     by_id = {c.id: c for c in cpu.clusters}
     for pattern, direction in (("rms_norm", "forward"), ("rms_norm", "backward")):
         gpu_c = _one(f.clusters, pattern=pattern, direction=direction)
@@ -190,7 +191,7 @@ def test_a_pattern_that_spans_a_module_boundary_joins_the_pieces(llama, monkeypa
                       params_from_ops=params, fused_bytes=lambda p: {"forward": 123, "backward": 456})
     monkeypatch.setitem(registry._REGISTRY, "add_rms_norm", add_rms)
     trace, _ = llama
-    f = find_clusters(trace, load_profile(gpu_name=trace.device_name))
+    f = find_clusters(trace, load_profile(gpu_name=trace.device_name), pattern_lookup())
     joined = _one(f.clusters, pattern="add_rms_norm", direction="forward")
     assert [op["name"] for op in joined.ops] == ["aten::add"] + RMSNORM_FWD_LEAF_OPS
     assert joined.occurrences_per_step == 8 and joined.pattern_params["residual"] is True

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from codegen_chains import random_chain
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.kernels.codegen.graph import eager_args
 from fusion_advisor.kernels.codegen import (Unsupported, build_graph, build_pattern, generated, pattern_source,
                                             split_supported)

@@ -12,9 +12,9 @@ import torch
 from fusion_advisor import apply as apply_mod
 from fusion_advisor.kernels.codegen import Unsupported, build_graph, build_pattern, generated, split_supported
 from fusion_advisor.kernels.codegen.candidate import candidate_for
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 from fusion_advisor.kernels.tolerances import tolerance
-from fusion_advisor.result import AdvisorResult, Cluster, Estimate, Recommendation
+from fusion_advisor.core.result import AdvisorResult, Cluster, Estimate, Recommendation
 from codegen_chains import random_chain
 from test_codegen import check_chain
 

@@ -10,7 +10,7 @@ import torch
 
 from fusion_advisor.kernels.codegen import build_pattern, generated
 from fusion_advisor.kernels.codegen.runtime import MAX_GRID_Y, row_programs
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 
 os.environ.setdefault("FUSION_ADVISOR_CACHE", str(pathlib.Path(tempfile.gettempdir()) / "fusion-advisor-tests"))
 

@@ -17,7 +17,7 @@ from fusion_advisor.kernels.codegen.candidate import candidate_for, pattern_from
 from fusion_advisor.kernels.numerics import compare
 from fusion_advisor.kernels.registry import Inputs, OpRecord
 from fusion_advisor.kernels.tolerances import tolerance
-from fusion_advisor.result import AdvisorResult, Cluster, Estimate, Recommendation
+from fusion_advisor.core.result import AdvisorResult, Cluster, Estimate, Recommendation
 from test_codegen import check_chain
 
 USER_CODE = textwrap.dedent("""\

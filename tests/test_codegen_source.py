@@ -10,7 +10,7 @@ import torch
 from fusion_advisor.kernels.codegen.candidate import candidate_for, pattern_from_params
 from fusion_advisor.kernels.codegen.ops import Unsupported
 from fusion_advisor.kernels.codegen.source_bind import chain_from_source
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 from fusion_advisor.kernels.tolerances import tolerance
 
 EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "conv_pointwise.py"

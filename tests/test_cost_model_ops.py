@@ -6,7 +6,7 @@ import pytest
 
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.cost_model.ops import TensorSpec, op_cost, unknown_reason
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 
 BF16, F32, I64 = "c10::BFloat16", "float", "long int"
 

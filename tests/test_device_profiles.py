@@ -10,7 +10,7 @@ import pytest
 from fusion_advisor.cost_model import device
 from fusion_advisor.cost_model.device import (DeviceProfile, cache_path, datasheet_profiles, load_profile,
                                               match_target)
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 
 
 @pytest.mark.parametrize("torch_name, key", [

@@ -96,7 +96,7 @@ def test_apply_verify_runs_both_jobs_on_every_rank(tmp_path):
     under torchrun, losses of rank 0, the runtime swap counted in the patched job."""
     import shutil
 
-    from fusion_advisor.result import AdvisorResult, Cluster, Recommendation
+    from fusion_advisor.core.result import AdvisorResult, Cluster, Recommendation
     from measured import measured_win
 
     script = tmp_path / "ddp_train.py"

@@ -3,7 +3,7 @@ import torch
 
 from fusion_advisor.kernels import geglu as mod
 from fusion_advisor.kernels import match
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 from kernel_checks import check_against_reference
 from traced_ops import forward_ops, windows
 

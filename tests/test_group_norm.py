@@ -3,7 +3,7 @@ import torch
 
 from fusion_advisor.kernels import group_norm as mod
 from fusion_advisor.kernels import match
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 from kernel_checks import check_against_reference
 
 # Kept to a few thousand elements: the Triton interpreter runs every program in Python.

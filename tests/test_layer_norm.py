@@ -4,7 +4,7 @@ import torch
 from fusion_advisor.analyzers.trace import Trace
 from fusion_advisor.kernels import layer_norm as mod
 from fusion_advisor.kernels import match
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 from kernel_checks import check_against_reference
 from traced_ops import op_records
 

@@ -11,7 +11,7 @@ from fusion_advisor.kernels import match
 from fusion_advisor.kernels.codegen.candidate import candidate_for
 from fusion_advisor.kernels.numerics import compare, tensor_outputs
 from fusion_advisor.kernels.registry import Inputs, OpRecord
-from fusion_advisor.result import AdvisorResult, Cluster, Estimate
+from fusion_advisor.core.result import AdvisorResult, Cluster, Estimate
 
 BF, F32 = "c10::BFloat16", "float"
 SHAPE = (4, 6, 48)

@@ -7,7 +7,7 @@ import torch
 
 import fusion_advisor
 from fusion_advisor.kernels.rms_norm import RMSNorm
-from fusion_advisor.result import AdvisorResult, Cluster, Recommendation
+from fusion_advisor.core.result import AdvisorResult, Cluster, Recommendation
 from measured import measured_win
 
 ROOT = Path(__file__).resolve().parent.parent

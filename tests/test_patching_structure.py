@@ -14,7 +14,7 @@ from fusion_advisor.kernels.layer_norm import LayerNorm as FusedLayerNorm
 from fusion_advisor.kernels.rms_norm import RMSNorm as FusedRMSNorm
 from fusion_advisor.kernels.tolerances import tolerance
 from fusion_advisor.module_forms import PointwiseChainModule
-from fusion_advisor.result import AdvisorResult, Cluster, Recommendation
+from fusion_advisor.core.result import AdvisorResult, Cluster, Recommendation
 from measured import measured_win
 
 ALL = ["rms_norm", "layer_norm", "pointwise_chain"]

@@ -4,10 +4,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from fusion_advisor.apply import describe_patches
 from fusion_advisor.cli import app
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.recommend import DEFAULT_GPU_HOURLY_COST, RoiOptions, recommend, roi
-from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming
+from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming
 
 FB = "forward+backward"
 
@@ -49,6 +50,7 @@ def result():
 
 def test_measured_first_by_saving_then_estimates(result):
     recs = recommend(result, RoiOptions()).recommendations
+    describe_patches(result)   # apply's part: what each change is
     assert [(r.rank, r.cluster_id, r.confidence) for r in recs] == [
         (1, "A", "measured"), (2, "B", "measured"), (3, "C", "estimate")]
     a, b, c = recs

@@ -16,7 +16,7 @@ from fusion_advisor.bench import judge
 from fusion_advisor.compile_reference import fastest
 from fusion_advisor.patching import recommended_patterns
 from fusion_advisor.recommend import recommend
-from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, ProviderTiming
+from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, ProviderTiming
 
 
 class RMSNorm(nn.Module):

@@ -141,7 +141,7 @@ def test_a_mostly_corrupt_trace_is_bad_input(tmp_path):
 
 
 def test_json_output_never_holds_bare_nan():
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
     result = AdvisorResult(summary={"gpu_busy": float("nan"), "x": [float("inf"), 1.5]})
     data = strict_json(result.to_json())
     assert data["summary"] == {"gpu_busy": None, "x": [None, 1.5]}
@@ -237,7 +237,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _rec(rank, cluster_id, pattern):
-    from fusion_advisor.result import Recommendation
+    from fusion_advisor.core.result import Recommendation
     return Recommendation(rank=rank, cluster_id=cluster_id, pattern=pattern, title=f"{pattern} as one kernel",
                           measured_saving_us_per_step=100.0 / rank, estimate_saving_us_per_step=120.0,
                           confidence="measured")
@@ -248,7 +248,7 @@ def project(tmp_path, monkeypatch):
     """llama_train.py with three recommendations: a class swap (rms_norm), an expression rewrite
     in LlamaMLP.forward (swiglu, def line 84) and one whose output matches its own template
     (cross_entropy: `cross_entropy(...)` is what `F.cross_entropy` also matches)."""
-    from fusion_advisor.result import AdvisorResult, Cluster
+    from fusion_advisor.core.result import AdvisorResult, Cluster
     script = tmp_path / "llama_train.py"
     script.write_text((ROOT / "examples" / "llama_train.py").read_text())
     clusters = [Cluster(id="c1", direction="forward", pattern="rms_norm", source="llama_train.py:22",
@@ -302,7 +302,7 @@ def test_a_second_write_changes_nothing_and_revert_still_restores(project):
 
 def test_rewrite_tied_to_a_line_is_found_by_content_after_an_edit(project):
     from fusion_advisor import apply as apply_mod
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
     root, script, result = project
     script.write_text("# three lines added\n# above everything\n# since the profile\n" + script.read_text())
     plan = apply_mod.plan(AdvisorResult.load(result))
@@ -313,7 +313,7 @@ def test_rewrite_tied_to_a_line_is_found_by_content_after_an_edit(project):
 
 def test_stale_rewrite_with_two_candidates_is_refused_with_a_note(project):
     from fusion_advisor import apply as apply_mod
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.result import AdvisorResult
     root, script, result = project
     text = script.read_text().replace(
         "class LlamaDecoderLayer(nn.Module):",
@@ -352,8 +352,8 @@ def test_write_cleans_what_a_killed_write_left(project):
 
 def test_write_takes_a_lock(project):
     from fusion_advisor import apply as apply_mod
-    from fusion_advisor.errors import OutputError
-    from fusion_advisor.result import AdvisorResult
+    from fusion_advisor.core.errors import OutputError
+    from fusion_advisor.core.result import AdvisorResult
     root, script, result = project
     before = script.read_text()
     plan = apply_mod.plan(AdvisorResult.load(result))
@@ -537,7 +537,7 @@ def test_control_sequences_in_a_result_are_stripped_before_the_terminal(tmp_path
 # -- 13. the atomic writer: folder fsynced, umask untouched; schema_version checked ---------------
 
 def test_atomic_writer_fsyncs_the_folder_and_leaves_the_umask(tmp_path, monkeypatch):
-    from fusion_advisor import files
+    from fusion_advisor.core import files
     synced = []
     real_fsync = os.fsync
 
@@ -557,7 +557,7 @@ def test_atomic_writer_fsyncs_the_folder_and_leaves_the_umask(tmp_path, monkeypa
 
 
 def test_new_files_get_what_open_would_give(tmp_path):
-    from fusion_advisor import files
+    from fusion_advisor.core import files
     files.write_text_atomic(tmp_path / "a.txt", "x")
     (tmp_path / "b.txt").write_text("x")
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == stat.S_IMODE((tmp_path / "b.txt").stat().st_mode)

@@ -19,9 +19,8 @@ from fusion_advisor.cli import app
 from fusion_advisor.report import charts, default_html_path, load_result, write_html
 from fusion_advisor.report.facts import report_facts, waterfall
 from fusion_advisor.report.html_report import render as render_html
-from fusion_advisor.report.json_report import render as render_json
 from fusion_advisor.report.terminal import render as render_terminal
-from fusion_advisor.result import AdvisorResult, Benchmark
+from fusion_advisor.core.result import AdvisorResult, Benchmark
 
 HOSTILE = '<img src=x onerror="document.body.setAttribute(\'data-pwned\',\'1\')"></script><script>alert(1)</script>&amp;{{css}}'
 
@@ -164,8 +163,8 @@ def test_terminal_keeps_markup_as_text(hostile):
     assert "[bold]" not in text and "<script>alert(1)</script>" in text
 
 
-def test_json_renderer_round_trips(sample):
-    assert AdvisorResult.from_dict(json.loads(render_json(sample))).to_dict() == sample.to_dict()
+def test_json_report_round_trips(sample):
+    assert AdvisorResult.from_dict(json.loads(sample.to_json())).to_dict() == sample.to_dict()
 
 
 # -- charts and facts ------------------------------------------------------------------------

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fusion_advisor.kernels import rms_norm as mod
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 from kernel_checks import check_against_reference
 
 SHAPES = [[6, 42, 431], [3, 256], [1, 1, 8], [5, 1000]]

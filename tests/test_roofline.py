@@ -7,7 +7,7 @@ from fusion_advisor.cost_model.ops import OpCost, op_cost
 from fusion_advisor.cost_model.roofline import (achieved_bandwidth, cluster_estimate, external_bytes,
                                                 is_memory_bound, kernel_time_us, memory_time_us, roofline_point)
 from fusion_advisor.kernels import get
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 
 BF16, F32 = "c10::BFloat16", "float"
 H200 = datasheet_profiles()["h200"]

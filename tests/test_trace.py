@@ -6,7 +6,7 @@ import pytest
 
 from fusion_advisor.analyzers.summary import short_kernel_name, summarize
 from fusion_advisor.analyzers.trace import Trace
-from fusion_advisor.errors import TraceError
+from fusion_advisor.core.errors import TraceError
 
 LLAMA = "llama-bf16-h200.json.gz"
 RMSNORM_FWD_OPS = ["aten::to", "aten::pow", "aten::mean", "aten::add", "aten::rsqrt", "aten::mul", "aten::to", "aten::mul"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fusion_advisor import apply as apply_mod
-from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Recommendation
+from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, Recommendation
 from measured import measured_win
 
 MODEL = textwrap.dedent('''\

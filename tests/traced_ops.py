@@ -5,7 +5,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from fusion_advisor.analyzers.trace import Trace
-from fusion_advisor.kernels.registry import OpRecord
+from fusion_advisor.core.records import OpRecord
 
 DATA = Path(__file__).parent / "data"
 

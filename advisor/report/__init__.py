@@ -1,26 +1,22 @@
-"""Renderers of an AdvisorResult, sharing one base (`render(result) -> str`): terminal (rich),
-JSON and a self-contained HTML page. They read the AdvisorResult and nothing else."""
+"""Renderers of an AdvisorResult, sharing one base (`render(result) -> str`): terminal (rich) and a
+self-contained HTML page. They read the AdvisorResult and nothing else; the JSON report is the
+AdvisorResult itself (`result.to_json()`)."""
 from __future__ import annotations
 
 import contextlib
 import os
 
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.report.base import Renderer
-from fusion_advisor.report.facts import check_shape
 from fusion_advisor.report.html_report import HTMLRenderer, default_html_path, write_html
-from fusion_advisor.report.json_report import JSONRenderer
 from fusion_advisor.report.terminal import TerminalRenderer
-from fusion_advisor.result import AdvisorResult
-
-RENDERERS: dict[str, type[Renderer]] = {r.name: r for r in (TerminalRenderer, JSONRenderer, HTMLRenderer)}
+from fusion_advisor.core.result import AdvisorResult
 
 
 def load_result(path: str | os.PathLike) -> AdvisorResult:
-    """A saved AdvisorResult, checked enough to render: AdvisorError (exit 2) with one line if not."""
-    result = AdvisorResult.load(path)
-    check_shape(result, source=str(path))
-    return result
+    """A saved AdvisorResult, checked enough to render by its loader (the typed converter):
+    AdvisorError (exit 2) with one line if not."""
+    return AdvisorResult.load(path)
 
 
 @contextlib.contextmanager
@@ -34,5 +30,5 @@ def malformed_result_errors(source: str):
         raise AdvisorError(f"{source}: not a well-formed AdvisorResult ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["RENDERERS", "HTMLRenderer", "JSONRenderer", "Renderer", "TerminalRenderer", "default_html_path",
+__all__ = ["HTMLRenderer", "Renderer", "TerminalRenderer", "default_html_path",
            "load_result", "malformed_result_errors", "write_html"]

@@ -6,7 +6,7 @@ import math
 from abc import ABC, abstractmethod
 from numbers import Real
 
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.result import AdvisorResult
 
 
 class Renderer(ABC):

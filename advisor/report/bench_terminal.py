@@ -7,7 +7,7 @@ from rich.table import Table
 from fusion_advisor.report.base import fmt_us as _us
 from fusion_advisor.report.facts import assumptions_text, report_facts
 from fusion_advisor.report.terminal import render_ranked
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.result import AdvisorResult
 
 
 def render_benchmarks(result: AdvisorResult, console: Console) -> None:

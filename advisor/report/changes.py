@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion_advisor.cluster_names import module_leaf, short_source
-from fusion_advisor.result import AdvisorResult, Recommendation
+from fusion_advisor.core.result import AdvisorResult, Recommendation
 
 RESULT_PLACEHOLDER = "fusion-report/result.json"
 
@@ -99,7 +99,7 @@ def _change(result: AdvisorResult, rec: Recommendation, result_path: str | None)
         return Change(rec.rank, "`apply` does not do this: it is a change to how the step runs, made by hand.", False,
                       by_hand=str(patch.get("description") or ""))
     from fusion_advisor import apply as apply_mod
-    from fusion_advisor.errors import AdvisorError
+    from fusion_advisor.core.errors import AdvisorError
 
     one = dataclasses.replace(result, recommendations=[rec])
     try:
@@ -154,8 +154,8 @@ def _strip_title(note: str, rec: Recommendation) -> str:
 
 
 def _runtime_lines(name: str, result: AdvisorResult, rec: Recommendation) -> list[str]:
+    from fusion_advisor.apply import qualified
     from fusion_advisor.kernels import get
-    from fusion_advisor.recommend import _qualified
 
     try:
         pattern = get(name)
@@ -166,10 +166,10 @@ def _runtime_lines(name: str, result: AdvisorResult, rec: Recommendation) -> lis
     if pattern.modules and pattern.module_factory is not None:
         modules = [leaf] if leaf in pattern.modules else list(pattern.modules)
         for m in modules:
-            lines.append(f"every {m} of the model -> {_qualified(pattern.module_factory)} (same parameters)")
+            lines.append(f"every {m} of the model -> {qualified(pattern.module_factory)} (same parameters)")
     for fp in pattern.function_patches:
         where = ("the modeling module's global" if fp.where == "module_global" else "the model instance's")
-        lines.append(f"{where} {fp.name} -> the fused {pattern.name} ({_qualified(pattern.fused)})")
+        lines.append(f"{where} {fp.name} -> the fused {pattern.name} ({qualified(pattern.fused)})")
     return lines or [f"{pattern.name}: no runtime form (needs a source edit)"]
 
 
@@ -179,9 +179,8 @@ def _module_leaf(result: AdvisorResult, rec: Recommendation) -> str | None:
 
 
 def _best_provider(result: AdvisorResult, rec: Recommendation) -> str | None:
-    from fusion_advisor.recommend import primary_benchmark
     cluster = next((c for c in result.clusters if c.id == rec.cluster_id), None)
-    bench = primary_benchmark(cluster, result) if cluster is not None else None
+    bench = result.primary_benchmark(cluster) if cluster is not None else None
     return bench.best_provider if bench is not None else None
 
 

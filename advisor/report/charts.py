@@ -12,7 +12,7 @@ import math
 from fusion_advisor.cluster_names import where_label
 from fusion_advisor.report.base import fmt_us, is_number
 from fusion_advisor.report.facts import ReportFacts, waterfall
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.result import AdvisorResult
 
 MEASURED = "#2f6f4f"      # measured figures: solid green
 ESTIMATE = "#9a7b2f"      # estimates: ochre, hatched

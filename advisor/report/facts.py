@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fusion_advisor.errors import AdvisorError
 from fusion_advisor.report.base import is_number
-from fusion_advisor.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming, Recommendation
+from fusion_advisor.core.result import (AdvisorResult, Benchmark, Cluster, ProviderTiming, Recommendation,
+                                        is_generated)
 
 
 @dataclass
@@ -101,41 +101,6 @@ class ReportFacts:
     clusters: list[Cluster] = field(default_factory=list)
     gpu_run: bool = True                     # the run had a GPU: step time, % of the step and $ mean something
     target_gpu: str = ""                     # the device profile the estimates are for
-
-
-def check_shape(result: AdvisorResult, source: str = "result") -> None:
-    """A one-line AdvisorError when the result's containers are not what the schema says (a
-    hand-edited or foreign JSON); the renderers then only meet missing or odd scalars."""
-    for name, optional in (("run", False), ("summary", False), ("launch_bound", True), ("device_profile", True)):
-        value = getattr(result, name)
-        if not isinstance(value, dict) and not (optional and value is None):
-            raise AdvisorError(f"{source}: '{name}' should be an object, not {type(value).__name__}")
-    expect = {"kernel_classes": dict, "kernels": dict, "timeline": dict, "clusters": Cluster,
-              "benchmarks": Benchmark, "recommendations": Recommendation, "notes": str}
-    for name, kind in expect.items():
-        value = getattr(result, name)
-        if not isinstance(value, list):
-            raise AdvisorError(f"{source}: '{name}' should be a list, not {type(value).__name__}")
-        bad = next((i for i, v in enumerate(value) if not isinstance(v, kind)), None)
-        if bad is not None:
-            raise AdvisorError(f"{source}: '{name}[{bad}]' is not a {kind.__name__}")
-    for i, b in enumerate(result.benchmarks):
-        if not isinstance(b.measured, dict) or not all(isinstance(t, ProviderTiming) for t in b.measured.values()):
-            raise AdvisorError(f"{source}: 'benchmarks[{i}].measured' should map providers to timings")
-    for i, c in enumerate(result.clusters):
-        if not isinstance(c.estimate, Estimate):
-            raise AdvisorError(f"{source}: 'clusters[{i}].estimate' is not an object")
-        if not all(isinstance(getattr(c, f), list) for f in ("ops", "kernels", "dtypes")):
-            raise AdvisorError(f"{source}: 'clusters[{i}]' ops, kernels and dtypes should be lists")
-    for i, r in enumerate(result.recommendations):
-        if not isinstance(r.roi, dict) or not isinstance(r.patch, dict):
-            raise AdvisorError(f"{source}: 'recommendations[{i}]' roi and patch should be objects")
-    ids = [("clusters", c.id) for c in result.clusters] + [("benchmarks", b.cluster_id) for b in result.benchmarks] + \
-          [("recommendations", r.cluster_id) for r in result.recommendations] + \
-          [("timeline", t.get("cluster_id") or "") for t in result.timeline]
-    bad = next((name for name, v in ids if not isinstance(v, str)), None)
-    if bad is not None:
-        raise AdvisorError(f"{source}: a cluster id in '{bad}' is not a string")
 
 
 _ROOF_NAMES = {"fp32": "fp32", "tf32_tc": "tf32 tensor-core", "bf16_tc": "bf16 tensor-core",
@@ -244,7 +209,7 @@ def waterfall(facts: ReportFacts) -> list[dict]:
             continue
         after = max(now - saving, 0.0)
         pattern = row.rec.pattern or "step"
-        steps.append({"label": f"#{row.rec.rank} {'generated' if pattern.startswith('generic:') else pattern}",
+        steps.append({"label": f"#{row.rec.rank} {'generated' if is_generated(pattern) else pattern}",
                       "title": row.rec.title,
                       "before_us": now, "after_us": after, "saving_us": now - after, "basis": row.basis})
         now = after

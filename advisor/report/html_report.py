@@ -24,10 +24,10 @@ from fusion_advisor.report import charts
 from fusion_advisor.report.ranks import job_facts
 from fusion_advisor.report.base import Renderer, fmt_bytes, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
 from fusion_advisor.report.changes import Change, next_steps, recommendation_changes
-from fusion_advisor.report.facts import (BenchRow, RankedRow, ReportFacts, assumptions_text, check_shape,
+from fusion_advisor.report.facts import (BenchRow, RankedRow, ReportFacts, assumptions_text,
                                          launch_bound_headline, report_facts, sentence)
-from fusion_advisor.files import write_text_atomic
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.files import write_text_atomic
+from fusion_advisor.core.result import AdvisorResult
 
 
 # -- a small element builder: text is escaped unless it is Markup (MarkupSafe) -----------------
@@ -73,7 +73,6 @@ class HTMLRenderer(Renderer):
         self.result_path = result_path   # named in the `apply` commands the page ends with
 
     def render(self, result: AdvisorResult) -> str:
-        check_shape(result)
         facts = report_facts(result)
         changes = recommendation_changes(result, self.result_path)
         figures, captions = {}, {}

@@ -22,7 +22,7 @@ from fusion_advisor.cluster_names import short_source
 from fusion_advisor.report.ranks import job_facts
 from fusion_advisor.report.base import Renderer, fmt_num, fmt_pct, fmt_usd, fmt_us, is_number
 from fusion_advisor.report.facts import ReportFacts, report_facts
-from fusion_advisor.result import AdvisorResult
+from fusion_advisor.core.result import AdvisorResult
 
 _us = fmt_us
 
@@ -419,5 +419,5 @@ class TerminalRenderer(Renderer):
 
 def render(result: AdvisorResult, width: int = 120, detail: bool = False, diff: bool = False,
            result_path: str | None = None) -> str:
-    """The terminal report as text (the same renderer base as the HTML and JSON renderers)."""
+    """The terminal report as text (the same renderer base as the HTML renderer)."""
     return TerminalRenderer(width, detail, diff, result_path).render(result)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from fusion_advisor.errors import AdvisorError
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.kernels.registry import dtype_from_trace
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -4,24 +4,44 @@ profile/analyze write it, bench and recommend add to it, report and apply read i
 figure says in its name whether it is an estimate (`estimate_*`, `*_estimate_us`) or a measurement
 (`measured_*`); the two never share a field.
 
-Bump SCHEMA_VERSION when a field changes meaning or is removed; adding a field with a default
-is compatible (readers ignore unknown keys and default missing ones).
+Bump SCHEMA_VERSION when a field changes meaning or is removed, with an entry in CHANGELOG.md;
+adding a field with a default is compatible (readers ignore unknown keys and default missing ones).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fusion_advisor.errors import AdvisorError
-from fusion_advisor.files import write_text_atomic
+from fusion_advisor.core.errors import AdvisorError
+from fusion_advisor.core.files import write_text_atomic
 
 SCHEMA_VERSION = 1
+
+FORWARD, FORWARD_BACKWARD = "forward", "forward+backward"    # Benchmark.passes
+
+# The string enums. Read back as any string (a newer fusion-advisor may add a value without a
+# schema bump); the names say what each field holds.
+Direction = Literal["forward", "backward"]
+Passes = Literal["forward", "forward+backward"]
+Verdict = Literal["recommended", "rejected", "not run"]
+TimingKind = Literal["gpu", "cpu-interpreter", "none"]     # "cpu-interpreter" is never used to recommend
+Confidence = Literal["measured", "estimate"]
+RecommendationKind = Literal["fused_kernel", "torch_compile", "liger", "cuda_graphs", "memory"]
+GENERATED_PREFIX = "generic:"   # a generated kernel's pattern name: "generic:<hash>"
+
+
+def is_generated(pattern: str | None) -> bool:
+    """A generated kernel's pattern name ("generic:<hash>"), not a registered pattern's."""
+    return bool(pattern) and pattern.startswith(GENERATED_PREFIX)
 
 
 @dataclass
@@ -46,7 +66,7 @@ class Cluster:
     merged across steps and repeated layers."""
 
     id: str                                   # stable: same chain, same id, across runs
-    direction: str                            # "forward" | "backward"
+    direction: Direction
     pattern: str | None = None                # FusionPattern name: registered, or "generic:<hash>" for a
                                               # generated kernel (pattern_params["chain"] rebuilds it);
                                               # None: no kernel for it
@@ -83,19 +103,26 @@ class ProviderTiming:
     host_us: float | None = None
     activation_bytes: int | None = None
 
+    def call_cost_us(self, launch_bound: bool = False) -> float:
+        """What one call costs in the step: its GPU time (p50); in a launch-bound step, where the GPU
+        waits for the host, the larger of that and the host time to issue the call."""
+        if launch_bound and self.host_us is not None:
+            return max(self.p50_us, self.host_us)
+        return self.p50_us
+
 
 @dataclass
 class Benchmark:
     cluster_id: str
     pattern: str
     params: dict
-    passes: str                                # "forward" | "forward+backward"
+    passes: Passes
     measured: dict[str, ProviderTiming] = field(default_factory=dict)  # eager, triton, compile, liger
     numerics_ok: bool | None = None
     numerics_detail: str = ""
-    verdict: str = "not run"                   # "recommended" | "rejected" | "not run"
+    verdict: Verdict = "not run"
     reason: str = ""
-    timing: str = "none"                       # "gpu" | "cpu-interpreter" (never used to recommend) | "none"
+    timing: TimingKind = "none"
     device: str = ""                           # where it was timed, e.g. "NVIDIA H200"
     numerics_by_provider: dict[str, str] = field(default_factory=dict)  # provider -> "ok" | failure
     best_provider: str | None = None           # fastest provider that passed numerics and beat eager
@@ -109,11 +136,11 @@ class Recommendation:
     title: str
     measured_saving_us_per_step: float | None     # None when bench could not run (no GPU)
     estimate_saving_us_per_step: float | None
-    confidence: str                              # "measured" | "estimate"
+    confidence: Confidence
     memory_saved_bytes: int | None = None
     patch: dict = field(default_factory=dict)    # {"kind": "module_swap", "modules": [...], "diff": "..."}
     roi: dict = field(default_factory=dict)      # gpu_hours_per_day, usd_per_day, usd_per_month, assumptions
-    kind: str = "fused_kernel"                   # "fused_kernel" | "torch_compile" | "liger" | "cuda_graphs" | "memory"
+    kind: RecommendationKind = "fused_kernel"
     detail: str = ""                             # one line: the figures behind it
 
 
@@ -145,6 +172,59 @@ class AdvisorResult:
     # A torchrun job (advisor/distributed.py): world_size, ranks [{rank, trace, step_time_s,
     # communication {comm_us_per_step, exposed_us_per_step, ...}}], slowest_rank, skew_pct
     distributed: dict | None = None
+
+    # -- queries -------------------------------------------------------------------------------
+    def is_launch_bound(self) -> bool:
+        """What the launch-bound analyzer concluded, read defensively: a bool, or a dict with a
+        `launch_bound` / `is_launch_bound` flag or a `verdict` of "launch-bound"."""
+        lb = self.launch_bound
+        if isinstance(lb, bool):
+            return lb
+        if not isinstance(lb, dict):
+            return False
+        for key in ("launch_bound", "is_launch_bound"):
+            if isinstance(lb.get(key), bool):
+                return lb[key]
+        verdict = lb.get("verdict")
+        return isinstance(verdict, str) and verdict.strip().lower().replace("_", "-") == "launch-bound"
+
+    def backward_partners(self, cluster: Cluster) -> list[Cluster]:
+        """The backward clusters of this forward cluster's pattern and shapes (a generated kernel's
+        one backward can replace several)."""
+        return [other for other in self.clusters
+                if other.direction == "backward" and other.pattern == cluster.pattern
+                and params_key(other.pattern_params) == params_key(cluster.pattern_params)]
+
+    def backward_partner(self, cluster: Cluster) -> Cluster | None:
+        partners = self.backward_partners(cluster)
+        return partners[0] if partners else None
+
+    def forward_partner(self, cluster: Cluster) -> Cluster | None:
+        for other in self.clusters:
+            if (other.direction == "forward" and other.pattern == cluster.pattern
+                    and params_key(other.pattern_params) == params_key(cluster.pattern_params)):
+                return other
+        return None
+
+    def has_backward(self, cluster: Cluster) -> bool:
+        """Does this forward cluster run backward in the step? Its pattern_params may say so
+        (`requires_grad`); else a backward cluster of the same pattern and shapes, or a training
+        run (the step was an optimizer step), says yes."""
+        explicit = cluster.pattern_params.get("requires_grad")
+        if isinstance(explicit, bool):
+            return explicit
+        if self.backward_partner(cluster) is not None:
+            return True
+        return self.run.get("step_source") == "optimizer"
+
+    def primary_benchmark(self, cluster: Cluster) -> Benchmark | None:
+        """The cluster's benchmark that counts: forward+backward when it was timed so, else forward."""
+        mine = [b for b in self.benchmarks if b.cluster_id == cluster.id]
+        for passes in (FORWARD_BACKWARD, FORWARD):
+            for b in mine:
+                if b.passes == passes:
+                    return b
+        return None
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -186,6 +266,13 @@ class AdvisorResult:
         return str(path)
 
 
+def params_key(params: dict) -> str:
+    """Pattern params as a key that ignores `requires_grad`: the same shapes forward and backward."""
+    shape_only = {k: v for k, v in params.items() if k != "requires_grad"}
+    return json.dumps(shape_only, sort_keys=True, default=str)
+
+
+
 def dumps_strict(obj: Any, indent: int | None = 2) -> str:
     """JSON that every parser reads: NaN and infinities become null (json.dumps would write bare
     NaN / Infinity, which is not JSON); numpy values become Python ones."""
@@ -212,33 +299,53 @@ def _json_default(obj: Any):
     return str(obj)
 
 
-def _build(cls, data: dict):
-    """Dataclass from dict: nested dataclasses rebuilt, unknown keys ignored."""
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    missing = [n for n, f in hints.items() if n not in data and f.default is dataclasses.MISSING
+def _build(cls, data: dict, where: str = ""):
+    """Dataclass from dict, by its type hints: nested dataclasses rebuilt, containers checked
+    (a hand-edited or foreign JSON fails here, in one line, not in a renderer), unknown keys
+    ignored, scalars kept as they are (the renderers check numbers where they use them)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise AdvisorError(f"not an AdvisorResult: a {cls.__name__} lacks {', '.join(missing)}")
-    kwargs = {}
-    for name, f in hints.items():
-        if name not in data:
-            continue
-        value = data[name]
-        kwargs[name] = _convert(f.type, value)
-    return cls(**kwargs)
+    hints = _hints(cls)
+    return cls(**{name: _from_json(hints[name], data[name], f"{where}.{name}" if where else name)
+                  for name in fields if name in data})
 
 
-_NESTED = {"Estimate": Estimate, "Cluster": Cluster, "Benchmark": Benchmark,
-           "Recommendation": Recommendation, "ProviderTiming": ProviderTiming}
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
 
-def _convert(type_str, value):
-    t = str(type_str)
-    for name, klass in _NESTED.items():
-        if t == name and isinstance(value, dict):
-            return _build(klass, value)
-        if t == f"list[{name}]" and isinstance(value, list):
-            return [_build(klass, v) if isinstance(v, dict) else v for v in value]
-        if t == f"dict[str, {name}]" and isinstance(value, dict):
-            return {k: _build(klass, v) if isinstance(v, dict) else v for k, v in value.items()}
+# What a field is called in a message, where its name alone does not say.
+_LABELS = {"id": "cluster id", "cluster_id": "cluster id"}
+
+
+def _from_json(tp, value, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            article = "an" if tp.__name__[0] in "AEIOU" else "a"
+            raise AdvisorError(f"not an AdvisorResult: '{where}' is not {article} {tp.__name__}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _from_json(inner[0], value, where) if len(inner) == 1 else value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise AdvisorError(f"not an AdvisorResult: '{where}' should be a list, not {type(value).__name__}")
+        return [_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise AdvisorError(f"not an AdvisorResult: '{where}' should be an object, not {type(value).__name__}")
+        return {k: _from_json(args[1], v, f"{where}.{k}") for k, v in value.items()} if args else value
+    if tp is str or origin is Literal:
+        if not isinstance(value, str):
+            name = where.rsplit(".", 1)[-1]
+            what = (f"a {_LABELS[name]} in '{where.split('[', 1)[0]}'" if name in _LABELS else f"'{where}'")
+            raise AdvisorError(f"not an AdvisorResult: {what} is not a string")
+        return value
     return value

@@ -17,7 +17,7 @@ import re
 import secrets
 from pathlib import Path
 
-from fusion_advisor.errors import OutputError
+from fusion_advisor.core.errors import OutputError
 
 
 @contextlib.contextmanager
