@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from fusion_advisor.kernels import autocast
 from fusion_advisor.kernels import layer_norm as ln
 from fusion_advisor.kernels import norm_core
-from fusion_advisor.kernels.common import check_device, check_dtype, eager_or_op
+from fusion_advisor.kernels.common import check_device, check_dtype
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_name, register, with_residual_add
 
 
@@ -70,37 +71,17 @@ def add_layer_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torc
     return (ds.view(s.shape), *ln.param_grads(dw, db, weight, bias, mean))
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::add_layer_norm_fwd", mutates_args=())
-def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, normalized_shape: list[int],
-                           weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return add_layer_norm_fwd(x, residual, normalized_shape, weight, bias, eps)
-
-
-@_add_layer_norm_fwd_op.register_fake
-def _(x, residual, normalized_shape, weight, bias, eps):
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+def _forward_fake(x, residual, normalized_shape, weight, bias, eps):
     rows = x.numel() // max(1, math.prod(normalized_shape))
     s = x.new_empty(x.shape, dtype=_sum_dtype(x, residual))
     return s.new_empty(x.shape), s, x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
 
 
-@torch.library.custom_op("fusion_advisor::add_layer_norm_bwd", mutates_args=())
-def _add_layer_norm_bwd_op(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.Tensor,
-                           normalized_shape: list[int], weight: Optional[torch.Tensor],
-                           bias: Optional[torch.Tensor], mean: torch.Tensor,
-                           rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return add_layer_norm_bwd(dy, ds_out, s, normalized_shape, weight, bias, mean, rstd)
-
-
-@_add_layer_norm_bwd_op.register_fake
-def _(dy, ds_out, s, normalized_shape, weight, bias, mean, rstd):
-    return s.new_empty(s.shape), *ln.fake_param_grads(mean, weight, bias)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(add_layer_norm_fwd, torch.ops.fusion_advisor.add_layer_norm_fwd)
-_backward = eager_or_op(add_layer_norm_bwd, torch.ops.fusion_advisor.add_layer_norm_bwd)
+_forward = fused_op("fusion_advisor::add_layer_norm_fwd", fake=_forward_fake)(add_layer_norm_fwd)
+_backward = fused_op("fusion_advisor::add_layer_norm_bwd", fake=lambda dy, ds_out, s, normalized_shape, weight, bias,
+                     mean, rstd: (s.new_empty(s.shape), *ln.fake_param_grads(mean, weight, bias)))(add_layer_norm_bwd)
 
 
 class AddLayerNormFunction(torch.autograd.Function):

@@ -28,7 +28,8 @@ import torch
 
 from fusion_advisor.kernels import norm_core
 from fusion_advisor.kernels import rms_norm as rms
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, eager_or_op
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, register, with_residual_add
 
 
@@ -63,35 +64,17 @@ def add_rms_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.
     return ds.view(s.shape), dw
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::add_rms_norm_fwd", mutates_args=())
-def _add_rms_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return add_rms_norm_fwd(x, residual, weight, eps)
-
-
-@_add_rms_norm_fwd_op.register_fake
-def _(x, residual, weight, eps):
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+def _forward_fake(x, residual, weight, eps):
     rows = x.numel() // x.shape[-1] if x.dim() else 1
     s_dtype = _sum_dtype(x, residual)
     return (x.new_empty(x.shape, dtype=torch.promote_types(s_dtype, weight.dtype)), x.new_empty(x.shape, dtype=s_dtype),
             x.new_empty((rows,), dtype=torch.float32))
 
 
-@torch.library.custom_op("fusion_advisor::add_rms_norm_bwd", mutates_args=())
-def _add_rms_norm_bwd_op(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
-                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return add_rms_norm_bwd(dy, ds_out, s, weight, rstd)
-
-
-@_add_rms_norm_bwd_op.register_fake
-def _(dy, ds_out, s, weight, rstd):
-    return s.new_empty(s.shape), torch.empty_like(weight)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(add_rms_norm_fwd, torch.ops.fusion_advisor.add_rms_norm_fwd)
-_backward = eager_or_op(add_rms_norm_bwd, torch.ops.fusion_advisor.add_rms_norm_bwd)
+_forward = fused_op("fusion_advisor::add_rms_norm_fwd", fake=_forward_fake)(add_rms_norm_fwd)
+_backward = fused_op("fusion_advisor::add_rms_norm_bwd", like=("s", "weight"))(add_rms_norm_bwd)
 
 
 class AddRMSNormFunction(torch.autograd.Function):

@@ -24,8 +24,9 @@ import triton.language as tl
 from fusion_advisor.kernels import autocast
 from fusion_advisor.kernels.activations import (ACTIVATION_IDS, activation_grad, activation_id, apply_activation,
                                                 torch_activation)
-from fusion_advisor.kernels.common import (as_row_view, cdiv, check_device, check_dtype, eager_or_op, elementwise_tile,
+from fusion_advisor.kernels.common import (as_row_view, cdiv, check_device, check_dtype, elementwise_tile,
                                           interpreting, sm_count)
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
                                              register)
 
@@ -130,30 +131,11 @@ def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, activati
     return dx.view(x.shape), partial.sum(0).to(bias.dtype)
 
 
-@torch.library.custom_op("fusion_advisor::bias_act_fwd", mutates_args=())
-def _bias_act_fwd_op(x: torch.Tensor, bias: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
-    return bias_act_fwd(x, bias, activation, negative_slope)
-
-
-@_bias_act_fwd_op.register_fake
-def _(x, bias, activation, negative_slope):
-    return x.new_empty(x.shape, dtype=_out_dtype(x, bias))
-
-
-@torch.library.custom_op("fusion_advisor::bias_act_bwd", mutates_args=())
-def _bias_act_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, activation: str,
-                     negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return bias_act_bwd(dy, x, bias, activation, negative_slope)
-
-
-@_bias_act_bwd_op.register_fake
-def _(dy, x, bias, activation, negative_slope):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(bias_act_fwd, torch.ops.fusion_advisor.bias_act_fwd)
-_backward = eager_or_op(bias_act_bwd, torch.ops.fusion_advisor.bias_act_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::bias_act_fwd", fake=lambda x, bias, activation, negative_slope: x.new_empty(
+    x.shape, dtype=_out_dtype(x, bias)))(bias_act_fwd)
+_backward = fused_op("fusion_advisor::bias_act_bwd", like=("x", "bias"))(bias_act_bwd)
 
 
 class BiasActFunction(torch.autograd.Function):

@@ -43,13 +43,13 @@ Not yet measured on a GPU: `python benchmarks/cross_entropy_memory.py --check` p
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, interpreting, next_power_of_2
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, interpreting, next_power_of_2
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace,
                                              dtype_name, register)
 
@@ -192,30 +192,8 @@ def cross_entropy_bwd_(grad_logits: torch.Tensor, grad_loss: torch.Tensor) -> No
             n_cols, BLOCK_SIZE=block, num_warps=4)
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True). The
-# gradient buffer is an argument the forward mutates (not an output), so that it can be the logits.
-@torch.library.custom_op("fusion_advisor::cross_entropy_fwd", mutates_args=("grad_logits",))
-def _cross_entropy_fwd_op(logits: torch.Tensor, target: torch.Tensor, grad_logits: Optional[torch.Tensor],
-                          ignore_index: int, label_smoothing: float, reduction: str) -> torch.Tensor:
-    return cross_entropy_fwd(logits, target, grad_logits, ignore_index, label_smoothing, reduction)
-
-
-@_cross_entropy_fwd_op.register_fake
-def _(logits, target, grad_logits, ignore_index, label_smoothing, reduction):
-    shape = (logits.shape[0],) if reduction == "none" else ()
-    return logits.new_empty(shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("fusion_advisor::cross_entropy_bwd", mutates_args=("grad_logits",))
-def _cross_entropy_bwd_op(grad_logits: torch.Tensor, grad_loss: torch.Tensor) -> None:
-    cross_entropy_bwd_(grad_logits, grad_loss)
-
-
-@_cross_entropy_bwd_op.register_fake
-def _(grad_logits, grad_loss):
-    return None
-
-
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
 def _cross_entropy_fwd_eager(logits, target, grad_logits, ignore_index, label_smoothing, reduction):
     loss = cross_entropy_fwd(logits, target, grad_logits, ignore_index, label_smoothing, reduction)
     if grad_logits is not None:  # what the op's declared mutation does: autograd sees the write
@@ -228,9 +206,12 @@ def _cross_entropy_bwd_eager(grad_logits, grad_loss):
     torch.autograd.graph.increment_version(grad_logits)
 
 
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(_cross_entropy_fwd_eager, torch.ops.fusion_advisor.cross_entropy_fwd)
-_backward = eager_or_op(_cross_entropy_bwd_eager, torch.ops.fusion_advisor.cross_entropy_bwd)
+# The gradient buffer is an argument the forward mutates (not an output), so that it can be the logits.
+_forward = fused_op("fusion_advisor::cross_entropy_fwd", mutates_args=("grad_logits",), eager=_cross_entropy_fwd_eager,
+                    fake=lambda logits, target, grad_logits, ignore_index, label_smoothing, reduction: logits.new_empty(
+                        (logits.shape[0],) if reduction == "none" else (), dtype=torch.float32))(cross_entropy_fwd)
+_backward = fused_op("fusion_advisor::cross_entropy_bwd", mutates_args=("grad_logits",), eager=_cross_entropy_bwd_eager,
+                     fake=lambda grad_logits, grad_loss: None)(cross_entropy_bwd_)
 
 
 class CrossEntropyFunction(torch.autograd.Function):

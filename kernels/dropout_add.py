@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 # Four quarters of BLOCK_SIZE share one Philox call; 8192 elements = 4 x 2048 at 8 warps: each
@@ -142,33 +143,15 @@ def dropout_add_bwd_seeded(dy: torch.Tensor, seed: torch.Tensor, p: float, x_dty
     return dropout_add_bwd(dy, p, int(seed.item()), x_dtype)
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True). The
-# forward is tagged as random so that compilers neither merge nor drop two calls on equal inputs.
-@torch.library.custom_op("fusion_advisor::dropout_add_fwd", mutates_args=(),
-                         tags=(torch.Tag.nondeterministic_seeded,))
-def _dropout_add_fwd_op(x: torch.Tensor, residual: torch.Tensor, p: float,
-                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return dropout_add_fwd_seeded(x, residual, p, seed)
-
-
-@_dropout_add_fwd_op.register_fake
-def _(x, residual, p, seed):
-    return x.new_empty(x.shape, dtype=_out_dtype(x, residual)), torch.empty((), dtype=torch.int64, device="cpu")
-
-
-@torch.library.custom_op("fusion_advisor::dropout_add_bwd", mutates_args=())
-def _dropout_add_bwd_op(dy: torch.Tensor, seed: torch.Tensor, p: float, x_dtype: torch.dtype) -> torch.Tensor:
-    return dropout_add_bwd_seeded(dy, seed, p, x_dtype)
-
-
-@_dropout_add_bwd_op.register_fake
-def _(dy, seed, p, x_dtype):
-    return dy.new_empty(dy.shape, dtype=x_dtype)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(dropout_add_fwd_seeded, torch.ops.fusion_advisor.dropout_add_fwd)
-_backward = eager_or_op(dropout_add_bwd_seeded, torch.ops.fusion_advisor.dropout_add_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+# The forward is tagged as random so that compilers neither merge nor drop two calls on equal inputs.
+_forward = fused_op("fusion_advisor::dropout_add_fwd", tags=(torch.Tag.nondeterministic_seeded,),
+                    fake=lambda x, residual, p, seed: (x.new_empty(x.shape, dtype=_out_dtype(x, residual)),
+                                                       torch.empty((), dtype=torch.int64, device="cpu")))(
+    dropout_add_fwd_seeded)
+_backward = fused_op("fusion_advisor::dropout_add_bwd", fake=lambda dy, seed, p, x_dtype: dy.new_empty(
+    dy.shape, dtype=x_dtype))(dropout_add_bwd_seeded)
 
 
 class DropoutAddFunction(torch.autograd.Function):

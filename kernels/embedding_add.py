@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, next_power_of_2
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, next_power_of_2
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -165,32 +166,13 @@ def embedding_add_bwd(dy: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, wt
     return dwte, dwpe
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::embedding_add_fwd", mutates_args=())
-def _embedding_add_fwd_op(idx: torch.Tensor, pos: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
-    return embedding_add_fwd(idx, pos, wte, wpe)
-
-
-@_embedding_add_fwd_op.register_fake
-def _(idx, pos, wte, wpe):
-    return wte.new_empty((*idx.shape, wte.shape[1]), dtype=_out_dtype(wte, wpe))
-
-
-@torch.library.custom_op("fusion_advisor::embedding_add_bwd", mutates_args=())
-def _embedding_add_bwd_op(dy: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, wte_shape: list[int],
-                          wte_dtype: torch.dtype, wpe_shape: list[int],
-                          wpe_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return embedding_add_bwd(dy, idx, pos, wte_shape, wte_dtype, wpe_shape, wpe_dtype)
-
-
-@_embedding_add_bwd_op.register_fake
-def _(dy, idx, pos, wte_shape, wte_dtype, wpe_shape, wpe_dtype):
-    return dy.new_empty(wte_shape, dtype=wte_dtype), dy.new_empty(wpe_shape, dtype=wpe_dtype)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(embedding_add_fwd, torch.ops.fusion_advisor.embedding_add_fwd)
-_backward = eager_or_op(embedding_add_bwd, torch.ops.fusion_advisor.embedding_add_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::embedding_add_fwd", fake=lambda idx, pos, wte, wpe: wte.new_empty(
+    (*idx.shape, wte.shape[1]), dtype=_out_dtype(wte, wpe)))(embedding_add_fwd)
+_backward = fused_op("fusion_advisor::embedding_add_bwd", fake=lambda dy, idx, pos, wte_shape, wte_dtype, wpe_shape,
+                     wpe_dtype: (dy.new_empty(wte_shape, dtype=wte_dtype), dy.new_empty(wpe_shape, dtype=wpe_dtype)))(
+    embedding_add_bwd)
 
 
 class EmbeddingAddFunction(torch.autograd.Function):

@@ -40,8 +40,9 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels import autocast, norm_core
-from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, eager_or_op, next_power_of_2,
+from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, next_power_of_2,
                                           reduction_programs)
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
                                              dtype_name, register)
 
@@ -297,36 +298,21 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: O
     return dx, dw, db
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::group_norm_fwd", mutates_args=())
-def _group_norm_fwd_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return group_norm_fwd(x, num_groups, weight, bias, eps)
-
-
-@_group_norm_fwd_op.register_fake
-def _(x, num_groups, weight, bias, eps):
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+def _forward_fake(x, num_groups, weight, bias, eps):
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
 
 
-@torch.library.custom_op("fusion_advisor::group_norm_bwd", mutates_args=())
-def _group_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], mean: torch.Tensor,
-                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd)
-
-
-@_group_norm_bwd_op.register_fake
-def _(dy, x, num_groups, weight, bias, mean, rstd):
+def _backward_fake(dy, x, num_groups, weight, bias, mean, rstd):
     dw = weight.new_empty(weight.shape) if weight is not None else mean.new_empty(0)
     db = bias.new_empty(bias.shape) if bias is not None else mean.new_empty(0)
     return x.new_empty(x.shape), dw, db
 
 
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(group_norm_fwd, torch.ops.fusion_advisor.group_norm_fwd)
-_backward = eager_or_op(group_norm_bwd, torch.ops.fusion_advisor.group_norm_bwd)
+_forward = fused_op("fusion_advisor::group_norm_fwd", fake=_forward_fake)(group_norm_fwd)
+_backward = fused_op("fusion_advisor::group_norm_bwd", fake=_backward_fake)(group_norm_bwd)
 
 
 class GroupNormFunction(torch.autograd.Function):

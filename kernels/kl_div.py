@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
@@ -136,32 +137,12 @@ def kl_div_bwd(grad_loss: torch.Tensor, target: torch.Tensor, input_dtype: torch
     return grad_input
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::kl_div_fwd", mutates_args=())
-def _kl_div_fwd_op(input: torch.Tensor, target: torch.Tensor, reduction: str, log_target: bool) -> torch.Tensor:
-    return kl_div_fwd(input, target, reduction, log_target)
-
-
-@_kl_div_fwd_op.register_fake
-def _(input, target, reduction, log_target):
-    shape = input.shape if reduction == "none" else ()
-    return input.new_empty(shape, dtype=_out_dtype(input, target))
-
-
-@torch.library.custom_op("fusion_advisor::kl_div_bwd", mutates_args=())
-def _kl_div_bwd_op(grad_loss: torch.Tensor, target: torch.Tensor, input_dtype: torch.dtype, reduction: str,
-                   log_target: bool) -> torch.Tensor:
-    return kl_div_bwd(grad_loss, target, input_dtype, reduction, log_target)
-
-
-@_kl_div_bwd_op.register_fake
-def _(grad_loss, target, input_dtype, reduction, log_target):
-    return target.new_empty(target.shape, dtype=input_dtype)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(kl_div_fwd, torch.ops.fusion_advisor.kl_div_fwd)
-_backward = eager_or_op(kl_div_bwd, torch.ops.fusion_advisor.kl_div_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::kl_div_fwd", fake=lambda input, target, reduction, log_target: input.new_empty(
+    input.shape if reduction == "none" else (), dtype=_out_dtype(input, target)))(kl_div_fwd)
+_backward = fused_op("fusion_advisor::kl_div_bwd", fake=lambda grad_loss, target, input_dtype, reduction, log_target: (
+    target.new_empty(target.shape, dtype=input_dtype)))(kl_div_bwd)
 
 
 class KLDivFunction(torch.autograd.Function):

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from fusion_advisor.kernels import autocast, norm_core
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, eager_or_op
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
                                              dtype_name, register)
 
@@ -91,30 +92,12 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, normalized_shape: Sequence
     return (dx.view(x.shape), *param_grads(dw, db, weight, bias, mean))
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(x: torch.Tensor, normalized_shape: list[int], weight: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_fwd(x, normalized_shape, weight, bias, eps)
-
-
-@_layer_norm_fwd_op.register_fake
-def _(x, normalized_shape, weight, bias, eps):
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+def _forward_fake(x, normalized_shape, weight, bias, eps):
     rows = x.numel() // max(1, math.prod(normalized_shape))
     stats = x.new_empty((rows,), dtype=torch.float32)
     return x.new_empty(x.shape), stats, stats.new_empty((rows,))
-
-
-@torch.library.custom_op("fusion_advisor::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, normalized_shape: list[int],
-                       weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor,
-                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd)
-
-
-@_layer_norm_bwd_op.register_fake
-def _(dy, x, normalized_shape, weight, bias, mean, rstd):
-    return x.new_empty(x.shape), *fake_param_grads(mean, weight, bias)
 
 
 def fake_param_grads(like: torch.Tensor, weight: Optional[torch.Tensor],
@@ -125,10 +108,9 @@ def fake_param_grads(like: torch.Tensor, weight: Optional[torch.Tensor],
     return dw, db
 
 
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(layer_norm_fwd, torch.ops.fusion_advisor.layer_norm_fwd)
-_backward = eager_or_op(layer_norm_bwd, torch.ops.fusion_advisor.layer_norm_bwd)
+_forward = fused_op("fusion_advisor::layer_norm_fwd", fake=_forward_fake)(layer_norm_fwd)
+_backward = fused_op("fusion_advisor::layer_norm_bwd", fake=lambda dy, x, normalized_shape, weight, bias, mean, rstd: (
+    x.new_empty(x.shape), *fake_param_grads(mean, weight, bias)))(layer_norm_bwd)
 
 
 class LayerNormFunction(torch.autograd.Function):

@@ -20,7 +20,8 @@ import math
 import torch
 
 from fusion_advisor.kernels import norm_core
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, eager_or_op
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, register
 
 
@@ -48,34 +49,13 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return dx.view(x.shape), dw
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y, rstd = rms_norm_fwd(x, weight, eps)
-    return y, rstd
-
-
-@_rms_norm_fwd_op.register_fake
-def _(x, weight, eps):
-    rows = x.numel() // x.shape[-1] if x.dim() else 1
-    return x.new_empty(x.shape, dtype=_out_dtype(x, weight)), x.new_empty((rows,), dtype=torch.float32)
-
-
-@torch.library.custom_op("fusion_advisor::rms_norm_bwd", mutates_args=())
-def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                     rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return rms_norm_bwd(dy, x, weight, rstd)
-
-
-@_rms_norm_bwd_op.register_fake
-def _(dy, x, weight, rstd):
-    # dx is allocated contiguous (from the row view), whatever x's strides: say so here too.
-    return x.new_empty(x.shape), torch.empty_like(weight)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(rms_norm_fwd, torch.ops.fusion_advisor.rms_norm_fwd)
-_backward = eager_or_op(rms_norm_bwd, torch.ops.fusion_advisor.rms_norm_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::rms_norm_fwd", fake=lambda x, weight, eps: (
+    x.new_empty(x.shape, dtype=_out_dtype(x, weight)),
+    x.new_empty((x.numel() // x.shape[-1] if x.dim() else 1,), dtype=torch.float32)))(rms_norm_fwd)
+# dx is allocated contiguous (from the row view), whatever x's strides: so is its fake.
+_backward = fused_op("fusion_advisor::rms_norm_bwd", like=("x", "weight"))(rms_norm_bwd)
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype, eager_or_op, next_power_of_2
+from fusion_advisor.kernels.common import check_device, check_dtype, next_power_of_2
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace,
                                              dtype_name, register)
 
@@ -156,33 +157,12 @@ def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin:
     return dq, dk
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::rope_fwd", mutates_args=())
-def _rope_fwd_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_fwd(q, k, cos, sin)
-
-
-@_rope_fwd_op.register_fake
-def _(q, k, cos, sin):
-    out = _out_dtype(q, cos)
-    return _out_like(q, out), _out_like(k, out)
-
-
-@torch.library.custom_op("fusion_advisor::rope_bwd", mutates_args=())
-def _rope_bwd_op(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_bwd(dq_out, dk_out, cos, sin, dtype)
-
-
-@_rope_bwd_op.register_fake
-def _(dq_out, dk_out, cos, sin, dtype):
-    return _out_like(dq_out, dtype), _out_like(dk_out, dtype)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(rope_fwd, torch.ops.fusion_advisor.rope_fwd)
-_backward = eager_or_op(rope_bwd, torch.ops.fusion_advisor.rope_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::rope_fwd", fake=lambda q, k, cos, sin: (
+    _out_like(q, _out_dtype(q, cos)), _out_like(k, _out_dtype(q, cos))))(rope_fwd)
+_backward = fused_op("fusion_advisor::rope_bwd", fake=lambda dq_out, dk_out, cos, sin, dtype: (
+    _out_like(dq_out, dtype), _out_like(dk_out, dtype)))(rope_bwd)
 
 
 class RoPEFunction(torch.autograd.Function):

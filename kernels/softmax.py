@@ -39,7 +39,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, interpreting, row_block
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, interpreting, row_block
+from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
 
 
@@ -197,31 +198,12 @@ def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float, causal: bool, s
     return dx, dz
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::softmax_fwd", mutates_args=())
-def _softmax_fwd_op(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
-    return softmax_fwd(scores, mask, scale, causal)
-
-
-@_softmax_fwd_op.register_fake
-def _(scores, mask, scale, causal):
-    return scores.new_empty(scores.shape, dtype=_out_dtype(scores, mask))
-
-
-@torch.library.custom_op("fusion_advisor::softmax_bwd", mutates_args=())
-def _softmax_bwd_op(dy: torch.Tensor, y: torch.Tensor, scale: float, causal: bool, scores_dtype: torch.dtype,
-                    with_dz: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return softmax_bwd(dy, y, scale, causal, scores_dtype, with_dz)
-
-
-@_softmax_bwd_op.register_fake
-def _(dy, y, scale, causal, scores_dtype, with_dz):
-    return y.new_empty(y.shape, dtype=scores_dtype), y.new_empty(y.shape if with_dz else (0,))
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(softmax_fwd, torch.ops.fusion_advisor.softmax_fwd)
-_backward = eager_or_op(softmax_bwd, torch.ops.fusion_advisor.softmax_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::softmax_fwd", fake=lambda scores, mask, scale, causal: scores.new_empty(
+    scores.shape, dtype=_out_dtype(scores, mask)))(softmax_fwd)
+_backward = fused_op("fusion_advisor::softmax_bwd", fake=lambda dy, y, scale, causal, scores_dtype, with_dz: (
+    y.new_empty(y.shape, dtype=scores_dtype), y.new_empty(y.shape if with_dz else (0,))))(softmax_bwd)
 
 
 class SoftmaxFunction(torch.autograd.Function):
