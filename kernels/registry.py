@@ -1,4 +1,7 @@
-"""The pattern registry: every fused op registers one FusionPattern, once, at import.
+"""The pattern registry: every fused op registers one FusionPattern, once, when its module is
+imported. The lookups (`get`, `all_patterns`, `match`, `resolve`) import PATTERN_MODULES on their
+first call, so importing the registry (or the cost model) imports no kernel module, Triton, or
+custom op.
 
 A FusionPattern ties together what the rest of the loop needs from a fused op:
   - how to recognise it in a traced cluster (`forward_signature` over the cluster's op names,
@@ -8,10 +11,11 @@ A FusionPattern ties together what the rest of the loop needs from a fused op:
   - how many bytes one fused launch moves (`fused_bytes`), which the cost model prices.
 
 Adding a pattern = one new file in kernels/ that calls `register(...)`, and one line in
-`kernels/__init__.py`'s list of modules.
+PATTERN_MODULES below.
 """
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -143,6 +147,36 @@ class FusionPattern:
 
 _REGISTRY: dict[str, FusionPattern] = {}
 
+# The modules that register the hand-written patterns (kernels/<name>.py), imported on first lookup.
+PATTERN_MODULES: list[str] = [
+    "rms_norm",
+    "softmax",
+    "bias_act",
+    "swiglu",
+    "geglu",
+    "rope",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "kl_div",
+    "embedding_add",
+    "dropout_add",
+    "add_rms_norm",
+    "layer_norm",
+    "add_layer_norm",
+    "group_norm",
+]
+_loaded = False
+
+
+def _load_patterns() -> None:
+    """Import every pattern module once (each registers its pattern and custom ops on import)."""
+    global _loaded
+    if _loaded:
+        return
+    for name in PATTERN_MODULES:
+        importlib.import_module(f"fusion_advisor.kernels.{name}")
+    _loaded = True
+
 
 def register(pattern: FusionPattern) -> FusionPattern:
     if pattern.name in _REGISTRY:
@@ -152,6 +186,7 @@ def register(pattern: FusionPattern) -> FusionPattern:
 
 
 def get(name: str) -> FusionPattern:
+    _load_patterns()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -160,16 +195,30 @@ def get(name: str) -> FusionPattern:
 
 
 def all_patterns() -> list[FusionPattern]:
+    _load_patterns()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def match(ops: Sequence[OpRecord]) -> tuple[FusionPattern, dict] | None:
     """The first registered pattern that matches the ops (longest signature first)."""
+    _load_patterns()
     for pattern in sorted(_REGISTRY.values(), key=lambda p: -len(p.forward_signature)):
         params = pattern.match(ops)
         if params is not None:
             return pattern, params
     return None
+
+
+def resolve(name: str, params: dict | None = None) -> FusionPattern:
+    """A pattern by name: a registered one, or a generated one ("generic:<hash>") rebuilt from the
+    cluster's pattern_params. KeyError when neither."""
+    if not name.startswith("generic:"):
+        return get(name)
+    from fusion_advisor.kernels.codegen.candidate import pattern_from_params
+    pattern = pattern_from_params(params or {})
+    if pattern.name != name:
+        raise KeyError(f"the params rebuild {pattern.name}, not {name} (a different fusion-advisor version?)")
+    return pattern
 
 
 # -- dtype helpers shared by the patterns ------------------------------------------------------
