@@ -34,7 +34,8 @@ from fusion_advisor.kernels import layer_norm as ln
 from fusion_advisor.kernels import norm_core
 from fusion_advisor.kernels.common import check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_name, register, with_residual_add
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, dtype_name, register_pattern,
+                                             training_shapes, with_residual_add)
 
 
 def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
@@ -133,7 +134,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     """layer_norm's params, plus residual_dtype (default dtype)."""
     base = ln.make_inputs(params, device, requires_grad)
     x, normalized_shape, weight, bias = base.args
-    rdtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
+    rdtype = param_dtype(params, "residual_dtype")
     residual = torch.randn(params["shape"], dtype=rdtype, device=device, requires_grad=requires_grad)
     grads = tuple(i for i, t in ((0, x), (1, residual), (3, weight), (4, bias)) if t is not None) if requires_grad \
         else ()
@@ -143,8 +144,8 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
 def fused_bytes(params: dict) -> dict:
     """layer_norm's bytes plus the residual's read and the sum's write forward, and the grad of
     the returned residual read backward (`residual_grad`: False when nothing uses it)."""
-    x_dtype = dtype_from_name(params["dtype"])
-    r_dtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
+    x_dtype = param_dtype(params)
+    r_dtype = param_dtype(params, "residual_dtype")
     s_dtype = torch.promote_types(x_dtype, r_dtype)  # the sum's, and so y's and the grads'
     norm = ln.fused_bytes({**params, "dtype": dtype_name(s_dtype)})
     m_n = math.prod(params["shape"])
@@ -165,20 +166,14 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
     return with_residual_add(add, params)
 
 
-PATTERN = register(FusionPattern(
-    name="add_layer_norm",
+PATTERN = register_pattern(
+    __name__,
     description="residual add + LayerNorm as one Triton kernel each way (returns the new residual too)",
-    reference=reference,
-    fused=add_layer_norm,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(?:^| )add (?:native_)?layer_norm(?= |$)",
-    params_from_ops=params_from_ops,
     # No module swap: the add lives in the caller's forward, so this needs a source patch.
     modules=(),
     module_factory=None,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-5},
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-5}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    bench_params=training_shapes(lambda tokens, hidden: {"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-5}),
     liger=None,  # Liger-Kernel 0.8.5 has fused add + RMSNorm, not add + LayerNorm
-))
+)

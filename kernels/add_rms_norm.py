@@ -30,7 +30,8 @@ from fusion_advisor.kernels import norm_core
 from fusion_advisor.kernels import rms_norm as rms
 from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, register, with_residual_add
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, register_pattern,
+                                             training_shapes, with_residual_add)
 
 
 def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
@@ -131,7 +132,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     """params: shape, dtype; optional residual_dtype, weight_dtype (default dtype), eps."""
     base = rms.make_inputs(params, device, requires_grad)
     x, weight = base.args
-    rdtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
+    rdtype = param_dtype(params, "residual_dtype")
     residual = torch.randn(params["shape"], dtype=rdtype, device=device, requires_grad=requires_grad)
     return Inputs((x, residual, weight), dict(base.kwargs), grad_inputs=(0, 1, 2) if requires_grad else ())
 
@@ -140,9 +141,9 @@ def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     n = shape[-1]
     m = math.prod(shape[:-1])
-    x_dtype = dtype_from_name(params["dtype"])
-    r_dtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
-    w_dtype = dtype_from_name(params.get("weight_dtype", params["dtype"]))
+    x_dtype = param_dtype(params)
+    r_dtype = param_dtype(params, "residual_dtype")
+    w_dtype = param_dtype(params, "weight_dtype")
     s_dtype = torch.promote_types(x_dtype, r_dtype)
     e, r, s, w = x_dtype.itemsize, r_dtype.itemsize, s_dtype.itemsize, w_dtype.itemsize
     o = torch.promote_types(s_dtype, w_dtype).itemsize
@@ -172,20 +173,14 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
     return with_residual_add(add, params)
 
 
-PATTERN = register(FusionPattern(
-    name="add_rms_norm",
+PATTERN = register_pattern(
+    __name__,
     description="residual add + RMSNorm (LlamaRMSNorm-style) as one Triton kernel each way (returns the new residual too)",
-    reference=reference,
-    fused=add_rms_norm,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(?:^| )add (?:(?:to|_to_copy|empty_strided|copy_) )*pow mean add rsqrt mul",
-    params_from_ops=params_from_ops,
     # No module swap: the add lives in the caller's forward, so this needs a source patch.
     modules=(),
     module_factory=None,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-6},
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-6}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    bench_params=training_shapes(lambda tokens, hidden: {"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-6}),
     liger=liger,
-))
+)

@@ -50,8 +50,8 @@ import triton.language as tl
 
 from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, interpreting, next_power_of_2
 from fusion_advisor.kernels.fused_op import fused_op
-from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace,
-                                             dtype_name, register)
+from fusion_advisor.kernels.registry import (FunctionPatch, Inputs, OpRecord, Rewrite, dtype_from_trace,
+                                             dtype_name, param_dtype, register_pattern)
 
 REDUCTIONS = ("none", "mean", "sum")
 _REDUCTION_OF_ENUM = {"0": "none", "1": "mean", "2": "sum"}  # at::Reduction, as traced
@@ -304,7 +304,7 @@ _OPTIONS = ("ignore_index", "reduction", "label_smoothing", "upcast", "inplace")
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """Logits ~ N(0, 2^2), targets uniform over the vocab, `ignored` (default 0.1) of them set to ignore_index."""
-    dtype = getattr(torch, params["dtype"])
+    dtype = param_dtype(params)
     tokens, vocab = params["tokens"], params["vocab"]
     ignore_index = params.get("ignore_index", -100)
     logits = (2.0 * torch.randn(tokens, vocab, device=device)).to(dtype).requires_grad_(requires_grad)
@@ -317,7 +317,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
 
 def fused_bytes(params: dict) -> dict:
     n, v = params["tokens"], params["vocab"]
-    e = getattr(torch, params["dtype"]).itemsize
+    e = param_dtype(params).itemsize
     reduction = params.get("reduction", "mean")
     forward = 3 * n * v * e + 12 * n + (4 * n if reduction != "none" else 0) + (8 * n if reduction == "mean" else 0)
     return {"forward": forward, "backward": 2 * n * v * e + (4 * n if reduction == "none" else 4)}
@@ -398,16 +398,11 @@ def hf_loss_example_inputs(model) -> list[Inputs]:
     return [Inputs((logits, labels, vocab), grad_inputs=(0,)),
             Inputs((logits, labels, vocab), {"num_items_in_batch": n_items}, grad_inputs=(0,))]
 
-PATTERN = register(FusionPattern(
-    name="cross_entropy",
+PATTERN = register_pattern(
+    __name__,
     description="cross-entropy (log_softmax + nll_loss, HF's logits.float() included) as one Triton pass "
                 "that also writes the gradient; backward is a scale",
-    reference=reference,
-    fused=cross_entropy,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(^| )(cross_entropy_loss|log_softmax( \S+)* nll_loss(_nd|_forward)?)( |$)",
-    params_from_ops=params_from_ops,
     modules=("CrossEntropyLoss",),
     rewrites=(Rewrite("F.cross_entropy($logits, $target)", "cross_entropy($logits, $target)",
                       ("from fusion_advisor.kernels.cross_entropy import cross_entropy",)),),
@@ -418,4 +413,4 @@ PATTERN = register(FusionPattern(
     liger=liger,
     function_patches=(FunctionPatch("loss_function", "instance", is_hf_causal_lm_loss, hf_causal_lm_loss,
                                     hf_loss_example_inputs),),
-))
+)

@@ -29,7 +29,8 @@ import triton.language as tl
 
 from fusion_advisor.kernels.common import cdiv, check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, dtype_name, param_dtype,
+                                             register_pattern, training_shapes)
 
 # Four quarters of BLOCK_SIZE share one Philox call; 8192 elements = 4 x 2048 at 8 warps: each
 # thread moves 8 contiguous elements a quarter (one 16-byte access in bf16).
@@ -212,8 +213,8 @@ def reference(x: torch.Tensor, residual: torch.Tensor, p: float = 0.5, training:
 
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
-    dtype = getattr(torch, params["dtype"])
-    rdtype = getattr(torch, params.get("residual_dtype", params["dtype"]))
+    dtype = param_dtype(params)
+    rdtype = param_dtype(params, "residual_dtype")
     x = torch.randn(params["shape"], device=device).to(dtype).requires_grad_(requires_grad)
     residual = torch.randn(params["shape"], device=device).to(rdtype).requires_grad_(requires_grad)
     kwargs = {"p": params.get("p", 0.1), "training": params.get("training", True)}
@@ -226,8 +227,8 @@ def fused_bytes(params: dict) -> dict:
     n = 1
     for d in params["shape"]:
         n *= d
-    e = getattr(torch, params["dtype"]).itemsize
-    r = getattr(torch, params.get("residual_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    r = param_dtype(params, "residual_dtype").itemsize
     o = max(e, r)
     cast = n * (o + r) if r != o else 0
     return {"forward": n * (e + r + o), "backward": n * (o + e) + cast}
@@ -266,18 +267,12 @@ def _without_randomness(params: dict) -> dict:
     return dict(params, p=0.0)
 
 
-PATTERN = register(FusionPattern(
-    name="dropout_add",
+PATTERN = register_pattern(
+    __name__,
     description="dropout + residual add as one Triton launch; the mask is regenerated from a seed, not stored",
-    reference=reference,
-    fused=dropout_add,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(^| )(native_)?dropout( \S+)* add( |$)",
-    params_from_ops=params_from_ops,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "p": 0.1},
     # Philox masks cannot equal PyTorch's: compare with the reference where no randomness is left.
     numerics_params=_without_randomness,
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "p": 0.1}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
-))
+    bench_params=training_shapes(lambda tokens, hidden: {"shape": [tokens, hidden], "dtype": "bfloat16", "p": 0.1}),
+)

@@ -17,7 +17,7 @@ import triton.language as tl
 from fusion_advisor.kernels.activations import activation_grad, activation_id, apply_activation
 from fusion_advisor.kernels.common import as_row_view, cdiv, check_device, check_dtype, elementwise_tile
 from fusion_advisor.kernels.fused_op import fused_op
-from fusion_advisor.kernels.registry import dtype_from_trace, dtype_name
+from fusion_advisor.kernels.registry import dtype_from_trace, dtype_name, param_dtype
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def glu_bytes(params: dict) -> dict:
     n = 1
     for d in params["shape"]:
         n *= d
-    e = getattr(torch, params["dtype"]).itemsize
+    e = param_dtype(params).itemsize
     return {"forward": 3 * n * e, "backward": 5 * n * e}
 
 

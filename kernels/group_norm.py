@@ -43,8 +43,8 @@ from fusion_advisor.kernels import autocast, norm_core
 from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, next_power_of_2,
                                           reduction_programs)
 from fusion_advisor.kernels.fused_op import fused_op
-from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
-                                             dtype_name, register)
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, dtype_from_trace,
+                                             dtype_name, register_pattern, training_shapes)
 
 TILE_ELEMENTS = 8192   # the whole-sample plan's tile, padded dims multiplied (fp32 registers)
 CHUNK_ELEMENTS = 4096  # the per-group plan's chunk
@@ -386,8 +386,8 @@ def liger(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = Non
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """params: shape (N, C, *), dtype, num_groups; optional weight, bias (bools, default True),
     weight_dtype (of both; default dtype), eps."""
-    dtype = dtype_from_name(params["dtype"])
-    wdtype = dtype_from_name(params.get("weight_dtype", params["dtype"]))
+    dtype = param_dtype(params)
+    wdtype = param_dtype(params, "weight_dtype")
     channels = params["shape"][1]
     x = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
     weight = bias = None
@@ -406,8 +406,8 @@ def fused_bytes(params: dict) -> dict:
     for d in shape[2:]:
         positions *= d
     m = n_samples * channels * positions
-    e = dtype_from_name(params["dtype"]).itemsize
-    w = dtype_from_name(params.get("weight_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    w = param_dtype(params, "weight_dtype").itemsize
     has_weight, has_bias = params.get("weight", True), params.get("bias", True)
     n_params = int(has_weight) + int(has_bias)
     stats = 8 * n_samples * groups
@@ -459,22 +459,18 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
     return params
 
 
-PATTERN = register(FusionPattern(
-    name="group_norm",
+PATTERN = register_pattern(
+    __name__,
     description="GroupNorm (F.group_norm) as one Triton kernel each way",
-    reference=reference,
-    fused=group_norm,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(?:^| )(?:native_)?group_norm(?= |$)",
-    params_from_ops=params_from_ops,
     modules=("GroupNorm",),
     module_import="fusion_advisor.kernels.group_norm:GroupNorm",
     module_factory=GroupNorm.from_module,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "num_groups": 6, "eps": 1e-5},
     # LLM-training shapes: the per-head GroupNorm of RWKV / RetNet-style blocks over (tokens,
     # hidden), head size 64.
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "num_groups": hidden // 64, "eps": 1e-5}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    bench_params=training_shapes(lambda tokens, hidden:
+                                 {"shape": [tokens, hidden], "dtype": "bfloat16", "num_groups": hidden // 64,
+                                  "eps": 1e-5}),
     liger=liger,
-))
+)

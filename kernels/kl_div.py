@@ -28,7 +28,8 @@ import triton.language as tl
 
 from fusion_advisor.kernels.common import cdiv, check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, dtype_name, param_dtype,
+                                             register_pattern)
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
 _REDUCTION_OF_ENUM = {"0": "none", "1": "mean", "2": "sum"}  # at::Reduction, as traced
@@ -208,8 +209,8 @@ def liger(input: torch.Tensor, target: torch.Tensor, reduction: str = "batchmean
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """input: log-softmax of N(0, 1) logits over the last dim; target: softmax (or log-softmax) of others."""
-    dtype = getattr(torch, params["dtype"])
-    tdtype = getattr(torch, params.get("target_dtype", params["dtype"]))
+    dtype = param_dtype(params)
+    tdtype = param_dtype(params, "target_dtype")
     log_target = params.get("log_target", False)
     shape = params["shape"]
     x = torch.randn(shape, device=device).log_softmax(-1).to(dtype).requires_grad_(requires_grad)
@@ -223,8 +224,8 @@ def fused_bytes(params: dict) -> dict:
     n = 1
     for d in params["shape"]:
         n *= d
-    e = getattr(torch, params["dtype"]).itemsize
-    t = getattr(torch, params.get("target_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    t = param_dtype(params, "target_dtype").itemsize
     o = max(e, t)
     if params.get("reduction", "batchmean") == "none":
         return {"forward": n * (e + t + o), "backward": n * (t + e + o)}
@@ -251,15 +252,10 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
             "reduction": reduction, "log_target": concrete[3] == "True"}
 
 
-PATTERN = register(FusionPattern(
-    name="kl_div",
+PATTERN = register_pattern(
+    __name__,
     description="KL divergence (F.kl_div's xlogy/mul/sub/sum/div chain) as one Triton pass each way",
-    reference=reference,
-    fused=kl_div,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(^| )kl_div( |$)",
-    params_from_ops=params_from_ops,
     modules=("KLDivLoss",),
     module_factory=KLDivLoss.from_module,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "reduction": "batchmean", "log_target": False},
@@ -267,4 +263,4 @@ PATTERN = register(FusionPattern(
                         "log_target": log_target}
                        for tokens in (4096, 16384) for vocab in (32768, 131072) for log_target in (False, True)),
     liger=liger,
-))
+)

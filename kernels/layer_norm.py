@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from fusion_advisor.kernels import autocast, norm_core
 from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
-from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
-                                             dtype_name, register)
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, dtype_from_trace,
+                                             dtype_name, register_pattern, training_shapes)
 
 
 # -- launchers --------------------------------------------------------------------------------------
@@ -192,8 +192,8 @@ def liger(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = No
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """params: shape, dtype; optional normalized_shape (default: the last dim), weight and bias
     (bools, default True), weight_dtype (of both; default dtype), eps."""
-    dtype = dtype_from_name(params["dtype"])
-    wdtype = dtype_from_name(params.get("weight_dtype", params["dtype"]))
+    dtype = param_dtype(params)
+    wdtype = param_dtype(params, "weight_dtype")
     normalized_shape = list(params.get("normalized_shape", params["shape"][-1:]))
     x = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
     weight = bias = None
@@ -209,8 +209,8 @@ def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     n = math.prod(params.get("normalized_shape", shape[-1:]))
     m = math.prod(shape) // n
-    e = dtype_from_name(params["dtype"]).itemsize
-    w = dtype_from_name(params.get("weight_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    w = param_dtype(params, "weight_dtype").itemsize
     n_params = int(params.get("weight", True)) + int(params.get("bias", True))
     weight_read = n * w if params.get("weight", True) else 0
     programs = norm_core.backward_programs_for(n, m, params.get("num_sms", 132), e)
@@ -264,20 +264,14 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
     return layer_norm_params(op) if op is not None else None
 
 
-PATTERN = register(FusionPattern(
-    name="layer_norm",
+PATTERN = register_pattern(
+    __name__,
     description="LayerNorm (F.layer_norm): one Triton kernel forward, one (not two) backward",
-    reference=reference,
-    fused=layer_norm,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(?:^| )(?:native_)?layer_norm(?= |$)",
-    params_from_ops=params_from_ops,
     modules=("LayerNorm",),
     module_import="fusion_advisor.kernels.layer_norm:LayerNorm",
     module_factory=LayerNorm.from_module,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-5},
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-5}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    bench_params=training_shapes(lambda tokens, hidden: {"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-5}),
     liger=liger,
-))
+)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -185,6 +186,24 @@ def register(pattern: FusionPattern) -> FusionPattern:
     return pattern
 
 
+# What a pattern file kernels/<name>.py defines under these names, register_pattern takes from it.
+_BY_CONVENTION = ("reference", "make_inputs", "fused_bytes", "params_from_ops")
+
+
+def register_pattern(module_name: str, **fields) -> FusionPattern:
+    """register(FusionPattern(...)) for the pattern file `module_name` (call it with __name__ at the
+    end of the file): the name is the file's stem, `fused` its functional of that name, and
+    reference / make_inputs / fused_bytes / params_from_ops the file's functions so named; `fields`
+    gives the rest, and overrides any of these."""
+    module = sys.modules[module_name]
+    name = fields.setdefault("name", module_name.rsplit(".", 1)[-1])
+    fields.setdefault("fused", getattr(module, name))
+    for field_name in _BY_CONVENTION:
+        if field_name not in fields and hasattr(module, field_name):
+            fields[field_name] = getattr(module, field_name)
+    return register(FusionPattern(**fields))
+
+
 def get(name: str) -> FusionPattern:
     _load_patterns()
     try:
@@ -269,3 +288,15 @@ def dtype_from_name(name: str) -> torch.dtype:
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dt
+
+
+def param_dtype(params: dict, key: str = "dtype") -> torch.dtype:
+    """The dtype a pattern's params name under `key` ("weight_dtype", "residual_dtype", ...), the
+    params' "dtype" where they name none (the operand has the input's dtype)."""
+    return dtype_from_name(params.get(key, params["dtype"]))
+
+
+def training_shapes(params: Callable[[int, int], dict]) -> tuple[dict, ...]:
+    """bench_params over LLM-training sizes: `params(tokens, hidden)` for 4K, 16K and 32K tokens a
+    step by hidden sizes 1024, 4096 and 8192."""
+    return tuple(params(tokens, hidden) for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192))

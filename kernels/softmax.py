@@ -41,7 +41,8 @@ import triton.language as tl
 
 from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, interpreting, row_block
 from fusion_advisor.kernels.fused_op import fused_op
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, dtype_name, param_dtype,
+                                             register_pattern)
 
 
 @triton.jit
@@ -262,13 +263,13 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     """params: shape, dtype, scale, mask ("none" | "causal" | "additive"), for "additive" also
     mask_shape and mask_dtype (default: scores' dtype) and mask_grad (default False). An additive
     mask is random (a learned bias) with its last quarter of keys at finfo.min (padding, HF style)."""
-    dtype = getattr(torch, params["dtype"])
+    dtype = param_dtype(params)
     shape = params["shape"]
     scores = (2.0 * torch.randn(shape, device=device)).to(dtype).requires_grad_(requires_grad)
     kind = params.get("mask", "none")
     mask = None
     if kind == "additive":
-        mdtype = getattr(torch, params.get("mask_dtype", params["dtype"]))
+        mdtype = param_dtype(params, "mask_dtype")
         mask = torch.randn(params["mask_shape"], device=device)
         mask[..., 3 * shape[-1] // 4:] = torch.finfo(mdtype).min
         mask = mask.to(mdtype).requires_grad_(requires_grad and params.get("mask_grad", False))
@@ -289,12 +290,12 @@ def _kept(shape: list[int], causal: bool) -> int:
 def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     total = math.prod(shape)
-    e = getattr(torch, params["dtype"]).itemsize
+    e = param_dtype(params).itemsize
     kind = params.get("mask", "none")
     kept = _kept(shape, kind == "causal")
     mask_bytes, o = 0, e
     if kind == "additive":
-        m = getattr(torch, params.get("mask_dtype", params["dtype"])).itemsize
+        m = param_dtype(params, "mask_dtype").itemsize
         mask_bytes, o = math.prod(params["mask_shape"]) * m, max(e, m)
     backward = 2 * kept * o + total * e
     if kind == "additive" and params.get("mask_grad", False):
@@ -354,16 +355,11 @@ def _traced_scale(op: OpRecord) -> float:
     return value
 
 
-PATTERN = register(FusionPattern(
-    name="softmax",
+PATTERN = register_pattern(
+    __name__,
     description="scaled, masked attention softmax (scale, mask or causal fill, softmax) as one Triton kernel each way",
-    reference=reference,
-    fused=softmax,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=(r"\b(?:mul|div) (?:\S+ ){0,3}(?:(?:masked_fill_?|add) (?:\S+ ){0,2})?_?softmax\b"
                        r"|\b(?:masked_fill_?|add) (?:\S+ ){0,2}_?softmax\b"),
-    params_from_ops=params_from_ops,
     example_params={"shape": [2, 3, 37, 37], "dtype": "float32", "scale": 0.125, "mask": "causal"},
     # Attention scores (B, H, S, S) of tokens = B * S in 4k-16k, H = hidden / 128 for hidden 1k and
     # 4k; sequence 1k and 4k. Causal (GPT-2), then a padding mask (B, 1, S, S) (BERT, HF).
@@ -373,4 +369,4 @@ PATTERN = register(FusionPattern(
     + tuple({"shape": [tokens // seq, 16, seq, seq], "dtype": "bfloat16", "scale": 0.125, "mask": "additive",
              "mask_shape": [tokens // seq, 1, seq, seq]}
             for tokens, seq in ((4096, 1024), (16384, 1024), (8192, 4096))),
-))
+)
