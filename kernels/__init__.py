@@ -1,7 +1,7 @@
 """Fused Triton kernels, one file per op, each registered once as a FusionPattern.
 
 To add a pattern: write kernels/<name>.py (kernels, launcher, autograd.Function, functional,
-module, reference, `register(FusionPattern(...))`) and add its module name to
+module, reference, `register_pattern(__name__, ...)`) and add its module name to
 registry.PATTERN_MODULES. Patterns load on the first lookup (registry.get and the others below).
 
 This folder is installed as `fusion_advisor.kernels` (pyproject.toml's package-dir). Imported as

@@ -35,11 +35,7 @@ from fusion_advisor.kernels import norm_core
 from fusion_advisor.kernels.common import check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, dtype_name, register_pattern,
-                                             training_shapes, with_residual_add)
-
-
-def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, residual.dtype)
+                                             with_residual_add)
 
 
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, normalized_shape: Sequence[int],
@@ -53,7 +49,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, normalized_shape
         raise ValueError(f"add_layer_norm: residual shape {list(residual.shape)} is not x's {list(x.shape)}")
     x2 = ln.normalized_rows(x, normalized_shape, "add_layer_norm")
     r2 = ln.normalized_rows(residual, normalized_shape, "add_layer_norm")
-    s_dtype = _sum_dtype(x, residual)
+    s_dtype = norm_core.sum_dtype(x, residual)
     y, s, mean, rstd = norm_core.norm_fwd(x2, r2, ln.flat_param(weight), ln.flat_param(bias), eps, rms=False,
                                           out_dtype=s_dtype, sum_dtype=s_dtype)
     return y.view(x.shape), s.view(x.shape), mean, rstd
@@ -76,13 +72,13 @@ def add_layer_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torc
 # the launchers directly (see fused_op).
 def _forward_fake(x, residual, normalized_shape, weight, bias, eps):
     rows = x.numel() // max(1, math.prod(normalized_shape))
-    s = x.new_empty(x.shape, dtype=_sum_dtype(x, residual))
+    s = x.new_empty(x.shape, dtype=norm_core.sum_dtype(x, residual))
     return s.new_empty(x.shape), s, x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
 
 
 _forward = fused_op("fusion_advisor::add_layer_norm_fwd", fake=_forward_fake)(add_layer_norm_fwd)
 _backward = fused_op("fusion_advisor::add_layer_norm_bwd", fake=lambda dy, ds_out, s, normalized_shape, weight, bias,
-                     mean, rstd: (s.new_empty(s.shape), *ln.fake_param_grads(mean, weight, bias)))(add_layer_norm_bwd)
+                     mean, rstd: (s.new_empty(s.shape), *norm_core.fake_param_grads(mean, weight, bias)))(add_layer_norm_bwd)
 
 
 class AddLayerNormFunction(torch.autograd.Function):
@@ -109,7 +105,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape, we
     """Fused `residual = x + residual; y = F.layer_norm(residual, ...)`: returns (y, residual).
     Where torch.autocast would run the norm of a bf16/fp16 sum in fp32 (CUDA), the add and the norm
     run apart, as eager runs them there: the kernel writes y in the sum's dtype."""
-    if autocast.runs_in_fp32("aten::layer_norm", x.device.type, _sum_dtype(x, residual)):
+    if autocast.runs_in_fp32("aten::layer_norm", x.device.type, norm_core.sum_dtype(x, residual)):
         residual = x + residual
         return ln.layer_norm(residual, normalized_shape, weight, bias, eps), residual
     return AddLayerNormFunction.apply(x, residual, ln._shape_list(normalized_shape), weight, bias, eps)
@@ -170,10 +166,8 @@ PATTERN = register_pattern(
     __name__,
     description="residual add + LayerNorm as one Triton kernel each way (returns the new residual too)",
     forward_signature=r"(?:^| )add (?:native_)?layer_norm(?= |$)",
-    # No module swap: the add lives in the caller's forward, so this needs a source patch.
-    modules=(),
-    module_factory=None,
-    example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-5},
-    bench_params=training_shapes(lambda tokens, hidden: {"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-5}),
+    # No module swap (no `modules`): the add lives in the caller's forward, so this needs a source patch.
+    example_params=ln.PATTERN.example_params,  # the norm's shapes
+    bench_params=ln.PATTERN.bench_params,
     liger=None,  # Liger-Kernel 0.8.5 has fused add + RMSNorm, not add + LayerNorm
 )

@@ -31,11 +31,7 @@ from fusion_advisor.kernels import rms_norm as rms
 from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, register_pattern,
-                                             training_shapes, with_residual_add)
-
-
-def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, residual.dtype)
+                                             with_residual_add)
 
 
 def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -49,7 +45,7 @@ def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"add_rms_norm: weight shape {list(weight.shape)} does not match x's last dim {x.shape[-1]}")
     x2, r2 = as_rows(x, "add_rms_norm"), as_rows(residual, "add_rms_norm")
-    s_dtype = _sum_dtype(x, residual)
+    s_dtype = norm_core.sum_dtype(x, residual)
     y, s, _, rstd = norm_core.norm_fwd(x2, r2, weight.contiguous(), None, eps, rms=True,
                                        out_dtype=torch.promote_types(s_dtype, weight.dtype), sum_dtype=s_dtype)
     return y.view(x.shape), s.view(x.shape), rstd
@@ -69,7 +65,7 @@ def add_rms_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.
 # the launchers directly (see fused_op).
 def _forward_fake(x, residual, weight, eps):
     rows = x.numel() // x.shape[-1] if x.dim() else 1
-    s_dtype = _sum_dtype(x, residual)
+    s_dtype = norm_core.sum_dtype(x, residual)
     return (x.new_empty(x.shape, dtype=torch.promote_types(s_dtype, weight.dtype)), x.new_empty(x.shape, dtype=s_dtype),
             x.new_empty((rows,), dtype=torch.float32))
 
@@ -177,10 +173,8 @@ PATTERN = register_pattern(
     __name__,
     description="residual add + RMSNorm (LlamaRMSNorm-style) as one Triton kernel each way (returns the new residual too)",
     forward_signature=r"(?:^| )add (?:(?:to|_to_copy|empty_strided|copy_) )*pow mean add rsqrt mul",
-    # No module swap: the add lives in the caller's forward, so this needs a source patch.
-    modules=(),
-    module_factory=None,
-    example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-6},
-    bench_params=training_shapes(lambda tokens, hidden: {"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-6}),
+    # No module swap (no `modules`): the add lives in the caller's forward, so this needs a source patch.
+    example_params=rms.PATTERN.example_params,  # the norm's shapes
+    bench_params=rms.PATTERN.bench_params,
     liger=liger,
 )

@@ -26,6 +26,27 @@ def check_device(*tensors: torch.Tensor, op: str) -> None:
             raise RuntimeError(f"{op}: tensors must be on a CUDA device (or run with TRITON_INTERPRET=1)")
 
 
+def check_same_shape(a: torch.Tensor, b: torch.Tensor, op: str, names: tuple[str, str]) -> None:
+    """Two inputs of an elementwise fused op: supported dtypes, a usable device, one shape (the
+    fused kernels do not broadcast)."""
+    check_dtype(a, op)
+    check_dtype(b, op)
+    check_device(a, b, op=op)
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: {names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} must have the same "
+                         f"shape (the fused kernel does not broadcast)")
+
+
+def backward_once(ctx, op: str, what: str) -> None:
+    """Refuse a second backward through one graph (retain_graph=True) of an op whose backward
+    scales its saved gradient (`what`) in place: it would scale it twice. ctx.grad_consumed must
+    be False after forward."""
+    if ctx.grad_consumed:
+        raise RuntimeError(f"{op}: backward ran twice through the same loss (retain_graph=True); {what} can be "
+                           f"used once")
+    ctx.grad_consumed = True
+
+
 def as_rows(x: torch.Tensor, op: str) -> torch.Tensor:
     """View x as (rows, last_dim). The last dim must be contiguous; other dims may be strided
     (a non-contiguous input is copied once here rather than refused: the copy is what eager

@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, interpreting, next_power_of_2
+from fusion_advisor.kernels.common import (backward_once, cdiv, check_device, check_dtype, interpreting,
+                                          next_power_of_2)
 from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (FunctionPatch, Inputs, OpRecord, Rewrite, dtype_from_trace,
                                              dtype_name, param_dtype, register_pattern)
@@ -231,11 +232,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # The gradient is scaled in place: a second backward through the same graph would scale it twice.
-        if ctx.grad_consumed:
-            raise RuntimeError("cross_entropy: backward ran twice through the same loss "
-                               "(retain_graph=True); the fused gradient can be used once")
-        ctx.grad_consumed = True
+        backward_once(ctx, "cross_entropy", "the fused gradient")  # it is scaled in place
         (grad,) = ctx.saved_tensors
         _backward(grad, grad_loss)
         return grad, None, None, None, None, None, None

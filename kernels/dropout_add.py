@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype
+from fusion_advisor.kernels.common import cdiv, check_same_shape
 from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, dtype_name, param_dtype,
                                              register_pattern, training_shapes)
@@ -89,12 +89,7 @@ def _scale(p: float) -> float:
 
 
 def _check(x: torch.Tensor, residual: torch.Tensor, p: float) -> None:
-    check_dtype(x, "dropout_add")
-    check_dtype(residual, "dropout_add")
-    check_device(x, residual, op="dropout_add")
-    if x.shape != residual.shape:
-        raise ValueError(f"dropout_add: x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same "
-                         f"shape (the fused kernel does not broadcast)")
+    check_same_shape(x, residual, "dropout_add", ("x", "residual"))
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout_add: dropout probability has to be between 0 and 1, but got {p}")
 

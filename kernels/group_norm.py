@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels import autocast, norm_core
+from fusion_advisor.kernels import norm_core
 from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, next_power_of_2,
                                           reduction_programs)
 from fusion_advisor.kernels.fused_op import fused_op
@@ -305,38 +305,19 @@ def _forward_fake(x, num_groups, weight, bias, eps):
     return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
 
 
-def _backward_fake(dy, x, num_groups, weight, bias, mean, rstd):
-    dw = weight.new_empty(weight.shape) if weight is not None else mean.new_empty(0)
-    db = bias.new_empty(bias.shape) if bias is not None else mean.new_empty(0)
-    return x.new_empty(x.shape), dw, db
-
-
 _forward = fused_op("fusion_advisor::group_norm_fwd", fake=_forward_fake)(group_norm_fwd)
-_backward = fused_op("fusion_advisor::group_norm_bwd", fake=_backward_fake)(group_norm_bwd)
+_backward = fused_op("fusion_advisor::group_norm_bwd", fake=lambda dy, x, num_groups, weight, bias, mean, rstd: (
+    x.new_empty(x.shape), *norm_core.fake_param_grads(mean, weight, bias)))(group_norm_bwd)
 
 
-class GroupNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps):
-        y, mean, rstd = _forward(x, num_groups, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.num_groups = num_groups
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward(dy, x, ctx.num_groups, weight, bias, mean, rstd)
-        return dx, None, dw if weight is not None else None, db if bias is not None else None, None
+GroupNormFunction = norm_core.affine_norm_function("GroupNormFunction", _forward, _backward)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
-    """Fused GroupNorm with F.group_norm's arguments, forward and backward. Inside torch.autocast
-    it casts where eager's autocast does (on CUDA: a bf16/fp16 input runs, and returns, in fp32)."""
-    if autocast.upcasts("aten::group_norm", x, weight, bias):
-        x, weight, bias = autocast.to_fp32(x, weight, bias)
-    return GroupNormFunction.apply(x, int(num_groups), weight, bias, eps)
+    """Fused GroupNorm with F.group_norm's arguments, forward and backward; inside torch.autocast
+    it casts where eager's autocast does."""
+    return norm_core.apply_affine_norm(GroupNormFunction, "aten::group_norm", x, int(num_groups), weight, bias, eps)
 
 
 class GroupNorm(torch.nn.Module):
@@ -386,17 +367,7 @@ def liger(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = Non
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """params: shape (N, C, *), dtype, num_groups; optional weight, bias (bools, default True),
     weight_dtype (of both; default dtype), eps."""
-    dtype = param_dtype(params)
-    wdtype = param_dtype(params, "weight_dtype")
-    channels = params["shape"][1]
-    x = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
-    weight = bias = None
-    if params.get("weight", True):
-        weight = (1.0 + 0.1 * torch.randn(channels, device=device)).to(wdtype).requires_grad_(requires_grad)
-    if params.get("bias", True):
-        bias = (0.1 * torch.randn(channels, device=device)).to(wdtype).requires_grad_(requires_grad)
-    grads = tuple(i for i, t in ((0, x), (2, weight), (3, bias)) if t is not None) if requires_grad else ()
-    return Inputs((x, params["num_groups"], weight, bias), {"eps": params.get("eps", 1e-5)}, grad_inputs=grads)
+    return norm_core.affine_norm_inputs(params, device, requires_grad, params["num_groups"], params["shape"][1])
 
 
 def fused_bytes(params: dict) -> dict:

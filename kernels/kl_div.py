@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype
+from fusion_advisor.kernels.common import cdiv, check_same_shape
 from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, dtype_name, param_dtype,
                                              register_pattern)
@@ -90,12 +90,7 @@ def _scale(reduction: str, shape) -> float:
 
 
 def _check(input: torch.Tensor, target: torch.Tensor, reduction: str) -> None:
-    check_dtype(input, "kl_div")
-    check_dtype(target, "kl_div")
-    check_device(input, target, op="kl_div")
-    if input.shape != target.shape:
-        raise ValueError(f"kl_div: input {tuple(input.shape)} and target {tuple(target.shape)} must have the same "
-                         f"shape (the fused kernel does not broadcast)")
+    check_same_shape(input, target, "kl_div", ("input", "target"))
     if reduction not in REDUCTIONS:
         raise ValueError(f"kl_div: reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}")
 

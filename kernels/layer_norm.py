@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fusion_advisor.kernels import autocast, norm_core
+from fusion_advisor.kernels import norm_core
 from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, dtype_from_trace,
@@ -100,32 +100,12 @@ def _forward_fake(x, normalized_shape, weight, bias, eps):
     return x.new_empty(x.shape), stats, stats.new_empty((rows,))
 
 
-def fake_param_grads(like: torch.Tensor, weight: Optional[torch.Tensor],
-                     bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """What param_grads returns, as fakes."""
-    dw = weight.new_empty(weight.shape) if weight is not None else like.new_empty(0)
-    db = bias.new_empty(bias.shape) if bias is not None else like.new_empty(0)
-    return dw, db
-
-
 _forward = fused_op("fusion_advisor::layer_norm_fwd", fake=_forward_fake)(layer_norm_fwd)
 _backward = fused_op("fusion_advisor::layer_norm_bwd", fake=lambda dy, x, normalized_shape, weight, bias, mean, rstd: (
-    x.new_empty(x.shape), *fake_param_grads(mean, weight, bias)))(layer_norm_bwd)
+    x.new_empty(x.shape), *norm_core.fake_param_grads(mean, weight, bias)))(layer_norm_bwd)
 
 
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, normalized_shape, weight, bias, eps):
-        y, mean, rstd = _forward(x, normalized_shape, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.normalized_shape = normalized_shape
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward(dy, x, ctx.normalized_shape, weight, bias, mean, rstd)
-        return dx, None, dw if weight is not None else None, db if bias is not None else None, None
+LayerNormFunction = norm_core.affine_norm_function("LayerNormFunction", _forward, _backward)
 
 
 def _shape_list(normalized_shape) -> list[int]:
@@ -134,11 +114,10 @@ def _shape_list(normalized_shape) -> list[int]:
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
-    """Fused LayerNorm with F.layer_norm's arguments, forward and backward. Inside torch.autocast
-    it casts where eager's autocast does (on CUDA: a bf16/fp16 input runs, and returns, in fp32)."""
-    if autocast.upcasts("aten::layer_norm", x, weight, bias):
-        x, weight, bias = autocast.to_fp32(x, weight, bias)
-    return LayerNormFunction.apply(x, _shape_list(normalized_shape), weight, bias, eps)
+    """Fused LayerNorm with F.layer_norm's arguments, forward and backward; inside torch.autocast
+    it casts where eager's autocast does."""
+    return norm_core.apply_affine_norm(LayerNormFunction, "aten::layer_norm", x, _shape_list(normalized_shape), weight,
+                                       bias, eps)
 
 
 class LayerNorm(torch.nn.Module):
@@ -192,17 +171,8 @@ def liger(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = No
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """params: shape, dtype; optional normalized_shape (default: the last dim), weight and bias
     (bools, default True), weight_dtype (of both; default dtype), eps."""
-    dtype = param_dtype(params)
-    wdtype = param_dtype(params, "weight_dtype")
     normalized_shape = list(params.get("normalized_shape", params["shape"][-1:]))
-    x = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
-    weight = bias = None
-    if params.get("weight", True):
-        weight = (1.0 + 0.1 * torch.randn(normalized_shape, device=device)).to(wdtype).requires_grad_(requires_grad)
-    if params.get("bias", True):
-        bias = (0.1 * torch.randn(normalized_shape, device=device)).to(wdtype).requires_grad_(requires_grad)
-    grads = tuple(i for i, t in ((0, x), (2, weight), (3, bias)) if t is not None) if requires_grad else ()
-    return Inputs((x, normalized_shape, weight, bias), {"eps": params.get("eps", 1e-5)}, grad_inputs=grads)
+    return norm_core.affine_norm_inputs(params, device, requires_grad, normalized_shape, normalized_shape)
 
 
 def fused_bytes(params: dict) -> dict:

@@ -54,7 +54,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype
+from fusion_advisor.kernels.common import backward_once, cdiv, check_device, check_dtype
 from fusion_advisor.kernels.cross_entropy import _cross_entropy_fwd_kernel, _vocab_block, is_hf_causal_lm_loss
 from fusion_advisor import calls
 from fusion_advisor.kernels.registry import (FunctionPatch, Inputs, OpRecord, dtype_from_trace,
@@ -162,11 +162,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # The saved gradients are scaled in place: a second backward would scale them twice.
-        if ctx.grad_consumed:
-            raise RuntimeError("linear_cross_entropy: backward ran twice through the same loss "
-                               "(retain_graph=True); the fused gradients can be used once")
-        ctx.grad_consumed = True
+        backward_once(ctx, "linear_cross_entropy", "the fused gradients")  # they are scaled in place
         grads = [g.mul_(grad_loss) if g is not None else None for g in ctx.saved_tensors]
         return grads[0], grads[1], None, grads[2], None, None, None, None
 

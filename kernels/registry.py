@@ -10,8 +10,8 @@ A FusionPattern ties together what the rest of the loop needs from a fused op:
     (`reference`) and the Triton replacement (`fused`);
   - how many bytes one fused launch moves (`fused_bytes`), which the cost model prices.
 
-Adding a pattern = one new file in kernels/ that calls `register(...)`, and one line in
-PATTERN_MODULES below.
+Adding a pattern = one new file in kernels/ that calls `register_pattern(__name__, ...)`, and one
+line in PATTERN_MODULES below.
 """
 from __future__ import annotations
 
