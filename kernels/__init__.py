@@ -1,48 +1,48 @@
 """Fused Triton kernels, one file per op, each registered once as a FusionPattern.
 
 To add a pattern: write kernels/<name>.py (kernels, launcher, autograd.Function, functional,
-module, reference, `register(FusionPattern(...))`) and add its module name to PATTERN_MODULES.
+module, reference, `register_pattern(__name__, ...)`) and add its module name to
+registry.PATTERN_MODULES. Patterns load on the first lookup (registry.get and the others below).
+
+This folder is installed as `fusion_advisor.kernels` (pyproject.toml's package-dir). Imported as
+a top-level `kernels` (a script started at the repository root, where the working directory comes
+first on sys.path), it hands over to whatever `kernels` is installed, Hugging Face's package that
+transformers imports, or else stands as an empty namespace package, as a folder without this file
+would (setuptools' editable install cannot map `fusion_advisor.kernels` to a folder without an
+__init__.py, so the file stays).
 """
 from __future__ import annotations
 
-import importlib
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, OpRecord, Rewrite, all_patterns, get, match,
-                                             register)
+    def _installed_kernels_spec():
+        """The spec of a top-level `kernels` found anywhere but in this repository's root."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        saved = sys.path[:]
+        sys.path[:] = [p for p in saved if os.path.abspath(p or os.curdir) != root]
+        try:
+            for finder in sys.meta_path:
+                spec = finder.find_spec("kernels", None) if hasattr(finder, "find_spec") else None
+                if spec is not None:
+                    return spec
+            return None
+        finally:
+            sys.path[:] = saved
 
-PATTERN_MODULES: list[str] = [
-    "rms_norm",
-    "softmax",
-    "bias_act",
-    "swiglu",
-    "geglu",
-    "rope",
-    "cross_entropy",
-    "linear_cross_entropy",
-    "kl_div",
-    "embedding_add",
-    "dropout_add",
-    "add_rms_norm",
-    "layer_norm",
-    "add_layer_norm",
-    "group_norm",
-]
+    # Not installed: an empty namespace package (no __file__, nothing under it), as PEP 420 makes of
+    # a plain folder; transformers' availability check then reads `kernels` as absent.
+    _spec = _installed_kernels_spec() or importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module   # what `import kernels` returns once this file has run
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
+else:
+    from fusion_advisor.kernels.registry import (PATTERN_MODULES, FunctionPatch, FusionPattern, OpRecord, Rewrite,
+                                                 all_patterns, get, match, register, resolve)
 
-for _name in PATTERN_MODULES:
-    importlib.import_module(f"fusion_advisor.kernels.{_name}")
-
-
-def resolve(name: str, params: dict | None = None) -> FusionPattern:
-    """A pattern by name: a registered one, or a generated one ("generic:<hash>") rebuilt from the
-    cluster's pattern_params. KeyError when neither."""
-    if not name.startswith("generic:"):
-        return get(name)
-    from fusion_advisor.kernels.codegen.candidate import pattern_from_params
-    pattern = pattern_from_params(params or {})
-    if pattern.name != name:
-        raise KeyError(f"the params rebuild {pattern.name}, not {name} (a different fusion-advisor version?)")
-    return pattern
-
-
-__all__ = ["FunctionPatch", "FusionPattern", "OpRecord", "Rewrite", "all_patterns", "get", "match", "register",
-           "resolve", "PATTERN_MODULES"]
+    __all__ = ["FunctionPatch", "FusionPattern", "OpRecord", "Rewrite", "all_patterns", "get", "match", "register",
+               "resolve", "PATTERN_MODULES"]

@@ -32,12 +32,10 @@ import torch.nn.functional as F
 from fusion_advisor.kernels import autocast
 from fusion_advisor.kernels import layer_norm as ln
 from fusion_advisor.kernels import norm_core
-from fusion_advisor.kernels.common import check_device, check_dtype, eager_or_op
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_name, register, with_residual_add
-
-
-def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, residual.dtype)
+from fusion_advisor.kernels.common import check_device, check_dtype
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, dtype_name, register_pattern,
+                                             with_residual_add)
 
 
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, normalized_shape: Sequence[int],
@@ -51,7 +49,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, normalized_shape
         raise ValueError(f"add_layer_norm: residual shape {list(residual.shape)} is not x's {list(x.shape)}")
     x2 = ln.normalized_rows(x, normalized_shape, "add_layer_norm")
     r2 = ln.normalized_rows(residual, normalized_shape, "add_layer_norm")
-    s_dtype = _sum_dtype(x, residual)
+    s_dtype = norm_core.sum_dtype(x, residual)
     y, s, mean, rstd = norm_core.norm_fwd(x2, r2, ln.flat_param(weight), ln.flat_param(bias), eps, rms=False,
                                           out_dtype=s_dtype, sum_dtype=s_dtype)
     return y.view(x.shape), s.view(x.shape), mean, rstd
@@ -70,37 +68,17 @@ def add_layer_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torc
     return (ds.view(s.shape), *ln.param_grads(dw, db, weight, bias, mean))
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::add_layer_norm_fwd", mutates_args=())
-def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, normalized_shape: list[int],
-                           weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return add_layer_norm_fwd(x, residual, normalized_shape, weight, bias, eps)
-
-
-@_add_layer_norm_fwd_op.register_fake
-def _(x, residual, normalized_shape, weight, bias, eps):
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+def _forward_fake(x, residual, normalized_shape, weight, bias, eps):
     rows = x.numel() // max(1, math.prod(normalized_shape))
-    s = x.new_empty(x.shape, dtype=_sum_dtype(x, residual))
+    s = x.new_empty(x.shape, dtype=norm_core.sum_dtype(x, residual))
     return s.new_empty(x.shape), s, x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
 
 
-@torch.library.custom_op("fusion_advisor::add_layer_norm_bwd", mutates_args=())
-def _add_layer_norm_bwd_op(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.Tensor,
-                           normalized_shape: list[int], weight: Optional[torch.Tensor],
-                           bias: Optional[torch.Tensor], mean: torch.Tensor,
-                           rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return add_layer_norm_bwd(dy, ds_out, s, normalized_shape, weight, bias, mean, rstd)
-
-
-@_add_layer_norm_bwd_op.register_fake
-def _(dy, ds_out, s, normalized_shape, weight, bias, mean, rstd):
-    return s.new_empty(s.shape), *ln.fake_param_grads(mean, weight, bias)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(add_layer_norm_fwd, torch.ops.fusion_advisor.add_layer_norm_fwd)
-_backward = eager_or_op(add_layer_norm_bwd, torch.ops.fusion_advisor.add_layer_norm_bwd)
+_forward = fused_op("fusion_advisor::add_layer_norm_fwd", fake=_forward_fake)(add_layer_norm_fwd)
+_backward = fused_op("fusion_advisor::add_layer_norm_bwd", fake=lambda dy, ds_out, s, normalized_shape, weight, bias,
+                     mean, rstd: (s.new_empty(s.shape), *norm_core.fake_param_grads(mean, weight, bias)))(add_layer_norm_bwd)
 
 
 class AddLayerNormFunction(torch.autograd.Function):
@@ -127,7 +105,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape, we
     """Fused `residual = x + residual; y = F.layer_norm(residual, ...)`: returns (y, residual).
     Where torch.autocast would run the norm of a bf16/fp16 sum in fp32 (CUDA), the add and the norm
     run apart, as eager runs them there: the kernel writes y in the sum's dtype."""
-    if autocast.runs_in_fp32("aten::layer_norm", x.device.type, _sum_dtype(x, residual)):
+    if autocast.runs_in_fp32("aten::layer_norm", x.device.type, norm_core.sum_dtype(x, residual)):
         residual = x + residual
         return ln.layer_norm(residual, normalized_shape, weight, bias, eps), residual
     return AddLayerNormFunction.apply(x, residual, ln._shape_list(normalized_shape), weight, bias, eps)
@@ -152,7 +130,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     """layer_norm's params, plus residual_dtype (default dtype)."""
     base = ln.make_inputs(params, device, requires_grad)
     x, normalized_shape, weight, bias = base.args
-    rdtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
+    rdtype = param_dtype(params, "residual_dtype")
     residual = torch.randn(params["shape"], dtype=rdtype, device=device, requires_grad=requires_grad)
     grads = tuple(i for i, t in ((0, x), (1, residual), (3, weight), (4, bias)) if t is not None) if requires_grad \
         else ()
@@ -162,8 +140,8 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
 def fused_bytes(params: dict) -> dict:
     """layer_norm's bytes plus the residual's read and the sum's write forward, and the grad of
     the returned residual read backward (`residual_grad`: False when nothing uses it)."""
-    x_dtype = dtype_from_name(params["dtype"])
-    r_dtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
+    x_dtype = param_dtype(params)
+    r_dtype = param_dtype(params, "residual_dtype")
     s_dtype = torch.promote_types(x_dtype, r_dtype)  # the sum's, and so y's and the grads'
     norm = ln.fused_bytes({**params, "dtype": dtype_name(s_dtype)})
     m_n = math.prod(params["shape"])
@@ -184,20 +162,12 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
     return with_residual_add(add, params)
 
 
-PATTERN = register(FusionPattern(
-    name="add_layer_norm",
+PATTERN = register_pattern(
+    __name__,
     description="residual add + LayerNorm as one Triton kernel each way (returns the new residual too)",
-    reference=reference,
-    fused=add_layer_norm,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(?:^| )add (?:native_)?layer_norm(?= |$)",
-    params_from_ops=params_from_ops,
-    # No module swap: the add lives in the caller's forward, so this needs a source patch.
-    modules=(),
-    module_factory=None,
-    example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-5},
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-5}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    # No module swap (no `modules`): the add lives in the caller's forward, so this needs a source patch.
+    example_params=ln.PATTERN.example_params,  # the norm's shapes
+    bench_params=ln.PATTERN.bench_params,
     liger=None,  # Liger-Kernel 0.8.5 has fused add + RMSNorm, not add + LayerNorm
-))
+)

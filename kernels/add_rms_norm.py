@@ -28,12 +28,10 @@ import torch
 
 from fusion_advisor.kernels import norm_core
 from fusion_advisor.kernels import rms_norm as rms
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, eager_or_op
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_name, register, with_residual_add
-
-
-def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, residual.dtype)
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, register_pattern,
+                                             with_residual_add)
 
 
 def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -47,7 +45,7 @@ def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"add_rms_norm: weight shape {list(weight.shape)} does not match x's last dim {x.shape[-1]}")
     x2, r2 = as_rows(x, "add_rms_norm"), as_rows(residual, "add_rms_norm")
-    s_dtype = _sum_dtype(x, residual)
+    s_dtype = norm_core.sum_dtype(x, residual)
     y, s, _, rstd = norm_core.norm_fwd(x2, r2, weight.contiguous(), None, eps, rms=True,
                                        out_dtype=torch.promote_types(s_dtype, weight.dtype), sum_dtype=s_dtype)
     return y.view(x.shape), s.view(x.shape), rstd
@@ -63,35 +61,17 @@ def add_rms_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.
     return ds.view(s.shape), dw
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::add_rms_norm_fwd", mutates_args=())
-def _add_rms_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return add_rms_norm_fwd(x, residual, weight, eps)
-
-
-@_add_rms_norm_fwd_op.register_fake
-def _(x, residual, weight, eps):
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+def _forward_fake(x, residual, weight, eps):
     rows = x.numel() // x.shape[-1] if x.dim() else 1
-    s_dtype = _sum_dtype(x, residual)
+    s_dtype = norm_core.sum_dtype(x, residual)
     return (x.new_empty(x.shape, dtype=torch.promote_types(s_dtype, weight.dtype)), x.new_empty(x.shape, dtype=s_dtype),
             x.new_empty((rows,), dtype=torch.float32))
 
 
-@torch.library.custom_op("fusion_advisor::add_rms_norm_bwd", mutates_args=())
-def _add_rms_norm_bwd_op(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
-                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return add_rms_norm_bwd(dy, ds_out, s, weight, rstd)
-
-
-@_add_rms_norm_bwd_op.register_fake
-def _(dy, ds_out, s, weight, rstd):
-    return s.new_empty(s.shape), torch.empty_like(weight)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(add_rms_norm_fwd, torch.ops.fusion_advisor.add_rms_norm_fwd)
-_backward = eager_or_op(add_rms_norm_bwd, torch.ops.fusion_advisor.add_rms_norm_bwd)
+_forward = fused_op("fusion_advisor::add_rms_norm_fwd", fake=_forward_fake)(add_rms_norm_fwd)
+_backward = fused_op("fusion_advisor::add_rms_norm_bwd", like=("s", "weight"))(add_rms_norm_bwd)
 
 
 class AddRMSNormFunction(torch.autograd.Function):
@@ -148,7 +128,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     """params: shape, dtype; optional residual_dtype, weight_dtype (default dtype), eps."""
     base = rms.make_inputs(params, device, requires_grad)
     x, weight = base.args
-    rdtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
+    rdtype = param_dtype(params, "residual_dtype")
     residual = torch.randn(params["shape"], dtype=rdtype, device=device, requires_grad=requires_grad)
     return Inputs((x, residual, weight), dict(base.kwargs), grad_inputs=(0, 1, 2) if requires_grad else ())
 
@@ -157,9 +137,9 @@ def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     n = shape[-1]
     m = math.prod(shape[:-1])
-    x_dtype = dtype_from_name(params["dtype"])
-    r_dtype = dtype_from_name(params.get("residual_dtype", params["dtype"]))
-    w_dtype = dtype_from_name(params.get("weight_dtype", params["dtype"]))
+    x_dtype = param_dtype(params)
+    r_dtype = param_dtype(params, "residual_dtype")
+    w_dtype = param_dtype(params, "weight_dtype")
     s_dtype = torch.promote_types(x_dtype, r_dtype)
     e, r, s, w = x_dtype.itemsize, r_dtype.itemsize, s_dtype.itemsize, w_dtype.itemsize
     o = torch.promote_types(s_dtype, w_dtype).itemsize
@@ -189,20 +169,12 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
     return with_residual_add(add, params)
 
 
-PATTERN = register(FusionPattern(
-    name="add_rms_norm",
+PATTERN = register_pattern(
+    __name__,
     description="residual add + RMSNorm (LlamaRMSNorm-style) as one Triton kernel each way (returns the new residual too)",
-    reference=reference,
-    fused=add_rms_norm,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(?:^| )add (?:(?:to|_to_copy|empty_strided|copy_) )*pow mean add rsqrt mul",
-    params_from_ops=params_from_ops,
-    # No module swap: the add lives in the caller's forward, so this needs a source patch.
-    modules=(),
-    module_factory=None,
-    example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-6},
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-6}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    # No module swap (no `modules`): the add lives in the caller's forward, so this needs a source patch.
+    example_params=rms.PATTERN.example_params,  # the norm's shapes
+    bench_params=rms.PATTERN.bench_params,
     liger=liger,
-))
+)

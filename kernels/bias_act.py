@@ -24,10 +24,11 @@ import triton.language as tl
 from fusion_advisor.kernels import autocast
 from fusion_advisor.kernels.activations import (ACTIVATION_IDS, activation_grad, activation_id, apply_activation,
                                                 torch_activation)
-from fusion_advisor.kernels.common import (as_row_view, cdiv, check_device, check_dtype, eager_or_op, elementwise_tile,
+from fusion_advisor.kernels.common import (as_row_view, cdiv, check_device, check_dtype, elementwise_tile,
                                           interpreting, sm_count)
-from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
-                                             register)
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
+                                             param_dtype, register_pattern, training_shapes)
 
 
 @triton.jit
@@ -130,30 +131,11 @@ def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, activati
     return dx.view(x.shape), partial.sum(0).to(bias.dtype)
 
 
-@torch.library.custom_op("fusion_advisor::bias_act_fwd", mutates_args=())
-def _bias_act_fwd_op(x: torch.Tensor, bias: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
-    return bias_act_fwd(x, bias, activation, negative_slope)
-
-
-@_bias_act_fwd_op.register_fake
-def _(x, bias, activation, negative_slope):
-    return x.new_empty(x.shape, dtype=_out_dtype(x, bias))
-
-
-@torch.library.custom_op("fusion_advisor::bias_act_bwd", mutates_args=())
-def _bias_act_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, activation: str,
-                     negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return bias_act_bwd(dy, x, bias, activation, negative_slope)
-
-
-@_bias_act_bwd_op.register_fake
-def _(dy, x, bias, activation, negative_slope):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(bias_act_fwd, torch.ops.fusion_advisor.bias_act_fwd)
-_backward = eager_or_op(bias_act_bwd, torch.ops.fusion_advisor.bias_act_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::bias_act_fwd", fake=lambda x, bias, activation, negative_slope: x.new_empty(
+    x.shape, dtype=_out_dtype(x, bias)))(bias_act_fwd)
+_backward = fused_op("fusion_advisor::bias_act_bwd", like=("x", "bias"))(bias_act_bwd)
 
 
 class BiasActFunction(torch.autograd.Function):
@@ -190,8 +172,8 @@ def reference(x: torch.Tensor, bias: torch.Tensor, activation: str = "gelu", neg
 
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
-    dtype = getattr(torch, params["dtype"])
-    bdtype = getattr(torch, params.get("bias_dtype", params["dtype"]))
+    dtype = param_dtype(params)
+    bdtype = param_dtype(params, "bias_dtype")
     x = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
     bias = (0.5 * torch.randn(params["shape"][-1], device=device)).to(bdtype).requires_grad_(requires_grad)
     return Inputs((x, bias), {"activation": params["activation"], "negative_slope": params.get("negative_slope", 0.01)},
@@ -202,8 +184,8 @@ def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     n = shape[-1]
     m = math.prod(shape[:-1])
-    e = getattr(torch, params["dtype"]).itemsize
-    b = getattr(torch, params.get("bias_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    b = param_dtype(params, "bias_dtype").itemsize
     o = max(e, b)
     programs, _ = bwd_programs(m, n, params.get("num_sms", 132))
     return {"forward": m * n * (e + o) + n * b,
@@ -251,15 +233,10 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
     return None
 
 
-PATTERN = register(FusionPattern(
-    name="bias_act",
+PATTERN = register_pattern(
+    __name__,
     description="bias add + activation (GELU, SiLU, ReLU, ...) as one Triton kernel each way",
-    reference=reference,
-    fused=bias_act,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"\badd (?:\S+ ){0,2}(?:gelu|silu|relu|sigmoid|leaky_relu)_?\b",
-    params_from_ops=params_from_ops,
     rewrites=tuple(Rewrite(f"F.{fn}($x + $bias{kw})", f"bias_act($x, $bias, {act!r})",
                            ("from fusion_advisor.kernels.bias_act import bias_act",))
                    for fn, kw, act in (("gelu", "", "gelu"), ("gelu", ", approximate='tanh'", "gelu_tanh"),
@@ -267,8 +244,8 @@ PATTERN = register(FusionPattern(
                                        ("relu", "", "relu"))),
     example_params={"shape": [6, 42, 431], "dtype": "float32", "activation": "gelu_tanh"},
     # GPT-style MLP widths (4 x hidden at the activation), then each other activation once.
-    bench_params=tuple({"shape": [tokens, 4 * hidden], "dtype": "bfloat16", "activation": "gelu_tanh"}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192))
+    bench_params=training_shapes(lambda tokens, hidden:
+                                 {"shape": [tokens, 4 * hidden], "dtype": "bfloat16", "activation": "gelu_tanh"})
     + tuple({"shape": [16384, 4096], "dtype": "bfloat16", "activation": act}
             for act in ACTIVATION_IDS if act != "gelu_tanh"),
-))
+)

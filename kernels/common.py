@@ -6,8 +6,6 @@ import os
 
 import torch
 
-from fusion_advisor.calls import hit
-
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -26,6 +24,27 @@ def check_device(*tensors: torch.Tensor, op: str) -> None:
     for t in tensors:
         if t is not None and t.device.type != "cuda" and not interpreting():
             raise RuntimeError(f"{op}: tensors must be on a CUDA device (or run with TRITON_INTERPRET=1)")
+
+
+def check_same_shape(a: torch.Tensor, b: torch.Tensor, op: str, names: tuple[str, str]) -> None:
+    """Two inputs of an elementwise fused op: supported dtypes, a usable device, one shape (the
+    fused kernels do not broadcast)."""
+    check_dtype(a, op)
+    check_dtype(b, op)
+    check_device(a, b, op=op)
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: {names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} must have the same "
+                         f"shape (the fused kernel does not broadcast)")
+
+
+def backward_once(ctx, op: str, what: str) -> None:
+    """Refuse a second backward through one graph (retain_graph=True) of an op whose backward
+    scales its saved gradient (`what`) in place: it would scale it twice. ctx.grad_consumed must
+    be False after forward."""
+    if ctx.grad_consumed:
+        raise RuntimeError(f"{op}: backward ran twice through the same loss (retain_graph=True); {what} can be "
+                           f"used once")
+    ctx.grad_consumed = True
 
 
 def as_rows(x: torch.Tensor, op: str) -> torch.Tensor:
@@ -110,37 +129,3 @@ def _sm_count(device_index: int) -> int:
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached: the properties call costs µs)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def eager_or_op(launcher, op):
-    """What an autograd.Function calls for one launcher: the launcher itself in eager mode, the
-    registered custom op `op` (torch.ops.fusion_advisor.<name>, same arguments) otherwise.
-
-    Going through the op in eager costs torch.library's dispatch on every call (schema parsing of
-    the arguments, the dispatcher, the Python kernel wrapper): several µs per launch, which on a
-    host-bound training step is more than the fused kernel saves. The op is still what a traced
-    graph must hold, so it is used while torch.compile / torch.export trace (`is_compiling`), and
-    for inputs the launcher cannot run: tensor subclasses (FakeTensor, FunctionalTensor, DTensor:
-    the op's dispatch and its registered fake handle them) and meta tensors."""
-    is_compiling = torch.compiler.is_compiling
-    plain = _PLAIN_TENSORS
-    # A forward launch counts one call of the replacement (`apply --verify` proves it ran): keyed
-    # by the op's stem, "rms_norm" for fusion_advisor::rms_norm_fwd (FusionPattern.counted_as maps
-    # a pattern that shares another's launcher, swiglu -> "glu"). Only eager launches are counted:
-    # inside a compiled graph the op runs without this wrapper.
-    op_name = getattr(op, "__name__", "")
-    key = op_name[:-4] if op_name.endswith("_fwd") else None
-
-    def call(*args):
-        first = args[0]
-        if is_compiling() or type(first) not in plain or first.is_meta:
-            return op(*args)
-        if key is not None:
-            hit(key)
-        return launcher(*args)
-
-    call.__name__ = call.__qualname__ = f"eager_or_op({launcher.__name__})"
-    return call

@@ -43,15 +43,16 @@ Not yet measured on a GPU: `python benchmarks/cross_entropy_memory.py --check` p
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, interpreting, next_power_of_2
-from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace,
-                                             dtype_name, register)
+from fusion_advisor.kernels.common import (backward_once, cdiv, check_device, check_dtype, interpreting,
+                                          next_power_of_2)
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (FunctionPatch, Inputs, OpRecord, Rewrite, dtype_from_trace,
+                                             dtype_name, param_dtype, register_pattern)
 
 REDUCTIONS = ("none", "mean", "sum")
 _REDUCTION_OF_ENUM = {"0": "none", "1": "mean", "2": "sum"}  # at::Reduction, as traced
@@ -192,30 +193,8 @@ def cross_entropy_bwd_(grad_logits: torch.Tensor, grad_loss: torch.Tensor) -> No
             n_cols, BLOCK_SIZE=block, num_warps=4)
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True). The
-# gradient buffer is an argument the forward mutates (not an output), so that it can be the logits.
-@torch.library.custom_op("fusion_advisor::cross_entropy_fwd", mutates_args=("grad_logits",))
-def _cross_entropy_fwd_op(logits: torch.Tensor, target: torch.Tensor, grad_logits: Optional[torch.Tensor],
-                          ignore_index: int, label_smoothing: float, reduction: str) -> torch.Tensor:
-    return cross_entropy_fwd(logits, target, grad_logits, ignore_index, label_smoothing, reduction)
-
-
-@_cross_entropy_fwd_op.register_fake
-def _(logits, target, grad_logits, ignore_index, label_smoothing, reduction):
-    shape = (logits.shape[0],) if reduction == "none" else ()
-    return logits.new_empty(shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("fusion_advisor::cross_entropy_bwd", mutates_args=("grad_logits",))
-def _cross_entropy_bwd_op(grad_logits: torch.Tensor, grad_loss: torch.Tensor) -> None:
-    cross_entropy_bwd_(grad_logits, grad_loss)
-
-
-@_cross_entropy_bwd_op.register_fake
-def _(grad_logits, grad_loss):
-    return None
-
-
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
 def _cross_entropy_fwd_eager(logits, target, grad_logits, ignore_index, label_smoothing, reduction):
     loss = cross_entropy_fwd(logits, target, grad_logits, ignore_index, label_smoothing, reduction)
     if grad_logits is not None:  # what the op's declared mutation does: autograd sees the write
@@ -228,9 +207,12 @@ def _cross_entropy_bwd_eager(grad_logits, grad_loss):
     torch.autograd.graph.increment_version(grad_logits)
 
 
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(_cross_entropy_fwd_eager, torch.ops.fusion_advisor.cross_entropy_fwd)
-_backward = eager_or_op(_cross_entropy_bwd_eager, torch.ops.fusion_advisor.cross_entropy_bwd)
+# The gradient buffer is an argument the forward mutates (not an output), so that it can be the logits.
+_forward = fused_op("fusion_advisor::cross_entropy_fwd", mutates_args=("grad_logits",), eager=_cross_entropy_fwd_eager,
+                    fake=lambda logits, target, grad_logits, ignore_index, label_smoothing, reduction: logits.new_empty(
+                        (logits.shape[0],) if reduction == "none" else (), dtype=torch.float32))(cross_entropy_fwd)
+_backward = fused_op("fusion_advisor::cross_entropy_bwd", mutates_args=("grad_logits",), eager=_cross_entropy_bwd_eager,
+                     fake=lambda grad_logits, grad_loss: None)(cross_entropy_bwd_)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -250,11 +232,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # The gradient is scaled in place: a second backward through the same graph would scale it twice.
-        if ctx.grad_consumed:
-            raise RuntimeError("cross_entropy: backward ran twice through the same loss "
-                               "(retain_graph=True); the fused gradient can be used once")
-        ctx.grad_consumed = True
+        backward_once(ctx, "cross_entropy", "the fused gradient")  # it is scaled in place
         (grad,) = ctx.saved_tensors
         _backward(grad, grad_loss)
         return grad, None, None, None, None, None, None
@@ -323,7 +301,7 @@ _OPTIONS = ("ignore_index", "reduction", "label_smoothing", "upcast", "inplace")
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """Logits ~ N(0, 2^2), targets uniform over the vocab, `ignored` (default 0.1) of them set to ignore_index."""
-    dtype = getattr(torch, params["dtype"])
+    dtype = param_dtype(params)
     tokens, vocab = params["tokens"], params["vocab"]
     ignore_index = params.get("ignore_index", -100)
     logits = (2.0 * torch.randn(tokens, vocab, device=device)).to(dtype).requires_grad_(requires_grad)
@@ -336,7 +314,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
 
 def fused_bytes(params: dict) -> dict:
     n, v = params["tokens"], params["vocab"]
-    e = getattr(torch, params["dtype"]).itemsize
+    e = param_dtype(params).itemsize
     reduction = params.get("reduction", "mean")
     forward = 3 * n * v * e + 12 * n + (4 * n if reduction != "none" else 0) + (8 * n if reduction == "mean" else 0)
     return {"forward": forward, "backward": 2 * n * v * e + (4 * n if reduction == "none" else 4)}
@@ -417,16 +395,11 @@ def hf_loss_example_inputs(model) -> list[Inputs]:
     return [Inputs((logits, labels, vocab), grad_inputs=(0,)),
             Inputs((logits, labels, vocab), {"num_items_in_batch": n_items}, grad_inputs=(0,))]
 
-PATTERN = register(FusionPattern(
-    name="cross_entropy",
+PATTERN = register_pattern(
+    __name__,
     description="cross-entropy (log_softmax + nll_loss, HF's logits.float() included) as one Triton pass "
                 "that also writes the gradient; backward is a scale",
-    reference=reference,
-    fused=cross_entropy,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(^| )(cross_entropy_loss|log_softmax( \S+)* nll_loss(_nd|_forward)?)( |$)",
-    params_from_ops=params_from_ops,
     modules=("CrossEntropyLoss",),
     rewrites=(Rewrite("F.cross_entropy($logits, $target)", "cross_entropy($logits, $target)",
                       ("from fusion_advisor.kernels.cross_entropy import cross_entropy",)),),
@@ -437,4 +410,4 @@ PATTERN = register(FusionPattern(
     liger=liger,
     function_patches=(FunctionPatch("loss_function", "instance", is_hf_causal_lm_loss, hf_causal_lm_loss,
                                     hf_loss_example_inputs),),
-))
+)

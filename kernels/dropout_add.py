@@ -27,8 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.common import cdiv, check_same_shape
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, dtype_name, param_dtype,
+                                             register_pattern, training_shapes)
 
 # Four quarters of BLOCK_SIZE share one Philox call; 8192 elements = 4 x 2048 at 8 warps: each
 # thread moves 8 contiguous elements a quarter (one 16-byte access in bf16).
@@ -87,12 +89,7 @@ def _scale(p: float) -> float:
 
 
 def _check(x: torch.Tensor, residual: torch.Tensor, p: float) -> None:
-    check_dtype(x, "dropout_add")
-    check_dtype(residual, "dropout_add")
-    check_device(x, residual, op="dropout_add")
-    if x.shape != residual.shape:
-        raise ValueError(f"dropout_add: x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same "
-                         f"shape (the fused kernel does not broadcast)")
+    check_same_shape(x, residual, "dropout_add", ("x", "residual"))
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout_add: dropout probability has to be between 0 and 1, but got {p}")
 
@@ -142,33 +139,15 @@ def dropout_add_bwd_seeded(dy: torch.Tensor, seed: torch.Tensor, p: float, x_dty
     return dropout_add_bwd(dy, p, int(seed.item()), x_dtype)
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True). The
-# forward is tagged as random so that compilers neither merge nor drop two calls on equal inputs.
-@torch.library.custom_op("fusion_advisor::dropout_add_fwd", mutates_args=(),
-                         tags=(torch.Tag.nondeterministic_seeded,))
-def _dropout_add_fwd_op(x: torch.Tensor, residual: torch.Tensor, p: float,
-                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return dropout_add_fwd_seeded(x, residual, p, seed)
-
-
-@_dropout_add_fwd_op.register_fake
-def _(x, residual, p, seed):
-    return x.new_empty(x.shape, dtype=_out_dtype(x, residual)), torch.empty((), dtype=torch.int64, device="cpu")
-
-
-@torch.library.custom_op("fusion_advisor::dropout_add_bwd", mutates_args=())
-def _dropout_add_bwd_op(dy: torch.Tensor, seed: torch.Tensor, p: float, x_dtype: torch.dtype) -> torch.Tensor:
-    return dropout_add_bwd_seeded(dy, seed, p, x_dtype)
-
-
-@_dropout_add_bwd_op.register_fake
-def _(dy, seed, p, x_dtype):
-    return dy.new_empty(dy.shape, dtype=x_dtype)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(dropout_add_fwd_seeded, torch.ops.fusion_advisor.dropout_add_fwd)
-_backward = eager_or_op(dropout_add_bwd_seeded, torch.ops.fusion_advisor.dropout_add_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+# The forward is tagged as random so that compilers neither merge nor drop two calls on equal inputs.
+_forward = fused_op("fusion_advisor::dropout_add_fwd", tags=(torch.Tag.nondeterministic_seeded,),
+                    fake=lambda x, residual, p, seed: (x.new_empty(x.shape, dtype=_out_dtype(x, residual)),
+                                                       torch.empty((), dtype=torch.int64, device="cpu")))(
+    dropout_add_fwd_seeded)
+_backward = fused_op("fusion_advisor::dropout_add_bwd", fake=lambda dy, seed, p, x_dtype: dy.new_empty(
+    dy.shape, dtype=x_dtype))(dropout_add_bwd_seeded)
 
 
 class DropoutAddFunction(torch.autograd.Function):
@@ -229,8 +208,8 @@ def reference(x: torch.Tensor, residual: torch.Tensor, p: float = 0.5, training:
 
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
-    dtype = getattr(torch, params["dtype"])
-    rdtype = getattr(torch, params.get("residual_dtype", params["dtype"]))
+    dtype = param_dtype(params)
+    rdtype = param_dtype(params, "residual_dtype")
     x = torch.randn(params["shape"], device=device).to(dtype).requires_grad_(requires_grad)
     residual = torch.randn(params["shape"], device=device).to(rdtype).requires_grad_(requires_grad)
     kwargs = {"p": params.get("p", 0.1), "training": params.get("training", True)}
@@ -243,8 +222,8 @@ def fused_bytes(params: dict) -> dict:
     n = 1
     for d in params["shape"]:
         n *= d
-    e = getattr(torch, params["dtype"]).itemsize
-    r = getattr(torch, params.get("residual_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    r = param_dtype(params, "residual_dtype").itemsize
     o = max(e, r)
     cast = n * (o + r) if r != o else 0
     return {"forward": n * (e + r + o), "backward": n * (o + e) + cast}
@@ -283,18 +262,12 @@ def _without_randomness(params: dict) -> dict:
     return dict(params, p=0.0)
 
 
-PATTERN = register(FusionPattern(
-    name="dropout_add",
+PATTERN = register_pattern(
+    __name__,
     description="dropout + residual add as one Triton launch; the mask is regenerated from a seed, not stored",
-    reference=reference,
-    fused=dropout_add,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(^| )(native_)?dropout( \S+)* add( |$)",
-    params_from_ops=params_from_ops,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "p": 0.1},
     # Philox masks cannot equal PyTorch's: compare with the reference where no randomness is left.
     numerics_params=_without_randomness,
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "p": 0.1}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
-))
+    bench_params=training_shapes(lambda tokens, hidden: {"shape": [tokens, hidden], "dtype": "bfloat16", "p": 0.1}),
+)

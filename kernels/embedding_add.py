@@ -33,8 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, next_power_of_2
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, next_power_of_2
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, dtype_name, param_dtype,
+                                             register_pattern)
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -165,32 +167,13 @@ def embedding_add_bwd(dy: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, wt
     return dwte, dwpe
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::embedding_add_fwd", mutates_args=())
-def _embedding_add_fwd_op(idx: torch.Tensor, pos: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
-    return embedding_add_fwd(idx, pos, wte, wpe)
-
-
-@_embedding_add_fwd_op.register_fake
-def _(idx, pos, wte, wpe):
-    return wte.new_empty((*idx.shape, wte.shape[1]), dtype=_out_dtype(wte, wpe))
-
-
-@torch.library.custom_op("fusion_advisor::embedding_add_bwd", mutates_args=())
-def _embedding_add_bwd_op(dy: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, wte_shape: list[int],
-                          wte_dtype: torch.dtype, wpe_shape: list[int],
-                          wpe_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return embedding_add_bwd(dy, idx, pos, wte_shape, wte_dtype, wpe_shape, wpe_dtype)
-
-
-@_embedding_add_bwd_op.register_fake
-def _(dy, idx, pos, wte_shape, wte_dtype, wpe_shape, wpe_dtype):
-    return dy.new_empty(wte_shape, dtype=wte_dtype), dy.new_empty(wpe_shape, dtype=wpe_dtype)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(embedding_add_fwd, torch.ops.fusion_advisor.embedding_add_fwd)
-_backward = eager_or_op(embedding_add_bwd, torch.ops.fusion_advisor.embedding_add_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::embedding_add_fwd", fake=lambda idx, pos, wte, wpe: wte.new_empty(
+    (*idx.shape, wte.shape[1]), dtype=_out_dtype(wte, wpe)))(embedding_add_fwd)
+_backward = fused_op("fusion_advisor::embedding_add_bwd", fake=lambda dy, idx, pos, wte_shape, wte_dtype, wpe_shape,
+                     wpe_dtype: (dy.new_empty(wte_shape, dtype=wte_dtype), dy.new_empty(wpe_shape, dtype=wpe_dtype)))(
+    embedding_add_bwd)
 
 
 class EmbeddingAddFunction(torch.autograd.Function):
@@ -250,8 +233,8 @@ def reference(idx: torch.Tensor, pos: torch.Tensor, wte: torch.Tensor, wpe: torc
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """Token ids uniform over the vocab; positions arange(seq) (GPT-2's), batched if `pos_batched`."""
-    dtype = getattr(torch, params["dtype"])
-    pdtype = getattr(torch, params.get("pos_dtype", params["dtype"]))
+    dtype = param_dtype(params)
+    pdtype = param_dtype(params, "pos_dtype")
     batch, seq = params["idx_shape"]
     hidden = params["hidden"]
     idx = torch.randint(0, params["vocab"], (batch, seq), device=device)
@@ -267,8 +250,8 @@ def fused_bytes(params: dict) -> dict:
     batch, seq = params["idx_shape"]
     n = batch * seq
     h, v, p = params["hidden"], params["vocab"], params["positions"]
-    a = getattr(torch, params["dtype"]).itemsize
-    b = getattr(torch, params.get("pos_dtype", params["dtype"])).itemsize
+    a = param_dtype(params).itemsize
+    b = param_dtype(params, "pos_dtype").itemsize
     o = max(a, b)
     return {"forward": n * (16 + h * (a + b + o)),
             "backward": h * (v * a + p * b) + 2 * n * (80 + h * o) + h * (min(v, n) * a + min(p, n) * b)}
@@ -297,18 +280,13 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
 
 
 
-PATTERN = register(FusionPattern(
-    name="embedding_add",
+PATTERN = register_pattern(
+    __name__,
     description="token + position embedding (two gathers and an add) as one Triton launch; "
                 "deterministic sort-based weight gradients",
-    reference=reference,
-    fused=embedding_add,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(^| )embedding( \S+)* embedding( \S+)* add( |$)",
-    params_from_ops=params_from_ops,
     example_params={"idx_shape": [3, 37], "vocab": 101, "positions": 64, "hidden": 200, "dtype": "float32"},
     bench_params=tuple({"idx_shape": [batch, seq], "vocab": 50304, "positions": 2048, "hidden": hidden,
                         "dtype": "bfloat16"}
                        for batch, seq in ((8, 512), (8, 2048), (16, 1024)) for hidden in (768, 1600)),
-))
+)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from fusion_advisor.kernels.glu import GatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, Rewrite, register
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, Rewrite, param_dtype, register_pattern,
+                                             training_shapes)
 
 _ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -80,7 +81,7 @@ def liger(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
 
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
-    dtype = getattr(torch, params["dtype"])
+    dtype = param_dtype(params)
     gate = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
     up = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
     return Inputs((gate, up), {"approximate": params.get("approximate", "none")},
@@ -97,22 +98,18 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
     return None if params is None else {**params, "approximate": "none"}
 
 
-PATTERN = register(FusionPattern(
-    name="geglu",
+PATTERN = register_pattern(
+    __name__,
     description="GEGLU MLP activation gelu(gate) * up as one Triton kernel each way",
-    reference=reference,
-    fused=geglu,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"\bgelu_? (?:\S+ ){0,2}mul\b",
-    params_from_ops=params_from_ops,
     modules=("GemmaMLP", "Gemma2MLP", "Gemma3MLP"),
     module_factory=GEGLUMLP.from_module,
     rewrites=tuple(Rewrite(f"F.gelu($gate{kw}) * $up", f"geglu($gate, $up{kw})", ("from fusion_advisor.kernels.geglu import geglu",))
                    for kw in ("", ", approximate=$approximate")),
     example_params={"shape": [6, 42, 431], "dtype": "float32", "approximate": "tanh"},
-    bench_params=tuple({"shape": [tokens, gated_mlp_width(hidden)], "dtype": "bfloat16", "approximate": "tanh"}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    bench_params=training_shapes(lambda tokens, hidden:
+                                 {"shape": [tokens, gated_mlp_width(hidden)], "dtype": "bfloat16",
+                                  "approximate": "tanh"}),
     liger=liger,
     counted_as="glu",  # its launches are glu.py's, shared with the other gated MLP
-))
+)

@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels.activations import activation_grad, activation_id, apply_activation
-from fusion_advisor.kernels.common import as_row_view, cdiv, check_device, check_dtype, eager_or_op, elementwise_tile
-from fusion_advisor.kernels.registry import dtype_from_trace, dtype_name
+from fusion_advisor.kernels.common import as_row_view, cdiv, check_device, check_dtype, elementwise_tile
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import dtype_from_trace, dtype_name, param_dtype
 
 
 @triton.jit
@@ -95,30 +96,12 @@ def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: 
     return dg.view(gate.shape), du.view(up.shape)
 
 
-@torch.library.custom_op("fusion_advisor::glu_fwd", mutates_args=())
-def _glu_fwd_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    return glu_fwd(gate, up, activation)
-
-
-@_glu_fwd_op.register_fake
-def _(gate, up, activation):
-    return gate.new_empty(gate.shape)
-
-
-@torch.library.custom_op("fusion_advisor::glu_bwd", mutates_args=())
-def _glu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return glu_bwd(dy, gate, up, activation)
-
-
-@_glu_bwd_op.register_fake
-def _(dy, gate, up, activation):
-    return gate.new_empty(gate.shape), up.new_empty(up.shape)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(glu_fwd, torch.ops.fusion_advisor.glu_fwd)
-_backward = eager_or_op(glu_bwd, torch.ops.fusion_advisor.glu_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::glu_fwd", like="gate")(glu_fwd)
+# The op leaves out the launcher's `overwrite_inputs` (a mutation only eager backward may ask for).
+_backward = fused_op("fusion_advisor::glu_bwd", like=("gate", "up"),
+                     schema="(Tensor dy, Tensor gate, Tensor up, str activation) -> (Tensor, Tensor)")(glu_bwd)
 
 
 def _can_overwrite(gate: torch.Tensor, up: torch.Tensor) -> bool:
@@ -190,7 +173,7 @@ def glu_bytes(params: dict) -> dict:
     n = 1
     for d in params["shape"]:
         n *= d
-    e = getattr(torch, params["dtype"]).itemsize
+    e = param_dtype(params).itemsize
     return {"forward": 3 * n * e, "backward": 5 * n * e}
 
 

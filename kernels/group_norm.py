@@ -39,11 +39,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels import autocast, norm_core
-from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, eager_or_op, next_power_of_2,
+from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, next_power_of_2,
                                           reduction_programs)
-from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
-                                             dtype_name, register)
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, dtype_from_trace,
+                                             dtype_name, register_pattern, training_shapes)
 
 TILE_ELEMENTS = 8192   # the whole-sample plan's tile, padded dims multiplied (fp32 registers)
 CHUNK_ELEMENTS = 4096  # the per-group plan's chunk
@@ -297,60 +298,26 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: O
     return dx, dw, db
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::group_norm_fwd", mutates_args=())
-def _group_norm_fwd_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return group_norm_fwd(x, num_groups, weight, bias, eps)
-
-
-@_group_norm_fwd_op.register_fake
-def _(x, num_groups, weight, bias, eps):
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+def _forward_fake(x, num_groups, weight, bias, eps):
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
 
 
-@torch.library.custom_op("fusion_advisor::group_norm_bwd", mutates_args=())
-def _group_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], mean: torch.Tensor,
-                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd)
+_forward = fused_op("fusion_advisor::group_norm_fwd", fake=_forward_fake)(group_norm_fwd)
+_backward = fused_op("fusion_advisor::group_norm_bwd", fake=lambda dy, x, num_groups, weight, bias, mean, rstd: (
+    x.new_empty(x.shape), *norm_core.fake_param_grads(mean, weight, bias)))(group_norm_bwd)
 
 
-@_group_norm_bwd_op.register_fake
-def _(dy, x, num_groups, weight, bias, mean, rstd):
-    dw = weight.new_empty(weight.shape) if weight is not None else mean.new_empty(0)
-    db = bias.new_empty(bias.shape) if bias is not None else mean.new_empty(0)
-    return x.new_empty(x.shape), dw, db
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(group_norm_fwd, torch.ops.fusion_advisor.group_norm_fwd)
-_backward = eager_or_op(group_norm_bwd, torch.ops.fusion_advisor.group_norm_bwd)
-
-
-class GroupNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps):
-        y, mean, rstd = _forward(x, num_groups, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.num_groups = num_groups
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward(dy, x, ctx.num_groups, weight, bias, mean, rstd)
-        return dx, None, dw if weight is not None else None, db if bias is not None else None, None
+GroupNormFunction = norm_core.affine_norm_function("GroupNormFunction", _forward, _backward)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
-    """Fused GroupNorm with F.group_norm's arguments, forward and backward. Inside torch.autocast
-    it casts where eager's autocast does (on CUDA: a bf16/fp16 input runs, and returns, in fp32)."""
-    if autocast.upcasts("aten::group_norm", x, weight, bias):
-        x, weight, bias = autocast.to_fp32(x, weight, bias)
-    return GroupNormFunction.apply(x, int(num_groups), weight, bias, eps)
+    """Fused GroupNorm with F.group_norm's arguments, forward and backward; inside torch.autocast
+    it casts where eager's autocast does."""
+    return norm_core.apply_affine_norm(GroupNormFunction, "aten::group_norm", x, int(num_groups), weight, bias, eps)
 
 
 class GroupNorm(torch.nn.Module):
@@ -400,17 +367,7 @@ def liger(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = Non
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """params: shape (N, C, *), dtype, num_groups; optional weight, bias (bools, default True),
     weight_dtype (of both; default dtype), eps."""
-    dtype = dtype_from_name(params["dtype"])
-    wdtype = dtype_from_name(params.get("weight_dtype", params["dtype"]))
-    channels = params["shape"][1]
-    x = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
-    weight = bias = None
-    if params.get("weight", True):
-        weight = (1.0 + 0.1 * torch.randn(channels, device=device)).to(wdtype).requires_grad_(requires_grad)
-    if params.get("bias", True):
-        bias = (0.1 * torch.randn(channels, device=device)).to(wdtype).requires_grad_(requires_grad)
-    grads = tuple(i for i, t in ((0, x), (2, weight), (3, bias)) if t is not None) if requires_grad else ()
-    return Inputs((x, params["num_groups"], weight, bias), {"eps": params.get("eps", 1e-5)}, grad_inputs=grads)
+    return norm_core.affine_norm_inputs(params, device, requires_grad, params["num_groups"], params["shape"][1])
 
 
 def fused_bytes(params: dict) -> dict:
@@ -420,8 +377,8 @@ def fused_bytes(params: dict) -> dict:
     for d in shape[2:]:
         positions *= d
     m = n_samples * channels * positions
-    e = dtype_from_name(params["dtype"]).itemsize
-    w = dtype_from_name(params.get("weight_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    w = param_dtype(params, "weight_dtype").itemsize
     has_weight, has_bias = params.get("weight", True), params.get("bias", True)
     n_params = int(has_weight) + int(has_bias)
     stats = 8 * n_samples * groups
@@ -473,22 +430,18 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
     return params
 
 
-PATTERN = register(FusionPattern(
-    name="group_norm",
+PATTERN = register_pattern(
+    __name__,
     description="GroupNorm (F.group_norm) as one Triton kernel each way",
-    reference=reference,
-    fused=group_norm,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(?:^| )(?:native_)?group_norm(?= |$)",
-    params_from_ops=params_from_ops,
     modules=("GroupNorm",),
     module_import="fusion_advisor.kernels.group_norm:GroupNorm",
     module_factory=GroupNorm.from_module,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "num_groups": 6, "eps": 1e-5},
     # LLM-training shapes: the per-head GroupNorm of RWKV / RetNet-style blocks over (tokens,
     # hidden), head size 64.
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "num_groups": hidden // 64, "eps": 1e-5}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    bench_params=training_shapes(lambda tokens, hidden:
+                                 {"shape": [tokens, hidden], "dtype": "bfloat16", "num_groups": hidden // 64,
+                                  "eps": 1e-5}),
     liger=liger,
-))
+)

@@ -26,8 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.common import cdiv, check_same_shape
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, dtype_name, param_dtype,
+                                             register_pattern)
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
 _REDUCTION_OF_ENUM = {"0": "none", "1": "mean", "2": "sum"}  # at::Reduction, as traced
@@ -88,12 +90,7 @@ def _scale(reduction: str, shape) -> float:
 
 
 def _check(input: torch.Tensor, target: torch.Tensor, reduction: str) -> None:
-    check_dtype(input, "kl_div")
-    check_dtype(target, "kl_div")
-    check_device(input, target, op="kl_div")
-    if input.shape != target.shape:
-        raise ValueError(f"kl_div: input {tuple(input.shape)} and target {tuple(target.shape)} must have the same "
-                         f"shape (the fused kernel does not broadcast)")
+    check_same_shape(input, target, "kl_div", ("input", "target"))
     if reduction not in REDUCTIONS:
         raise ValueError(f"kl_div: reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}")
 
@@ -136,32 +133,12 @@ def kl_div_bwd(grad_loss: torch.Tensor, target: torch.Tensor, input_dtype: torch
     return grad_input
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::kl_div_fwd", mutates_args=())
-def _kl_div_fwd_op(input: torch.Tensor, target: torch.Tensor, reduction: str, log_target: bool) -> torch.Tensor:
-    return kl_div_fwd(input, target, reduction, log_target)
-
-
-@_kl_div_fwd_op.register_fake
-def _(input, target, reduction, log_target):
-    shape = input.shape if reduction == "none" else ()
-    return input.new_empty(shape, dtype=_out_dtype(input, target))
-
-
-@torch.library.custom_op("fusion_advisor::kl_div_bwd", mutates_args=())
-def _kl_div_bwd_op(grad_loss: torch.Tensor, target: torch.Tensor, input_dtype: torch.dtype, reduction: str,
-                   log_target: bool) -> torch.Tensor:
-    return kl_div_bwd(grad_loss, target, input_dtype, reduction, log_target)
-
-
-@_kl_div_bwd_op.register_fake
-def _(grad_loss, target, input_dtype, reduction, log_target):
-    return target.new_empty(target.shape, dtype=input_dtype)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(kl_div_fwd, torch.ops.fusion_advisor.kl_div_fwd)
-_backward = eager_or_op(kl_div_bwd, torch.ops.fusion_advisor.kl_div_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::kl_div_fwd", fake=lambda input, target, reduction, log_target: input.new_empty(
+    input.shape if reduction == "none" else (), dtype=_out_dtype(input, target)))(kl_div_fwd)
+_backward = fused_op("fusion_advisor::kl_div_bwd", fake=lambda grad_loss, target, input_dtype, reduction, log_target: (
+    target.new_empty(target.shape, dtype=input_dtype)))(kl_div_bwd)
 
 
 class KLDivFunction(torch.autograd.Function):
@@ -227,8 +204,8 @@ def liger(input: torch.Tensor, target: torch.Tensor, reduction: str = "batchmean
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """input: log-softmax of N(0, 1) logits over the last dim; target: softmax (or log-softmax) of others."""
-    dtype = getattr(torch, params["dtype"])
-    tdtype = getattr(torch, params.get("target_dtype", params["dtype"]))
+    dtype = param_dtype(params)
+    tdtype = param_dtype(params, "target_dtype")
     log_target = params.get("log_target", False)
     shape = params["shape"]
     x = torch.randn(shape, device=device).log_softmax(-1).to(dtype).requires_grad_(requires_grad)
@@ -242,8 +219,8 @@ def fused_bytes(params: dict) -> dict:
     n = 1
     for d in params["shape"]:
         n *= d
-    e = getattr(torch, params["dtype"]).itemsize
-    t = getattr(torch, params.get("target_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    t = param_dtype(params, "target_dtype").itemsize
     o = max(e, t)
     if params.get("reduction", "batchmean") == "none":
         return {"forward": n * (e + t + o), "backward": n * (t + e + o)}
@@ -270,15 +247,10 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
             "reduction": reduction, "log_target": concrete[3] == "True"}
 
 
-PATTERN = register(FusionPattern(
-    name="kl_div",
+PATTERN = register_pattern(
+    __name__,
     description="KL divergence (F.kl_div's xlogy/mul/sub/sum/div chain) as one Triton pass each way",
-    reference=reference,
-    fused=kl_div,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(^| )kl_div( |$)",
-    params_from_ops=params_from_ops,
     modules=("KLDivLoss",),
     module_factory=KLDivLoss.from_module,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "reduction": "batchmean", "log_target": False},
@@ -286,4 +258,4 @@ PATTERN = register(FusionPattern(
                         "log_target": log_target}
                        for tokens in (4096, 16384) for vocab in (32768, 131072) for log_target in (False, True)),
     liger=liger,
-))
+)

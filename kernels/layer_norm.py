@@ -31,10 +31,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fusion_advisor.kernels import autocast, norm_core
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, eager_or_op
-from fusion_advisor.kernels.registry import (FusionPattern, Inputs, OpRecord, dtype_from_name, dtype_from_trace,
-                                             dtype_name, register)
+from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, dtype_from_trace,
+                                             dtype_name, register_pattern, training_shapes)
 
 
 # -- launchers --------------------------------------------------------------------------------------
@@ -91,59 +92,20 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, normalized_shape: Sequence
     return (dx.view(x.shape), *param_grads(dw, db, weight, bias, mean))
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(x: torch.Tensor, normalized_shape: list[int], weight: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_fwd(x, normalized_shape, weight, bias, eps)
-
-
-@_layer_norm_fwd_op.register_fake
-def _(x, normalized_shape, weight, bias, eps):
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+def _forward_fake(x, normalized_shape, weight, bias, eps):
     rows = x.numel() // max(1, math.prod(normalized_shape))
     stats = x.new_empty((rows,), dtype=torch.float32)
     return x.new_empty(x.shape), stats, stats.new_empty((rows,))
 
 
-@torch.library.custom_op("fusion_advisor::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, normalized_shape: list[int],
-                       weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor,
-                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd)
+_forward = fused_op("fusion_advisor::layer_norm_fwd", fake=_forward_fake)(layer_norm_fwd)
+_backward = fused_op("fusion_advisor::layer_norm_bwd", fake=lambda dy, x, normalized_shape, weight, bias, mean, rstd: (
+    x.new_empty(x.shape), *norm_core.fake_param_grads(mean, weight, bias)))(layer_norm_bwd)
 
 
-@_layer_norm_bwd_op.register_fake
-def _(dy, x, normalized_shape, weight, bias, mean, rstd):
-    return x.new_empty(x.shape), *fake_param_grads(mean, weight, bias)
-
-
-def fake_param_grads(like: torch.Tensor, weight: Optional[torch.Tensor],
-                     bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """What param_grads returns, as fakes."""
-    dw = weight.new_empty(weight.shape) if weight is not None else like.new_empty(0)
-    db = bias.new_empty(bias.shape) if bias is not None else like.new_empty(0)
-    return dw, db
-
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(layer_norm_fwd, torch.ops.fusion_advisor.layer_norm_fwd)
-_backward = eager_or_op(layer_norm_bwd, torch.ops.fusion_advisor.layer_norm_bwd)
-
-
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, normalized_shape, weight, bias, eps):
-        y, mean, rstd = _forward(x, normalized_shape, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.normalized_shape = normalized_shape
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward(dy, x, ctx.normalized_shape, weight, bias, mean, rstd)
-        return dx, None, dw if weight is not None else None, db if bias is not None else None, None
+LayerNormFunction = norm_core.affine_norm_function("LayerNormFunction", _forward, _backward)
 
 
 def _shape_list(normalized_shape) -> list[int]:
@@ -152,11 +114,10 @@ def _shape_list(normalized_shape) -> list[int]:
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
-    """Fused LayerNorm with F.layer_norm's arguments, forward and backward. Inside torch.autocast
-    it casts where eager's autocast does (on CUDA: a bf16/fp16 input runs, and returns, in fp32)."""
-    if autocast.upcasts("aten::layer_norm", x, weight, bias):
-        x, weight, bias = autocast.to_fp32(x, weight, bias)
-    return LayerNormFunction.apply(x, _shape_list(normalized_shape), weight, bias, eps)
+    """Fused LayerNorm with F.layer_norm's arguments, forward and backward; inside torch.autocast
+    it casts where eager's autocast does."""
+    return norm_core.apply_affine_norm(LayerNormFunction, "aten::layer_norm", x, _shape_list(normalized_shape), weight,
+                                       bias, eps)
 
 
 class LayerNorm(torch.nn.Module):
@@ -210,25 +171,16 @@ def liger(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = No
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """params: shape, dtype; optional normalized_shape (default: the last dim), weight and bias
     (bools, default True), weight_dtype (of both; default dtype), eps."""
-    dtype = dtype_from_name(params["dtype"])
-    wdtype = dtype_from_name(params.get("weight_dtype", params["dtype"]))
     normalized_shape = list(params.get("normalized_shape", params["shape"][-1:]))
-    x = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
-    weight = bias = None
-    if params.get("weight", True):
-        weight = (1.0 + 0.1 * torch.randn(normalized_shape, device=device)).to(wdtype).requires_grad_(requires_grad)
-    if params.get("bias", True):
-        bias = (0.1 * torch.randn(normalized_shape, device=device)).to(wdtype).requires_grad_(requires_grad)
-    grads = tuple(i for i, t in ((0, x), (2, weight), (3, bias)) if t is not None) if requires_grad else ()
-    return Inputs((x, normalized_shape, weight, bias), {"eps": params.get("eps", 1e-5)}, grad_inputs=grads)
+    return norm_core.affine_norm_inputs(params, device, requires_grad, normalized_shape, normalized_shape)
 
 
 def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     n = math.prod(params.get("normalized_shape", shape[-1:]))
     m = math.prod(shape) // n
-    e = dtype_from_name(params["dtype"]).itemsize
-    w = dtype_from_name(params.get("weight_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    w = param_dtype(params, "weight_dtype").itemsize
     n_params = int(params.get("weight", True)) + int(params.get("bias", True))
     weight_read = n * w if params.get("weight", True) else 0
     programs = norm_core.backward_programs_for(n, m, params.get("num_sms", 132), e)
@@ -282,20 +234,14 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
     return layer_norm_params(op) if op is not None else None
 
 
-PATTERN = register(FusionPattern(
-    name="layer_norm",
+PATTERN = register_pattern(
+    __name__,
     description="LayerNorm (F.layer_norm): one Triton kernel forward, one (not two) backward",
-    reference=reference,
-    fused=layer_norm,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"(?:^| )(?:native_)?layer_norm(?= |$)",
-    params_from_ops=params_from_ops,
     modules=("LayerNorm",),
     module_import="fusion_advisor.kernels.layer_norm:LayerNorm",
     module_factory=LayerNorm.from_module,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-5},
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-5}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    bench_params=training_shapes(lambda tokens, hidden: {"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-5}),
     liger=liger,
-))
+)

@@ -54,11 +54,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype
+from fusion_advisor.kernels.common import backward_once, cdiv, check_device, check_dtype
 from fusion_advisor.kernels.cross_entropy import _cross_entropy_fwd_kernel, _vocab_block, is_hf_causal_lm_loss
 from fusion_advisor import calls
-from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Inputs, OpRecord, dtype_from_trace,
-                                             dtype_name, register)
+from fusion_advisor.kernels.registry import (FunctionPatch, Inputs, OpRecord, dtype_from_trace,
+                                             dtype_name, param_dtype, register_pattern)
 
 REDUCTIONS = ("mean", "sum")
 
@@ -162,11 +162,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # The saved gradients are scaled in place: a second backward would scale them twice.
-        if ctx.grad_consumed:
-            raise RuntimeError("linear_cross_entropy: backward ran twice through the same loss "
-                               "(retain_graph=True); the fused gradients can be used once")
-        ctx.grad_consumed = True
+        backward_once(ctx, "linear_cross_entropy", "the fused gradients")  # they are scaled in place
         grads = [g.mul_(grad_loss) if g is not None else None for g in ctx.saved_tensors]
         return grads[0], grads[1], None, grads[2], None, None, None, None
 
@@ -232,7 +228,7 @@ def params_from_lm_head(linear: OpRecord, loss_params: dict) -> dict | None:
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """hidden ~ N(0, 1), weight ~ N(0, 4/H) (logits ~ N(0, 2^2)), bias ~ N(0, 1) when params["bias"],
     targets uniform, `ignored` (default 0.1) of them ignore_index."""
-    dtype = getattr(torch, params["dtype"])
+    dtype = param_dtype(params)
     tokens, n_hidden, vocab = params["tokens"], params["hidden"], params["vocab"]
     ignore_index = params.get("ignore_index", -100)
     hidden = torch.randn(tokens, n_hidden, device=device).to(dtype).requires_grad_(requires_grad)
@@ -255,7 +251,7 @@ def fused_bytes(params: dict) -> dict:
     written; the logits chunk is written, read twice and overwritten by the CE kernel, then read by
     the two gradient GEMMs. Backward scales grad_hidden and grad_weight in place (read + write)."""
     n, h, v = params["tokens"], params["hidden"], params["vocab"]
-    e = getattr(torch, params["dtype"]).itemsize
+    e = param_dtype(params).itemsize
     rows = params.get("chunk_rows") or default_chunk_rows(n, h, v)
     chunks = cdiv(n, rows)
     acc = 4 if params.get("grad_weight_fp32", True) else e
@@ -415,14 +411,10 @@ def check_hf_forward(model, original, replacement) -> str | None:
             m.training = training
 
 
-PATTERN = register(FusionPattern(
-    name="linear_cross_entropy",
+PATTERN = register_pattern(
+    __name__,
     description="LM head + cross-entropy in row chunks: the (tokens, vocab) logits never exist; the "
                 "gradients are computed in the forward",
-    reference=reference,
-    fused=linear_cross_entropy,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     # No forward_signature: the LM head's GEMM is never inside a memory-bound chain. The analyzer
     # derives this candidate from a matched cross_entropy cluster and the linear that fed it
     # (analyzers/lm_head_loss.py, params_from_lm_head above).
@@ -434,4 +426,4 @@ PATTERN = register(FusionPattern(
                        for tokens, hidden, vocab in ((4096, 2048, 32000), (8192, 4096, 128256))),
     function_patches=(InstanceForwardPatch("forward", "instance", is_hf_causal_lm_forward, hf_causal_lm_forward,
                                            lambda model: [], check=check_hf_forward),),
-))
+)

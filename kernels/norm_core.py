@@ -45,6 +45,8 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.cost_model.device import cache_dir
+from fusion_advisor.kernels import autocast
+from fusion_advisor.kernels.registry import Inputs, param_dtype
 from fusion_advisor.kernels.common import cdiv, interpreting, next_power_of_2, sm_count
 
 MAX_BLOCK_N = 65536     # a row held in registers: wider rows are refused with a clear error
@@ -524,3 +526,64 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c,
             num_warps=4)
     return dx, dw, db
+
+
+# -- autograd glue shared by the norm patterns --------------------------------------------------------
+def sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
+    """The dtype of residual + x: the add + norm patterns' returned residual."""
+    return torch.promote_types(x.dtype, residual.dtype)
+
+
+def fake_param_grads(like: torch.Tensor, weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A norm launcher's (dweight, dbias), as fakes: empty for a missing parameter."""
+    dw = weight.new_empty(weight.shape) if weight is not None else like.new_empty(0)
+    db = bias.new_empty(bias.shape) if bias is not None else like.new_empty(0)
+    return dw, db
+
+
+def affine_norm_function(name: str, forward, backward) -> type:
+    """The autograd.Function of a norm called as F.layer_norm and F.group_norm are, (x, shape,
+    weight, bias, eps) -> y, `shape` (normalized_shape, num_groups) passed to the launchers as given.
+    `forward` / `backward` are its fused_op dispatchers: (y, mean, rstd) and (dx, dweight, dbias)."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, shape, weight, bias, eps):
+            y, mean, rstd = forward(x, shape, weight, bias, eps)
+            ctx.save_for_backward(x, weight, bias, mean, rstd)
+            ctx.shape = shape
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, weight, bias, mean, rstd = ctx.saved_tensors
+            dx, dw, db = backward(dy, x, ctx.shape, weight, bias, mean, rstd)
+            return dx, None, dw if weight is not None else None, db if bias is not None else None, None
+
+    Function.__name__ = Function.__qualname__ = name
+    return Function
+
+
+def affine_norm_inputs(params: dict, device: torch.device, requires_grad: bool, shape, param_shape) -> Inputs:
+    """Inputs of a norm called as F.layer_norm / F.group_norm are: x of params' shape and dtype,
+    `shape` (normalized_shape, num_groups), and a weight (about 1) and a bias (about 0) of
+    `param_shape` in params' weight_dtype, unless params' `weight` / `bias` say False."""
+    wdtype = param_dtype(params, "weight_dtype")
+    x = torch.randn(params["shape"], dtype=param_dtype(params), device=device, requires_grad=requires_grad)
+    weight = bias = None
+    if params.get("weight", True):
+        weight = (1.0 + 0.1 * torch.randn(param_shape, device=device)).to(wdtype).requires_grad_(requires_grad)
+    if params.get("bias", True):
+        bias = (0.1 * torch.randn(param_shape, device=device)).to(wdtype).requires_grad_(requires_grad)
+    grads = tuple(i for i, t in ((0, x), (2, weight), (3, bias)) if t is not None) if requires_grad else ()
+    return Inputs((x, shape, weight, bias), {"eps": params.get("eps", 1e-5)}, grad_inputs=grads)
+
+
+def apply_affine_norm(function: type, aten_name: str, x: torch.Tensor, shape, weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """`function` (an affine_norm_function) on these arguments, cast where eager's torch.autocast
+    casts the aten op `aten_name` (on CUDA: a bf16/fp16 input runs, and returns, in fp32)."""
+    if autocast.upcasts(aten_name, x, weight, bias):
+        x, weight, bias = autocast.to_fp32(x, weight, bias)
+    return function.apply(x, shape, weight, bias, eps)

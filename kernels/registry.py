@@ -1,4 +1,7 @@
-"""The pattern registry: every fused op registers one FusionPattern, once, at import.
+"""The pattern registry: every fused op registers one FusionPattern, once, when its module is
+imported. The lookups (`get`, `all_patterns`, `match`, `resolve`) import PATTERN_MODULES on their
+first call, so importing the registry (or the cost model) imports no kernel module, Triton, or
+custom op.
 
 A FusionPattern ties together what the rest of the loop needs from a fused op:
   - how to recognise it in a traced cluster (`forward_signature` over the cluster's op names,
@@ -7,12 +10,14 @@ A FusionPattern ties together what the rest of the loop needs from a fused op:
     (`reference`) and the Triton replacement (`fused`);
   - how many bytes one fused launch moves (`fused_bytes`), which the cost model prices.
 
-Adding a pattern = one new file in kernels/ that calls `register(...)`, and one line in
-`kernels/__init__.py`'s list of modules.
+Adding a pattern = one new file in kernels/ that calls `register_pattern(__name__, ...)`, and one
+line in PATTERN_MODULES below.
 """
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -20,6 +25,7 @@ import torch
 
 from fusion_advisor.core.dtypes import dtype_from_name, dtype_from_trace, dtype_name  # noqa: F401 (the patterns import them here)
 from fusion_advisor.core.records import OpRecord, short_op_name  # noqa: F401
+from fusion_advisor.core.result import is_generated
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,36 @@ class FusionPattern:
 
 _REGISTRY: dict[str, FusionPattern] = {}
 
+# The modules that register the hand-written patterns (kernels/<name>.py), imported on first lookup.
+PATTERN_MODULES: list[str] = [
+    "rms_norm",
+    "softmax",
+    "bias_act",
+    "swiglu",
+    "geglu",
+    "rope",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "kl_div",
+    "embedding_add",
+    "dropout_add",
+    "add_rms_norm",
+    "layer_norm",
+    "add_layer_norm",
+    "group_norm",
+]
+_loaded = False
+
+
+def _load_patterns() -> None:
+    """Import every pattern module once (each registers its pattern and custom ops on import)."""
+    global _loaded
+    if _loaded:
+        return
+    for name in PATTERN_MODULES:
+        importlib.import_module(f"fusion_advisor.kernels.{name}")
+    _loaded = True
+
 
 def register(pattern: FusionPattern) -> FusionPattern:
     if pattern.name in _REGISTRY:
@@ -121,7 +157,26 @@ def register(pattern: FusionPattern) -> FusionPattern:
     return pattern
 
 
+# What a pattern file kernels/<name>.py defines under these names, register_pattern takes from it.
+_BY_CONVENTION = ("reference", "make_inputs", "fused_bytes", "params_from_ops")
+
+
+def register_pattern(module_name: str, **fields) -> FusionPattern:
+    """register(FusionPattern(...)) for the pattern file `module_name` (call it with __name__ at the
+    end of the file): the name is the file's stem, `fused` its functional of that name, and
+    reference / make_inputs / fused_bytes / params_from_ops the file's functions so named; `fields`
+    gives the rest, and overrides any of these."""
+    module = sys.modules[module_name]
+    name = fields.setdefault("name", module_name.rsplit(".", 1)[-1])
+    fields.setdefault("fused", getattr(module, name))
+    for field_name in _BY_CONVENTION:
+        if field_name not in fields and hasattr(module, field_name):
+            fields[field_name] = getattr(module, field_name)
+    return register(FusionPattern(**fields))
+
+
 def get(name: str) -> FusionPattern:
+    _load_patterns()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -130,16 +185,31 @@ def get(name: str) -> FusionPattern:
 
 
 def all_patterns() -> list[FusionPattern]:
+    _load_patterns()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def match(ops: Sequence[OpRecord]) -> tuple[FusionPattern, dict] | None:
     """The first registered pattern that matches the ops (longest signature first)."""
+    _load_patterns()
     for pattern in sorted(_REGISTRY.values(), key=lambda p: -len(p.forward_signature)):
         params = pattern.match(ops)
         if params is not None:
             return pattern, params
     return None
+
+
+def resolve(name: str, params: dict | None = None) -> FusionPattern:
+    """A pattern by name: a registered one, or a generated one ("generic:<hash>") rebuilt from the
+    cluster's pattern_params. KeyError when neither."""
+    if not is_generated(name):
+        return get(name)
+    from fusion_advisor.kernels.codegen.candidate import pattern_from_params
+    pattern = pattern_from_params(params or {})
+    if pattern.name != name:
+        raise KeyError(f"the params rebuild {pattern.name}, not {name} (a different fusion-advisor version?)")
+    return pattern
+
 
 
 def with_residual_add(add: OpRecord | None, params: dict | None) -> dict | None:
@@ -166,3 +236,15 @@ def with_residual_add(add: OpRecord | None, params: dict | None) -> dict | None:
     if r_dtype != x_dtype:
         params["residual_dtype"] = dtype_name(r_dtype)
     return params
+
+
+def param_dtype(params: dict, key: str = "dtype") -> torch.dtype:
+    """The dtype a pattern's params name under `key` ("weight_dtype", "residual_dtype", ...), the
+    params' "dtype" where they name none (the operand has the input's dtype)."""
+    return dtype_from_name(params.get(key, params["dtype"]))
+
+
+def training_shapes(params: Callable[[int, int], dict]) -> tuple[dict, ...]:
+    """bench_params over LLM-training sizes: `params(tokens, hidden)` for 4K, 16K and 32K tokens a
+    step by hidden sizes 1024, 4096 and 8192."""
+    return tuple(params(tokens, hidden) for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192))

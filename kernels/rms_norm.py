@@ -20,8 +20,10 @@ import math
 import torch
 
 from fusion_advisor.kernels import norm_core
-from fusion_advisor.kernels.common import as_rows, check_device, check_dtype, eager_or_op
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, register
+from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, param_dtype, register_pattern,
+                                             training_shapes)
 
 
 def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -48,34 +50,13 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return dx.view(x.shape), dw
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y, rstd = rms_norm_fwd(x, weight, eps)
-    return y, rstd
-
-
-@_rms_norm_fwd_op.register_fake
-def _(x, weight, eps):
-    rows = x.numel() // x.shape[-1] if x.dim() else 1
-    return x.new_empty(x.shape, dtype=_out_dtype(x, weight)), x.new_empty((rows,), dtype=torch.float32)
-
-
-@torch.library.custom_op("fusion_advisor::rms_norm_bwd", mutates_args=())
-def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                     rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return rms_norm_bwd(dy, x, weight, rstd)
-
-
-@_rms_norm_bwd_op.register_fake
-def _(dy, x, weight, rstd):
-    # dx is allocated contiguous (from the row view), whatever x's strides: say so here too.
-    return x.new_empty(x.shape), torch.empty_like(weight)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(rms_norm_fwd, torch.ops.fusion_advisor.rms_norm_fwd)
-_backward = eager_or_op(rms_norm_bwd, torch.ops.fusion_advisor.rms_norm_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::rms_norm_fwd", fake=lambda x, weight, eps: (
+    x.new_empty(x.shape, dtype=_out_dtype(x, weight)),
+    x.new_empty((x.numel() // x.shape[-1] if x.dim() else 1,), dtype=torch.float32)))(rms_norm_fwd)
+# dx is allocated contiguous (from the row view), whatever x's strides: so is its fake.
+_backward = fused_op("fusion_advisor::rms_norm_bwd", like=("x", "weight"))(rms_norm_bwd)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -138,8 +119,8 @@ def liger(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Ten
 
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
-    dtype = getattr(torch, params["dtype"])
-    wdtype = getattr(torch, params.get("weight_dtype", params["dtype"]))
+    dtype = param_dtype(params)
+    wdtype = param_dtype(params, "weight_dtype")
     x = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
     w = (1.0 + 0.1 * torch.randn(params["shape"][-1], device=device)).to(wdtype).requires_grad_(requires_grad)
     return Inputs((x, w), {"eps": params.get("eps", 1e-6)}, grad_inputs=(0, 1) if requires_grad else ())
@@ -149,8 +130,8 @@ def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     n = shape[-1]
     m = math.prod(shape[:-1])
-    e = getattr(torch, params["dtype"]).itemsize
-    w = getattr(torch, params.get("weight_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    w = param_dtype(params, "weight_dtype").itemsize
     o = max(e, w)
     programs = norm_core.backward_programs_for(n, m, params.get("num_sms", 132), e)
     return {"forward": m * n * (e + o) + n * w + 4 * m,
@@ -186,20 +167,14 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
             "weight_dtype": str(w_dtype).replace("torch.", ""), "eps": eps}
 
 
-PATTERN = register(FusionPattern(
-    name="rms_norm",
+PATTERN = register_pattern(
+    __name__,
     description="RMSNorm (LlamaRMSNorm-style pow/mean/rsqrt/mul chain) as one Triton kernel each way",
-    reference=reference,
-    fused=rms_norm,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"pow mean add rsqrt mul",
-    params_from_ops=params_from_ops,
     modules=("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "RMSNorm"),
     module_factory=RMSNorm.from_module,
     module_import="fusion_advisor.kernels.rms_norm:RMSNorm",
     example_params={"shape": [6, 42, 431], "dtype": "float32", "eps": 1e-6},
-    bench_params=tuple({"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-6}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    bench_params=training_shapes(lambda tokens, hidden: {"shape": [tokens, hidden], "dtype": "bfloat16", "eps": 1e-6}),
     liger=liger,
-))
+)

@@ -34,9 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import check_device, check_dtype, eager_or_op, next_power_of_2
-from fusion_advisor.kernels.registry import (FunctionPatch, FusionPattern, Rewrite, Inputs, OpRecord, dtype_from_trace,
-                                             dtype_name, register)
+from fusion_advisor.kernels.common import check_device, check_dtype, next_power_of_2
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (FunctionPatch, Inputs, OpRecord, Rewrite, dtype_from_trace,
+                                             dtype_name, param_dtype, register_pattern, training_shapes)
 
 
 @triton.jit
@@ -156,33 +157,12 @@ def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin:
     return dq, dk
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::rope_fwd", mutates_args=())
-def _rope_fwd_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_fwd(q, k, cos, sin)
-
-
-@_rope_fwd_op.register_fake
-def _(q, k, cos, sin):
-    out = _out_dtype(q, cos)
-    return _out_like(q, out), _out_like(k, out)
-
-
-@torch.library.custom_op("fusion_advisor::rope_bwd", mutates_args=())
-def _rope_bwd_op(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_bwd(dq_out, dk_out, cos, sin, dtype)
-
-
-@_rope_bwd_op.register_fake
-def _(dq_out, dk_out, cos, sin, dtype):
-    return _out_like(dq_out, dtype), _out_like(dk_out, dtype)
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(rope_fwd, torch.ops.fusion_advisor.rope_fwd)
-_backward = eager_or_op(rope_bwd, torch.ops.fusion_advisor.rope_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::rope_fwd", fake=lambda q, k, cos, sin: (
+    _out_like(q, _out_dtype(q, cos)), _out_like(k, _out_dtype(q, cos))))(rope_fwd)
+_backward = fused_op("fusion_advisor::rope_bwd", fake=lambda dq_out, dk_out, cos, sin, dtype: (
+    _out_like(dq_out, dtype), _out_like(dk_out, dtype)))(rope_bwd)
 
 
 class RoPEFunction(torch.autograd.Function):
@@ -235,7 +215,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     """params: q_shape (B, H, S, D), k_heads, dtype, cos_batch (1 or B, default 1), cos_dtype.
     q and k are built as Llama builds them, `view(B, S, H, D).transpose(1, 2)` (strided), unless
     params["layout"] == "contiguous"; cos/sin as LlamaRotaryEmbedding makes them."""
-    dtype = getattr(torch, params["dtype"])
+    dtype = param_dtype(params)
     b, h, s, d = params["q_shape"]
     hk = params.get("k_heads", h)
 
@@ -250,15 +230,15 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     pos = torch.arange(s, device=device, dtype=torch.float32)[None].expand(cos_batch, s)
     freqs = pos[:, :, None] * inv_freq[None, None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    cdtype = getattr(torch, params.get("cos_dtype", params["dtype"]))
+    cdtype = param_dtype(params, "cos_dtype")
     return Inputs((q, k, emb.cos().to(cdtype), emb.sin().to(cdtype)), grad_inputs=(0, 1) if requires_grad else ())
 
 
 def fused_bytes(params: dict) -> dict:
     b, h, s, d = params["q_shape"]
     hk = params.get("k_heads", h)
-    e = getattr(torch, params["dtype"]).itemsize
-    c = getattr(torch, params.get("cos_dtype", params["dtype"])).itemsize
+    e = param_dtype(params).itemsize
+    c = param_dtype(params, "cos_dtype").itemsize
     o = max(e, c)
     qk = b * (h + hk) * s * d
     cos_sin = 2 * params.get("cos_batch", 1) * s * d * c
@@ -346,23 +326,19 @@ def hf_rope_example_inputs(model) -> list[Inputs]:
     return [make_inputs(params, ref.device, True), make_inputs({**params, "k_heads": 1}, ref.device, True)]
 
 
-PATTERN = register(FusionPattern(
-    name="rope",
+PATTERN = register_pattern(
+    __name__,
     description="rotary position embedding (rotate_half) on q and k in one Triton launch each way",
-    reference=reference,
-    fused=rope,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"\bmul (?:\S+ ){0,4}neg cat mul add\b",
-    params_from_ops=params_from_ops,
     example_params={"q_shape": [2, 4, 9, 16], "k_heads": 2, "dtype": "float32"},
     # tokens = B * S in 4k-32k at S = 4096; hidden = H * 128 in 1k-8k; 8 kv heads (GQA, Llama-3).
-    bench_params=tuple({"q_shape": [tokens // 4096, hidden // 128, 4096, 128], "k_heads": 8, "dtype": "bfloat16"}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    bench_params=training_shapes(lambda tokens, hidden:
+                                 {"q_shape": [tokens // 4096, hidden // 128, 4096, 128], "k_heads": 8,
+                                  "dtype": "bfloat16"}),
     liger=liger,
     # The traced chain is HF's apply_rotary_pos_emb itself: its calls are what change.
     rewrites=(Rewrite("apply_rotary_pos_emb($q, $k, $cos, $sin)", "rope($q, $k, $cos, $sin)",
                       ("from fusion_advisor.kernels.rope import rope",), scope="file"),),
     function_patches=(FunctionPatch("apply_rotary_pos_emb", "module_global", is_hf_apply_rotary_pos_emb,
                                     hf_apply_rotary_pos_emb, hf_rope_example_inputs),),
-))
+)

@@ -39,8 +39,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, eager_or_op, interpreting, row_block
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, dtype_from_trace, dtype_name, register
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, interpreting, row_block
+from fusion_advisor.kernels.fused_op import fused_op
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, dtype_name, param_dtype,
+                                             register_pattern)
 
 
 @triton.jit
@@ -197,31 +199,12 @@ def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float, causal: bool, s
     return dx, dz
 
 
-# torch.library registration: a patched model still runs under torch.compile(fullgraph=True).
-@torch.library.custom_op("fusion_advisor::softmax_fwd", mutates_args=())
-def _softmax_fwd_op(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
-    return softmax_fwd(scores, mask, scale, causal)
-
-
-@_softmax_fwd_op.register_fake
-def _(scores, mask, scale, causal):
-    return scores.new_empty(scores.shape, dtype=_out_dtype(scores, mask))
-
-
-@torch.library.custom_op("fusion_advisor::softmax_bwd", mutates_args=())
-def _softmax_bwd_op(dy: torch.Tensor, y: torch.Tensor, scale: float, causal: bool, scores_dtype: torch.dtype,
-                    with_dz: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return softmax_bwd(dy, y, scale, causal, scores_dtype, with_dz)
-
-
-@_softmax_bwd_op.register_fake
-def _(dy, y, scale, causal, scores_dtype, with_dz):
-    return y.new_empty(y.shape, dtype=scores_dtype), y.new_empty(y.shape if with_dz else (0,))
-
-
-# Eager calls run the launchers directly; traced code calls the registered ops (see eager_or_op).
-_forward = eager_or_op(softmax_fwd, torch.ops.fusion_advisor.softmax_fwd)
-_backward = eager_or_op(softmax_bwd, torch.ops.fusion_advisor.softmax_bwd)
+# torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
+# the launchers directly (see fused_op).
+_forward = fused_op("fusion_advisor::softmax_fwd", fake=lambda scores, mask, scale, causal: scores.new_empty(
+    scores.shape, dtype=_out_dtype(scores, mask)))(softmax_fwd)
+_backward = fused_op("fusion_advisor::softmax_bwd", fake=lambda dy, y, scale, causal, scores_dtype, with_dz: (
+    y.new_empty(y.shape, dtype=scores_dtype), y.new_empty(y.shape if with_dz else (0,))))(softmax_bwd)
 
 
 class SoftmaxFunction(torch.autograd.Function):
@@ -280,13 +263,13 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     """params: shape, dtype, scale, mask ("none" | "causal" | "additive"), for "additive" also
     mask_shape and mask_dtype (default: scores' dtype) and mask_grad (default False). An additive
     mask is random (a learned bias) with its last quarter of keys at finfo.min (padding, HF style)."""
-    dtype = getattr(torch, params["dtype"])
+    dtype = param_dtype(params)
     shape = params["shape"]
     scores = (2.0 * torch.randn(shape, device=device)).to(dtype).requires_grad_(requires_grad)
     kind = params.get("mask", "none")
     mask = None
     if kind == "additive":
-        mdtype = getattr(torch, params.get("mask_dtype", params["dtype"]))
+        mdtype = param_dtype(params, "mask_dtype")
         mask = torch.randn(params["mask_shape"], device=device)
         mask[..., 3 * shape[-1] // 4:] = torch.finfo(mdtype).min
         mask = mask.to(mdtype).requires_grad_(requires_grad and params.get("mask_grad", False))
@@ -307,12 +290,12 @@ def _kept(shape: list[int], causal: bool) -> int:
 def fused_bytes(params: dict) -> dict:
     shape = params["shape"]
     total = math.prod(shape)
-    e = getattr(torch, params["dtype"]).itemsize
+    e = param_dtype(params).itemsize
     kind = params.get("mask", "none")
     kept = _kept(shape, kind == "causal")
     mask_bytes, o = 0, e
     if kind == "additive":
-        m = getattr(torch, params.get("mask_dtype", params["dtype"])).itemsize
+        m = param_dtype(params, "mask_dtype").itemsize
         mask_bytes, o = math.prod(params["mask_shape"]) * m, max(e, m)
     backward = 2 * kept * o + total * e
     if kind == "additive" and params.get("mask_grad", False):
@@ -372,16 +355,11 @@ def _traced_scale(op: OpRecord) -> float:
     return value
 
 
-PATTERN = register(FusionPattern(
-    name="softmax",
+PATTERN = register_pattern(
+    __name__,
     description="scaled, masked attention softmax (scale, mask or causal fill, softmax) as one Triton kernel each way",
-    reference=reference,
-    fused=softmax,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=(r"\b(?:mul|div) (?:\S+ ){0,3}(?:(?:masked_fill_?|add) (?:\S+ ){0,2})?_?softmax\b"
                        r"|\b(?:masked_fill_?|add) (?:\S+ ){0,2}_?softmax\b"),
-    params_from_ops=params_from_ops,
     example_params={"shape": [2, 3, 37, 37], "dtype": "float32", "scale": 0.125, "mask": "causal"},
     # Attention scores (B, H, S, S) of tokens = B * S in 4k-16k, H = hidden / 128 for hidden 1k and
     # 4k; sequence 1k and 4k. Causal (GPT-2), then a padding mask (B, 1, S, S) (BERT, HF).
@@ -391,4 +369,4 @@ PATTERN = register(FusionPattern(
     + tuple({"shape": [tokens // seq, 16, seq, seq], "dtype": "bfloat16", "scale": 0.125, "mask": "additive",
              "mask_shape": [tokens // seq, 1, seq, seq]}
             for tokens, seq in ((4096, 1024), (16384, 1024), (8192, 4096))),
-))
+)

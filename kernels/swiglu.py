@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from fusion_advisor.kernels.glu import GatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
-from fusion_advisor.kernels.registry import FusionPattern, Inputs, OpRecord, Rewrite, register
+from fusion_advisor.kernels.registry import (Inputs, OpRecord, Rewrite, param_dtype, register_pattern,
+                                             training_shapes)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ def liger(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
-    dtype = getattr(torch, params["dtype"])
+    dtype = param_dtype(params)
     gate = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
     up = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
     return Inputs((gate, up), grad_inputs=(0, 1) if requires_grad else ())
@@ -70,21 +71,16 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
     return glu_params_from_ops(ops, ("silu", "silu_"))
 
 
-PATTERN = register(FusionPattern(
-    name="swiglu",
+PATTERN = register_pattern(
+    __name__,
     description="SwiGLU MLP activation silu(gate) * up as one Triton kernel each way",
-    reference=reference,
-    fused=swiglu,
-    make_inputs=make_inputs,
-    fused_bytes=fused_bytes,
     forward_signature=r"\bsilu_? (?:\S+ ){0,2}mul\b",
-    params_from_ops=params_from_ops,
     modules=("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"),
     module_factory=SwiGLUMLP.from_module,
     rewrites=(Rewrite("F.silu($gate) * $up", "swiglu($gate, $up)", ("from fusion_advisor.kernels.swiglu import swiglu",)),),
     example_params={"shape": [6, 42, 431], "dtype": "float32"},
-    bench_params=tuple({"shape": [tokens, gated_mlp_width(hidden)], "dtype": "bfloat16"}
-                       for tokens in (4096, 16384, 32768) for hidden in (1024, 4096, 8192)),
+    bench_params=training_shapes(lambda tokens, hidden:
+                                 {"shape": [tokens, gated_mlp_width(hidden)], "dtype": "bfloat16"}),
     liger=liger,
     counted_as="glu",  # its launches are glu.py's, shared with the other gated MLP
-))
+)

@@ -5,17 +5,9 @@ the test modules import fusion_advisor.kernels.
 """
 import os
 import pathlib
-import sys
 import tempfile
 
-# `python -m pytest` puts the working directory first on sys.path. At the repository root our
-# kernels/ folder (installed as fusion_advisor.kernels) would then shadow Hugging Face's `kernels`
-# package, which transformers >= 5.2x requires and imports ("cannot import name 'CUDAProperties'
-# from 'kernels'"): the tests import this project only as the installed fusion_advisor.
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if pathlib.Path(p or os.getcwd()).resolve() != _ROOT]
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,12 +1,14 @@
 """The generated module as a whole: header, the runtime helpers, SPEC, the two kernels (emit.py),
-the launch-plan cache, their launchers, the torch.library ops, the autograd Function, `fused`,
-and the eager `reference` (the traced aten ops, one call each).
+the launch-plan cache, their launchers, the torch.library ops (kernels/fused_op.py's decorator, as
+hand-written kernels register theirs), the autograd Function, `fused`, and the eager `reference`
+(the traced aten ops, one call each).
 
 The host path is kept short because it runs on every call, and on small tensors its CPU time,
 not the kernel, sets the pace: an eager call builds a key from its inputs' shapes, dtypes and
 devices, looks its LaunchPlan up (runtime.plan_launches computes one per new key), allocates and
 launches. It enters the autograd Function only when an input needs a gradient, and the custom
-ops only under torch.compile (which cannot trace a launch).
+ops only under torch.compile (which cannot trace a launch) or for tensors a launch cannot take
+(fake, meta, subclasses).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fusion_advisor.kernels import fused_op as fused_op_module
 from fusion_advisor.kernels.codegen import runtime
 from fusion_advisor.kernels.codegen.emit import KernelWriter, Layout, partition, spec_of
 from fusion_advisor.kernels.codegen.graph import Graph, eager_args
@@ -39,18 +42,25 @@ def module_source(graph: Graph, name: str, header: str) -> GeneratedModule:
     parts = [f'"""{header}"""',
              _banner("shared helpers, the same in every generated module (fusion_advisor/kernels/codegen/runtime.py)"),
              runtime_source(),
+             fused_op_source(),
              _banner(f"this chain: {name}"),
              _spec_literal({**spec_of(graph, layout, name), "reduction": graph.reduction is not None,
                             "forward_constants": tuple(forward.consts), "backward_constants": tuple(backward.consts)}),
              *kernels,
              host.output(), host.plan(), host.forward(), host.backward(),
-             host.fakes(), host.registration(), host.dispatch(), host.function(), host.fused(),
+             host.fakes(), host.ops(), host.function(), host.fused(),
              reference_source(graph)]
     return GeneratedModule(name, "\n\n\n".join(p.strip("\n") for p in parts) + "\n", layout)
 
 
 def runtime_source() -> str:
     text = inspect.getsource(runtime)
+    return text[text.index(_RUNTIME_MARKER) + len(_RUNTIME_MARKER):]
+
+
+def fused_op_source() -> str:
+    """kernels/fused_op.py's decorator: generated kernels register and dispatch as hand-written ones."""
+    text = inspect.getsource(fused_op_module)
     return text[text.index(_RUNTIME_MARKER) + len(_RUNTIME_MARKER):]
 
 
@@ -231,34 +241,13 @@ class _Host:
                 f"def _backward_fake(dout, {args}, wanted):\n"
                 f"    return [torch.empty_like(t) for t, w in zip([{grads}], wanted) if w]")
 
-    def registration(self) -> str:
-        n = self.name
-        return (f"# torch.library ops: a patched model still runs under torch.compile. A second import of this\n"
-                f"# code (from another path) finds the ops registered and uses them.\n"
-                f"if not hasattr(torch.ops.fusion_kernels, \"{n}_fwd\"):\n"
-                f"    torch.library.custom_op(\"fusion_kernels::{n}_fwd\", _forward, mutates_args=()).register_fake(_forward_fake)\n"
-                f"    torch.library.custom_op(\"fusion_kernels::{n}_bwd\", _backward, mutates_args=()).register_fake(_backward_fake)")
-
-    def dispatch(self) -> str:
-        args = ", ".join(self.ins + self.scalars)
+    def ops(self) -> str:
         n = self.name
         counted = "generic:" + n[2:] if n.startswith("g_") else n
-        return (f"try:  # each eager call is counted, so `fusion-advisor apply --verify` can prove this kernel ran\n"
-                f"    from fusion_advisor.calls import hit as _count_call\n"
-                f"except ImportError:  # the module also runs without fusion-advisor installed\n"
-                f"    def _count_call(name):\n"
-                f"        pass\n\n\n"
-                f"# Eager calls launch directly. torch.compile cannot trace a launch: there the custom op stands in,\n"
-                f"# its fake telling the compiler the outputs' shapes.\n"
-                f"def _run_forward({args}):\n"
-                f"    if torch.compiler.is_compiling():\n"
-                f"        return torch.ops.fusion_kernels.{n}_fwd({args})\n"
-                f"    _count_call(\"{counted}\")\n"
-                f"    return _forward({args})\n\n\n"
-                f"def _run_backward(dout, {args}, wanted):\n"
-                f"    if torch.compiler.is_compiling():\n"
-                f"        return torch.ops.fusion_kernels.{n}_bwd(dout, {args}, wanted)\n"
-                f"    return _backward(dout, {args}, wanted)")
+        return (f"# torch.library ops: a patched model still runs under torch.compile, the fakes telling the compiler\n"
+                f"# the outputs' shapes. Eager calls launch directly, the forward counted for `apply --verify`.\n"
+                f"_run_forward = fused_op(\"fusion_kernels::{n}_fwd\", fake=_forward_fake, counted_as=\"{counted}\")(_forward)\n"
+                f"_run_backward = fused_op(\"fusion_kernels::{n}_bwd\", fake=_backward_fake)(_backward)")
 
     def function(self) -> str:
         args = self.ins + self.scalars
