@@ -131,6 +131,11 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
         bench = result.primary_benchmark(cluster) if cluster is not None else None
         if _chose_compile(rec, cluster, bench, result, memory, out):
             continue
+        if out.providers[-1]["provider"] is None and rec.kind != "memory":
+            # measured, and nothing beat eager in the step's own terms (host time counted where the
+            # host is on the critical path: AdvisorResult.host_counts)
+            out.notes.append(f"#{rec.rank} {rec.title}: not applied: {out.providers[-1]['why']}")
+            continue
         if rec.kind == "memory" and not memory:
             out.notes.append(f"#{rec.rank} {rec.title}: a memory trade, not applied without --memory")
             continue
@@ -213,7 +218,7 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
 def _chose_compile(rec, cluster, bench, result: AdvisorResult, memory: bool, out: ApplyPlan) -> bool:
     """Record which provider this cluster gets (out.providers); True when it is regional
     torch.compile (then planned here, as the runtime patch "compile:<ModuleClass>")."""
-    choice = provider_choice.choose(rec, cluster, bench, result.is_launch_bound(), memory)
+    choice = provider_choice.choose(rec, cluster, bench, result.host_counts(), memory)
     out.providers.append(choice.as_dict())
     if choice.provider != "compile":
         return False

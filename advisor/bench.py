@@ -107,7 +107,7 @@ def _bench_cluster(cluster, result, registry, device, options, graphs, cache) ->
     if device is None:
         return not_run("no CUDA GPU", primary)
     params = {k: v for k, v in cluster.pattern_params.items() if k != "requires_grad"}
-    launch_bound = result.is_launch_bound()
+    launch_bound = result.host_counts()
     key = (pattern.name, params_key(params), backward, graphs)
     if key not in cache:
         cache[key] = _bench_pattern(pattern, params, device, backward, options, graphs, launch_bound)
@@ -216,7 +216,7 @@ def judge(measured: dict[str, ProviderTiming], numerics: dict[str, str], timing:
     if eager is None:
         return "not run", "eager was not timed: no baseline", None
     cost = {p: t.call_cost_us(launch_bound) for p, t in measured.items()}
-    basis = "max of GPU and host time (launch-bound step)" if launch_bound else "GPU time"
+    basis = "max of GPU and host time (the GPU waits for the host)" if launch_bound else "GPU time"
     faster = [p for p in measured if p not in ("eager", measure.CUDA_GRAPH) and cost["eager"] / cost[p] >= MIN_SPEEDUP]
     best = min(faster, key=cost.__getitem__) if faster else None
     if best not in (None, "triton") and "triton" in faster and cost["triton"] / cost[best] < MIN_SPEEDUP:

@@ -132,7 +132,7 @@ def recommended_patterns(result, memory: bool = False, include_estimates: bool =
         result = AdvisorResult.from_dict(result)
     hinted = module_hints(result)
     clusters = {c.id: c for c in result.clusters}
-    launch_bound = result.is_launch_bound()
+    launch_bound = result.host_counts()
     names = []
     for rec in result.recommendations:
         name = rec.pattern
@@ -146,6 +146,8 @@ def recommended_patterns(result, memory: bool = False, include_estimates: bool =
             if choice.runtime_pattern not in names:
                 names.append(choice.runtime_pattern)
             continue
+        if choice.provider is None and rec.kind != "memory":
+            continue   # measured, and nothing beat eager in the step's terms (apply.plan says the same)
         if (is_generated(name) and name not in hinted) or name in names:
             continue
         if timed_for_apply(rec, bench) or (include_estimates and not numerics_failed(bench)):

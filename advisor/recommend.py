@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from fusion_advisor.cluster_names import where_label
 from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.core.result import FORWARD_BACKWARD, AdvisorResult, Benchmark, Cluster, Recommendation, is_generated
+from fusion_advisor.bench import judge
 
 # A round figure for renting one H100/H200 SXM GPU on demand from the specialty GPU clouds in
 # 2026: published comparisons put H100 SXM at about $2.50-3.50 per GPU-hour there (hyperscalers
@@ -96,19 +97,19 @@ def roi(saving_us_per_step: float | None, basis: str, result: AdvisorResult, opt
 def recommend(result: AdvisorResult, options: RoiOptions | None = None) -> AdvisorResult:
     """Fill `result.recommendations`, ranked (replacing any earlier ones)."""
     options = options or RoiOptions()
-    launch_bound = result.is_launch_bound()
+    host_counts = result.host_counts()
     measured, estimated = [], []
     for cluster in result.clusters:
         if not cluster.pattern:
             continue   # no registered replacement: nothing we could time or apply
         if cluster.direction == "backward" and result.forward_partner(cluster) is not None:
             continue   # its saving is in the forward cluster's forward+backward figures
-        rec = _cluster_recommendation(cluster, result, launch_bound, options)
+        rec = _cluster_recommendation(cluster, result, host_counts, options)
         if rec is not None:
             (measured if rec.confidence == "measured" else estimated).append(rec)
     ranked = sorted(measured, key=lambda r: -r.measured_saving_us_per_step)
     ranked += sorted(estimated, key=lambda r: -(r.estimate_saving_us_per_step or 0.0))
-    if launch_bound:
+    if result.is_launch_bound():
         ranked.insert(0, _launch_bound_recommendation(result, options))
     seen: set[str] = set()
     for rank, rec in enumerate(ranked, 1):
@@ -151,7 +152,12 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
         pattern = None
     if pattern is not None and pattern.goal == "memory":
         return _memory_recommendation(cluster, bench, pattern, where, occurrences, launch_bound, result, options)
-    if bench is not None and bench.verdict == "rejected" and bench.best_provider is None:
+    verdict, best = (bench.verdict, bench.best_provider) if bench is not None else ("not run", None)
+    if bench is not None and bench.timing == "gpu":
+        # judged again in this step's terms: a stored result priced before host_counts did not count
+        # host time where the GPU waits for it
+        verdict, _, best = judge(bench.measured, bench.numerics_by_provider, bench.timing, launch_bound)
+    if verdict == "rejected" and best is None:
         return None
     if bench is None or bench.timing != "gpu":
         if estimate is None or estimate <= 0:
@@ -163,14 +169,13 @@ def _cluster_recommendation(cluster: Cluster, result: AdvisorResult, launch_boun
             measured_saving_us_per_step=None, estimate_saving_us_per_step=estimate, confidence="estimate",
             roi=roi(estimate, "estimate", result, options), kind="fused_kernel",
             detail="; ".join(x for x in (f"cost-model estimate, {why}", occ_note) if x))
-    best = bench.best_provider
     if best is None or "eager" not in bench.measured or best not in bench.measured:
         return None
     eager, chosen = bench.measured["eager"], bench.measured[best]
     per_call = eager.call_cost_us(launch_bound) - chosen.call_cost_us(launch_bound)
     saving = per_call * occurrences
     kind = {"triton": "fused_kernel", "compile": "torch_compile", "liger": "liger"}.get(best, best)
-    ours_applied = bench.verdict != "rejected"   # `apply` uses our kernel wherever it beat eager
+    ours_applied = verdict != "rejected"   # `apply` uses our kernel wherever it beat eager
     other = {"compile": "torch.compile", "liger": "Liger-Kernel"}.get(best)
     if best == "triton":
         title = f"Fuse {where} with {_whose(cluster)}"

@@ -363,3 +363,29 @@ def test_apply_verify_times_the_patch_with_compiled_blocks(tmp_path):
     assert "compile_reference" not in v   # not asked for (and off without a GPU)
     assert v["fastest"]["configuration"] in ("unpatched", "patched", "patched + compiled blocks")
     assert v["fastest"]["verdict"].startswith(f"fastest: {v['fastest']['configuration']} (")
+
+
+def _with_host(bench: Benchmark, **host_us) -> Benchmark:
+    for provider, us in host_us.items():
+        bench.measured[provider].host_us = us
+    return bench
+
+
+@pytest.mark.parametrize("busy_share, applied", [(0.85, False), (0.95, True)])
+def test_host_time_counts_where_the_gpu_waits_for_the_host(busy_share, applied):
+    """H100 zoo, BERT (GPU busy 85 % of the step): LayerNorm kernels 1.5x faster on the GPU but at
+    400 µs of host time a call against eager's 171 made the step 9 % slower. Where the GPU idles
+    more than 10 % of the step, a call costs at least its host time; a busier GPU hides it."""
+    result = _result()
+    result.benchmarks[1] = _with_host(_bench("c2", "rms_norm", eager=76.0, triton=48.0, compile=64.0),
+                                      eager=171.0, triton=400.0, compile=364.0)
+    result.launch_bound = {"verdict": "gpu-bound", "gpu_busy_share_unprofiled": busy_share}
+    assert result.host_counts() is (busy_share < 0.9)
+    recommend(result)
+    plan = apply_mod.plan(result)
+    c2 = next((c for c in plan.providers if c["cluster_id"] == "c2"), None)
+    assert (c2 is not None and c2["provider"] == "triton") is applied, c2
+    assert ("rms_norm" in plan.runtime_patterns) is applied
+    assert ("rms_norm" in recommended_patterns(result)) is applied
+    if not applied:   # not even recommended: by host time our call costs more than eager's
+        assert not any(r.cluster_id == "c2" for r in result.recommendations)

@@ -421,8 +421,10 @@ def test_titles_name_the_code_and_tell_duplicates_apart():
     assert len(set(titles)) == len(titles)
     assert not any("(no module)" in t for t in titles)
     assert "Fuse cross_entropy @ llama_train.py:145 (backward) with our cross_entropy Triton kernel" in titles
-    assert titles[0] == ("Fuse LlamaRMSNorm @ llama_train.py:96 with our add_rms_norm Triton kernel "
-                         "(torch.compile measured faster still)")
+    # GPU busy 76 % of this H200 step: host time counts (AdvisorResult.host_counts), and by it
+    # torch.compile's RMSNorm is faster still, ours is what apply puts in
+    assert ("Fuse LlamaRMSNorm @ llama_train.py:22 with our rms_norm Triton kernel "
+            "(torch.compile measured faster still)") in titles
 
 
 def cpu_only_variant(sample: AdvisorResult) -> AdvisorResult:
