@@ -1,5 +1,6 @@
 """Where the suite's memory goes: `FUSION_ADVISOR_TEST_RSS=rss.jsonl python -m pytest -q` writes one
-line per test (its time, the pytest process's RSS after it, the peak RSS of the subprocesses it ran)
+line per test (its wall and CPU time, its subprocesses' included; the pytest process's RSS after it;
+the peak RSS of the subprocesses it ran)
 and a summary line (the peak of the pytest process plus its live subprocesses together).
 
 Subprocesses are sampled every 0.1 s from /proc (Linux): the CLI runs, torchrun and its ranks are
@@ -19,6 +20,11 @@ def _rss(pid: int) -> int:
         return int(pathlib.Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def _cpu_seconds() -> float:
+    t = os.times()   # children: the subprocesses waited for so far
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _descendants(root: int) -> list[int]:
@@ -43,7 +49,7 @@ class RSSReport:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.peak_total = self.peak_children = self.test_children = 0
-        self.test_start = time.perf_counter()
+        self.test_start, self.test_cpu = time.perf_counter(), _cpu_seconds()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
@@ -63,12 +69,13 @@ class RSSReport:
     def pytest_runtest_logstart(self, nodeid, location):
         with self.lock:
             self.test_children = 0
-        self.test_start = time.perf_counter()
+        self.test_start, self.test_cpu = time.perf_counter(), _cpu_seconds()
 
     def pytest_runtest_logfinish(self, nodeid, location):
         with self.lock:
             children = self.test_children
         self._write({"test": nodeid, "seconds": round(time.perf_counter() - self.test_start, 2),
+                     "cpu_s": round(_cpu_seconds() - self.test_cpu, 2),
                      "rss_mb": _rss(self.pid) // _MB, "children_peak_mb": children // _MB})
 
     def pytest_sessionfinish(self, session, exitstatus):
