@@ -27,8 +27,11 @@ if not torch.cuda.is_available():
 #   what the tests see: they read only the profiles committed in cost_model/profiles and the datasheets;
 # - TMPDIR, for the subprocesses only (CLI runs, torchrun and its ranks, chromium): this process
 #   keeps the temporary folder it had (pytest's own tmp_path root among it).
+# The folder goes in the system's temporary folder even in a pytest started by this one (xdist's
+# workers inherit TMPDIR): nested, chromium's socket path grew past the 108 bytes a socket takes.
 tempfile.gettempdir()
-_SESSION_DIR = pathlib.Path(tempfile.mkdtemp(prefix="fusion-advisor-tests-"))
+_SYSTEM_TMP = os.environ.setdefault("FUSION_ADVISOR_TESTS_SYSTEM_TMP", tempfile.gettempdir())
+_SESSION_DIR = pathlib.Path(tempfile.mkdtemp(prefix="fusion-advisor-tests-", dir=_SYSTEM_TMP))
 os.environ["XDG_CACHE_HOME"] = str(_SESSION_DIR / "cache")
 os.environ["TMPDIR"] = str(_SESSION_DIR / "tmp")
 (_SESSION_DIR / "tmp").mkdir()
