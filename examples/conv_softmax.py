@@ -4,11 +4,10 @@ sigmoid: four pointwise/reduction kernels each way in eager PyTorch, one generat
     fusion-advisor profile examples/conv_softmax.py                 # CPU or GPU
     fusion-advisor profile examples/conv_softmax.py -- --channels 64 --size 64 --batch 128 --autocast
 """
-import argparse
-import time
-
 import torch
 from torch import nn
+
+from train_loop import arguments, train
 
 
 class Model(nn.Module):
@@ -28,12 +27,11 @@ class Model(nn.Module):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments(__doc__, steps=20)
     p.add_argument("--cin", type=int, default=8)
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--size", type=int, default=8, help="input height and width (the output's are twice)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--autocast", action="store_true", help="bf16 autocast with fp32 master weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -44,17 +42,12 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(args.batch, args.cin, args.size, args.size, device=device)
     target = torch.rand(args.batch, args.channels, 2 * args.size, 2 * args.size, device=device)
-    for step in range(args.steps):
-        start = time.perf_counter()
+
+    def mse_loss():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
-            loss = nn.functional.mse_loss(model(x).float(), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step % 5 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  loss {loss.item():.5f}  {1e3 * (time.perf_counter() - start):.1f} ms")
+            return nn.functional.mse_loss(model(x).float(), target)
+
+    train(opt, args.steps, mse_loss, print_every=5)
 
 
 if __name__ == "__main__":

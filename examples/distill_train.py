@@ -8,12 +8,11 @@ added (`wte(idx) + wpe(pos)`), residual dropout (`x + dropout(f(x))`), Hugging F
     fusion-advisor profile examples/distill_train.py
     fusion-advisor profile examples/distill_train.py -- --dtype float32 --hidden 512
 """
-import argparse
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from train_loop import arguments, train
 
 
 class Block(nn.Module):
@@ -46,7 +45,7 @@ class GPT(nn.Module):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments(__doc__, steps=8)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=1024)
@@ -55,7 +54,6 @@ def main():
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -67,21 +65,19 @@ def main():
     student = GPT(args.vocab, args.hidden, args.layers, args.seq, args.dropout).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, foreach=True)
     data = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
+    idx, labels = data[:, :-1], data[:, 1:].reshape(-1)
     t = args.temperature
-    for step in range(args.steps):
-        t0 = time.perf_counter()
-        idx, labels = data[:, :-1], data[:, 1:].reshape(-1)
+
+    def distillation_loss():
         with torch.no_grad():
             teacher_logits = teacher(idx).float().view(-1, args.vocab)
         logits = student(idx).float().view(-1, args.vocab)
         ce = F.cross_entropy(logits, labels)
         kl = F.kl_div(F.log_softmax(logits / t, dim=-1), F.softmax(teacher_logits / t, dim=-1),
                       reduction="batchmean") * t * t
-        loss = 0.5 * ce + 0.5 * kl
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        print(f"step {step} loss {loss.item():.4f} {1e3 * (time.perf_counter() - t0):.1f} ms", flush=True)
+        return 0.5 * ce + 0.5 * kl
+
+    train(opt, args.steps, distillation_loss)
 
 
 if __name__ == "__main__":

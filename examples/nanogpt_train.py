@@ -8,13 +8,13 @@ No class here is one the advisor knows by name: what it patches, it patches by w
     fusion-advisor apply fusion-report/result.json --verify
     python examples/nanogpt_train.py --layers 2 --hidden 64 --heads 2 --seq 32 --batch 2 --vocab 128 --device cpu
 """
-import argparse
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from train_loop import arguments, train
 
 
 class LayerNorm(nn.Module):
@@ -95,14 +95,13 @@ class GPT(nn.Module):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments(__doc__, steps=30)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
@@ -111,15 +110,12 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
     data = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
     x, y = data[:, :-1], data[:, 1:]
-    autocast = torch.autocast(device_type=args.device, dtype=torch.bfloat16)
-    for step in range(args.steps):
-        t0 = time.perf_counter()
-        with autocast:
-            loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        print(f"step {step} loss {loss.item():.4f} {1e3 * (time.perf_counter() - t0):.1f} ms", flush=True)
+
+    def loss_under_autocast():
+        with torch.autocast(device_type=args.device, dtype=torch.bfloat16):
+            return model(x, y)
+
+    train(opt, args.steps, loss_under_autocast)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ fp32, and the line returns fp32: the generated kernel does the same.
     fusion-advisor profile examples/newgelu_mlp.py                 # CPU or GPU
     fusion-advisor profile examples/newgelu_mlp.py -- --hidden 768 --tokens 8192 --layers 4 --autocast
 """
-import argparse
 import math
-import time
 
 import torch
 from torch import nn
+
+from train_loop import arguments, train
 
 
 class NewGELU(nn.Module):
@@ -32,11 +32,10 @@ class MLP(nn.Module):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments(__doc__, steps=20)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--autocast", action="store_true", help="bf16 autocast with fp32 master weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -47,17 +46,12 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(args.tokens, args.hidden, device=device)
     target = torch.randn(args.tokens, args.hidden, device=device)
-    for step in range(args.steps):
-        start = time.perf_counter()
+
+    def mse_loss():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
-            loss = nn.functional.mse_loss(model(x).float(), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step % 5 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  loss {loss.item():.5f}  {1e3 * (time.perf_counter() - start):.1f} ms")
+            return nn.functional.mse_loss(model(x).float(), target)
+
+    train(opt, args.steps, mse_loss, print_every=5)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the test modules import fusion_advisor.kernels.
 """
 import os
 import pathlib
+import shutil
 import tempfile
 
 import torch
@@ -12,9 +13,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Calibrations cached on this machine (`fusion-advisor calibrate`) must not change what the tests
-# see: they read only the profiles committed in cost_model/profiles and the datasheets.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fusion-advisor-test-cache-")
+# One folder for what the suite leaves outside tmp_path, removed when the session ends (it used to
+# leave a cache folder per run and torchrun's torchelastic_* log folders in /tmp):
+# - XDG_CACHE_HOME: calibrations cached on this machine (`fusion-advisor calibrate`) must not change
+#   what the tests see: they read only the profiles committed in cost_model/profiles and the datasheets;
+# - TMPDIR, for the subprocesses only (CLI runs, torchrun and its ranks, chromium): this process
+#   keeps the temporary folder it had (pytest's own tmp_path root among it).
+# The folder goes in the system's temporary folder even in a pytest started by this one (xdist's
+# workers inherit TMPDIR): nested, chromium's socket path grew past the 108 bytes a socket takes.
+tempfile.gettempdir()
+_SYSTEM_TMP = os.environ.setdefault("FUSION_ADVISOR_TESTS_SYSTEM_TMP", tempfile.gettempdir())
+_SESSION_DIR = pathlib.Path(tempfile.mkdtemp(prefix="fusion-advisor-tests-", dir=_SYSTEM_TMP))
+os.environ["XDG_CACHE_HOME"] = str(_SESSION_DIR / "cache")
+os.environ["TMPDIR"] = str(_SESSION_DIR / "tmp")
+(_SESSION_DIR / "tmp").mkdir()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -65,3 +77,14 @@ def device() -> torch.device:
 @pytest.fixture
 def data_dir() -> pathlib.Path:
     return DATA
+
+
+def pytest_configure(config):
+    rss_log = os.environ.get("FUSION_ADVISOR_TEST_RSS")
+    if rss_log:   # where the suite's memory goes: see tests/rss_report.py
+        from rss_report import RSSReport
+        config.pluginmanager.register(RSSReport(rss_log), "fusion_advisor_rss_report")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)

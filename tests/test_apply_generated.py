@@ -1,7 +1,6 @@
 """The generic-fusion loop on examples/conv_pointwise.py's real (CPU) trace: analyze finds the
 unnamed chain, reads its dataflow off the script, recommends a generated kernel; apply writes it to
 fusion_kernels/ and calls it instead of the chain; --revert undoes both; --verify runs it."""
-import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from fusion_advisor.pipeline import analyze
 from fusion_advisor.pipeline import rank
 from fusion_advisor.core.result import AdvisorResult
 from fusion_advisor.kernels.tolerances import tolerance
+from generated_apply import kernels_importable, load
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "conv-pointwise-cpu.json.gz"
@@ -81,10 +81,9 @@ def test_apply_writes_the_kernel_and_calls_it(project):
     assert (root / "fusion_kernels" / f"{stem}.py").is_file() and (root / "fusion_kernels" / "__init__.py").is_file()
 
     # The patched script's function computes what the original did, forward and backward.
-    sys.path.insert(0, str(root))
-    try:
-        patched = _load(script, "patched_conv")
-        original = _load(ROOT / "examples" / "conv_pointwise.py", "original_conv")
+    with kernels_importable(root):
+        patched = load(script, "patched_conv")
+        original = load(ROOT / "examples" / "conv_pointwise.py", "original_conv")
         torch.manual_seed(0)
         y = (3 * torch.randn(2, 16, 4, 5)).requires_grad_()
         bias = torch.randn(16, 1, 1, requires_grad=True)
@@ -94,10 +93,6 @@ def test_apply_writes_the_kernel_and_calls_it(project):
         for a, b, rows in zip(torch.autograd.grad(got, (y, bias), g), torch.autograd.grad(want, (y, bias), g),
                               (1, 40)):
             torch.testing.assert_close(a, b, **tolerance(torch.float32, rows))
-    finally:
-        sys.path.remove(str(root))
-        for name in [m for m in sys.modules if m.startswith("fusion_kernels")]:
-            del sys.modules[name]
 
     apply_mod.revert(root, backup)
     assert script.read_text() == before
@@ -117,13 +112,6 @@ def test_verify_runs_the_generated_kernel_before_anything_is_written(project):
     assert set(rows) == {"generic", "cross_entropy"}
     assert all(r["status"] == "ran" and r["calls_per_step"] >= 1 for r in rows.values()), rows
     assert not (root / "fusion_kernels").exists()            # served from memory, not written
-
-
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_gpu_trace_backward_clusters_share_the_forward_kernel():

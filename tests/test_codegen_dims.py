@@ -2,8 +2,6 @@
 pointwise ops after it: softmax over the channels of a conv output (NCHW, dim=1) + bias, * scale,
 sigmoid is one kernel each way, reading and writing NCHW in place (no permuted copies of the
 full-size tensors), forward and backward vs eager; and apply rewrites the user's statements."""
-import importlib.util
-import sys
 import textwrap
 
 import pytest
@@ -14,8 +12,8 @@ from fusion_advisor.kernels.codegen import Unsupported, build_graph, build_patte
 from fusion_advisor.kernels.codegen.candidate import candidate_for
 from fusion_advisor.core.records import OpRecord
 from fusion_advisor.kernels.tolerances import tolerance
-from fusion_advisor.core.result import AdvisorResult, Cluster, Estimate, Recommendation
 from codegen_chains import random_chain
+from generated_apply import estimate_plan, kernels_importable, load
 from test_codegen import check_chain
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -147,13 +145,6 @@ USER_CODE = textwrap.dedent("""\
 DEF_LINE = 12
 
 
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_conv_transpose_script_gets_a_kernel_and_a_source_rewrite(tmp_path, device):
     path = tmp_path / "model.py"
     path.write_text(USER_CODE)
@@ -163,23 +154,14 @@ def test_the_conv_transpose_script_gets_a_kernel_and_a_source_rewrite(tmp_path, 
     assert found.call.args == ["x", "self.bias"] and list(found.call.scalars.values()) == ["self.scaling_factor"]
     assert (found.call.first_line, found.call.last_line, found.call.target) == (14, 17, "x")
 
-    cluster = Cluster(id="fwd-softmax", direction="forward", pattern=found.pattern.name,
-                      pattern_params=found.params, module_class="Model", source="model.py:12",
-                      occurrences_per_step=1, estimate=Estimate(saving_us=3.0))
-    result = AdvisorResult(run={"script": str(path), "cwd": str(tmp_path)}, clusters=[cluster],
-                           recommendations=[Recommendation(1, cluster.id, cluster.pattern, "softmax tail as one kernel",
-                                                           None, 3.0, "estimate")])
-    plan = apply_mod.plan(result, include_estimates=True)   # an estimate: a CPU-built result
-    diff = plan.diff(str(tmp_path))
-    stem = "g_" + found.pattern.name.split(":", 1)[1]
+    plan, diff, stem = estimate_plan(path, found, "model.py:12", "fwd-softmax", "Model", 1, "softmax tail as one kernel")
     assert "-        x = torch.softmax(x, dim=1)" in diff and "-        x = torch.sigmoid(x)" in diff
     assert f"+        x = fused_{stem}(x, self.bias, s0=self.scaling_factor)" in diff
     backup = apply_mod.write(plan, tmp_path)
 
-    original = _load(_write(tmp_path / "original.py", USER_CODE), "original_softmax_model")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        patched = _load(path, "patched_softmax_model")
+    original = load(_write(tmp_path / "original.py", USER_CODE), "original_softmax_model")
+    with kernels_importable(tmp_path):
+        patched = load(path, "patched_softmax_model")
         torch.manual_seed(0)
         want_model = original.Model().to(device)
         got_model = patched.Model().to(device)
@@ -192,10 +174,6 @@ def test_the_conv_transpose_script_gets_a_kernel_and_a_source_rewrite(tmp_path, 
         want_grads = torch.autograd.grad(want, [*want_model.parameters()], g)
         for a, b in zip(got_grads, want_grads):
             torch.testing.assert_close(a, b, **tolerance(torch.float32, 40))
-    finally:
-        sys.path.remove(str(tmp_path))
-        for name in [m for m in sys.modules if m.startswith("fusion_kernels")]:
-            del sys.modules[name]
     apply_mod.revert(tmp_path, backup)
     assert path.read_text() == USER_CODE
 

@@ -3,9 +3,7 @@ a multi-line chain: `math.sqrt(2.0 / math.pi)` is a number Python computes befor
 trace holds only its value), and the ops form a DAG over x (`torch.pow(x, 3.0)` reads x alone).
 apply rewrites the statement into one call of the generated kernel, which computes what the line
 did, forward and backward."""
-import importlib.util
 import math
-import sys
 import textwrap
 
 import pytest
@@ -17,7 +15,7 @@ from fusion_advisor.kernels.codegen.candidate import candidate_for, pattern_from
 from fusion_advisor.kernels.numerics import compare
 from fusion_advisor.kernels.registry import Inputs, OpRecord
 from fusion_advisor.kernels.tolerances import tolerance
-from fusion_advisor.core.result import AdvisorResult, Cluster, Estimate, Recommendation
+from generated_apply import estimate_plan, kernels_importable, load
 from test_codegen import check_chain
 
 USER_CODE = textwrap.dedent("""\
@@ -57,13 +55,6 @@ def new_gelu_records(constant_recorded: bool) -> list[OpRecord]:
             op("mul", [s, s], [F32, F32], ["", ""])]
 
 
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 SPELLINGS = {"math": "math.sqrt(2.0 / math.pi)", "numpy": "np.sqrt(2.0 / np.pi)", "torch.pi": "math.sqrt(2.0 / torch.pi)"}
 
 
@@ -90,23 +81,15 @@ def test_apply_rewrites_the_line_and_the_kernel_matches_it(tmp_path, device):
     path = tmp_path / "model.py"
     path.write_text(USER_CODE)
     found = candidate_for(new_gelu_records(False), str(path), DEF_LINE, "model.py:8")
-    cluster = Cluster(id="fwd-gelu", direction="forward", pattern=found.pattern.name,
-                      pattern_params=found.params, module_class="GPT/Block/MLP/NewGELU", source="model.py:8",
-                      occurrences_per_step=12, estimate=Estimate(saving_us=3.0))
-    result = AdvisorResult(run={"script": str(path), "cwd": str(tmp_path)}, clusters=[cluster],
-                           recommendations=[Recommendation(1, cluster.id, cluster.pattern, "NewGELU as one kernel",
-                                                           None, 3.0, "estimate")])
-    plan = apply_mod.plan(result, include_estimates=True)   # an estimate: a CPU-built result
-    diff = plan.diff(str(tmp_path))
-    stem = "g_" + found.pattern.name.split(":", 1)[1]
+    plan, diff, stem = estimate_plan(path, found, "model.py:8", "fwd-gelu", "GPT/Block/MLP/NewGELU", 12,
+                                     "NewGELU as one kernel")
     assert "-        return 0.5 * x * (1.0 + torch.tanh(" in diff
     assert f"+        return fused_{stem}(x, " in diff and "math.sqrt(2.0 / math.pi)" in diff
     backup = apply_mod.write(plan, tmp_path)
 
     original = _load_from_text(tmp_path / "original.py", USER_CODE, "original_gelu")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        patched = _load(path, "patched_gelu")
+    with kernels_importable(tmp_path):
+        patched = load(path, "patched_gelu")
         torch.manual_seed(0)
         x = (2 * torch.randn(3, 7, 40, device=device)).requires_grad_()    # other sizes, same rank
         got, want = patched.NewGELU()(x), original.NewGELU()(x)
@@ -114,10 +97,6 @@ def test_apply_rewrites_the_line_and_the_kernel_matches_it(tmp_path, device):
         g = torch.randn_like(want)
         (gx,), (wx,) = torch.autograd.grad(got, (x,), g), torch.autograd.grad(want, (x,), g)
         torch.testing.assert_close(gx, wx, **tolerance(torch.float32))
-    finally:
-        sys.path.remove(str(tmp_path))
-        for name in [m for m in sys.modules if m.startswith("fusion_kernels")]:
-            del sys.modules[name]
     apply_mod.revert(tmp_path, backup)
     assert path.read_text() == USER_CODE
 
@@ -145,7 +124,7 @@ def test_generated_new_gelu_in_half_precisions(tmp_path, device, dtype):
 
 def _load_from_text(path, text, name):
     path.write_text(text)
-    return _load(path, name)
+    return load(path, name)
 
 
 def autocast_records(low: str = "c10::BFloat16") -> list[OpRecord]:
