@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     if not torch.cuda.is_available():
-        print("error: no CUDA GPU (the norm kernels' CPU checks are tests/test_norm_core.py)", file=sys.stderr)
+        print("error: no CUDA GPU (the norm kernels' CPU checks are tests/kernels/test_norm_core.py)", file=sys.stderr)
         return 3
     from fusion_advisor import measure
     from fusion_advisor.kernels import registry

@@ -85,9 +85,9 @@ hf-memory)
   rm -f "$out/hf-llama-memory/report.html"
   ;;
 kernels)
-  timeout 200 python3 -m pytest -q -x tests/test_rms_norm.py tests/test_add_rms_norm.py tests/test_layer_norm.py \
-      tests/test_add_layer_norm.py tests/test_group_norm.py tests/test_softmax.py tests/test_cross_entropy.py \
-      tests/test_swiglu.py tests/test_bias_act.py tests/test_rope.py tests/test_codegen.py \
+  timeout 200 python3 -m pytest -q -x tests/kernels/test_rms_norm.py tests/kernels/test_add_rms_norm.py tests/kernels/test_layer_norm.py \
+      tests/kernels/test_add_layer_norm.py tests/kernels/test_group_norm.py tests/kernels/test_softmax.py tests/kernels/test_cross_entropy.py \
+      tests/kernels/test_swiglu.py tests/kernels/test_bias_act.py tests/kernels/test_rope.py tests/kernels/test_codegen.py \
       >"$out/gpu-tests.txt" 2>&1
   echo "gpu tests: rc $?"; tail -5 "$out/gpu-tests.txt"
   timeout ${NORMS_TIMEOUT:-330} python3 benchmarks/bench_norms.py ${NORMS_ARGS:-} --out "$out/bench-norms.csv" \

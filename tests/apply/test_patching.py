@@ -10,7 +10,7 @@ from fusion_advisor.kernels.rms_norm import RMSNorm
 from fusion_advisor.core.result import AdvisorResult, Cluster, Recommendation
 from measured import measured_win
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _llama_module():

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_norms.py"
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_norms.py"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from fusion_advisor.capture import add_trace_events
 from fusion_advisor.cluster_names import where_label
 from fusion_advisor.pipeline import analyze
 
-FIXTURE = Path(__file__).resolve().parent / "data" / "llama-tiny-bf16-h200.json.gz"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "llama-tiny-bf16-h200.json.gz"
 
 
 def test_each_cluster_occurrence_is_one_named_span_and_the_analysis_is_unchanged(tmp_path):

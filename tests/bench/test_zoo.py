@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("zoo", ROOT / "benchmarks" / "zoo.py")
 zoo = importlib.util.module_from_spec(_spec)
 sys.modules["zoo"] = zoo   # its dataclasses look their module up there

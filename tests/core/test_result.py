@@ -7,7 +7,7 @@ import pytest
 from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, ProviderTiming
 
-SAMPLE = Path(__file__).parent / "data" / "result-sample.json"
+SAMPLE = Path(__file__).parents[1] / "data" / "result-sample.json"
 
 
 def test_the_sample_round_trips_with_its_nested_types():

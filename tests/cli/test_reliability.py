@@ -30,7 +30,7 @@ from fusion_advisor.cli import app
 from fusion_advisor import pipeline  # noqa: F401,E402
 from fusion_advisor.report import terminal  # noqa: F401,E402
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 SMALL_TRACE = DATA / "conv-pointwise-cpu.json.gz"   # 992 events, CPU-only: ~40 ms to analyse
 
 
@@ -233,7 +233,7 @@ def test_bench_cpu_writes_only_where_out_says(tmp_path):
 
 # -- apply: 3 (revert keeps later edits), 4 (second --write), 5 (stale lines), 6 (read-only) ------
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rec(rank, cluster_id, pattern):

@@ -19,7 +19,7 @@ from fusion_advisor.core.result import AdvisorResult
 from fusion_advisor.kernels.tolerances import tolerance
 from generated_apply import kernels_importable, load
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "data" / "conv-pointwise-cpu.json.gz"
 SMALL = ["--batch", "2", "--size", "8", "--channels", "16", "--steps", "4"]
 

@@ -15,7 +15,7 @@ from fusion_advisor.kernels.codegen import (build_pattern, generated, pattern_so
 from fusion_advisor.kernels.tolerances import tolerance
 from test_codegen import check_chain
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "conv_pointwise.py"
+EXAMPLE = pathlib.Path(__file__).parents[2] / "examples" / "conv_pointwise.py"
 FIXTURE = "conv-pointwise-cpu.json.gz"   # README.md says how it was recorded
 
 
@@ -28,7 +28,7 @@ def _example_module():
 
 @pytest.fixture(scope="module")
 def trace() -> Trace:
-    return Trace.load(pathlib.Path(__file__).parent / "data" / FIXTURE)
+    return Trace.load(pathlib.Path(__file__).parents[1] / "data" / FIXTURE)
 
 
 def _forward_top_level(trace: Trace):

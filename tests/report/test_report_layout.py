@@ -22,7 +22,7 @@ from test_report import chromium_binary, dump_dom, parse
 from fusion_advisor.report import load_result
 from fusion_advisor.report.terminal import render as render_terminal
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p.parent.name for p in (ROOT / "docs").glob("example-*/report.html"))
 HARNESS = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>layout</title>
 <style>body {{ margin: 0 }} iframe {{ border: 0; display: block }}</style></head><body>
@@ -45,7 +45,7 @@ def test_example_report_layout_in_chromium(example, tmp_path):
             pytest.fail("FUSION_ADVISOR_REQUIRE_BROWSER is set and no chromium binary was found")
         pytest.skip("no chromium binary (apt-get install chromium)")
     shutil.copy(ROOT / "docs" / example / "report.html", tmp_path / "report.html")
-    harness = (Path(__file__).parent / "layout_harness.js").read_text()
+    harness = (Path(__file__).parents[1] / "layout_harness.js").read_text()
     page = tmp_path / "harness.html"
     page.write_text(HARNESS.format(harness=harness))
     doc = parse(dump_dom(page, tmp_path, budget_ms=30000, extra=["--allow-file-access-from-files",

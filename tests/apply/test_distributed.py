@@ -12,7 +12,7 @@ import torch
 from fusion_advisor.analyzers.communication import exposed_time
 from fusion_advisor.analyzers.kernel_classes import kernel_class
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args, cwd, env=None):

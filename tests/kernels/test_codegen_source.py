@@ -13,7 +13,7 @@ from fusion_advisor.kernels.codegen.source_bind import chain_from_source
 from fusion_advisor.core.records import OpRecord
 from fusion_advisor.kernels.tolerances import tolerance
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "conv_pointwise.py"
+EXAMPLE = pathlib.Path(__file__).parents[2] / "examples" / "conv_pointwise.py"
 F32 = "float"
 
 

@@ -12,7 +12,7 @@ from fusion_advisor import apply as apply_mod
 from fusion_advisor.core.result import AdvisorResult, Cluster, Recommendation
 from measured import measured_win
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--seq", "8", "--vocab", "64", "--dtype", "float32",
         "--steps", "50"]
 

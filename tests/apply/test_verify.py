@@ -3,7 +3,7 @@ from pathlib import Path
 
 from fusion_advisor.verify import RunMeasurement, compare, verify
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--seq", "8", "--vocab", "64", "--dtype", "float32",
         "--steps", "50"]
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # folder -> the package it installs as (pyproject.toml's package-dir)
 FOLDERS = {"advisor": "fusion_advisor", "analyzers": "fusion_advisor.analyzers",
            "cost_model": "fusion_advisor.cost_model", "kernels": "fusion_advisor.kernels"}

@@ -83,7 +83,7 @@ def parse(page: str) -> Node:
 # -- fixtures --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sample_path() -> Path:
-    return Path(__file__).parent / "data" / "result-sample.json"
+    return Path(__file__).parents[1] / "data" / "result-sample.json"
 
 
 @pytest.fixture
@@ -362,7 +362,7 @@ def test_report_in_headless_chromium(hostile, tmp_path):
 
 
 # -- each recommendation's change, the CPU-only report, the report's options -------------------
-EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example-llama-h200" / "result.json"
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "example-llama-h200" / "result.json"
 
 
 @pytest.fixture

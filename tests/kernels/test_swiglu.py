@@ -43,7 +43,7 @@ def test_last_dim_strided_input_is_copied(device):
 
 
 def _example_llama():
-    path = pathlib.Path(__file__).parents[1] / "examples" / "llama_train.py"
+    path = pathlib.Path(__file__).parents[2] / "examples" / "llama_train.py"
     spec = importlib.util.spec_from_file_location("llama_train", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -107,7 +107,7 @@ def test_runs_under_torch_compile_fullgraph(device):
 
 def test_source_rewrite_of_the_example_llama_mlp():
     from fusion_advisor.source_patch import rewrite_source
-    path = pathlib.Path(__file__).parents[1] / "examples" / "llama_train.py"
+    path = pathlib.Path(__file__).parents[2] / "examples" / "llama_train.py"
     out = rewrite_source(str(path), path.read_text(), {}, [(r, set(), "swiglu") for r in mod.PATTERN.rewrites])
     assert [c.after for c in out.changes] == ["swiglu(self.gate_proj(x), self.up_proj(x))"]
     assert "from fusion_advisor.kernels.swiglu import swiglu" in out.after
