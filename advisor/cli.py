@@ -675,6 +675,9 @@ def _print_verification(v, estimates: list[str] = (), reference: dict | None = N
         Console().print(reference["verdict"], highlight=False)
     if verdict and (blocks or reference):
         Console().print(verdict, highlight=False)
+    if verdict.startswith("fastest: torch.compile (whole model)"):
+        Console().print("  to run it: model = torch.compile(model) after building the model; the patch is not "
+                        "needed for it", highlight=False)
     if verdict.startswith("fastest: patched + compiled blocks"):
         Console().print("  to run it: fusion_advisor.patch(model, RESULT, compile_blocks=True) after building the "
                         "model (with your source patches written: apply --write)", highlight=False)
