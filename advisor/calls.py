@@ -6,6 +6,9 @@ after the patched run and divides by the steps: a replacement planned and never 
 error, never "losses match".
 
 A dict increment costs ~50 ns against the µs of a kernel launch; nothing here imports torch.
+Callers in code that torch.compile may trace count only when not compiling
+(`torch.compiler.is_compiling()`): dynamo would turn the increment into a guard on this dict's
+contents, and the region would recompile at every call until it fell back to eager.
 """
 from __future__ import annotations
 

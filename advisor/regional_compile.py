@@ -203,8 +203,12 @@ def _swap_forward(path: str, module, name: str, record: CompiledClass, backend, 
         call = _torch_compile()(own, backend=_counting(backend, record), dynamic=dynamic)
         original = own
 
+    import torch
+    is_compiling = torch.compiler.is_compiling
+
     def forward(*args, **kwargs):
-        calls.hit(name)
+        if not is_compiling():   # traced inside the script's own torch.compile, a count would be a guard
+            calls.hit(name)
         if record.first_call_s is not None:
             return call(*args, **kwargs)
         start = time.perf_counter()

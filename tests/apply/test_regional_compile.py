@@ -381,3 +381,33 @@ def test_host_time_counts_where_the_gpu_waits_for_the_host(busy_share, applied):
     assert ("rms_norm" in recommended_patterns(result)) is applied
     if not applied:   # not even recommended: by host time our call costs more than eager's
         assert not any(r.cluster_id == "c2" for r in result.recommendations)
+
+
+class NewGELU(nn.Module):
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class GeluBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc, self.act = nn.Linear(d, d), NewGELU()
+
+    def forward(self, x):
+        return x + self.act(self.fc(x))
+
+
+def test_compiled_blocks_around_a_counted_swap_compile_once(counting_backend):
+    """H100 zoo, T5: compiled blocks holding our generated NewGELU recompiled at every call (44
+    graphs for 6 blocks), because the swap's call counter, traced, became a guard on its count.
+    Counted only in eager, the blocks compile one graph and keep it."""
+    model = nn.Sequential(nn.ModuleList(GeluBlock(8) for _ in range(3)))
+    blocks = model[0]
+    model.forward = lambda x: [x := b(x) for b in blocks][-1]
+    x = torch.randn(2, 3, 8, requires_grad=True)   # as the later blocks' inputs: one graph fits all
+    handle = fusion_advisor.patch(model, patterns=["pointwise_chain"], compile_blocks=True)
+    assert {type(b.act).__name__ for b in blocks} == {"PointwiseChainModule"}
+    for _ in range(4):
+        model(x)
+    assert len(counting_backend) == 1, f"{len(counting_backend)} graphs: recompiled"
+    handle.revert()
