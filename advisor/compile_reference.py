@@ -41,10 +41,10 @@ def compiled_blocks(script: str, script_args: list[str], before: RunMeasurement,
                     planned: dict[str, str], source_overrides: dict[str, str] | None = None, steps: int = 20,
                     warmup: int = 5, seed: int = 0, modules: dict[str, list[str]] | None = None,
                     timeout_s: float = 1800) -> Verification:
-    """The patch plus regional torch.compile of the repeated blocks, against the unpatched run
-    `before`: losses, speedup and calls as verify compares them. The plan's own regional compiles
-    give way to the blocks (they sit inside them). Our kernels inside a compiled block run as custom
-    ops inside its graph, where calls are not counted: there the proof is the blocks' own count."""
+    """The patch outside the repeated blocks plus regional torch.compile of the blocks, against the
+    unpatched run `before`: losses, speedup and calls as verify compares them. Inside the blocks the
+    compiler takes over (patch(..., compile_blocks=True) leaves our kernels out there, and the plan's
+    own regional compiles give way): the proof there is the blocks' own count."""
     if warmup < 2:
         raise AdvisorError("timing compiled blocks needs --warmup >= 2: the compile happens in the first steps")
     names = [p for p in patterns if not is_compile_pattern(p)] + [BLOCKS]
@@ -57,7 +57,7 @@ def compiled_blocks(script: str, script_args: list[str], before: RunMeasurement,
             continue
         n = m.calls.get(call_key(name), 0)   # eager calls outside the blocks still count
         v.replacements.append(ReplacementCalls(name, how, n / max(m.steps_run, 1), "ran" if n else "not counted",
-                                               "" if n else "inside a compiled block: calls there are not counted"))
+                                               "" if n else "inside the compiled blocks: left to torch.compile"))
     return v
 
 

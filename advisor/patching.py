@@ -66,6 +66,7 @@ from fusion_advisor.module_forms import (NOT_A_CHAIN, POINTWISE_CHAIN, Pointwise
                                          redrawn_copy, rng_kept)
 
 _OPTIONS = {"check", "patterns", "device_check_shape", "memory", "modules", "include_estimates", "compile_blocks"}
+LEFT_TO_COMPILE = "left to torch.compile"
 _NORM_FORMS = ("rms_norm", "layer_norm")   # tried in this order on a norm-shaped module
 
 
@@ -214,9 +215,13 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
             raise AdvisorError("patch() needs a result (AdvisorResult) or patterns=[...]")
         names = recommended_patterns(result, memory=bool(options.get("memory", False)),
                                      include_estimates=bool(options.get("include_estimates", False)))
+    blocks: list[str] = []
     if options.get("compile_blocks"):
-        # the measured "patched + compiled blocks" of apply --verify: the blocks hold the regions
+        # the measured "patched + compiled blocks" of apply --verify: torch.compile inside the
+        # repeated blocks (they hold the regions), our kernels outside them. Inside, ours would be
+        # opaque custom ops that the compiler cannot fuse across.
         names = [n for n in names if not regional_compile.is_compile_pattern(n)] + [regional_compile.BLOCKS]
+        blocks = regional_compile.block_paths(model)
     compile_names = [n for n in names if regional_compile.is_compile_pattern(n)]
     hints = module_hints(result) if result is not None else {}
     for name, classes in (options.get("modules") or {}).items():
@@ -243,9 +248,13 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
         # do not move the user's RNG (apply --verify compares a seeded run's losses with and without).
         with api._paused_steps(), rng_kept():
             _ModuleSwapper(model, targets, handle, check, options.get("device_check_shape"),
-                           _eps_hints(result) if result is not None else {}).run()
+                           _eps_hints(result) if result is not None else {}, blocks).run()
             for p in patterns:
                 for fp in p.function_patches:
+                    if blocks and fp.where == "module_global":
+                        handle.skipped.append(("*", f"{p.name}: {fp.name} is called inside the compiled blocks: "
+                                                    f"{LEFT_TO_COMPILE}"))
+                        continue
                     _swap_function(model, p.name, fp, handle, check)
             if compile_names:
                 _compile_regions(model, compile_names, handle)
@@ -263,8 +272,8 @@ class _ModuleSwapper:
     """Swaps the modules of one model that the targets replace (see the module docstring), each
     replacement built from that module and checked first; one check per signature."""
 
-    def __init__(self, model, targets, handle, check, shape_hint, eps_hints):
-        self.model, self.targets, self.handle = model, targets, handle
+    def __init__(self, model, targets, handle, check, shape_hint, eps_hints, blocks=()):
+        self.model, self.targets, self.handle, self.blocks = model, targets, handle, tuple(blocks)
         self.check, self.shape_hint, self.eps_hints = check, shape_hint, eps_hints
         self.verdicts: dict[tuple, str | None] = {}        # signature -> None (passed) or why not
         self.chain_caches: dict[tuple, tuple[dict, dict]] = {}
@@ -283,6 +292,11 @@ class _ModuleSwapper:
             if _ours(module) or _ours(parent):
                 continue   # a replacement of a live handle (patched twice), or the original it runs
             cls = type(module).__name__
+            block = next((b for b in self.blocks if path.startswith(b + ".")), None)
+            if block is not None:
+                if any(cls in t.hints for t in self.targets):
+                    self.handle.skipped.append((path, f"inside the compiled block {block}: {LEFT_TO_COMPILE}"))
+                continue
             reasons = []
             if _sharded(module):
                 # FSDP2 puts the gathered parameters on the module it wrapped at each forward: a

@@ -10,8 +10,9 @@ the rest of the runtime patches) in ONE model; "compile:*" (WHOLE_MODEL) compile
 the reference that `apply --verify` compares against (advisor/compile_reference.py); "compile:blocks"
 (BLOCKS) compiles the model's repeated blocks, PyTorch's regional-compilation recipe: every class of
 which an nn.ModuleList holds two or more instances (a transformer's layers, a CNN stage's blocks),
-outermost first. `apply --verify` times that configuration on top of the patch (the kernels we
-swapped in run inside the compiled blocks as opaque custom ops) beside the patch alone.
+outermost first. `apply --verify` times that configuration with the patch outside the blocks
+(patch(..., compile_blocks=True) leaves the insides of the blocks to the compiler: our kernels would
+be opaque custom ops it cannot fuse across) beside the patch alone.
 
 One compile per class: every instance of a class calls one shared
 `torch.compile(Class.forward, dynamic=False)` with itself as the first argument. Dynamo lifts the
@@ -166,6 +167,11 @@ def _targets(model, wanted: list[str], handle: RegionalCompile) -> list[tuple[st
             continue
         chosen.append((path, module, name))
     return chosen
+
+
+def block_paths(model) -> list[str]:
+    """The module paths BLOCKS compiles in this model (outermost instances of its repeated blocks)."""
+    return [path for path, _, _ in _targets(model, [BLOCKS], RegionalCompile())]
 
 
 def repeated_block_classes(model) -> list[str]:
