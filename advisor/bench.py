@@ -15,6 +15,7 @@ Verdicts (on the cluster's own figures, never on estimates):
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,9 +62,10 @@ def bench(result: AdvisorResult, options: BenchOptions | None = None,
     if not matched:
         return result
     from fusion_advisor import kernels as registry  # imports every pattern (and Triton) only when benching
-    from fusion_advisor.kernels.common import interpreting
 
-    device = _device(options.mode, interpreting())
+    # The environment as it is now, not kernels.common.interpreting() (read once at import, for the
+    # launchers' hot path): a bench run asked without the interpreter is refused as such.
+    device = _device(options.mode, os.environ.get("TRITON_INTERPRET", "0") == "1")
     graphs = options.cuda_graphs if options.cuda_graphs is not None else result.is_launch_bound()
     if measure.CUDA_GRAPH in options.providers:
         graphs = True
