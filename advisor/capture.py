@@ -115,10 +115,18 @@ class _Stepper:
         self._step()
 
     def _pre_forward(self, module, args) -> None:
+        # Inside a region torch.compile traces, these global hooks run as traced code: the counts
+        # would become guards on their own values and the region would recompile every call (a
+        # 3-block model under apply --verify: 5 graphs in 5 steps). A compiled region is never the
+        # top-level forward a step ends on, so its insides are skipped in pairs.
+        if torch.compiler.is_compiling():
+            return
         self._depth += 1
         self.forwards += 1
 
     def _post_forward(self, module, args, output) -> None:
+        if torch.compiler.is_compiling():
+            return
         self._depth = max(self._depth - 1, 0)
         if self._depth or api._steps_paused or self.source in ("explicit", "optimizer"):
             return

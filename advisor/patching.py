@@ -216,7 +216,7 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
         names = recommended_patterns(result, memory=bool(options.get("memory", False)),
                                      include_estimates=bool(options.get("include_estimates", False)))
     blocks: list[str] = []
-    if options.get("compile_blocks"):
+    if options.get("compile_blocks") or regional_compile.BLOCKS in names:   # asked by name: apply --verify's run
         # the measured "patched + compiled blocks" of apply --verify: torch.compile inside the
         # repeated blocks (they hold the regions), our kernels outside them. Inside, ours would be
         # opaque custom ops that the compiler cannot fuse across.

@@ -415,3 +415,23 @@ def test_compiled_blocks_around_a_counted_swap_compile_once(counting_backend):
     assert len(counting_backend) == 1, f"{len(counting_backend)} graphs: recompiled"
     compiled.revert()
     handle.revert()
+
+
+def test_verify_runs_compiled_blocks_without_our_kernels_inside_or_hook_recompiles(tmp_path, monkeypatch):
+    """The compiled-blocks run as apply --verify makes it (the BLOCKS name among its patterns):
+    the modules inside the blocks are left to the compiler, and the step finder's global hooks,
+    skipped inside traced code, cost at most their one documented recompile (graphs: x with and
+    without requires_grad, hooks live in the first step and gone after). Before: the norms were
+    swapped in and the hooks' counters recompiled every step (5 graphs in 5 steps)."""
+    from fusion_advisor.verify import RunSpec, run_script
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(here=str(__import__("pathlib").Path(__file__).parent)))
+    monkeypatch.setenv("FUSION_ADVISOR_COMPILE_BACKEND", "aot_eager")
+    m = run_script(RunSpec(str(script), [], 4, 2, 0, ["rms_norm", regional_compile.BLOCKS], {}, patched=True,
+                           modules={"rms_norm": ["RMSNorm"]}))
+    assert m.error is None
+    assert sorted(s for s in m.skipped if "left to torch.compile" in s) == [
+        f"blocks.{i}.norm: inside the compiled block blocks.{i}: left to torch.compile" for i in range(3)]
+    assert not any("RMSNorm ->" in s for s in m.swapped)
+    compiled = m.regional_compiles[regional_compile.BLOCKS]
+    assert compiled["instances"] == 3 and compiled["graphs"] <= 4, compiled
