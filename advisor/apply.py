@@ -124,17 +124,21 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
     per_file: dict[Path, dict] = {}
     script = Path(run["script"]).resolve() if run.get("script") and Path(run["script"]).is_file() else None
     generated: dict[Path, list[StatementReplacement]] = {}
+    host_counts = result.host_counts()
     for rec in result.recommendations:
         if not rec.pattern:
             continue
         cluster = clusters.get(rec.cluster_id)
         bench = result.primary_benchmark(cluster) if cluster is not None else None
-        if _chose_compile(rec, cluster, bench, result, memory, out):
+        choice = provider_choice.choose(rec, cluster, bench, host_counts, memory)
+        out.providers.append(choice.as_dict())
+        if choice.provider == "compile":
+            _plan_compile(rec, choice, out)
             continue
-        if out.providers[-1]["provider"] is None and rec.kind != "memory":
+        if choice.provider is None and rec.kind != "memory":
             # measured, and nothing beat eager in the step's own terms (host time counted where the
             # host is on the critical path: AdvisorResult.host_counts)
-            out.notes.append(f"#{rec.rank} {rec.title}: not applied: {out.providers[-1]['why']}")
+            out.notes.append(f"#{rec.rank} {rec.title}: not applied: {choice.why}")
             continue
         if rec.kind == "memory" and not memory:
             out.notes.append(f"#{rec.rank} {rec.title}: a memory trade, not applied without --memory")
@@ -215,19 +219,13 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
     return out
 
 
-def _chose_compile(rec, cluster, bench, result: AdvisorResult, memory: bool, out: ApplyPlan) -> bool:
-    """Record which provider this cluster gets (out.providers); True when it is regional
-    torch.compile (then planned here, as the runtime patch "compile:<ModuleClass>")."""
-    choice = provider_choice.choose(rec, cluster, bench, result.host_counts(), memory)
-    out.providers.append(choice.as_dict())
-    if choice.provider != "compile":
-        return False
+def _plan_compile(rec, choice: provider_choice.ProviderChoice, out: ApplyPlan) -> None:
+    """A cluster whose provider is regional torch.compile: the runtime patch "compile:<ModuleClass>"."""
     if choice.runtime_pattern not in out.runtime_patterns:
         out.runtime_patterns.append(choice.runtime_pattern)
         out.replacements[choice.runtime_pattern] = "runtime swap (regional torch.compile)"
     out.notes.append(f"#{rec.rank} {rec.title}: applied as regional torch.compile ({choice.runtime_pattern}, "
                      f"at run time: fusion_advisor.patch); the figures are in its provider line")
-    return True
 
 
 def _is_pattern(name: str) -> bool:

@@ -582,8 +582,8 @@ def _wanted_on_gpu(wanted: bool | None) -> bool:
 
 
 def _compiled_blocks(run: dict, steps: int, warmup: int, wanted: bool | None, v, plan) -> dict | None:
-    """The patch plus regional torch.compile of the repeated blocks, timed and checked against the
-    unpatched run (compile_reference.compiled_blocks). None when not wanted or not possible."""
+    """Regional torch.compile of the repeated blocks with the patch outside them, timed and checked
+    against the unpatched run (compile_reference.compiled_blocks). None when not wanted or possible."""
     if not _wanted_on_gpu(wanted) or not v.proven or not v.losses_match:
         return None
     if "rank" in run:
@@ -602,8 +602,7 @@ def _compiled_blocks(run: dict, steps: int, warmup: int, wanted: bool | None, v,
     m = b.after
     if m.error:
         return {"error": m.error.strip().splitlines()[-1]}
-    return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes,
-            "losses": m.losses[:1] + m.losses[-1:], "losses_match": b.losses_match, "proven": b.proven,
+    return {**_run_row(m), "losses_match": b.losses_match, "proven": b.proven,
             "speedup": b.speedup, "max_loss_rel_diff": b.max_loss_rel_diff,
             "replacements": [asdict(r) for r in b.replacements], "regional_compiles": m.regional_compiles,
             "skipped": m.skipped}
@@ -639,8 +638,12 @@ def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, 
         return {"error": str(exc), "verdict": "torch.compile reference failed: " + str(exc)}
     if m.error:
         return {"error": m.error.strip().splitlines()[-1], "verdict": "the torch.compile reference run failed"}
-    return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes,
-            "losses": m.losses[:1] + m.losses[-1:]}
+    return _run_row(m)
+
+
+def _run_row(m) -> dict:
+    """A compiled configuration's column: median step time, peak memory, first and last loss."""
+    return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes, "losses": m.losses[:1] + m.losses[-1:]}
 
 
 def _print_verification(v, estimates: list[str] = (), reference: dict | None = None, blocks: dict | None = None,

@@ -25,7 +25,7 @@ in `report()` shows it.
 The swap sets the instance attribute `forward` (nn.Module.__call__ looks `self.forward` up per
 call), so classes and other instances are untouched; `revert()` deletes it again, or puts back the
 instance's own `forward` object if it had one. The wrapper counts each call
-(`fusion_advisor.calls.hit("compile:<ModuleClass>")`) outside the compiled code, and times the
+(`fusion_advisor.calls.hit_eager("compile:<ModuleClass>")`) outside the compiled code, and times the
 first call of each class: the forward's compile time the swap adds (it includes one run; the
 backward compiles lazily at its first backward, and is not in that figure).
 
@@ -209,12 +209,8 @@ def _swap_forward(path: str, module, name: str, record: CompiledClass, backend, 
         call = _torch_compile()(own, backend=_counting(backend, record), dynamic=dynamic)
         original = own
 
-    import torch
-    is_compiling = torch.compiler.is_compiling
-
     def forward(*args, **kwargs):
-        if not is_compiling():   # traced inside the script's own torch.compile, a count would be a guard
-            calls.hit(name)
+        calls.hit_eager(name)   # traced, inside the script's own torch.compile, it counts nothing
         if record.first_call_s is not None:
             return call(*args, **kwargs)
         start = time.perf_counter()

@@ -382,15 +382,19 @@ def replacement_calls(planned: dict[str, str], after: RunMeasurement) -> list[Re
         elif after.compiled:
             rows.append(ReplacementCalls(name, how, 0.0, "not counted",
                                          "the script calls torch.compile: calls inside compiled graphs are not counted"))
+        elif (refusal := _refusal(name, how, after)) is not None:
+            rows.append(ReplacementCalls(name, how, 0.0, "refused", refusal))
         else:
-            why = _why_never_called(name, how, after)
-            refused = why.startswith(_REFUSED)
-            rows.append(ReplacementCalls(name, how, 0.0, "refused" if refused else "never called",
-                                         why[len(_REFUSED) + 2:-1] if refused else why))
+            rows.append(ReplacementCalls(name, how, 0.0, "never called", _why_never_called(name, how, after)))
     return rows
 
 
-_REFUSED = "swap refused"
+def _refusal(name: str, how: str, after: RunMeasurement) -> str | None:
+    """Why the patch's own check refused the runtime swap of `name`, if it did: patch's skipped
+    entries read "path: pattern: reason"."""
+    if how.startswith("source: "):
+        return None
+    return next((entry.split(f": {name}: ", 1)[1] for entry in after.skipped if f": {name}: " in entry), None)
 
 
 def _why_never_called(name: str, how: str, after: RunMeasurement) -> str:
@@ -400,10 +404,7 @@ def _why_never_called(name: str, how: str, after: RunMeasurement) -> str:
             return (f"the run never read the patched {os.path.basename(path)} (loaded in a way the verification "
                     f"cannot reach?); not patched")
         return f"the patched code in {os.path.basename(path)} never ran on the script's path"
-    # patch's skipped entries read "path: pattern: reason" (or "*: pattern NAME has no ... form")
-    refused = [entry.split(f": {name}: ", 1)[1] for entry in after.skipped if f": {name}: " in entry]
-    if refused:
-        return f"{_REFUSED} ({refused[0]})"
+    # a refused swap is a row of its own (_refusal); "*: pattern NAME has no ... form" says none fits
     unpatchable = [entry.split(": ", 1)[1] for entry in after.skipped if entry.startswith(f"*: pattern {name} ")]
     if unpatchable:
         return unpatchable[0]

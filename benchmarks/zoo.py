@@ -359,10 +359,8 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
                 eager, applied = v.get("before") or {}, v.get("after") or {}
                 row["replacements"] = replacements_text(applied, v)
                 applied = _advisor_configuration(row, v)
-                firsts = [c.get("first_call_s") for c in (applied.get("regional_compiles") or {}).values()
-                          if isinstance(c, dict) and c.get("first_call_s")]
-                if firsts:   # the compile time regional compilation adds (first calls: compile + one run)
-                    row["regional_compile_s"] = round(sum(firsts), 2)
+                if seconds := _compile_seconds(applied):
+                    row["regional_compile_s"] = seconds
                 row["losses_match"] = v.get("losses_match")
                 if ap.returncode != 0:
                     errors.append(f"apply --verify exit {ap.returncode}: {_last_line(ap.stderr)}")
@@ -398,6 +396,13 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
     return row
 
 
+def _compile_seconds(measurement: dict) -> float | None:
+    """The compile time a run's regional compiles added (their first calls: compile + one run)."""
+    firsts = [c.get("first_call_s") for c in (measurement.get("regional_compiles") or {}).values()
+              if isinstance(c, dict) and c.get("first_call_s")]
+    return round(sum(firsts), 2) if firsts else None
+
+
 def _advisor_configuration(row: dict, v: dict) -> dict:
     """The configuration the advisor ends on: verify's fastest among unpatched, patched and patched
     + compiled blocks (each of the last two only where its losses matched and it provably ran).
@@ -409,10 +414,8 @@ def _advisor_configuration(row: dict, v: dict) -> dict:
     best = (v.get("fastest") or {}).get("configuration") or "patched"
     row["advisor_config"] = best
     if best == "patched + compiled blocks":
-        firsts = [c.get("first_call_s") for c in (blocks.get("regional_compiles") or {}).values()
-                  if isinstance(c, dict) and c.get("first_call_s")]
-        if firsts:
-            row["regional_compile_s"] = round(sum(firsts), 2)
+        if seconds := _compile_seconds(blocks):
+            row["regional_compile_s"] = seconds
         return blocks
     return v.get("before") or {} if best == "unpatched" else after
 

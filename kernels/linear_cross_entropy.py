@@ -111,8 +111,7 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, chunk_rows, grad_weight_fp32):
-        if not torch.compiler.is_compiling():   # a count traced by dynamo would guard on the counter
-            calls.hit("linear_cross_entropy")
+        calls.hit_eager("linear_cross_entropy")
         n_rows, n_hidden = hidden.shape
         vocab = weight.shape[0]
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
