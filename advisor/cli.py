@@ -6,6 +6,7 @@ import difflib
 import functools
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -479,7 +480,6 @@ def apply_cmd(
       fusion-advisor apply fusion-report/result.json --revert --force   # even over edits made since
       fusion-advisor apply fusion-report/result.json --verify --memory   # with the memory trades
     """
-    from dataclasses import asdict
 
     from fusion_advisor import apply as apply_mod
     from fusion_advisor.core.files import leftover_temps
@@ -505,7 +505,11 @@ def apply_cmd(
     if script and not Path(script).is_file() and (verify_run or write):
         raise AdvisorError(f"the profiled script {script} is not on this disk (run apply from the folder you "
                            f"profiled in, or with the checkout it came from)")
-    plan = apply_mod.plan(result, memory=memory, include_estimates=include_estimates)
+    if not result.recommendations and verify_run and result.benchmarks and _wanted_on_gpu(compile_blocks):
+        # bench timed the clusters and none was worth fusing: the compiled blocks may still be
+        plan = apply_mod.ApplyPlan(notes=["no recommendation: bench found no cluster worth replacing"])
+    else:
+        plan = apply_mod.plan(result, memory=memory, include_estimates=include_estimates)
     if moved:
         plan.notes.insert(0, moved)
     leftovers = [t for f in plan.changed for t in leftover_temps(f.path)]
@@ -525,30 +529,9 @@ def apply_cmd(
         for c in plan.providers:
             err.print(f"provider for #{c['rank']} ({c['module'] or c['cluster_id']}): {c['provider'] or 'nothing'} - "
                       f"{c['why']}", highlight=False)
+    v = None
     if verify_run:
-        from fusion_advisor.verify import verify
-        run = result.run or {}
-        if not run.get("script"):
-            raise AdvisorError("the result does not say which script it came from; --verify needs it")
-        if not plan.replacements:
-            raise AdvisorError("nothing to verify: no recommendation of this result can be applied (see the notes)")
-        v = verify(run["script"], list(run.get("argv", [])[1:]), plan.runtime_patterns, steps=steps, warmup=warmup,
-                   source_overrides={f.path: f.after for f in plan.changed},
-                   original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements,
-                   nproc=int(run.get("world_size") or 0) if "rank" in run else 0, modules=plan.runtime_modules)
-        report["verification"] = {**asdict(v), "proven": v.proven}
-        blocks = _compiled_blocks(run, steps, warmup, compile_blocks, v, plan)
-        if blocks is not None:
-            report["verification"]["compiled_blocks"] = blocks
-        reference = _compile_reference(run, steps, warmup, compile_reference, v, plan.notes)
-        if reference is not None:
-            report["verification"]["compile_reference"] = reference
-        best, verdict = _fastest_configuration(v, blocks, reference)
-        report["verification"]["fastest"] = {"configuration": best, "verdict": verdict}
-        if reference is not None and "median_step_s" in reference:
-            reference.update(fastest=best, verdict=verdict)
-        if not as_json:
-            _print_verification(v, plan.estimates, reference, blocks, verdict)
+        v = _verify_configurations(result, plan, report, steps, warmup, compile_blocks, compile_reference, as_json)
     if write and not plan.changed:
         err.print("nothing to write: the sources already hold every change (or none applies)", highlight=False)
     elif write:
@@ -560,18 +543,66 @@ def apply_cmd(
     if as_json:
         from fusion_advisor.core.result import dumps_strict
         sys.stdout.write(dumps_strict(report) + "\n")
-    refused = [r for r in v.replacements if r.status == "refused"] if verify_run else []
+    refused = [r for r in v.replacements if r.status == "refused"] if v is not None else []
     if refused and not as_json:
         err.print(f"[yellow]note:[/] {len(refused)} planned replacement(s) refused by the patch's own check, not "
                   f"applied: {'; '.join(f'{r.name}: {r.why}' for r in refused)}", highlight=False)
-    if verify_run and v.never_called:
+    if v is not None and v.never_called:
         first = v.never_called[0]
         more = f" (and {len(v.never_called) - 1} more)" if len(v.never_called) > 1 else ""
         _fail(f"not verified: {first.name} ({first.how}) never ran: {first.why}{more}", EXIT_NOT_VERIFIED)
-    if verify_run and not v.proven:
+    if v is not None and not v.proven:
         _fail("not verified: no planned replacement was counted in the patched run", EXIT_NOT_VERIFIED)
-    if verify_run and not v.losses_match:
+    if v is not None and not v.losses_match:
         _fail("the patched run's losses differ from the unpatched run's beyond tolerance", EXIT_NOT_VERIFIED)
+
+
+def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, compile_blocks: bool | None,
+                           compile_reference: bool | None, as_json: bool):
+    """apply --verify: the unpatched and the patched run, then the compiled configurations (the
+    repeated blocks compiled, with the patch outside them where it proved itself; whole-model compile
+    as the reference), and the fastest of them. With nothing to patch, the compiled blocks alone are
+    still tried against the unpatched run: where every cluster read "use torch.compile" that is the
+    measured way to have it. Fills report["verification"]; returns the patch's Verification, or None
+    where there was no patch to run."""
+    from fusion_advisor.verify import unpatched_run, verify
+    run = result.run or {}
+    if not run.get("script"):
+        raise AdvisorError("the result does not say which script it came from; --verify needs it")
+    nothing = "nothing to verify: no recommendation of this result can be applied (see the notes)"
+    torchrun = "rank" in run
+    if not plan.replacements and (torchrun or not _wanted_on_gpu(compile_blocks)):
+        raise AdvisorError(nothing)
+    args = list(run.get("argv", [])[1:])
+    v = None
+    if plan.replacements:
+        v = verify(run["script"], args, plan.runtime_patterns, steps=steps, warmup=warmup,
+                   source_overrides={f.path: f.after for f in plan.changed},
+                   original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements,
+                   nproc=int(run.get("world_size") or 0) if torchrun else 0, modules=plan.runtime_modules)
+        report["verification"] = {**asdict(v), "proven": v.proven}
+        before = v.before
+    else:
+        before = unpatched_run(run["script"], args, steps=steps, warmup=warmup)
+        report["verification"] = {"before": asdict(before), "proven": False}
+    with_patch = v is not None and v.proven and v.losses_match
+    blocks = _compiled_blocks(run, steps, warmup, compile_blocks, before, plan if with_patch else None)
+    if blocks is not None:
+        report["verification"]["compiled_blocks"] = blocks
+    reference = _compile_reference(run, steps, warmup, compile_reference, plan.notes)
+    if reference is not None:
+        report["verification"]["compile_reference"] = reference
+    best, verdict = _fastest_configuration(before, v if with_patch else None, blocks, reference)
+    report["verification"]["fastest"] = {"configuration": best, "verdict": verdict}
+    if reference is not None and "median_step_s" in reference:
+        reference.update(fastest=best, verdict=verdict)
+    if not as_json:
+        _print_verification(before, v, plan.estimates, reference, blocks, verdict)
+    if v is None and _verified_step_s(blocks) is None:
+        raise AdvisorError(nothing + "; the compiled-blocks run " +
+                           ("failed: " + blocks["error"] if blocks and blocks.get("error") else
+                            "found no repeated blocks to compile" if blocks else "was not made"))
+    return v
 
 
 def _wanted_on_gpu(wanted: bool | None) -> bool:
@@ -581,28 +612,29 @@ def _wanted_on_gpu(wanted: bool | None) -> bool:
     return wanted
 
 
-def _compiled_blocks(run: dict, steps: int, warmup: int, wanted: bool | None, v, plan) -> dict | None:
-    """Regional torch.compile of the repeated blocks with the patch outside them, timed and checked
-    against the unpatched run (compile_reference.compiled_blocks). None when not wanted or possible."""
-    if not _wanted_on_gpu(wanted) or not v.proven or not v.losses_match:
+def _compiled_blocks(run: dict, steps: int, warmup: int, wanted: bool | None, before, plan=None) -> dict | None:
+    """Regional torch.compile of the repeated blocks, with the patch of `plan` outside them (None:
+    no patch, the blocks alone), timed and checked against the unpatched run `before`
+    (compile_reference.compiled_blocks). None when not wanted or possible."""
+    if not _wanted_on_gpu(wanted) or "rank" in run:
+        if "rank" in run and plan is not None:
+            plan.notes.append("no compiled-blocks run for a torchrun job")
         return None
-    if "rank" in run:
-        plan.notes.append("no compiled-blocks run for a torchrun job")
-        return None
-    from dataclasses import asdict
-
-    from fusion_advisor.compile_reference import compiled_blocks
+    from fusion_advisor.compile_reference import blocks_configuration, compiled_blocks
     from fusion_advisor.core.errors import ScriptError
+    patterns, planned, overrides, modules = ((plan.runtime_patterns, plan.replacements,
+                                              {f.path: f.after for f in plan.changed}, plan.runtime_modules)
+                                             if plan is not None else ([], {}, {}, {}))
+    name = blocks_configuration(with_patch=plan is not None)
     try:
-        b = compiled_blocks(run["script"], list(run.get("argv", [])[1:]), v.before, plan.runtime_patterns,
-                            plan.replacements, {f.path: f.after for f in plan.changed}, steps=steps,
-                            warmup=max(warmup, 2), modules=plan.runtime_modules)
+        b = compiled_blocks(run["script"], list(run.get("argv", [])[1:]), before, patterns, planned, overrides,
+                            steps=steps, warmup=max(warmup, 2), modules=modules)
     except ScriptError as exc:
-        return {"error": str(exc)}
+        return {"configuration": name, "error": str(exc)}
     m = b.after
     if m.error:
-        return {"error": m.error.strip().splitlines()[-1]}
-    return {**_run_row(m), "losses_match": b.losses_match, "proven": b.proven,
+        return {"configuration": name, "error": m.error.strip().splitlines()[-1]}
+    return {"configuration": name, **_run_row(m), "losses_match": b.losses_match, "proven": b.proven,
             "speedup": b.speedup, "max_loss_rel_diff": b.max_loss_rel_diff,
             "replacements": [asdict(r) for r in b.replacements], "regional_compiles": m.regional_compiles,
             "skipped": m.skipped}
@@ -612,17 +644,19 @@ def _verified_step_s(blocks: dict | None) -> float | None:
     return blocks.get("median_step_s") if blocks and blocks.get("proven") and blocks.get("losses_match") else None
 
 
-def _fastest_configuration(v, blocks: dict | None, reference: dict | None) -> tuple[str, str]:
+def _fastest_configuration(before, v, blocks: dict | None, reference: dict | None) -> tuple[str, str]:
     """The fastest configuration measured, among those whose losses matched the unpatched run's
-    (whole-model compile is the reference: its own losses are shown, not gated)."""
+    (`v`: the patch's verification where it proved itself, else None; whole-model compile is the
+    reference: its own losses are shown, not gated)."""
     from fusion_advisor.compile_reference import fastest
-    return fastest({"unpatched": v.before.median_step_s,
-                    "patched": v.after.median_step_s if v.proven and v.losses_match else None,
-                    "patched + compiled blocks": _verified_step_s(blocks),
-                    "torch.compile (whole model)": (reference or {}).get("median_step_s")})
+    rows = {"unpatched": before.median_step_s, "patched": v.after.median_step_s if v is not None else None}
+    if blocks:
+        rows[blocks["configuration"]] = _verified_step_s(blocks)
+    rows["torch.compile (whole model)"] = (reference or {}).get("median_step_s")
+    return fastest(rows)
 
 
-def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, v, notes: list[str]) -> dict | None:
+def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, notes: list[str]) -> dict | None:
     """Whole-model torch.compile of the same script, timed as verify times (issue 13): the
     reference row and the fastest configuration measured. None when not wanted or not possible."""
     if not _wanted_on_gpu(wanted):
@@ -646,33 +680,32 @@ def _run_row(m) -> dict:
     return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes, "losses": m.losses[:1] + m.losses[-1:]}
 
 
-def _print_verification(v, estimates: list[str] = (), reference: dict | None = None, blocks: dict | None = None,
-                        verdict: str = "") -> None:
+def _print_verification(before, v, estimates: list[str] = (), reference: dict | None = None,
+                        blocks: dict | None = None, verdict: str = "") -> None:
+    """The measured configurations side by side; `v` (the patch's verification) None: no patch ran."""
     from rich.table import Table
 
     t = Table(title="apply --verify (measured)", title_justify="left")
     t.add_column("")
-    t.add_column("unpatched", justify="right")
-    t.add_column("patched", justify="right")
-    columns = [(name, row) for name, row in (("patched + compiled blocks", blocks),
-                                             ("torch.compile (whole model)", reference))
-               if row and "median_step_s" in row]
+    columns = [("unpatched", _run_row(before))]
+    if v is not None:
+        columns.append(("patched", _run_row(v.after)))
+    columns += [(name, row) for name, row in (((blocks or {}).get("configuration"), blocks),
+                                              ("torch.compile (whole model)", reference))
+                if row and "median_step_s" in row]
     for name, _ in columns:
         t.add_column(name, justify="right")
     ms = lambda s: f"{s * 1e3:,.2f} ms" if s else "—"  # noqa: E731
     gb = lambda b: f"{b / 2**30:,.2f} GiB" if b is not None else "—"  # noqa: E731
     first_last = lambda xs: f"{xs[0]:.4f}, {xs[-1]:.4f}" if xs else "—"  # noqa: E731
-    t.add_row("median step time", ms(v.before.median_step_s), ms(v.after.median_step_s),
-              *(ms(row["median_step_s"]) for _, row in columns))
-    t.add_row("peak memory", gb(v.before.peak_mem_bytes), gb(v.after.peak_mem_bytes),
-              *(gb(row["peak_mem_bytes"]) for _, row in columns))
-    t.add_row("losses (first, last)", first_last(v.before.losses), first_last(v.after.losses),
-              *(first_last(row["losses"]) for _, row in columns))
+    t.add_row("median step time", *(ms(row["median_step_s"]) for _, row in columns))
+    t.add_row("peak memory", *(gb(row["peak_mem_bytes"]) for _, row in columns))
+    t.add_row("losses (first, last)", *(first_last(row["losses"]) for _, row in columns))
     Console().print(t)
     if blocks and blocks.get("error"):
-        Console().print(f"patched + compiled blocks: not measured ({blocks['error']})", highlight=False)
+        Console().print(f"{blocks['configuration']}: not measured ({blocks['error']})", highlight=False)
     elif blocks and not (blocks.get("proven") and blocks.get("losses_match")):
-        Console().print("patched + compiled blocks: not a candidate (its losses differ or its blocks never compiled)",
+        Console().print(f"{blocks['configuration']}: not a candidate (its losses differ or its blocks never compiled)",
                         highlight=False)
     if reference and reference.get("error"):
         Console().print(reference["verdict"], highlight=False)
@@ -681,9 +714,14 @@ def _print_verification(v, estimates: list[str] = (), reference: dict | None = N
     if verdict.startswith("fastest: torch.compile (whole model)"):
         Console().print("  to run it: model = torch.compile(model) after building the model; the patch is not "
                         "needed for it", highlight=False)
-    if verdict.startswith("fastest: patched + compiled blocks"):
+    elif verdict.startswith("fastest: patched + compiled blocks"):
         Console().print("  to run it: fusion_advisor.patch(model, RESULT, compile_blocks=True) after building the "
                         "model (with your source patches written: apply --write)", highlight=False)
+    elif verdict.startswith("fastest: compiled blocks"):
+        Console().print("  to run it: fusion_advisor.patch(model, patterns=[], compile_blocks=True) after building "
+                        "the model (torch.compile of each repeated block, nothing of ours)", highlight=False)
+    if v is None:
+        return
     r = Table(title="replacements in the patched run (calls counted)", title_justify="left")
     r.add_column("replacement", no_wrap=True)
     r.add_column("applied as", ratio=1)            # words: these wrap at a narrow terminal, nothing else

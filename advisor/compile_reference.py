@@ -24,6 +24,11 @@ from fusion_advisor.verify import (ReplacementCalls, RunMeasurement, RunSpec, Ve
 BLOCKS_HOW = "runtime swap (regional torch.compile of the repeated blocks)"
 
 
+def blocks_configuration(with_patch: bool) -> str:
+    """The compiled-blocks configuration's name in apply --verify's table and verdict."""
+    return "patched + compiled blocks" if with_patch else "compiled blocks"
+
+
 def compile_reference(script: str, script_args: list[str], steps: int = 20, warmup: int = 5, seed: int = 0,
                       patterns: list[str] | None = None, source_overrides: dict[str, str] | None = None,
                       timeout_s: float = 1800) -> RunMeasurement:

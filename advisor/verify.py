@@ -434,6 +434,15 @@ def verify(script: str, script_args: list[str], patterns: list[str], steps: int 
     return compare(before, after, planned=planned)
 
 
+def unpatched_run(script: str, script_args: list[str], steps: int = 20, warmup: int = 5, seed: int = 0) -> RunMeasurement:
+    """The script as it is, measured as verify measures: the baseline of a plan with no patch, where
+    only the compiled-blocks configuration is tried (apply --verify with nothing else to apply)."""
+    m = run_script(RunSpec(script, script_args, steps, warmup, seed, [], {}))
+    if m.error:
+        raise ScriptError(f"the unpatched run failed: {m.error.strip().splitlines()[-1]}")
+    return m
+
+
 def _main(spec_path: str) -> None:
     spec = RunSpec(**json.loads(Path(spec_path).read_text()))
     measurement = _run_in_process(spec)

@@ -1,4 +1,5 @@
-"""Host (CPU) time of each fused op's Python path per call, with the Triton launches made no-ops.
+"""Host (CPU) time of each fused op's Python path per call, with the Triton launches made no-ops
+(or, with --gpu, real launches on a GPU beside eager PyTorch and Liger-Kernel).
 
 A training step of a small model can be host-bound: the GPU waits for Python to issue the next
 kernel. Then what a fused op costs on the host matters as much as its kernel time. This times,
@@ -10,6 +11,11 @@ binding, specialisation, the driver call), which is the same for any caller.
 
     python benchmarks/host_overhead.py                  # every pattern
     python benchmarks/host_overhead.py --patterns rms_norm,rope --calls 2000
+    python benchmarks/host_overhead.py --gpu --profile layer_norm   # GPU: where a call's host µs go
+
+With --gpu the inputs are the patterns' small example shapes on the GPU, so the GPU finishes each
+kernel before the host has issued the next: a call's wall time is its host time, Triton's launch
+path included. Each row shows ours, eager PyTorch (`pattern.reference`) and Liger-Kernel.
 
 Figures are µs per call on this machine's CPU; compare runs on the same machine only.
 """
@@ -20,12 +26,11 @@ import os
 import sys
 import time
 
-# Launchers accept CPU tensors only under the interpreter; set before the kernels are imported.
-os.environ["TRITON_INTERPRET"] = "1"
+GPU = "--gpu" in sys.argv
+if not GPU:   # launchers accept CPU tensors only under the interpreter; set before the kernels are imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 from fusion_advisor.kernels import all_patterns  # noqa: E402
 
 
@@ -35,6 +40,7 @@ def _no_launch(*args, **kwargs) -> None:
 
 def _no_op_launches() -> None:
     """`kernel[grid](...)` does nothing: every launcher goes through `__getitem__`."""
+    from triton.runtime.interpreter import InterpretedFunction
     InterpretedFunction.__getitem__ = lambda self, grid: _no_launch
 
 
@@ -49,20 +55,27 @@ def _per_call_us(fn, calls: int, repeats: int) -> float:
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
+        _sync()
         times.append((time.perf_counter() - t0) / calls)
     return min(times) * 1e6
 
 
-def measure(pattern, calls: int, repeats: int) -> tuple[float, float]:
-    """(forward µs, forward + backward µs) per call of `pattern.fused` on its example inputs."""
-    inputs = pattern.make_inputs(dict(pattern.example_params), torch.device("cpu"), True)
+def _sync() -> None:
+    if GPU:
+        torch.cuda.synchronize()
+
+
+def _calls(pattern, impl, device: torch.device):
+    """(forward, forward + backward) closures of one implementation on the example inputs."""
+    inputs = pattern.make_inputs(dict(pattern.example_params), device, True)
     args, kwargs = inputs.args, inputs.kwargs
 
     def forward():
-        return pattern.fused(*args, **kwargs)
+        return impl(*args, **kwargs)
 
     outs = [o for o in _tensors(forward()) if o.requires_grad]
     upstream = [torch.ones_like(o) for o in outs]
@@ -71,7 +84,31 @@ def measure(pattern, calls: int, repeats: int) -> tuple[float, float]:
         got = [o for o in _tensors(forward()) if o.requires_grad]
         torch.autograd.backward(got, upstream)
 
+    return forward, forward_backward
+
+
+def measure(pattern, calls: int, repeats: int, impl=None) -> tuple[float, float]:
+    """(forward µs, forward + backward µs) per call of `impl` (default `pattern.fused`) on the
+    pattern's example inputs."""
+    device = torch.device("cuda" if GPU else "cpu")
+    forward, forward_backward = _calls(pattern, impl or pattern.fused, device)
     return _per_call_us(forward, calls, repeats), _per_call_us(forward_backward, calls, repeats)
+
+
+def profile(pattern, calls: int) -> None:
+    """cProfile of `calls` forward + backward calls of ours: the functions with the most own time."""
+    import cProfile
+    import pstats
+    _, forward_backward = _calls(pattern, pattern.fused, torch.device("cuda" if GPU else "cpu"))
+    for _ in range(20):
+        forward_backward()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        forward_backward()
+    _sync()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(20)
 
 
 def main(argv=None) -> int:
@@ -79,19 +116,32 @@ def main(argv=None) -> int:
     ap.add_argument("--patterns", default="", help="comma-separated pattern names (default: all)")
     ap.add_argument("--calls", type=int, default=500, help="calls per timed repeat")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--gpu", action="store_true", help="real launches on the GPU, beside eager and Liger-Kernel")
+    ap.add_argument("--profile", default="", help="also print a cProfile of this pattern's forward + backward")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    _no_op_launches()
+    if GPU:
+        import triton
+        print(f"host µs per call, real launches on {torch.cuda.get_device_name()} (torch {torch.__version__}, "
+              f"triton {triton.__version__})")
+    else:
+        _no_op_launches()
+        print(f"host µs per call, Triton launches as no-ops, CPU tensors (torch {torch.__version__})")
     wanted = {p for p in args.patterns.split(",") if p}
     patterns = [p for p in all_patterns() if not wanted or p.name in wanted]
-    print(f"host µs per call, Triton launches as no-ops, CPU tensors (torch {torch.__version__})")
-    print(f"{'pattern':<16} {'forward':>10} {'fwd+bwd':>10}")
-    fwd_total = both_total = 0.0
+    impls = ("ours", "eager", "liger") if GPU else ("ours",)
+    print(f"{'pattern':<16} " + " ".join(f"{i + ' ' + what:>16}" for i in impls for what in ("fwd", "fwd+bwd")))
     for pattern in patterns:
-        fwd_us, both_us = measure(pattern, args.calls, args.repeats)
-        fwd_total, both_total = fwd_total + fwd_us, both_total + both_us
-        print(f"{pattern.name:<16} {fwd_us:>10.1f} {both_us:>10.1f}", flush=True)
-    print(f"{'sum':<16} {fwd_total:>10.1f} {both_total:>10.1f}")
+        cells = []
+        for impl in impls:
+            fn = {"ours": pattern.fused, "eager": pattern.reference, "liger": pattern.liger}[impl]
+            try:
+                cells += [f"{t:>16.1f}" for t in measure(pattern, args.calls, args.repeats, fn)] if fn else [f"{'—':>16}"] * 2
+            except Exception as exc:  # one pattern's failure must not hide the others' figures
+                cells += [f"{type(exc).__name__:>16}"] * 2
+        print(f"{pattern.name:<16} " + " ".join(cells), flush=True)
+    if args.profile:
+        profile(next(p for p in patterns if p.name == args.profile), args.calls)
     return 0
 
 

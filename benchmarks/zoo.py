@@ -9,7 +9,8 @@ torch.compile), then runs, each in fresh processes:
   1. fusion-advisor profile SCRIPT -o DIR --warmup 2 --steps 2 -- --mode M
   2. fusion-advisor apply DIR/result.json --verify --compile-blocks --json --steps S --warmup W
      (its unpatched run is the eager baseline; the advisor's configuration is the fastest of the runs
-     verify checked: patched, or patched + compiled blocks, or unpatched where neither was faster;
+     verify checked: patched, or the compiled blocks (with the patch outside them, or alone where
+     nothing else applies), or unpatched where neither was faster;
      the CSV keeps all three times and names the one chosen in `advisor_config`)
   3. the same script with --compile, measured as verify measures (advisor/verify.py run_script)
 
@@ -404,8 +405,9 @@ def _compile_seconds(measurement: dict) -> float | None:
 
 
 def _advisor_configuration(row: dict, v: dict) -> dict:
-    """The configuration the advisor ends on: verify's fastest among unpatched, patched and patched
-    + compiled blocks (each of the last two only where its losses matched and it provably ran).
+    """The configuration the advisor ends on: verify's fastest among unpatched, patched and the
+    compiled blocks (with the patch outside them where it proved itself, else alone; each only where
+    its losses matched and it provably ran).
     Fills patched_ms / blocks_ms / advisor_config; returns that configuration's measurement."""
     after, blocks = v.get("after") or {}, v.get("compiled_blocks") or {}
     for key, m in (("patched_ms", after), ("blocks_ms", blocks)):
@@ -413,7 +415,7 @@ def _advisor_configuration(row: dict, v: dict) -> dict:
             row[key] = round(m["median_step_s"] * 1e3, 3)
     best = (v.get("fastest") or {}).get("configuration") or "patched"
     row["advisor_config"] = best
-    if best == "patched + compiled blocks":
+    if best in ("patched + compiled blocks", "compiled blocks"):
         if seconds := _compile_seconds(blocks):
             row["regional_compile_s"] = seconds
         return blocks

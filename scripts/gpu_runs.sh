@@ -12,10 +12,12 @@
 # kernels: every kernel test on the GPU (no interpreter), then the norm family's sweep (bench_norms.py).
 # zoo:     benchmarks/zoo.py: model families we did not tune on, eager vs whole-model compile vs
 #          profile + apply (ZOO_ARGS adds flags, e.g. --models or --resume with ZOO_CSV from an earlier run).
+# host:    benchmarks/host_overhead.py --gpu: host µs per call of ours, eager and Liger, and a cProfile
+#          of our LayerNorm's forward + backward (where a call's host time goes).
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
 #          under autocast, and the Llama example.
 set -uo pipefail
-usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|verify OUT_DIR"
+usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify OUT_DIR"
 phase=${1:?$usage}
 out=$(realpath -m "${2:?$usage}")
 repo=$(pwd)
@@ -96,8 +98,17 @@ kernels)
   ;;
 zoo)
   [ -n "${ZOO_CSV:-}" ] && cp "$ZOO_CSV" "$out/zoo.csv"
-  timeout ${ZOO_TIMEOUT:-560} python3 benchmarks/zoo.py --out "$out/zoo.csv" ${ZOO_ARGS:-} >"$out/zoo.txt" 2>&1
+  timeout ${ZOO_TIMEOUT:-560} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" ${ZOO_ARGS:-} \
+      >"$out/zoo.txt" 2>&1
   echo "zoo: rc $?"; tail -45 "$out/zoo.txt"
+  # keep the logs, results and apply reports; traces and HTML reports are too big to bring back
+  find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
+  ;;
+host)
+  timeout 200 python3 benchmarks/host_overhead.py --gpu --calls 300 --repeats 5 --profile layer_norm \
+      --patterns ${HOST_PATTERNS:-rms_norm,layer_norm,add_layer_norm,softmax,cross_entropy,bias_act,swiglu} \
+      >"$out/host-overhead.txt" 2>&1
+  echo "host_overhead: rc $?"; head -60 "$out/host-overhead.txt"
   ;;
 verify)
   profile_and_verify nanogpt "$repo/examples" nanogpt_train.py --steps 40

@@ -435,3 +435,34 @@ def test_verify_runs_compiled_blocks_without_our_kernels_inside_or_hook_recompil
     assert not any("RMSNorm ->" in s for s in m.swapped)
     compiled = m.regional_compiles[regional_compile.BLOCKS]
     assert compiled["instances"] == 3 and compiled["graphs"] <= 4, compiled
+
+
+def test_apply_verify_with_nothing_to_patch_still_times_the_compiled_blocks(tmp_path):
+    """Every cluster lost to eager or to torch.compile: no patch, but the repeated blocks compiled
+    (nothing of ours inside) are timed and checked against the unpatched run, and the verdict
+    names the fastest. Without --compile-blocks there is nothing to verify (exit 2, nothing run)."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(here=str(__import__("pathlib").Path(__file__).parent)))
+    result = _result()
+    result.benchmarks[0] = _bench("c1", "swiglu", eager=300.0, triton=310.0, compile=299.0)
+    result.benchmarks[1] = _bench("c2", "rms_norm", eager=50.0, triton=60.0, compile=49.9)
+    recommend(result)
+    result.run = {"script": str(script), "argv": [str(script)], "cwd": str(tmp_path)}
+    result.save(tmp_path / "result.json")
+    env = {**__import__("os").environ, "FUSION_ADVISOR_COMPILE_BACKEND": "aot_eager"}
+    cmd = [sys.executable, "-m", "fusion_advisor.cli", "apply", str(tmp_path / "result.json"), "--verify",
+           "--steps", "3", "--warmup", "2", "--no-compile-reference"]
+    r = subprocess.run(cmd + ["--compile-blocks", "--json"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["replacements"] == {}
+    v = report["verification"]
+    assert "after" not in v and v["before"]["median_step_s"] > 0
+    blocks = v["compiled_blocks"]
+    assert blocks["configuration"] == "compiled blocks" and blocks["proven"] and blocks["losses_match"]
+    assert blocks["regional_compiles"][regional_compile.BLOCKS]["instances"] == 3
+    assert v["fastest"]["configuration"] in ("unpatched", "compiled blocks")
+    r = subprocess.run(cmd + ["--no-compile-blocks"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert r.returncode == 2 and "no recommendations to apply" in r.stderr
