@@ -12,7 +12,9 @@ Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached p
             pid + 2P, ... (several rows a tile for short rows), computing dx in the same pass and
             keeping dweight / dbias partial sums in fp32 registers; each writes one partial row per
             parameter, and a second small kernel (`_norm_param_grads_kernel`) sums the P rows into
-            the parameter's dtype. No M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+
+            the parameter's dtype. No M x N temporary, no atomics. Tiles of up to 4096 elements
+            load the next tile before this one's math (PREFETCH): a program always has bytes in
+            flight. Rows of ACC_IN_MEMORY_COLS+
             leave no registers for the sums: each program adds them to its own partial rows every
             tile (L2 traffic, not spills).
   segments  GroupNorm over channels: LayerNorm's tiles with statistics per group of columns.
@@ -58,6 +60,7 @@ ACC_IN_MEMORY_COLS = 16384  # from this row length the backward adds its dweight
                             # rows (L2) every tile: held in registers they spilled (sm_90, 16384 columns,
                             # 32 warps: 264 bytes a thread; added to memory, 16 warps: 56)
 WARPS_PER_SM = 16       # the persistent backward's programs per SM: 16 warps of them (2 of 8 warps)
+BWD_PREFETCH_TILE = 4096  # the backward loads the next tile ahead for tiles up to this many elements
 
 
 # -- row-tile math ------------------------------------------------------------------------------------
@@ -128,15 +131,46 @@ def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, s
 
 
 @triton.jit
+def _bwd_loads(DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x, n_rows, n_cols,
+               IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               SEGMENTS: tl.constexpr):
+    """What one backward tile reads, as loaded (dy, x and ds_out in their dtypes; rstd and mean per
+    row, or per row and segment): a tile past the last row loads nothing (all masked). Where a
+    tensor is absent (ds_out, an RMSNorm's mean) another loaded value stands in, never used."""
+    rows, cols, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_DS_OUT:
+        dso = tl.load(DS_OUT + rows[:, None] * stride_dso + cols[None, :], mask=mask, other=0.0)
+    else:
+        dso = dy
+    if SEGMENTS == 1:
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        mean = rstd if IS_RMS else tl.load(MEAN + rows, mask=row_mask, other=0.0)
+    else:
+        stats = rows[:, None] * SEGMENTS + tl.arange(0, SEGMENTS)[None, :]
+        rstd = tl.load(RSTD + stats, mask=row_mask[:, None], other=0.0)
+        mean = tl.load(MEAN + stats, mask=row_mask[:, None], other=0.0)
+    return dy, x, dso, rstd, mean
+
+
+@triton.jit
 def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+                    BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr,
+                    PREFETCH: tl.constexpr):
     """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
     dweight / dbias sums in fp32 as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols): kept
     per tile element in registers and reduced over rows once at the end, or (ACC_IN_MEMORY, for
     rows too long for registers to hold them besides the tile) added to that row every tile, where
-    it stays in L2, rather than spilled."""
+    it stays in L2, rather than spilled.
+
+    PREFETCH: the next tile's loads are issued before this tile's reductions and stores, so a
+    program always has a tile's bytes in flight. Without it each program waits out a full memory
+    latency per tile, and two programs an SM keep too few bytes in flight to reach the bandwidth
+    (Little's law: ~3.3 TB/s x ~1 us is ~25 KB an SM; two 8-warp programs of 2048-element bf16
+    tiles hold at most 16 KB, and only while loading)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -150,40 +184,50 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
         if HAS_BIAS:
             tl.store(DB_PARTIAL + pid * n_cols + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=col_mask)
     n_tiles = tl.cdiv(n_rows, BLOCK_M)
+    if PREFETCH:
+        dy_next, x_next, dso_next, rstd_next, mean_next = _bwd_loads(
+            DY, DS_OUT, X, MEAN, RSTD, pid, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS, HAS_DS_OUT,
+            BLOCK_M, BLOCK_N, SEGMENTS)
     for tile in range(pid, n_tiles, programs):
         rows, _, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            dy_in, x_in, dso_in, rstd_in, mean_in = dy_next, x_next, dso_next, rstd_next, mean_next
+            dy_next, x_next, dso_next, rstd_next, mean_next = _bwd_loads(
+                DY, DS_OUT, X, MEAN, RSTD, tile + programs, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS,
+                HAS_DS_OUT, BLOCK_M, BLOCK_N, SEGMENTS)
+        else:
+            dy_in, x_in, dso_in, rstd_in, mean_in = _bwd_loads(
+                DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS,
+                HAS_DS_OUT, BLOCK_M, BLOCK_N, SEGMENTS)
+        dy = dy_in.to(tl.float32)
+        x = x_in.to(tl.float32)
         if ACC_IN_MEMORY:  # the weight from L1/L2 every tile: registers are short
             g = dy * _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
         else:
             g = dy * w
         if IS_RMS:
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+            rstd = rstd_in[:, None]
             x_hat = x * rstd
             dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None])
             # dweight sees the normalised value rounded as the forward rounded it.
             dw_t = dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
         elif SEGMENTS == 1:
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
-            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
-            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+            rstd = rstd_in[:, None]
+            x_hat = tl.where(mask, (x - mean_in[:, None]) * rstd, 0.0)
             c1 = tl.sum(g, axis=1) / n_cols
             c2 = tl.sum(g * x_hat, axis=1) / n_cols
             dx = rstd * (g - c1[:, None] - x_hat * c2[:, None])
             dw_t = dy * x_hat
         else:  # per segment, in [rows, segments, segment] views of the tile
-            stats = rows[:, None] * SEGMENTS + tl.arange(0, SEGMENTS)[None, :]
-            rstd = tl.load(RSTD + stats, mask=row_mask[:, None], other=0.0)[:, :, None]
-            mean = tl.load(MEAN + stats, mask=row_mask[:, None], other=0.0)[:, :, None]
-            x_hat = (tl.reshape(x, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS)) - mean) * rstd
+            rstd = rstd_in[:, :, None]
+            x_hat = (tl.reshape(x, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS)) - mean_in[:, :, None]) * rstd
             gs = tl.reshape(g, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS))
             c1 = tl.sum(gs, axis=2) / (BLOCK_N // SEGMENTS)
             c2 = tl.sum(gs * x_hat, axis=2) / (BLOCK_N // SEGMENTS)
             dx = tl.reshape(rstd * (gs - c1[:, :, None] - x_hat * c2[:, :, None]), (BLOCK_M, BLOCK_N))
             dw_t = dy * tl.reshape(x_hat, (BLOCK_M, BLOCK_N))
         if HAS_DS_OUT:  # the grad that reached the returned residual directly
-            dx += tl.load(DS_OUT + rows[:, None] * stride_dso + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx += dso_in.to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if ACC_IN_MEMORY:  # the same thread reads and writes each column: program order is enough
             if HAS_WEIGHT:
@@ -239,40 +283,40 @@ def _add_layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r,
 def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                          stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY)
+                    ACC_IN_MEMORY, PREFETCH)
 
 
 @triton.jit
 def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                              stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY)
+                    ACC_IN_MEMORY, PREFETCH)
 
 
 @triton.jit
 def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                            stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY)
+                    ACC_IN_MEMORY, PREFETCH)
 
 
 @triton.jit
 def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                                stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+                               BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY)
+                    ACC_IN_MEMORY, PREFETCH)
 
 
 @triton.jit
@@ -287,10 +331,11 @@ def _group_norm_rows_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r
 def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                                 stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr):
+                                BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr,
+                                PREFETCH: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
-                    ACC_IN_MEMORY)
+                    ACC_IN_MEMORY, PREFETCH)
 
 
 @triton.jit
@@ -327,6 +372,7 @@ class TileConfig(NamedTuple):
     block_n: int
     num_warps: int
     programs_per_sm: int = 1   # the persistent backward's; the forward runs one program per tile
+    prefetch: bool = True      # the persistent backward loads the next tile before this one's math
 
 
 def _warps(tile: int, per_thread: int = 16) -> int:
@@ -352,8 +398,8 @@ def tuned_key(kind: str, block_n: int, elem_size: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def tuned_table(gpu: str) -> dict[str, tuple[int, int, int]]:
-    """{tuned_key: (block_m, num_warps, programs_per_sm)} searched on this GPU model by
+def tuned_table(gpu: str) -> dict[str, tuple[int, int, int, bool]]:
+    """{tuned_key: (block_m, num_warps, programs_per_sm, prefetch)} searched on this GPU model by
     norm_tune.py, read once; empty without a GPU name, without the file, or for a file that is
     not one (the heuristic answers then)."""
     if not gpu:
@@ -361,12 +407,12 @@ def tuned_table(gpu: str) -> dict[str, tuple[int, int, int]]:
     try:
         configs = json.loads(tuned_path(gpu).read_text(encoding="utf-8"))["configs"]
         table = {}
-        for key, (block_m, warps, per_sm) in configs.items():
+        for key, (block_m, warps, per_sm, *prefetch) in configs.items():
             block_n = int(key.split("/")[1])
             if (block_m & (block_m - 1) or block_m < 1 or block_m * block_n > MAX_BLOCK_N
                     or warps not in (1, 2, 4, 8, 16, 32) or not 1 <= per_sm <= 8):
                 continue
-            table[key] = (int(block_m), int(warps), int(per_sm))
+            table[key] = (int(block_m), int(warps), int(per_sm), bool(prefetch[0]) if prefetch else True)
         return table
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return {}
@@ -396,12 +442,15 @@ def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "") -> T
     tuned = tuned_table(gpu).get(tuned_key("bwd", block_n, elem_size))
     rows_cap = next_power_of_2(max(n_rows, 1))
     if tuned and tuned[0] <= rows_cap:
-        return TileConfig(tuned[0], block_n, tuned[1], tuned[2])
+        return TileConfig(tuned[0], block_n, tuned[1], tuned[2], tuned[3])
     block_m = min(max(1, BWD_TILE // block_n), rows_cap)
     warps = _warps(block_m * block_n, BWD_PER_THREAD)
     if block_n >= ACC_IN_MEMORY_COLS:
         warps = min(warps, 16)   # sm_90 at 16384: 16 warps spill 56 bytes a thread, 32 warps 104
-    return TileConfig(block_m, block_n, warps, max(1, WARPS_PER_SM // warps))
+    # Prefetch holds a second tile in registers: at 768-4096 columns 97-99 registers a thread (79
+    # without; two 8-warp programs an SM still fit), but at 8192 (32 warps, 64 registers at most)
+    # it spills 96 bytes a thread (cuobjdump of the sm_90 cubin).
+    return TileConfig(block_m, block_n, warps, max(1, WARPS_PER_SM // warps), block_m * block_n <= BWD_PREFETCH_TILE)
 
 
 def bwd_programs(cfg: TileConfig, n_rows: int, device: torch.device) -> int:
@@ -517,7 +566,7 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
         HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC_IN_MEMORY=cfg.block_n >= ACC_IN_MEMORY_COLS,
-        num_warps=cfg.num_warps, **extra)
+        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, **extra)
     if n_params:
         block_c = max(32, min(256, cfg.block_n // 64))
         block_p = min(next_power_of_2(programs), max(1, 4096 // block_c))

@@ -41,15 +41,17 @@ def fwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
 
 def bwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
     """Tiles of 1024-4096 elements (one row where it is longer), 8 or 16 elements a thread (32 too
-    for rows of 8192+), one or two programs an SM where a program has 8 warps or fewer."""
+    for rows of 8192+), one or two programs an SM where a program has 8 warps or fewer; each with
+    and without the next tile's loads issued ahead (prefetch)."""
     out = []
     for tile in sorted({max(t, block_n) for t in (1024, 2048, 4096)}):
         for per_thread in (8, 16, 32) if block_n >= 8192 else (8, 16):
             warps = norm_core._warps(tile, per_thread)
             for per_sm in ((1, 2) if warps <= 8 else (1,)):
-                cfg = norm_core.TileConfig(tile // block_n, block_n, warps, per_sm)
-                if cfg not in out:
-                    out.append(cfg)
+                for prefetch in (True, False):
+                    cfg = norm_core.TileConfig(tile // block_n, block_n, warps, per_sm, prefetch)
+                    if cfg not in out:
+                        out.append(cfg)
     return out
 
 
@@ -59,9 +61,11 @@ def _median_ms(fn: Callable[[], object]) -> float:
 
 
 def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = 65536,
-             max_tensor_bytes: int = 1 << 27, log: Callable[[str], None] = print) -> dict[str, list[int]]:
+             max_tensor_bytes: int = 1 << 27, log: Callable[[str], None] = print,
+             verbose: bool = False) -> dict[str, list[int]]:
     """The fastest forward and backward tiles for rows of n elements of `dtype`: {tuned_key: [block_m,
-    num_warps, programs_per_sm]}. A tile that fails to compile or run is skipped."""
+    num_warps, programs_per_sm(, prefetch)]}. A tile that fails to compile or run is skipped; with
+    `verbose`, every candidate's time is logged."""
     rows = max(1, min(rows, max_tensor_bytes // (n * dtype.itemsize)))
     torch.manual_seed(0)
     x, r, dso = (torch.randn(rows, n, device=device, dtype=dtype) for _ in range(3))
@@ -81,18 +85,20 @@ def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = 65536
         for cfg in candidates:
             try:
                 timed.append((_median_ms(lambda cfg=cfg: call(cfg)), cfg))
+                if verbose:
+                    log(f"    {kind} N={n} {tuple(cfg)}: {timed[-1][0] * 1e3:.1f} us")
             except Exception as exc:  # out of registers or shared memory on this GPU: not a candidate
                 log(f"    {kind} {tuple(cfg)} skipped: {type(exc).__name__}: {str(exc)[:120]}")
         if timed:
             ms, best = min(timed)
             chosen[norm_core.tuned_key(kind, block_n, dtype.itemsize)] = [best.block_m, best.num_warps,
-                                                                          best.programs_per_sm]
+                                                                          best.programs_per_sm, best.prefetch]
             log(f"  {kind} N={n} {str(dtype).replace('torch.', '')}: {tuple(best)} {ms * 1e3:.1f} us "
                 f"(of {len(timed)}; slowest {max(timed)[0] * 1e3:.1f} us)")
     return chosen
 
 
-def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = print) -> str:
+def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = print, verbose: bool = False) -> str:
     """Search every (row length, dtype), merge into this GPU's file, make the launchers read it;
     returns the file's path."""
     gpu = norm_core.gpu_name(device)
@@ -105,7 +111,7 @@ def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = pr
         configs = {}
     for n in n_values:
         for dtype in dtypes:
-            configs.update(tune_one(n, dtype, device, log=log))
+            configs.update(tune_one(n, dtype, device, log=log, verbose=verbose))
     from fusion_advisor.core.files import atomic_output
     with atomic_output(path) as fh:
         json.dump({"gpu": gpu, "torch": torch.__version__, "configs": dict(sorted(configs.items()))}, fh, indent=1)
@@ -118,12 +124,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", default=",".join(map(str, ROW_LENGTHS)), help="comma-separated row lengths")
     ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--verbose", action="store_true", help="log every candidate tile's time")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: norm_tune needs a CUDA GPU", file=sys.stderr)
         return 3
     dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",") if d.strip()]
-    path = tune([int(v) for v in args.n.split(",") if v.strip()], dtypes, torch.device("cuda"))
+    path = tune([int(v) for v in args.n.split(",") if v.strip()], dtypes, torch.device("cuda"), verbose=args.verbose)
     print(f"wrote {path}")
     return 0
 

@@ -228,7 +228,7 @@ for n in json.load(sys.stdin):
     sig.update({name: "*fp32" for name in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")})
     sig.update({name: "i32" for name in ("stride_dy", "stride_dso", "stride_x", "stride_dx", "n_rows", "n_cols")})
     consts = {"HAS_DS_OUT": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
-              "BLOCK_N": cfg.block_n, "ACC_IN_MEMORY": cfg.block_n >= nc.ACC_IN_MEMORY_COLS}
+              "BLOCK_N": cfg.block_n, "ACC_IN_MEMORY": cfg.block_n >= nc.ACC_IN_MEMORY_COLS, "PREFETCH": cfg.prefetch}
     fn = nc._add_layer_norm_bwd_kernel
     sig = {p.name: ("constexpr" if p.name in consts else sig[p.name]) for p in fn.params}
     aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
@@ -257,7 +257,7 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
         pytest.skip("this Triton ships no ptxas / cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", _BWD_RESOURCES], input=json.dumps([64, 1024, 2048, 4096]), env=env,
+    done = subprocess.run([sys.executable, "-c", _BWD_RESOURCES], input=json.dumps([64, 1024, 2048, 4096, 8192]), env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for n, warps, per_sm, regs, stack in json.loads(done.stdout):
