@@ -47,7 +47,8 @@ QUICK_N = (1024, 64, 8192, 768, 4096)
 PASSES = ("forward", "forward+backward")
 PROVIDERS = ("eager", "compile", "compile-max", "triton", "liger")
 TILE_KNOBS = {"fwd_tile": "FWD_TILE", "bwd_tile": "BWD_TILE", "bwd_per_thread": "BWD_PER_THREAD",
-              "warps_per_sm": "WARPS_PER_SM", "acc_in_memory_cols": "ACC_IN_MEMORY_COLS"}
+              "warps_per_sm": "WARPS_PER_SM", "acc_in_memory_cols": "ACC_IN_MEMORY_COLS",
+              "bwd_prefetch_tile": "BWD_PREFETCH_TILE"}
 # (bench flag -> kernels/norm_core.py constant)
 COLUMNS = ["gpu", "driver", "torch", "triton", "liger", "tiles", "pattern", "n", "rows", "dtype", "pass", "provider",
            "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_copy", "vs_compile", "vs_eager", "vs_compile_max", "numerics"]
@@ -129,7 +130,7 @@ def set_tiles(args) -> str:
     norm_core.fwd_config.cache_clear()
     norm_core.bwd_config.cache_clear()
     return (f"fwd{norm_core.FWD_TILE}/bwd{norm_core.BWD_TILE}x{norm_core.BWD_PER_THREAD}"
-            f"/{norm_core.WARPS_PER_SM}w/mem{norm_core.ACC_IN_MEMORY_COLS}")
+            f"/{norm_core.WARPS_PER_SM}w/mem{norm_core.ACC_IN_MEMORY_COLS}/pf{norm_core.BWD_PREFETCH_TILE}")
 
 
 def provider_fn(pattern, provider: str, measure):
