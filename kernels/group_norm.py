@@ -5,7 +5,8 @@ y = (x - mean_group) * rsqrt(var_group + eps) * weight[c] + bias[c]. Replaces `F
 In LLM training it appears as the per-head norm over (tokens, hidden) of RWKV and RetNet-style
 blocks (G = heads, nothing spatial); in vision and diffusion over (N, C, H, W).
 
-Three plans. Channels only (no positions: (tokens, hidden)) with channels and groups powers of two:
+Three plans. Channels only (no positions: (tokens, hidden)) in groups of a power-of-two size (any
+group count: 12 heads of 64 run as 16 segments, the last 4 empty):
   rows         norm_core.py's row kernels with one segment per group (`uses_row_kernels`): several
       samples a program forward, a persistent backward with per-program dweight/dbias partials.
 Otherwise, by whether one sample (C x positions, padded to powers of two) fits a tile of
@@ -216,7 +217,7 @@ def plan(channels: int, positions: int, groups: int) -> dict:
 
 
 def uses_row_kernels(channels: int, positions: int, groups: int) -> bool:
-    """The rows plan: no positions, channels and groups powers of two (norm_core.segmentable)."""
+    """The rows plan: no positions, groups of a power-of-two size (norm_core.segmentable)."""
     return positions == 1 and norm_core.segmentable(channels, groups)
 
 

@@ -75,6 +75,14 @@ def _tile(row0, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _segment_stats(rows, row_mask, n_cols, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+    """The (rows, segments) offsets of per-segment statistics and their mask (real segments only)."""
+    segment = tl.arange(0, SEGMENTS)
+    n_segments = n_cols // (BLOCK_N // SEGMENTS)
+    return rows[:, None] * n_segments + segment[None, :], row_mask[:, None] & (segment < n_segments)[None, :]
+
+
+@triton.jit
 def _param_row(P, cols, n_cols, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_N: tl.constexpr):
     """A weight or bias as a [1, BLOCK_N] fp32 row (`absent` everywhere when there is none)."""
     if HAS:
@@ -88,8 +96,9 @@ def _param_row(P, cols, n_cols, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_N
 def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
                    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
-    """SEGMENTS > 1 (GroupNorm over channels, LayerNorm flags, n_cols == BLOCK_N): statistics per
-    segment of BLOCK_N // SEGMENTS columns, stored (rows, SEGMENTS)."""
+    """SEGMENTS > 1 (GroupNorm over channels, LayerNorm flags): statistics per segment of
+    BLOCK_N // SEGMENTS columns, stored (rows, n_cols // that). SEGMENTS is the segment count
+    padded to a power of two: the padding segments lie past n_cols, load zeros, store nothing."""
     rows, cols, row_mask, mask = _tile(tl.program_id(0) * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -118,9 +127,9 @@ def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, s
         xc = xs - mean[:, :, None]
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=2) / (BLOCK_N // SEGMENTS) + eps)
         y = tl.reshape(xc * rstd[:, :, None], (BLOCK_M, BLOCK_N))
-        stats = rows[:, None] * SEGMENTS + tl.arange(0, SEGMENTS)[None, :]
-        tl.store(MEAN + stats, mean, mask=row_mask[:, None])
-        tl.store(RSTD + stats, rstd, mask=row_mask[:, None])
+        stats, stat_mask = _segment_stats(rows, row_mask, n_cols, BLOCK_N, SEGMENTS)
+        tl.store(MEAN + stats, mean, mask=stat_mask)
+        tl.store(RSTD + stats, rstd, mask=stat_mask)
     if HAS_WEIGHT:
         y = y * _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
     if HAS_BIAS:
@@ -148,9 +157,9 @@ def _bwd_loads(DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x,
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         mean = rstd if IS_RMS else tl.load(MEAN + rows, mask=row_mask, other=0.0)
     else:
-        stats = rows[:, None] * SEGMENTS + tl.arange(0, SEGMENTS)[None, :]
-        rstd = tl.load(RSTD + stats, mask=row_mask[:, None], other=0.0)
-        mean = tl.load(MEAN + stats, mask=row_mask[:, None], other=0.0)
+        stats, stat_mask = _segment_stats(rows, row_mask, n_cols, BLOCK_N, SEGMENTS)
+        rstd = tl.load(RSTD + stats, mask=stat_mask, other=0.0)
+        mean = tl.load(MEAN + stats, mask=stat_mask, other=0.0)
     return dy, x, dso, rstd, mean
 
 
@@ -491,15 +500,19 @@ def gpu_name(device: torch.device) -> str:
 
 # -- launchers ----------------------------------------------------------------------------------------
 def segmentable(n_cols: int, segments: int) -> bool:
-    """Whether rows of n_cols split into `segments` statistics groups in one tile: both powers of
-    two (no padding inside a segment), the row within MAX_BLOCK_N."""
-    return (0 < segments <= n_cols <= MAX_BLOCK_N and not n_cols & (n_cols - 1) and not segments & (segments - 1))
+    """Whether rows of n_cols split into `segments` statistics groups in one tile: equal segments of
+    a power-of-two length (no padding inside a segment; the segment count is padded to a power of
+    two, 12 groups of 64 as 16), the padded row within MAX_BLOCK_N."""
+    if not 0 < segments <= n_cols or n_cols % segments:
+        return False
+    size = n_cols // segments
+    return not size & (size - 1) and next_power_of_2(segments) * size <= MAX_BLOCK_N
 
 
 def _check_segments(n_cols: int, segments: int, rms: bool, residual: bool) -> None:
     if rms or residual or not segmentable(n_cols, segments):
         raise ValueError(f"norm: {segments} segments of rows of {n_cols} need LayerNorm without a residual "
-                         "and powers of two")
+                         "and segments of a power-of-two length")
 
 
 def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -507,9 +520,9 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
              sum_dtype: Optional[torch.dtype] = None, config: Optional[TileConfig] = None, segments: int = 1):
     """x (and residual): (rows, n_cols) views with a contiguous last dim. Returns (y, s, mean, rstd):
     s the residual sum (None without a residual), mean None for RMSNorm; statistics fp32 per row,
-    or per row and segment: `segments` > 1 (LayerNorm flags, no residual, n_cols and segments
-    powers of two) normalises each of `segments` equal column groups on its own (GroupNorm over
-    channels). `config` forces a tile (norm_tune.py's search); default: `fwd_config`."""
+    or per row and segment: `segments` > 1 (LayerNorm flags, no residual, equal segments of a
+    power-of-two length: `segmentable`) normalises each of `segments` column groups on its own
+    (GroupNorm over channels). `config` forces a tile (norm_tune.py's search); default: `fwd_config`."""
     n_rows, n_cols = x.shape
     device = x.device
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=device)
@@ -519,7 +532,7 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
     kernel, extra = _FWD_KERNELS[(rms, residual is not None)], {}
     if segments > 1:
         _check_segments(n_cols, segments, rms, residual is not None)
-        kernel, extra = _group_norm_rows_fwd_kernel, {"SEGMENTS": segments}
+        kernel, extra = _group_norm_rows_fwd_kernel, {"SEGMENTS": next_power_of_2(segments)}
     if n_rows and n_cols:
         cfg = config or fwd_config(n_cols, n_rows, 2 * _sm_programs(device), x.element_size(), gpu_name(device))
         r, s_ = (residual, s) if residual is not None else (x, y)
@@ -560,7 +573,7 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
     kernel, extra = _BWD_KERNELS[(rms, residual)], {}
     if segments > 1:
         _check_segments(n_cols, segments, rms, residual)
-        kernel, extra = _group_norm_rows_bwd_kernel, {"SEGMENTS": segments}
+        kernel, extra = _group_norm_rows_bwd_kernel, {"SEGMENTS": next_power_of_2(segments)}
     kernel[(programs,)](
         dy, dso, x, x if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_partial,
         db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,

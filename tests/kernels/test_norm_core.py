@@ -45,7 +45,9 @@ def test_short_rows_without_weight_or_bias(options, dtype, device):
 # 1 or 2 channels are ill-conditioned in fp32 backward: x - mean is rounding noise times rstd ~ 316;
 # on an H100 a group of one channel missed by 7e-5, and the old kernel misses groups of 2 as well.)
 GROUP_CASES = [{"shape": [300, 64], "num_groups": 1}, {"shape": [37, 1024], "num_groups": 16},
-               {"shape": [9, 128], "num_groups": 32}, {"shape": [6, 256, 1, 1], "num_groups": 8}]
+               {"shape": [9, 128], "num_groups": 32}, {"shape": [6, 256, 1, 1], "num_groups": 8},
+               # group counts that are not powers of two: 12 heads of 64 (padded to 16), 3 groups of 32
+               {"shape": [37, 768], "num_groups": 12}, {"shape": [11, 96], "num_groups": 3}]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -66,8 +68,8 @@ def test_group_norm_rows_without_weight_or_bias(options, device):
 
 
 def test_group_norm_keeps_its_own_kernels_where_rows_do_not_fit():
-    assert not group_norm.uses_row_kernels(96, 1, 4)      # channels not a power of two
-    assert not group_norm.uses_row_kernels(256, 1, 12)    # groups not a power of two
+    assert not group_norm.uses_row_kernels(96, 1, 4)      # groups of 24: not a power of two
+    assert not group_norm.uses_row_kernels(256, 1, 12)    # 256 channels do not split into 12 groups
     assert not group_norm.uses_row_kernels(256, 49, 8)    # positions: an image
     with pytest.raises(ValueError, match="segments"):
         norm_core.norm_fwd(torch.randn(4, 96), None, None, None, 1e-5, rms=False, out_dtype=torch.float32,
