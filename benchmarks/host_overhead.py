@@ -12,6 +12,7 @@ binding, specialisation, the driver call), which is the same for any caller.
     python benchmarks/host_overhead.py                  # every pattern
     python benchmarks/host_overhead.py --patterns rms_norm,rope --calls 2000
     python benchmarks/host_overhead.py --gpu --profile layer_norm   # GPU: where a call's host µs go
+    python benchmarks/host_overhead.py --gpu --patterns layer_norm --anatomy   # ...and its parts
 
 With --gpu the inputs are the patterns' small example shapes on the GPU, so the GPU finishes each
 kernel before the host has issued the next: a call's wall time is its host time, Triton's launch
@@ -95,6 +96,60 @@ def measure(pattern, calls: int, repeats: int, impl=None) -> tuple[float, float]
     return _per_call_us(forward, calls, repeats), _per_call_us(forward_backward, calls, repeats)
 
 
+def _scale_kernel_fn():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scale(X, Y, n, factor, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n) * factor, mask=offs < n)
+    return scale
+
+
+def anatomy(calls: int, repeats: int) -> list[tuple[str, float]]:
+    """Where a fused op's host time goes, from its parts: a torch op and a trivial Triton launch
+    alone, each inside a minimal autograd.Function (forward and backward one launch each), and the
+    eager op with autograd. Same (252, 431) fp32 tensor as the patterns' examples. Meant for --gpu:
+    on CPU tensors the torch rows include the CPU doing the multiply, and the launch is a no-op."""
+    device = torch.device("cuda" if GPU else "cpu")
+    scale = _scale_kernel_fn()
+    x = torch.randn(252, 431, device=device, requires_grad=True)
+    buf, up, n = torch.empty_like(x), torch.ones_like(x), x.numel()
+
+    def launch(src, dst):
+        scale[(-(-n // 1024),)](src, dst, n, 2.0, BLOCK=1024)
+        return dst
+
+    class TorchOps(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t * 2.0
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2.0
+
+    class TritonOps(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return launch(t, torch.empty_like(t))
+
+        @staticmethod
+        def backward(ctx, g):
+            return launch(g, torch.empty_like(g))
+
+    def with_backward(fn):
+        return lambda: torch.autograd.backward([fn(x)], [up])
+
+    rows = [("torch op alone (mul, out=)", lambda: torch.mul(x.detach(), 2.0, out=buf)),
+            ("Triton launch alone", lambda: launch(x.detach(), buf)),
+            ("eager x * 2, fwd+bwd", with_backward(lambda t: t * 2.0)),
+            ("Function of torch ops, fwd+bwd", with_backward(TorchOps.apply)),
+            ("Function of Triton launches, fwd+bwd", with_backward(TritonOps.apply))]
+    return [(name, _per_call_us(fn, calls, repeats)) for name, fn in rows]
+
+
 def profile(pattern, calls: int) -> None:
     """cProfile of `calls` forward + backward calls of ours: the functions with the most own time."""
     import cProfile
@@ -118,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--gpu", action="store_true", help="real launches on the GPU, beside eager and Liger-Kernel")
     ap.add_argument("--profile", default="", help="also print a cProfile of this pattern's forward + backward")
+    ap.add_argument("--anatomy", action="store_true", help="also time the parts of a fused op's host cost: a torch op "
+                                                           "and a Triton launch alone and inside an autograd.Function")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if GPU:
@@ -140,6 +197,10 @@ def main(argv=None) -> int:
             except Exception as exc:  # one pattern's failure must not hide the others' figures
                 cells += [f"{type(exc).__name__:>16}"] * 2
         print(f"{pattern.name:<16} " + " ".join(cells), flush=True)
+    if args.anatomy:
+        print("\nthe parts, host µs per call")
+        for name, us in anatomy(args.calls, args.repeats):
+            print(f"{name:<40} {us:>10.1f}", flush=True)
     if args.profile:
         profile(next(p for p in patterns if p.name == args.profile), args.calls)
     return 0

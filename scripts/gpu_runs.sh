@@ -12,8 +12,8 @@
 # kernels: every kernel test on the GPU (no interpreter), then the norm family's sweep (bench_norms.py).
 # zoo:     benchmarks/zoo.py: model families we did not tune on, eager vs whole-model compile vs
 #          profile + apply (ZOO_ARGS adds flags, e.g. --models or --resume with ZOO_CSV from an earlier run).
-# host:    benchmarks/host_overhead.py --gpu: host µs per call of ours, eager and Liger, and a cProfile
-#          of our LayerNorm's forward + backward (where a call's host time goes).
+# host:    benchmarks/host_overhead.py --gpu: host µs per call of ours, eager and Liger, the parts (a
+#          Triton launch, an autograd.Function) and a cProfile of our LayerNorm's forward + backward.
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
 #          under autocast, and the Llama example.
 set -uo pipefail
@@ -105,7 +105,7 @@ zoo)
   find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
   ;;
 host)
-  timeout 200 python3 benchmarks/host_overhead.py --gpu --calls 300 --repeats 5 --profile layer_norm \
+  timeout 200 python3 benchmarks/host_overhead.py --gpu --calls 300 --repeats 5 --profile layer_norm --anatomy \
       --patterns ${HOST_PATTERNS:-rms_norm,layer_norm,add_layer_norm,softmax,cross_entropy,bias_act,swiglu} \
       >"$out/host-overhead.txt" 2>&1
   echo "host_overhead: rc $?"; head -60 "$out/host-overhead.txt"
