@@ -452,6 +452,11 @@ def apply_cmd(
         None, "--compile-blocks/--no-compile-blocks",
         help="With --verify, also time the patch plus regional torch.compile of the model's repeated blocks "
              "(its transformer layers, CNN stages' blocks), checked like the patch [default: on with a CUDA GPU]."),
+    rerun_unpatched: Optional[bool] = typer.Option(
+        None, "--rerun-unpatched/--no-rerun-unpatched",
+        help="With --verify, run the unpatched script again after the other configurations: how far its two "
+             "step times differ is the run-to-run spread, and a configuration that gains less than that is not "
+             "named faster [default: on with a CUDA GPU]."),
     memory: bool = typer.Option(False, "--memory", help="Also apply the memory trades (recommendations that lower "
                                                         "peak memory at a measured time cost, e.g. the LM head's "
                                                         "linear_cross_entropy: logits never materialised)."),
@@ -531,7 +536,8 @@ def apply_cmd(
                       f"{c['why']}", highlight=False)
     v = None
     if verify_run:
-        v = _verify_configurations(result, plan, report, steps, warmup, compile_blocks, compile_reference, as_json)
+        v = _verify_configurations(result, plan, report, steps, warmup, compile_blocks, compile_reference,
+                                   rerun_unpatched, as_json)
     if write and not plan.changed:
         err.print("nothing to write: the sources already hold every change (or none applies)", highlight=False)
     elif write:
@@ -558,7 +564,7 @@ def apply_cmd(
 
 
 def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, compile_blocks: bool | None,
-                           compile_reference: bool | None, as_json: bool):
+                           compile_reference: bool | None, rerun_unpatched: bool | None, as_json: bool):
     """apply --verify: the unpatched and the patched run, then the compiled configurations (the
     repeated blocks compiled, with the patch outside them where it proved itself; whole-model compile
     as the reference), and the fastest of them. With nothing to patch, the compiled blocks alone are
@@ -592,7 +598,14 @@ def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, 
     reference = _compile_reference(run, steps, warmup, compile_reference, plan.notes)
     if reference is not None:
         report["verification"]["compile_reference"] = reference
-    best, verdict = _fastest_configuration(before, v if with_patch else None, blocks, reference)
+    spread = None
+    if _wanted_on_gpu(rerun_unpatched) and not torchrun:
+        # last, so the two unpatched runs bracket the others: drift over the runs shows as spread
+        again = unpatched_run(run["script"], args, steps=steps, warmup=warmup)
+        if before.median_step_s and again.median_step_s:
+            spread = abs(again.median_step_s - before.median_step_s) / before.median_step_s
+        report["verification"]["unpatched_again"] = {**_run_row(again), "spread": spread}
+    best, verdict = _fastest_configuration(before, v if with_patch else None, blocks, reference, spread)
     report["verification"]["fastest"] = {"configuration": best, "verdict": verdict}
     if reference is not None and "median_step_s" in reference:
         reference.update(fastest=best, verdict=verdict)
@@ -644,7 +657,8 @@ def _verified_step_s(blocks: dict | None) -> float | None:
     return blocks.get("median_step_s") if blocks and blocks.get("proven") and blocks.get("losses_match") else None
 
 
-def _fastest_configuration(before, v, blocks: dict | None, reference: dict | None) -> tuple[str, str]:
+def _fastest_configuration(before, v, blocks: dict | None, reference: dict | None,
+                           spread: float | None = None) -> tuple[str, str]:
     """The fastest configuration measured, among those whose losses matched the unpatched run's
     (`v`: the patch's verification where it proved itself, else None; whole-model compile is the
     reference: its own losses are shown, not gated)."""
@@ -653,7 +667,7 @@ def _fastest_configuration(before, v, blocks: dict | None, reference: dict | Non
     if blocks:
         rows[blocks["configuration"]] = _verified_step_s(blocks)
     rows["torch.compile (whole model)"] = (reference or {}).get("median_step_s")
-    return fastest(rows)
+    return fastest(rows, spread)
 
 
 def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, notes: list[str]) -> dict | None:
@@ -709,7 +723,7 @@ def _print_verification(before, v, estimates: list[str] = (), reference: dict | 
                         highlight=False)
     if reference and reference.get("error"):
         Console().print(reference["verdict"], highlight=False)
-    if verdict and (blocks or reference):
+    if verdict and (blocks or reference or "rerun last" in verdict):   # more than the patch's own ratio
         Console().print(verdict, highlight=False)
     if verdict.startswith("fastest: torch.compile (whole model)"):
         Console().print("  to run it: model = torch.compile(model) after building the model; the patch is not "

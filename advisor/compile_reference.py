@@ -66,10 +66,12 @@ def compiled_blocks(script: str, script_args: list[str], before: RunMeasurement,
     return v
 
 
-def fastest(rows: dict[str, float | None]) -> tuple[str, str]:
+def fastest(rows: dict[str, float | None], spread: float | None = None) -> tuple[str, str]:
     """(name, one-line verdict) of the fastest configuration among measured median step times (s),
     e.g. {"unpatched": .., "patched": .., "torch.compile (whole model)": ..}; the first row is the
-    baseline the speedups are against."""
+    baseline the speedups are against. `spread`: how far the baseline's own two runs differed
+    (|rerun - first| / first); a configuration faster than the baseline by no more than that is
+    not a measured win, and the baseline stays the answer."""
     measured = {k: v for k, v in rows.items() if v}
     if not measured:
         return "", "no configuration was timed"
@@ -77,4 +79,9 @@ def fastest(rows: dict[str, float | None]) -> tuple[str, str]:
     base = rows[base_name]
     best = min(measured, key=measured.__getitem__)
     speedups = ", ".join(f"{k} {base / v:.2f}x" for k, v in measured.items() if base and k != base_name)
-    return best, f"fastest: {best} ({measured[best] * 1e3:.2f} ms per step){'; vs ' + base_name + ': ' + speedups if speedups else ''}"
+    against = f"; vs {base_name}: {speedups}" if speedups else ""
+    noise = f"; the {base_name} run rerun last differed by {spread:.1%}" if spread is not None else ""
+    if spread is not None and base and best != base_name and base / measured[best] - 1 <= spread:
+        return base_name, (f"no configuration measurably faster than {base_name}: {best} by "
+                           f"{base / measured[best] - 1:.1%}, within the run-to-run spread{noise}{against}")
+    return best, f"fastest: {best} ({measured[best] * 1e3:.2f} ms per step){against}{noise}"

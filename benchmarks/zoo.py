@@ -10,7 +10,8 @@ torch.compile), then runs, each in fresh processes:
   2. fusion-advisor apply DIR/result.json --verify --compile-blocks --json --steps S --warmup W
      (its unpatched run is the eager baseline; the advisor's configuration is the fastest of the runs
      verify checked: patched, or the compiled blocks (with the patch outside them, or alone where
-     nothing else applies), or unpatched where neither was faster;
+     nothing else applies), or unpatched where neither was faster by more than the spread between
+     the unpatched run and its rerun at the end (`baseline_spread`);
      the CSV keeps all three times and names the one chosen in `advisor_config`)
   3. the same script with --compile, measured as verify measures (advisor/verify.py run_script)
 
@@ -49,7 +50,7 @@ NOT_SLOWER = 0.98   # "never slower than eager", allowing run-to-run noise
 EXIT_BAD_INPUT = 2   # advisor/core/errors.py: apply's "nothing to verify" / "no recommendations"
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
-           "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
+           "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "baseline_spread", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
            "compile_speedup", "applied_speedup", "share_of_compile_gain", "beats_compile", "losses_match",
            "replacements", "regional_compile_s", "providers", "error"]
 
@@ -370,6 +371,8 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
                 if seconds := _compile_seconds(applied):
                     row["regional_compile_s"] = seconds
                 row["losses_match"] = v.get("losses_match")
+                if (spread := (v.get("unpatched_again") or {}).get("spread")) is not None:
+                    row["baseline_spread"] = round(spread, 4)
                 if ap.returncode != 0:
                     errors.append(f"apply --verify exit {ap.returncode}: {_last_line(ap.stderr)}")
             else:

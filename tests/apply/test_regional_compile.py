@@ -217,6 +217,14 @@ def test_fastest_configuration_verdict():
     assert fastest({"unpatched": None})[0] == ""
 
 
+def test_a_gain_within_the_run_to_run_spread_is_not_named_faster():
+    rows = {"unpatched": 0.0100, "patched": 0.0098, "compiled blocks": 0.0099}
+    name, text = fastest(rows, spread=0.03)       # 2 % faster, the unpatched runs 3 % apart
+    assert name == "unpatched" and "no configuration measurably faster" in text and "3.0%" in text
+    name, text = fastest(rows, spread=0.01)
+    assert name == "patched" and text.startswith("fastest: patched") and "differed by 1.0%" in text
+
+
 SCRIPT = '''
 import sys, torch
 sys.path.insert(0, {here!r})
@@ -452,12 +460,15 @@ def test_apply_verify_with_nothing_to_patch_still_times_the_compiled_blocks(tmp_
     env = {**__import__("os").environ, "FUSION_ADVISOR_COMPILE_BACKEND": "aot_eager"}
     cmd = [sys.executable, "-m", "fusion_advisor.cli", "apply", str(tmp_path / "result.json"), "--verify",
            "--steps", "3", "--warmup", "2", "--no-compile-reference"]
-    r = subprocess.run(cmd + ["--compile-blocks", "--json"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=600, env=env)
+    r = subprocess.run(cmd + ["--compile-blocks", "--rerun-unpatched", "--json"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["replacements"] == {}
     v = report["verification"]
+    again = v["unpatched_again"]
+    assert again["median_step_s"] > 0 and again["spread"] == pytest.approx(
+        abs(again["median_step_s"] - v["before"]["median_step_s"]) / v["before"]["median_step_s"])
     assert "after" not in v and v["before"]["median_step_s"] > 0
     blocks = v["compiled_blocks"]
     assert blocks["configuration"] == "compiled blocks" and blocks["proven"] and blocks["losses_match"]
