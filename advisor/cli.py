@@ -716,6 +716,10 @@ def _print_verification(before, v, estimates: list[str] = (), reference: dict | 
     t.add_row("peak memory", *(gb(row["peak_mem_bytes"]) for _, row in columns))
     t.add_row("losses (first, last)", *(first_last(row["losses"]) for _, row in columns))
     Console().print(t)
+    for name, c in ((blocks or {}).get("regional_compiles") or {}).items():
+        if isinstance(c, dict) and c.get("first_call_s"):
+            Console().print(f"{blocks['configuration']}: {c.get('instances')} blocks, {c.get('graphs')} graph(s); the "
+                            f"first call took {c['first_call_s']:.1f} s (its compile and one run; {name})", highlight=False)
     if blocks and blocks.get("error"):
         Console().print(f"{blocks['configuration']}: not measured ({blocks['error']})", highlight=False)
     elif blocks and not (blocks.get("proven") and blocks.get("losses_match")):
