@@ -53,10 +53,12 @@ def test_tile_overrides_reach_the_kernels_table_and_the_csv_label(bench, monkeyp
     for const in bench.TILE_KNOBS.values():
         monkeypatch.setattr(norm_core, const, getattr(norm_core, const))  # restored after the test
     try:
-        label = bench.set_tiles(bench.parse_args(["--bwd-tile", "4096", "--bwd-per-thread", "16"]))
+        label = bench.set_tiles(bench.parse_args(["--bwd-tile", "4096", "--bwd-per-thread", "16",
+                                                  "--bwd-prefetch-tile", "2048"]))
         assert label == (f"fwd{norm_core.FWD_TILE}/bwd4096x16/{norm_core.WARPS_PER_SM}w"
-                         f"/mem{norm_core.ACC_IN_MEMORY_COLS}")
-        assert norm_core.bwd_config(1024, 65536) == norm_core.TileConfig(4, 1024, 8, 2)
+                         f"/mem{norm_core.ACC_IN_MEMORY_COLS}/pf2048")
+        # 4 rows of 1024 a tile: past the 2048-element prefetch limit, so no prefetch
+        assert norm_core.bwd_config(1024, 65536) == norm_core.TileConfig(4, 1024, 8, 2, False)
     finally:
         norm_core.fwd_config.cache_clear()
         norm_core.bwd_config.cache_clear()
