@@ -612,9 +612,10 @@ def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, 
     if not as_json:
         _print_verification(before, v, plan.estimates, reference, blocks, verdict)
     if v is None and _verified_step_s(blocks) is None:
-        raise AdvisorError(nothing + "; the compiled-blocks run " +
-                           ("failed: " + blocks["error"] if blocks and blocks.get("error") else
-                            "found no repeated blocks to compile" if blocks else "was not made"))
+        why = ("was not made" if not blocks else "failed: " + blocks["error"] if blocks.get("error") else
+               "found no repeated blocks to compile" if not blocks.get("proven") else
+               "ran, but its losses differ from the unpatched run's")
+        raise AdvisorError(f"{nothing}; the compiled-blocks run {why}")
     return v
 
 
