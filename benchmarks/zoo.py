@@ -19,7 +19,8 @@ With `--prewarm-jobs N`, before any of that, untimed `--compile` runs fill induc
 N at a time, so that the timed compile runs do not spend the time budget compiling (off by default:
 see the option). It writes one CSV
 row per (model, mode): GPU, driver and versions; eager, whole-model compile and
-advisor-applied median step time and peak memory; the replacements applied with their calls per
+advisor-applied median step time and peak memory; the share of the eager step the GPU was busy
+(`gpu_busy_share`: well under 1, the host sets the step); the replacements applied with their calls per
 step (verify's `calls_per_step`, else `calls`, else the swaps it listed); compile's speedup, ours,
 and our share of compile's gain ((eager - ours) / (eager - compile)). The CSV is rewritten after
 every model, so a run cut short keeps what it measured; `--resume` skips the rows already there.
@@ -50,7 +51,7 @@ NOT_SLOWER = 0.98   # "never slower than eager", allowing run-to-run noise
 EXIT_BAD_INPUT = 2   # advisor/core/errors.py: apply's "nothing to verify" / "no recommendations"
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
-           "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "baseline_spread", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
+           "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "baseline_spread", "gpu_busy_share", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
            "compile_speedup", "applied_speedup", "share_of_compile_gain", "beats_compile", "losses_match",
            "replacements", "regional_compile_s", "providers", "error"]
 
@@ -355,6 +356,8 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
         if prof.returncode != 0:
             errors.append(f"profile exit {prof.returncode}: {_last_line(prof.stderr)}")
         result_path = folder / "report" / "result.json"
+        if (busy := gpu_busy_share(result_path)) is not None:
+            row["gpu_busy_share"] = busy
         if result_path.exists():
             ap = _cli("apply", result_path, "--verify", "--no-compile-reference", "--compile-blocks", "--json",
                       "--steps", steps, "--warmup", warmup, cwd=folder, timeout=left())
@@ -405,6 +408,17 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
     row.update(derived(row.get("eager_ms"), row.get("compile_ms"), row.get("applied_ms")))
     row["error"] = " | ".join(dict.fromkeys(errors))
     return row
+
+
+def gpu_busy_share(result_path: Path) -> float | None:
+    """The share of the unprofiled eager step the GPU was busy, as profile measured it: under ~0.7
+    the host sets the step, and the row measures the host as much as the kernels."""
+    try:
+        lb = json.loads(result_path.read_text(encoding="utf-8")).get("launch_bound")
+    except (OSError, ValueError, AttributeError):
+        return None
+    share = lb.get("gpu_busy_share_unprofiled") if isinstance(lb, dict) else None
+    return round(share, 3) if isinstance(share, (int, float)) and not isinstance(share, bool) else None
 
 
 def _compile_seconds(measurement: dict) -> float | None:

@@ -2,6 +2,7 @@
 the time budget skips and --resume picks up. (The zoo itself runs on a GPU.)"""
 import csv
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -157,3 +158,17 @@ def test_the_advisor_configuration_is_the_fastest_checked_run():
                    "regional_compile_s": 4.5}
     v["fastest"]["configuration"] = "unpatched"   # neither patched run was faster: the advisor leaves it
     assert zoo._advisor_configuration({}, v)["median_step_s"] == 0.010
+    v = {"before": {"median_step_s": 0.010}, "compiled_blocks": {"median_step_s": 0.008},
+         "fastest": {"configuration": "compiled blocks"}}   # nothing of ours applied: the blocks alone
+    row = {}
+    assert zoo._advisor_configuration(row, v)["median_step_s"] == 0.008
+    assert row["advisor_config"] == "compiled blocks" and "patched_ms" not in row
+
+
+def test_gpu_busy_share_is_read_from_the_profile_result(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"launch_bound": {"gpu_busy_share_unprofiled": 0.2583, "launch_bound": True}}))
+    assert zoo.gpu_busy_share(path) == 0.258
+    path.write_text(json.dumps({"launch_bound": None}))
+    assert zoo.gpu_busy_share(path) is None
+    assert zoo.gpu_busy_share(tmp_path / "missing.json") is None
