@@ -580,11 +580,12 @@ def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, 
     if not plan.replacements and (torchrun or not _wanted_on_gpu(compile_blocks)):
         raise AdvisorError(nothing)
     args = list(run.get("argv", [])[1:])
+    originals = {f.path: f.before for f in plan.changed}
     v = None
     if plan.replacements:
         v = verify(run["script"], args, plan.runtime_patterns, steps=steps, warmup=warmup,
                    source_overrides={f.path: f.after for f in plan.changed},
-                   original_sources={f.path: f.before for f in plan.changed}, planned=plan.replacements,
+                   original_sources=originals, planned=plan.replacements,
                    nproc=int(run.get("world_size") or 0) if torchrun else 0, modules=plan.runtime_modules)
         report["verification"] = {**asdict(v), "proven": v.proven}
         before = v.before
@@ -601,7 +602,7 @@ def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, 
     spread = None
     if _wanted_on_gpu(rerun_unpatched) and not torchrun:
         # last, so the two unpatched runs bracket the others: drift over the runs shows as spread
-        again = unpatched_run(run["script"], args, steps=steps, warmup=warmup)
+        again = unpatched_run(run["script"], args, steps=steps, warmup=warmup, original_sources=originals)
         if before.median_step_s and again.median_step_s:
             spread = abs(again.median_step_s - before.median_step_s) / before.median_step_s
         report["verification"]["unpatched_again"] = {**_run_row(again), "spread": spread}
@@ -610,7 +611,7 @@ def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, 
     if reference is not None and "median_step_s" in reference:
         reference.update(fastest=best, verdict=verdict)
     if not as_json:
-        _print_verification(before, v, plan.estimates, reference, blocks, verdict)
+        _print_verification(before, v, plan.estimates, reference, blocks, verdict, spread)
     if v is None and _verified_step_s(blocks) is None:
         why = ("was not made" if not blocks else "failed: " + blocks["error"] if blocks.get("error") else
                "found no repeated blocks to compile" if not blocks.get("proven") else
@@ -630,19 +631,21 @@ def _compiled_blocks(run: dict, steps: int, warmup: int, wanted: bool | None, be
     """Regional torch.compile of the repeated blocks, with the patch of `plan` outside them (None:
     no patch, the blocks alone), timed and checked against the unpatched run `before`
     (compile_reference.compiled_blocks). None when not wanted or possible."""
-    if not _wanted_on_gpu(wanted) or "rank" in run:
-        if "rank" in run and plan is not None:
+    if not _wanted_on_gpu(wanted):
+        return None
+    if "rank" in run:
+        if plan is not None:
             plan.notes.append("no compiled-blocks run for a torchrun job")
         return None
+    from fusion_advisor.apply import ApplyPlan
     from fusion_advisor.compile_reference import blocks_configuration, compiled_blocks
     from fusion_advisor.core.errors import ScriptError
-    patterns, planned, overrides, modules = ((plan.runtime_patterns, plan.replacements,
-                                              {f.path: f.after for f in plan.changed}, plan.runtime_modules)
-                                             if plan is not None else ([], {}, {}, {}))
+    patch = plan if plan is not None else ApplyPlan()   # the blocks alone: an empty patch outside them
     name = blocks_configuration(with_patch=plan is not None)
     try:
-        b = compiled_blocks(run["script"], list(run.get("argv", [])[1:]), before, patterns, planned, overrides,
-                            steps=steps, warmup=max(warmup, 2), modules=modules)
+        b = compiled_blocks(run["script"], list(run.get("argv", [])[1:]), before, patch.runtime_patterns,
+                            patch.replacements, {f.path: f.after for f in patch.changed}, steps=steps,
+                            warmup=max(warmup, 2), modules=patch.runtime_modules)
     except ScriptError as exc:
         return {"configuration": name, "error": str(exc)}
     m = b.after
@@ -696,7 +699,7 @@ def _run_row(m) -> dict:
 
 
 def _print_verification(before, v, estimates: list[str] = (), reference: dict | None = None,
-                        blocks: dict | None = None, verdict: str = "") -> None:
+                        blocks: dict | None = None, verdict: str = "", spread: float | None = None) -> None:
     """The measured configurations side by side; `v` (the patch's verification) None: no patch ran."""
     from rich.table import Table
 
@@ -728,7 +731,7 @@ def _print_verification(before, v, estimates: list[str] = (), reference: dict | 
                         highlight=False)
     if reference and reference.get("error"):
         Console().print(reference["verdict"], highlight=False)
-    if verdict and (blocks or reference or "rerun last" in verdict):   # more than the patch's own ratio
+    if verdict and (blocks or reference or spread is not None):   # more than the patch's own ratio
         Console().print(verdict, highlight=False)
     if verdict.startswith("fastest: torch.compile (whole model)"):
         Console().print("  to run it: model = torch.compile(model) after building the model; the patch is not "

@@ -423,21 +423,20 @@ def verify(script: str, script_args: list[str], patterns: list[str], steps: int 
         raise AdvisorError("nothing to verify: no source change and no runtime patch in the plan")
     if planned is None:
         planned = {p: "runtime swap" for p in patterns}
-    before = run_script(RunSpec(script, script_args, steps, warmup, seed, [], dict(original_sources or {}),
-                                nproc=nproc))
+    before = unpatched_run(script, script_args, steps, warmup, seed, original_sources, nproc)
     after = run_script(RunSpec(script, script_args, steps, warmup, seed, list(patterns),
                                dict(source_overrides or {}), patched=True, nproc=nproc, modules=dict(modules or {})))
-    for m in (before, after):
-        if m.error:
-            raise ScriptError(f"the {'patched' if m.patched else 'unpatched'} run failed: "
-                              f"{m.error.strip().splitlines()[-1]}")
+    if after.error:
+        raise ScriptError(f"the patched run failed: {after.error.strip().splitlines()[-1]}")
     return compare(before, after, planned=planned)
 
 
-def unpatched_run(script: str, script_args: list[str], steps: int = 20, warmup: int = 5, seed: int = 0) -> RunMeasurement:
-    """The script as it is, measured as verify measures: the baseline of a plan with no patch, where
-    only the compiled-blocks configuration is tried (apply --verify with nothing else to apply)."""
-    m = run_script(RunSpec(script, script_args, steps, warmup, seed, [], {}))
+def unpatched_run(script: str, script_args: list[str], steps: int = 20, warmup: int = 5, seed: int = 0,
+                  original_sources: dict[str, str] | None = None, nproc: int = 0) -> RunMeasurement:
+    """The script as it was before the plan (`original_sources`: the files the plan changes, as they
+    were, whatever is on disk now), measured as verify measures: verify's baseline, and apply
+    --verify's rerun of it and its baseline where there is no patch to run."""
+    m = run_script(RunSpec(script, script_args, steps, warmup, seed, [], dict(original_sources or {}), nproc=nproc))
     if m.error:
         raise ScriptError(f"the unpatched run failed: {m.error.strip().splitlines()[-1]}")
     return m

@@ -65,6 +65,10 @@ def _per_call_us(fn, calls: int, repeats: int) -> float:
     return min(times) * 1e6
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if GPU else "cpu")
+
+
 def _sync() -> None:
     if GPU:
         torch.cuda.synchronize()
@@ -91,8 +95,7 @@ def _calls(pattern, impl, device: torch.device):
 def measure(pattern, calls: int, repeats: int, impl=None) -> tuple[float, float]:
     """(forward µs, forward + backward µs) per call of `impl` (default `pattern.fused`) on the
     pattern's example inputs."""
-    device = torch.device("cuda" if GPU else "cpu")
-    forward, forward_backward = _calls(pattern, impl or pattern.fused, device)
+    forward, forward_backward = _calls(pattern, impl or pattern.fused, _device())
     return _per_call_us(forward, calls, repeats), _per_call_us(forward_backward, calls, repeats)
 
 
@@ -112,7 +115,7 @@ def anatomy(calls: int, repeats: int) -> list[tuple[str, float]]:
     alone, each inside a minimal autograd.Function (forward and backward one launch each), and the
     eager op with autograd. Same (252, 431) fp32 tensor as the patterns' examples. Meant for --gpu:
     on CPU tensors the torch rows include the CPU doing the multiply, and the launch is a no-op."""
-    device = torch.device("cuda" if GPU else "cpu")
+    device = _device()
     scale = _scale_kernel_fn()
     x = torch.randn(252, 431, device=device, requires_grad=True)
     buf, up, n = torch.empty_like(x), torch.ones_like(x), x.numel()
@@ -154,7 +157,7 @@ def profile(pattern, calls: int) -> None:
     """cProfile of `calls` forward + backward calls of ours: the functions with the most own time."""
     import cProfile
     import pstats
-    _, forward_backward = _calls(pattern, pattern.fused, torch.device("cuda" if GPU else "cpu"))
+    _, forward_backward = _calls(pattern, pattern.fused, _device())
     for _ in range(20):
         forward_backward()
     prof = cProfile.Profile()

@@ -87,9 +87,9 @@ IMAGE_TINY_IN = {"batch": 2, "image": 32}
 # of the step on one (zoo-h100-47770e0.csv) and 23.7 ms busy 26 % on another (zoo-h100-023dfdf/),
 # and T5 at batch 8 was busy 43 % and 15 %. A host-bound step measures the host: its eager time moved
 # 30 % between runs and every configuration's ranking with it (and real training fills the GPU).
-# The batches below are 4x those runs' (T5 8x): on the slower host that makes Llama's GPU work
-# ~45 ms against ~26 ms of host time, BERT's ~28 against ~17, T5's ~62 against ~52 (the step's GPU
-# work scaled by the batch). The other families take the same 4x, not yet measured. Dropout 0: the patched and unpatched runs must
+# The batches below are 4x those runs' (T5 8x). An estimate, not a measurement: scaling the slower
+# host's measured GPU work per step by the batch gives Llama ~45 ms against ~26 ms of host time,
+# BERT ~28 against ~17, T5 ~62 against ~52. The other families take the same 4x, not yet measured. Dropout 0: the patched and unpatched runs must
 # draw the same numbers for their losses to be compared. use_cache=False, as in training: no KV cache
 # (its per-layer `layer_idx` would also make regional compile recompile per layer).
 MODELS: list[ModelSpec] = [
@@ -413,12 +413,13 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
 def gpu_busy_share(result_path: Path) -> float | None:
     """The share of the unprofiled eager step the GPU was busy, as profile measured it: under ~0.7
     the host sets the step, and the row measures the host as much as the kernels."""
+    from fusion_advisor.core.errors import AdvisorError
+    from fusion_advisor.core.result import AdvisorResult
     try:
-        lb = json.loads(result_path.read_text(encoding="utf-8")).get("launch_bound")
-    except (OSError, ValueError, AttributeError):
+        share = AdvisorResult.load(result_path).gpu_busy_share()
+    except (AdvisorError, OSError, ValueError):   # no result, or one this version cannot read: left empty
         return None
-    share = lb.get("gpu_busy_share_unprofiled") if isinstance(lb, dict) else None
-    return round(share, 3) if isinstance(share, (int, float)) and not isinstance(share, bool) else None
+    return round(share, 3) if share is not None else None
 
 
 def _compile_seconds(measurement: dict) -> float | None:

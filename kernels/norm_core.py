@@ -451,7 +451,7 @@ def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "") -> T
     tuned = tuned_table(gpu).get(tuned_key("bwd", block_n, elem_size))
     rows_cap = next_power_of_2(max(n_rows, 1))
     if tuned and tuned[0] <= rows_cap:
-        return TileConfig(tuned[0], block_n, tuned[1], tuned[2], tuned[3])
+        return TileConfig(tuned[0], block_n, *tuned[1:])
     block_m = min(max(1, BWD_TILE // block_n), rows_cap)
     warps = _warps(block_m * block_n, BWD_PER_THREAD)
     if block_n >= ACC_IN_MEMORY_COLS:

@@ -188,9 +188,15 @@ class AdvisorResult:
         of the unprofiled step (the host is then on the critical path part of the time)."""
         if self.is_launch_bound():
             return True
+        share = self.gpu_busy_share()
+        return share is not None and share < HOST_COUNTS_BELOW_BUSY
+
+    def gpu_busy_share(self) -> float | None:
+        """The share of the unprofiled step the GPU was busy, as the launch-bound analyzer measured
+        it; None where it was not measured."""
         lb = self.launch_bound
         share = lb.get("gpu_busy_share_unprofiled") if isinstance(lb, dict) else None
-        return isinstance(share, (int, float)) and not isinstance(share, bool) and share < HOST_COUNTS_BELOW_BUSY
+        return float(share) if isinstance(share, (int, float)) and not isinstance(share, bool) else None
 
     def is_launch_bound(self) -> bool:
         """What the launch-bound analyzer concluded, read defensively: a bool, or a dict with a

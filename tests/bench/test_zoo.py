@@ -2,7 +2,6 @@
 the time budget skips and --resume picks up. (The zoo itself runs on a GPU.)"""
 import csv
 import importlib.util
-import json
 import math
 import subprocess
 import sys
@@ -166,9 +165,10 @@ def test_the_advisor_configuration_is_the_fastest_checked_run():
 
 
 def test_gpu_busy_share_is_read_from_the_profile_result(tmp_path):
+    from fusion_advisor.core.result import AdvisorResult
     path = tmp_path / "result.json"
-    path.write_text(json.dumps({"launch_bound": {"gpu_busy_share_unprofiled": 0.2583, "launch_bound": True}}))
+    AdvisorResult(launch_bound={"gpu_busy_share_unprofiled": 0.2583, "launch_bound": True}).save(path)
     assert zoo.gpu_busy_share(path) == 0.258
-    path.write_text(json.dumps({"launch_bound": None}))
+    AdvisorResult(launch_bound=None).save(path)
     assert zoo.gpu_busy_share(path) is None
     assert zoo.gpu_busy_share(tmp_path / "missing.json") is None
