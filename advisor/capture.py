@@ -33,7 +33,7 @@ import torch.optim.optimizer as torch_optimizer
 from fusion_advisor import api
 from fusion_advisor.core.errors import AdvisorError, OutputError, ScriptError
 from fusion_advisor.core.files import atomic_output, write_text_atomic
-from fusion_advisor.script import run_as_main, sigterm_as_interrupt
+from fusion_advisor.script import Terminated, run_as_main, sigterm_as_interrupt, sigterm_deferred
 
 
 class _StopScript(BaseException):
@@ -240,6 +240,10 @@ class _Session:
         self.trace_ready = True
 
     def _on_step(self) -> None:
+        with sigterm_deferred():   # never stop the script inside the profiler's own step()/stop()
+            self._step_profiler()
+
+    def _step_profiler(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()  # step wall times are only true once the GPU caught up
         self.boundaries.append(time.perf_counter())
@@ -276,15 +280,24 @@ class _Session:
             warnings.filterwarnings("ignore", message=".*Incorrect schedule.*")
             self.prof = torch.profiler.profile(**kwargs)
             self.stepper.install()
+            error = None
             try:
-                self.prof.start()
-                error = run_as_main(self.opts.script, self.opts.script_args, _StopScript,
-                                    on_exit=lambda code: setattr(self, "exit_code", code))
+                try:
+                    with sigterm_deferred():
+                        self.prof.start()
+                except Terminated:
+                    error = "terminated (SIGTERM)"
+                else:
+                    error = run_as_main(self.opts.script, self.opts.script_args, _StopScript,
+                                        on_exit=lambda code: setattr(self, "exit_code", code))
             finally:  # whatever happened, keep what was traced
                 self.stepper.remove()
                 try:
-                    if not self.trace_ready:
-                        self.prof.stop()  # while recording, this saves the partial trace
+                    with sigterm_deferred():
+                        if not self.trace_ready:
+                            self.prof.stop()  # while recording, this saves the partial trace
+                except Terminated:
+                    error = error or "terminated (SIGTERM)"
                 except Exception:
                     pass
         return error, time.perf_counter() - t0

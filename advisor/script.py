@@ -27,12 +27,40 @@ def sigterm_as_interrupt():
         return
 
     def on_sigterm(signum, frame):
+        if _deferring:
+            _pending.append(signum)
+            return
         raise Terminated()
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _pending.clear()
+
+
+# A SIGTERM that lands inside torch.profiler's own Python code (its step() or stop()) leaves it
+# half-switched: stop() then fails, no trace is written, and the process segfaulted at exit
+# (PythonTracer never stopped; seen in CI as status -11). Inside `sigterm_deferred` the signal waits
+# until the block ends, then stops the script as usual.
+_deferring = False
+_pending: list[int] = []
+
+
+@contextlib.contextmanager
+def sigterm_deferred():
+    global _deferring
+    if _deferring:
+        yield
+        return
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+    if _pending:
+        _pending.clear()
+        raise Terminated()
 
 
 def run_as_main(script: str, args: list[str], stop: type[BaseException], source: str | None = None,

@@ -456,6 +456,31 @@ def test_sigterm_keeps_the_recorded_steps_and_cleans_up(tmp_path):
     assert not [p for p in temp.iterdir() if p.name.startswith("fusion-advisor-")]
 
 
+def test_a_sigterm_inside_the_profilers_step_waits_for_the_step_to_finish(tmp_path, monkeypatch):
+    """CI saw a SIGTERM land inside torch.profiler's step(): stop() then failed, no trace was
+    written and the process died with status -11. The signal is now held until the step is done."""
+    import torch
+    from fusion_advisor.capture import CaptureOptions, capture
+    calls = []
+    original = torch.profiler.profile.step
+
+    def step_with_a_signal_inside(self):
+        calls.append("step")
+        if calls.count("step") == 4:
+            os.kill(os.getpid(), signal.SIGTERM)   # delivered at the next bytecode: inside the step
+        original(self)
+        calls.append("returned")
+
+    monkeypatch.setattr(torch.profiler.profile, "step", step_with_a_signal_inside)
+    s = train_script(tmp_path, n=1000)
+    result = capture(CaptureOptions(str(s), warmup=1, steps=100, out_dir=str(tmp_path / "o"), cuda=False),
+                     notice=lambda _: None)
+    assert result.error == "terminated (SIGTERM)"
+    assert calls[-2:] == ["step", "returned"] and calls.count("step") == 4
+    assert result.trace_path and Path(result.trace_path).is_file()
+    assert result.meta["steps_recorded"] == [1, 2, 3]
+
+
 def test_a_failed_profile_does_not_sit_beside_an_older_run(tmp_path):
     out = tmp_path / "o"
     good = train_script(tmp_path, n=6)
