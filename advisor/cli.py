@@ -563,6 +563,9 @@ def apply_cmd(
         _fail("the patched run's losses differ from the unpatched run's beyond tolerance", EXIT_NOT_VERIFIED)
 
 
+SLOWER_BELOW = 0.98   # a patched/unpatched step ratio under this is slower: past ~2 % run-to-run noise
+
+
 def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, compile_blocks: bool | None,
                            compile_reference: bool | None, rerun_unpatched: bool | None, as_json: bool):
     """apply --verify: the unpatched and the patched run, then the compiled configurations (the
@@ -587,7 +590,7 @@ def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, 
                    source_overrides={f.path: f.after for f in plan.changed},
                    original_sources=originals, planned=plan.replacements,
                    nproc=int(run.get("world_size") or 0) if torchrun else 0, modules=plan.runtime_modules)
-        report["verification"] = {**asdict(v), "proven": v.proven}
+        report["verification"] = {**asdict(v), "proven": v.proven, "why_slower": _why_slower(v)}
         before = v.before
     else:
         before = unpatched_run(run["script"], args, steps=steps, warmup=warmup)
@@ -618,6 +621,15 @@ def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, 
                "ran, but its losses differ from the unpatched run's")
         raise AdvisorError(f"{nothing}; the compiled-blocks run {why}")
     return v
+
+
+def _why_slower(v) -> str | None:
+    """Why the patched step is slower, from the runs' GPU-busy windows (gpu_time.why_slower)."""
+    from fusion_advisor.gpu_time import why_slower
+    if v.speedup is None or v.speedup >= SLOWER_BELOW:
+        return None
+    return why_slower(v.before.median_step_s, v.before.gpu_busy_s, v.after.median_step_s, v.after.gpu_busy_s,
+                      v.before.gpu_kernels_s, v.after.gpu_kernels_s)
 
 
 def _wanted_on_gpu(wanted: bool | None) -> bool:
@@ -695,7 +707,8 @@ def _compile_reference(run: dict, steps: int, warmup: int, wanted: bool | None, 
 
 def _run_row(m) -> dict:
     """A compiled configuration's column: median step time, peak memory, first and last loss."""
-    return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes, "losses": m.losses[:1] + m.losses[-1:]}
+    return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes, "losses": m.losses[:1] + m.losses[-1:],
+            "gpu_busy_s": m.gpu_busy_s}
 
 
 def _print_verification(before, v, estimates: list[str] = (), reference: dict | None = None,
@@ -717,6 +730,8 @@ def _print_verification(before, v, estimates: list[str] = (), reference: dict | 
     gb = lambda b: f"{b / 2**30:,.2f} GiB" if b is not None else "—"  # noqa: E731
     first_last = lambda xs: f"{xs[0]:.4f}, {xs[-1]:.4f}" if xs else "—"  # noqa: E731
     t.add_row("median step time", *(ms(row["median_step_s"]) for _, row in columns))
+    if any(row.get("gpu_busy_s") is not None for _, row in columns):   # a CUDA run's profiled window
+        t.add_row("GPU busy a step", *(ms(row.get("gpu_busy_s")) for _, row in columns))
     t.add_row("peak memory", *(gb(row["peak_mem_bytes"]) for _, row in columns))
     t.add_row("losses (first, last)", *(first_last(row["losses"]) for _, row in columns))
     Console().print(t)
@@ -759,9 +774,11 @@ def _print_verification(before, v, estimates: list[str] = (), reference: dict | 
     elif v.speedup and v.max_loss_rel_diff is not None:
         agree = "match" if v.losses_match else "DIFFER"
         Console().print(f"speedup {v.speedup:.2f}x; losses {agree} (max relative difference {v.max_loss_rel_diff:.2e})")
-        if v.speedup < 0.98:   # beyond the ~2 % run-to-run noise of a median step time
+        if v.speedup < SLOWER_BELOW:
             Console().print("the patch made the step slower: keep the unpatched script (do not --write it)",
                             highlight=False)
+            if why := _why_slower(v):
+                Console().print(why, highlight=False)
     else:
         Console().print("no timing")
     for s in v.after.swapped:

@@ -51,6 +51,7 @@ class RunSpec:
     patched: bool = False        # the patched run (the unpatched one also runs its files' original text)
     nproc: int = 0               # > 1: a torchrun job of that many local ranks (each rank measured)
     modules: dict[str, list[str]] = field(default_factory=dict)   # pattern -> the module classes it swaps
+    gpu_profile_steps: int = 3   # steps after the timed ones, under a CUDA-only profiler (gpu_time)
 
 
 @dataclass
@@ -70,6 +71,8 @@ class RunMeasurement:
     compiled: bool = False                                 # the script called torch.compile
     # regional torch.compile of the patch ("compile:<Class>"): {name: {instances, graphs, first_call_s}}
     regional_compiles: dict[str, dict] = field(default_factory=dict)
+    gpu_busy_s: float | None = None     # the GPU's busy time a step, profiled after the timed steps
+    gpu_kernels_s: dict[str, float] = field(default_factory=dict)   # its top kernels, s a step
 
 
 @dataclass
@@ -96,18 +99,28 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
 
     cuda = torch.cuda.is_available()
     losses: list[float] = []
+    unread_losses: list = []   # read at the step's end: .item() mid-step would sync the host with the GPU
     marks: list[float] = [time.perf_counter()]
     swapped: list[str] = []
     skipped: list[str] = []
     check_calls: dict[str, int] = {}
+    timed_end = spec.warmup + spec.steps
+    window = _GpuWindow(torch, spec.gpu_profile_steps if cuda else 0)
+
+    def read_losses():
+        losses.extend(float(t.float().item()) for t in unread_losses)
+        unread_losses.clear()
 
     def on_step():
         if cuda:
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
+        read_losses()
         if stepper.count == spec.warmup and cuda:
             torch.cuda.reset_peak_memory_stats()
-        if stepper.count >= spec.warmup + spec.steps:
+        if stepper.count == timed_end:
+            window.start()
+        if stepper.count >= timed_end + window.steps:
             raise _Done()
 
     stepper = _Stepper(on_step)
@@ -117,7 +130,7 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
         # Not the losses of patch's own numerics checks (linear_cross_entropy's runs the whole
         # model forward and backward on a small batch): those would read as the script's first losses.
         if self.numel() == 1 and not api.steps_paused():
-            losses.append(float(self.detach().float().item()))
+            unread_losses.append(self.detach())
         return orig_backward(self, *args, **kwargs)
 
     patch_hook = None
@@ -152,15 +165,48 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
         stepper.remove()
         torch.Tensor.backward = orig_backward
         compiled.restore()
+        gpu = window.stop(stepper.count - timed_end)
+    read_losses()
     counted = {k: n - check_calls.get(k, 0) for k, n in calls.snapshot().items()}
     read = sorted(sources.read | ({os.path.abspath(spec.script)} & set(overrides)))
-    times = [b - a for a, b in zip(marks, marks[1:])][spec.warmup:]
+    times = [b - a for a, b in zip(marks, marks[1:])][spec.warmup:timed_end]
     return RunMeasurement(
         patched=spec.patched, steps_run=stepper.count, losses=losses,
         step_times_s=times, median_step_s=statistics.median(times) if times else None,
         peak_mem_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
         swapped=swapped, skipped=skipped, error=error, calls={k: n for k, n in counted.items() if n > 0},
-        overrides_read=read, compiled=compiled.called, regional_compiles=_regional_compiles())
+        overrides_read=read, compiled=compiled.called, regional_compiles=_regional_compiles(),
+        gpu_busy_s=gpu.busy_s if gpu else None, gpu_kernels_s=gpu.kernels_s if gpu else {})
+
+
+class _GpuWindow:
+    """The CUDA-only profiler over the `steps` steps after the timed ones (none on a CPU run). A
+    script that runs its own profiler keeps it: this window then measures nothing."""
+
+    def __init__(self, torch, steps: int):
+        self.torch, self.steps, self.prof = torch, steps, None
+
+    def start(self) -> None:
+        if not self.steps:
+            return
+        try:
+            prof = self.torch.profiler.profile(activities=[self.torch.profiler.ProfilerActivity.CUDA])
+            prof.start()
+            self.prof = prof
+        except Exception:   # another profiler is running: no window
+            self.steps = 0
+
+    def stop(self, steps_profiled: int):
+        """GpuTime over the steps profiled (the script may end before the window's last step)."""
+        from fusion_advisor.gpu_time import gpu_time
+        prof, self.prof = self.prof, None
+        if prof is None:
+            return None
+        try:
+            prof.stop()
+            return gpu_time(prof.profiler.kineto_results.events(), steps_profiled)
+        except Exception:
+            return None
 
 
 def _regional_compiles() -> dict[str, dict]:
@@ -303,16 +349,19 @@ def run_script(spec: RunSpec, timeout_s: float = 1800) -> RunMeasurement:
 
 def slowest_rank(ranks: list[RunMeasurement]) -> RunMeasurement:
     """A job's measurement: rank 0's losses, calls and swaps (every rank runs the same code), each
-    step's time the slowest rank's (the step ends when the last rank's does), the highest peak."""
+    step's time the slowest rank's (the step ends when the last rank's does), the highest peak, and
+    the GPU time of the busiest rank."""
     first = ranks[0]
     n = min(len(r.step_times_s) for r in ranks)
     times = [max(r.step_times_s[i] for r in ranks) for i in range(n)]
     peaks = [r.peak_mem_bytes for r in ranks if r.peak_mem_bytes is not None]
     error = next((r.error for r in ranks if r.error), None)
+    busiest = max((r for r in ranks if r.gpu_busy_s is not None), key=lambda r: r.gpu_busy_s, default=first)
     return RunMeasurement(patched=first.patched, steps_run=min(r.steps_run for r in ranks), losses=first.losses,
                           step_times_s=times, median_step_s=statistics.median(times) if times else None,
                           peak_mem_bytes=max(peaks) if peaks else None, swapped=first.swapped, skipped=first.skipped,
-                          error=error, calls=first.calls, overrides_read=first.overrides_read, compiled=first.compiled)
+                          error=error, calls=first.calls, overrides_read=first.overrides_read, compiled=first.compiled,
+                          gpu_busy_s=busiest.gpu_busy_s, gpu_kernels_s=busiest.gpu_kernels_s)
 
 
 def _cuda_available() -> bool:

@@ -49,7 +49,7 @@ def short_kernel_name(name: str, width: int = 90) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
-def _union_us(starts: np.ndarray, ends: np.ndarray) -> float:
+def union_us(starts: np.ndarray, ends: np.ndarray) -> float:
     """Total length of the union of [start, end) intervals."""
     if len(starts) == 0:
         return 0.0
@@ -82,7 +82,7 @@ def summarize(trace: Trace, top: int = 12) -> StepSummary:
     busy = idle = 0.0
     if has_gpu:
         for _, g in (k.groupby("step") if steps else [(None, k)]):
-            b = _union_us(g["ts"].to_numpy(), g["end"].to_numpy())
+            b = union_us(g["ts"].to_numpy(), g["end"].to_numpy())
             window = float(g["end"].max() - g["ts"].min())
             busy += b
             idle += max(window - b, 0.0)

@@ -20,7 +20,9 @@ N at a time, so that the timed compile runs do not spend the time budget compili
 see the option). It writes one CSV
 row per (model, mode): GPU, driver and versions; eager, whole-model compile and
 advisor-applied median step time and peak memory; the share of the eager step the GPU was busy
-(`gpu_busy_share`: well under 1, the host sets the step); the replacements applied with their calls per
+(`gpu_busy_share`: well under 1, the host sets the step), and each run's GPU busy time a step from
+verify's profiler window (`*_gpu_ms`; `why_slower` says, where the patch made the step slower,
+whether the host or the kernels did it); the replacements applied with their calls per
 step (verify's `calls_per_step`, else `calls`, else the swaps it listed); compile's speedup, ours,
 and our share of compile's gain ((eager - ours) / (eager - compile)). The CSV is rewritten after
 every model, so a run cut short keeps what it measured; `--resume` skips the rows already there.
@@ -51,7 +53,8 @@ NOT_SLOWER = 0.98   # "never slower than eager", allowing run-to-run noise
 EXIT_BAD_INPUT = 2   # advisor/core/errors.py: apply's "nothing to verify" / "no recommendations"
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
-           "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "baseline_spread", "gpu_busy_share", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
+           "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "baseline_spread", "gpu_busy_share",
+           "eager_gpu_ms", "patched_gpu_ms", "applied_gpu_ms", "compile_gpu_ms", "why_slower", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
            "compile_speedup", "applied_speedup", "share_of_compile_gain", "beats_compile", "losses_match",
            "replacements", "regional_compile_s", "providers", "error"]
 
@@ -405,6 +408,8 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
             row[f"{key}_ms"] = round(m["median_step_s"] * 1e3, 3)
         if m.get("peak_mem_bytes") is not None:
             row[f"{key}_peak_gib"] = round(m["peak_mem_bytes"] / 2**30, 3)
+        if m.get("gpu_busy_s") is not None:   # verify's CUDA-only profiler window after the timed steps
+            row[f"{key}_gpu_ms"] = round(m["gpu_busy_s"] * 1e3, 3)
     row.update(derived(row.get("eager_ms"), row.get("compile_ms"), row.get("applied_ms")))
     row["error"] = " | ".join(dict.fromkeys(errors))
     return row
@@ -438,6 +443,10 @@ def _advisor_configuration(row: dict, v: dict) -> dict:
     for key, m in (("patched_ms", after), ("blocks_ms", blocks)):
         if m.get("median_step_s"):
             row[key] = round(m["median_step_s"] * 1e3, 3)
+    if after.get("gpu_busy_s") is not None:
+        row["patched_gpu_ms"] = round(after["gpu_busy_s"] * 1e3, 3)
+    if v.get("why_slower"):
+        row["why_slower"] = v["why_slower"]
     best = (v.get("fastest") or {}).get("configuration") or "patched"
     row["advisor_config"] = best
     if best in ("patched + compiled blocks", "compiled blocks"):
@@ -461,7 +470,7 @@ def _json_object(text: str):
 
 def _measurement_dict(m) -> dict:
     return {"median_step_s": m.median_step_s, "peak_mem_bytes": m.peak_mem_bytes, "error": m.error,
-            "swapped": m.swapped}
+            "swapped": m.swapped, "gpu_busy_s": m.gpu_busy_s}
 
 
 # -- the figures -----------------------------------------------------------------------------------
