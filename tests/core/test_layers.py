@@ -49,6 +49,7 @@ LAYERS = {
     "fusion_advisor.provider_choice": APPLY,   # which measured provider apply/patch take
     "fusion_advisor.regional_compile": APPLY,
     "fusion_advisor.verify": APPLY,
+    "fusion_advisor.gpu_time": APPLY,          # verify's GPU-busy window, and why a patch was slower
     "fusion_advisor.compile_reference": APPLY,
     "fusion_advisor.report": APPLY,
     # pipeline wires the stages below it (capture -> analyze -> bench -> recommend -> save);
