@@ -422,8 +422,8 @@ def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any,
         forward = inspect.unwrap(getattr(type(m), "forward", None) or (lambda: None))
         module = sys.modules.get(type(m).__module__)
         for namespace in (getattr(forward, "__globals__", None), vars(module) if module else None):
-            if namespace is None or id(namespace) in seen:
-                continue
+            if namespace is None or id(namespace) in seen or str(namespace.get("__name__", "")).startswith("torch."):
+                continue   # (torch's own modules, e.g. nn.modules.loss for a loss submodule, are not modeling code)
             seen.add(id(namespace))
             current = namespace.get(fp.name)
             if current is not None:
@@ -443,9 +443,11 @@ def _swap_function(model: nn.Module, pattern: str, fp: FunctionPatch, handle: Pa
         replacement = fp.factory(original)
         if check:
             try:
-                whole_model_check = getattr(fp, "check", None)  # e.g. a forward: loss and parameter grads
-                problem = (whole_model_check(model, original, replacement) if whole_model_check is not None
-                           else check_function(original, replacement, fp.example_inputs(model)))
+                if fp.check is not None:   # e.g. a forward: its loss and every parameter's gradient
+                    problem = fp.check(model, original, replacement)
+                else:
+                    called = fp.called_as or (lambda f: f)
+                    problem = check_function(called(original), called(replacement), fp.example_inputs(model))
             except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
                 problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             if problem:

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusion_advisor.kernels import autocast
 from fusion_advisor.kernels.common import (backward_once, cdiv, check_device, check_dtype, interpreting,
                                           next_power_of_2)
 from fusion_advisor.kernels.fused_op import fused_op
@@ -250,8 +251,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 
 
 class CrossEntropyLoss(torch.nn.Module):
-    """Drop-in for nn.CrossEntropyLoss on (tokens, vocab) logits and class-index targets (no class
-    weights). Like nn.CrossEntropyLoss the loss keeps the logits' dtype."""
+    """Drop-in for nn.CrossEntropyLoss without class weights. (tokens, vocab) logits with class-index
+    targets run the fused kernel; other inputs ((N, C, d1...) logits, class-probability targets)
+    run F.cross_entropy, uncounted, as nn.CrossEntropyLoss would. The loss keeps the logits' dtype
+    as nn.CrossEntropyLoss's does, and is fp32 where autocast would run the loss in fp32."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  inplace: bool = False):
@@ -270,8 +273,12 @@ class CrossEntropyLoss(torch.nn.Module):
         return cls(module.ignore_index, module.reduction, module.label_smoothing)
 
     def forward(self, logits, target):
+        if logits.dim() != 2 or target.dim() != 1 or target.is_floating_point():
+            return torch.nn.functional.cross_entropy(logits, target, ignore_index=self.ignore_index,
+                                                     reduction=self.reduction, label_smoothing=self.label_smoothing)
+        upcast = autocast.upcasts("aten::cross_entropy_loss", logits)
         return cross_entropy(logits, target, self.ignore_index, self.reduction, self.label_smoothing,
-                             upcast=False, inplace=self.inplace)
+                             upcast=upcast, inplace=self.inplace)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
@@ -354,23 +361,38 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
 
 
 
-# -- runtime patch of Hugging Face's loss_function (ForCausalLMLoss) --------------------------------------
+# -- runtime patches of Hugging Face's losses -------------------------------------------------------------
+_HF_LM_LOSSES = ("ForCausalLMLoss", "ForMaskedLMLoss")
+
+
 def is_hf_causal_lm_loss(fn) -> bool:
     return (getattr(fn, "__module__", None) == "transformers.loss.loss_utils"
             and getattr(fn, "__name__", None) == "ForCausalLMLoss")
 
 
-def hf_causal_lm_loss(original):
-    """HF's ForCausalLMLoss (shift the labels, ignore_index -100, the mean over non-ignored tokens or
-    the sum / num_items_in_batch) on the fused kernel: the logits stay in their dtype (no fp32 copy
-    of the whole (tokens, vocab) tensor), the loss is fp32 as HF's, the gradient written in the
-    forward into one logits-sized buffer. `original` is not called: the numerics check compares them."""
+def is_hf_lm_loss(fn) -> bool:
+    """HF's ForCausalLMLoss or ForMaskedLMLoss: a model's `loss_function`."""
+    return (getattr(fn, "__module__", None) == "transformers.loss.loss_utils"
+            and getattr(fn, "__name__", None) in _HF_LM_LOSSES)
 
-    def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
-                       **kwargs):
-        if shift_labels is None:
-            shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        target = shift_labels.reshape(-1).to(logits.device)
+
+def hf_lm_loss(original):
+    """HF's ForCausalLMLoss (labels shifted) or ForMaskedLMLoss (not shifted): ignore_index -100, the
+    mean over non-ignored tokens or the sum / num_items_in_batch, on the fused kernel. The logits
+    stay in their dtype (no fp32 copy of the whole (tokens, vocab) tensor), the loss is fp32 as HF's,
+    the gradient written in the forward into one logits-sized buffer. `original` is not called: the
+    numerics check compares them."""
+    shift = getattr(original, "__name__", None) == "ForCausalLMLoss"
+
+    def lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                **kwargs):
+        if not shift:
+            target = labels
+        elif shift_labels is None:
+            target = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        else:
+            target = shift_labels
+        target = target.reshape(-1).to(logits.device)
         reduction = "mean" if num_items_in_batch is None else "sum"
         loss = cross_entropy(logits.reshape(-1, vocab_size), target, ignore_index, reduction, upcast=True)
         if num_items_in_batch is not None:
@@ -379,8 +401,41 @@ def hf_causal_lm_loss(original):
             loss = loss / num_items_in_batch
         return loss
 
-    causal_lm_loss.fused_original = original
-    return causal_lm_loss
+    lm_loss.fused_original = original
+    return lm_loss
+
+
+def is_torch_cross_entropy_loss(cls) -> bool:
+    return cls is torch.nn.CrossEntropyLoss
+
+
+def built_in_forward(original):
+    """`CrossEntropyLoss(...)` where a modeling module builds its loss inside forward (Hugging Face's
+    BERT, RoBERTa, DeBERTa... masked-LM heads: `loss_fct = CrossEntropyLoss()`, a global of that
+    module, so no model attribute to swap): builds ours, or the original where ours cannot stand
+    in (class weights)."""
+
+    def build(*args, **kwargs):
+        module = original(*args, **kwargs)
+        try:
+            return CrossEntropyLoss.from_module(module)
+        except ValueError:
+            return module
+
+    build.fused_original = original
+    return build
+
+
+def loss_module_example_inputs(model) -> list[Inputs]:
+    """(logits, labels) as a masked-LM head passes them to its loss module: (tokens, vocab) in the
+    model's dtype and device, some labels ignored."""
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype, device = (ref.dtype, ref.device) if ref is not None else (torch.float32, torch.device("cpu"))
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1000)
+    logits = (2.0 * torch.randn(14, vocab, device=device)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (14,), device=device)
+    labels[:4] = -100
+    return [Inputs((logits, labels), grad_inputs=(0,))]
 
 
 def hf_loss_example_inputs(model) -> list[Inputs]:
@@ -408,6 +463,7 @@ PATTERN = register_pattern(
     bench_params=tuple({"tokens": tokens, "vocab": vocab, "dtype": "bfloat16", "upcast": True, "reduction": "mean"}
                        for tokens in (4096, 8192, 16384) for vocab in (32768, 65536, 131072)),
     liger=liger,
-    function_patches=(FunctionPatch("loss_function", "instance", is_hf_causal_lm_loss, hf_causal_lm_loss,
-                                    hf_loss_example_inputs),),
+    function_patches=(FunctionPatch("loss_function", "instance", is_hf_lm_loss, hf_lm_loss, hf_loss_example_inputs),
+                      FunctionPatch("CrossEntropyLoss", "module_global", is_torch_cross_entropy_loss, built_in_forward,
+                                    loss_module_example_inputs, called_as=lambda cls: lambda *a, **k: cls()(*a, **k))),
 )

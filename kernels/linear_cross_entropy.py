@@ -48,8 +48,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -268,15 +266,6 @@ def fused_bytes(params: dict) -> dict:
 
 
 # -- runtime patch of a Hugging Face causal LM's forward ---------------------------------------------------
-@dataclass(frozen=True)
-class InstanceForwardPatch(FunctionPatch):
-    """A FunctionPatch whose numerics are checked on the whole model (loss and every parameter's
-    gradient), not on the function's own inputs: `check(model, original, replacement)` -> None or
-    a one-line reason (advisor/patching.py calls it in place of check_function)."""
-
-    check: Callable | None = None
-
-
 # The patched forward's options (module-wide, for benchmarks): the weight-gradient accumulator and
 # rows per chunk (None: default_chunk_rows). Measured on an H200 at 4096 tokens x 2048 x 32000 bf16
 # (benchmarks/linear_cross_entropy_chunks.py), fwd+bwd and peak memory: 256-row chunks with an fp32
@@ -424,6 +413,7 @@ PATTERN = register_pattern(
                     "chunk_rows": 16},
     bench_params=tuple({"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": "bfloat16", "reduction": "mean"}
                        for tokens, hidden, vocab in ((4096, 2048, 32000), (8192, 4096, 128256))),
-    function_patches=(InstanceForwardPatch("forward", "instance", is_hf_causal_lm_forward, hf_causal_lm_forward,
-                                           lambda model: [], check=check_hf_forward),),
+    # checked on the whole model (loss and every parameter's gradient), not on the forward's inputs
+    function_patches=(FunctionPatch("forward", "instance", is_hf_causal_lm_forward, hf_causal_lm_forward,
+                                    lambda model: [], check=check_hf_forward),),
 )

@@ -53,7 +53,12 @@ class FunctionPatch:
     where="module_global": the global `name` of each Python module that defines one of the model's
         classes (HF's modeling_<model>.py, whose forward looks the name up at call time); the swap
         is process-global for that module while the patch handle lives.
-    where="instance": the attribute `name` of the model instance only."""
+    where="instance": the attribute `name` of the model instance only.
+
+    The numerics check calls the original and the replacement on `example_inputs(model)`, each as
+    `called_as(it)` where given (a class is built, then its instance called); or, where `check` is
+    given, `check(model, original, replacement)` -> None or a one-line reason runs instead (a
+    forward's loss and every parameter's gradient)."""
 
     name: str                                        # "apply_rotary_pos_emb", "loss_function"
     where: str                                       # "module_global" or "instance"
@@ -61,6 +66,8 @@ class FunctionPatch:
     factory: Callable[[Callable], Callable]          # original -> replacement (same call signature)
     example_inputs: Callable[[Any], list]            # model -> [Inputs] to check the replacement against
                                                      # the original on (the model's dtype and device)
+    called_as: Callable[[Callable], Callable] | None = None
+    check: Callable | None = None
 
 
 @dataclass

@@ -118,3 +118,79 @@ def test_a_second_live_handle_does_not_stack_on_the_module_global(model):
         second.revert()
         assert modeling_llama.apply_rotary_pos_emb is first.functions[0].replacement
     assert not hasattr(modeling_llama.apply_rotary_pos_emb, "fused_original")
+
+
+# -- encoders: the masked-LM loss, built inside forward (BERT family) or as a loss_function -------------
+def _bert():
+    modeling_bert = pytest.importorskip("transformers.models.bert.modeling_bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForMaskedLM(config).float(), modeling_bert
+
+
+def test_bert_masked_lm_loss_built_in_forward_is_fused_and_reverted(monkeypatch):
+    """BertForMaskedLM builds `CrossEntropyLoss()` in its forward, a global of modeling_bert: that
+    global is swapped (no model attribute holds the loss), the fused kernel runs, and revert puts
+    torch's class back. The zoo's BERT row read 'cross_entropy refused' before."""
+    model, modeling_bert = _bert()
+    ids = torch.randint(0, 96, (2, 12))
+    labels = ids.clone()
+    labels[:, ::3] = -100
+    want_loss, want_grads = _loss_and_grads(model, ids, labels)
+
+    handle = fusion_advisor.patch(model, patterns=["cross_entropy"])
+    paths = [f.path for f in handle.functions]
+    assert "transformers.models.bert.modeling_bert.CrossEntropyLoss" in paths, handle.summary()
+    assert modeling_bert.CrossEntropyLoss is not torch.nn.CrossEntropyLoss
+    calls = _count_forwards(monkeypatch, ce_mod)
+    got_loss, got_grads = _loss_and_grads(model, ids, labels)
+    assert calls == ["cross_entropy"]
+    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, ids.numel()), msg=name)
+    handle.revert()
+    assert modeling_bert.CrossEntropyLoss is torch.nn.CrossEntropyLoss
+
+
+def test_the_masked_lm_loss_function_is_fused_unshifted():
+    from transformers.loss.loss_utils import ForMaskedLMLoss
+    assert ce_mod.is_hf_lm_loss(ForMaskedLMLoss)
+    fused = ce_mod.hf_lm_loss(ForMaskedLMLoss)
+    logits = torch.randn(2, 7, 50, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, :2] = -100
+    for kwargs in ({}, {"num_items_in_batch": torch.tensor(9)}):
+        want = ForMaskedLMLoss(logits, labels, 50, **kwargs)
+        got = fused(logits, labels, 50, **kwargs)
+        torch.testing.assert_close(got, want, **tolerance(torch.float32))
+
+
+def test_the_loss_module_runs_what_the_kernel_does_not_take_as_torch_does():
+    """(N, C, d) logits and class-probability targets are nn.CrossEntropyLoss's, computed by it."""
+    ours, theirs = ce_mod.CrossEntropyLoss(), torch.nn.CrossEntropyLoss()
+    spatial, spatial_target = torch.randn(3, 5, 4), torch.randint(0, 5, (3, 4))
+    probs = torch.randn(6, 5), torch.softmax(torch.randn(6, 5), -1)
+    torch.testing.assert_close(ours(spatial, spatial_target), theirs(spatial, spatial_target))
+    torch.testing.assert_close(ours(*probs), theirs(*probs))
+
+
+def test_the_loss_module_is_fp32_where_autocast_runs_the_loss_in_fp32():
+    logits = torch.randn(8, 40, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 40, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.nn.CrossEntropyLoss()(logits, target)
+        got = ce_mod.CrossEntropyLoss()(logits, target)
+    assert want.dtype == got.dtype == torch.float32
+    torch.testing.assert_close(got, want, **tolerance(torch.float32))
+    assert ce_mod.CrossEntropyLoss()(logits, target).dtype == torch.bfloat16   # no autocast: the logits' dtype
+
+
+def test_torch_own_modules_are_never_patched():
+    """A loss held as a submodule puts torch.nn.modules.loss among the forward globals; only the
+    model's own modeling code is patched."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.CrossEntropyLoss())
+    with fusion_advisor.patched(model, patterns=["cross_entropy"]) as handle:
+        assert not any(f.path.startswith("torch.") for f in handle.functions)
+        import torch.nn.modules.loss as loss_module
+        assert loss_module.CrossEntropyLoss is torch.nn.CrossEntropyLoss
