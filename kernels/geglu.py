@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusion_advisor.kernels.glu import GatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
+from fusion_advisor.kernels.glu import GatedMLP, PackedGatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, Rewrite, param_dtype, register_pattern,
                                              training_shapes)
 
@@ -56,14 +56,16 @@ class GEGLUMLP(GatedMLP):
     """Drop-in for GemmaMLP / Gemma2MLP / Gemma3MLP (same gate/up/down projections)."""
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module) -> "GEGLUMLP":
-        """Wrap an existing MLP's projections (shared, not copied); `approximate` is read off its
-        act_fn, which must be a GELU."""
-        act = getattr(module, "act_fn", None)
+    def from_module(cls, module: torch.nn.Module) -> "GEGLUMLP | PackedGatedMLP":
+        """Wrap an existing MLP's projections (shared, not copied; packed in one `gate_up_proj`, a
+        PackedGatedMLP); `approximate` is read off its activation, which must be a GELU."""
+        act = GatedMLP.activation_module(module)
         approximate = approximate_of(act) if act is not None else None
         if approximate is None:
             found = type(act).__name__ if act is not None else "no act_fn"
             raise ValueError(f"{type(module).__name__}: {found} is not a known GELU: not a GEGLU MLP")
+        if GatedMLP.packed(module):
+            return PackedGatedMLP(module.gate_up_proj, module.down_proj, _activation(approximate))
         return cls(*GatedMLP.projections(module), activation=_activation(approximate))
 
 

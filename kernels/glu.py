@@ -6,7 +6,9 @@ dy * up to the input dtype before the activation's derivative), so a bf16 result
 bf16, not an fp32 computation of it.
 
 gate and up may be strided views (one `chunk(2, -1)` half each of a fused gate/up projection):
-the kernels read them in place through their row strides; outputs are contiguous.
+the kernels read them in place through their row strides; outputs are contiguous, except the
+backward's where it is given where to write (the packed form below writes both gradients into one
+(rows, 2 * width) buffer, the gate/up projection's own gradient, so no `cat` copies them there).
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ def _glu_fwd_kernel(G, U, Y, stride_g, stride_u, n_rows, n_cols, ACT: tl.constex
 
 
 @triton.jit
-def _glu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, n_rows, n_cols, ACT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _glu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, n_rows, n_cols,
+                    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -43,9 +45,9 @@ def _glu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, n_rows, n_c
     u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     a = apply_activation(g, ACT, 0.0).to(G.dtype.element_ty).to(tl.float32)
     da = (dy * u).to(G.dtype.element_ty).to(tl.float32)
-    out = rows[:, None] * n_cols + cols[None, :]
-    tl.store(DG + out, (da * activation_grad(g, ACT, 0.0)).to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + out, (dy * a).to(DU.dtype.element_ty), mask=mask)
+    tl.store(DG + rows[:, None] * stride_dg + cols[None, :], (da * activation_grad(g, ACT, 0.0)).to(DG.dtype.element_ty),
+             mask=mask)
+    tl.store(DU + rows[:, None] * stride_du + cols[None, :], (dy * a).to(DU.dtype.element_ty), mask=mask)
 
 
 def _check(gate: torch.Tensor, up: torch.Tensor, op: str) -> None:
@@ -77,13 +79,14 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tens
 def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
             overwrite_inputs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (dgate, dup), contiguous. overwrite_inputs=True writes them over gate and up
-    (both contiguous; each program reads its elements before it writes them) and returns those."""
+    (each program reads its elements before it writes them) and returns those: both must be row
+    views of their storage (contiguous, or each a `chunk(2, -1)` half of one contiguous tensor)."""
     act = activation_id(activation)
     dy2, g2, u2 = as_row_view(dy, "glu"), as_row_view(gate, "glu"), as_row_view(up, "glu")
     n_rows, n_cols = g2.shape
     if overwrite_inputs:
-        if not (gate.is_contiguous() and up.is_contiguous()):
-            raise ValueError("glu: overwrite_inputs needs contiguous gate and up")
+        if g2.data_ptr() != gate.data_ptr() or u2.data_ptr() != up.data_ptr():   # as_row_view copied
+            raise ValueError("glu: overwrite_inputs needs gate and up that are row views of their own storage")
         dg, du = g2, u2
     else:
         dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
@@ -91,8 +94,9 @@ def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: 
     block_m, block_n, warps = elementwise_tile(n_cols)
     if dg.numel():
         grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
-        _glu_bwd_kernel[grid](dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), n_rows, n_cols,
-                              ACT=act, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        _glu_bwd_kernel[grid](dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0),
+                              du.stride(0), n_rows, n_cols, ACT=act, BLOCK_M=block_m, BLOCK_N=block_n,
+                              num_warps=warps)
     return dg.view(gate.shape), du.view(up.shape)
 
 
@@ -141,6 +145,46 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, private_inputs: b
     return GLUFunction.apply(gate, up, activation, bool(private_inputs))
 
 
+class PackedGLUFunction(torch.autograd.Function):
+    """act(gate) * up for gate and up packed in one tensor, gate the first half of its last dim (a
+    fused gate/up projection's output, split by `chunk(2, -1)`); the gradient is that tensor's."""
+
+    @staticmethod
+    def forward(ctx, gate_up, activation, private_input):
+        gate, up = gate_up.chunk(2, -1)
+        y = _forward(gate, up, activation)
+        ctx.save_for_backward(gate_up)
+        ctx.activation, ctx.private_input = activation, private_input
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, -1)
+        if ctx.private_input and _can_overwrite_packed(gate_up):
+            # Nothing else reads the projection's output (see packed_glu): its gradient goes over it,
+            # both halves in one launch, and is the gradient autograd hands the projection.
+            glu_bwd(dy, gate, up, ctx.activation, overwrite_inputs=True)
+            torch.autograd.graph.increment_version(gate_up)
+            return gate_up, None, None
+        dg, du = _backward(dy, gate, up, ctx.activation)
+        return torch.cat([dg, du], dim=-1), None, None
+
+
+def _can_overwrite_packed(gate_up: torch.Tensor) -> bool:
+    return not torch.compiler.is_compiling() and type(gate_up) is torch.Tensor and gate_up.is_contiguous()
+
+
+def packed_glu(gate_up: torch.Tensor, activation: str, private_input: bool = False) -> torch.Tensor:
+    """Fused `gate, up = gate_up.chunk(2, -1); act(gate) * up` (Phi-3's and GLM's MLPs), forward and
+    backward, the gate and up halves read in place. private_input=True promises that nothing but this
+    call reads gate_up after it (a fresh projection, as in PackedGatedMLP): backward then writes the
+    gradient over it."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"glu: a packed gate/up tensor needs an even last dim, got {gate_up.shape[-1]}")
+    return PackedGLUFunction.apply(gate_up, activation, bool(private_input))
+
+
 class GatedMLP(torch.nn.Module):
     """down_proj(act(gate_proj(x)) * up_proj(x)), the Llama/Gemma MLP, with the gated activation
     fused. Holds the wrapped MLP's projections (shared, not copied)."""
@@ -165,6 +209,35 @@ class GatedMLP(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation} (fused Triton)"
+
+    @staticmethod
+    def activation_module(module: torch.nn.Module) -> torch.nn.Module | None:
+        """The MLP's activation module: `act_fn` (Llama, Gemma) or `activation_fn` (Phi-3, GLM)."""
+        act = getattr(module, "act_fn", None)
+        return act if act is not None else getattr(module, "activation_fn", None)
+
+    @staticmethod
+    def packed(module: torch.nn.Module) -> bool:
+        """One projection for gate and up (`gate_up_proj`, Phi-3 and GLM) rather than two."""
+        return hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")
+
+
+class PackedGatedMLP(torch.nn.Module):
+    """down_proj(up * act(gate)) with gate, up = gate_up_proj(x).chunk(2, -1), the Phi-3 / GLM MLP,
+    the gated activation fused. Holds the wrapped MLP's projections (shared, not copied). Which half
+    is the gate is taken as Phi-3 has it; a model with the other order fails patch's numerics check."""
+
+    def __init__(self, gate_up_proj: torch.nn.Module, down_proj: torch.nn.Module, activation: str):
+        super().__init__()
+        activation_id(activation)
+        self.gate_up_proj, self.down_proj, self.activation = gate_up_proj, down_proj, activation
+
+    def forward(self, x):
+        # the projection's output is this forward's own temporary: its memory can hold its gradient
+        return self.down_proj(packed_glu(self.gate_up_proj(x), self.activation, private_input=True))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}, packed gate/up (fused Triton)"
 
 
 def glu_bytes(params: dict) -> dict:

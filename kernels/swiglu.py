@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusion_advisor.kernels.glu import GatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
+from fusion_advisor.kernels.glu import GatedMLP, PackedGatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, Rewrite, param_dtype, register_pattern,
                                              training_shapes)
 
@@ -34,13 +34,15 @@ class SwiGLUMLP(GatedMLP):
     """Drop-in for LlamaMLP / MistralMLP / Qwen2MLP / Qwen3MLP (same gate/up/down projections)."""
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module) -> "SwiGLUMLP":
-        """Wrap an existing MLP's projections (shared, not copied). An `act_fn` other than SiLU is
-        refused; a module without one (activation hard-coded, as in examples/llama_train.py) is
-        taken at its class name's word."""
-        act = getattr(module, "act_fn", None)
+    def from_module(cls, module: torch.nn.Module) -> "SwiGLUMLP | PackedGatedMLP":
+        """Wrap an existing MLP's projections (shared, not copied): a PackedGatedMLP where gate and up
+        come from one `gate_up_proj` (Phi-3, GLM). An activation other than SiLU is refused; a module
+        without one (hard-coded, as in examples/llama_train.py) is taken at its class name's word."""
+        act = GatedMLP.activation_module(module)
         if act is not None and not _is_silu(act):
-            raise ValueError(f"{type(module).__name__}.act_fn is {type(act).__name__}, not SiLU: not a SwiGLU MLP")
+            raise ValueError(f"{type(module).__name__}'s activation is {type(act).__name__}, not SiLU: not a SwiGLU MLP")
+        if GatedMLP.packed(module):
+            return PackedGatedMLP(module.gate_up_proj, module.down_proj, "silu")
         return cls(*GatedMLP.projections(module), activation="silu")
 
 
@@ -75,7 +77,7 @@ PATTERN = register_pattern(
     __name__,
     description="SwiGLU MLP activation silu(gate) * up as one Triton kernel each way",
     forward_signature=r"\bsilu_? (?:\S+ ){0,2}mul\b",
-    modules=("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"),
+    modules=("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Phi3MLP", "GlmMLP", "Glm4MLP"),
     module_factory=SwiGLUMLP.from_module,
     rewrites=(Rewrite("F.silu($gate) * $up", "swiglu($gate, $up)", ("from fusion_advisor.kernels.swiglu import swiglu",)),),
     example_params={"shape": [6, 42, 431], "dtype": "float32"},

@@ -194,3 +194,23 @@ def test_torch_own_modules_are_never_patched():
         assert not any(f.path.startswith("torch.") for f in handle.functions)
         import torch.nn.modules.loss as loss_module
         assert loss_module.CrossEntropyLoss is torch.nn.CrossEntropyLoss
+
+
+def test_phi3_packed_mlp_is_swapped_checked_and_reverted():
+    """Phi3MLP projects gate and up in one gate_up_proj and chunks it: swapped for the packed form."""
+    pytest.importorskip("transformers.models.phi3.modeling_phi3")
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0)
+    model = transformers.Phi3ForCausalLM(config).float()
+    ids = torch.randint(0, 96, (2, 10))
+    want_loss, want_grads = _loss_and_grads(model, ids, ids)
+    with fusion_advisor.patched(model, patterns=["swiglu"]) as handle:
+        assert [f"{type(s.original).__name__}->{type(s.replacement).__name__}" for s in handle.swaps] == \
+            ["Phi3MLP->PackedGatedMLP"], handle.summary()
+        got_loss, got_grads = _loss_and_grads(model, ids, ids)
+    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, ids.numel()), msg=name)
+    assert type(model.model.layers[0].mlp).__name__ == "Phi3MLP"
