@@ -10,8 +10,8 @@ Norm forms (rms_norm, layer_norm): a leaf module whose only parameters are a 1-D
 is read under the names models use (`eps`, `variance_epsilon`, `epsilon`, `layer_norm_eps`, ...); a
 module without one (nanoGPT's LayerNorm calls F.layer_norm(..., 1e-5)) gets the usual defaults, each
 proven or refused by the check. The check runs on a copy of the module with its parameters redrawn
-(so a weight that is ignored, or used as `1 + weight` as Gemma does, shows) and on rows whose
-mean square spans eps, so that a wrong eps shows too.
+(so a weight that is ignored shows, and which of Llama's `weight * x` and Gemma's `(1 + weight) * x`
+the module computes) and on rows whose mean square spans eps, so that a wrong eps shows too.
 
 Pointwise form (pointwise_chain): a leaf module without parameters or buffers whose forward is a
 chain of pointwise aten ops on its one input (HF's NewGELUActivation, FastGELUActivation,
@@ -90,13 +90,14 @@ def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormPart
     return NormParts(weight, bias, eps, False)
 
 
-def rms_norm_module(weight: nn.Parameter, eps: float) -> nn.Module:
-    """kernels.rms_norm.RMSNorm around this weight (shared, not copied)."""
+def rms_norm_module(weight: nn.Parameter, eps: float, gemma: bool = False) -> nn.Module:
+    """kernels.rms_norm.RMSNorm around this weight (shared, not copied); gemma: (1 + weight)."""
     from fusion_advisor.kernels.rms_norm import RMSNorm
     new = RMSNorm.__new__(RMSNorm)
     nn.Module.__init__(new)
     new.weight = weight
     new.variance_epsilon = float(eps)
+    new.gemma = gemma
     return new
 
 
@@ -113,15 +114,20 @@ def layer_norm_module(weight: nn.Parameter, bias: nn.Parameter | None, eps: floa
     return new
 
 
-def norm_builders(pattern: str, parts: NormParts) -> list[tuple[float, Callable[[nn.Module], nn.Module]]]:
-    """(eps, module -> replacement) for each eps candidate of this norm form; the builder reads the
-    weight and bias off whichever module it is given (the checked copy, or the real one)."""
+def norm_builders(pattern: str, parts: NormParts) -> list[tuple[str, Callable[[nn.Module], nn.Module]]]:
+    """(what it assumes, module -> replacement) for each candidate of this norm form: each eps, and
+    for RMSNorm Llama's weight and Gemma's (1 + weight). The builder reads the weight and bias off
+    whichever module it is given (the checked copy, or the real one)."""
     if pattern == "rms_norm":
         if parts.bias is not None:
             return []                     # RMSNorm has no bias: not this form
-        return [(e, lambda m, e=e: rms_norm_module(norm_parts(m).weight, e)) for e in parts.eps]
+        # Llama's form first, then Gemma's (1 + weight): the check keeps the one the module computes
+        return [(f"eps={e:g}" + (", 1 + weight" if gemma else ""),
+                 lambda m, e=e, g=gemma: rms_norm_module(norm_parts(m).weight, e, g))
+                for gemma in (False, True) for e in parts.eps]
     if pattern == "layer_norm":
-        return [(e, lambda m, e=e: layer_norm_module(norm_parts(m).weight, norm_parts(m).bias, e)) for e in parts.eps]
+        return [(f"eps={e:g}", lambda m, e=e: layer_norm_module(norm_parts(m).weight, norm_parts(m).bias, e))
+                for e in parts.eps]
     return []
 
 

@@ -344,13 +344,13 @@ class _ModuleSwapper:
         if not builders:
             return None, None
         problems = []
-        for eps, build in builders:
-            key = self._signature(t, module, eps)
+        for assumed, build in builders:
+            key = self._signature(t, module, assumed)
             if key not in self.verdicts:
                 self.verdicts[key] = self._check_norm(module, build, parts) if self.check else None
             if self.verdicts[key] is None:
                 return build(module), None
-            problems.append(f"eps={eps:g}: {self.verdicts[key]}")
+            problems.append(f"{assumed}: {self.verdicts[key]}")
         where = "its own eps" if parts.eps_from_module else "no eps attribute, the usual ones tried"
         return None, f"{t.name}: numerics check failed ({where}): " + "; ".join(problems)
 

@@ -93,12 +93,24 @@ def _param_row(P, cols, n_cols, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_N
 
 
 @triton.jit
+def _weight_row(W, cols, n_cols, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, GEMMA: tl.constexpr):
+    """The weight as it multiplies: (1 + weight) for GEMMA, else the weight (1 where there is none)."""
+    w = _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+    if GEMMA:
+        w = w + 1.0
+    return w
+
+
+@triton.jit
 def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
                    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr,
+                   GEMMA: tl.constexpr):
     """SEGMENTS > 1 (GroupNorm over channels, LayerNorm flags): statistics per segment of
     BLOCK_N // SEGMENTS columns, stored (rows, n_cols // that). SEGMENTS is the segment count
-    padded to a power of two: the padding segments lie past n_cols, load zeros, store nothing."""
+    padded to a power of two: the padding segments lie past n_cols, load zeros, store nothing.
+    GEMMA (RMSNorm flags): the weight applies as (1 + weight) to the unrounded normalised value, in
+    fp32, one rounding at the end, as GemmaRMSNorm computes it."""
     rows, cols, row_mask, mask = _tile(tl.program_id(0) * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -110,7 +122,9 @@ def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, s
     if IS_RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         # Round the normalised value to the input's dtype before the weight, as LlamaRMSNorm does.
-        if HAS_RESIDUAL:
+        if GEMMA:
+            y = x * rstd[:, None]
+        elif HAS_RESIDUAL:
             y = (x * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)
         else:
             y = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
@@ -131,7 +145,7 @@ def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, s
         tl.store(MEAN + stats, mean, mask=stat_mask)
         tl.store(RSTD + stats, rstd, mask=stat_mask)
     if HAS_WEIGHT:
-        y = y * _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+        y = y * _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA)
     if HAS_BIAS:
         y = y + _param_row(B, cols, n_cols, 0.0, HAS_BIAS, BLOCK_N)
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -168,7 +182,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
                     stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    PREFETCH: tl.constexpr, GEMMA: tl.constexpr):
     """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
     dweight / dbias sums in fp32 as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols): kept
     per tile element in registers and reduced over rows once at the end, or (ACC_IN_MEMORY, for
@@ -184,7 +198,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    w = _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+    w = _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if ACC_IN_MEMORY:
@@ -211,7 +225,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
         dy = dy_in.to(tl.float32)
         x = x_in.to(tl.float32)
         if ACC_IN_MEMORY:  # the weight from L1/L2 every tile: registers are short
-            g = dy * _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+            g = dy * _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA)
         else:
             g = dy * w
         if IS_RMS:
@@ -219,7 +233,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
             x_hat = x * rstd
             dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None])
             # dweight sees the normalised value rounded as the forward rounded it.
-            dw_t = dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
+            dw_t = dy * x_hat if GEMMA else dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
         elif SEGMENTS == 1:
             rstd = rstd_in[:, None]
             x_hat = tl.where(mask, (x - mean_in[:, None]) * rstd, 0.0)
@@ -259,9 +273,9 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
 @triton.jit
 def _rms_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_N: tl.constexpr, GEMMA: tl.constexpr):
     _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   True, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+                   True, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, GEMMA)
 
 
 @triton.jit
@@ -269,7 +283,7 @@ def _add_rms_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, s
                              eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr):
     _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   True, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+                   True, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, False)
 
 
 @triton.jit
@@ -277,7 +291,7 @@ def _layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, str
                            eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, False)
 
 
 @triton.jit
@@ -285,17 +299,18 @@ def _add_layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r,
                                n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr):
     _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   False, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1)
+                   False, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, False)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                          stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
+                         GEMMA: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH)
+                    ACC_IN_MEMORY, PREFETCH, GEMMA)
 
 
 @triton.jit
@@ -305,7 +320,7 @@ def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PA
                          BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH)
+                    ACC_IN_MEMORY, PREFETCH, False)
 
 
 @triton.jit
@@ -315,7 +330,7 @@ def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PART
                          BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH)
+                    ACC_IN_MEMORY, PREFETCH, False)
 
 
 @triton.jit
@@ -325,7 +340,7 @@ def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_
                                BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH)
+                    ACC_IN_MEMORY, PREFETCH, False)
 
 
 @triton.jit
@@ -333,7 +348,7 @@ def _group_norm_rows_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r
                                 n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
     _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS)
+                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS, False)
 
 
 @triton.jit
@@ -344,7 +359,7 @@ def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB
                                 PREFETCH: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
-                    ACC_IN_MEMORY, PREFETCH)
+                    ACC_IN_MEMORY, PREFETCH, False)
 
 
 @triton.jit
@@ -509,6 +524,13 @@ def segmentable(n_cols: int, segments: int) -> bool:
     return not size & (size - 1) and next_power_of_2(segments) * size <= MAX_BLOCK_N
 
 
+def _gemma_flag(rms: bool, residual: bool, gemma: bool) -> dict:
+    """The GEMMA constexpr, which only the RMSNorm kernels without a residual take."""
+    if gemma and (not rms or residual):
+        raise ValueError("norm: the Gemma form (1 + weight) is an RMSNorm without a residual")
+    return {"GEMMA": gemma} if rms and not residual else {}
+
+
 def _check_segments(n_cols: int, segments: int, rms: bool, residual: bool) -> None:
     if rms or residual or not segmentable(n_cols, segments):
         raise ValueError(f"norm: {segments} segments of rows of {n_cols} need LayerNorm without a residual "
@@ -517,19 +539,21 @@ def _check_segments(n_cols: int, segments: int, rms: bool, residual: bool) -> No
 
 def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
              bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype,
-             sum_dtype: Optional[torch.dtype] = None, config: Optional[TileConfig] = None, segments: int = 1):
+             sum_dtype: Optional[torch.dtype] = None, config: Optional[TileConfig] = None, segments: int = 1,
+             gemma: bool = False):
     """x (and residual): (rows, n_cols) views with a contiguous last dim. Returns (y, s, mean, rstd):
     s the residual sum (None without a residual), mean None for RMSNorm; statistics fp32 per row,
     or per row and segment: `segments` > 1 (LayerNorm flags, no residual, equal segments of a
     power-of-two length: `segmentable`) normalises each of `segments` column groups on its own
-    (GroupNorm over channels). `config` forces a tile (norm_tune.py's search); default: `fwd_config`."""
+    (GroupNorm over channels). `config` forces a tile (norm_tune.py's search); default: `fwd_config`.
+    `gemma` (RMSNorm without a residual): GemmaRMSNorm's (1 + weight), in fp32, rounded once."""
     n_rows, n_cols = x.shape
     device = x.device
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=device)
     s = torch.empty((n_rows, n_cols), dtype=sum_dtype, device=device) if residual is not None else None
     rstd = torch.empty(n_rows * segments, dtype=torch.float32, device=device)
     mean = None if rms else torch.empty(n_rows * segments, dtype=torch.float32, device=device)
-    kernel, extra = _FWD_KERNELS[(rms, residual is not None)], {}
+    kernel, extra = _FWD_KERNELS[(rms, residual is not None)], _gemma_flag(rms, residual is not None, gemma)
     if segments > 1:
         _check_segments(n_cols, segments, rms, residual is not None)
         kernel, extra = _group_norm_rows_fwd_kernel, {"SEGMENTS": next_power_of_2(segments)}
@@ -547,7 +571,7 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
 
 def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, weight: Optional[torch.Tensor],
              bias: Optional[torch.Tensor], mean: Optional[torch.Tensor], rstd: torch.Tensor, rms: bool,
-             residual: bool = False, config: Optional[TileConfig] = None, segments: int = 1):
+             residual: bool = False, config: Optional[TileConfig] = None, segments: int = 1, gemma: bool = False):
     """dy, ds_out, x: (rows, n_cols) views with a contiguous last dim (x: the norm's input, the sum
     when `residual`); ds_out the returned residual's grad or None. Returns (dx, dweight, dbias),
     dx contiguous in x's dtype, each parameter grad in its parameter's dtype (None when absent);
@@ -570,7 +594,7 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
     partial = torch.empty((max(n_params, 1), programs, n_cols), dtype=torch.float32, device=device)
     dw_partial, db_partial = partial[0], partial[n_params - 1]
     dso = ds_out if ds_out is not None else dy
-    kernel, extra = _BWD_KERNELS[(rms, residual)], {}
+    kernel, extra = _BWD_KERNELS[(rms, residual)], _gemma_flag(rms, residual, gemma)
     if segments > 1:
         _check_segments(n_cols, segments, rms, residual)
         kernel, extra = _group_norm_rows_bwd_kernel, {"SEGMENTS": next_power_of_2(segments)}

@@ -1,5 +1,8 @@
 """RMSNorm: y = weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)
 
+and, with gemma=True, GemmaRMSNorm's y = (x * rsqrt(mean(x^2, -1) + eps) * (1 + weight)).to(x.dtype),
+computed in fp32 and rounded once (the same kernels, a constexpr flag).
+
 Replaces the decomposed form users write (Hugging Face's LlamaRMSNorm, `reference` below), which
 eager PyTorch runs as 6-8 kernels: to(fp32), pow, mean, add, rsqrt, mul, to(dtype), mul.
 
@@ -26,11 +29,11 @@ from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace,
                                              training_shapes)
 
 
-def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, weight.dtype)
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, gemma: bool = False) -> torch.dtype:
+    return x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)   # Gemma: output.type_as(x)
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (y, rstd). x may have any leading dims; weight has shape (x.shape[-1],)."""
     check_dtype(x, "rms_norm")
     check_device(x, weight, op="rms_norm")
@@ -38,22 +41,22 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
     x2 = as_rows(x, "rms_norm")
     y, _, _, rstd = norm_core.norm_fwd(x2, None, weight.contiguous(), None, eps, rms=True,
-                                       out_dtype=_out_dtype(x, weight))
+                                       out_dtype=_out_dtype(x, weight, gemma), gemma=gemma)
     return y.view(x.shape), rstd
 
 
-def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (dx, dweight)."""
     dx, dw, _ = norm_core.norm_bwd(as_rows(dy, "rms_norm"), None, as_rows(x, "rms_norm"), weight.contiguous(), None,
-                                   None, rstd, rms=True)
+                                   None, rstd, rms=True, gemma=gemma)
     return dx.view(x.shape), dw
 
 
 # torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
 # the launchers directly (see fused_op).
-_forward = fused_op("fusion_advisor::rms_norm_fwd", fake=lambda x, weight, eps: (
-    x.new_empty(x.shape, dtype=_out_dtype(x, weight)),
+_forward = fused_op("fusion_advisor::rms_norm_fwd", fake=lambda x, weight, eps, gemma: (
+    x.new_empty(x.shape, dtype=_out_dtype(x, weight, gemma)),
     x.new_empty((x.numel() // x.shape[-1] if x.dim() else 1,), dtype=torch.float32)))(rms_norm_fwd)
 # dx is allocated contiguous (from the row view), whatever x's strides: so is its fake.
 _backward = fused_op("fusion_advisor::rms_norm_bwd", like=("x", "weight"))(rms_norm_bwd)
@@ -61,30 +64,37 @@ _backward = fused_op("fusion_advisor::rms_norm_bwd", like=("x", "weight"))(rms_n
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = _forward(x, weight, eps)
+    def forward(ctx, x, weight, eps, gemma):
+        y, rstd = _forward(x, weight, eps, gemma)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.gemma = gemma
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(dy, x, weight, rstd)
-        return dx, dw, None
+        dx, dw = _backward(dy, x, weight, rstd, ctx.gemma)
+        return dx, dw, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Fused RMSNorm, numerically LlamaRMSNorm's forward and backward."""
-    return RMSNormFunction.apply(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
+    """Fused RMSNorm, numerically LlamaRMSNorm's forward and backward; gemma=True: GemmaRMSNorm's
+    ((1 + weight), in fp32, rounded once to x's dtype)."""
+    return RMSNormFunction.apply(x, weight, eps, bool(gemma))
 
 
 class RMSNorm(torch.nn.Module):
-    """Drop-in for LlamaRMSNorm / MistralRMSNorm / Qwen2RMSNorm (same `weight` and eps)."""
+    """Drop-in for LlamaRMSNorm / MistralRMSNorm / Qwen2RMSNorm (same `weight` and eps); with
+    gemma=True for GemmaRMSNorm (its weight applies as 1 + weight, zeros at init)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+    gemma = False   # instances built by __new__ (from_module, module_forms) read the class default
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None, gemma: bool = False):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        init = torch.zeros if gemma else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, device=device, dtype=dtype))
         self.variance_epsilon = eps
+        self.gemma = gemma
 
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> "RMSNorm":
@@ -97,10 +107,18 @@ class RMSNorm(torch.nn.Module):
         return new
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.variance_epsilon)
+        return rms_norm(x, self.weight, self.variance_epsilon, self.gemma)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon} (fused Triton)"
+        form = ", 1 + weight (Gemma)" if self.gemma else ""
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}{form} (fused Triton)"
+
+
+def gemma_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Hugging Face GemmaRMSNorm.forward, verbatim."""
+    output = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    output = output * (1.0 + weight.float())
+    return output.type_as(x)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

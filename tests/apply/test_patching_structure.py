@@ -64,6 +64,14 @@ class GemmaStyleRMSNorm(nn.Module):
         return (out * (1.0 + self.weight.float())).type_as(x)
 
 
+class OffsetTwoRMSNorm(GemmaStyleRMSNorm):
+    """(2 + weight): neither Llama's form nor Gemma's."""
+
+    def forward(self, x):
+        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (2.0 + self.weight.float())).type_as(x)
+
+
 class WrongEpsNorm(UserRMSNorm):
     """Says eps=1e-6 but computes with 1e-3."""
 
@@ -191,8 +199,8 @@ def test_t5_layer_norm_in_bf16(t5_norm, device):
         torch.testing.assert_close(model(x), want, **tolerance(torch.bfloat16))
 
 
-@pytest.mark.parametrize("norm", [GemmaStyleRMSNorm(16), WrongEpsNorm(16), ExtraScaleNorm(16)],
-                         ids=["gemma_1_plus_weight", "eps_not_what_it_says", "extra_scale"])
+@pytest.mark.parametrize("norm", [OffsetTwoRMSNorm(16), WrongEpsNorm(16), ExtraScaleNorm(16)],
+                         ids=["two_plus_weight", "eps_not_what_it_says", "extra_scale"])
 def test_look_alike_norms_are_refused_with_a_reason(norm, device):
     model = nn.Sequential(norm).to(device)
     handle = fusion_advisor.patch(model, patterns=ALL)
@@ -201,11 +209,23 @@ def test_look_alike_norms_are_refused_with_a_reason(norm, device):
     assert path == "0" and "rms_norm: numerics check failed" in why and "layer_norm: numerics check failed" in why
 
 
-def test_hf_gemma_norm_is_refused(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_norms_get_the_one_plus_weight_form(dtype, device):
+    """A user's Gemma-style norm and HF's GemmaRMSNorm: (1 + weight) in fp32, proven by the check
+    (Llama's form fails it first), outputs and gradients equal, reverted exactly."""
     modeling_gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
-    model = nn.Sequential(modeling_gemma.GemmaRMSNorm(16, eps=1e-6)).to(device)
-    handle = fusion_advisor.patch(model, patterns=["rms_norm"])
-    assert handle.swaps == [] and "numerics check failed" in handle.skipped[0][1]
+    model = nn.Sequential(GemmaStyleRMSNorm(16), modeling_gemma.GemmaRMSNorm(16, eps=1e-6)).to(device, dtype)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 5, 16, device=device, dtype=dtype)
+    want = model(x)
+    with fusion_advisor.patched(model, patterns=["rms_norm"]) as handle:
+        assert [type(s.replacement).__name__ for s in handle.swaps] == ["RMSNorm", "RMSNorm"], handle.summary()
+        assert all(s.replacement.gemma for s in handle.swaps)
+        torch.testing.assert_close(model(x), want, **tolerance(dtype))
+    assert type(model[1]).__name__ == "GemmaRMSNorm"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_hf_activation_modules_become_generated_kernels(device):

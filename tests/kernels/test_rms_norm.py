@@ -3,6 +3,7 @@ import torch
 
 from fusion_advisor.kernels import rms_norm as mod
 from fusion_advisor.core.records import OpRecord
+from fusion_advisor.kernels.tolerances import tolerance
 from kernel_checks import check_against_reference
 
 SHAPES = [[6, 42, 431], [3, 256], [1, 1, 8], [5, 1000]]
@@ -59,9 +60,40 @@ def test_custom_ops_pass_opcheck_on_a_transposed_input(device):
     # trusts them): dx comes back contiguous even for a transposed x.
     x = torch.randn(40, 6, device=device).t()
     w = torch.randn(40, device=device)
-    _, rstd = mod.rms_norm_fwd(x, w, 1e-6)
-    torch.library.opcheck(torch.ops.fusion_advisor.rms_norm_fwd.default, (x, w, 1e-6))
-    torch.library.opcheck(torch.ops.fusion_advisor.rms_norm_bwd.default, (torch.randn(6, 40, device=device), x, w, rstd))
+    for gemma in (False, True):
+        _, rstd = mod.rms_norm_fwd(x, w, 1e-6, gemma)
+        torch.library.opcheck(torch.ops.fusion_advisor.rms_norm_fwd.default, (x, w, 1e-6, gemma))
+        torch.library.opcheck(torch.ops.fusion_advisor.rms_norm_bwd.default,
+                              (torch.randn(6, 40, device=device), x, w, rstd, gemma))
+
+
+@pytest.mark.parametrize("weight_dtype", [None, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [[5, 7, 131], [3, 256], [2, 1, 1000]])
+def test_gemma_form_matches_gemma_rms_norm(shape, dtype, weight_dtype, device):
+    """(1 + weight), in fp32, rounded once to x's dtype: GemmaRMSNorm's forward and gradients, also
+    with the fp32 weight of autocast-style training."""
+    x = torch.randn(shape, device=device).to(dtype)
+    w = (0.1 * torch.randn(shape[-1], device=device)).to(weight_dtype or dtype)
+    ref_in = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    got_in = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    ref = mod.gemma_reference(*ref_in, eps=1e-6)
+    got = mod.rms_norm(*got_in, eps=1e-6, gemma=True)
+    assert got.dtype == ref.dtype == dtype
+    torch.testing.assert_close(got, ref, **tolerance(dtype))
+    dy = torch.randn_like(ref)
+    ref.backward(dy)
+    got.backward(dy)
+    torch.testing.assert_close(got_in[0].grad, ref_in[0].grad, **tolerance(dtype))
+    torch.testing.assert_close(got_in[1].grad, ref_in[1].grad, **tolerance(w.dtype, x.numel() // shape[-1]))
+
+
+def test_the_gemma_flag_is_refused_where_it_does_not_apply():
+    from fusion_advisor.kernels import norm_core
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="Gemma form"):
+        norm_core.norm_fwd(x, x, torch.ones(8), None, 1e-6, rms=True, out_dtype=x.dtype, sum_dtype=x.dtype,
+                           gemma=True)
 
 
 def test_params_read_from_a_real_llama_trace_with_ops_around_the_chain(data_dir):
