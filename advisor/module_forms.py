@@ -61,6 +61,8 @@ def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormPart
         return "a torch.nn module that is not a last-dim norm (GroupNorm, PReLU...)"
     if next(iter(module.children()), None) is not None:
         return "has child modules"
+    if getattr(module, "data_format", None) == "channels_first":   # ConvNeXt's, SAM's: dim 1 of NCHW
+        return "normalises over channels_first (dim 1 of NCHW), not the last dim"
     if next(iter(module.buffers()), None) is not None:
         return "has buffers"
     params = dict(module.named_parameters(recurse=False))
@@ -194,6 +196,8 @@ def pointwise_refusal(module: nn.Module) -> str | None:
     """Why a module cannot be a pointwise chain on its input (None: it may be; the capture decides)."""
     if next(iter(module.children()), None) is not None:
         return "has child modules"
+    if getattr(module, "data_format", None) == "channels_first":   # ConvNeXt's, SAM's: dim 1 of NCHW
+        return "normalises over channels_first (dim 1 of NCHW), not the last dim"
     if next(iter(module.parameters()), None) is not None or next(iter(module.buffers()), None) is not None:
         return "has parameters or buffers"
     # Its forward is called on a probe to record it: only a forward of one tensor (a loss's

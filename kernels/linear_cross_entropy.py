@@ -292,8 +292,9 @@ def is_hf_causal_lm_forward(original) -> bool:
     config = getattr(model, "config", None)
     scaled = any(getattr(config, k, None) not in (None, 1, 1.0)
                  for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))   # T5, BART: decoder inputs, their own loss
     return (isinstance(getattr(model, "lm_head", None), torch.nn.Linear) and is_hf_causal_lm_loss(loss_fn)
-            and "labels" in inspect.signature(original).parameters and not scaled)
+            and "labels" in inspect.signature(original).parameters and not scaled and not seq2seq)
 
 
 def hf_causal_lm_forward(original):

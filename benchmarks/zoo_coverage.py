@@ -1,0 +1,142 @@
+"""What `fusion_advisor.patch` swaps in each model family of the zoo, by what its modules compute
+(CPU, Triton interpreter: no GPU, no timing).
+
+For every family of benchmarks/zoo.py, at its tiny config, this builds the model (fp32, CPU) and
+runs `fusion_advisor.patch(model, patterns=...)` with every pattern that has a runtime form, each
+swap proven by patch's own numerics check against the module it replaces. It prints, per family,
+the module swaps, the functions patched, and the modules of a kind we fuse (norms, activations,
+MLPs, losses) that were left, with patch's reason. A family's row says what `apply` can reach before
+any GPU runs: a cluster whose module is left here is one the advisor can only advise on.
+
+    python benchmarks/zoo_coverage.py                     # every family
+    python benchmarks/zoo_coverage.py --models gemma,phi3 --json coverage.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels load: CPU tensors run the kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo  # noqa: E402
+
+NOT_THIS_FUNCTION = "is not the function this pattern replaces"   # patching._swap_function's words
+# Class names of the kinds of module the patterns fuse: a module of these left unswapped is a gap.
+FUSED_KINDS = re.compile(r"Norm|GELU|SiLU|Swish|Activation|MLP", re.IGNORECASE)
+
+
+def runtime_patterns() -> list[str]:
+    """Every pattern `patch` can apply to a live model: module forms, function patches, and
+    pointwise chains (generated kernels)."""
+    from fusion_advisor.kernels import all_patterns
+    from fusion_advisor.patching import POINTWISE_CHAIN
+    names = [p.name for p in all_patterns() if (p.modules and p.module_factory is not None) or p.function_patches]
+    return names + [POINTWISE_CHAIN]
+
+
+def build(spec: zoo.ModelSpec):
+    import torch
+    import transformers
+    config, _ = spec.scaled(tiny=True)
+    torch.manual_seed(0)
+    return getattr(transformers, spec.model_class)(getattr(transformers, spec.config_class)(**config)).float()
+
+
+def coverage(spec: zoo.ModelSpec, patterns: list[str]) -> dict:
+    """{model, swapped: {"Old -> New": n}, functions: [path: pattern], left: {"Class: why": n}}."""
+    import fusion_advisor
+    model = build(spec)
+    handle = fusion_advisor.patch(model, patterns=patterns)
+    try:
+        swapped = collections.Counter(f"{type(s.original).__name__} -> {type(s.replacement).__name__}"
+                                      for s in handle.swaps)
+        functions = sorted({f"{f.path.rsplit('.', 1)[-1]} ({f.pattern})" for f in handle.functions})
+        by_path = dict(model.named_modules())
+        left = collections.Counter()
+        for path, why in handle.skipped:
+            if NOT_THIS_FUNCTION in why:
+                continue   # a function patch that does not apply here (another loss, another forward)
+            cls = type(by_path[path]).__name__ if path in by_path else path
+            left[f"{cls}: {_short(why)}"] += 1
+        said = {path for path, _ in handle.skipped}
+        for path, module in by_path.items():   # of a kind we fuse, yet neither swapped nor refused
+            cls = type(module).__name__
+            if path not in said and FUSED_KINDS.search(cls) and not _swapped_or_inside(path, handle.swaps):
+                left[f"{cls}: {_why_not_fused(module)}"] += 1
+    finally:
+        handle.revert()
+    return {"model": spec.name, "family": spec.family, "swapped": dict(swapped), "functions": functions,
+            "left": dict(left)}
+
+
+def _why_not_fused(module) -> str:
+    """Why no form took a module of a kind we fuse, as the form itself would say it."""
+    import torch
+    from fusion_advisor.module_forms import PointwiseChainModule, module_state, norm_parts
+    cls = type(module).__name__
+    if "norm" in cls.lower():
+        parts = norm_parts(module)
+        return parts if isinstance(parts, str) else "a last-dim norm no check proved"
+    if "mlp" in cls.lower():
+        return "not a gated MLP (gate_proj and up_proj, or gate_up_proj): its activation is fused on its own"
+    chain = PointwiseChainModule(module, "coverage")
+    if chain.kernel_for(torch.float32, torch.device("cpu")) is not None:
+        return "a pointwise chain no pattern was asked for"
+    return chain.refusals[(torch.float32, "cpu", module_state(module))]
+
+
+def _swapped_or_inside(path: str, swaps) -> bool:
+    return any(path == s.path or path.startswith(s.path + ".") for s in swaps)
+
+
+def _short(why: str, width: int = 110) -> str:
+    """The first reason of patch's "; "-joined list, the pattern's name kept, cut to `width`."""
+    first = why.split("; ")[0]
+    return first if len(first) <= width else first[:width - 1] + "…"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(zoo.BY_NAME), help="comma-separated; default: all")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args(argv)
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in zoo.BY_NAME]
+    if unknown:
+        raise SystemExit(f"zoo_coverage.py: unknown model {unknown[0]!r} (known: {', '.join(zoo.BY_NAME)})")
+    import torch
+    import transformers
+    patterns = runtime_patterns()
+    print(f"fusion_advisor.patch(model, patterns={patterns}) on each family's tiny config, CPU "
+          f"(torch {torch.__version__}, transformers {transformers.__version__})")
+    rows = []
+    for name in names:
+        try:
+            row = coverage(zoo.BY_NAME[name], patterns)
+        except Exception as exc:   # one family failing must not hide the others
+            row = {"model": name, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"}
+        rows.append(row)
+        print(f"\n{name}")
+        if "error" in row:
+            print(f"  error: {row['error']}")
+            continue
+        for what, n in row["swapped"].items():
+            print(f"  swapped   {n} x {what}")
+        for f in row["functions"]:
+            print(f"  function  {f}")
+        for what, n in row["left"].items():
+            print(f"  left      {n} x {what}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""benchmarks/zoo_coverage.py: what `fusion_advisor.patch` swaps in the zoo's model families, by what
+their modules compute (tiny configs, CPU). Each family below once got less than this."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+_spec = importlib.util.spec_from_file_location("zoo_coverage", ROOT / "benchmarks" / "zoo_coverage.py")
+coverage_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coverage_mod)
+zoo = sys.modules["zoo"]
+
+EXPECTED = {
+    # name: (module swaps, function patches) that must be there
+    "gemma": ({"GemmaRMSNorm -> RMSNorm": 3, "GemmaMLP -> GEGLUMLP": 1}, ["apply_rotary_pos_emb (rope)"]),
+    "phi3": ({"Phi3RMSNorm -> RMSNorm": 3, "Phi3MLP -> PackedGatedMLP": 1}, ["loss_function (this instance) (cross_entropy)"]),
+    "bert": ({"LayerNorm -> LayerNorm": 4}, ["CrossEntropyLoss (cross_entropy)"]),
+    "t5-v1.1": ({"T5LayerNorm -> RMSNorm": 7, "NewGELUActivation -> PointwiseChainModule": 2},
+                ["CrossEntropyLoss (cross_entropy)"]),
+}
+
+
+@pytest.fixture(scope="module")
+def patterns():
+    return coverage_mod.runtime_patterns()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_family_gets_its_norms_mlps_and_losses(name, patterns):
+    swaps, functions = EXPECTED[name]
+    row = coverage_mod.coverage(zoo.BY_NAME[name], patterns)
+    assert {k: row["swapped"].get(k) for k in swaps} == swaps, row
+    assert set(functions) <= set(row["functions"]), row
+    assert not any("numerics check failed" in why for why in row["left"]), row["left"]
+
+
+def test_what_is_left_says_why(patterns):
+    row = coverage_mod.coverage(zoo.BY_NAME["convnext"], patterns)
+    assert row["left"]["ConvNextLayerNorm: normalises over channels_first (dim 1 of NCHW), not the last dim"] == 4
+    assert any(k.startswith("GELUActivation: ") and "one op" in k for k in row["left"]), row["left"]
+    assert row["swapped"]["ConvNextLayerNorm -> LayerNorm"] == 4   # its channels_last ones
+
+
+def test_the_script_prints_every_family_asked_and_writes_json(tmp_path):
+    out = tmp_path / "coverage.json"
+    assert coverage_mod.main(["--models", "llama,resnet", "--json", str(out)]) == 0
+    import json
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["llama", "resnet"]
+    assert rows[1]["swapped"] == {} and "BatchNorm2d" in next(iter(rows[1]["left"]))
