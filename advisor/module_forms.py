@@ -51,6 +51,7 @@ class NormParts:
     bias: nn.Parameter | None
     eps: tuple[float, ...]          # the module's own eps, else the defaults: each one is checked
     eps_from_module: bool
+    channels_first: bool = False    # over dim 1 of (N, C, *spatial): ConvNeXt's data_format="channels_first"
 
 
 def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormParts | str:
@@ -61,8 +62,6 @@ def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormPart
         return "a torch.nn module that is not a last-dim norm (GroupNorm, PReLU...)"
     if next(iter(module.children()), None) is not None:
         return "has child modules"
-    if getattr(module, "data_format", None) == "channels_first":   # ConvNeXt's, SAM's: dim 1 of NCHW
-        return "normalises over channels_first (dim 1 of NCHW), not the last dim"
     if next(iter(module.buffers()), None) is not None:
         return "has buffers"
     params = dict(module.named_parameters(recurse=False))
@@ -81,15 +80,16 @@ def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormPart
     shape = getattr(module, "normalized_shape", None)
     if shape is not None and tuple([shape] if isinstance(shape, int) else shape) != tuple(weight.shape):
         return f"normalized_shape {shape} is not its weight's shape"
+    channels_first = getattr(module, "data_format", None) == "channels_first"
     own = sorted({float(v) for n in EPS_NAMES if isinstance(v := vars(module).get(n), float)})
     if own:
-        return NormParts(weight, bias, tuple(own), True)
+        return NormParts(weight, bias, tuple(own), True, channels_first)
     if "eps" in vars(module) and vars(module)["eps"] is None:     # nn.RMSNorm(eps=None): the dtype's eps
-        return NormParts(weight, bias, (torch.finfo(weight.dtype).eps,), True)
+        return NormParts(weight, bias, (torch.finfo(weight.dtype).eps,), True, channels_first)
     if not eps_hints and "norm" not in cls.__name__.lower():
         return "has no eps attribute and no norm in its name"      # a PReLU-like module: not worth a check
     eps = tuple(dict.fromkeys([*eps_hints, *DEFAULT_EPS]))
-    return NormParts(weight, bias, eps, False)
+    return NormParts(weight, bias, eps, False, channels_first)
 
 
 def rms_norm_module(weight: nn.Parameter, eps: float, gemma: bool = False) -> nn.Module:
@@ -121,12 +121,17 @@ def norm_builders(pattern: str, parts: NormParts) -> list[tuple[str, Callable[[n
     for RMSNorm Llama's weight and Gemma's (1 + weight). The builder reads the weight and bias off
     whichever module it is given (the checked copy, or the real one)."""
     if pattern == "rms_norm":
-        if parts.bias is not None:
-            return []                     # RMSNorm has no bias: not this form
+        if parts.bias is not None or parts.channels_first:
+            return []                     # RMSNorm has no bias, and is over the last dim: not this form
         # Llama's form first, then Gemma's (1 + weight): the check keeps the one the module computes
         return [(f"eps={e:g}" + (", 1 + weight" if gemma else ""),
                  lambda m, e=e, g=gemma: rms_norm_module(norm_parts(m).weight, e, g))
                 for gemma in (False, True) for e in parts.eps]
+    if pattern == "layer_norm" and parts.channels_first:
+        from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm
+        return [(f"eps={e:g}, over channels", lambda m, e=e: ChannelsFirstLayerNorm(norm_parts(m).weight,
+                                                                                   norm_parts(m).bias, e))
+                for e in parts.eps]
     if pattern == "layer_norm":
         return [(f"eps={e:g}", lambda m, e=e: layer_norm_module(norm_parts(m).weight, norm_parts(m).bias, e))
                 for e in parts.eps]
@@ -145,10 +150,15 @@ def redrawn_copy(module: nn.Module) -> nn.Module:
     return twin
 
 
-def norm_probe(features: int, dtype: torch.dtype, device: torch.device, shape_hint=None) -> torch.Tensor:
+def norm_probe(features: int, dtype: torch.dtype, device: torch.device, shape_hint=None,
+               channels_first: bool = False) -> torch.Tensor:
     """A random input whose rows' scales run from 1e-4 to 3 (each row with its own offset): the
     rows of small mean square are where eps decides the output, so a norm with another eps than
-    the replacement fails the check; the offsets tell mean subtraction apart."""
+    the replacement fails the check; the offsets tell mean subtraction apart. channels_first: an
+    (N, C, H, W) input, each position's C values one such row (a trace's shape hint is not used)."""
+    if channels_first:
+        rows = norm_probe(features, dtype, device, (2, 3, 5, features))
+        return rows.permute(0, 3, 1, 2).contiguous()
     shape = tuple(shape_hint) if shape_hint else (2, 8, features)
     rows = math.prod(shape[:-1])
     scales = torch.logspace(-4, 0.5, rows, device=device).view(*shape[:-1], 1)
@@ -196,8 +206,6 @@ def pointwise_refusal(module: nn.Module) -> str | None:
     """Why a module cannot be a pointwise chain on its input (None: it may be; the capture decides)."""
     if next(iter(module.children()), None) is not None:
         return "has child modules"
-    if getattr(module, "data_format", None) == "channels_first":   # ConvNeXt's, SAM's: dim 1 of NCHW
-        return "normalises over channels_first (dim 1 of NCHW), not the last dim"
     if next(iter(module.parameters()), None) is not None or next(iter(module.buffers()), None) is not None:
         return "has parameters or buffers"
     # Its forward is called on a probe to record it: only a forward of one tensor (a loss's

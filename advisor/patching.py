@@ -357,7 +357,8 @@ class _ModuleSwapper:
     def _check_norm(self, module: nn.Module, build, parts) -> str | None:
         try:
             twin = redrawn_copy(module)
-            x = norm_probe(parts.weight.shape[0], parts.weight.dtype, parts.weight.device, self.shape_hint)
+            x = norm_probe(parts.weight.shape[0], parts.weight.dtype, parts.weight.device, self.shape_hint,
+                           parts.channels_first)
             return check_norm(twin, build(twin), x)
         except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel, a module that cannot be copied
             return one_line(exc)

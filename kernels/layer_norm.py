@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm
 from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, param_dtype, dtype_from_trace,
@@ -134,8 +135,11 @@ class LayerNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(self.normalized_shape, **kw)) if elementwise_affine and bias else None
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module) -> "LayerNorm":
-        """Wrap an existing nn.LayerNorm's parameters (shared, not copied)."""
+    def from_module(cls, module: torch.nn.Module) -> "LayerNorm | ChannelsFirstLayerNorm":
+        """Wrap an existing nn.LayerNorm's parameters (shared, not copied); a ChannelsFirstLayerNorm
+        for one over dim 1 of (N, C, *spatial) (ConvNeXt's data_format="channels_first")."""
+        if getattr(module, "data_format", None) == "channels_first":
+            return ChannelsFirstLayerNorm.from_module(module)
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
         new.normalized_shape = tuple(_shape_list(module.normalized_shape))

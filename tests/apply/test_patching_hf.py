@@ -214,3 +214,29 @@ def test_phi3_packed_mlp_is_swapped_checked_and_reverted():
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, ids.numel()), msg=name)
     assert type(model.model.layers[0].mlp).__name__ == "Phi3MLP"
+
+
+def test_convnext_norms_over_channels_and_last_dim_are_swapped():
+    """ConvNextLayerNorm in both data formats: channels_last ones become our LayerNorm, the
+    channels_first ones (the stem's and each downsampling's) the channel-dim kernel; the model's
+    loss and every gradient are unchanged."""
+    pytest.importorskip("transformers.models.convnext.modeling_convnext")
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32, num_labels=10)
+    model = transformers.ConvNextForImageClassification(config).float()
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want_loss, want_grads = loss_and_grads()
+    with fusion_advisor.patched(model, patterns=["layer_norm"]) as handle:
+        kinds = sorted(type(s.replacement).__name__ for s in handle.swaps)
+        assert kinds.count("ChannelsFirstLayerNorm") == 2 and "LayerNorm" in kinds, handle.summary()
+        got_loss, got_grads = loss_and_grads()
+    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, 64), msg=name)

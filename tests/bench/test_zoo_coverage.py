@@ -38,11 +38,12 @@ def test_each_family_gets_its_norms_mlps_and_losses(name, patterns):
     assert not any("numerics check failed" in why for why in row["left"]), row["left"]
 
 
-def test_what_is_left_says_why(patterns):
+def test_convnext_norms_both_ways_and_what_is_left_says_why(patterns):
     row = coverage_mod.coverage(zoo.BY_NAME["convnext"], patterns)
-    assert row["left"]["ConvNextLayerNorm: normalises over channels_first (dim 1 of NCHW), not the last dim"] == 4
+    assert row["swapped"]["ConvNextLayerNorm -> LayerNorm"] == 4                   # channels_last
+    assert row["swapped"]["ConvNextLayerNorm -> ChannelsFirstLayerNorm"] == 4      # over dim 1 of NCHW
+    assert not any(k.startswith("ConvNextLayerNorm") for k in row["left"]), row["left"]
     assert any(k.startswith("GELUActivation: ") and "one op" in k for k in row["left"]), row["left"]
-    assert row["swapped"]["ConvNextLayerNorm -> LayerNorm"] == 4   # its channels_last ones
 
 
 def test_the_script_prints_every_family_asked_and_writes_json(tmp_path):

@@ -44,7 +44,7 @@ def test_a_fake_tensor_goes_through_the_op_and_its_fake():
     from fusion_advisor.kernels import rms_norm as mod
     with FakeTensorMode():
         x, w = torch.empty(3, 40), torch.empty(40)
-        y, rstd = mod._forward(x, w, 1e-6)  # the launcher would try to launch on fake tensors
+        y, rstd = mod._forward(x, w, 1e-6, False)  # the launcher would try to launch on fake tensors
     assert y.shape == (3, 40) and rstd.shape == (3,)
 
 

@@ -40,3 +40,24 @@ def test_every_pattern_kernel_compiles_for_hopper(device):
     assert {launch["name"] for launch in launches} >= {"_rms_norm_fwd_kernel", "_group_norm_bwd_kernel"}
     errors = hopper_compile_errors(launches)
     assert not errors, "\n\n".join(errors)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every kernel test compiles its kernels for real")
+def test_kernels_behind_module_forms_compile_for_hopper(device):
+    """Kernels no pattern's functional reaches: the channels_first LayerNorm, Gemma's RMSNorm form,
+    the packed gated MLP's activation."""
+    from fusion_advisor.kernels.channel_norm import channels_first_layer_norm
+    from fusion_advisor.kernels.glu import packed_glu
+    from fusion_advisor.kernels.rms_norm import rms_norm
+    with recorded_launches() as launches:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, 24, 3, 5, device=device, dtype=dtype, requires_grad=True)
+            w = torch.ones(24, device=device, dtype=dtype, requires_grad=True)
+            channels_first_layer_norm(x, w, torch.zeros_like(w).requires_grad_(), 1e-6).sum().backward()
+            rms_norm(x.detach().movedim(1, -1).requires_grad_(), w, 1e-6, gemma=True).sum().backward()
+            packed_glu(torch.randn(4, 48, device=device, dtype=dtype, requires_grad=True) * 1, "silu",
+                       private_input=True).sum().backward()
+    assert {launch["name"] for launch in launches} >= {"_channel_norm_fwd_kernel", "_channel_norm_bwd_kernel",
+                                                         "_rms_norm_bwd_kernel", "_glu_bwd_kernel"}
+    errors = hopper_compile_errors(launches)
+    assert not errors, "\n\n".join(errors)

@@ -1,0 +1,225 @@
+"""LayerNorm over the channels of an (N, C, *spatial) tensor: ConvNeXt's `channels_first`
+LayerNorm, each (n, position) normalised over its C values, which lie S = prod(spatial) elements
+apart. Registers nothing: layer_norm.py's module factory and patch's norm form take it for a module
+that says `data_format == "channels_first"`.
+
+Eager runs it as permute -> F.layer_norm -> permute (Hugging Face's ConvNextLayerNorm), and
+layer_norm copies the permuted input to a contiguous one first; or, written out, as ~8 reductions
+and pointwise kernels in fp32. Here one kernel each way reads the NCHW tensor where it lies: a
+program takes one n and BLOCK_S positions, all C channels of them ([BLOCK_C, BLOCK_S] tiles whose
+rows are BLOCK_S contiguous elements: at least 32 bytes, a full sector), and reduces over axis 0.
+The backward is persistent over those tiles, each program keeping its dweight / dbias column sums
+in registers, summed over programs by norm_core's parameter-gradient kernel (no atomics).
+
+Bytes for x of N*C*S elements (element size e): forward reads x and writes y, plus 8 bytes of
+statistics per position; backward reads dy and x, writes dx, plus the statistics and the
+(programs, C) fp32 partial sums. Not yet measured on a GPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusion_advisor.kernels import autocast, norm_core
+from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, interpreting, next_power_of_2, sm_count
+from fusion_advisor.kernels.fused_op import fused_op
+
+# Elements a program holds (BLOCK_S positions of BLOCK_C channels), from ptxas's sm_90 resource
+# report (tests/kernels/test_channel_norm.py reads it). The backward at 8192 took 162-236 registers
+# a thread at 8 warps for 96-768 channels and spilled 1 KB at 1536; at 4096 it takes 98-128, and the
+# forward at 8192 78-91, none spilling up to 1536 channels (3072: 40 bytes in the backward).
+FWD_TILE = 8192
+BWD_TILE = 4096
+MAX_CHANNELS = 4096   # one tile holds every channel of its positions: past this they would spill
+
+
+@triton.jit
+def _channel_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, C, S, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    s_blocks = tl.cdiv(S, BLOCK_S)
+    n = tl.program_id(0) // s_blocks
+    s = (tl.program_id(0) % s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
+    mask = (c < C)[:, None] & (s < S)[None, :]
+    offs = n.to(tl.int64) * C * S + c.to(tl.int64)[:, None] * S + s[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    xc = tl.where(mask, x - mean[None, :], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
+    y = xc * rstd[None, :]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + c, mask=c < C, other=1.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        y = y + tl.load(B + c, mask=c < C, other=0.0).to(tl.float32)[:, None]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    stats = n.to(tl.int64) * S + s
+    tl.store(MEAN + stats, mean, mask=s < S)
+    tl.store(RSTD + stats, rstd, mask=s < S)
+
+
+@triton.jit
+def _channel_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, N, C, S, HAS_WEIGHT: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    if HAS_WEIGHT:
+        w = tl.load(W + c, mask=c_mask, other=1.0).to(tl.float32)[:, None]
+    else:
+        w = tl.full((BLOCK_C, 1), 1.0, tl.float32)
+    dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    s_blocks = tl.cdiv(S, BLOCK_S)
+    for tile in range(pid, N * s_blocks, tl.num_programs(0)):
+        n = tile // s_blocks
+        s = (tile % s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = c_mask[:, None] & (s < S)[None, :]
+        offs = n.to(tl.int64) * C * S + c.to(tl.int64)[:, None] * S + s[None, :]
+        stats = n.to(tl.int64) * S + s
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + stats, mask=s < S, other=0.0)
+        rstd = tl.load(RSTD + stats, mask=s < S, other=0.0)
+        x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+        g = dy * w
+        c1 = tl.sum(g, axis=0) / C
+        c2 = tl.sum(g * x_hat, axis=0) / C
+        dx = rstd[None, :] * (g - c1[None, :] - x_hat * c2[None, :])
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += tl.sum(dy * x_hat, axis=1)
+        db_acc += tl.sum(dy, axis=1)
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + pid * C + c, dw_acc, mask=c_mask)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + pid * C + c, db_acc, mask=c_mask)
+
+
+def _blocks(channels: int, positions: int, tile: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_S, num_warps): every channel, positions up to `tile` elements a program but
+    at least 16 (32 bytes of bf16 a channel row; 4 past 1024 channels, where 16 spilled), never
+    more than there are; 16 warps where that minimum is past the tile."""
+    block_c = next_power_of_2(channels)
+    least = 16 if block_c <= 1024 else 4
+    block_s = min(max(least, tile // block_c), next_power_of_2(max(positions, 1)))
+    elements = block_c * block_s
+    return block_c, block_s, 16 if elements > tile else 8 if elements >= 4096 else 4
+
+
+def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
+    op = "channels_first layer_norm"
+    check_dtype(x, op)
+    check_device(x, weight, bias, op=op)
+    if x.dim() < 3:
+        raise ValueError(f"{op}: expected (N, C, *spatial), got shape {list(x.shape)}")
+    if x.shape[1] > MAX_CHANNELS:
+        raise ValueError(f"{op}: {x.shape[1]} channels is more than the {MAX_CHANNELS} one tile holds")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (x.shape[1],):
+            raise ValueError(f"{op}: {name} shape {list(p.shape)} is not ({x.shape[1]},)")
+
+
+def channel_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher: (y, mean, rstd); y contiguous in x's shape and dtype, the statistics fp32 per (n, position)."""
+    _check(x, weight, bias)
+    x = x.contiguous()
+    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    y = torch.empty_like(x)
+    mean = torch.empty(n * s, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n * s, dtype=torch.float32, device=x.device)
+    if y.numel():
+        block_c, block_s, warps = _blocks(c, s, FWD_TILE)
+        _channel_norm_fwd_kernel[(n * cdiv(s, block_s),)](
+            x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, c, s, eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
+            num_warps=warps)
+    return y, mean, rstd
+
+
+def channel_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher: (dx, dweight, dbias); a missing parameter's gradient is an empty tensor."""
+    dy, x = dy.contiguous(), x.contiguous()
+    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    dx = torch.empty_like(x)
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    if not x.numel():
+        dw.zero_(), db.zero_()
+        return dx, dw, db
+    block_c, block_s, warps = _blocks(c, s, BWD_TILE)
+    tiles = n * cdiv(s, block_s)
+    programs = min(tiles, 4 if interpreting() or x.device.type != "cuda" else 2 * sm_count(x.device))
+    n_params = int(weight is not None) + int(bias is not None)
+    partial = torch.empty((max(n_params, 1), programs, c), dtype=torch.float32, device=x.device)
+    dw_partial, db_partial = partial[0], partial[n_params - 1]
+    _channel_norm_bwd_kernel[(programs,)](
+        dy, x, x if weight is None else weight, mean, rstd, dx, dw_partial, db_partial, n, c, s,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
+        num_warps=warps)
+    if n_params:
+        block = max(32, min(256, next_power_of_2(c)))
+        norm_core._norm_param_grads_kernel[(cdiv(c, block),)](
+            dw_partial, db_partial, dx if weight is None else dw, dx if bias is None else db, programs, c,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_P=min(next_power_of_2(programs), max(1, 4096 // block)), BLOCK_C=block, num_warps=4)
+    return dx, dw, db
+
+
+def _forward_fake(x, weight, bias, eps):
+    stats = x.new_empty((x.shape[0] * math.prod(x.shape[2:]),), dtype=torch.float32)
+    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+
+# The calls count as layer_norm's: the module it replaces is a LayerNorm, planned under that name.
+_forward = fused_op("fusion_advisor::channel_norm_fwd", fake=_forward_fake, counted_as="layer_norm")(channel_norm_fwd)
+_backward = fused_op("fusion_advisor::channel_norm_bwd", fake=lambda dy, x, weight, bias, mean, rstd: (
+    x.new_empty(x.shape), *norm_core.fake_param_grads(mean, weight, bias)))(channel_norm_bwd)
+
+
+class ChannelNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = _forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _backward(dy, x, weight, bias, mean, rstd)
+        return dx, dw if weight is not None else None, db if bias is not None else None, None
+
+
+def channels_first_layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                              bias: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm of (N, C, *spatial) x over C, forward and backward: `F.layer_norm(x.movedim(1, -1),
+    (C,), weight, bias, eps).movedim(-1, 1)`, returned contiguous; inside torch.autocast it casts
+    where eager's autocast casts layer_norm."""
+    if autocast.upcasts("aten::layer_norm", x, weight, bias):
+        x, weight, bias = autocast.to_fp32(x, weight, bias)
+    return ChannelNormFunction.apply(x, weight, bias, float(eps))
+
+
+class ChannelsFirstLayerNorm(torch.nn.Module):
+    """Drop-in for a LayerNorm over dim 1 of (N, C, *spatial) inputs (ConvNeXt's channels_first
+    ConvNextLayerNorm): the wrapped module's weight, bias and eps (shared, not copied)."""
+
+    def __init__(self, weight: Optional[torch.nn.Parameter], bias: Optional[torch.nn.Parameter], eps: float):
+        super().__init__()
+        self.weight, self.bias, self.eps = weight, bias, float(eps)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> "ChannelsFirstLayerNorm":
+        return cls(getattr(module, "weight", None), getattr(module, "bias", None), getattr(module, "eps", 1e-6))
+
+    def forward(self, x):
+        return channels_first_layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        channels = tuple(self.weight.shape) if self.weight is not None else "?"
+        return f"{channels}, eps={self.eps}, over dim 1 (fused Triton)"
