@@ -9,7 +9,8 @@
 # memory:  memory_by_pattern.py (peak memory, one pattern at a time, ours vs Liger), then HF Llama's
 #          steps in fresh processes, twice each: eager, ours, ours + fused linear cross-entropy, Liger.
 # hf-memory: examples/hf_train.py --model llama profiled, then `apply --verify --memory`.
-# kernels: every kernel test on the GPU (no interpreter), then the norm family's sweep (bench_norms.py).
+# kernels: every kernel test on the GPU (no interpreter), then the norm family's sweep (bench_norms.py)
+#          and ConvNeXt's channels_first LayerNorm (bench_channel_norm.py).
 # zoo:     benchmarks/zoo.py: model families we did not tune on, eager vs whole-model compile vs
 #          profile + apply (ZOO_ARGS adds flags, e.g. --models or --resume with ZOO_CSV from an earlier run).
 # host:    benchmarks/host_overhead.py --gpu: host µs per call of ours, eager and Liger, the parts (a
@@ -90,11 +91,14 @@ kernels)
   timeout 200 python3 -m pytest -q -x tests/kernels/test_rms_norm.py tests/kernels/test_add_rms_norm.py tests/kernels/test_layer_norm.py \
       tests/kernels/test_add_layer_norm.py tests/kernels/test_group_norm.py tests/kernels/test_softmax.py tests/kernels/test_cross_entropy.py \
       tests/kernels/test_swiglu.py tests/kernels/test_bias_act.py tests/kernels/test_rope.py tests/kernels/test_codegen.py \
+      tests/kernels/test_channel_norm.py tests/kernels/test_packed_glu.py tests/kernels/test_geglu.py \
       >"$out/gpu-tests.txt" 2>&1
   echo "gpu tests: rc $?"; tail -5 "$out/gpu-tests.txt"
   timeout ${NORMS_TIMEOUT:-330} python3 benchmarks/bench_norms.py ${NORMS_ARGS:-} --out "$out/bench-norms.csv" \
       >"$out/bench-norms.txt" 2>&1
   echo "bench_norms: rc $?"; tail -40 "$out/bench-norms.txt"
+  timeout 150 python3 benchmarks/bench_channel_norm.py --out "$out/bench-channel-norm.csv" >"$out/bench-channel-norm.txt" 2>&1
+  echo "bench_channel_norm: rc $?"; cat "$out/bench-channel-norm.txt"
   ;;
 zoo)
   [ -n "${ZOO_CSV:-}" ] && cp "$ZOO_CSV" "$out/zoo.csv"

@@ -1,0 +1,100 @@
+"""ConvNeXt's channels_first LayerNorm (kernels/channel_norm.py) beside what it replaces: eager
+(Hugging Face's permute -> F.layer_norm -> permute) and torch.compile(dynamic=False) of it, on the
+shapes of a ConvNeXt-T stage's downsampling norms at a training batch, bf16, forward and
+forward + backward (GPU).
+
+    python benchmarks/bench_channel_norm.py --out benchmarks/results/bench-channel-norm-h100.csv
+    python benchmarks/bench_channel_norm.py --batch 64 --dtype float32
+
+GB/s counts what our kernels move (forward: read x, write y; backward: read dy and x, write dx;
+statistics and parameters left out), for every provider, so the columns compare directly; % copy is
+against a device-to-device copy of x measured at the start. Timing is fusion-advisor bench's
+(cost_model/timing.py: CUDA events, launches kept ahead by a spin kernel). Prints one line a shape;
+the CSV has the GPU, driver and versions.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import environment, significant  # noqa: E402  (the sibling script)
+
+# (channels, height = width) of ConvNeXt-T's channels_first norms: the stem's, then each downsampling's input
+SHAPES = ((96, 56), (96, 56), (192, 28), (384, 14))
+PASSES = ("forward", "forward+backward")
+
+
+def eager(x, weight, bias, eps=1e-6):
+    """ConvNextLayerNorm.forward, data_format="channels_first" (transformers 5.x)."""
+    import torch.nn.functional as F
+    features = x.permute(0, 2, 3, 1)
+    features = F.layer_norm(features, (x.shape[1],), weight, bias, eps)
+    return features.permute(0, 3, 1, 2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--out", help="CSV to write")
+    args = ap.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_channel_norm.py: needs a CUDA GPU")
+    from fusion_advisor.cost_model.timing import time_calls
+    from fusion_advisor.kernels.channel_norm import channels_first_layer_norm
+
+    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    env = environment(device)
+    compiled = torch.compile(eager, dynamic=False)
+    providers = {"eager": eager, "compile": compiled, "triton": channels_first_layer_norm}
+    rows = []
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; batch {args.batch}, {args.dtype}")
+    for channels, size in SHAPES:
+        x = torch.randn(args.batch, channels, size, size, device=device, dtype=dtype, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(channels, device=device)).to(dtype).requires_grad_()
+        b = (0.1 * torch.randn(channels, device=device)).to(dtype).requires_grad_()
+        dy = torch.randn_like(x)
+        copy = time_calls([lambda: x.detach().clone()], device)
+        copy_bw = 2 * x.numel() * x.element_size() / (copy.p50_us * 1e-6)
+        for pass_ in PASSES:
+            backward = pass_ == "forward+backward"
+            nbytes = (2 + (3 if backward else 0)) * x.numel() * x.element_size()
+            times = {}
+            for name, fn in providers.items():
+                def call(fn=fn):
+                    y = fn(x, w, b)
+                    if backward:
+                        y.backward(dy)
+                    return y
+
+                def clear(k):
+                    x.grad = w.grad = b.grad = None
+                times[name] = time_calls([call], device, before=clear)
+            ours = times["triton"]
+            line = f"C {channels:4d} {size:3d}x{size:<3d} {pass_:<17} ours {ours.p50_us:8.1f} us " \
+                   f"{100 * nbytes / (ours.p50_us * 1e-6) / copy_bw:5.1f}% copy"
+            for other in ("eager", "compile"):
+                line += f" | {other} {times[other].p50_us / ours.p50_us:5.2f}x"
+            print(line, flush=True)
+            for name, t in times.items():
+                rows.append({**env, "channels": channels, "height": size, "width": size, "batch": args.batch,
+                             "dtype": args.dtype, "pass": pass_, "provider": name,
+                             "p50_ms": round(t.p50_us / 1e3, 5),
+                             "gbps": significant(nbytes / (t.p50_us * 1e-6) / 1e9),
+                             "pct_copy": round(100 * nbytes / (t.p50_us * 1e-6) / copy_bw, 1),
+                             "vs_ours": round(t.p50_us / ours.p50_us, 3)})
+    if args.out:
+        with open(args.out, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
