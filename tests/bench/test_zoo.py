@@ -164,6 +164,15 @@ def test_the_advisor_configuration_is_the_fastest_checked_run():
     assert row["advisor_config"] == "compiled blocks" and "patched_ms" not in row
 
 
+def test_the_patched_runs_gpu_time_and_why_it_was_slower_reach_the_row():
+    v = {"before": {"median_step_s": 0.035, "gpu_busy_s": 0.020}, "after": {"median_step_s": 0.046, "gpu_busy_s": 0.018},
+         "why_slower": "why slower: the GPU waited on the host (...)", "fastest": {"configuration": "unpatched"}}
+    row: dict = {}
+    zoo._advisor_configuration(row, v)
+    assert row["patched_gpu_ms"] == 18.0 and row["why_slower"].startswith("why slower: the GPU waited")
+    assert {"eager_gpu_ms", "patched_gpu_ms", "why_slower"} <= set(zoo.COLUMNS)
+
+
 def test_gpu_busy_share_is_read_from_the_profile_result(tmp_path):
     from fusion_advisor.core.result import AdvisorResult
     path = tmp_path / "result.json"
