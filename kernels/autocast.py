@@ -61,7 +61,10 @@ def upcasts(op: str, *tensors: torch.Tensor | None) -> bool:
     first = next((t for t in tensors if t is not None), None)
     if first is None:
         return False
-    return runs_in_fp32(op, first.device.type, *(t.dtype for t in tensors if t is not None))
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):   # every call outside autocast stops here
+        return False
+    return runs_in_fp32(op, device_type, *(t.dtype for t in tensors if t is not None))
 
 
 def runs_in_fp32(op: str, device_type: str, *dtypes: torch.dtype) -> bool:

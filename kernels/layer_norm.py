@@ -44,14 +44,14 @@ def check_layer_norm_args(x: torch.Tensor, normalized_shape: Sequence[int], weig
                           bias: Optional[torch.Tensor], op: str) -> None:
     check_dtype(x, op)
     check_device(x, weight, bias, op=op)
-    shape = tuple(int(d) for d in normalized_shape)
-    if not shape or tuple(x.shape[x.dim() - len(shape):]) != shape:
-        raise ValueError(f"{op}: normalized_shape {list(shape)} is not the trailing shape of x {list(x.shape)}")
+    shape = list(normalized_shape)   # (plain lists compared: the checks run on every eager call)
+    if not shape or list(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"{op}: normalized_shape {shape} is not the trailing shape of x {list(x.shape)}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
             check_dtype(p, op)
-            if tuple(p.shape) != shape:
-                raise ValueError(f"{op}: {name} shape {list(p.shape)} is not normalized_shape {list(shape)}")
+            if list(p.shape) != shape:
+                raise ValueError(f"{op}: {name} shape {list(p.shape)} is not normalized_shape {shape}")
 
 
 def normalized_rows(t: torch.Tensor, normalized_shape: Sequence[int], op: str) -> torch.Tensor:
@@ -62,7 +62,9 @@ def normalized_rows(t: torch.Tensor, normalized_shape: Sequence[int], op: str) -
 
 def flat_param(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A weight or bias over normalized_shape as the contiguous 1-D row the kernels index."""
-    return p.contiguous().view(-1) if p is not None else None
+    if p is None or (p.dim() == 1 and p.is_contiguous()):   # the usual case, without two more tensor ops
+        return p
+    return p.contiguous().view(-1)
 
 
 def param_grads(dw: Optional[torch.Tensor], db: Optional[torch.Tensor], weight: Optional[torch.Tensor],
