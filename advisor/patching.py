@@ -328,7 +328,7 @@ class _ModuleSwapper:
             parts = norm_parts(module, self.eps_hints.get(type(module).__name__, ()))
             if not isinstance(parts, str):
                 return self._norm(t, module, parts)
-        if not hinted:
+        if not hinted and not (t.pattern.module_shape is not None and t.pattern.module_shape(module)):
             return None, None
         return self._by_factory(t, module)
 

@@ -1,7 +1,9 @@
 """What `fusion_advisor.patch` swaps in each model family of the zoo, by what its modules compute
 (CPU, Triton interpreter: no GPU, no timing).
 
-For every family of benchmarks/zoo.py, at its tiny config, this builds the model (fp32, CPU) and
+For every family of benchmarks/zoo.py, at its tiny config, and for twelve more decoder families
+(EXTRA below: Mistral, Qwen3, Gemma 2 and 3, OLMo-2, Granite, Cohere, StableLM, Falcon, Mixtral,
+Qwen2-MoE, Mamba), this builds the model (fp32, CPU) and
 runs `fusion_advisor.patch(model, patterns=...)` with every pattern that has a runtime form, each
 swap proven by patch's own numerics check against the module it replaces. It prints, per family,
 the module swaps, the functions patched, and the modules of a kind we fuse (norms, activations,
@@ -26,6 +28,30 @@ os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels load: CPU 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zoo  # noqa: E402
 
+# Families outside the GPU zoo, at tiny configs: decoder variants whose modules differ from Llama's
+# (Gemma 2/3 norms, Olmo-2/Granite/Cohere MLPs under their own class names, q/k norms, MoE, SSM).
+_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+           vocab_size=128)
+EXTRA = [zoo.ModelSpec(name, "decoder", model_class, config_class, config, {})
+         for name, model_class, config_class, config in (
+             ("mistral", "MistralForCausalLM", "MistralConfig", _LM),
+             ("qwen3", "Qwen3ForCausalLM", "Qwen3Config", _LM),
+             ("gemma2", "Gemma2ForCausalLM", "Gemma2Config", {**_LM, "head_dim": 16}),
+             ("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", {**_LM, "head_dim": 16}),
+             ("olmo2", "Olmo2ForCausalLM", "Olmo2Config", _LM),
+             ("granite", "GraniteForCausalLM", "GraniteConfig", _LM),
+             ("cohere", "CohereForCausalLM", "CohereConfig", _LM),
+             ("stablelm", "StableLmForCausalLM", "StableLmConfig", {**_LM, "qk_layernorm": True}),
+             ("falcon", "FalconForCausalLM", "FalconConfig",
+              dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=128)),
+             ("mixtral", "MixtralForCausalLM", "MixtralConfig", {**_LM, "num_local_experts": 4}),
+             ("qwen2-moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+              {**_LM, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4,
+               "num_experts_per_tok": 2}),
+             ("mamba", "MambaForCausalLM", "MambaConfig",
+              dict(hidden_size=32, num_hidden_layers=1, vocab_size=128, state_size=4)))]
+FAMILIES = {**zoo.BY_NAME, **{spec.name: spec for spec in EXTRA}}
+
 NOT_THIS_FUNCTION = "is not the function this pattern replaces"   # patching._swap_function's words
 # Class names of the kinds of module the patterns fuse: a module of these left unswapped is a gap.
 FUSED_KINDS = re.compile(r"Norm|GELU|SiLU|Swish|Activation|MLP", re.IGNORECASE)
@@ -43,7 +69,7 @@ def runtime_patterns() -> list[str]:
 def build(spec: zoo.ModelSpec):
     import torch
     import transformers
-    config, _ = spec.scaled(tiny=True)
+    config, _ = spec.scaled(tiny=True) if spec.tiny else (spec.config, spec.inputs)
     torch.manual_seed(0)
     return getattr(transformers, spec.model_class)(getattr(transformers, spec.config_class)(**config)).float()
 
@@ -103,13 +129,14 @@ def _short(why: str, width: int = 110) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(zoo.BY_NAME), help="comma-separated; default: all")
+    ap.add_argument("--models", default=",".join(FAMILIES),
+                    help="comma-separated; default: the zoo's families, then " + ", ".join(s.name for s in EXTRA))
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
-    unknown = [n for n in names if n not in zoo.BY_NAME]
+    unknown = [n for n in names if n not in FAMILIES]
     if unknown:
-        raise SystemExit(f"zoo_coverage.py: unknown model {unknown[0]!r} (known: {', '.join(zoo.BY_NAME)})")
+        raise SystemExit(f"zoo_coverage.py: unknown model {unknown[0]!r} (known: {', '.join(FAMILIES)})")
     import torch
     import transformers
     patterns = runtime_patterns()
@@ -118,7 +145,7 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         try:
-            row = coverage(zoo.BY_NAME[name], patterns)
+            row = coverage(FAMILIES[name], patterns)
         except Exception as exc:   # one family failing must not hide the others
             row = {"model": name, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"}
         rows.append(row)

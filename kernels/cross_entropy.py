@@ -442,7 +442,9 @@ def hf_loss_example_inputs(model) -> list[Inputs]:
     """(logits, labels, vocab_size) as LlamaForCausalLM passes them, over the model's vocab, in its
     dtype and device, some labels ignored; once with the mean, once with num_items_in_batch."""
     ref = next(p for p in model.parameters() if p.is_floating_point())
-    vocab = int(model.config.vocab_size)
+    # A model without a vocabulary (a vision backbone's default loss_function is ForCausalLMLoss too)
+    # is checked on a made-up one: the function is the same either way.
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1000)
     logits = (2.0 * torch.randn(2, 7, vocab, device=ref.device)).to(ref.dtype).requires_grad_(True)
     labels = torch.randint(0, vocab, (2, 7), device=ref.device)
     labels[:, :2] = -100

@@ -106,6 +106,7 @@ PATTERN = register_pattern(
     forward_signature=r"\bgelu_? (?:\S+ ){0,2}mul\b",
     modules=("GemmaMLP", "Gemma2MLP", "Gemma3MLP"),
     module_factory=GEGLUMLP.from_module,
+    module_shape=lambda module: GatedMLP.activation_is(module, lambda act: approximate_of(act) is not None),
     rewrites=tuple(Rewrite(f"F.gelu($gate{kw}) * $up", f"geglu($gate, $up{kw})", ("from fusion_advisor.kernels.geglu import geglu",))
                    for kw in ("", ", approximate=$approximate")),
     example_params={"shape": [6, 42, 431], "dtype": "float32", "approximate": "tanh"},

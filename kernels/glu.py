@@ -12,6 +12,8 @@ backward's where it is given where to write (the packed form below writes both g
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -217,9 +219,18 @@ class GatedMLP(torch.nn.Module):
         return act if act is not None else getattr(module, "activation_fn", None)
 
     @staticmethod
+    def activation_is(module: torch.nn.Module, test: Callable[[torch.nn.Module], bool]) -> bool:
+        """A gated MLP's shape (two projections, or one packed) with an activation module passing `test`."""
+        shaped = (all(isinstance(getattr(module, n, None), torch.nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+                  or GatedMLP.packed(module))
+        act = GatedMLP.activation_module(module)
+        return shaped and act is not None and test(act)
+
+    @staticmethod
     def packed(module: torch.nn.Module) -> bool:
-        """One projection for gate and up (`gate_up_proj`, Phi-3 and GLM) rather than two."""
-        return hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")
+        """One projection module for gate and up (`gate_up_proj`, Phi-3 and GLM) rather than two (an
+        MoE's experts hold `gate_up_proj` as a batched weight Parameter: not this)."""
+        return all(isinstance(getattr(module, n, None), torch.nn.Module) for n in ("gate_up_proj", "down_proj"))
 
 
 class PackedGatedMLP(torch.nn.Module):

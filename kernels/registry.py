@@ -91,6 +91,9 @@ class FusionPattern:
     params_from_ops: Callable[[Sequence[OpRecord]], dict | None] | None = None
     modules: tuple[str, ...] = ()                    # nn.Module class names it can replace
     module_factory: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # swap for a module
+    # A module of this shape is tried with module_factory without a class-name hint (its numerics
+    # check still decides): the gated MLPs of Olmo-2, Granite, Cohere... share Llama's attributes.
+    module_shape: Callable[[torch.nn.Module], bool] | None = None
     example_params: dict = field(default_factory=dict)  # small shapes for tests and --help
     module_import: str | None = None                 # "fusion_advisor.kernels.rms_norm:RMSNorm": constructor-
                                                      # compatible with `modules`, for source patches

@@ -79,6 +79,7 @@ PATTERN = register_pattern(
     forward_signature=r"\bsilu_? (?:\S+ ){0,2}mul\b",
     modules=("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Phi3MLP", "GlmMLP", "Glm4MLP"),
     module_factory=SwiGLUMLP.from_module,
+    module_shape=lambda module: GatedMLP.activation_is(module, _is_silu),
     rewrites=(Rewrite("F.silu($gate) * $up", "swiglu($gate, $up)", ("from fusion_advisor.kernels.swiglu import swiglu",)),),
     example_params={"shape": [6, 42, 431], "dtype": "float32"},
     bench_params=training_shapes(lambda tokens, hidden:

@@ -429,3 +429,35 @@ def test_patching_twice_leaves_the_first_replacements_alone(device):
     second.revert()
     first.revert()
     assert list(model) == originals
+
+
+class OlmoLikeMLP(nn.Module):
+    """A Llama-shaped gated MLP under a class name no pattern lists (Olmo-2's, Granite's, Cohere's)."""
+
+    def __init__(self, hidden, width, act):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.act_fn = act
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class NotGatedTheSameWay(OlmoLikeMLP):
+    """The same attributes, another computation: act(up) * gate."""
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+
+def test_gated_mlps_are_swapped_by_shape_without_a_class_name(device):
+    model = nn.Sequential(OlmoLikeMLP(16, 24, nn.SiLU()), OlmoLikeMLP(16, 24, nn.GELU(approximate="tanh")),
+                          NotGatedTheSameWay(16, 24, nn.SiLU()), OlmoLikeMLP(16, 24, nn.ReLU())).to(device)
+    x = torch.randn(2, 5, 16, device=device)
+    want = model(x)
+    with fusion_advisor.patched(model, patterns=["swiglu", "geglu"]) as handle:
+        assert {s.path: type(s.replacement).__name__ for s in handle.swaps} == {"0": "SwiGLUMLP", "1": "GEGLUMLP"}
+        assert [p for p, _ in handle.skipped] == ["2"] and "numerics check failed" in handle.skipped[0][1]
+        torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
