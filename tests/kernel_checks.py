@@ -125,3 +125,51 @@ def hopper_compile_errors(launches: list[dict]) -> list[str]:
     if done.returncode:
         return [f"the compile subprocess failed: {done.stderr[-3000:]}"]
     return json.loads(done.stdout)
+
+
+# Registers and stack (spills) of a kernel as ptxas, bundled with Triton, builds it for sm_90, read
+# back with cuobjdump: the occupancy a tile choice counts on, checked without a GPU. The kernels
+# are named by module and function and built outside the interpreter (in a subprocess).
+_SM90_RESOURCES = r"""
+import importlib, json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = []
+for case in json.load(sys.stdin):
+    fn = getattr(importlib.import_module(case["module"]), case["kernel"])
+    consts = case["constexprs"]
+    sig = {p.name: "constexpr" if p.name in consts else case["types"].get(p.name, "i32") for p in fn.params}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+               if p.name not in consts and p.name not in case["unaligned"]}
+    kernel = triton.compile(ASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": case["num_warps"]})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(kernel.asm["cubin"])
+        fh.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", fh.name], capture_output=True, text=True).stdout
+    regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
+    out.append([int(regs), int(stack)])
+json.dump(out, sys.stdout)
+"""
+
+
+def sm90_resources(cases: list[dict]) -> list[tuple[int, int]]:
+    """(registers a thread, stack bytes a thread) for each case: {"module", "kernel", "types" (pointer
+    and scalar types by parameter name, "i32" for the rest), "constexprs", "num_warps",
+    "unaligned" (parameters the JIT would not see as 16-divisible)}. Skips the test where this
+    Triton ships no ptxas or cuobjdump."""
+    import pytest
+    import triton
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bin_dir, tool)) for tool in ("ptxas", "cuobjdump")):
+        pytest.skip("this Triton ships no ptxas / cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cases = [{"unaligned": [], **case} for case in cases]
+    done = subprocess.run([sys.executable, "-c", _SM90_RESOURCES], input=json.dumps(cases), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [tuple(r) for r in json.loads(done.stdout)]

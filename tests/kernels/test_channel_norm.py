@@ -8,6 +8,7 @@ from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm, channels
 from fusion_advisor.kernels.numerics import compare
 from fusion_advisor.kernels.registry import Inputs
 from fusion_advisor.kernels.tolerances import tolerance
+from kernel_checks import sm90_resources
 
 
 def eager(x, weight=None, bias=None, eps=1e-6):
@@ -69,54 +70,20 @@ def test_convnext_channels_first_norm_is_wrapped(device):
     torch.testing.assert_close(fused(x), norm(x), **tolerance(torch.float32))
 
 
-# Registers and spills as ptxas (bundled with Triton) builds the kernels for sm_90, read back with
-# cuobjdump: no spills at ConvNeXt's channel counts, and one program's registers fit an SM.
-_RESOURCES = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import ASTSource
-from fusion_advisor.kernels import channel_norm as cn
-
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-out = []
-for c in json.load(sys.stdin):
-    for fn, tile in ((cn._channel_norm_fwd_kernel, cn.FWD_TILE), (cn._channel_norm_bwd_kernel, cn.BWD_TILE)):
-        block_c, block_s, warps = cn._blocks(c, 56 * 56, tile)
-        consts = {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_C": block_c, "BLOCK_S": block_s}
-        kinds = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "DY": "*bf16", "DX": "*bf16",
-                 "MEAN": "*fp32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "eps": "fp32"}
-        sig = {p.name: "constexpr" if p.name in consts else kinds.get(p.name, "i32") for p in fn.params}
-        aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
-                   if p.name not in consts and p.name != "eps"}
-        kernel = triton.compile(ASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": warps})
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-            fh.write(kernel.asm["cubin"])
-            fh.flush()
-            usage = subprocess.run([cuobjdump, "-res-usage", fh.name], capture_output=True, text=True).stdout
-        regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
-        out.append([c, fn.__name__, warps, int(regs), int(stack)])
-json.dump(out, sys.stdout)
-"""
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are built for real")
 def test_registers_fit_and_nothing_spills_at_convnext_channel_counts():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import triton
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(bin_dir, tool)) for tool in ("ptxas", "cuobjdump")):
-        pytest.skip("this Triton ships no ptxas / cuobjdump")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", _RESOURCES], input=json.dumps([96, 384, 768, 1536]), env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for c, name, warps, regs, stack in json.loads(done.stdout):
-        assert stack == 0, (c, name, stack)
-        assert regs * 32 * warps <= 65536, (c, name, warps, regs)
+    """Registers and spills as ptxas builds the kernels for sm_90 (kernel_checks.sm90_resources): no
+    spills at ConvNeXt's channel counts, and one program's registers fit an SM."""
+    from fusion_advisor.kernels import channel_norm as cn
+    types = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "DY": "*bf16", "DX": "*bf16", "MEAN": "*fp32",
+             "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "eps": "fp32"}
+    cases = []
+    for channels in (96, 384, 768, 1536):
+        for kernel, tile in (("_channel_norm_fwd_kernel", cn.FWD_TILE), ("_channel_norm_bwd_kernel", cn.BWD_TILE)):
+            block_c, block_s, warps = cn._blocks(channels, 56 * 56, tile)
+            cases.append({"module": "fusion_advisor.kernels.channel_norm", "kernel": kernel, "types": types,
+                          "constexprs": {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_C": block_c, "BLOCK_S": block_s},
+                          "num_warps": warps, "unaligned": ["eps"]})
+    for case, (regs, stack) in zip(cases, sm90_resources(cases)):
+        assert stack == 0, (case, stack)
+        assert regs * 32 * case["num_warps"] <= 65536, (case, regs)

@@ -9,7 +9,7 @@ import json
 
 from fusion_advisor.kernels import add_layer_norm, add_rms_norm, group_norm, layer_norm, norm_core, norm_tune, rms_norm
 from fusion_advisor.kernels.tolerances import tolerance
-from kernel_checks import check_against_reference, hopper_compile_errors, recorded_launches
+from kernel_checks import check_against_reference, hopper_compile_errors, recorded_launches, sm90_resources
 
 DTYPES = ["float32", "float16", "bfloat16"]
 # (rows, N): short rows stacked 32-64 a program with a last partial tile, odd N, a long row.
@@ -213,56 +213,23 @@ def test_tuning_needs_a_gpu(device):
         norm_tune.tune([64], [torch.bfloat16], device)
 
 
-# Registers and spills of the backward as ptxas (bundled with Triton) builds it for sm_90, read back
-# with cuobjdump: the occupancy the tile table counts on, checked without a GPU.
-_BWD_RESOURCES = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import ASTSource
-from fusion_advisor.kernels import norm_core as nc
-
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-out = []
-for n in json.load(sys.stdin):
-    cfg = nc.bwd_config(n, 1 << 20)
-    sig = {name: "*bf16" for name in ("DY", "DS_OUT", "X", "W", "DX")}
-    sig.update({name: "*fp32" for name in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")})
-    sig.update({name: "i32" for name in ("stride_dy", "stride_dso", "stride_x", "stride_dx", "n_rows", "n_cols")})
-    consts = {"HAS_DS_OUT": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
-              "BLOCK_N": cfg.block_n, "ACC_IN_MEMORY": cfg.block_n >= nc.ACC_IN_MEMORY_COLS, "PREFETCH": cfg.prefetch}
-    fn = nc._add_layer_norm_bwd_kernel
-    sig = {p.name: ("constexpr" if p.name in consts else sig[p.name]) for p in fn.params}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
-               if p.name not in consts and p.name != "n_rows"}  # what the JIT sees for N % 16 == 0
-    kernel = triton.compile(ASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cfg.num_warps})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(kernel.asm["cubin"])
-        fh.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", fh.name], capture_output=True, text=True).stdout
-    regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
-    out.append([n, cfg.num_warps, cfg.programs_per_sm, int(regs), int(stack)])
-json.dump(out, sys.stdout)
-"""
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the sweep measures what this estimates")
 def test_backward_registers_leave_room_for_its_programs_per_sm():
-    import os
-    import subprocess
-    import sys
-
-    import triton
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(bin_dir, tool)) for tool in ("ptxas", "cuobjdump")):
-        pytest.skip("this Triton ships no ptxas / cuobjdump")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", _BWD_RESOURCES], input=json.dumps([64, 1024, 2048, 4096, 8192]), env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for n, warps, per_sm, regs, stack in json.loads(done.stdout):
+    """The backward's registers and spills as ptxas builds it for sm_90 (kernel_checks.sm90_resources):
+    the occupancy the tile table counts on."""
+    cases, configs = [], []
+    for n in (64, 1024, 2048, 4096, 8192):
+        cfg = norm_core.bwd_config(n, 1 << 20)
+        types = {name: "*bf16" for name in ("DY", "DS_OUT", "X", "W", "DX")}
+        types.update({name: "*fp32" for name in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")})
+        consts = {"HAS_DS_OUT": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
+                  "BLOCK_N": cfg.block_n, "ACC_IN_MEMORY": cfg.block_n >= norm_core.ACC_IN_MEMORY_COLS,
+                  "PREFETCH": cfg.prefetch}
+        cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": "_add_layer_norm_bwd_kernel",
+                      "types": types, "constexprs": consts, "num_warps": cfg.num_warps,
+                      "unaligned": ["n_rows"]})   # what the JIT sees for N % 16 == 0
+        configs.append((n, cfg))
+    for (n, cfg), (regs, stack) in zip(configs, sm90_resources(cases)):
         # 64K registers an SM: every program the grid puts on an SM is resident at once.
-        assert regs * 32 * warps * per_sm <= 65536, (n, warps, per_sm, regs)
+        assert regs * 32 * cfg.num_warps * cfg.programs_per_sm <= 65536, (n, cfg, regs)
         assert stack == 0, (n, stack)
