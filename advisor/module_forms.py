@@ -26,7 +26,7 @@ import copy
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -116,26 +116,36 @@ def layer_norm_module(weight: nn.Parameter, bias: nn.Parameter | None, eps: floa
     return new
 
 
-def norm_builders(pattern: str, parts: NormParts) -> list[tuple[str, Callable[[nn.Module], nn.Module]]]:
-    """(what it assumes, module -> replacement) for each candidate of this norm form: each eps, and
-    for RMSNorm Llama's weight and Gemma's (1 + weight). The builder reads the weight and bias off
+class NormCandidate(NamedTuple):
+    assumed: str                               # "eps=1e-06, 1 + weight": what this candidate takes the module to be
+    build: Callable[[nn.Module], nn.Module]    # module -> replacement (reads the weight and bias off it)
+    probe: str = "rows"                        # the check's input: "rows" (..., C), "nchw" or "ncl" (C in dim 1)
+
+
+def norm_builders(pattern: str, parts: NormParts) -> list[NormCandidate]:
+    """Each candidate of this norm form: each eps; for RMSNorm Llama's weight, then Gemma's
+    (1 + weight); for LayerNorm over the last dim, then over dim 1 of (N, C, H, W) and of (N, C, L)
+    (VitDet's and SqueezeBERT's norms, which say nothing of their layout), or over dim 1 only where
+    the module says data_format="channels_first". The builder reads the weight and bias off
     whichever module it is given (the checked copy, or the real one)."""
     if pattern == "rms_norm":
         if parts.bias is not None or parts.channels_first:
             return []                     # RMSNorm has no bias, and is over the last dim: not this form
         # Llama's form first, then Gemma's (1 + weight): the check keeps the one the module computes
-        return [(f"eps={e:g}" + (", 1 + weight" if gemma else ""),
-                 lambda m, e=e, g=gemma: rms_norm_module(norm_parts(m).weight, e, g))
+        return [NormCandidate(f"eps={e:g}" + (", 1 + weight" if gemma else ""),
+                              lambda m, e=e, g=gemma: rms_norm_module(norm_parts(m).weight, e, g))
                 for gemma in (False, True) for e in parts.eps]
-    if pattern == "layer_norm" and parts.channels_first:
-        from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm
-        return [(f"eps={e:g}, over channels", lambda m, e=e: ChannelsFirstLayerNorm(norm_parts(m).weight,
-                                                                                   norm_parts(m).bias, e))
+    if pattern != "layer_norm":
+        return []
+    from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm
+    last_dim = [NormCandidate(f"eps={e:g}", lambda m, e=e: layer_norm_module(norm_parts(m).weight,
+                                                                             norm_parts(m).bias, e))
                 for e in parts.eps]
-    if pattern == "layer_norm":
-        return [(f"eps={e:g}", lambda m, e=e: layer_norm_module(norm_parts(m).weight, norm_parts(m).bias, e))
-                for e in parts.eps]
-    return []
+    over_channels = [NormCandidate(f"eps={e:g}, over dim 1 of {probe.upper()}",
+                                   lambda m, e=e: ChannelsFirstLayerNorm(norm_parts(m).weight, norm_parts(m).bias, e),
+                                   probe)
+                     for probe in ("nchw", "ncl") for e in parts.eps]
+    return over_channels[:len(parts.eps)] if parts.channels_first else last_dim + over_channels
 
 
 def redrawn_copy(module: nn.Module) -> nn.Module:
@@ -151,14 +161,15 @@ def redrawn_copy(module: nn.Module) -> nn.Module:
 
 
 def norm_probe(features: int, dtype: torch.dtype, device: torch.device, shape_hint=None,
-               channels_first: bool = False) -> torch.Tensor:
+               layout: str = "rows") -> torch.Tensor:
     """A random input whose rows' scales run from 1e-4 to 3 (each row with its own offset): the
     rows of small mean square are where eps decides the output, so a norm with another eps than
-    the replacement fails the check; the offsets tell mean subtraction apart. channels_first: an
-    (N, C, H, W) input, each position's C values one such row (a trace's shape hint is not used)."""
-    if channels_first:
-        rows = norm_probe(features, dtype, device, (2, 3, 5, features))
-        return rows.permute(0, 3, 1, 2).contiguous()
+    the replacement fails the check; the offsets tell mean subtraction apart. layout "nchw" / "ncl":
+    an (N, C, H, W) / (N, C, L) input, each position's C values one such row (a trace's shape hint
+    is not used)."""
+    if layout in ("nchw", "ncl"):
+        rows = norm_probe(features, dtype, device, (2, 3, 5, features) if layout == "nchw" else (2, 7, features))
+        return rows.movedim(-1, 1).contiguous()
     shape = tuple(shape_hint) if shape_hint else (2, 8, features)
     rows = math.prod(shape[:-1])
     scales = torch.logspace(-4, 0.5, rows, device=device).view(*shape[:-1], 1)

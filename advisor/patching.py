@@ -344,22 +344,22 @@ class _ModuleSwapper:
         if not builders:
             return None, None
         problems = []
-        for assumed, build in builders:
-            key = self._signature(t, module, assumed)
+        for candidate in builders:
+            key = self._signature(t, module, candidate.assumed)
             if key not in self.verdicts:
-                self.verdicts[key] = self._check_norm(module, build, parts) if self.check else None
+                self.verdicts[key] = self._check_norm(module, candidate, parts) if self.check else None
             if self.verdicts[key] is None:
-                return build(module), None
-            problems.append(f"{assumed}: {self.verdicts[key]}")
+                return candidate.build(module), None
+            problems.append(f"{candidate.assumed}: {self.verdicts[key]}")
         where = "its own eps" if parts.eps_from_module else "no eps attribute, the usual ones tried"
         return None, f"{t.name}: numerics check failed ({where}): " + "; ".join(problems)
 
-    def _check_norm(self, module: nn.Module, build, parts) -> str | None:
+    def _check_norm(self, module: nn.Module, candidate, parts) -> str | None:
         try:
             twin = redrawn_copy(module)
             x = norm_probe(parts.weight.shape[0], parts.weight.dtype, parts.weight.device, self.shape_hint,
-                           parts.channels_first)
-            return check_norm(twin, build(twin), x)
+                           candidate.probe)
+            return check_norm(twin, candidate.build(twin), x)
         except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel, a module that cannot be copied
             return one_line(exc)
 

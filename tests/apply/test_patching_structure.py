@@ -461,3 +461,20 @@ def test_gated_mlps_are_swapped_by_shape_without_a_class_name(device):
         assert {s.path: type(s.replacement).__name__ for s in handle.swaps} == {"0": "SwiGLUMLP", "1": "GEGLUMLP"}
         assert [p for p, _ in handle.skipped] == ["2"] and "numerics check failed" in handle.skipped[0][1]
         torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("module_name, cls_name, shape", [
+    ("transformers.models.vitdet.modeling_vitdet", "VitDetLayerNorm", (2, 16, 3, 5)),
+    ("transformers.models.squeezebert.modeling_squeezebert", "SqueezeBertLayerNorm", (2, 16, 7))])
+def test_norms_over_channels_that_do_not_say_so_are_found_by_the_check(module_name, cls_name, shape, device):
+    """VitDet's LayerNorm (written out over dim 1 of NCHW) and SqueezeBERT's (permute, LayerNorm,
+    permute on NCW) declare no data_format: the last-dim candidates fail the check, the channel ones pass."""
+    cls = getattr(pytest.importorskip(module_name), cls_name)
+    model = nn.Sequential(cls(16)).to(device)
+    for p in model.parameters():
+        nn.init.normal_(p, mean=0.5, std=0.2)
+    x = torch.randn(shape, device=device)
+    want = model(x)
+    with fusion_advisor.patched(model, patterns=["layer_norm"]) as handle:
+        assert [type(s.replacement).__name__ for s in handle.swaps] == ["ChannelsFirstLayerNorm"], handle.summary()
+        torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
