@@ -47,7 +47,7 @@ _TORCH_LAST_DIM_NORMS = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", N
 # -- norms ----------------------------------------------------------------------------------------
 @dataclass
 class NormParts:
-    weight: nn.Parameter
+    weight: nn.Parameter | None     # None: an unweighted RMSNorm (DeepSeek-V4's q/k norms), no parameters at all
     bias: nn.Parameter | None
     eps: tuple[float, ...]          # the module's own eps, else the defaults: each one is checked
     eps_from_module: bool
@@ -67,7 +67,7 @@ def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormPart
     params = dict(module.named_parameters(recurse=False))
     weight_name = next((n for n in WEIGHT_NAMES if n in params), None)
     if weight_name is None:
-        return "has no 1-D weight"
+        return _unweighted(module, params)
     weight = params.pop(weight_name)
     bias_name = next((n for n in BIAS_NAMES if n in params), None)
     bias = params.pop(bias_name) if bias_name is not None else None
@@ -92,7 +92,19 @@ def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormPart
     return NormParts(weight, bias, eps, False, channels_first)
 
 
-def rms_norm_module(weight: nn.Parameter, eps: float, gemma: bool = False) -> nn.Module:
+def _unweighted(module: nn.Module, params: dict) -> NormParts | str:
+    """An unweighted RMSNorm's parts (no parameters, its eps under a usual name, "norm" in its
+    class name), else why a module without a weight is not a norm candidate."""
+    own = sorted({float(v) for n in EPS_NAMES if isinstance(v := vars(module).get(n), float)})
+    if params or not own or "norm" not in type(module).__name__.lower():
+        return "has no 1-D weight"
+    return NormParts(None, None, tuple(own), True)
+
+
+UNWEIGHTED_PROBE_FEATURES = 64   # the check's row length for a norm with no weight to read it off
+
+
+def rms_norm_module(weight: nn.Parameter | None, eps: float, gemma: bool = False) -> nn.Module:
     """kernels.rms_norm.RMSNorm around this weight (shared, not copied); gemma: (1 + weight)."""
     from fusion_advisor.kernels.rms_norm import RMSNorm
     new = RMSNorm.__new__(RMSNorm)
@@ -132,11 +144,12 @@ def norm_builders(pattern: str, parts: NormParts) -> list[NormCandidate]:
         if parts.bias is not None or parts.channels_first:
             return []                     # RMSNorm has no bias, and is over the last dim: not this form
         # Llama's form first, then Gemma's (1 + weight): the check keeps the one the module computes
+        forms = (False,) if parts.weight is None else (False, True)
         return [NormCandidate(f"eps={e:g}" + (", 1 + weight" if gemma else ""),
                               lambda m, e=e, g=gemma: rms_norm_module(norm_parts(m).weight, e, g))
-                for gemma in (False, True) for e in parts.eps]
-    if pattern != "layer_norm":
-        return []
+                for gemma in forms for e in parts.eps]
+    if pattern != "layer_norm" or parts.weight is None:
+        return []                         # (a LayerNorm without a weight does not say its normalized_shape)
     from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm
     last_dim = [NormCandidate(f"eps={e:g}", lambda m, e=e: layer_norm_module(norm_parts(m).weight,
                                                                              norm_parts(m).bias, e))
@@ -189,9 +202,9 @@ def check_norm(twin: nn.Module, replacement: nn.Module, x: torch.Tensor) -> str 
 
     parts = norm_parts(twin)
     names = {id(p): n for n, p in twin.named_parameters()}
-    own = [names[id(parts.weight)]] + ([names[id(parts.bias)]] if parts.bias is not None else [])
+    tensors = [t for t in (parts.weight, parts.bias) if t is not None]
+    own = [names[id(t)] for t in tensors]
     theirs = ["weight", "bias"][:len(own)]
-    tensors = [parts.weight] + ([parts.bias] if parts.bias is not None else [])
     params = [t.detach().clone().requires_grad_(True) for t in tensors]
 
     def reference(x, *ps):

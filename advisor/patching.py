@@ -61,9 +61,9 @@ from fusion_advisor.core.result import is_generated
 from fusion_advisor.kernels import all_patterns, get
 from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
 from fusion_advisor.kernels.tolerances import tolerance
-from fusion_advisor.module_forms import (NOT_A_CHAIN, POINTWISE_CHAIN, PointwiseChainModule, check_norm, module_state,
-                                         norm_builders, norm_parts, norm_probe, one_line, pointwise_refusal,
-                                         redrawn_copy, rng_kept)
+from fusion_advisor.module_forms import (NOT_A_CHAIN, POINTWISE_CHAIN, UNWEIGHTED_PROBE_FEATURES, PointwiseChainModule,
+                                         check_norm, module_state, norm_builders, norm_parts, norm_probe, one_line,
+                                         pointwise_refusal, redrawn_copy, rng_kept)
 
 _OPTIONS = {"check", "patterns", "device_check_shape", "memory", "modules", "include_estimates", "compile_blocks"}
 LEFT_TO_COMPILE = "left to torch.compile"
@@ -357,8 +357,11 @@ class _ModuleSwapper:
     def _check_norm(self, module: nn.Module, candidate, parts) -> str | None:
         try:
             twin = redrawn_copy(module)
-            x = norm_probe(parts.weight.shape[0], parts.weight.dtype, parts.weight.device, self.shape_hint,
-                           candidate.probe)
+            if parts.weight is not None:
+                features, dtype, device = parts.weight.shape[0], parts.weight.dtype, parts.weight.device
+            else:   # nothing to read the row length off: any will do, in the model's dtype
+                features, dtype, device = UNWEIGHTED_PROBE_FEATURES, self.dtype, self.device
+            x = norm_probe(features, dtype, device, self.shape_hint, candidate.probe)
             return check_norm(twin, candidate.build(twin), x)
         except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel, a module that cannot be copied
             return one_line(exc)

@@ -2,7 +2,7 @@
 interpreter: no GPU, no timing).
 
 Every class of a `transformers/models/*/modeling_*.py` whose name ends in RMSNorm or LayerNorm is
-built at width 32 (its constructor given `(32,)`, else `(32, 1e-6)`), one per distinct forward
+built (its constructor given no argument, else `(32,)`, else `(32, 1e-6)`), one per distinct forward
 (many models copy a class under their own name), and patched alone with the rms_norm and layer_norm
 forms. Each swap is proven by patch's numerics check against the class's own forward and
 gradients; a refusal is that check's, or the form's reason for not trying.
@@ -51,14 +51,14 @@ def verdict(cls) -> str:
     import fusion_advisor
     from fusion_advisor.module_forms import norm_parts
     module = None
-    for args in ((32,), (32, 1e-6)):
+    for args in ((), (32,), (32, 1e-6)):   # () first: an unweighted norm's one argument is its eps
         try:
             module = cls(*args)
             break
         except Exception:
             continue
     if module is None:
-        return "not built at width 32"
+        return "not built"
     handle = fusion_advisor.patch(torch.nn.Sequential(module), patterns=["rms_norm", "layer_norm"])
     try:
         if handle.swaps:
@@ -85,10 +85,10 @@ def main(argv=None) -> int:
         by_verdict[v].append(name)
         if args.verbose:
             print(f"{name:<40} {v}")
-    built = sum(len(names) for v, names in by_verdict.items() if v != "not built at width 32")
+    built = sum(len(names) for v, names in by_verdict.items() if v != "not built")
     swapped = sum(len(names) for v, names in by_verdict.items() if v.startswith("swapped"))
     print(f"norm modules of transformers {transformers.__version__} (torch {torch.__version__}), one a distinct "
-          f"forward: {swapped} of the {built} built at width 32 swapped")
+          f"forward: {swapped} of the {built} built swapped")
     for v, names in sorted(by_verdict.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         print(f"{len(names):4d}  {v}   ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
     return 0

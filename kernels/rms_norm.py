@@ -20,6 +20,8 @@ tiles with RMSNorm's flags): several rows a program for short rows, a persistent
 from __future__ import annotations
 
 import math
+from typing import Optional
+
 import torch
 
 from fusion_advisor.kernels import norm_core
@@ -29,28 +31,35 @@ from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace,
                                              training_shapes)
 
 
-def _out_dtype(x: torch.Tensor, weight: torch.Tensor, gemma: bool = False) -> torch.dtype:
-    return x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)   # Gemma: output.type_as(x)
+def _out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], gemma: bool = False) -> torch.dtype:
+    if gemma or weight is None:   # Gemma: output.type_as(x); no weight: the normalised x in its dtype
+        return x.dtype
+    return torch.promote_types(x.dtype, weight.dtype)
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher: (y, rstd). x may have any leading dims; weight has shape (x.shape[-1],)."""
+def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
+                 gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: (y, rstd). x may have any leading dims; weight has shape (x.shape[-1],), or is None
+    (the unweighted RMSNorm of DeepSeek-V4's and others' q/k norms)."""
     check_dtype(x, "rms_norm")
     check_device(x, weight, op="rms_norm")
-    if weight.shape != (x.shape[-1],):
+    if weight is not None and weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    if gemma and weight is None:
+        raise ValueError("rms_norm: the Gemma form (1 + weight) needs a weight")
     x2 = as_rows(x, "rms_norm")
-    y, _, _, rstd = norm_core.norm_fwd(x2, None, weight.contiguous(), None, eps, rms=True,
-                                       out_dtype=_out_dtype(x, weight, gemma), gemma=gemma)
+    y, _, _, rstd = norm_core.norm_fwd(x2, None, weight.contiguous() if weight is not None else None, None, eps,
+                                       rms=True, out_dtype=_out_dtype(x, weight, gemma), gemma=gemma)
     return y.view(x.shape), rstd
 
 
-def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor,
                  gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher: (dx, dweight)."""
-    dx, dw, _ = norm_core.norm_bwd(as_rows(dy, "rms_norm"), None, as_rows(x, "rms_norm"), weight.contiguous(), None,
-                                   None, rstd, rms=True, gemma=gemma)
-    return dx.view(x.shape), dw
+    """Launcher: (dx, dweight); dweight is empty without a weight (a custom op returns tensors)."""
+    dx, dw, _ = norm_core.norm_bwd(as_rows(dy, "rms_norm"), None, as_rows(x, "rms_norm"),
+                                   weight.contiguous() if weight is not None else None, None, None, rstd, rms=True,
+                                   gemma=gemma)
+    return dx.view(x.shape), dw if dw is not None else x.new_empty(0)
 
 
 # torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
@@ -59,7 +68,8 @@ _forward = fused_op("fusion_advisor::rms_norm_fwd", fake=lambda x, weight, eps, 
     x.new_empty(x.shape, dtype=_out_dtype(x, weight, gemma)),
     x.new_empty((x.numel() // x.shape[-1] if x.dim() else 1,), dtype=torch.float32)))(rms_norm_fwd)
 # dx is allocated contiguous (from the row view), whatever x's strides: so is its fake.
-_backward = fused_op("fusion_advisor::rms_norm_bwd", like=("x", "weight"))(rms_norm_bwd)
+_backward = fused_op("fusion_advisor::rms_norm_bwd", fake=lambda dy, x, weight, rstd, gemma: (
+    x.new_empty(x.shape), weight.new_empty(weight.shape) if weight is not None else x.new_empty(0)))(rms_norm_bwd)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -74,12 +84,13 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = _backward(dy, x, weight, rstd, ctx.gemma)
-        return dx, dw, None, None
+        return dx, dw if weight is not None else None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
     """Fused RMSNorm, numerically LlamaRMSNorm's forward and backward; gemma=True: GemmaRMSNorm's
-    ((1 + weight), in fp32, rounded once to x's dtype)."""
+    ((1 + weight), in fp32, rounded once to x's dtype); weight None: x * rsqrt(mean(x^2) + eps),
+    computed in fp32 and rounded once to x's dtype."""
     return RMSNormFunction.apply(x, weight, eps, bool(gemma))
 
 
@@ -111,7 +122,8 @@ class RMSNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         form = ", 1 + weight (Gemma)" if self.gemma else ""
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}{form} (fused Triton)"
+        features = tuple(self.weight.shape) if self.weight is not None else "no weight"
+        return f"{features}, eps={self.variance_epsilon}{form} (fused Triton)"
 
 
 def gemma_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -478,3 +478,37 @@ def test_norms_over_channels_that_do_not_say_so_are_found_by_the_check(module_na
     with fusion_advisor.patched(model, patterns=["layer_norm"]) as handle:
         assert [type(s.replacement).__name__ for s in handle.swaps] == ["ChannelsFirstLayerNorm"], handle.summary()
         torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
+
+
+class UnweightedRMSNorm(nn.Module):
+    """DeepSeek-V4's q/k norm: no weight, eps under a usual name."""
+
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).type_as(x)
+
+
+class ScaleNorm(nn.Module):
+    """No parameters and an eps, but not an RMSNorm: a fixed scale of 2."""
+
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return 2.0 * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unweighted_rms_norms_are_swapped_and_look_alikes_refused(dtype, device):
+    model = nn.Sequential(UnweightedRMSNorm(), ScaleNorm()).to(device)
+    x = torch.randn(3, 5, 48, device=device, dtype=dtype)
+    want = model(x)
+    with fusion_advisor.patched(model, patterns=["rms_norm", "layer_norm"]) as handle:
+        assert [(s.path, type(s.replacement).__name__, s.replacement.weight) for s in handle.swaps] == \
+            [("0", "RMSNorm", None)], handle.summary()
+        assert [p for p, _ in handle.skipped] == ["1"] and "numerics check failed" in handle.skipped[0][1]
+        torch.testing.assert_close(model(x), want, **tolerance(dtype))

@@ -109,3 +109,21 @@ def test_params_read_from_a_real_llama_trace_with_ops_around_the_chain(data_dir)
     assert [r.short for r in records][:9] == ["to", "to", "pow", "mean", "add", "rsqrt", "mul", "to", "mul"]
     assert mod.PATTERN.match(records) == {"shape": [4, 1024, 1024], "dtype": "bfloat16",
                                           "weight_dtype": "bfloat16", "eps": 1e-6}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [[5, 7, 131], [3, 256]])
+def test_without_a_weight_matches_the_unweighted_rms_norm(shape, dtype, device):
+    """weight=None: x * rsqrt(mean(x^2) + eps) in fp32, rounded once (DeepSeek-V4's / EsmFold2's
+    unweighted q/k norms), forward and backward by the one rule (kernels/numerics.py)."""
+    from fusion_advisor.kernels.numerics import compare
+    from fusion_advisor.kernels.registry import Inputs
+
+    def unweighted(x, eps=1e-6):
+        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+    x = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    result = compare(unweighted, lambda x, eps=1e-6: mod.rms_norm(x, None, eps), Inputs((x,), grad_inputs=(0,)))
+    assert result.ok, result.detail
+    with pytest.raises(ValueError, match="needs a weight"):
+        mod.rms_norm(x, None, 1e-6, gemma=True)
