@@ -52,6 +52,7 @@ class NormParts:
     eps: tuple[float, ...]          # the module's own eps, else the defaults: each one is checked
     eps_from_module: bool
     channels_first: bool = False    # over dim 1 of (N, C, *spatial): ConvNeXt's data_format="channels_first"
+    features: int | None = None     # without a weight: the normalized size its `normalized_shape` says
 
 
 def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormParts | str:
@@ -93,12 +94,16 @@ def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormPart
 
 
 def _unweighted(module: nn.Module, params: dict) -> NormParts | str:
-    """An unweighted RMSNorm's parts (no parameters, its eps under a usual name, "norm" in its
-    class name), else why a module without a weight is not a norm candidate."""
+    """The parts of a norm without parameters, "norm" in its class name, and an eps under a usual
+    name (DeepSeek-V4's unweighted RMSNorm) or a `normalized_shape` (OLMo's LayerNorm, its eps the
+    usual ones, each checked); else why a module without a weight is not a norm candidate."""
     own = sorted({float(v) for n in EPS_NAMES if isinstance(v := vars(module).get(n), float)})
-    if params or not own or "norm" not in type(module).__name__.lower():
+    shape = getattr(module, "normalized_shape", None)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (tuple, list)) else None
+    if params or "norm" not in type(module).__name__.lower() or not (own or shape):
         return "has no 1-D weight"
-    return NormParts(None, None, tuple(own), True)
+    features = math.prod(shape) if shape and all(isinstance(d, int) for d in shape) and len(shape) == 1 else None
+    return NormParts(None, None, tuple(own) or DEFAULT_EPS, bool(own), features=features)
 
 
 UNWEIGHTED_PROBE_FEATURES = 64   # the check's row length for a norm with no weight to read it off
@@ -134,6 +139,12 @@ class NormCandidate(NamedTuple):
     probe: str = "rows"                        # the check's input: "rows" (..., C), "nchw" or "ncl" (C in dim 1)
 
 
+def unweighted_layer_norm_module(features: int, eps: float) -> nn.Module:
+    """kernels.layer_norm.LayerNorm over the last `features` values, without weight or bias."""
+    from fusion_advisor.kernels.layer_norm import LayerNorm
+    return LayerNorm(features, eps=eps, elementwise_affine=False)
+
+
 def norm_builders(pattern: str, parts: NormParts) -> list[NormCandidate]:
     """Each candidate of this norm form: each eps; for RMSNorm Llama's weight, then Gemma's
     (1 + weight); for LayerNorm over the last dim, then over dim 1 of (N, C, H, W) and of (N, C, L)
@@ -148,8 +159,11 @@ def norm_builders(pattern: str, parts: NormParts) -> list[NormCandidate]:
         return [NormCandidate(f"eps={e:g}" + (", 1 + weight" if gemma else ""),
                               lambda m, e=e, g=gemma: rms_norm_module(norm_parts(m).weight, e, g))
                 for gemma in forms for e in parts.eps]
-    if pattern != "layer_norm" or parts.weight is None:
-        return []                         # (a LayerNorm without a weight does not say its normalized_shape)
+    if pattern != "layer_norm" or (parts.weight is None and parts.features is None):
+        return []                         # (a LayerNorm without a weight must say its normalized_shape)
+    if parts.weight is None:
+        return [NormCandidate(f"eps={e:g}, no weight", lambda m, e=e: unweighted_layer_norm_module(norm_parts(m).features, e))
+                for e in parts.eps]
     from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm
     last_dim = [NormCandidate(f"eps={e:g}", lambda m, e=e: layer_norm_module(norm_parts(m).weight,
                                                                              norm_parts(m).bias, e))

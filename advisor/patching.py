@@ -359,8 +359,8 @@ class _ModuleSwapper:
             twin = redrawn_copy(module)
             if parts.weight is not None:
                 features, dtype, device = parts.weight.shape[0], parts.weight.dtype, parts.weight.device
-            else:   # nothing to read the row length off: any will do, in the model's dtype
-                features, dtype, device = UNWEIGHTED_PROBE_FEATURES, self.dtype, self.device
+            else:   # no weight to read the row length off: its normalized_shape, else any, in the model's dtype
+                features, dtype, device = parts.features or UNWEIGHTED_PROBE_FEATURES, self.dtype, self.device
             x = norm_probe(features, dtype, device, self.shape_hint, candidate.probe)
             return check_norm(twin, candidate.build(twin), x)
         except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel, a module that cannot be copied

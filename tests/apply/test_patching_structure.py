@@ -512,3 +512,17 @@ def test_unweighted_rms_norms_are_swapped_and_look_alikes_refused(dtype, device)
             [("0", "RMSNorm", None)], handle.summary()
         assert [p for p, _ in handle.skipped] == ["1"] and "numerics check failed" in handle.skipped[0][1]
         torch.testing.assert_close(model(x), want, **tolerance(dtype))
+
+
+def test_a_layer_norm_without_parameters_is_swapped_by_its_normalized_shape(device):
+    """OLMo's LayerNorm: no weight, no bias, no eps attribute (F.layer_norm's 1e-5 in its forward,
+    on an fp32 copy): its normalized_shape gives the row length, the usual eps are checked."""
+    modeling_olmo = pytest.importorskip("transformers.models.olmo.modeling_olmo")
+    model = nn.Sequential(modeling_olmo.OlmoLayerNorm(48)).to(device)
+    x = torch.randn(3, 5, 48, device=device)
+    want = model(x)
+    with fusion_advisor.patched(model, patterns=["rms_norm", "layer_norm"]) as handle:
+        [swap] = handle.swaps
+        assert type(swap.replacement).__name__ == "LayerNorm" and swap.replacement.weight is None
+        assert swap.replacement.eps == 1e-5, handle.summary()
+        torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
