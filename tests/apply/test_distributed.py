@@ -1,9 +1,11 @@
 """torchrun jobs (issue 19, CPU part): every rank profiled through torch.distributed.run (gloo),
 one merged result; collectives classified and never fused; patch on a DDP-wrapped model."""
+import gc
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,7 @@ def test_patch_swaps_and_reverts_inside_a_ddp_model(tmp_path):
     from fusion_advisor.kernels.layer_norm import LayerNorm as FusedLayerNorm
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    ddp = None
     try:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
@@ -94,6 +97,16 @@ def test_patch_swaps_and_reverts_inside_a_ddp_model(tmp_path):
         assert model[1] is original
         assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     finally:
+        # Tear down in an order that cannot deadlock. CI hung here once: at the test's end the DDP
+        # Reducer's release destroyed the process group, whose destructor joins gloo's worker thread
+        # while holding the GIL, and that worker, releasing its last allreduce, was waiting for the
+        # GIL (py-spy: ~Reducer -> ~ProcessGroupGloo -> thread::join; ~AsyncWork -> gil_scoped_acquire).
+        # So: let the worker finish with the GIL free, drop DDP while the group is still registered,
+        # then destroy the group with its workers idle.
+        dist.barrier()
+        time.sleep(0.2)
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
 
 
