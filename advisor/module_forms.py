@@ -82,7 +82,7 @@ def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormPart
     if shape is not None and tuple([shape] if isinstance(shape, int) else shape) != tuple(weight.shape):
         return f"normalized_shape {shape} is not its weight's shape"
     channels_first = getattr(module, "data_format", None) == "channels_first"
-    own = sorted({float(v) for n in EPS_NAMES if isinstance(v := vars(module).get(n), float)})
+    own = _own_eps(module)
     if own:
         return NormParts(weight, bias, tuple(own), True, channels_first)
     if "eps" in vars(module) and vars(module)["eps"] is None:     # nn.RMSNorm(eps=None): the dtype's eps
@@ -93,11 +93,16 @@ def norm_parts(module: nn.Module, eps_hints: tuple[float, ...] = ()) -> NormPart
     return NormParts(weight, bias, eps, False, channels_first)
 
 
+def _own_eps(module: nn.Module) -> list[float]:
+    """The float eps values the module holds under the names models use."""
+    return sorted({float(v) for n in EPS_NAMES if isinstance(v := vars(module).get(n), float)})
+
+
 def _unweighted(module: nn.Module, params: dict) -> NormParts | str:
     """The parts of a norm without parameters, "norm" in its class name, and an eps under a usual
     name (DeepSeek-V4's unweighted RMSNorm) or a `normalized_shape` (OLMo's LayerNorm, its eps the
     usual ones, each checked); else why a module without a weight is not a norm candidate."""
-    own = sorted({float(v) for n in EPS_NAMES if isinstance(v := vars(module).get(n), float)})
+    own = _own_eps(module)
     shape = getattr(module, "normalized_shape", None)
     shape = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (tuple, list)) else None
     if params or "norm" not in type(module).__name__.lower() or not (own or shape):
@@ -171,8 +176,8 @@ def norm_builders(pattern: str, parts: NormParts) -> list[NormCandidate]:
     over_channels = [NormCandidate(f"eps={e:g}, over dim 1 of {probe.upper()}",
                                    lambda m, e=e: ChannelsFirstLayerNorm(norm_parts(m).weight, norm_parts(m).bias, e),
                                    probe)
-                     for probe in ("nchw", "ncl") for e in parts.eps]
-    return over_channels[:len(parts.eps)] if parts.channels_first else last_dim + over_channels
+                     for probe in (("nchw",) if parts.channels_first else ("nchw", "ncl")) for e in parts.eps]
+    return over_channels if parts.channels_first else last_dim + over_channels
 
 
 def redrawn_copy(module: nn.Module) -> nn.Module:

@@ -64,16 +64,20 @@ def upcasts(op: str, *tensors: torch.Tensor | None) -> bool:
     device_type = first.device.type
     if not torch.is_autocast_enabled(device_type):   # every call outside autocast stops here
         return False
-    return runs_in_fp32(op, device_type, *(t.dtype for t in tensors if t is not None))
+    return _upcast_when_enabled(op, device_type, [t.dtype for t in tensors if t is not None])
 
 
 def runs_in_fp32(op: str, device_type: str, *dtypes: torch.dtype) -> bool:
     """`upcasts` for arguments of these dtypes on this device type."""
-    if not torch.is_autocast_enabled(device_type) or not _has_autocast_kernel(op, device_type):
-        return False   # (the first test is the one every call outside autocast pays: one C call)
-    # Under torch.compile too: the compiler applies autocast to aten ops, not to our custom ops, so
-    # the cast is ours to make there as well (it traces as a plain `to`).
-    return any(d in _BELOW_FP32 for d in dtypes)
+    # (the first test is the one every call outside autocast pays: one C call)
+    return torch.is_autocast_enabled(device_type) and _upcast_when_enabled(op, device_type, dtypes)
+
+
+def _upcast_when_enabled(op: str, device_type: str, dtypes) -> bool:
+    """With autocast on for device_type: does it have a kernel for `op` and a dtype below fp32?
+    Under torch.compile too: the compiler applies autocast to aten ops, not to our custom ops, so
+    the cast is ours to make there as well (it traces as a plain `to`)."""
+    return _has_autocast_kernel(op, device_type) and any(d in _BELOW_FP32 for d in dtypes)
 
 
 def to_fp32(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
