@@ -67,6 +67,7 @@ from fusion_advisor.module_forms import (NOT_A_CHAIN, POINTWISE_CHAIN, UNWEIGHTE
 
 _OPTIONS = {"check", "patterns", "device_check_shape", "memory", "modules", "include_estimates", "compile_blocks"}
 LEFT_TO_COMPILE = "left to torch.compile"
+_CHECK_SEED = 0   # check_equivalent runs the original and the replacement each from this seed
 _NORM_FORMS = ("rms_norm", "layer_norm")   # tried in this order on a norm-shaped module
 
 
@@ -546,7 +547,8 @@ def _example_input(module: nn.Module, shape_hint) -> torch.Tensor:
 
 def check_equivalent(original: nn.Module, replacement: nn.Module, shape_hint=None) -> str | None:
     """None when the replacement's output and gradients (input and parameters) match the
-    original's on a random input, else a one-line reason."""
+    original's on a random input, else a one-line reason. Each runs from the same seed, so that a
+    dropout inside both (T5's MLP, in training) draws the same mask at the same point."""
     x = _example_input(original, shape_hint)
     params = [p for p in original.parameters() if p.requires_grad]
     saved = [p.grad for p in params]
@@ -556,7 +558,9 @@ def check_equivalent(original: nn.Module, replacement: nn.Module, shape_hint=Non
             for p in params:
                 p.grad = None
             xi = x.clone().requires_grad_(True)
-            y = mod(xi)
+            with rng_kept():
+                torch.manual_seed(_CHECK_SEED)
+                y = mod(xi)
             y = y[0] if isinstance(y, tuple) else y
             g = torch.randn_like(y, generator=None) if not outs else outs[0][1]
             y.backward(g)

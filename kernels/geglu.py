@@ -66,7 +66,7 @@ class GEGLUMLP(GatedMLP):
             raise ValueError(f"{type(module).__name__}: {found} is not a known GELU: not a GEGLU MLP")
         if GatedMLP.packed(module):
             return PackedGatedMLP(module.gate_up_proj, module.down_proj, _activation(approximate))
-        return cls(*GatedMLP.projections(module), activation=_activation(approximate))
+        return cls.wrap(module, _activation(approximate))
 
 
 def reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:

@@ -187,42 +187,73 @@ def packed_glu(gate_up: torch.Tensor, activation: str, private_input: bool = Fal
     return PackedGLUFunction.apply(gate_up, activation, bool(private_input))
 
 
+# The (gate, up, down) projection names of the gated MLPs models write: Llama's, and T5 v1.1's
+# T5DenseGatedActDense (also mT5, UMT5, LongT5), whose `dropout` sits between the product and `wo`.
+PROJECTION_NAMES = (("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo"))
+ACTIVATION_NAMES = ("act_fn", "activation_fn", "act")   # Llama/Gemma, Phi-3/GLM, T5
+
+
 class GatedMLP(torch.nn.Module):
-    """down_proj(act(gate_proj(x)) * up_proj(x)), the Llama/Gemma MLP, with the gated activation
-    fused. Holds the wrapped MLP's projections (shared, not copied)."""
+    """down_proj(dropout(act(gate_proj(x)) * up_proj(x))), the Llama/Gemma MLP (no dropout) and
+    T5 v1.1's, with the gated activation fused. Holds the wrapped MLP's projections (shared, not
+    copied) under the MLP's own attribute names, so its state_dict keys stay those of the original."""
 
     def __init__(self, gate_proj: torch.nn.Module, up_proj: torch.nn.Module, down_proj: torch.nn.Module,
-                 activation: str):
+                 activation: str, names: tuple[str, str, str] = PROJECTION_NAMES[0],
+                 dropout: torch.nn.Module | None = None):
         super().__init__()
         activation_id(activation)
-        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self._names = tuple(names)
+        for name, projection in zip(self._names, (gate_proj, up_proj, down_proj)):
+            setattr(self, name, projection)
+        self.dropout = dropout
         self.activation = activation
+
+    @classmethod
+    def wrap(cls, module: torch.nn.Module, activation: str) -> "GatedMLP":
+        """A GatedMLP (of this class) over an existing MLP's projections, names and dropout."""
+        names = GatedMLP.projection_names(module)
+        dropout = getattr(module, "dropout", None) if names != PROJECTION_NAMES[0] else None
+        return cls(*(getattr(module, n) for n in names), activation=activation, names=names,
+                   dropout=dropout if isinstance(dropout, torch.nn.Module) else None)
+
+    @staticmethod
+    def projection_names(module: torch.nn.Module) -> tuple[str, str, str]:
+        for names in PROJECTION_NAMES:
+            if all(isinstance(getattr(module, n, None), torch.nn.Module) for n in names):
+                return names
+        raise ValueError(f"{type(module).__name__} has no gate/up/down projections "
+                         f"({' or '.join('/'.join(n) for n in PROJECTION_NAMES)}): not a gated MLP")
 
     @staticmethod
     def projections(module: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-        missing = [n for n in ("gate_proj", "up_proj", "down_proj") if not hasattr(module, n)]
-        if missing:
-            raise ValueError(f"{type(module).__name__} has no {', '.join(missing)}: not a gated MLP")
-        return module.gate_proj, module.up_proj, module.down_proj
+        return tuple(getattr(module, n) for n in GatedMLP.projection_names(module))
 
     def forward(self, x):
+        gate, up, down = (getattr(self, n) for n in self._names)
         # gate and up are this forward's own temporaries: their memory can hold their gradients.
-        return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), self.activation, private_inputs=True))
+        h = glu(gate(x), up(x), self.activation, private_inputs=True)
+        return down(h if self.dropout is None else self.dropout(h))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation} (fused Triton)"
 
     @staticmethod
     def activation_module(module: torch.nn.Module) -> torch.nn.Module | None:
-        """The MLP's activation module: `act_fn` (Llama, Gemma) or `activation_fn` (Phi-3, GLM)."""
-        act = getattr(module, "act_fn", None)
-        return act if act is not None else getattr(module, "activation_fn", None)
+        """The MLP's activation module: `act_fn` (Llama, Gemma), `activation_fn` (Phi-3, GLM) or
+        `act` (T5)."""
+        for name in ACTIVATION_NAMES:
+            act = getattr(module, name, None)
+            # (a plain function under act_fn counts: SwiGLUMLP refuses what is not SiLU)
+            if act is not None and (name != "act" or isinstance(act, torch.nn.Module)):
+                return act
+        return None
 
     @staticmethod
     def activation_is(module: torch.nn.Module, test: Callable[[torch.nn.Module], bool]) -> bool:
         """A gated MLP's shape (two projections, or one packed) with an activation module passing `test`."""
-        shaped = (all(isinstance(getattr(module, n, None), torch.nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
-                  or GatedMLP.packed(module))
+        shaped = GatedMLP.packed(module) or any(
+            all(isinstance(getattr(module, n, None), torch.nn.Module) for n in names) for names in PROJECTION_NAMES)
         act = GatedMLP.activation_module(module)
         return shaped and act is not None and test(act)
 

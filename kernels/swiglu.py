@@ -43,7 +43,7 @@ class SwiGLUMLP(GatedMLP):
             raise ValueError(f"{type(module).__name__}'s activation is {type(act).__name__}, not SiLU: not a SwiGLU MLP")
         if GatedMLP.packed(module):
             return PackedGatedMLP(module.gate_up_proj, module.down_proj, "silu")
-        return cls(*GatedMLP.projections(module), activation="silu")
+        return cls.wrap(module, "silu")
 
 
 def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

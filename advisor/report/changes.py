@@ -164,9 +164,14 @@ def _runtime_lines(name: str, result: AdvisorResult, rec: Recommendation) -> lis
     leaf = _module_leaf(result, rec)
     lines = []
     if pattern.modules and pattern.module_factory is not None:
-        modules = [leaf] if leaf in pattern.modules else list(pattern.modules)
-        for m in modules:
-            lines.append(f"every {m} of the model -> {qualified(pattern.module_factory)} (same parameters)")
+        if leaf and leaf not in pattern.modules:
+            # patch swaps by what a module computes: the cluster's own module class is the one to
+            # name (a T5LayerNorm), not the pattern's class-name hints (LlamaRMSNorm, Qwen2RMSNorm...)
+            lines.append(f"every {leaf} of the model that computes the same -> {qualified(pattern.module_factory)} "
+                         f"(its own parameters; swapped where a numerics check against its forward passes)")
+        else:
+            for m in [leaf] if leaf else list(pattern.modules):
+                lines.append(f"every {m} of the model -> {qualified(pattern.module_factory)} (same parameters)")
     for fp in pattern.function_patches:
         where = ("the modeling module's global" if fp.where == "module_global" else "the model instance's")
         lines.append(f"{where} {fp.name} -> the fused {pattern.name} ({qualified(pattern.fused)})")

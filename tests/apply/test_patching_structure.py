@@ -463,6 +463,38 @@ def test_gated_mlps_are_swapped_by_shape_without_a_class_name(device):
         torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_t5_gated_mlps_become_geglu_with_their_names_and_dropout_kept(dropout, device):
+    """T5 v1.1's T5DenseGatedActDense (wi_0, wi_1, wo, act = NewGELU, dropout before wo): one fused
+    GEGLU each way; the state_dict keys stay T5's, and with dropout in training the check (both from
+    one seed) and a seeded step draw the same mask as the original."""
+    modeling_t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    config = modeling_t5.T5Config(d_model=16, d_ff=24, feed_forward_proj="gated-gelu", dropout_rate=dropout)
+    model = nn.Sequential(modeling_t5.T5DenseGatedActDense(config)).to(device).train()
+    keys = dict(model.state_dict())
+    x = torch.randn(2, 5, 16, device=device)
+
+    def step():
+        torch.manual_seed(7)
+        xi = x.clone().requires_grad_(True)
+        y = model(xi)
+        y.sum().backward()
+        grads = [xi.grad] + [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return y.detach(), grads
+
+    want, want_grads = step()
+    with fusion_advisor.patched(model, patterns=["geglu"]) as handle:
+        assert [type(s.replacement).__name__ for s in handle.swaps] == ["GEGLUMLP"], handle.summary()
+        assert handle.swaps[0].replacement.activation == "gelu_tanh"
+        assert list(model.state_dict()) == list(keys)
+        got, got_grads = step()
+        torch.testing.assert_close(got, want, **tolerance(torch.float32))
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, **tolerance(torch.float32, 10))
+    assert type(model[0]).__name__ == "T5DenseGatedActDense"
+
+
 @pytest.mark.parametrize("module_name, cls_name, shape", [
     ("transformers.models.vitdet.modeling_vitdet", "VitDetLayerNorm", (2, 16, 3, 5)),
     ("transformers.models.squeezebert.modeling_squeezebert", "SqueezeBertLayerNorm", (2, 16, 7))])

@@ -482,3 +482,21 @@ def test_kineto_lines_are_kept_off_stderr(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stderr == b"script line\nprogress 1/2\rTraceback: kept\npython stderr\nafter\n"
+
+
+def test_runtime_lines_name_the_clusters_own_module_class():
+    # A T5LayerNorm cluster is swapped by what it computes: its line names T5LayerNorm, not the
+    # pattern's class-name hints (LlamaRMSNorm, Qwen2RMSNorm...), which a T5 model does not have.
+    from types import SimpleNamespace
+    from fusion_advisor.report.changes import _runtime_lines
+
+    def lines(module_class):
+        result = SimpleNamespace(clusters=[SimpleNamespace(id=3, module_class=module_class)])
+        return _runtime_lines("rms_norm", result, SimpleNamespace(cluster_id=3))
+
+    t5 = lines("T5Stack/T5Block/T5LayerNorm")
+    assert len(t5) == 1 and t5[0].startswith("every T5LayerNorm of the model that computes the same -> ")
+    assert "numerics check" in t5[0] and not any("LlamaRMSNorm" in line for line in t5)
+    assert lines("LlamaModel/LlamaDecoderLayer/LlamaRMSNorm") == [
+        line for line in lines("LlamaModel/LlamaDecoderLayer/LlamaRMSNorm") if line.startswith("every LlamaRMSNorm ")]
+    assert len(lines("(no module)")) > 1   # no module known: the hints, each
