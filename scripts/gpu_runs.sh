@@ -18,7 +18,7 @@
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
 #          under autocast, and the Llama example.
 # next:    the newest CPU-built work first: its kernel tests on the GPU, bench_channel_norm.py, the host
-#          anatomy, and the zoo on BERT and T5 (ZOO_MODELS), whose verify now reports GPU-busy time.
+#          anatomy, and the zoo on T5, GPT-2 and ConvNeXt (ZOO_MODELS), whose verify reports GPU-busy time.
 set -uo pipefail
 usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next OUT_DIR"
 phase=${1:?$usage}
@@ -124,18 +124,19 @@ verify)
   rm -f "$out/llama/report.html"
   ;;
 next)
-  # what session 14 built on CPU and could not run: the new kernels on the GPU, their benchmark, the
-  # host anatomy, then the zoo families that the new module forms reach (fits one 10-minute call)
-  timeout 120 python3 -m pytest -q -x tests/kernels/test_channel_norm.py tests/kernels/test_packed_glu.py \
+  # what sessions 14-15 built on CPU and could not run, in one 10-minute call: the new kernels' tests
+  # on the GPU, bench_channel_norm.py, the host anatomy, then the zoo families the new module forms
+  # reach (T5's GEGLU MLP, GPT-2, ConvNeXt's channels_first LayerNorm), with the GPU-busy windows
+  timeout 100 python3 -m pytest -q -x tests/kernels/test_channel_norm.py tests/kernels/test_packed_glu.py \
       tests/kernels/test_rms_norm.py -k "gemma or channel or packed or without_a_weight" >"$out/gpu-tests-new.txt" 2>&1
   echo "new kernel tests: rc $?"; tail -3 "$out/gpu-tests-new.txt"
-  timeout 110 python3 benchmarks/bench_channel_norm.py --out "$out/bench-channel-norm.csv" >"$out/bench-channel-norm.txt" 2>&1
+  timeout 80 python3 benchmarks/bench_channel_norm.py --out "$out/bench-channel-norm.csv" >"$out/bench-channel-norm.txt" 2>&1
   echo "bench_channel_norm: rc $?"; cat "$out/bench-channel-norm.txt"
-  timeout 90 python3 benchmarks/host_overhead.py --gpu --calls 300 --repeats 5 --anatomy --patterns layer_norm,rms_norm \
+  timeout 60 python3 benchmarks/host_overhead.py --gpu --calls 300 --repeats 5 --anatomy --patterns layer_norm,rms_norm \
       >"$out/host-overhead.txt" 2>&1
   echo "host_overhead: rc $?"; cat "$out/host-overhead.txt"
-  timeout ${ZOO_TIMEOUT:-240} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
-      --models ${ZOO_MODELS:-bert,t5-v1.1} --time-budget 200 >"$out/zoo.txt" 2>&1
+  timeout ${ZOO_TIMEOUT:-320} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
+      --models ${ZOO_MODELS:-t5-v1.1,gpt2,convnext} --time-budget 270 >"$out/zoo.txt" 2>&1
   echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
   find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
   ;;
