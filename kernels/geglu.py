@@ -18,6 +18,8 @@ its act_fn module, as `GEGLUMLP.from_module` does.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -69,41 +71,72 @@ class GEGLUMLP(GatedMLP):
         return cls.wrap(module, _activation(approximate))
 
 
-def reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """Hugging Face GemmaMLP's activation, verbatim (act_fn = GELU with this `approximate`)."""
+def reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", written_out: bool = False) -> torch.Tensor:
+    """Hugging Face GemmaMLP's activation, verbatim (act_fn = GELU with this `approximate`); with
+    `written_out`, T5 v1.1's: HF's NewGELUActivation (the tanh approximation as eight ops) times up."""
+    if written_out:
+        return new_gelu(gate) * up
     return F.gelu(gate, approximate=approximate) * up
 
 
-def liger(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+def new_gelu(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's NewGELUActivation.forward, verbatim (transformers/activations.py)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def liger(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", written_out: bool = False) -> torch.Tensor:
     """Liger-Kernel's GELU-mul on the same inputs. Liger has the tanh approximation only."""
-    if approximate != "tanh":
+    if approximate != "tanh" and not written_out:
         raise NotImplementedError("Liger-Kernel's GEGLU computes tanh-approximate GELU only")
     from liger_kernel.ops.geglu import LigerGELUMulFunction
     return LigerGELUMulFunction.apply(gate, up)
+
+
+def fused(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", written_out: bool = False) -> torch.Tensor:
+    """`geglu` with `reference`'s arguments: the written-out tanh GELU is the tanh approximation,
+    computed in fp32 and rounded once (eager rounds each of its eight ops: the check's tolerance)."""
+    return geglu(gate, up, "tanh" if written_out else approximate)
 
 
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     dtype = param_dtype(params)
     gate = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
     up = torch.randn(params["shape"], dtype=dtype, device=device, requires_grad=requires_grad)
-    return Inputs((gate, up), {"approximate": params.get("approximate", "none")},
-                  grad_inputs=(0, 1) if requires_grad else ())
+    kwargs = {"approximate": params.get("approximate", "none")}
+    if params.get("written_out"):
+        kwargs["written_out"] = True
+    return Inputs((gate, up), kwargs, grad_inputs=(0, 1) if requires_grad else ())
 
 
 def fused_bytes(params: dict) -> dict:
     return glu_bytes(params)
 
 
+# HF's NewGELUActivation as traced (T5 v1.1, its gated-gelu MLP): 0.5*x, pow, 0.044715*, +x, *c, tanh, 1+, *
+WRITTEN_OUT_TANH_GELU = "mul pow mul add mul tanh add mul"
+
+
 def params_from_ops(ops: list[OpRecord]) -> dict | None:
-    """Shape and dtype from the traced gelu and the mul of its output with up (same shape)."""
+    """Shape and dtype from the traced gelu and the mul of its output with up (same shape); or from
+    the written-out tanh GELU (its `pow` reads the gate) and the mul that follows it."""
     params = glu_params_from_ops(ops, ("gelu", "gelu_"))
-    return None if params is None else {**params, "approximate": "none"}
+    if params is not None:
+        return {**params, "approximate": "none"}
+    names = " ".join(o.short for o in ops)
+    if WRITTEN_OUT_TANH_GELU not in names:
+        return None
+    params = glu_params_from_ops(ops, ("pow",))
+    if params is None or names.count("mul") < WRITTEN_OUT_TANH_GELU.count("mul") + 1:
+        return None
+    return {**params, "approximate": "tanh", "written_out": True}
 
 
 PATTERN = register_pattern(
     __name__,
     description="GEGLU MLP activation gelu(gate) * up as one Triton kernel each way",
-    forward_signature=r"\bgelu_? (?:\S+ ){0,2}mul\b",
+    # gelu then the mul with up; or HF's NewGELU written out (eight ops) then that mul, which rule 4a
+    # of analyzers/clusters.py joins across the activation module's boundary (neither piece alone matches)
+    forward_signature=r"\bgelu_? (?:\S+ ){0,2}mul\b|\b" + WRITTEN_OUT_TANH_GELU + r" (?:\S+ ){0,2}mul\b",
     modules=("GemmaMLP", "Gemma2MLP", "Gemma3MLP"),
     module_factory=GEGLUMLP.from_module,
     module_shape=lambda module: GatedMLP.activation_is(module, lambda act: approximate_of(act) is not None),
@@ -113,6 +146,7 @@ PATTERN = register_pattern(
     bench_params=training_shapes(lambda tokens, hidden:
                                  {"shape": [tokens, gated_mlp_width(hidden)], "dtype": "bfloat16",
                                   "approximate": "tanh"}),
+    fused=fused,
     liger=liger,
     counted_as="glu",  # its launches are glu.py's, shared with the other gated MLP
 )

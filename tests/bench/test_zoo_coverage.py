@@ -19,7 +19,7 @@ EXPECTED = {
     "gemma": ({"GemmaRMSNorm -> RMSNorm": 3, "GemmaMLP -> GEGLUMLP": 1}, ["apply_rotary_pos_emb (rope)"]),
     "phi3": ({"Phi3RMSNorm -> RMSNorm": 3, "Phi3MLP -> PackedGatedMLP": 1}, ["loss_function (this instance) (cross_entropy)"]),
     "bert": ({"LayerNorm -> LayerNorm": 4}, ["CrossEntropyLoss (cross_entropy)"]),
-    "t5-v1.1": ({"T5LayerNorm -> RMSNorm": 7, "NewGELUActivation -> PointwiseChainModule": 2},
+    "t5-v1.1": ({"T5LayerNorm -> RMSNorm": 7, "T5DenseGatedActDense -> GEGLUMLP": 2},
                 ["CrossEntropyLoss (cross_entropy)"]),
     # outside the GPU zoo: a Llama-shaped MLP under its own class name, taken by its shape
     "olmo2": ({"Olmo2RMSNorm -> RMSNorm": 5, "Olmo2MLP -> SwiGLUMLP": 1}, ["apply_rotary_pos_emb (rope)"]),

@@ -15,6 +15,14 @@ def test_geglu_matches_gelu_mul(shape, approximate, dtype, device):
     check_against_reference(mod.PATTERN, {"shape": shape, "dtype": dtype, "approximate": approximate}, device)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_written_out_tanh_gelu_matches_hf_new_gelu_times_up(dtype, device):
+    """T5 v1.1's MLP: HF's NewGELUActivation (eight ops, each rounded) times up, against one fused
+    tanh GELU rounded once."""
+    check_against_reference(mod.PATTERN, {"shape": [5, 7, 131], "dtype": dtype, "approximate": "tanh",
+                                          "written_out": True}, device)
+
+
 def test_unknown_approximation_is_refused(device):
     with pytest.raises(ValueError, match="approximate must be"):
         mod.geglu(torch.randn(2, 8, device=device), torch.randn(2, 8, device=device), approximate="erf")
@@ -97,3 +105,19 @@ def test_source_rewrites_compute_the_same(device):
     g, u = torch.randn(3, 40, device=device), torch.randn(3, 40, device=device)
     for fn in ("exact", "tanh"):
         torch.testing.assert_close(after[fn](g, u), before[fn](g, u))
+
+
+def _op(name, dims, dtype="c10::BFloat16"):
+    return OpRecord(f"aten::{name}", dims, tuple(dtype if d else "double" for d in dims), ("",) * len(dims))
+
+
+def test_the_written_out_tanh_gelu_is_geglu_only_with_the_mul_by_up():
+    """HF's NewGELUActivation as traced (T5 v1.1): alone a generated chain's, with the gated MLP's
+    mul by up (the next module's op) the geglu pattern, tanh, written out."""
+    s = (4, 16, 96)
+    chain = [_op("mul", (s, ())), _op("pow", (s, ())), _op("mul", (s, ())), _op("add", (s, s)), _op("mul", (s, ())),
+             _op("tanh", (s,)), _op("add", (s, ())), _op("mul", (s, s))]
+    assert mod.PATTERN.match(chain) is None
+    pattern, params = match(chain + [_op("mul", (s, s))])
+    assert pattern is mod.PATTERN
+    assert params == {"shape": [4, 16, 96], "dtype": "bfloat16", "approximate": "tanh", "written_out": True}
