@@ -149,6 +149,7 @@ PATTERN_MODULES: list[str] = [
     "layer_norm",
     "add_layer_norm",
     "group_norm",
+    "batch_norm_act",
 ]
 _loaded = False
 
