@@ -1,8 +1,9 @@
 """The Triton kernels and launchers of batch_norm_act.py (BatchNorm + activation); registers nothing.
 
 x (N, C, *spatial) is read where it lies as (N, C, S) with strides (sN, sC, sS): S the spatial
-positions, which must flatten to one stride (contiguous NCHW: sS = 1; channels_last: sC = 1; any
-other layout is copied to a contiguous one first, as eager's kernels copy it). Where (n, position)
+positions, which must flatten to one stride (contiguous NCHW: sS = 1; channels_last: sC = 1; a
+layout that is not dense or whose positions do not flatten is copied to a contiguous one first, as
+eager's kernels copy it). Where (n, position)
 flatten to one index too (channels_last, (N, C) inputs, N = 1), the view is (1, C, N*S): tiles then
 run across samples. y, dy and dx share x's strides (y and dx are allocated `empty_like` x).
 
@@ -278,15 +279,18 @@ class Plan(NamedTuple):
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
-    """x itself where the kernels read it in place (contiguous, channels_last, channels_last_3d:
-    dense, its positions at one stride), else a contiguous copy, as eager's kernels make."""
-    if x.is_contiguous():
-        return x
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return x
-    return x.contiguous()
+    """x itself where the kernels read it in place, else a contiguous copy (as eager's kernels make
+    one): in place when it is dense (contiguous, channels_last, a transposed (N, L, C) -> (N, C, L)
+    ...: then `empty_like` gives y and dx its very strides) and its spatial dims flatten to one stride."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x     # (the usual two asked first: the test below allocates a meta tensor)
+    if torch.empty_like(x, device="meta").stride() != x.stride():   # overlapping or with gaps: not dense
+        return x.contiguous()
+    try:
+        channel_view(x)
+    except ValueError:
+        return x.contiguous()
+    return x
 
 
 def channel_view(x: torch.Tensor) -> ChannelView:

@@ -96,6 +96,26 @@ def test_many_splits_and_small_tiles_keep_variance_precise_far_from_zero(monkeyp
                                           "memory_format": "channels_last"}, device)
 
 
+def test_dense_layouts_are_read_in_place(device):
+    """channels_last and a BatchNorm1d input transposed from (N, L, C) are read where they lie
+    (y and dx get their strides); a slice with gaps is copied once."""
+    channels_last = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last)
+    transposed = torch.randn(2, 7, 3, device=device).transpose(1, 2)
+    assert core.dense(channels_last) is channels_last and core.dense(transposed) is transposed
+    assert core.channel_view(transposed) == core.ChannelView(1, 3, 14, 0, 1, 3)
+    gaps = torch.randn(2, 3, 8, device=device)[..., ::2]
+    assert core.dense(gaps).is_contiguous()
+    x, x_ref = (transposed.detach().clone().requires_grad_(True) for _ in range(2))
+    y = mod.batch_norm_act(x, None, None, None, None, True, 0.1, 1e-5, "silu")
+    ref = mod.reference(x_ref, None, None, None, None, True, 0.1, 1e-5, "silu")
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y, ref)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    ref.backward(upstream)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tolerance(torch.float32))
+
+
 def test_strided_input_and_upstream_gradient(device):
     """A slice along W (no single position stride: copied once) and an expanded upstream gradient."""
     x = torch.randn(3, 4, 6, 10, device=device)[..., ::2].requires_grad_(True)
