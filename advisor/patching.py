@@ -40,6 +40,14 @@ kin) runs as a kernel generated from that chain (pattern name "pointwise_chain",
 names]}`) only the classes its clusters came from, and the pattern's own, are tried. Checks run once
 per (pattern, class, shapes, dtypes, attributes) signature, so a deep model costs a few checks.
 
+Blocks (batch_norm_act): a block of leaf modules with a BatchNorm child followed by an activation
+child (torchvision's Conv2dNormActivation, HF's ResNetConvLayer, an nn.Sequential) is swapped for a
+shallow copy of itself whose BN runs fused with the activation and whose activation is an Identity;
+the block's own forward runs unchanged, and the check decides whether that computes the same (a
+BasicBlock whose one ReLU also runs after the residual add does not). Such a pattern says
+`stateful_modules`: its check runs on deep copies, in training and eval mode, and compares the
+running statistics too, so checking never moves the model's own.
+
 Each replacement is checked on random inputs against what it replaces (forward output and every
 gradient, the tolerance table of kernels/tolerances.py) before it goes in; one that fails is left
 out and reported, never silently applied. `revert()` puts back the very objects that were there.
@@ -47,6 +55,7 @@ out and reported, never silently applied. `revert()` puts back the very objects 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -372,10 +381,18 @@ class _ModuleSwapper:
             replacement = t.pattern.module_factory(module)
         except Exception as exc:  # a module that looks alike but is not: leave it alone, say why
             return None, f"{t.name}: cannot wrap {type(module).__name__} ({exc})"
-        key = self._signature(t, module)
+        stateful = t.pattern.stateful_modules
+        # A block's forward depends on its children: their classes and attributes key its verdict too.
+        children = tuple((n, type(c), module_state(c)) for n, c in module.named_children()) if stateful else ()
+        key = self._signature(t, module, *children)
         if key not in self.verdicts:
             try:
-                self.verdicts[key] = check_equivalent(module, replacement, self.shape_hint) if self.check else None
+                if not self.check:
+                    self.verdicts[key] = None
+                elif stateful:
+                    self.verdicts[key] = check_on_copies(module, t.pattern.module_factory, self.shape_hint)
+                else:
+                    self.verdicts[key] = check_equivalent(module, replacement, self.shape_hint)
             except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
                 self.verdicts[key] = one_line(exc)
         if self.verdicts[key] is not None:
@@ -532,17 +549,85 @@ def _candidates(model: nn.Module) -> Iterable[tuple[str, nn.Module, str, nn.Modu
 
 def _example_input(module: nn.Module, shape_hint) -> torch.Tensor:
     """A random (2, 7, features) input in the module's dtype and device: features from its own
-    weight (a norm) or its first Linear's in_features (an MLP block)."""
+    weight (a norm) or its first Linear's in_features (an MLP block). A block without a Linear whose
+    first child is a convolution or a BatchNorm (a conv -> BN -> activation block) gets an
+    (N, channels, *spatial) input of that child (`_channels_input`)."""
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
         features, ref = weight.shape[-1], weight
     else:
         first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
         if first is None:
+            channels_input = _channels_input(module, shape_hint)
+            if channels_input is not None:
+                return channels_input
             raise AdvisorError(f"no example input for {type(module).__name__} (pass check=False to swap unchecked)")
         features, ref = first.in_features, first.weight
     shape = tuple(shape_hint) if shape_hint else (2, 7, features)
     return torch.randn(shape, device=ref.device, dtype=ref.dtype)
+
+
+_SPATIAL_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
+
+def _channels_input(module: nn.Module, shape_hint) -> torch.Tensor | None:
+    """An (N, channels, *spatial) input for a block whose first child is a ConvNd (2 samples of its
+    in_channels, each spatial size past what its kernel, dilation and stride take) or a BatchNorm
+    (4 samples of (N, C, L) for BatchNorm1d, 2 of (N, C, H, W) or (N, C, D, H, W)), in the dtype of
+    the child's first floating tensor; None for any other block."""
+    first = next(iter(module.children()), None)
+    tensors = [] if first is None else [t for t in (*first.parameters(), *first.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return None
+    if isinstance(first, nn.modules.conv._ConvNd):
+        spatial = tuple(max(8, d * (k - 1) + 1 + 2 * s) for k, d, s in zip(first.kernel_size, first.dilation,
+                                                                             first.stride))
+        shape = (2, first.in_channels, *spatial)
+    elif isinstance(first, nn.modules.batchnorm._BatchNorm):
+        dims = next((n for cls, n in _SPATIAL_DIMS.items() if isinstance(first, cls)), 2)
+        shape = (4, first.num_features, 6) if dims == 1 else (2, first.num_features, *(6, 5, 4)[:dims])
+    else:
+        return None
+    return torch.randn(tuple(shape_hint) if shape_hint else shape, device=tensors[0].device, dtype=tensors[0].dtype)
+
+
+def check_on_copies(original: nn.Module, factory: Callable[[nn.Module], nn.Module], shape_hint=None) -> str | None:
+    """`check_equivalent` for a module whose forward updates buffers (BatchNorm's running statistics):
+    two deep copies with the same redrawn parameters and buffers, one of them swapped by `factory`,
+    each run forward and backward in training mode, then in eval mode; their outputs, input and
+    parameter gradients and buffers (after each step) must match. The user's module is never run,
+    so neither its statistics nor its gradients change. None when they match, else a one-line reason."""
+    x = _example_input(original, shape_hint)
+    twin = redrawn_copy(original)
+    with torch.no_grad():
+        for b in twin.buffers():     # running statistics off their initial zeros and ones
+            if b.is_floating_point():
+                b.add_(0.2 * torch.rand(b.shape, device=b.device).to(b.dtype))
+    pair = (copy.deepcopy(twin), factory(copy.deepcopy(twin)))
+    tol, rows = tolerance(x.dtype), max(1, x.numel() // x.shape[1])
+    for training in (True, False):
+        runs, upstream = [], None
+        for mod in pair:
+            mod.train(training)
+            mod.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            y = mod(xi)
+            y = y[0] if isinstance(y, tuple) else y
+            upstream = torch.randn_like(y) if upstream is None else upstream
+            y.backward(upstream)
+            runs.append({"output": y.detach(), "input grad": xi.grad,
+                         **{f"grad of {n}": p.grad for n, p in mod.named_parameters() if p.grad is not None},
+                         **{n: b for n, b in mod.named_buffers()}})
+        mode = "training" if training else "eval"
+        if runs[0].keys() != runs[1].keys():
+            return f"{mode}: the swapped module has other gradients or buffers ({sorted(runs[1].keys() ^ runs[0].keys())})"
+        for name, want in runs[0].items():
+            try:
+                summed = name.startswith("grad of")    # a sum over the batch's positions
+                torch.testing.assert_close(runs[1][name], want, **(tolerance(x.dtype, rows) if summed else tol))
+            except AssertionError as exc:
+                return f"{mode}, {name}: {str(exc).strip().splitlines()[0]}"
+    return None
 
 
 def check_equivalent(original: nn.Module, replacement: nn.Module, shape_hint=None) -> str | None:

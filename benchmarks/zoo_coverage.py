@@ -106,6 +106,8 @@ def _why_not_fused(module) -> str:
     import torch
     from fusion_advisor.module_forms import PointwiseChainModule, module_state, norm_parts
     cls = type(module).__name__
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        return "a BatchNorm with no activation right after it in its block (batch_norm_act fuses BN -> activation)"
     if "norm" in cls.lower():
         parts = norm_parts(module)
         return parts if isinstance(parts, str) else "a last-dim norm no check proved"

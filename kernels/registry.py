@@ -94,6 +94,9 @@ class FusionPattern:
     # A module of this shape is tried with module_factory without a class-name hint (its numerics
     # check still decides): the gated MLPs of Olmo-2, Granite, Cohere... share Llama's attributes.
     module_shape: Callable[[torch.nn.Module], bool] | None = None
+    # Its modules' forwards update buffers (BatchNorm's running statistics): patch checks a swap on
+    # deep copies, in training and in eval mode, the buffers compared after the step too.
+    stateful_modules: bool = False
     example_params: dict = field(default_factory=dict)  # small shapes for tests and --help
     module_import: str | None = None                 # "fusion_advisor.kernels.rms_norm:RMSNorm": constructor-
                                                      # compatible with `modules`, for source patches
@@ -146,6 +149,7 @@ PATTERN_MODULES: list[str] = [
     "layer_norm",
     "add_layer_norm",
     "group_norm",
+    "batch_norm_act",
 ]
 _loaded = False
 

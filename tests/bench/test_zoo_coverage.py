@@ -54,4 +54,7 @@ def test_the_script_prints_every_family_asked_and_writes_json(tmp_path):
     import json
     rows = json.loads(out.read_text())
     assert [r["model"] for r in rows] == ["llama", "resnet"]
-    assert rows[1]["swapped"] == {} and "BatchNorm2d" in next(iter(rows[1]["left"]))
+    # HF ResNet: each ResNetConvLayer with a ReLU becomes BN -> ReLU fused; the ones without an
+    # activation (a block's last conv, the shortcut) are left, saying so.
+    assert rows[1]["swapped"] == {"ResNetConvLayer -> ResNetConvLayer": 5}, rows[1]
+    assert all("activation" in why for why in rows[1]["left"]), rows[1]["left"]
