@@ -18,7 +18,7 @@
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
 #          under autocast, and the Llama example.
 # next:    the newest CPU-built work first: its kernel tests on the GPU, bench_channel_norm.py, the host
-#          anatomy, and the zoo on T5, GPT-2 and ConvNeXt (ZOO_MODELS), whose verify reports GPU-busy time.
+#          anatomy, and the zoo on T5, ResNet and ConvNeXt (ZOO_MODELS), whose verify reports GPU-busy time.
 set -uo pipefail
 usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next OUT_DIR"
 phase=${1:?$usage}
@@ -126,17 +126,18 @@ verify)
 next)
   # what sessions 14-15 built on CPU and could not run, in one 10-minute call: the new kernels' tests
   # on the GPU, bench_channel_norm.py, the host anatomy, then the zoo families the new module forms
-  # reach (T5's GEGLU MLP, GPT-2, ConvNeXt's channels_first LayerNorm), with the GPU-busy windows
-  timeout 100 python3 -m pytest -q -x tests/kernels/test_channel_norm.py tests/kernels/test_packed_glu.py \
-      tests/kernels/test_rms_norm.py -k "gemma or channel or packed or without_a_weight" >"$out/gpu-tests-new.txt" 2>&1
-  echo "new kernel tests: rc $?"; tail -3 "$out/gpu-tests-new.txt"
-  timeout 80 python3 benchmarks/bench_channel_norm.py --out "$out/bench-channel-norm.csv" >"$out/bench-channel-norm.txt" 2>&1
+  # reach (T5's GEGLU MLP, ResNet's BN + ReLU, ConvNeXt's channels_first LayerNorm), with GPU-busy windows
+  timeout 120 python3 -m pytest -q tests/kernels/test_channel_norm.py tests/kernels/test_packed_glu.py \
+      tests/kernels/test_batch_norm_act.py tests/kernels/test_geglu.py tests/kernels/test_rms_norm.py \
+      -k "gemma or channel or packed or without_a_weight or batch_norm or written_out" >"$out/gpu-tests-new.txt" 2>&1
+  echo "new kernel tests: rc $?"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests-new.txt" | head; tail -2 "$out/gpu-tests-new.txt"
+  timeout 60 python3 benchmarks/bench_channel_norm.py --out "$out/bench-channel-norm.csv" >"$out/bench-channel-norm.txt" 2>&1
   echo "bench_channel_norm: rc $?"; cat "$out/bench-channel-norm.txt"
-  timeout 60 python3 benchmarks/host_overhead.py --gpu --calls 300 --repeats 5 --anatomy --patterns layer_norm,rms_norm \
+  timeout 45 python3 benchmarks/host_overhead.py --gpu --calls 300 --repeats 5 --anatomy --patterns layer_norm \
       >"$out/host-overhead.txt" 2>&1
   echo "host_overhead: rc $?"; cat "$out/host-overhead.txt"
   timeout ${ZOO_TIMEOUT:-320} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
-      --models ${ZOO_MODELS:-t5-v1.1,gpt2,convnext} --time-budget 270 >"$out/zoo.txt" 2>&1
+      --models ${ZOO_MODELS:-t5-v1.1,resnet,convnext} --time-budget 260 >"$out/zoo.txt" 2>&1
   echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
   find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
   ;;
