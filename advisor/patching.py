@@ -55,7 +55,6 @@ out and reported, never silently applied. `revert()` puts back the very objects 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -67,16 +66,15 @@ from torch import nn
 from fusion_advisor import api, regional_compile
 from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.core.result import is_generated
+from fusion_advisor.equivalence import check_equivalent, check_function, check_on_copies
 from fusion_advisor.kernels import all_patterns, get
-from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, Inputs
-from fusion_advisor.kernels.tolerances import tolerance
+from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern
 from fusion_advisor.module_forms import (NOT_A_CHAIN, POINTWISE_CHAIN, UNWEIGHTED_PROBE_FEATURES, PointwiseChainModule,
                                          check_norm, module_state, norm_builders, norm_parts, norm_probe, one_line,
                                          pointwise_refusal, redrawn_copy, rng_kept)
 
 _OPTIONS = {"check", "patterns", "device_check_shape", "memory", "modules", "include_estimates", "compile_blocks"}
 LEFT_TO_COMPILE = "left to torch.compile"
-_CHECK_SEED = 0   # check_equivalent runs the original and the replacement each from this seed
 _NORM_FORMS = ("rms_norm", "layer_norm")   # tried in this order on a norm-shaped module
 
 
@@ -508,30 +506,6 @@ def _name(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
-def check_function(original: Callable, replacement: Callable, examples: list[Inputs]) -> str | None:
-    """None when the replacement's outputs and gradients match the original's on every example
-    (the same inputs, the same upstream gradient), else a one-line reason."""
-    for inputs in examples:
-        outs, grads = [], []
-        upstream = None
-        for fn in (original, replacement):
-            args = [a.detach().clone().requires_grad_(i in inputs.grad_inputs) if isinstance(a, torch.Tensor) else a
-                    for i, a in enumerate(inputs.args)]
-            out = fn(*args, **inputs.kwargs)
-            tensors = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)]
-            if upstream is None:
-                upstream = [torch.randn_like(t) for t in tensors]
-            torch.autograd.backward(tensors, upstream)
-            outs.append([t.detach() for t in tensors])
-            grads.append([args[i].grad for i in inputs.grad_inputs])
-        try:
-            for got, want in zip(outs[1] + grads[1], outs[0] + grads[0]):
-                torch.testing.assert_close(got, want, **tolerance(want.dtype))
-        except AssertionError as exc:
-            return str(exc).strip().splitlines()[0]
-    return None
-
-
 @contextlib.contextmanager
 def patched(model: nn.Module, result=None, **options):
     handle = patch(model, result, **options)
@@ -545,125 +519,6 @@ def _candidates(model: nn.Module) -> Iterable[tuple[str, nn.Module, str, nn.Modu
     for parent_path, parent in model.named_modules():
         for attr, child in parent.named_children():
             yield (f"{parent_path}.{attr}" if parent_path else attr), parent, attr, child
-
-
-def _example_input(module: nn.Module, shape_hint) -> torch.Tensor:
-    """A random (2, 7, features) input in the module's dtype and device: features from its own
-    weight (a norm) or its first Linear's in_features (an MLP block). A block without a Linear whose
-    first child is a convolution or a BatchNorm (a conv -> BN -> activation block) gets an
-    (N, channels, *spatial) input of that child (`_channels_input`)."""
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
-        features, ref = weight.shape[-1], weight
-    else:
-        first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
-        if first is None:
-            channels_input = _channels_input(module, shape_hint)
-            if channels_input is not None:
-                return channels_input
-            raise AdvisorError(f"no example input for {type(module).__name__} (pass check=False to swap unchecked)")
-        features, ref = first.in_features, first.weight
-    shape = tuple(shape_hint) if shape_hint else (2, 7, features)
-    return torch.randn(shape, device=ref.device, dtype=ref.dtype)
-
-
-_SPATIAL_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
-
-
-def _channels_input(module: nn.Module, shape_hint) -> torch.Tensor | None:
-    """An (N, channels, *spatial) input for a block whose first child is a ConvNd (2 samples of its
-    in_channels, each spatial size past what its kernel, dilation and stride take) or a BatchNorm
-    (4 samples of (N, C, L) for BatchNorm1d, 2 of (N, C, H, W) or (N, C, D, H, W)), in the dtype of
-    the child's first floating tensor; None for any other block."""
-    first = next(iter(module.children()), None)
-    tensors = [] if first is None else [t for t in (*first.parameters(), *first.buffers()) if t.is_floating_point()]
-    if not tensors:
-        return None
-    if isinstance(first, nn.modules.conv._ConvNd):
-        spatial = tuple(max(8, d * (k - 1) + 1 + 2 * s) for k, d, s in zip(first.kernel_size, first.dilation,
-                                                                             first.stride))
-        shape = (2, first.in_channels, *spatial)
-    elif isinstance(first, nn.modules.batchnorm._BatchNorm):
-        dims = next((n for cls, n in _SPATIAL_DIMS.items() if isinstance(first, cls)), 2)
-        shape = (4, first.num_features, 6) if dims == 1 else (2, first.num_features, *(6, 5, 4)[:dims])
-    else:
-        return None
-    return torch.randn(tuple(shape_hint) if shape_hint else shape, device=tensors[0].device, dtype=tensors[0].dtype)
-
-
-def check_on_copies(original: nn.Module, factory: Callable[[nn.Module], nn.Module], shape_hint=None) -> str | None:
-    """`check_equivalent` for a module whose forward updates buffers (BatchNorm's running statistics):
-    two deep copies with the same redrawn parameters and buffers, one of them swapped by `factory`,
-    each run forward and backward in training mode, then in eval mode; their outputs, input and
-    parameter gradients and buffers (after each step) must match. The user's module is never run,
-    so neither its statistics nor its gradients change. None when they match, else a one-line reason."""
-    x = _example_input(original, shape_hint)
-    twin = redrawn_copy(original)
-    with torch.no_grad():
-        for b in twin.buffers():     # running statistics off their initial zeros and ones
-            if b.is_floating_point():
-                b.add_(0.2 * torch.rand(b.shape, device=b.device).to(b.dtype))
-    pair = (copy.deepcopy(twin), factory(copy.deepcopy(twin)))
-    tol, rows = tolerance(x.dtype), max(1, x.numel() // x.shape[1])
-    for training in (True, False):
-        runs, upstream = [], None
-        for mod in pair:
-            mod.train(training)
-            mod.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            y = mod(xi)
-            y = y[0] if isinstance(y, tuple) else y
-            upstream = torch.randn_like(y) if upstream is None else upstream
-            y.backward(upstream)
-            runs.append({"output": y.detach(), "input grad": xi.grad,
-                         **{f"grad of {n}": p.grad for n, p in mod.named_parameters() if p.grad is not None},
-                         **{n: b for n, b in mod.named_buffers()}})
-        mode = "training" if training else "eval"
-        if runs[0].keys() != runs[1].keys():
-            return f"{mode}: the swapped module has other gradients or buffers ({sorted(runs[1].keys() ^ runs[0].keys())})"
-        for name, want in runs[0].items():
-            try:
-                summed = name.startswith("grad of")    # a sum over the batch's positions
-                torch.testing.assert_close(runs[1][name], want, **(tolerance(x.dtype, rows) if summed else tol))
-            except AssertionError as exc:
-                return f"{mode}, {name}: {str(exc).strip().splitlines()[0]}"
-    return None
-
-
-def check_equivalent(original: nn.Module, replacement: nn.Module, shape_hint=None) -> str | None:
-    """None when the replacement's output and gradients (input and parameters) match the
-    original's on a random input, else a one-line reason. Each runs from the same seed, so that a
-    dropout inside both (T5's MLP, in training) draws the same mask at the same point."""
-    x = _example_input(original, shape_hint)
-    params = [p for p in original.parameters() if p.requires_grad]
-    saved = [p.grad for p in params]
-    try:
-        outs, grads = [], []
-        for mod in (original, replacement):
-            for p in params:
-                p.grad = None
-            xi = x.clone().requires_grad_(True)
-            with rng_kept():
-                torch.manual_seed(_CHECK_SEED)
-                y = mod(xi)
-            y = y[0] if isinstance(y, tuple) else y
-            g = torch.randn_like(y, generator=None) if not outs else outs[0][1]
-            y.backward(g)
-            outs.append((y.detach(), g))
-            grads.append([xi.grad] + [p.grad for p in params])
-        tol = tolerance(x.dtype)
-        try:
-            torch.testing.assert_close(outs[1][0], outs[0][0], **tol)
-            torch.testing.assert_close(grads[1][0], grads[0][0], **tol)
-            rows = x.numel() // x.shape[-1]
-            for a, b in zip(grads[1][1:], grads[0][1:]):
-                torch.testing.assert_close(a, b, **tolerance(x.dtype, rows))
-        except AssertionError as exc:
-            return str(exc).strip().splitlines()[0]
-        return None
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
 
 
 def available_module_patterns() -> list[FusionPattern]:

@@ -46,6 +46,7 @@ LAYERS = {
     "fusion_advisor.source_patch": APPLY,
     "fusion_advisor.patching": APPLY,
     "fusion_advisor.module_forms": APPLY,      # which modules patching may swap, checked numerically
+    "fusion_advisor.equivalence": APPLY,       # the numerics checks patching runs before each swap
     "fusion_advisor.provider_choice": APPLY,   # which measured provider apply/patch take
     "fusion_advisor.regional_compile": APPLY,
     "fusion_advisor.verify": APPLY,
