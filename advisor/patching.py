@@ -165,15 +165,28 @@ def recommended_patterns(result, memory: bool = False, include_estimates: bool =
 
 
 def module_hints(result) -> dict[str, set[str]]:
-    """pattern name -> the module classes (leaf class names) its recommended clusters came from."""
+    """pattern name -> the module classes (leaf class names) its recommended clusters came from; for
+    a pattern whose module form is a block (`module_is_block`: a BatchNorm2d's cluster swaps the
+    conv -> BN -> ReLU block holding it), the leaf's parent class."""
     clusters = {_field(c, "id"): c for c in getattr(result, "clusters", []) or []}
     hints: dict[str, set[str]] = {}
     for rec in getattr(result, "recommendations", []) or []:
         cluster = clusters.get(_field(rec, "cluster_id"))
-        leaf = (_field(cluster, "module_class") or "").rsplit("/", 1)[-1] if cluster is not None else ""
-        if _field(rec, "pattern") and leaf:
-            hints.setdefault(_field(rec, "pattern"), set()).add(leaf)
+        name = _field(rec, "pattern")
+        path = (_field(cluster, "module_class") or "").split("/") if cluster is not None else [""]
+        leaf = path[-2] if _is_block_pattern(name) and len(path) >= 2 else path[-1]
+        if name and leaf:
+            hints.setdefault(name, set()).add(leaf)
     return hints
+
+
+def _is_block_pattern(name: str | None) -> bool:
+    if not name or is_generated(name):
+        return False
+    try:
+        return get(name).module_is_block
+    except KeyError:
+        return False
 
 
 def _eps_hints(result) -> dict[str, tuple[float, ...]]:
@@ -336,7 +349,10 @@ class _ModuleSwapper:
             parts = norm_parts(module, self.eps_hints.get(type(module).__name__, ()))
             if not isinstance(parts, str):
                 return self._norm(t, module, parts)
-        if not hinted and not (t.pattern.module_shape is not None and t.pattern.module_shape(module)):
+        shaped = t.pattern.module_shape is not None and t.pattern.module_shape(module)
+        if not shaped and (not hinted or (t.pattern.module_is_block and type(module).__name__ not in t.pattern.modules)):
+            # (a block hint from a result is the class of the block's parent, e.g. "Sequential": only
+            # the ones of the block's shape are tried)
             return None, None
         return self._by_factory(t, module)
 

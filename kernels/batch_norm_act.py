@@ -410,6 +410,7 @@ PATTERN = register_pattern(
     module_factory=fuse_conv_norm_act,
     module_shape=is_conv_norm_act,
     stateful_modules=True,
+    module_is_block=True,
     example_params={"shape": [3, 5, 7, 9], "dtype": "float32", "activation": "relu"},
     bench_params=tuple({"shape": s, "dtype": "bfloat16", "activation": "relu"} for s in _RESNET50)
     + ({"shape": [256, 256, 56, 56], "dtype": "bfloat16", "activation": "silu"},),

@@ -97,6 +97,9 @@ class FusionPattern:
     # Its modules' forwards update buffers (BatchNorm's running statistics): patch checks a swap on
     # deep copies, in training and in eval mode, the buffers compared after the step too.
     stateful_modules: bool = False
+    # Its module form replaces the block that holds the cluster's modules (a conv -> BN -> ReLU
+    # block), not the module the trace names: a result's class hint for it is that module's parent.
+    module_is_block: bool = False
     example_params: dict = field(default_factory=dict)  # small shapes for tests and --help
     module_import: str | None = None                 # "fusion_advisor.kernels.rms_norm:RMSNorm": constructor-
                                                      # compatible with `modules`, for source patches

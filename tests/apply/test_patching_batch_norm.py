@@ -158,3 +158,25 @@ def test_hf_resnet_conv_layers_are_swapped(device):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, **tolerance(torch.float32, 2 * 16 * 16), msg=name)
     handle.revert()
+
+
+def test_a_result_hints_the_block_that_holds_the_traced_batch_norm(device):
+    """A BN -> ReLU cluster's module is the BatchNorm2d; the swap is of the block holding it. From a
+    result, patch tries that block's class (a user's nn.Sequential) by its shape: the conv -> BN ->
+    ReLU blocks are swapped, the other Sequential (no activation after its BN) is left without a word."""
+    from fusion_advisor import patching
+    from fusion_advisor.core.result import AdvisorResult, Cluster, Recommendation
+    from measured import measured_win
+
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()),
+                          nn.Sequential(nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8)),
+                          nn.Sequential(nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU())).to(device)
+    cluster = Cluster(id="c1", direction="forward", pattern="batch_norm_act", module_class="Sequential/Sequential/BatchNorm2d")
+    rec = Recommendation(rank=1, cluster_id="c1", pattern="batch_norm_act", title="BN + ReLU",
+                         measured_saving_us_per_step=5.0, estimate_saving_us_per_step=5.0, confidence="measured")
+    result = AdvisorResult(clusters=[cluster], recommendations=[rec], benchmarks=[measured_win("c1", "batch_norm_act")])
+    assert patching.module_hints(result) == {"batch_norm_act": {"Sequential"}}
+    with fusion_advisor.patched(model, result) as handle:
+        assert [s.path for s in handle.swaps] == ["0", "2"] and handle.skipped == [], handle.summary()
+        assert isinstance(model[0][1], BatchNormAct) and isinstance(model[2][2], nn.Identity)
+    assert isinstance(model[0][1], nn.BatchNorm2d)
