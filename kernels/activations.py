@@ -12,6 +12,10 @@ fp32 rounding:
   relu_squared  relu(z)^2 (Primer, modded-nanogpt)    d = 2 relu(z)
   sigmoid       sigmoid(z)                            d = s (1 - s)
   leaky_relu    z if z > 0 else slope z               d = 1 if z > 0 else slope
+  relu6         min(max(z, 0), 6), NaN kept           d = 0 where z <= 0 or z >= 6 else 1 (hardtanh_backward)
+  hardswish     z relu6(z + 3) / 6                    d = 0 to -3, z / 3 + 1/2 below 3, else 1 (at the
+                bends as ATen's hardswish_backward: bf16 puts many values exactly on 3.0)
+(relu6 and hardswish: MobileNet's conv -> BN -> activation blocks.)
 """
 from __future__ import annotations
 
@@ -27,9 +31,11 @@ RELU = tl.constexpr(3)
 RELU_SQUARED = tl.constexpr(4)
 SIGMOID = tl.constexpr(5)
 LEAKY_RELU = tl.constexpr(6)
+RELU6 = tl.constexpr(7)
+HARDSWISH = tl.constexpr(8)
 
 ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3, "relu_squared": 4, "sigmoid": 5,
-                  "leaky_relu": 6}
+                  "leaky_relu": 6, "relu6": 7, "hardswish": 8}
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)         # 1 / sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)    # 1 / sqrt(2 pi)
@@ -63,6 +69,10 @@ def torch_activation(z: torch.Tensor, name: str, negative_slope: float = 0.01) -
         return torch.sigmoid(z)
     if name == "leaky_relu":
         return F.leaky_relu(z, negative_slope)
+    if name == "relu6":
+        return F.relu6(z)
+    if name == "hardswish":
+        return F.hardswish(z)
     activation_id(name)  # raises the clear error
     raise AssertionError(name)
 
@@ -83,6 +93,12 @@ def apply_activation(z, ACT: tl.constexpr, negative_slope):
         y = r * r
     elif ACT == SIGMOID:
         y = tl.sigmoid(z)
+    elif ACT == RELU6:
+        r = tl.where(z < 0.0, 0.0, z)
+        y = tl.where(r > 6.0, 6.0, r)
+    elif ACT == HARDSWISH:
+        r = tl.where(z + 3.0 < 0.0, 0.0, z + 3.0)
+        y = z * tl.where(r > 6.0, 6.0, r) / 6.0
     else:  # LEAKY_RELU
         y = tl.where(z > 0.0, z, z * negative_slope)
     return y
@@ -106,6 +122,10 @@ def activation_grad(z, ACT: tl.constexpr, negative_slope):
     elif ACT == SIGMOID:
         s = tl.sigmoid(z)
         d = s * (1.0 - s)
+    elif ACT == RELU6:
+        d = tl.where((z <= 0.0) | (z >= 6.0), 0.0, 1.0)
+    elif ACT == HARDSWISH:
+        d = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, z / 3.0 + 0.5, 1.0))
     else:  # LEAKY_RELU
         d = tl.where(z > 0.0, 1.0, negative_slope)
     return d

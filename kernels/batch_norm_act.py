@@ -1,9 +1,10 @@
 """BatchNorm + activation: y = act(batch_norm(x)), training and eval, as Triton kernels each way.
 
 Replaces the conv nets' BN -> activation (ResNet's BatchNorm2d -> ReLU, EfficientNet's and YOLO's
-BN -> SiLU), over (N, C, *spatial) inputs of BatchNorm1d/2d/3d, contiguous or channels_last. One set
-of kernels (batch_norm_core.py) serves every activation of activations.py: relu, silu, gelu,
-gelu_tanh, leaky_relu, sigmoid (a compile-time constant, part of the pattern's params). Under
+BN -> SiLU, MobileNet's BN -> ReLU6 / Hardswish), over (N, C, *spatial) inputs of BatchNorm1d/2d/3d,
+contiguous or channels_last. One set of kernels (batch_norm_core.py) serves every activation of
+activations.py: relu, silu, gelu, gelu_tanh, leaky_relu, sigmoid, relu6, hardswish (a compile-time
+constant, part of the pattern's params). Under
 autocast the input may be bf16/fp16 with fp32 weight, bias and running statistics, as eager
 batch_norm takes them (autocast registers no cast for batch_norm): the output is in x's dtype, the
 parameter gradients in the parameters' dtype.
@@ -160,7 +161,8 @@ def reference(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var
 
 # -- the module ---------------------------------------------------------------------------------
 _BatchNorm = nn.modules.batchnorm._BatchNorm
-_TORCH_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid"}
+_TORCH_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.ReLU6: "relu6",
+                      nn.Hardswish: "hardswish"}
 # Hugging Face's ACT2FN classes of the same functions (transformers.activations).
 _HF_ACTIVATIONS = {"SiLUActivation": "silu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
                    "PytorchGELUTanh": "gelu_tanh"}
@@ -344,8 +346,9 @@ def fused_bytes(params: dict) -> dict:
 
 
 # Traced op name -> activation. gelu's `approximate` is not in the trace: a traced gelu reads as exact GELU.
+# relu6 is traced as hardtanh (its bounds, 0 and 6, in the Concrete Inputs: checked below).
 _TRACED_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu": "gelu", "leaky_relu": "leaky_relu",
-                       "sigmoid": "sigmoid"}
+                       "sigmoid": "sigmoid", "hardtanh": "relu6", "hardswish": "hardswish"}
 _TRACED_NORMS = ("batch_norm", "cudnn_batch_norm", "native_batch_norm")
 
 
@@ -381,6 +384,8 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
         if not training and not running:
             continue   # eval mode needs running statistics: not a valid call
         activation = _TRACED_ACTIVATIONS[act_op.short.rstrip("_")]
+        if activation == "relu6" and [_number(c, None) for c in act_op.concrete[1:3]] != [0.0, 6.0]:
+            continue   # a hardtanh with other bounds
         params = {"shape": shape, "dtype": dtype_name(dtype), "activation": activation, "training": training,
                   "momentum": _number(concrete[6], 0.1), "eps": _number(concrete[7], 1e-5)}
         for name in ("weight", "bias"):
@@ -405,7 +410,7 @@ _RESNET50 = ([256, 64, 112, 112], [256, 256, 56, 56], [256, 512, 28, 28], [256, 
 PATTERN = register_pattern(
     __name__,
     description="BatchNorm (training or eval) + activation (ReLU, SiLU, GELU, ...) as Triton kernels each way",
-    forward_signature=r"\b(?:cudnn_|native_)?batch_norm (?:\S+ ){0,4}(?:relu|silu|gelu|leaky_relu|sigmoid)_?\b",
+    forward_signature=r"\b(?:cudnn_|native_)?batch_norm (?:\S+ ){0,4}(?:relu|silu|gelu|leaky_relu|sigmoid|hardtanh|hardswish)_?\b",
     modules=("Conv1dNormActivation", "Conv2dNormActivation", "Conv3dNormActivation", "ResNetConvLayer"),
     module_factory=fuse_conv_norm_act,
     module_shape=is_conv_norm_act,

@@ -180,3 +180,17 @@ def test_a_result_hints_the_block_that_holds_the_traced_batch_norm(device):
         assert [s.path for s in handle.swaps] == ["0", "2"] and handle.skipped == [], handle.summary()
         assert isinstance(model[0][1], BatchNormAct) and isinstance(model[2][2], nn.Identity)
     assert isinstance(model[0][1], nn.BatchNorm2d)
+
+
+def test_mobilenet_blocks_with_relu6_and_hardswish_are_swapped(device):
+    """MobileNet-v2's conv -> BN -> ReLU6 and v3's conv -> BN -> Hardswish blocks."""
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True)),
+                          nn.Sequential(nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Hardswish())).to(device)
+    eager = copy.deepcopy(model)
+    x = 3 * torch.randn(2, 3, 9, 8, device=device)   # spans ReLU6's and Hardswish's bends
+    with fusion_advisor.patched(model, patterns=["batch_norm_act"]) as handle:
+        assert [s.replacement[1].activation for s in handle.swaps] == ["relu6", "hardswish"], handle.summary()
+        loss, dx, grads = _train_step(model, x)
+        loss_ref, dx_ref, grads_ref = _train_step(eager, x)
+        torch.testing.assert_close(loss, loss_ref, **tolerance(torch.float32))
+        torch.testing.assert_close(dx, dx_ref, **tolerance(torch.float32))

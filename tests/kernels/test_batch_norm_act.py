@@ -15,7 +15,7 @@ _ODD = [3, 5, 7, 9]
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "leaky_relu"])
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "leaky_relu", "relu6", "hardswish"])
 def test_matches_eager(activation, dtype, training, device):
     check_against_reference(mod.PATTERN, {"shape": _ODD, "dtype": dtype, "activation": activation,
                                           "training": training}, device)
@@ -246,6 +246,13 @@ def test_params_read_from_traced_ops():
                                                  "bias": False, "running_stats": False, "negative_slope": 0.2}
     other_shape = OpRecord("aten::relu", ((8, 64, 28, 28),), ("float",), ("",))
     assert mod.PATTERN.match([bn, other_shape]) is None
+    # MobileNet's ReLU6 is traced as hardtanh(x, 0, 6); other bounds are not relu6
+    relu6 = OpRecord("aten::hardtanh_", (shape, (), ()), ("float", "Scalar", "Scalar"), ("", "0.", "6."))
+    assert mod.PATTERN.match([bn, relu6])["activation"] == "relu6"
+    clamp = OpRecord("aten::hardtanh_", (shape, (), ()), ("float", "Scalar", "Scalar"), ("", "-1.", "1."))
+    assert mod.PATTERN.match([bn, clamp]) is None
+    hardswish = OpRecord("aten::hardswish_", (shape,), ("float",), ("",))
+    assert mod.PATTERN.match([bn, hardswish])["activation"] == "hardswish"
 
 
 def test_fused_bytes_follows_the_plan():
