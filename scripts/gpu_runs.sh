@@ -131,15 +131,15 @@ next)
       tests/kernels/test_batch_norm_act.py tests/kernels/test_geglu.py tests/kernels/test_rms_norm.py \
       -k "gemma or channel or packed or without_a_weight or batch_norm or written_out" >"$out/gpu-tests-new.txt" 2>&1
   echo "new kernel tests: rc $?"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests-new.txt" | head; tail -2 "$out/gpu-tests-new.txt"
+  timeout ${ZOO_TIMEOUT:-320} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
+      --models ${ZOO_MODELS:-t5-v1.1,resnet,convnext} --time-budget 260 >"$out/zoo.txt" 2>&1
+  echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
+  find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
   timeout 60 python3 benchmarks/bench_channel_norm.py --out "$out/bench-channel-norm.csv" >"$out/bench-channel-norm.txt" 2>&1
   echo "bench_channel_norm: rc $?"; cat "$out/bench-channel-norm.txt"
   timeout 45 python3 benchmarks/host_overhead.py --gpu --calls 300 --repeats 5 --anatomy --patterns layer_norm \
       >"$out/host-overhead.txt" 2>&1
   echo "host_overhead: rc $?"; cat "$out/host-overhead.txt"
-  timeout ${ZOO_TIMEOUT:-320} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
-      --models ${ZOO_MODELS:-t5-v1.1,resnet,convnext} --time-budget 260 >"$out/zoo.txt" 2>&1
-  echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
-  find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
