@@ -127,12 +127,12 @@ next)
   # what sessions 14-15 built on CPU and could not run, in one 10-minute call: the new kernels' tests
   # on the GPU, bench_channel_norm.py, the host anatomy, then the zoo families the new module forms
   # reach (T5's GEGLU MLP, ResNet's BN + ReLU, ConvNeXt's channels_first LayerNorm), with GPU-busy windows
-  timeout 120 python3 -m pytest -q tests/kernels/test_channel_norm.py tests/kernels/test_packed_glu.py \
+  timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q tests/kernels/test_channel_norm.py tests/kernels/test_packed_glu.py \
       tests/kernels/test_batch_norm_act.py tests/kernels/test_geglu.py tests/kernels/test_rms_norm.py \
       -k "gemma or channel or packed or without_a_weight or batch_norm or written_out" >"$out/gpu-tests-new.txt" 2>&1
   echo "new kernel tests: rc $?"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests-new.txt" | head; tail -2 "$out/gpu-tests-new.txt"
   timeout ${ZOO_TIMEOUT:-320} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
-      --models ${ZOO_MODELS:-t5-v1.1,resnet,convnext} --time-budget 260 >"$out/zoo.txt" 2>&1
+      --models ${ZOO_MODELS:-t5-v1.1,resnet,convnext} --time-budget ${ZOO_BUDGET:-260} >"$out/zoo.txt" 2>&1
   echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
   find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
   timeout 60 python3 benchmarks/bench_channel_norm.py --out "$out/bench-channel-norm.csv" >"$out/bench-channel-norm.txt" 2>&1
