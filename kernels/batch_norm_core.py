@@ -85,6 +85,17 @@ def _channel_param(P, c, c_mask, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _channel_terms(c, MEAN, SPREAD, W, B, C, eps, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(c_mask, mean, rstd, weight, bias) of the channels c, what every pass after the statistics reads."""
+    c_mask = c < C
+    mean, rstd = _channel_stats(MEAN, SPREAD, c, c_mask, eps, TRAINING)
+    w = _channel_param(W, c, c_mask, 1.0, HAS_WEIGHT, BLOCK_C)
+    b = _channel_param(B, c, c_mask, 0.0, HAS_BIAS, BLOCK_C)
+    return c_mask, mean, rstd, w, b
+
+
+@triton.jit
 def _normalised(x, mean, rstd, w, b, OUT_DTYPE: tl.constexpr):
     """(xhat, z): x normalised, and the BN output z = xhat * w + b rounded to the output dtype as
     eager's batch_norm writes it (the activation reads that rounded value), back in fp32."""
@@ -165,11 +176,8 @@ def _apply_kernel(X, Y, MEAN, SPREAD, W, B, C, S, s_tiles, stride_n, stride_c, s
                   ACT: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    c_mask, mean, rstd, w, b = _channel_terms(c, MEAN, SPREAD, W, B, C, eps, TRAINING, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     offs, mask, _ = _tile(tl.program_id(0), c, c_mask, s_tiles, S, stride_n, stride_c, stride_s, BLOCK_S)
-    mean, rstd = _channel_stats(MEAN, SPREAD, c, c_mask, eps, TRAINING)
-    w = _channel_param(W, c, c_mask, 1.0, HAS_WEIGHT, BLOCK_C)
-    b = _channel_param(B, c, c_mask, 0.0, HAS_BIAS, BLOCK_C)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     _, z = _normalised(x, mean, rstd, w, b, Y.dtype.element_ty)
     tl.store(Y + offs, apply_activation(z, ACT, negative_slope).to(Y.dtype.element_ty), mask=mask)
@@ -184,10 +192,7 @@ def _grad_sums_kernel(DY, X, MEAN, SPREAD, W, B, PARTIAL, C, S, s_tiles, n_tiles
     """PARTIAL (2, n_splits, C) fp32: sum(dz) and sum(dz * xhat) of this program's tiles per channel."""
     split = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mean, rstd = _channel_stats(MEAN, SPREAD, c, c_mask, eps, TRAINING)
-    w = _channel_param(W, c, c_mask, 1.0, HAS_WEIGHT, BLOCK_C)
-    b = _channel_param(B, c, c_mask, 0.0, HAS_BIAS, BLOCK_C)
+    c_mask, mean, rstd, w, b = _channel_terms(c, MEAN, SPREAD, W, B, C, eps, TRAINING, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     sum_dz = tl.zeros((BLOCK_C,), tl.float32)
     sum_dz_xhat = tl.zeros((BLOCK_C,), tl.float32)
     first = split * tiles_per_program
@@ -235,11 +240,8 @@ def _dx_kernel(DY, X, DX, MEAN, SPREAD, W, B, TERMS, C, S, s_tiles, stride_n, st
                negative_slope, ACT: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    c_mask, mean, rstd, w, b = _channel_terms(c, MEAN, SPREAD, W, B, C, eps, TRAINING, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     offs, mask, _ = _tile(tl.program_id(0), c, c_mask, s_tiles, S, stride_n, stride_c, stride_s, BLOCK_S)
-    mean, rstd = _channel_stats(MEAN, SPREAD, c, c_mask, eps, TRAINING)
-    w = _channel_param(W, c, c_mask, 1.0, HAS_WEIGHT, BLOCK_C)
-    b = _channel_param(B, c, c_mask, 0.0, HAS_BIAS, BLOCK_C)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     xhat, z = _normalised(x, mean, rstd, w, b, DY.dtype.element_ty)
