@@ -87,6 +87,16 @@ class Swap:
     replacement: nn.Module
     pattern: str
 
+    def described(self) -> str:
+        """"LlamaRMSNorm -> RMSNorm"; a block swapped for a copy of its own class (batch_norm_act) says
+        which children changed: "ResNetConvLayer -> ResNetConvLayer (normalization -> BatchNormAct, ...)"."""
+        new = type(self.replacement).__name__
+        if type(self.replacement) is type(self.original):
+            changed = [f"{name} -> {type(child).__name__}" for name, child in self.replacement.named_children()
+                       if self.original._modules.get(name) is not child]
+            new += f" ({', '.join(changed)})" if changed else ""
+        return f"{type(self.original).__name__} -> {new}"
+
 
 @dataclass
 class FunctionSwap:
@@ -120,8 +130,7 @@ class PatchHandle:
 
     def summary(self) -> str:
         lines = [f"swapped {len(self.swaps)} module(s), {len(self.functions)} function(s)"]
-        lines += [f"  {s.path}: {type(s.original).__name__} -> {type(s.replacement).__name__} ({s.pattern})"
-                  for s in self.swaps]
+        lines += [f"  {s.path}: {s.described()} ({s.pattern})" for s in self.swaps]
         lines += [f"  {f.path}: {_name(f.original)} -> fused ({f.pattern})" for f in self.functions]
         lines += [f"  skipped {p}: {why}" for p, why in self.skipped]
         return "\n".join(lines)

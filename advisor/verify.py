@@ -145,8 +145,7 @@ def _run_in_process(spec: RunSpec) -> RunMeasurement:
                                           modules=spec.modules)
             for name, n in calls.snapshot().items():   # the checks' own calls are not the script's
                 check_calls[name] = check_calls.get(name, 0) + n - before_checks.get(name, 0)
-            swapped.extend(f"{s.path}: {type(s.original).__name__} -> {type(s.replacement).__name__}"
-                           for s in handle.swaps)
+            swapped.extend(f"{s.path}: {s.described()}" for s in handle.swaps)
             swapped.extend(f"{f.path}: fused ({f.pattern})" for f in handle.functions)
             skipped.extend(f"{p}: {why}" for p, why in handle.skipped)
         patch_hook = register_module_forward_pre_hook(patch_first_model)

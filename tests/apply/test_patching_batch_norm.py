@@ -194,3 +194,10 @@ def test_mobilenet_blocks_with_relu6_and_hardswish_are_swapped(device):
         loss_ref, dx_ref, grads_ref = _train_step(eager, x)
         torch.testing.assert_close(loss, loss_ref, **tolerance(torch.float32))
         torch.testing.assert_close(dx, dx_ref, **tolerance(torch.float32))
+
+
+def test_a_block_swap_says_which_children_changed(device):
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU())).to(device)
+    with fusion_advisor.patched(model, patterns=["batch_norm_act"]) as handle:
+        assert handle.swaps[0].described() == "Sequential -> Sequential (1 -> BatchNormAct, 2 -> Identity)"
+        assert "0: Sequential -> Sequential (1 -> BatchNormAct, 2 -> Identity) (batch_norm_act)" in handle.summary()
