@@ -368,9 +368,14 @@ class _ModuleSwapper:
     def _signature(self, t: _Target, module: nn.Module, *extra) -> tuple:
         attrs = tuple(sorted((k, v) for k, v in vars(module).items()
                              if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))))
+        # A function held as an attribute (torchtitan's FeedForward built with F.silu or F.gelu) is
+        # part of what the instance computes: two instances that differ there get a check each.
+        functions = tuple(sorted((k, f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}")
+                                 for k, v in vars(module).items()
+                                 if callable(v) and not isinstance(v, (nn.Module, torch.Tensor, type))))
         tensors = tuple((n, tuple(p.shape), p.dtype, p.device.type, p.requires_grad)
                         for n, p in [*module.named_parameters(), *module.named_buffers()])
-        return (t.name, type(module), attrs, tensors, *extra)
+        return (t.name, type(module), attrs, functions, tensors, *extra)
 
     def _norm(self, t: _Target, module: nn.Module, parts) -> tuple[nn.Module | None, str | None]:
         builders = norm_builders(t.name, parts)

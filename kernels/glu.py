@@ -187,9 +187,12 @@ def packed_glu(gate_up: torch.Tensor, activation: str, private_input: bool = Fal
     return PackedGLUFunction.apply(gate_up, activation, bool(private_input))
 
 
-# The (gate, up, down) projection names of the gated MLPs models write: Llama's, and T5 v1.1's
-# T5DenseGatedActDense (also mT5, UMT5, LongT5), whose `dropout` sits between the product and `wo`.
-PROJECTION_NAMES = (("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo"))
+# The (gate, up, down) projection names of the gated MLPs models write: Llama's (HF); T5 v1.1's
+# T5DenseGatedActDense (also mT5, UMT5, LongT5), whose `dropout` sits between the product and `wo`;
+# Meta's reference Llama / Mistral and torchtitan's FeedForward (w2(silu(w1(x)) * w3(x))); lit-gpt's
+# LLaMAMLP (proj(silu(fc_1(x)) * fc_2(x))). The last two hard-code F.silu: no activation module.
+PROJECTION_NAMES = (("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo"), ("w1", "w3", "w2"),
+                    ("fc_1", "fc_2", "proj"))
 ACTIVATION_NAMES = ("act_fn", "activation_fn", "act")   # Llama/Gemma, Phi-3/GLM, T5
 
 
@@ -213,9 +216,13 @@ class GatedMLP(torch.nn.Module):
     def wrap(cls, module: torch.nn.Module, activation: str) -> "GatedMLP":
         """A GatedMLP (of this class) over an existing MLP's projections, names and dropout."""
         names = GatedMLP.projection_names(module)
-        dropout = getattr(module, "dropout", None) if names != PROJECTION_NAMES[0] else None
-        return cls(*(getattr(module, n) for n in names), activation=activation, names=names,
-                   dropout=dropout if isinstance(dropout, torch.nn.Module) else None)
+        dropout = getattr(module, "dropout", None) if names == PROJECTION_NAMES[1] else None
+        mlp = cls(*(getattr(module, n) for n in names), activation=activation, names=names,
+                  dropout=dropout if isinstance(dropout, torch.nn.Module) else None)
+        # children in the original's order (w1, w2, w3 stay so): its state_dict lists the same keys in the same order
+        order = [n for n in module._modules if n in mlp._modules]
+        mlp._modules = type(mlp._modules)((n, mlp._modules[n]) for n in order + [n for n in mlp._modules if n not in order])
+        return mlp
 
     @staticmethod
     def projection_names(module: torch.nn.Module) -> tuple[str, str, str]:
@@ -250,12 +257,16 @@ class GatedMLP(torch.nn.Module):
         return None
 
     @staticmethod
+    def shaped(module: torch.nn.Module) -> bool:
+        """Two projections under one of PROJECTION_NAMES and a down projection, or one packed."""
+        return GatedMLP.packed(module) or any(
+            all(isinstance(getattr(module, n, None), torch.nn.Module) for n in names) for names in PROJECTION_NAMES)
+
+    @staticmethod
     def activation_is(module: torch.nn.Module, test: Callable[[torch.nn.Module], bool]) -> bool:
         """A gated MLP's shape (two projections, or one packed) with an activation module passing `test`."""
-        shaped = GatedMLP.packed(module) or any(
-            all(isinstance(getattr(module, n, None), torch.nn.Module) for n in names) for names in PROJECTION_NAMES)
         act = GatedMLP.activation_module(module)
-        return shaped and act is not None and test(act)
+        return GatedMLP.shaped(module) and act is not None and test(act)
 
     @staticmethod
     def packed(module: torch.nn.Module) -> bool:

@@ -79,7 +79,9 @@ PATTERN = register_pattern(
     forward_signature=r"\bsilu_? (?:\S+ ){0,2}mul\b",
     modules=("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Phi3MLP", "GlmMLP", "Glm4MLP"),
     module_factory=SwiGLUMLP.from_module,
-    module_shape=lambda module: GatedMLP.activation_is(module, _is_silu),
+    # a SiLU module, or none at all (torchtitan's and lit-gpt's F.silu in the forward): the check decides
+    module_shape=lambda module: GatedMLP.activation_is(module, _is_silu) or (
+        GatedMLP.shaped(module) and GatedMLP.activation_module(module) is None),
     rewrites=(Rewrite("F.silu($gate) * $up", "swiglu($gate, $up)", ("from fusion_advisor.kernels.swiglu import swiglu",)),),
     example_params={"shape": [6, 42, 431], "dtype": "float32"},
     bench_params=training_shapes(lambda tokens, hidden:

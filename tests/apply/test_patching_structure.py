@@ -463,6 +463,43 @@ def test_gated_mlps_are_swapped_by_shape_without_a_class_name(device):
         torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
 
 
+class TorchtitanFeedForward(nn.Module):
+    """torchtitan's (and Meta's reference Llama's) FeedForward: w1/w2/w3, F.silu hard-coded."""
+
+    def __init__(self, dim, hidden, act=F.silu):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False), \
+            nn.Linear(dim, hidden, bias=False)
+        self._act = act
+
+    def forward(self, x):
+        return self.w2(self._act(self.w1(x)) * self.w3(x))
+
+
+class LitGptMLP(nn.Module):
+    """lit-gpt's LLaMAMLP: fc_1 (gate), fc_2 (up), proj (down)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc_1, self.fc_2, self.proj = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+def test_gated_mlps_without_an_activation_module_are_swapped_by_what_they_compute(device):
+    model = nn.Sequential(TorchtitanFeedForward(16, 24), LitGptMLP(16, 24),
+                          TorchtitanFeedForward(16, 24, act=F.gelu)).to(device)
+    keys = list(model.state_dict())
+    x = torch.randn(2, 5, 16, device=device)
+    want = model(x)
+    with fusion_advisor.patched(model, patterns=["swiglu", "geglu"]) as handle:
+        assert {s.path: type(s.replacement).__name__ for s in handle.swaps} == {"0": "SwiGLUMLP", "1": "SwiGLUMLP"}
+        assert [p for p, _ in handle.skipped] == ["2"] and "numerics check failed" in handle.skipped[0][1]
+        assert list(model.state_dict()) == keys
+        torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_t5_gated_mlps_become_geglu_with_their_names_and_dropout_kept(dropout, device):
     """T5 v1.1's T5DenseGatedActDense (wi_0, wi_1, wo, act = NewGELU, dropout before wo): one fused
