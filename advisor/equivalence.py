@@ -4,7 +4,7 @@
   check_equivalent  a module and its replacement on a random input: forward output, input and
                     parameter gradients (the tolerance table of kernels/tolerances.py), both run
                     from one seed (a dropout inside both draws the same mask);
-  check_on_copies   the same for modules whose forward updates buffers (BatchNorm's running
+  check_on_copies   the same (also from one seed) for modules whose forward updates buffers (BatchNorm's running
                     statistics), on deep copies, in training and eval mode, buffers compared too;
   check_function    a function and its replacement on the pattern's example inputs.
 The example input of a module is read off the module itself (`_example_input`).
@@ -22,7 +22,7 @@ from fusion_advisor.kernels.registry import Inputs
 from fusion_advisor.kernels.tolerances import tolerance
 from fusion_advisor.module_forms import redrawn_copy, rng_kept
 
-_CHECK_SEED = 0   # check_equivalent runs the original and the replacement each from this seed
+_CHECK_SEED = 0   # the checks run the original and the replacement each from this seed
 
 
 def _example_input(module: nn.Module, shape_hint) -> torch.Tensor:
@@ -69,6 +69,15 @@ def _channels_input(module: nn.Module, shape_hint) -> torch.Tensor | None:
     return torch.randn(tuple(shape_hint) if shape_hint else shape, device=tensors[0].device, dtype=tensors[0].dtype)
 
 
+def _seeded_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) from _CHECK_SEED (the user's RNG streams left as they were): the original and its
+    replacement draw the same dropout mask at the same point. Its first output where it returns several."""
+    with rng_kept():
+        torch.manual_seed(_CHECK_SEED)
+        y = module(x)
+    return y[0] if isinstance(y, tuple) else y
+
+
 def check_on_copies(original: nn.Module, factory: Callable[[nn.Module], nn.Module], shape_hint=None) -> str | None:
     """`check_equivalent` for a module whose forward updates buffers (BatchNorm's running statistics):
     two deep copies with the same redrawn parameters and buffers, one of them swapped by `factory`,
@@ -89,8 +98,7 @@ def check_on_copies(original: nn.Module, factory: Callable[[nn.Module], nn.Modul
             mod.train(training)
             mod.zero_grad(set_to_none=True)
             xi = x.clone().requires_grad_(True)
-            y = mod(xi)
-            y = y[0] if isinstance(y, tuple) else y
+            y = _seeded_forward(mod, xi)
             upstream = torch.randn_like(y) if upstream is None else upstream
             y.backward(upstream)
             runs.append({"output": y.detach(), "input grad": xi.grad,
@@ -121,10 +129,7 @@ def check_equivalent(original: nn.Module, replacement: nn.Module, shape_hint=Non
             for p in params:
                 p.grad = None
             xi = x.clone().requires_grad_(True)
-            with rng_kept():
-                torch.manual_seed(_CHECK_SEED)
-                y = mod(xi)
-            y = y[0] if isinstance(y, tuple) else y
+            y = _seeded_forward(mod, xi)
             g = torch.randn_like(y, generator=None) if not outs else outs[0][1]
             y.backward(g)
             outs.append((y.detach(), g))

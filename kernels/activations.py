@@ -77,6 +77,29 @@ def torch_activation(z: torch.Tensor, name: str, negative_slope: float = 0.01) -
     raise AssertionError(name)
 
 
+# Activation modules by torch class, or by class name (transformers' ACT2FN classes and kin), and
+# the activation each computes here. NewGELU and FastGELU write the tanh approximation their own
+# way, and a "SiLU" or "Swish" of another library is taken at its name: every swap's check decides.
+_TORCH_MODULES = ((torch.nn.ReLU, "relu"), (torch.nn.ReLU6, "relu6"), (torch.nn.SiLU, "silu"),
+                  (torch.nn.Sigmoid, "sigmoid"), (torch.nn.Hardswish, "hardswish"))
+_NAMED_MODULES = {"SiLU": "silu", "SiLUActivation": "silu", "Swish": "silu", "GELUActivation": "gelu",
+                  "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+                  "FastGELUActivation": "gelu_tanh"}
+
+
+def module_activation(module: torch.nn.Module) -> tuple[str, float] | None:
+    """(activation name, negative_slope) of an activation module computed here, else None: what the
+    gated MLPs' and batch_norm_act's module forms fuse."""
+    if isinstance(module, torch.nn.GELU):
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
+        return (name, 0.01) if name else None
+    if isinstance(module, torch.nn.LeakyReLU):
+        return "leaky_relu", float(module.negative_slope)
+    name = next((n for cls, n in _TORCH_MODULES if isinstance(module, cls)), None) \
+        or _NAMED_MODULES.get(type(module).__name__)
+    return (name, 0.01) if name else None
+
+
 @triton.jit
 def apply_activation(z, ACT: tl.constexpr, negative_slope):
     """act(z) for fp32 z."""

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion_advisor.kernels import batch_norm_core as core
-from fusion_advisor.kernels.activations import activation_id, torch_activation
+from fusion_advisor.kernels.activations import activation_id, module_activation, torch_activation
 from fusion_advisor.kernels.common import check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, dtype_name, param_dtype,
@@ -122,6 +122,7 @@ _backward = fused_op("fusion_advisor::batch_norm_act_bwd", fake=_bwd_fake)(batch
 class BatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, activation, negative_slope):
+        x = core.dense(x)   # (a copy where the kernels cannot read x in place: made once, saved for backward)
         y, mean, rstd = _forward(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
                                  negative_slope)
         # The backward's per-channel statistics: the batch's (training), else the running ones.
@@ -161,11 +162,6 @@ def reference(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var
 
 # -- the module ---------------------------------------------------------------------------------
 _BatchNorm = nn.modules.batchnorm._BatchNorm
-_TORCH_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.ReLU6: "relu6",
-                      nn.Hardswish: "hardswish"}
-# Hugging Face's ACT2FN classes of the same functions (transformers.activations).
-_HF_ACTIVATIONS = {"SiLUActivation": "silu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
-                   "PytorchGELUTanh": "gelu_tanh"}
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -174,18 +170,7 @@ def _hooked(module: nn.Module) -> bool:
 
 def activation_of(module: nn.Module) -> tuple[str, float] | None:
     """(activation name, negative_slope) of a module that is one of the activations fused here, else None."""
-    cls = type(module)
-    if _hooked(module):
-        return None    # its hooks would no longer run
-    if cls in _TORCH_ACTIVATIONS:
-        return _TORCH_ACTIVATIONS[cls], 0.01
-    if cls is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    if cls is nn.GELU:
-        return {"none": ("gelu", 0.01), "tanh": ("gelu_tanh", 0.01)}.get(module.approximate)
-    if cls.__module__.startswith("transformers.") and cls.__name__ in _HF_ACTIVATIONS:
-        return _HF_ACTIVATIONS[cls.__name__], 0.01
-    return None
+    return None if _hooked(module) else module_activation(module)   # (a hooked one's hooks would no longer run)
 
 
 def batch_norm_refusal(bn: nn.Module) -> str | None:

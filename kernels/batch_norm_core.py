@@ -400,8 +400,11 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
         dy = torch.empty_like(x).copy_(dy)
     channels = x.shape[1]
     dx = torch.empty_like(x)
-    dw = torch.zeros_like(weight) if weight is not None else x.new_empty(0)
-    db = torch.zeros_like(bias) if bias is not None else x.new_empty(0)
+    sums = x.numel() > 0 and (training or (param_grads and (weight is not None or bias is not None)))
+    # the sums' finalize writes every channel of dweight and dbias; without that pass, zeros
+    new_grad = torch.empty_like if sums else torch.zeros_like
+    dw = new_grad(weight) if weight is not None else x.new_empty(0)
+    db = new_grad(bias) if bias is not None else x.new_empty(0)
     if x.numel() == 0:
         return dx, dw, db
     p = plan(channel_view(x), num_sms(x.device))
@@ -409,7 +412,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
                  BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.num_warps)
     w, b = x if weight is None else weight, x if bias is None else bias
     terms = torch.empty((2, channels) if training else (0,), dtype=torch.float32, device=x.device)
-    if training or (param_grads and (weight is not None or bias is not None)):
+    if sums:
         partial = torch.empty((2, p.splits, channels), dtype=torch.float32, device=x.device)
         _grad_sums_kernel[(p.c_blocks, p.splits)](
             dy, x, center, spread, w, b, partial, channels, p.view.positions, p.s_tiles, p.n_tiles,

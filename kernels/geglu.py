@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fusion_advisor.kernels.activations import module_activation
 from fusion_advisor.kernels.glu import GatedMLP, PackedGatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, Rewrite, param_dtype, register_pattern,
                                              training_shapes)
@@ -44,14 +45,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
 
 def approximate_of(act: torch.nn.Module) -> str | None:
     """'none' / 'tanh' for a GELU module (torch's or transformers'), None for anything else."""
-    if isinstance(act, torch.nn.GELU):
-        return act.approximate
-    name = type(act).__name__
-    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation"):
-        return "tanh"
-    if name == "GELUActivation":
-        return "none"
-    return None
+    return {"gelu": "none", "gelu_tanh": "tanh"}.get((module_activation(act) or ("",))[0])
 
 
 class GEGLUMLP(GatedMLP):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fusion_advisor.kernels.activations import module_activation
 from fusion_advisor.kernels.glu import GatedMLP, PackedGatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, Rewrite, param_dtype, register_pattern,
                                              training_shapes)
@@ -27,7 +28,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _is_silu(act: torch.nn.Module) -> bool:
-    return isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation", "Swish")
+    return (module_activation(act) or ("",))[0] == "silu"
 
 
 class SwiGLUMLP(GatedMLP):
