@@ -7,7 +7,8 @@
   check_on_copies   the same (also from one seed) for modules whose forward updates buffers (BatchNorm's running
                     statistics), on deep copies, in training and eval mode, buffers compared too;
   check_function    a function and its replacement on the pattern's example inputs.
-The example input of a module is read off the module itself (`_example_input`).
+The example input of a module is read off the module itself (`_example_input`; an MoE's experts
+also get their routing, `_example_args`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,22 @@ def _example_input(module: nn.Module, shape_hint) -> torch.Tensor:
     return torch.randn(shape, device=ref.device, dtype=ref.dtype)
 
 
+def _example_args(module: nn.Module, shape_hint) -> tuple[torch.Tensor, ...]:
+    """The arguments of a module's example call: (x,) from `_example_input`, or for an MoE's experts
+    (batched 3-D `gate_up_proj`; HF's forward(hidden_states, top_k_index, top_k_weights)) 16 tokens,
+    each routed to 2 distinct experts with softmax weights."""
+    weight = getattr(module, "gate_up_proj", None)
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 3):
+        return (_example_input(module, shape_hint),)
+    experts = weight.shape[0]
+    hidden = weight.shape[1] if getattr(module, "is_transposed", False) else weight.shape[2]
+    tokens, top_k = 16, min(2, experts)
+    x = torch.randn(tokens, hidden, device=weight.device, dtype=weight.dtype)
+    index = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)]).to(weight.device)
+    weights = torch.softmax(torch.randn(tokens, top_k), dim=-1).to(device=weight.device, dtype=weight.dtype)
+    return x, index, weights
+
+
 _SPATIAL_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
@@ -69,12 +86,12 @@ def _channels_input(module: nn.Module, shape_hint) -> torch.Tensor | None:
     return torch.randn(tuple(shape_hint) if shape_hint else shape, device=tensors[0].device, dtype=tensors[0].dtype)
 
 
-def _seeded_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) from _CHECK_SEED (the user's RNG streams left as they were): the original and its
+def _seeded_forward(module: nn.Module, x: torch.Tensor, *rest) -> torch.Tensor:
+    """module(x, *rest) from _CHECK_SEED (the user's RNG streams left as they were): the original and its
     replacement draw the same dropout mask at the same point. Its first output where it returns several."""
     with rng_kept():
         torch.manual_seed(_CHECK_SEED)
-        y = module(x)
+        y = module(x, *rest)
     return y[0] if isinstance(y, tuple) else y
 
 
@@ -120,7 +137,7 @@ def check_equivalent(original: nn.Module, replacement: nn.Module, shape_hint=Non
     """None when the replacement's output and gradients (input and parameters) match the
     original's on a random input, else a one-line reason. Each runs from the same seed, so that a
     dropout inside both (T5's MLP, in training) draws the same mask at the same point."""
-    x = _example_input(original, shape_hint)
+    x, *rest = _example_args(original, shape_hint)
     params = [p for p in original.parameters() if p.requires_grad]
     saved = [p.grad for p in params]
     try:
@@ -129,7 +146,7 @@ def check_equivalent(original: nn.Module, replacement: nn.Module, shape_hint=Non
             for p in params:
                 p.grad = None
             xi = x.clone().requires_grad_(True)
-            y = _seeded_forward(mod, xi)
+            y = _seeded_forward(mod, xi, *rest)
             g = torch.randn_like(y, generator=None) if not outs else outs[0][1]
             y.backward(g)
             outs.append((y.detach(), g))

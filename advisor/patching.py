@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from fusion_advisor import api, regional_compile
+from fusion_advisor import api, calls, regional_compile
 from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.core.result import is_generated
 from fusion_advisor.equivalence import check_equivalent, check_function, check_on_copies
@@ -94,6 +94,9 @@ class Swap:
         if type(self.replacement) is type(self.original):
             changed = [f"{name} -> {type(child).__name__}" for name, child in self.replacement.named_children()
                        if self.original._modules.get(name) is not child]
+            # an attribute the copy holds of its own (an MoE's experts: `_apply_gate -> fused packed silu gate`)
+            changed += [f"{name} -> {value!r}" for name, value in vars(self.replacement).items()
+                        if callable(value) and vars(self.original).get(name) is not value]
             new += f" ({', '.join(changed)})" if changed else ""
         return f"{type(self.original).__name__} -> {new}"
 
@@ -415,12 +418,17 @@ class _ModuleSwapper:
         key = self._signature(t, module, *children)
         if key not in self.verdicts:
             try:
+                ran_before = calls.snapshot().get(t.pattern.call_key, 0)
                 if not self.check:
                     self.verdicts[key] = None
                 elif stateful:
                     self.verdicts[key] = check_on_copies(module, t.pattern.module_factory, self.shape_hint)
                 else:
                     self.verdicts[key] = check_equivalent(module, replacement, self.shape_hint)
+                if self.check and self.verdicts[key] is None and calls.snapshot().get(t.pattern.call_key, 0) == ran_before:
+                    # Matching numerics prove nothing where our kernel never ran (Mixtral's eager experts
+                    # forward writes act(gate) * up inline and never calls the `_apply_gate` we fused).
+                    self.verdicts[key] = f"its forward never reached our {t.pattern.call_key} kernel in the check"
             except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
                 self.verdicts[key] = one_line(exc)
         if self.verdicts[key] is not None:

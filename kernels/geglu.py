@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_advisor.kernels.activations import module_activation
-from fusion_advisor.kernels.glu import GatedMLP, PackedGatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
+from fusion_advisor.kernels.glu import GatedExperts, GatedMLP, PackedGatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, Rewrite, param_dtype, register_pattern,
                                              training_shapes)
 
@@ -60,6 +60,8 @@ class GEGLUMLP(GatedMLP):
         if approximate is None:
             found = type(act).__name__ if act is not None else "no act_fn"
             raise ValueError(f"{type(module).__name__}: {found} is not a known GELU: not a GEGLU MLP")
+        if GatedExperts.shaped(module):
+            return GatedExperts.with_fused_gate(module, _activation(approximate))
         if GatedMLP.packed(module):
             return PackedGatedMLP(module.gate_up_proj, module.down_proj, _activation(approximate))
         return cls.wrap(module, _activation(approximate))
@@ -133,7 +135,8 @@ PATTERN = register_pattern(
     forward_signature=r"\bgelu_? (?:\S+ ){0,2}mul\b|\b" + WRITTEN_OUT_TANH_GELU + r" (?:\S+ ){0,2}mul\b",
     modules=("GemmaMLP", "Gemma2MLP", "Gemma3MLP"),
     module_factory=GEGLUMLP.from_module,
-    module_shape=lambda module: GatedMLP.activation_is(module, lambda act: approximate_of(act) is not None),
+    module_shape=lambda module: GatedMLP.activation_is(module, lambda act: approximate_of(act) is not None) or (
+        GatedExperts.shaped(module) and approximate_of(GatedMLP.activation_module(module)) is not None),
     rewrites=tuple(Rewrite(f"F.gelu($gate{kw}) * $up", f"geglu($gate, $up{kw})", ("from fusion_advisor.kernels.geglu import geglu",))
                    for kw in ("", ", approximate=$approximate")),
     example_params={"shape": [6, 42, 431], "dtype": "float32", "approximate": "tanh"},

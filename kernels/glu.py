@@ -12,6 +12,7 @@ backward's where it is given where to write (the packed form below writes both g
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -291,6 +292,49 @@ class PackedGatedMLP(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, packed gate/up (fused Triton)"
+
+
+class FusedPackedGate:
+    """The fused `_apply_gate(gate_up)` of an MoE's experts: act(gate) * up of the (tokens x experts
+    picked, 2 * width) output of the batched gate/up projection, gate the first half (HF's
+    `_default_apply_gate`). HF's grouped_mm / batched_mm forwards call it on a fresh projection
+    output that nothing else reads, so its gradient is written over it (private_input): were that
+    promise broken, autograd's version check would raise, never compute a wrong gradient."""
+
+    def __init__(self, activation: str):
+        activation_id(activation)
+        self.activation = activation
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return packed_glu(gate_up, self.activation, private_input=True)
+
+    def __repr__(self) -> str:
+        return f"fused packed {self.activation} gate (Triton)"
+
+
+class GatedExperts:
+    """An MoE's experts held as batched 3-D weights (transformers' `@use_experts_implementation`
+    classes: MixtralExperts, Qwen2MoeExperts, Qwen3MoeExperts, OlmoeExperts...): `gate_up_proj`
+    of (experts, 2 * width, hidden), and `_apply_gate`, which HF's grouped_mm and batched_mm
+    forwards call between the two grouped GEMMs (eager PyTorch: chunk, act, mul; 2 kernels forward,
+    3 and a cat backward). Its module form is a shallow copy of the experts module (the same
+    parameters, state_dict keys unchanged) whose instance `_apply_gate` is a FusedPackedGate."""
+
+    @staticmethod
+    def shaped(module: torch.nn.Module) -> bool:
+        weight = getattr(module, "gate_up_proj", None)
+        return (isinstance(weight, torch.nn.Parameter) and weight.dim() == 3
+                and callable(getattr(module, "_apply_gate", None))
+                and getattr(module, "has_gate", True) is True and getattr(module, "is_concatenated", True) is True)
+
+    @staticmethod
+    def with_fused_gate(module: torch.nn.Module, activation: str) -> torch.nn.Module:
+        """A copy of the experts module sharing its parameters, hooks and children, with the gate fused.
+        Whether its forward calls `_apply_gate` at all (Mixtral's eager forward writes the product
+        inline) is for patch's check to find: it refuses a swap whose kernel never ran."""
+        twin = copy.copy(module)
+        twin._apply_gate = FusedPackedGate(activation)
+        return twin
 
 
 def glu_bytes(params: dict) -> dict:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_advisor.kernels.activations import module_activation
-from fusion_advisor.kernels.glu import GatedMLP, PackedGatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
+from fusion_advisor.kernels.glu import GatedExperts, GatedMLP, PackedGatedMLP, gated_mlp_width, glu, glu_bytes, glu_params_from_ops
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, Rewrite, param_dtype, register_pattern,
                                              training_shapes)
 
@@ -42,6 +42,8 @@ class SwiGLUMLP(GatedMLP):
         act = GatedMLP.activation_module(module)
         if act is not None and not _is_silu(act):
             raise ValueError(f"{type(module).__name__}'s activation is {type(act).__name__}, not SiLU: not a SwiGLU MLP")
+        if GatedExperts.shaped(module):
+            return GatedExperts.with_fused_gate(module, "silu")
         if GatedMLP.packed(module):
             return PackedGatedMLP(module.gate_up_proj, module.down_proj, "silu")
         return cls.wrap(module, "silu")
@@ -81,8 +83,10 @@ PATTERN = register_pattern(
     modules=("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Phi3MLP", "GlmMLP", "Glm4MLP"),
     module_factory=SwiGLUMLP.from_module,
     # a SiLU module, or none at all (torchtitan's and lit-gpt's F.silu in the forward): the check decides
+    # (also an MoE's batched experts with a SiLU: GatedExperts, the gate between its grouped GEMMs)
     module_shape=lambda module: GatedMLP.activation_is(module, _is_silu) or (
-        GatedMLP.shaped(module) and GatedMLP.activation_module(module) is None),
+        GatedMLP.shaped(module) and GatedMLP.activation_module(module) is None) or (
+        GatedExperts.shaped(module) and _is_silu(GatedMLP.activation_module(module))),
     rewrites=(Rewrite("F.silu($gate) * $up", "swiglu($gate, $up)", ("from fusion_advisor.kernels.swiglu import swiglu",)),),
     example_params={"shape": [6, 42, 431], "dtype": "float32"},
     bench_params=training_shapes(lambda tokens, hidden:

@@ -240,3 +240,49 @@ def test_convnext_norms_over_channels_and_last_dim_are_swapped():
     torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, 64), msg=name)
+
+
+def _mixtral(experts_implementation: str):
+    pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                        num_local_experts=4, experts_implementation=experts_implementation)
+    return transformers.MixtralForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
+def test_moe_experts_gate_between_the_grouped_gemms_is_fused_checked_and_reverted(experts_implementation, monkeypatch):
+    """An MoE's batched experts (HF's 3-D gate_up_proj): a copy of the experts module whose
+    `_apply_gate` is our packed GLU; the model's loss and every gradient are unchanged, the kernel
+    runs once a layer each forward, and revert puts the original module back."""
+    from fusion_advisor.kernels import glu as glu_mod
+
+    model = _mixtral(experts_implementation)
+    original = model.model.layers[0].mlp.experts
+    keys = list(model.state_dict())
+    ids = torch.randint(0, 96, (2, 10))
+    want_loss, want_grads = _loss_and_grads(model, ids, ids)
+    with fusion_advisor.patched(model, patterns=["swiglu"]) as handle:
+        assert [s.described() for s in handle.swaps] == \
+            ["MixtralExperts -> MixtralExperts (_apply_gate -> fused packed silu gate (Triton))"], handle.summary()
+        swapped = model.model.layers[0].mlp.experts
+        assert swapped is not original and swapped.gate_up_proj is original.gate_up_proj
+        assert list(model.state_dict()) == keys
+        ran = _count_forwards(monkeypatch, glu_mod)
+        got_loss, got_grads = _loss_and_grads(model, ids, ids)
+        assert ran == ["glu"]
+    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, ids.numel()), msg=name)
+    assert model.model.layers[0].mlp.experts is original and "_apply_gate" not in vars(original)
+
+
+def test_moe_experts_whose_forward_never_calls_the_gate_are_refused():
+    """Mixtral's eager experts forward writes act(gate) * up inline: its numerics match with or
+    without our gate, so only the kernel's own call count shows the swap would do nothing."""
+    model = _mixtral("eager")
+    handle = fusion_advisor.patch(model, patterns=["swiglu"])
+    assert not handle.swaps
+    assert handle.skipped == [("model.layers.0.mlp.experts",
+                               "swiglu: numerics check failed: its forward never reached our glu kernel in the check")]
