@@ -113,6 +113,14 @@ MODELS: list[ModelSpec] = [
                    num_key_value_heads=16, vocab_size=32064, max_position_embeddings=2048, resid_pdrop=0.0,
                    embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0),
               dict(kind="causal_lm", batch=16, seq=1024), tiny=LM_TINY, tiny_inputs=TOKENS_TINY),
+    # An MoE decoder: 8 experts, 2 per token, HF's default grouped_mm experts (the gate between the
+    # grouped GEMMs is what patch fuses there).
+    ModelSpec("mixtral", "decoder", "MixtralForCausalLM", "MixtralConfig",
+              dict(use_cache=False, hidden_size=1024, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=16,
+                   num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048, num_local_experts=8,
+                   num_experts_per_tok=2),
+              dict(kind="causal_lm", batch=8, seq=1024), tiny={**LM_TINY, "num_local_experts": 4},
+              tiny_inputs=TOKENS_TINY),
     ModelSpec("gpt2", "decoder", "GPT2LMHeadModel", "GPT2Config",
               dict(use_cache=False, n_embd=1024, n_layer=4, n_head=16, n_positions=1024, vocab_size=32000, resid_pdrop=0.0,
                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
