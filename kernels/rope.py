@@ -41,51 +41,70 @@ from fusion_advisor.kernels.registry import (FunctionPatch, Inputs, OpRecord, Re
 
 
 @triton.jit
+def _pair_offsets(d, half, INTERLEAVED: tl.constexpr):
+    """Where the two elements of rotation pair d sit in a head: (d, d + half) for rotate_half
+    (Llama), (2d, 2d + 1) for the interleaved layout (Cohere, GPT-J)."""
+    if INTERLEAVED:
+        return 2 * d, 2 * d + 1
+    else:
+        return d, d + half
+
+
+@triton.jit
 def _rope_rotate(X, Y, b, s, n_heads, half, stride_xb, stride_xh, stride_xs, stride_yb, stride_yh, stride_ys,
-                 c1, c2, s1, s2, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                 c1, c2, s1, s2, INTERLEAVED: tl.constexpr, FP32_MATH: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rotate every head of one (b, s) position of X into Y: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2,
-    each product and the sum rounded to Y's dtype as eager rounds them."""
+    each product and the sum rounded to Y's dtype as eager rounds them (FP32_MATH: as Cohere's
+    `q.float()` code, in fp32 and rounded once)."""
     heads = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
+    first, second = _pair_offsets(d, half, INTERLEAVED)
     mask = (heads < n_heads)[:, None] & (d < half)[None, :]
-    x_off = b * stride_xb + s * stride_xs + heads[:, None].to(tl.int64) * stride_xh + d[None, :]
-    x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + x_off + half, mask=mask, other=0.0).to(tl.float32)
+    x_base = b * stride_xb + s * stride_xs + heads[:, None].to(tl.int64) * stride_xh
+    x1 = tl.load(X + x_base + first[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_base + second[None, :], mask=mask, other=0.0).to(tl.float32)
     out_ty = Y.dtype.element_ty
-    y1 = (x1 * c1[None, :]).to(out_ty).to(tl.float32) + (-x2 * s1[None, :]).to(out_ty).to(tl.float32)
-    y2 = (x2 * c2[None, :]).to(out_ty).to(tl.float32) + (x1 * s2[None, :]).to(out_ty).to(tl.float32)
-    y_off = b * stride_yb + s * stride_ys + heads[:, None].to(tl.int64) * stride_yh + d[None, :]
-    tl.store(Y + y_off, y1.to(out_ty), mask=mask)
-    tl.store(Y + y_off + half, y2.to(out_ty), mask=mask)
+    if FP32_MATH:
+        y1 = x1 * c1[None, :] - x2 * s1[None, :]
+        y2 = x2 * c2[None, :] + x1 * s2[None, :]
+    else:
+        y1 = (x1 * c1[None, :]).to(out_ty).to(tl.float32) + (-x2 * s1[None, :]).to(out_ty).to(tl.float32)
+        y2 = (x2 * c2[None, :]).to(out_ty).to(tl.float32) + (x1 * s2[None, :]).to(out_ty).to(tl.float32)
+    y_base = b * stride_yb + s * stride_ys + heads[:, None].to(tl.int64) * stride_yh
+    tl.store(Y + y_base + first[None, :], y1.to(out_ty), mask=mask)
+    tl.store(Y + y_base + second[None, :], y2.to(out_ty), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(Q, K, COS, SIN, QO, KO, seq_len, n_q_heads, n_k_heads, half,
                  stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                  stride_qob, stride_qoh, stride_qos, stride_kob, stride_koh, stride_kos,
-                 stride_cb, stride_cs, BACKWARD: tl.constexpr,
+                 stride_cb, stride_cs, BACKWARD: tl.constexpr, INTERLEAVED: tl.constexpr, FP32_MATH: tl.constexpr,
                  BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // seq_len
     s = pid % seq_len
     d = tl.arange(0, BLOCK_D)
     dmask = d < half
-    c_off = b * stride_cb + s * stride_cs + d
-    c1 = tl.load(COS + c_off, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + c_off + half, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + c_off, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + c_off + half, mask=dmask, other=0.0).to(tl.float32)
+    first, second = _pair_offsets(d, half, INTERLEAVED)
+    c_base = b * stride_cb + s * stride_cs
+    c1 = tl.load(COS + c_base + first, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + c_base + second, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + c_base + first, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + c_base + second, mask=dmask, other=0.0).to(tl.float32)
     if BACKWARD:
         # The transpose of the rotation: dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1.
         s1, s2 = -s2, -s1
     _rope_rotate(Q, QO, b, s, n_q_heads, half, stride_qb, stride_qh, stride_qs, stride_qob, stride_qoh, stride_qos,
-                 c1, c2, s1, s2, BLOCK_QH, BLOCK_D)
+                 c1, c2, s1, s2, INTERLEAVED, FP32_MATH, BLOCK_QH, BLOCK_D)
     _rope_rotate(K, KO, b, s, n_k_heads, half, stride_kb, stride_kh, stride_ks, stride_kob, stride_koh, stride_kos,
-                 c1, c2, s1, s2, BLOCK_KH, BLOCK_D)
+                 c1, c2, s1, s2, INTERLEAVED, FP32_MATH, BLOCK_KH, BLOCK_D)
 
 
-def _out_dtype(q: torch.Tensor, cos: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(q.dtype, cos.dtype)
+def _out_dtype(q: torch.Tensor, cos: torch.Tensor, fp32_math: bool = False) -> torch.dtype:
+    """Eager's: q * cos promotes; Cohere's fp32 code casts back to q's dtype."""
+    return q.dtype if fp32_math else torch.promote_types(q.dtype, cos.dtype)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -111,7 +130,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
+def _launch(q, k, cos, sin, q_out, k_out, backward: bool, interleaved: bool, fp32_math: bool) -> None:
     b, hq, s, d = q.shape
     hk = k.shape[1]
     # One set of strides serves cos and sin; a batch of 1 broadcasts over B through stride 0.
@@ -126,7 +145,7 @@ def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                q_out.stride(0), q_out.stride(1), q_out.stride(2),
                                k_out.stride(0), k_out.stride(1), k_out.stride(2), cos.stride(0), cos.stride(1),
-                               BACKWARD=backward, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d,
+                               BACKWARD=backward, INTERLEAVED=interleaved, FP32_MATH=fp32_math, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d,
                                num_warps=warps)
 
 
@@ -138,56 +157,61 @@ def _out_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device)
 
 
-def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher: (q_embed, k_embed) in q's and k's layout, dtype promote(q, cos)."""
+def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+             fp32_math: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: (q_embed, k_embed) in q's and k's layout, dtype promote(q, cos) (q's with fp32_math)."""
     _check(q, k, cos, sin)
-    out = _out_dtype(q, cos)
+    out = _out_dtype(q, cos, fp32_math)
     q_out, k_out = _out_like(q, out), _out_like(k, out)
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-    _launch(q, k, cos, sin, q_out, k_out, backward=False)
+    _launch(q, k, cos, sin, q_out, k_out, False, interleaved, fp32_math)
     return q_out, k_out
 
 
 def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+             dtype: torch.dtype, interleaved: bool, fp32_math: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (dq, dk) of `dtype` (q's), in the incoming grads' layout."""
     dq, dk = _out_like(dq_out, dtype), _out_like(dk_out, dtype)
     dq_out, dk_out = _last_dim_contiguous(dq_out), _last_dim_contiguous(dk_out)
-    _launch(dq_out, dk_out, cos, sin, dq, dk, backward=True)
+    _launch(dq_out, dk_out, cos, sin, dq, dk, True, interleaved, fp32_math)
     return dq, dk
 
 
 # torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
 # the launchers directly (see fused_op).
-_forward = fused_op("fusion_advisor::rope_fwd", fake=lambda q, k, cos, sin: (
-    _out_like(q, _out_dtype(q, cos)), _out_like(k, _out_dtype(q, cos))))(rope_fwd)
-_backward = fused_op("fusion_advisor::rope_bwd", fake=lambda dq_out, dk_out, cos, sin, dtype: (
+_forward = fused_op("fusion_advisor::rope_fwd", fake=lambda q, k, cos, sin, interleaved, fp32_math: (
+    _out_like(q, _out_dtype(q, cos, fp32_math)), _out_like(k, _out_dtype(q, cos, fp32_math))))(rope_fwd)
+_backward = fused_op("fusion_advisor::rope_bwd", fake=lambda dq_out, dk_out, cos, sin, dtype, interleaved, fp32_math: (
     _out_like(dq_out, dtype), _out_like(dk_out, dtype)))(rope_bwd)
 
 
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        q_embed, k_embed = _forward(q, k, cos, sin)
+    def forward(ctx, q, k, cos, sin, interleaved, fp32_math):
+        q_embed, k_embed = _forward(q, k, cos, sin, interleaved, fp32_math)
         ctx.save_for_backward(cos, sin)
-        ctx.q_dtype = q.dtype
+        ctx.q_dtype, ctx.interleaved, ctx.fp32_math = q.dtype, interleaved, fp32_math
         return q_embed, k_embed
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
-        dq, dk = _backward(dq_out, dk_out, cos, sin, ctx.q_dtype)
-        return dq, dk, None, None
+        dq, dk = _backward(dq_out, dk_out, cos, sin, ctx.q_dtype, ctx.interleaved, ctx.fp32_math)
+        return dq, dk, None, None, None, None
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
+         fp32_math: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `apply_rotary_pos_emb(q, k, cos, sin)`, numerically the reference's forward and
-    backward. cos and sin get no gradient (HF computes them under no_grad): passing ones that
-    require grad is refused rather than silently given none."""
+    backward: Llama's rotate_half by default; `interleaved` rotates the pairs (2i, 2i + 1) as
+    Cohere's and GPT-J's rotate_half do, and `fp32_math` computes in fp32 and rounds once to q's
+    dtype, as Cohere's `q.float()` code does (`reference_interleaved`). cos and sin get no gradient
+    (HF computes them under no_grad): passing ones that require grad is refused rather than
+    silently given none."""
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("rope: cos/sin that require grad are not supported (compute them under torch.no_grad, "
                          "as Hugging Face's rotary embedding does)")
-    return RoPEFunction.apply(q, k, cos, sin)
+    return RoPEFunction.apply(q, k, cos, sin, bool(interleaved), bool(fp32_math))
 
 
 def rotate_half(x):
@@ -196,13 +220,70 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def reference(q, k, cos, sin):
-    """Hugging Face apply_rotary_pos_emb (unsqueeze_dim=1), verbatim."""
+def reference(q, k, cos, sin, interleaved=False, fp32_math=False):
+    """Hugging Face apply_rotary_pos_emb (unsqueeze_dim=1), verbatim: Llama's, or with both flags
+    Cohere's (`reference_interleaved`); the other two mixes as `_eager_variant` writes them."""
+    if interleaved or fp32_math:
+        if interleaved and fp32_math:
+            return reference_interleaved(q, k, cos, sin)
+        return _eager_variant(q, k, cos, sin, interleaved, fp32_math)
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
     q_embed = (q * cos) + (rotate_half(q) * sin)
     k_embed = (k * cos) + (rotate_half(k) * sin)
     return q_embed, k_embed
+
+
+def rotate_pairs(x):
+    """Cohere's rotate_half, verbatim: the interleaved pairs (2i, 2i + 1)."""
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    return torch.stack([-x2, x1], dim=-1).flatten(-2)
+
+
+def reference_interleaved(q, k, cos, sin):
+    """Cohere's apply_rotary_pos_emb (unsqueeze_dim=1), verbatim: `rope(..., interleaved=True, fp32_math=True)`."""
+    dtype = q.dtype
+    q = q.float()
+    k = k.float()
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    q_embed = (q * cos) + (rotate_pairs(q) * sin)
+    k_embed = (k * cos) + (rotate_pairs(k) * sin)
+    return q_embed.to(dtype=dtype), k_embed.to(dtype=dtype)
+
+
+def _eager_variant(q, k, cos, sin, interleaved: bool, fp32_math: bool):
+    """apply_rotary_pos_emb in any of the four (layout, precision) forms models write."""
+    rotate = rotate_pairs if interleaved else rotate_half
+    dtype = q.dtype
+    if fp32_math:
+        q, k = q.float(), k.float()
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    out = [(x * cos) + (rotate(x) * sin) for x in (q, k)]
+    return tuple(o.to(dtype) for o in out) if fp32_math else tuple(out)
+
+
+_VARIANTS = ((False, False), (True, True), (True, False), (False, True))
+
+
+def rope_variant(original) -> tuple[bool, bool]:
+    """(interleaved, fp32_math) of an `apply_rotary_pos_emb`, read off what it computes: it runs on a
+    small bf16 CPU probe and the first of the four eager forms that it equals bit for bit is its
+    form. (False, False), Llama's, where none is: patch's numerics check then decides."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 3, 8, generator=gen).to(torch.bfloat16) for _ in range(2))
+    cos, sin = (torch.randn(1, 3, 8, generator=gen).to(torch.bfloat16) for _ in range(2))
+    try:
+        with torch.no_grad():
+            want = original(q, k, cos, sin)
+    except Exception:  # noqa: BLE001 (a function that cannot take the probe: the check decides)
+        return False, False
+    for interleaved, fp32_math in _VARIANTS:
+        got = _eager_variant(q, k, cos, sin, interleaved, fp32_math)
+        if all(isinstance(w, torch.Tensor) and w.dtype == g.dtype and torch.equal(w, g) for w, g in zip(want, got)):
+            return interleaved, fp32_math
+    return False, False
 
 
 def liger(q, k, cos, sin):
@@ -214,7 +295,8 @@ def liger(q, k, cos, sin):
 def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) -> Inputs:
     """params: q_shape (B, H, S, D), k_heads, dtype, cos_batch (1 or B, default 1), cos_dtype.
     q and k are built as Llama builds them, `view(B, S, H, D).transpose(1, 2)` (strided), unless
-    params["layout"] == "contiguous"; cos/sin as LlamaRotaryEmbedding makes them."""
+    params["layout"] == "contiguous"; cos/sin as LlamaRotaryEmbedding makes them (`interleaved`: as
+    Cohere's does, and the pair layout and `fp32_math` passed on to reference and fused)."""
     dtype = param_dtype(params)
     b, h, s, d = params["q_shape"]
     hk = params.get("k_heads", h)
@@ -229,9 +311,12 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
     pos = torch.arange(s, device=device, dtype=torch.float32)[None].expand(cos_batch, s)
     freqs = pos[:, :, None] * inv_freq[None, None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
+    interleaved, fp32_math = bool(params.get("interleaved")), bool(params.get("fp32_math"))
+    # Cohere's rotary embedding repeats each pair's angle in place; Llama's concatenates two halves
+    emb = torch.repeat_interleave(freqs, 2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
     cdtype = param_dtype(params, "cos_dtype")
-    return Inputs((q, k, emb.cos().to(cdtype), emb.sin().to(cdtype)), grad_inputs=(0, 1) if requires_grad else ())
+    kwargs = {"interleaved": interleaved, "fp32_math": fp32_math} if interleaved or fp32_math else {}
+    return Inputs((q, k, emb.cos().to(cdtype), emb.sin().to(cdtype)), kwargs, grad_inputs=(0, 1) if requires_grad else ())
 
 
 def fused_bytes(params: dict) -> dict:
@@ -247,7 +332,8 @@ def fused_bytes(params: dict) -> dict:
 
 def params_from_ops(ops: list[OpRecord]) -> dict | None:
     """q/k shapes, dtypes and cos batch from the traced chain per tensor
-    `mul(x, cos) slice slice neg cat mul(rot, sin) add`, q's first, then k's."""
+    `mul(x, cos) slice slice neg cat mul(rot, sin) add`, q's first, then k's; Cohere's interleaved
+    rotate_half stacks the pairs (`neg stack flatten`): `interleaved` in the params."""
     shapes = []
     for i, op in enumerate(ops):
         if op.short != "neg" or not op.dims or not op.dims[0]:
@@ -257,7 +343,7 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
         if mul is None or tuple(op.dims[0]) != tuple(mul.dims[0][:3]) + (mul.dims[0][3] // 2,):
             continue
         shapes.append((tuple(mul.dims[0]), tuple(mul.dims[1]), mul.types))
-    if len(shapes) != 2 or not any(o.short == "cat" for o in ops):
+    if len(shapes) != 2 or not any(o.short in ("cat", "stack") for o in ops):
         return None
     (q_shape, cos_shape, types), (k_shape, _, _) = shapes
     b, h, s, d = q_shape
@@ -270,6 +356,8 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
     params = {"q_shape": list(q_shape), "k_heads": k_shape[1], "dtype": dtype_name(dtype), "cos_batch": cos_shape[0]}
     if cdtype != dtype:
         params["cos_dtype"] = dtype_name(cdtype)
+    if any(o.short == "stack" for o in ops):
+        params["interleaved"] = True
     return params
 
 
@@ -295,9 +383,11 @@ def is_hf_apply_rotary_pos_emb(fn) -> bool:
 def hf_apply_rotary_pos_emb(original):
     """A drop-in for HF's `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` that runs `rope`
     for the call Llama-style attention makes: (B, H, S, D) q and k, (B or 1, S, D) cos and sin
-    that need no grad, heads on dim 1. Any other call (unsqueeze_dim=2, an old position_ids
-    argument, 4-D cos) goes to `original` unchanged."""
+    that need no grad, heads on dim 1, in the form `rope_variant` reads off `original` (Llama's
+    rotate_half, or Cohere's interleaved pairs in fp32). Any other call (unsqueeze_dim=2, an old
+    position_ids argument, 4-D cos) goes to `original` unchanged."""
     fifth = (_parameter_names(original) + [None] * 5)[4]
+    interleaved, fp32_math = rope_variant(original)
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if args or kwargs:
@@ -308,7 +398,7 @@ def hf_apply_rotary_pos_emb(original):
         if (q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.requires_grad or sin.requires_grad
                 or q.dtype != k.dtype or cos.dtype != sin.dtype):
             return original(q, k, cos, sin, *args, **kwargs)
-        return rope(q, k, cos, sin)
+        return rope(q, k, cos, sin, interleaved, fp32_math)
 
     apply_rotary_pos_emb.fused_original = original
     return apply_rotary_pos_emb
@@ -329,7 +419,7 @@ def hf_rope_example_inputs(model) -> list[Inputs]:
 PATTERN = register_pattern(
     __name__,
     description="rotary position embedding (rotate_half) on q and k in one Triton launch each way",
-    forward_signature=r"\bmul (?:\S+ ){0,4}neg cat mul add\b",
+    forward_signature=r"\bmul (?:\S+ ){0,4}neg (?:cat|stack) (?:\S+ ){0,2}mul add\b",
     example_params={"q_shape": [2, 4, 9, 16], "k_heads": 2, "dtype": "float32"},
     # tokens = B * S in 4k-32k at S = 4096; hidden = H * 128 in 1k-8k; 8 kv heads (GQA, Llama-3).
     bench_params=training_shapes(lambda tokens, hidden:

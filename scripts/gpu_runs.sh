@@ -17,7 +17,7 @@
 #          Triton launch, an autograd.Function) and a cProfile of our LayerNorm's forward + backward.
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
 #          under autocast, and the Llama example.
-# next:    the newest CPU-built work first: its kernel tests on the GPU, bench_channel_norm.py, the host
+# next:    the newest CPU-built work first: its kernel tests on the GPU (and MoE experts' and Cohere's patches), bench_channel_norm.py, the host
 #          anatomy, and the zoo on T5, ResNet and ConvNeXt (ZOO_MODELS), whose verify reports GPU-busy time.
 set -uo pipefail
 usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next OUT_DIR"
@@ -129,7 +129,9 @@ next)
   # reach (T5's GEGLU MLP, ResNet's BN + ReLU, ConvNeXt's channels_first LayerNorm), with GPU-busy windows
   timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q tests/kernels/test_channel_norm.py tests/kernels/test_packed_glu.py \
       tests/kernels/test_batch_norm_act.py tests/kernels/test_geglu.py tests/kernels/test_rms_norm.py \
-      -k "gemma or channel or packed or without_a_weight or batch_norm or written_out" >"$out/gpu-tests-new.txt" 2>&1
+      tests/kernels/test_rope.py tests/apply/test_patching_hf.py \
+      -k "gemma or channel or packed or without_a_weight or batch_norm or written_out or interleaved or moe or cohere" \
+      >"$out/gpu-tests-new.txt" 2>&1
   echo "new kernel tests: rc $?"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests-new.txt" | head; tail -2 "$out/gpu-tests-new.txt"
   timeout ${ZOO_TIMEOUT:-320} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
       --models ${ZOO_MODELS:-t5-v1.1,resnet,convnext} --time-budget ${ZOO_BUDGET:-260} >"$out/zoo.txt" 2>&1

@@ -286,3 +286,24 @@ def test_moe_experts_whose_forward_never_calls_the_gate_are_refused():
     assert not handle.swaps
     assert handle.skipped == [("model.layers.0.mlp.experts",
                                "swiglu: numerics check failed: its forward never reached our glu kernel in the check")]
+
+
+def test_cohere_interleaved_rope_is_read_off_the_function_and_fused():
+    """Cohere's apply_rotary_pos_emb rotates interleaved pairs in fp32: rope_variant reads that form
+    off the function itself, and the model's loss and gradients are unchanged with it fused."""
+    modeling_cohere = pytest.importorskip("transformers.models.cohere.modeling_cohere")
+    assert rope_mod.rope_variant(modeling_cohere.apply_rotary_pos_emb) == (True, True)
+    assert rope_mod.rope_variant(modeling_llama.apply_rotary_pos_emb) == (False, False)
+    torch.manual_seed(0)
+    config = transformers.CohereConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    model = transformers.CohereForCausalLM(config).float()
+    ids = torch.randint(0, 96, (2, 10))
+    want_loss, want_grads = _loss_and_grads(model, ids, ids)
+    with fusion_advisor.patched(model, patterns=["rope"]) as handle:
+        assert [f.path for f in handle.functions] == ["transformers.models.cohere.modeling_cohere.apply_rotary_pos_emb"]
+        got_loss, got_grads = _loss_and_grads(model, ids, ids)
+    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, ids.numel()), msg=name)
+    assert not hasattr(modeling_cohere.apply_rotary_pos_emb, "fused_original")

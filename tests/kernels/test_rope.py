@@ -17,6 +17,14 @@ def test_rope_matches_apply_rotary_pos_emb(case, dtype, device):
     check_against_reference(mod.PATTERN, {**case, "dtype": dtype}, device)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("fp32_math", [False, True])
+def test_interleaved_pattern_params_match_their_reference(fp32_math, dtype, device):
+    """What bench runs for a traced Cohere / GPT-J style chain (`interleaved` read off its `stack`)."""
+    check_against_reference(mod.PATTERN, {"q_shape": [2, 4, 9, 16], "k_heads": 2, "dtype": dtype,
+                                          "interleaved": True, "fp32_math": fp32_math}, device)
+
+
 def test_fp32_cos_with_bf16_q_promotes_like_eager(device):
     check_against_reference(mod.PATTERN, {"q_shape": [2, 3, 5, 8], "k_heads": 1, "dtype": "bfloat16",
                                           "cos_dtype": "float32"}, device)
@@ -77,9 +85,10 @@ def test_fused_bytes():
 
 def test_custom_ops_pass_opcheck(device):
     q, k, cos, sin = mod.make_inputs({"q_shape": [2, 4, 5, 8], "k_heads": 2, "dtype": "float32"}, device, False).args
-    torch.library.opcheck(torch.ops.fusion_advisor.rope_fwd.default, (q, k, cos, sin))
-    torch.library.opcheck(torch.ops.fusion_advisor.rope_bwd.default,
-                          (torch.randn_like(q), torch.randn_like(k), cos, sin, torch.float32))
+    for interleaved, fp32_math in ((False, False), (True, True)):
+        torch.library.opcheck(torch.ops.fusion_advisor.rope_fwd.default, (q, k, cos, sin, interleaved, fp32_math))
+        torch.library.opcheck(torch.ops.fusion_advisor.rope_bwd.default,
+                              (torch.randn_like(q), torch.randn_like(k), cos, sin, torch.float32, interleaved, fp32_math))
 
 
 def test_runs_under_torch_compile_fullgraph(device):
@@ -95,3 +104,53 @@ def test_runs_under_torch_compile_fullgraph(device):
     loss(mod.reference, q_ref, k_ref).backward()
     torch.testing.assert_close(q.grad, q_ref.grad)
     torch.testing.assert_close(k.grad, k_ref.grad)
+
+
+def _interleaved_inputs(b, h, hk, s, d, dtype, device):
+    """q and k in Cohere's transposed layout, cos/sin as CohereRotaryEmbedding builds them:
+    repeat_interleave of the frequencies (each pair shares one angle), in the model's dtype."""
+    q = torch.randn(b, s, h, d, device=device).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, s, hk, d, device=device).to(dtype).transpose(1, 2).requires_grad_()
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    freqs = torch.arange(s, device=device, dtype=torch.float32)[None, :, None] * inv_freq[None, None, :]
+    emb = torch.repeat_interleave(freqs, 2, dim=-1)
+    return q, k, emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 9, 16), (1, 3, 1, 5, 6)])
+def test_interleaved_fp32_math_matches_cohere(shape, dtype, device):
+    """Cohere's apply_rotary_pos_emb: pairs (2i, 2i + 1), computed in fp32, rounded once to q's dtype."""
+    from fusion_advisor.kernels.tolerances import tolerance
+
+    q, k, cos, sin = _interleaved_inputs(*shape, dtype, device)
+    outs = []
+    for fn in (lambda *a: mod.rope(*a, interleaved=True, fp32_math=True), mod.reference_interleaved):
+        qi, ki = (t.detach().clone().requires_grad_() for t in (q, k))
+        q_embed, k_embed = fn(qi, ki, cos, sin)
+        torch.manual_seed(1)
+        (q_embed * torch.randn_like(q_embed)).sum().backward(retain_graph=True)
+        (k_embed * torch.randn_like(k_embed)).sum().backward()
+        outs.append((q_embed.detach(), k_embed.detach(), qi.grad, ki.grad))
+    assert outs[0][0].dtype == dtype
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, **tolerance(dtype))
+
+
+def test_rotation_layouts_differ_so_a_wrong_guess_fails_the_check(device):
+    q, k, cos, sin = _interleaved_inputs(1, 2, 2, 5, 8, torch.float32, device)
+    want, _ = mod.reference_interleaved(q, k, cos, sin)
+    assert not torch.allclose(mod.rope(q, k, cos, sin)[0], want, atol=1e-3)
+    torch.testing.assert_close(mod.rope(q, k, cos, sin, interleaved=True)[0], want)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are built for real")
+def test_launches_compile_for_hopper(device):
+    """Both pair layouts and both precisions, forward and backward, through Triton's front end for sm_90."""
+    from kernel_checks import check_against_reference as check, hopper_compile_errors, recorded_launches
+
+    with recorded_launches() as launches:
+        for interleaved, fp32_math in ((False, False), (True, True)):
+            check(mod.PATTERN, {"q_shape": [2, 3, 5, 8], "k_heads": 1, "dtype": "bfloat16",
+                                "interleaved": interleaved, "fp32_math": fp32_math}, device)
+    assert hopper_compile_errors(launches) == []
