@@ -7,6 +7,7 @@ import fusion_advisor
 from fusion_advisor import patching
 from fusion_advisor.kernels import cross_entropy as ce_mod, rope as rope_mod
 from fusion_advisor.kernels.tolerances import tolerance
+from conftest import DEVICE   # CPU under the interpreter; the GPU where there is one
 
 transformers = pytest.importorskip("transformers")
 modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
@@ -19,7 +20,7 @@ def model():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM._from_config(config, attn_implementation="eager").float()
+    return transformers.LlamaForCausalLM._from_config(config, attn_implementation="eager").float().to(DEVICE)
 
 
 def _loss_and_grads(model, ids, labels):
@@ -41,7 +42,7 @@ def _count_forwards(monkeypatch, *modules) -> list[str]:
 
 
 def test_llama_patched_with_functions_matches_and_reverts_exactly(model, monkeypatch):
-    ids = torch.randint(0, 128, (2, 16))
+    ids = torch.randint(0, 128, (2, 16), device=DEVICE)
     labels = ids.clone()
     labels[0, :3] = -100
     want_loss, want_grads = _loss_and_grads(model, ids, labels)
@@ -70,7 +71,7 @@ def test_llama_patched_with_functions_matches_and_reverts_exactly(model, monkeyp
 
 
 def test_num_items_in_batch_divides_the_summed_loss(model):
-    ids = torch.randint(0, 128, (2, 16))
+    ids = torch.randint(0, 128, (2, 16), device=DEVICE)
     want = model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(40)).loss
     with fusion_advisor.patched(model, patterns=["cross_entropy"]) as handle:
         assert len(handle.functions) == 1
@@ -126,7 +127,7 @@ def _bert():
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForMaskedLM(config).float(), modeling_bert
+    return transformers.BertForMaskedLM(config).float().to(DEVICE), modeling_bert
 
 
 def test_bert_masked_lm_loss_built_in_forward_is_fused_and_reverted(monkeypatch):
@@ -134,7 +135,7 @@ def test_bert_masked_lm_loss_built_in_forward_is_fused_and_reverted(monkeypatch)
     global is swapped (no model attribute holds the loss), the fused kernel runs, and revert puts
     torch's class back. The zoo's BERT row read 'cross_entropy refused' before."""
     model, modeling_bert = _bert()
-    ids = torch.randint(0, 96, (2, 12))
+    ids = torch.randint(0, 96, (2, 12), device=DEVICE)
     labels = ids.clone()
     labels[:, ::3] = -100
     want_loss, want_grads = _loss_and_grads(model, ids, labels)
@@ -157,8 +158,8 @@ def test_the_masked_lm_loss_function_is_fused_unshifted():
     from transformers.loss.loss_utils import ForMaskedLMLoss
     assert ce_mod.is_hf_lm_loss(ForMaskedLMLoss)
     fused = ce_mod.hf_lm_loss(ForMaskedLMLoss)
-    logits = torch.randn(2, 7, 50, requires_grad=True)
-    labels = torch.randint(0, 50, (2, 7))
+    logits = torch.randn(2, 7, 50, requires_grad=True, device=DEVICE)
+    labels = torch.randint(0, 50, (2, 7), device=DEVICE)
     labels[0, :2] = -100
     for kwargs in ({}, {"num_items_in_batch": torch.tensor(9)}):
         want = ForMaskedLMLoss(logits, labels, 50, **kwargs)
@@ -169,15 +170,15 @@ def test_the_masked_lm_loss_function_is_fused_unshifted():
 def test_the_loss_module_runs_what_the_kernel_does_not_take_as_torch_does():
     """(N, C, d) logits and class-probability targets are nn.CrossEntropyLoss's, computed by it."""
     ours, theirs = ce_mod.CrossEntropyLoss(), torch.nn.CrossEntropyLoss()
-    spatial, spatial_target = torch.randn(3, 5, 4), torch.randint(0, 5, (3, 4))
-    probs = torch.randn(6, 5), torch.softmax(torch.randn(6, 5), -1)
+    spatial, spatial_target = torch.randn(3, 5, 4, device=DEVICE), torch.randint(0, 5, (3, 4), device=DEVICE)
+    probs = torch.randn(6, 5, device=DEVICE), torch.softmax(torch.randn(6, 5, device=DEVICE), -1)
     torch.testing.assert_close(ours(spatial, spatial_target), theirs(spatial, spatial_target))
     torch.testing.assert_close(ours(*probs), theirs(*probs))
 
 
 def test_the_loss_module_is_fp32_where_autocast_runs_the_loss_in_fp32():
-    logits = torch.randn(8, 40, dtype=torch.bfloat16, requires_grad=True)
-    target = torch.randint(0, 40, (8,))
+    logits = torch.randn(8, 40, dtype=torch.bfloat16, requires_grad=True, device=DEVICE)
+    target = torch.randint(0, 40, (8,), device=DEVICE)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = torch.nn.CrossEntropyLoss()(logits, target)
         got = ce_mod.CrossEntropyLoss()(logits, target)
@@ -203,8 +204,8 @@ def test_phi3_packed_mlp_is_swapped_checked_and_reverted():
     config = transformers.Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0)
-    model = transformers.Phi3ForCausalLM(config).float()
-    ids = torch.randint(0, 96, (2, 10))
+    model = transformers.Phi3ForCausalLM(config).float().to(DEVICE)
+    ids = torch.randint(0, 96, (2, 10), device=DEVICE)
     want_loss, want_grads = _loss_and_grads(model, ids, ids)
     with fusion_advisor.patched(model, patterns=["swiglu"]) as handle:
         assert [f"{type(s.original).__name__}->{type(s.replacement).__name__}" for s in handle.swaps] == \
@@ -223,8 +224,8 @@ def test_convnext_norms_over_channels_and_last_dim_are_swapped():
     pytest.importorskip("transformers.models.convnext.modeling_convnext")
     torch.manual_seed(0)
     config = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32, num_labels=10)
-    model = transformers.ConvNextForImageClassification(config).float()
-    pixels, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    model = transformers.ConvNextForImageClassification(config).float().to(DEVICE)
+    pixels, labels = torch.randn(2, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (2,), device=DEVICE)
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
@@ -248,7 +249,7 @@ def _mixtral(experts_implementation: str):
     config = transformers.MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                         num_local_experts=4, experts_implementation=experts_implementation)
-    return transformers.MixtralForCausalLM(config).float()
+    return transformers.MixtralForCausalLM(config).float().to(DEVICE)
 
 
 @pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
@@ -261,7 +262,7 @@ def test_moe_experts_gate_between_the_grouped_gemms_is_fused_checked_and_reverte
     model = _mixtral(experts_implementation)
     original = model.model.layers[0].mlp.experts
     keys = list(model.state_dict())
-    ids = torch.randint(0, 96, (2, 10))
+    ids = torch.randint(0, 96, (2, 10), device=DEVICE)
     want_loss, want_grads = _loss_and_grads(model, ids, ids)
     with fusion_advisor.patched(model, patterns=["swiglu"]) as handle:
         assert [s.described() for s in handle.swaps] == \
@@ -297,8 +298,8 @@ def test_cohere_interleaved_rope_is_read_off_the_function_and_fused():
     torch.manual_seed(0)
     config = transformers.CohereConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=4, num_key_value_heads=2, use_cache=False)
-    model = transformers.CohereForCausalLM(config).float()
-    ids = torch.randint(0, 96, (2, 10))
+    model = transformers.CohereForCausalLM(config).float().to(DEVICE)
+    ids = torch.randint(0, 96, (2, 10), device=DEVICE)
     want_loss, want_grads = _loss_and_grads(model, ids, ids)
     with fusion_advisor.patched(model, patterns=["rope"]) as handle:
         assert [f.path for f in handle.functions] == ["transformers.models.cohere.modeling_cohere.apply_rotary_pos_emb"]

@@ -53,11 +53,11 @@ def test_under_autocast_it_returns_what_eager_returns(device):
     torch.testing.assert_close(got, want, **tolerance(torch.float32))
 
 
-def test_bad_inputs_say_what_is_wrong():
+def test_bad_inputs_say_what_is_wrong(device):
     with pytest.raises(ValueError, match=r"expected \(N, C, \*spatial\)"):
-        channels_first_layer_norm(torch.randn(4, 8))
+        channels_first_layer_norm(torch.randn(4, 8, device=device))
     with pytest.raises(ValueError, match="weight shape"):
-        channels_first_layer_norm(torch.randn(2, 8, 3), torch.ones(7))
+        channels_first_layer_norm(torch.randn(2, 8, 3, device=device), torch.ones(7, device=device))
 
 
 def test_convnext_channels_first_norm_is_wrapped(device):
