@@ -339,7 +339,7 @@ class _ModuleSwapper:
                                                       "fusion_advisor.patch on the model before fully_shard"))
                 continue
             for t in sorted(self.targets, key=lambda t: cls not in t.hints):   # hinted first
-                if t.only_hinted and cls not in t.hints:
+                if t.only_hinted and cls not in t.hints and not _holds_hinted(t, module):
                     continue
                 replacement, why = self._replacement(t, module, cls in t.hints)
                 if replacement is not None:
@@ -449,6 +449,16 @@ class _ModuleSwapper:
             # a line, unless a result pointed at its class.
             return None, f"{t.name}: {why}" if hinted or not why.startswith(NOT_A_CHAIN) else None
         return replacement, None
+
+
+def _holds_hinted(t: _Target, module: nn.Module) -> bool:
+    """A module of the pattern's shape that holds a module of a hinted class: the gated MLP around the
+    activation module a trace named (T5's T5DenseGatedActDense around its NewGELUActivation, whose
+    cluster is the GELU and the mul by up). A result's hints are the traced leaves; the module form
+    that fuses them may be their parent, under a class name no pattern lists."""
+    if t.pattern is None or t.pattern.module_shape is None:
+        return False
+    return any(type(m).__name__ in t.hints for m in module.modules() if m is not module) and t.pattern.module_shape(module)
 
 
 def _sharded(module: nn.Module) -> bool:

@@ -595,3 +595,37 @@ def test_a_layer_norm_without_parameters_is_swapped_by_its_normalized_shape(devi
         assert type(swap.replacement).__name__ == "LayerNorm" and swap.replacement.weight is None
         assert swap.replacement.eps == 1e-5, handle.summary()
         torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
+
+
+class GatedFF(nn.Module):
+    """T5 v1.1's gated MLP under a class name no pattern lists: wo(act(wi_0(x)) * wi_1(x))."""
+
+    def __init__(self, width=16, inner=24):
+        super().__init__()
+        self.wi_0, self.wi_1 = nn.Linear(width, inner, bias=False), nn.Linear(width, inner, bias=False)
+        self.wo = nn.Linear(inner, width, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
+
+
+def test_a_result_hinting_the_activation_swaps_the_gated_mlp_around_it(device):
+    """The H100 zoo's T5: its geglu cluster is named after the activation module (the leaf the GELU
+    ran in), and the result's hint allowed that class only: the MLP that holds it, the module the
+    GEGLU form swaps, was never tried and the recommendation was refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GatedFF(), GatedFF()).to(device)
+    cluster = Cluster(id="c1", direction="forward", pattern="geglu", module_class="Sequential/GatedFF/GELU")
+    rec = Recommendation(rank=1, cluster_id="c1", pattern="geglu", title="geglu", measured_saving_us_per_step=5.0,
+                         estimate_saving_us_per_step=5.0, confidence="measured")
+    result = AdvisorResult(clusters=[cluster], recommendations=[rec], benchmarks=[measured_win("c1", "geglu")])
+    x = torch.randn(2, 5, 16, device=device)
+    want = model(x)
+    with fusion_advisor.patched(model, result) as handle:
+        assert [(s.path, type(s.replacement).__name__) for s in handle.swaps] == [("0", "GEGLUMLP"), ("1", "GEGLUMLP")], \
+            handle.summary()
+        calls.reset()
+        torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
+        assert calls.snapshot().get("glu") == 2
