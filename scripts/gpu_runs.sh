@@ -17,7 +17,8 @@
 #          Triton launch, an autograd.Function) and a cProfile of our LayerNorm's forward + backward.
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
 #          under autocast, and the Llama example.
-# next:    the newest CPU-built work first: its kernel tests on the GPU (and MoE experts' and Cohere's patches), bench_channel_norm.py, the host
+# next:    the newest CPU-built work first: the HF patching tests on the GPU, then the zoo on T5, Mixtral,
+#          ConvNeXt and ResNet (ZOO_MODELS), whose swaps changed since the last GPU run. bench_channel_norm.py, the host
 #          anatomy, and the zoo on T5, ResNet and ConvNeXt (ZOO_MODELS), whose verify reports GPU-busy time.
 set -uo pipefail
 usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next OUT_DIR"
@@ -124,24 +125,16 @@ verify)
   rm -f "$out/llama/report.html"
   ;;
 next)
-  # what sessions 14-15 built on CPU and could not run, in one 10-minute call: the new kernels' tests
-  # on the GPU, bench_channel_norm.py, the host anatomy, then the zoo families the new module forms
-  # reach (T5's GEGLU MLP, ResNet's BN + ReLU, ConvNeXt's channels_first LayerNorm), with GPU-busy windows
-  timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q tests/kernels/test_channel_norm.py tests/kernels/test_packed_glu.py \
-      tests/kernels/test_batch_norm_act.py tests/kernels/test_geglu.py tests/kernels/test_rms_norm.py \
-      tests/kernels/test_rope.py tests/apply/test_patching_hf.py \
-      -k "gemma or channel or packed or without_a_weight or batch_norm or written_out or interleaved or moe or cohere" \
-      >"$out/gpu-tests-new.txt" 2>&1
-  echo "new kernel tests: rc $?"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests-new.txt" | head; tail -2 "$out/gpu-tests-new.txt"
-  timeout ${ZOO_TIMEOUT:-320} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
-      --models ${ZOO_MODELS:-t5-v1.1,resnet,convnext} --time-budget ${ZOO_BUDGET:-260} >"$out/zoo.txt" 2>&1
+  # what sessions 14-16 built on CPU and have not yet measured, in one 10-minute call: the HF patching
+  # tests on the GPU (MoE experts, Cohere's RoPE, T5's GEGLU by its hint), then the zoo families
+  # whose swaps changed since the last GPU run (T5's GEGLU, Mixtral's experts, ConvNeXt, ResNet)
+  timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q tests/apply/test_patching_hf.py tests/apply/test_patching_structure.py \
+      tests/kernels/test_rope.py -k "not hopper" >"$out/gpu-tests-new.txt" 2>&1
+  echo "new tests: rc $?"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests-new.txt" | head; tail -2 "$out/gpu-tests-new.txt"
+  timeout ${ZOO_TIMEOUT:-420} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
+      --models ${ZOO_MODELS:-t5-v1.1,mixtral,convnext,resnet} --time-budget ${ZOO_BUDGET:-380} >"$out/zoo.txt" 2>&1
   echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
   find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
-  timeout 60 python3 benchmarks/bench_channel_norm.py --out "$out/bench-channel-norm.csv" >"$out/bench-channel-norm.txt" 2>&1
-  echo "bench_channel_norm: rc $?"; cat "$out/bench-channel-norm.txt"
-  timeout 45 python3 benchmarks/host_overhead.py --gpu --calls 300 --repeats 5 --anatomy --patterns layer_norm \
-      >"$out/host-overhead.txt" 2>&1
-  echo "host_overhead: rc $?"; cat "$out/host-overhead.txt"
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
