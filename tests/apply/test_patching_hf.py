@@ -30,6 +30,15 @@ def _loss_and_grads(model, ids, labels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _assert_same_loss_and_grads(got, want, rows: int) -> None:
+    """The patched model's loss and every parameter's gradient equal the unpatched model's (fp32
+    tolerances; a gradient summed over `rows` positions gets the table's scaled atol)."""
+    (got_loss, got_grads), (want_loss, want_grads) = got, want
+    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, rows), msg=name)
+
+
 def _count_forwards(monkeypatch, *modules) -> list[str]:
     """Names of the kernel modules whose autograd.Function forward ran, one entry a call."""
     calls = []
@@ -59,9 +68,7 @@ def test_llama_patched_with_functions_matches_and_reverts_exactly(model, monkeyp
     calls = _count_forwards(monkeypatch, rope_mod, ce_mod)
     got_loss, got_grads = _loss_and_grads(model, ids, labels)
     assert calls.count("rope") == 2 and calls.count("cross_entropy") == 1  # the fused functions ran
-    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, ids.numel()), msg=name)
+    _assert_same_loss_and_grads((got_loss, got_grads), (want_loss, want_grads), ids.numel())
 
     handle.revert()
     assert modeling_llama.apply_rotary_pos_emb is rope_before
@@ -147,9 +154,7 @@ def test_bert_masked_lm_loss_built_in_forward_is_fused_and_reverted(monkeypatch)
     calls = _count_forwards(monkeypatch, ce_mod)
     got_loss, got_grads = _loss_and_grads(model, ids, labels)
     assert calls == ["cross_entropy"]
-    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, ids.numel()), msg=name)
+    _assert_same_loss_and_grads((got_loss, got_grads), (want_loss, want_grads), ids.numel())
     handle.revert()
     assert modeling_bert.CrossEntropyLoss is torch.nn.CrossEntropyLoss
 
@@ -211,9 +216,7 @@ def test_phi3_packed_mlp_is_swapped_checked_and_reverted():
         assert [f"{type(s.original).__name__}->{type(s.replacement).__name__}" for s in handle.swaps] == \
             ["Phi3MLP->PackedGatedMLP"], handle.summary()
         got_loss, got_grads = _loss_and_grads(model, ids, ids)
-    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, ids.numel()), msg=name)
+    _assert_same_loss_and_grads((got_loss, got_grads), (want_loss, want_grads), ids.numel())
     assert type(model.model.layers[0].mlp).__name__ == "Phi3MLP"
 
 
@@ -238,9 +241,7 @@ def test_convnext_norms_over_channels_and_last_dim_are_swapped():
         kinds = sorted(type(s.replacement).__name__ for s in handle.swaps)
         assert kinds.count("ChannelsFirstLayerNorm") == 2 and "LayerNorm" in kinds, handle.summary()
         got_loss, got_grads = loss_and_grads()
-    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, 64), msg=name)
+    _assert_same_loss_and_grads((got_loss, got_grads), (want_loss, want_grads), 64)
 
 
 def _mixtral(experts_implementation: str):
@@ -273,9 +274,7 @@ def test_moe_experts_gate_between_the_grouped_gemms_is_fused_checked_and_reverte
         ran = _count_forwards(monkeypatch, glu_mod)
         got_loss, got_grads = _loss_and_grads(model, ids, ids)
         assert ran == ["glu"]
-    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, ids.numel()), msg=name)
+    _assert_same_loss_and_grads((got_loss, got_grads), (want_loss, want_grads), ids.numel())
     assert model.model.layers[0].mlp.experts is original and "_apply_gate" not in vars(original)
 
 
@@ -304,7 +303,5 @@ def test_cohere_interleaved_rope_is_read_off_the_function_and_fused():
     with fusion_advisor.patched(model, patterns=["rope"]) as handle:
         assert [f.path for f in handle.functions] == ["transformers.models.cohere.modeling_cohere.apply_rotary_pos_emb"]
         got_loss, got_grads = _loss_and_grads(model, ids, ids)
-    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.float32))
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, **tolerance(torch.float32, ids.numel()), msg=name)
+    _assert_same_loss_and_grads((got_loss, got_grads), (want_loss, want_grads), ids.numel())
     assert not hasattr(modeling_cohere.apply_rotary_pos_emb, "fused_original")
