@@ -458,7 +458,7 @@ def _holds_hinted(t: _Target, module: nn.Module) -> bool:
     that fuses them may be their parent, under a class name no pattern lists."""
     if t.pattern is None or t.pattern.module_shape is None:
         return False
-    return any(type(m).__name__ in t.hints for m in module.modules() if m is not module) and t.pattern.module_shape(module)
+    return t.pattern.module_shape(module) and any(type(m).__name__ in t.hints for m in module.modules() if m is not module)
 
 
 def _sharded(module: nn.Module) -> bool:
