@@ -510,12 +510,18 @@ def _swap_function(model: nn.Module, pattern: str, fp: FunctionPatch, handle: Pa
             continue
         replacement = fp.factory(original)
         if check:
+            key = get(pattern).call_key
+            ran_before = calls.snapshot().get(key, 0)
             try:
                 if fp.check is not None:   # e.g. a forward: its loss and every parameter's gradient
                     problem = fp.check(model, original, replacement)
                 else:
                     called = fp.called_as or (lambda f: f)
-                    problem = check_function(called(original), called(replacement), fp.example_inputs(model))
+                    problem = check_function(called(original), called(replacement), _examples(fp, model, replacement))
+                if not problem and calls.snapshot().get(key, 0) == ran_before:
+                    # equal outputs because the replacement handed every call back to the original
+                    # (GLM's partial rotary: a half-width cos that rope_variant leaves to it)
+                    problem = f"the replacement never reached our {key} kernel in the check"
             except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel
                 problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             if problem:
@@ -523,6 +529,13 @@ def _swap_function(model: nn.Module, pattern: str, fp: FunctionPatch, handle: Pa
                 continue
         restore = _set_attribute(owner, fp.name, replacement)
         handle.functions.append(FunctionSwap(path, original, replacement, pattern, restore))
+
+
+def _examples(fp: FunctionPatch, model: nn.Module, replacement: Callable) -> list:
+    """fp.example_inputs(model), or (model, replacement) where it takes both: a replacement that
+    serves only some calls (rope's cos widths) says which, and the check must reach those."""
+    takes_replacement = len(inspect.signature(fp.example_inputs).parameters) >= 2
+    return fp.example_inputs(model, replacement) if takes_replacement else fp.example_inputs(model)
 
 
 def _set_attribute(owner, name: str, value) -> Callable[[], None]:

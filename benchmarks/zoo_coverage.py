@@ -1,9 +1,9 @@
 """What `fusion_advisor.patch` swaps in each model family of the zoo, by what its modules compute
 (CPU, Triton interpreter: no GPU, no timing).
 
-For every family of benchmarks/zoo.py, at its tiny config, and for twelve more decoder families
-(EXTRA below: Mistral, Qwen3, Gemma 2 and 3, OLMo-2, Granite, Cohere, StableLM, Falcon, Mixtral,
-Qwen2-MoE, Mamba), this builds the model (fp32, CPU) and
+For every family of benchmarks/zoo.py, at its tiny config, and for thirteen more decoder families
+(EXTRA below: Mistral, Qwen3, Gemma 2 and 3, OLMo-2, Granite, Cohere, StableLM, Falcon, Qwen2-MoE,
+GPT-OSS, Ernie 4.5, Mamba), this builds the model (fp32, CPU) and
 runs `fusion_advisor.patch(model, patterns=...)` with every pattern that has a runtime form, each
 swap proven by patch's own numerics check against the module it replaces. It prints, per family,
 the module swaps, the functions patched, and the modules of a kind we fuse (norms, activations,
@@ -44,10 +44,12 @@ EXTRA = [zoo.ModelSpec(name, "decoder", model_class, config_class, config, {})
              ("stablelm", "StableLmForCausalLM", "StableLmConfig", {**_LM, "qk_layernorm": True}),
              ("falcon", "FalconForCausalLM", "FalconConfig",
               dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=128)),
-             ("mixtral", "MixtralForCausalLM", "MixtralConfig", {**_LM, "num_local_experts": 4}),
              ("qwen2-moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig",
               {**_LM, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4,
                "num_experts_per_tok": 2}),
+             ("gpt-oss", "GptOssForCausalLM", "GptOssConfig",
+              {**_LM, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16}),
+             ("ernie4.5", "Ernie4_5ForCausalLM", "Ernie4_5Config", {**_LM, "pad_token_id": 0}),
              ("mamba", "MambaForCausalLM", "MambaConfig",
               dict(hidden_size=32, num_hidden_layers=1, vocab_size=128, state_size=4)))]
 FAMILIES = {**zoo.BY_NAME, **{spec.name: spec for spec in EXTRA}}

@@ -64,8 +64,9 @@ class FunctionPatch:
     where: str                                       # "module_global" or "instance"
     replaces: Callable[[Callable], bool]             # is this original one the replacement is equivalent to?
     factory: Callable[[Callable], Callable]          # original -> replacement (same call signature)
-    example_inputs: Callable[[Any], list]            # model -> [Inputs] to check the replacement against
-                                                     # the original on (the model's dtype and device)
+    example_inputs: Callable[..., list]              # model -> [Inputs] to check the replacement against
+                                                     # the original on (the model's dtype and device); or
+                                                     # (model, replacement) -> [Inputs], the calls it serves
     called_as: Callable[[Callable], Callable] | None = None
     check: Callable | None = None
 

@@ -29,6 +29,7 @@ cos), cos and sin of C = Bc*S*D elements each of size c:
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 import triton
@@ -48,6 +49,17 @@ def _pair_offsets(d, half, INTERLEAVED: tl.constexpr):
         return 2 * d, 2 * d + 1
     else:
         return d, d + half
+
+
+@triton.jit
+def _cos_offsets(d, first, second, COS_PAIR: tl.constexpr):
+    """Where pair d's angle sits in cos and sin: beside its two elements (Llama's cat(freqs, freqs),
+    Cohere's repeat_interleave), or once per pair at d (COS_PAIR: GPT-OSS's half-width cos, and
+    Ernie's / Helium's first half of a full one)."""
+    if COS_PAIR:
+        return d, d
+    else:
+        return first, second
 
 
 @triton.jit
@@ -81,18 +93,19 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, seq_len, n_q_heads, n_k_heads, half,
                  stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                  stride_qob, stride_qoh, stride_qos, stride_kob, stride_koh, stride_kos,
                  stride_cb, stride_cs, BACKWARD: tl.constexpr, INTERLEAVED: tl.constexpr, FP32_MATH: tl.constexpr,
-                 BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
+                 COS_PAIR: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // seq_len
     s = pid % seq_len
     d = tl.arange(0, BLOCK_D)
     dmask = d < half
     first, second = _pair_offsets(d, half, INTERLEAVED)
+    c_first, c_second = _cos_offsets(d, first, second, COS_PAIR)
     c_base = b * stride_cb + s * stride_cs
-    c1 = tl.load(COS + c_base + first, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + c_base + second, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + c_base + first, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + c_base + second, mask=dmask, other=0.0).to(tl.float32)
+    c1 = tl.load(COS + c_base + c_first, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + c_base + c_second, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + c_base + c_first, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + c_base + c_second, mask=dmask, other=0.0).to(tl.float32)
     if BACKWARD:
         # The transpose of the rotation: dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1.
         s1, s2 = -s2, -s1
@@ -107,7 +120,7 @@ def _out_dtype(q: torch.Tensor, cos: torch.Tensor, fp32_math: bool = False) -> t
     return q.dtype if fp32_math else torch.promote_types(q.dtype, cos.dtype)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cos_pair: bool = False) -> None:
     check_dtype(q, "rope")
     check_dtype(cos, "rope")
     check_device(q, k, cos, sin, op="rope")
@@ -121,22 +134,24 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if q.dtype != k.dtype or cos.dtype != sin.dtype:
         raise TypeError(f"rope: q/k dtypes ({q.dtype}, {k.dtype}) and cos/sin dtypes ({cos.dtype}, {sin.dtype}) "
                         "must match pairwise")
-    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (s, d):
-        raise ValueError(f"rope: cos and sin must be ({b} or 1, {s}, {d}), got {tuple(cos.shape)} and "
-                         f"{tuple(sin.shape)}")
+    widths = (d, d // 2) if cos_pair else (d,)
+    if (cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1] != s
+            or cos.shape[2] not in widths):
+        raise ValueError(f"rope: cos and sin must be ({b} or 1, {s}, {' or '.join(map(str, widths))}), got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(q, k, cos, sin, q_out, k_out, backward: bool, interleaved: bool, fp32_math: bool) -> None:
+def _launch(q, k, cos, sin, q_out, k_out, backward: bool, interleaved: bool, fp32_math: bool, cos_pair: bool) -> None:
     b, hq, s, d = q.shape
     hk = k.shape[1]
     # One set of strides serves cos and sin; a batch of 1 broadcasts over B through stride 0.
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
-    cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)
+    cos, sin = cos.expand(b, s, cos.shape[-1]), sin.expand(b, s, sin.shape[-1])
     block_qh, block_kh = next_power_of_2(hq), next_power_of_2(hk)
     block_d = next_power_of_2(d // 2)
     warps = 4 if max(block_qh, block_kh) * block_d <= 2048 else 8
@@ -145,7 +160,8 @@ def _launch(q, k, cos, sin, q_out, k_out, backward: bool, interleaved: bool, fp3
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                q_out.stride(0), q_out.stride(1), q_out.stride(2),
                                k_out.stride(0), k_out.stride(1), k_out.stride(2), cos.stride(0), cos.stride(1),
-                               BACKWARD=backward, INTERLEAVED=interleaved, FP32_MATH=fp32_math, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d,
+                               BACKWARD=backward, INTERLEAVED=interleaved, FP32_MATH=fp32_math, COS_PAIR=cos_pair,
+                               BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d,
                                num_warps=warps)
 
 
@@ -158,60 +174,62 @@ def _out_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-             fp32_math: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             fp32_math: bool, cos_pair: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (q_embed, k_embed) in q's and k's layout, dtype promote(q, cos) (q's with fp32_math)."""
-    _check(q, k, cos, sin)
+    _check(q, k, cos, sin, cos_pair)
     out = _out_dtype(q, cos, fp32_math)
     q_out, k_out = _out_like(q, out), _out_like(k, out)
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-    _launch(q, k, cos, sin, q_out, k_out, False, interleaved, fp32_math)
+    _launch(q, k, cos, sin, q_out, k_out, False, interleaved, fp32_math, cos_pair)
     return q_out, k_out
 
 
 def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             dtype: torch.dtype, interleaved: bool, fp32_math: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             dtype: torch.dtype, interleaved: bool, fp32_math: bool, cos_pair: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (dq, dk) of `dtype` (q's), in the incoming grads' layout."""
     dq, dk = _out_like(dq_out, dtype), _out_like(dk_out, dtype)
     dq_out, dk_out = _last_dim_contiguous(dq_out), _last_dim_contiguous(dk_out)
-    _launch(dq_out, dk_out, cos, sin, dq, dk, True, interleaved, fp32_math)
+    _launch(dq_out, dk_out, cos, sin, dq, dk, True, interleaved, fp32_math, cos_pair)
     return dq, dk
 
 
 # torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
 # the launchers directly (see fused_op).
-_forward = fused_op("fusion_advisor::rope_fwd", fake=lambda q, k, cos, sin, interleaved, fp32_math: (
+_forward = fused_op("fusion_advisor::rope_fwd", fake=lambda q, k, cos, sin, interleaved, fp32_math, cos_pair: (
     _out_like(q, _out_dtype(q, cos, fp32_math)), _out_like(k, _out_dtype(q, cos, fp32_math))))(rope_fwd)
-_backward = fused_op("fusion_advisor::rope_bwd", fake=lambda dq_out, dk_out, cos, sin, dtype, interleaved, fp32_math: (
+_backward = fused_op("fusion_advisor::rope_bwd", fake=lambda dq_out, dk_out, cos, sin, dtype, interleaved, fp32_math, cos_pair: (
     _out_like(dq_out, dtype), _out_like(dk_out, dtype)))(rope_bwd)
 
 
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin, interleaved, fp32_math):
-        q_embed, k_embed = _forward(q, k, cos, sin, interleaved, fp32_math)
+    def forward(ctx, q, k, cos, sin, interleaved, fp32_math, cos_pair):
+        q_embed, k_embed = _forward(q, k, cos, sin, interleaved, fp32_math, cos_pair)
         ctx.save_for_backward(cos, sin)
-        ctx.q_dtype, ctx.interleaved, ctx.fp32_math = q.dtype, interleaved, fp32_math
+        ctx.q_dtype, ctx.form = q.dtype, (interleaved, fp32_math, cos_pair)
         return q_embed, k_embed
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
-        dq, dk = _backward(dq_out, dk_out, cos, sin, ctx.q_dtype, ctx.interleaved, ctx.fp32_math)
-        return dq, dk, None, None, None, None
+        dq, dk = _backward(dq_out, dk_out, cos, sin, ctx.q_dtype, *ctx.form)
+        return dq, dk, None, None, None, None, None
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
-         fp32_math: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+         fp32_math: bool = False, cos_pair: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `apply_rotary_pos_emb(q, k, cos, sin)`, numerically the reference's forward and
     backward: Llama's rotate_half by default; `interleaved` rotates the pairs (2i, 2i + 1) as
     Cohere's and GPT-J's rotate_half do, and `fp32_math` computes in fp32 and rounds once to q's
-    dtype, as Cohere's `q.float()` code does (`reference_interleaved`). cos and sin get no gradient
+    dtype, as Cohere's `q.float()` code does (`reference_interleaved`); `cos_pair` reads pair i's
+    angle once, at cos[..., i] (GPT-OSS's half-width cos; Ernie's and Helium's first half of a
+    full one, repeated per pair in their code). cos and sin get no gradient
     (HF computes them under no_grad): passing ones that require grad is refused rather than
     silently given none."""
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("rope: cos/sin that require grad are not supported (compute them under torch.no_grad, "
                          "as Hugging Face's rotary embedding does)")
-    return RoPEFunction.apply(q, k, cos, sin, bool(interleaved), bool(fp32_math))
+    return RoPEFunction.apply(q, k, cos, sin, bool(interleaved), bool(fp32_math), bool(cos_pair))
 
 
 def rotate_half(x):
@@ -220,13 +238,13 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def reference(q, k, cos, sin, interleaved=False, fp32_math=False):
-    """Hugging Face apply_rotary_pos_emb (unsqueeze_dim=1), verbatim: Llama's, or with both flags
-    Cohere's (`reference_interleaved`); the other two mixes as `_eager_variant` writes them."""
-    if interleaved or fp32_math:
-        if interleaved and fp32_math:
+def reference(q, k, cos, sin, interleaved=False, fp32_math=False, cos_pair=False):
+    """Hugging Face apply_rotary_pos_emb (unsqueeze_dim=1), verbatim: Llama's, or with the first two
+    flags Cohere's (`reference_interleaved`); the other forms as `_eager_variant` writes them."""
+    if interleaved or fp32_math or cos_pair:
+        if interleaved and fp32_math and not cos_pair:
             return reference_interleaved(q, k, cos, sin)
-        return _eager_variant(q, k, cos, sin, interleaved, fp32_math)
+        return _eager_variant(q, k, cos, sin, interleaved, fp32_math, cos_pair)
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
     q_embed = (q * cos) + (rotate_half(q) * sin)
@@ -253,10 +271,16 @@ def reference_interleaved(q, k, cos, sin):
     return q_embed.to(dtype=dtype), k_embed.to(dtype=dtype)
 
 
-def _eager_variant(q, k, cos, sin, interleaved: bool, fp32_math: bool):
-    """apply_rotary_pos_emb in any of the four (layout, precision) forms models write."""
+def _eager_variant(q, k, cos, sin, interleaved: bool, fp32_math: bool, cos_pair: bool = False):
+    """apply_rotary_pos_emb in any of the (layout, precision, angle layout) forms models write.
+    cos_pair: pair i's angle is cos[..., i] (Ernie / Helium: `cos[..., :D // 2].repeat_interleave(2)`;
+    GPT-OSS: a half-width cos on both halves, `first * cos - second * sin`, the same products)."""
     rotate = rotate_pairs if interleaved else rotate_half
     dtype = q.dtype
+    if cos_pair:
+        half = q.shape[-1] // 2
+        cos, sin = cos[..., :half], sin[..., :half]
+        cos, sin = ((t.repeat_interleave(2, dim=-1) if interleaved else torch.cat((t, t), dim=-1)) for t in (cos, sin))
     if fp32_math:
         q, k = q.float(), k.float()
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -264,26 +288,48 @@ def _eager_variant(q, k, cos, sin, interleaved: bool, fp32_math: bool):
     return tuple(o.to(dtype) for o in out) if fp32_math else tuple(out)
 
 
-_VARIANTS = ((False, False), (True, True), (True, False), (False, True))
+LLAMA_FORM = (False, False, False)
+# (interleaved, fp32_math, cos_pair), the forms seen in transformers: Llama's first, Cohere's, Ernie's,
+# Helium's, GPT-OSS's; then the rest.
+_FORMS = (LLAMA_FORM, (True, True, False), (True, True, True), (True, False, True), (False, False, True),
+          (True, False, False), (False, True, False), (False, True, True))
 
 
-def rope_variant(original) -> tuple[bool, bool]:
-    """(interleaved, fp32_math) of an `apply_rotary_pos_emb`, read off what it computes: it runs on a
-    small bf16 CPU probe and the first of the four eager forms that it equals bit for bit is its
-    form. (False, False), Llama's, where none is: patch's numerics check then decides."""
+class RopeForm(NamedTuple):
+    interleaved: bool
+    fp32_math: bool
+    cos_pair: bool
+    widths: frozenset   # the cos widths, as fractions of the head dim (1.0, 0.5), it computes this form at
+
+
+def rope_variant(original) -> RopeForm:
+    """The form of an `apply_rotary_pos_emb`, read off what it computes: it runs on small bf16 CPU
+    probes, with a full-width cos and with a half-width one (GPT-OSS's takes that), and the first
+    eager form it equals bit for bit is its form, at the widths where it does. A width where it
+    computes something else (GLM's partial rotary: a half-width cos rotates half the head) is left
+    to the original at run time. Llama's form at full width where none matches: patch's numerics
+    check then decides."""
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 2, 3, 8, generator=gen).to(torch.bfloat16) for _ in range(2))
     cos, sin = (torch.randn(1, 3, 8, generator=gen).to(torch.bfloat16) for _ in range(2))
-    try:
-        with torch.no_grad():
-            want = original(q, k, cos, sin)
-    except Exception:  # noqa: BLE001 (a function that cannot take the probe: the check decides)
-        return False, False
-    for interleaved, fp32_math in _VARIANTS:
-        got = _eager_variant(q, k, cos, sin, interleaved, fp32_math)
-        if all(isinstance(w, torch.Tensor) and w.dtype == g.dtype and torch.equal(w, g) for w, g in zip(want, got)):
-            return interleaved, fp32_math
-    return False, False
+    found, widths = None, set()
+    for width in (8, 4):
+        c, s = cos[..., :width], sin[..., :width]
+        try:
+            with torch.no_grad():
+                want = original(q, k, c, s)
+        except Exception:  # noqa: BLE001 (a function that cannot take this probe: the next, or the check decides)
+            continue
+        for form in _FORMS:
+            if width < 8 and not form[2]:
+                continue   # a half-width cos is read once per pair
+            got = _eager_variant(q, k, c, s, *form)
+            if all(isinstance(w, torch.Tensor) and w.dtype == g.dtype and torch.equal(w, g) for w, g in zip(want, got)):
+                found = found or form
+                if form == found:
+                    widths.add(width / 8)
+                break
+    return RopeForm(*found, frozenset(widths)) if found else RopeForm(*LLAMA_FORM, frozenset({1.0}))
 
 
 def liger(q, k, cos, sin):
@@ -296,7 +342,7 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     """params: q_shape (B, H, S, D), k_heads, dtype, cos_batch (1 or B, default 1), cos_dtype.
     q and k are built as Llama builds them, `view(B, S, H, D).transpose(1, 2)` (strided), unless
     params["layout"] == "contiguous"; cos/sin as LlamaRotaryEmbedding makes them (`interleaved`: as
-    Cohere's does, and the pair layout and `fp32_math` passed on to reference and fused)."""
+    Cohere's does; `cos_pair`: half-width, as GPT-OSS's), the form passed on to reference and fused."""
     dtype = param_dtype(params)
     b, h, s, d = params["q_shape"]
     hk = params.get("k_heads", h)
@@ -311,11 +357,15 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
     pos = torch.arange(s, device=device, dtype=torch.float32)[None].expand(cos_batch, s)
     freqs = pos[:, :, None] * inv_freq[None, None, :]
-    interleaved, fp32_math = bool(params.get("interleaved")), bool(params.get("fp32_math"))
-    # Cohere's rotary embedding repeats each pair's angle in place; Llama's concatenates two halves
-    emb = torch.repeat_interleave(freqs, 2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
+    form = {name: bool(params.get(name)) for name in ("interleaved", "fp32_math", "cos_pair")}
+    # Cohere's rotary embedding repeats each pair's angle in place, Llama's concatenates two halves;
+    # with cos_pair, GPT-OSS's half-width angles, one per pair
+    if form["cos_pair"]:
+        emb = freqs
+    else:
+        emb = torch.repeat_interleave(freqs, 2, dim=-1) if form["interleaved"] else torch.cat((freqs, freqs), dim=-1)
     cdtype = param_dtype(params, "cos_dtype")
-    kwargs = {"interleaved": interleaved, "fp32_math": fp32_math} if interleaved or fp32_math else {}
+    kwargs = form if any(form.values()) else {}
     return Inputs((q, k, emb.cos().to(cdtype), emb.sin().to(cdtype)), kwargs, grad_inputs=(0, 1) if requires_grad else ())
 
 
@@ -387,7 +437,7 @@ def hf_apply_rotary_pos_emb(original):
     rotate_half, or Cohere's interleaved pairs in fp32). Any other call (unsqueeze_dim=2, an old
     position_ids argument, 4-D cos) goes to `original` unchanged."""
     fifth = (_parameter_names(original) + [None] * 5)[4]
-    interleaved, fp32_math = rope_variant(original)
+    form = rope_variant(original)
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if args or kwargs:
@@ -396,24 +446,34 @@ def hf_apply_rotary_pos_emb(original):
             if not heads_on_dim_1:
                 return original(q, k, cos, sin, *args, **kwargs)
         if (q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.requires_grad or sin.requires_grad
-                or q.dtype != k.dtype or cos.dtype != sin.dtype):
+                or q.dtype != k.dtype or cos.dtype != sin.dtype or cos.shape[-1] / q.shape[-1] not in form.widths):
             return original(q, k, cos, sin, *args, **kwargs)
-        return rope(q, k, cos, sin, interleaved, fp32_math)
+        return rope(q, k, cos, sin, form.interleaved, form.fp32_math, form.cos_pair)
 
     apply_rotary_pos_emb.fused_original = original
+    apply_rotary_pos_emb.form = form
     return apply_rotary_pos_emb
 
 
-def hf_rope_example_inputs(model) -> list[Inputs]:
+def hf_rope_example_inputs(model, replacement=None) -> list[Inputs]:
     """Random q, k (B=2, 3 heads, 7 positions, the model's head dim) and cos/sin as HF builds them,
-    in the model's dtype and device; GQA-shaped k (1 head) too."""
+    in the model's dtype and device; GQA-shaped k (1 head) too. Where the replacement serves a
+    half-width cos (GPT-OSS's form: `replacement.form.widths`), the cos and sin are that width: the
+    check must see the calls the kernel takes, not only those it hands back to the original."""
     ref = next(p for p in model.parameters() if p.is_floating_point())
     config = getattr(model, "config", None)
     head_dim = getattr(config, "head_dim", None)
     if not head_dim and getattr(config, "num_attention_heads", None):
         head_dim = config.hidden_size // config.num_attention_heads
     params = {"q_shape": [2, 3, 7, int(head_dim or 16)], "dtype": dtype_name(ref.dtype)}
-    return [make_inputs(params, ref.device, True), make_inputs({**params, "k_heads": 1}, ref.device, True)]
+    form = getattr(replacement, "form", None)
+    examples = []
+    for width in sorted(form.widths if form is not None else {1.0}, reverse=True):
+        for extra in ({}, {"k_heads": 1}):
+            q, k, cos, sin = make_inputs({**params, **extra}, ref.device, True).args
+            n = int(cos.shape[-1] * width)   # cat(freqs, freqs)[:D/2] is GPT-OSS's half-width cos
+            examples.append(Inputs((q, k, cos[..., :n].contiguous(), sin[..., :n].contiguous()), grad_inputs=(0, 1)))
+    return examples
 
 
 PATTERN = register_pattern(

@@ -1,5 +1,7 @@
 """Runtime patches of Hugging Face functions: apply_rotary_pos_emb (a modeling-module global) and
 the model's loss_function, beside the module swaps, checked and reverted exactly."""
+import sys
+
 import pytest
 import torch
 
@@ -292,8 +294,8 @@ def test_cohere_interleaved_rope_is_read_off_the_function_and_fused():
     """Cohere's apply_rotary_pos_emb rotates interleaved pairs in fp32: rope_variant reads that form
     off the function itself, and the model's loss and gradients are unchanged with it fused."""
     modeling_cohere = pytest.importorskip("transformers.models.cohere.modeling_cohere")
-    assert rope_mod.rope_variant(modeling_cohere.apply_rotary_pos_emb) == (True, True)
-    assert rope_mod.rope_variant(modeling_llama.apply_rotary_pos_emb) == (False, False)
+    assert rope_mod.rope_variant(modeling_cohere.apply_rotary_pos_emb) == (True, True, False, {1.0})
+    assert rope_mod.rope_variant(modeling_llama.apply_rotary_pos_emb) == (False, False, False, {1.0})
     torch.manual_seed(0)
     config = transformers.CohereConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=4, num_key_value_heads=2, use_cache=False)
@@ -305,3 +307,52 @@ def test_cohere_interleaved_rope_is_read_off_the_function_and_fused():
         got_loss, got_grads = _loss_and_grads(model, ids, ids)
     _assert_same_loss_and_grads((got_loss, got_grads), (want_loss, want_grads), ids.numel())
     assert not hasattr(modeling_cohere.apply_rotary_pos_emb, "fused_original")
+
+
+_ROPE_FORMS = [  # (model, config, extra config, the form rope_variant reads off its apply_rotary_pos_emb)
+    ("GptOssForCausalLM", "GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+     (False, False, True, {0.5})),           # rotate_half on a half-width cos
+    ("Ernie4_5ForCausalLM", "Ernie4_5Config", {}, (True, True, True, {1.0})),   # pairs, fp32, cos[:D/2] per pair
+    ("HeliumForCausalLM", "HeliumConfig", {"head_dim": 16}, (True, False, True, {1.0})),
+]
+
+
+@pytest.mark.parametrize("model_class, config_class, extra, form", _ROPE_FORMS, ids=[c[0] for c in _ROPE_FORMS])
+def test_rope_forms_are_read_off_each_model_and_fused(model_class, config_class, extra, form, monkeypatch):
+    if not hasattr(transformers, model_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, **extra)
+    model = getattr(transformers, model_class)(config).float().to(DEVICE)
+    modeling = sys.modules[type(model).__module__]
+    assert rope_mod.rope_variant(modeling.apply_rotary_pos_emb) == form
+    ids = torch.randint(1, 96, (2, 10), device=DEVICE)
+    want = _loss_and_grads(model, ids, ids)
+    with fusion_advisor.patched(model, patterns=["rope"]) as handle:
+        assert [f.pattern for f in handle.functions] == ["rope"], handle.summary()
+        ran = _count_forwards(monkeypatch, rope_mod)
+        got = _loss_and_grads(model, ids, ids)
+        assert ran == ["rope"]
+    _assert_same_loss_and_grads(got, want, ids.numel())
+
+
+def test_a_partial_rotary_call_goes_to_the_original(monkeypatch):
+    """GLM-4's partial rotary: a half-width cos rotates half of each head, which no kernel form
+    computes. rope_variant proves the form at full width only, so those calls run the original
+    (the loss and gradients unchanged, our kernel never called: verify's call count would show it)."""
+    if not hasattr(transformers, "Glm4ForCausalLM"):
+        pytest.skip("no GLM-4 in this transformers")
+    torch.manual_seed(0)
+    config = transformers.Glm4Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, head_dim=16, pad_token_id=0)
+    model = transformers.Glm4ForCausalLM(config).float().to(DEVICE)
+    modeling = sys.modules[type(model).__module__]
+    assert rope_mod.rope_variant(modeling.apply_rotary_pos_emb) == (True, False, True, {1.0})
+    ids = torch.randint(1, 96, (2, 10), device=DEVICE)
+    want = _loss_and_grads(model, ids, ids)
+    with fusion_advisor.patched(model, patterns=["rope"]):
+        ran = _count_forwards(monkeypatch, rope_mod)
+        got = _loss_and_grads(model, ids, ids)
+    assert ran == []
+    _assert_same_loss_and_grads(got, want, ids.numel())

@@ -18,11 +18,15 @@ def test_rope_matches_apply_rotary_pos_emb(case, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("fp32_math", [False, True])
-def test_interleaved_pattern_params_match_their_reference(fp32_math, dtype, device):
-    """What bench runs for a traced Cohere / GPT-J style chain (`interleaved` read off its `stack`)."""
+@pytest.mark.parametrize("form", [(True, False, False), (True, True, False), (True, True, True), (True, False, True),
+                                  (False, False, True)])
+def test_rope_forms_match_their_reference(form, dtype, device):
+    """Each (interleaved, fp32_math, cos_pair) form: Cohere's, Ernie's, Helium's, GPT-OSS's (a
+    half-width cos), and what bench runs for a traced chain with `interleaved` read off its `stack`."""
+    interleaved, fp32_math, cos_pair = form
     check_against_reference(mod.PATTERN, {"q_shape": [2, 4, 9, 16], "k_heads": 2, "dtype": dtype,
-                                          "interleaved": True, "fp32_math": fp32_math}, device)
+                                          "interleaved": interleaved, "fp32_math": fp32_math, "cos_pair": cos_pair},
+                            device)
 
 
 def test_fp32_cos_with_bf16_q_promotes_like_eager(device):
@@ -85,10 +89,10 @@ def test_fused_bytes():
 
 def test_custom_ops_pass_opcheck(device):
     q, k, cos, sin = mod.make_inputs({"q_shape": [2, 4, 5, 8], "k_heads": 2, "dtype": "float32"}, device, False).args
-    for interleaved, fp32_math in ((False, False), (True, True)):
-        torch.library.opcheck(torch.ops.fusion_advisor.rope_fwd.default, (q, k, cos, sin, interleaved, fp32_math))
+    for form in ((False, False, False), (True, True, False), (True, True, True)):
+        torch.library.opcheck(torch.ops.fusion_advisor.rope_fwd.default, (q, k, cos, sin, *form))
         torch.library.opcheck(torch.ops.fusion_advisor.rope_bwd.default,
-                              (torch.randn_like(q), torch.randn_like(k), cos, sin, torch.float32, interleaved, fp32_math))
+                              (torch.randn_like(q), torch.randn_like(k), cos, sin, torch.float32, *form))
 
 
 def test_runs_under_torch_compile_fullgraph(device):
@@ -150,7 +154,7 @@ def test_launches_compile_for_hopper(device):
     from kernel_checks import check_against_reference as check, hopper_compile_errors, recorded_launches
 
     with recorded_launches() as launches:
-        for interleaved, fp32_math in ((False, False), (True, True)):
+        for interleaved, fp32_math, cos_pair in ((False, False, False), (True, True, False), (False, False, True)):
             check(mod.PATTERN, {"q_shape": [2, 3, 5, 8], "k_heads": 1, "dtype": "bfloat16",
-                                "interleaved": interleaved, "fp32_math": fp32_math}, device)
+                                "interleaved": interleaved, "fp32_math": fp32_math, "cos_pair": cos_pair}, device)
     assert hopper_compile_errors(launches) == []
