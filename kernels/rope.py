@@ -244,6 +244,8 @@ def reference(q, k, cos, sin, interleaved=False, fp32_math=False, cos_pair=False
     if interleaved or fp32_math or cos_pair:
         if interleaved and fp32_math and not cos_pair:
             return reference_interleaved(q, k, cos, sin)
+        if cos_pair and not (interleaved or fp32_math) and cos.shape[-1] * 2 == q.shape[-1]:
+            return reference_half_cos(q, k, cos, sin)
         return _eager_variant(q, k, cos, sin, interleaved, fp32_math, cos_pair)
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
@@ -269,6 +271,20 @@ def reference_interleaved(q, k, cos, sin):
     q_embed = (q * cos) + (rotate_pairs(q) * sin)
     k_embed = (k * cos) + (rotate_pairs(k) * sin)
     return q_embed.to(dtype=dtype), k_embed.to(dtype=dtype)
+
+
+def reference_half_cos(q, k, cos, sin):
+    """GPT-OSS's apply_rotary_pos_emb (a half-width cos and sin), verbatim: `rope(..., cos_pair=True)`."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+
+    def rotate(x):
+        first_half, second_half = torch.chunk(x, 2, dim=-1)
+        first_ = first_half * cos - second_half * sin
+        second_ = second_half * cos + first_half * sin
+        return torch.cat((first_, second_), dim=-1)
+
+    return rotate(q), rotate(k)
 
 
 def _eager_variant(q, k, cos, sin, interleaved: bool, fp32_math: bool, cos_pair: bool = False):
@@ -383,7 +399,10 @@ def fused_bytes(params: dict) -> dict:
 def params_from_ops(ops: list[OpRecord]) -> dict | None:
     """q/k shapes, dtypes and cos batch from the traced chain per tensor
     `mul(x, cos) slice slice neg cat mul(rot, sin) add`, q's first, then k's; Cohere's interleaved
-    rotate_half stacks the pairs (`neg stack flatten`): `interleaved` in the params."""
+    rotate_half stacks the pairs (`neg stack flatten`): `interleaved` in the params. GPT-OSS's
+    halves on a half-width cos (`mul mul sub mul mul add cat`): `cos_pair`."""
+    if any(o.short == "sub" for o in ops) and not any(o.short == "neg" for o in ops):
+        return _half_cos_params(ops)
     shapes = []
     for i, op in enumerate(ops):
         if op.short != "neg" or not op.dims or not op.dims[0]:
@@ -408,6 +427,32 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
         params["cos_dtype"] = dtype_name(cdtype)
     if any(o.short == "stack" for o in ops):
         params["interleaved"] = True
+    return params
+
+
+def _half_cos_params(ops: list[OpRecord]) -> dict | None:
+    """GPT-OSS's `first * cos - second * sin`, `second * cos + first * sin`, `cat` per tensor: the
+    first mul of each (a (B, H, S, D/2) half times a (B or 1, 1, S, D/2) cos) gives the shapes."""
+    firsts = []
+    for i, op in enumerate(ops):
+        if op.short == "sub" and i >= 2 and ops[i - 2].short == "mul" and len(ops[i - 2].dims) == 2:
+            half, cos = (tuple(d) for d in ops[i - 2].dims)
+            if len(half) == 4 and len(cos) == 4:
+                firsts.append((half, cos, ops[i - 2].types))
+    if len(firsts) != 2 or not any(o.short == "cat" for o in ops):
+        return None
+    (q_half, cos_shape, types), (k_half, _, _) = firsts
+    b, h, s, half = q_half
+    if k_half[0] != b or k_half[2:] != (s, half) or cos_shape[1] != 1 or cos_shape[2:] != (s, half):
+        return None
+    dtype = dtype_from_trace(types[0]) if types else None
+    cdtype = dtype_from_trace(types[1]) if len(types) > 1 else None
+    if dtype is None or cdtype is None:
+        return None
+    params = {"q_shape": [b, h, s, 2 * half], "k_heads": k_half[1], "dtype": dtype_name(dtype),
+              "cos_batch": cos_shape[0], "cos_pair": True}
+    if cdtype != dtype:
+        params["cos_dtype"] = dtype_name(cdtype)
     return params
 
 
@@ -479,7 +524,7 @@ def hf_rope_example_inputs(model, replacement=None) -> list[Inputs]:
 PATTERN = register_pattern(
     __name__,
     description="rotary position embedding (rotate_half) on q and k in one Triton launch each way",
-    forward_signature=r"\bmul (?:\S+ ){0,4}neg (?:cat|stack) (?:\S+ ){0,2}mul add\b",
+    forward_signature=r"\bmul (?:\S+ ){0,4}neg (?:cat|stack) (?:\S+ ){0,2}mul add\b|\bmul mul sub mul mul add cat\b",
     example_params={"q_shape": [2, 4, 9, 16], "k_heads": 2, "dtype": "float32"},
     # tokens = B * S in 4k-32k at S = 4096; hidden = H * 128 in 1k-8k; 8 kv heads (GQA, Llama-3).
     bench_params=training_shapes(lambda tokens, hidden:

@@ -158,3 +158,24 @@ def test_launches_compile_for_hopper(device):
             check(mod.PATTERN, {"q_shape": [2, 3, 5, 8], "k_heads": 1, "dtype": "bfloat16",
                                 "interleaved": interleaved, "fp32_math": fp32_math, "cos_pair": cos_pair}, device)
     assert hopper_compile_errors(launches) == []
+
+
+def _op(name, dims, types):
+    from fusion_advisor.core.records import OpRecord
+    return OpRecord.from_trace(name, dims, types, [""] * len(dims))
+
+
+def test_gpt_oss_chain_is_rope_on_a_half_width_cos():
+    """GPT-OSS's chain as a CPU trace of its bf16 attention recorded it (q of 4 heads, k of 2, head
+    dim 16, 16 positions): `mul mul sub mul mul add cat` per tensor, on halves and a half-width cos."""
+    bf = "c10::BFloat16"
+
+    def chain(heads):
+        half, cos = [2, heads, 16, 8], [1, 1, 16, 8]
+        return [_op("aten::mul", [half, cos], [bf, bf]), _op("aten::mul", [half, cos], [bf, bf]),
+                _op("aten::sub", [half, half, []], [bf, bf, "Scalar"]), _op("aten::mul", [half, cos], [bf, bf]),
+                _op("aten::mul", [half, cos], [bf, bf]), _op("aten::add", [half, half, []], [bf, bf, "Scalar"]),
+                _op("aten::cat", [[half, half], []], ["TensorList", "Scalar"])]
+
+    pattern, params = match(chain(4) + chain(2))
+    assert pattern is mod.PATTERN and params == {"q_shape": [2, 4, 16, 16], "k_heads": 2, "dtype": "bfloat16", "cos_batch": 1, "cos_pair": True}
