@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fusion_advisor.core.errors import AdvisorError
+from fusion_advisor.kernels.glu import GatedExperts
 from fusion_advisor.kernels.registry import Inputs
 from fusion_advisor.kernels.tolerances import tolerance
 from fusion_advisor.module_forms import redrawn_copy, rng_kept
@@ -50,9 +51,9 @@ def _example_args(module: nn.Module, shape_hint) -> tuple[torch.Tensor, ...]:
     """The arguments of a module's example call: (x,) from `_example_input`, or for an MoE's experts
     (batched 3-D `gate_up_proj`; HF's forward(hidden_states, top_k_index, top_k_weights)) 16 tokens,
     each routed to 2 distinct experts with softmax weights."""
-    weight = getattr(module, "gate_up_proj", None)
-    if not (isinstance(weight, torch.Tensor) and weight.dim() == 3):
+    if not GatedExperts.batched(module):
         return (_example_input(module, shape_hint),)
+    weight = module.gate_up_proj
     experts = weight.shape[0]
     hidden = weight.shape[1] if getattr(module, "is_transposed", False) else weight.shape[2]
     tokens, top_k = 16, min(2, experts)

@@ -418,14 +418,14 @@ class _ModuleSwapper:
         key = self._signature(t, module, *children)
         if key not in self.verdicts:
             try:
-                ran_before = calls.snapshot().get(t.pattern.call_key, 0)
-                if not self.check:
-                    self.verdicts[key] = None
-                elif stateful:
-                    self.verdicts[key] = check_on_copies(module, t.pattern.module_factory, self.shape_hint)
-                else:
-                    self.verdicts[key] = check_equivalent(module, replacement, self.shape_hint)
-                if self.check and self.verdicts[key] is None and calls.snapshot().get(t.pattern.call_key, 0) == ran_before:
+                with _kernel_calls(t.pattern.call_key) as ran:
+                    if not self.check:
+                        self.verdicts[key] = None
+                    elif stateful:
+                        self.verdicts[key] = check_on_copies(module, t.pattern.module_factory, self.shape_hint)
+                    else:
+                        self.verdicts[key] = check_equivalent(module, replacement, self.shape_hint)
+                if self.check and self.verdicts[key] is None and not ran():
                     # Matching numerics prove nothing where our kernel never ran (Mixtral's eager experts
                     # forward writes act(gate) * up inline and never calls the `_apply_gate` we fused).
                     self.verdicts[key] = f"its forward never reached our {t.pattern.call_key} kernel in the check"
@@ -449,6 +449,14 @@ class _ModuleSwapper:
             # a line, unless a result pointed at its class.
             return None, f"{t.name}: {why}" if hinted or not why.startswith(NOT_A_CHAIN) else None
         return replacement, None
+
+
+@contextlib.contextmanager
+def _kernel_calls(key: str):
+    """Yields a function that says how many calls of our kernel counted as `key` (fusion_advisor.calls)
+    were made since the block began: a check whose outputs match proves nothing where it is 0."""
+    before = calls.snapshot().get(key, 0)
+    yield lambda: calls.snapshot().get(key, 0) - before
 
 
 def _holds_hinted(t: _Target, module: nn.Module) -> bool:
@@ -511,14 +519,14 @@ def _swap_function(model: nn.Module, pattern: str, fp: FunctionPatch, handle: Pa
         replacement = fp.factory(original)
         if check:
             key = get(pattern).call_key
-            ran_before = calls.snapshot().get(key, 0)
             try:
-                if fp.check is not None:   # e.g. a forward: its loss and every parameter's gradient
-                    problem = fp.check(model, original, replacement)
-                else:
-                    called = fp.called_as or (lambda f: f)
-                    problem = check_function(called(original), called(replacement), _examples(fp, model, replacement))
-                if not problem and calls.snapshot().get(key, 0) == ran_before:
+                with _kernel_calls(key) as ran:
+                    if fp.check is not None:   # e.g. a forward: its loss and every parameter's gradient
+                        problem = fp.check(model, original, replacement)
+                    else:
+                        called = fp.called_as or (lambda f: f)
+                        problem = check_function(called(original), called(replacement), _examples(fp, model, replacement))
+                if not problem and not ran():
                     # equal outputs because the replacement handed every call back to the original
                     # (GLM's partial rotary: a half-width cos that rope_variant leaves to it)
                     problem = f"the replacement never reached our {key} kernel in the check"

@@ -321,10 +321,15 @@ class GatedExperts:
     parameters, state_dict keys unchanged) whose instance `_apply_gate` is a FusedPackedGate."""
 
     @staticmethod
-    def shaped(module: torch.nn.Module) -> bool:
+    def batched(module: torch.nn.Module) -> bool:
+        """Experts held as one batched 3-D `gate_up_proj` (called as forward(hidden_states,
+        top_k_index, top_k_weights)), whatever their gate."""
         weight = getattr(module, "gate_up_proj", None)
-        return (isinstance(weight, torch.nn.Parameter) and weight.dim() == 3
-                and callable(getattr(module, "_apply_gate", None))
+        return isinstance(weight, torch.nn.Parameter) and weight.dim() == 3
+
+    @staticmethod
+    def shaped(module: torch.nn.Module) -> bool:
+        return (GatedExperts.batched(module) and callable(getattr(module, "_apply_gate", None))
                 and getattr(module, "has_gate", True) is True and getattr(module, "is_concatenated", True) is True)
 
     @staticmethod

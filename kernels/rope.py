@@ -412,22 +412,10 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
         if mul is None or tuple(op.dims[0]) != tuple(mul.dims[0][:3]) + (mul.dims[0][3] // 2,):
             continue
         shapes.append((tuple(mul.dims[0]), tuple(mul.dims[1]), mul.types))
-    if len(shapes) != 2 or not any(o.short in ("cat", "stack") for o in ops):
+    if not any(o.short in ("cat", "stack") for o in ops):
         return None
-    (q_shape, cos_shape, types), (k_shape, _, _) = shapes
-    b, h, s, d = q_shape
-    if k_shape[0] != b or k_shape[2:] != (s, d) or cos_shape[1] != 1 or cos_shape[2:] != (s, d):
-        return None
-    dtype = dtype_from_trace(types[0]) if types else None
-    cdtype = dtype_from_trace(types[1]) if len(types) > 1 else None
-    if dtype is None or cdtype is None:
-        return None
-    params = {"q_shape": list(q_shape), "k_heads": k_shape[1], "dtype": dtype_name(dtype), "cos_batch": cos_shape[0]}
-    if cdtype != dtype:
-        params["cos_dtype"] = dtype_name(cdtype)
-    if any(o.short == "stack" for o in ops):
-        params["interleaved"] = True
-    return params
+    form = {"interleaved": True} if any(o.short == "stack" for o in ops) else {}
+    return _params(shapes, 1, form)
 
 
 def _half_cos_params(ops: list[OpRecord]) -> dict | None:
@@ -439,21 +427,29 @@ def _half_cos_params(ops: list[OpRecord]) -> dict | None:
             half, cos = (tuple(d) for d in ops[i - 2].dims)
             if len(half) == 4 and len(cos) == 4:
                 firsts.append((half, cos, ops[i - 2].types))
-    if len(firsts) != 2 or not any(o.short == "cat" for o in ops):
+    if not any(o.short == "cat" for o in ops):
         return None
-    (q_half, cos_shape, types), (k_half, _, _) = firsts
-    b, h, s, half = q_half
-    if k_half[0] != b or k_half[2:] != (s, half) or cos_shape[1] != 1 or cos_shape[2:] != (s, half):
+    return _params(firsts, 2, {"cos_pair": True})
+
+
+def _params(muls: list, widen: int, form: dict) -> dict | None:
+    """The pattern's params from q's and k's first traced mul, (x shape, cos shape, input types) each,
+    x (B, H, S, W) and cos (B or 1, 1, S, W); the head dim is W * widen (2 where x is a half)."""
+    if len(muls) != 2:
+        return None
+    (q_shape, cos_shape, types), (k_shape, _, _) = muls
+    b, h, s, width = q_shape
+    if k_shape[0] != b or k_shape[2:] != (s, width) or cos_shape[1] != 1 or cos_shape[2:] != (s, width):
         return None
     dtype = dtype_from_trace(types[0]) if types else None
     cdtype = dtype_from_trace(types[1]) if len(types) > 1 else None
     if dtype is None or cdtype is None:
         return None
-    params = {"q_shape": [b, h, s, 2 * half], "k_heads": k_half[1], "dtype": dtype_name(dtype),
-              "cos_batch": cos_shape[0], "cos_pair": True}
+    params = {"q_shape": [b, h, s, width * widen], "k_heads": k_shape[1], "dtype": dtype_name(dtype),
+              "cos_batch": cos_shape[0]}
     if cdtype != dtype:
         params["cos_dtype"] = dtype_name(cdtype)
-    return params
+    return {**params, **form}
 
 
 # -- runtime patch of Hugging Face's module-level apply_rotary_pos_emb ---------------------------------
