@@ -5,6 +5,11 @@ forward + backward (GPU).
 
     python benchmarks/bench_channel_norm.py --out benchmarks/results/bench-channel-norm-h100.csv
     python benchmarks/bench_channel_norm.py --batch 64 --dtype float32
+    python benchmarks/bench_channel_norm.py --sweep     # our kernels alone at each tile and warp count
+
+`--sweep` times our forward and backward launchers (kernels only, no autograd) at every
+(BLOCK_S, num_warps) candidate of each shape, the default plan marked, to choose `_blocks`'s rule
+from measured numbers.
 
 GB/s counts what our kernels move (forward: read x, write y; backward: read dy and x, write dx;
 statistics and parameters left out), for every provider, so the columns compare directly; % copy is
@@ -40,10 +45,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--out", help="CSV to write")
+    ap.add_argument("--sweep", action="store_true", help="time our kernels at each tile and warp count")
     args = ap.parse_args(argv)
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("bench_channel_norm.py: needs a CUDA GPU")
+    if args.sweep:
+        return sweep(args.batch, getattr(torch, args.dtype))
     from fusion_advisor.cost_model.timing import time_calls
     from fusion_advisor.kernels.channel_norm import channels_first_layer_norm
 
@@ -93,6 +101,46 @@ def main(argv=None) -> int:
             writer.writeheader()
             writer.writerows(rows)
         print(f"wrote {args.out}")
+    return 0
+
+
+def sweep(batch: int, dtype, device=None) -> int:
+    """Each shape's forward and backward launcher at every (BLOCK_S, warps) candidate: p50 µs and %
+    of copy (forward moves 2 x-sized tensors, backward 3), the default plan starred."""
+    import torch
+    from fusion_advisor.cost_model.timing import time_calls
+    from fusion_advisor.kernels import channel_norm as cn
+    from fusion_advisor.kernels.common import next_power_of_2
+
+    device = device or torch.device("cuda")
+    default_blocks = cn._blocks
+    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else device}, torch {torch.__version__}; batch {batch}, {dtype}; sweep")
+    try:
+        for channels, size in dict.fromkeys(SHAPES):
+            x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+            w = 1 + 0.1 * torch.randn(channels, device=device, dtype=dtype)
+            b = 0.1 * torch.randn(channels, device=device, dtype=dtype)
+            dy = torch.randn_like(x)
+            copy = time_calls([lambda: x.clone()], device)
+            copy_bw = 2 * x.numel() * x.element_size() / (copy.p50_us * 1e-6)
+            block_c = next_power_of_2(channels)
+            _, mean, rstd = cn.channel_norm_fwd(x, w, b, 1e-6)
+            for pass_, tile, nbytes, call in (
+                    ("forward", cn.FWD_TILE, 2, lambda: cn.channel_norm_fwd(x, w, b, 1e-6)),
+                    ("backward", cn.BWD_TILE, 3, lambda: cn.channel_norm_bwd(dy, x, w, b, mean, rstd))):
+                chosen = default_blocks(channels, size * size, tile)
+                for block_s in (4, 8, 16, 32, 64, 128):
+                    for warps in (2, 4, 8, 16):
+                        if block_c * block_s > 32768 or block_c * block_s < 32 * warps:
+                            continue
+                        cn._blocks = lambda c, s, t, cfg=(block_c, block_s, warps): cfg
+                        t = time_calls([call], device)
+                        pct = 100 * nbytes * x.numel() * x.element_size() / (t.p50_us * 1e-6) / copy_bw
+                        star = " *" if (block_c, block_s, warps) == chosen else ""
+                        print(f"C {channels:4d} {size:3d}x{size:<3d} {pass_:<8} BLOCK_S {block_s:3d} warps {warps:2d} "
+                              f"{t.p50_us:8.1f} us {pct:5.1f}% copy{star}", flush=True)
+    finally:
+        cn._blocks = default_blocks
     return 0
 
 

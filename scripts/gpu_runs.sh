@@ -18,10 +18,13 @@
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
 #          under autocast, and the Llama example.
 # next:    the newest CPU-built work first: the HF patching tests on the GPU, then the zoo on T5, Mixtral,
-#          ConvNeXt and ResNet (ZOO_MODELS), whose swaps changed since the last GPU run. bench_channel_norm.py, the host
-#          anatomy, and the zoo on T5, ResNet and ConvNeXt (ZOO_MODELS), whose verify reports GPU-busy time.
+#          ConvNeXt and ResNet (ZOO_MODELS), whose swaps changed since the last GPU run.
+# tune:    the conv nets' norms where they lost: bench_batch_norm.py (ResNet-50's BN -> ReLU shapes vs eager
+#          and compile, then its --sweep of batch_norm_core's tiles and splits) and bench_channel_norm.py
+#          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), then the zoo
+#          (ZOO_MODELS, ZOO_BUDGET) with what is left of the window.
 set -uo pipefail
-usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next OUT_DIR"
+usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|tune OUT_DIR"
 phase=${1:?$usage}
 out=$(realpath -m "${2:?$usage}")
 repo=$(pwd)
@@ -135,6 +138,20 @@ next)
       --models ${ZOO_MODELS:-t5-v1.1,mixtral,convnext,resnet} --time-budget ${ZOO_BUDGET:-380} >"$out/zoo.txt" 2>&1
   echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
   find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
+  ;;
+tune)
+  timeout 150 python3 benchmarks/bench_batch_norm.py --out "$out/bench-batch-norm.csv" >"$out/bench-batch-norm.txt" 2>&1
+  echo "bench_batch_norm: rc $?"; cat "$out/bench-batch-norm.txt"
+  timeout 100 python3 benchmarks/bench_batch_norm.py --sweep >"$out/bench-batch-norm-sweep.txt" 2>&1
+  echo "bench_batch_norm --sweep: rc $?"; cat "$out/bench-batch-norm-sweep.txt"
+  timeout 80 python3 benchmarks/bench_channel_norm.py --sweep >"$out/bench-channel-norm-sweep.txt" 2>&1
+  echo "bench_channel_norm --sweep: rc $?"; cat "$out/bench-channel-norm-sweep.txt"
+  if [ -n "${ZOO_MODELS:-}" ]; then
+    timeout ${ZOO_TIMEOUT:-230} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
+        --models "$ZOO_MODELS" --time-budget ${ZOO_BUDGET:-200} >"$out/zoo.txt" 2>&1
+    echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
+    find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
+  fi
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
