@@ -388,8 +388,8 @@ def _build_cluster(trace: Trace, cl: Classifier, matcher: _Matcher, cid: str,
         pattern, params = matched
         pattern_name = pattern.name
         fused = pattern.fused_bytes(params).get(direction)
-    estimate = cluster_estimate(records, fused, profile)
     measured = sum(u.dur for chain, _ in occurrences for u in chain)
+    estimate = cluster_estimate(records, fused, profile, traced_us=measured / len(occurrences))
     launches = sum(len(u.kernel_rows) for chain, _ in occurrences for u in chain)
     return Cluster(
         id=cid, direction=direction, pattern=pattern_name, pattern_params=dict(params),
@@ -450,6 +450,7 @@ def _share_generated_backward(clusters: list[Cluster], profile: DeviceProfile, p
         share = pattern.fused_bytes(f.pattern_params)["backward"] / len(backs)
         for c in backs:
             c.pattern, c.pattern_params = f.pattern, f.pattern_params
-            c.estimate = cluster_estimate([OpRecord.from_trace(**o) for o in c.ops], share, profile)
+            c.estimate = cluster_estimate([OpRecord.from_trace(**o) for o in c.ops], share, profile,
+                                          traced_us=c.measured_us_per_occurrence)
             others = [b.id for b in backs if b is not c]
             c.notes = [f"backward of {f.id}'s generated kernel" + (f", with {', '.join(others)}" if others else "")]

@@ -53,8 +53,9 @@ class Estimate:
     bytes_fused: int | None = None    # bytes one fused kernel moves (external inputs/outputs once)
     flops: int | None = None
     now_us: float | None = None       # roofline time of the kernels as they run now
+    now_traced_us: float | None = None  # their time in the trace (measured); the saving starts from it
     fused_us: float | None = None     # roofline time of one fused kernel, plus one launch
-    saving_us: float | None = None
+    saving_us: float | None = None    # now (traced where the trace timed GPU kernels, else roofline) - fused
     saving_lo_us: float | None = None
     saving_hi_us: float | None = None
     unknown_ops: list[str] = field(default_factory=list)  # ops without a bytes rule: not guessed

@@ -68,6 +68,9 @@ def test_decomposed_rmsnorm_is_one_forward_cluster(llama):
     assert 0 < c.estimate.fused_us < c.estimate.now_us
     assert c.estimate.saving_lo_us <= c.estimate.saving_us <= c.estimate.saving_hi_us
     assert c.estimate.unknown_ops == []
+    # the saving starts from what the trace measured, not from the roofline's "now"
+    assert c.estimate.now_traced_us == pytest.approx(c.measured_us_per_occurrence, abs=1e-3)
+    assert c.estimate.saving_us == pytest.approx(c.measured_us_per_occurrence - c.estimate.fused_us, abs=1e-3)
 
 
 def test_rmsnorm_backward_is_matched_through_its_forward_ops(llama):

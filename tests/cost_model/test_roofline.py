@@ -124,6 +124,19 @@ def test_rms_norm_chain_estimate():
     assert pattern_bytes - generic.bytes_fused == 4 * rows
 
 
+def test_a_traced_time_is_the_savings_starting_point():
+    """Eager far slower than its bytes say (a slow path): the trace's time, not the roofline's,
+    is what fusing saves from; a CPU trace's zero falls back to the roofline."""
+    pattern_bytes = get("rms_norm").fused_bytes({"shape": [4, 1024, 1024], "dtype": "bfloat16"})["forward"]
+    roofline = cluster_estimate(RMS_NORM_FWD, pattern_bytes, H200)
+    slow = cluster_estimate(RMS_NORM_FWD, pattern_bytes, H200, traced_us=10 * roofline.now_us)
+    assert slow.now_us == roofline.now_us and slow.now_traced_us == 10 * roofline.now_us
+    assert slow.saving_us == pytest.approx(10 * roofline.now_us - slow.fused_us)
+    assert slow.saving_lo_us <= slow.saving_us <= slow.saving_hi_us
+    cpu = cluster_estimate(RMS_NORM_FWD, pattern_bytes, H200, traced_us=0.0)
+    assert cpu.now_traced_us is None and cpu.saving_us == pytest.approx(roofline.saving_us)
+
+
 def test_external_bytes_of_swiglu_counts_both_inputs():
     g = (4096, 2816)
     silu = op_cost(OpRecord("aten::silu", (g,), (BF16,)))
