@@ -16,7 +16,7 @@
 # host:    benchmarks/host_overhead.py --gpu: host µs per call of ours, eager and Liger, the parts (a
 #          Triton launch, an autograd.Function) and a cProfile of our LayerNorm's forward + backward.
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
-#          under autocast, and the Llama example.
+#          under autocast, and the Llama example (VERIFY_MODELS="nanogpt" for one).
 # next:    the newest CPU-built work first: the HF patching tests on the GPU, then the zoo on T5, Mixtral,
 #          ConvNeXt and ResNet (ZOO_MODELS), whose swaps changed since the last GPU run.
 # tune:    the conv nets' norms where they lost: bench_batch_norm.py (ResNet-50's BN -> ReLU shapes vs eager
@@ -120,12 +120,16 @@ host)
       >"$out/host-overhead.txt" 2>&1
   echo "host_overhead: rc $?"; head -60 "$out/host-overhead.txt"
   ;;
-verify)
-  profile_and_verify nanogpt "$repo/examples" nanogpt_train.py --steps 40
-  rm -f "$out/nanogpt/report.html"
-  profile_and_verify llama "$repo/examples" llama_train.py \
-      --hidden 2048 --layers 8 --heads 16 --seq 2048 --batch 2 --vocab 32000 --steps 30
-  rm -f "$out/llama/report.html"
+verify)  # VERIFY_MODELS picks (default: both)
+  if [[ " ${VERIFY_MODELS:-nanogpt llama} " == *" nanogpt "* ]]; then
+    profile_and_verify nanogpt "$repo/examples" nanogpt_train.py --steps 40
+    rm -f "$out/nanogpt/report.html"
+  fi
+  if [[ " ${VERIFY_MODELS:-nanogpt llama} " == *" llama "* ]]; then
+    profile_and_verify llama "$repo/examples" llama_train.py \
+        --hidden 2048 --layers 8 --heads 16 --seq 2048 --batch 2 --vocab 32000 --steps 30
+    rm -f "$out/llama/report.html"
+  fi
   ;;
 next)
   # what sessions 14-16 built on CPU and have not yet measured, in one 10-minute call: the HF patching
