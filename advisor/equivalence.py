@@ -21,7 +21,7 @@ from torch import nn
 from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.kernels.glu import GatedExperts
 from fusion_advisor.kernels.registry import Inputs
-from fusion_advisor.kernels.tolerances import tolerance
+from fusion_advisor.kernels.tolerances import computed_dtype, tolerance
 from fusion_advisor.module_forms import redrawn_copy, rng_kept
 
 _CHECK_SEED = 0   # the checks run the original and the replacement each from this seed
@@ -109,7 +109,7 @@ def check_on_copies(original: nn.Module, factory: Callable[[nn.Module], nn.Modul
             if b.is_floating_point():
                 b.add_(0.2 * torch.rand(b.shape, device=b.device).to(b.dtype))
     pair = (copy.deepcopy(twin), factory(copy.deepcopy(twin)))
-    tol, rows = tolerance(x.dtype), max(1, x.numel() // x.shape[1])
+    rows = max(1, x.numel() // x.shape[1])
     for training in (True, False):
         runs, upstream = [], None
         for mod in pair:
@@ -123,12 +123,13 @@ def check_on_copies(original: nn.Module, factory: Callable[[nn.Module], nn.Modul
                          **{f"grad of {n}": p.grad for n, p in mod.named_parameters() if p.grad is not None},
                          **{n: b for n, b in mod.named_buffers()}})
         mode = "training" if training else "eval"
+        dtype = computed_dtype(x, runs[0]["output"])
         if runs[0].keys() != runs[1].keys():
             return f"{mode}: the swapped module has other gradients or buffers ({sorted(runs[1].keys() ^ runs[0].keys())})"
         for name, want in runs[0].items():
             try:
-                summed = name.startswith("grad of")    # a sum over the batch's positions
-                torch.testing.assert_close(runs[1][name], want, **(tolerance(x.dtype, rows) if summed else tol))
+                summed = rows if name.startswith("grad of") else 1    # a parameter grad sums the positions
+                torch.testing.assert_close(runs[1][name], want, **tolerance(dtype, summed))
             except AssertionError as exc:
                 return f"{mode}, {name}: {str(exc).strip().splitlines()[0]}"
     return None
@@ -152,13 +153,14 @@ def check_equivalent(original: nn.Module, replacement: nn.Module, shape_hint=Non
             y.backward(g)
             outs.append((y.detach(), g))
             grads.append([xi.grad] + [p.grad for p in params])
-        tol = tolerance(x.dtype)
+        dtype = computed_dtype(x, outs[0][0])
+        tol = tolerance(dtype)
         try:
             torch.testing.assert_close(outs[1][0], outs[0][0], **tol)
             torch.testing.assert_close(grads[1][0], grads[0][0], **tol)
             rows = x.numel() // x.shape[-1]
             for a, b in zip(grads[1][1:], grads[0][1:]):
-                torch.testing.assert_close(a, b, **tolerance(x.dtype, rows))
+                torch.testing.assert_close(a, b, **tolerance(dtype, rows))
         except AssertionError as exc:
             return str(exc).strip().splitlines()[0]
         return None

@@ -23,10 +23,7 @@ from typing import Any, Callable
 import torch
 
 from fusion_advisor.kernels.registry import FusionPattern, Inputs
-from fusion_advisor.kernels.tolerances import tolerance
-
-_PRECISION = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
-
+from fusion_advisor.kernels.tolerances import least_precise, tolerance
 
 @dataclass
 class NumericsResult:
@@ -44,8 +41,7 @@ def clone_inputs(inputs: Inputs) -> Inputs:
 def tolerance_dtype(inputs: Inputs) -> torch.dtype:
     """The least precise float dtype among the inputs: its rounding bounds every comparison
     (an fp32 output computed from bf16 inputs still carries bf16 rounding)."""
-    floats = [a.dtype for a in inputs.args if isinstance(a, torch.Tensor) and a.dtype in _PRECISION]
-    return min(floats, key=_PRECISION.__getitem__) if floats else torch.float32
+    return least_precise(a.dtype for a in inputs.args if isinstance(a, torch.Tensor))
 
 
 def tensor_outputs(out: Any) -> list[torch.Tensor]:

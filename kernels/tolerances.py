@@ -30,3 +30,24 @@ def tolerance(dtype: torch.dtype, reduce_rows: int = 1) -> dict:
     except KeyError:
         raise ValueError(f"no tolerance for dtype {dtype}") from None
     return {"atol": atol * math.sqrt(max(reduce_rows, 1)), "rtol": rtol}
+
+
+_PRECISION = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def least_precise(dtypes) -> torch.dtype:
+    """The least precise float dtype of `dtypes` (others ignored), float32 where there is none: its
+    rounding bounds a comparison (an fp32 result computed in bf16 still carries bf16 rounding)."""
+    floats = [d for d in dtypes if d in _PRECISION]
+    return min(floats, key=_PRECISION.__getitem__) if floats else torch.float32
+
+
+def computed_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    """The dtype a module's check compares at: the least precise of its input's, its output's and,
+    inside torch.autocast for x's device, autocast's (fp32 weights under bf16 autocast compute conv
+    and matmul in bf16: comparing them at fp32's tolerance refused ResNet's BN + ReLU, whose two
+    bf16 paths round differently)."""
+    dtypes = [x.dtype, y.dtype]
+    if torch.is_autocast_enabled(x.device.type):
+        dtypes.append(torch.get_autocast_dtype(x.device.type))
+    return least_precise(dtypes)

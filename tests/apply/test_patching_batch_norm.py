@@ -201,3 +201,53 @@ def test_a_block_swap_says_which_children_changed(device):
     with fusion_advisor.patched(model, patterns=["batch_norm_act"]) as handle:
         assert handle.swaps[0].described() == "Sequential -> Sequential (1 -> BatchNormAct, 2 -> Identity)"
         assert "0: Sequential -> Sequential (1 -> BatchNormAct, 2 -> Identity) (batch_norm_act)" in handle.summary()
+
+
+def test_hf_resnet_under_bf16_autocast_is_swapped_and_a_wrong_kernel_still_refused(device):
+    """fp32 weights under bf16 autocast, as apply --verify patches them (at the first forward, inside
+    the script's autocast): the convs run in bf16, so the check compares at bf16's tolerance. Before, every layer was refused at fp32's
+    tolerance (found on an H100: the zoo's ResNet). A kernel that computes something else (its
+    output 3 % off) is refused all the same."""
+    transformers = pytest.importorskip("transformers")
+    from fusion_advisor.kernels import batch_norm_act as bna
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_channels=3,
+                                       num_labels=5)
+    model = transformers.ResNetForImageClassification(config).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        handle = fusion_advisor.patch(model, patterns=["batch_norm_act"])
+        swapped = [s for s in handle.swaps if type(s.original).__name__ == "ResNetConvLayer"]
+        assert len(swapped) == 5 and "embedder" in swapped[0].path, handle.summary()
+        handle.revert()
+        right = bna.BatchNormAct.forward
+        bna.BatchNormAct.forward = lambda self, x: right(self, x) * 1.03   # 3 % off: twice bf16's rtol
+        try:
+            refused = fusion_advisor.patch(model, patterns=["batch_norm_act"])
+        finally:
+            bna.BatchNormAct.forward = right
+    assert not refused.swaps and any("numerics check failed" in why for _, why in refused.skipped), refused.summary()
+
+
+def test_under_autocast_the_check_compares_at_the_precision_the_block_computed_in(device):
+    """A conv -> BN -> ReLU block with fp32 weights under bf16 autocast computes in bf16: a
+    replacement one bf16 ulp off the original (two orders of fp32 math rounding differently, as on
+    the GPU) passes, where fp32's tolerance refused it; outside autocast, the same block computes in
+    fp32 and the same bf16 ulp is refused."""
+    from fusion_advisor.equivalence import check_on_copies
+    from fusion_advisor.kernels.tolerances import computed_dtype
+
+    def one_ulp_up(block):   # the same module, its output moved one bf16 ulp up
+        def hook(module, args, y):
+            rounded = y.to(torch.bfloat16)
+            return torch.nextafter(rounded, torch.full_like(rounded, float("inf"))).to(y.dtype)
+        block.register_forward_hook(hook)
+        return block
+
+    torch.manual_seed(0)
+    block = ConvLayer(4, 8, nn.ReLU()).to(device)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    assert computed_dtype(x, x) == torch.float32
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        assert computed_dtype(x, x) == torch.bfloat16
+        assert check_on_copies(block, one_ulp_up) is None
+    assert "output" in check_on_copies(block, one_ulp_up)   # in fp32, a bf16 ulp is far too much
