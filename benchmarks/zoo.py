@@ -24,7 +24,8 @@ advisor-applied median step time and peak memory; the share of the eager step th
 verify's profiler window (`*_gpu_ms`; `why_slower` says, where the patch made the step slower,
 whether the host or the kernels did it); the replacements applied with their calls per
 step (verify's `calls_per_step`, else `calls`, else the swaps it listed); compile's speedup, ours,
-and our share of compile's gain ((eager - ours) / (eager - compile)). The CSV is rewritten after
+and our share of compile's gain ((eager - ours) / (eager - compile)); each stage's wall
+seconds (`profile_wall_s`, `verify_wall_s`, `compile_wall_s`). The CSV is rewritten after
 every model, so a run cut short keeps what it measured; `--resume` skips the rows already there.
 
     python benchmarks/zoo.py --out benchmarks/results/zoo-h100.csv --time-budget 480
@@ -56,7 +57,7 @@ COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family"
            "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "baseline_spread", "gpu_busy_share",
            "eager_gpu_ms", "patched_gpu_ms", "applied_gpu_ms", "compile_gpu_ms", "why_slower", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
            "compile_speedup", "applied_speedup", "share_of_compile_gain", "beats_compile", "losses_match",
-           "replacements", "regional_compile_s", "providers", "error"]
+           "replacements", "regional_compile_s", "providers", "profile_wall_s", "verify_wall_s", "compile_wall_s", "error"]
 
 
 @dataclass(frozen=True)
@@ -361,8 +362,10 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
     eager = applied = None
     nothing_applied = ""
     try:
+        stage = time.monotonic()   # each stage's wall time goes in the row: where a model's minutes go
         prof = _cli("profile", script, "-o", folder / "report", "--warmup", "2", "--steps", "2", "--", *args,
                     cwd=folder, timeout=left())
+        row["profile_wall_s"], stage = round(time.monotonic() - stage), time.monotonic()
         (folder / "profile.log").write_text(prof.stdout + prof.stderr)   # kept for a failed or slow model
         if prof.returncode != 0:
             errors.append(f"profile exit {prof.returncode}: {_last_line(prof.stderr)}")
@@ -372,6 +375,7 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
         if result_path.exists():
             ap = _cli("apply", result_path, "--verify", "--no-compile-reference", "--compile-blocks", "--json",
                       "--steps", steps, "--warmup", warmup, cwd=folder, timeout=left())
+            row["verify_wall_s"] = round(time.monotonic() - stage)
             (folder / "apply.json").write_text(ap.stdout)
             (folder / "apply.log").write_text(ap.stderr)
             report = _json_object(ap.stdout)
@@ -398,7 +402,9 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
             m = run_script(RunSpec(str(script), args, steps, warmup), timeout_s=left())
             eager = applied = _measurement_dict(m)
             row["replacements"] = f"(none: {nothing_applied})" if nothing_applied else "(none)"
+        stage = time.monotonic()
         c = run_script(RunSpec(str(script), args + ["--compile"], steps, warmup), timeout_s=left())
+        row["compile_wall_s"] = round(time.monotonic() - stage)
         compiled = _measurement_dict(c)
         if compiled.get("error"):
             errors.append(f"compile run: {_last_line(compiled['error'])}")
