@@ -43,6 +43,12 @@ from fusion_advisor.kernels.activations import activation_grad, apply_activation
 from fusion_advisor.kernels.common import cdiv, interpreting, next_power_of_2, sm_count
 
 TILE_ELEMENTS = 4096      # a tile of every pass (16 elements a thread at 8 warps); read when called: tests shrink it
+# NCHW rows shorter than this many positions take tiles of half TILE_ELEMENTS. Measured on an H100
+# (benchmarks/bench_batch_norm.py --sweep, ResNet-50's shapes at batch 256, bf16 x, fp32 parameters;
+# results/bench-batch-norm-sweep-h100.txt), BN + ReLU forward + backward: 14x14 positions ran 223 ->
+# 140 us (256 channels) and 427 -> 285 us (512), 7x7 150 -> 124 us; at 28x28 and up, 4096 stays
+# ahead (128 channels of 28x28: 177 us, 195 with 2048).
+SMALL_ROW_POSITIONS = 512
 MAX_CONTIGUOUS_S = 1024   # NCHW: positions of one channel row in a tile
 MAX_CONTIGUOUS_C = 256    # channels_last: channels of one position row in a tile
 PROGRAMS_PER_SM = 4       # the stats and grad-sums passes: programs in all, about this many an SM
@@ -311,11 +317,15 @@ def channel_view(x: torch.Tensor) -> ChannelView:
 
 
 def tile_shape(view: ChannelView) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_S, num_warps): TILE_ELEMENTS a tile, the contiguous side the long one."""
+    """(BLOCK_C, BLOCK_S, num_warps): TILE_ELEMENTS a tile (half that for NCHW rows of fewer than
+    SMALL_ROW_POSITIONS positions), the contiguous side the long one."""
     elements = TILE_ELEMENTS
     positions = next_power_of_2(max(view.positions, 1))
     channels = next_power_of_2(max(view.channels, 1))
-    if view.stride_s != 1 and view.stride_c == 1:     # channels_last: a tile row is a position's channels
+    channels_last = view.stride_s != 1 and view.stride_c == 1
+    if not channels_last and view.positions < SMALL_ROW_POSITIONS:
+        elements = max(1, TILE_ELEMENTS // 2)
+    if channels_last:                                 # a tile row is a position's channels
         block_c = min(channels, MAX_CONTIGUOUS_C, elements)
         block_s = min(positions, max(1, elements // block_c))
     else:                                             # NCHW (or neither stride 1): a row is a channel's positions

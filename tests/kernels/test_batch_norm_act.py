@@ -78,6 +78,7 @@ def test_many_splits_and_small_tiles_keep_variance_precise_far_from_zero(monkeyp
     runs. Values at 1000 +- 1 in fp32: sum-of-squares variance would lose most of its digits there;
     Chan's merge of per-tile M2 keeps them (compared with a float64 computation)."""
     monkeypatch.setattr(core, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(core, "SMALL_ROW_POSITIONS", 0)    # (rows of 117 positions would halve the tile)
     monkeypatch.setattr(core, "FINALIZE_ELEMENTS", 8)
     monkeypatch.setattr(core, "num_sms", lambda device: 8)
     x = 1000.0 + torch.randn(5, 6, 13, 9, device=device)
@@ -270,6 +271,17 @@ def test_fused_bytes_follows_the_plan():
     assert (last.block_c, last.block_s) == (64, 64)
     evaluation = mod.fused_bytes({**params, "training": False, "weight": False, "bias": False})
     assert evaluation == {"forward": m * 4 + 2 * c * 2, "backward": m * 6 + 2 * c * 2}
+
+
+def test_short_nchw_rows_take_half_tiles():
+    """ResNet's 14x14 and 7x7 layers (positions < SMALL_ROW_POSITIONS) take tiles of 2048 elements,
+    measured faster on an H100; 28x28 and up, and channels_last, keep 4096."""
+    def elements(shape, layout="contiguous"):
+        p = mod.plan_for({"shape": shape, "dtype": "bfloat16", "activation": "relu", "memory_format": layout})
+        return p.block_c * p.block_s, p.num_warps
+    assert elements([256, 256, 14, 14]) == (2048, 4) and elements([256, 512, 7, 7]) == (2048, 4)
+    assert elements([256, 128, 28, 28]) == (4096, 8) and elements([256, 64, 112, 112]) == (4096, 8)
+    assert elements([256, 512, 7, 7], "channels_last") == (4096, 8)
 
 
 def test_custom_ops_pass_opcheck(device):
