@@ -71,8 +71,10 @@ def _fake_rows():
 def test_summary_math_and_the_csv_round_trip(tmp_path):
     rows = _fake_rows()
     s = zoo.summary(rows)
-    # shares: a 0.5, b 1.25, c -0.5 (slower than eager), d none (compile gained nothing)
-    assert s["median_share_of_compile_gain"] == 0.5
+    # shares: a 0.5, b 1.25, c -0.5 (slower than eager), d none in its row (compile gained nothing),
+    # counted as 1.0 in the median (ours beat eager: all of compile's gain and more)
+    assert rows[3]["share_of_compile_gain"] is None
+    assert s["median_share_of_compile_gain"] == 0.75
     assert s["beating_compile"] == 2 and s["slower_than_eager"] == 1 and s["slower_than_eager_models"] == ["c/bf16"]
     assert s["timed"] == 4 and s["models"] == 5
     path = tmp_path / "zoo.csv"
@@ -81,7 +83,7 @@ def test_summary_math_and_the_csv_round_trip(tmp_path):
         assert next(csv.reader(fh)) == zoo.COLUMNS
     assert zoo.summary(zoo.read_csv(path)) == s        # the same figures from the CSV's text
     text = zoo.table(rows)
-    assert "median share of compile's gain 50%" in text and "slower than eager (< 0.98x): 1 (c/bf16)" in text
+    assert "median share of compile's gain 75%" in text and "slower than eager (< 0.98x): 1 (c/bf16)" in text
     assert "ERROR profile exit 1: boom" in text
 
 
@@ -181,3 +183,28 @@ def test_gpu_busy_share_is_read_from_the_profile_result(tmp_path):
     AdvisorResult(launch_bound=None).save(path)
     assert zoo.gpu_busy_share(path) is None
     assert zoo.gpu_busy_share(tmp_path / "missing.json") is None
+
+
+def test_zoo_table_takes_the_newest_row_at_the_current_sizes(tmp_path):
+    """zoo_table.py over several runs' CSVs: a later run's row replaces an earlier one of the same
+    model and mode, a row of an older size is left out, each row names its CSV, the rest are listed
+    as not measured."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import zoo_table
+    llama = zoo.config_text(next(s for s in zoo.MODELS if s.name == "llama"))
+    old_size = {"model": "vit", "mode": "autocast", "config": "ViTForImageClassification, batch 64", "eager_ms": 14.6,
+                "compile_ms": 14.9, "applied_ms": 14.5, **zoo.derived(14.6, 14.9, 14.5)}
+    first = [{"model": "llama", "mode": "bf16", "config": llama, "eager_ms": 40.0, "compile_ms": 20.0,
+              "applied_ms": 30.0, **zoo.derived(40.0, 20.0, 30.0)}, old_size]
+    second = [{"model": "llama", "mode": "bf16", "config": llama, "eager_ms": 40.0, "compile_ms": 20.0,
+               "applied_ms": 21.0, "advisor_config": "patched + compiled blocks",
+               "replacements": "rms_norm x9/step", **zoo.derived(40.0, 20.0, 21.0)}]
+    zoo.write_csv(first, tmp_path / "run1.csv")
+    zoo.write_csv(second, tmp_path / "run2.csv")
+    rows, missing = zoo_table.current_rows([tmp_path / "run1.csv", tmp_path / "run2.csv"])
+    assert [(r["model"], r["applied_ms"], r["csv"]) for r in rows] == [("llama", "21.0", "run2.csv")]
+    assert "vit/autocast" in missing and "llama/bf16" not in missing
+    text = zoo_table.markdown(rows, missing)
+    assert "| llama | bf16 | 40.00 ms | 20.00 ms (2.00×) | patched + compiled blocks: 21.00 ms (1.90×) | 95% |" in text
+    assert "median share of compile's gain 95%" in text and "Not measured at these sizes yet: " in text
+    assert zoo_table.main([str(tmp_path / "absent.csv")]) == 2
