@@ -10,8 +10,8 @@ GB/s counts what our kernels move of x-sized tensors (forward: read x twice, wri
 dy and x twice, write dx), for every provider, so the columns compare directly; % copy is against a
 device-to-device copy of x measured at the start. Timing is fusion-advisor bench's
 (cost_model/timing.py). `--sweep` times our forward + backward at settings of batch_norm_core's
-module constants (TILE_ELEMENTS, PROGRAMS_PER_SM, MAX_CONTIGUOUS_S), one changed at a time, the
-default first, to choose them from measured numbers.
+module constants (TILE_ELEMENTS, PROGRAMS_PER_SM, MAX_CONTIGUOUS_S, SMALL_ROW_POSITIONS,
+TILE_WARPS), one changed at a time, the defaults first, to choose them from measured numbers.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from bench_kernels import environment, significant  # noqa: E402  (the sibling s
 # bottleneck convs (1x1 at the stage's input size, 3x3 at its output size)
 SHAPES = ((64, 112), (64, 56), (128, 56), (128, 28), (256, 28), (256, 14), (512, 14), (512, 7))
 PASSES = ("forward", "forward+backward")
-SWEEP = {"TILE_ELEMENTS": (2048, 8192, 16384), "PROGRAMS_PER_SM": (2, 8, 16), "MAX_CONTIGUOUS_S": (128, 256, 512)}
+SWEEP = {"TILE_ELEMENTS": (2048, 8192), "PROGRAMS_PER_SM": (2, 8), "MAX_CONTIGUOUS_S": (128, 256),
+         "SMALL_ROW_POSITIONS": (0,), "TILE_WARPS": (2, 4, 8, 16)}
 
 
 def eager(x, running_mean, running_var, weight, bias):

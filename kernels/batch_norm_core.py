@@ -49,6 +49,7 @@ TILE_ELEMENTS = 4096      # a tile of every pass (16 elements a thread at 8 warp
 # 140 us (256 channels) and 427 -> 285 us (512), 7x7 150 -> 124 us; at 28x28 and up, 4096 stays
 # ahead (128 channels of 28x28: 177 us, 195 with 2048).
 SMALL_ROW_POSITIONS = 512
+TILE_WARPS = None         # warps a program: None = 8 for tiles of 4096 elements or more, else 4 (a sweep sets it)
 MAX_CONTIGUOUS_S = 1024   # NCHW: positions of one channel row in a tile
 MAX_CONTIGUOUS_C = 256    # channels_last: channels of one position row in a tile
 PROGRAMS_PER_SM = 4       # the stats and grad-sums passes: programs in all, about this many an SM
@@ -331,7 +332,7 @@ def tile_shape(view: ChannelView) -> tuple[int, int, int]:
     else:                                             # NCHW (or neither stride 1): a row is a channel's positions
         block_s = min(positions, MAX_CONTIGUOUS_S, elements)
         block_c = min(channels, max(1, elements // block_s))
-    return block_c, block_s, 8 if block_c * block_s >= 4096 else 4
+    return block_c, block_s, TILE_WARPS or (8 if block_c * block_s >= 4096 else 4)
 
 
 def num_sms(device: torch.device) -> int:
