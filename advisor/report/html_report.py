@@ -269,6 +269,16 @@ def _notices(result: AdvisorResult, facts: ReportFacts) -> Markup:
     return join(out)
 
 
+def _now_text(e) -> str:
+    """The "now" an estimated saving starts from: the trace's time of the kernels where it timed them
+    (cost_model.roofline.cluster_estimate), else the roofline's."""
+    if e is None:
+        return "—"
+    if is_number(e.now_traced_us):
+        return f"{fmt_us(e.now_traced_us)} (trace)"
+    return fmt_us(e.now_us)
+
+
 def _saving_cell(x, basis: str = "") -> Markup:
     if not is_number(x):
         return el("td", "—", class_="num none")
@@ -435,7 +445,7 @@ def _before_after(row: RankedRow) -> Markup:
     estimate_head = join("estimate ", tag("estimate"),
                          el("div", f"cost model, {e.profile}" if e and e.profile else "cost model", class_="caption"))
     rows = [
-        ("per occurrence, as it runs now", fmt_us(e.now_us) if e else "—", timing("eager")),
+        ("per occurrence, as it runs now", _now_text(e), timing("eager")),
         ("per occurrence, fused (Triton)", fmt_us(e.fused_us) if e else "—", timing("triton")),
     ]
     for provider, label in (("compile", "per occurrence, torch.compile"), ("liger", "per occurrence, Liger-Kernel")):
@@ -521,7 +531,7 @@ def _clusters(facts: ReportFacts) -> Markup:
         rows.append(el("tr", el("td", code(where_label(c)), el("div", code(c.module_class or ""), class_="caption")),
                        el("td", c.direction), el("td", code(c.pattern or "—")), num_cell(fmt_num(c.occurrences_per_step)),
                        num_cell(str(len(c.kernels))), num_cell(fmt_us(c.measured_us_per_step)),
-                       num_cell(f"{fmt_us(e.now_us)} → {fmt_us(e.fused_us)}"), _saving_cell(per_step, "estimate"),
+                       num_cell(f"{_now_text(e)} → {fmt_us(e.fused_us)}"), _saving_cell(per_step, "estimate"),
                        el("td", c.split_reason or "", class_="why")))
     return el("section", el("h2", "Memory-bound clusters"),
               el("p", "Chains of kernels, producer to consumer, that one fused kernel could replace.", class_="caption"),

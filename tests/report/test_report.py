@@ -500,3 +500,14 @@ def test_runtime_lines_name_the_clusters_own_module_class():
     assert lines("LlamaModel/LlamaDecoderLayer/LlamaRMSNorm") == [
         line for line in lines("LlamaModel/LlamaDecoderLayer/LlamaRMSNorm") if line.startswith("every LlamaRMSNorm ")]
     assert len(lines("(no module)")) > 1   # no module known: the hints, each
+
+
+def test_html_shows_the_now_an_estimate_starts_from(sample):
+    """A cluster whose estimate starts from the trace's time says so beside that time; one priced by
+    the roofline alone shows the roofline's."""
+    traced = copy.deepcopy(sample)
+    first = traced.clusters[0]
+    first.estimate.now_traced_us = 1234.5
+    text = parse(render_html(traced)).all_text()
+    assert "1,234.5 µs (trace)" in text or "1.23 ms (trace)" in text
+    assert "(trace)" not in parse(render_html(sample)).all_text()
