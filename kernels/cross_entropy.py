@@ -1,30 +1,36 @@
-"""Cross-entropy over a vocabulary: log-softmax + NLL in one pass, the gradient computed in the forward.
+"""Cross-entropy over a vocabulary: log-softmax + NLL in one pass forward, the gradient in one pass backward.
 
 Replaces what Hugging Face's ForCausalLMLoss runs (`reference` below): `logits.float()` then
 `F.cross_entropy(..., ignore_index=-100)`, which eager PyTorch runs as to(fp32), log_softmax,
 nll_loss forward, then nll_loss_backward (a zero fill and a scatter), log_softmax_backward and a cast
 back. With `upcast=False` it replaces `F.cross_entropy` on the logits as they are (bf16 directly).
 
-One program per row walks the vocabulary in BLOCK_SIZE chunks (a 128k row does not fit one block):
-pass 1 keeps a running max and sum of exp (online logsumexp) and reads x[target]; pass 2 writes
-d loss / d logits = (softmax - (1-ls)*onehot - ls/V) * scale, where scale = 1/n_valid for
-reduction="mean" and 1 otherwise. Rows whose target is ignore_index read nothing and write zeros.
-Backward is then an in-place scale of that gradient by the incoming grad_output (one multiply
-pass; exact when grad_output is 1).
+Forward: one program per row walks the vocabulary in BLOCK_SIZE chunks (a 128k row does not fit one
+block) with a running max and sum of exp (online logsumexp), reads x[target], and writes the row's
+loss and logsumexp. Backward: one program per (row, vocab chunk) reads the logits again and writes
+d loss / d logits = (softmax - (1-ls)*onehot - ls/V) * scale * grad_loss, where scale = 1/n_valid for
+reduction="mean" and 1 otherwise; rows whose target is ignore_index read nothing and write zeros.
+
+Why the gradient is not written in the forward (as it was until 2026-12-07, and as Liger does): it
+then needs a second pass over the row in the forward and a scaling pass (read + write) in the
+backward, 4 logits-sized passes against 3 here. On an H100 under autocast, GPT-2's loss over 8,192 x
+50,304 bf16 logits ran 815 us fwd+bwd that way, against eager's 780 and torch.compile's 564 (which
+makes the same 3 passes; nanoGPT's profile, benchmarks/results/verify-nanogpt-h100-6335e73/).
+Memory is the same: the forward keeps the logits for the backward instead of a gradient buffer.
 
 Where the gradient lives (`inplace`):
-  inplace=False (default): a preallocated buffer in the logits' dtype; the logits stay intact.
-  inplace=True: written over the logits' storage (as Liger does). Saves the buffer, but the logits
-      hold the gradient after the forward; use it only where nothing reads the logits afterwards.
+  inplace=False (default): a new buffer in the logits' dtype; the logits stay intact.
+  inplace=True: written over the logits' storage in the backward. Saves the buffer, but the logits
+      hold the gradient after the backward; use it only where nothing reads them afterwards.
 
-Bytes for N rows x V vocab, logits element size e (the target is int64, the loss fp32):
+Bytes for N rows x V vocab, logits element size e (the target is int64, the loss and logsumexp fp32):
   unfused (HF, bf16 logits, e=2), per element: to(fp32) 2+4, log_softmax 4+4, nll_loss_backward
       zero fill 4, log_softmax_backward 4+4+4, cast back 4+2: N*V*36 bytes (plus O(N))
-  fused forward:  read the row twice, write the gradient once, read the target, write per-row
-                  losses: 3*N*V*e + 12*N; then summing the row losses reads 4*N more (not for
+  fused forward:  read the logits once, read the target, write per-row losses and logsumexps:
+                  N*V*e + 16*N; then summing the row losses reads 4*N more (not for
                   reduction="none") and "mean" counts the non-ignored targets (8*N)
-                  (no gradient needed: N*V*e instead of 3*N*V*e)
-  fused backward: read and write the gradient: 2*N*V*e + 4 (4*N for reduction="none")
+  fused backward: read the logits, write the gradient, read the target and logsumexps:
+                  2*N*V*e + 12*N, plus the incoming gradient (4*N for reduction="none", else 4)
 `fused_bytes` returns exactly these numbers; the cost model prices them.
 
 Memory at N=16k tokens x V=128k vocab, bf16 logits (N*V*2 bytes = 4 GiB), counted as the peak of
@@ -33,10 +39,10 @@ Memory at N=16k tokens x V=128k vocab, bf16 logits (N*V*2 bytes = 4 GiB), counte
   eager, HF (logits.float()):  fp32 copy 8 GiB + log_softmax out 8 GiB in the forward; in the
       backward log_softmax out 8 + nll grad 8 + log_softmax grad 8 = 24 GiB peak
   eager, bf16 logits directly: log_softmax out 4 + nll grad 4 + log_softmax grad 4 = 12 GiB peak
-  fused, inplace=False: the gradient buffer, 4 GiB (+ 64 KiB of per-row losses): 1/6 of HF's, and
-      a hair over 1/3 of bf16-direct's; it cannot be less there, since the buffer is the logits'
-      gradient itself, which eager's 12 GiB also ends in
-  fused, inplace=True: ~0 (the per-row losses): the gradient takes the logits' place
+  fused, inplace=False: the gradient buffer, 4 GiB (+ 128 KiB of per-row losses and logsumexps):
+      1/6 of HF's, a hair over 1/3 of bf16-direct's; it cannot be less there, since the buffer is
+      the logits' gradient itself, which eager's 12 GiB also ends in
+  fused, inplace=True: ~0 (the per-row figures): the gradient takes the logits' place
 The eager figures are what the allocator must hold at once; the caching allocator may round up.
 Not yet measured on a GPU: `python benchmarks/cross_entropy_memory.py --check` prints all four.
 """
@@ -60,9 +66,9 @@ _REDUCTION_OF_ENUM = {"0": "none", "1": "mean", "2": "sum"}  # at::Reduction, as
 
 
 @triton.jit
-def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, stride_logits, stride_grad, n_cols,
-                              ignore_index, label_smoothing, COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr,
-                              SMOOTHING: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, LSE, N_VALID, stride_logits, stride_grad, n_cols,
+                              ignore_index, label_smoothing, COMPUTE_GRAD: tl.constexpr, STORE_LSE: tl.constexpr,
+                              MEAN: tl.constexpr, SMOOTHING: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     logits_row = LOGITS + row * stride_logits
     grad_row = GRAD + row * stride_grad
@@ -70,6 +76,8 @@ def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, stride_logits
     cols = tl.arange(0, BLOCK_SIZE)
     if target == ignore_index:
         tl.store(LOSS + row, 0.0)
+        if STORE_LSE:
+            tl.store(LSE + row, 0.0)
         if COMPUTE_GRAD:
             zeros = tl.zeros((BLOCK_SIZE,), dtype=GRAD.dtype.element_ty)
             for start in range(0, n_cols, BLOCK_SIZE):
@@ -99,6 +107,8 @@ def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, stride_logits
         if SMOOTHING:
             loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - x_sum / n_cols)
         tl.store(LOSS + row, loss)
+        if STORE_LSE:
+            tl.store(LSE + row, lse)
         if COMPUTE_GRAD:
             # Pass 2: the gradient, scaled for the reduction, rounded once to the logits' dtype.
             scale = 1.0
@@ -115,14 +125,28 @@ def _cross_entropy_fwd_kernel(LOGITS, TARGET, GRAD, LOSS, N_VALID, stride_logits
 
 
 @triton.jit
-def _cross_entropy_bwd_kernel(GRAD, GRAD_LOSS, stride_grad, stride_grad_loss, n_cols, BLOCK_SIZE: tl.constexpr):
+def _cross_entropy_bwd_kernel(LOGITS, TARGET, LSE, GRAD, GRAD_LOSS, N_VALID, stride_logits, stride_grad,
+                              stride_grad_loss, n_cols, ignore_index, label_smoothing, MEAN: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr):
+    """One vocab chunk of one row: d loss / d logits = (softmax - (1-ls)*onehot - ls/V) * scale *
+    grad_loss from the logits and the row's logsumexp; zeros for an ignored row (which reads no
+    logits). GRAD may be LOGITS itself (inplace): each element is read before it is written."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_cols
-    grad_loss = tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32)
-    ptrs = GRAD + row * stride_grad + offs
-    g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, (g * grad_loss).to(GRAD.dtype.element_ty), mask=mask)
+    target = tl.load(TARGET + row).to(tl.int64)
+    grad_ptrs = GRAD + row * stride_grad + offs
+    if target == ignore_index:
+        tl.store(grad_ptrs, tl.zeros((BLOCK_SIZE,), dtype=GRAD.dtype.element_ty), mask=mask)
+    else:
+        scale = tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32)
+        if MEAN:
+            scale = scale / tl.load(N_VALID)
+        lse = tl.load(LSE + row)
+        x = tl.load(LOGITS + row * stride_logits + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) - label_smoothing / n_cols
+        g = tl.where(offs == target, g - (1.0 - label_smoothing), g)
+        tl.store(grad_ptrs, (g * scale).to(GRAD.dtype.element_ty), mask=mask)
 
 
 def _vocab_block(n_cols: int) -> tuple[int, int]:
@@ -150,92 +174,96 @@ def _check(logits: torch.Tensor, target: torch.Tensor, reduction: str, label_smo
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
-def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, grad_logits: torch.Tensor | None,
-                      ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
-    """Launcher: the fp32 loss (a scalar, or one per row for reduction="none"). When `grad_logits` is
-    given (logits' shape and dtype, last dim contiguous; it may be the logits themselves), the
-    gradient of the loss w.r.t. the logits is written into it."""
+def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                      label_smoothing: float = 0.0,
+                      reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher: (loss, lse, n_valid). The fp32 loss (a scalar, or one per row for reduction="none");
+    each row's logsumexp (fp32, 0 for an ignored row) and the count of non-ignored targets (an fp32
+    scalar; 1 unless reduction="mean"), which the backward reads. logits: last dim contiguous."""
     _check(logits, target, reduction, label_smoothing)
     if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    if grad_logits is not None and (grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype
-                                    or grad_logits.stride(-1) != 1):
-        raise ValueError("cross_entropy: grad_logits must have the logits' shape and dtype and a contiguous last dim")
+        raise ValueError("cross_entropy: the logits' last dim must be contiguous (the autograd function copies it)")
     n_rows, n_cols = logits.shape
     target = target.contiguous()
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     # Only "mean" divides by the number of non-ignored targets (a device scalar: no host sync).
-    n_valid = (target != ignore_index).sum().to(torch.float32) if reduction == "mean" else loss_rows
+    n_valid = ((target != ignore_index).sum().to(torch.float32) if reduction == "mean"
+               else torch.ones((), dtype=torch.float32, device=logits.device))
     block, warps = _vocab_block(n_cols)
     if n_rows:
-        grad = grad_logits if grad_logits is not None else logits  # never written without COMPUTE_GRAD
         _cross_entropy_fwd_kernel[(n_rows,)](
-            logits, target, grad, loss_rows, n_valid, logits.stride(0), grad.stride(0), n_cols,
-            ignore_index, float(label_smoothing), COMPUTE_GRAD=grad_logits is not None,
-            MEAN=reduction == "mean", SMOOTHING=label_smoothing > 0.0, BLOCK_SIZE=block, num_warps=warps)
+            logits, target, logits, loss_rows, lse, n_valid, logits.stride(0), logits.stride(0), n_cols,
+            ignore_index, float(label_smoothing), COMPUTE_GRAD=False, STORE_LSE=True, MEAN=reduction == "mean",
+            SMOOTHING=label_smoothing > 0.0, BLOCK_SIZE=block, num_warps=warps)
     if reduction == "none":
-        return loss_rows
+        return loss_rows, lse, n_valid
     total = loss_rows.sum()
     # An all-ignored batch gives 0/0 = NaN for "mean", as PyTorch does.
-    return total / n_valid if reduction == "mean" else total
+    return (total / n_valid if reduction == "mean" else total), lse, n_valid
 
 
-def cross_entropy_bwd_(grad_logits: torch.Tensor, grad_loss: torch.Tensor) -> None:
-    """Launcher: scales the gradient the forward wrote, in place, by grad_loss (a scalar, or one
-    value per row for reduction="none")."""
-    n_rows, n_cols = grad_logits.shape
+def cross_entropy_bwd(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, n_valid: torch.Tensor,
+                      grad_loss: torch.Tensor, grad_logits: torch.Tensor, ignore_index: int = -100,
+                      label_smoothing: float = 0.0, reduction: str = "mean") -> None:
+    """Launcher: writes d loss / d logits, scaled by grad_loss (a scalar, or one value per row for
+    reduction="none"), into grad_logits (the logits' shape and dtype, last dim contiguous; it may be
+    the logits themselves)."""
+    n_rows, n_cols = logits.shape
     if grad_loss.numel() not in (1, n_rows):
         raise ValueError(f"cross_entropy: grad of the loss has {grad_loss.numel()} elements, expected 1 or {n_rows}")
+    if grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype or grad_logits.stride(-1) != 1:
+        raise ValueError("cross_entropy: grad_logits must have the logits' shape and dtype and a contiguous last dim")
     grad_loss = grad_loss.reshape(-1).contiguous()
-    block = min(next_power_of_2(max(n_cols, 1)), 4096)
+    block, warps = _vocab_block(n_cols)
     if n_rows and n_cols:
         _cross_entropy_bwd_kernel[(n_rows, cdiv(n_cols, block))](
-            grad_logits, grad_loss, grad_logits.stride(0), 0 if grad_loss.numel() == 1 else 1,
-            n_cols, BLOCK_SIZE=block, num_warps=4)
+            logits, target.contiguous(), lse, grad_logits, grad_loss, n_valid, logits.stride(0), grad_logits.stride(0),
+            0 if grad_loss.numel() == 1 else 1, n_cols, ignore_index, float(label_smoothing),
+            MEAN=reduction == "mean", BLOCK_SIZE=block, num_warps=warps)
 
 
 # torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run
 # the launchers directly (see fused_op).
-def _cross_entropy_fwd_eager(logits, target, grad_logits, ignore_index, label_smoothing, reduction):
-    loss = cross_entropy_fwd(logits, target, grad_logits, ignore_index, label_smoothing, reduction)
-    if grad_logits is not None:  # what the op's declared mutation does: autograd sees the write
-        torch.autograd.graph.increment_version(grad_logits)
-    return loss
+def _cross_entropy_bwd_eager(logits, target, lse, n_valid, grad_loss, grad_logits, ignore_index, label_smoothing,
+                             reduction):
+    cross_entropy_bwd(logits, target, lse, n_valid, grad_loss, grad_logits, ignore_index, label_smoothing, reduction)
+    torch.autograd.graph.increment_version(grad_logits)   # what the op's declared mutation does
 
 
-def _cross_entropy_bwd_eager(grad_logits, grad_loss):
-    cross_entropy_bwd_(grad_logits, grad_loss)
-    torch.autograd.graph.increment_version(grad_logits)
+def _forward_fake(logits, target, ignore_index, label_smoothing, reduction):
+    rows = logits.new_empty((logits.shape[0],), dtype=torch.float32)
+    return (rows.new_empty(rows.shape if reduction == "none" else ()), rows, rows.new_empty(()))
 
 
-# The gradient buffer is an argument the forward mutates (not an output), so that it can be the logits.
-_forward = fused_op("fusion_advisor::cross_entropy_fwd", mutates_args=("grad_logits",), eager=_cross_entropy_fwd_eager,
-                    fake=lambda logits, target, grad_logits, ignore_index, label_smoothing, reduction: logits.new_empty(
-                        (logits.shape[0],) if reduction == "none" else (), dtype=torch.float32))(cross_entropy_fwd)
+_forward = fused_op("fusion_advisor::cross_entropy_fwd", fake=_forward_fake)(cross_entropy_fwd)
+# The gradient buffer is an argument the backward mutates (not an output), so that it can be the logits.
 _backward = fused_op("fusion_advisor::cross_entropy_bwd", mutates_args=("grad_logits",), eager=_cross_entropy_bwd_eager,
-                     fake=lambda grad_logits, grad_loss: None)(cross_entropy_bwd_)
+                     fake=lambda *args: None)(cross_entropy_bwd)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, upcast, inplace):
-        grad = None
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()   # (then inplace has no storage of the caller's to write over)
+            inplace = False
+        loss, lse, n_valid = _forward(logits, target, ignore_index, label_smoothing, reduction)
         if ctx.needs_input_grad[0]:
-            if inplace and logits.stride(-1) == 1:
-                grad = logits.detach()
-            else:
-                grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        loss = _forward(logits, target, grad, ignore_index, label_smoothing, reduction)
-        if grad is not None:
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(logits, target, lse, n_valid)
+        ctx.options = (ignore_index, label_smoothing, reduction, inplace)
         ctx.grad_consumed = False
         return loss if upcast else loss.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        backward_once(ctx, "cross_entropy", "the fused gradient")  # it is scaled in place
-        (grad,) = ctx.saved_tensors
-        _backward(grad, grad_loss)
+        ignore_index, label_smoothing, reduction, inplace = ctx.options
+        if inplace:   # the gradient goes over the logits: a second backward would read it as logits
+            backward_once(ctx, "cross_entropy", "the logits, overwritten by their gradient,")
+        logits, target, lse, n_valid = ctx.saved_tensors
+        grad = logits.detach() if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        _backward(logits, target, lse, n_valid, grad_loss.to(torch.float32), grad, ignore_index, label_smoothing,
+                  reduction)
         return grad, None, None, None, None, None, None
 
 
@@ -323,8 +351,8 @@ def fused_bytes(params: dict) -> dict:
     n, v = params["tokens"], params["vocab"]
     e = param_dtype(params).itemsize
     reduction = params.get("reduction", "mean")
-    forward = 3 * n * v * e + 12 * n + (4 * n if reduction != "none" else 0) + (8 * n if reduction == "mean" else 0)
-    return {"forward": forward, "backward": 2 * n * v * e + (4 * n if reduction == "none" else 4)}
+    forward = n * v * e + 16 * n + (4 * n if reduction != "none" else 0) + (8 * n if reduction == "mean" else 0)
+    return {"forward": forward, "backward": 2 * n * v * e + 12 * n + (4 * n if reduction == "none" else 4)}
 
 
 def params_from_ops(ops: list[OpRecord]) -> dict | None:
@@ -380,7 +408,7 @@ def hf_lm_loss(original):
     """HF's ForCausalLMLoss (labels shifted) or ForMaskedLMLoss (not shifted): ignore_index -100, the
     mean over non-ignored tokens or the sum / num_items_in_batch, on the fused kernel. The logits
     stay in their dtype (no fp32 copy of the whole (tokens, vocab) tensor), the loss is fp32 as HF's,
-    the gradient written in the forward into one logits-sized buffer. `original` is not called: the
+    the gradient written in the backward into one logits-sized buffer. `original` is not called: the
     numerics check compares them."""
     shift = getattr(original, "__name__", None) == "ForCausalLMLoss"
 
@@ -455,7 +483,7 @@ def hf_loss_example_inputs(model) -> list[Inputs]:
 PATTERN = register_pattern(
     __name__,
     description="cross-entropy (log_softmax + nll_loss, HF's logits.float() included) as one Triton pass "
-                "that also writes the gradient; backward is a scale",
+                "each way: the loss and logsumexp forward, the gradient backward",
     forward_signature=r"(^| )(cross_entropy_loss|log_softmax( \S+)* nll_loss(_nd|_forward)?)( |$)",
     modules=("CrossEntropyLoss",),
     rewrites=(Rewrite("F.cross_entropy($logits, $target)", "cross_entropy($logits, $target)",

@@ -136,9 +136,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 logits = hidden_c @ weight.t()
             # The gradient goes over the logits in place: nothing reads this chunk's logits again.
             _cross_entropy_fwd_kernel[(end - start,)](
-                logits, target[start:end], logits, loss_rows[start:], n_valid, logits.stride(0), logits.stride(0),
-                vocab, ignore_index, 0.0, COMPUTE_GRAD=need_grad, MEAN=mean, SMOOTHING=False, BLOCK_SIZE=block,
-                num_warps=warps)
+                logits, target[start:end], logits, loss_rows[start:], loss_rows, n_valid, logits.stride(0),
+                logits.stride(0), vocab, ignore_index, 0.0, COMPUTE_GRAD=need_grad, STORE_LSE=False, MEAN=mean,
+                SMOOTHING=False, BLOCK_SIZE=block, num_warps=warps)
             if not need_grad:
                 continue
             if need_hidden:

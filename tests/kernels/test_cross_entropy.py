@@ -37,8 +37,9 @@ def test_gradient_written_over_the_logits_when_inplace(device):
     hidden = logits * 1.0  # a non-leaf, as the LM head's output is
     target = torch.randint(0, 300, (5,), device=device)
     loss = mod.cross_entropy(hidden, target, inplace=True)
-    assert hidden._version > 0  # the op declared the write, so autograd's saved-tensor checks see it
+    assert hidden._version == 0   # the forward reads the logits only
     loss.backward()
+    assert hidden._version > 0    # the backward wrote over them; the op declared it, so autograd sees it
     torch.testing.assert_close(logits.grad, torch.func.grad(lambda x: mod.reference(x, target))(logits.detach()))
 
 
@@ -75,9 +76,19 @@ def test_no_gradient_buffer_without_grad(device):
                                mod.reference(logits, target, label_smoothing=0.1))
 
 
-def test_second_backward_through_the_same_loss_is_refused(device):
+def test_second_backward_accumulates_and_is_refused_only_when_inplace(device):
+    """The gradient is computed in the backward from the saved logits: a second backward through the
+    same loss (retain_graph=True) adds the same gradient again, as eager's does. With inplace the
+    first one wrote over the logits, so a second is refused."""
     logits = torch.randn(3, 100, device=device, requires_grad=True)
-    loss = mod.cross_entropy(logits, torch.randint(0, 100, (3,), device=device))
+    target = torch.randint(0, 100, (3,), device=device)
+    loss = mod.cross_entropy(logits, target)
+    loss.backward(retain_graph=True)
+    once = logits.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(logits.grad, 2 * once)
+    hidden = logits * 1.0
+    loss = mod.cross_entropy(hidden, target, inplace=True)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
@@ -111,9 +122,11 @@ def test_custom_ops_pass_opcheck(device):
     logits = torch.randn(5, 300, device=device)
     target = torch.tensor([1, -100, 299, 0, 7], device=device)
     grad = torch.zeros_like(logits)
-    torch.library.opcheck(torch.ops.fusion_advisor.cross_entropy_fwd.default, (logits, target, grad, -100, 0.1, "mean"))
-    torch.library.opcheck(torch.ops.fusion_advisor.cross_entropy_fwd.default, (logits, target, None, -100, 0.0, "none"))
-    torch.library.opcheck(torch.ops.fusion_advisor.cross_entropy_bwd.default, (grad, torch.tensor(0.5, device=device)))
+    torch.library.opcheck(torch.ops.fusion_advisor.cross_entropy_fwd.default, (logits, target, -100, 0.1, "mean"))
+    torch.library.opcheck(torch.ops.fusion_advisor.cross_entropy_fwd.default, (logits, target, -100, 0.0, "none"))
+    _, lse, n_valid = mod.cross_entropy_fwd(logits, target, -100, 0.1, "mean")
+    torch.library.opcheck(torch.ops.fusion_advisor.cross_entropy_bwd.default,
+                          (logits, target, lse, n_valid, torch.tensor(0.5, device=device), grad, -100, 0.1, "mean"))
 
 
 def test_runs_under_torch_compile_fullgraph(device):
@@ -141,4 +154,17 @@ def test_params_read_from_traced_ops(trace, dtype):
 def test_fused_bytes_at_16k_by_128k_bf16():
     n, v = 16384, 131072
     assert mod.fused_bytes({"tokens": n, "vocab": v, "dtype": "bfloat16"}) == {
-        "forward": 3 * n * v * 2 + 24 * n, "backward": 2 * n * v * 2 + 4}
+        "forward": n * v * 2 + 28 * n, "backward": 2 * n * v * 2 + 12 * n + 4}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are built for real")
+def test_launches_compile_for_hopper(device):
+    """Both kernels (the loss and logsumexp forward, the gradient backward, inplace and not, each
+    reduction) through Triton's front end for sm_90."""
+    from kernel_checks import hopper_compile_errors, recorded_launches
+    with recorded_launches() as launches:
+        for params in ({"tokens": 5, "vocab": 300, "dtype": "bfloat16", "label_smoothing": 0.1},
+                       {"tokens": 5, "vocab": 300, "dtype": "float32", "reduction": "none", "inplace": True}):
+            check_against_reference(mod.PATTERN, params, device)
+    assert {r["name"] for r in launches} >= {"_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel"}
+    assert hopper_compile_errors(launches) == []
