@@ -491,7 +491,7 @@ PATTERN = register_pattern(
     module_factory=CrossEntropyLoss.from_module,
     example_params={"tokens": 37, "vocab": 1000, "dtype": "bfloat16", "upcast": True, "reduction": "mean"},
     bench_params=tuple({"tokens": tokens, "vocab": vocab, "dtype": "bfloat16", "upcast": True, "reduction": "mean"}
-                       for tokens in (4096, 8192, 16384) for vocab in (32768, 65536, 131072)),
+                       for tokens in (4096, 8192, 16384) for vocab in (32768, 50257, 65536, 131072)),  # GPT-2's too
     liger=liger,
     function_patches=(FunctionPatch("loss_function", "instance", is_hf_lm_loss, hf_lm_loss, hf_loss_example_inputs),
                       FunctionPatch("CrossEntropyLoss", "module_global", is_torch_cross_entropy_loss, built_in_forward,
