@@ -21,7 +21,8 @@
 #          current sizes (ZOO_MODELS), then the HF patching tests on the GPU.
 # tune:    the conv nets' norms where they lost: bench_batch_norm.py (ResNet-50's BN -> ReLU shapes vs eager
 #          and compile, then its --sweep of batch_norm_core's tiles and splits) and bench_channel_norm.py
-#          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), then the zoo
+#          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), cross_entropy's
+#          bench shapes (GPT-2's vocabulary among them: its backward recomputes since 2026-12-07), then the zoo
 #          (ZOO_MODELS, ZOO_BUDGET) with what is left of the window.
 set -uo pipefail
 usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|tune OUT_DIR"
@@ -150,6 +151,9 @@ tune)
   echo "bench_batch_norm --sweep: rc $?"; cat "$out/bench-batch-norm-sweep.txt"
   timeout 80 python3 benchmarks/bench_channel_norm.py --sweep >"$out/bench-channel-norm-sweep.txt" 2>&1
   echo "bench_channel_norm --sweep: rc $?"; cat "$out/bench-channel-norm-sweep.txt"
+  timeout 150 python3 benchmarks/bench_kernels.py --patterns cross_entropy --out "$out/bench-cross-entropy.csv" \
+      >"$out/bench-cross-entropy.txt" 2>&1
+  echo "bench_kernels cross_entropy: rc $?"; tail -20 "$out/bench-cross-entropy.txt"
   if [ -n "${ZOO_MODELS:-}" ]; then
     timeout ${ZOO_TIMEOUT:-230} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
         --models "$ZOO_MODELS" --time-budget ${ZOO_BUDGET:-200} >"$out/zoo.txt" 2>&1
