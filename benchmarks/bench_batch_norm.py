@@ -16,12 +16,12 @@ TILE_WARPS), one changed at a time, the defaults first, to choose them from meas
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import environment, significant  # noqa: E402  (the sibling script)
+from bench_channel_norm import copy_bandwidth, pass_rows, write_rows  # noqa: E402  (sibling scripts)
+from bench_kernels import environment  # noqa: E402
 
 # (channels, height = width) of ResNet-50's BN -> ReLU layers: the stem, then each stage's
 # bottleneck convs (1x1 at the stage's input size, 3x3 at its output size)
@@ -86,37 +86,16 @@ def main(argv=None) -> int:
     rows = []
     for channels, size in SHAPES:
         x, w, b, rm, rv = _inputs(torch, channels, size, args.batch, dtype, param_dtype, device)
-        copy_bw = _copy_bandwidth(torch, x, device)
+        copy_bw = copy_bandwidth(x)
+        shape = {"channels": channels, "height": size, "width": size, "batch": args.batch, "dtype": args.dtype,
+                 "param_dtype": args.param_dtype}
         for pass_ in PASSES:
             backward = pass_ == "forward+backward"
             nbytes = (3 + (5 if backward else 0)) * x.numel() * x.element_size()
             times = {name: _timer(torch, fn, x, w, b, rm, rv, backward, device) for name, fn in providers.items()}
-            mine = times["triton"]
-            line = f"C {channels:4d} {size:3d}x{size:<3d} {pass_:<17} ours {mine.p50_us:8.1f} us " \
-                   f"{100 * nbytes / (mine.p50_us * 1e-6) / copy_bw:5.1f}% copy"
-            for other in ("eager", "compile"):
-                line += f" | {other} {times[other].p50_us / mine.p50_us:5.2f}x"
-            print(line, flush=True)
-            for name, t in times.items():
-                rows.append({**env, "channels": channels, "height": size, "width": size, "batch": args.batch,
-                             "dtype": args.dtype, "param_dtype": args.param_dtype, "pass": pass_, "provider": name,
-                             "p50_ms": round(t.p50_us / 1e3, 5),
-                             "gbps": significant(nbytes / (t.p50_us * 1e-6) / 1e9),
-                             "pct_copy": round(100 * nbytes / (t.p50_us * 1e-6) / copy_bw, 1),
-                             "vs_ours": round(t.p50_us / mine.p50_us, 3)})
-    if args.out:
-        with open(args.out, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.out}")
+            rows += pass_rows(env, shape, pass_, times, nbytes, copy_bw)
+    write_rows(rows, args.out)
     return 0
-
-
-def _copy_bandwidth(torch, x, device) -> float:
-    from fusion_advisor.cost_model.timing import time_calls
-    copy = time_calls([lambda: x.detach().clone()], device)
-    return 2 * x.numel() * x.element_size() / (copy.p50_us * 1e-6)
 
 
 def sweep(torch, batch, dtype, param_dtype, device) -> int:
@@ -128,7 +107,7 @@ def sweep(torch, batch, dtype, param_dtype, device) -> int:
     try:
         for channels, size in SHAPES:
             x, w, b, rm, rv = _inputs(torch, channels, size, batch, dtype, param_dtype, device)
-            copy_bw = _copy_bandwidth(torch, x, device)
+            copy_bw = copy_bandwidth(x)
             nbytes = 8 * x.numel() * x.element_size()
             for setting in settings:
                 for name, value in {**defaults, **setting}.items():

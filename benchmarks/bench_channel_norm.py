@@ -40,6 +40,37 @@ def eager(x, weight, bias, eps=1e-6):
     return features.permute(0, 3, 1, 2)
 
 
+def copy_bandwidth(x) -> float:
+    """Bytes a second of a device-to-device copy of x (read + written): the % copy columns' 100 %."""
+    from fusion_advisor.cost_model.timing import time_calls
+    copy = time_calls([lambda: x.detach().clone()], x.device)
+    return 2 * x.numel() * x.element_size() / (copy.p50_us * 1e-6)
+
+
+def pass_rows(env: dict, shape: dict, pass_: str, times: dict, nbytes: int, copy_bw: float) -> list[dict]:
+    """Print one pass's line (ours: µs and % of copy; eager and compile: their time over ours) and
+    return its CSV rows, one a provider. `times`: provider -> Timing, ours under "triton"."""
+    ours = times["triton"]
+    line = f"C {shape['channels']:4d} {shape['height']:3d}x{shape['width']:<3d} {pass_:<17} ours {ours.p50_us:8.1f} us " \
+           f"{100 * nbytes / (ours.p50_us * 1e-6) / copy_bw:5.1f}% copy"
+    for other in ("eager", "compile"):
+        line += f" | {other} {times[other].p50_us / ours.p50_us:5.2f}x"
+    print(line, flush=True)
+    return [{**env, **shape, "pass": pass_, "provider": name, "p50_ms": round(t.p50_us / 1e3, 5),
+             "gbps": significant(nbytes / (t.p50_us * 1e-6) / 1e9),
+             "pct_copy": round(100 * nbytes / (t.p50_us * 1e-6) / copy_bw, 1),
+             "vs_ours": round(t.p50_us / ours.p50_us, 3)} for name, t in times.items()]
+
+
+def write_rows(rows: list[dict], path: str | None) -> None:
+    if path and rows:
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=256)
@@ -66,8 +97,8 @@ def main(argv=None) -> int:
         w = (1 + 0.1 * torch.randn(channels, device=device)).to(dtype).requires_grad_()
         b = (0.1 * torch.randn(channels, device=device)).to(dtype).requires_grad_()
         dy = torch.randn_like(x)
-        copy = time_calls([lambda: x.detach().clone()], device)
-        copy_bw = 2 * x.numel() * x.element_size() / (copy.p50_us * 1e-6)
+        copy_bw = copy_bandwidth(x)
+        shape = {"channels": channels, "height": size, "width": size, "batch": args.batch, "dtype": args.dtype}
         for pass_ in PASSES:
             backward = pass_ == "forward+backward"
             nbytes = (2 + (3 if backward else 0)) * x.numel() * x.element_size()
@@ -82,25 +113,8 @@ def main(argv=None) -> int:
                 def clear(k):
                     x.grad = w.grad = b.grad = None
                 times[name] = time_calls([call], device, before=clear)
-            ours = times["triton"]
-            line = f"C {channels:4d} {size:3d}x{size:<3d} {pass_:<17} ours {ours.p50_us:8.1f} us " \
-                   f"{100 * nbytes / (ours.p50_us * 1e-6) / copy_bw:5.1f}% copy"
-            for other in ("eager", "compile"):
-                line += f" | {other} {times[other].p50_us / ours.p50_us:5.2f}x"
-            print(line, flush=True)
-            for name, t in times.items():
-                rows.append({**env, "channels": channels, "height": size, "width": size, "batch": args.batch,
-                             "dtype": args.dtype, "pass": pass_, "provider": name,
-                             "p50_ms": round(t.p50_us / 1e3, 5),
-                             "gbps": significant(nbytes / (t.p50_us * 1e-6) / 1e9),
-                             "pct_copy": round(100 * nbytes / (t.p50_us * 1e-6) / copy_bw, 1),
-                             "vs_ours": round(t.p50_us / ours.p50_us, 3)})
-    if args.out:
-        with open(args.out, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.out}")
+            rows += pass_rows(env, shape, pass_, times, nbytes, copy_bw)
+    write_rows(rows, args.out)
     return 0
 
 
@@ -121,8 +135,7 @@ def sweep(batch: int, dtype, device=None) -> int:
             w = 1 + 0.1 * torch.randn(channels, device=device, dtype=dtype)
             b = 0.1 * torch.randn(channels, device=device, dtype=dtype)
             dy = torch.randn_like(x)
-            copy = time_calls([lambda: x.clone()], device)
-            copy_bw = 2 * x.numel() * x.element_size() / (copy.p50_us * 1e-6)
+            copy_bw = copy_bandwidth(x)
             block_c = next_power_of_2(channels)
             _, mean, rstd = cn.channel_norm_fwd(x, w, b, 1e-6)
             for pass_, tile, nbytes, call in (

@@ -262,8 +262,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             backward_once(ctx, "cross_entropy", "the logits, overwritten by their gradient,")
         logits, target, lse, n_valid = ctx.saved_tensors
         grad = logits.detach() if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _backward(logits, target, lse, n_valid, grad_loss.to(torch.float32), grad, ignore_index, label_smoothing,
-                  reduction)
+        _backward(logits, target, lse, n_valid, grad_loss, grad, ignore_index, label_smoothing, reduction)
         return grad, None, None, None, None, None, None
 
 
