@@ -441,7 +441,37 @@ def build_graph(ops: Sequence[OpRecord], bind: dict[tuple[int, int], str] | None
             builder.add(record)
         except Unsupported as exc:
             raise type(exc)(f"op {i} ({record.name}): {exc}") from None
+    _carry_positive_domain(builder.graph)
     return builder.graph
+
+
+# A value keeps the sign of its operand through these (operand slot -> the other operand must be a
+# positive constant, or None): an input reached only through them draws from [0.5, 1.5] too. T5's
+# `log(relative_position.float() / max_exact)` otherwise drew negative numerators, both sides
+# computed NaN there, and the check refused the chain (NaN != NaN).
+_SIGN_KEEPING = {"to": (0, None), "_to_copy": (0, None), "mul": (0, 1), "div": (0, 1)}
+
+
+def _carry_positive_domain(g: Graph) -> None:
+    wanted = {o.ref for n in g.nodes for s, o in enumerate(n.operands)
+              if s in n.spec.positive_operands and o.kind == "value"}
+    by_name = {n.name: n for n in g.nodes}
+    inputs = {x.name: x for x in g.inputs}
+    for node in reversed(g.nodes):
+        if node.name not in wanted or node.spec.name not in _SIGN_KEEPING:
+            continue
+        ops = node.operands
+        if node.spec.name == "mul" and ops[0].kind == "const":   # 2 * x: the value is the other one
+            ops = [ops[1], ops[0]]
+        slot, other = _SIGN_KEEPING[node.spec.name]
+        if other is not None and not (ops[other].kind == "const" and isinstance(ops[other].value, (int, float))
+                                      and ops[other].value > 0):
+            continue
+        source = ops[slot]
+        if source.kind == "value" and source.ref in by_name:
+            wanted.add(source.ref)
+        elif source.kind == "input" and source.ref in inputs:
+            inputs[source.ref].positive = True
 
 
 def split_supported(ops: Sequence[OpRecord]) -> list[tuple[list[OpRecord], str | None]]:

@@ -336,3 +336,22 @@ def test_bind_is_checked():
     with pytest.raises(Unsupported, match="modified in place after"):
         build_graph(ops + [_op("aten::add", [X, X, ()], ["float", "float", "Scalar"], ["", "", "1"])],
                     bind={(4, 1): "v2"})
+
+
+def _log_bucket_chain(divisor: str):
+    """T5's relative-position bucket: log(position.float() / max_exact) / log(16) * 8."""
+    p = (32, 32)
+    return [_op("aten::div", [p, ()], ["float", "Scalar"], ["", divisor]),
+            _op("aten::log", [p], ["float"], [""]),
+            _op("aten::div", [p, ()], ["float", "Scalar"], ["", "2.772588722239781"]),
+            _op("aten::mul", [p, ()], ["float", "Scalar"], ["", "8"])]
+
+
+def test_an_input_reaching_log_through_a_positive_scale_is_drawn_positive():
+    assert build_graph(_log_bucket_chain("8")).inputs[0].positive
+    assert not build_graph(_log_bucket_chain("-8")).inputs[0].positive   # x / -8 > 0 needs x < 0: N(0, 1)
+    pattern = build_pattern(_log_bucket_chain("8"))
+    x = pattern.make_inputs(pattern.example_params, torch.device("cpu"), False).args[0]
+    assert x.min() >= 0.5
+    assert torch.isfinite(pattern.reference(x)).all()
+    check_against_reference(pattern, pattern.example_params, torch.device("cpu"))   # NaN == NaN refused it
