@@ -477,3 +477,46 @@ def test_apply_verify_with_nothing_to_patch_still_times_the_compiled_blocks(tmp_
     r = subprocess.run(cmd + ["--no-compile-blocks"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env=env)
     assert r.returncode == 2 and "no recommendations to apply" in r.stderr
+
+
+class Stage(nn.Module):
+    """A CNN stage: each one of a different width, so each needs a graph of its own."""
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.proj = nn.Linear(c_in, c_out)
+
+    def forward(self, x):
+        return torch.relu(self.proj(x)) + 1.0
+
+
+class Pyramid(nn.Module):
+    """Stages of widths 4, 8, ... 4 * 2**n: the last one holds most of the parameters (ResNet's
+    last stage holds 61 %)."""
+    def __init__(self, n=5):
+        super().__init__()
+        self.stages = nn.ModuleList(Stage(4 * 2 ** i, 4 * 2 ** (i + 1)) for i in range(n))
+
+    def forward(self, x):
+        for s in self.stages:
+            x = s(x)
+        return x
+
+
+def test_repeated_blocks_of_every_width_are_compiled_even_the_one_holding_most_parameters(counting_backend):
+    model = Pyramid()
+    last = sum(p.numel() for p in model.stages[-1].parameters()) / sum(p.numel() for p in model.parameters())
+    assert last > regional_compile.BACKBONE_SHARE
+    x = torch.randn(2, 4)
+    want = model(x)
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 3    # below the 5 graphs the 5 widths need
+    try:
+        handle = fusion_advisor.patch(model, patterns=[regional_compile.BLOCKS])
+        assert {f.path for f in handle.functions} == {f"stages.{i}.forward" for i in range(5)}
+        assert torch._dynamo.config.recompile_limit >= 2 * 5 + 2
+        torch.testing.assert_close(model(x), want)
+        assert len(counting_backend) == 5           # one graph a width: none fell back to eager
+        handle.revert()
+        assert torch._dynamo.config.recompile_limit == 3
+    finally:
+        torch._dynamo.config.recompile_limit = limit
