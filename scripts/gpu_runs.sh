@@ -17,8 +17,9 @@
 #          Triton launch, an autograd.Function) and a cProfile of our LayerNorm's forward + backward.
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
 #          under autocast, and the Llama example (VERIFY_MODELS="nanogpt" for one).
-# next:    the zoo on ResNet (its check fixed since the last GPU run) and families not yet measured at the
-#          current sizes (ZOO_MODELS), then the HF patching tests on the GPU.
+# next:    the zoo on ResNet (its check fixed since the last GPU run; its compiled blocks now include the
+#          last stage) and families not yet measured at the current sizes (ZOO_MODELS), then the HF
+#          patching tests on the GPU.
 # tune:    the conv nets' norms where they lost: bench_batch_norm.py (ResNet-50's BN -> ReLU shapes vs eager
 #          and compile, then its --sweep of batch_norm_core's tiles and splits) and bench_channel_norm.py
 #          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), cross_entropy's
