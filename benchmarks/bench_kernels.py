@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="one shape per pattern, shorter timing loops")
     ap.add_argument("--all-shapes", action="store_true", help="every bench shape (default: at most "
                                                                f"{DEFAULT_MAX_SHAPES} per pattern, spread out)")
+    ap.add_argument("--only", default="", metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="only the bench shapes whose params match, e.g. vocab=50257 or tokens=8192,vocab=50257 "
+                         "(then every matching shape runs)")
     ap.add_argument("--out", default="bench_kernels.csv", help="CSV to write (default: bench_kernels.csv)")
     ap.add_argument("--profile", default=None, help="DeviceProfile JSON with the calibrated copy bandwidth "
                                                     "(hbm_bytes_per_s); default: measure a copy here")
@@ -52,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="CPU only: Triton interpreter, each pattern's "
                                                            "example shape, eager and triton; checks the plumbing")
     args = ap.parse_args(argv)
+    try:
+        args.only = dict(item.split("=", 1) for item in args.only.split(",") if item.strip())
+    except ValueError:
+        ap.error(f"--only takes KEY=VALUE pairs, got {args.only!r}")
     if args.time_budget_s is None:
         args.time_budget_s = QUICK_TIME_BUDGET_S if args.quick else DEFAULT_TIME_BUDGET_S
     if args.providers is None:
@@ -65,10 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def pick_shapes(bench_params: tuple[dict, ...], quick: bool, all_shapes: bool) -> list[dict]:
-    """The shapes to run: the middle one with --quick; else up to DEFAULT_MAX_SHAPES spread from
-    the first to the last (every one with --all-shapes)."""
+def pick_shapes(bench_params: tuple[dict, ...], quick: bool, all_shapes: bool, only: dict | None = None) -> list[dict]:
+    """The shapes to run: with `only` ({key: value text}), every shape whose params match it; else
+    the middle one with --quick; else up to DEFAULT_MAX_SHAPES spread from the first to the last
+    (every one with --all-shapes)."""
     params = list(bench_params)
+    if only:
+        return [p for p in params if all(str(p.get(k)) == v for k, v in only.items())]
     if not params:
         return []
     if quick:
@@ -139,7 +149,7 @@ def sweep(args) -> list[dict]:
     started, rows, skipped = time.perf_counter(), [], []
     for pattern in patterns:
         shapes = [pattern.example_params] if args.dry_run else pick_shapes(pattern.bench_params, args.quick,
-                                                                          args.all_shapes)
+                                                                          args.all_shapes, args.only)
         for params in shapes:
             label = f"{pattern.name} {shape_text(params)}"
             if time.perf_counter() - started > args.time_budget_s:

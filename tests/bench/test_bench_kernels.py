@@ -48,3 +48,15 @@ def test_shape_budget():
     assert bench_kernels.pick_shapes(shapes, quick=False, all_shapes=False) == [
         {"shape": [0]}, {"shape": [3]}, {"shape": [5]}, {"shape": [8]}]
     assert len(bench_kernels.pick_shapes(shapes, quick=False, all_shapes=True)) == 9
+
+
+def test_only_picks_the_matching_shapes():
+    bench_kernels = load_script("benchmarks/bench_kernels.py")
+    shapes = tuple({"tokens": t, "vocab": v} for t in (4096, 8192) for v in (32768, 50257))
+    args = bench_kernels.parse_args(["--only", "vocab=50257"])
+    assert bench_kernels.pick_shapes(shapes, False, False, args.only) == [
+        {"tokens": 4096, "vocab": 50257}, {"tokens": 8192, "vocab": 50257}]
+    assert bench_kernels.pick_shapes(shapes, True, False, {"tokens": "8192", "vocab": "50257"}) == [
+        {"tokens": 8192, "vocab": 50257}]
+    with pytest.raises(SystemExit):
+        bench_kernels.parse_args(["--only", "vocab"])
