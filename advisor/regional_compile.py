@@ -197,7 +197,8 @@ def block_paths(model) -> list[str]:
 
 def repeated_block_classes(model) -> list[str]:
     """Class names of the model's repeated blocks: classes of which one nn.ModuleList holds two or
-    more instances (our own fused modules excepted), in the order the model lists them."""
+    more instances with submodules of their own (our own fused modules excepted), in the order the
+    model lists them."""
     from torch import nn
 
     found: dict[str, None] = {}
@@ -206,7 +207,8 @@ def repeated_block_classes(model) -> list[str]:
             continue
         counts: dict[type, int] = {}
         for child in module:
-            if not type(child).__module__.startswith("fusion_advisor."):
+            # a leaf repeated in a list (StableLM's per-head q/k LayerNorms) is not a block
+            if not type(child).__module__.startswith("fusion_advisor.") and next(child.children(), None) is not None:
                 counts[type(child)] = counts.get(type(child), 0) + 1
         found.update((cls.__name__, None) for cls, n in counts.items() if n >= 2)
     return list(found)

@@ -12,6 +12,7 @@ any GPU runs: a cluster whose module is left here is one the advisor can only ad
 
     python benchmarks/zoo_coverage.py                     # every family
     python benchmarks/zoo_coverage.py --models gemma,phi3 --json coverage.json
+    python benchmarks/zoo_coverage.py --blocks    # what compiled blocks compile, graph breaks
 """
 from __future__ import annotations
 
@@ -103,6 +104,47 @@ def coverage(spec: zoo.ModelSpec, patterns: list[str]) -> dict:
             "left": dict(left)}
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
+
+
+def blocks(spec: zoo.ModelSpec) -> dict:
+    """What `apply --verify`'s "compiled blocks" compiles in this family: its tiny config with two
+    layers a stack (one makes no repeated block), the blocks compiled with dynamo's "eager" backend
+    (graph capture without code generation), two training steps. {model, instances, graphs,
+    graph_breaks, skipped}: graphs above the number of differently built blocks, or any graph
+    break, mean compiled blocks leave part of the block to eager PyTorch."""
+    import dataclasses
+    import importlib.util
+    import tempfile
+    import torch
+    from torch._dynamo.utils import counters
+    from fusion_advisor import regional_compile
+    config, inputs = spec.scaled(tiny=True)
+    config = {k: (2 if k in _LAYER_KEYS and v == 1 else v) for k, v in config.items()}
+    inputs = inputs or {"kind": "causal_lm", **zoo.TOKENS_TINY}   # EXTRA's decoders give none
+    spec = dataclasses.replace(spec, tiny=config, tiny_inputs=inputs)
+    with tempfile.TemporaryDirectory() as folder:   # the zoo's own script: its model and its batch
+        path = zoo.write_script(spec, Path(folder), tiny=True)
+        loader = importlib.util.spec_from_file_location(f"zoo_blocks_{path.stem}".replace("-", "_").replace(".", "_"), path)
+        script = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(script)
+    torch.manual_seed(0)
+    model = script.build_model().float().train()
+    batch = script.make_batch(torch.Generator().manual_seed(1), torch.float32)
+    torch._dynamo.reset()
+    regional_compile._compiled.clear()
+    counters.clear()
+    handle = regional_compile.compile_regions(model, [regional_compile.BLOCKS], backend="eager")
+    try:
+        for _ in range(2):
+            model(**batch).loss.backward()
+    finally:
+        handle.revert()
+    compiled = regional_compile.report().get(regional_compile.BLOCKS, {})
+    return {"model": spec.name, "instances": compiled.get("instances", 0), "graphs": compiled.get("graphs", 0),
+            "graph_breaks": sum(counters["graph_break"].values()), "skipped": [why for _, why in handle.skipped]}
+
+
 def _why_not_fused(module) -> str:
     """Why no form took a module of a kind we fuse, as the form itself would say it."""
     import torch
@@ -136,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(FAMILIES),
                     help="comma-separated; default: the zoo's families, then " + ", ".join(s.name for s in EXTRA))
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--blocks", action="store_true",
+                    help="instead: what `apply --verify`'s compiled blocks compile in each family (blocks, "
+                         "graphs, graph breaks; dynamo's eager backend, no code generation)")
     args = ap.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in FAMILIES]
@@ -143,6 +188,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"zoo_coverage.py: unknown model {unknown[0]!r} (known: {', '.join(FAMILIES)})")
     import torch
     import transformers
+    if args.blocks:
+        return _print_blocks(names, args.json)
     patterns = runtime_patterns()
     print(f"fusion_advisor.patch(model, patterns={patterns}) on each family's tiny config, CPU "
           f"(torch {torch.__version__}, transformers {transformers.__version__})")
@@ -166,6 +213,30 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
         print(f"\nwrote {args.json}")
+    return 0
+
+
+def _print_blocks(names: list[str], json_path: str | None) -> int:
+    import torch
+    import transformers
+    print(f"compile_regions(model, ['compile:blocks'], backend='eager') on each family's tiny config, two layers a "
+          f"stack, two steps, CPU (torch {torch.__version__}, transformers {transformers.__version__})")
+    print(f"{'model':<12} {'blocks':>6} {'graphs':>6} {'breaks':>6}  skipped")
+    rows = []
+    for name in names:
+        try:
+            row = blocks(FAMILIES[name])
+        except Exception as exc:   # one family failing must not hide the others
+            row = {"model": name, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"}
+        rows.append(row)
+        if "error" in row:
+            print(f"{name:<12} error: {row['error']}")
+        else:
+            print(f"{name:<12} {row['instances']:>6} {row['graphs']:>6} {row['graph_breaks']:>6}  "
+                  f"{'; '.join(row['skipped']) or '-'}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"\nwrote {json_path}")
     return 0
 
 

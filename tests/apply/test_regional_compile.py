@@ -315,6 +315,8 @@ def test_repeated_blocks_are_the_classes_a_module_list_holds_twice():
     model.extra = nn.ModuleList([LlamaMLP(8), RMSNorm(8)])       # one of each: no repeated block
     assert regional_compile.repeated_block_classes(model) == ["Block"]
     assert regional_compile.repeated_block_classes(Net(layers=1)) == []
+    model.heads = nn.ModuleList(nn.LayerNorm(4) for _ in range(4))  # StableLM's per-head norms: leaves
+    assert regional_compile.repeated_block_classes(model) == ["Block"]
 
 
 def test_compile_blocks_compiles_each_repeated_block_and_leaves_its_insides_to_the_compiler(counting_backend):

@@ -1,5 +1,6 @@
 """benchmarks/zoo_coverage.py: what `fusion_advisor.patch` swaps in the zoo's model families, by what
 their modules compute (tiny configs, CPU). Each family below once got less than this."""
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -58,3 +59,17 @@ def test_the_script_prints_every_family_asked_and_writes_json(tmp_path):
     # activation (a block's last conv, the shortcut) are left, saying so.
     assert rows[1]["swapped"] == {"ResNetConvLayer -> ResNetConvLayer": 5}, rows[1]
     assert all("activation" in why for why in rows[1]["left"]), rows[1]["left"]
+
+
+@pytest.mark.parametrize("name,config,blocks,graphs", [
+    ("t5-v1.1", None, 4, 4),   # each stack's first block holds the relative position bias: two graphs a stack
+    # the zoo's ResNet at its real widths and depths (32 x 32 images): the last stage holds 61 % of the
+    # parameters, and is compiled all the same
+    ("resnet", {"num_labels": 10}, 4, 4),
+])
+def test_compiled_blocks_take_every_block_without_a_graph_break(name, config, blocks, graphs):
+    spec = coverage_mod.FAMILIES[name]
+    if config is not None:
+        spec = dataclasses.replace(spec, tiny=config)
+    row = coverage_mod.blocks(spec)
+    assert (row["instances"], row["graphs"], row["graph_breaks"], row["skipped"]) == (blocks, graphs, 0, []), row
