@@ -70,13 +70,38 @@ def bench(result: AdvisorResult, options: BenchOptions | None = None,
     if measure.CUDA_GRAPH in options.providers:
         graphs = True
     cache: dict[tuple, list[Benchmark]] = {}
+    lost: str | None = None
     for done, cluster in enumerate(matched):
+        label = f"{cluster.pattern} {_shape_label(cluster.pattern_params)}"
         if progress:
-            progress(done, len(matched), f"{cluster.pattern} {_shape_label(cluster.pattern_params)}")
+            progress(done, len(matched), label)
+        if lost is not None:
+            result.benchmarks.append(Benchmark(cluster.id, cluster.pattern, dict(cluster.pattern_params), FORWARD,
+                                               timing="none", reason=lost))
+            continue
         result.benchmarks.extend(_bench_cluster(cluster, result, registry, device, options, graphs, cache))
+        why = context_lost(device)
+        if why is not None:
+            # A device-side assert (RoBERTa's token-type table indexed as positions, on an H100) leaves
+            # the CUDA context unusable: every later call in this process fails, and those failures
+            # would read as the later patterns' own.
+            lost = (f"not timed: the CUDA context was lost during the bench of {label} ({why}); every GPU "
+                    f"call after it fails in this process")
     if progress:
         progress(len(matched), len(matched), "done")
     return result
+
+
+def context_lost(device: torch.device | None) -> str | None:
+    """None while `device` still runs work; else the first line of what the CUDA runtime says."""
+    if device is None or device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as exc:   # AcceleratorError / RuntimeError: "CUDA error: device-side assert triggered"
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+    return None
 
 
 def _device(mode: str, interpreting: bool) -> torch.device | None:

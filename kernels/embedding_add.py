@@ -237,6 +237,9 @@ def make_inputs(params: dict, device: torch.device, requires_grad: bool = True) 
     pdtype = param_dtype(params, "pos_dtype")
     batch, seq = params["idx_shape"]
     hidden = params["hidden"]
+    if seq > params["positions"]:   # caught here: on a GPU it is a device-side assert that ends the process's CUDA
+        raise ValueError(f"embedding_add: a position table of {params['positions']} rows cannot index "
+                         f"positions 0..{seq - 1}")
     idx = torch.randint(0, params["vocab"], (batch, seq), device=device)
     pos = torch.arange(seq, device=device)
     if params.get("pos_batched", False):
@@ -268,6 +271,10 @@ def params_from_ops(ops: list[OpRecord]) -> dict | None:
     (vocab, hidden), (positions, pos_hidden) = tok.dims[0], pos.dims[0]
     idx_shape = list(tok.dims[1])
     if hidden != pos_hidden or len(idx_shape) != 2 or not pos.dims[1] or pos.dims[1][-1] != idx_shape[-1]:
+        return None
+    if positions < idx_shape[-1]:
+        # not a position table: BERT's and RoBERTa's token-type table (1 or 2 rows) is added first;
+        # the kernel indexes the second table by position, which would run past its end
         return None
     dtype, pdtype = dtype_from_trace(tok.types[0]), dtype_from_trace(pos.types[0])
     if dtype is None or pdtype is None:

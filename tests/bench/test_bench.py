@@ -201,3 +201,26 @@ def test_bench_cli_in_cpu_mode_writes_the_result(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fusion_advisor.cli", "bench", src, "--providers", "triton"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "must include eager" in bad.stderr
+
+
+@cpu_mode
+def test_after_the_cuda_context_is_lost_later_clusters_say_so(monkeypatch):
+    """A device-side assert in one bench (an index past its table) poisons every later CUDA call: the
+    clusters after it say why they were not timed, not that their own inputs failed."""
+    from fusion_advisor import bench as bench_mod
+    result = training_result()
+    result.clusters.append(Cluster(id="c-later", direction="forward", pattern="rms_norm",
+                                   pattern_params={**TINY, "shape": [8, 64]}))
+    answers = iter(["AcceleratorError: CUDA error: device-side assert triggered", None])
+    monkeypatch.setattr(bench_mod, "context_lost", lambda device: next(answers))
+    first, *rest = bench(result, CPU).benchmarks
+    assert first.cluster_id == "c-rms" and first.numerics_ok is True
+    later = [b for b in rest if b.cluster_id == "c-later"]
+    assert len(later) == 1 and later[0].timing == "none"
+    assert "CUDA context was lost during the bench of rms_norm" in later[0].reason
+    assert "device-side assert" in later[0].reason
+
+
+def test_context_lost_is_none_off_the_gpu():
+    from fusion_advisor.bench import context_lost
+    assert context_lost(None) is None and context_lost(torch.device("cpu")) is None

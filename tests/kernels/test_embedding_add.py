@@ -97,3 +97,19 @@ def test_params_read_from_traced_ops(trace, dtype):
         assert mod.PATTERN.match(ops) == expected
     # One embedding alone (Llama's) is not this pattern.
     assert mod.PATTERN.match(traced_ops(DATA / "llama-bf16-h200.json.gz", "aten::embedding", "aten::embedding")) is None
+
+
+def test_a_token_type_table_is_not_taken_for_positions():
+    """BERT and RoBERTa add the token-type embedding (1 or 2 rows) first: indexing it by position ran
+    past its end on an H100 (a device-side assert that ended bench's CUDA context)."""
+    from fusion_advisor.kernels.registry import OpRecord
+    def embedding(rows, batch=4, seq=16):
+        return OpRecord("aten::embedding", ((rows, 32), (batch, seq), (), (), ()),
+                        ("c10::BFloat16", "long int", "Scalar", "bool", "bool"), ("", "", "-1", "False", "False"))
+    add = OpRecord("aten::add", ((4, 16, 32), (4, 16, 32), ()), ("c10::BFloat16", "c10::BFloat16", "Scalar"),
+                   ("", "", "1"))
+    assert mod.params_from_ops([embedding(1000), embedding(1), add]) is None
+    assert mod.params_from_ops([embedding(1000), embedding(514), add])["positions"] == 514
+    params = dict(mod.PATTERN.example_params, positions=8)
+    with pytest.raises(ValueError, match="position table of 8 rows"):
+        mod.make_inputs(params, torch.device("cpu"))
