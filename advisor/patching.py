@@ -68,7 +68,7 @@ from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.core.result import is_generated
 from fusion_advisor.equivalence import check_equivalent, check_function, check_on_copies
 from fusion_advisor.kernels import all_patterns, get
-from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern
+from fusion_advisor.kernels.registry import FunctionPatch, FusionPattern, NotThisForm
 from fusion_advisor.module_forms import (NOT_A_CHAIN, POINTWISE_CHAIN, UNWEIGHTED_PROBE_FEATURES, PointwiseChainModule,
                                          check_norm, module_state, norm_builders, norm_parts, norm_probe, one_line,
                                          pointwise_refusal, redrawn_copy, rng_kept)
@@ -410,6 +410,8 @@ class _ModuleSwapper:
     def _by_factory(self, t: _Target, module: nn.Module) -> tuple[nn.Module | None, str | None]:
         try:
             replacement = t.pattern.module_factory(module)
+        except NotThisForm:
+            return None, None       # of the class, not of the form (an aligned nn.Linear): not a refusal
         except Exception as exc:  # a module that looks alike but is not: leave it alone, say why
             return None, f"{t.name}: cannot wrap {type(module).__name__} ({exc})"
         stateful = t.pattern.stateful_modules

@@ -20,6 +20,9 @@ APPLIED = ("triton", "compile")   # providers apply can put in the user's run
 # HF Llama (H100, torch 2.11) lost 2.2 ms a step to 18 region calls (9 RMSNorms, forward and
 # backward), about 120 µs each. Regional compile is applied only where it saves more than that.
 MIN_REGION_SAVING_US = 120.0
+# Module classes that hold most of a model's GEMMs: "compile:<Class>" would compile all of them, not
+# the one a cluster came from (padded_linear's clusters are single nn.Linear modules).
+EVERY_GEMM = ("Linear",)
 
 
 def measured_win(bench) -> bool:
@@ -103,6 +106,11 @@ def choose(rec: Recommendation, cluster: Cluster | None, bench: Benchmark | None
     if best == "compile" and "/" not in (module or ""):
         choice.why = ("torch.compile measured fastest, but the cluster's module is the model itself: that is "
                       "whole-model torch.compile, not a region (see the report's torch.compile advice)")
+        return choice
+    if best == "compile" and _leaf(module) in EVERY_GEMM:
+        choice.why = (f"torch.compile measured fastest, but compiling every {_leaf(module)} of the model would compile "
+                      "each of its GEMMs, each a region with its own cost in the step: wrap that one module in "
+                      "torch.compile by hand, or use whole-model torch.compile")
         return choice
     if best == "compile" and cost["eager"] - cost["compile"] < MIN_REGION_SAVING_US:
         choice.why = (f"torch.compile measured fastest, but it saves {cost['eager'] - cost['compile']:.0f} µs a call, "

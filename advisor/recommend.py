@@ -246,7 +246,12 @@ def _memory_saved(eager, chosen, passes: str, occurrences: float) -> int | None:
 def _whose(cluster: Cluster) -> str:
     if is_generated(cluster.pattern):
         return f"a generated Triton kernel ({cluster.pattern})"
-    return f"our {cluster.pattern} Triton kernel"
+    from fusion_advisor import kernels as registry
+    try:
+        kind = registry.get(cluster.pattern).replacement_kind
+    except KeyError:
+        kind = "Triton kernel"
+    return f"our {cluster.pattern} {kind}"
 
 
 def _launch_bound_recommendation(result: AdvisorResult, options: RoiOptions) -> Recommendation:

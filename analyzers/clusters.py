@@ -45,9 +45,11 @@ direction) merge into one Cluster, whatever the step or the layer: the 9 LlamaRM
 step. Scalar arguments are not part of the signature (they do not change bytes); pattern params
 are read from the first occurrence.
 
-One cluster is derived rather than found: a cross_entropy forward cluster fed by an LM head's
-`aten::linear` also yields a `linear_cross_entropy` cluster holding both (analyzers/lm_head_loss.py):
-a memory trade, since the GEMM it includes is what rule 2 keeps out of every chain.
+Two kinds of cluster are derived rather than found: a cross_entropy forward cluster fed by an LM
+head's `aten::linear` also yields a `linear_cross_entropy` cluster holding both
+(analyzers/lm_head_loss.py): a memory trade, since the GEMM it includes is what rule 2 keeps out of
+every chain; and a forward `aten::linear` of misaligned width (an odd vocabulary) yields a
+`padded_linear` cluster (analyzers/misaligned_gemm.py).
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ import pandas as pd
 from fusion_advisor.analyzers.chain_units import (ACCUMULATION_SCOPE, NO_SCOPE, Classifier, OpColumns, Unit,
                                                   cpu_units, feeds, flat_shapes, gpu_units, related)
 from fusion_advisor.analyzers.lm_head_loss import lm_head_loss_clusters
+from fusion_advisor.analyzers.misaligned_gemm import misaligned_linear_clusters
 from fusion_advisor.analyzers.trace import Trace, resolve_source_file
 from fusion_advisor.cost_model.device import DeviceProfile
 from fusion_advisor.core.dtypes import TRACE_DTYPES
@@ -86,6 +89,8 @@ class PatternLookup:
     # .notes), None where codegen supports too little of the chain
     generated: Callable[[Sequence[OpRecord], str | None, int | None, str | None], Any]
     lm_head_params: Callable[[OpRecord, dict], dict | None]          # linear_cross_entropy's params_from_lm_head
+    # padded_linear's params_from_linear: a misaligned aten::linear's params, or None
+    linear_params: Callable[[OpRecord], dict | None] = lambda record: None
 
 
 # -- chains (rules 2-5) --------------------------------------------------------------------------
@@ -344,6 +349,7 @@ def find_clusters(trace: Trace, profile: DeviceProfile, patterns: PatternLookup)
     _share_generated_backward(clusters, profile, patterns)
     first_rows = {_cluster_id(sig): [chain[0].op_row for chain, _ in occ] for sig, occ in found.items()}
     clusters += lm_head_loss_clusters(clusters, first_rows, cl.col, units_all, n_steps, patterns.lm_head_params)
+    clusters += misaligned_linear_clusters(cl.col, units_all, n_steps, patterns.linear_params)
     clusters.sort(key=_rank_key, reverse=True)
     kernel_cluster = pd.Series(cluster_of, index=trace.kernels.index, dtype=object)
     return ClusterFindings(clusters, kernel_cluster, cl.kernel_memory_bound(), cl.kernel_classes, cl.col,

@@ -9,12 +9,14 @@ from fusion_advisor.core.records import OpRecord
 
 
 def pattern_lookup() -> PatternLookup:
-    """Every registered pattern (imports the kernels, and Triton), generated kernels, the LM-head loss."""
+    """Every registered pattern (imports the kernels, and Triton), generated kernels, the LM-head loss,
+    misaligned Linears."""
     from fusion_advisor import kernels
     from fusion_advisor.kernels.linear_cross_entropy import params_from_lm_head
+    from fusion_advisor.kernels.padded_linear import params_from_linear
 
     return PatternLookup(match=kernels.match, resolve=kernels.resolve, generated=_generated,
-                         lm_head_params=params_from_lm_head)
+                         lm_head_params=params_from_lm_head, linear_params=params_from_linear)
 
 
 def _generated(records: Sequence[OpRecord], source_file: str | None, def_line: int | None, label: str | None):

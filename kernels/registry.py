@@ -80,6 +80,11 @@ class Inputs:
     grad_inputs: tuple[int, ...] = ()
 
 
+class NotThisForm(ValueError):
+    """A module_factory's answer for a module of the right class but not of its form (an nn.Linear of
+    aligned width for padded_linear): patch passes over it without listing it as refused."""
+
+
 @dataclass(frozen=True)
 class FusionPattern:
     name: str                                        # "rms_norm": file kernels/rms_norm.py
@@ -116,6 +121,7 @@ class FusionPattern:
     numerics_params: Callable[[dict], dict] | None = None  # params to check numerics against `reference`
                                                      # with, for ops whose outputs are random draws
                                                      # (dropout_add: the same shapes at p=0); None: as given
+    replacement_kind: str = "Triton kernel"          # what `fused` is, as the report names it
     counted_as: str = ""                             # the call counter's key (fusion_advisor.calls) when the
                                                      # launcher is another file's: swiglu -> "glu"; "": name
 
@@ -154,6 +160,7 @@ PATTERN_MODULES: list[str] = [
     "add_layer_norm",
     "group_norm",
     "batch_norm_act",
+    "padded_linear",
 ]
 _loaded = False
 

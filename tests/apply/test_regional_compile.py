@@ -110,7 +110,9 @@ def test_the_plan_gives_each_cluster_its_measured_fastest_provider_with_the_time
 @pytest.mark.parametrize("us, module, why", [
     ({"eager": 300.0, "triton": 200.0, "compile": 100.0}, "Net/Block/LlamaMLP", "our kernel measured fastest"),
     ({"eager": 150.0, "triton": 149.0, "compile": 60.0}, "Net/Block/LlamaMLP", "less than a compiled region costs"),
-    ({"eager": 300.0, "triton": 299.0, "compile": 100.0}, "Net", "the model itself")])
+    ({"eager": 300.0, "triton": 299.0, "compile": 100.0}, "Net", "the model itself"),
+    # padded_linear's cluster is one nn.Linear: compile:Linear would compile every GEMM of the model
+    ({"eager": 3000.0, "triton": 2999.0, "compile": 1000.0}, "Net/Head/Linear", "each of its GEMMs")])
 def test_regional_compile_only_where_it_pays_in_the_step(us, module, why):
     """Our kernel stays wherever it beats eager; a region must save more than a compiled region
     costs in the step; the model itself is no region."""

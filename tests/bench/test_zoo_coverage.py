@@ -56,8 +56,9 @@ def test_the_script_prints_every_family_asked_and_writes_json(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["model"] for r in rows] == ["llama", "resnet"]
     # HF ResNet: each ResNetConvLayer with a ReLU becomes BN -> ReLU fused; the ones without an
-    # activation (a block's last conv, the shortcut) are left, saying so.
-    assert rows[1]["swapped"] == {"ResNetConvLayer -> ResNetConvLayer": 5}, rows[1]
+    # activation (a block's last conv, the shortcut) are left, saying so. Its classifier (10 labels: a
+    # misaligned width) runs padded.
+    assert rows[1]["swapped"] == {"ResNetConvLayer -> ResNetConvLayer": 5, "Linear -> PaddedLinear": 1}, rows[1]
     assert all("activation" in why for why in rows[1]["left"]), rows[1]["left"]
 
 
