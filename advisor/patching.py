@@ -201,6 +201,17 @@ def _is_block_pattern(name: str | None) -> bool:
         return False
 
 
+def _params_hints(result) -> dict[str, list[dict]]:
+    """pattern name -> the params of its recommended clusters (what bench timed)."""
+    clusters = {_field(c, "id"): c for c in getattr(result, "clusters", []) or []}
+    out: dict[str, list[dict]] = {}
+    for rec in getattr(result, "recommendations", []) or []:
+        cluster = clusters.get(_field(rec, "cluster_id"))
+        if cluster is not None and _field(rec, "pattern"):
+            out.setdefault(_field(rec, "pattern"), []).append(dict(_field(cluster, "pattern_params") or {}))
+    return out
+
+
 def _eps_hints(result) -> dict[str, tuple[float, ...]]:
     """module class -> the eps its traced norm clusters recorded (tried when the module has no eps attribute)."""
     out: dict[str, list[float]] = {}
@@ -224,6 +235,7 @@ class _Target:
     pattern: FusionPattern | None
     hints: frozenset[str]
     only_hinted: bool
+    params: tuple[dict, ...] = ()   # the result's recommended clusters' params (for pattern.module_fits)
 
 
 def patch(model: nn.Module, result=None, **options) -> PatchHandle:
@@ -257,6 +269,7 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
         blocks = regional_compile.block_paths(model)
     compile_names = [n for n in names if regional_compile.is_compile_pattern(n)]
     hints = module_hints(result) if result is not None else {}
+    params_hints = _params_hints(result) if result is not None else {}
     for name, classes in (options.get("modules") or {}).items():
         hints.setdefault(name, set()).update(classes)
     patterns, targets = [], []
@@ -269,7 +282,8 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
         p = get(n)
         patterns.append(p)
         if p.modules and p.module_factory is not None:
-            targets.append(_Target(n, p, frozenset(p.modules) | frozenset(hints.get(n, ())), bool(hints.get(n))))
+            targets.append(_Target(n, p, frozenset(p.modules) | frozenset(hints.get(n, ())), bool(hints.get(n)),
+                                   tuple(params_hints.get(n, ()))))
     handle = PatchHandle()
     for p in patterns:
         if not (p.modules and p.module_factory is not None) and not p.function_patches:
@@ -361,6 +375,9 @@ class _ModuleSwapper:
             parts = norm_parts(module, self.eps_hints.get(type(module).__name__, ()))
             if not isinstance(parts, str):
                 return self._norm(t, module, parts)
+        fits = t.pattern.module_fits
+        if fits is not None and t.params and not any(fits(module, p) for p in t.params):
+            return None, None   # not a shape bench timed for this result
         shaped = t.pattern.module_shape is not None and t.pattern.module_shape(module)
         if not shaped and (not hinted or (t.pattern.module_is_block and type(module).__name__ not in t.pattern.modules)):
             # (a block hint from a result is the class of the block's parent, e.g. "Sequential": only

@@ -122,6 +122,9 @@ class FusionPattern:
                                                      # with, for ops whose outputs are random draws
                                                      # (dropout_add: the same shapes at p=0); None: as given
     replacement_kind: str = "Triton kernel"          # what `fused` is, as the report names it
+    # With a result, patch swaps a module only where it fits the params of one of this pattern's
+    # recommended clusters (padded_linear: the Linear shapes bench timed, not every misaligned one).
+    module_fits: Callable[[torch.nn.Module, dict], bool] | None = None
     counted_as: str = ""                             # the call counter's key (fusion_advisor.calls) when the
                                                      # launcher is another file's: swiglu -> "glu"; "": name
 

@@ -17,9 +17,10 @@
 #          Triton launch, an autograd.Function) and a cProfile of our LayerNorm's forward + backward.
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
 #          under autocast, and the Llama example (VERIFY_MODELS="nanogpt" for one).
-# next:    cross_entropy at GPT-2's vocabulary (8192 x 50257, beside eager, compile and Liger), then the zoo on ResNet (its check fixed since the last GPU run; its compiled blocks now include the
-#          last stage) and families not yet measured at the current sizes (ZOO_MODELS), then the HF
-#          patching tests on the GPU.
+# next:    bench_kernels.py on BENCH_PATTERNS (padded_linear: the odd-vocabulary LM heads, eager vs padded
+#          vs compile), then the zoo on families not yet measured at the current sizes (ZOO_MODELS:
+#          RoBERTa again first, its LM head now a padded_linear candidate), then the HF patching tests
+#          (TESTS_TIMEOUT=0 leaves them out, BENCH_TIMEOUT=0 the bench).
 # tune:    the conv nets' norms where they lost: bench_batch_norm.py (ResNet-50's BN -> ReLU shapes vs eager
 #          and compile, then its --sweep of batch_norm_core's tiles and splits) and bench_channel_norm.py
 #          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), cross_entropy's
@@ -137,11 +138,13 @@ next)
   # the zoo first: ResNet again (its BN + ReLU refused by the check's fp32 tolerance under autocast until
   # e5d00bf; half-size tiles at 14x14 and 7x7), then families not yet measured at the current sizes, as
   # many as the window allows (rerun with ZOO_MODELS for the rest); then the HF patching tests on the GPU
-  timeout ${CE_TIMEOUT:-100} python3 benchmarks/bench_kernels.py --patterns cross_entropy --only tokens=8192,vocab=50257 \
-      --out "$out/bench-cross-entropy-50257.csv" >"$out/bench-cross-entropy-50257.txt" 2>&1
-  echo "bench_kernels cross_entropy 8192 x 50257: rc $?"; tail -12 "$out/bench-cross-entropy-50257.txt"
+  if [ "${BENCH_TIMEOUT:-120}" -gt 0 ]; then   # BENCH_TIMEOUT=0 leaves the bench out
+    timeout ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_kernels.py --patterns ${BENCH_PATTERNS:-padded_linear} \
+        --out "$out/bench-next.csv" >"$out/bench-next.txt" 2>&1
+    echo "bench_kernels ${BENCH_PATTERNS:-padded_linear}: rc $?"; tail -14 "$out/bench-next.txt"
+  fi
   timeout ${ZOO_TIMEOUT:-440} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
-      --models ${ZOO_MODELS:-resnet,convnext,llama,gpt2,bert,mixtral} --time-budget ${ZOO_BUDGET:-400} >"$out/zoo.txt" 2>&1
+      --models ${ZOO_MODELS:-roberta,bart,whisper,convnext,swin,qwen2} --time-budget ${ZOO_BUDGET:-400} >"$out/zoo.txt" 2>&1
   echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
   find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
   if [ "${TESTS_TIMEOUT:-100}" -gt 0 ]; then   # TESTS_TIMEOUT=0 leaves the tests out

@@ -91,3 +91,29 @@ def test_params_read_from_a_traced_linear():
     assert mod.params_from_linear(_linear((4096, 768), (32000, 768))) is None        # aligned
     assert mod.params_from_linear(_linear((4096, 768), (50257, 768), t="long int")) is None
     assert mod.params_from_linear(OpRecord("aten::mm", ((4, 3), (3, 5)), ("float", "float"), ("", ""))) is None
+
+
+def test_with_a_result_only_the_shape_bench_timed_is_swapped():
+    """Bench timed the 32 -> 131 head: the 32 -> 3 classifier, misaligned too, was never timed and
+    stays as it is."""
+    from fusion_advisor.bench import judge
+    from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, ProviderTiming
+    from fusion_advisor.recommend import recommend
+
+    params = {"tokens": 18, "in_features": 32, "out_features": 131, "bias": False, "dtype": "float32"}
+    measured = {"eager": ProviderTiming(900.0, 900.0, 900.0), "triton": ProviderTiming(500.0, 500.0, 500.0)}
+    verdict, reason, best = judge(measured, {"triton": "ok"}, "gpu")
+    result = recommend(AdvisorResult(
+        clusters=[Cluster("g1", "forward", "padded_linear", dict(params), module_class="Head/Linear",
+                          occurrences_per_step=1, memory_bound=False)],
+        benchmarks=[Benchmark("g1", "padded_linear", dict(params), "forward+backward", measured, numerics_ok=True,
+                              verdict=verdict, reason=reason, timing="gpu", device="NVIDIA H100",
+                              numerics_by_provider={"triton": "ok"}, best_provider=best)]))
+    assert [r.pattern for r in result.recommendations] == ["padded_linear"]
+    assert "GEMMs (PyTorch's, at the padded width)" in result.recommendations[0].title
+    model = Head()
+    model.classifier = nn.Linear(32, 3)
+    handle = fusion_advisor.patch(model, result)
+    assert [s.path for s in handle.swaps] == ["head"]
+    assert type(model.classifier) is nn.Linear
+    handle.revert()
