@@ -161,11 +161,16 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
         source = cluster.source if cluster else None
         file_name, _, line = (source or "").rpartition(":")
         path = resolve_source_file(file_name, run) if file_name else None
-        if path is None or _is_library(path):
+        own = (pattern.modules and pattern.module_factory) or pattern.function_patches
+        # A pattern with a runtime form and no source form (padded_linear swaps an nn.Linear it cannot
+        # name in source) is patched at run time in the user's own code too.
+        runtime_only = own and not (pattern.module_import or pattern.rewrites)
+        if path is None or _is_library(path) or runtime_only:
             leaf = (cluster.module_class or "").rsplit("/", 1)[-1] if cluster else ""
-            own = (pattern.modules and pattern.module_factory) or pattern.function_patches
             runtime = pattern if own else module_pattern_for(leaf) or _norm_part(pattern)
-            where = "library code" if path is not None else f"{source or 'an unknown source'} (not found on disk)"
+            where = ("library code" if path is not None and _is_library(path) else
+                     f"{source}: {pattern.name} has no source rewrite" if path is not None else
+                     f"{source or 'an unknown source'} (not found on disk)")
             if runtime is None:
                 out.notes.append(f"#{rec.rank} {rec.title}: {where}, and {pattern.name} has no runtime swap for "
                                  f"{leaf or 'this code'}; not applied")

@@ -32,6 +32,21 @@ def test_an_odd_vocabulary_head_is_a_padded_linear_candidate(tmp_path):
     assert c["direction"] == "forward" and c["module_class"].endswith("/Linear") and c["occurrences_per_step"] == 1
     assert not c["memory_bound"] and c["estimate"]["saving_us"] is None   # bench's to price, not the cost model's
     assert c["ops"][0]["name"] == "aten::linear"
+    # Measured faster (a stand-in GPU bench), it is patched at run time in the user's own script:
+    # padded_linear has a module form and no source rewrite.
+    from fusion_advisor import apply as apply_mod
+    from fusion_advisor.bench import judge
+    from fusion_advisor.core.result import AdvisorResult, Benchmark, ProviderTiming
+    from fusion_advisor.recommend import recommend
+    result = AdvisorResult.load(tmp_path / "out" / "result.json")
+    measured = {"eager": ProviderTiming(900.0, 900.0, 900.0), "triton": ProviderTiming(500.0, 500.0, 500.0)}
+    verdict, reason, best = judge(measured, {"triton": "ok"}, "gpu")
+    result.benchmarks = [Benchmark(c["id"], "padded_linear", dict(c["pattern_params"]), "forward+backward", measured,
+                                   numerics_ok=True, verdict=verdict, reason=reason, timing="gpu", device="H100",
+                                   numerics_by_provider={"triton": "ok"}, best_provider=best)]
+    plan = apply_mod.plan(recommend(result))
+    assert plan.runtime_patterns == ["padded_linear"] and not plan.changed
+    assert any("padded_linear has no source rewrite; patched at run time" in n for n in plan.notes), plan.notes
 
 
 def test_aligned_linears_are_no_candidates(data_dir):
