@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fusion_advisor import __version__
+from fusion_advisor.analyzers.layout import layout_transposes
 from fusion_advisor.analyzers.clusters import ClusterFindings, find_clusters
 from fusion_advisor.analyzers.kernel_classes import class_summary
 from fusion_advisor.analyzers.launch_bound import analyze_launch_bound
@@ -93,6 +94,7 @@ def analyze(trace: Trace, target_gpu: str | None = None, spans: list | None = No
     result.timeline = timeline(trace, findings)
     lb = analyze_launch_bound(trace, findings.kernel_memory_bound, findings.clusters)
     result.launch_bound = lb.to_dict() if lb is not None else None
+    result.layout = layout_transposes(trace)
     return result
 
 

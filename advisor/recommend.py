@@ -107,6 +107,9 @@ def recommend(result: AdvisorResult, options: RoiOptions | None = None) -> Advis
         rec = _cluster_recommendation(cluster, result, host_counts, options)
         if rec is not None:
             (measured if rec.confidence == "measured" else estimated).append(rec)
+    layout = _channels_last_recommendation(result, options)
+    if layout is not None:
+        estimated.append(layout)
     ranked = sorted(measured, key=lambda r: -r.measured_saving_us_per_step)
     ranked += sorted(estimated, key=lambda r: -(r.estimate_saving_us_per_step or 0.0))
     if result.is_launch_bound():
@@ -252,6 +255,37 @@ def _whose(cluster: Cluster) -> str:
     except KeyError:
         kind = "Triton kernel"
     return f"our {cluster.pattern} {kind}"
+
+
+# Below this share of the GPU's busy time a step, the layout transposes are not worth a change of
+# memory format (the conv example's bf16 trace on an H200: about 9 %).
+MIN_TRANSPOSE_SHARE = 0.02
+
+
+def _channels_last_recommendation(result: AdvisorResult, options: RoiOptions) -> Recommendation | None:
+    """cuDNN's NCHW <-> NHWC transposes around the convolutions (analyzers/layout.py), where they
+    take MIN_TRANSPOSE_SHARE of the GPU's time or more: convert to channels_last, by hand."""
+    layout = result.layout if isinstance(result.layout, dict) else None
+    if not layout or not isinstance(layout.get("transpose_us_per_step"), (int, float)):
+        return None
+    share = layout.get("share_of_gpu_busy")
+    if not isinstance(share, (int, float)) or share < MIN_TRANSPOSE_SHARE:
+        return None
+    us = float(layout["transpose_us_per_step"])
+    return Recommendation(
+        rank=0, cluster_id="", pattern=None,
+        title=f"Convert the model and its inputs to channels_last: cuDNN transposed NCHW <-> NHWC around the "
+              f"convolutions, {_us_text(us)} a step ({100 * share:.1f} % of the GPU's time)",
+        measured_saving_us_per_step=None, estimate_saving_us_per_step=us, confidence="estimate",
+        roi=roi(us, "estimate", result, options), kind="channels_last",
+        detail=(f"{layout.get('transposes_per_step', 0):g} transposes a step ({', '.join(layout.get('kernels') or [])}), "
+                "their time measured in the trace; the saving is at most that (the convolution kernels change "
+                "too): measure it with your script in channels_last; whole-model torch.compile does the same "
+                "conversion inside its graph"))
+
+
+def _us_text(us: float) -> str:
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} µs"
 
 
 def _launch_bound_recommendation(result: AdvisorResult, options: RoiOptions) -> Recommendation:

@@ -35,7 +35,7 @@ Passes = Literal["forward", "forward+backward"]
 Verdict = Literal["recommended", "rejected", "not run"]
 TimingKind = Literal["gpu", "cpu-interpreter", "none"]     # "cpu-interpreter" is never used to recommend
 Confidence = Literal["measured", "estimate"]
-RecommendationKind = Literal["fused_kernel", "torch_compile", "liger", "cuda_graphs", "memory"]
+RecommendationKind = Literal["fused_kernel", "torch_compile", "liger", "cuda_graphs", "memory", "channels_last"]
 GENERATED_PREFIX = "generic:"   # a generated kernel's pattern name: "generic:<hash>"
 
 
@@ -175,6 +175,7 @@ class AdvisorResult:
     timeline: list[dict] = field(default_factory=list)
     clusters: list[Cluster] = field(default_factory=list)      # ranked by estimated saving per step
     launch_bound: dict | None = None     # analyzers.launch_bound.LaunchBound (None: no GPU kernels)
+    layout: dict | None = None           # analyzers.layout.layout_transposes (None: no NCHW<->NHWC transposes)
     benchmarks: list[Benchmark] = field(default_factory=list)
     recommendations: list[Recommendation] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -305,13 +305,15 @@ def render_ranked_stacked(facts: ReportFacts, console: Console, changes: dict, d
         first = f"#{rec.rank} "
         _out(console, _wrap(rec.title, width, " " * len(first), first), "bold")
         pad = " " * len(first)
-        where = f"where: {_where(row)}" + (f", {fmt_num(c.occurrences_per_step)}× per step" if c else "")
-        _out(console, _wrap(where, width, pad + "  ", pad))
+        if c is not None:   # a whole-step change (CUDA graphs, channels_last) has no one place
+            where = f"where: {_where(row)}, {fmt_num(c.occurrences_per_step)}× per step"
+            _out(console, _wrap(where, width, pad + "  ", pad))
         saving = [f"saving/step: {_saving(rec.measured_saving_us_per_step)} measured",
                   f"{_saving(rec.estimate_saving_us_per_step, 'estimate')} estimate"]
         if facts.gpu_run and row.usd_per_month is not None:
             saving.append(f"{fmt_usd(row.usd_per_month)}/month ({row.basis})")
-        saving.append(f"numerics {_numerics(row.bench)}")
+        if c is not None:
+            saving.append(f"numerics {_numerics(row.bench)}")
         _out(console, _wrap(", ".join(saving), width, pad + "  ", pad))
         change = changes.get(rec.rank)
         if change is not None:
