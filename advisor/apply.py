@@ -126,6 +126,9 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
     generated: dict[Path, list[StatementReplacement]] = {}
     host_counts = result.host_counts()
     for rec in result.recommendations:
+        if rec.kind == "channels_last":
+            _plan_channels_last(rec, out, include_estimates)
+            continue
         if not rec.pattern:
             continue
         cluster = clusters.get(rec.cluster_id)
@@ -222,6 +225,21 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
                 continue
             out.replacements.setdefault(name, f"source: {os.path.basename(f.path)}")
     return out
+
+
+def _plan_channels_last(rec, out: ApplyPlan, include_estimates: bool) -> None:
+    """The channels_last recommendation: priced on the transposes' measured time, an estimate; with
+    --include-estimates the runtime change "channels_last" (advisor/channels_last.py)."""
+    if not include_estimates:
+        out.notes.append(f"#{rec.rank} {rec.title}: an estimate (the transposes' time); by hand, or at run time "
+                         f"with --include-estimates (then --verify measures it)")
+        return
+    if "channels_last" not in out.runtime_patterns:
+        out.runtime_patterns.append("channels_last")
+        out.replacements["channels_last"] = "runtime change (memory format)"
+        out.estimates.append("channels_last")
+    out.notes.append(f"#{rec.rank} {rec.title}: applied at run time (fusion_advisor.patch: the model's 4-D weights "
+                     f"and its 4-D inputs in torch.channels_last)")
 
 
 def _plan_compile(rec, choice: provider_choice.ProviderChoice, out: ApplyPlan) -> None:

@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from fusion_advisor import api, calls, regional_compile
+from fusion_advisor import api, calls, channels_last, regional_compile
 from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.core.result import is_generated
 from fusion_advisor.equivalence import check_equivalent, check_function, check_on_copies
@@ -157,6 +157,9 @@ def recommended_patterns(result, memory: bool = False, include_estimates: bool =
     names = []
     for rec in result.recommendations:
         name = rec.pattern
+        if rec.kind == channels_last.NAME and include_estimates and channels_last.NAME not in names:
+            names.append(channels_last.NAME)   # priced on the transposes' measured time: an estimate
+            continue
         if (rec.kind == "memory" and not memory) or not name:
             continue
         cluster = clusters.get(rec.cluster_id)
@@ -274,8 +277,8 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
         hints.setdefault(name, set()).update(classes)
     patterns, targets = [], []
     for n in names:
-        if n in compile_names:
-            continue   # regional torch.compile: after the swaps, below
+        if n in compile_names or n == channels_last.NAME:
+            continue   # regional torch.compile and the memory format: after the swaps, below
         if n == POINTWISE_CHAIN or is_generated(n):
             targets.append(_Target(n, None, frozenset(hints.get(n, ())), bool(hints.get(n))))
             continue
@@ -305,6 +308,10 @@ def patch(model: nn.Module, result=None, **options) -> PatchHandle:
                     _swap_function(model, p.name, fp, handle, check)
             if compile_names:
                 _compile_regions(model, compile_names, handle)
+            if channels_last.NAME in names:
+                restore, converted = channels_last.convert(model)
+                handle.functions.append(FunctionSwap(f"(model) memory format: {converted} 4-D tensors and the inputs",
+                                                     None, None, channels_last.NAME, restore))
     except BaseException:
         handle.revert()
         raise

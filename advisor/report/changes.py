@@ -95,7 +95,11 @@ def _shell_path(path: str) -> str:
 
 def _change(result: AdvisorResult, rec: Recommendation, result_path: str | None) -> Change:
     patch = rec.patch or {}
-    if rec.kind in ("cuda_graphs", "channels_last") or not rec.pattern:
+    if rec.kind == "channels_last":
+        return Change(rec.rank, "`apply` does this at run time only with --include-estimates (the saving is the "
+                                "transposes' measured time, not a measured step); by hand:", False,
+                      by_hand=str(patch.get("description") or ""))
+    if rec.kind == "cuda_graphs" or not rec.pattern:
         return Change(rec.rank, "`apply` does not do this: it is a change to how the step runs, made by hand.", False,
                       by_hand=str(patch.get("description") or ""))
     from fusion_advisor import apply as apply_mod

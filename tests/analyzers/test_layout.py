@@ -34,3 +34,40 @@ def test_the_recommendation_is_by_hand_and_priced_at_the_transposes(data_dir):
     data = result.to_dict() if hasattr(result, "to_dict") else dataclasses.asdict(result)
     data.pop("layout")
     assert AdvisorResult.from_dict(data).layout is None
+
+
+def test_patch_puts_a_conv_net_in_channels_last_and_back():
+    """The runtime change: weights and inputs NHWC, the same outputs and gradients, the parameters
+    (an optimizer's) the same objects, counted per call; revert() puts the format back."""
+    import torch
+    from torch import nn
+
+    import fusion_advisor
+    from fusion_advisor import calls
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 10, 10)
+    want = model(x)
+    weight = model[0].weight
+    calls.reset()
+    handle = fusion_advisor.patch(model, patterns=["channels_last"])
+    assert model[0].weight is weight and weight.is_contiguous(memory_format=torch.channels_last)
+    got = model(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got.sum().backward()
+    assert weight.grad is not None and calls.snapshot()["channels_last"] == 1
+    handle.revert()
+    assert weight.is_contiguous() and model(x).is_contiguous()
+
+
+def test_apply_puts_it_in_only_with_include_estimates(data_dir):
+    from fusion_advisor import apply as apply_mod
+    from fusion_advisor.patching import recommended_patterns
+    result = rank(analyze(Trace.load(data_dir / "conv-pointwise-bf16-h200.json.gz")))
+    assert "channels_last" not in apply_mod.plan(result).runtime_patterns
+    assert "channels_last" not in recommended_patterns(result)
+    plan = apply_mod.plan(result, include_estimates=True)
+    assert "channels_last" in plan.runtime_patterns and "channels_last" in plan.estimates
+    assert "channels_last" in recommended_patterns(result, include_estimates=True)
