@@ -3,6 +3,7 @@
 #   source scripts/device_setup.sh && scripts/gpu_runs.sh generic|llama|hf|flce|memory|hf-memory OUT_DIR
 # generic: a small bf16 trace of examples/conv_pointwise.py for CI (tests/data), the same script at a
 #          GPU-bound size profiled (bench included), `apply --verify` on it, and bench_codegen.py.
+#          APPLY_ARGS=--include-estimates also puts in the channels_last change (priced on its transposes).
 # llama:   benchmarks/apply_models.py on the two Llamas, then examples/llama_train.py profiled and verified.
 # hf:      a tiny HF Llama trace for CI, then examples/hf_train.py profiled and verified for each model.
 # flce:    apply_models.py on HF Llama and GPT-2 with the fused linear cross-entropy variants.
