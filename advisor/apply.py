@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion_advisor import provider_choice
+from fusion_advisor import channels_last, provider_choice
 from fusion_advisor.analyzers.trace import resolve_source_file
 from fusion_advisor.cluster_names import module_leaf
 from fusion_advisor.core.errors import AdvisorError, OutputError
@@ -126,7 +126,7 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
     generated: dict[Path, list[StatementReplacement]] = {}
     host_counts = result.host_counts()
     for rec in result.recommendations:
-        if rec.kind == "channels_last":
+        if rec.kind == channels_last.NAME:
             _plan_channels_last(rec, out, include_estimates)
             continue
         if not rec.pattern:
@@ -168,10 +168,11 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
         # A pattern with a runtime form and no source form (padded_linear swaps an nn.Linear it cannot
         # name in source) is patched at run time in the user's own code too.
         runtime_only = own and not (pattern.module_import or pattern.rewrites)
-        if path is None or _is_library(path) or runtime_only:
+        library = path is not None and _is_library(path)
+        if path is None or library or runtime_only:
             leaf = (cluster.module_class or "").rsplit("/", 1)[-1] if cluster else ""
             runtime = pattern if own else module_pattern_for(leaf) or _norm_part(pattern)
-            where = ("library code" if path is not None and _is_library(path) else
+            where = ("library code" if library else
                      f"{source}: {pattern.name} has no source rewrite" if path is not None else
                      f"{source or 'an unknown source'} (not found on disk)")
             if runtime is None:
@@ -234,10 +235,10 @@ def _plan_channels_last(rec, out: ApplyPlan, include_estimates: bool) -> None:
         out.notes.append(f"#{rec.rank} {rec.title}: an estimate (the transposes' time); by hand, or at run time "
                          f"with --include-estimates (then --verify measures it)")
         return
-    if "channels_last" not in out.runtime_patterns:
-        out.runtime_patterns.append("channels_last")
-        out.replacements["channels_last"] = "runtime change (memory format)"
-        out.estimates.append("channels_last")
+    if channels_last.NAME not in out.runtime_patterns:
+        out.runtime_patterns.append(channels_last.NAME)
+        out.replacements[channels_last.NAME] = "runtime change (memory format)"
+        out.estimates.append(channels_last.NAME)
     out.notes.append(f"#{rec.rank} {rec.title}: applied at run time (fusion_advisor.patch: the model's 4-D weights "
                      f"and its 4-D inputs in torch.channels_last)")
 

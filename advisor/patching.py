@@ -183,11 +183,8 @@ def module_hints(result) -> dict[str, set[str]]:
     """pattern name -> the module classes (leaf class names) its recommended clusters came from; for
     a pattern whose module form is a block (`module_is_block`: a BatchNorm2d's cluster swaps the
     conv -> BN -> ReLU block holding it), the leaf's parent class."""
-    clusters = {_field(c, "id"): c for c in getattr(result, "clusters", []) or []}
     hints: dict[str, set[str]] = {}
-    for rec in getattr(result, "recommendations", []) or []:
-        cluster = clusters.get(_field(rec, "cluster_id"))
-        name = _field(rec, "pattern")
+    for name, cluster in _recommended_clusters(result):
         path = (_field(cluster, "module_class") or "").split("/") if cluster is not None else [""]
         leaf = path[-2] if _is_block_pattern(name) and len(path) >= 2 else path[-1]
         if name and leaf:
@@ -206,13 +203,18 @@ def _is_block_pattern(name: str | None) -> bool:
 
 def _params_hints(result) -> dict[str, list[dict]]:
     """pattern name -> the params of its recommended clusters (what bench timed)."""
-    clusters = {_field(c, "id"): c for c in getattr(result, "clusters", []) or []}
     out: dict[str, list[dict]] = {}
-    for rec in getattr(result, "recommendations", []) or []:
-        cluster = clusters.get(_field(rec, "cluster_id"))
-        if cluster is not None and _field(rec, "pattern"):
-            out.setdefault(_field(rec, "pattern"), []).append(dict(_field(cluster, "pattern_params") or {}))
+    for name, cluster in _recommended_clusters(result):
+        if cluster is not None and name:
+            out.setdefault(name, []).append(dict(_field(cluster, "pattern_params") or {}))
     return out
+
+
+def _recommended_clusters(result):
+    """(pattern name, cluster or None) of each recommendation of a result (an AdvisorResult or its dict)."""
+    clusters = {_field(c, "id"): c for c in getattr(result, "clusters", []) or []}
+    for rec in getattr(result, "recommendations", []) or []:
+        yield _field(rec, "pattern"), clusters.get(_field(rec, "cluster_id"))
 
 
 def _eps_hints(result) -> dict[str, tuple[float, ...]]:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -132,9 +133,7 @@ def compile_regions(model, names: list[str], backend: Any = None, dynamic: bool 
             record = handle.classes.setdefault(name, _compiled.setdefault(name, CompiledClass(name)))
             record.instances.append(path)
             handle.forwards.append(_swap_forward(path, module, name, record, backend, dynamic, shared))
-        per_class: dict[type, int] = {}
-        for _, module, _ in targets:
-            per_class[type(module)] = per_class.get(type(module), 0) + 1
+        per_class = Counter(type(module) for _, module, _ in targets)
         limit_restore = _raise_recompile_limit(2 * max(per_class.values()) + 2) if per_class else None
         if limit_restore is not None:
             # the first forward is restored last (revert goes backwards, here and in patch's handle)
@@ -163,9 +162,7 @@ def _targets(model, wanted: list[str], handle: RegionalCompile) -> list[tuple[st
             handle.skipped.append(("*", f"{BLOCKS}: no nn.ModuleList of this model holds two modules of one class"))
         by_class.update({cls: BLOCKS for cls in blocks if cls not in by_class})
     total = sum(p.numel() for p in model.parameters()) or 1
-    instances: dict[type, int] = {}
-    for module in model.modules():
-        instances[type(module)] = instances.get(type(module), 0) + 1
+    instances = Counter(type(module) for module in model.modules())
     chosen: list[tuple[str, Any, str]] = []
     for path, module in model.named_modules():
         name = by_class.get(type(module).__name__)

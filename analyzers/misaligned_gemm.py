@@ -25,34 +25,30 @@ from fusion_advisor.core.result import Cluster, Estimate
 def misaligned_linear_clusters(col, units: Sequence, n_steps: int, params_from_linear: Callable) -> list[Cluster]:
     """col: the trace's OpColumns; units: its launching ops (chain_units.Unit), whose durations give
     the GEMMs' time; params_from_linear: padded_linear's (op record) -> params, or None."""
-    groups: dict[tuple, list[int]] = {}
-    params_of: dict[tuple, dict] = {}
+    groups: dict[tuple, tuple[dict, list[int]]] = {}   # (params, module class path) -> (params, rows)
     for row, name in enumerate(col.name):
         if name != "aten::linear" or col.backward[row]:
             continue
         record = col.record(row)
         params = params_from_linear(record)
-        if params is None:
-            continue
-        key = (json.dumps(params, sort_keys=True), record.module)
-        groups.setdefault(key, []).append(row)
-        params_of[key] = params
+        if params is not None:
+            groups.setdefault((json.dumps(params, sort_keys=True), record.module), (params, []))[1].append(row)
     if not groups:
         return []
-    top = {row: _top(col, row) for rows in groups.values() for row in rows}
+    linear_rows = {row for _, rows in groups.values() for row in rows}
     fwd_us: dict[int, float] = {}
     bwd_us: dict[int, float] = {}
     for u in units:
         if u.backward:
             f = col.fwd_row[u.op_row] if u.op_row >= 0 else -1
             owner = _top(col, int(f)) if f is not None and f >= 0 else None
-            if owner in top:
+            if owner in linear_rows:
                 bwd_us[owner] = bwd_us.get(owner, 0.0) + u.dur
-        elif u.top_row in top:
+        elif u.top_row in linear_rows:
             fwd_us[u.top_row] = fwd_us.get(u.top_row, 0.0) + u.dur
     out = []
-    for key, rows in groups.items():
-        params, module_path = params_of[key], key[1]
+    for key, (params, rows) in groups.items():
+        module_path = key[1]
         total = sum(fwd_us.get(r, 0.0) + bwd_us.get(r, 0.0) for r in rows)
         per_step = total / max(n_steps, 1)
         backward = any(r in bwd_us for r in rows)
