@@ -47,6 +47,12 @@ class ApplyPlan:
     replacements: dict[str, str] = field(default_factory=dict)
     estimates: list[str] = field(default_factory=list)   # applied without a measurement (--include-estimates)
 
+    def add_runtime(self, name: str, how: str) -> None:
+        """A runtime patch fusion_advisor.patch applies, and how --verify lists it (the first how stays)."""
+        if name not in self.runtime_patterns:
+            self.runtime_patterns.append(name)
+            self.replacements[name] = how
+
     @property
     def changed(self) -> list[FileRewrite]:
         """Files whose text changes (a rewrite that reproduces the file changes nothing)."""
@@ -179,9 +185,7 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
                 out.notes.append(f"#{rec.rank} {rec.title}: {where}, and {pattern.name} has no runtime swap for "
                                  f"{leaf or 'this code'}; not applied")
                 continue
-            if runtime.name not in out.runtime_patterns:
-                out.runtime_patterns.append(runtime.name)
-                out.replacements[runtime.name] = "runtime swap"
+            out.add_runtime(runtime.name, "runtime swap")
             if leaf and leaf not in out.runtime_modules.setdefault(runtime.name, []):
                 out.runtime_modules[runtime.name].append(leaf)   # swapped by structure: T5LayerNorm too
             out.notes.append(f"#{rec.rank} {rec.title}: {where}; patched at run time with "
@@ -236,18 +240,15 @@ def _plan_channels_last(rec, out: ApplyPlan, include_estimates: bool) -> None:
                          f"with --include-estimates (then --verify measures it)")
         return
     if channels_last.NAME not in out.runtime_patterns:
-        out.runtime_patterns.append(channels_last.NAME)
-        out.replacements[channels_last.NAME] = "runtime change (memory format)"
         out.estimates.append(channels_last.NAME)
+    out.add_runtime(channels_last.NAME, "runtime change (memory format)")
     out.notes.append(f"#{rec.rank} {rec.title}: applied at run time (fusion_advisor.patch: the model's 4-D weights "
                      f"and its 4-D inputs in torch.channels_last)")
 
 
 def _plan_compile(rec, choice: provider_choice.ProviderChoice, out: ApplyPlan) -> None:
     """A cluster whose provider is regional torch.compile: the runtime patch "compile:<ModuleClass>"."""
-    if choice.runtime_pattern not in out.runtime_patterns:
-        out.runtime_patterns.append(choice.runtime_pattern)
-        out.replacements[choice.runtime_pattern] = "runtime swap (regional torch.compile)"
+    out.add_runtime(choice.runtime_pattern, "runtime swap (regional torch.compile)")
     out.notes.append(f"#{rec.rank} {rec.title}: applied as regional torch.compile ({choice.runtime_pattern}, "
                      f"at run time: fusion_advisor.patch); the figures are in its provider line")
 
@@ -344,9 +345,7 @@ def _plan_module_swap(rec, cluster, out: ApplyPlan) -> bool:
         out.notes.append(f"#{rec.rank} {rec.title}: {leaf}'s forward is already swapped for {claimed}, which "
                          f"covers this chain too")
         return True
-    if rec.pattern not in out.runtime_patterns:
-        out.runtime_patterns.append(rec.pattern)
-        out.replacements[rec.pattern] = f"runtime swap ({leaf})"
+    out.add_runtime(rec.pattern, f"runtime swap ({leaf})")
     classes = out.runtime_modules.setdefault(rec.pattern, [])
     if leaf not in classes:
         classes.append(leaf)
