@@ -271,12 +271,11 @@ def _channels_last_recommendation(result: AdvisorResult, options: RoiOptions) ->
     share = layout.get("share_of_gpu_busy")
     if not isinstance(share, (int, float)) or share < MIN_TRANSPOSE_SHARE:
         return None
-    from fusion_advisor.report.base import fmt_us   # the reports' own format for a time
     us = float(layout["transpose_us_per_step"])
     return Recommendation(
         rank=0, cluster_id="", pattern=None,
         title=f"Convert the model and its inputs to channels_last: cuDNN transposed NCHW <-> NHWC around the "
-              f"convolutions, {fmt_us(us)} a step ({100 * share:.1f} % of the GPU's time)",
+              f"convolutions, {us:,.1f} µs a step ({100 * share:.1f} % of the GPU's time)",
         measured_saving_us_per_step=None, estimate_saving_us_per_step=us, confidence="estimate",
         roi=roi(us, "estimate", result, options), kind="channels_last",
         detail=(f"{layout.get('transposes_per_step', 0):g} transposes a step ({', '.join(layout.get('kernels') or [])}), "
