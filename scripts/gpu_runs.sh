@@ -22,13 +22,14 @@
 #          vs compile), then the zoo on families not yet measured at the current sizes (ZOO_MODELS:
 #          RoBERTa again first, its LM head now a padded_linear candidate), then the HF patching tests
 #          (TESTS_TIMEOUT=0 leaves them out, BENCH_TIMEOUT=0 the bench).
+# sweep:   bench_norms.py over issue 14's row lengths (bf16, 65,536 rows) within NORMS_TIMEOUT.
 # tune:    the conv nets' norms where they lost: bench_batch_norm.py (ResNet-50's BN -> ReLU shapes vs eager
 #          and compile, then its --sweep of batch_norm_core's tiles and splits) and bench_channel_norm.py
 #          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), cross_entropy's
 #          bench shapes (GPT-2's vocabulary among them: its backward recomputes since 2026-12-07), then the zoo
 #          (ZOO_MODELS, ZOO_BUDGET) with what is left of the window.
 set -uo pipefail
-usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|tune OUT_DIR"
+usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tune OUT_DIR"
 phase=${1:?$usage}
 out=$(realpath -m "${2:?$usage}")
 repo=$(pwd)
@@ -153,6 +154,14 @@ next)
         tests/apply/test_patching_batch_norm.py tests/kernels/test_rope.py -k "not hopper" >"$out/gpu-tests-new.txt" 2>&1
     echo "new tests: rc $?"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests-new.txt" | head; tail -2 "$out/gpu-tests-new.txt"
   fi
+  ;;
+sweep)
+  # issue 14's sweep, bf16 at 65,536 rows: every row length of the issue, forward and forward+backward,
+  # ours beside eager, torch.compile and Liger (NORMS_ARGS adds flags, e.g. --patterns or --n)
+  timeout ${NORMS_TIMEOUT:-560} python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 \
+      --time-budget $(( ${NORMS_TIMEOUT:-560} - 30 )) ${NORMS_ARGS:-} --out "$out/bench-norms-sweep.csv" \
+      >"$out/bench-norms-sweep.txt" 2>&1
+  echo "bench_norms sweep: rc $?"; tail -70 "$out/bench-norms-sweep.txt"
   ;;
 tune)
   timeout 150 python3 benchmarks/bench_batch_norm.py --out "$out/bench-batch-norm.csv" >"$out/bench-batch-norm.txt" 2>&1
