@@ -199,7 +199,7 @@ def bench_shape(pattern, params, device, providers, env, peak, rep_ms, warmup_ms
                                         rep_ms=rep_ms)
             memory = measure.measure_memory(work, fn, device)
             gbps = moved / (timing.p50_us * 1e-6) / 1e9
-            rows.append({**env, "pattern": pattern.name, "shape": "x".join(map(str, params.get("shape", []))),
+            rows.append({**env, "pattern": pattern.name, "shape": shape_of(params),
                          "dtype": params.get("dtype", ""), "pass": pass_, "provider": provider,
                          "p20_ms": round(timing.p20_us / 1e3, 5), "p50_ms": round(timing.p50_us / 1e3, 5),
                          "p80_ms": round(timing.p80_us / 1e3, 5), "gbps": significant(gbps),
@@ -222,8 +222,17 @@ def torch_reset() -> None:
     torch._dynamo.reset()
 
 
+def shape_of(params: dict) -> str:
+    """"65536x768" from a pattern's `shape`; a pattern sized by other params (padded_linear's tokens,
+    in_features, out_features) by those: "tokens=8192 in_features=768 out_features=50265"."""
+    if "shape" in params:
+        return "x".join(map(str, params["shape"]))
+    return " ".join(f"{k}={v}" for k, v in params.items() if isinstance(v, int) and not isinstance(v, bool)
+                    and k != "num_sms")
+
+
 def shape_text(params: dict) -> str:
-    return "x".join(map(str, params.get("shape", []))) + f" {params.get('dtype', '')}"
+    return f"{shape_of(params)} {params.get('dtype', '')}"
 
 
 def write_csv(rows: list[dict], path: str) -> None:

@@ -60,3 +60,13 @@ def test_only_picks_the_matching_shapes():
         {"tokens": 8192, "vocab": 50257}]
     with pytest.raises(SystemExit):
         bench_kernels.parse_args(["--only", "vocab"])
+
+
+def test_shape_column_names_patterns_sized_by_other_params():
+    # padded_linear's bench params have no "shape": its CSV rows on the H100 (2026-12-07) came out blank
+    bench_kernels = load_script("benchmarks/bench_kernels.py")
+    assert bench_kernels.shape_of({"shape": [65536, 768], "dtype": "bfloat16"}) == "65536x768"
+    params = {"tokens": 8192, "in_features": 768, "out_features": 50265, "bias": True, "dtype": "bfloat16",
+              "num_sms": 132}
+    assert bench_kernels.shape_of(params) == "tokens=8192 in_features=768 out_features=50265"
+    assert bench_kernels.shape_text(params).endswith(" bfloat16")
