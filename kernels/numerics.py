@@ -79,7 +79,7 @@ def compare(reference: Callable[..., Any], candidate: Callable[..., Any], inputs
         if c.shape != r.shape or c.dtype != r.dtype:
             return NumericsResult(False, f"forward output {k} is {tuple(c.shape)} {c.dtype}, "
                                          f"the reference's {tuple(r.shape)} {r.dtype}")
-        failure = _judge(c, r, tolerance(tol_dtype), f"forward output {k}", lambda k=k: truth.output(k))
+        failure = judge(c, r, tolerance(tol_dtype), f"forward output {k}", lambda k=k: truth.output(k))
         if failure:
             return NumericsResult(False, failure)
     if not backward or not inputs.grad_inputs:
@@ -103,7 +103,7 @@ def compare(reference: Callable[..., Any], candidate: Callable[..., Any], inputs
                                          f"{'candidate' if gc is None else 'reference'}")
         reduced = reduced_grads is None or i in reduced_grads
         rows = reduced_rows(inputs, i) if reduced else 1
-        failure = _judge(gc, gr, tolerance(tol_dtype, rows), f"grad of input {i}", lambda i=i: truth.grad(i))
+        failure = judge(gc, gr, tolerance(tol_dtype, rows), f"grad of input {i}", lambda i=i: truth.grad(i))
         if failure:
             return NumericsResult(False, failure)
     return NumericsResult(True, "ok")
@@ -166,7 +166,7 @@ class _Float64Reference:
             return None
 
 
-def _judge(actual: torch.Tensor, expected: torch.Tensor, tol: dict, what: str, truth) -> str | None:
+def judge(actual: torch.Tensor, expected: torch.Tensor, tol: dict, what: str, truth) -> str | None:
     failure = _mismatch(actual, expected, tol, what)
     if failure is None or actual.isnan().any() or expected.isnan().any():
         return failure
