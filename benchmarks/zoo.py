@@ -57,7 +57,7 @@ COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family"
            "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "baseline_spread", "gpu_busy_share",
            "eager_gpu_ms", "patched_gpu_ms", "applied_gpu_ms", "compile_gpu_ms", "why_slower", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
            "compile_speedup", "applied_speedup", "share_of_compile_gain", "beats_compile", "losses_match",
-           "replacements", "regional_compile_s", "providers", "profile_wall_s", "verify_wall_s", "compile_wall_s", "error"]
+           "replacements", "not_applied_why", "regional_compile_s", "providers", "profile_wall_s", "verify_wall_s", "compile_wall_s", "error"]
 
 
 @dataclass(frozen=True)
@@ -335,6 +335,17 @@ def replacements_text(after: dict, verification: dict | None = None) -> str:
     return "; ".join(f"{k} ({n} swapped)" for k, n in sorted(swaps.items()))
 
 
+def not_applied_text(verification: dict | None, limit: int = 200) -> str:
+    """Why each planned replacement that did not run did not: verify's `why` of its rows whose status
+    is not "ran" ("padded_linear: numerics check failed: ..."), each cut at `limit` characters. The
+    apply report holds the whole text, but only the CSV comes back from every GPU run."""
+    rows = (verification or {}).get("replacements")
+    if not isinstance(rows, list):
+        return ""
+    return "; ".join(f"{r.get('name', '?')}: {str(r.get('why') or r.get('status') or '?')[:limit]}"
+                     for r in rows if isinstance(r, dict) and r.get("status") != "ran")
+
+
 def providers_text(providers) -> str:
     out = []
     for c in providers or []:
@@ -385,6 +396,7 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
             if v:
                 eager, applied = v.get("before") or {}, v.get("after") or {}
                 row["replacements"] = replacements_text(applied, v)
+                row["not_applied_why"] = not_applied_text(v)
                 applied = _advisor_configuration(row, v)
                 if seconds := _compile_seconds(applied):
                     row["regional_compile_s"] = seconds

@@ -208,3 +208,16 @@ def test_zoo_table_takes_the_newest_row_at_the_current_sizes(tmp_path):
     assert "| llama | bf16 | 40.00 ms | 20.00 ms (2.00×) | patched + compiled blocks: 21.00 ms (1.90×) | 95% |" in text
     assert "median share of compile's gain 95%" in text and "Not measured at these sizes yet: " in text
     assert zoo_table.main([str(tmp_path / "absent.csv")]) == 2
+
+
+def test_not_applied_says_why_each_planned_replacement_did_not_run():
+    # RoBERTa, BART and Whisper's padded_linear read "refused" on the H100 (2026-12-07) and the reason
+    # stayed in an apply report that did not come back: the CSV now carries it
+    rows = [{"name": "rms_norm", "status": "ran", "calls_per_step": 9.0, "why": ""},
+            {"name": "padded_linear", "status": "refused", "calls_per_step": 0.0,
+             "why": "numerics check failed: input grad " + "x" * 300},
+            {"name": "rope", "status": "never called", "calls_per_step": 0.0, "why": ""}]
+    text = zoo.not_applied_text({"replacements": rows}, limit=40)
+    assert text == "padded_linear: numerics check failed: input grad xxxxxx; rope: never called"
+    assert zoo.not_applied_text(None) == "" and zoo.not_applied_text({"replacements": "?"}) == ""
+    assert "not_applied_why" in zoo.COLUMNS
