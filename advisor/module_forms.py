@@ -169,12 +169,14 @@ def norm_builders(pattern: str, parts: NormParts) -> list[NormCandidate]:
     if parts.weight is None:
         return [NormCandidate(f"eps={e:g}, no weight", lambda m, e=e: unweighted_layer_norm_module(norm_parts(m).features, e))
                 for e in parts.eps]
-    from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm
+    from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm, output_layout_of
     last_dim = [NormCandidate(f"eps={e:g}", lambda m, e=e: layer_norm_module(norm_parts(m).weight,
                                                                              norm_parts(m).bias, e))
                 for e in parts.eps]
     over_channels = [NormCandidate(f"eps={e:g}, over dim 1 of {probe.upper()}",
-                                   lambda m, e=e: ChannelsFirstLayerNorm(norm_parts(m).weight, norm_parts(m).bias, e),
+                                   lambda m, e=e: ChannelsFirstLayerNorm(
+                                       norm_parts(m).weight, norm_parts(m).bias, e,
+                                       output_layout_of(m, norm_parts(m).weight.shape[0])),
                                    probe)
                      for probe in (("nchw",) if parts.channels_first else ("nchw", "ncl")) for e in parts.eps]
     return over_channels if parts.channels_first else last_dim + over_channels
@@ -209,7 +211,7 @@ def norm_probe(features: int, dtype: torch.dtype, device: torch.device, shape_hi
     return ((torch.randn(shape, device=device) + offsets) * scales).to(dtype)
 
 
-def check_norm(twin: nn.Module, replacement: nn.Module, x: torch.Tensor) -> str | None:
+def check_norm(twin: nn.Module, replacement: nn.Module, x: torch.Tensor, channels_first: bool = False) -> str | None:
     """None when `replacement` (built on `twin`'s weight and bias) matches twin's own forward on x:
     output, and the gradients of x, weight and bias, by kernels/numerics.py's rule (the tolerance
     table; where eager's own bf16/fp16 rounding is the larger error, as in a norm's dx where its
@@ -234,7 +236,32 @@ def check_norm(twin: nn.Module, replacement: nn.Module, x: torch.Tensor) -> str 
     inputs = Inputs((x.detach().requires_grad_(True), *params), grad_inputs=tuple(range(1 + len(params))))
     with torch.enable_grad():
         verdict = compare(reference, candidate, inputs)
-    return None if verdict.ok else verdict.detail.strip().splitlines()[0]
+    if not verdict.ok:
+        return verdict.detail.strip().splitlines()[0]
+    return layout_mismatch(twin, replacement, x, channels_first)
+
+
+def layout_mismatch(original: nn.Module, replacement: nn.Module, x: torch.Tensor,
+                    channels_first: bool = False) -> str | None:
+    """Why the replacement's output is laid out otherwise than the original's on x (and, for a norm
+    over dim 1 of an (N, C, *spatial) x, on x in channels_last order too), or None. The values can match and the step
+    still lose: a convolution after it picks its kernels by its input's memory order (ConvNeXt's
+    depthwise convs ran 52 ms a step slower on the H100 zoo behind a norm that returned NCHW where
+    Hugging Face's returns channels_last)."""
+    probes = [x, x.movedim(1, -1).contiguous().movedim(-1, 1)] if channels_first else [x]
+    with torch.no_grad():
+        for probe in probes:
+            want, got = original(probe), replacement(probe)
+            if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)) or want.shape != got.shape:
+                continue
+            if any(a != b for a, b, n in zip(want.stride(), got.stride(), want.shape) if n > 1):
+                order = "contiguous" if probe.is_contiguous() else "channels_last"
+                return (f"its output's strides {tuple(got.stride())} are not the module's {tuple(want.stride())} "
+                        f"(a {order} input): the layers after it would run other kernels")
+    return None
+
+
+
 
 
 # -- pointwise chains -----------------------------------------------------------------------------

@@ -429,7 +429,7 @@ class _ModuleSwapper:
             else:   # no weight to read the row length off: its normalized_shape, else any, in the model's dtype
                 features, dtype, device = parts.features or UNWEIGHTED_PROBE_FEATURES, self.dtype, self.device
             x = norm_probe(features, dtype, device, self.shape_hint, candidate.probe)
-            return check_norm(twin, candidate.build(twin), x)
+            return check_norm(twin, candidate.build(twin), x, channels_first=candidate.probe != "rows")
         except Exception as exc:  # e.g. a CPU tensor for a CUDA-only kernel, a module that cannot be copied
             return one_line(exc)
 

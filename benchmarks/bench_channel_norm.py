@@ -137,16 +137,16 @@ def sweep(batch: int, dtype, device=None) -> int:
             dy = torch.randn_like(x)
             copy_bw = copy_bandwidth(x)
             block_c = next_power_of_2(channels)
-            _, mean, rstd = cn.channel_norm_fwd(x, w, b, 1e-6)
+            _, mean, rstd = cn.channel_norm_fwd(x, w, b, 1e-6, False)
             for pass_, tile, nbytes, call in (
-                    ("forward", cn.FWD_TILE, 2, lambda: cn.channel_norm_fwd(x, w, b, 1e-6)),
+                    ("forward", cn.FWD_TILE, 2, lambda: cn.channel_norm_fwd(x, w, b, 1e-6, False)),
                     ("backward", cn.BWD_TILE, 3, lambda: cn.channel_norm_bwd(dy, x, w, b, mean, rstd))):
                 chosen = default_blocks(channels, size * size, tile)
                 for block_s in (4, 8, 16, 32, 64, 128):
                     for warps in (2, 4, 8, 16):
                         if block_c * block_s > 32768 or block_c * block_s < 32 * warps:
                             continue
-                        cn._blocks = lambda c, s, t, cfg=(block_c, block_s, warps): cfg
+                        cn._blocks = lambda c, s, t, orders=(False,), cfg=(block_c, block_s, warps): cfg
                         t = time_calls([call], device)
                         pct = 100 * nbytes * x.numel() * x.element_size() / (t.p50_us * 1e-6) / copy_bw
                         star = " *" if (block_c, block_s, warps) == chosen else ""

@@ -38,15 +38,24 @@ MAX_CHANNELS = 4096   # one tile holds every channel of its positions: past this
 
 
 @triton.jit
+def _offsets(n, c, s, C, S, CHANNELS_LAST: tl.constexpr):
+    """[BLOCK_C, BLOCK_S] element offsets of sample n's channels c at positions s: in (N, C, S)
+    memory, or in (N, S, C) memory (channels_last) where a position's C values lie together."""
+    base = n.to(tl.int64) * C * S
+    if CHANNELS_LAST:
+        return base + c.to(tl.int64)[:, None] + s.to(tl.int64)[None, :] * C
+    return base + c.to(tl.int64)[:, None] * S + s[None, :]
+
+
+@triton.jit
 def _channel_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, C, S, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, X_CL: tl.constexpr, Y_CL: tl.constexpr):
     s_blocks = tl.cdiv(S, BLOCK_S)
     n = tl.program_id(0) // s_blocks
     s = (tl.program_id(0) % s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.arange(0, BLOCK_C)
     mask = (c < C)[:, None] & (s < S)[None, :]
-    offs = n.to(tl.int64) * C * S + c.to(tl.int64)[:, None] * S + s[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + _offsets(n, c, s, C, S, X_CL), mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / C
     xc = tl.where(mask, x - mean[None, :], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
@@ -55,7 +64,7 @@ def _channel_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, C, S, eps, HAS_WEIGHT: tl.c
         y = y * tl.load(W + c, mask=c < C, other=1.0).to(tl.float32)[:, None]
     if HAS_BIAS:
         y = y + tl.load(B + c, mask=c < C, other=0.0).to(tl.float32)[:, None]
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + _offsets(n, c, s, C, S, Y_CL), y.to(Y.dtype.element_ty), mask=mask)
     stats = n.to(tl.int64) * S + s
     tl.store(MEAN + stats, mean, mask=s < S)
     tl.store(RSTD + stats, rstd, mask=s < S)
@@ -63,7 +72,8 @@ def _channel_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, C, S, eps, HAS_WEIGHT: tl.c
 
 @triton.jit
 def _channel_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, N, C, S, HAS_WEIGHT: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                             DY_CL: tl.constexpr, X_CL: tl.constexpr):
     pid = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -78,10 +88,10 @@ def _channel_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, N
         n = tile // s_blocks
         s = (tile % s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s < S)[None, :]
-        offs = n.to(tl.int64) * C * S + c.to(tl.int64)[:, None] * S + s[None, :]
+        x_offs = _offsets(n, c, s, C, S, X_CL)   # dx is written in x's layout
         stats = n.to(tl.int64) * S + s
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + _offsets(n, c, s, C, S, DY_CL), mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + stats, mask=s < S, other=0.0)
         rstd = tl.load(RSTD + stats, mask=s < S, other=0.0)
         x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
@@ -89,7 +99,7 @@ def _channel_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, N
         c1 = tl.sum(g, axis=0) / C
         c2 = tl.sum(g * x_hat, axis=0) / C
         dx = rstd[None, :] * (g - c1[None, :] - x_hat * c2[None, :])
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + x_offs, dx.to(DX.dtype.element_ty), mask=mask)
         dw_acc += tl.sum(dy * x_hat, axis=1)
         db_acc += tl.sum(dy, axis=1)
     if HAS_WEIGHT:
@@ -98,12 +108,20 @@ def _channel_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, N
         tl.store(DB_PARTIAL + pid * C + c, db_acc, mask=c_mask)
 
 
-def _blocks(channels: int, positions: int, tile: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_S, num_warps): every channel, positions up to `tile` elements a program but
-    at least 16 (32 bytes of bf16 a channel row; 4 past 1024 channels, where 16 spilled), never
-    more than there are; 16 warps where that minimum is past the tile."""
+def _blocks(channels: int, positions: int, tile: int, orders: tuple[bool, ...] = (False,)) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_S, num_warps): every channel, positions up to `tile` elements a program, never
+    more than there are; 16 warps where the minimum below is past the tile. `orders`: channels_last
+    of each tensor the kernel reads or writes. A tensor in (N, C, S) order needs at least 16 positions
+    (32 bytes of bf16 a channel row; 4 past 1024 channels, where 16 spilled; 8 at 1024 where one of
+    the others is channels_last: ptxas's sm_90 report spilled 144 bytes in the backward at 16); in
+    channels_last order every tensor's tile is whole rows of C and any count does."""
     block_c = next_power_of_2(channels)
-    least = 16 if block_c <= 1024 else 4
+    if all(orders):
+        least = 1
+    elif any(orders):
+        least = 16 if block_c < 1024 else 8 if block_c == 1024 else 4
+    else:
+        least = 16 if block_c <= 1024 else 4
     block_s = min(max(least, tile // block_c), next_power_of_2(max(positions, 1)))
     elements = block_c * block_s
     return block_c, block_s, 16 if elements > tile else 8 if elements >= 4096 else 4
@@ -122,36 +140,61 @@ def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch
             raise ValueError(f"{op}: {name} shape {list(p.shape)} is not ({x.shape[1]},)")
 
 
+def channels_last(t: torch.Tensor) -> bool:
+    """Is (N, C, *spatial) t laid out with each position's C values together (torch.channels_last
+    for 4-D; the same order for any rank), and dense?"""
+    return t.dim() >= 3 and t.shape[1] > 1 and t.movedim(1, -1).is_contiguous() and not t.is_contiguous()
+
+
+def _dense(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(t, channels_last(t)) where t is dense in either layout, else (t.contiguous(), False)."""
+    if t.is_contiguous():
+        return t, False
+    if channels_last(t):
+        return t, True
+    return t.contiguous(), False
+
+
+def _empty(shape, dtype, device, channels_last_memory: bool) -> torch.Tensor:
+    """A new (N, C, *spatial) tensor, in channels_last memory order or contiguous."""
+    if channels_last_memory:
+        return torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device=device).movedim(-1, 1)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def channel_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher: (y, mean, rstd); y contiguous in x's shape and dtype, the statistics fp32 per (n, position)."""
+                     eps: float, out_channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher: (y, mean, rstd); y in x's shape and dtype, in channels_last memory order if
+    `out_channels_last` else contiguous; the statistics fp32 per (n, position). x is read where it
+    lies if it is dense in either order."""
     _check(x, weight, bias)
-    x = x.contiguous()
+    x, x_cl = _dense(x)
     n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    y = torch.empty_like(x)
+    y = _empty(x.shape, x.dtype, x.device, out_channels_last)
     mean = torch.empty(n * s, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n * s, dtype=torch.float32, device=x.device)
     if y.numel():
-        block_c, block_s, warps = _blocks(c, s, FWD_TILE)
+        block_c, block_s, warps = _blocks(c, s, FWD_TILE, (x_cl, out_channels_last))
         _channel_norm_fwd_kernel[(n * cdiv(s, block_s),)](
             x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, c, s, eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-            num_warps=warps)
+            X_CL=x_cl, Y_CL=out_channels_last, num_warps=warps)
     return y, mean, rstd
 
 
 def channel_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                      mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher: (dx, dweight, dbias); a missing parameter's gradient is an empty tensor."""
-    dy, x = dy.contiguous(), x.contiguous()
+    """Launcher: (dx, dweight, dbias); dx in x's memory order (x as the forward saved it: dense);
+    a missing parameter's gradient is an empty tensor."""
+    (dy, dy_cl), (x, x_cl) = _dense(dy), _dense(x)
     n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    dx = torch.empty_like(x)
+    dx = _empty(x.shape, x.dtype, x.device, x_cl)
     dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     if not x.numel():
         dw.zero_(), db.zero_()
         return dx, dw, db
-    block_c, block_s, warps = _blocks(c, s, BWD_TILE)
+    block_c, block_s, warps = _blocks(c, s, BWD_TILE, (dy_cl, x_cl))
     tiles = n * cdiv(s, block_s)
     programs = min(tiles, 4 if interpreting() or x.device.type != "cuda" else 2 * sm_count(x.device))
     n_params = int(weight is not None) + int(bias is not None)
@@ -160,7 +203,7 @@ def channel_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     _channel_norm_bwd_kernel[(programs,)](
         dy, x, x if weight is None else weight, mean, rstd, dx, dw_partial, db_partial, n, c, s,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-        num_warps=warps)
+        DY_CL=dy_cl, X_CL=x_cl, num_warps=warps)
     if n_params:
         block = max(32, min(256, next_power_of_2(c)))
         norm_core._norm_param_grads_kernel[(cdiv(c, block),)](
@@ -170,21 +213,25 @@ def channel_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     return dx, dw, db
 
 
-def _forward_fake(x, weight, bias, eps):
+def _forward_fake(x, weight, bias, eps, out_channels_last):
     stats = x.new_empty((x.shape[0] * math.prod(x.shape[2:]),), dtype=torch.float32)
-    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+    return _empty(x.shape, x.dtype, x.device, out_channels_last), stats, stats.new_empty(stats.shape)
+
+
+def _backward_fake(dy, x, weight, bias, mean, rstd):
+    return _empty(x.shape, x.dtype, x.device, _dense(x)[1]), *norm_core.fake_param_grads(mean, weight, bias)
 
 
 # The calls count as layer_norm's: the module it replaces is a LayerNorm, planned under that name.
 _forward = fused_op("fusion_advisor::channel_norm_fwd", fake=_forward_fake, counted_as="layer_norm")(channel_norm_fwd)
-_backward = fused_op("fusion_advisor::channel_norm_bwd", fake=lambda dy, x, weight, bias, mean, rstd: (
-    x.new_empty(x.shape), *norm_core.fake_param_grads(mean, weight, bias)))(channel_norm_bwd)
+_backward = fused_op("fusion_advisor::channel_norm_bwd", fake=_backward_fake)(channel_norm_bwd)
 
 
 class ChannelNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = _forward(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, out_channels_last):
+        x = _dense(x)[0]
+        y, mean, rstd = _forward(x, weight, bias, eps, out_channels_last)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return y
 
@@ -192,34 +239,67 @@ class ChannelNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dw, db = _backward(dy, x, weight, bias, mean, rstd)
-        return dx, dw if weight is not None else None, db if bias is not None else None, None
+        return dx, dw if weight is not None else None, db if bias is not None else None, None, None
+
+
+OUTPUT_LAYOUTS = ("channels_last", "contiguous", "like_input")
 
 
 def channels_first_layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                              bias: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
+                              bias: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                              output_layout: str = "channels_last") -> torch.Tensor:
     """LayerNorm of (N, C, *spatial) x over C, forward and backward: `F.layer_norm(x.movedim(1, -1),
-    (C,), weight, bias, eps).movedim(-1, 1)`, returned contiguous; inside torch.autocast it casts
-    where eager's autocast casts layer_norm."""
+    (C,), weight, bias, eps).movedim(-1, 1)`; inside torch.autocast it casts where eager's autocast
+    casts layer_norm. `output_layout`: the memory order of the result, as the module replaced returns
+    it: "channels_last" (that code's: the permuted layer_norm output, whatever x's order),
+    "contiguous", or "like_input" (a norm written as means over dim 1 keeps x's order). Why it
+    matters: a convolution after it picks its kernels by this order; ConvNeXt's depthwise convs on
+    NCHW bf16 ran PyTorch's own kernels, 52 ms a step slower on the H100 zoo, when this returned
+    contiguous where Hugging Face's returns channels_last."""
+    if output_layout not in OUTPUT_LAYOUTS:
+        raise ValueError(f"output_layout {output_layout!r}: expected one of {', '.join(OUTPUT_LAYOUTS)}")
     if autocast.upcasts("aten::layer_norm", x, weight, bias):
         x, weight, bias = autocast.to_fp32(x, weight, bias)
-    return ChannelNormFunction.apply(x, weight, bias, float(eps))
+    out_cl = output_layout == "channels_last" or (output_layout == "like_input" and channels_last(x))
+    return ChannelNormFunction.apply(x, weight, bias, float(eps), out_cl)
+
+
+def output_layout_of(module: torch.nn.Module, channels: int) -> str:
+    """Which OUTPUT_LAYOUTS the module's own forward follows, asked of it on a (2, channels, 3, 2)
+    input in each memory order (in its weight's dtype and device). "channels_last" if it cannot be run."""
+    weight = getattr(module, "weight", None)
+    dtype, device = (weight.dtype, weight.device) if isinstance(weight, torch.Tensor) else (torch.float32, "cpu")
+    x = torch.randn(2, channels, 3, 2, dtype=dtype, device=device)
+    try:
+        with torch.no_grad():
+            from_contiguous = channels_last(module(x))
+            from_channels_last = channels_last(module(x.to(memory_format=torch.channels_last)))
+    except Exception:   # a module this probe cannot run: its check (which runs it) says why
+        return "channels_last"
+    if from_contiguous:
+        return "channels_last"
+    return "like_input" if from_channels_last else "contiguous"
 
 
 class ChannelsFirstLayerNorm(torch.nn.Module):
     """Drop-in for a LayerNorm over dim 1 of (N, C, *spatial) inputs (ConvNeXt's channels_first
-    ConvNextLayerNorm): the wrapped module's weight, bias and eps (shared, not copied)."""
+    ConvNextLayerNorm): the wrapped module's weight, bias and eps (shared, not copied), its output
+    in the memory order the wrapped module returns (`output_layout_of`)."""
 
-    def __init__(self, weight: Optional[torch.nn.Parameter], bias: Optional[torch.nn.Parameter], eps: float):
+    def __init__(self, weight: Optional[torch.nn.Parameter], bias: Optional[torch.nn.Parameter], eps: float,
+                 output_layout: str = "channels_last"):
         super().__init__()
-        self.weight, self.bias, self.eps = weight, bias, float(eps)
+        self.weight, self.bias, self.eps, self.output_layout = weight, bias, float(eps), output_layout
 
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> "ChannelsFirstLayerNorm":
-        return cls(getattr(module, "weight", None), getattr(module, "bias", None), getattr(module, "eps", 1e-6))
+        weight = getattr(module, "weight", None)
+        layout = output_layout_of(module, weight.shape[0]) if isinstance(weight, torch.Tensor) else "channels_last"
+        return cls(weight, getattr(module, "bias", None), getattr(module, "eps", 1e-6), layout)
 
     def forward(self, x):
-        return channels_first_layer_norm(x, self.weight, self.bias, self.eps)
+        return channels_first_layer_norm(x, self.weight, self.bias, self.eps, self.output_layout)
 
     def extra_repr(self) -> str:
         channels = tuple(self.weight.shape) if self.weight is not None else "?"
-        return f"{channels}, eps={self.eps}, over dim 1 (fused Triton)"
+        return f"{channels}, eps={self.eps}, over dim 1, output {self.output_layout} (fused Triton)"

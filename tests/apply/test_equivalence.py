@@ -60,3 +60,22 @@ def test_a_wrong_weight_gradient_fails_in_fp32():
     reason = check_equivalent(original, NoWeightGrad(original))
     assert reason is not None and reason.startswith("grad of weight")
     assert check_equivalent(original, nn.Linear(32, 16)) is not None   # other weights: not the same function
+
+
+def test_a_norm_whose_output_is_laid_out_otherwise_is_refused(device):
+    """Values equal, memory order not: Hugging Face's channels_first ConvNextLayerNorm returns
+    channels_last; a replacement returning NCHW made ConvNeXt's depthwise convs 52 ms a step slower
+    on the H100 zoo (2026-12-07), so the check refuses it, and the module form keeps the order."""
+    import pytest
+    modeling = pytest.importorskip("transformers.models.convnext.modeling_convnext")
+    from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm
+    from fusion_advisor.module_forms import check_norm, norm_builders, norm_parts, norm_probe, redrawn_copy
+
+    norm = redrawn_copy(modeling.ConvNextLayerNorm(24, eps=1e-6, data_format="channels_first").to(device))
+    x = norm_probe(24, torch.float32, device, layout="nchw")
+    nchw = ChannelsFirstLayerNorm(norm.weight, norm.bias, 1e-6, "contiguous")
+    reason = check_norm(norm, nchw, x, channels_first=True)
+    assert reason is not None and "strides" in reason and "other kernels" in reason
+    (candidate,) = norm_builders("layer_norm", norm_parts(norm))
+    built = candidate.build(norm)
+    assert built.output_layout == "channels_last" and check_norm(norm, built, x, channels_first=True) is None

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm, channels_first_layer_norm
+from fusion_advisor.kernels.channel_norm import (ChannelsFirstLayerNorm, channels_first_layer_norm, channels_last,
+                                                 output_layout_of)
 from fusion_advisor.kernels.numerics import compare
 from fusion_advisor.kernels.registry import Inputs
 from fusion_advisor.kernels.tolerances import tolerance
@@ -33,13 +34,74 @@ def test_matches_convnext_channels_first(shape, dtype, affine, device):
                     {"eps": 1e-6}, grad_inputs=grads)
     result = compare(eager, channels_first_layer_norm, inputs, reduced_grads=(1, 2))
     assert result.ok, result.detail
-    assert channels_first_layer_norm(x.detach(), *params).is_contiguous()
+    # the memory order eager's permuted layer_norm returns (channels_last), from either order of x
+    for xi in (x.detach(), x.detach().movedim(1, -1).contiguous().movedim(-1, 1)):
+        assert same_strides(channels_first_layer_norm(xi, *params), eager(xi, *params))
+
+
+def same_strides(a, b):
+    """Equal strides on every dim longer than 1 (a dim of size 1 may have any stride)."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
 def test_a_permuted_input_is_read_as_its_values(device):
     x = torch.randn(2, 5, 6, 24, device=device).permute(0, 3, 1, 2)   # channels-last memory, NCHW view
     w, b = torch.randn(24, device=device), torch.randn(24, device=device)
     torch.testing.assert_close(channels_first_layer_norm(x, w, b, 1e-5), eager(x, w, b, 1e-5))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "like_input"])
+def test_each_memory_order_in_and_out_forward_and_backward(layout, device):
+    """x and the upstream gradient in either memory order, the output in each requested one: the values
+    and gradients of eager's, the output and dx in the promised orders."""
+    torch.manual_seed(0)
+    w, b = 1 + 0.3 * torch.randn(24, device=device), 0.1 * torch.randn(24, device=device)
+    for x_cl in (False, True):
+        for dy_cl in (False, True):
+            x = torch.randn(2, 24, 5, 3, device=device)
+            x = x.to(memory_format=torch.channels_last) if x_cl else x
+            dy = torch.randn(2, 24, 5, 3, device=device)
+            dy = dy.to(memory_format=torch.channels_last) if dy_cl else dy
+            xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+            ws, bs = [w.clone().requires_grad_() for _ in xs], [b.clone().requires_grad_() for _ in xs]
+            want = eager(xs[0], ws[0], bs[0], 1e-6)
+            got = channels_first_layer_norm(xs[1], ws[1], bs[1], 1e-6, layout)
+            promised = layout == "channels_last" or (layout == "like_input" and x_cl)
+            assert channels_last(got) == promised and got.is_contiguous() != promised
+            want.backward(dy), got.backward(dy)
+            torch.testing.assert_close(got, want, **tolerance(torch.float32))
+            for g, e in ((xs[1].grad, xs[0].grad), (ws[1].grad, ws[0].grad), (bs[1].grad, bs[0].grad)):
+                torch.testing.assert_close(g, e, **tolerance(torch.float32, 30))
+            assert channels_last(xs[1].grad) == x_cl    # dx in x's order
+
+
+def test_the_module_returns_the_order_the_module_it_replaces_returns(device):
+    class MeanOverChannels(torch.nn.Module):   # ConvNeXt's original code: means over dim 1 keep x's order
+        def __init__(self, c):
+            super().__init__()
+            self.weight, self.bias, self.eps = torch.nn.Parameter(torch.ones(c)), torch.nn.Parameter(torch.zeros(c)), 1e-6
+
+        def forward(self, x):
+            u = x.mean(1, keepdim=True)
+            s = (x - u).pow(2).mean(1, keepdim=True)
+            return self.weight[:, None, None] * ((x - u) / torch.sqrt(s + self.eps)) + self.bias[:, None, None]
+
+    class Contiguous(MeanOverChannels):
+        def forward(self, x):
+            return super().forward(x).contiguous()
+
+    modeling = pytest.importorskip("transformers.models.convnext.modeling_convnext")
+    hf = modeling.ConvNextLayerNorm(16, eps=1e-6, data_format="channels_first").to(device)
+    assert output_layout_of(hf, 16) == "channels_last"
+    assert output_layout_of(MeanOverChannels(16).to(device), 16) == "like_input"
+    assert output_layout_of(Contiguous(16).to(device), 16) == "contiguous"
+    for module in (hf, MeanOverChannels(16).to(device), Contiguous(16).to(device)):
+        fused = ChannelsFirstLayerNorm.from_module(module)
+        for x in (torch.randn(2, 16, 4, 4, device=device), torch.randn(2, 16, 4, 4, device=device).to(
+                memory_format=torch.channels_last)):
+            want, got = module(x), fused(x)
+            torch.testing.assert_close(got, want, **tolerance(torch.float32))
+            assert same_strides(got, want), (type(module).__name__, got.stride(), want.stride())
 
 
 def test_under_autocast_it_returns_what_eager_returns(device):
@@ -79,11 +141,14 @@ def test_registers_fit_and_nothing_spills_at_convnext_channel_counts():
              "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "eps": "fp32"}
     cases = []
     for channels in (96, 384, 768, 1536):
-        for kernel, tile in (("_channel_norm_fwd_kernel", cn.FWD_TILE), ("_channel_norm_bwd_kernel", cn.BWD_TILE)):
-            block_c, block_s, warps = cn._blocks(channels, 56 * 56, tile)
-            cases.append({"module": "fusion_advisor.kernels.channel_norm", "kernel": kernel, "types": types,
-                          "constexprs": {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_C": block_c, "BLOCK_S": block_s},
-                          "num_warps": warps, "unaligned": ["eps"]})
+        for kernel, tile, orders in (("_channel_norm_fwd_kernel", cn.FWD_TILE, ("X_CL", "Y_CL")),
+                                     ("_channel_norm_bwd_kernel", cn.BWD_TILE, ("DY_CL", "X_CL"))):
+            for cl in ((False, False), (False, True), (True, False), (True, True)):
+                block_c, block_s, warps = cn._blocks(channels, 56 * 56, tile, cl)
+                cases.append({"module": "fusion_advisor.kernels.channel_norm", "kernel": kernel, "types": types,
+                              "constexprs": {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_C": block_c,
+                                             "BLOCK_S": block_s, **dict(zip(orders, cl))},
+                              "num_warps": warps, "unaligned": ["eps"]})
     for case, (regs, stack) in zip(cases, sm90_resources(cases)):
         assert stack == 0, (case, stack)
         assert regs * 32 * case["num_warps"] <= 65536, (case, regs)
