@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from fusion_advisor import measure
+from fusion_advisor.kernels import autocast
 from fusion_advisor.cost_model.timing import Timing, time_calls
 from fusion_advisor.core.errors import AdvisorError, EnvironmentProblem
 from fusion_advisor.core.result import (FORWARD, FORWARD_BACKWARD, AdvisorResult, Benchmark, ProviderTiming,
@@ -137,7 +138,13 @@ def _bench_cluster(cluster, result, registry, device, options, graphs, cache) ->
     launch_bound = result.host_counts()
     key = (pattern.name, params_key(params), backward, graphs)
     if key not in cache:
-        cache[key] = _bench_pattern(pattern, params, device, backward, options, graphs, launch_bound)
+        region = autocast.traced_region(pattern.autocast_op, params, device.type)
+        with region:
+            cache[key] = _bench_pattern(pattern, params, device, backward, options, graphs, launch_bound)
+        if isinstance(region, torch.autocast):
+            for b in cache[key]:
+                b.reason = "; ".join(filter(None, [b.reason, f"timed inside torch.autocast({device.type!r}, "
+                                                             f"{params['dtype']}), as the trace ran it"]))
     return [dataclasses.replace(b, cluster_id=cluster.id, params=dict(cluster.pattern_params),
                                 measured=dict(b.measured), numerics_by_provider=dict(b.numerics_by_provider))
             for b in cache[key]]

@@ -165,6 +165,7 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
 PATTERN = register_pattern(
     __name__,
     description="residual add + LayerNorm as one Triton kernel each way (returns the new residual too)",
+    autocast_op="aten::layer_norm",
     forward_signature=r"(?:^| )add (?:native_)?layer_norm(?= |$)",
     # No module swap (no `modules`): the add lives in the caller's forward, so this needs a source patch.
     example_params=ln.PATTERN.example_params,  # the norm's shapes

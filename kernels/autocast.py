@@ -80,6 +80,18 @@ def _upcast_when_enabled(op: str, device_type: str, dtypes) -> bool:
     return _has_autocast_kernel(op, device_type) and any(d in _BELOW_FP32 for d in dtypes)
 
 
+def traced_region(op: str, params: dict, device_type: str):
+    """torch.autocast(device_type, the input's dtype) where a traced op's params say it ran inside
+    autocast: a bf16/fp16 `dtype` with float32 `weight_dtype` at an op autocast runs in fp32 on this
+    device type (no other code hands CUDA's layer_norm that mix); else a context that does nothing."""
+    import contextlib
+    dtype = params.get("dtype")
+    below = {str(d).replace("torch.", ""): d for d in _BELOW_FP32}
+    if op and dtype in below and params.get("weight_dtype") == "float32" and _has_autocast_kernel(op, device_type):
+        return torch.autocast(device_type, dtype=below[dtype])
+    return contextlib.nullcontext()
+
+
 def to_fp32(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Autocast's cast, differentiable as eager's is (the gradient is rounded back to each input's
     dtype on the way out); fp32 and fp64 tensors pass unchanged."""

@@ -434,6 +434,7 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
 PATTERN = register_pattern(
     __name__,
     description="GroupNorm (F.group_norm) as one Triton kernel each way",
+    autocast_op="aten::group_norm",
     forward_signature=r"(?:^| )(?:native_)?group_norm(?= |$)",
     modules=("GroupNorm",),
     module_import="fusion_advisor.kernels.group_norm:GroupNorm",

@@ -243,6 +243,7 @@ def params_from_ops(ops: Sequence[OpRecord]) -> dict | None:
 PATTERN = register_pattern(
     __name__,
     description="LayerNorm (F.layer_norm): one Triton kernel forward, one (not two) backward",
+    autocast_op="aten::layer_norm",
     forward_signature=r"(?:^| )(?:native_)?layer_norm(?= |$)",
     modules=("LayerNorm",),
     module_import="fusion_advisor.kernels.layer_norm:LayerNorm",

@@ -125,6 +125,10 @@ class FusionPattern:
     # With a result, patch swaps a module only where it fits the params of one of this pattern's
     # recommended clusters (padded_linear: the Linear shapes bench timed, not every misaligned one).
     module_fits: Callable[[torch.nn.Module, dict], bool] | None = None
+    # The aten op of `reference` that torch.autocast runs in fp32 ("aten::layer_norm"): a traced bf16 /
+    # fp16 input with fp32 weights there ran inside autocast (CUDA's layer_norm refuses that mix
+    # outside it: ConvNeXt's forward LayerNorms went untimed on the H100 zoo), so bench times it there.
+    autocast_op: str = ""
     counted_as: str = ""                             # the call counter's key (fusion_advisor.calls) when the
                                                      # launcher is another file's: swiglu -> "glu"; "": name
 

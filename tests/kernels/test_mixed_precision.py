@@ -220,3 +220,19 @@ def test_kernels_match_eager_under_cuda_autocast(name):
     fused, reference, args, kwargs = cases[name]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _check(fused, reference, *args, **kwargs)
+
+
+def test_bench_times_an_autocast_traced_norm_inside_autocast():
+    """A trace's bf16 input with fp32 weights at layer_norm / group_norm ran inside autocast (CUDA's
+    kernels refuse the mix outside it: ConvNeXt's forward LayerNorms went untimed on the H100 zoo)."""
+    from fusion_advisor.kernels import autocast, registry
+    mixed = {"shape": [8, 4, 4, 96], "dtype": "bfloat16", "weight_dtype": "float32"}
+    for name in ("layer_norm", "add_layer_norm", "group_norm"):
+        region = autocast.traced_region(registry.get(name).autocast_op, mixed, "cuda")
+        assert isinstance(region, torch.autocast) and region.fast_dtype == torch.bfloat16, name
+    for params in ({**mixed, "weight_dtype": "bfloat16"}, {"shape": [8, 96], "dtype": "bfloat16"},
+                   {**mixed, "dtype": "float32"}):
+        assert not isinstance(autocast.traced_region("aten::layer_norm", params, "cuda"), torch.autocast)
+    # CPU's autocast has no layer_norm kernel (it runs the mixed-dtype kernel), and rms_norm names no op
+    assert not isinstance(autocast.traced_region("aten::layer_norm", mixed, "cpu"), torch.autocast)
+    assert not isinstance(autocast.traced_region(registry.get("rms_norm").autocast_op, mixed, "cuda"), torch.autocast)
