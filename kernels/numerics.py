@@ -175,8 +175,12 @@ def judge(actual: torch.Tensor, expected: torch.Tensor, tol: dict, what: str, tr
         return failure
     a, e = actual.detach().double(), expected.detach().double()
     t = exact.detach().double().to(e.device)
-    allowed = tol["atol"] + tol["rtol"] * e.abs() + (e - t).abs()
-    over = (a - e).abs() - allowed
+    # Within the tolerance plus eager's own error of eager's result, or of the float64 one: a
+    # result nearer the truth than eager's, on the other side of it, passes too (fp32 LayerNorm dx
+    # at a row of scale 1e-4: ours 1.7e-5 from float64, eager 2.2e-5, the two 3.9e-5 apart).
+    eager_error = (e - t).abs()
+    over = torch.minimum((a - e).abs() - (tol["atol"] + tol["rtol"] * e.abs() + eager_error),
+                         (a - t).abs() - (tol["atol"] + tol["rtol"] * t.abs() + eager_error))
     if (over <= 0).all():
         return None
     j = int(over.argmax())

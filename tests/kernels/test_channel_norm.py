@@ -152,3 +152,12 @@ def test_registers_fit_and_nothing_spills_at_convnext_channel_counts():
     for case, (regs, stack) in zip(cases, sm90_resources(cases)):
         assert stack == 0, (case, stack)
         assert regs * 32 * case["num_warps"] <= 65536, (case, regs)
+
+
+def test_building_the_module_form_leaves_the_users_rng_alone(device):
+    """Swapping happens after the user seeded: apply --verify compares the seeded runs' losses."""
+    modeling = pytest.importorskip("transformers.models.convnext.modeling_convnext")
+    norm = modeling.ConvNextLayerNorm(24, eps=1e-6, data_format="channels_first").to(device)
+    state = torch.get_rng_state()
+    ChannelsFirstLayerNorm.from_module(norm)
+    assert torch.equal(state, torch.get_rng_state())
