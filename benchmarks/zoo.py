@@ -51,6 +51,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_SLOWER = 0.98   # "never slower than eager", allowing run-to-run noise
+# "Ahead of whole-model compile" only past noise: Swin's 51.97 ms against compile's 52.09 on the H100
+# (a 0.2 % lead, its baseline spread 0.6 %) is level, not ahead.
+AHEAD = 0.99
+
+
+def ahead_of_compile(row: dict) -> bool:
+    """The advisor's configuration at least 1 % faster than whole-model compile (from the row's times)."""
+    applied, compiled = _num(row.get("applied_ms")), _num(row.get("compile_ms"))
+    return applied is not None and compiled is not None and applied <= AHEAD * compiled
 EXIT_BAD_INPUT = 2   # advisor/core/errors.py: apply's "nothing to verify" / "no recommendations"
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
@@ -513,7 +522,7 @@ def derived(eager_ms, compile_ms, applied_ms) -> dict:
     if compile_ms and applied_ms:
         gain = eager_ms - compile_ms
         out["share_of_compile_gain"] = round((eager_ms - applied_ms) / gain, 3) if gain > 0 else None
-        out["beats_compile"] = applied_ms < compile_ms
+        out["beats_compile"] = applied_ms <= AHEAD * compile_ms
     return out
 
 
@@ -530,7 +539,7 @@ def summary(rows: list[dict]) -> dict:
             share = 1.0 if _num(r["applied_speedup"]) >= 1.0 else 0.0
         if share is not None:
             shares.append(share)
-    beats = [r for r in rows if str(r.get("beats_compile")) == "True"]
+    beats = [r for r in rows if ahead_of_compile(r)]
     slower = [r for r in timed if _num(r["applied_speedup"]) < NOT_SLOWER]
     return {"models": len(rows), "timed": len(timed),
             "median_share_of_compile_gain": round(statistics.median(shares), 3) if shares else None,

@@ -49,7 +49,7 @@ def markdown(rows: list[dict], missing: list[str]) -> str:
     for r in rows:
         share = zoo._num(r.get("share_of_compile_gain"))
         share_text = f"{share:.0%}" if share is not None else "— (compile slower than eager)"
-        ahead = " **ahead of compile**" if str(r.get("beats_compile")) == "True" else ""
+        ahead = " **ahead of compile**" if zoo.ahead_of_compile(r) else ""
         lines.append(f"| {r['model']} | {r['mode']} | {zoo._num(r['eager_ms']):.2f} ms | {_x(r, 'compile_ms')} "
                      f"| {r.get('advisor_config') or '—'}: {_x(r, 'applied_ms')}{ahead} | {share_text} "
                      f"| {r.get('replacements') or '—'} | `{r['csv']}` |")
