@@ -19,9 +19,10 @@
 # verify:  examples profiled, then `apply --verify` (call counts per replacement): nanoGPT's GPT-2
 #          under autocast, and the Llama example (VERIFY_MODELS="nanogpt" for one).
 # next:    bench_kernels.py on BENCH_PATTERNS (padded_linear: the odd-vocabulary LM heads, eager vs padded
-#          vs compile), then the zoo on families not yet measured at the current sizes (ZOO_MODELS:
-#          RoBERTa again first, its LM head now a padded_linear candidate), then the HF patching tests
-#          (TESTS_TIMEOUT=0 leaves them out, BENCH_TIMEOUT=0 the bench).
+#          vs compile), then the zoo (ZOO_MODELS: RoBERTa, ConvNeXt, Whisper and BART again first, their
+#          fixes of 2026-12-07 unmeasured: padded_linear's check, channels_first LayerNorm's memory order;
+#          then Gemma and Phi-3), then the HF patching tests (TESTS_TIMEOUT=0 leaves them out,
+#          BENCH_TIMEOUT=0 the bench).
 # sweep:   bench_norms.py over issue 14's row lengths (bf16, 65,536 rows) within NORMS_TIMEOUT.
 # tune:    the conv nets' norms where they lost: bench_batch_norm.py (ResNet-50's BN -> ReLU shapes vs eager
 #          and compile, then its --sweep of batch_norm_core's tiles and splits) and bench_channel_norm.py
@@ -146,9 +147,12 @@ next)
     echo "bench_kernels ${BENCH_PATTERNS:-padded_linear}: rc $?"; tail -14 "$out/bench-next.txt"
   fi
   timeout ${ZOO_TIMEOUT:-440} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
-      --models ${ZOO_MODELS:-roberta,bart,whisper,convnext,swin,qwen2} --time-budget ${ZOO_BUDGET:-400} >"$out/zoo.txt" 2>&1
+      --models ${ZOO_MODELS:-roberta,convnext,whisper,bart,gemma,phi3} --time-budget ${ZOO_BUDGET:-400} >"$out/zoo.txt" 2>&1
   echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
-  find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
+  # only each model's apply report and profile log come back (the device returns files at most three
+  # folders below OUT, and a limited count: pass OUT itself, not a subfolder)
+  find "$out/work" -type f ! -name apply.json ! -name profile.log -delete
+  find "$out/work" -mindepth 1 -type d -empty -delete
   if [ "${TESTS_TIMEOUT:-100}" -gt 0 ]; then   # TESTS_TIMEOUT=0 leaves the tests out
     timeout ${TESTS_TIMEOUT:-100} python3 -m pytest -q tests/apply/test_patching_hf.py tests/apply/test_patching_structure.py \
         tests/apply/test_patching_batch_norm.py tests/kernels/test_rope.py -k "not hopper" >"$out/gpu-tests-new.txt" 2>&1

@@ -58,6 +58,19 @@ def test_speedups_and_share_of_compile_gain():
     assert zoo.derived(10.0, None, 9.0) == {"applied_speedup": 1.111}
 
 
+def test_ahead_of_compile_only_past_noise():
+    # Swin on the H100 (2026-12-07): 51.97 ms against compile's 52.09 is level, not ahead
+    assert not zoo.derived(99.76, 52.09, 51.97)["beats_compile"]
+    assert not zoo.ahead_of_compile({"applied_ms": "51.97", "compile_ms": "52.09", "beats_compile": "True"})
+    assert zoo.ahead_of_compile({"applied_ms": "39.25", "compile_ms": "41.44"})
+    assert not zoo.ahead_of_compile({"applied_ms": "", "compile_ms": "41.44"})
+    rows = [{"model": "a", "mode": "bf16", "eager_ms": 10, "compile_ms": 8, "applied_ms": 7, "applied_speedup": 1.43,
+             "share_of_compile_gain": 1.5, "compile_speedup": 1.25, "beats_compile": "True"},
+            {"model": "b", "mode": "bf16", "eager_ms": 10, "compile_ms": 8, "applied_ms": 7.98, "applied_speedup": 1.25,
+             "share_of_compile_gain": 1.01, "compile_speedup": 1.25, "beats_compile": "True"}]
+    assert zoo.summary(rows)["beating_compile"] == 1
+
+
 def _fake_rows():
     rows = []
     for model, (e, c, a) in {"a": (10.0, 8.0, 9.0), "b": (10.0, 8.0, 7.5), "c": (10.0, 9.0, 10.5),
@@ -127,6 +140,23 @@ def test_time_budget_skips_and_resume_runs_the_rest(tmp_path, monkeypatch, capsy
     assert ran[2:] == [("llama", "bf16")]
     assert [r["model"] for r in zoo.read_csv(out)] == ["gpt2", "bert", "llama"]
     assert not any(r["error"] for r in zoo.read_csv(out))
+
+
+def test_the_budget_expects_the_longest_model_so_far(tmp_path, monkeypatch):
+    # a short model then a long one: the median (0.23 s) would start a third at 0.45 s of 0.8 and
+    # overrun, as Swin overran the H100 call on 2026-12-07; the longest (0.4 s, and a fifth) does not
+    ran, took = [], {"gpt2": 0.05, "bert": 0.4, "llama": 0.4}
+
+    def fake_run(spec, mode, work, steps, warmup, timeout, tiny=False):
+        ran.append(spec.name)
+        import time
+        time.sleep(took[spec.name])
+        return {"model": spec.name, "family": spec.family, "mode": mode, "eager_ms": 10.0}
+    monkeypatch.setattr(zoo, "run_model", fake_run)
+    monkeypatch.setattr(zoo, "environment", lambda: {})
+    zoo.main(["--models", "gpt2,bert,llama", "--out", str(tmp_path / "z.csv"), "--work", str(tmp_path / "w"),
+              "--prewarm-jobs", "0", "--time-budget", "0.8"])
+    assert ran == ["gpt2", "bert"]
 
 
 def test_prewarm_runs_each_compile_script_untimed(tmp_path, monkeypatch):
