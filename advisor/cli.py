@@ -599,6 +599,9 @@ def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, 
     blocks = _compiled_blocks(run, steps, warmup, compile_blocks, before, plan if with_patch else None)
     if blocks is not None:
         report["verification"]["compiled_blocks"] = blocks
+    layout = _channels_last_blocks(result, run, steps, warmup, compile_blocks, before, plan, with_patch)
+    if layout is not None:
+        report["verification"]["compiled_blocks_channels_last"] = layout
     reference = _compile_reference(run, steps, warmup, compile_reference, plan.notes)
     if reference is not None:
         report["verification"]["compile_reference"] = reference
@@ -609,12 +612,12 @@ def _verify_configurations(result, plan, report: dict, steps: int, warmup: int, 
         if before.median_step_s and again.median_step_s:
             spread = abs(again.median_step_s - before.median_step_s) / before.median_step_s
         report["verification"]["unpatched_again"] = {**_run_row(again), "spread": spread}
-    best, verdict = _fastest_configuration(before, v if with_patch else None, blocks, reference, spread)
+    best, verdict = _fastest_configuration(before, v if with_patch else None, blocks, reference, spread, layout)
     report["verification"]["fastest"] = {"configuration": best, "verdict": verdict}
     if reference is not None and "median_step_s" in reference:
         reference.update(fastest=best, verdict=verdict)
     if not as_json:
-        _print_verification(before, v, plan.estimates, reference, blocks, verdict, spread)
+        _print_verification(before, v, plan.estimates, reference, blocks, verdict, spread, layout)
     if v is None and _verified_step_s(blocks) is None:
         why = ("was not made" if not blocks else "failed: " + blocks["error"] if blocks.get("error") else
                "found no repeated blocks to compile" if not blocks.get("proven") else
@@ -669,19 +672,45 @@ def _compiled_blocks(run: dict, steps: int, warmup: int, wanted: bool | None, be
             "skipped": m.skipped}
 
 
+def _channels_last_blocks(result, run: dict, steps: int, warmup: int, wanted: bool | None, before, plan,
+                          with_patch: bool) -> dict | None:
+    """Where the result recommends channels_last (priced on cuDNN's NCHW <-> NHWC transposes: an
+    estimate) and the plan leaves it out (no --include-estimates), the compiled blocks again with the
+    model and its 4-D inputs in channels_last, timed and checked as they are: the estimate measured,
+    a configuration like the others. Why: whole-model compile puts convolutions in channels_last
+    itself (inductor's layout optimisation), and ResNet's compiled blocks stayed 13 ms a step behind
+    it on the H100 zoo. None where there is no such recommendation or no compiled-blocks run."""
+    from fusion_advisor import channels_last
+    from fusion_advisor.apply import ApplyPlan
+    from fusion_advisor.compile_reference import blocks_configuration
+    if not any(getattr(r, "kind", None) == channels_last.NAME for r in result.recommendations or []):
+        return None
+    if channels_last.NAME in plan.runtime_patterns:
+        return None   # --include-estimates: the patched run has it already
+    base = plan if with_patch else ApplyPlan()
+    layout = ApplyPlan(files=list(base.files), runtime_patterns=list(base.runtime_patterns),
+                       runtime_modules=dict(base.runtime_modules), replacements=dict(base.replacements))
+    layout.add_runtime(channels_last.NAME, "runtime change (memory format)")
+    b = _compiled_blocks(run, steps, warmup, wanted, before, layout)
+    if b is not None:
+        b["configuration"] = blocks_configuration(with_patch) + " + " + channels_last.NAME
+    return b
+
+
 def _verified_step_s(blocks: dict | None) -> float | None:
     return blocks.get("median_step_s") if blocks and blocks.get("proven") and blocks.get("losses_match") else None
 
 
 def _fastest_configuration(before, v, blocks: dict | None, reference: dict | None,
-                           spread: float | None = None) -> tuple[str, str]:
+                           spread: float | None = None, layout: dict | None = None) -> tuple[str, str]:
     """The fastest configuration measured, among those whose losses matched the unpatched run's
     (`v`: the patch's verification where it proved itself, else None; whole-model compile is the
     reference: its own losses are shown, not gated)."""
     from fusion_advisor.compile_reference import fastest
     rows = {"unpatched": before.median_step_s, "patched": v.after.median_step_s if v is not None else None}
-    if blocks:
-        rows[blocks["configuration"]] = _verified_step_s(blocks)
+    for extra in (blocks, layout):
+        if extra:
+            rows[extra["configuration"]] = _verified_step_s(extra)
     rows["torch.compile (whole model)"] = (reference or {}).get("median_step_s")
     return fastest(rows, spread)
 
@@ -712,7 +741,8 @@ def _run_row(m) -> dict:
 
 
 def _print_verification(before, v, estimates: list[str] = (), reference: dict | None = None,
-                        blocks: dict | None = None, verdict: str = "", spread: float | None = None) -> None:
+                        blocks: dict | None = None, verdict: str = "", spread: float | None = None,
+                        layout: dict | None = None) -> None:
     """The measured configurations side by side; `v` (the patch's verification) None: no patch ran."""
     from rich.table import Table
 
@@ -722,6 +752,7 @@ def _print_verification(before, v, estimates: list[str] = (), reference: dict | 
     if v is not None:
         columns.append(("patched", _run_row(v.after)))
     columns += [(name, row) for name, row in (((blocks or {}).get("configuration"), blocks),
+                                              ((layout or {}).get("configuration"), layout),
                                               ("torch.compile (whole model)", reference))
                 if row and "median_step_s" in row]
     for name, _ in columns:
@@ -739,16 +770,22 @@ def _print_verification(before, v, estimates: list[str] = (), reference: dict | 
         if isinstance(c, dict) and c.get("first_call_s"):
             Console().print(f"{blocks['configuration']}: {c.get('instances')} blocks, {c.get('graphs')} graph(s); the "
                             f"first call took {c['first_call_s']:.1f} s (its compile and one run; {name})", highlight=False)
-    if blocks and blocks.get("error"):
-        Console().print(f"{blocks['configuration']}: not measured ({blocks['error']})", highlight=False)
-    elif blocks and not (blocks.get("proven") and blocks.get("losses_match")):
-        Console().print(f"{blocks['configuration']}: not a candidate (its losses differ or its blocks never compiled)",
-                        highlight=False)
+    for extra in (blocks, layout):
+        if extra and extra.get("error"):
+            Console().print(f"{extra['configuration']}: not measured ({extra['error']})", highlight=False)
+        elif extra and not (extra.get("proven") and extra.get("losses_match")):
+            Console().print(f"{extra['configuration']}: not a candidate (its losses differ or its blocks never "
+                            f"compiled)", highlight=False)
     if reference and reference.get("error"):
         Console().print(reference["verdict"], highlight=False)
     if verdict and (blocks or reference or spread is not None):   # more than the patch's own ratio
         Console().print(verdict, highlight=False)
-    if verdict.startswith("fastest: torch.compile (whole model)"):
+    if verdict.startswith("fastest: ") and "+ channels_last (" in verdict:
+        call = "RESULT" if verdict.startswith("fastest: patched") else "patterns=[]"
+        Console().print("  to run it: model = model.to(memory_format=torch.channels_last) and each image batch "
+                        f"x.to(memory_format=torch.channels_last), then fusion_advisor.patch(model, {call}, "
+                        "compile_blocks=True) after building the model", highlight=False)
+    elif verdict.startswith("fastest: torch.compile (whole model)"):
         Console().print("  to run it: model = torch.compile(model) after building the model; the patch is not "
                         "needed for it", highlight=False)
     elif verdict.startswith("fastest: patched + compiled blocks"):

@@ -63,7 +63,7 @@ def ahead_of_compile(row: dict) -> bool:
 EXIT_BAD_INPUT = 2   # advisor/core/errors.py: apply's "nothing to verify" / "no recommendations"
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
-           "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "baseline_spread", "gpu_busy_share",
+           "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "blocks_channels_last_ms", "baseline_spread", "gpu_busy_share",
            "eager_gpu_ms", "patched_gpu_ms", "applied_gpu_ms", "compile_gpu_ms", "why_slower", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
            "compile_speedup", "applied_speedup", "share_of_compile_gain", "beats_compile", "losses_match",
            "replacements", "not_applied_why", "regional_compile_s", "providers", "profile_wall_s", "verify_wall_s", "compile_wall_s", "error"]
@@ -471,11 +471,13 @@ def _compile_seconds(measurement: dict) -> float | None:
 
 def _advisor_configuration(row: dict, v: dict) -> dict:
     """The configuration the advisor ends on: verify's fastest among unpatched, patched and the
-    compiled blocks (with the patch outside them where it proved itself, else alone; each only where
-    its losses matched and it provably ran).
+    compiled blocks (with the patch outside them where it proved itself, else alone; with the model
+    in channels_last too where the report priced cuDNN's transposes; each only where its losses
+    matched and it provably ran).
     Fills patched_ms / blocks_ms / advisor_config; returns that configuration's measurement."""
     after, blocks = v.get("after") or {}, v.get("compiled_blocks") or {}
-    for key, m in (("patched_ms", after), ("blocks_ms", blocks)):
+    layout = v.get("compiled_blocks_channels_last") or {}
+    for key, m in (("patched_ms", after), ("blocks_ms", blocks), ("blocks_channels_last_ms", layout)):
         if m.get("median_step_s"):
             row[key] = round(m["median_step_s"] * 1e3, 3)
     if after.get("gpu_busy_s") is not None:
@@ -484,10 +486,11 @@ def _advisor_configuration(row: dict, v: dict) -> dict:
         row["why_slower"] = v["why_slower"]
     best = (v.get("fastest") or {}).get("configuration") or "patched"
     row["advisor_config"] = best
-    if best in ("patched + compiled blocks", "compiled blocks"):
-        if seconds := _compile_seconds(blocks):
+    if best in ("patched + compiled blocks", "compiled blocks") or best == layout.get("configuration"):
+        chosen = layout if best == layout.get("configuration") else blocks
+        if seconds := _compile_seconds(chosen):
             row["regional_compile_s"] = seconds
-        return blocks
+        return chosen
     return v.get("before") or {} if best == "unpatched" else after
 
 

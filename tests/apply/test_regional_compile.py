@@ -524,3 +524,38 @@ def test_repeated_blocks_of_every_width_are_compiled_even_the_one_holding_most_p
         assert torch._dynamo.config.recompile_limit == 3
     finally:
         torch._dynamo.config.recompile_limit = limit
+
+
+def test_apply_verify_measures_the_channels_last_estimate_as_a_configuration(tmp_path):
+    """A channels_last recommendation is an estimate (the transposes' time): without
+    --include-estimates the patch leaves it out, and --verify times the compiled blocks again with the
+    model in channels_last, checked like them (losses, the change counted), as one more candidate for
+    the fastest configuration. With --include-estimates the patched run has it, and no extra run."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(here=str(__import__("pathlib").Path(__file__).parent)))
+    result = _result()
+    result.benchmarks[0] = _bench("c1", "swiglu", eager=300.0, triton=310.0, compile=299.0)
+    result.benchmarks[1] = _bench("c2", "rms_norm", eager=50.0, triton=60.0, compile=49.9)
+    result.layout = {"transpose_us_per_step": 900.0, "transposes_per_step": 9, "share_of_gpu_busy": 0.09,
+                     "kernels": ["nchwToNhwcKernel"]}
+    recommend(result)
+    assert [r.kind for r in result.recommendations] == ["channels_last"]
+    result.run = {"script": str(script), "argv": [str(script)], "cwd": str(tmp_path)}
+    result.save(tmp_path / "result.json")
+    env = {**__import__("os").environ, "FUSION_ADVISOR_COMPILE_BACKEND": "aot_eager"}
+    cmd = [sys.executable, "-m", "fusion_advisor.cli", "apply", str(tmp_path / "result.json"), "--verify",
+           "--steps", "3", "--warmup", "2", "--no-compile-reference", "--no-rerun-unpatched", "--compile-blocks"]
+    r = subprocess.run(cmd + ["--json"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["verification"]
+    layout = v["compiled_blocks_channels_last"]
+    assert layout["configuration"] == "compiled blocks + channels_last"
+    assert layout["proven"] and layout["losses_match"], layout
+    ran = {row["name"]: row for row in layout["replacements"]}
+    assert ran["channels_last"]["status"] == "ran" and ran["compile:blocks"]["status"] == "ran"
+    assert v["fastest"]["configuration"] in ("unpatched", "compiled blocks", "compiled blocks + channels_last")
+    r = subprocess.run(cmd + ["--include-estimates", "--json"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["verification"]
+    assert "compiled_blocks_channels_last" not in v and v["after"]["calls"].get("channels_last")

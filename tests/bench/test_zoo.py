@@ -194,6 +194,17 @@ def test_the_advisor_configuration_is_the_fastest_checked_run():
     row = {}
     assert zoo._advisor_configuration(row, v)["median_step_s"] == 0.008
     assert row["advisor_config"] == "compiled blocks" and "patched_ms" not in row
+    # the channels_last estimate measured by verify as a configuration of its own
+    v = {"before": {"median_step_s": 0.010}, "after": {"median_step_s": 0.009},
+         "compiled_blocks": {"median_step_s": 0.008, "configuration": "patched + compiled blocks"},
+         "compiled_blocks_channels_last": {"median_step_s": 0.007,
+                                           "configuration": "patched + compiled blocks + channels_last",
+                                           "regional_compiles": {"compile:blocks": {"first_call_s": 3.0}}},
+         "fastest": {"configuration": "patched + compiled blocks + channels_last"}}
+    row = {}
+    assert zoo._advisor_configuration(row, v)["median_step_s"] == 0.007
+    assert row["blocks_ms"] == 8.0 and row["blocks_channels_last_ms"] == 7.0 and row["regional_compile_s"] == 3.0
+    assert "blocks_channels_last_ms" in zoo.COLUMNS
 
 
 def test_the_patched_runs_gpu_time_and_why_it_was_slower_reach_the_row():
