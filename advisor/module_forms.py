@@ -244,8 +244,8 @@ def check_norm(twin: nn.Module, replacement: nn.Module, x: torch.Tensor, channel
 def layout_mismatch(original: nn.Module, replacement: nn.Module, x: torch.Tensor,
                     channels_first: bool = False) -> str | None:
     """Why the replacement's output is laid out otherwise than the original's on x (and, for a norm
-    over dim 1 of an (N, C, *spatial) x, on x in channels_last order too), or None. The values can match and the step
-    still lose: a convolution after it picks its kernels by its input's memory order (ConvNeXt's
+    over dim 1 of an (N, C, *spatial) x, on x in channels_last order too), or None. The values can
+    match and the step still lose: a convolution after it picks its kernels by its input's memory order (ConvNeXt's
     depthwise convs ran 52 ms a step slower on the H100 zoo behind a norm that returned NCHW where
     Hugging Face's returns channels_last)."""
     probes = [x, x.movedim(1, -1).contiguous().movedim(-1, 1)] if channels_first else [x]

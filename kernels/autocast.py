@@ -11,6 +11,7 @@ bf16 input with fp32 weights under autocast is the mixed-dtype kernel and return
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -84,7 +85,6 @@ def traced_region(op: str, params: dict, device_type: str):
     """torch.autocast(device_type, the input's dtype) where a traced op's params say it ran inside
     autocast: a bf16/fp16 `dtype` with float32 `weight_dtype` at an op autocast runs in fp32 on this
     device type (no other code hands CUDA's layer_norm that mix); else a context that does nothing."""
-    import contextlib
     dtype = params.get("dtype")
     below = {str(d).replace("torch.", ""): d for d in _BELOW_FP32}
     if op and dtype in below and params.get("weight_dtype") == "float32" and _has_autocast_kernel(op, device_type):
