@@ -363,7 +363,7 @@ def test_convnext_patched_keeps_every_convolutions_input_in_its_memory_order():
     convolutions, which PyTorch runs by other kernels for an NCHW input than for the channels_last one
     Hugging Face's channels_first LayerNorm returns. Patched, every convolution must see the memory
     order it saw before, and the logits and gradients must match."""
-    modeling = pytest.importorskip("transformers.models.convnext.modeling_convnext")
+    pytest.importorskip("transformers.models.convnext.modeling_convnext")
     torch.manual_seed(0)
     config = transformers.ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], image_size=32,
                                          num_labels=10)
