@@ -14,7 +14,9 @@ in registers, summed over programs by norm_core's parameter-gradient kernel (no 
 Memory order: each tensor is read or written in its own order, NCHW or channels_last (a position's
 C values together), as constexpr flags of the same kernels. The output takes the order the module
 replaced returns: Hugging Face's permute form returns channels_last whatever the input's order,
-and the convolutions after it pick their kernels by it (`output_layout_of` asks the module).
+and the convolutions after it pick their kernels by it (`output_layout_of` asks the module). A
+channels_last input with a channels_last output is rows of C: the row family (layer_norm.py) runs
+it on the NHWC view, as bench timed the trace's aten::layer_norm on those rows.
 
 Bytes for x of N*C*S elements (element size e): forward reads x and writes y, plus 8 bytes of
 statistics per position; backward reads dy and x, writes dx, plus the statistics and the
@@ -267,6 +269,12 @@ def channels_first_layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = 
     if autocast.upcasts("aten::layer_norm", x, weight, bias):
         x, weight, bias = autocast.to_fp32(x, weight, bias)
     out_cl = output_layout == "channels_last" or (output_layout == "like_input" and channels_last(x))
+    if out_cl and channels_last(x):
+        # Each position's C values lie together in and out: these are rows of C, and the row family
+        # (norm_core's tuned tiles) runs them on the NHWC view without a copy. It is also what bench
+        # timed: the trace's aten::layer_norm saw those rows.
+        from fusion_advisor.kernels.layer_norm import layer_norm
+        return layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, eps).movedim(-1, 1)
     return ChannelNormFunction.apply(x, weight, bias, float(eps), out_cl)
 
 

@@ -161,3 +161,21 @@ def test_building_the_module_form_leaves_the_users_rng_alone(device):
     state = torch.get_rng_state()
     ChannelsFirstLayerNorm.from_module(norm)
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_channels_last_in_and_out_runs_the_row_family_bench_timed(device, monkeypatch):
+    """Rows of C in NHWC memory are the rows the trace's aten::layer_norm saw: the row kernels run
+    them (no copy); the channel kernels only where one side is NCHW."""
+    from fusion_advisor.kernels import channel_norm as cn
+    used = []
+    real = cn._forward
+    monkeypatch.setattr(cn, "_forward", lambda *a: used.append("channel") or real(*a))
+    w, b = torch.randn(16, device=device), torch.randn(16, device=device)
+    x = torch.randn(2, 16, 4, 3, device=device)
+    for xi, layout, kernel in ((x.to(memory_format=torch.channels_last), "channels_last", []),
+                               (x.to(memory_format=torch.channels_last), "like_input", []),
+                               (x, "channels_last", ["channel"]), (x, "contiguous", ["channel"])):
+        used.clear()
+        got = channels_first_layer_norm(xi, w, b, 1e-6, layout)
+        assert used == kernel, (layout, xi.is_contiguous())
+        torch.testing.assert_close(got, eager(xi, w, b, 1e-6), **tolerance(torch.float32))
