@@ -379,8 +379,8 @@ def describe_patches(result: AdvisorResult) -> AdvisorResult:
             rec.patch = {"kind": "cuda_graphs", "description": "torch.compile(model, mode=\"reduce-overhead\"), or "
                                                                "torch.cuda.graphs around the static part of the step"}
             continue
-        if rec.kind == "channels_last":
-            rec.patch = {"kind": "channels_last", "description": "model = model.to(memory_format=torch.channels_last), "
+        if rec.kind == channels_last.NAME:
+            rec.patch = {"kind": channels_last.NAME, "description": "model = model.to(memory_format=torch.channels_last), "
                                                                  "and each image batch x.to(memory_format=torch.channels_last)"}
             continue
         cluster = clusters.get(rec.cluster_id)

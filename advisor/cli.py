@@ -6,6 +6,7 @@ import difflib
 import functools
 import json
 import sys
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
@@ -688,8 +689,8 @@ def _channels_last_blocks(result, run: dict, steps: int, warmup: int, wanted: bo
     if channels_last.NAME in plan.runtime_patterns:
         return None   # --include-estimates: the patched run has it already
     base = plan if with_patch else ApplyPlan()
-    layout = ApplyPlan(files=list(base.files), runtime_patterns=list(base.runtime_patterns),
-                       runtime_modules=dict(base.runtime_modules), replacements=dict(base.replacements))
+    layout = dataclasses.replace(base, runtime_patterns=list(base.runtime_patterns),
+                                 replacements=dict(base.replacements))
     layout.add_runtime(channels_last.NAME, "runtime change (memory format)")
     b = _compiled_blocks(run, steps, warmup, wanted, before, layout)
     if b is not None:

@@ -54,12 +54,6 @@ NOT_SLOWER = 0.98   # "never slower than eager", allowing run-to-run noise
 # "Ahead of whole-model compile" only past noise: Swin's 51.97 ms against compile's 52.09 on the H100
 # (a 0.2 % lead, its baseline spread 0.6 %) is level, not ahead.
 AHEAD = 0.99
-
-
-def ahead_of_compile(row: dict) -> bool:
-    """The advisor's configuration at least 1 % faster than whole-model compile (from the row's times)."""
-    applied, compiled = _num(row.get("applied_ms")), _num(row.get("compile_ms"))
-    return applied is not None and compiled is not None and applied <= AHEAD * compiled
 EXIT_BAD_INPUT = 2   # advisor/core/errors.py: apply's "nothing to verify" / "no recommendations"
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
@@ -407,8 +401,6 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
                 row["replacements"] = replacements_text(applied, v)
                 row["not_applied_why"] = not_applied_text(v)
                 applied = _advisor_configuration(row, v)
-                if seconds := _compile_seconds(applied):
-                    row["regional_compile_s"] = seconds
                 row["losses_match"] = v.get("losses_match")
                 if (spread := (v.get("unpatched_again") or {}).get("spread")) is not None:
                     row["baseline_spread"] = round(spread, 4)
@@ -486,12 +478,12 @@ def _advisor_configuration(row: dict, v: dict) -> dict:
         row["why_slower"] = v["why_slower"]
     best = (v.get("fastest") or {}).get("configuration") or "patched"
     row["advisor_config"] = best
-    if best in ("patched + compiled blocks", "compiled blocks") or best == layout.get("configuration"):
-        chosen = layout if best == layout.get("configuration") else blocks
-        if seconds := _compile_seconds(chosen):
-            row["regional_compile_s"] = seconds
-        return chosen
-    return v.get("before") or {} if best == "unpatched" else after
+    chosen = (layout if best == layout.get("configuration") else
+              blocks if best in ("patched + compiled blocks", "compiled blocks") else
+              v.get("before") or {} if best == "unpatched" else after)
+    if seconds := _compile_seconds(chosen):   # a patch's regional compiles count too
+        row["regional_compile_s"] = seconds
+    return chosen
 
 
 def _json_object(text: str):
@@ -525,8 +517,14 @@ def derived(eager_ms, compile_ms, applied_ms) -> dict:
     if compile_ms and applied_ms:
         gain = eager_ms - compile_ms
         out["share_of_compile_gain"] = round((eager_ms - applied_ms) / gain, 3) if gain > 0 else None
-        out["beats_compile"] = applied_ms <= AHEAD * compile_ms
+        out["beats_compile"] = ahead_of_compile({"applied_ms": applied_ms, "compile_ms": compile_ms})
     return out
+
+
+def ahead_of_compile(row: dict) -> bool:
+    """The advisor's configuration at least 1 % faster than whole-model compile (from the row's times)."""
+    applied, compiled = _num(row.get("applied_ms")), _num(row.get("compile_ms"))
+    return applied is not None and compiled is not None and applied <= AHEAD * compiled
 
 
 def summary(rows: list[dict]) -> dict:

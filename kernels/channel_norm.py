@@ -268,8 +268,9 @@ def channels_first_layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = 
         raise ValueError(f"output_layout {output_layout!r}: expected one of {', '.join(OUTPUT_LAYOUTS)}")
     if autocast.upcasts("aten::layer_norm", x, weight, bias):
         x, weight, bias = autocast.to_fp32(x, weight, bias)
-    out_cl = output_layout == "channels_last" or (output_layout == "like_input" and channels_last(x))
-    if out_cl and channels_last(x):
+    x_cl = channels_last(x)
+    out_cl = output_layout == "channels_last" or (output_layout == "like_input" and x_cl)
+    if out_cl and x_cl:
         # Each position's C values lie together in and out: these are rows of C, and the row family
         # (norm_core's tuned tiles) runs them on the NHWC view without a copy. It is also what bench
         # timed: the trace's aten::layer_norm saw those rows.
