@@ -75,6 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tune", action="store_true", help="first search the tiles of the sweep's row lengths and "
                                                         "dtypes on this GPU (kernels/norm_tune.py; ~10 s per "
                                                         "row length and dtype) and sweep with them")
+    ap.add_argument("--compile-jobs", type=int, default=0,
+                    help="first compile every shape's torch.compile and Triton kernels in this many processes "
+                         "(inductor's and Triton's on-disk caches), so the timing loop compiles from cache: "
+                         "the sweep is mostly compile time otherwise")
+    ap.add_argument("--warm-shard", default=None, help=argparse.SUPPRESS)   # I/K: --compile-jobs' workers
     for flag, const in TILE_KNOBS.items():
         ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
                         help=f"override norm_core.{const} for this run (to compare tile tables)")
@@ -191,6 +196,56 @@ def bench_one(pattern, params, providers, device, env, copy_bw, rep_ms, warmup_m
     return rows
 
 
+def warm_shard(args, shard: int, shards: int) -> int:
+    """Build every `shards`-th shape of the plan from `shard` on: compile and Triton kernels run
+    once each pass, untimed, filling the on-disk caches the timing process then reads."""
+    import torch
+    from fusion_advisor import measure
+    from fusion_advisor.kernels import registry
+    from fusion_advisor.kernels.common import sm_count
+    device, done = torch.device("cuda"), 0
+    set_tiles(args)
+    for index, (name, n, n_rows, dtype) in enumerate(shape_plan(args)):
+        if index % shards != shard:
+            continue
+        pattern, params = registry.get(name), shape_params(name, n, n_rows, dtype, sm_count(device))
+        try:
+            for provider in [p for p in args.providers if p in ("compile", "compile-max", "triton")]:
+                fn = provider_fn(pattern, provider, measure)
+                for pass_ in PASSES:
+                    work = measure.build_workload(pattern, params, device, backward=pass_ == "forward+backward",
+                                                  requires_grad=True, n_sets=1)
+                    work.calls(fn)[0]()
+            torch.cuda.synchronize()
+            done += 1
+        except Exception:  # the timing process reports it
+            pass
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return done
+
+
+def compile_in_parallel(args, argv, jobs: int) -> None:
+    """--compile-jobs: `jobs` copies of this script, each warming its shard of the plan."""
+    import subprocess
+    started = time.perf_counter()
+    base = list(argv if argv is not None else sys.argv[1:])
+    procs = [subprocess.Popen([sys.executable, __file__, *base, "--warm-shard", f"{i}/{jobs}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(jobs)]
+    failed = [p.communicate()[1][-300:] for p in procs if p.wait() != 0]
+    print(f"compiled the plan's {len(shape_plan(args))} shapes in {jobs} processes in "
+          f"{time.perf_counter() - started:.0f} s" + (f"; {len(failed)} failed: {failed[0]}" if failed else ""),
+          flush=True)
+
+
+def shape_params(name: str, n: int, n_rows: int, dtype: str, sms: int) -> dict:
+    """The pattern's params for one sweep shape (group_norm in groups of 64 channels)."""
+    params = {"shape": [n_rows, n], "dtype": dtype, "eps": 1e-6 if "rms" in name else 1e-5, "num_sms": sms}
+    if name == "group_norm":
+        params["num_groups"] = max(1, n // 64)
+    return params
+
+
 def write_csv(rows: list[dict], path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
@@ -237,6 +292,10 @@ def main(argv=None) -> int:
     from fusion_advisor.kernels.numerics import compare_pattern
 
     device = torch.device("cuda")
+    if args.warm_shard:
+        shard, shards = (int(v) for v in args.warm_shard.split("/"))
+        warm_shard(args, shard, shards)
+        return 0
     try:
         patterns = {name: registry.get(name) for name in args.patterns}
     except KeyError as exc:
@@ -262,25 +321,26 @@ def main(argv=None) -> int:
           f"liger {env['liger'] or '-'} | tiles {env['tiles']} | copy {copy_bw / 1e9:,.0f} GB/s ({source})", flush=True)
     rep_ms, warmup_ms = (30.0, 10.0) if args.quick else (60.0, 15.0)
     sms = sm_count(device)
-    started, rows, skipped = time.perf_counter(), [], []
+    started, rows, skipped = time.perf_counter(), [], []   # the budget counts the parallel compile too
+    if args.compile_jobs > 1:
+        compile_in_parallel(args, argv, args.compile_jobs)
     for name, n, n_rows, dtype in shape_plan(args):
         label = f"{name} {n_rows}x{n} {dtype}"
         if time.perf_counter() - started > args.time_budget:
             skipped.append(label)
             continue
         pattern = patterns[name]
-        eps = 1e-6 if "rms" in name else 1e-5
-        params = {"shape": [n_rows, n], "dtype": dtype, "eps": eps, "num_sms": sms}
-        if name == "group_norm":
-            params["num_groups"] = max(1, n // 64)
+        params = shape_params(name, n, n_rows, dtype, sms)
         print(f"  {label}", flush=True)
         try:
             check = compare_pattern(pattern, {**params, "shape": [min(n_rows, 4096), n]}, device, backward=True)
             numerics_ok = "ok" if check.ok else "FAILED: " + check.detail.splitlines()[0][:200]
             if not check.ok:
                 print(f"    numerics {numerics_ok}", flush=True)
+            shape_started = time.perf_counter()
             rows += bench_one(pattern, params, args.providers, device, env, copy_bw, rep_ms, warmup_ms, measure,
                               numerics_ok)
+            print(f"    ({time.perf_counter() - shape_started:.1f} s)", flush=True)
         except Exception as exc:  # one broken shape must not lose the rest of the sweep
             print(f"    FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             skipped.append(label + " (failed)")

@@ -102,7 +102,7 @@ def _weight_row(W, cols, n_cols, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps, row0,
                    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr,
                    GEMMA: tl.constexpr):
@@ -111,7 +111,7 @@ def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, s
     padded to a power of two: the padding segments lie past n_cols, load zeros, store nothing.
     GEMMA (RMSNorm flags): the weight applies as (1 + weight) to the unrounded normalised value, in
     fp32, one rounding at the end, as GemmaRMSNorm computes it."""
-    rows, cols, row_mask, mask = _tile(tl.program_id(0) * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
+    rows, cols, row_mask, mask = _tile(row0, n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -154,6 +154,26 @@ def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, s
 
 
 @triton.jit
+def _norm_fwd_tiles(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr,
+                    GEMMA: tl.constexpr, STAGES: tl.constexpr):
+    """STAGES == 1: this program's one tile. STAGES > 1: a persistent program over the row tiles pid,
+    pid + P, ..., the loop pipelined by Triton into STAGES stages (cp.async copies into shared memory
+    issued STAGES - 1 tiles ahead), so a program keeps tiles in flight without holding them in
+    registers."""
+    if STAGES > 1:
+        for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
+            _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                           tile * BLOCK_M, IS_RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
+                           GEMMA)
+    else:
+        _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                       tl.program_id(0) * BLOCK_M, IS_RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N,
+                       SEGMENTS, GEMMA)
+
+
+@triton.jit
 def _bwd_loads(DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x, n_rows, n_cols,
                IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                SEGMENTS: tl.constexpr):
@@ -182,7 +202,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
                     stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr,
-                    PREFETCH: tl.constexpr, GEMMA: tl.constexpr):
+                    PREFETCH: tl.constexpr, GEMMA: tl.constexpr, STAGES: tl.constexpr):
     """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
     dweight / dbias sums in fp32 as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols): kept
     per tile element in registers and reduced over rows once at the end, or (ACC_IN_MEMORY, for
@@ -211,7 +231,10 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
         dy_next, x_next, dso_next, rstd_next, mean_next = _bwd_loads(
             DY, DS_OUT, X, MEAN, RSTD, pid, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS, HAS_DS_OUT,
             BLOCK_M, BLOCK_N, SEGMENTS)
-    for tile in range(pid, n_tiles, programs):
+    # STAGES > 1: Triton pipelines the loop's loads (dy, x, the statistics) STAGES - 1 tiles ahead
+    # through shared memory (cp.async), in place of PREFETCH's registers; never with ACC_IN_MEMORY,
+    # whose partial rows are read back the tile after they are written (the launcher checks).
+    for tile in tl.range(pid, n_tiles, programs, num_stages=STAGES):
         rows, _, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
         if PREFETCH:
             dy_in, x_in, dso_in, rstd_in, mean_in = dy_next, x_next, dso_next, rstd_next, mean_next
@@ -273,33 +296,33 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
 @triton.jit
 def _rms_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GEMMA: tl.constexpr):
-    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   True, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, GEMMA)
+                         BLOCK_N: tl.constexpr, GEMMA: tl.constexpr, STAGES: tl.constexpr):
+    _norm_fwd_tiles(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                    True, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, GEMMA, STAGES)
 
 
 @triton.jit
 def _add_rms_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols,
                              eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
-    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   True, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, False)
+                             BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    _norm_fwd_tiles(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                    True, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, False, STAGES)
 
 
 @triton.jit
 def _layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols,
                            eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
-    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, False)
+                           BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    _norm_fwd_tiles(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                    False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, False, STAGES)
 
 
 @triton.jit
 def _add_layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows,
                                n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr):
-    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   False, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, False)
+                               BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    _norm_fwd_tiles(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                    False, True, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1, False, STAGES)
 
 
 @triton.jit
@@ -307,48 +330,52 @@ def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIA
                          stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
-                         GEMMA: tl.constexpr):
+                         GEMMA: tl.constexpr, STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, GEMMA)
+                    ACC_IN_MEMORY, PREFETCH, GEMMA, STAGES)
 
 
 @triton.jit
 def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                              stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
+                         STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, False)
+                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
 def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                            stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
+                         BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
+                         STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, False)
+                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
 def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                                stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
+                               BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
+                               STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, False)
+                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
 def _group_norm_rows_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows,
                                 n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
-    _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
-                   False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS, False)
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr,
+                                STAGES: tl.constexpr):
+    _norm_fwd_tiles(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                    False, False, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS, False, STAGES)
 
 
 @triton.jit
@@ -356,10 +383,10 @@ def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB
                                 stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr,
-                                PREFETCH: tl.constexpr):
+                                PREFETCH: tl.constexpr, STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
-                    ACC_IN_MEMORY, PREFETCH, False)
+                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
@@ -395,8 +422,10 @@ class TileConfig(NamedTuple):
     block_m: int
     block_n: int
     num_warps: int
-    programs_per_sm: int = 1   # the persistent backward's; the forward runs one program per tile
+    programs_per_sm: int = 1   # the persistent programs' (the backward's; the forward's where stages > 1)
     prefetch: bool = True      # the persistent backward loads the next tile before this one's math
+    stages: int = 1            # > 1: the loop over tiles pipelined by Triton into this many stages (the
+                               # forward then persistent too); never with prefetch or ACC_IN_MEMORY rows
 
 
 def _warps(tile: int, per_thread: int = 16) -> int:
@@ -417,29 +446,46 @@ def tuned_path(gpu: str) -> Path:
     return cache_dir() / "norm-tiles" / (re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-") + ".json")
 
 
+def shipped_path(gpu: str) -> Path:
+    """The tile table measured on this GPU model and committed with the package (norm_tune.py's
+    output, copied in): what a user's first call reads where they never tuned."""
+    return Path(__file__).resolve().parent / "tiles" / tuned_path(gpu).name
+
+
 def tuned_key(kind: str, block_n: int, elem_size: int) -> str:
     return f"{kind}/{block_n}/{elem_size}"
 
 
 @functools.lru_cache(maxsize=None)
-def tuned_table(gpu: str) -> dict[str, tuple[int, int, int, bool]]:
-    """{tuned_key: (block_m, num_warps, programs_per_sm, prefetch)} searched on this GPU model by
-    norm_tune.py, read once; empty without a GPU name, without the file, or for a file that is
-    not one (the heuristic answers then)."""
+def tuned_table(gpu: str) -> dict[str, tuple[int, int, int, bool, int]]:
+    """{tuned_key: (block_m, num_warps, programs_per_sm, prefetch, stages)} searched on this GPU model
+    by norm_tune.py, read once: the user cache dir's file (`tuned_path`), else the one measured here
+    and shipped in kernels/tiles/; empty without a GPU name or either file, and any entry that is not
+    a valid tile is left out (the heuristic answers for it)."""
     if not gpu:
         return {}
+    for path in (tuned_path(gpu), shipped_path(gpu)):
+        try:
+            configs = json.loads(path.read_text(encoding="utf-8"))["configs"]
+            return {key: cfg for key, entry in configs.items() if (cfg := _tuned_entry(key, entry)) is not None}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return {}
+
+
+def _tuned_entry(key: str, entry) -> Optional[tuple[int, int, int, bool, int]]:
+    """One tuned file entry, [block_m, num_warps, programs_per_sm(, prefetch(, stages))], checked."""
     try:
-        configs = json.loads(tuned_path(gpu).read_text(encoding="utf-8"))["configs"]
-        table = {}
-        for key, (block_m, warps, per_sm, *prefetch) in configs.items():
-            block_n = int(key.split("/")[1])
-            if (block_m & (block_m - 1) or block_m < 1 or block_m * block_n > MAX_BLOCK_N
-                    or warps not in (1, 2, 4, 8, 16, 32) or not 1 <= per_sm <= 8):
-                continue
-            table[key] = (int(block_m), int(warps), int(per_sm), bool(prefetch[0]) if prefetch else True)
-        return table
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
-        return {}
+        block_m, warps, per_sm, *rest = (int(v) for v in entry)
+        block_n = int(key.split("/")[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    prefetch, stages = (bool(rest[0]) if rest else True), (rest[1] if len(rest) > 1 else 1)
+    if (block_m < 1 or block_m & (block_m - 1) or block_m * block_n > MAX_BLOCK_N
+            or warps not in (1, 2, 4, 8, 16, 32) or not 1 <= per_sm <= 8 or not 1 <= stages <= 6
+            or (stages > 1 and prefetch and key.startswith("bwd"))):   # the backward does one or the other
+        return None
+    return block_m, warps, per_sm, prefetch, stages
 
 
 @functools.lru_cache(maxsize=4096)
@@ -452,8 +498,9 @@ def fwd_config(n_cols: int, n_rows: int, programs_wanted: int, elem_size: int = 
     block_m = min(tuned[0] if tuned else max(1, FWD_TILE // block_n), next_power_of_2(max(n_rows, 1)))
     while block_m > 1 and block_m * block_n > 1024 and cdiv(n_rows, block_m) < programs_wanted:
         block_m //= 2
-    warps = tuned[1] if tuned and tuned[0] == block_m else _warps(block_m * block_n)
-    return TileConfig(block_m, block_n, warps)
+    if tuned and tuned[0] == block_m:
+        return TileConfig(block_m, block_n, tuned[1], tuned[2], stages=tuned[4])
+    return TileConfig(block_m, block_n, _warps(block_m * block_n))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -465,7 +512,7 @@ def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "") -> T
     block_n = _block_n(n_cols)
     tuned = tuned_table(gpu).get(tuned_key("bwd", block_n, elem_size))
     rows_cap = next_power_of_2(max(n_rows, 1))
-    if tuned and tuned[0] <= rows_cap:
+    if tuned and tuned[0] <= rows_cap and not (tuned[4] > 1 and block_n >= ACC_IN_MEMORY_COLS):
         return TileConfig(tuned[0], block_n, *tuned[1:])
     block_m = min(max(1, BWD_TILE // block_n), rows_cap)
     warps = _warps(block_m * block_n, BWD_PER_THREAD)
@@ -561,11 +608,14 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
         cfg = config or fwd_config(n_cols, n_rows, 2 * _sm_programs(device), x.element_size(), gpu_name(device))
         r, s_ = (residual, s) if residual is not None else (x, y)
         # Absent tensors are never read (constexpr flags): another tensor stands in as the pointer.
-        kernel[(cdiv(n_rows, cfg.block_m),)](
+        programs = cdiv(n_rows, cfg.block_m)
+        if cfg.stages > 1:   # persistent: programs_per_sm on every SM, each looping over tiles
+            programs = min(programs, _sm_programs(device) * cfg.programs_per_sm)
+        kernel[(programs,)](
             x, r, s_, x if weight is None else weight, x if bias is None else bias, y,
             rstd if mean is None else mean, rstd, x.stride(0), r.stride(0), s_.stride(0), y.stride(0),
             n_rows, n_cols, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **extra)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, num_warps=cfg.num_warps, **extra)
     return y, s, mean, rstd
 
 
@@ -590,6 +640,8 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         return dx, dw, db
     cfg = config or bwd_config(n_cols, n_rows, x.element_size(), gpu_name(device))
     programs = bwd_programs(cfg, n_rows, device)
+    acc_in_memory = cfg.block_n >= ACC_IN_MEMORY_COLS
+    stages = 1 if acc_in_memory else cfg.stages   # a pipelined load would read a partial row before its store
     n_params = int(weight is not None) + int(bias is not None)
     partial = torch.empty((max(n_params, 1), programs, n_cols), dtype=torch.float32, device=device)
     dw_partial, db_partial = partial[0], partial[n_params - 1]
@@ -602,8 +654,8 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         dy, dso, x, x if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_partial,
         db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
         HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC_IN_MEMORY=cfg.block_n >= ACC_IN_MEMORY_COLS,
-        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, **extra)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC_IN_MEMORY=acc_in_memory, PREFETCH=cfg.prefetch and stages == 1,
+        STAGES=stages, num_warps=cfg.num_warps, **extra)
     if n_params:
         block_c = max(32, min(256, cfg.block_n // 64))
         block_p = min(next_power_of_2(programs), max(1, 4096 // block_c))

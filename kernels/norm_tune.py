@@ -2,6 +2,7 @@
 
     python -m fusion_advisor.kernels.norm_tune                        # the 11 row lengths, bf16 and fp32
     python -m fusion_advisor.kernels.norm_tune --n 768,1024 --dtypes bfloat16
+    python -m fusion_advisor.kernels.norm_tune --jobs 12 --verbose          # compile in 12 processes first
 
 For each row length (padded to a power of two) and element size, a few tiles around the heuristic
 (`norm_core.fwd_config` / `bwd_config`) are timed on the heaviest member of the family, residual
@@ -26,7 +27,9 @@ ROW_LENGTHS = (64, 128, 256, 512, 768, 1024, 2048, 4096, 5120, 8192, 16384)
 
 
 def fwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
-    """Tiles of half, once and twice the heuristic's elements, at 8 or 16 elements a thread."""
+    """Tiles of half, once and twice the heuristic's elements, at 8 or 16 elements a thread, a
+    program per tile; and persistent programs (2 or 4 an SM) over tiles of once and twice the
+    heuristic's, their loop pipelined into 2 or 3 stages."""
     base = max(norm_core.FWD_TILE, block_n)
     out = []
     for tile in (base // 2, base, base * 2):
@@ -36,13 +39,22 @@ def fwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
             cfg = norm_core.TileConfig(tile // block_n, block_n, norm_core._warps(tile, per_thread))
             if cfg not in out:
                 out.append(cfg)
+    for tile in (base, base * 2):
+        if tile > 16384:
+            continue
+        for per_sm in (2, 4):
+            for stages in (2, 3):
+                out.append(norm_core.TileConfig(tile // block_n, block_n, norm_core._warps(tile), per_sm, True,
+                                                stages))
     return out
 
 
 def bwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
     """Tiles of 1024-4096 elements (one row where it is longer), 8 or 16 elements a thread (32 too
     for rows of 8192+), one or two programs an SM where a program has 8 warps or fewer; each with
-    and without the next tile's loads issued ahead (prefetch)."""
+    and without the next tile's loads issued ahead in registers (prefetch). Then, below the rows
+    whose sums go to memory, the loop pipelined by Triton (2-4 stages) in place of prefetch: tiles
+    of 2048 and 4096 elements at 8 a thread, 16 or 32 warps an SM."""
     out = []
     for tile in sorted({max(t, block_n) for t in (1024, 2048, 4096)}):
         for per_thread in (8, 16, 32) if block_n >= 8192 else (8, 16):
@@ -50,6 +62,14 @@ def bwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
             for per_sm in ((1, 2) if warps <= 8 else (1,)):
                 for prefetch in (True, False):
                     cfg = norm_core.TileConfig(tile // block_n, block_n, warps, per_sm, prefetch)
+                    if cfg not in out:
+                        out.append(cfg)
+    if block_n < norm_core.ACC_IN_MEMORY_COLS:
+        for tile in sorted({max(t, block_n) for t in (2048, 4096)}):
+            warps = min(16, norm_core._warps(tile, 8))
+            for per_sm in sorted({max(1, 16 // warps), max(1, 32 // warps)}):
+                for stages in (2, 3, 4):
+                    cfg = norm_core.TileConfig(tile // block_n, block_n, warps, per_sm, False, stages)
                     if cfg not in out:
                         out.append(cfg)
     return out
@@ -60,12 +80,9 @@ def _median_ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
-def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = 65536,
-             max_tensor_bytes: int = 1 << 27, log: Callable[[str], None] = print,
-             verbose: bool = False) -> dict[str, list[int]]:
-    """The fastest forward and backward tiles for rows of n elements of `dtype`: {tuned_key: [block_m,
-    num_warps, programs_per_sm(, prefetch)]}. A tile that fails to compile or run is skipped; with
-    `verbose`, every candidate's time is logged."""
+def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, max_tensor_bytes: int) -> dict:
+    """{"fwd" / "bwd": (candidates, call(cfg))} on the heaviest member of the family at `rows` rows
+    (fewer where a tensor would pass max_tensor_bytes)."""
     rows = max(1, min(rows, max_tensor_bytes // (n * dtype.itemsize)))
     torch.manual_seed(0)
     x, r, dso = (torch.randn(rows, n, device=device, dtype=dtype) for _ in range(3))
@@ -73,14 +90,23 @@ def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = 65536
     y, s, mean, rstd = norm_core.norm_fwd(x, r, w, b, 1e-5, rms=False, out_dtype=dtype, sum_dtype=dtype)
     dy = torch.randn_like(y)
     block_n = next_power_of_2(n)
-    runs = {
+    return {
         "fwd": (fwd_candidates(block_n), lambda cfg: norm_core.norm_fwd(
             x, r, w, b, 1e-5, rms=False, out_dtype=dtype, sum_dtype=dtype, config=cfg)),
         "bwd": (bwd_candidates(block_n), lambda cfg: norm_core.norm_bwd(
             dy, dso, s, w, b, mean, rstd, rms=False, residual=True, config=cfg)),
     }
+
+
+def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = 65536,
+             max_tensor_bytes: int = 1 << 27, log: Callable[[str], None] = print,
+             verbose: bool = False) -> dict[str, list[int]]:
+    """The fastest forward and backward tiles for rows of n elements of `dtype`: {tuned_key: [block_m,
+    num_warps, programs_per_sm, prefetch, stages]}. A tile that fails to compile or run is skipped;
+    with `verbose`, every candidate's time is logged."""
     chosen = {}
-    for kind, (candidates, call) in runs.items():
+    block_n = next_power_of_2(n)
+    for kind, (candidates, call) in _runs(n, dtype, device, rows, max_tensor_bytes).items():
         timed = []
         for cfg in candidates:
             try:
@@ -91,16 +117,50 @@ def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = 65536
                 log(f"    {kind} {tuple(cfg)} skipped: {type(exc).__name__}: {str(exc)[:120]}")
         if timed:
             ms, best = min(timed)
-            chosen[norm_core.tuned_key(kind, block_n, dtype.itemsize)] = [best.block_m, best.num_warps,
-                                                                          best.programs_per_sm, best.prefetch]
+            chosen[norm_core.tuned_key(kind, block_n, dtype.itemsize)] = [
+                best.block_m, best.num_warps, best.programs_per_sm, int(best.prefetch), best.stages]
             log(f"  {kind} N={n} {str(dtype).replace('torch.', '')}: {tuple(best)} {ms * 1e3:.1f} us "
                 f"(of {len(timed)}; slowest {max(timed)[0] * 1e3:.1f} us)")
     return chosen
 
 
-def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = print, verbose: bool = False) -> str:
+def compile_shard(n_values, dtypes, device: torch.device, shard: int, shards: int) -> int:
+    """Run (and so compile, into Triton's on-disk cache) every `shards`-th candidate from `shard` on,
+    untimed: `tune(jobs=K)` starts K of these at once, so its timing loop finds every kernel built
+    (a candidate compiles in ~1-2 s; the 11 row lengths have ~400). Returns how many ran."""
+    index = ran = 0
+    for n in n_values:
+        for dtype in dtypes:
+            for candidates, call in _runs(n, dtype, device, 65536, 1 << 27).values():
+                for cfg in candidates:
+                    if index % shards == shard:
+                        try:
+                            call(cfg)
+                            ran += 1
+                        except Exception:  # tune_one reports it
+                            pass
+                    index += 1
+    torch.cuda.synchronize()
+    return ran
+
+
+def _compile_in_parallel(n_values, dtypes, jobs: int, log: Callable[[str], None]) -> None:
+    import subprocess
+    import time
+    started = time.perf_counter()
+    argv = [sys.executable, "-m", "fusion_advisor.kernels.norm_tune", "--n", ",".join(map(str, n_values)),
+            "--dtypes", ",".join(str(d).replace("torch.", "") for d in dtypes)]
+    procs = [subprocess.Popen(argv + ["--compile-shard", f"{i}/{jobs}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(jobs)]
+    failed = [p.communicate()[1][-300:] for p in procs if p.wait() != 0]
+    log(f"  compiled the candidates in {jobs} processes in {time.perf_counter() - started:.0f} s"
+        + (f"; {len(failed)} failed: {failed[0]}" if failed else ""))
+
+
+def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = print, verbose: bool = False,
+         jobs: int = 1) -> str:
     """Search every (row length, dtype), merge into this GPU's file, make the launchers read it;
-    returns the file's path."""
+    returns the file's path. jobs > 1 first compiles the candidates in that many processes."""
     gpu = norm_core.gpu_name(device)
     if not gpu:
         raise RuntimeError("norm_tune: needs a CUDA GPU (the interpreter always uses the heuristic)")
@@ -109,12 +169,16 @@ def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = pr
         configs = json.loads(path.read_text(encoding="utf-8"))["configs"]
     except (OSError, ValueError, KeyError):
         configs = {}
+    if jobs > 1:
+        _compile_in_parallel(n_values, dtypes, jobs, log)
     for n in n_values:
         for dtype in dtypes:
             configs.update(tune_one(n, dtype, device, log=log, verbose=verbose))
+    import triton
     from fusion_advisor.core.files import atomic_output
     with atomic_output(path) as fh:
-        json.dump({"gpu": gpu, "torch": torch.__version__, "configs": dict(sorted(configs.items()))}, fh, indent=1)
+        json.dump({"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+                   "configs": dict(sorted(configs.items()))}, fh, indent=1)
     for cached in (norm_core.tuned_table, norm_core.fwd_config, norm_core.bwd_config):
         cached.cache_clear()
     return str(path)
@@ -125,12 +189,20 @@ def main(argv=None) -> int:
     ap.add_argument("--n", default=",".join(map(str, ROW_LENGTHS)), help="comma-separated row lengths")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--verbose", action="store_true", help="log every candidate tile's time")
+    ap.add_argument("--jobs", type=int, default=1, help="compile the candidates in this many processes first "
+                                                        "(the GPU machine's cores; the timing stays serial)")
+    ap.add_argument("--compile-shard", default=None, help=argparse.SUPPRESS)   # I/K: --jobs' workers
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: norm_tune needs a CUDA GPU", file=sys.stderr)
         return 3
     dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",") if d.strip()]
-    path = tune([int(v) for v in args.n.split(",") if v.strip()], dtypes, torch.device("cuda"), verbose=args.verbose)
+    n_values = [int(v) for v in args.n.split(",") if v.strip()]
+    if args.compile_shard:
+        shard, shards = (int(v) for v in args.compile_shard.split("/"))
+        compile_shard(n_values, dtypes, torch.device("cuda"), shard, shards)
+        return 0
+    path = tune(n_values, dtypes, torch.device("cuda"), verbose=args.verbose, jobs=args.jobs)
     print(f"wrote {path}")
     return 0
 

@@ -24,13 +24,15 @@
 #          then Gemma and Phi-3), then the HF patching tests (TESTS_TIMEOUT=0 leaves them out,
 #          BENCH_TIMEOUT=0 the bench).
 # sweep:   bench_norms.py over issue 14's row lengths (bf16, 65,536 rows) within NORMS_TIMEOUT.
+# tiles:   the pipelined norm loops' GPU tests, norm_tune over every row length (TUNE_JOBS compile
+#          processes), the table it wrote (OUT/tiles.json), then the sweep with it (COMPILE_JOBS).
 # tune:    the conv nets' norms where they lost: bench_batch_norm.py (ResNet-50's BN -> ReLU shapes vs eager
 #          and compile, then its --sweep of batch_norm_core's tiles and splits) and bench_channel_norm.py
 #          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), cross_entropy's
 #          bench shapes (GPT-2's vocabulary among them: its backward recomputes since 2026-12-07), then the zoo
 #          (ZOO_MODELS, ZOO_BUDGET) with what is left of the window.
 set -uo pipefail
-usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tune OUT_DIR"
+usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune OUT_DIR"
 phase=${1:?$usage}
 out=$(realpath -m "${2:?$usage}")
 repo=$(pwd)
@@ -166,6 +168,23 @@ sweep)
       --time-budget $(( ${NORMS_TIMEOUT:-560} - 30 )) ${NORMS_ARGS:-} --out "$out/bench-norms-sweep.csv" \
       >"$out/bench-norms-sweep.txt" 2>&1
   echo "bench_norms sweep: rc $?"; tail -70 "$out/bench-norms-sweep.txt"
+  ;;
+tiles)
+  # issue 14: the pipelined norm loops on the GPU, then norm_tune's search over every row length (bf16;
+  # TUNE_DTYPES) with the candidates compiled in TUNE_JOBS processes; its table comes back as tiles.json
+  # (for kernels/tiles/), and the sweep runs with it, compiling its shapes in COMPILE_JOBS processes first
+  timeout 120 python3 -m pytest -q tests/kernels/test_norm_core.py -k "pipelined or every_row_regime" \
+      >"$out/gpu-tests-tiles.txt" 2>&1
+  echo "pipelined tests: rc $?"; tail -3 "$out/gpu-tests-tiles.txt"
+  timeout ${TUNE_TIMEOUT:-200} python3 -m fusion_advisor.kernels.norm_tune --jobs ${TUNE_JOBS:-12} --verbose \
+      --dtypes ${TUNE_DTYPES:-bfloat16} ${TUNE_ARGS:-} >"$out/norm-tune.txt" 2>&1
+  echo "norm_tune: rc $?"; grep -E "^  (fwd|bwd)|compiled|wrote|rror" "$out/norm-tune.txt"
+  python3 -c "import torch; from fusion_advisor.kernels import norm_core; print(norm_core.tuned_path(torch.cuda.get_device_name()))" \
+      | xargs -I{} cp {} "$out/tiles.json"
+  t=${NORMS_TIMEOUT:-300}
+  timeout $t python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 --compile-jobs ${COMPILE_JOBS:-8} \
+      --time-budget $((t - 30)) ${NORMS_ARGS:-} --out "$out/bench-norms-sweep.csv" >"$out/bench-norms-sweep.txt" 2>&1
+  echo "bench_norms sweep: rc $?"; grep -v "^    (" "$out/bench-norms-sweep.txt" | tail -60
   ;;
 tune)
   timeout 150 python3 benchmarks/bench_batch_norm.py --out "$out/bench-batch-norm.csv" >"$out/bench-batch-norm.txt" 2>&1

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import json
+import pathlib
 
 from fusion_advisor.kernels import add_layer_norm, add_rms_norm, group_norm, layer_norm, norm_core, norm_tune, rms_norm
 from fusion_advisor.kernels.tolerances import tolerance
@@ -86,6 +87,37 @@ def test_parameter_sums_added_to_memory_every_tile(dtype, device, monkeypatch):
     check_against_reference(layer_norm.PATTERN, params, device, reduced_grads=(2, 3))
     check_against_reference(add_layer_norm.PATTERN, {**params, "bias": False}, device, reduced_grads=(3, 4))
     check_against_reference(group_norm.PATTERN, {**params, "num_groups": 4}, device, reduced_grads=(2, 3))
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pipelined_persistent_tiles_in_both_passes(stages, dtype, device, monkeypatch):
+    # stages > 1: the forward turns persistent too. 4 rows a tile over 301 rows of 96 (padded to 128)
+    # make 76 tiles, the last one short; 2 programs an SM (8 in the interpreter, 264 on an H100 with
+    # fewer tiles than that on a GPU, so the GPU run uses 9001 rows).
+    rows = 9001 if device.type == "cuda" else 301
+    fwd = norm_core.TileConfig(4, 128, 4, 2, True, stages)
+    bwd = norm_core.TileConfig(4, 128, 4, 2, False, stages)
+    monkeypatch.setattr(norm_core, "fwd_config", lambda *a: fwd)
+    monkeypatch.setattr(norm_core, "bwd_config", lambda *a: bwd)
+    params = {"shape": [rows, 96], "dtype": dtype, "eps": 1e-5}
+    check_against_reference(rms_norm.PATTERN, params, device, reduced_grads=(1,))
+    check_against_reference(add_layer_norm.PATTERN, params, device, reduced_grads=(3, 4))
+    check_against_reference(group_norm.PATTERN, {"shape": [rows, 128], "num_groups": 4, "dtype": dtype},
+                            device, reduced_grads=(2, 3))
+
+
+def test_pipelined_backward_never_reads_partial_rows_ahead(device, monkeypatch):
+    # Rows long enough to add their sums to memory every tile read the row back the tile after:
+    # the launcher runs that loop unpipelined whatever the config says.
+    monkeypatch.setattr(norm_core, "ACC_IN_MEMORY_COLS", 64)
+    monkeypatch.setattr(norm_core, "bwd_config", lambda *a: norm_core.TileConfig(8, 64, 4, 2, False, 3))
+    with recorded_launches() as launches:   # records the interpreter's launches (none on a GPU)
+        check_against_reference(layer_norm.PATTERN, {"shape": [300, 64], "dtype": "float32"}, device,
+                                reduced_grads=(2, 3))
+    bwd = [launch for launch in launches if launch["name"] == "_layer_norm_bwd_kernel"]
+    assert all(launch["args"]["STAGES"][1] == 1 for launch in bwd)
+    assert bwd or device.type == "cuda"
 
 
 def test_backward_programs_get_unequal_numbers_of_tiles(device):
@@ -196,6 +228,45 @@ def test_tuned_table_is_read_for_its_gpu_and_ignored_when_broken():
             cached.cache_clear()
 
 
+def test_tuned_entries_with_stages_and_the_shipped_table(tmp_path, monkeypatch):
+    gpu = "NVIDIA Other Fake GPU"
+    caches = (norm_core.tuned_table, norm_core.fwd_config, norm_core.bwd_config)
+    shipped = tmp_path / "shipped.json"
+    monkeypatch.setattr(norm_core, "shipped_path", lambda name: shipped)
+    try:
+        # no file in the user cache: the shipped one answers
+        shipped.write_text(json.dumps({"configs": {
+            "bwd/2048/2": [1, 8, 2, 0, 3],     # pipelined, 3 stages
+            "bwd/4096/2": [1, 16, 1, 1, 2],    # prefetch and stages together: not a tile
+            "bwd/16384/2": [1, 16, 1, 0, 2],   # pipelined where the sums go to memory: the heuristic
+            "fwd/256/2": [16, 8, 4, 1, 2]}}))  # a persistent forward
+        assert norm_core.bwd_config(2048, 65536, 2, gpu) == norm_core.TileConfig(1, 2048, 8, 2, False, 3)
+        assert norm_core.bwd_config(4096, 65536, 2, gpu) == norm_core.bwd_config(4096, 65536)
+        assert norm_core.bwd_config(16384, 65536, 2, gpu) == norm_core.bwd_config(16384, 65536)
+        assert norm_core.fwd_config(256, 65536, 264, 2, gpu) == norm_core.TileConfig(16, 256, 8, 4, stages=2)
+        # the user's own search wins over the shipped table
+        user = norm_core.tuned_path(gpu)
+        user.parent.mkdir(parents=True, exist_ok=True)
+        user.write_text(json.dumps({"configs": {"bwd/2048/2": [1, 8, 1, 1]}}))
+        for cached in caches:
+            cached.cache_clear()
+        assert norm_core.bwd_config(2048, 65536, 2, gpu) == norm_core.TileConfig(1, 2048, 8, 1, True, 1)
+        user.unlink()
+    finally:
+        for cached in caches:
+            cached.cache_clear()
+
+
+def test_shipped_tile_tables_are_valid_tiles():
+    shipped = sorted((pathlib.Path(norm_core.__file__).parent / "tiles").glob("*.json"))
+    for path in shipped:
+        data = json.loads(path.read_text())
+        assert data["gpu"] and data["torch"] and data["triton"], path.name
+        assert norm_core.shipped_path(data["gpu"]) == path
+        for key, entry in data["configs"].items():
+            assert norm_core._tuned_entry(key, entry) is not None, (path.name, key, entry)
+
+
 @pytest.mark.parametrize("n", (64, 1024, 16384))
 def test_tune_candidates_surround_the_heuristic(n):
     fwds, bwds = norm_tune.fwd_candidates(n), norm_tune.bwd_candidates(n)
@@ -224,7 +295,7 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
         types.update({name: "*fp32" for name in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")})
         consts = {"HAS_DS_OUT": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
                   "BLOCK_N": cfg.block_n, "ACC_IN_MEMORY": cfg.block_n >= norm_core.ACC_IN_MEMORY_COLS,
-                  "PREFETCH": cfg.prefetch}
+                  "PREFETCH": cfg.prefetch, "STAGES": cfg.stages}
         cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": "_add_layer_norm_bwd_kernel",
                       "types": types, "constexprs": consts, "num_warps": cfg.num_warps,
                       "unaligned": ["n_rows"]})   # what the JIT sees for N % 16 == 0
