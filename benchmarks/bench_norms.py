@@ -138,6 +138,23 @@ def set_tiles(args) -> str:
             f"/{norm_core.WARPS_PER_SM}w/mem{norm_core.ACC_IN_MEMORY_COLS}/pf{norm_core.BWD_PREFETCH_TILE}")
 
 
+# A provider whose one call takes longer is left out of that pass: timing it would spend the sweep's
+# budget (Liger's group_norm backward on (rows, N) inputs took ~4 s a call on an H100, 73 s a shape).
+SLOW_CALL_S = 0.25
+
+
+def one_call_s(work, fn) -> float:
+    """Seconds one call of fn takes on set 0 (after a first call that compiles and warms)."""
+    import torch
+    for _ in range(2):
+        work.clear_grads(0)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        work.call(fn, 0)()
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def provider_fn(pattern, provider: str, measure):
     if provider == "compile-max":
         import torch
@@ -164,6 +181,10 @@ def bench_one(pattern, params, providers, device, env, copy_bw, rep_ms, warmup_m
         times = {}
         for provider, fn in fns.items():
             try:
+                call_s = one_call_s(work, fn)
+                if call_s > SLOW_CALL_S and provider != "triton":
+                    print(f"    {provider} {pass_}: left out, {call_s:.2f} s a call", flush=True)
+                    continue
                 times[provider] = time_calls(work.calls(fn), device, before=work.clear_grads,
                                                      warmup_ms=warmup_ms, rep_ms=rep_ms)
             except Exception as exc:  # one provider failing (Liger on an odd shape) must not lose the others

@@ -459,18 +459,23 @@ def tuned_key(kind: str, block_n: int, elem_size: int) -> str:
 @functools.lru_cache(maxsize=None)
 def tuned_table(gpu: str) -> dict[str, tuple[int, int, int, bool, int]]:
     """{tuned_key: (block_m, num_warps, programs_per_sm, prefetch, stages)} searched on this GPU model
-    by norm_tune.py, read once: the user cache dir's file (`tuned_path`), else the one measured here
-    and shipped in kernels/tiles/; empty without a GPU name or either file, and any entry that is not
-    a valid tile is left out (the heuristic answers for it)."""
-    if not gpu:
-        return {}
-    for path in (tuned_path(gpu), shipped_path(gpu)):
+    by norm_tune.py, read once: the table measured here and shipped in kernels/tiles/, with the
+    user's own search (the cache dir's file, `tuned_path`) over it key by key. Empty without a GPU
+    name or either file; an entry that is not a valid tile is left out (the heuristic answers)."""
+    return {key: cfg for key, entry in tuned_entries(gpu).items() if (cfg := _tuned_entry(key, entry)) is not None}
+
+
+def tuned_entries(gpu: str) -> dict:
+    """The raw entries of the shipped table and the user's file for `gpu`, the user's winning."""
+    entries = {}
+    for path in (shipped_path(gpu), tuned_path(gpu)) if gpu else ():
         try:
             configs = json.loads(path.read_text(encoding="utf-8"))["configs"]
-            return {key: cfg for key, entry in configs.items() if (cfg := _tuned_entry(key, entry)) is not None}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            if isinstance(configs, dict):
+                entries.update(configs)
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-    return {}
+    return entries
 
 
 def _tuned_entry(key: str, entry) -> Optional[tuple[int, int, int, bool, int]]:

@@ -6,8 +6,8 @@
 
 For each row length (padded to a power of two) and element size, a few tiles around the heuristic
 (`norm_core.fwd_config` / `bwd_config`) are timed on the heaviest member of the family, residual
-add + LayerNorm with weight, bias and the returned residual's grad, at 64k rows (fewer where a
-tensor would pass 2^27 bytes); the fastest forward and backward tiles are merged into
+add + LayerNorm with weight, bias and the returned residual's grad, at up to 1M rows (fewer where a
+tensor would pass 2^27 bytes: 65,536 at 1024 bf16); the fastest forward and backward tiles are merged into
 `norm_core.tuned_path(GPU name)` under the user cache dir. A user's calls never search: without
 that file (or in the interpreter) the heuristic answers.
 """
@@ -84,7 +84,7 @@ def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, max_tenso
     """{"fwd" / "bwd": (candidates, call(cfg))} on the heaviest member of the family at `rows` rows
     (fewer where a tensor would pass max_tensor_bytes)."""
     rows = max(1, min(rows, max_tensor_bytes // (n * dtype.itemsize)))
-    torch.manual_seed(0)
+    torch.manual_seed(0)   # (rows: a multiple of 16 at every row length, as Triton specialises n_rows)
     x, r, dso = (torch.randn(rows, n, device=device, dtype=dtype) for _ in range(3))
     w, b = torch.randn(n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)
     y, s, mean, rstd = norm_core.norm_fwd(x, r, w, b, 1e-5, rms=False, out_dtype=dtype, sum_dtype=dtype)
@@ -98,7 +98,11 @@ def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, max_tenso
     }
 
 
-def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = 65536,
+TUNE_ROWS = 1 << 20   # up to 1M rows within 2^27-byte tensors: 1M at N = 64 (65,536 rows fit in L2's 50 MB
+                      # there, and chose tiles 8 MB of data favours), 65,536 at N = 1024 in bf16
+
+
+def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = TUNE_ROWS,
              max_tensor_bytes: int = 1 << 27, log: Callable[[str], None] = print,
              verbose: bool = False) -> dict[str, list[int]]:
     """The fastest forward and backward tiles for rows of n elements of `dtype`: {tuned_key: [block_m,
@@ -131,7 +135,7 @@ def compile_shard(n_values, dtypes, device: torch.device, shard: int, shards: in
     index = ran = 0
     for n in n_values:
         for dtype in dtypes:
-            for candidates, call in _runs(n, dtype, device, 65536, 1 << 27).values():
+            for candidates, call in _runs(n, dtype, device, TUNE_ROWS, 1 << 27).values():
                 for cfg in candidates:
                     if index % shards == shard:
                         try:
@@ -165,10 +169,7 @@ def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = pr
     if not gpu:
         raise RuntimeError("norm_tune: needs a CUDA GPU (the interpreter always uses the heuristic)")
     path = norm_core.tuned_path(gpu)
-    try:
-        configs = json.loads(path.read_text(encoding="utf-8"))["configs"]
-    except (OSError, ValueError, KeyError):
-        configs = {}
+    configs = norm_core.tuned_entries(gpu)   # the shipped table and earlier searches: this one goes over them
     if jobs > 1:
         _compile_in_parallel(n_values, dtypes, jobs, log)
     for n in n_values:

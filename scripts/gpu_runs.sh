@@ -173,9 +173,11 @@ tiles)
   # issue 14: the pipelined norm loops on the GPU, then norm_tune's search over every row length (bf16;
   # TUNE_DTYPES) with the candidates compiled in TUNE_JOBS processes; its table comes back as tiles.json
   # (for kernels/tiles/), and the sweep runs with it, compiling its shapes in COMPILE_JOBS processes first
-  timeout 120 python3 -m pytest -q tests/kernels/test_norm_core.py -k "pipelined or every_row_regime" \
-      >"$out/gpu-tests-tiles.txt" 2>&1
-  echo "pipelined tests: rc $?"; tail -3 "$out/gpu-tests-tiles.txt"
+  if [ "${TESTS_TIMEOUT:-120}" -gt 0 ]; then   # TESTS_TIMEOUT=0 leaves the tests out
+    timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q tests/kernels/test_norm_core.py -k "pipelined or every_row_regime" \
+        >"$out/gpu-tests-tiles.txt" 2>&1
+    echo "pipelined tests: rc $?"; tail -3 "$out/gpu-tests-tiles.txt"
+  fi
   timeout ${TUNE_TIMEOUT:-200} python3 -m fusion_advisor.kernels.norm_tune --jobs ${TUNE_JOBS:-12} --verbose \
       --dtypes ${TUNE_DTYPES:-bfloat16} ${TUNE_ARGS:-} >"$out/norm-tune.txt" 2>&1
   echo "norm_tune: rc $?"; grep -E "^  (fwd|bwd)|compiled|wrote|rror" "$out/norm-tune.txt"
