@@ -452,8 +452,17 @@ def shipped_path(gpu: str) -> Path:
     return Path(__file__).resolve().parent / "tiles" / tuned_path(gpu).name
 
 
-def tuned_key(kind: str, block_n: int, elem_size: int) -> str:
-    return f"{kind}/{block_n}/{elem_size}"
+def tuned_key(kind: str, block_n: int, elem_size: int, residual: bool = True) -> str:
+    """"fwd/1024/2": tiles searched on the residual add + norm (two inputs read, two outputs written
+    a row); "fwd-plain/1024/2": on the norm alone, where the best tile can differ (LayerNorm's
+    forward at 262,144 x 512 bf16 on an H100: 82 % of copy on the add + norm's tile)."""
+    return f"{kind}{'' if residual else '-plain'}/{block_n}/{elem_size}"
+
+
+def _tuned(gpu: str, kind: str, block_n: int, elem_size: int, residual: bool):
+    """The tuned tile for this family, else the residual family's (the one every table has)."""
+    table = tuned_table(gpu)
+    return table.get(tuned_key(kind, block_n, elem_size, residual)) or table.get(tuned_key(kind, block_n, elem_size))
 
 
 @functools.lru_cache(maxsize=None)
@@ -494,12 +503,13 @@ def _tuned_entry(key: str, entry) -> Optional[tuple[int, int, int, bool, int]]:
 
 
 @functools.lru_cache(maxsize=4096)
-def fwd_config(n_cols: int, n_rows: int, programs_wanted: int, elem_size: int = 2, gpu: str = "") -> TileConfig:
+def fwd_config(n_cols: int, n_rows: int, programs_wanted: int, elem_size: int = 2, gpu: str = "",
+               residual: bool = True) -> TileConfig:
     """Rows stacked up to FWD_TILE elements a program (or as norm_tune.py chose on `gpu`), fewer
     while that leaves fewer than `programs_wanted` programs (twice the SMs: every SM busy), never
     more rows than there are."""
     block_n = _block_n(n_cols)
-    tuned = tuned_table(gpu).get(tuned_key("fwd", block_n, elem_size))
+    tuned = _tuned(gpu, "fwd", block_n, elem_size, residual)
     block_m = min(tuned[0] if tuned else max(1, FWD_TILE // block_n), next_power_of_2(max(n_rows, 1)))
     while block_m > 1 and block_m * block_n > 1024 and cdiv(n_rows, block_m) < programs_wanted:
         block_m //= 2
@@ -509,13 +519,13 @@ def fwd_config(n_cols: int, n_rows: int, programs_wanted: int, elem_size: int = 
 
 
 @functools.lru_cache(maxsize=4096)
-def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "") -> TileConfig:
+def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "", residual: bool = True) -> TileConfig:
     """Rows stacked up to BWD_TILE elements an iteration, BWD_PER_THREAD a thread: the registers
     (dy, x, two fp32 accumulators and the addresses) leave room for two 8-warp programs an SM,
     one's loads overlapping the other's reductions. Rows of 4096+ take 16-32 warps, one program.
     Where norm_tune.py searched this row length on `gpu`, its choice."""
     block_n = _block_n(n_cols)
-    tuned = tuned_table(gpu).get(tuned_key("bwd", block_n, elem_size))
+    tuned = _tuned(gpu, "bwd", block_n, elem_size, residual)
     rows_cap = next_power_of_2(max(n_rows, 1))
     if tuned and tuned[0] <= rows_cap and not (tuned[4] > 1 and block_n >= ACC_IN_MEMORY_COLS):
         return TileConfig(tuned[0], block_n, *tuned[1:])
@@ -610,7 +620,8 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
         _check_segments(n_cols, segments, rms, residual is not None)
         kernel, extra = _group_norm_rows_fwd_kernel, {"SEGMENTS": next_power_of_2(segments)}
     if n_rows and n_cols:
-        cfg = config or fwd_config(n_cols, n_rows, 2 * _sm_programs(device), x.element_size(), gpu_name(device))
+        cfg = config or fwd_config(n_cols, n_rows, 2 * _sm_programs(device), x.element_size(), gpu_name(device),
+                                   residual is not None)
         r, s_ = (residual, s) if residual is not None else (x, y)
         # Absent tensors are never read (constexpr flags): another tensor stands in as the pointer.
         programs = cdiv(n_rows, cfg.block_m)
@@ -643,7 +654,7 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
             if g is not None:
                 g.zero_()
         return dx, dw, db
-    cfg = config or bwd_config(n_cols, n_rows, x.element_size(), gpu_name(device))
+    cfg = config or bwd_config(n_cols, n_rows, x.element_size(), gpu_name(device), residual)
     programs = bwd_programs(cfg, n_rows, device)
     acc_in_memory = cfg.block_n >= ACC_IN_MEMORY_COLS
     stages = 1 if acc_in_memory else cfg.stages   # a pipelined load would read a partial row before its store

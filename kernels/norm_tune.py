@@ -4,12 +4,14 @@
     python -m fusion_advisor.kernels.norm_tune --n 768,1024 --dtypes bfloat16
     python -m fusion_advisor.kernels.norm_tune --jobs 12 --verbose          # compile in 12 processes first
 
-For each row length (padded to a power of two) and element size, a few tiles around the heuristic
-(`norm_core.fwd_config` / `bwd_config`) are timed on the heaviest member of the family, residual
-add + LayerNorm with weight, bias and the returned residual's grad, at up to 1M rows (fewer where a
+For each row length (padded to a power of two), element size and family, a few tiles around the
+heuristic (`norm_core.fwd_config` / `bwd_config`) are timed on the family's heaviest member: residual
+add + LayerNorm with weight, bias and the returned residual's grad ("add"), LayerNorm with weight
+and bias ("plain": RMSNorm and GroupNorm over channels read its tiles too), at up to 1M rows (fewer where a
 tensor would pass 2^27 bytes: 65,536 at 1024 bf16); the fastest forward and backward tiles are merged into
-`norm_core.tuned_path(GPU name)` under the user cache dir. A user's calls never search: without
-that file (or in the interpreter) the heuristic answers.
+`norm_core.tuned_path(GPU name)` under the user cache dir, over the table shipped for that GPU in
+kernels/tiles/ (copy the file there to ship a search). A user's calls never search: where neither
+file has the row length (and in the interpreter) the heuristic answers.
 """
 from __future__ import annotations
 
@@ -80,13 +82,20 @@ def _median_ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
-def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, max_tensor_bytes: int) -> dict:
+FAMILIES = ("add", "plain")   # tuned_key's two: residual add + LayerNorm, and LayerNorm alone
+
+
+def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, max_tensor_bytes: int,
+          family: str = "add") -> dict:
     """{"fwd" / "bwd": (candidates, call(cfg))} on the heaviest member of the family at `rows` rows
-    (fewer where a tensor would pass max_tensor_bytes)."""
+    (fewer where a tensor would pass max_tensor_bytes): LayerNorm with weight and bias, after a
+    residual add whose returned sum gets a grad too ("add") or alone ("plain")."""
     rows = max(1, min(rows, max_tensor_bytes // (n * dtype.itemsize)))
     torch.manual_seed(0)   # (rows: a multiple of 16 at every row length, as Triton specialises n_rows)
     x, r, dso = (torch.randn(rows, n, device=device, dtype=dtype) for _ in range(3))
     w, b = torch.randn(n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)
+    if family == "plain":
+        r = dso = None
     y, s, mean, rstd = norm_core.norm_fwd(x, r, w, b, 1e-5, rms=False, out_dtype=dtype, sum_dtype=dtype)
     dy = torch.randn_like(y)
     block_n = next_power_of_2(n)
@@ -94,7 +103,7 @@ def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, max_tenso
         "fwd": (fwd_candidates(block_n), lambda cfg: norm_core.norm_fwd(
             x, r, w, b, 1e-5, rms=False, out_dtype=dtype, sum_dtype=dtype, config=cfg)),
         "bwd": (bwd_candidates(block_n), lambda cfg: norm_core.norm_bwd(
-            dy, dso, s, w, b, mean, rstd, rms=False, residual=True, config=cfg)),
+            dy, dso, x if s is None else s, w, b, mean, rstd, rms=False, residual=r is not None, config=cfg)),
     }
 
 
@@ -104,56 +113,56 @@ TUNE_ROWS = 1 << 20   # up to 1M rows within 2^27-byte tensors: 1M at N = 64 (65
 
 def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = TUNE_ROWS,
              max_tensor_bytes: int = 1 << 27, log: Callable[[str], None] = print,
-             verbose: bool = False) -> dict[str, list[int]]:
+             verbose: bool = False, family: str = "add") -> dict[str, list[int]]:
     """The fastest forward and backward tiles for rows of n elements of `dtype`: {tuned_key: [block_m,
     num_warps, programs_per_sm, prefetch, stages]}. A tile that fails to compile or run is skipped;
     with `verbose`, every candidate's time is logged."""
     chosen = {}
     block_n = next_power_of_2(n)
-    for kind, (candidates, call) in _runs(n, dtype, device, rows, max_tensor_bytes).items():
+    for kind, (candidates, call) in _runs(n, dtype, device, rows, max_tensor_bytes, family).items():
         timed = []
         for cfg in candidates:
             try:
                 timed.append((_median_ms(lambda cfg=cfg: call(cfg)), cfg))
                 if verbose:
-                    log(f"    {kind} N={n} {tuple(cfg)}: {timed[-1][0] * 1e3:.1f} us")
+                    log(f"    {kind} {family} N={n} {tuple(cfg)}: {timed[-1][0] * 1e3:.1f} us")
             except Exception as exc:  # out of registers or shared memory on this GPU: not a candidate
                 log(f"    {kind} {tuple(cfg)} skipped: {type(exc).__name__}: {str(exc)[:120]}")
         if timed:
             ms, best = min(timed)
-            chosen[norm_core.tuned_key(kind, block_n, dtype.itemsize)] = [
+            chosen[norm_core.tuned_key(kind, block_n, dtype.itemsize, family == "add")] = [
                 best.block_m, best.num_warps, best.programs_per_sm, int(best.prefetch), best.stages]
-            log(f"  {kind} N={n} {str(dtype).replace('torch.', '')}: {tuple(best)} {ms * 1e3:.1f} us "
+            log(f"  {kind} {family} N={n} {str(dtype).replace('torch.', '')}: {tuple(best)} {ms * 1e3:.1f} us "
                 f"(of {len(timed)}; slowest {max(timed)[0] * 1e3:.1f} us)")
     return chosen
 
 
-def compile_shard(n_values, dtypes, device: torch.device, shard: int, shards: int) -> int:
+def compile_shard(n_values, dtypes, device: torch.device, shard: int, shards: int,
+                  families=FAMILIES) -> int:
     """Run (and so compile, into Triton's on-disk cache) every `shards`-th candidate from `shard` on,
     untimed: `tune(jobs=K)` starts K of these at once, so its timing loop finds every kernel built
     (a candidate compiles in ~1-2 s; the 11 row lengths have ~400). Returns how many ran."""
     index = ran = 0
-    for n in n_values:
-        for dtype in dtypes:
-            for candidates, call in _runs(n, dtype, device, TUNE_ROWS, 1 << 27).values():
-                for cfg in candidates:
-                    if index % shards == shard:
-                        try:
-                            call(cfg)
-                            ran += 1
-                        except Exception:  # tune_one reports it
-                            pass
-                    index += 1
+    for n, dtype, family in ((n, d, f) for n in n_values for d in dtypes for f in families):
+        for candidates, call in _runs(n, dtype, device, TUNE_ROWS, 1 << 27, family).values():
+            for cfg in candidates:
+                if index % shards == shard:
+                    try:
+                        call(cfg)
+                        ran += 1
+                    except Exception:  # tune_one reports it
+                        pass
+                index += 1
     torch.cuda.synchronize()
     return ran
 
 
-def _compile_in_parallel(n_values, dtypes, jobs: int, log: Callable[[str], None]) -> None:
+def _compile_in_parallel(n_values, dtypes, families, jobs: int, log: Callable[[str], None]) -> None:
     import subprocess
     import time
     started = time.perf_counter()
     argv = [sys.executable, "-m", "fusion_advisor.kernels.norm_tune", "--n", ",".join(map(str, n_values)),
-            "--dtypes", ",".join(str(d).replace("torch.", "") for d in dtypes)]
+            "--dtypes", ",".join(str(d).replace("torch.", "") for d in dtypes), "--families", ",".join(families)]
     procs = [subprocess.Popen(argv + ["--compile-shard", f"{i}/{jobs}"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for i in range(jobs)]
     failed = [p.communicate()[1][-300:] for p in procs if p.wait() != 0]
@@ -162,7 +171,7 @@ def _compile_in_parallel(n_values, dtypes, jobs: int, log: Callable[[str], None]
 
 
 def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = print, verbose: bool = False,
-         jobs: int = 1) -> str:
+         jobs: int = 1, families=FAMILIES) -> str:
     """Search every (row length, dtype), merge into this GPU's file, make the launchers read it;
     returns the file's path. jobs > 1 first compiles the candidates in that many processes."""
     gpu = norm_core.gpu_name(device)
@@ -171,10 +180,11 @@ def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = pr
     path = norm_core.tuned_path(gpu)
     configs = norm_core.tuned_entries(gpu)   # the shipped table and earlier searches: this one goes over them
     if jobs > 1:
-        _compile_in_parallel(n_values, dtypes, jobs, log)
+        _compile_in_parallel(n_values, dtypes, families, jobs, log)
     for n in n_values:
         for dtype in dtypes:
-            configs.update(tune_one(n, dtype, device, log=log, verbose=verbose))
+            for family in families:
+                configs.update(tune_one(n, dtype, device, log=log, verbose=verbose, family=family))
     import triton
     from fusion_advisor.core.files import atomic_output
     with atomic_output(path) as fh:
@@ -189,6 +199,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", default=",".join(map(str, ROW_LENGTHS)), help="comma-separated row lengths")
     ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--families", default=",".join(FAMILIES),
+                    help="add: tiles for the residual add + norm patterns; plain: for the norms alone")
     ap.add_argument("--verbose", action="store_true", help="log every candidate tile's time")
     ap.add_argument("--jobs", type=int, default=1, help="compile the candidates in this many processes first "
                                                         "(the GPU machine's cores; the timing stays serial)")
@@ -199,11 +211,14 @@ def main(argv=None) -> int:
         return 3
     dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",") if d.strip()]
     n_values = [int(v) for v in args.n.split(",") if v.strip()]
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    if any(f not in FAMILIES for f in families):
+        ap.error(f"--families: of {', '.join(FAMILIES)}")
     if args.compile_shard:
         shard, shards = (int(v) for v in args.compile_shard.split("/"))
-        compile_shard(n_values, dtypes, torch.device("cuda"), shard, shards)
+        compile_shard(n_values, dtypes, torch.device("cuda"), shard, shards, families)
         return 0
-    path = tune(n_values, dtypes, torch.device("cuda"), verbose=args.verbose, jobs=args.jobs)
+    path = tune(n_values, dtypes, torch.device("cuda"), verbose=args.verbose, jobs=args.jobs, families=families)
     print(f"wrote {path}")
     return 0
 

@@ -224,3 +224,15 @@ def test_after_the_cuda_context_is_lost_later_clusters_say_so(monkeypatch):
 def test_context_lost_is_none_off_the_gpu():
     from fusion_advisor.bench import context_lost
     assert context_lost(None) is None and context_lost(torch.device("cpu")) is None
+
+
+def test_forward_backward_returns_grads_rather_than_accumulating_them():
+    # A model's grads flow on to the layer before; into leaves' .grad, the one tensor an add + norm
+    # returns for x and the residual would be cloned for the second, a cost no model pays.
+    from fusion_advisor.kernels import add_rms_norm
+    params = {"shape": [8, 64], "dtype": "float32", "eps": 1e-6}
+    work = measure.build_workload(add_rms_norm.PATTERN, params, torch.device("cpu"), backward=True)
+    inputs = work.sets[0]
+    assert len(inputs.grad_inputs) >= 3   # x, residual and the weight
+    work.call(add_rms_norm.PATTERN.reference, 0)()
+    assert all(inputs.args[i].grad is None for i in inputs.grad_inputs)   # computed, returned, not accumulated

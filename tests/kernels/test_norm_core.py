@@ -239,11 +239,15 @@ def test_tuned_entries_with_stages_and_the_shipped_table(tmp_path, monkeypatch):
             "bwd/2048/2": [1, 8, 2, 0, 3],     # pipelined, 3 stages
             "bwd/4096/2": [1, 16, 1, 1, 2],    # prefetch and stages together: not a tile
             "bwd/16384/2": [1, 16, 1, 0, 2],   # pipelined where the sums go to memory: the heuristic
-            "fwd/256/2": [16, 8, 4, 1, 2]}}))  # a persistent forward
+            "fwd/256/2": [16, 8, 4, 1, 2],     # a persistent forward
+            "fwd-plain/256/2": [4, 4, 1, 1, 1]}}))   # the norm without a residual: its own tile
         assert norm_core.bwd_config(2048, 65536, 2, gpu) == norm_core.TileConfig(1, 2048, 8, 2, False, 3)
         assert norm_core.bwd_config(4096, 65536, 2, gpu) == norm_core.bwd_config(4096, 65536)
         assert norm_core.bwd_config(16384, 65536, 2, gpu) == norm_core.bwd_config(16384, 65536)
         assert norm_core.fwd_config(256, 65536, 264, 2, gpu) == norm_core.TileConfig(16, 256, 8, 4, stages=2)
+        assert norm_core.fwd_config(256, 65536, 264, 2, gpu, False) == norm_core.TileConfig(4, 256, 4, 1)
+        # no plain tile searched at 2048: the residual family's answers
+        assert norm_core.bwd_config(2048, 65536, 2, gpu, False) == norm_core.bwd_config(2048, 65536, 2, gpu)
         # the user's own search wins over the shipped table
         user = norm_core.tuned_path(gpu)
         user.parent.mkdir(parents=True, exist_ok=True)
