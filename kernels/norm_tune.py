@@ -37,7 +37,7 @@ def fwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
     for tile in (base // 2, base, base * 2):
         if tile < block_n or tile > 16384:
             continue
-        for per_thread in (8, 16):
+        for per_thread in (8, 16, 32) if block_n >= 8192 else (8, 16):   # 32: 16 warps, four programs an SM
             cfg = norm_core.TileConfig(tile // block_n, block_n, norm_core._warps(tile, per_thread))
             if cfg not in out:
                 out.append(cfg)
