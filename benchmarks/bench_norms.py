@@ -9,6 +9,7 @@ RWKV / RetNet-style blocks, the pattern's own bench shapes.
     python benchmarks/bench_norms.py --patterns layer_norm --n 64,768 --rows 1048576 --dtypes bfloat16
     python benchmarks/bench_norms.py --n 1024 --rows 65536 --providers triton,compile --bwd-tile 4096   # A/B a tile
     python benchmarks/bench_norms.py --tune --dtypes bfloat16 ...     # search tiles on this GPU first (norm_tune.py)
+    python benchmarks/bench_norms.py --table benchmarks/results/bench-norms-sweep-h100-6c20075.csv   # README table
 
 Shapes run most important first, so that a time budget cuts the least useful ones: bf16 at 64k rows
 for every N (in an order that spreads any prefix over short and long rows), then 4k and ~1M rows,
@@ -301,7 +302,38 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def markdown_table(rows: list[dict], pass_: str = "forward+backward") -> list[str]:
+    """Issue 14's view of a sweep CSV's rows (ours): one line per pattern, one column per row length,
+    each cell "% of copy / x torch.compile" at the largest row count swept there, then per pattern
+    the geometric mean against compile and the worst shape at any row count."""
+    ours = [r for r in rows if r["provider"] == "triton" and r["pass"] == pass_ and r["vs_compile"] != ""]
+    ns = sorted({int(r["n"]) for r in ours})
+    lines = ["| pattern | " + " | ".join(f"N = {n}" for n in ns) + " | geomean vs compile | worst vs compile |",
+             "|---|" + "---:|" * (len(ns) + 2)]
+    for pattern in [p for p in PATTERNS if any(r["pattern"] == p for r in ours)]:
+        mine = [r for r in ours if r["pattern"] == pattern]
+        cells = []
+        for n in ns:
+            at_n = [r for r in mine if int(r["n"]) == n]
+            if not at_n:
+                cells.append("—")
+                continue
+            r = max(at_n, key=lambda r: int(r["rows"]))
+            cells.append(f"{float(r['pct_copy']):.0f} % / {float(r['vs_compile']):.2f}×")
+        geo = math.exp(sum(math.log(float(r["vs_compile"])) for r in mine) / len(mine))
+        worst = min(mine, key=lambda r: float(r["vs_compile"]))
+        lines.append(f"| {pattern} | " + " | ".join(cells) + f" | {geo:.2f}× | {float(worst['vs_compile']):.2f}× at "
+                     f"{int(worst['rows']):,} × {worst['n']} |")
+    return lines
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--table":
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--table":   # a committed CSV as the README's table: no GPU needed
+        with open(argv[1], newline="", encoding="utf-8") as fh:
+            print("\n".join(markdown_table(list(csv.DictReader(fh)))))
+        return 0
     args = parse_args(argv)
     import torch
     if not torch.cuda.is_available():

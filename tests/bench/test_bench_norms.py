@@ -62,3 +62,16 @@ def test_tile_overrides_reach_the_kernels_table_and_the_csv_label(bench, monkeyp
     finally:
         norm_core.fwd_config.cache_clear()
         norm_core.bwd_config.cache_clear()
+
+
+def test_markdown_table_shows_the_largest_row_count_and_the_worst_shape(bench):
+    def row(n, rows, pct, vs):
+        return {"pattern": "rms_norm", "pass": "forward+backward", "provider": "triton", "n": str(n),
+                "rows": str(rows), "dtype": "bfloat16", "pct_copy": str(pct), "vs_compile": str(vs)}
+    lines = bench.markdown_table([row(64, 65536, 58.0, 1.25), row(64, 1048576, 96.0, 1.05),
+                                  row(16384, 8192, 54.0, 0.8),
+                                  {**row(64, 65536, 10.0, 9.0), "provider": "compile"}])
+    assert lines[0].startswith("| pattern | N = 64 | N = 16384 |")
+    assert lines[2].startswith("| rms_norm | 96 % / 1.05× | 54 % / 0.80× |")   # 1M rows, not 64k, at N = 64
+    assert "0.80× at 8,192 × 16384" in lines[2]
+    assert f"{(1.25 * 1.05 * 0.8) ** (1 / 3):.2f}×" in lines[2]
