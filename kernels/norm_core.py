@@ -4,24 +4,29 @@ layer_norm.py and add_layer_norm.py keep their public names, custom ops and auto
 call the launchers here (`norm_fwd`, `norm_bwd`).
 
 Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached per shape):
-  forward   one program per tile of BLOCK_M rows x BLOCK_N columns (BLOCK_N = the row padded to a
-            power of two): many rows per program for short rows (N = 64: 64 rows), one row for long
-            ones. fp32 statistics; mean (LayerNorm) and rstd saved per row for the backward.
-  backward  persistent: P programs (WARPS_PER_SM warps of them an SM: 2 x SMs programs of 8 warps for
-            rows up to 2048, SMs of 16+ warps above) each loop over the row tiles pid, pid + P,
-            pid + 2P, ... (several rows a tile for short rows), computing dx in the same pass and
-            keeping dweight / dbias partial sums in fp32 registers; each writes one partial row per
-            parameter, and a second small kernel (`_norm_param_grads_kernel`) sums the P rows into
-            the parameter's dtype. No M x N temporary, no atomics. Tiles of up to 4096 elements
-            load the next tile before this one's math (PREFETCH): a program always has bytes in
-            flight. Rows of ACC_IN_MEMORY_COLS+
-            leave no registers for the sums: each program adds them to its own partial rows every
-            tile (L2 traffic, not spills).
+  forward   a tile of BLOCK_M rows x BLOCK_N columns (BLOCK_N = the row padded to a power of two):
+            many rows per program for short rows (N = 64: 64 rows), one row for long ones; one
+            program per tile, or (stages > 1) persistent programs looping over the tiles. fp32
+            statistics; mean (LayerNorm) and rstd saved per row for the backward.
+  backward  persistent: P programs (programs_per_sm on every SM) each loop over the row tiles pid,
+            pid + P, pid + 2P, ..., computing dx in the same pass and keeping dweight / dbias
+            partial sums in fp32 registers; each writes one partial row per parameter, and a second
+            small kernel (`_norm_param_grads_kernel`) sums the P rows into the parameter's dtype. No
+            M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+ leave no registers for the sums:
+            each program adds them to its own partial rows every tile (L2 traffic, not spills).
+  in flight a loop must keep tiles loading while it reduces (Little's law: ~3 TB/s x ~1 us is ~25 KB
+            an SM). stages > 1: Triton pipelines the loop (`tl.range(num_stages=)`: cp.async copies
+            into shared memory, stages - 1 tiles ahead); else the backward's PREFETCH holds the next
+            tile in registers. On an H100, add + LayerNorm's backward at 65,536 x 768 bf16: 152.4 us
+            pipelined in 4 stages, 169.2 us with register prefetch on the same tile, 204.6 us with
+            neither (168.3 us the best tile without pipelining: 4 rows, no prefetch).
   segments  GroupNorm over channels: LayerNorm's tiles with statistics per group of columns.
   tuning    `python -m fusion_advisor.kernels.norm_tune` (GPU only, offline) times a few tiles around
-            the table per (row length, element size) and saves the fastest per GPU model under the
-            user cache dir; `fwd_config` / `bwd_config` read that file once and fall back to the
-            table. A call never searches; the interpreter always uses the table.
+            the heuristic per (row length, element size, family: the residual add + norm, or the norm
+            alone) and saves the fastest per GPU model under the user cache dir; the table measured
+            on an H100 ships in tiles/. `fwd_config` / `bwd_config` read those once (the user's over
+            the shipped) and fall back to the heuristic. A call never searches; the interpreter
+            always uses the heuristic.
 
 Bytes moved by one fused launch (M rows x N; x element size e, residual r, the sum s, output o,
 weight/bias w each only when present; the pattern files' `fused_bytes` give these numbers):
@@ -31,8 +36,8 @@ weight/bias w each only when present; the pattern files' `fused_bytes` give thes
   backward: read dy, x (the sum), the statistics (and the returned residual's grad); write dx;
             per parameter write P partial rows in fp32 and read them back, then write the grad:
             M*N*(o + e + e [+ s]) + 4*M per statistic + N*w + per parameter (2*P*N*4 + N*w)
-  (`fused_bytes` takes P from `backward_programs_for`, the count the launcher uses on a GPU of that
-  many SMs: twice the SMs for rows up to 2048, the SMs above, never more than row tiles.)
+  (`fused_bytes` takes P from `backward_programs_for`, the count the heuristic's tiles give on a GPU
+  of that many SMs: twice the SMs for rows up to 2048, the SMs above, never more than row tiles.)
 """
 from __future__ import annotations
 
