@@ -5,6 +5,7 @@ import contextlib
 import difflib
 import functools
 import json
+import os
 import sys
 import dataclasses
 from dataclasses import asdict
@@ -929,9 +930,14 @@ def calibrate(
     quick: bool = typer.Option(False, "--quick", help="Fewer sizes and samples (about a third of the time)."),
     as_json: bool = typer.Option(False, "--json", help="Print the DeviceProfile JSON on stdout."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the profile JSON here."),
+    kernel_tiles: bool = typer.Option(False, "--kernel-tiles",
+                                      help="Also search the norm kernels' tiles on this GPU (bf16 and fp32, every "
+                                           "row length; a few minutes) and cache them: our RMSNorm / LayerNorm / "
+                                           "GroupNorm kernels run the fastest tile from then on. An H100 needs "
+                                           "none: its table ships with the package."),
 ):
     """Measure this machine's GPU for the cost model: copy bandwidth by transfer size, matmul peaks
-    per dtype, kernel launch costs, L2 size. Takes under a minute.
+    per dtype, kernel launch costs, L2 size. Takes under a minute (plus a few with --kernel-tiles).
 
     \b
     The profile is cached per (GPU, driver, torch) in $XDG_CACHE_HOME/fusion-advisor (default
@@ -957,8 +963,11 @@ def calibrate(
 
     with progress:
         profile = run_calibration(quick=quick, progress=on_step)
+        tiles_path = _search_kernel_tiles(progress) if kernel_tiles else None
     cal = profile.calibration
     written = [profile.save(cache_path(profile.name, cal.get("driver"), cal.get("torch")))]
+    if tiles_path:
+        written.append(Path(tiles_path))
     if out is not None:
         written.append(profile.save(out))
     if as_json:
@@ -978,6 +987,24 @@ def calibrate(
                       f"  L2                    {profile.l2_bytes / 2**20:8.0f} MiB   SMs {profile.num_sms}",
                       highlight=False)
     err.print("\n".join(f"wrote {p}" for p in written), highlight=False)
+
+
+def _search_kernel_tiles(progress: Progress) -> str:
+    """calibrate --kernel-tiles: norm_tune's search over every row length, bf16 and fp32, both
+    families, its candidates compiled in parallel first; returns the tile file it wrote."""
+    import torch
+    from fusion_advisor.kernels import norm_tune
+
+    dtypes = [torch.bfloat16, torch.float32]
+    total = len(norm_tune.ROW_LENGTHS) * len(dtypes) * len(norm_tune.FAMILIES) * 2   # forward and backward
+    task = progress.add_task("kernel tiles", total=total)
+
+    def on_log(line: str) -> None:
+        if line.startswith(("  fwd", "  bwd")):   # one per (row length, dtype, family, pass) searched
+            progress.update(task, description="kernel tiles " + line.split(":")[0].strip(), advance=1)
+
+    return norm_tune.tune(norm_tune.ROW_LENGTHS, dtypes, torch.device("cuda"), log=on_log,
+                          jobs=max(1, min(12, (os.cpu_count() or 2) - 1)))
 
 
 _ARGV: list[str] | None = None   # the command line as typed (click drops the `--` that splits it)
