@@ -26,6 +26,9 @@
 # sweep:   bench_norms.py over issue 14's row lengths (bf16, 65,536 rows) within NORMS_TIMEOUT.
 # tiles:   the pipelined norm loops' GPU tests, norm_tune over every row length (TUNE_JOBS compile
 #          processes), the table it wrote (OUT/tiles.json), then the sweep with it (COMPILE_JOBS).
+#          Next: the chunked backward at long rows, `TUNE_ARGS="--n 4096,5120,8192,16384"
+#          NORMS_ARGS="--rows 65536,1048576" COMPILE_JOBS=12 scripts/gpu_runs.sh tiles OUT`, then
+#          copy OUT/tiles.json over kernels/tiles/<GPU>.json (on an H200 too: it has no table yet).
 # tune:    the conv nets' norms where they lost: bench_batch_norm.py (ResNet-50's BN -> ReLU shapes vs eager
 #          and compile, then its --sweep of batch_norm_core's tiles and splits) and bench_channel_norm.py
 #          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), cross_entropy's
