@@ -50,7 +50,7 @@ PROVIDERS = ("eager", "compile", "compile-max", "triton", "liger")
 TILE_KNOBS = {"fwd_tile": "FWD_TILE", "bwd_tile": "BWD_TILE", "bwd_per_thread": "BWD_PER_THREAD",
               "warps_per_sm": "WARPS_PER_SM", "acc_in_memory_cols": "ACC_IN_MEMORY_COLS",
               "bwd_prefetch_tile": "BWD_PREFETCH_TILE"}
-# (bench flag -> kernels/norm_core.py constant)
+# (bench flag -> kernels/norm_tiles.py constant)
 COLUMNS = ["gpu", "driver", "torch", "triton", "liger", "tiles", "pattern", "n", "rows", "dtype", "pass", "provider",
            "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_copy", "vs_compile", "vs_eager", "vs_compile_max", "numerics"]
 
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warm-shard", default=None, help=argparse.SUPPRESS)   # I/K: --compile-jobs' workers
     for flag, const in TILE_KNOBS.items():
         ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
-                        help=f"override norm_core.{const} for this run (to compare tile tables)")
+                        help=f"override norm_tiles.{const} for this run (to compare tile tables)")
     args = ap.parse_args(argv)
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     args.patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
@@ -127,16 +127,16 @@ def shape_plan(args) -> list[tuple[str, int, int, str]]:
 
 
 def set_tiles(args) -> str:
-    """Apply the --*-tile overrides to kernels/norm_core.py's table; the table as a CSV label."""
-    from fusion_advisor.kernels import norm_core
+    """Apply the --*-tile overrides to kernels/norm_tiles.py's table; the table as a CSV label."""
+    from fusion_advisor.kernels import norm_tiles
     for flag, const in TILE_KNOBS.items():
         value = getattr(args, flag)
         if value is not None:
-            setattr(norm_core, const, value)
-    norm_core.fwd_config.cache_clear()
-    norm_core.bwd_config.cache_clear()
-    return (f"fwd{norm_core.FWD_TILE}/bwd{norm_core.BWD_TILE}x{norm_core.BWD_PER_THREAD}"
-            f"/{norm_core.WARPS_PER_SM}w/mem{norm_core.ACC_IN_MEMORY_COLS}/pf{norm_core.BWD_PREFETCH_TILE}")
+            setattr(norm_tiles, const, value)
+    norm_tiles.fwd_config.cache_clear()
+    norm_tiles.bwd_config.cache_clear()
+    return (f"fwd{norm_tiles.FWD_TILE}/bwd{norm_tiles.BWD_TILE}x{norm_tiles.BWD_PER_THREAD}"
+            f"/{norm_tiles.WARPS_PER_SM}w/mem{norm_tiles.ACC_IN_MEMORY_COLS}/pf{norm_tiles.BWD_PREFETCH_TILE}")
 
 
 # A provider whose one call takes longer is left out of that pass: timing it would spend the sweep's
@@ -366,9 +366,9 @@ def main(argv=None) -> int:
         tune_start = time.perf_counter()
         path = norm_tune.tune(args.n, [getattr(torch, d) for d in args.dtypes], device)
         print(f"tuned in {time.perf_counter() - tune_start:.0f} s: {path}", flush=True)
-    from fusion_advisor.kernels import norm_core
-    if norm_core.tuned_table(norm_core.gpu_name(device)):
-        env["tiles"] += " + tuned " + norm_core.tuned_path(norm_core.gpu_name(device)).name
+    from fusion_advisor.kernels import norm_tiles
+    if norm_tiles.tuned_table(norm_tiles.gpu_name(device)):
+        env["tiles"] += " + tuned " + norm_tiles.tuned_path(norm_tiles.gpu_name(device)).name
     copy_bw, source = peak_bandwidth(args.profile, device)
     print(f"{env['gpu']} | driver {env['driver']} | torch {env['torch']} | triton {env['triton']} | "
           f"liger {env['liger'] or '-'} | tiles {env['tiles']} | copy {copy_bw / 1e9:,.0f} GB/s ({source})", flush=True)

@@ -5,7 +5,7 @@ which eager PyTorch runs as two kernels, add then native_layer_norm, with the su
 HBM in between; `reference` below. Gradients flow into both x and residual (both get d(residual)).
 
 Bytes for M rows x N (element size e; weight and bias size w, each counted only when present;
-P backward programs: norm_core.backward_programs_for):
+P backward programs: norm_tiles.backward_programs_for):
   unfused forward:  add reads x, residual, writes the sum; LayerNorm reads the sum again, writes y,
                     mean, rstd: M*N*3e + M*N*2e + 2*N*w + 8*M = M*N*5e + 2*N*w + 8*M
   unfused backward: LayerNorm's two kernels (dx; dweight/dbias), each reading dy and the sum, then

@@ -6,7 +6,7 @@ PyTorch runs as an add kernel followed by RMSNorm's 6-8 (see rms_norm.py). Gradi
 both x and residual (both get d(residual)).
 
 Bytes for M rows x N (x element size e, residual r, the sum s = the wider of the two, weight w,
-output o = the wider of s and w; P backward programs: norm_core.backward_programs_for):
+output o = the wider of s and w; P backward programs: norm_tiles.backward_programs_for):
   unfused forward (bf16, the casts included): the add reads x and residual and writes the sum,
       M*N*3*2, then rms_norm.py's chain, about M*N*38: about M*N*44 bytes
   fused forward:  read x and residual; write the sum, y and rstd: M*N*(e + r + s + o) + N*w + 4*M
@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels import norm_core, norm_tiles
 from fusion_advisor.kernels import rms_norm as rms
 from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
@@ -143,7 +143,7 @@ def fused_bytes(params: dict) -> dict:
     s_dtype = torch.promote_types(x_dtype, r_dtype)
     e, r, s, w = x_dtype.itemsize, r_dtype.itemsize, s_dtype.itemsize, w_dtype.itemsize
     o = torch.promote_types(s_dtype, w_dtype).itemsize
-    programs = norm_core.backward_programs_for(n, m, params.get("num_sms", 132), s)   # it normalises the sum
+    programs = norm_tiles.backward_programs_for(n, m, params.get("num_sms", 132), s)   # it normalises the sum
     residual_grad = s if params.get("residual_grad", True) else 0
     return {"forward": m * n * (e + r + s + o) + n * w + 4 * m,
             "backward": m * n * (o + residual_grad + s + s) + 4 * m + n * w + 2 * programs * n * 4 + n * w}

@@ -7,7 +7,7 @@ for dweight/dbias). The gain here is that backward pass, and the add+LayerNorm f
 the same kernels (add_layer_norm.py).
 
 Bytes for x of M rows x N normalized elements (element size e; weight and bias size w, each
-counted only when present; P backward programs: norm_core.backward_programs_for):
+counted only when present; P backward programs: norm_tiles.backward_programs_for):
   unfused forward:  read x, weight, bias; write y, mean, rstd: M*N*2e + 2*N*w + 8*M
   unfused backward: dx kernel reads dy, x, mean, rstd, weight and writes dx; the dweight/dbias
                     kernel reads dy, x, mean, rstd again and writes them:
@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels import norm_core, norm_tiles
 from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm
 from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
@@ -189,7 +189,7 @@ def fused_bytes(params: dict) -> dict:
     w = param_dtype(params, "weight_dtype").itemsize
     n_params = int(params.get("weight", True)) + int(params.get("bias", True))
     weight_read = n * w if params.get("weight", True) else 0
-    programs = norm_core.backward_programs_for(n, m, params.get("num_sms", 132), e)
+    programs = norm_tiles.backward_programs_for(n, m, params.get("num_sms", 132), e)
     return {"forward": m * n * 2 * e + n_params * n * w + 8 * m,
             "backward": m * n * 3 * e + 8 * m + weight_read + n_params * (2 * programs * n * 4 + n * w)}
 

@@ -5,11 +5,11 @@
     python -m fusion_advisor.kernels.norm_tune --jobs 12 --verbose          # compile in 12 processes first
 
 For each row length (padded to a power of two), element size and family, a few tiles around the
-heuristic (`norm_core.fwd_config` / `bwd_config`) are timed on the family's heaviest member: residual
+heuristic (`norm_tiles.fwd_config` / `bwd_config`) are timed on the family's heaviest member: residual
 add + LayerNorm with weight, bias and the returned residual's grad ("add"), LayerNorm with weight
 and bias ("plain": RMSNorm and GroupNorm over channels read its tiles too), at up to 1M rows (fewer where a
 tensor would pass 2^27 bytes: 65,536 at 1024 bf16); the fastest forward and backward tiles are merged into
-`norm_core.tuned_path(GPU name)` under the user cache dir, over the table shipped for that GPU in
+`norm_tiles.tuned_path(GPU name)` under the user cache dir, over the table shipped for that GPU in
 kernels/tiles/ (copy the file there to ship a search). A user's calls never search: where neither
 file has the row length (and in the interpreter) the heuristic answers.
 """
@@ -22,23 +22,23 @@ from typing import Callable
 
 import torch
 
-from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels import norm_core, norm_tiles
 from fusion_advisor.kernels.common import next_power_of_2
 
 ROW_LENGTHS = (64, 128, 256, 512, 768, 1024, 2048, 4096, 5120, 8192, 16384)
 
 
-def fwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
+def fwd_candidates(block_n: int) -> list[norm_tiles.TileConfig]:
     """Tiles of half, once and twice the heuristic's elements, at 8 or 16 elements a thread, a
     program per tile; and persistent programs (2 or 4 an SM) over tiles of once and twice the
     heuristic's, their loop pipelined into 2 or 3 stages."""
-    base = max(norm_core.FWD_TILE, block_n)
+    base = max(norm_tiles.FWD_TILE, block_n)
     out = []
     for tile in (base // 2, base, base * 2):
         if tile < block_n or tile > 16384:
             continue
         for per_thread in (8, 16, 32) if block_n >= 8192 else (8, 16):   # 32: 16 warps, four programs an SM
-            cfg = norm_core.TileConfig(tile // block_n, block_n, norm_core._warps(tile, per_thread))
+            cfg = norm_tiles.TileConfig(tile // block_n, block_n, norm_tiles._warps(tile, per_thread))
             if cfg not in out:
                 out.append(cfg)
     for tile in (base, base * 2):
@@ -46,12 +46,12 @@ def fwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
             continue
         for per_sm in (2, 4):
             for stages in (2, 3):
-                out.append(norm_core.TileConfig(tile // block_n, block_n, norm_core._warps(tile), per_sm, True,
+                out.append(norm_tiles.TileConfig(tile // block_n, block_n, norm_tiles._warps(tile), per_sm, True,
                                                 stages))
     return out
 
 
-def bwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
+def bwd_candidates(block_n: int) -> list[norm_tiles.TileConfig]:
     """Tiles of 1024-4096 elements (one row where it is longer), 8 or 16 elements a thread (32 too
     for rows of 8192+), one or two programs an SM where a program has 8 warps or fewer; each with
     and without the next tile's loads issued ahead in registers (prefetch). Then, below the rows
@@ -61,18 +61,18 @@ def bwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
     out = []
     for tile in sorted({max(t, block_n) for t in (1024, 2048, 4096)}):
         for per_thread in (8, 16, 32) if block_n >= 8192 else (8, 16):
-            warps = norm_core._warps(tile, per_thread)
+            warps = norm_tiles._warps(tile, per_thread)
             for per_sm in ((1, 2) if warps <= 8 else (1,)):
                 for prefetch in (True, False):
-                    cfg = norm_core.TileConfig(tile // block_n, block_n, warps, per_sm, prefetch)
+                    cfg = norm_tiles.TileConfig(tile // block_n, block_n, warps, per_sm, prefetch)
                     if cfg not in out:
                         out.append(cfg)
-    if block_n < norm_core.ACC_IN_MEMORY_COLS:
+    if block_n < norm_tiles.ACC_IN_MEMORY_COLS:
         for tile in sorted({max(t, block_n) for t in (2048, 4096)}):
-            warps = min(16, norm_core._warps(tile, 8))
+            warps = min(16, norm_tiles._warps(tile, 8))
             for per_sm in sorted({max(1, 16 // warps), max(1, 32 // warps)}):
                 for stages in (2, 3, 4):
-                    cfg = norm_core.TileConfig(tile // block_n, block_n, warps, per_sm, False, stages)
+                    cfg = norm_tiles.TileConfig(tile // block_n, block_n, warps, per_sm, False, stages)
                     if cfg not in out:
                         out.append(cfg)
     if block_n >= 4096:   # rows walked in chunks (`_norm_bwd_chunks`): groups of 1-4 rows, 8-16 a thread
@@ -80,7 +80,7 @@ def bwd_candidates(block_n: int) -> list[norm_core.TileConfig]:
                                                    (2, 1024, 4, 4, 2), (2, 2048, 8, 1, 2), (2, 2048, 8, 2, 2),
                                                    (4, 1024, 8, 1, 2), (4, 1024, 8, 2, 1)):
             if chunk < block_n:
-                out.append(norm_core.TileConfig(rows, block_n, warps, per_sm, False, stages, chunk))
+                out.append(norm_tiles.TileConfig(rows, block_n, warps, per_sm, False, stages, chunk))
     return out
 
 
@@ -137,7 +137,7 @@ def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = TUNE_
                 log(f"    {kind} {tuple(cfg)} skipped: {type(exc).__name__}: {str(exc)[:120]}")
         if timed:
             ms, best = min(timed)
-            chosen[norm_core.tuned_key(kind, block_n, dtype.itemsize, family == "add")] = [
+            chosen[norm_tiles.tuned_key(kind, block_n, dtype.itemsize, family == "add")] = [
                 best.block_m, best.num_warps, best.programs_per_sm, int(best.prefetch), best.stages, best.chunk]
             log(f"  {kind} {family} N={n} {str(dtype).replace('torch.', '')}: {tuple(best)} {ms * 1e3:.1f} us "
                 f"(of {len(timed)}; slowest {max(timed)[0] * 1e3:.1f} us)")
@@ -181,11 +181,11 @@ def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = pr
          jobs: int = 1, families=FAMILIES) -> str:
     """Search every (row length, dtype), merge into this GPU's file, make the launchers read it;
     returns the file's path. jobs > 1 first compiles the candidates in that many processes."""
-    gpu = norm_core.gpu_name(device)
+    gpu = norm_tiles.gpu_name(device)
     if not gpu:
         raise RuntimeError("norm_tune: needs a CUDA GPU (the interpreter always uses the heuristic)")
-    path = norm_core.tuned_path(gpu)
-    configs = norm_core.tuned_entries(gpu)   # the shipped table and earlier searches: this one goes over them
+    path = norm_tiles.tuned_path(gpu)
+    configs = norm_tiles.tuned_entries(gpu)   # the shipped table and earlier searches: this one goes over them
     if jobs > 1:
         _compile_in_parallel(n_values, dtypes, families, jobs, log)
     for n in n_values:
@@ -197,7 +197,7 @@ def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = pr
     with atomic_output(path) as fh:
         json.dump({"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
                    "configs": dict(sorted(configs.items()))}, fh, indent=1)
-    for cached in (norm_core.tuned_table, norm_core.fwd_config, norm_core.bwd_config):
+    for cached in (norm_tiles.tuned_table, norm_tiles.fwd_config, norm_tiles.bwd_config):
         cached.cache_clear()
     return str(path)
 

@@ -11,7 +11,7 @@ Bytes for x of M rows x N (element size e, weight size w, output size o):
       full M x N tensor, most in fp32: about M*N*(2+4 + 4+4 + 4 + 4+4 + 4+2 + 2+2+2) bytes
   fused forward:  read x once, write y once, write rstd: M*N*(e+o) + N*w + 4*M
   fused backward: read dy, x, rstd, weight; write dx and per-program partial dweight:
-                  M*N*(o+e+e) + 4*M + N*w + 2*P*N*4  (P programs: norm_core.backward_programs_for)
+                  M*N*(o+e+e) + 4*M + N*w + 2*P*N*4  (P programs: norm_tiles.backward_programs_for)
 `fused_bytes` returns exactly these numbers; the cost model prices them.
 
 The kernels are norm_core.py's (`_rms_norm_fwd_kernel`, `_rms_norm_bwd_kernel`: the shared norm
@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels import norm_core, norm_tiles
 from fusion_advisor.kernels.common import as_rows, check_device, check_dtype
 from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, dtype_from_trace, param_dtype, register_pattern,
@@ -163,7 +163,7 @@ def fused_bytes(params: dict) -> dict:
     e = param_dtype(params).itemsize
     w = param_dtype(params, "weight_dtype").itemsize
     o = max(e, w)
-    programs = norm_core.backward_programs_for(n, m, params.get("num_sms", 132), e)
+    programs = norm_tiles.backward_programs_for(n, m, params.get("num_sms", 132), e)
     return {"forward": m * n * (e + o) + n * w + 4 * m,
             "backward": m * n * (o + e + e) + 4 * m + n * w + 2 * programs * n * 4}
 

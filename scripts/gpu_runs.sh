@@ -184,7 +184,7 @@ tiles)
   timeout ${TUNE_TIMEOUT:-200} python3 -m fusion_advisor.kernels.norm_tune --jobs ${TUNE_JOBS:-12} --verbose \
       --dtypes ${TUNE_DTYPES:-bfloat16} ${TUNE_ARGS:-} >"$out/norm-tune.txt" 2>&1
   echo "norm_tune: rc $?"; grep -E "^  (fwd|bwd)|compiled|wrote|rror" "$out/norm-tune.txt"
-  python3 -c "import torch; from fusion_advisor.kernels import norm_core; print(norm_core.tuned_path(torch.cuda.get_device_name()))" \
+  python3 -c "import torch; from fusion_advisor.kernels import norm_tiles; print(norm_tiles.tuned_path(torch.cuda.get_device_name()))" \
       | xargs -I{} cp {} "$out/tiles.json"
   t=${NORMS_TIMEOUT:-300}
   timeout $t python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 --compile-jobs ${COMPILE_JOBS:-8} \

@@ -49,19 +49,19 @@ def test_refuses_a_sweep_without_our_kernel(bench):
 
 
 def test_tile_overrides_reach_the_kernels_table_and_the_csv_label(bench, monkeypatch):
-    from fusion_advisor.kernels import norm_core
+    from fusion_advisor.kernels import norm_tiles
     for const in bench.TILE_KNOBS.values():
-        monkeypatch.setattr(norm_core, const, getattr(norm_core, const))  # restored after the test
+        monkeypatch.setattr(norm_tiles, const, getattr(norm_tiles, const))  # restored after the test
     try:
         label = bench.set_tiles(bench.parse_args(["--bwd-tile", "4096", "--bwd-per-thread", "16",
                                                   "--bwd-prefetch-tile", "2048"]))
-        assert label == (f"fwd{norm_core.FWD_TILE}/bwd4096x16/{norm_core.WARPS_PER_SM}w"
-                         f"/mem{norm_core.ACC_IN_MEMORY_COLS}/pf2048")
+        assert label == (f"fwd{norm_tiles.FWD_TILE}/bwd4096x16/{norm_tiles.WARPS_PER_SM}w"
+                         f"/mem{norm_tiles.ACC_IN_MEMORY_COLS}/pf2048")
         # 4 rows of 1024 a tile: past the 2048-element prefetch limit, so no prefetch
-        assert norm_core.bwd_config(1024, 65536) == norm_core.TileConfig(4, 1024, 8, 2, False)
+        assert norm_tiles.bwd_config(1024, 65536) == norm_tiles.TileConfig(4, 1024, 8, 2, False)
     finally:
-        norm_core.fwd_config.cache_clear()
-        norm_core.bwd_config.cache_clear()
+        norm_tiles.fwd_config.cache_clear()
+        norm_tiles.bwd_config.cache_clear()
 
 
 def test_markdown_table_shows_the_largest_row_count_and_the_worst_shape(bench):

@@ -129,7 +129,7 @@ def test_fused_bytes():
     m, n = 4096, 1024
     b = mod.fused_bytes({"shape": [m, n], "dtype": "bfloat16"})
     assert b["forward"] == m * n * 8 + 2 * n * 2 + 8 * m
-    # P = 264: two 8-warp backward programs an SM at N=1024 (norm_core.backward_programs_for)
+    # P = 264: two 8-warp backward programs an SM at N=1024 (norm_tiles.backward_programs_for)
     assert b["backward"] == m * n * 8 + 8 * m + n * 2 + 2 * (2 * 264 * n * 4 + n * 2)
     no_residual_grad = mod.fused_bytes({"shape": [m, n], "dtype": "bfloat16", "residual_grad": False})
     assert b["backward"] - no_residual_grad["backward"] == m * n * 2

@@ -122,7 +122,7 @@ def test_fused_bytes_counts_one_read_and_write_per_tensor():
     b = mod.fused_bytes({"shape": [4096, 1024], "dtype": "bfloat16"})
     m, n = 4096, 1024
     assert b["forward"] == m * n * 4 + 2 * n * 2 + 8 * m
-    # P = 264: two 8-warp backward programs an SM at N=1024 (norm_core.backward_programs_for)
+    # P = 264: two 8-warp backward programs an SM at N=1024 (norm_tiles.backward_programs_for)
     assert b["backward"] == m * n * 6 + 8 * m + n * 2 + 2 * (2 * 264 * n * 4 + n * 2)
     plain = mod.fused_bytes({"shape": [4096, 1024], "dtype": "bfloat16", "weight": False, "bias": False})
     assert plain == {"forward": m * n * 4 + 8 * m, "backward": m * n * 6 + 8 * m}

@@ -8,7 +8,8 @@ import torch
 import json
 import pathlib
 
-from fusion_advisor.kernels import add_layer_norm, add_rms_norm, group_norm, layer_norm, norm_core, norm_tune, rms_norm
+from fusion_advisor.kernels import (add_layer_norm, add_rms_norm, group_norm, layer_norm, norm_core, norm_tiles,
+                                    norm_tune, rms_norm)
 from fusion_advisor.kernels.tolerances import tolerance
 from kernel_checks import check_against_reference, hopper_compile_errors, recorded_launches, sm90_resources
 
@@ -80,7 +81,7 @@ def test_group_norm_keeps_its_own_kernels_where_rows_do_not_fit():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_parameter_sums_added_to_memory_every_tile(dtype, device, monkeypatch):
     # The long-row backward (ACC_IN_MEMORY) on short rows: several rows a tile, several tiles a program.
-    monkeypatch.setattr(norm_core, "ACC_IN_MEMORY_COLS", 64)
+    monkeypatch.setattr(norm_tiles, "ACC_IN_MEMORY_COLS", 64)
     params = {"shape": [300, 64], "dtype": dtype, "eps": 1e-5}   # 10 tiles of 32 rows over 4 programs
     check_against_reference(rms_norm.PATTERN, params, device, reduced_grads=(1,))
     check_against_reference(add_rms_norm.PATTERN, params, device, reduced_grads=(2,))
@@ -96,8 +97,8 @@ def test_pipelined_persistent_tiles_in_both_passes(stages, dtype, device, monkey
     # make 76 tiles, the last one short; 2 programs an SM (8 in the interpreter, 264 on an H100 with
     # fewer tiles than that on a GPU, so the GPU run uses 9001 rows).
     rows = 9001 if device.type == "cuda" else 301
-    fwd = norm_core.TileConfig(4, 128, 4, 2, True, stages)
-    bwd = norm_core.TileConfig(4, 128, 4, 2, False, stages)
+    fwd = norm_tiles.TileConfig(4, 128, 4, 2, True, stages)
+    bwd = norm_tiles.TileConfig(4, 128, 4, 2, False, stages)
     monkeypatch.setattr(norm_core, "fwd_config", lambda *a: fwd)
     monkeypatch.setattr(norm_core, "bwd_config", lambda *a: bwd)
     params = {"shape": [rows, 96], "dtype": dtype, "eps": 1e-5}
@@ -114,8 +115,8 @@ def test_chunked_backward_walks_long_rows_in_chunks(stages, dtype, device, monke
     # 301 rows (76 groups, the last one short) and 4 programs in the interpreter: every pattern with
     # whole-row statistics, and GroupNorm (segments) falling back to whole-row tiles.
     rows = 9001 if device.type == "cuda" else 301
-    cfg = norm_core.TileConfig(4, 256, 4, 2, False, stages, 64)
-    monkeypatch.setattr(norm_core, "bwd_config", lambda *a: cfg if len(a) > 3 else norm_core.TileConfig(4, 256, 4))
+    cfg = norm_tiles.TileConfig(4, 256, 4, 2, False, stages, 64)
+    monkeypatch.setattr(norm_core, "bwd_config", lambda *a: cfg if len(a) > 3 else norm_tiles.TileConfig(4, 256, 4))
     params = {"shape": [rows, 200], "dtype": dtype, "eps": 1e-5}
     check_against_reference(rms_norm.PATTERN, params, device, reduced_grads=(1,))
     check_against_reference(add_rms_norm.PATTERN, params, device, reduced_grads=(2,))
@@ -126,7 +127,7 @@ def test_chunked_backward_walks_long_rows_in_chunks(stages, dtype, device, monke
 
 
 def test_chunked_backward_of_the_gemma_form(device, monkeypatch):
-    monkeypatch.setattr(norm_core, "bwd_config", lambda *a: norm_core.TileConfig(2, 128, 4, 2, False, 1, 32))
+    monkeypatch.setattr(norm_core, "bwd_config", lambda *a: norm_tiles.TileConfig(2, 128, 4, 2, False, 1, 32))
     x = torch.randn(37, 96, device=device, requires_grad=True)
     weight = (0.1 * torch.randn(96, device=device)).requires_grad_()
     y, _, _, rstd = norm_core.norm_fwd(x.detach(), None, weight.detach(), None, 1e-6, rms=True,
@@ -142,8 +143,8 @@ def test_chunked_backward_of_the_gemma_form(device, monkeypatch):
 def test_pipelined_backward_never_reads_partial_rows_ahead(device, monkeypatch):
     # Rows long enough to add their sums to memory every tile read the row back the tile after:
     # the launcher runs that loop unpipelined whatever the config says.
-    monkeypatch.setattr(norm_core, "ACC_IN_MEMORY_COLS", 64)
-    monkeypatch.setattr(norm_core, "bwd_config", lambda *a: norm_core.TileConfig(8, 64, 4, 2, False, 3))
+    monkeypatch.setattr(norm_tiles, "ACC_IN_MEMORY_COLS", 64)
+    monkeypatch.setattr(norm_core, "bwd_config", lambda *a: norm_tiles.TileConfig(8, 64, 4, 2, False, 3))
     with recorded_launches() as launches:   # records the interpreter's launches (none on a GPU)
         check_against_reference(layer_norm.PATTERN, {"shape": [300, 64], "dtype": "float32"}, device,
                                 reduced_grads=(2, 3))
@@ -156,10 +157,10 @@ def test_backward_programs_get_unequal_numbers_of_tiles(device):
     # 4 programs in the interpreter; 37 rows in tiles of 4 make 10 tiles: 3, 3, 2 and 2 each. On a
     # GPU (2 x SMs programs of 8 warps) 2403 rows make 601 tiles, the last one short.
     rows, n = (2403 if device.type == "cuda" else 37), 512
-    cfg = norm_core.bwd_config(n, rows)
+    cfg = norm_tiles.bwd_config(n, rows)
     tiles = -(-rows // cfg.block_m)
-    assert cfg.block_m > 1 and tiles > norm_core.bwd_programs(cfg, rows, device)
-    assert tiles % norm_core.bwd_programs(cfg, rows, device) and rows % cfg.block_m
+    assert cfg.block_m > 1 and tiles > norm_tiles.bwd_programs(cfg, rows, device)
+    assert tiles % norm_tiles.bwd_programs(cfg, rows, device) and rows % cfg.block_m
     check_against_reference(layer_norm.PATTERN, {"shape": [rows, n], "dtype": "float32"}, device,
                             reduced_grads=(2, 3))
 
@@ -191,22 +192,22 @@ def test_zero_rows_give_zero_parameter_grads(device):
 @pytest.mark.parametrize("n", SWEEP_N)
 def test_tile_table_gives_power_of_two_tiles_of_bounded_size(n):
     for rows in (4096, 65536, 1 << 20):
-        fwd, bwd = norm_core.fwd_config(n, rows, 264), norm_core.bwd_config(n, rows)
-        for cfg, cap in ((fwd, norm_core.FWD_TILE), (bwd, norm_core.BWD_TILE)):
+        fwd, bwd = norm_tiles.fwd_config(n, rows, 264), norm_tiles.bwd_config(n, rows)
+        for cfg, cap in ((fwd, norm_tiles.FWD_TILE), (bwd, norm_tiles.BWD_TILE)):
             assert cfg.block_n >= n and cfg.block_n & (cfg.block_n - 1) == 0 and cfg.block_m & (cfg.block_m - 1) == 0
             assert cfg.block_m * cfg.block_n <= max(cap, cfg.block_n)
             assert cfg.num_warps in (4, 8, 16, 32)
-    assert norm_core.fwd_config(64, 1 << 20, 264).block_m >= 32   # short rows: many a program
-    assert norm_core.bwd_config(64, 1 << 20).block_m >= 32
+    assert norm_tiles.fwd_config(64, 1 << 20, 264).block_m >= 32   # short rows: many a program
+    assert norm_tiles.bwd_config(64, 1 << 20).block_m >= 32
     with pytest.raises(ValueError, match="wider than"):
-        norm_core.fwd_config(norm_core.MAX_BLOCK_N + 1, 4, 8)
+        norm_tiles.fwd_config(norm_tiles.MAX_BLOCK_N + 1, 4, 8)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")
 def test_gpu_tile_configs_compile_for_hopper(device, monkeypatch):
     """The interpreter runs any block shape; the GPU compiler does not. Every config the table
     gives on an H100 for the sweep's row lengths is run here on 3 rows and compiled for sm_90."""
-    configs = [(n, norm_core.fwd_config(n, rows, 264), norm_core.bwd_config(n, rows), None)
+    configs = [(n, norm_tiles.fwd_config(n, rows, 264), norm_tiles.bwd_config(n, rows), None)
                for n in SWEEP_N for rows in (4096, 1 << 20)]
     # norm_tune.py's candidates too, on the pattern it tunes with (a search must not die compiling).
     for n in (64, 1024, 5120):
@@ -239,21 +240,21 @@ def test_gpu_tile_configs_compile_for_hopper(device, monkeypatch):
 def test_tuned_table_is_read_for_its_gpu_and_ignored_when_broken():
     # conftest points XDG_CACHE_HOME at a fresh folder: the file written here is this test's alone.
     gpu = "NVIDIA Fake GPU 80GB"
-    path = norm_core.tuned_path(gpu)
+    path = norm_tiles.tuned_path(gpu)
     path.parent.mkdir(parents=True, exist_ok=True)
-    caches = (norm_core.tuned_table, norm_core.fwd_config, norm_core.bwd_config)
+    caches = (norm_tiles.tuned_table, norm_tiles.fwd_config, norm_tiles.bwd_config)
     try:
         path.write_text(json.dumps({"configs": {"fwd/1024/2": [8, 16, 1], "bwd/1024/2": [2, 4, 3],
                                                 "bwd/64/2": [3, 4, 1]}}))  # 3 rows: not a power of two
-        assert norm_core.fwd_config(1024, 65536, 264, 2, gpu) == norm_core.TileConfig(8, 1024, 16, 1)
-        assert norm_core.bwd_config(1000, 65536, 2, gpu) == norm_core.TileConfig(2, 1024, 4, 3)
-        assert norm_core.bwd_config(1024, 65536, 4, gpu) == norm_core.bwd_config(1024, 65536)  # fp32: not tuned
-        assert norm_core.bwd_config(64, 65536, 2, gpu) == norm_core.bwd_config(64, 65536)      # invalid entry
-        assert norm_core.fwd_config(1024, 2, 1, 2, gpu).block_m == 2    # never more rows than there are
+        assert norm_tiles.fwd_config(1024, 65536, 264, 2, gpu) == norm_tiles.TileConfig(8, 1024, 16, 1)
+        assert norm_tiles.bwd_config(1000, 65536, 2, gpu) == norm_tiles.TileConfig(2, 1024, 4, 3)
+        assert norm_tiles.bwd_config(1024, 65536, 4, gpu) == norm_tiles.bwd_config(1024, 65536)  # fp32: not tuned
+        assert norm_tiles.bwd_config(64, 65536, 2, gpu) == norm_tiles.bwd_config(64, 65536)      # invalid entry
+        assert norm_tiles.fwd_config(1024, 2, 1, 2, gpu).block_m == 2    # never more rows than there are
         path.write_text("{not json")
         for cached in caches:
             cached.cache_clear()
-        assert norm_core.fwd_config(1024, 65536, 264, 2, gpu) == norm_core.fwd_config(1024, 65536, 264)
+        assert norm_tiles.fwd_config(1024, 65536, 264, 2, gpu) == norm_tiles.fwd_config(1024, 65536, 264)
     finally:
         path.unlink(missing_ok=True)
         for cached in caches:
@@ -262,9 +263,9 @@ def test_tuned_table_is_read_for_its_gpu_and_ignored_when_broken():
 
 def test_tuned_entries_with_stages_and_the_shipped_table(tmp_path, monkeypatch):
     gpu = "NVIDIA Other Fake GPU"
-    caches = (norm_core.tuned_table, norm_core.fwd_config, norm_core.bwd_config)
+    caches = (norm_tiles.tuned_table, norm_tiles.fwd_config, norm_tiles.bwd_config)
     shipped = tmp_path / "shipped.json"
-    monkeypatch.setattr(norm_core, "shipped_path", lambda name: shipped)
+    monkeypatch.setattr(norm_tiles, "shipped_path", lambda name: shipped)
     try:
         # no file in the user cache: the shipped one answers
         shipped.write_text(json.dumps({"configs": {
@@ -273,20 +274,20 @@ def test_tuned_entries_with_stages_and_the_shipped_table(tmp_path, monkeypatch):
             "bwd/16384/2": [1, 16, 1, 0, 2],   # pipelined where the sums go to memory: the heuristic
             "fwd/256/2": [16, 8, 4, 1, 2],     # a persistent forward
             "fwd-plain/256/2": [4, 4, 1, 1, 1]}}))   # the norm without a residual: its own tile
-        assert norm_core.bwd_config(2048, 65536, 2, gpu) == norm_core.TileConfig(1, 2048, 8, 2, False, 3)
-        assert norm_core.bwd_config(4096, 65536, 2, gpu) == norm_core.bwd_config(4096, 65536)
-        assert norm_core.bwd_config(16384, 65536, 2, gpu) == norm_core.bwd_config(16384, 65536)
-        assert norm_core.fwd_config(256, 65536, 264, 2, gpu) == norm_core.TileConfig(16, 256, 8, 4, stages=2)
-        assert norm_core.fwd_config(256, 65536, 264, 2, gpu, False) == norm_core.TileConfig(4, 256, 4, 1)
+        assert norm_tiles.bwd_config(2048, 65536, 2, gpu) == norm_tiles.TileConfig(1, 2048, 8, 2, False, 3)
+        assert norm_tiles.bwd_config(4096, 65536, 2, gpu) == norm_tiles.bwd_config(4096, 65536)
+        assert norm_tiles.bwd_config(16384, 65536, 2, gpu) == norm_tiles.bwd_config(16384, 65536)
+        assert norm_tiles.fwd_config(256, 65536, 264, 2, gpu) == norm_tiles.TileConfig(16, 256, 8, 4, stages=2)
+        assert norm_tiles.fwd_config(256, 65536, 264, 2, gpu, False) == norm_tiles.TileConfig(4, 256, 4, 1)
         # no plain tile searched at 2048: the residual family's answers
-        assert norm_core.bwd_config(2048, 65536, 2, gpu, False) == norm_core.bwd_config(2048, 65536, 2, gpu)
+        assert norm_tiles.bwd_config(2048, 65536, 2, gpu, False) == norm_tiles.bwd_config(2048, 65536, 2, gpu)
         # the user's own search wins over the shipped table
-        user = norm_core.tuned_path(gpu)
+        user = norm_tiles.tuned_path(gpu)
         user.parent.mkdir(parents=True, exist_ok=True)
         user.write_text(json.dumps({"configs": {"bwd/2048/2": [1, 8, 1, 1]}}))
         for cached in caches:
             cached.cache_clear()
-        assert norm_core.bwd_config(2048, 65536, 2, gpu) == norm_core.TileConfig(1, 2048, 8, 1, True, 1)
+        assert norm_tiles.bwd_config(2048, 65536, 2, gpu) == norm_tiles.TileConfig(1, 2048, 8, 1, True, 1)
         user.unlink()
     finally:
         for cached in caches:
@@ -294,19 +295,19 @@ def test_tuned_entries_with_stages_and_the_shipped_table(tmp_path, monkeypatch):
 
 
 def test_shipped_tile_tables_are_valid_tiles():
-    shipped = sorted((pathlib.Path(norm_core.__file__).parent / "tiles").glob("*.json"))
+    shipped = sorted((pathlib.Path(norm_tiles.__file__).parent / "tiles").glob("*.json"))
     for path in shipped:
         data = json.loads(path.read_text())
         assert data["gpu"] and data["torch"] and data["triton"], path.name
-        assert norm_core.shipped_path(data["gpu"]) == path
+        assert norm_tiles.shipped_path(data["gpu"]) == path
         for key, entry in data["configs"].items():
-            assert norm_core._tuned_entry(key, entry) is not None, (path.name, key, entry)
+            assert norm_tiles._tuned_entry(key, entry) is not None, (path.name, key, entry)
 
 
 @pytest.mark.parametrize("n", (64, 1024, 16384))
 def test_tune_candidates_surround_the_heuristic(n):
     fwds, bwds = norm_tune.fwd_candidates(n), norm_tune.bwd_candidates(n)
-    heuristic_fwd, heuristic_bwd = norm_core.fwd_config(n, 1 << 20, 264), norm_core.bwd_config(n, 1 << 20)
+    heuristic_fwd, heuristic_bwd = norm_tiles.fwd_config(n, 1 << 20, 264), norm_tiles.bwd_config(n, 1 << 20)
     assert heuristic_fwd in fwds and heuristic_bwd in bwds
     for cfg in fwds + bwds:
         assert cfg.block_m >= 1 and cfg.block_m & (cfg.block_m - 1) == 0 and cfg.block_n == n
@@ -330,11 +331,11 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
     the occupancy the tile table counts on."""
     cases, configs = [], []
     for n in (64, 1024, 2048, 4096, 8192):
-        cfg = norm_core.bwd_config(n, 1 << 20)
+        cfg = norm_tiles.bwd_config(n, 1 << 20)
         types = {name: "*bf16" for name in ("DY", "DS_OUT", "X", "W", "DX")}
         types.update({name: "*fp32" for name in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")})
         consts = {"HAS_DS_OUT": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
-                  "BLOCK_N": cfg.block_n, "ACC_IN_MEMORY": cfg.block_n >= norm_core.ACC_IN_MEMORY_COLS,
+                  "BLOCK_N": cfg.block_n, "ACC_IN_MEMORY": cfg.block_n >= norm_tiles.ACC_IN_MEMORY_COLS,
                   "PREFETCH": cfg.prefetch, "STAGES": cfg.stages, "CHUNK": cfg.chunk}
         cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": "_add_layer_norm_bwd_kernel",
                       "types": types, "constexprs": consts, "num_warps": cfg.num_warps,

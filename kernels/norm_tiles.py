@@ -1,0 +1,202 @@
+"""The norm kernels' tiles (kernels/norm_core.py): which tile each launch runs, for every row length.
+
+The heuristic (`fwd_config`, `bwd_config`, cached per shape): rows stacked up to FWD_TILE / BWD_TILE
+elements a program, the persistent backward's programs per SM (WARPS_PER_SM warps of them), register
+prefetch where it fits. Over it, the tiles searched on a GPU model: `python -m
+fusion_advisor.kernels.norm_tune` (GPU only, offline; `fusion-advisor calibrate --kernel-tiles`)
+times a few tiles around the heuristic per (row length, element size, family: the residual add +
+norm, or the norm alone) and saves the fastest per GPU model under the user cache dir; the table
+measured on an H100 ships in tiles/. `fwd_config` / `bwd_config` read those once (the user's over
+the shipped, key by key) and fall back to the heuristic. A call never searches; the interpreter
+always uses the heuristic.
+
+A tuned entry is [block_m, num_warps, programs_per_sm, prefetch, stages, chunk] under
+"fwd|bwd[-plain]/<row padded to a power of two>/<element size>" (older files' shorter entries read
+with the defaults); an entry that is not a valid tile is left out, and the heuristic answers.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+from fusion_advisor.cost_model.device import cache_dir
+from fusion_advisor.kernels.common import cdiv, interpreting, next_power_of_2, sm_count
+
+MAX_BLOCK_N = 65536     # a row held in registers: wider rows are refused with a clear error
+FWD_TILE = 4096         # elements per forward program (16 a thread at 8 warps: 16-byte vectors)
+BWD_TILE = 2048         # elements per backward loop iteration (8 a thread at 8 warps)
+BWD_PER_THREAD = 8      # at 8, ~95 registers a thread (cuobjdump of the sm_90 cubin): two 8-warp programs fit
+                        # an SM; at 16, 130-150, and only one does
+ACC_IN_MEMORY_COLS = 16384  # from this row length the backward adds its dweight/dbias sums to its partial
+                            # rows (L2) every tile: held in registers they spilled (sm_90, 16384 columns,
+                            # 32 warps: 264 bytes a thread; added to memory, 16 warps: 56)
+WARPS_PER_SM = 16       # the persistent backward's programs per SM: 16 warps of them (2 of 8 warps)
+BWD_PREFETCH_TILE = 4096  # the backward loads the next tile ahead for tiles up to this many elements
+
+
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    programs_per_sm: int = 1   # the persistent programs' (the backward's; the forward's where stages > 1)
+    prefetch: bool = True      # the persistent backward loads the next tile before this one's math
+    stages: int = 1            # > 1: the loop over tiles pipelined by Triton into this many stages (the
+                               # forward then persistent too); never with prefetch or ACC_IN_MEMORY rows
+    chunk: int = 0             # > 0 (backward): groups of block_m rows walked in chunks of this many
+                               # columns (`_norm_bwd_chunks`), for rows too long for a tile
+
+
+def _warps(tile: int, per_thread: int = 16) -> int:
+    """About `per_thread` elements a thread (16: two 16-byte vectors of bf16, four of fp32), 4 to
+    32 warps."""
+    return max(4, min(32, tile // (32 * per_thread)))
+
+
+def _block_n(n_cols: int) -> int:
+    block_n = next_power_of_2(n_cols)
+    if block_n > MAX_BLOCK_N:
+        raise ValueError(f"norm: rows of {n_cols} elements are wider than the {MAX_BLOCK_N} one program holds")
+    return block_n
+
+
+def tuned_path(gpu: str) -> Path:
+    """Where norm_tune.py leaves the configs it chose on one GPU model."""
+    return cache_dir() / "norm-tiles" / (re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-") + ".json")
+
+
+def shipped_path(gpu: str) -> Path:
+    """The tile table measured on this GPU model and committed with the package (norm_tune.py's
+    output, copied in): what a user's first call reads where they never tuned."""
+    return Path(__file__).resolve().parent / "tiles" / tuned_path(gpu).name
+
+
+def tuned_key(kind: str, block_n: int, elem_size: int, residual: bool = True) -> str:
+    """"fwd/1024/2": tiles searched on the residual add + norm (two inputs read, two outputs written
+    a row); "fwd-plain/1024/2": on the norm alone, where the best tile can differ (LayerNorm's
+    forward at 262,144 x 512 bf16 on an H100: 82 % of copy on the add + norm's tile)."""
+    return f"{kind}{'' if residual else '-plain'}/{block_n}/{elem_size}"
+
+
+def _tuned(gpu: str, kind: str, block_n: int, elem_size: int, residual: bool):
+    """The tuned tile for this family, else the residual family's (the one every table has)."""
+    table = tuned_table(gpu)
+    return table.get(tuned_key(kind, block_n, elem_size, residual)) or table.get(tuned_key(kind, block_n, elem_size))
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(gpu: str) -> dict[str, tuple[int, int, int, bool, int]]:
+    """{tuned_key: (block_m, num_warps, programs_per_sm, prefetch, stages)} searched on this GPU model
+    by norm_tune.py, read once: the table measured here and shipped in kernels/tiles/, with the
+    user's own search (the cache dir's file, `tuned_path`) over it key by key. Empty without a GPU
+    name or either file; an entry that is not a valid tile is left out (the heuristic answers)."""
+    return {key: cfg for key, entry in tuned_entries(gpu).items() if (cfg := _tuned_entry(key, entry)) is not None}
+
+
+def tuned_entries(gpu: str) -> dict:
+    """The raw entries of the shipped table and the user's file for `gpu`, the user's winning."""
+    entries = {}
+    for path in (shipped_path(gpu), tuned_path(gpu)) if gpu else ():
+        try:
+            configs = json.loads(path.read_text(encoding="utf-8"))["configs"]
+            if isinstance(configs, dict):
+                entries.update(configs)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return entries
+
+
+def _tuned_entry(key: str, entry) -> Optional[tuple[int, int, int, bool, int, int]]:
+    """One tuned file entry, [block_m, num_warps, programs_per_sm(, prefetch(, stages(, chunk)))],
+    checked."""
+    try:
+        block_m, warps, per_sm, *rest = (int(v) for v in entry)
+        block_n = int(key.split("/")[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    prefetch, stages = (bool(rest[0]) if rest else True), (rest[1] if len(rest) > 1 else 1)
+    chunk = rest[2] if len(rest) > 2 else 0
+    chunk_ok = chunk == 0 or (key.startswith("bwd") and 256 <= chunk < block_n and not chunk & (chunk - 1)
+                              and block_m * chunk <= MAX_BLOCK_N and not prefetch)
+    if (block_m < 1 or block_m & (block_m - 1) or (block_m * block_n > MAX_BLOCK_N and not chunk)
+            or warps not in (1, 2, 4, 8, 16, 32) or not 1 <= per_sm <= 8 or not 1 <= stages <= 6
+            or (stages > 1 and prefetch and key.startswith("bwd")) or not chunk_ok):
+        return None   # (the backward prefetches into registers or pipelines, never both)
+    return block_m, warps, per_sm, prefetch, stages, chunk
+
+
+@functools.lru_cache(maxsize=4096)
+def fwd_config(n_cols: int, n_rows: int, programs_wanted: int, elem_size: int = 2, gpu: str = "",
+               residual: bool = True) -> TileConfig:
+    """Rows stacked up to FWD_TILE elements a program (or as norm_tune.py chose on `gpu`), fewer
+    while that leaves fewer than `programs_wanted` programs (twice the SMs: every SM busy), never
+    more rows than there are."""
+    block_n = _block_n(n_cols)
+    tuned = _tuned(gpu, "fwd", block_n, elem_size, residual)
+    block_m = min(tuned[0] if tuned else max(1, FWD_TILE // block_n), next_power_of_2(max(n_rows, 1)))
+    while block_m > 1 and block_m * block_n > 1024 and cdiv(n_rows, block_m) < programs_wanted:
+        block_m //= 2
+    if tuned and tuned[0] == block_m:
+        return TileConfig(block_m, block_n, tuned[1], tuned[2], stages=tuned[4])
+    return TileConfig(block_m, block_n, _warps(block_m * block_n))
+
+
+@functools.lru_cache(maxsize=4096)
+def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "", residual: bool = True) -> TileConfig:
+    """Rows stacked up to BWD_TILE elements an iteration, BWD_PER_THREAD a thread: the registers
+    (dy, x, two fp32 accumulators and the addresses) leave room for two 8-warp programs an SM,
+    one's loads overlapping the other's reductions. Rows of 4096+ take 16-32 warps, one program.
+    Where norm_tune.py searched this row length on `gpu`, its choice."""
+    block_n = _block_n(n_cols)
+    tuned = _tuned(gpu, "bwd", block_n, elem_size, residual)
+    rows_cap = next_power_of_2(max(n_rows, 1))
+    if tuned and tuned[0] <= rows_cap and not (tuned[4] > 1 and block_n >= ACC_IN_MEMORY_COLS and not tuned[5]):
+        return TileConfig(tuned[0], block_n, *tuned[1:])
+    block_m = min(max(1, BWD_TILE // block_n), rows_cap)
+    warps = _warps(block_m * block_n, BWD_PER_THREAD)
+    if block_n >= ACC_IN_MEMORY_COLS:
+        warps = min(warps, 16)   # sm_90 at 16384: 16 warps spill 56 bytes a thread, 32 warps 104
+    # Prefetch holds a second tile in registers: at 768-4096 columns 97-99 registers a thread (79
+    # without; two 8-warp programs an SM still fit), but at 8192 (32 warps, 64 registers at most)
+    # it spills 96 bytes a thread (cuobjdump of the sm_90 cubin).
+    return TileConfig(block_m, block_n, warps, max(1, WARPS_PER_SM // warps), block_m * block_n <= BWD_PREFETCH_TILE)
+
+
+def bwd_programs(cfg: TileConfig, n_rows: int, device: torch.device) -> int:
+    """The persistent backward's program count: cfg.programs_per_sm on every SM of a GPU, a
+    handful in the interpreter (each program is slow there); never more than row tiles."""
+    if interpreting() or device.type != "cuda":
+        per_device = 4
+    else:
+        per_device = sm_count(device) * cfg.programs_per_sm
+    return max(1, min(per_device, cdiv(n_rows, cfg.block_m)))
+
+
+def backward_programs_for(n_cols: int, n_rows: int, num_sms: int, elem_size: int = 2) -> int:
+    """P, the backward's program count on a GPU of `num_sms` SMs with the tile table (no tuned
+    file): what `fused_bytes` counts the partial rows of."""
+    cfg = bwd_config(n_cols, n_rows, elem_size)
+    return max(1, min(num_sms * cfg.programs_per_sm, cdiv(n_rows, cfg.block_m)))
+
+
+def _sm_programs(device: torch.device) -> int:
+    """SMs on a GPU, a handful in the interpreter: sizes the forward grid (twice this)."""
+    if interpreting() or device.type != "cuda":
+        return 4
+    return sm_count(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name_of(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def gpu_name(device: torch.device) -> str:
+    """The GPU model the tuned table is keyed by; "" in the interpreter (the heuristic only)."""
+    if interpreting() or device.type != "cuda":
+        return ""
+    return _gpu_name_of(device.index if device.index is not None else torch.cuda.current_device())
