@@ -1003,8 +1003,10 @@ def _search_kernel_tiles(progress: Progress) -> str:
         if line.startswith(("  fwd", "  bwd")):   # one per (row length, dtype, family, pass) searched
             progress.update(task, description="kernel tiles " + line.split(":")[0].strip(), advance=1)
 
-    return norm_tune.tune(norm_tune.ROW_LENGTHS, dtypes, torch.device("cuda"), log=on_log,
-                          jobs=max(1, min(12, (os.cpu_count() or 2) - 1)))
+    # A compile process allocates the tuning tensors (six of up to 2^27 bytes, 0.75 GiB) and a CUDA
+    # context: 2 GiB of free GPU memory each.
+    jobs = max(1, min(12, (os.cpu_count() or 2) - 1, torch.cuda.mem_get_info()[0] // (2 << 30)))
+    return norm_tune.tune(norm_tune.ROW_LENGTHS, dtypes, torch.device("cuda"), log=on_log, jobs=jobs)
 
 
 _ARGV: list[str] | None = None   # the command line as typed (click drops the `--` that splits it)
