@@ -88,9 +88,22 @@ def bench(result: AdvisorResult, options: BenchOptions | None = None,
             # would read as the later patterns' own.
             lost = (f"not timed: the CUDA context was lost during the bench of {label} ({why}); every GPU "
                     f"call after it fails in this process")
+    note = _untuned_tiles_note(result, device)
+    if note and note not in result.notes:
+        result.notes.append(note)
     if progress:
         progress(len(matched), len(matched), "done")
     return result
+
+
+def _untuned_tiles_note(result: AdvisorResult, device: torch.device | None) -> str | None:
+    """Where our norm kernels were timed on a GPU model without searched tiles, say how to search them:
+    bench's verdicts on those patterns were made with the heuristic's tiles."""
+    if device is None or device.type != "cuda":
+        return None
+    from fusion_advisor.kernels import norm_tiles
+    timed = {b.pattern for b in result.benchmarks if b.timing == "gpu"}
+    return norm_tiles.untuned_note(timed, norm_tiles.gpu_name(device))
 
 
 def context_lost(device: torch.device | None) -> str | None:

@@ -14,7 +14,7 @@ from fusion_advisor.bench import (NOT_TIMED_ON_GPU, BenchOptions, bench, judge,
 from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.kernels import registry
 from fusion_advisor.kernels import rms_norm as rms
-from fusion_advisor.core.result import AdvisorResult, Cluster, Estimate, ProviderTiming
+from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, Estimate, ProviderTiming
 
 TINY = {"shape": [4, 64], "dtype": "bfloat16", "eps": 1e-6}
 CPU = BenchOptions(providers=("eager", "triton"), mode="cpu")
@@ -236,3 +236,17 @@ def test_forward_backward_returns_grads_rather_than_accumulating_them():
     assert len(inputs.grad_inputs) >= 3   # x, residual and the weight
     work.call(add_rms_norm.PATTERN.reference, 0)()
     assert all(inputs.args[i].grad is None for i in inputs.grad_inputs)   # computed, returned, not accumulated
+
+
+def test_bench_notes_norms_timed_on_a_gpu_without_searched_tiles(monkeypatch):
+    from fusion_advisor import bench as bench_module
+    from fusion_advisor.kernels import norm_tiles
+    result = AdvisorResult()
+    result.benchmarks = [Benchmark("c0", "layer_norm", {}, "forward+backward", timing="gpu"),
+                         Benchmark("c1", "rms_norm", {}, "forward+backward", timing="cpu-interpreter")]
+    monkeypatch.setattr(norm_tiles, "gpu_name", lambda device: "NVIDIA H200")
+    note = bench_module._untuned_tiles_note(result, torch.device("cuda"))
+    assert note and "layer_norm kernels" in note and "rms_norm" not in note   # only what the GPU timed
+    assert bench_module._untuned_tiles_note(result, torch.device("cpu")) is None
+    monkeypatch.setattr(norm_tiles, "gpu_name", lambda device: "NVIDIA H100 80GB HBM3")
+    assert bench_module._untuned_tiles_note(result, torch.device("cuda")) is None

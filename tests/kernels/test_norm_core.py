@@ -304,6 +304,14 @@ def test_shipped_tile_tables_are_valid_tiles():
             assert norm_tiles._tuned_entry(key, entry) is not None, (path.name, key, entry)
 
 
+def test_report_says_where_norms_ran_untuned_tiles():
+    note = norm_tiles.untuned_note({"layer_norm", "swiglu", "rms_norm"}, "NVIDIA H200")
+    assert "layer_norm, rms_norm kernels" in note and "NVIDIA H200" in note and "calibrate --kernel-tiles" in note
+    assert norm_tiles.untuned_note({"layer_norm"}, "NVIDIA H100 80GB HBM3") is None   # its table ships
+    assert norm_tiles.untuned_note({"swiglu"}, "NVIDIA H200") is None                 # not a norm
+    assert norm_tiles.untuned_note({"layer_norm"}, "") is None                        # no GPU
+
+
 @pytest.mark.parametrize("n", (64, 1024, 16384))
 def test_tune_candidates_surround_the_heuristic(n):
     fwds, bwds = norm_tune.fwd_candidates(n), norm_tune.bwd_candidates(n)
