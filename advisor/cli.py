@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import functools
 import json
 import os
 import sys
-import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional

@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(inductor's and Triton's on-disk caches), so the timing loop compiles from cache: "
                          "the sweep is mostly compile time otherwise")
     ap.add_argument("--warm-shard", default=None, help=argparse.SUPPRESS)   # I/K: --compile-jobs' workers
+    ap.add_argument("--table", metavar="CSV", default=None,
+                    help="print a sweep CSV as the README's markdown table and stop (no GPU needed)")
     for flag, const in TILE_KNOBS.items():
         ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
                         help=f"override norm_tiles.{const} for this run (to compare tile tables)")
@@ -249,15 +251,9 @@ def warm_shard(args, shard: int, shards: int) -> int:
 
 def compile_in_parallel(args, argv, jobs: int) -> None:
     """--compile-jobs: `jobs` copies of this script, each warming its shard of the plan."""
-    import subprocess
-    started = time.perf_counter()
-    base = list(argv if argv is not None else sys.argv[1:])
-    procs = [subprocess.Popen([sys.executable, __file__, *base, "--warm-shard", f"{i}/{jobs}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(jobs)]
-    failed = [p.communicate()[1][-300:] for p in procs if p.wait() != 0]
-    print(f"compiled the plan's {len(shape_plan(args))} shapes in {jobs} processes in "
-          f"{time.perf_counter() - started:.0f} s" + (f"; {len(failed)} failed: {failed[0]}" if failed else ""),
-          flush=True)
+    from fusion_advisor.kernels.norm_tune import run_shards
+    base = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
+    print(f"compiled the plan's {len(shape_plan(args))} shapes {run_shards(base, '--warm-shard', jobs)}", flush=True)
 
 
 def shape_params(name: str, n: int, n_rows: int, dtype: str, sms: int) -> dict:
@@ -328,13 +324,11 @@ def markdown_table(rows: list[dict], pass_: str = "forward+backward") -> list[st
 
 
 def main(argv=None) -> int:
-    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--table":
-        argv = sys.argv[1:]
-    if argv and argv[0] == "--table":   # a committed CSV as the README's table: no GPU needed
-        with open(argv[1], newline="", encoding="utf-8") as fh:
+    args = parse_args(argv)
+    if args.table:
+        with open(args.table, newline="", encoding="utf-8") as fh:
             print("\n".join(markdown_table(list(csv.DictReader(fh)))))
         return 0
-    args = parse_args(argv)
     import torch
     if not torch.cuda.is_available():
         print("error: no CUDA GPU (the norm kernels' CPU checks are tests/kernels/test_norm_core.py)", file=sys.stderr)

@@ -103,8 +103,8 @@ def _tuned(gpu: str, kind: str, block_n: int, elem_size: int, residual: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def tuned_table(gpu: str) -> dict[str, tuple[int, int, int, bool, int]]:
-    """{tuned_key: (block_m, num_warps, programs_per_sm, prefetch, stages)} searched on this GPU model
+def tuned_table(gpu: str) -> dict[str, tuple[int, int, int, bool, int, int]]:
+    """{tuned_key: (block_m, num_warps, programs_per_sm, prefetch, stages, chunk)} searched on this GPU model
     by norm_tune.py, read once: the table measured here and shipped in kernels/tiles/, with the
     user's own search (the cache dir's file, `tuned_path`) over it key by key. Empty without a GPU
     name or either file; an entry that is not a valid tile is left out (the heuristic answers)."""
@@ -136,10 +136,14 @@ def _tuned_entry(key: str, entry) -> Optional[tuple[int, int, int, bool, int, in
     chunk = rest[2] if len(rest) > 2 else 0
     chunk_ok = chunk == 0 or (key.startswith("bwd") and 256 <= chunk < block_n and not chunk & (chunk - 1)
                               and block_m * chunk <= MAX_BLOCK_N and not prefetch)
+    # The backward prefetches into registers or pipelines, never both; and whole rows whose sums go
+    # to memory every tile are never pipelined (a load would read a partial row before its store).
+    backward_ok = not key.startswith("bwd") or not (stages > 1 and (prefetch or (block_n >= ACC_IN_MEMORY_COLS
+                                                                                 and not chunk)))
     if (block_m < 1 or block_m & (block_m - 1) or (block_m * block_n > MAX_BLOCK_N and not chunk)
             or warps not in (1, 2, 4, 8, 16, 32) or not 1 <= per_sm <= 8 or not 1 <= stages <= 6
-            or (stages > 1 and prefetch and key.startswith("bwd")) or not chunk_ok):
-        return None   # (the backward prefetches into registers or pipelines, never both)
+            or not backward_ok or not chunk_ok):
+        return None
     return block_m, warps, per_sm, prefetch, stages, chunk
 
 
@@ -168,7 +172,7 @@ def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "", resi
     block_n = _block_n(n_cols)
     tuned = _tuned(gpu, "bwd", block_n, elem_size, residual)
     rows_cap = next_power_of_2(max(n_rows, 1))
-    if tuned and tuned[0] <= rows_cap and not (tuned[4] > 1 and block_n >= ACC_IN_MEMORY_COLS and not tuned[5]):
+    if tuned and tuned[0] <= rows_cap:
         return TileConfig(tuned[0], block_n, *tuned[1:])
     block_m = min(max(1, BWD_TILE // block_n), rows_cap)
     warps = _warps(block_m * block_n, BWD_PER_THREAD)

@@ -114,15 +114,15 @@ def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, max_tenso
     }
 
 
-TUNE_ROWS = 1 << 20   # up to 1M rows within 2^27-byte tensors: 1M at N = 64 (65,536 rows fit in L2's 50 MB
-                      # there, and chose tiles 8 MB of data favours), 65,536 at N = 1024 in bf16
+TUNE_ROWS = 1 << 20   # up to 1M rows within 2^27-byte tensors (65,536 at N = 1024 in bf16): at N = 64,
+                      # 65,536 rows are 8 MB, inside L2's 50 MB, and tiles chosen there suit L2, not HBM
 
 
 def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = TUNE_ROWS,
              max_tensor_bytes: int = 1 << 27, log: Callable[[str], None] = print,
              verbose: bool = False, family: str = "add") -> dict[str, list[int]]:
     """The fastest forward and backward tiles for rows of n elements of `dtype`: {tuned_key: [block_m,
-    num_warps, programs_per_sm, prefetch, stages]}. A tile that fails to compile or run is skipped;
+    num_warps, programs_per_sm, prefetch, stages, chunk]}. A tile that fails to compile or run is skipped;
     with `verbose`, every candidate's time is logged."""
     chosen = {}
     block_n = next_power_of_2(n)
@@ -148,7 +148,8 @@ def compile_shard(n_values, dtypes, device: torch.device, shard: int, shards: in
                   families=FAMILIES) -> int:
     """Run (and so compile, into Triton's on-disk cache) every `shards`-th candidate from `shard` on,
     untimed: `tune(jobs=K)` starts K of these at once, so its timing loop finds every kernel built
-    (a candidate compiles in ~1-2 s; the 11 row lengths have ~400). Returns how many ran."""
+    (12 processes built the 11 row lengths' candidates in 16-17 s on an H100 machine's 16 cores).
+    Returns how many ran."""
     index = ran = 0
     for n, dtype, family in ((n, d, f) for n in n_values for d in dtypes for f in families):
         for candidates, call in _runs(n, dtype, device, TUNE_ROWS, 1 << 27, family).values():
@@ -164,17 +165,23 @@ def compile_shard(n_values, dtypes, device: torch.device, shard: int, shards: in
     return ran
 
 
-def _compile_in_parallel(n_values, dtypes, families, jobs: int, log: Callable[[str], None]) -> None:
+def run_shards(argv: list[str], flag: str, jobs: int) -> str:
+    """`argv + [flag, "i/jobs"]` for i < jobs, all at once, waited for: how long it took, and the
+    first failure's last words (norm_tune's and bench_norms.py's parallel compiles)."""
     import subprocess
     import time
     started = time.perf_counter()
+    procs = [subprocess.Popen(argv + [flag, f"{i}/{jobs}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for i in range(jobs)]
+    failed = [p.communicate()[1][-300:] for p in procs if p.wait() != 0]
+    return (f"in {jobs} processes in {time.perf_counter() - started:.0f} s"
+            + (f"; {len(failed)} failed: {failed[0]}" if failed else ""))
+
+
+def _compile_in_parallel(n_values, dtypes, families, jobs: int, log: Callable[[str], None]) -> None:
     argv = [sys.executable, "-m", "fusion_advisor.kernels.norm_tune", "--n", ",".join(map(str, n_values)),
             "--dtypes", ",".join(str(d).replace("torch.", "") for d in dtypes), "--families", ",".join(families)]
-    procs = [subprocess.Popen(argv + ["--compile-shard", f"{i}/{jobs}"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for i in range(jobs)]
-    failed = [p.communicate()[1][-300:] for p in procs if p.wait() != 0]
-    log(f"  compiled the candidates in {jobs} processes in {time.perf_counter() - started:.0f} s"
-        + (f"; {len(failed)} failed: {failed[0]}" if failed else ""))
+    log("  compiled the candidates " + run_shards(argv, "--compile-shard", jobs))
 
 
 def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = print, verbose: bool = False,
