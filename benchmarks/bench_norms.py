@@ -326,8 +326,12 @@ def markdown_table(rows: list[dict], pass_: str = "forward+backward") -> list[st
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.table:
-        with open(args.table, newline="", encoding="utf-8") as fh:
-            print("\n".join(markdown_table(list(csv.DictReader(fh)))))
+        try:
+            with open(args.table, newline="", encoding="utf-8") as fh:
+                print("\n".join(markdown_table(list(csv.DictReader(fh)))))
+        except (OSError, KeyError, ValueError) as exc:   # no file, or not a bench_norms CSV
+            print(f"error: {args.table}: not a bench_norms.py CSV ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
         return 0
     import torch
     if not torch.cuda.is_available():

@@ -75,3 +75,12 @@ def test_markdown_table_shows_the_largest_row_count_and_the_worst_shape(bench):
     assert lines[2].startswith("| rms_norm | 96 % / 1.05× | 54 % / 0.80× |")   # 1M rows, not 64k, at N = 64
     assert "0.80× at 8,192 × 16384" in lines[2]
     assert f"{(1.25 * 1.05 * 0.8) ** (1 / 3):.2f}×" in lines[2]
+
+
+def test_table_of_a_missing_or_foreign_csv_is_a_one_line_error(bench, tmp_path, capsys):
+    foreign = tmp_path / "other.csv"
+    foreign.write_text("a,b\n1,2\n")
+    for path in (tmp_path / "missing.csv", foreign):
+        assert bench.main(["--table", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err

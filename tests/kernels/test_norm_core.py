@@ -91,7 +91,7 @@ def test_parameter_sums_added_to_memory_every_tile(dtype, device, monkeypatch):
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_pipelined_persistent_tiles_in_both_passes(stages, dtype, device, monkeypatch):
     # stages > 1: the forward turns persistent too. 4 rows a tile over 301 rows of 96 (padded to 128)
     # make 76 tiles, the last one short; 2 programs an SM (8 in the interpreter, 264 on an H100 with
@@ -109,7 +109,7 @@ def test_pipelined_persistent_tiles_in_both_passes(stages, dtype, device, monkey
 
 
 @pytest.mark.parametrize("stages", [1, 2])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_chunked_backward_walks_long_rows_in_chunks(stages, dtype, device, monkeypatch):
     # Rows of 200 in chunks of 64 (the last chunk partial, no padding to 256), groups of 4 rows over
     # 301 rows (76 groups, the last one short) and 4 programs in the interpreter: every pattern with
