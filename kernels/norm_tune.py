@@ -185,7 +185,7 @@ def _compile_in_parallel(n_values, dtypes, families, jobs: int, log: Callable[[s
 
 
 def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = print, verbose: bool = False,
-         jobs: int = 1, families=FAMILIES) -> str:
+         jobs: int = 1, families=FAMILIES, rows: int = TUNE_ROWS) -> str:
     """Search every (row length, dtype), merge into this GPU's file, make the launchers read it;
     returns the file's path. jobs > 1 first compiles the candidates in that many processes."""
     gpu = norm_tiles.gpu_name(device)
@@ -198,7 +198,7 @@ def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = pr
     for n in n_values:
         for dtype in dtypes:
             for family in families:
-                configs.update(tune_one(n, dtype, device, log=log, verbose=verbose, family=family))
+                configs.update(tune_one(n, dtype, device, rows=rows, log=log, verbose=verbose, family=family))
     import triton
     from fusion_advisor.core.files import atomic_output
     with atomic_output(path) as fh:
@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--families", default=",".join(FAMILIES),
                     help="add: tiles for the residual add + norm patterns; plain: for the norms alone")
+    ap.add_argument("--rows", type=int, default=TUNE_ROWS, help="rows to time each tile on (fewer where a tensor "
+                                                                "would pass 128 MiB)")
     ap.add_argument("--verbose", action="store_true", help="log every candidate tile's time")
     ap.add_argument("--jobs", type=int, default=1, help="compile the candidates in this many processes first "
                                                         "(the GPU machine's cores; the timing stays serial)")
@@ -232,7 +234,8 @@ def main(argv=None) -> int:
         shard, shards = (int(v) for v in args.compile_shard.split("/"))
         compile_shard(n_values, dtypes, torch.device("cuda"), shard, shards, families)
         return 0
-    path = tune(n_values, dtypes, torch.device("cuda"), verbose=args.verbose, jobs=args.jobs, families=families)
+    path = tune(n_values, dtypes, torch.device("cuda"), verbose=args.verbose, jobs=args.jobs, families=families,
+                rows=args.rows)
     print(f"wrote {path}")
     return 0
 

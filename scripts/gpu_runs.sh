@@ -34,8 +34,12 @@
 #          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), cross_entropy's
 #          bench shapes (GPT-2's vocabulary among them: its backward recomputes since 2026-12-07), then the zoo
 #          (ZOO_MODELS, ZOO_BUDGET) with what is left of the window.
+# probe:   where the last losses of issue 14 come from: bandwidth_mix.py (HBM by read:write mix),
+#          kernel_split.py (each kernel's time and the launch gaps) for the norms at 65,536 rows of
+#          64-256 and for the causal softmax forward, norm_tune at 65,536 rows of 64-256 (OUT/tiles-small.json,
+#          then removed from the cache), then the softmax bench (bench_kernels.py --patterns softmax).
 set -uo pipefail
-usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune OUT_DIR"
+usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe OUT_DIR"
 phase=${1:?$usage}
 out=$(realpath -m "${2:?$usage}")
 repo=$(pwd)
@@ -190,6 +194,26 @@ tiles)
   timeout $t python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 --compile-jobs ${COMPILE_JOBS:-8} \
       --time-budget $((t - 30)) ${NORMS_ARGS:-} --out "$out/bench-norms-sweep.csv" >"$out/bench-norms-sweep.txt" 2>&1
   echo "bench_norms sweep: rc $?"; grep -v "^    (" "$out/bench-norms-sweep.txt" | tail -60
+  ;;
+probe)
+  timeout 60 python3 benchmarks/bandwidth_mix.py >"$out/bandwidth-mix.txt" 2>&1
+  echo "bandwidth_mix: rc $?"; cat "$out/bandwidth-mix.txt"
+  timeout 90 python3 benchmarks/kernel_split.py --patterns layer_norm,rms_norm,group_norm,add_layer_norm \
+      --n 64,128,256 --rows 65536 --providers triton >"$out/kernel-split-norms.txt" 2>&1
+  echo "kernel_split norms: rc $?"; cat "$out/kernel-split-norms.txt"
+  for shape in 1,32,4096,4096 4,8,1024,1024; do
+    timeout 60 python3 benchmarks/kernel_split.py --patterns softmax --shape $shape --forward-only \
+        --providers triton,compile >>"$out/kernel-split-softmax.txt" 2>&1
+  done
+  echo "kernel_split softmax: rc $?"; cat "$out/kernel-split-softmax.txt"
+  tiles=$(python3 -c "import torch; from fusion_advisor.kernels import norm_tiles; print(norm_tiles.tuned_path(torch.cuda.get_device_name()))")
+  timeout ${TUNE_TIMEOUT:-120} python3 -m fusion_advisor.kernels.norm_tune --jobs 12 --verbose --dtypes bfloat16 \
+      --n 64,128,256 --rows 65536 >"$out/norm-tune-small.txt" 2>&1
+  echo "norm_tune small: rc $?"; grep -E "^  (fwd|bwd)|wrote|rror" "$out/norm-tune-small.txt"
+  cp "$tiles" "$out/tiles-small.json"; rm -f "$tiles"
+  timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_kernels.py --patterns softmax \
+      --out "$out/bench-softmax.csv" >"$out/bench-softmax.txt" 2>&1
+  echo "bench_kernels softmax: rc $?"; tail -30 "$out/bench-softmax.txt"
   ;;
 tune)
   timeout 150 python3 benchmarks/bench_batch_norm.py --out "$out/bench-batch-norm.csv" >"$out/bench-batch-norm.txt" 2>&1
