@@ -151,7 +151,10 @@ for case in json.load(sys.stdin):
         fh.flush()
         usage = subprocess.run([cuobjdump, "-res-usage", fh.name], capture_output=True, text=True).stdout
     regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
-    out.append([int(regs), int(stack)])
+    accesses = {}
+    for op in re.findall(r"\b(ld\.global[\w.]*|st\.global[\w.]*)", kernel.asm["ptx"]):
+        accesses[op] = accesses.get(op, 0) + 1
+    out.append([int(regs), int(stack), accesses])
 json.dump(out, sys.stdout)
 """
 
@@ -161,6 +164,17 @@ def sm90_resources(cases: list[dict]) -> list[tuple[int, int]]:
     and scalar types by parameter name, "i32" for the rest), "constexprs", "num_warps",
     "unaligned" (parameters the JIT would not see as 16-divisible)}. Skips the test where this
     Triton ships no ptxas or cuobjdump."""
+    return [(regs, stack) for regs, stack, _ in _sm90_build(cases)]
+
+
+def sm90_global_accesses(cases: list[dict]) -> list[dict[str, int]]:
+    """For each case (as sm90_resources'), how many of each global load and store instruction its
+    sm_90 PTX holds, e.g. {"ld.global.v4.b32": 2, "st.global.v4.b32": 2}: whether Triton proved the
+    alignment for 16-byte accesses or fell back to one element at a time."""
+    return [accesses for _, _, accesses in _sm90_build(cases)]
+
+
+def _sm90_build(cases: list[dict]) -> list[tuple[int, int, dict]]:
     import pytest
     import triton
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
