@@ -36,7 +36,7 @@
 #          (ZOO_MODELS, ZOO_BUDGET) with what is left of the window.
 # probe:   where the last losses of issue 14 come from: bandwidth_mix.py (HBM by read:write mix),
 #          kernel_split.py (each kernel's time and the launch gaps) for the norms at 65,536 rows of
-#          64-256 and for the causal softmax forward, norm_tune at 65,536 rows of 64-256 (OUT/tiles-small.json,
+#          64-256 (SPLIT_SOFTMAX=1: the causal softmax forward's too), norm_tune at 65,536 rows of 64-256 (OUT/tiles-small.json,
 #          then removed from the cache), then the softmax bench (bench_kernels.py --patterns softmax).
 set -uo pipefail
 usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe OUT_DIR"
@@ -201,17 +201,19 @@ probe)
   timeout 90 python3 benchmarks/kernel_split.py --patterns layer_norm,rms_norm,group_norm,add_layer_norm \
       --n 64,128,256 --rows 65536 --providers triton >"$out/kernel-split-norms.txt" 2>&1
   echo "kernel_split norms: rc $?"; cat "$out/kernel-split-norms.txt"
-  for shape in 1,32,4096,4096 4,8,1024,1024; do
-    timeout 60 python3 benchmarks/kernel_split.py --patterns softmax --shape $shape --forward-only \
-        --providers triton,compile >>"$out/kernel-split-softmax.txt" 2>&1
-  done
-  echo "kernel_split softmax: rc $?"; cat "$out/kernel-split-softmax.txt"
+  if [ -n "${SPLIT_SOFTMAX:-}" ]; then   # SPLIT_SOFTMAX=1: the causal softmax forward's kernels too
+    for shape in 1,32,4096,4096 4,8,1024,1024; do
+      timeout 60 python3 benchmarks/kernel_split.py --patterns softmax --shape $shape --forward-only \
+          --providers triton,compile >>"$out/kernel-split-softmax.txt" 2>&1
+    done
+    echo "kernel_split softmax: rc $?"; cat "$out/kernel-split-softmax.txt"
+  fi
   tiles=$(python3 -c "import torch; from fusion_advisor.kernels import norm_tiles; print(norm_tiles.tuned_path(torch.cuda.get_device_name()))")
-  timeout ${TUNE_TIMEOUT:-120} python3 -m fusion_advisor.kernels.norm_tune --jobs 12 --verbose --dtypes bfloat16 \
+  timeout ${SMALL_TUNE_TIMEOUT:-100} python3 -m fusion_advisor.kernels.norm_tune --jobs 12 --verbose --dtypes bfloat16 \
       --n 64,128,256 --rows 65536 >"$out/norm-tune-small.txt" 2>&1
   echo "norm_tune small: rc $?"; grep -E "^  (fwd|bwd)|wrote|rror" "$out/norm-tune-small.txt"
   cp "$tiles" "$out/tiles-small.json"; rm -f "$tiles"
-  timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_kernels.py --patterns softmax \
+  timeout ${SOFTMAX_TIMEOUT:-150} python3 benchmarks/bench_kernels.py --patterns softmax \
       --out "$out/bench-softmax.csv" >"$out/bench-softmax.txt" 2>&1
   echo "bench_kernels softmax: rc $?"; tail -30 "$out/bench-softmax.txt"
   ;;
