@@ -181,7 +181,7 @@ tiles)
   # TUNE_DTYPES) with the candidates compiled in TUNE_JOBS processes; its table comes back as tiles.json
   # (for kernels/tiles/), and the sweep runs with it, compiling its shapes in COMPILE_JOBS processes first
   if [ "${TESTS_TIMEOUT:-120}" -gt 0 ]; then   # TESTS_TIMEOUT=0 leaves the tests out
-    timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q tests/kernels/test_norm_core.py -k "pipelined or every_row_regime" \
+    timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q tests/kernels/test_norm_core.py -k "pipelined or every_row_regime or chunked" \
         >"$out/gpu-tests-tiles.txt" 2>&1
     echo "pipelined tests: rc $?"; tail -3 "$out/gpu-tests-tiles.txt"
   fi
