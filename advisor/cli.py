@@ -991,12 +991,13 @@ def calibrate(
 
 def _search_kernel_tiles(progress: Progress) -> str:
     """calibrate --kernel-tiles: norm_tune's search over every row length, bf16 and fp32, both
-    families, its candidates compiled in parallel first; returns the tile file it wrote."""
+    families, on large launches and on small ones, its candidates compiled in parallel first;
+    returns the tile file it wrote."""
     import torch
     from fusion_advisor.kernels import norm_tune
 
     dtypes = [torch.bfloat16, torch.float32]
-    total = len(norm_tune.ROW_LENGTHS) * len(dtypes) * len(norm_tune.FAMILIES) * 2   # forward and backward
+    total = len(norm_tune.ROW_LENGTHS) * len(dtypes) * len(norm_tune.FAMILIES) * 2 * 2   # passes x sizes
     task = progress.add_task("kernel tiles", total=total)
 
     def on_log(line: str) -> None:
@@ -1006,7 +1007,8 @@ def _search_kernel_tiles(progress: Progress) -> str:
     # A compile process allocates the tuning tensors (six of up to 2^27 bytes, 0.75 GiB) and a CUDA
     # context: 2 GiB of free GPU memory each.
     jobs = max(1, min(12, (os.cpu_count() or 2) - 1, torch.cuda.mem_get_info()[0] // (2 << 30)))
-    return norm_tune.tune(norm_tune.ROW_LENGTHS, dtypes, torch.device("cuda"), log=on_log, jobs=jobs)
+    norm_tune.tune(norm_tune.ROW_LENGTHS, dtypes, torch.device("cuda"), log=on_log, jobs=jobs)
+    return norm_tune.tune(norm_tune.ROW_LENGTHS, dtypes, torch.device("cuda"), log=on_log, small=True)
 
 
 _ARGV: list[str] | None = None   # the command line as typed (click drops the `--` that splits it)

@@ -11,8 +11,8 @@ the shipped, key by key) and fall back to the heuristic. A call never searches; 
 always uses the heuristic.
 
 A tuned entry is [block_m, num_warps, programs_per_sm, prefetch, stages, chunk] under
-"fwd|bwd[-plain]/<row padded to a power of two>/<element size>" (older files' shorter entries read
-with the defaults); an entry that is not a valid tile is left out, and the heuristic answers.
+"fwd|bwd[-plain]/<row padded to a power of two>/<element size>[/small]" (older files' shorter entries read
+with the defaults; "/small": searched on launches of at most SMALL_LAUNCH_BYTES, used for those); an entry that is not a valid tile is left out, and the heuristic answers.
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ ACC_IN_MEMORY_COLS = 16384  # from this row length the backward adds its dweight
                             # 32 warps: 264 bytes a thread; added to memory, 16 warps: 56)
 WARPS_PER_SM = 16       # the persistent backward's programs per SM: 16 warps of them (2 of 8 warps)
 BWD_PREFETCH_TILE = 4096  # the backward loads the next tile ahead for tiles up to this many elements
+SMALL_LAUNCH_BYTES = 1 << 24  # a launch over at most this many bytes of rows (padded; 16 MiB) is "small": a
+                              # wave or two of tiles, where latency and a loop's prologue set the time, not
+                              # the stream; the tuned table has its own tiles for it (norm_tune --small)
 
 
 TILED_PATTERNS = ("rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "group_norm")   # their tiles are here
@@ -89,17 +92,29 @@ def shipped_path(gpu: str) -> Path:
     return Path(__file__).resolve().parent / "tiles" / tuned_path(gpu).name
 
 
-def tuned_key(kind: str, block_n: int, elem_size: int, residual: bool = True) -> str:
+def tuned_key(kind: str, block_n: int, elem_size: int, residual: bool = True, small: bool = False) -> str:
     """"fwd/1024/2": tiles searched on the residual add + norm (two inputs read, two outputs written
     a row); "fwd-plain/1024/2": on the norm alone, where the best tile can differ (LayerNorm's
-    forward at 262,144 x 512 bf16 on an H100: 82 % of copy on the add + norm's tile)."""
-    return f"{kind}{'' if residual else '-plain'}/{block_n}/{elem_size}"
+    forward at 262,144 x 512 bf16 on an H100: 82 % of copy on the add + norm's tile); a "/small"
+    suffix: searched on a small launch (`small_launch`)."""
+    return f"{kind}{'' if residual else '-plain'}/{block_n}/{elem_size}{'/small' if small else ''}"
 
 
-def _tuned(gpu: str, kind: str, block_n: int, elem_size: int, residual: bool):
-    """The tuned tile for this family, else the residual family's (the one every table has)."""
+def small_launch(n_rows: int, block_n: int, elem_size: int) -> bool:
+    """Whether a launch over n_rows rows is small enough for the table's "/small" tiles."""
+    return n_rows * block_n * elem_size <= SMALL_LAUNCH_BYTES
+
+
+def _tuned(gpu: str, kind: str, block_n: int, elem_size: int, residual: bool, small: bool = False):
+    """The tuned tile for this family, else the residual family's (the one every table has); for a
+    small launch, the small tiles first."""
     table = tuned_table(gpu)
-    return table.get(tuned_key(kind, block_n, elem_size, residual)) or table.get(tuned_key(kind, block_n, elem_size))
+    keys = [(residual, True), (True, True)] if small else []
+    for family, sized in keys + [(residual, False), (True, False)]:
+        found = table.get(tuned_key(kind, block_n, elem_size, family, sized))
+        if found:
+            return found
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,7 +169,7 @@ def fwd_config(n_cols: int, n_rows: int, programs_wanted: int, elem_size: int = 
     while that leaves fewer than `programs_wanted` programs (twice the SMs: every SM busy), never
     more rows than there are."""
     block_n = _block_n(n_cols)
-    tuned = _tuned(gpu, "fwd", block_n, elem_size, residual)
+    tuned = _tuned(gpu, "fwd", block_n, elem_size, residual, small_launch(n_rows, block_n, elem_size))
     block_m = min(tuned[0] if tuned else max(1, FWD_TILE // block_n), next_power_of_2(max(n_rows, 1)))
     while block_m > 1 and block_m * block_n > 1024 and cdiv(n_rows, block_m) < programs_wanted:
         block_m //= 2
@@ -170,7 +185,7 @@ def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "", resi
     one's loads overlapping the other's reductions. Rows of 4096+ take 16-32 warps, one program.
     Where norm_tune.py searched this row length on `gpu`, its choice."""
     block_n = _block_n(n_cols)
-    tuned = _tuned(gpu, "bwd", block_n, elem_size, residual)
+    tuned = _tuned(gpu, "bwd", block_n, elem_size, residual, small_launch(n_rows, block_n, elem_size))
     rows_cap = next_power_of_2(max(n_rows, 1))
     if tuned and tuned[0] <= rows_cap:
         return TileConfig(tuned[0], block_n, *tuned[1:])

@@ -3,13 +3,15 @@
     python -m fusion_advisor.kernels.norm_tune                        # the 11 row lengths, bf16 and fp32
     python -m fusion_advisor.kernels.norm_tune --n 768,1024 --dtypes bfloat16
     python -m fusion_advisor.kernels.norm_tune --jobs 12 --verbose          # compile in 12 processes first
+    python -m fusion_advisor.kernels.norm_tune --small --dtypes bfloat16    # the tiles of small launches
 
 For each row length (padded to a power of two), element size and family, a few tiles around the
 heuristic (`norm_tiles.fwd_config` / `bwd_config`) are timed on the family's heaviest member: residual
 add + LayerNorm with weight, bias and the returned residual's grad ("add"), LayerNorm with weight
 and bias ("plain": RMSNorm and GroupNorm over channels read its tiles too), at up to 1M rows (fewer where a
 tensor would pass 2^27 bytes: 65,536 at 1024 bf16); the fastest forward and backward tiles are merged into
-`norm_tiles.tuned_path(GPU name)` under the user cache dir, over the table shipped for that GPU in
+`norm_tiles.tuned_path(GPU name)` under the user cache dir (with --small: timed on 8 MiB launches, kept
+under "/small" keys for launches of at most 16 MiB, where a wave or two of tiles set the time), over the table shipped for that GPU in
 kernels/tiles/ (copy the file there to ship a search). A user's calls never search: where neither
 file has the row length (and in the interpreter) the heuristic answers.
 """
@@ -97,8 +99,8 @@ def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, max_tenso
     """{"fwd" / "bwd": (candidates, call(cfg))} on the heaviest member of the family at `rows` rows
     (fewer where a tensor would pass max_tensor_bytes): LayerNorm with weight and bias, after a
     residual add whose returned sum gets a grad too ("add") or alone ("plain")."""
-    rows = max(1, min(rows, max_tensor_bytes // (n * dtype.itemsize)))
-    torch.manual_seed(0)   # (rows: a multiple of 16 at every row length, as Triton specialises n_rows)
+    rows = tune_rows(n, dtype, rows, max_tensor_bytes)
+    torch.manual_seed(0)
     x, r, dso = (torch.randn(rows, n, device=device, dtype=dtype) for _ in range(3))
     w, b = torch.randn(n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)
     if family == "plain":
@@ -116,16 +118,28 @@ def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, max_tenso
 
 TUNE_ROWS = 1 << 20   # up to 1M rows within 2^27-byte tensors (65,536 at N = 1024 in bf16): at N = 64,
                       # 65,536 rows are 8 MB, inside L2's 50 MB, and tiles chosen there suit L2, not HBM
+SMALL_TUNE_BYTES = norm_tiles.SMALL_LAUNCH_BYTES // 2   # --small: 8 MiB launches (65,536 rows of 64 in bf16,
+                                                        # 4,096 of 1024), mid-range of what the small tiles serve
+
+
+def tune_rows(n: int, dtype: torch.dtype, rows: int, max_tensor_bytes: int) -> int:
+    """The rows a search times on: `rows`, fewer where a tensor would pass max_tensor_bytes; a
+    multiple of 16 where there are 16 or more (what Triton specialises n_rows on, so the parallel
+    compile's kernels are the ones timed)."""
+    rows = max(1, min(rows, max_tensor_bytes // (n * dtype.itemsize)))
+    return rows - rows % 16 if rows >= 16 else rows
 
 
 def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = TUNE_ROWS,
              max_tensor_bytes: int = 1 << 27, log: Callable[[str], None] = print,
              verbose: bool = False, family: str = "add") -> dict[str, list[int]]:
     """The fastest forward and backward tiles for rows of n elements of `dtype`: {tuned_key: [block_m,
-    num_warps, programs_per_sm, prefetch, stages, chunk]}. A tile that fails to compile or run is skipped;
-    with `verbose`, every candidate's time is logged."""
+    num_warps, programs_per_sm, prefetch, stages, chunk]}, under the "/small" keys where the rows
+    timed make a small launch (`norm_tiles.small_launch`). A tile that fails to compile or run is
+    skipped; with `verbose`, every candidate's time is logged."""
     chosen = {}
     block_n = next_power_of_2(n)
+    small = norm_tiles.small_launch(tune_rows(n, dtype, rows, max_tensor_bytes), block_n, dtype.itemsize)
     for kind, (candidates, call) in _runs(n, dtype, device, rows, max_tensor_bytes, family).items():
         timed = []
         for cfg in candidates:
@@ -137,9 +151,10 @@ def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = TUNE_
                 log(f"    {kind} {tuple(cfg)} skipped: {type(exc).__name__}: {str(exc)[:120]}")
         if timed:
             ms, best = min(timed)
-            chosen[norm_tiles.tuned_key(kind, block_n, dtype.itemsize, family == "add")] = [
+            chosen[norm_tiles.tuned_key(kind, block_n, dtype.itemsize, family == "add", small)] = [
                 best.block_m, best.num_warps, best.programs_per_sm, int(best.prefetch), best.stages, best.chunk]
-            log(f"  {kind} {family} N={n} {str(dtype).replace('torch.', '')}: {tuple(best)} {ms * 1e3:.1f} us "
+            log(f"  {kind} {family}{' small' if small else ''} N={n} {str(dtype).replace('torch.', '')}: "
+                f"{tuple(best)} {ms * 1e3:.1f} us "
                 f"(of {len(timed)}; slowest {max(timed)[0] * 1e3:.1f} us)")
     return chosen
 
@@ -185,9 +200,11 @@ def _compile_in_parallel(n_values, dtypes, families, jobs: int, log: Callable[[s
 
 
 def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = print, verbose: bool = False,
-         jobs: int = 1, families=FAMILIES, rows: int = TUNE_ROWS) -> str:
+         jobs: int = 1, families=FAMILIES, small: bool = False) -> str:
     """Search every (row length, dtype), merge into this GPU's file, make the launchers read it;
-    returns the file's path. jobs > 1 first compiles the candidates in that many processes."""
+    returns the file's path. jobs > 1 first compiles the candidates in that many processes (the
+    kernels specialise on the row count modulo 16 alone, so they serve the small search too).
+    `small`: on launches of SMALL_TUNE_BYTES, for the "/small" keys."""
     gpu = norm_tiles.gpu_name(device)
     if not gpu:
         raise RuntimeError("norm_tune: needs a CUDA GPU (the interpreter always uses the heuristic)")
@@ -198,7 +215,8 @@ def tune(n_values, dtypes, device: torch.device, log: Callable[[str], None] = pr
     for n in n_values:
         for dtype in dtypes:
             for family in families:
-                configs.update(tune_one(n, dtype, device, rows=rows, log=log, verbose=verbose, family=family))
+                configs.update(tune_one(n, dtype, device, max_tensor_bytes=SMALL_TUNE_BYTES if small else 1 << 27,
+                                        log=log, verbose=verbose, family=family))
     import triton
     from fusion_advisor.core.files import atomic_output
     with atomic_output(path) as fh:
@@ -215,8 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--families", default=",".join(FAMILIES),
                     help="add: tiles for the residual add + norm patterns; plain: for the norms alone")
-    ap.add_argument("--rows", type=int, default=TUNE_ROWS, help="rows to time each tile on (fewer where a tensor "
-                                                                "would pass 128 MiB)")
+    ap.add_argument("--small", action="store_true", help="search the tiles of small launches (at most 16 MiB of "
+                                                         "rows; timed on 8 MiB: 65,536 rows of 64 in bf16)")
     ap.add_argument("--verbose", action="store_true", help="log every candidate tile's time")
     ap.add_argument("--jobs", type=int, default=1, help="compile the candidates in this many processes first "
                                                         "(the GPU machine's cores; the timing stays serial)")
@@ -235,7 +253,7 @@ def main(argv=None) -> int:
         compile_shard(n_values, dtypes, torch.device("cuda"), shard, shards, families)
         return 0
     path = tune(n_values, dtypes, torch.device("cuda"), verbose=args.verbose, jobs=args.jobs, families=families,
-                rows=args.rows)
+                small=args.small)
     print(f"wrote {path}")
     return 0
 

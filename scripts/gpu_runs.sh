@@ -36,8 +36,8 @@
 #          (ZOO_MODELS, ZOO_BUDGET) with what is left of the window.
 # probe:   where the last losses of issue 14 come from: bandwidth_mix.py (HBM by read:write mix),
 #          kernel_split.py (each kernel's time and the launch gaps) for the norms at 65,536 rows of
-#          64-256 (SPLIT_SOFTMAX=1: the causal softmax forward's too), norm_tune at 65,536 rows of 64-256 (OUT/tiles-small.json,
-#          then removed from the cache), then the softmax bench (bench_kernels.py --patterns softmax).
+#          64-256 (SPLIT_SOFTMAX=1: the causal softmax forward's too), norm_tune --small (the tiles of
+#          launches of at most 16 MiB, every row length: OUT/tiles-small.json, then removed from the cache), then the softmax bench (bench_kernels.py --patterns softmax).
 set -uo pipefail
 usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe OUT_DIR"
 phase=${1:?$usage}
@@ -210,7 +210,7 @@ probe)
   fi
   tiles=$(python3 -c "import torch; from fusion_advisor.kernels import norm_tiles; print(norm_tiles.tuned_path(torch.cuda.get_device_name()))")
   timeout ${SMALL_TUNE_TIMEOUT:-100} python3 -m fusion_advisor.kernels.norm_tune --jobs 12 --verbose --dtypes bfloat16 \
-      --n 64,128,256 --rows 65536 >"$out/norm-tune-small.txt" 2>&1
+      --small ${SMALL_TUNE_ARGS:-} >"$out/norm-tune-small.txt" 2>&1
   echo "norm_tune small: rc $?"; grep -E "^  (fwd|bwd)|wrote|rror" "$out/norm-tune-small.txt"
   cp "$tiles" "$out/tiles-small.json"; rm -f "$tiles"
   timeout ${SOFTMAX_TIMEOUT:-150} python3 benchmarks/bench_kernels.py --patterns softmax \

@@ -294,6 +294,29 @@ def test_tuned_entries_with_stages_and_the_shipped_table(tmp_path, monkeypatch):
             cached.cache_clear()
 
 
+def test_small_launches_read_their_own_tiles(tmp_path, monkeypatch):
+    """A launch over at most 16 MiB of rows takes the "/small" tile (the plain family's, else the
+    residual family's), a larger one the regular tile; without small tiles, the regular one."""
+    gpu = "NVIDIA Small Fake GPU"
+    caches = (norm_tiles.tuned_table, norm_tiles.fwd_config, norm_tiles.bwd_config)
+    shipped = tmp_path / "shipped.json"
+    monkeypatch.setattr(norm_tiles, "shipped_path", lambda name: shipped)
+    shipped.write_text(json.dumps({"configs": {
+        "bwd/64/2": [64, 8, 2, 1, 1], "bwd/64/2/small": [16, 4, 4, 0, 2], "bwd-plain/64/2/small": [8, 4, 4, 0, 2],
+        "fwd/1024/2": [4, 8, 1], "fwd/1024/2/small": [1, 4, 1]}}))
+    try:
+        assert norm_tiles.small_launch(65536, 64, 2) and not norm_tiles.small_launch(65536, 256, 2)
+        assert norm_tiles.bwd_config(64, 65536, 2, gpu) == norm_tiles.TileConfig(16, 64, 4, 4, False, 2)
+        assert norm_tiles.bwd_config(64, 65536, 2, gpu, False) == norm_tiles.TileConfig(8, 64, 4, 4, False, 2)
+        assert norm_tiles.bwd_config(64, 1 << 20, 2, gpu) == norm_tiles.TileConfig(64, 64, 8, 2, True, 1)
+        assert norm_tiles.bwd_config(64, 1 << 20, 2, gpu, False) == norm_tiles.TileConfig(64, 64, 8, 2, True, 1)
+        assert norm_tiles.fwd_config(1024, 4096, 264, 2, gpu) == norm_tiles.TileConfig(1, 1024, 4, 1)
+        assert norm_tiles.fwd_config(1024, 1 << 17, 264, 2, gpu) == norm_tiles.TileConfig(4, 1024, 8, 1)
+    finally:
+        for cached in caches:
+            cached.cache_clear()
+
+
 def test_shipped_tile_tables_are_valid_tiles():
     shipped = sorted((pathlib.Path(norm_tiles.__file__).parent / "tiles").glob("*.json"))
     for path in shipped:
@@ -353,3 +376,13 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
         # 64K registers an SM: every program the grid puts on an SM is resident at once.
         assert regs * 32 * cfg.num_warps * cfg.programs_per_sm <= 65536, (n, cfg, regs)
         assert stack == 0, (n, stack)
+
+
+def test_small_search_times_8_mib_launches_under_small_keys():
+    from fusion_advisor.kernels.common import next_power_of_2
+    from fusion_advisor.kernels import norm_tune
+    for n, rows in ((64, 65536), (1024, 4096), (5120, 816), (16384, 256)):
+        got = norm_tune.tune_rows(n, torch.bfloat16, norm_tune.TUNE_ROWS, norm_tune.SMALL_TUNE_BYTES)
+        assert got == rows and norm_tiles.small_launch(got, next_power_of_2(n), 2)
+    large = norm_tune.tune_rows(64, torch.bfloat16, norm_tune.TUNE_ROWS, 1 << 27)
+    assert large == 1 << 20 and not norm_tiles.small_launch(large, 64, 2)
