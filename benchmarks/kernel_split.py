@@ -24,7 +24,7 @@ from bench_norms import shape_params  # noqa: E402  (the sibling script)
 def split(pattern, params: dict, provider: str, backward: bool, calls: int = 40) -> tuple[dict, float]:
     """({kernel name: median us}, median span us) of `calls` profiled calls."""
     import torch
-    from fusion_advisor.advisor.measure import build_workload, provider_callable
+    from fusion_advisor.measure import build_workload, provider_callable
 
     device = torch.device("cuda")
     work = build_workload(pattern, params, device, backward)
