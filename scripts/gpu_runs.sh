@@ -34,12 +34,14 @@
 #          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), cross_entropy's
 #          bench shapes (GPT-2's vocabulary among them: its backward recomputes since 2026-12-07), then the zoo
 #          (ZOO_MODELS, ZOO_BUDGET) with what is left of the window.
+# small:   the small launches with their tiles: bench_norms.py bf16 at 4,096 rows and at 65,536 rows of 64
+#          and 128, kernel_split.py there, then fp32 at 65,536 rows (FP32_TIMEOUT; 0 leaves it out).
 # probe:   where the last losses of issue 14 come from: bandwidth_mix.py (HBM by read:write mix),
 #          kernel_split.py (each kernel's time and the launch gaps) for the norms at 65,536 rows of
 #          64-256 (SPLIT_SOFTMAX=1: the causal softmax forward's too), norm_tune --small (the tiles of
 #          launches of at most 16 MiB, every row length: OUT/tiles-small.json, then removed from the cache), then the softmax bench (bench_kernels.py --patterns softmax).
 set -uo pipefail
-usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe OUT_DIR"
+usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe|small OUT_DIR"
 phase=${1:?$usage}
 out=$(realpath -m "${2:?$usage}")
 repo=$(pwd)
@@ -216,6 +218,26 @@ probe)
   timeout ${SOFTMAX_TIMEOUT:-150} python3 benchmarks/bench_kernels.py --patterns softmax \
       --out "$out/bench-softmax.csv" >"$out/bench-softmax.txt" 2>&1
   echo "bench_kernels softmax: rc $?"; tail -30 "$out/bench-softmax.txt"
+  ;;
+small)
+  # the small launches with their tiles (kernels/tiles/ since 2026-12-07): kernel_split.py at 65,536 rows of 64
+  # and 128, then bench_norms.py bf16 at 4,096 rows (every row length) and at 65,536 rows of 64 and 128,
+  # then fp32 at 65,536 rows with what is left of SMALL_TIMEOUT
+  timeout 60 python3 benchmarks/kernel_split.py --patterns layer_norm,rms_norm,group_norm,add_layer_norm \
+      --n 64,128 --rows 65536 --providers triton >"$out/kernel-split-norms.txt" 2>&1
+  echo "kernel_split norms: rc $?"; cat "$out/kernel-split-norms.txt"
+  timeout 300 python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 4096 --compile-jobs 12 --time-budget 270 \
+      --out "$out/bench-norms-4096.csv" >"$out/bench-norms-4096.txt" 2>&1
+  echo "bench_norms 4096 rows: rc $?"; grep -v "^    (" "$out/bench-norms-4096.txt" | tail -14
+  timeout 80 python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 --n 64,128 --compile-jobs 10 \
+      --out "$out/bench-norms-small.csv" >"$out/bench-norms-small.txt" 2>&1
+  echo "bench_norms 65536 rows of 64, 128: rc $?"; grep -v "^    (" "$out/bench-norms-small.txt" | tail -14
+  t=${FP32_TIMEOUT:-90}
+  if [ "$t" -gt 0 ]; then
+    timeout $t python3 benchmarks/bench_norms.py --dtypes float32 --rows 65536 --compile-jobs 12 --time-budget $((t - 20)) \
+        --out "$out/bench-norms-fp32.csv" >"$out/bench-norms-fp32.txt" 2>&1
+    echo "bench_norms fp32: rc $?"; grep -v "^    (" "$out/bench-norms-fp32.txt" | tail -14
+  fi
   ;;
 tune)
   timeout 150 python3 benchmarks/bench_batch_norm.py --out "$out/bench-batch-norm.csv" >"$out/bench-batch-norm.txt" 2>&1
