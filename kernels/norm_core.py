@@ -13,8 +13,7 @@ Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached p
             partial sums in fp32 registers; each writes one partial row per parameter, and a second
             small kernel (`_norm_param_grads_kernel`) sums the P rows into the parameter's dtype. No
             M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+ leave no registers for the sums:
-            each program adds them to its own partial rows every tile (L2 traffic, not spills); or,
-            where the tile has a chunk, groups of rows are walked in column chunks (`_norm_bwd_chunks`).
+            each program adds them to its own partial rows every tile (L2 traffic, not spills).
   in flight a loop must keep tiles loading while it reduces (Little's law: ~3 TB/s x ~1 us is ~25 KB
             an SM). stages > 1: Triton pipelines the loop (`tl.range(num_stages=)`: cp.async copies
             into shared memory, stages - 1 tiles ahead); else the backward's PREFETCH holds the next
@@ -187,96 +186,12 @@ def _bwd_loads(DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x,
 
 
 @triton.jit
-def _chunk_math(DY, DS_OUT, X, W, rows, row_mask, c0, rstd, mean, stride_dy, stride_dso, stride_x, n_cols,
-                IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr,
-                GEMMA: tl.constexpr):
-    """One [rows, CHUNK] chunk of a row group from column c0: (dy, g = dy * weight, x_hat, the
-    returned residual's grad (dy where there is none), the columns, the mask), fp32."""
-    cols = c0 + tl.arange(0, CHUNK)
-    mask = row_mask[:, None] & (cols < n_cols)[None, :]
-    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_DS_OUT:
-        dso = tl.load(DS_OUT + rows[:, None] * stride_dso + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    else:
-        dso = dy
-    g = dy * _weight_row(W, cols, n_cols, HAS_WEIGHT, CHUNK, GEMMA)
-    if IS_RMS:
-        x_hat = x * rstd[:, None]
-    else:
-        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    return dy, g, x_hat, dso, cols, mask
-
-
-@triton.jit
-def _norm_bwd_chunks(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                     stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
-                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-                     GEMMA: tl.constexpr, STAGES: tl.constexpr):
-    """Rows too long for one tile in registers: each persistent program takes groups of BLOCK_M rows
-    and walks them twice in chunks of CHUNK columns (any row length, no padding to a power of two):
-    first the rows' sums of g and g * x_hat, then dx, with the group's dweight / dbias chunk added to
-    the program's partial rows once a group. The second walk reads dy and x back from L2 (a group is
-    BLOCK_M rows, a few hundred KB); the partial rows' L2 traffic falls BLOCK_M-fold against adding
-    every row, and no thread holds more than a chunk's share (no spills at any row length)."""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    for c0 in range(0, n_cols, CHUNK):
-        cols = c0 + tl.arange(0, CHUNK)
-        if HAS_WEIGHT:
-            tl.store(DW_PARTIAL + pid * n_cols + cols, tl.zeros((CHUNK,), dtype=tl.float32), mask=cols < n_cols)
-        if HAS_BIAS:
-            tl.store(DB_PARTIAL + pid * n_cols + cols, tl.zeros((CHUNK,), dtype=tl.float32), mask=cols < n_cols)
-    for group in range(pid, tl.cdiv(n_rows, BLOCK_M), programs):
-        rows = group * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        rows = rows.to(tl.int64)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        mean = rstd if IS_RMS else tl.load(MEAN + rows, mask=row_mask, other=0.0)
-        sum_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        sum_gx = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for c0 in tl.range(0, n_cols, CHUNK, num_stages=STAGES):
-            _, g, x_hat, _, _, _ = _chunk_math(DY, DS_OUT, X, W, rows, row_mask, c0, rstd, mean, stride_dy,
-                                               stride_dso, stride_x, n_cols, IS_RMS, False, HAS_WEIGHT, CHUNK,
-                                               GEMMA)
-            sum_gx += tl.sum(g * x_hat, axis=1)
-            if not IS_RMS:
-                sum_g += tl.sum(g, axis=1)
-        c1 = sum_g / n_cols
-        c2 = sum_gx / n_cols
-        for c0 in tl.range(0, n_cols, CHUNK, num_stages=STAGES):
-            dy, g, x_hat, dso, cols, mask = _chunk_math(DY, DS_OUT, X, W, rows, row_mask, c0, rstd, mean, stride_dy,
-                                                        stride_dso, stride_x, n_cols, IS_RMS, HAS_DS_OUT,
-                                                        HAS_WEIGHT, CHUNK, GEMMA)
-            if IS_RMS:
-                dx = rstd[:, None] * (g - x_hat * c2[:, None])
-                # dweight sees the normalised value rounded as the forward rounded it.
-                dw_t = dy * x_hat if GEMMA else dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
-            else:
-                dx = rstd[:, None] * (g - c1[:, None] - x_hat * c2[:, None])
-                dw_t = dy * x_hat
-            if HAS_DS_OUT:
-                dx += dso
-            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-            # Only one replica of a reduced value stores it, after its own load: program order is enough.
-            if HAS_WEIGHT:
-                dw_row = DW_PARTIAL + pid * n_cols + cols
-                tl.store(dw_row, tl.load(dw_row, mask=cols < n_cols, other=0.0) + tl.sum(dw_t, axis=0),
-                         mask=cols < n_cols)
-            if HAS_BIAS:
-                db_row = DB_PARTIAL + pid * n_cols + cols
-                tl.store(db_row, tl.load(db_row, mask=cols < n_cols, other=0.0) + tl.sum(dy, axis=0),
-                         mask=cols < n_cols)
-
-
-@triton.jit
 def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr,
-                    PREFETCH: tl.constexpr, GEMMA: tl.constexpr, STAGES: tl.constexpr, CHUNK: tl.constexpr):
-    """CHUNK > 0: `_norm_bwd_chunks` (rows walked in chunks; SEGMENTS 1 only). Else one persistent
-    program (`_norm_bwd_rows`): row tiles pid, pid + P, ...; dx stored per tile; the program's
+                    PREFETCH: tl.constexpr, GEMMA: tl.constexpr, STAGES: tl.constexpr):
+    """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
     dweight / dbias sums in fp32 as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols): kept
     per tile element in registers and reduced over rows once at the end, or (ACC_IN_MEMORY, for
     rows too long for registers to hold them besides the tile) added to that row every tile, where
@@ -287,23 +202,6 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
     latency per tile, and two programs an SM keep too few bytes in flight to reach the bandwidth
     (Little's law: ~3.3 TB/s x ~1 us is ~25 KB an SM; two 8-warp programs of 2048-element bf16
     tiles hold at most 16 KB, and only while loading)."""
-    if CHUNK > 0:
-        _norm_bwd_chunks(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                         stride_dx, n_rows, n_cols, IS_RMS, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, CHUNK, GEMMA,
-                         STAGES)
-    else:
-        _norm_bwd_rows(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                       stride_dx, n_rows, n_cols, IS_RMS, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
-                       ACC_IN_MEMORY, PREFETCH, GEMMA, STAGES)
-
-
-@triton.jit
-def _norm_bwd_rows(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
-                   stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
-                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr,
-                   PREFETCH: tl.constexpr, GEMMA: tl.constexpr, STAGES: tl.constexpr):
-    """Whole rows in a tile: see `_norm_bwd_tiles`."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -420,32 +318,30 @@ def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIA
                          stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, GEMMA: tl.constexpr,
-                         STAGES: tl.constexpr, CHUNK: tl.constexpr):
+                         STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, GEMMA, STAGES, CHUNK)
+                    ACC_IN_MEMORY, PREFETCH, GEMMA, STAGES)
 
 
 @triton.jit
 def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                              stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-                             CHUNK: tl.constexpr):
+                             ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, False, STAGES, CHUNK)
+                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
 def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                            stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-                           CHUNK: tl.constexpr):
+                           ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, False, STAGES, CHUNK)
+                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
@@ -453,10 +349,10 @@ def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_
                                stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
-                               STAGES: tl.constexpr, CHUNK: tl.constexpr):
+                               STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, False, STAGES, CHUNK)
+                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
@@ -473,10 +369,10 @@ def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB
                                 stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr,
-                                PREFETCH: tl.constexpr, STAGES: tl.constexpr, CHUNK: tl.constexpr):
+                                PREFETCH: tl.constexpr, STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
-                    ACC_IN_MEMORY, PREFETCH, False, STAGES, CHUNK)
+                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
@@ -587,12 +483,8 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
                 g.zero_()
         return dx, dw, db
     cfg = config or bwd_config(n_cols, n_rows, x.element_size(), gpu_name(device), residual)
-    if cfg.chunk and segments > 1:   # chunks keep one set of statistics a row: the heuristic's whole-row tile
-        if config is not None:
-            raise ValueError("norm: the chunked backward keeps one set of statistics a row (no segments)")
-        cfg = bwd_config(n_cols, n_rows, x.element_size())
     programs = bwd_programs(cfg, n_rows, device)
-    acc_in_memory = cfg.block_n >= norm_tiles.ACC_IN_MEMORY_COLS and not cfg.chunk
+    acc_in_memory = cfg.block_n >= norm_tiles.ACC_IN_MEMORY_COLS
     stages = 1 if acc_in_memory else cfg.stages   # a pipelined load would read a partial row before its store
     n_params = int(weight is not None) + int(bias is not None)
     partial = torch.empty((max(n_params, 1), programs, n_cols), dtype=torch.float32, device=device)
@@ -607,7 +499,7 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
         HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC_IN_MEMORY=acc_in_memory,
-        PREFETCH=cfg.prefetch and stages == 1 and not cfg.chunk, STAGES=stages, CHUNK=cfg.chunk,
+        PREFETCH=cfg.prefetch and stages == 1, STAGES=stages,
         num_warps=cfg.num_warps, **extra)
     if n_params:
         block_c = max(32, min(256, cfg.block_n // 64))

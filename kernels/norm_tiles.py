@@ -10,9 +10,12 @@ measured on an H100 ships in tiles/. `fwd_config` / `bwd_config` read those once
 the shipped, key by key) and fall back to the heuristic. A call never searches; the interpreter
 always uses the heuristic.
 
-A tuned entry is [block_m, num_warps, programs_per_sm, prefetch, stages, chunk] under
+A tuned entry is [block_m, num_warps, programs_per_sm, prefetch, stages] under
 "fwd|bwd[-plain]/<row padded to a power of two>/<element size>[/small]" (older files' shorter entries read
-with the defaults; "/small": searched on launches of at most SMALL_LAUNCH_BYTES, used for those); an entry that is not a valid tile is left out, and the heuristic answers.
+with the defaults; "/small": searched on launches of at most SMALL_LAUNCH_BYTES, used for those); an entry that is
+not a valid tile is left out, and the heuristic answers. Older files' entries may have a sixth field, the
+chunked backward's column chunk (removed: slower than whole rows everywhere it was timed): 0 is read and
+ignored, anything else (a chunked tile) leaves the entry out.
 """
 from __future__ import annotations
 
@@ -64,8 +67,6 @@ class TileConfig(NamedTuple):
     prefetch: bool = True      # the persistent backward loads the next tile before this one's math
     stages: int = 1            # > 1: the loop over tiles pipelined by Triton into this many stages (the
                                # forward then persistent too); never with prefetch or ACC_IN_MEMORY rows
-    chunk: int = 0             # > 0 (backward): groups of block_m rows walked in chunks of this many
-                               # columns (`_norm_bwd_chunks`), for rows too long for a tile
 
 
 def _warps(tile: int, per_thread: int = 16) -> int:
@@ -118,8 +119,8 @@ def _tuned(gpu: str, kind: str, block_n: int, elem_size: int, residual: bool, sm
 
 
 @functools.lru_cache(maxsize=None)
-def tuned_table(gpu: str) -> dict[str, tuple[int, int, int, bool, int, int]]:
-    """{tuned_key: (block_m, num_warps, programs_per_sm, prefetch, stages, chunk)} searched on this GPU model
+def tuned_table(gpu: str) -> dict[str, tuple[int, int, int, bool, int]]:
+    """{tuned_key: (block_m, num_warps, programs_per_sm, prefetch, stages)} searched on this GPU model
     by norm_tune.py, read once: the table measured here and shipped in kernels/tiles/, with the
     user's own search (the cache dir's file, `tuned_path`) over it key by key. Empty without a GPU
     name or either file; an entry that is not a valid tile is left out (the heuristic answers)."""
@@ -139,27 +140,24 @@ def tuned_entries(gpu: str) -> dict:
     return entries
 
 
-def _tuned_entry(key: str, entry) -> Optional[tuple[int, int, int, bool, int, int]]:
-    """One tuned file entry, [block_m, num_warps, programs_per_sm(, prefetch(, stages(, chunk)))],
-    checked."""
+def _tuned_entry(key: str, entry) -> Optional[tuple[int, int, int, bool, int]]:
+    """One tuned file entry, [block_m, num_warps, programs_per_sm(, prefetch(, stages(, 0)))],
+    checked. A sixth field is an older file's chunk (the chunked backward, removed): 0 is ignored,
+    anything else leaves the entry out."""
     try:
         block_m, warps, per_sm, *rest = (int(v) for v in entry)
         block_n = int(key.split("/")[1])
     except (TypeError, ValueError, IndexError):
         return None
     prefetch, stages = (bool(rest[0]) if rest else True), (rest[1] if len(rest) > 1 else 1)
-    chunk = rest[2] if len(rest) > 2 else 0
-    chunk_ok = chunk == 0 or (key.startswith("bwd") and 256 <= chunk < block_n and not chunk & (chunk - 1)
-                              and block_m * chunk <= MAX_BLOCK_N and not prefetch)
-    # The backward prefetches into registers or pipelines, never both; and whole rows whose sums go
-    # to memory every tile are never pipelined (a load would read a partial row before its store).
-    backward_ok = not key.startswith("bwd") or not (stages > 1 and (prefetch or (block_n >= ACC_IN_MEMORY_COLS
-                                                                                 and not chunk)))
-    if (block_m < 1 or block_m & (block_m - 1) or (block_m * block_n > MAX_BLOCK_N and not chunk)
+    # The backward prefetches into registers or pipelines, never both; and rows whose sums go to
+    # memory every tile are never pipelined (a load would read a partial row before its store).
+    backward_ok = not key.startswith("bwd") or not (stages > 1 and (prefetch or block_n >= ACC_IN_MEMORY_COLS))
+    if (block_m < 1 or block_m & (block_m - 1) or block_m * block_n > MAX_BLOCK_N
             or warps not in (1, 2, 4, 8, 16, 32) or not 1 <= per_sm <= 8 or not 1 <= stages <= 6
-            or not backward_ok or not chunk_ok):
+            or not backward_ok or rest[2:] not in ([], [0])):   # a sixth field: 0 only
         return None
-    return block_m, warps, per_sm, prefetch, stages, chunk
+    return block_m, warps, per_sm, prefetch, stages
 
 
 @functools.lru_cache(maxsize=4096)

@@ -58,8 +58,7 @@ def bwd_candidates(block_n: int) -> list[norm_tiles.TileConfig]:
     for rows of 8192+), one or two programs an SM where a program has 8 warps or fewer; each with
     and without the next tile's loads issued ahead in registers (prefetch). Then, below the rows
     whose sums go to memory, the loop pipelined by Triton (2-4 stages) in place of prefetch: tiles
-    of 2048 and 4096 elements at 8 a thread, 16 or 32 warps an SM. Rows of 4096+ (padded) also try
-    the chunked walk: groups of 1-4 rows in chunks of 1024-4096 columns."""
+    of 2048 and 4096 elements at 8 a thread, 16 or 32 warps an SM."""
     out = []
     for tile in sorted({max(t, block_n) for t in (1024, 2048, 4096)}):
         for per_thread in (8, 16, 32) if block_n >= 8192 else (8, 16):
@@ -77,12 +76,6 @@ def bwd_candidates(block_n: int) -> list[norm_tiles.TileConfig]:
                     cfg = norm_tiles.TileConfig(tile // block_n, block_n, warps, per_sm, False, stages)
                     if cfg not in out:
                         out.append(cfg)
-    if block_n >= 4096:   # rows walked in chunks (`_norm_bwd_chunks`): groups of 1-4 rows, 8-16 a thread
-        for rows, chunk, warps, per_sm, stages in ((1, 2048, 8, 2, 2), (1, 4096, 16, 1, 2), (2, 1024, 4, 2, 2),
-                                                   (2, 1024, 4, 4, 2), (2, 2048, 8, 1, 2), (2, 2048, 8, 2, 2),
-                                                   (4, 1024, 8, 1, 2), (4, 1024, 8, 2, 1)):
-            if chunk < block_n:
-                out.append(norm_tiles.TileConfig(rows, block_n, warps, per_sm, False, stages, chunk))
     return out
 
 
@@ -134,7 +127,7 @@ def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = TUNE_
              max_tensor_bytes: int = 1 << 27, log: Callable[[str], None] = print,
              verbose: bool = False, family: str = "add") -> dict[str, list[int]]:
     """The fastest forward and backward tiles for rows of n elements of `dtype`: {tuned_key: [block_m,
-    num_warps, programs_per_sm, prefetch, stages, chunk]}, under the "/small" keys where the rows
+    num_warps, programs_per_sm, prefetch, stages]}, under the "/small" keys where the rows
     timed make a small launch (`norm_tiles.small_launch`). A tile that fails to compile or run is
     skipped; with `verbose`, every candidate's time is logged."""
     chosen = {}
@@ -152,7 +145,7 @@ def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = TUNE_
         if timed:
             ms, best = min(timed)
             chosen[norm_tiles.tuned_key(kind, block_n, dtype.itemsize, family == "add", small)] = [
-                best.block_m, best.num_warps, best.programs_per_sm, int(best.prefetch), best.stages, best.chunk]
+                best.block_m, best.num_warps, best.programs_per_sm, int(best.prefetch), best.stages]
             log(f"  {kind} {family}{' small' if small else ''} N={n} {str(dtype).replace('torch.', '')}: "
                 f"{tuple(best)} {ms * 1e3:.1f} us "
                 f"(of {len(timed)}; slowest {max(timed)[0] * 1e3:.1f} us)")

@@ -26,9 +26,7 @@
 # sweep:   bench_norms.py over issue 14's row lengths (bf16, 65,536 rows) within NORMS_TIMEOUT.
 # tiles:   the pipelined norm loops' GPU tests, norm_tune over every row length (TUNE_JOBS compile
 #          processes), the table it wrote (OUT/tiles.json), then the sweep with it (COMPILE_JOBS).
-#          Next: the chunked backward at long rows, `TUNE_ARGS="--n 4096,5120,8192,16384"
-#          NORMS_ARGS="--rows 65536,1048576" COMPILE_JOBS=12 scripts/gpu_runs.sh tiles OUT`, then
-#          copy OUT/tiles.json over kernels/tiles/<GPU>.json (on an H200 too: it has no table yet).
+#          Then copy OUT/tiles.json over kernels/tiles/<GPU>.json (on an H200 too: it has no table yet).
 # tune:    the conv nets' norms where they lost: bench_batch_norm.py (ResNet-50's BN -> ReLU shapes vs eager
 #          and compile, then its --sweep of batch_norm_core's tiles and splits) and bench_channel_norm.py
 #          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), cross_entropy's
@@ -183,7 +181,7 @@ tiles)
   # TUNE_DTYPES) with the candidates compiled in TUNE_JOBS processes; its table comes back as tiles.json
   # (for kernels/tiles/), and the sweep runs with it, compiling its shapes in COMPILE_JOBS processes first
   if [ "${TESTS_TIMEOUT:-120}" -gt 0 ]; then   # TESTS_TIMEOUT=0 leaves the tests out
-    timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q tests/kernels/test_norm_core.py -k "pipelined or every_row_regime or chunked" \
+    timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q tests/kernels/test_norm_core.py -k "pipelined or every_row_regime" \
         >"$out/gpu-tests-tiles.txt" 2>&1
     echo "pipelined tests: rc $?"; tail -3 "$out/gpu-tests-tiles.txt"
   fi

@@ -108,38 +108,6 @@ def test_pipelined_persistent_tiles_in_both_passes(stages, dtype, device, monkey
                             device, reduced_grads=(2, 3))
 
 
-@pytest.mark.parametrize("stages", [1, 2])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_chunked_backward_walks_long_rows_in_chunks(stages, dtype, device, monkeypatch):
-    # Rows of 200 in chunks of 64 (the last chunk partial, no padding to 256), groups of 4 rows over
-    # 301 rows (76 groups, the last one short) and 4 programs in the interpreter: every pattern with
-    # whole-row statistics, and GroupNorm (segments) falling back to whole-row tiles.
-    rows = 9001 if device.type == "cuda" else 301
-    cfg = norm_tiles.TileConfig(4, 256, 4, 2, False, stages, 64)
-    monkeypatch.setattr(norm_core, "bwd_config", lambda *a: cfg if len(a) > 3 else norm_tiles.TileConfig(4, 256, 4))
-    params = {"shape": [rows, 200], "dtype": dtype, "eps": 1e-5}
-    check_against_reference(rms_norm.PATTERN, params, device, reduced_grads=(1,))
-    check_against_reference(add_rms_norm.PATTERN, params, device, reduced_grads=(2,))
-    check_against_reference(layer_norm.PATTERN, params, device, reduced_grads=(2, 3))
-    check_against_reference(add_layer_norm.PATTERN, {**params, "bias": False}, device, reduced_grads=(3, 4))
-    check_against_reference(group_norm.PATTERN, {"shape": [rows, 256], "num_groups": 4, "dtype": dtype},
-                            device, reduced_grads=(2, 3))
-
-
-def test_chunked_backward_of_the_gemma_form(device, monkeypatch):
-    monkeypatch.setattr(norm_core, "bwd_config", lambda *a: norm_tiles.TileConfig(2, 128, 4, 2, False, 1, 32))
-    x = torch.randn(37, 96, device=device, requires_grad=True)
-    weight = (0.1 * torch.randn(96, device=device)).requires_grad_()
-    y, _, _, rstd = norm_core.norm_fwd(x.detach(), None, weight.detach(), None, 1e-6, rms=True,
-                                       out_dtype=torch.float32, gemma=True)
-    dy = torch.randn_like(y)
-    dx, dw, _ = norm_core.norm_bwd(dy, None, x.detach(), weight.detach(), None, None, rstd, rms=True, gemma=True)
-    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + weight)
-    ref_dx, ref_dw = torch.autograd.grad(ref, (x, weight), dy)
-    torch.testing.assert_close(dx, ref_dx, **tolerance(torch.float32))
-    torch.testing.assert_close(dw, ref_dw, **tolerance(torch.float32, reduce_rows=37))
-
-
 def test_pipelined_backward_never_reads_partial_rows_ahead(device, monkeypatch):
     # Rows long enough to add their sums to memory every tile read the row back the tile after:
     # the launcher runs that loop unpipelined whatever the config says.
@@ -245,11 +213,17 @@ def test_tuned_table_is_read_for_its_gpu_and_ignored_when_broken():
     caches = (norm_tiles.tuned_table, norm_tiles.fwd_config, norm_tiles.bwd_config)
     try:
         path.write_text(json.dumps({"configs": {"fwd/1024/2": [8, 16, 1], "bwd/1024/2": [2, 4, 3],
-                                                "bwd/64/2": [3, 4, 1]}}))  # 3 rows: not a power of two
+                                                "bwd/64/2": [3, 4, 1],   # 3 rows: not a power of two
+                                                "bwd/4096/2": [1, 16, 1, 0, 2, 0],   # an older entry, chunk 0
+                                                "bwd/8192/2": [2, 8, 2, 0, 2, 2048]}}))   # an older chunked tile
         assert norm_tiles.fwd_config(1024, 65536, 264, 2, gpu) == norm_tiles.TileConfig(8, 1024, 16, 1)
         assert norm_tiles.bwd_config(1000, 65536, 2, gpu) == norm_tiles.TileConfig(2, 1024, 4, 3)
         assert norm_tiles.bwd_config(1024, 65536, 4, gpu) == norm_tiles.bwd_config(1024, 65536)  # fp32: not tuned
         assert norm_tiles.bwd_config(64, 65536, 2, gpu) == norm_tiles.bwd_config(64, 65536)      # invalid entry
+        # a sixth field of 0 is read (and ignored); any other (the chunked backward's, removed) leaves it out
+        assert norm_tiles.bwd_config(4096, 65536, 2, gpu) == norm_tiles.TileConfig(1, 4096, 16, 1, False, 2)
+        assert norm_tiles.bwd_config(8192, 65536, 2, gpu) == norm_tiles.bwd_config(8192, 65536)
+        assert norm_tiles._tuned_entry("bwd/8192/2", [2, 8, 2, 0, 2]) == (2, 8, 2, False, 2)   # valid but for it
         assert norm_tiles.fwd_config(1024, 2, 1, 2, gpu).block_m == 2    # never more rows than there are
         path.write_text("{not json")
         for cached in caches:
@@ -342,11 +316,7 @@ def test_tune_candidates_surround_the_heuristic(n):
     assert heuristic_fwd in fwds and heuristic_bwd in bwds
     for cfg in fwds + bwds:
         assert cfg.block_m >= 1 and cfg.block_m & (cfg.block_m - 1) == 0 and cfg.block_n == n
-        held = cfg.block_m * (cfg.chunk or cfg.block_n)   # elements a program holds at once
-        assert held <= max(16384, n) and cfg.num_warps in (4, 8, 16, 32)
-        assert not cfg.chunk or (cfg.chunk < n and not cfg.prefetch)
-    if n >= 4096:   # long rows also try the chunked walk
-        assert any(cfg.chunk for cfg in bwds)
+        assert cfg.block_m * cfg.block_n <= max(16384, n) and cfg.num_warps in (4, 8, 16, 32)
 
 
 def test_tuning_needs_a_gpu(device):
@@ -367,7 +337,7 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
         types.update({name: "*fp32" for name in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")})
         consts = {"HAS_DS_OUT": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
                   "BLOCK_N": cfg.block_n, "ACC_IN_MEMORY": cfg.block_n >= norm_tiles.ACC_IN_MEMORY_COLS,
-                  "PREFETCH": cfg.prefetch, "STAGES": cfg.stages, "CHUNK": cfg.chunk}
+                  "PREFETCH": cfg.prefetch, "STAGES": cfg.stages}
         cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": "_add_layer_norm_bwd_kernel",
                       "types": types, "constexprs": consts, "num_warps": cfg.num_warps,
                       "unaligned": ["n_rows"]})   # what the JIT sees for N % 16 == 0
