@@ -37,7 +37,8 @@
 # probe:   where the last losses of issue 14 come from: bandwidth_mix.py (HBM by read:write mix),
 #          kernel_split.py (each kernel's time and the launch gaps) for the norms at 65,536 rows of
 #          64-256 (SPLIT_SOFTMAX=1: the causal softmax forward's too), norm_tune --small (the tiles of
-#          launches of at most 16 MiB, every row length: OUT/tiles-small.json, then removed from the cache), then the softmax bench (bench_kernels.py --patterns softmax).
+#          launches of at most 16 MiB, every row length: OUT/tiles-small.json, then removed from the cache),
+#          then the softmax bench (bench_kernels.py --patterns softmax).
 set -uo pipefail
 usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe|small OUT_DIR"
 phase=${1:?$usage}
