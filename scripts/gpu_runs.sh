@@ -222,11 +222,12 @@ small)
   # the small launches with their tiles (kernels/tiles/ since 2026-12-07): kernel_split.py at 65,536 rows of 64
   # and 128, then bench_norms.py bf16 at 4,096 rows (every row length) and at 65,536 rows of 64 and 128,
   # then fp32 at 65,536 rows with what is left of SMALL_TIMEOUT
-  timeout 60 python3 benchmarks/kernel_split.py --patterns layer_norm,rms_norm,group_norm,add_layer_norm \
+  timeout 45 python3 benchmarks/kernel_split.py --patterns layer_norm,rms_norm,group_norm,add_layer_norm \
       --n 64,128 --rows 65536 --providers triton >"$out/kernel-split-norms.txt" 2>&1
   echo "kernel_split norms: rc $?"; cat "$out/kernel-split-norms.txt"
-  timeout 300 python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 4096 --compile-jobs 12 --time-budget 270 \
-      --out "$out/bench-norms-4096.csv" >"$out/bench-norms-4096.txt" 2>&1
+  t=${ROWS4K_TIMEOUT:-300}   # ROWS4K_N: the row lengths at 4,096 rows (default: all 11)
+  timeout $t python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 4096 ${ROWS4K_N:+--n $ROWS4K_N} \
+      --compile-jobs 12 --time-budget $((t - 30)) --out "$out/bench-norms-4096.csv" >"$out/bench-norms-4096.txt" 2>&1
   echo "bench_norms 4096 rows: rc $?"; grep -v "^    (" "$out/bench-norms-4096.txt" | tail -14
   timeout 80 python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 --n 64,128 --compile-jobs 10 \
       --out "$out/bench-norms-small.csv" >"$out/bench-norms-small.txt" 2>&1
