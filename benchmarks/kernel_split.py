@@ -35,12 +35,12 @@ def split(pattern, params: dict, provider: str, backward: bool, calls: int = 40)
     spans: list[float] = []
     per_kernel: dict[str, list[float]] = defaultdict(list)
     for i in range(calls):
-        torch.cuda._sleep(200_000)   # keeps the host ahead: launch gaps are the GPU's, not Python's
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.cuda._sleep(200_000)   # keeps the host ahead: launch gaps are the GPU's, not Python's
             fns[i % len(fns)]()
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and "sleep" not in e.name]
+                   and "spin_kernel" not in e.name]   # torch.cuda._sleep's kernel
         if not kernels:
             continue
         start = min(e.time_range.start for e in kernels)
