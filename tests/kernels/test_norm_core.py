@@ -356,3 +356,41 @@ def test_small_search_times_8_mib_launches_under_small_keys():
         assert got == rows and norm_tiles.small_launch(got, next_power_of_2(n), 2)
     large = norm_tune.tune_rows(64, torch.bfloat16, norm_tune.TUNE_ROWS, 1 << 27)
     assert large == 1 << 20 and not norm_tiles.small_launch(large, 64, 2)
+
+
+def _shipped_tiles():
+    """(key, TileConfig) of every valid entry of every shipped table, one per distinct tile a pass."""
+    seen, out = set(), []
+    for path in sorted((pathlib.Path(norm_tiles.__file__).parent / "tiles").glob("*.json")):
+        for key, entry in json.loads(path.read_text())["configs"].items():
+            cfg = norm_tiles._tuned_entry(key, entry)
+            kind, block_n = key.split("/")[0], int(key.split("/")[1])
+            if cfg is None or (kind, block_n, cfg) in seen:
+                continue
+            seen.add((kind, block_n, cfg))
+            block_m, warps, per_sm, prefetch, stages = cfg
+            out.append((key, norm_tiles.TileConfig(block_m, block_n, warps, per_sm, prefetch, stages)))
+    return out
+
+
+@pytest.mark.parametrize("key,cfg", _shipped_tiles(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_shipped_tile_computes_the_reference(key, cfg, monkeypatch):
+    """Each tile a shipped table makes the GPU run, forced in the interpreter on rows a little
+    shorter than its padded length (masked columns) and on enough rows for several tiles a
+    program: the forward and backward of the family it was searched on match eager."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the table's tiles run in every test above")
+    kind, block_n = key.split("/")[0], cfg.block_n
+    n = block_n - 3 if block_n <= 64 else block_n * 3 // 4 + 1
+    if kind.startswith("fwd"):
+        monkeypatch.setattr(norm_core, "fwd_config", lambda *a: cfg)
+    else:
+        monkeypatch.setattr(norm_core, "bwd_config", lambda *a: cfg)
+    params = {"shape": [3 * cfg.block_m + 1, n], "dtype": "bfloat16", "eps": 1e-5}
+    pattern, grads = (layer_norm, (2, 3)) if kind.endswith("-plain") else (add_layer_norm, (3, 4))
+    with recorded_launches() as launches:
+        check_against_reference(pattern.PATTERN, params, torch.device("cpu"), reduced_grads=grads)
+    name = f"_{pattern.__name__.rsplit('.', 1)[1]}_{kind[:3]}_kernel"
+    ran = [launch["args"] for launch in launches if launch["name"] == name]
+    assert ran and all((a["BLOCK_M"][1], a["BLOCK_N"][1], a["STAGES"][1]) == (cfg.block_m, block_n, cfg.stages)
+                       for a in ran), (name, [launch["name"] for launch in launches])
