@@ -67,7 +67,12 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("error: kernel_split.py needs a CUDA GPU", file=sys.stderr)
         return 3
-    from fusion_advisor.kernels.registry import get as get_pattern
+    from fusion_advisor.kernels.registry import all_patterns, get as get_pattern
+    known = {p.name for p in all_patterns()}
+    unknown = [name for name in args.patterns.split(",") if name not in known]
+    if unknown:
+        print(f"error: unknown pattern {unknown[0]!r} (known: {', '.join(sorted(known))})", file=sys.stderr)
+        return 2
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cases = []
     for name in args.patterns.split(","):

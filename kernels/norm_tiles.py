@@ -201,17 +201,20 @@ def bwd_programs(cfg: TileConfig, n_rows: int, device: torch.device) -> int:
     """The persistent backward's program count: cfg.programs_per_sm on every SM of a GPU, a
     handful in the interpreter (each program is slow there); never more than row tiles."""
     if interpreting() or device.type != "cuda":
-        per_device = 4
-    else:
-        per_device = sm_count(device) * cfg.programs_per_sm
-    return max(1, min(per_device, cdiv(n_rows, cfg.block_m)))
+        return _programs(cfg, n_rows, 4)
+    return _programs(cfg, n_rows, sm_count(device) * cfg.programs_per_sm)
 
 
 def backward_programs_for(n_cols: int, n_rows: int, num_sms: int, elem_size: int = 2) -> int:
     """P, the backward's program count on a GPU of `num_sms` SMs with the tile table (no tuned
     file): what `fused_bytes` counts the partial rows of."""
     cfg = bwd_config(n_cols, n_rows, elem_size)
-    return max(1, min(num_sms * cfg.programs_per_sm, cdiv(n_rows, cfg.block_m)))
+    return _programs(cfg, n_rows, num_sms * cfg.programs_per_sm)
+
+
+def _programs(cfg: TileConfig, n_rows: int, per_device: int) -> int:
+    """per_device persistent programs, never more than row tiles."""
+    return max(1, min(per_device, cdiv(n_rows, cfg.block_m)))
 
 
 def _sm_programs(device: torch.device) -> int:

@@ -87,12 +87,10 @@ def _median_ms(fn: Callable[[], object]) -> float:
 FAMILIES = ("add", "plain")   # tuned_key's two: residual add + LayerNorm, and LayerNorm alone
 
 
-def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, max_tensor_bytes: int,
-          family: str = "add") -> dict:
+def _runs(n: int, dtype: torch.dtype, device: torch.device, rows: int, family: str = "add") -> dict:
     """{"fwd" / "bwd": (candidates, call(cfg))} on the heaviest member of the family at `rows` rows
-    (fewer where a tensor would pass max_tensor_bytes): LayerNorm with weight and bias, after a
-    residual add whose returned sum gets a grad too ("add") or alone ("plain")."""
-    rows = tune_rows(n, dtype, rows, max_tensor_bytes)
+    (`tune_rows`'): LayerNorm with weight and bias, after a residual add whose returned sum gets a
+    grad too ("add") or alone ("plain")."""
     torch.manual_seed(0)
     x, r, dso = (torch.randn(rows, n, device=device, dtype=dtype) for _ in range(3))
     w, b = torch.randn(n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)
@@ -132,8 +130,9 @@ def tune_one(n: int, dtype: torch.dtype, device: torch.device, rows: int = TUNE_
     skipped; with `verbose`, every candidate's time is logged."""
     chosen = {}
     block_n = next_power_of_2(n)
-    small = norm_tiles.small_launch(tune_rows(n, dtype, rows, max_tensor_bytes), block_n, dtype.itemsize)
-    for kind, (candidates, call) in _runs(n, dtype, device, rows, max_tensor_bytes, family).items():
+    rows = tune_rows(n, dtype, rows, max_tensor_bytes)
+    small = norm_tiles.small_launch(rows, block_n, dtype.itemsize)
+    for kind, (candidates, call) in _runs(n, dtype, device, rows, family).items():
         timed = []
         for cfg in candidates:
             try:
@@ -160,7 +159,7 @@ def compile_shard(n_values, dtypes, device: torch.device, shard: int, shards: in
     Returns how many ran."""
     index = ran = 0
     for n, dtype, family in ((n, d, f) for n in n_values for d in dtypes for f in families):
-        for candidates, call in _runs(n, dtype, device, TUNE_ROWS, 1 << 27, family).values():
+        for candidates, call in _runs(n, dtype, device, tune_rows(n, dtype, TUNE_ROWS, 1 << 27), family).values():
             for cfg in candidates:
                 if index % shards == shard:
                     try:

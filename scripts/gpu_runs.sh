@@ -48,6 +48,10 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
+tuned_tiles_path() {  # where norm_tune writes this GPU's tile table (the user cache dir)
+  python3 -c "import torch; from fusion_advisor.kernels import norm_tiles; print(norm_tiles.tuned_path(torch.cuda.get_device_name()))"
+}
+
 profile_and_verify() {  # name dir script args...: profile (with bench), then apply --verify
   local name=$1 dir=$2 script=$3; shift 3
   mkdir -p "$out/$name"
@@ -189,8 +193,7 @@ tiles)
   timeout ${TUNE_TIMEOUT:-200} python3 -m fusion_advisor.kernels.norm_tune --jobs ${TUNE_JOBS:-12} --verbose \
       --dtypes ${TUNE_DTYPES:-bfloat16} ${TUNE_ARGS:-} >"$out/norm-tune.txt" 2>&1
   echo "norm_tune: rc $?"; grep -E "^  (fwd|bwd)|compiled|wrote|rror" "$out/norm-tune.txt"
-  python3 -c "import torch; from fusion_advisor.kernels import norm_tiles; print(norm_tiles.tuned_path(torch.cuda.get_device_name()))" \
-      | xargs -I{} cp {} "$out/tiles.json"
+  cp "$(tuned_tiles_path)" "$out/tiles.json"
   t=${NORMS_TIMEOUT:-300}
   timeout $t python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 --compile-jobs ${COMPILE_JOBS:-8} \
       --time-budget $((t - 30)) ${NORMS_ARGS:-} --out "$out/bench-norms-sweep.csv" >"$out/bench-norms-sweep.txt" 2>&1
@@ -209,7 +212,7 @@ probe)
     done
     echo "kernel_split softmax: rc $?"; cat "$out/kernel-split-softmax.txt"
   fi
-  tiles=$(python3 -c "import torch; from fusion_advisor.kernels import norm_tiles; print(norm_tiles.tuned_path(torch.cuda.get_device_name()))")
+  tiles=$(tuned_tiles_path)
   timeout ${SMALL_TUNE_TIMEOUT:-100} python3 -m fusion_advisor.kernels.norm_tune --jobs 12 --verbose --dtypes bfloat16 \
       --small ${SMALL_TUNE_ARGS:-} >"$out/norm-tune-small.txt" 2>&1
   echo "norm_tune small: rc $?"; grep -E "^  (fwd|bwd)|wrote|rror" "$out/norm-tune-small.txt"
