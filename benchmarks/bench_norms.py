@@ -49,7 +49,7 @@ PASSES = ("forward", "forward+backward")
 PROVIDERS = ("eager", "compile", "compile-max", "triton", "liger")
 TILE_KNOBS = {"fwd_tile": "FWD_TILE", "bwd_tile": "BWD_TILE", "bwd_per_thread": "BWD_PER_THREAD",
               "warps_per_sm": "WARPS_PER_SM", "acc_in_memory_cols": "ACC_IN_MEMORY_COLS",
-              "bwd_prefetch_tile": "BWD_PREFETCH_TILE"}
+              "db_in_memory_cols": "DB_IN_MEMORY_COLS", "bwd_prefetch_tile": "BWD_PREFETCH_TILE"}
 # (bench flag -> kernels/norm_tiles.py constant)
 COLUMNS = ["gpu", "driver", "torch", "triton", "liger", "tiles", "pattern", "n", "rows", "dtype", "pass", "provider",
            "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_copy", "vs_compile", "vs_eager", "vs_compile_max", "numerics"]
@@ -86,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, const in TILE_KNOBS.items():
         ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
                         help=f"override norm_tiles.{const} for this run (to compare tile tables)")
+    ap.add_argument("--heuristic-tiles", action="store_true",
+                    help="ignore the tuned tile tables (shipped and the user's): the heuristic's tiles, "
+                         "with the overrides above")
     args = ap.parse_args(argv)
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     args.patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
@@ -135,10 +138,13 @@ def set_tiles(args) -> str:
         value = getattr(args, flag)
         if value is not None:
             setattr(norm_tiles, const, value)
+    if args.heuristic_tiles:
+        norm_tiles.tuned_table = lambda gpu: {}
     norm_tiles.fwd_config.cache_clear()
     norm_tiles.bwd_config.cache_clear()
     return (f"fwd{norm_tiles.FWD_TILE}/bwd{norm_tiles.BWD_TILE}x{norm_tiles.BWD_PER_THREAD}"
-            f"/{norm_tiles.WARPS_PER_SM}w/mem{norm_tiles.ACC_IN_MEMORY_COLS}/pf{norm_tiles.BWD_PREFETCH_TILE}")
+            f"/{norm_tiles.WARPS_PER_SM}w/mem{norm_tiles.ACC_IN_MEMORY_COLS}/dbmem{norm_tiles.DB_IN_MEMORY_COLS}"
+            f"/pf{norm_tiles.BWD_PREFETCH_TILE}")
 
 
 # A provider whose one call takes longer is left out of that pass: timing it would spend the sweep's

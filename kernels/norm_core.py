@@ -12,8 +12,10 @@ Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached p
             pid + P, pid + 2P, ..., computing dx in the same pass and keeping dweight / dbias
             partial sums in fp32 registers; each writes one partial row per parameter, and a second
             small kernel (`_norm_param_grads_kernel`) sums the P rows into the parameter's dtype. No
-            M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+ leave no registers for the sums:
-            each program adds them to its own partial rows every tile (L2 traffic, not spills).
+            M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+ leave no registers for the
+            dweight sums: each program adds them to its own partial row every tile (L2 traffic, not
+            spills); the dbias sums go there too only from DB_IN_MEMORY_COLS (norm_tiles.py says
+            what each cost).
   in flight a loop must keep tiles loading while it reduces (Little's law: ~3 TB/s x ~1 us is ~25 KB
             an SM). stages > 1: Triton pipelines the loop (`tl.range(num_stages=)`: cp.async copies
             into shared memory, stages - 1 tiles ahead); else the backward's PREFETCH holds the next
@@ -189,13 +191,14 @@ def _bwd_loads(DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x,
 def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr,
+                    BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
+                    DB_IN_MEMORY: tl.constexpr,
                     PREFETCH: tl.constexpr, GEMMA: tl.constexpr, STAGES: tl.constexpr):
     """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
     dweight / dbias sums in fp32 as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols): kept
-    per tile element in registers and reduced over rows once at the end, or (ACC_IN_MEMORY, for
-    rows too long for registers to hold them besides the tile) added to that row every tile, where
-    it stays in L2, rather than spilled.
+    per tile element in registers and reduced over rows once at the end, or (DW_IN_MEMORY /
+    DB_IN_MEMORY, for rows too long for registers to hold them besides the tile) added to that row
+    every tile, where it stays in L2, rather than spilled.
 
     PREFETCH: the next tile's loads are issued before this tile's reductions and stores, so a
     program always has a tile's bytes in flight. Without it each program waits out a full memory
@@ -209,18 +212,17 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
     w = _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if ACC_IN_MEMORY:
-        if HAS_WEIGHT:
-            tl.store(DW_PARTIAL + pid * n_cols + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=col_mask)
-        if HAS_BIAS:
-            tl.store(DB_PARTIAL + pid * n_cols + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=col_mask)
+    if DW_IN_MEMORY and HAS_WEIGHT:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=col_mask)
+    if DB_IN_MEMORY and HAS_BIAS:
+        tl.store(DB_PARTIAL + pid * n_cols + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=col_mask)
     n_tiles = tl.cdiv(n_rows, BLOCK_M)
     if PREFETCH:
         dy_next, x_next, dso_next, rstd_next, mean_next = _bwd_loads(
             DY, DS_OUT, X, MEAN, RSTD, pid, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS, HAS_DS_OUT,
             BLOCK_M, BLOCK_N, SEGMENTS)
     # STAGES > 1: Triton pipelines the loop's loads (dy, x, the statistics) STAGES - 1 tiles ahead
-    # through shared memory (cp.async), in place of PREFETCH's registers; never with ACC_IN_MEMORY,
+    # through shared memory (cp.async), in place of PREFETCH's registers; never with sums in memory,
     # whose partial rows are read back the tile after they are written (the launcher checks).
     for tile in tl.range(pid, n_tiles, programs, num_stages=STAGES):
         rows, _, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
@@ -235,7 +237,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
                 HAS_DS_OUT, BLOCK_M, BLOCK_N, SEGMENTS)
         dy = dy_in.to(tl.float32)
         x = x_in.to(tl.float32)
-        if ACC_IN_MEMORY:  # the weight from L1/L2 every tile: registers are short
+        if DW_IN_MEMORY:  # the weight from L1/L2 every tile: registers are short
             g = dy * _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA)
         else:
             g = dy * w
@@ -263,21 +265,21 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
         if HAS_DS_OUT:  # the grad that reached the returned residual directly
             dx += dso_in.to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if ACC_IN_MEMORY:  # the same thread reads and writes each column: program order is enough
-            if HAS_WEIGHT:
-                dw_row = DW_PARTIAL + pid * n_cols + cols
-                tl.store(dw_row, tl.load(dw_row, mask=col_mask, other=0.0) + tl.sum(dw_t, axis=0), mask=col_mask)
-            if HAS_BIAS:
-                db_row = DB_PARTIAL + pid * n_cols + cols
-                tl.store(db_row, tl.load(db_row, mask=col_mask, other=0.0) + tl.sum(dy, axis=0), mask=col_mask)
-        else:
+        # In memory: the same thread reads and writes each column, so program order is enough.
+        if DW_IN_MEMORY and HAS_WEIGHT:
+            dw_row = DW_PARTIAL + pid * n_cols + cols
+            tl.store(dw_row, tl.load(dw_row, mask=col_mask, other=0.0) + tl.sum(dw_t, axis=0), mask=col_mask)
+        elif not DW_IN_MEMORY:
             dw_acc += dw_t
+        if DB_IN_MEMORY and HAS_BIAS:
+            db_row = DB_PARTIAL + pid * n_cols + cols
+            tl.store(db_row, tl.load(db_row, mask=col_mask, other=0.0) + tl.sum(dy, axis=0), mask=col_mask)
+        elif not DB_IN_MEMORY:
             db_acc += dy
-    if not ACC_IN_MEMORY:
-        if HAS_WEIGHT:
-            tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
-        if HAS_BIAS:
-            tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    if HAS_WEIGHT and not DW_IN_MEMORY:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+    if HAS_BIAS and not DB_IN_MEMORY:
+        tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
 # -- kernels: one name per pattern, so profiler traces say which norm ran ------------------------------
@@ -317,42 +319,46 @@ def _add_layer_norm_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r,
 def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                          stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, GEMMA: tl.constexpr,
+                         DW_IN_MEMORY: tl.constexpr,
+                         DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, GEMMA: tl.constexpr,
                          STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, GEMMA, STAGES)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, GEMMA, STAGES)
 
 
 @triton.jit
 def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                              stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
+                             DW_IN_MEMORY: tl.constexpr,
+                             DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
 def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                            stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
+                           DW_IN_MEMORY: tl.constexpr,
+                           DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
 def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                                stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, ACC_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
+                               BLOCK_N: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
+                               DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
                                STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
@@ -368,11 +374,12 @@ def _group_norm_rows_fwd_kernel(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r
 def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso,
                                 stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr,
                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, ACC_IN_MEMORY: tl.constexpr,
+                                BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
+                                DB_IN_MEMORY: tl.constexpr,
                                 PREFETCH: tl.constexpr, STAGES: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
-                    ACC_IN_MEMORY, PREFETCH, False, STAGES)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES)
 
 
 @triton.jit
@@ -484,8 +491,9 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         return dx, dw, db
     cfg = config or bwd_config(n_cols, n_rows, x.element_size(), gpu_name(device), residual)
     programs = bwd_programs(cfg, n_rows, device)
-    acc_in_memory = cfg.block_n >= norm_tiles.ACC_IN_MEMORY_COLS
-    stages = 1 if acc_in_memory else cfg.stages   # a pipelined load would read a partial row before its store
+    dw_in_memory, db_in_memory = norm_tiles.sums_in_memory(cfg.block_n)
+    # a pipelined load would read a partial row before its store
+    stages = 1 if dw_in_memory or db_in_memory else cfg.stages
     n_params = int(weight is not None) + int(bias is not None)
     partial = torch.empty((max(n_params, 1), programs, n_cols), dtype=torch.float32, device=device)
     dw_partial, db_partial = partial[0], partial[n_params - 1]
@@ -498,7 +506,7 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         dy, dso, x, x if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_partial,
         db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
         HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC_IN_MEMORY=acc_in_memory,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DW_IN_MEMORY=dw_in_memory, DB_IN_MEMORY=db_in_memory,
         PREFETCH=cfg.prefetch and stages == 1, STAGES=stages,
         num_warps=cfg.num_warps, **extra)
     if n_params:

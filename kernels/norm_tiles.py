@@ -35,9 +35,13 @@ FWD_TILE = 4096         # elements per forward program (16 a thread at 8 warps: 
 BWD_TILE = 2048         # elements per backward loop iteration (8 a thread at 8 warps)
 BWD_PER_THREAD = 8      # at 8, ~95 registers a thread (cuobjdump of the sm_90 cubin): two 8-warp programs fit
                         # an SM; at 16, 130-150, and only one does
-ACC_IN_MEMORY_COLS = 16384  # from this row length the backward adds its dweight/dbias sums to its partial
-                            # rows (L2) every tile: held in registers they spilled (sm_90, 16384 columns,
-                            # 32 warps: 264 bytes a thread; added to memory, 16 warps: 56)
+ACC_IN_MEMORY_COLS = 16384  # from this row length the backward adds its dweight sums to its partial row
+                            # (L2) every tile: held in registers with the dbias sums they spilled (sm_90,
+                            # 16384 columns, 32 warps: 264 bytes a thread; added to memory, 16 warps: 56)
+DB_IN_MEMORY_COLS = 32768   # and its dbias sums from this length: below it they stay in registers (one fp32 a
+                            # column, 32 a thread at 16384 and 16 warps). Each sum in memory reads and writes
+                            # a 4-byte partial per element of dy: at 16384 bf16, LayerNorm's two moved 2.1 GB
+                            # through L2 beside the 0.8 GB the backward reads and writes in HBM
 WARPS_PER_SM = 16       # the persistent backward's programs per SM: 16 warps of them (2 of 8 warps)
 BWD_PREFETCH_TILE = 4096  # the backward loads the next tile ahead for tiles up to this many elements
 SMALL_LAUNCH_BYTES = 1 << 24  # a launch over at most this many bytes of rows (padded; 16 MiB) is "small": a
@@ -66,7 +70,7 @@ class TileConfig(NamedTuple):
     programs_per_sm: int = 1   # the persistent programs' (the backward's; the forward's where stages > 1)
     prefetch: bool = True      # the persistent backward loads the next tile before this one's math
     stages: int = 1            # > 1: the loop over tiles pipelined by Triton into this many stages (the
-                               # forward then persistent too); never with prefetch or ACC_IN_MEMORY rows
+                               # forward then persistent too); never with prefetch or sums in memory
 
 
 def _warps(tile: int, per_thread: int = 16) -> int:
@@ -80,6 +84,12 @@ def _block_n(n_cols: int) -> int:
     if block_n > MAX_BLOCK_N:
         raise ValueError(f"norm: rows of {n_cols} elements are wider than the {MAX_BLOCK_N} one program holds")
     return block_n
+
+
+def sums_in_memory(block_n: int) -> tuple[bool, bool]:
+    """Whether the backward keeps its (dweight, dbias) sums in its partial rows in memory, added
+    to every tile, rather than in registers: for rows of block_n padded columns."""
+    return block_n >= ACC_IN_MEMORY_COLS, block_n >= DB_IN_MEMORY_COLS
 
 
 def tuned_path(gpu: str) -> Path:
@@ -152,7 +162,7 @@ def _tuned_entry(key: str, entry) -> Optional[tuple[int, int, int, bool, int]]:
     prefetch, stages = (bool(rest[0]) if rest else True), (rest[1] if len(rest) > 1 else 1)
     # The backward prefetches into registers or pipelines, never both; and rows whose sums go to
     # memory every tile are never pipelined (a load would read a partial row before its store).
-    backward_ok = not key.startswith("bwd") or not (stages > 1 and (prefetch or block_n >= ACC_IN_MEMORY_COLS))
+    backward_ok = not key.startswith("bwd") or not (stages > 1 and (prefetch or any(sums_in_memory(block_n))))
     if (block_m < 1 or block_m & (block_m - 1) or block_m * block_n > MAX_BLOCK_N
             or warps not in (1, 2, 4, 8, 16, 32) or not 1 <= per_sm <= 8 or not 1 <= stages <= 6
             or not backward_ok or rest[2:] not in ([], [0])):   # a sixth field: 0 only

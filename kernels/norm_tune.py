@@ -68,7 +68,7 @@ def bwd_candidates(block_n: int) -> list[norm_tiles.TileConfig]:
                     cfg = norm_tiles.TileConfig(tile // block_n, block_n, warps, per_sm, prefetch)
                     if cfg not in out:
                         out.append(cfg)
-    if block_n < norm_tiles.ACC_IN_MEMORY_COLS:
+    if not any(norm_tiles.sums_in_memory(block_n)):
         for tile in sorted({max(t, block_n) for t in (2048, 4096)}):
             warps = min(16, norm_tiles._warps(tile, 8))
             for per_sm in sorted({max(1, 16 // warps), max(1, 32 // warps)}):

@@ -32,15 +32,16 @@
 #          --sweep (ConvNeXt's channels_first LayerNorm at each tile and warp count), cross_entropy's
 #          bench shapes (GPT-2's vocabulary among them: its backward recomputes since 2026-12-07), then the zoo
 #          (ZOO_MODELS, ZOO_BUDGET) with what is left of the window.
-# small:   the small launches with their tiles: bench_norms.py bf16 at 4,096 rows and at 65,536 rows of 64
-#          and 128, kernel_split.py there, then fp32 at 65,536 rows (FP32_TIMEOUT; 0 leaves it out).
+# small:   the small launches with their tiles: kernel_split.py and bench_norms.py bf16 at 65,536 rows of 64
+#          and 128, then at 4,096 rows (ROWS4K_TIMEOUT) and fp32 at 65,536 rows (FP32_TIMEOUT; 0 leaves either out).
+# long:    rows of 16384 (bf16): the backward's dweight / dbias sums in memory or in registers, timed.
 # probe:   where the last losses of issue 14 come from: bandwidth_mix.py (HBM by read:write mix),
 #          kernel_split.py (each kernel's time and the launch gaps) for the norms at 65,536 rows of
 #          64-256 (SPLIT_SOFTMAX=1: the causal softmax forward's too), norm_tune --small (the tiles of
 #          launches of at most 16 MiB, every row length: OUT/tiles-small.json, then removed from the cache),
 #          then the softmax bench (bench_kernels.py --patterns softmax).
 set -uo pipefail
-usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe|small OUT_DIR"
+usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe|small|long OUT_DIR"
 phase=${1:?$usage}
 out=$(realpath -m "${2:?$usage}")
 repo=$(pwd)
@@ -223,24 +224,43 @@ probe)
   ;;
 small)
   # the small launches with their tiles (kernels/tiles/ since 2026-12-07): kernel_split.py at 65,536 rows of 64
-  # and 128, then bench_norms.py bf16 at 4,096 rows (every row length) and at 65,536 rows of 64 and 128,
-  # then fp32 at 65,536 rows with what is left of SMALL_TIMEOUT
+  # and 128, bench_norms.py bf16 at 65,536 rows of 64 and 128, then at 4,096 rows (every row length) and
+  # fp32 at 65,536 rows within ROWS4K_TIMEOUT and FP32_TIMEOUT (0 leaves either out)
   timeout 45 python3 benchmarks/kernel_split.py --patterns layer_norm,rms_norm,group_norm,add_layer_norm \
       --n 64,128 --rows 65536 --providers triton >"$out/kernel-split-norms.txt" 2>&1
   echo "kernel_split norms: rc $?"; cat "$out/kernel-split-norms.txt"
-  t=${ROWS4K_TIMEOUT:-300}   # ROWS4K_N: the row lengths at 4,096 rows (default: all 11)
-  timeout $t python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 4096 ${ROWS4K_N:+--n $ROWS4K_N} \
-      --compile-jobs 12 --time-budget $((t - 30)) --out "$out/bench-norms-4096.csv" >"$out/bench-norms-4096.txt" 2>&1
-  echo "bench_norms 4096 rows: rc $?"; grep -v "^    (" "$out/bench-norms-4096.txt" | tail -14
   timeout 80 python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 --n 64,128 --compile-jobs 10 \
       --out "$out/bench-norms-small.csv" >"$out/bench-norms-small.txt" 2>&1
   echo "bench_norms 65536 rows of 64, 128: rc $?"; grep -v "^    (" "$out/bench-norms-small.txt" | tail -14
+  t=${ROWS4K_TIMEOUT:-300}   # ROWS4K_N: the row lengths at 4,096 rows (default: all 11)
+  if [ "$t" -gt 0 ]; then
+    timeout $t python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 4096 ${ROWS4K_N:+--n $ROWS4K_N} \
+        --compile-jobs 12 --time-budget $((t - 30)) --out "$out/bench-norms-4096.csv" >"$out/bench-norms-4096.txt" 2>&1
+    echo "bench_norms 4096 rows: rc $?"; grep -v "^    (" "$out/bench-norms-4096.txt" | tail -14
+  fi
   t=${FP32_TIMEOUT:-90}
   if [ "$t" -gt 0 ]; then
     timeout $t python3 benchmarks/bench_norms.py --dtypes float32 --rows 65536 --compile-jobs 12 --time-budget $((t - 20)) \
         --out "$out/bench-norms-fp32.csv" >"$out/bench-norms-fp32.txt" 2>&1
     echo "bench_norms fp32: rc $?"; grep -v "^    (" "$out/bench-norms-fp32.txt" | tail -14
   fi
+  ;;
+long)
+  # rows of 16384 (bf16, 8,192 rows): where each backward keeps its dweight / dbias sums. Default: dweight
+  # in memory, dbias in registers; then both in memory (the tiles before 2026-12-07); then both in registers
+  # (the heuristic's tiles, which spill) at 16 and at 32 warps
+  long=(--n 16384 --rows 8192 --dtypes bfloat16 --patterns layer_norm,add_layer_norm,rms_norm)
+  timeout 200 python3 benchmarks/bench_norms.py "${long[@]}" --providers eager,compile,triton,liger --compile-jobs 6 \
+      --out "$out/bench-norms-16384.csv" >"$out/bench-norms-16384.txt" 2>&1
+  echo "16384 default: rc $?"; grep -v "^    (" "$out/bench-norms-16384.txt" | tail -12
+  for variant in "--db-in-memory-cols 16384" \
+      "--heuristic-tiles --acc-in-memory-cols 32768 --db-in-memory-cols 32768 --bwd-per-thread 32" \
+      "--heuristic-tiles --acc-in-memory-cols 32768 --db-in-memory-cols 32768"; do
+    timeout 80 python3 benchmarks/bench_norms.py "${long[@]}" --providers triton $variant --out "$out/variant.csv" \
+        >"$out/variant.txt" 2>&1
+    echo "16384 $variant: rc $?"; grep -v "^    (" "$out/variant.txt" | tail -10
+  done
+  rm -f "$out/variant.csv" "$out/variant.txt"
   ;;
 tune)
   timeout 150 python3 benchmarks/bench_batch_norm.py --out "$out/bench-batch-norm.csv" >"$out/bench-batch-norm.txt" 2>&1

@@ -78,10 +78,14 @@ def test_group_norm_keeps_its_own_kernels_where_rows_do_not_fit():
                            segments=4)
 
 
+@pytest.mark.parametrize("in_memory", ["dweight", "dbias", "both"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_parameter_sums_added_to_memory_every_tile(dtype, device, monkeypatch):
-    # The long-row backward (ACC_IN_MEMORY) on short rows: several rows a tile, several tiles a program.
-    monkeypatch.setattr(norm_tiles, "ACC_IN_MEMORY_COLS", 64)
+def test_parameter_sums_added_to_memory_every_tile(in_memory, dtype, device, monkeypatch):
+    # The long-row backward (sums in memory) on short rows: several rows a tile, several tiles a
+    # program; each parameter's sums in memory or in registers on its own.
+    monkeypatch.setattr(norm_tiles, "ACC_IN_MEMORY_COLS", 64 if in_memory != "dbias" else 1 << 20)
+    monkeypatch.setattr(norm_tiles, "DB_IN_MEMORY_COLS", 64 if in_memory != "dweight" else 1 << 20)
+    assert norm_tiles.sums_in_memory(64) == (in_memory != "dbias", in_memory != "dweight")
     params = {"shape": [300, 64], "dtype": dtype, "eps": 1e-5}   # 10 tiles of 32 rows over 4 programs
     check_against_reference(rms_norm.PATTERN, params, device, reduced_grads=(1,))
     check_against_reference(add_rms_norm.PATTERN, params, device, reduced_grads=(2,))
@@ -336,7 +340,8 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
         types = {name: "*bf16" for name in ("DY", "DS_OUT", "X", "W", "DX")}
         types.update({name: "*fp32" for name in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")})
         consts = {"HAS_DS_OUT": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
-                  "BLOCK_N": cfg.block_n, "ACC_IN_MEMORY": cfg.block_n >= norm_tiles.ACC_IN_MEMORY_COLS,
+                  "BLOCK_N": cfg.block_n, "DW_IN_MEMORY": norm_tiles.sums_in_memory(cfg.block_n)[0],
+                  "DB_IN_MEMORY": norm_tiles.sums_in_memory(cfg.block_n)[1],
                   "PREFETCH": cfg.prefetch, "STAGES": cfg.stages}
         cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": "_add_layer_norm_bwd_kernel",
                       "types": types, "constexprs": consts, "num_warps": cfg.num_warps,
