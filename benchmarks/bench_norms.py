@@ -86,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, const in TILE_KNOBS.items():
         ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
                         help=f"override norm_tiles.{const} for this run (to compare tile tables)")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch the backward's parameter-grad kernel after the backward ends, not while it "
+                         "runs (kernels/common.py PDL: to compare)")
     ap.add_argument("--heuristic-tiles", action="store_true",
                     help="ignore the tuned tile tables (shipped and the user's): the heuristic's tiles, "
                          "with the overrides above")
@@ -140,11 +143,14 @@ def set_tiles(args) -> str:
             setattr(norm_tiles, const, value)
     if args.heuristic_tiles:
         norm_tiles.tuned_table = lambda gpu: {}
+    if args.no_pdl:
+        from fusion_advisor.kernels import common
+        common.PDL = False
     norm_tiles.fwd_config.cache_clear()
     norm_tiles.bwd_config.cache_clear()
     return (f"fwd{norm_tiles.FWD_TILE}/bwd{norm_tiles.BWD_TILE}x{norm_tiles.BWD_PER_THREAD}"
             f"/{norm_tiles.WARPS_PER_SM}w/mem{norm_tiles.ACC_IN_MEMORY_COLS}/dbmem{norm_tiles.DB_IN_MEMORY_COLS}"
-            f"/pf{norm_tiles.BWD_PREFETCH_TILE}")
+            f"/pf{norm_tiles.BWD_PREFETCH_TILE}{'/no-pdl' if args.no_pdl else ''}")
 
 
 # A provider whose one call takes longer is left out of that pass: timing it would spend the sweep's

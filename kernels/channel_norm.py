@@ -217,7 +217,8 @@ def channel_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
         norm_core._norm_param_grads_kernel[(cdiv(c, block),)](
             dw_partial, db_partial, dx if weight is None else dw, dx if bias is None else db, programs, c,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_P=min(next_power_of_2(programs), max(1, 4096 // block)), BLOCK_C=block, num_warps=4)
+            BLOCK_P=min(next_power_of_2(programs), max(1, 4096 // block)), BLOCK_C=block, WAIT_PRIMARY=False,
+            num_warps=4)
     return dx, dw, db
 
 

@@ -5,8 +5,26 @@ import functools
 import os
 
 import torch
+import triton
+
+try:   # grid dependency control (PTX griddepcontrol, sm_90+): Triton 3.4 and newer
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401  (the kernels' names)
+    _HAS_GDC = True
+except ImportError:
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+    @triton.jit
+    def gdc_wait():
+        pass
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A two-kernel op launches its second kernel while the first still runs (programmatic dependent launch,
+# `pdl`): the second waits on the GPU (griddepcontrol.wait) instead of starting after the first ends.
+PDL = True
 
 
 # Read once: Triton reads TRITON_INTERPRET when a kernel is defined (at import), so the value then is
@@ -126,6 +144,20 @@ def reduction_programs(n_rows: int, device: torch.device) -> int:
     if interpreting() or device.type != "cuda":
         return max(1, min(n_rows, 4))
     return max(1, min(n_rows, sm_count(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether a kernel may be launched to start while the one before it runs (`launch_pdl=True`,
+    the kernel calling gdc_wait() before it reads what that one wrote): PDL on, a Hopper or newer
+    GPU, a Triton with grid dependency control; never in the interpreter."""
+    if not PDL or not _HAS_GDC or interpreting() or device.type != "cuda":
+        return False
+    return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)

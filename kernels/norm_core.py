@@ -47,7 +47,7 @@ import triton.language as tl
 
 from fusion_advisor.kernels import autocast, norm_tiles
 from fusion_advisor.kernels.registry import Inputs, param_dtype
-from fusion_advisor.kernels.common import cdiv, next_power_of_2
+from fusion_advisor.kernels.common import cdiv, gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
 # The launchers call these through this module's names: a test forces a tile by replacing them here.
 from fusion_advisor.kernels.norm_tiles import (MAX_BLOCK_N, TileConfig, _sm_programs, bwd_config,  # noqa: F401
                                                bwd_programs, fwd_config, gpu_name)
@@ -193,7 +193,8 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
                     DB_IN_MEMORY: tl.constexpr,
-                    PREFETCH: tl.constexpr, GEMMA: tl.constexpr, STAGES: tl.constexpr):
+                    PREFETCH: tl.constexpr, GEMMA: tl.constexpr, STAGES: tl.constexpr,
+                    LAUNCH_DEPENDENTS: tl.constexpr):
     """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
     dweight / dbias sums in fp32 as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols): kept
     per tile element in registers and reduced over rows once at the end, or (DW_IN_MEMORY /
@@ -205,6 +206,8 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
     latency per tile, and two programs an SM keep too few bytes in flight to reach the bandwidth
     (Little's law: ~3.3 TB/s x ~1 us is ~25 KB an SM; two 8-warp programs of 2048-element bf16
     tiles hold at most 16 KB, and only while loading)."""
+    if LAUNCH_DEPENDENTS:   # the parameter-grad kernel may start now: it waits for this grid's end
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -321,10 +324,10 @@ def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIA
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          DW_IN_MEMORY: tl.constexpr,
                          DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, GEMMA: tl.constexpr,
-                         STAGES: tl.constexpr):
+                         STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, GEMMA, STAGES)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, GEMMA, STAGES, LAUNCH_DEPENDENTS)
 
 
 @triton.jit
@@ -332,10 +335,11 @@ def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PA
                              stride_x, stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              DW_IN_MEMORY: tl.constexpr,
-                             DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
+                             DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+                             LAUNCH_DEPENDENTS: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS)
 
 
 @triton.jit
@@ -343,10 +347,11 @@ def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PART
                            stride_dx, n_rows, n_cols, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            DW_IN_MEMORY: tl.constexpr,
-                           DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
+                           DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+                           LAUNCH_DEPENDENTS: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS)
 
 
 @triton.jit
@@ -355,10 +360,10 @@ def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
                                DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
-                               STAGES: tl.constexpr):
+                               STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS)
 
 
 @triton.jit
@@ -376,16 +381,21 @@ def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB
                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
                                 DB_IN_MEMORY: tl.constexpr,
-                                PREFETCH: tl.constexpr, STAGES: tl.constexpr):
+                                PREFETCH: tl.constexpr, STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
-                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS)
 
 
 @triton.jit
 def _norm_param_grads_kernel(DW_PARTIAL, DB_PARTIAL, DW, DB, n_partials, n_cols, HAS_WEIGHT: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dweight / dbias = the (P, n_cols) fp32 partial rows summed, written in the parameter's dtype."""
+                             HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                             WAIT_PRIMARY: tl.constexpr):
+    """dweight / dbias = the (P, n_cols) fp32 partial rows summed, written in the parameter's dtype.
+    WAIT_PRIMARY: launched while the backward runs (programmatic dependent launch); it waits for
+    the backward's end, and its partial rows, before reading them."""
+    if WAIT_PRIMARY:
+        gdc_wait()
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < n_cols
     dw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
@@ -502,12 +512,13 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
     if segments > 1:
         _check_segments(n_cols, segments, rms, residual)
         kernel, extra = _group_norm_rows_bwd_kernel, {"SEGMENTS": next_power_of_2(segments)}
+    early = n_params > 0 and pdl(device)   # the parameter-grad kernel launched while this one runs
     kernel[(programs,)](
         dy, dso, x, x if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_partial,
         db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
         HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DW_IN_MEMORY=dw_in_memory, DB_IN_MEMORY=db_in_memory,
-        PREFETCH=cfg.prefetch and stages == 1, STAGES=stages,
+        PREFETCH=cfg.prefetch and stages == 1, STAGES=stages, LAUNCH_DEPENDENTS=early,
         num_warps=cfg.num_warps, **extra)
     if n_params:
         block_c = max(32, min(256, cfg.block_n // 64))
@@ -515,7 +526,7 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         _norm_param_grads_kernel[(cdiv(n_cols, block_c),)](
             dw_partial, db_partial, dx if dw is None else dw, dx if db is None else db, programs, n_cols,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c,
-            num_warps=4)
+            WAIT_PRIMARY=early, num_warps=4, **({"launch_pdl": True} if early else {}))
     return dx, dw, db
 
 

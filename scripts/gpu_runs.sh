@@ -232,6 +232,10 @@ small)
   timeout 80 python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 --n 64,128 --compile-jobs 10 \
       --out "$out/bench-norms-small.csv" >"$out/bench-norms-small.txt" 2>&1
   echo "bench_norms 65536 rows of 64, 128: rc $?"; grep -v "^    (" "$out/bench-norms-small.txt" | tail -14
+  # the same without programmatic dependent launch (the parameter-grad kernel after the backward ends)
+  timeout 60 python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 --n 64,128 --providers triton --no-pdl \
+      --out "$out/bench-norms-small-nopdl.csv" >"$out/bench-norms-small-nopdl.txt" 2>&1
+  echo "bench_norms 65536 rows of 64, 128, no PDL: rc $?"; grep -v "^    (" "$out/bench-norms-small-nopdl.txt" | tail -14
   t=${ROWS4K_TIMEOUT:-300}   # ROWS4K_N: the row lengths at 4,096 rows (default: all 11)
   if [ "$t" -gt 0 ]; then
     timeout $t python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 4096 ${ROWS4K_N:+--n $ROWS4K_N} \

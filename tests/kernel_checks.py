@@ -152,7 +152,7 @@ for case in json.load(sys.stdin):
         usage = subprocess.run([cuobjdump, "-res-usage", fh.name], capture_output=True, text=True).stdout
     regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
     accesses = {}
-    for op in re.findall(r"\b(ld\.global[\w.]*|st\.global[\w.]*)", kernel.asm["ptx"]):
+    for op in re.findall(r"\b(ld\.global[\w.]*|st\.global[\w.]*|griddepcontrol\.\w+)", kernel.asm["ptx"]):
         accesses[op] = accesses.get(op, 0) + 1
     out.append([int(regs), int(stack), accesses])
 json.dump(out, sys.stdout)
@@ -170,7 +170,8 @@ def sm90_resources(cases: list[dict]) -> list[tuple[int, int]]:
 def sm90_global_accesses(cases: list[dict]) -> list[dict[str, int]]:
     """For each case (as sm90_resources'), how many of each global load and store instruction its
     sm_90 PTX holds, e.g. {"ld.global.v4.b32": 2, "st.global.v4.b32": 2}: whether Triton proved the
-    alignment for 16-byte accesses or fell back to one element at a time."""
+    alignment for 16-byte accesses or fell back to one element at a time; and of each grid
+    dependency control instruction ("griddepcontrol.wait", "griddepcontrol.launch_dependents")."""
     return [accesses for _, _, accesses in _sm90_build(cases)]
 
 

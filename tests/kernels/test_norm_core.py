@@ -11,6 +11,8 @@ import pathlib
 from fusion_advisor.kernels import (add_layer_norm, add_rms_norm, group_norm, layer_norm, norm_core, norm_tiles,
                                     norm_tune, rms_norm)
 from fusion_advisor.kernels.tolerances import tolerance
+import kernel_checks
+from fusion_advisor.kernels import common
 from kernel_checks import check_against_reference, hopper_compile_errors, recorded_launches, sm90_resources
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -342,7 +344,7 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
         consts = {"HAS_DS_OUT": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
                   "BLOCK_N": cfg.block_n, "DW_IN_MEMORY": norm_tiles.sums_in_memory(cfg.block_n)[0],
                   "DB_IN_MEMORY": norm_tiles.sums_in_memory(cfg.block_n)[1],
-                  "PREFETCH": cfg.prefetch, "STAGES": cfg.stages}
+                  "PREFETCH": cfg.prefetch, "STAGES": cfg.stages, "LAUNCH_DEPENDENTS": True}
         cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": "_add_layer_norm_bwd_kernel",
                       "types": types, "constexprs": consts, "num_warps": cfg.num_warps,
                       "unaligned": ["n_rows"]})   # what the JIT sees for N % 16 == 0
@@ -351,6 +353,35 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
         # 64K registers an SM: every program the grid puts on an SM is resident at once.
         assert regs * 32 * cfg.num_warps * cfg.programs_per_sm <= 65536, (n, cfg, regs)
         assert stack == 0, (n, stack)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run launches them")
+def test_parameter_grads_kernel_starts_while_the_backward_runs():
+    """Programmatic dependent launch, as ptxas builds it for sm_90: the backward lets the
+    parameter-grad kernel launch (griddepcontrol.launch_dependents), which waits for the
+    backward's end (griddepcontrol.wait) before it reads the partial rows; neither without it."""
+    bwd_types = {name: "*bf16" for name in ("DY", "DS_OUT", "X", "W", "DX")}
+    bwd_types.update({name: "*fp32" for name in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")})
+    cases = []
+    for early in (True, False):
+        cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": "_layer_norm_bwd_kernel",
+                      "types": bwd_types, "num_warps": 8,
+                      "constexprs": {"HAS_DS_OUT": False, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": 4,
+                                     "BLOCK_N": 512, "DW_IN_MEMORY": False, "DB_IN_MEMORY": False,
+                                     "PREFETCH": True, "STAGES": 1, "LAUNCH_DEPENDENTS": early}})
+        cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": "_norm_param_grads_kernel",
+                      "types": {"DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "DW": "*bf16", "DB": "*bf16"},
+                      "num_warps": 4,
+                      "constexprs": {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_P": 32, "BLOCK_C": 128,
+                                     "WAIT_PRIMARY": early}})
+    (bwd, grads, bwd_plain, grads_plain) = kernel_checks.sm90_global_accesses(cases)
+    assert bwd.get("griddepcontrol.launch_dependents") == 1 and "griddepcontrol.wait" not in bwd
+    assert grads.get("griddepcontrol.wait") == 1 and "griddepcontrol.launch_dependents" not in grads
+    assert not any(op.startswith("griddepcontrol") for op in (*bwd_plain, *grads_plain))
+
+
+def test_no_dependent_launch_off_a_gpu():
+    assert not common.pdl(torch.device("cpu"))
 
 
 def test_small_search_times_8_mib_launches_under_small_keys():
