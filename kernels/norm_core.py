@@ -11,7 +11,8 @@ Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached p
   backward  persistent: P programs (programs_per_sm on every SM) each loop over the row tiles pid,
             pid + P, pid + 2P, ..., computing dx in the same pass and keeping dweight / dbias
             partial sums in fp32 registers; each writes one partial row per parameter, and a second
-            small kernel (`_norm_param_grads_kernel`) sums the P rows into the parameter's dtype. No
+            small kernel (`_norm_param_grads_kernel`, launched while the first runs where the GPU
+            allows: common.pdl) sums the P rows into the parameter's dtype. No
             M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+ leave no registers for the
             dweight sums: each program adds them to its own partial row every tile (L2 traffic, not
             spills); the dbias sums go there too only from DB_IN_MEMORY_COLS (norm_tiles.py says
