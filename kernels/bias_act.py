@@ -21,11 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels import autocast
+from fusion_advisor.kernels import autocast, norm_core
 from fusion_advisor.kernels.activations import (ACTIVATION_IDS, activation_grad, activation_id, apply_activation,
                                                 torch_activation)
 from fusion_advisor.kernels.common import (as_row_view, cdiv, check_device, check_dtype, elementwise_tile,
-                                          interpreting, sm_count)
+                                          gdc_launch_dependents, interpreting, pdl, sm_count)
 from fusion_advisor.kernels.fused_op import fused_op
 from fusion_advisor.kernels.registry import (Inputs, OpRecord, Rewrite, dtype_from_trace, dtype_name,
                                              param_dtype, register_pattern, training_shapes)
@@ -47,7 +47,10 @@ def _bias_act_fwd_kernel(X, B, Y, stride_x, n_rows, n_cols, negative_slope, ACT:
 
 @triton.jit
 def _bias_act_bwd_kernel(DY, X, B, DX, DB_PARTIAL, stride_dy, stride_x, n_rows, n_cols, rows_per_program,
-                         negative_slope, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         negative_slope, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         LAUNCH_DEPENDENTS: tl.constexpr):
+    if LAUNCH_DEPENDENTS:   # the bias-grad sum may start now: it waits for this grid's end
+        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -121,14 +124,17 @@ def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, activati
     block_m, block_n, warps = elementwise_tile(n_cols)
     programs, rows_per_program = bwd_programs(n_rows, n_cols, _num_sms(x.device))
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    dbias = torch.empty(n_cols, dtype=bias.dtype, device=x.device)
     if dx.numel():
+        early = pdl(x.device)   # the bias-grad sum launched while the backward runs
         grid = (programs, cdiv(n_cols, block_n))
         _bias_act_bwd_kernel[grid](dy2, x2, bias.contiguous(), dx, partial, dy2.stride(0), x2.stride(0), n_rows,
                                    n_cols, rows_per_program, negative_slope, ACT=act, BLOCK_M=block_m,
-                                   BLOCK_N=block_n, num_warps=warps)
+                                   BLOCK_N=block_n, LAUNCH_DEPENDENTS=early, num_warps=warps)
+        norm_core.sum_partial_rows(None, partial, None, dbias, 256, early)
     else:
-        partial.zero_()
-    return dx.view(x.shape), partial.sum(0).to(bias.dtype)
+        dbias.zero_()
+    return dx.view(x.shape), dbias
 
 
 # torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels import autocast, norm_core
-from fusion_advisor.kernels.common import cdiv, check_device, check_dtype, interpreting, next_power_of_2, sm_count
+from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, gdc_launch_dependents, interpreting,
+                                           next_power_of_2, pdl, sm_count)
 from fusion_advisor.kernels.fused_op import fused_op
 
 # Elements a program holds (BLOCK_S positions of BLOCK_C channels), from ptxas's sm_90 resource
@@ -81,7 +82,9 @@ def _channel_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, C, S, eps, HAS_WEIGHT: tl.c
 @triton.jit
 def _channel_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, N, C, S, HAS_WEIGHT: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                             DY_CL: tl.constexpr, X_CL: tl.constexpr):
+                             DY_CL: tl.constexpr, X_CL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+    if LAUNCH_DEPENDENTS:   # the parameter-grad kernel may start now: it waits for this grid's end
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -208,17 +211,15 @@ def channel_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     n_params = int(weight is not None) + int(bias is not None)
     partial = torch.empty((max(n_params, 1), programs, c), dtype=torch.float32, device=x.device)
     dw_partial, db_partial = partial[0], partial[n_params - 1]
+    early = n_params > 0 and pdl(x.device)   # the parameter-grad kernel launched while this one runs
     _channel_norm_bwd_kernel[(programs,)](
         dy, x, x if weight is None else weight, mean, rstd, dx, dw_partial, db_partial, n, c, s,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-        DY_CL=dy_cl, X_CL=x_cl, num_warps=warps)
+        DY_CL=dy_cl, X_CL=x_cl, LAUNCH_DEPENDENTS=early, num_warps=warps)
     if n_params:
-        block = max(32, min(256, next_power_of_2(c)))
-        norm_core._norm_param_grads_kernel[(cdiv(c, block),)](
-            dw_partial, db_partial, dx if weight is None else dw, dx if bias is None else db, programs, c,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_P=min(next_power_of_2(programs), max(1, 4096 // block)), BLOCK_C=block, WAIT_PRIMARY=False,
-            num_warps=4)
+        norm_core.sum_partial_rows(dw_partial if weight is not None else None,
+                                   db_partial if bias is not None else None, dw if weight is not None else None,
+                                   db if bias is not None else None, max(32, min(256, next_power_of_2(c))), early)
     return dx, dw, db
 
 

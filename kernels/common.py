@@ -26,7 +26,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # `pdl`): the second waits on the GPU (griddepcontrol.wait) instead of starting after the first ends.
 # The norms' backward gained 0.2-2.9 us a call from it at 65,536 rows of 64 and 128 (H100, LayerNorm at
 # 65,536 x 64 fwd+bwd: 25.1 -> 23.5 us; benchmarks/results/bench-norms-small*-h100-5ee0779.csv).
-PDL = True
+# FUSION_ADVISOR_NO_PDL=1 turns it off (a driver or profiler that mishandles it; or to compare).
+PDL = os.environ.get("FUSION_ADVISOR_NO_PDL", "0") != "1"
 
 
 # Read once: Triton reads TRITON_INTERPRET when a kernel is defined (at import), so the value then is

@@ -522,13 +522,25 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         PREFETCH=cfg.prefetch and stages == 1, STAGES=stages, LAUNCH_DEPENDENTS=early,
         num_warps=cfg.num_warps, **extra)
     if n_params:
-        block_c = max(32, min(256, cfg.block_n // 64))
-        block_p = min(next_power_of_2(programs), max(1, 4096 // block_c))
-        _norm_param_grads_kernel[(cdiv(n_cols, block_c),)](
-            dw_partial, db_partial, dx if dw is None else dw, dx if db is None else db, programs, n_cols,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c,
-            WAIT_PRIMARY=early, num_warps=4, **({"launch_pdl": True} if early else {}))
+        sum_partial_rows(dw_partial if dw is not None else None, db_partial if db is not None else None, dw, db,
+                         max(32, min(256, cfg.block_n // 64)), early)
     return dx, dw, db
+
+
+def sum_partial_rows(dw_partial: Optional[torch.Tensor], db_partial: Optional[torch.Tensor],
+                     dw: Optional[torch.Tensor], db: Optional[torch.Tensor], block_c: int, early: bool) -> None:
+    """dw / db (a parameter's grad, in its dtype) = the (P, n_cols) fp32 partial rows of a
+    persistent backward summed over P (`_norm_param_grads_kernel`, BLOCK_C columns a program);
+    either pair may be None. `early`: the backward was launched with LAUNCH_DEPENDENTS, so this
+    launch may start while it runs (common.pdl)."""
+    like = dw_partial if dw_partial is not None else db_partial
+    programs, n_cols = like.shape
+    block_p = min(next_power_of_2(programs), max(1, 4096 // block_c))
+    _norm_param_grads_kernel[(cdiv(n_cols, block_c),)](
+        like if dw_partial is None else dw_partial, like if db_partial is None else db_partial,
+        db if dw is None else dw, dw if db is None else db, programs, n_cols,
+        HAS_WEIGHT=dw is not None, HAS_BIAS=db is not None, BLOCK_P=block_p, BLOCK_C=block_c,
+        WAIT_PRIMARY=early, num_warps=4, **({"launch_pdl": True} if early else {}))
 
 
 # -- autograd glue shared by the norm patterns --------------------------------------------------------

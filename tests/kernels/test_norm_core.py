@@ -380,6 +380,23 @@ def test_parameter_grads_kernel_starts_while_the_backward_runs():
     assert not any(op.startswith("griddepcontrol") for op in (*bwd_plain, *grads_plain))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run launches them")
+def test_other_backwards_let_their_parameter_sums_start_early():
+    """channel_norm's and bias_act's backwards, whose partial rows the same kernel sums."""
+    cases = [{"module": "fusion_advisor.kernels.channel_norm", "kernel": "_channel_norm_bwd_kernel", "num_warps": 4,
+              "types": {"DY": "*bf16", "X": "*bf16", "W": "*bf16", "DX": "*bf16", "MEAN": "*fp32", "RSTD": "*fp32",
+                        "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32"},
+              "constexprs": {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_C": 128, "BLOCK_S": 32, "DY_CL": False,
+                             "X_CL": False, "LAUNCH_DEPENDENTS": True}},
+             {"module": "fusion_advisor.kernels.bias_act", "kernel": "_bias_act_bwd_kernel", "num_warps": 4,
+              "types": {"DY": "*bf16", "X": "*bf16", "B": "*bf16", "DX": "*bf16", "DB_PARTIAL": "*fp32",
+                        "negative_slope": "fp32"},
+              "constexprs": {"ACT": 0, "BLOCK_M": 8, "BLOCK_N": 512, "LAUNCH_DEPENDENTS": True},
+              "unaligned": ["negative_slope"]}]
+    for accesses in kernel_checks.sm90_global_accesses(cases):
+        assert accesses.get("griddepcontrol.launch_dependents") == 1
+
+
 def test_no_dependent_launch_off_a_gpu():
     assert not common.pdl(torch.device("cpu"))
 
