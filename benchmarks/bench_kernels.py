@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "pattern", "shape", "dtype", "pass", "provider", "p20_ms",
-           "p50_ms", "p80_ms", "gbps", "pct_peak_bw", "peak_mem_bytes", "numerics"]
+           "p50_ms", "p80_ms", "gbps", "pct_peak_bw", "peak_mem_bytes", "numerics", "variant"]
 PASSES = ("forward", "forward+backward")
 DEFAULT_MAX_SHAPES = 4        # per pattern in the default sweep: keeps it under 8 minutes on one H200
 DEFAULT_TIME_BUDGET_S = 420   # shapes left when this runs out are skipped, and listed
@@ -205,7 +205,7 @@ def bench_shape(pattern, params, device, providers, env, peak, rep_ms, warmup_ms
                          "p80_ms": round(timing.p80_us / 1e3, 5), "gbps": significant(gbps),
                          "pct_peak_bw": round(100 * gbps * 1e9 / peak, 2) if peak else "",
                          "peak_mem_bytes": "" if memory.peak_bytes is None else memory.peak_bytes,
-                         "numerics": numerics[provider]})
+                         "numerics": numerics[provider], "variant": variant_of(params)})
         del work
     if "compile" in fns:
         torch_reset()
@@ -231,8 +231,14 @@ def shape_of(params: dict) -> str:
                     and k != "num_sms")
 
 
+def variant_of(params: dict) -> str:
+    """What else tells two bench shapes of one size apart: "activation=hardswish", "mask=causal"
+    (the params given as text or flags, the dtype aside)."""
+    return " ".join(f"{k}={v}" for k, v in params.items() if isinstance(v, (str, bool)) and k != "dtype")
+
+
 def shape_text(params: dict) -> str:
-    return f"{shape_of(params)} {params.get('dtype', '')}"
+    return " ".join(filter(None, (shape_of(params), params.get("dtype", ""), variant_of(params))))
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -247,7 +253,8 @@ def print_table(rows: list[dict]) -> None:
     """One line per (pattern, shape, pass): p50 and GB/s per provider, our speedup vs each."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        groups.setdefault((r["pattern"], r["shape"], r["dtype"], r["pass"]), {})[r["provider"]] = r
+        shape = f"{r['shape']} {r['variant']}" if r.get("variant") else r["shape"]
+        groups.setdefault((r["pattern"], shape, r["dtype"], r["pass"]), {})[r["provider"]] = r
     providers = [p for p in ("eager", "compile", "triton", "liger") if any(p in g for g in groups.values())]
     head = f"{'pattern':<14}{'shape':<16}{'pass':<18}" + "".join(f"{p + ' ms':>12}" for p in providers) + \
         f"{'triton GB/s':>13}{'% peak':>8}" + "".join(f"{'vs ' + p:>11}" for p in providers if p != "triton")

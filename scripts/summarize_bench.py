@@ -33,7 +33,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Per (pattern, pass): figures for our Triton kernel against the others."""
     by_shape: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
-        by_shape[(r["pattern"], r["pass"], r["shape"], r["dtype"])][r["provider"]] = r
+        shape = f"{r['shape']} {r['variant']}" if r.get("variant") else r["shape"]   # older CSVs: no variant
+        by_shape[(r["pattern"], r["pass"], shape, r["dtype"])][r["provider"]] = r
     out: dict[tuple, dict] = {}
     for (pattern, pass_, shape, dtype), providers in by_shape.items():
         entry = out.setdefault((pattern, pass_), {"pattern": pattern, "pass": pass_, "gbps": [], "pct": [],

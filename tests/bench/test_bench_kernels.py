@@ -25,7 +25,8 @@ def test_dry_run_writes_the_long_csv_and_the_summary_reads_it(tmp_path, capsys):
         reader = csv.DictReader(fh)
         rows = list(reader)
     assert reader.fieldnames == ["gpu", "driver", "torch", "triton", "pattern", "shape", "dtype", "pass", "provider",
-                                 "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_peak_bw", "peak_mem_bytes", "numerics"]
+                                 "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_peak_bw", "peak_mem_bytes", "numerics",
+                                 "variant"]
     assert [(r["pass"], r["provider"]) for r in rows] == [
         ("forward", "eager"), ("forward", "triton"), ("forward+backward", "eager"), ("forward+backward", "triton")]
     for r in rows:
@@ -69,4 +70,22 @@ def test_shape_column_names_patterns_sized_by_other_params():
     params = {"tokens": 8192, "in_features": 768, "out_features": 50265, "bias": True, "dtype": "bfloat16",
               "num_sms": 132}
     assert bench_kernels.shape_of(params) == "tokens=8192 in_features=768 out_features=50265"
-    assert bench_kernels.shape_text(params).endswith(" bfloat16")
+    assert bench_kernels.shape_text(params).endswith(" bfloat16 bias=True")
+
+
+def test_variant_column_tells_shapes_of_one_size_apart():
+    # bias_act's bench shapes hold 16384x4096 twice, with relu and with hardswish (H100, 2026-12-07)
+    bench_kernels = load_script("benchmarks/bench_kernels.py")
+    relu = {"shape": [16384, 4096], "dtype": "bfloat16", "activation": "relu"}
+    hardswish = {**relu, "activation": "hardswish"}
+    assert bench_kernels.variant_of(relu) == "activation=relu"
+    assert bench_kernels.shape_text(hardswish) == "16384x4096 bfloat16 activation=hardswish"
+    rows = [{"pattern": "bias_act", "shape": "16384x4096", "dtype": "bfloat16", "pass": "forward",
+             "provider": "triton", "p50_ms": t, "gbps": 1.0, "pct_peak_bw": 1.0, "variant": bench_kernels.variant_of(p)}
+            for p, t in ((relu, 0.1), (hardswish, 0.2))]
+    import io
+    import contextlib
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bench_kernels.print_table(rows)
+    assert "activation=relu" in printed.getvalue() and "activation=hardswish" in printed.getvalue()
