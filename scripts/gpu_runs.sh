@@ -35,13 +35,14 @@
 # small:   the small launches with their tiles: kernel_split.py and bench_norms.py bf16 at 65,536 rows of 64
 #          and 128, then at 4,096 rows (ROWS4K_TIMEOUT) and fp32 at 65,536 rows (FP32_TIMEOUT; 0 leaves either out).
 # long:    rows of 16384 (bf16): the backward's dweight / dbias sums in memory or in registers, timed.
+# rest:    what issue 14's sweep still lacks: 4,096 rows at 2048/128/5120, fp32 at 65,536 rows, compile-max.
 # probe:   where the last losses of issue 14 come from: bandwidth_mix.py (HBM by read:write mix),
 #          kernel_split.py (each kernel's time and the launch gaps) for the norms at 65,536 rows of
 #          64-256 (SPLIT_SOFTMAX=1: the causal softmax forward's too), norm_tune --small (the tiles of
 #          launches of at most 16 MiB, every row length: OUT/tiles-small.json, then removed from the cache),
 #          then the softmax bench (bench_kernels.py --patterns softmax).
 set -uo pipefail
-usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe|small|long OUT_DIR"
+usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe|small|long|rest OUT_DIR"
 phase=${1:?$usage}
 out=$(realpath -m "${2:?$usage}")
 repo=$(pwd)
@@ -265,6 +266,23 @@ long)
     echo "16384 $variant: rc $?"; grep -v "^    (" "$out/variant.txt" | tail -10
   done
   rm -f "$out/variant.csv" "$out/variant.txt"
+  ;;
+rest)
+  # what issue 14's sweep still lacks on the H100 (2026-12-07): 4,096 rows at 2048, 128 and 5120 (bf16), fp32 at
+  # 65,536 rows (FP32_TIMEOUT), then torch.compile(mode="max-autotune-no-cudagraphs") beside ours at three
+  # shapes (MAX_TIMEOUT; minutes of autotuning a shape)
+  timeout 110 python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 4096 --n 2048,128,5120 --compile-jobs 12 \
+      --time-budget 85 --out "$out/bench-norms-4096b.csv" >"$out/bench-norms-4096b.txt" 2>&1
+  echo "bench_norms 4096 rows, the rest: rc $?"; grep -v "^    (" "$out/bench-norms-4096b.txt" | tail -12
+  t=${FP32_TIMEOUT:-300}
+  timeout $t python3 benchmarks/bench_norms.py --dtypes float32 --rows 65536 --compile-jobs 14 --time-budget $((t - 30)) \
+      --out "$out/bench-norms-fp32.csv" >"$out/bench-norms-fp32.txt" 2>&1
+  echo "bench_norms fp32: rc $?"; grep -v "^    (" "$out/bench-norms-fp32.txt" | tail -14
+  t=${MAX_TIMEOUT:-200}
+  timeout $t python3 benchmarks/bench_norms.py --dtypes bfloat16 --rows 65536 --n 768,4096 --patterns layer_norm,rms_norm \
+      --providers compile,compile-max,triton --time-budget $((t - 20)) --out "$out/bench-norms-max.csv" \
+      >"$out/bench-norms-max.txt" 2>&1
+  echo "bench_norms compile-max: rc $?"; grep -v "^    (" "$out/bench-norms-max.txt" | tail -8
   ;;
 tune)
   timeout 150 python3 benchmarks/bench_batch_norm.py --out "$out/bench-batch-norm.csv" >"$out/bench-batch-norm.txt" 2>&1
