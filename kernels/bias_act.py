@@ -131,7 +131,7 @@ def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, activati
         _bias_act_bwd_kernel[grid](dy2, x2, bias.contiguous(), dx, partial, dy2.stride(0), x2.stride(0), n_rows,
                                    n_cols, rows_per_program, negative_slope, ACT=act, BLOCK_M=block_m,
                                    BLOCK_N=block_n, LAUNCH_DEPENDENTS=early, num_warps=warps)
-        norm_core.sum_partial_rows(None, partial, None, dbias, 256, early)
+        norm_core.sum_partial_rows(partial[None], [dbias], 256, early)
     else:
         dbias.zero_()
     return dx.view(x.shape), dbias

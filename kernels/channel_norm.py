@@ -217,9 +217,8 @@ def channel_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
         DY_CL=dy_cl, X_CL=x_cl, LAUNCH_DEPENDENTS=early, num_warps=warps)
     if n_params:
-        norm_core.sum_partial_rows(dw_partial if weight is not None else None,
-                                   db_partial if bias is not None else None, dw if weight is not None else None,
-                                   db if bias is not None else None, max(32, min(256, next_power_of_2(c))), early)
+        norm_core.sum_partial_rows(partial, [g for g, p in ((dw, weight), (db, bias)) if p is not None],
+                                   max(32, min(256, next_power_of_2(c))), early)
     return dx, dw, db
 
 

@@ -189,6 +189,14 @@ def _bwd_loads(DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x,
 
 
 @triton.jit
+def _add_to_partial_row(row, col_mask, tile, HAS: tl.constexpr):
+    """A program's partial row in memory += the tile summed over its rows. The same thread reads and
+    writes each column, so program order is enough."""
+    if HAS:
+        tl.store(row, tl.load(row, mask=col_mask, other=0.0) + tl.sum(tile, axis=0), mask=col_mask)
+
+
+@triton.jit
 def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -269,16 +277,13 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
         if HAS_DS_OUT:  # the grad that reached the returned residual directly
             dx += dso_in.to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        # In memory: the same thread reads and writes each column, so program order is enough.
-        if DW_IN_MEMORY and HAS_WEIGHT:
-            dw_row = DW_PARTIAL + pid * n_cols + cols
-            tl.store(dw_row, tl.load(dw_row, mask=col_mask, other=0.0) + tl.sum(dw_t, axis=0), mask=col_mask)
-        elif not DW_IN_MEMORY:
+        if DW_IN_MEMORY:
+            _add_to_partial_row(DW_PARTIAL + pid * n_cols + cols, col_mask, dw_t, HAS_WEIGHT)
+        else:
             dw_acc += dw_t
-        if DB_IN_MEMORY and HAS_BIAS:
-            db_row = DB_PARTIAL + pid * n_cols + cols
-            tl.store(db_row, tl.load(db_row, mask=col_mask, other=0.0) + tl.sum(dy, axis=0), mask=col_mask)
-        elif not DB_IN_MEMORY:
+        if DB_IN_MEMORY:
+            _add_to_partial_row(DB_PARTIAL + pid * n_cols + cols, col_mask, dy, HAS_BIAS)
+        else:
             db_acc += dy
     if HAS_WEIGHT and not DW_IN_MEMORY:
         tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
@@ -522,24 +527,20 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         PREFETCH=cfg.prefetch and stages == 1, STAGES=stages, LAUNCH_DEPENDENTS=early,
         num_warps=cfg.num_warps, **extra)
     if n_params:
-        sum_partial_rows(dw_partial if dw is not None else None, db_partial if db is not None else None, dw, db,
-                         max(32, min(256, cfg.block_n // 64)), early)
+        sum_partial_rows(partial, [g for g in (dw, db) if g is not None], max(32, min(256, cfg.block_n // 64)), early)
     return dx, dw, db
 
 
-def sum_partial_rows(dw_partial: Optional[torch.Tensor], db_partial: Optional[torch.Tensor],
-                     dw: Optional[torch.Tensor], db: Optional[torch.Tensor], block_c: int, early: bool) -> None:
-    """dw / db (a parameter's grad, in its dtype) = the (P, n_cols) fp32 partial rows of a
-    persistent backward summed over P (`_norm_param_grads_kernel`, BLOCK_C columns a program);
-    either pair may be None. `early`: the backward was launched with LAUNCH_DEPENDENTS, so this
-    launch may start while it runs (common.pdl)."""
-    like = dw_partial if dw_partial is not None else db_partial
-    programs, n_cols = like.shape
+def sum_partial_rows(partials: torch.Tensor, grads: list, block_c: int, early: bool) -> None:
+    """grads[i] (a parameter's grad, in its dtype) = partials[i], the (P, n_cols) fp32 partial rows
+    of a persistent backward, summed over P (`_norm_param_grads_kernel`, BLOCK_C columns a program);
+    one grad or two. `early`: the backward was launched with LAUNCH_DEPENDENTS, so this launch may
+    start while it runs (common.pdl)."""
+    programs, n_cols = partials.shape[1:]
     block_p = min(next_power_of_2(programs), max(1, 4096 // block_c))
     _norm_param_grads_kernel[(cdiv(n_cols, block_c),)](
-        like if dw_partial is None else dw_partial, like if db_partial is None else db_partial,
-        db if dw is None else dw, dw if db is None else db, programs, n_cols,
-        HAS_WEIGHT=dw is not None, HAS_BIAS=db is not None, BLOCK_P=block_p, BLOCK_C=block_c,
+        partials[0], partials[len(grads) - 1], grads[0], grads[-1], programs, n_cols,
+        HAS_WEIGHT=True, HAS_BIAS=len(grads) == 2, BLOCK_P=block_p, BLOCK_C=block_c,
         WAIT_PRIMARY=early, num_warps=4, **({"launch_pdl": True} if early else {}))
 
 

@@ -36,12 +36,13 @@ BWD_TILE = 2048         # elements per backward loop iteration (8 a thread at 8 
 BWD_PER_THREAD = 8      # at 8, ~95 registers a thread (cuobjdump of the sm_90 cubin): two 8-warp programs fit
                         # an SM; at 16, 130-150, and only one does
 ACC_IN_MEMORY_COLS = 16384  # from this row length the backward adds its dweight sums to its partial row
-                            # (L2) every tile: held in registers with the dbias sums they spilled (sm_90,
-                            # 16384 columns, 32 warps: 264 bytes a thread; added to memory, 16 warps: 56)
+                            # (L2) every tile: held in registers with the dbias sums they spill more (Triton
+                            # 3.6's sm_90 build of add + LayerNorm's backward at 16384: 256 bytes a thread at
+                            # 32 warps; with the dweight sums in memory, 200 at 16 warps, 184 at 32)
 DB_IN_MEMORY_COLS = 32768   # and its dbias sums from this length: below it they stay in registers (one fp32 a
                             # column, 32 a thread at 16384 and 16 warps). Each sum in memory reads and writes
-                            # a 4-byte partial per element of dy: at 16384 bf16, LayerNorm's two moved 2.1 GB
-                            # through L2 beside the 0.8 GB the backward reads and writes in HBM. H100, 8192 x
+                            # a 4-byte partial per element of dy: at 16384 bf16, LayerNorm's two move 2.1 GB
+                            # (counted) through L2 beside the 0.8 GB the backward reads and writes in HBM. H100, 8192 x
                             # 16384 bf16 fwd+bwd: LayerNorm 54 -> 65 % of copy, add + LayerNorm 57 -> 63 %
                             # (benchmarks/results/norm-sums-placement-h100-5ee0779.txt)
 WARPS_PER_SM = 16       # the persistent backward's programs per SM: 16 warps of them (2 of 8 warps)
@@ -202,7 +203,9 @@ def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "", resi
     block_m = min(max(1, BWD_TILE // block_n), rows_cap)
     warps = _warps(block_m * block_n, BWD_PER_THREAD)
     if block_n >= ACC_IN_MEMORY_COLS:
-        warps = min(warps, 16)   # sm_90 at 16384: 16 warps spill 56 bytes a thread, 32 warps 104
+        # 16: norm_tune's pick at 16384 on an H100 (it times 32 too); with the sums in registers 16 warps
+        # beat 32 as well (LayerNorm 61 against 51 % of copy: norm-sums-placement-h100-5ee0779.txt)
+        warps = min(warps, 16)
     # Prefetch holds a second tile in registers: at 768-4096 columns 97-99 registers a thread (79
     # without; two 8-warp programs an SM still fit), but at 8192 (32 warps, 64 registers at most)
     # it spills 96 bytes a thread (cuobjdump of the sm_90 cubin).
