@@ -294,8 +294,8 @@ def test_cohere_interleaved_rope_is_read_off_the_function_and_fused():
     """Cohere's apply_rotary_pos_emb rotates interleaved pairs in fp32: rope_variant reads that form
     off the function itself, and the model's loss and gradients are unchanged with it fused."""
     modeling_cohere = pytest.importorskip("transformers.models.cohere.modeling_cohere")
-    assert rope_mod.rope_variant(modeling_cohere.apply_rotary_pos_emb) == (True, True, False, {1.0})
-    assert rope_mod.rope_variant(modeling_llama.apply_rotary_pos_emb) == (False, False, False, {1.0})
+    assert rope_mod.rope_variant(modeling_cohere.apply_rotary_pos_emb) == (True, True, False, {1.0}, False)
+    assert rope_mod.rope_variant(modeling_llama.apply_rotary_pos_emb) == (False, False, False, {1.0}, False)
     torch.manual_seed(0)
     config = transformers.CohereConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=4, num_key_value_heads=2, use_cache=False)
@@ -311,9 +311,9 @@ def test_cohere_interleaved_rope_is_read_off_the_function_and_fused():
 
 _ROPE_FORMS = [  # (model, config, extra config, the form rope_variant reads off its apply_rotary_pos_emb)
     ("GptOssForCausalLM", "GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
-     (False, False, True, {0.5})),           # rotate_half on a half-width cos
-    ("Ernie4_5ForCausalLM", "Ernie4_5Config", {}, (True, True, True, {1.0})),   # pairs, fp32, cos[:D/2] per pair
-    ("HeliumForCausalLM", "HeliumConfig", {"head_dim": 16}, (True, False, True, {1.0})),
+     (False, False, True, {0.5}, False)),    # rotate_half on a half-width cos
+    ("Ernie4_5ForCausalLM", "Ernie4_5Config", {}, (True, True, True, {1.0}, False)),   # pairs, fp32, cos[:D/2] per pair
+    ("HeliumForCausalLM", "HeliumConfig", {"head_dim": 16}, (True, False, True, {1.0}, False)),
 ]
 
 
@@ -337,24 +337,35 @@ def test_rope_forms_are_read_off_each_model_and_fused(model_class, config_class,
     _assert_same_loss_and_grads(got, want, ids.numel())
 
 
-def test_a_partial_rotary_call_goes_to_the_original(monkeypatch):
-    """GLM-4's partial rotary: a half-width cos rotates half of each head, which no kernel form
-    computes. rope_variant proves the form at full width only, so those calls run the original
-    (the loss and gradients unchanged, our kernel never called: verify's call count would show it)."""
-    if not hasattr(transformers, "Glm4ForCausalLM"):
-        pytest.skip("no GLM-4 in this transformers")
+_PARTIAL_ROTARY = [  # (model, config, extra config, the form read off its apply_rotary_pos_emb)
+    # GPT-NeoX: rotate_half on the first quarter of each head (the H100 zoo's GPT-NeoX, 2026-12-07:
+    # `rope never ran`, every call handed back to the original)
+    ("GPTNeoXForCausalLM", "GPTNeoXConfig", {"rotary_pct": 0.25, "partial_rotary_factor": 0.25},
+     (False, False, False, {1.0}, True)),
+    # GLM-4: interleaved pairs, one angle a pair, on half of each head
+    ("Glm4ForCausalLM", "Glm4Config", {"num_key_value_heads": 2, "head_dim": 16}, (True, False, True, {1.0}, True)),
+]
+
+
+@pytest.mark.parametrize("model_class, config_class, extra, form", _PARTIAL_ROTARY, ids=[c[0] for c in _PARTIAL_ROTARY])
+def test_partial_rotary_is_fused_with_the_rest_of_the_head_passed(model_class, config_class, extra, form, monkeypatch):
+    """Partial rotary rotates the first elements of each head and `cat`s the rest back: the kernel
+    does both, and the model's loss and gradients are unchanged, with our kernel called."""
+    if not hasattr(transformers, model_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
     torch.manual_seed(0)
-    config = transformers.Glm4Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=2, head_dim=16, pad_token_id=0)
-    model = transformers.Glm4ForCausalLM(config).float().to(DEVICE)
+    config = getattr(transformers, config_class)(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, pad_token_id=0, **extra)
+    model = getattr(transformers, model_class)(config).float().to(DEVICE)
     modeling = sys.modules[type(model).__module__]
-    assert rope_mod.rope_variant(modeling.apply_rotary_pos_emb) == (True, False, True, {1.0})
+    assert rope_mod.rope_variant(modeling.apply_rotary_pos_emb) == form
     ids = torch.randint(1, 96, (2, 10), device=DEVICE)
     want = _loss_and_grads(model, ids, ids)
-    with fusion_advisor.patched(model, patterns=["rope"]):
+    with fusion_advisor.patched(model, patterns=["rope"]) as handle:
+        assert [f.pattern for f in handle.functions] == ["rope"], handle.summary()
         ran = _count_forwards(monkeypatch, rope_mod)
         got = _loss_and_grads(model, ids, ids)
-    assert ran == []
+    assert ran == ["rope"]
     _assert_same_loss_and_grads(got, want, ids.numel())
 
 

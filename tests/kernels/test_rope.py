@@ -29,6 +29,18 @@ def test_rope_forms_match_their_reference(form, dtype, device):
                             device)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", [
+    {"q_shape": [2, 4, 9, 32], "k_heads": 2, "rotary_dim": 8},                        # GPT-NeoX: a quarter
+    {"q_shape": [1, 3, 5, 12], "k_heads": 3, "rotary_dim": 6, "layout": "contiguous"},  # odd widths on both sides
+    {"q_shape": [2, 2, 5, 16], "k_heads": 1, "rotary_dim": 8, "interleaved": True, "cos_pair": True},  # GLM-4
+])
+def test_partial_rotary_matches_gpt_neox(case, dtype, device):
+    """GPT-NeoX's apply_rotary_pos_emb: the first rotary_dim elements of a head rotate, the rest
+    pass through (its gradient too) and `cat` joins them, in the promoted dtype."""
+    check_against_reference(mod.PATTERN, {**case, "dtype": dtype}, device)
+
+
 def test_fp32_cos_with_bf16_q_promotes_like_eager(device):
     check_against_reference(mod.PATTERN, {"q_shape": [2, 3, 5, 8], "k_heads": 1, "dtype": "bfloat16",
                                           "cos_dtype": "float32"}, device)
@@ -67,6 +79,10 @@ def test_bad_inputs_are_refused(device):
         mod.rope(q, q, cos[0], cos[0])
     with pytest.raises(ValueError, match="does not match q"):
         mod.rope(q, q[:, :, :2], cos, cos)
+    with pytest.raises(ValueError, match="rotary_dim must be even"):
+        mod.rope(q, q, cos[..., :3], cos[..., :3], rotary_dim=3)
+    with pytest.raises(ValueError, match="cos and sin must be"):
+        mod.rope(q, q, cos, cos, rotary_dim=4)   # a partial rotation reads a table that wide
     with pytest.raises(ValueError, match="require grad"):
         mod.rope(q, q, cos.requires_grad_(), cos)
 
@@ -87,12 +103,19 @@ def test_fused_bytes():
     assert mod.fused_bytes(params) == {"forward": qk * 4 + 2 * 4096 * 128 * 2, "backward": qk * 4 + 2 * 4096 * 128 * 2}
 
 
+def test_partial_rotary_fused_bytes_read_a_narrower_table():
+    params = {"q_shape": [2, 32, 4096, 128], "k_heads": 8, "dtype": "bfloat16", "rotary_dim": 32}
+    qk = 2 * 40 * 4096 * 128
+    assert mod.fused_bytes(params) == {"forward": qk * 4 + 2 * 4096 * 32 * 2, "backward": qk * 4 + 2 * 4096 * 32 * 2}
+
+
 def test_custom_ops_pass_opcheck(device):
     q, k, cos, sin = mod.make_inputs({"q_shape": [2, 4, 5, 8], "k_heads": 2, "dtype": "float32"}, device, False).args
-    for form in ((False, False, False), (True, True, False), (True, True, True)):
-        torch.library.opcheck(torch.ops.fusion_advisor.rope_fwd.default, (q, k, cos, sin, *form))
+    for form in ((False, False, False, 0), (True, True, False, 0), (True, True, True, 0), (False, False, False, 4)):
+        c, s = (t[..., :form[3] or None].contiguous() for t in (cos, sin))   # partial rotary: a narrower table
+        torch.library.opcheck(torch.ops.fusion_advisor.rope_fwd.default, (q, k, c, s, *form))
         torch.library.opcheck(torch.ops.fusion_advisor.rope_bwd.default,
-                              (torch.randn_like(q), torch.randn_like(k), cos, sin, torch.float32, *form))
+                              (torch.randn_like(q), torch.randn_like(k), c, s, torch.float32, *form))
 
 
 def test_runs_under_torch_compile_fullgraph(device):
@@ -157,6 +180,7 @@ def test_launches_compile_for_hopper(device):
         for interleaved, fp32_math, cos_pair in ((False, False, False), (True, True, False), (False, False, True)):
             check(mod.PATTERN, {"q_shape": [2, 3, 5, 8], "k_heads": 1, "dtype": "bfloat16",
                                 "interleaved": interleaved, "fp32_math": fp32_math, "cos_pair": cos_pair}, device)
+        check(mod.PATTERN, {"q_shape": [2, 3, 5, 24], "k_heads": 1, "dtype": "bfloat16", "rotary_dim": 8}, device)
     assert hopper_compile_errors(launches) == []
 
 
@@ -179,3 +203,20 @@ def test_gpt_oss_chain_is_rope_on_a_half_width_cos():
 
     pattern, params = match(chain(4) + chain(2))
     assert pattern is mod.PATTERN and params == {"q_shape": [2, 4, 16, 16], "k_heads": 2, "dtype": "bfloat16", "cos_batch": 1, "cos_pair": True}
+
+
+def test_gpt_neox_chain_is_partial_rope():
+    """GPT-NeoX's chain per tensor: slices, `mul neg cat mul add` on the (B, H, S, R) rotated part,
+    then `cat([embed, pass])` with the (B, H, S, D - R) rest: the head is D wide, R of it rotated."""
+    bf = "c10::BFloat16"
+
+    def chain(heads):
+        rot, half, rest, cos = [2, heads, 16, 8], [2, heads, 16, 4], [2, heads, 16, 24], [1, 1, 16, 8]
+        return [_op("aten::mul", [rot, cos], [bf, bf]), _op("aten::neg", [half], [bf]),
+                _op("aten::cat", [[half, half], []], ["TensorList", "Scalar"]), _op("aten::mul", [rot, cos], [bf, bf]),
+                _op("aten::add", [rot, rot, []], [bf, bf, "Scalar"]),
+                _op("aten::cat", [[rot, rest], []], ["TensorList", "Scalar"])]
+
+    pattern, params = match(chain(4) + chain(2))
+    assert pattern is mod.PATTERN and params == {"q_shape": [2, 4, 16, 32], "k_heads": 2, "dtype": "bfloat16",
+                                                 "cos_batch": 1, "rotary_dim": 8}
