@@ -104,7 +104,14 @@ def recommend(result: AdvisorResult, options: RoiOptions | None = None) -> Advis
             continue   # no registered replacement: nothing we could time or apply
         if cluster.direction == "backward" and result.forward_partner(cluster) is not None:
             continue   # its saving is in the forward cluster's forward+backward figures
+        same_call = result.same_call_partner(cluster)
+        if same_call is not None and _represents(same_call, cluster, result):
+            continue   # one call, timed from both sides: counted once, by the other
         rec = _cluster_recommendation(cluster, result, host_counts, options)
+        if rec is not None and same_call is not None:
+            rec.detail = "; ".join(filter(None, [rec.detail, (
+                f"the same call's {same_call.direction} cluster {same_call.id} (read as "
+                f"{_params_text(same_call.pattern_params)}) is not counted again")]))
         if rec is not None:
             (measured if rec.confidence == "measured" else estimated).append(rec)
     layout = _channels_last_recommendation(result, options)
@@ -124,6 +131,27 @@ def recommend(result: AdvisorResult, options: RoiOptions | None = None) -> Advis
     return result
 
 
+def _represents(cluster: Cluster, other: Cluster, result: AdvisorResult) -> bool:
+    """Of one call's forward and backward clusters (AdvisorResult.same_call_partner), which one
+    speaks for it: the one whose eager forward+backward took longer, since it saw more of the
+    call's chain (GPT-NeoX's loss on the H100: 8,758 us as the backward cluster read it, bf16 logits
+    and their upcast, against 6,157 us for the forward cluster's fp32 logits); the forward one
+    where either was not timed."""
+    def eager_us(c: Cluster) -> float | None:
+        bench = result.primary_benchmark(c)
+        timing = bench.measured.get("eager") if bench is not None and bench.timing == "gpu" else None
+        return timing.p50_us if timing is not None else None
+
+    mine, theirs = eager_us(cluster), eager_us(other)
+    if mine is None or theirs is None or mine == theirs:
+        return cluster.direction == "forward"
+    return mine > theirs
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k != "requires_grad")
+
+
 def _occurrences(cluster: Cluster) -> tuple[float, str]:
     if cluster.occurrences_per_step > 0:
         return cluster.occurrences_per_step, ""
@@ -133,6 +161,8 @@ def _occurrences(cluster: Cluster) -> tuple[float, str]:
 def _estimate_per_step(cluster: Cluster, result: AdvisorResult) -> float | None:
     """The cost model's saving per step, the backward cluster's included."""
     parts = [cluster] + (result.backward_partners(cluster) if cluster.direction == "forward" else [])
+    same_call = result.same_call_partner(cluster)
+    parts += [same_call] if same_call is not None else []
     total, known = 0.0, False
     for c in parts:
         if c.estimate.saving_us is not None:

@@ -116,6 +116,49 @@ def test_backward_cluster_counts_in_its_forward_partner(result):
     assert c.estimate_saving_us_per_step == pytest.approx(100 * 5 + 20 * 5)
 
 
+def _loss_clusters(backward_source="loss_utils.py:32"):
+    """Hugging Face's loss as the H100 zoo's GPT-NeoX trace read it: the forward cluster starts after
+    `logits.float()` (fp32 logits), the backward one holds the cast's backward (bf16, upcast), so
+    neither is the other's exact partner; both timed forward + backward."""
+    site = {"module_class": "GPTNeoXForCausalLM", "occurrences_per_step": 1}
+    params = {"tokens": 16384, "vocab": 50432, "reduction": "mean", "ignore_index": -100}
+    fwd = Cluster(id="fwd-ce", direction="forward", pattern="cross_entropy", source="loss_utils.py:32",
+                  pattern_params={**params, "dtype": "float32", "upcast": False}, estimate=Estimate(saving_us=1000.0), **site)
+    bwd = Cluster(id="bwd-ce", direction="backward", pattern="cross_entropy", source=backward_source,
+                  pattern_params={**params, "dtype": "bfloat16", "upcast": True}, estimate=Estimate(saving_us=3000.0), **site)
+    benches = [Benchmark(c.id, "cross_entropy", c.pattern_params, FB, measured=measured, numerics_ok=True,
+                         verdict="recommended", timing="gpu", device="NVIDIA H100", best_provider="triton")
+               for c, measured in ((fwd, {"eager": timing(6157.4), "triton": timing(2047.2)}),
+                                   (bwd, {"eager": timing(8757.7), "triton": timing(1043.0)}))]
+    return [fwd, bwd], benches
+
+
+def test_one_call_seen_from_both_directions_is_counted_once():
+    r = AdvisorResult(run={"step_time_s_unprofiled": 0.035})
+    r.clusters, r.benchmarks = _loss_clusters()
+    recs = recommend(r).recommendations
+    assert [rec.cluster_id for rec in recs] == ["bwd-ce"]   # the side whose eager took longer: it saw the cast too
+    assert recs[0].measured_saving_us_per_step == pytest.approx(8757.7 - 1043.0)
+    assert recs[0].estimate_saving_us_per_step == pytest.approx(4000.0)
+    assert "the same call's forward cluster fwd-ce (read as" in recs[0].detail and "upcast=False" in recs[0].detail
+
+
+def test_clusters_at_different_sites_are_different_calls():
+    r = AdvisorResult(run={"step_time_s_unprofiled": 0.035})
+    r.clusters, r.benchmarks = _loss_clusters(backward_source="loss_utils.py:64")
+    assert sorted(rec.cluster_id for rec in recommend(r).recommendations) == ["bwd-ce", "fwd-ce"]
+
+
+def test_two_candidates_for_one_backward_cluster_pair_none():
+    """T5's RMSNorm at one source line runs at two sequence lengths: a backward cluster that matches
+    neither exactly is not guessed into either."""
+    r = AdvisorResult(run={"step_time_s_unprofiled": 0.035})
+    (fwd, bwd), benches = _loss_clusters()
+    other = Cluster(**{**fwd.__dict__, "id": "fwd-ce-2", "pattern_params": {**fwd.pattern_params, "tokens": 4096}})
+    r.clusters, r.benchmarks = [fwd, other, bwd], benches
+    assert r.same_call_partner(bwd) is None and r.same_call_partner(fwd) is None
+
+
 def test_recommend_cli_reprices_a_saved_result(result, tmp_path):
     path = tmp_path / "result.json"
     result.save(path)
