@@ -77,12 +77,23 @@ def build(spec: zoo.ModelSpec):
     return getattr(transformers, spec.model_class)(getattr(transformers, spec.config_class)(**config)).float()
 
 
-def coverage(spec: zoo.ModelSpec, patterns: list[str]) -> dict:
-    """{model, swapped: {"Old -> New": n}, functions: [path: pattern], left: {"Class: why": n}}."""
+# A replacement that takes over another's calls when both are installed: the fused LM head + loss
+# computes the loss itself, so the loss function it wraps is never called.
+SUPERSEDES = {"linear_cross_entropy": ("cross_entropy",)}
+
+
+def coverage(spec: zoo.ModelSpec, patterns: list[str], step: bool = True) -> dict:
+    """{model, swapped: {"Old -> New": n}, functions: [path: pattern], left: {"Class: why": n},
+    calls: {pattern: calls in one training step}, never_called: [pattern]}. `step`: run one tiny
+    forward + backward of the patched model and count each replacement's calls, as `apply --verify`
+    does: a function patched but never called (GPT-NeoX's partial rotary, handed back to the
+    original on every call until f22ba97) is a gap the swap list alone does not show."""
     import fusion_advisor
     model = build(spec)
     handle = fusion_advisor.patch(model, patterns=patterns)
     try:
+        calls = _calls_in_one_step(spec, model, {s.pattern for s in handle.swaps} | {f.pattern for f in handle.functions}) \
+            if step else {}
         swapped = collections.Counter(f"{type(s.original).__name__} -> {type(s.replacement).__name__}"
                                       for s in handle.swaps)
         functions = sorted({f"{f.path.rsplit('.', 1)[-1]} ({f.pattern})" for f in handle.functions})
@@ -100,8 +111,30 @@ def coverage(spec: zoo.ModelSpec, patterns: list[str]) -> dict:
                 left[f"{cls}: {_why_not_fused(module)}"] += 1
     finally:
         handle.revert()
+    superseded = {p for ran, names in SUPERSEDES.items() if calls.get(ran) for p in names}
+    never = sorted(p for p, n in calls.items() if not n and p not in superseded)
     return {"model": spec.name, "family": spec.family, "swapped": dict(swapped), "functions": functions,
-            "left": dict(left)}
+            "left": dict(left), "calls": calls, "never_called": never}
+
+
+def _calls_in_one_step(spec: zoo.ModelSpec, model, patterns: set[str]) -> dict[str, int]:
+    """Each installed replacement's calls in one forward + backward of the zoo's tiny batch."""
+    import torch
+
+    from fusion_advisor import calls
+    from fusion_advisor.verify import call_key
+    _, inputs = spec.scaled(tiny=True)
+    namespace: dict = {}
+    exec(zoo.SCRIPT.split("def main():")[0].format(   # the zoo script's make_batch, at the tiny sizes
+        name=spec.name, file="", model_class=spec.model_class, config_class=spec.config_class,
+        config=repr(spec.scaled(tiny=True)[0]), inputs=repr(inputs or {"kind": "causal_lm", **zoo.TOKENS_TINY})),
+        namespace)
+    batch = namespace["make_batch"](torch.Generator().manual_seed(1), torch.float32)
+    calls.reset()
+    model.train()
+    model(**batch).loss.backward()
+    counted = calls.snapshot()
+    return {p: counted.get(call_key(p), 0) for p in sorted(patterns)}
 
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
@@ -208,6 +241,10 @@ def main(argv=None) -> int:
             print(f"  swapped   {n} x {what}")
         for f in row["functions"]:
             print(f"  function  {f}")
+        if row["calls"]:
+            print("  calls     " + ", ".join(f"{p} x{n}" for p, n in row["calls"].items()) + " (one tiny step)")
+        for p in row["never_called"]:
+            print(f"  NEVER CALLED {p}: installed, but no call of the step reached its kernel")
         for what, n in row["left"].items():
             print(f"  left      {n} x {what}")
     if args.json:

@@ -186,7 +186,7 @@ def test_the_loss_module_runs_what_the_kernel_does_not_take_as_torch_does():
 def test_the_loss_module_is_fp32_where_autocast_runs_the_loss_in_fp32():
     logits = torch.randn(8, 40, dtype=torch.bfloat16, requires_grad=True, device=DEVICE)
     target = torch.randint(0, 40, (8,), device=DEVICE)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):   # "cpu" left CUDA tensors in bf16 on the GPU
         want = torch.nn.CrossEntropyLoss()(logits, target)
         got = ce_mod.CrossEntropyLoss()(logits, target)
     assert want.dtype == got.dtype == torch.float32

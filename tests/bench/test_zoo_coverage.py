@@ -39,6 +39,16 @@ def test_each_family_gets_its_norms_mlps_and_losses(name, patterns):
     assert {k: row["swapped"].get(k) for k in swaps} == swaps, row
     assert set(functions) <= set(row["functions"]), row
     assert not any("numerics check failed" in why for why in row["left"]), row["left"]
+    assert row["never_called"] == [], row["calls"]
+
+
+def test_gpt_neox_partial_rotary_reaches_the_kernel(patterns):
+    """GPT-NeoX rotates a quarter of each head: its apply_rotary_pos_emb was patched, and every call
+    went back to the original (the H100 zoo, 2026-12-07: verify's "rope never ran"). One tiny step
+    must now call the kernel, the norms and the loss too."""
+    row = coverage_mod.coverage(coverage_mod.FAMILIES["gpt-neox"], patterns)
+    assert row["calls"]["rope"] >= 1 and row["calls"]["layer_norm"] >= 1, row["calls"]
+    assert row["never_called"] == [], row["calls"]
 
 
 def test_convnext_norms_both_ways_and_what_is_left_says_why(patterns):
