@@ -197,6 +197,27 @@ def test_memory_trade_is_offered_with_its_time_cost():
     assert trade.roi["usd_per_day"] < 0
 
 
+def test_memory_trade_is_priced_against_the_loss_the_plan_already_fuses():
+    """GPT-NeoX on the H100 zoo: the fused head + loss was 5.5 ms faster than eager's head and loss,
+    but the plan already puts our cross_entropy on that loss; against that it is slower, and the
+    title must say so first."""
+    r = AdvisorResult(run={"step_time_s_unprofiled": 0.035})
+    (fwd, bwd), benches = _loss_clusters()
+    params = {"tokens": 16384, "hidden": 1024, "vocab": 50432, "dtype": "bfloat16"}
+    head = Cluster(id="fwd-ce-lm-head", direction="forward", pattern="linear_cross_entropy", pattern_params=params,
+                   module_class=fwd.module_class, source=fwd.source, occurrences_per_step=1, memory_bound=False)
+    r.clusters = [fwd, bwd, head]
+    r.benchmarks = benches + [Benchmark(head.id, "linear_cross_entropy", params, FB, numerics_ok=True, verdict="recommended",
+                                        timing="gpu", device="NVIDIA H100", measured={
+                                            "eager": ProviderTiming(12886.4, 12886.4, 12886.4, peak_mem_bytes=8 * 2**30),
+                                            "triton": ProviderTiming(7297.6, 7297.6, 7297.6, peak_mem_bytes=2 * 2**30)})]
+    trade = next(x for x in recommend(r).recommendations if x.kind == "memory")
+    # our loss saves 8,757.7 - 1,043.0 = 7,714.7 µs a call (the backward cluster speaks for the call):
+    # eager's head with it is 12,886.4 - 7,714.7 = 5,171.7 µs, the trade's 7,297.6 is 2,125.9 slower
+    assert trade.measured_saving_us_per_step == pytest.approx(5171.7 - 7297.6)
+    assert "2.13 ms per step slower than with our cross_entropy, 5.59 ms faster than eager" in trade.title
+
+
 @pytest.mark.parametrize("kw", [{"ours_peak": 1600 * 2**20}, {"numerics_ok": False}])
 def test_memory_trade_needs_a_lower_peak_and_passing_numerics(kw):
     assert recommend(_memory_trade_result(**kw)).recommendations == []
