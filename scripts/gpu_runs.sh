@@ -153,9 +153,8 @@ verify)  # VERIFY_MODELS picks (default: both)
   fi
   ;;
 next)
-  # the zoo first: ResNet again (its BN + ReLU refused by the check's fp32 tolerance under autocast until
-  # e5d00bf; half-size tiles at 14x14 and 7x7), then families not yet measured at the current sizes, as
-  # many as the window allows (rerun with ZOO_MODELS for the rest); then the HF patching tests on the GPU
+  # the zoo: the families not measured since their fixes or not at the current sizes, as many as the
+  # window allows (rerun with ZOO_MODELS for the rest); then the HF patching tests on the GPU
   if [ "${BENCH_TIMEOUT:-120}" -gt 0 ]; then   # BENCH_TIMEOUT=0 leaves the bench out
     timeout ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_kernels.py --patterns ${BENCH_PATTERNS:-padded_linear} \
         --out "$out/bench-next.csv" >"$out/bench-next.txt" 2>&1
