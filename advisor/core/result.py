@@ -238,19 +238,20 @@ class AdvisorResult:
         starts after `logits.float()` (fp32 logits), the backward one holds the cast's backward (bf16,
         upcast); each was timed forward+backward and both were recommended, so the H100 zoo's GPT-NeoX
         report claimed 16.9 ms a step where verify measured 8.4. The cluster of the other direction
-        with the same pattern, module, source line and calls a step, that has no exact partner
-        either; None unless each is the other's only such cluster."""
+        with the same pattern, module and calls a step (the same source line where the module is not
+        known; a CPU trace names the backward's by the line that called backward), that has no exact
+        partner either; None unless each is the other's only such cluster."""
         found = self._same_site(cluster)
         return found[0] if len(found) == 1 and self._same_site(found[0]) == [cluster] else None
 
     def _same_site(self, cluster: Cluster) -> list[Cluster]:
         """The clusters of the other direction at cluster's call site, neither with an exact partner."""
-        if not cluster.pattern or not cluster.source or self._exact_partners(cluster):
+        if not cluster.pattern or not (cluster.module_class or cluster.source) or self._exact_partners(cluster):
             return []
         other = "forward" if cluster.direction == "backward" else "backward"
         return [c for c in self.clusters
-                if c.direction == other and c.pattern == cluster.pattern and c.source == cluster.source
-                and c.module_class == cluster.module_class
+                if c.direction == other and c.pattern == cluster.pattern and c.module_class == cluster.module_class
+                and (cluster.module_class or c.source == cluster.source)
                 and c.occurrences_per_step == cluster.occurrences_per_step and not self._exact_partners(c)]
 
     def _exact_partners(self, cluster: Cluster) -> list[Cluster]:

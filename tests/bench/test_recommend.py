@@ -116,16 +116,17 @@ def test_backward_cluster_counts_in_its_forward_partner(result):
     assert c.estimate_saving_us_per_step == pytest.approx(100 * 5 + 20 * 5)
 
 
-def _loss_clusters(backward_source="loss_utils.py:32"):
+def _loss_clusters(backward_source="loss_utils.py:32", backward_module="GPTNeoXForCausalLM"):
     """Hugging Face's loss as the H100 zoo's GPT-NeoX trace read it: the forward cluster starts after
     `logits.float()` (fp32 logits), the backward one holds the cast's backward (bf16, upcast), so
     neither is the other's exact partner; both timed forward + backward."""
-    site = {"module_class": "GPTNeoXForCausalLM", "occurrences_per_step": 1}
     params = {"tokens": 16384, "vocab": 50432, "reduction": "mean", "ignore_index": -100}
     fwd = Cluster(id="fwd-ce", direction="forward", pattern="cross_entropy", source="loss_utils.py:32",
-                  pattern_params={**params, "dtype": "float32", "upcast": False}, estimate=Estimate(saving_us=1000.0), **site)
+                  module_class="GPTNeoXForCausalLM", occurrences_per_step=1,
+                  pattern_params={**params, "dtype": "float32", "upcast": False}, estimate=Estimate(saving_us=1000.0))
     bwd = Cluster(id="bwd-ce", direction="backward", pattern="cross_entropy", source=backward_source,
-                  pattern_params={**params, "dtype": "bfloat16", "upcast": True}, estimate=Estimate(saving_us=3000.0), **site)
+                  module_class=backward_module, occurrences_per_step=1,
+                  pattern_params={**params, "dtype": "bfloat16", "upcast": True}, estimate=Estimate(saving_us=3000.0))
     benches = [Benchmark(c.id, "cross_entropy", c.pattern_params, FB, measured=measured, numerics_ok=True,
                          verdict="recommended", timing="gpu", device="NVIDIA H100", best_provider="triton")
                for c, measured in ((fwd, {"eager": timing(6157.4), "triton": timing(2047.2)}),
@@ -143,9 +144,21 @@ def test_one_call_seen_from_both_directions_is_counted_once():
     assert "the same call's forward cluster fwd-ce (read as" in recs[0].detail and "upcast=False" in recs[0].detail
 
 
-def test_clusters_at_different_sites_are_different_calls():
+def test_a_cpu_trace_names_the_backward_by_the_line_that_called_backward():
+    """The tiny GPT-NeoX on CPU: the backward clusters' source is the script's `loss.backward()`
+    line, their module the forward's; the module pairs them."""
     r = AdvisorResult(run={"step_time_s_unprofiled": 0.035})
-    r.clusters, r.benchmarks = _loss_clusters(backward_source="loss_utils.py:64")
+    r.clusters, r.benchmarks = _loss_clusters(backward_source="gpt_neox_train.py:72")
+    assert [rec.cluster_id for rec in recommend(r).recommendations] == ["bwd-ce"]
+
+
+@pytest.mark.parametrize("where", [{"backward_module": "GPTNeoXForCausalLM/Other"},
+                                   {"backward_module": None, "backward_source": "loss_utils.py:64"}])
+def test_clusters_of_different_modules_or_lines_are_different_calls(where):
+    r = AdvisorResult(run={"step_time_s_unprofiled": 0.035})
+    r.clusters, r.benchmarks = _loss_clusters(**where)
+    if where["backward_module"] is None:
+        r.clusters[0].module_class = None   # neither knows its module: the line decides
     assert sorted(rec.cluster_id for rec in recommend(r).recommendations) == ["bwd-ce", "fwd-ce"]
 
 
