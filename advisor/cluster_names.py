@@ -5,10 +5,17 @@ from __future__ import annotations
 from fusion_advisor.core.result import is_generated
 
 
+# Modules that only wrap a function: transformers 5.2x runs apply_rotary_pos_emb through the `kernels`
+# package's `Func` module (so a hub kernel can replace it), and Mixtral's RoPE read "Fuse Func @
+# modeling_mixtral.py:207"; the module that calls it names the place.
+FUNCTION_WRAPPERS = frozenset({"Func"})
+
+
 def module_leaf(cluster) -> str | None:
-    """"LlamaRMSNorm" of "LlamaModel/LlamaDecoderLayer/LlamaRMSNorm"; None for the analyzers'
-    placeholders ("(no module)")."""
-    leaf = cluster.module_class.rsplit("/", 1)[-1] if cluster.module_class else None
+    """"LlamaRMSNorm" of "LlamaModel/LlamaDecoderLayer/LlamaRMSNorm", "MixtralAttention" of
+    ".../MixtralAttention/Func/Func"; None for the analyzers' placeholders ("(no module)")."""
+    parts = [p for p in (cluster.module_class or "").split("/") if p and p not in FUNCTION_WRAPPERS]
+    leaf = parts[-1] if parts else None
     return None if not leaf or leaf.startswith("(") else leaf
 
 

@@ -47,3 +47,12 @@ def test_each_cluster_occurrence_is_one_named_span_and_the_analysis_is_unchanged
     assert [(c.id, c.pattern, c.occurrences_per_step) for c in again.clusters] == \
         [(c.id, c.pattern, c.occurrences_per_step) for c in result.clusters]
     assert again.summary == result.summary
+
+
+def test_a_function_wrapper_module_is_not_the_place_named():
+    """transformers 5.2x calls apply_rotary_pos_emb through the `kernels` package's `Func` module:
+    the attention that calls it is the place, as the report names it."""
+    from fusion_advisor.core.result import Cluster
+    rope = Cluster(id="fwd-r", direction="forward", pattern="rope", source="transformers/models/mixtral/modeling_mixtral.py:207",
+                   module_class="MixtralForCausalLM/MixtralModel/MixtralDecoderLayer/MixtralAttention/Func/Func")
+    assert where_label(rope) == "MixtralAttention @ modeling_mixtral.py:207"
