@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from fusion_advisor import channels_last, provider_choice
 from fusion_advisor.analyzers.trace import resolve_source_file
@@ -116,11 +117,19 @@ def relocate(result: AdvisorResult, here: Path) -> str | None:
     return f"the result was recorded in {cwd}; its paths are read under {here}"
 
 
-def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = False) -> ApplyPlan:
+def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = False,
+         skip: Sequence[str] = ()) -> ApplyPlan:
     """What `apply` would change, file by file; nothing is written. Only what bench measured
     faster than eager with its numerics checked, unless include_estimates (then the untimed ones
     are listed in `estimates`). Memory trades (recommendations of kind "memory": less peak memory
-    for more time) only with memory=True, and only measured ones."""
+    for more time) only with memory=True, and only measured ones. `skip`: replacements left out by
+    name, the recommendation's pattern or the name verify gives it (`add_layer_norm` or the
+    `layer_norm` it runs as at run time, `generic:<hash>`, `compile:<Class>`)."""
+    skip = set(skip)
+    unknown = skip - _names_in(result)
+    if unknown:
+        raise AdvisorError(f"--skip {sorted(unknown)[0]}: no recommendation of this result is called that (its "
+                           f"names: {', '.join(sorted(_names_in(result))) or 'none'})")
     if not result.recommendations:
         raise AdvisorError("the result has no recommendations to apply (run `fusion-advisor profile` on a GPU "
                            "to benchmark the candidates)")
@@ -141,6 +150,9 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
         bench = result.primary_benchmark(cluster) if cluster is not None else None
         choice = provider_choice.choose(rec, cluster, bench, host_counts, memory)
         out.providers.append(choice.as_dict())
+        if rec.pattern in skip or (choice.provider == "compile" and choice.runtime_pattern in skip):
+            out.notes.append(f"#{rec.rank} {rec.title}: left out (--skip)")
+            continue
         if choice.provider == "compile":
             _plan_compile(rec, choice, out)
             continue
@@ -185,6 +197,9 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
                 out.notes.append(f"#{rec.rank} {rec.title}: {where}, and {pattern.name} has no runtime swap for "
                                  f"{leaf or 'this code'}; not applied")
                 continue
+            if runtime.name in skip:
+                out.notes.append(f"#{rec.rank} {rec.title}: left out (--skip {runtime.name})")
+                continue
             out.add_runtime(runtime.name, "runtime swap")
             if leaf and leaf not in out.runtime_modules.setdefault(runtime.name, []):
                 out.runtime_modules[runtime.name].append(leaf)   # swapped by structure: T5LayerNorm too
@@ -200,6 +215,9 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
             if inner is None:
                 out.notes.append(f"#{rec.rank} {rec.title}: {pattern.name} needs a hand edit at {source} "
                                  f"(no automatic rewrite)")
+                continue
+            if inner.name in skip:
+                out.notes.append(f"#{rec.rank} {rec.title}: left out (--skip {inner.name})")
                 continue
             out.notes.append(f"#{rec.rank} {rec.title}: applied as {inner.name} (the {leaf} part); the residual "
                              f"add stays separate until the caller is edited to use {pattern.name}")
@@ -230,6 +248,27 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
                 continue
             out.replacements.setdefault(name, f"source: {os.path.basename(f.path)}")
     return out
+
+
+def _names_in(result: AdvisorResult) -> set[str]:
+    """What --skip accepts: each recommendation's pattern, the runtime pattern it may run as (the norm
+    part of an add + norm), and a regional compile's "compile:<Class>"."""
+    from fusion_advisor.regional_compile import pattern_name
+    names = set()
+    clusters = {c.id: c for c in result.clusters}
+    for rec in result.recommendations:
+        if not rec.pattern:
+            continue
+        names.add(rec.pattern)
+        cluster = clusters.get(rec.cluster_id)
+        if cluster is not None and cluster.module_class:
+            names.add(pattern_name(cluster.module_class))
+            inner = module_pattern_for(cluster.module_class.rsplit("/", 1)[-1])
+            names |= {inner.name} if inner is not None else set()
+        if not is_generated(rec.pattern) and _is_pattern(rec.pattern):
+            part = _norm_part(get(rec.pattern))
+            names |= {part.name} if part is not None else set()
+    return names
 
 
 def _plan_channels_last(rec, out: ApplyPlan, include_estimates: bool) -> None:

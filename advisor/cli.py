@@ -466,6 +466,10 @@ def apply_cmd(
                                            help="Also apply recommendations that bench did not time on a GPU "
                                                 "(estimates only; --verify marks them). Default: only what was "
                                                 "measured faster than eager with its numerics checked."),
+    skip: Optional[list[str]] = typer.Option(
+        None, "--skip", metavar="NAME",
+        help="Leave this replacement out (repeatable): a recommendation's pattern, or the name --verify gives "
+             "it (rope, layer_norm, generic:<hash>, compile:<Class>)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan (and verification) as JSON."),
     force: bool = typer.Option(False, "--force", help="With --revert: restore files edited since --write too "
                                                       "(the edited text is kept in the backup folder)."),
@@ -486,6 +490,7 @@ def apply_cmd(
       fusion-advisor apply fusion-report/result.json --revert    # undo the last --write
       fusion-advisor apply fusion-report/result.json --revert --force   # even over edits made since
       fusion-advisor apply fusion-report/result.json --verify --memory   # with the memory trades
+      fusion-advisor apply fusion-report/result.json --verify --skip rope  # all but one replacement
     """
 
     from fusion_advisor import apply as apply_mod
@@ -516,7 +521,7 @@ def apply_cmd(
         # bench timed the clusters and none was worth fusing: the compiled blocks may still be
         plan = apply_mod.ApplyPlan(notes=["no recommendation: bench found no cluster worth replacing"])
     else:
-        plan = apply_mod.plan(result, memory=memory, include_estimates=include_estimates)
+        plan = apply_mod.plan(result, memory=memory, include_estimates=include_estimates, skip=skip or ())
     if moved:
         plan.notes.insert(0, moved)
     leftovers = [t for f in plan.changed for t in leftover_temps(f.path)]
@@ -558,7 +563,8 @@ def apply_cmd(
     if v is not None and v.never_called:
         first = v.never_called[0]
         more = f" (and {len(v.never_called) - 1} more)" if len(v.never_called) > 1 else ""
-        _fail(f"not verified: {first.name} ({first.how}) never ran: {first.why}{more}", EXIT_NOT_VERIFIED)
+        _fail(f"not verified: {first.name} ({first.how}) never ran: {first.why}{more}; "
+              f"`--skip {first.name}` verifies the rest", EXIT_NOT_VERIFIED)
     if v is not None and not v.proven:
         _fail("not verified: no planned replacement was counted in the patched run", EXIT_NOT_VERIFIED)
     if v is not None and not v.losses_match:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fusion_advisor import apply as apply_mod
+from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.core.result import AdvisorResult, Benchmark, Cluster, Recommendation
 from measured import measured_win
 
@@ -134,7 +135,20 @@ def test_a_runtime_swap_that_finds_nothing_fails_instead_of_matching(tmp_path):
     r = _apply(result, "--verify", "--steps", "2", "--warmup", "1")
     assert r.returncode == 5, r.stderr[-2000:]
     assert "not verified: rope (runtime swap) never ran" in r.stderr
+    assert "`--skip rope` verifies the rest" in r.stderr
     assert "losses match" not in r.stdout
+
+
+def test_skip_leaves_a_replacement_out_by_either_of_its_names(tmp_path):
+    """GPT-NeoX on the H100 zoo: one replacement that never ran failed the whole verification; the
+    user leaves it out by the name verify gave it and verifies the rest."""
+    result = AdvisorResult.load(_project(tmp_path, "import"))
+    assert apply_mod.plan(result).replacements == {"rms_norm": "source: model.py"}
+    p = apply_mod.plan(result, skip=["rms_norm"])
+    assert p.replacements == {} and p.changed == []
+    assert any("left out (--skip)" in n for n in p.notes), p.notes
+    with pytest.raises(AdvisorError, match=r"--skip rope: no recommendation of this result is called that \(its names: .*rms_norm"):
+        apply_mod.plan(result, skip=["rope"])
 
 
 def test_a_result_whose_bench_did_not_time_it_applies_nothing_by_default(tmp_path):
