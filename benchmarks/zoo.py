@@ -40,6 +40,7 @@ import csv
 import json
 import os
 import pprint
+import re
 import shutil
 import statistics
 import subprocess
@@ -60,7 +61,7 @@ COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family"
            "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "blocks_channels_last_ms", "baseline_spread", "gpu_busy_share",
            "eager_gpu_ms", "patched_gpu_ms", "applied_gpu_ms", "compile_gpu_ms", "why_slower", "eager_peak_gib", "compile_peak_gib", "applied_peak_gib",
            "compile_speedup", "applied_speedup", "share_of_compile_gain", "beats_compile", "losses_match",
-           "replacements", "not_applied_why", "regional_compile_s", "providers", "profile_wall_s", "verify_wall_s", "compile_wall_s", "error"]
+           "replacements", "not_applied_why", "left_out", "regional_compile_s", "providers", "profile_wall_s", "verify_wall_s", "compile_wall_s", "error"]
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,37 @@ def replacements_text(after: dict, verification: dict | None = None) -> str:
     return "; ".join(f"{k} ({n} swapped)" for k, n in sorted(swaps.items()))
 
 
+EXIT_NOT_VERIFIED = 5   # advisor/cli.py: a planned replacement never ran, or the losses differ
+MAX_SKIPS = 2          # a verify run each: the zoo's window is 10 minutes a call
+
+
+def suggested_skip(returncode: int, stderr: str) -> str | None:
+    """The replacement apply --verify says never ran and suggests leaving out ("`--skip rope`
+    verifies the rest"), or None: the H100 zoo's GPT-NeoX (2026-12-07) ended on compiled blocks alone
+    because its RoPE never ran, where the patch without it had verified faster."""
+    if returncode != EXIT_NOT_VERIFIED:
+        return None
+    lines = [ln for ln in (stderr or "").strip().splitlines() if ln.strip()]   # whole: _last_line cuts at 300
+    match = re.search(r"`--skip (\S+)` verifies the rest", lines[-1]) if lines else None
+    return match.group(1) if match else None
+
+
+def verify_leaving_out_what_never_ran(result_path: Path, folder: Path, steps: int, warmup: int,
+                                      left) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`apply --verify` with the compiled blocks; where a planned replacement never ran, again
+    without it (`--skip`, as verify suggests and a user would), at most MAX_SKIPS times. Returns
+    the last run and the names left out. `left()`: the seconds the model has left."""
+    left_out: list[str] = []
+    while True:
+        ap = _cli("apply", result_path, "--verify", "--no-compile-reference", "--compile-blocks", "--json",
+                  "--steps", steps, "--warmup", warmup, *(a for n in left_out for a in ("--skip", n)),
+                  cwd=folder, timeout=left())
+        name = suggested_skip(ap.returncode, ap.stderr)
+        if name is None or name in left_out or len(left_out) >= MAX_SKIPS:
+            return ap, left_out
+        left_out.append(name)
+
+
 def not_applied_text(verification: dict | None, limit: int = 200) -> str:
     """Why each planned replacement that did not run did not: verify's `why` of its rows whose status
     is not "ran" ("padded_linear: numerics check failed: ..."), each cut at `limit` characters. The
@@ -387,8 +419,9 @@ def run_model(spec: ModelSpec, mode: str, work: Path, steps: int, warmup: int, t
         if (busy := gpu_busy_share(result_path)) is not None:
             row["gpu_busy_share"] = busy
         if result_path.exists():
-            ap = _cli("apply", result_path, "--verify", "--no-compile-reference", "--compile-blocks", "--json",
-                      "--steps", steps, "--warmup", warmup, cwd=folder, timeout=left())
+            ap, left_out = verify_leaving_out_what_never_ran(result_path, folder, steps, warmup, left)
+            if left_out:
+                row["left_out"] = "; ".join(left_out)
             row["verify_wall_s"] = round(time.monotonic() - stage)
             (folder / "apply.json").write_text(ap.stdout)
             (folder / "apply.log").write_text(ap.stderr)
@@ -583,7 +616,8 @@ def table(rows: list[dict]) -> str:
                      f"{f(r.get('blocks_ms'), '8.2f'):>8} "
                      f"{f(r.get('compile_speedup'), '6.2f'):>7} {f(r.get('applied_speedup'), '6.2f'):>7} "
                      f"{f(r.get('share_of_compile_gain'), '5.0%'):>6}  "
-                     f"{r.get('replacements') or ''}{'  ERROR ' + r['error'] if r.get('error') else ''}")
+                     f"{r.get('replacements') or ''}{'; left out: ' + r['left_out'] if r.get('left_out') else ''}"
+                     f"{'  ERROR ' + r['error'] if r.get('error') else ''}")
     s = summary(rows)
     share = f"{s['median_share_of_compile_gain']:.0%}" if s["median_share_of_compile_gain"] is not None else "—"
     lines.append(f"\n{s['timed']}/{s['models']} timed; median share of compile's gain {share}; beating whole-model "

@@ -262,3 +262,29 @@ def test_not_applied_says_why_each_planned_replacement_did_not_run():
     assert text == "padded_linear: numerics check failed: input grad xxxxxx; rope: never called"
     assert zoo.not_applied_text(None) == "" and zoo.not_applied_text({"replacements": "?"}) == ""
     assert "not_applied_why" in zoo.COLUMNS
+
+
+def test_a_replacement_that_never_ran_is_left_out_and_the_rest_verified(tmp_path, monkeypatch):
+    """The H100 zoo's GPT-NeoX: its RoPE never ran, verify exited 5 suggesting `--skip rope`, and the
+    zoo ended on compiled blocks alone; it now verifies the rest, as a user would, at most twice."""
+    import subprocess
+    never_ran = "error: not verified: {} (runtime swap) never ran: {}; `--skip {}` verifies the rest"
+    calls = []
+
+    def fake_cli(*args, cwd, timeout):
+        args = [str(a) for a in args]
+        calls.append([a for i, a in enumerate(args) if i and args[i - 1] == "--skip"])
+        left = {"rope", "generic:abc", "layer_norm"} - set(calls[-1])
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(args, 5, "{}", never_ran.format("rope", "x" * 400, "rope"))
+        if len(calls) == 2:
+            return subprocess.CompletedProcess(args, 5, "{}", never_ran.format("generic:abc", "y", "generic:abc"))
+        return subprocess.CompletedProcess(args, 5 if "layer_norm" in left else 0, "{}",
+                                           never_ran.format("layer_norm", "z", "layer_norm"))
+
+    monkeypatch.setattr(zoo, "_cli", fake_cli)
+    ap, left_out = zoo.verify_leaving_out_what_never_ran(tmp_path / "result.json", tmp_path, 3, 1, lambda: 60.0)
+    assert left_out == ["rope", "generic:abc"] and calls == [[], ["rope"], ["rope", "generic:abc"]]
+    assert ap.returncode == 5   # the third never-ran is past MAX_SKIPS: reported, not retried
+    assert zoo.suggested_skip(2, never_ran.format("rope", "w", "rope")) is None   # only verify's own exit 5
+    assert zoo.suggested_skip(5, "error: the patched run's losses differ") is None
