@@ -126,10 +126,10 @@ def plan(result: AdvisorResult, memory: bool = False, include_estimates: bool = 
     name, the recommendation's pattern or the name verify gives it (`add_layer_norm` or the
     `layer_norm` it runs as at run time, `generic:<hash>`, `compile:<Class>`)."""
     skip = set(skip)
-    unknown = skip - _names_in(result)
-    if unknown:
-        raise AdvisorError(f"--skip {sorted(unknown)[0]}: no recommendation of this result is called that (its "
-                           f"names: {', '.join(sorted(_names_in(result))) or 'none'})")
+    known = _names_in(result) if skip else set()
+    if skip - known:
+        raise AdvisorError(f"--skip {sorted(skip - known)[0]}: no recommendation of this result is called that (its "
+                           f"names: {', '.join(sorted(known)) or 'none'})")
     if not result.recommendations:
         raise AdvisorError("the result has no recommendations to apply (run `fusion-advisor profile` on a GPU "
                            "to benchmark the candidates)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fusion_advisor.analyzers.lm_head_loss import LM_HEAD_SUFFIX
 from fusion_advisor.cluster_names import where_label
 from fusion_advisor.core.errors import AdvisorError
 from fusion_advisor.core.result import FORWARD_BACKWARD, AdvisorResult, Benchmark, Cluster, Recommendation, is_generated
@@ -104,9 +105,9 @@ def recommend(result: AdvisorResult, options: RoiOptions | None = None) -> Advis
             continue   # no registered replacement: nothing we could time or apply
         if cluster.direction == "backward" and result.forward_partner(cluster) is not None:
             continue   # its saving is in the forward cluster's forward+backward figures
-        same_call = result.same_call_partner(cluster)
-        if same_call is not None and _represents(same_call, cluster, result):
+        if _speaker(cluster, result) is not cluster:
             continue   # one call, timed from both sides: counted once, by the other
+        same_call = result.same_call_partner(cluster)
         rec = _cluster_recommendation(cluster, result, host_counts, options)
         if rec is not None and same_call is not None:
             rec.detail = "; ".join(filter(None, [rec.detail, (
@@ -129,6 +130,13 @@ def recommend(result: AdvisorResult, options: RoiOptions | None = None) -> Advis
         seen.add(rec.title)
     result.recommendations = ranked
     return result
+
+
+def _speaker(cluster: Cluster, result: AdvisorResult) -> Cluster:
+    """The cluster that speaks for cluster's call: itself, or its same-call partner where that one
+    represents the call (`_represents`)."""
+    same_call = result.same_call_partner(cluster)
+    return same_call if same_call is not None and _represents(same_call, cluster, result) else cluster
 
 
 def _represents(cluster: Cluster, other: Cluster, result: AdvisorResult) -> bool:
@@ -279,15 +287,13 @@ def _memory_recommendation(cluster: Cluster, bench: Benchmark | None, pattern, w
 
 def _fused_loss_saving_per_call(cluster: Cluster, result: AdvisorResult, launch_bound: bool) -> tuple[str, float] | None:
     """(pattern, µs a call) our fused loss saves on the call a memory trade derives from
-    (analyzers/lm_head_loss.py: "<loss cluster id>-lm-head"), as its benchmark measured it where our
+    (analyzers/lm_head_loss.py: "<loss cluster id>" + LM_HEAD_SUFFIX), as its benchmark measured it where our
     kernel beat eager (what `apply` puts in without --memory); None where there is none."""
-    loss_id = cluster.id.removesuffix("-lm-head")
+    loss_id = cluster.id.removesuffix(LM_HEAD_SUFFIX)
     loss = next((c for c in result.clusters if c.id == loss_id and c.id != cluster.id), None)
     if loss is None:
         return None
-    same_call = result.same_call_partner(loss)
-    if same_call is not None and _represents(same_call, loss, result):
-        loss = same_call
+    loss = _speaker(loss, result)
     bench = result.primary_benchmark(loss)
     if bench is None or bench.timing != "gpu" or bench.numerics_ok is False:
         return None

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from fusion_advisor.core.result import Cluster, Estimate
 
+LM_HEAD_SUFFIX = "-lm-head"   # the derived cluster's id: its loss cluster's id and this (recommend reads it back)
 LOOKBACK = 400   # op rows from the head to its loss (label shift, views, casts): 34 in the HF Llama fixture
 
 
@@ -45,7 +46,7 @@ def lm_head_loss_clusters(clusters: Sequence[Cluster], first_rows: dict[str, lis
         gemm_us = sum(u.dur for u in units if u.top_row in head_rows)
         per_step = c.measured_us_per_step + gemm_us / max(n_steps, 1)
         out.append(Cluster(
-            id=f"{c.id}-lm-head", direction="forward", pattern="linear_cross_entropy", pattern_params=params,
+            id=f"{c.id}{LM_HEAD_SUFFIX}", direction="forward", pattern="linear_cross_entropy", pattern_params=params,
             module_class=c.module_class, source=c.source,
             ops=[dataclasses.asdict(head)] + list(c.ops), kernels=list(c.kernels), dtypes=[params["dtype"]],
             occurrences_per_step=c.occurrences_per_step, launches_per_step=c.launches_per_step,

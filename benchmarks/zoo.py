@@ -50,12 +50,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusion_advisor.core.errors import EXIT_BAD_INPUT, EXIT_NOT_VERIFIED   # apply's "nothing to verify"; never ran
+
 ROOT = Path(__file__).resolve().parent.parent
 NOT_SLOWER = 0.98   # "never slower than eager", allowing run-to-run noise
 # "Ahead of whole-model compile" only past noise: Swin's 51.97 ms against compile's 52.09 on the H100
 # (a 0.2 % lead, its baseline spread 0.6 %) is level, not ahead.
 AHEAD = 0.99
-EXIT_BAD_INPUT = 2   # advisor/core/errors.py: apply's "nothing to verify" / "no recommendations"
 
 COLUMNS = ["gpu", "driver", "torch", "triton", "transformers", "model", "family", "mode", "config",
            "eager_ms", "compile_ms", "applied_ms", "advisor_config", "patched_ms", "blocks_ms", "blocks_channels_last_ms", "baseline_spread", "gpu_busy_share",
@@ -310,9 +311,9 @@ def _cli(*args, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _last_line(text: str) -> str:
+def _last_line(text: str, limit: int | None = 300) -> str:
     lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
+    return lines[-1][:limit] if lines else ""
 
 
 def replacements_text(after: dict, verification: dict | None = None) -> str:
@@ -339,7 +340,6 @@ def replacements_text(after: dict, verification: dict | None = None) -> str:
     return "; ".join(f"{k} ({n} swapped)" for k, n in sorted(swaps.items()))
 
 
-EXIT_NOT_VERIFIED = 5   # advisor/cli.py: a planned replacement never ran, or the losses differ
 MAX_SKIPS = 2          # a verify run each: the zoo's window is 10 minutes a call
 
 
@@ -349,8 +349,7 @@ def suggested_skip(returncode: int, stderr: str) -> str | None:
     because its RoPE never ran, where the patch without it had verified faster."""
     if returncode != EXIT_NOT_VERIFIED:
         return None
-    lines = [ln for ln in (stderr or "").strip().splitlines() if ln.strip()]   # whole: _last_line cuts at 300
-    match = re.search(r"`--skip (\S+)` verifies the rest", lines[-1]) if lines else None
+    match = re.search(r"`--skip (\S+)` verifies the rest", _last_line(stderr, limit=None))
     return match.group(1) if match else None
 
 

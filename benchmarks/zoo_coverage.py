@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import re
+import runpy
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels load: CPU tensors run the kernels
@@ -123,13 +126,11 @@ def _calls_in_one_step(spec: zoo.ModelSpec, model, patterns: set[str]) -> dict[s
 
     from fusion_advisor import calls
     from fusion_advisor.verify import call_key
-    _, inputs = spec.scaled(tiny=True)
-    namespace: dict = {}
-    exec(zoo.SCRIPT.split("def main():")[0].format(   # the zoo script's make_batch, at the tiny sizes
-        name=spec.name, file="", model_class=spec.model_class, config_class=spec.config_class,
-        config=repr(spec.scaled(tiny=True)[0]), inputs=repr(inputs or {"kind": "causal_lm", **zoo.TOKENS_TINY})),
-        namespace)
-    batch = namespace["make_batch"](torch.Generator().manual_seed(1), torch.float32)
+    if not spec.scaled(tiny=True)[1]:   # the decoders outside the zoo: its causal-LM batch
+        spec = dataclasses.replace(spec, inputs={"kind": "causal_lm"}, tiny_inputs=zoo.TOKENS_TINY)
+    with tempfile.TemporaryDirectory() as folder:   # the zoo's own script, for its make_batch
+        script = runpy.run_path(str(zoo.write_script(spec, Path(folder), tiny=True)), run_name="zoo_coverage")
+    batch = script["make_batch"](torch.Generator().manual_seed(1), torch.float32)
     calls.reset()
     model.train()
     model(**batch).loss.backward()

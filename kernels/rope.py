@@ -374,8 +374,7 @@ def rope_variant(original) -> RopeForm:
         for form in _FORMS:
             if width < 8 and not form[2]:
                 continue   # a half-width cos is read once per pair
-            got = _eager_variant(q, k, c, s, *form)
-            if all(isinstance(w, torch.Tensor) and w.dtype == g.dtype and torch.equal(w, g) for w, g in zip(want, got)):
+            if _bitwise_equal(want, _eager_variant(q, k, c, s, *form)):
                 found = found or form
                 if form == found:
                     widths.add(width / 8)
@@ -395,6 +394,11 @@ def _computes(fn, args, want) -> bool:
             got = fn(*args)
     except Exception:  # noqa: BLE001 (a function that cannot take this probe is not this form)
         return False
+    return _bitwise_equal(got, want)
+
+
+def _bitwise_equal(got, want) -> bool:
+    """Two (q_embed, k_embed) results, the same dtypes, shapes and bits."""
     return (isinstance(got, (tuple, list)) and len(got) == len(want)
             and all(isinstance(g, torch.Tensor) and g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w)
                     for g, w in zip(got, want)))
