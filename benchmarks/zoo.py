@@ -346,7 +346,7 @@ MAX_SKIPS = 2          # a verify run each: the zoo's window is 10 minutes a cal
 def suggested_skip(returncode: int, stderr: str) -> str | None:
     """The replacement apply --verify says never ran and suggests leaving out ("`--skip rope`
     verifies the rest"), or None: the H100 zoo's GPT-NeoX (2026-12-07) ended on compiled blocks alone
-    because its RoPE never ran, where the patch without it had verified faster."""
+    because its RoPE never ran, where the patch (its RoPE never called) had measured faster."""
     if returncode != EXIT_NOT_VERIFIED:
         return None
     match = re.search(r"`--skip (\S+)` verifies the rest", _last_line(stderr, limit=None))

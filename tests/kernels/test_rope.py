@@ -220,3 +220,22 @@ def test_gpt_neox_chain_is_partial_rope():
     pattern, params = match(chain(4) + chain(2))
     assert pattern is mod.PATTERN and params == {"q_shape": [2, 4, 16, 32], "k_heads": 2, "dtype": "bfloat16",
                                                  "cos_batch": 1, "rotary_dim": 8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partial_rotary_matches_hugging_faces_gpt_neox_function(dtype, device):
+    """The exact code replaced: transformers' GPT-NeoX apply_rotary_pos_emb, forward and q/k grads."""
+    from fusion_advisor.kernels.tolerances import tolerance
+    neox = pytest.importorskip("transformers.models.gpt_neox.modeling_gpt_neox")
+    q, k, cos, sin = mod.make_inputs({"q_shape": [2, 4, 9, 32], "k_heads": 4, "dtype": str(dtype).split(".")[1],
+                                      "rotary_dim": 8}, device, True).args
+    runs = []
+    for fn in (lambda *a: mod.rope(*a, rotary_dim=8), neox.apply_rotary_pos_emb):
+        qi, ki = (t.detach().clone().requires_grad_() for t in (q, k))
+        q_embed, k_embed = fn(qi, ki, cos, sin)
+        torch.manual_seed(1)   # (randn, not randn_like: HF's cat returns contiguous, ours q's strides)
+        grads = [torch.randn(t.shape, device=device).to(t.dtype) for t in (q_embed, k_embed)]
+        torch.autograd.backward((q_embed, k_embed), grads)
+        runs.append((q_embed.detach(), k_embed.detach(), qi.grad, ki.grad))
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, **tolerance(dtype))
