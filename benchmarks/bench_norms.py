@@ -49,7 +49,8 @@ PASSES = ("forward", "forward+backward")
 PROVIDERS = ("eager", "compile", "compile-max", "triton", "liger")
 TILE_KNOBS = {"fwd_tile": "FWD_TILE", "bwd_tile": "BWD_TILE", "bwd_per_thread": "BWD_PER_THREAD",
               "warps_per_sm": "WARPS_PER_SM", "acc_in_memory_cols": "ACC_IN_MEMORY_COLS",
-              "db_in_memory_cols": "DB_IN_MEMORY_COLS", "bwd_prefetch_tile": "BWD_PREFETCH_TILE"}
+              "db_in_memory_cols": "DB_IN_MEMORY_COLS", "bwd_prefetch_tile": "BWD_PREFETCH_TILE",
+              "reload_cols": "RELOAD_COLS"}
 # (bench flag -> kernels/norm_tiles.py constant)
 COLUMNS = ["gpu", "driver", "torch", "triton", "liger", "tiles", "pattern", "n", "rows", "dtype", "pass", "provider",
            "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_copy", "vs_compile", "vs_eager", "vs_compile_max", "numerics"]
@@ -150,7 +151,7 @@ def set_tiles(args) -> str:
     norm_tiles.bwd_config.cache_clear()
     return (f"fwd{norm_tiles.FWD_TILE}/bwd{norm_tiles.BWD_TILE}x{norm_tiles.BWD_PER_THREAD}"
             f"/{norm_tiles.WARPS_PER_SM}w/mem{norm_tiles.ACC_IN_MEMORY_COLS}/dbmem{norm_tiles.DB_IN_MEMORY_COLS}"
-            f"/pf{norm_tiles.BWD_PREFETCH_TILE}{'/no-pdl' if args.no_pdl else ''}")
+            f"/pf{norm_tiles.BWD_PREFETCH_TILE}/reload{norm_tiles.RELOAD_COLS}{'/no-pdl' if args.no_pdl else ''}")
 
 
 # A provider whose one call takes longer is left out of that pass: timing it would spend the sweep's

@@ -56,12 +56,13 @@ from fusion_advisor.kernels.norm_tiles import (MAX_BLOCK_N, TileConfig, _sm_prog
 
 # -- row-tile math ------------------------------------------------------------------------------------
 @triton.jit
-def _tile(row0, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows (int64), columns, the row mask and the element mask of the tile starting at row0."""
+def _tile(row0, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr = False):
+    """Rows (int64), columns, the row mask and the element mask of the tile starting at row0.
+    EVEN: n_cols == BLOCK_N, so the columns need no mask (a constant the compiler folds away)."""
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    mask = row_mask[:, None] & (cols < (BLOCK_N if EVEN else n_cols))[None, :]
     return rows.to(tl.int64), cols, row_mask, mask
 
 
@@ -74,19 +75,22 @@ def _segment_stats(rows, row_mask, n_cols, BLOCK_N: tl.constexpr, SEGMENTS: tl.c
 
 
 @triton.jit
-def _param_row(P, cols, n_cols, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _param_row(P, cols, n_cols, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_N: tl.constexpr,
+               EVICT: tl.constexpr = "", EVEN: tl.constexpr = False):
     """A weight or bias as a [1, BLOCK_N] fp32 row (`absent` everywhere when there is none)."""
     if HAS:
-        v = tl.load(P + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        v = tl.load(P + cols, mask=cols < (BLOCK_N if EVEN else n_cols), other=0.0,
+                    eviction_policy=EVICT).to(tl.float32)
     else:
         v = tl.full((BLOCK_N,), absent, tl.float32)
     return v[None, :]
 
 
 @triton.jit
-def _weight_row(W, cols, n_cols, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, GEMMA: tl.constexpr):
+def _weight_row(W, cols, n_cols, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, GEMMA: tl.constexpr,
+                EVICT: tl.constexpr = "", EVEN: tl.constexpr = False):
     """The weight as it multiplies: (1 + weight) for GEMMA, else the weight (1 where there is none)."""
-    w = _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N)
+    w = _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N, EVICT, EVEN)
     if GEMMA:
         w = w + 1.0
     return w
@@ -167,13 +171,13 @@ def _norm_fwd_tiles(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, 
 @triton.jit
 def _bwd_loads(DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x, n_rows, n_cols,
                IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               SEGMENTS: tl.constexpr):
+               SEGMENTS: tl.constexpr, EVICT: tl.constexpr = "", EVEN: tl.constexpr = False):
     """What one backward tile reads, as loaded (dy, x and ds_out in their dtypes; rstd and mean per
     row, or per row and segment): a tile past the last row loads nothing (all masked). Where a
     tensor is absent (ds_out, an RMSNorm's mean) another loaded value stands in, never used."""
-    rows, cols, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
-    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    rows, cols, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N, EVEN)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
     if HAS_DS_OUT:
         dso = tl.load(DS_OUT + rows[:, None] * stride_dso + cols[None, :], mask=mask, other=0.0)
     else:
@@ -197,18 +201,49 @@ def _add_to_partial_row(row, col_mask, tile, HAS: tl.constexpr):
 
 
 @triton.jit
+def _bwd_terms(dy, x, w, rstd_in, mean_in, mask, n_cols, IS_RMS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+    """A backward tile's fp32 terms from dy and x (fp32) and the weight row: g = dy * weight, x_hat,
+    and each row's (segment's) c1 = mean(g) (LayerNorm only) and c2 = mean(g * x_hat). Segments
+    keep [rows, segments, segment] shapes (x_hat, g, c1, c2, rstd); rows [rows, cols]."""
+    g = dy * w
+    if IS_RMS:
+        rstd = rstd_in[:, None]
+        x_hat = x * rstd
+        c2 = tl.sum(g * x_hat, axis=1)[:, None] / n_cols
+        c1 = c2
+    elif SEGMENTS == 1:
+        rstd = rstd_in[:, None]
+        x_hat = tl.where(mask, (x - mean_in[:, None]) * rstd, 0.0)
+        c1 = tl.sum(g, axis=1)[:, None] / n_cols
+        c2 = tl.sum(g * x_hat, axis=1)[:, None] / n_cols
+    else:  # per segment, in [rows, segments, segment] views of the tile
+        rstd = rstd_in[:, :, None]
+        x_hat = (tl.reshape(x, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS)) - mean_in[:, :, None]) * rstd
+        g = tl.reshape(g, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS))
+        c1 = tl.sum(g, axis=2)[:, :, None] / (BLOCK_N // SEGMENTS)
+        c2 = tl.sum(g * x_hat, axis=2)[:, :, None] / (BLOCK_N // SEGMENTS)
+    return g, x_hat, c1, c2, rstd
+
+
+@triton.jit
 def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
                     DB_IN_MEMORY: tl.constexpr,
                     PREFETCH: tl.constexpr, GEMMA: tl.constexpr, STAGES: tl.constexpr,
-                    LAUNCH_DEPENDENTS: tl.constexpr):
+                    LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
+                EVEN: tl.constexpr):
     """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
     dweight / dbias sums in fp32 as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols): kept
     per tile element in registers and reduced over rows once at the end, or (DW_IN_MEMORY /
     DB_IN_MEMORY, for rows too long for registers to hold them besides the tile) added to that row
     every tile, where it stays in L2, rather than spilled.
+
+    RELOAD (long rows): a tile's dy and x are read twice, once for the row sums and again (from L1)
+    for dx and the dweight / dbias sums, so no thread holds the tile in fp32 across the row
+    reduction beside both sums: registers hold the sums, and the tile only while it streams through.
 
     PREFETCH: the next tile's loads are issued before this tile's reductions and stores, so a
     program always has a tile's bytes in flight. Without it each program waits out a full memory
@@ -237,42 +272,47 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
     # through shared memory (cp.async), in place of PREFETCH's registers; never with sums in memory,
     # whose partial rows are read back the tile after they are written (the launcher checks).
     for tile in tl.range(pid, n_tiles, programs, num_stages=STAGES):
-        rows, _, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N)
+        rows, _, row_mask, mask = _tile(tile * BLOCK_M, n_rows, n_cols, BLOCK_M, BLOCK_N, EVEN)
         if PREFETCH:
             dy_in, x_in, dso_in, rstd_in, mean_in = dy_next, x_next, dso_next, rstd_next, mean_next
             dy_next, x_next, dso_next, rstd_next, mean_next = _bwd_loads(
                 DY, DS_OUT, X, MEAN, RSTD, tile + programs, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS,
                 HAS_DS_OUT, BLOCK_M, BLOCK_N, SEGMENTS)
+        elif RELOAD:   # the sums from a first read (kept in L1 for the second), then the tile again
+            dy_in, x_in, _, rstd_in, mean_in = _bwd_loads(
+                DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS,
+                False, BLOCK_M, BLOCK_N, SEGMENTS, "evict_last", EVEN)
+            _, _, c1, c2, _ = _bwd_terms(dy_in.to(tl.float32), x_in.to(tl.float32),
+                                         _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA, "evict_last",
+                                                     EVEN),
+                                         rstd_in, mean_in,
+                                         mask, n_cols, IS_RMS, BLOCK_M, BLOCK_N, SEGMENTS)
+            # a different load (its eviction hint) from the first: the compiler cannot merge the two
+            dy_in, x_in, dso_in, rstd_in, mean_in = _bwd_loads(
+                DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS,
+                HAS_DS_OUT, BLOCK_M, BLOCK_N, SEGMENTS, "evict_first", EVEN)
         else:
             dy_in, x_in, dso_in, rstd_in, mean_in = _bwd_loads(
                 DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS,
                 HAS_DS_OUT, BLOCK_M, BLOCK_N, SEGMENTS)
         dy = dy_in.to(tl.float32)
         x = x_in.to(tl.float32)
-        if DW_IN_MEMORY:  # the weight from L1/L2 every tile: registers are short
-            g = dy * _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA)
+        if DW_IN_MEMORY or RELOAD:  # the weight from L1/L2 every tile: registers are short
+            w_tile = _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA, "", EVEN)
         else:
-            g = dy * w
+            w_tile = w
+        if RELOAD:   # the sums came from the first read: these are the second's terms alone
+            g, x_hat, _, _, rstd = _bwd_terms(dy, x, w_tile, rstd_in, mean_in, mask, n_cols, IS_RMS, BLOCK_M,
+                                              BLOCK_N, SEGMENTS)
+        else:
+            g, x_hat, c1, c2, rstd = _bwd_terms(dy, x, w_tile, rstd_in, mean_in, mask, n_cols, IS_RMS, BLOCK_M,
+                                                BLOCK_N, SEGMENTS)
         if IS_RMS:
-            rstd = rstd_in[:, None]
-            x_hat = x * rstd
-            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None])
+            dx = rstd * (g - x_hat * c2)
             # dweight sees the normalised value rounded as the forward rounded it.
             dw_t = dy * x_hat if GEMMA else dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
-        elif SEGMENTS == 1:
-            rstd = rstd_in[:, None]
-            x_hat = tl.where(mask, (x - mean_in[:, None]) * rstd, 0.0)
-            c1 = tl.sum(g, axis=1) / n_cols
-            c2 = tl.sum(g * x_hat, axis=1) / n_cols
-            dx = rstd * (g - c1[:, None] - x_hat * c2[:, None])
-            dw_t = dy * x_hat
-        else:  # per segment, in [rows, segments, segment] views of the tile
-            rstd = rstd_in[:, :, None]
-            x_hat = (tl.reshape(x, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS)) - mean_in[:, :, None]) * rstd
-            gs = tl.reshape(g, (BLOCK_M, SEGMENTS, BLOCK_N // SEGMENTS))
-            c1 = tl.sum(gs, axis=2) / (BLOCK_N // SEGMENTS)
-            c2 = tl.sum(gs * x_hat, axis=2) / (BLOCK_N // SEGMENTS)
-            dx = tl.reshape(rstd * (gs - c1[:, :, None] - x_hat * c2[:, :, None]), (BLOCK_M, BLOCK_N))
+        else:
+            dx = tl.reshape(rstd * (g - c1 - x_hat * c2), (BLOCK_M, BLOCK_N))
             dw_t = dy * tl.reshape(x_hat, (BLOCK_M, BLOCK_N))
         if HAS_DS_OUT:  # the grad that reached the returned residual directly
             dx += dso_in.to(tl.float32)
@@ -330,10 +370,11 @@ def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIA
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          DW_IN_MEMORY: tl.constexpr,
                          DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, GEMMA: tl.constexpr,
-                         STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+                         STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
+                EVEN: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, GEMMA, STAGES, LAUNCH_DEPENDENTS)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, GEMMA, STAGES, LAUNCH_DEPENDENTS, RELOAD, EVEN)
 
 
 @triton.jit
@@ -342,10 +383,11 @@ def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PA
                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              DW_IN_MEMORY: tl.constexpr,
                              DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-                             LAUNCH_DEPENDENTS: tl.constexpr):
+                             LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
+                EVEN: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS, RELOAD, EVEN)
 
 
 @triton.jit
@@ -354,10 +396,11 @@ def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PART
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            DW_IN_MEMORY: tl.constexpr,
                            DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-                           LAUNCH_DEPENDENTS: tl.constexpr):
+                           LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
+                EVEN: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS, RELOAD, EVEN)
 
 
 @triton.jit
@@ -366,10 +409,11 @@ def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
                                DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
-                               STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+                               STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
+                EVEN: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
-                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS, RELOAD, EVEN)
 
 
 @triton.jit
@@ -387,10 +431,11 @@ def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB
                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
                                 DB_IN_MEMORY: tl.constexpr,
-                                PREFETCH: tl.constexpr, STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+                                PREFETCH: tl.constexpr, STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
+                EVEN: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
-                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS)
+                    DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS, RELOAD, EVEN)
 
 
 @triton.jit
@@ -508,6 +553,7 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
     cfg = config or bwd_config(n_cols, n_rows, x.element_size(), gpu_name(device), residual)
     programs = bwd_programs(cfg, n_rows, device)
     dw_in_memory, db_in_memory = norm_tiles.sums_in_memory(cfg.block_n)
+    reload = norm_tiles.reloads(cfg.block_n)
     # a pipelined load would read a partial row before its store
     stages = 1 if dw_in_memory or db_in_memory else cfg.stages
     n_params = int(weight is not None) + int(bias is not None)
@@ -524,7 +570,8 @@ def norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, 
         db_partial, dy.stride(0), dso.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols,
         HAS_DS_OUT=ds_out is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DW_IN_MEMORY=dw_in_memory, DB_IN_MEMORY=db_in_memory,
-        PREFETCH=cfg.prefetch and stages == 1, STAGES=stages, LAUNCH_DEPENDENTS=early,
+        PREFETCH=cfg.prefetch and stages == 1 and not reload, STAGES=stages, LAUNCH_DEPENDENTS=early, RELOAD=reload,
+        EVEN=reload and n_cols == cfg.block_n,
         num_warps=cfg.num_warps, **extra)
     if n_params:
         sum_partial_rows(partial, [g for g in (dw, db) if g is not None], max(32, min(256, cfg.block_n // 64)), early)

@@ -54,10 +54,11 @@ def test_tile_overrides_reach_the_kernels_table_and_the_csv_label(bench, monkeyp
         monkeypatch.setattr(norm_tiles, const, getattr(norm_tiles, const))  # restored after the test
     try:
         label = bench.set_tiles(bench.parse_args(["--bwd-tile", "4096", "--bwd-per-thread", "16",
-                                                  "--bwd-prefetch-tile", "2048", "--db-in-memory-cols", "16384"]))
+                                                  "--bwd-prefetch-tile", "2048", "--db-in-memory-cols", "16384",
+                                                  "--acc-in-memory-cols", "16384", "--reload-cols", "32768"]))
         assert label == (f"fwd{norm_tiles.FWD_TILE}/bwd4096x16/{norm_tiles.WARPS_PER_SM}w"
-                         f"/mem{norm_tiles.ACC_IN_MEMORY_COLS}/dbmem16384/pf2048")
-        assert norm_tiles.sums_in_memory(16384) == (True, True)
+                         f"/mem16384/dbmem16384/pf2048/reload32768")
+        assert norm_tiles.sums_in_memory(16384) == (True, True) and not norm_tiles.reloads(16384)
         # 4 rows of 1024 a tile: past the 2048-element prefetch limit, so no prefetch
         assert norm_tiles.bwd_config(1024, 65536) == norm_tiles.TileConfig(4, 1024, 8, 2, False)
     finally:

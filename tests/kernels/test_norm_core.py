@@ -96,6 +96,29 @@ def test_parameter_sums_added_to_memory_every_tile(in_memory, dtype, device, mon
     check_against_reference(group_norm.PATTERN, {**params, "num_groups": 4}, device, reduced_grads=(2, 3))
 
 
+@pytest.mark.parametrize("n", [64, 80])   # a power of two (no column masks: EVEN) and a padded row
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_that_reads_each_tile_twice(n, dtype, device, monkeypatch):
+    # The long-row backward (RELOAD: the row sums from a first read, dx and the parameter sums from a
+    # second) on short rows, several rows a tile and several tiles a program, with the sums in
+    # registers and (dweight) in memory.
+    monkeypatch.setattr(norm_tiles, "RELOAD_COLS", 64)
+    with recorded_launches() as launches:
+        for dw_in_memory in (False, True):
+            monkeypatch.setattr(norm_tiles, "ACC_IN_MEMORY_COLS", 64 if dw_in_memory else 1 << 20)
+            params = {"shape": [300, n], "dtype": dtype, "eps": 1e-5}
+            check_against_reference(rms_norm.PATTERN, params, device, reduced_grads=(1,))
+            check_against_reference(add_rms_norm.PATTERN, params, device, reduced_grads=(2,))
+            check_against_reference(layer_norm.PATTERN, params, device, reduced_grads=(2, 3))
+            check_against_reference(add_layer_norm.PATTERN, params, device, reduced_grads=(3, 4))
+            check_against_reference(group_norm.PATTERN, {**params, "shape": [300, 64], "num_groups": 4}, device,
+                                    reduced_grads=(2, 3))
+    bwd = [launch for launch in launches if launch["name"].endswith("_bwd_kernel")]
+    assert all(launch["args"]["RELOAD"][1] for launch in bwd)
+    assert {launch["args"]["EVEN"][1] for launch in bwd if launch["name"] != "_group_norm_rows_bwd_kernel"} == {n == 64}
+    assert bwd or device.type == "cuda"
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pipelined_persistent_tiles_in_both_passes(stages, dtype, device, monkeypatch):
@@ -251,12 +274,14 @@ def test_tuned_entries_with_stages_and_the_shipped_table(tmp_path, monkeypatch):
         shipped.write_text(json.dumps({"configs": {
             "bwd/2048/2": [1, 8, 2, 0, 3],     # pipelined, 3 stages
             "bwd/4096/2": [1, 16, 1, 1, 2],    # prefetch and stages together: not a tile
-            "bwd/16384/2": [1, 16, 1, 0, 2],   # pipelined where the sums go to memory: the heuristic
+            "bwd/16384/2": [1, 16, 1, 0, 2],   # pipelined, the tile read twice, the sums in registers
+            "bwd/32768/2": [1, 16, 1, 0, 2],   # pipelined where the sums go to memory: the heuristic
             "fwd/256/2": [16, 8, 4, 1, 2],     # a persistent forward
             "fwd-plain/256/2": [4, 4, 1, 1, 1]}}))   # the norm without a residual: its own tile
         assert norm_tiles.bwd_config(2048, 65536, 2, gpu) == norm_tiles.TileConfig(1, 2048, 8, 2, False, 3)
         assert norm_tiles.bwd_config(4096, 65536, 2, gpu) == norm_tiles.bwd_config(4096, 65536)
-        assert norm_tiles.bwd_config(16384, 65536, 2, gpu) == norm_tiles.bwd_config(16384, 65536)
+        assert norm_tiles.bwd_config(16384, 65536, 2, gpu) == norm_tiles.TileConfig(1, 16384, 16, 1, False, 2)
+        assert norm_tiles.bwd_config(32768, 65536, 2, gpu) == norm_tiles.bwd_config(32768, 65536)
         assert norm_tiles.fwd_config(256, 65536, 264, 2, gpu) == norm_tiles.TileConfig(16, 256, 8, 4, stages=2)
         assert norm_tiles.fwd_config(256, 65536, 264, 2, gpu, False) == norm_tiles.TileConfig(4, 256, 4, 1)
         # no plain tile searched at 2048: the residual family's answers
@@ -344,7 +369,8 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
         consts = {"HAS_DS_OUT": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
                   "BLOCK_N": cfg.block_n, "DW_IN_MEMORY": norm_tiles.sums_in_memory(cfg.block_n)[0],
                   "DB_IN_MEMORY": norm_tiles.sums_in_memory(cfg.block_n)[1],
-                  "PREFETCH": cfg.prefetch, "STAGES": cfg.stages, "LAUNCH_DEPENDENTS": True}
+                  "PREFETCH": cfg.prefetch, "STAGES": cfg.stages, "LAUNCH_DEPENDENTS": True,
+                  "RELOAD": norm_tiles.reloads(cfg.block_n), "EVEN": norm_tiles.reloads(cfg.block_n)}
         cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": "_add_layer_norm_bwd_kernel",
                       "types": types, "constexprs": consts, "num_warps": cfg.num_warps,
                       "unaligned": ["n_rows"]})   # what the JIT sees for N % 16 == 0
@@ -368,7 +394,8 @@ def test_parameter_grads_kernel_starts_while_the_backward_runs():
                       "types": bwd_types, "num_warps": 8,
                       "constexprs": {"HAS_DS_OUT": False, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": 4,
                                      "BLOCK_N": 512, "DW_IN_MEMORY": False, "DB_IN_MEMORY": False,
-                                     "PREFETCH": True, "STAGES": 1, "LAUNCH_DEPENDENTS": early}})
+                                     "PREFETCH": True, "STAGES": 1, "LAUNCH_DEPENDENTS": early, "RELOAD": False,
+                                     "EVEN": False}})
         cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": "_norm_param_grads_kernel",
                       "types": {"DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "DW": "*bf16", "DB": "*bf16"},
                       "num_warps": 4,
