@@ -35,21 +35,22 @@ FWD_TILE = 4096         # elements per forward program (16 a thread at 8 warps: 
 BWD_TILE = 2048         # elements per backward loop iteration (8 a thread at 8 warps)
 BWD_PER_THREAD = 8      # at 8, ~95 registers a thread (cuobjdump of the sm_90 cubin): two 8-warp programs fit
                         # an SM; at 16, 130-150, and only one does
-ACC_IN_MEMORY_COLS = 32768  # from this row length the backward adds its dweight sums to its partial row
-                            # (L2) every tile. At 16384, before RELOAD, held in registers with the dbias sums
-                            # and the fp32 tile they spilled (Triton 3.6's sm_90 build of add + LayerNorm's
-                            # backward: 256 bytes a thread at 32 warps; 200 at 16 with the dweight sums in
-                            # memory); reading the tile twice, both fit (16 bytes of spills at 16 warps,
-                            # no column masks: Triton 3.9's ptxas)
+ACC_IN_MEMORY_COLS = 16384  # from this row length the backward adds its dweight sums to its partial row
+                            # (L2) every tile: held in registers with the dbias sums they spill more (Triton
+                            # 3.6's sm_90 build of add + LayerNorm's backward at 16384: 256 bytes a thread at
+                            # 32 warps; with the dweight sums in memory, 200 at 16 warps, 184 at 32)
 DB_IN_MEMORY_COLS = 32768   # and its dbias sums from this length: below it they stay in registers (one fp32 a
                             # column, 32 a thread at 16384 and 16 warps). Each sum in memory reads and writes
                             # a 4-byte partial per element of dy: at 16384 bf16, LayerNorm's two move 2.1 GB
                             # (counted) through L2 beside the 0.8 GB the backward reads and writes in HBM. H100, 8192 x
                             # 16384 bf16 fwd+bwd: LayerNorm 54 -> 65 % of copy, add + LayerNorm 57 -> 63 %
                             # (benchmarks/results/norm-sums-placement-h100-5ee0779.txt)
-RELOAD_COLS = 16384     # from this row length the backward reads each tile twice (the row sums, then dx and the
-                        # dweight / dbias sums; `_norm_bwd_tiles` RELOAD): no fp32 tile held across the row
-                        # reduction, so both sums fit in registers beside the stream
+RELOAD_COLS = 1 << 30   # from this row length the backward reads each tile twice (`_norm_bwd_tiles` RELOAD: the
+                        # row sums, then dx and the dweight / dbias sums, the second read from L1): no fp32 tile
+                        # held across the row reduction. With it and both sums in registers at 16384 (bench
+                        # flags --reload-cols 16384 --acc-in-memory-cols 32768), Triton 3.9's ptxas spills 16
+                        # bytes a thread for (add +) LayerNorm at 16 warps against 136-192 now. Not timed on a
+                        # GPU yet (`scripts/gpu_runs.sh long`), so off: a row length never reaches it
 WARPS_PER_SM = 16       # the persistent backward's programs per SM: 16 warps of them (2 of 8 warps)
 BWD_PREFETCH_TILE = 4096  # the backward loads the next tile ahead for tiles up to this many elements
 SMALL_LAUNCH_BYTES = 1 << 24  # a launch over at most this many bytes of rows (padded; 16 MiB) is "small": a
@@ -212,7 +213,7 @@ def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "", resi
         return TileConfig(tuned[0], block_n, *tuned[1:])
     block_m = min(max(1, BWD_TILE // block_n), rows_cap)
     warps = _warps(block_m * block_n, BWD_PER_THREAD)
-    if block_n >= RELOAD_COLS:
+    if block_n >= min(ACC_IN_MEMORY_COLS, RELOAD_COLS):
         # 16: norm_tune's pick at 16384 on an H100 (it times 32 too); with the sums in registers 16 warps
         # beat 32 as well (LayerNorm 61 against 51 % of copy: norm-sums-placement-h100-5ee0779.txt)
         warps = min(warps, 16)

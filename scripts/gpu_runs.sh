@@ -33,7 +33,7 @@
 #          (ZOO_MODELS, ZOO_BUDGET) with what is left of the window.
 # small:   the small launches with their tiles: kernel_split.py and bench_norms.py bf16 at 65,536 rows of 64
 #          and 128, then at 4,096 rows (ROWS4K_TIMEOUT) and fp32 at 65,536 rows (FP32_TIMEOUT; 0 leaves either out).
-# long:    rows of 16384 (bf16): the backward reading each tile twice against before, tuned, timed.
+# long:    rows of 16384 (bf16): the backward as shipped against one reading each tile twice (opt-in), tuned.
 # rest:    what issue 14's sweep still lacks: 4,096 rows at 2048/128/5120, fp32 at 65,536 rows, compile-max.
 # probe:   where the last losses of issue 14 come from: bandwidth_mix.py (HBM by read:write mix),
 #          kernel_split.py (each kernel's time and the launch gaps) for the norms at 65,536 rows of
@@ -249,29 +249,28 @@ small)
   fi
   ;;
 long)
-  # rows of 16384 (bf16): the backward that reads each tile twice (RELOAD, both sums in registers), beside
-  # the one before it (the tile read once, dweight sums in memory) and RELOAD with dweight sums in memory, all on
-  # the shipped tiles; then norm_tune at 16384 (its table comes back) and the sweep's shape on the tiles it chose
+  # rows of 16384 (bf16): the backward as shipped (the tile read once, dweight sums in memory) beside the one
+  # that reads each tile twice (RELOAD, opt-in until timed) with both sums in registers and with dweight's in
+  # memory, on the shipped tiles; then RELOAD + registers on tiles searched for it (bench_norms --tune: 16 or
+  # 32 warps, pipelined or not; the table is left in the cache dir and copied back)
   long=(--n 16384 --rows 8192 --dtypes bfloat16 --patterns layer_norm,add_layer_norm,rms_norm,add_rms_norm,group_norm)
+  reload=(--reload-cols 16384 --acc-in-memory-cols 32768)
   timeout 60 python3 -m pytest -q tests/kernels/test_norm_core.py -k "twice or pipelined or registers" \
       >"$out/gpu-tests-long.txt" 2>&1; echo "tests: rc $?"; tail -2 "$out/gpu-tests-long.txt"
-  for variant in "--reload-cols 32768 --acc-in-memory-cols 16384" "--acc-in-memory-cols 16384"; do
+  timeout 200 python3 benchmarks/bench_norms.py "${long[@]}" --rows 8192,4096 --providers eager,compile,triton,liger \
+      --compile-jobs 10 --time-budget 160 --out "$out/bench-norms-16384.csv" >"$out/bench-norms-16384.txt" 2>&1
+  echo "16384 shipped: rc $?"; grep -v "^    (" "$out/bench-norms-16384.txt" | tail -24
+  for variant in "${reload[*]}" "--reload-cols 16384"; do
     timeout 60 python3 benchmarks/bench_norms.py "${long[@]}" --providers triton $variant --out "$out/variant.csv" \
         >"$out/variant.txt" 2>&1
     echo "16384 $variant: rc $?"; grep -v "^    (" "$out/variant.txt" | tail -12
   done
   rm -f "$out/variant.csv" "$out/variant.txt"
-  timeout 200 python3 benchmarks/bench_norms.py "${long[@]}" --rows 8192,4096 --providers eager,compile,triton,liger \
-      --compile-jobs 10 --time-budget 160 --out "$out/bench-norms-16384.csv" >"$out/bench-norms-16384.txt" 2>&1
-  echo "16384 now: rc $?"; grep -v "^    (" "$out/bench-norms-16384.txt" | tail -24
-  timeout 120 python3 -m fusion_advisor.kernels.norm_tune --n 16384 --dtypes bfloat16 --jobs 10 --verbose \
-      >"$out/norm-tune-16384.txt" 2>&1
-  echo "norm_tune 16384: rc $?"; grep -v "^    " "$out/norm-tune-16384.txt" | tail -8
-  cp "$(python3 -c 'from fusion_advisor.kernels import norm_tiles, norm_core; import torch
+  timeout 150 python3 benchmarks/bench_norms.py "${long[@]}" "${reload[@]}" --tune --providers triton \
+      --out "$out/bench-norms-16384-reload-tuned.csv" >"$out/reload-tuned.txt" 2>&1
+  echo "16384 reload, tuned: rc $?"; grep -v "^    (" "$out/reload-tuned.txt" | tail -16
+  cp "$(python3 -c 'from fusion_advisor.kernels import norm_tiles; import torch
 print(norm_tiles.tuned_path(torch.cuda.get_device_name(0)))')" "$out/" 2>/dev/null
-  timeout 60 python3 benchmarks/bench_norms.py "${long[@]}" --providers triton --out "$out/bench-norms-16384-tuned.csv" \
-      >"$out/tuned.txt" 2>&1
-  echo "16384 tuned: rc $?"; grep -v "^    (" "$out/tuned.txt" | tail -12
   ;;
 rest)
   # what issue 14's sweep still lacks on the H100 (2026-12-07): 4,096 rows at 2048, 128 and 5120 (bf16), fp32 at

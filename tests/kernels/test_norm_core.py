@@ -274,14 +274,20 @@ def test_tuned_entries_with_stages_and_the_shipped_table(tmp_path, monkeypatch):
         shipped.write_text(json.dumps({"configs": {
             "bwd/2048/2": [1, 8, 2, 0, 3],     # pipelined, 3 stages
             "bwd/4096/2": [1, 16, 1, 1, 2],    # prefetch and stages together: not a tile
-            "bwd/16384/2": [1, 16, 1, 0, 2],   # pipelined, the tile read twice, the sums in registers
-            "bwd/32768/2": [1, 16, 1, 0, 2],   # pipelined where the sums go to memory: the heuristic
+            "bwd/16384/2": [1, 16, 1, 0, 2],   # pipelined where the sums go to memory: the heuristic
             "fwd/256/2": [16, 8, 4, 1, 2],     # a persistent forward
             "fwd-plain/256/2": [4, 4, 1, 1, 1]}}))   # the norm without a residual: its own tile
         assert norm_tiles.bwd_config(2048, 65536, 2, gpu) == norm_tiles.TileConfig(1, 2048, 8, 2, False, 3)
         assert norm_tiles.bwd_config(4096, 65536, 2, gpu) == norm_tiles.bwd_config(4096, 65536)
-        assert norm_tiles.bwd_config(16384, 65536, 2, gpu) == norm_tiles.TileConfig(1, 16384, 16, 1, False, 2)
-        assert norm_tiles.bwd_config(32768, 65536, 2, gpu) == norm_tiles.bwd_config(32768, 65536)
+        assert norm_tiles.bwd_config(16384, 65536, 2, gpu) == norm_tiles.bwd_config(16384, 65536)
+        with monkeypatch.context() as knobs:   # read twice, both sums in registers (opt-in): it pipelines
+            knobs.setattr(norm_tiles, "ACC_IN_MEMORY_COLS", 32768)
+            knobs.setattr(norm_tiles, "RELOAD_COLS", 16384)
+            for cached in caches:
+                cached.cache_clear()
+            assert norm_tiles.bwd_config(16384, 65536, 2, gpu) == norm_tiles.TileConfig(1, 16384, 16, 1, False, 2)
+        for cached in caches:
+            cached.cache_clear()
         assert norm_tiles.fwd_config(256, 65536, 264, 2, gpu) == norm_tiles.TileConfig(16, 256, 8, 4, stages=2)
         assert norm_tiles.fwd_config(256, 65536, 264, 2, gpu, False) == norm_tiles.TileConfig(4, 256, 4, 1)
         # no plain tile searched at 2048: the residual family's answers
@@ -379,6 +385,26 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
         # 64K registers an SM: every program the grid puts on an SM is resident at once.
         assert regs * 32 * cfg.num_warps * cfg.programs_per_sm <= 65536, (n, cfg, regs)
         assert stack == 0, (n, stack)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the long-row run times both")
+def test_reading_the_tile_twice_frees_registers_for_both_sums_at_16384():
+    """RELOAD (opt-in): (add +) LayerNorm's backward at 16384 bf16 and 16 warps, both sums in registers,
+    spills at most 16 bytes a thread where the shipped path (the tile read once, dweight sums in memory)
+    spills far more (136-200 under Triton 3.6's ptxas)."""
+    types = {name: "*bf16" for name in ("DY", "DS_OUT", "X", "W", "DX")}
+    types.update({name: "*fp32" for name in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")})
+    cases = []
+    for kernel, residual in (("_layer_norm_bwd_kernel", False), ("_add_layer_norm_bwd_kernel", True)):
+        for reload in (True, False):
+            consts = {"HAS_DS_OUT": residual, "HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_M": 1, "BLOCK_N": 16384,
+                      "DW_IN_MEMORY": not reload, "DB_IN_MEMORY": False, "PREFETCH": False, "STAGES": 1,
+                      "LAUNCH_DEPENDENTS": True, "RELOAD": reload, "EVEN": reload}
+            cases.append({"module": "fusion_advisor.kernels.norm_core", "kernel": kernel, "types": types,
+                          "constexprs": consts, "num_warps": 16, "unaligned": ["n_rows"]})
+    spills = [stack for _, stack in sm90_resources(cases)]
+    for reloaded, once in (spills[0:2], spills[2:4]):
+        assert reloaded <= 16 and reloaded < once, spills
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run launches them")
