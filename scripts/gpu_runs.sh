@@ -250,9 +250,9 @@ small)
   ;;
 long)
   # rows of 16384 (bf16): the backward as shipped (the tile read once, dweight sums in memory) beside the one
-  # that reads each tile twice (RELOAD, opt-in until timed) with both sums in registers and with dweight's in
-  # memory, on the shipped tiles; then RELOAD + registers on tiles searched for it (bench_norms --tune: 16 or
-  # 32 warps, pipelined or not; the table is left in the cache dir and copied back)
+  # that reads each tile twice (RELOAD, opt-in until timed) with both sums in registers, on the shipped tiles;
+  # fp32 as shipped; then RELOAD on tiles searched for it (bench_norms --tune: 16 or 32 warps, pipelined or
+  # not; the table is left in the cache dir and copied back)
   long=(--n 16384 --rows 8192 --dtypes bfloat16 --patterns layer_norm,add_layer_norm,rms_norm,add_rms_norm,group_norm)
   reload=(--reload-cols 16384 --acc-in-memory-cols 32768)
   timeout 60 python3 -m pytest -q tests/kernels/test_norm_core.py -k "twice or pipelined or registers" \
@@ -260,12 +260,15 @@ long)
   timeout 200 python3 benchmarks/bench_norms.py "${long[@]}" --rows 8192,4096 --providers eager,compile,triton,liger \
       --compile-jobs 10 --time-budget 160 --out "$out/bench-norms-16384.csv" >"$out/bench-norms-16384.txt" 2>&1
   echo "16384 shipped: rc $?"; grep -v "^    (" "$out/bench-norms-16384.txt" | tail -24
-  for variant in "${reload[*]}" "--reload-cols 16384"; do
-    timeout 60 python3 benchmarks/bench_norms.py "${long[@]}" --providers triton $variant --out "$out/variant.csv" \
-        >"$out/variant.txt" 2>&1
-    echo "16384 $variant: rc $?"; grep -v "^    (" "$out/variant.txt" | tail -12
-  done
-  rm -f "$out/variant.csv" "$out/variant.txt"
+  timeout 60 python3 benchmarks/bench_norms.py "${long[@]}" "${reload[@]}" --providers triton \
+      --out "$out/bench-norms-16384-reload.csv" >"$out/reload.txt" 2>&1
+  echo "16384 reload, shipped tiles: rc $?"; grep -v "^    (" "$out/reload.txt" | tail -12
+  # fp32 (ptxas, Triton 3.9: the shipped add + LayerNorm backward at 16384 fp32 and 16 warps spills 1,816 bytes
+  # a thread; read twice and pipelined in 2 stages, 8)
+  fp32=(--n 16384 --rows 4096 --dtypes float32 --patterns layer_norm,add_layer_norm)
+  timeout 70 python3 benchmarks/bench_norms.py "${fp32[@]}" --providers eager,compile,triton --compile-jobs 4 \
+      --out "$out/bench-norms-16384-fp32.csv" >"$out/fp32.txt" 2>&1
+  echo "16384 fp32 shipped: rc $?"; grep -v "^    (" "$out/fp32.txt" | tail -8
   timeout 150 python3 benchmarks/bench_norms.py "${long[@]}" "${reload[@]}" --tune --providers triton \
       --out "$out/bench-norms-16384-reload-tuned.csv" >"$out/reload-tuned.txt" 2>&1
   echo "16384 reload, tuned: rc $?"; grep -v "^    (" "$out/reload-tuned.txt" | tail -16
