@@ -213,9 +213,11 @@ def bwd_config(n_cols: int, n_rows: int, elem_size: int = 2, gpu: str = "", resi
         return TileConfig(tuned[0], block_n, *tuned[1:])
     block_m = min(max(1, BWD_TILE // block_n), rows_cap)
     warps = _warps(block_m * block_n, BWD_PER_THREAD)
-    if block_n >= min(ACC_IN_MEMORY_COLS, RELOAD_COLS):
-        # 16: norm_tune's pick at 16384 on an H100 (it times 32 too); with the sums in registers 16 warps
-        # beat 32 as well (LayerNorm 61 against 51 % of copy: norm-sums-placement-h100-5ee0779.txt)
+    if block_n >= min(ACC_IN_MEMORY_COLS, RELOAD_COLS) and elem_size <= 2:
+        # 16: norm_tune's pick at 16384 bf16 on an H100 (it times 32 too); with the sums in registers 16 warps
+        # beat 32 as well (LayerNorm 61 against 51 % of copy: norm-sums-placement-h100-5ee0779.txt). Not for
+        # fp32, whose tile takes twice the registers: add + LayerNorm's backward at 16384 fp32 spills 1,816
+        # bytes a thread at 16 warps, 176 at 32 (Triton 3.9's ptxas, sm_90; fp32 there is not timed yet)
         warps = min(warps, 16)
     # Prefetch holds a second tile in registers: at 768-4096 columns 97-99 registers a thread (79
     # without; two 8-warp programs an SM still fit), but at 8192 (32 warps, 64 registers at most)

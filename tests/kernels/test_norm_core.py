@@ -387,6 +387,12 @@ def test_backward_registers_leave_room_for_its_programs_per_sm():
         assert stack == 0, (n, stack)
 
 
+def test_long_fp32_rows_take_twice_the_threads_of_bf16():
+    # a row of 16384 in fp32 holds twice the registers of bf16: 32 warps, where bf16 takes 16
+    assert norm_tiles.bwd_config(16384, 65536, 2).num_warps == 16
+    assert norm_tiles.bwd_config(16384, 65536, 4).num_warps == 32
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the long-row run times both")
 def test_reading_the_tile_twice_frees_registers_for_both_sums_at_16384():
     """RELOAD (opt-in): (add +) LayerNorm's backward at 16384 bf16 and 16 warps, both sums in registers,
