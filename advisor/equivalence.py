@@ -30,10 +30,14 @@ _CHECK_SEED = 0   # the checks run the original and the replacement each from th
 
 def _example_input(module: nn.Module, shape_hint) -> torch.Tensor:
     """A random (2, 7, features) input in the module's dtype and device: features from its own
-    weight (a norm) or its first Linear's in_features (an MLP block). A block without a Linear whose
+    weight (a norm) or its first Linear's in_features (an MLP block); a GroupNorm's (2, channels, 7). A block without a Linear whose
     first child is a convolution or a BatchNorm (a conv -> BN -> activation block) gets an
     (N, channels, *spatial) input of that child (`_channels_input`)."""
     weight = getattr(module, "weight", None)
+    if isinstance(module, nn.GroupNorm):   # channels second: (2, C, 7); its weight is per channel
+        ref = next((t for t in (module.weight, module.bias) if t is not None), None)
+        shape = tuple(shape_hint) if shape_hint else (2, module.num_channels, 7)
+        return torch.randn(shape, device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
     if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
         features, ref = weight.shape[-1], weight
     else:
@@ -65,14 +69,19 @@ def _example_args(module: nn.Module, shape_hint) -> tuple[torch.Tensor, ...]:
 
 
 _SPATIAL_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+_CHANNEL_KEEPING = (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+                    nn.modules.padding._ReplicationPadNd, nn.Identity, nn.modules.dropout._DropoutNd)
 
 
 def _channels_input(module: nn.Module, shape_hint) -> torch.Tensor | None:
-    """An (N, channels, *spatial) input for a block whose first child is a ConvNd (2 samples of its
+    """An (N, channels, *spatial) input for a block whose first child (past padding, dropout and
+    Identity) is a ConvNd (2 samples of its
     in_channels, each spatial size past what its kernel, dilation and stride take) or a BatchNorm
     (4 samples of (N, C, L) for BatchNorm1d, 2 of (N, C, H, W) or (N, C, D, H, W)), in the dtype of
     the child's first floating tensor; None for any other block."""
-    first = next(iter(module.children()), None)
+    # past leading children that keep the channels and hold nothing (EfficientNet's ZeroPad2d before
+    # its depthwise conv)
+    first = next((c for c in module.children() if not isinstance(c, _CHANNEL_KEEPING)), None)
     tensors = [] if first is None else [t for t in (*first.parameters(), *first.buffers()) if t.is_floating_point()]
     if not tensors:
         return None

@@ -437,6 +437,8 @@ PATTERN = register_pattern(
     autocast_op="aten::group_norm",
     forward_signature=r"(?:^| )(?:native_)?group_norm(?= |$)",
     modules=("GroupNorm",),
+    # nn.GroupNorm's subclasses under their own names (PoolFormer's, BiT's): the check decides
+    module_shape=lambda module: isinstance(module, torch.nn.GroupNorm),
     module_import="fusion_advisor.kernels.group_norm:GroupNorm",
     module_factory=GroupNorm.from_module,
     example_params={"shape": [6, 42, 431], "dtype": "float32", "num_groups": 6, "eps": 1e-5},

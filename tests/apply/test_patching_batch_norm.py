@@ -251,3 +251,35 @@ def test_under_autocast_the_check_compares_at_the_precision_the_block_computed_i
         assert computed_dtype(x, x) == torch.bfloat16
         assert check_on_copies(block, one_ulp_up) is None
     assert "output" in check_on_copies(block, one_ulp_up)   # in fp32, a bf16 ulp is far too much
+
+
+class PaddedDepthwiseLayer(nn.Module):
+    """Hugging Face's EfficientNetDepthwiseLayer: padding first, then a depthwise conv -> BN -> SiLU."""
+
+    def __init__(self, c, stride):
+        super().__init__()
+        self.stride = stride
+        self.depthwise_conv_pad = nn.ZeroPad2d(padding=(0, 1, 0, 1))
+        self.depthwise_conv = nn.Conv2d(c, c, 3, stride=stride, groups=c, bias=False,
+                                        padding="valid" if stride == 2 else "same")
+        self.depthwise_norm = nn.BatchNorm2d(c)
+        self.depthwise_act = nn.SiLU()
+
+    def forward(self, x):
+        if self.stride == 2:
+            x = self.depthwise_conv_pad(x)
+        return self.depthwise_act(self.depthwise_norm(self.depthwise_conv(x)))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_block_whose_first_child_is_padding_is_checked_on_its_conv_input(stride, device):
+    # The check's input is read off the first child past padding (EfficientNet's blocks were refused:
+    # "no example input")
+    torch.manual_seed(0)
+    model = nn.Sequential(PaddedDepthwiseLayer(6, stride)).to(device)
+    x = torch.randn(2, 6, 9, 9, device=device)
+    want = copy.deepcopy(model)(x)
+    handle = fusion_advisor.patch(model, patterns=["batch_norm_act"])
+    assert [s.path for s in handle.swaps] == ["0"], handle.summary()
+    assert isinstance(model[0].depthwise_norm, BatchNormAct)
+    torch.testing.assert_close(model(x), want, **tolerance(torch.float32))

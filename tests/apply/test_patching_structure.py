@@ -341,6 +341,24 @@ def test_torch_modules_that_are_not_last_dim_norms_are_not_candidates(device):
     assert handle.skipped == []
 
 
+class PoolFormerLikeGroupNorm(nn.GroupNorm):   # a subclass under its own name (PoolFormer's, Wav2Vec2's feature norm)
+    pass
+
+
+def test_group_norms_over_channels_are_checked_on_channels_second_inputs_and_swapped(device):
+    # The check's input puts the channels second, as GroupNorm reads them (a (2, 7, C) input made
+    # F.group_norm raise, so no GroupNorm was ever swapped); a subclass is tried by its shape.
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.GroupNorm(2, 8), nn.GELU(), nn.Conv1d(8, 16, 1),
+                          PoolFormerLikeGroupNorm(16, 16)).to(device)
+    x = torch.randn(3, 4, 20, device=device)
+    want = model(x)
+    handle = fusion_advisor.patch(model, patterns=["group_norm"])
+    assert [(s.path, s.pattern) for s in handle.swaps] == [("1", "group_norm"), ("4", "group_norm")], handle.summary()
+    calls.reset()
+    torch.testing.assert_close(model(x), want, **tolerance(torch.float32))
+    assert calls.snapshot().get("group_norm") == 2
+
+
 def test_patching_leaves_the_rng_where_it_was(t5_norm, device):
     model = Block(t5_norm).to(device)
     torch.manual_seed(5)
