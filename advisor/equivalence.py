@@ -53,9 +53,15 @@ def _example_input(module: nn.Module, shape_hint) -> torch.Tensor:
 
 
 def _example_args(module: nn.Module, shape_hint) -> tuple[torch.Tensor, ...]:
-    """The arguments of a module's example call: (x,) from `_example_input`, or for an MoE's experts
+    """The arguments of a module's example call: (x,) from `_example_input`; (logits, labels) for a
+    CrossEntropyLoss (fp32, on the CPU: the module holds no tensor to say otherwise); or for an MoE's experts
     (batched 3-D `gate_up_proj`; HF's forward(hidden_states, top_k_index, top_k_weights)) 16 tokens,
     each routed to 2 distinct experts with softmax weights."""
+    if isinstance(module, nn.CrossEntropyLoss):   # a loss module (DistilBERT's mlm_loss_fct): logits and labels,
+        rows, vocab = tuple(shape_hint) if shape_hint else (14, 1000)   # some ignored; no weight to read them off
+        labels = torch.randint(0, vocab, (rows,))
+        labels[:4] = module.ignore_index
+        return 2.0 * torch.randn(rows, vocab), labels
     if not GatedExperts.batched(module):
         return (_example_input(module, shape_hint),)
     weight = module.gate_up_proj

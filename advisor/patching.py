@@ -526,8 +526,10 @@ def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any,
         forward = inspect.unwrap(getattr(type(m), "forward", None) or (lambda: None))
         module = sys.modules.get(type(m).__module__)
         for namespace in (getattr(forward, "__globals__", None), vars(module) if module else None):
-            if namespace is None or id(namespace) in seen or str(namespace.get("__name__", "")).startswith("torch."):
-                continue   # (torch's own modules, e.g. nn.modules.loss for a loss submodule, are not modeling code)
+            if namespace is None or id(namespace) in seen or str(namespace.get("__name__", "")).startswith(
+                    ("torch.", "fusion_advisor.")):
+                continue   # (torch's own modules, e.g. nn.modules.loss for a loss submodule, and ours, a module
+                           # swapped in, are not modeling code)
             seen.add(id(namespace))
             current = namespace.get(fp.name)
             if current is not None:

@@ -359,6 +359,34 @@ def test_group_norms_over_channels_are_checked_on_channels_second_inputs_and_swa
     assert calls.snapshot().get("group_norm") == 2
 
 
+class MaskedLMHead(nn.Module):
+    """DistilBERT's: the loss module an attribute of the model, called on flattened logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 50)
+        self.mlm_loss_fct = nn.CrossEntropyLoss()
+
+    def forward(self, x, labels):
+        return self.mlm_loss_fct(self.proj(x).view(-1, 50), labels.view(-1))
+
+
+def test_a_loss_module_is_checked_on_logits_and_labels_and_swapped(device):
+    # its check had no example input ("no example input for CrossEntropyLoss"); nor is our own swapped
+    # module's file taken for modeling code whose CrossEntropyLoss global to patch
+    torch.manual_seed(0)
+    model = MaskedLMHead().to(device)
+    x, labels = torch.randn(2, 5, 16, device=device), torch.randint(0, 50, (2, 5), device=device)
+    labels[0, :2] = -100
+    want = model(x, labels)
+    handle = fusion_advisor.patch(model, patterns=["cross_entropy"])
+    assert [(s.path, s.pattern) for s in handle.swaps] == [("mlm_loss_fct", "cross_entropy")], handle.summary()
+    assert handle.skipped == []
+    calls.reset()
+    torch.testing.assert_close(model(x, labels), want, **tolerance(torch.float32))
+    assert calls.snapshot().get("cross_entropy") == 1
+
+
 def test_patching_leaves_the_rng_where_it_was(t5_norm, device):
     model = Block(t5_norm).to(device)
     torch.manual_seed(5)
