@@ -3,7 +3,8 @@
 
 For every family of benchmarks/zoo.py, at its tiny config, and for thirteen more decoder families
 (EXTRA below: Mistral, Qwen3, Gemma 2 and 3, OLMo-2, Granite, Cohere, StableLM, Falcon, Qwen2-MoE,
-GPT-OSS, Ernie 4.5, Mamba), this builds the model (fp32, CPU) and
+GPT-OSS, Ernie 4.5, Mamba) and 22 encoder, seq2seq and vision families (BEYOND), this builds the model
+(fp32, CPU) and
 runs `fusion_advisor.patch(model, patterns=...)` with every pattern that has a runtime form, each
 swap proven by patch's own numerics check against the module it replaces. It prints, per family,
 the module swaps, the functions patched, and the modules of a kind we fuse (norms, activations,
@@ -56,7 +57,79 @@ EXTRA = [zoo.ModelSpec(name, "decoder", model_class, config_class, config, {})
              ("ernie4.5", "Ernie4_5ForCausalLM", "Ernie4_5Config", {**_LM, "pad_token_id": 0}),
              ("mamba", "MambaForCausalLM", "MambaConfig",
               dict(hidden_size=32, num_hidden_layers=1, vocab_size=128, state_size=4)))]
-FAMILIES = {**zoo.BY_NAME, **{spec.name: spec for spec in EXTRA}}
+# Encoders, seq2seq and vision families nobody on the project tuned on, in the zoo's input kinds
+# (2026-12-07: they found GroupNorm never swapped, EfficientNet's padded blocks refused, DistilBERT's loss
+# module unchecked)
+_TOK, _MLM = {"kind": "causal_lm", **zoo.TOKENS_TINY}, {"kind": "masked_lm", **zoo.TOKENS_TINY}
+_S2S, _IMG = {"kind": "seq2seq", **zoo.SEQ2SEQ_TINY_IN}, {"kind": "image", **zoo.IMAGE_TINY_IN}
+_NODROP = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+_S2S_CFG = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128, max_position_embeddings=64, dropout=0.0,
+                attention_dropout=0.0, activation_dropout=0.0, decoder_start_token_id=0, pad_token_id=0,
+                eos_token_id=1, bos_token_id=0, use_cache=False)
+_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
+            num_labels=10)
+_STAGES = dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], drop_path_rate=0.0, num_labels=10)
+_GPTJ = dict(n_embd=32, n_layer=1, n_head=2, rotary_dim=8, vocab_size=128, n_positions=64, resid_pdrop=0.0,
+             embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+BEYOND = [zoo.ModelSpec(name, family, model_class, config_class, config, inputs)
+          for name, family, model_class, config_class, config, inputs in (
+              ("t5-relu", "encoder-decoder", "T5ForConditionalGeneration", "T5Config",
+               dict(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=128,
+                    feed_forward_proj="relu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+                    eos_token_id=1, use_cache=False), _S2S),
+              ("opt", "decoder", "OPTForCausalLM", "OPTConfig",
+               dict(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=128,
+                    word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                    pad_token_id=1, use_cache=False), _TOK),
+              ("bloom", "decoder", "BloomForCausalLM", "BloomConfig",
+               dict(hidden_size=32, n_layer=1, n_head=2, vocab_size=128, hidden_dropout=0.0, attention_dropout=0.0,
+                    use_cache=False), _TOK),
+              ("gptj", "decoder", "GPTJForCausalLM", "GPTJConfig", _GPTJ, _TOK),
+              ("codegen", "decoder", "CodeGenForCausalLM", "CodeGenConfig", {**_GPTJ, "n_ctx": 64}, _TOK),
+              ("biogpt", "decoder", "BioGptForCausalLM", "BioGptConfig",
+               dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=128,
+                    max_position_embeddings=64, use_cache=False, **_NODROP), _TOK),
+              ("mpt", "decoder", "MptForCausalLM", "MptConfig",
+               dict(d_model=32, n_heads=2, n_layers=1, expansion_ratio=2, max_seq_len=64, vocab_size=128,
+                    use_cache=False), _TOK),
+              ("electra", "encoder", "ElectraForMaskedLM", "ElectraConfig",
+               dict(embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, vocab_size=128, **_NODROP), _MLM),
+              ("distilbert", "encoder", "DistilBertForMaskedLM", "DistilBertConfig",
+               dict(dim=32, hidden_dim=64, n_layers=1, n_heads=2, vocab_size=128, max_position_embeddings=64,
+                    dropout=0.0, attention_dropout=0.0), _MLM),
+              ("albert", "encoder", "AlbertForMaskedLM", "AlbertConfig",
+               dict(embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, vocab_size=128, classifier_dropout_prob=0.0, **_NODROP), _MLM),
+              ("pegasus", "encoder-decoder", "PegasusForConditionalGeneration", "PegasusConfig", _S2S_CFG, _S2S),
+              ("marian", "encoder-decoder", "MarianMTModel", "MarianConfig", {**_S2S_CFG, "decoder_vocab_size": 128},
+               _S2S),
+              ("dinov2", "vision", "Dinov2ForImageClassification", "Dinov2Config", {**_VIT, **_NODROP}, _IMG),
+              ("beit", "vision", "BeitForImageClassification", "BeitConfig",
+               {**_VIT, "drop_path_rate": 0.0, **_NODROP}, _IMG),
+              ("mobilenet-v2", "vision", "MobileNetV2ForImageClassification", "MobileNetV2Config",
+               dict(image_size=32, depth_multiplier=0.25, num_labels=10, classifier_dropout_prob=0.0), _IMG),
+              ("efficientnet", "vision", "EfficientNetForImageClassification", "EfficientNetConfig",
+               dict(image_size=32, width_coefficient=0.25, depth_coefficient=0.3, hidden_dim=320, num_labels=10,
+                    dropout_rate=0.0, drop_connect_rate=0.0), _IMG),
+              ("regnet", "vision", "RegNetForImageClassification", "RegNetConfig",
+               dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, layer_type="y",
+                    num_labels=10), _IMG),
+              ("levit", "vision", "LevitForImageClassification", "LevitConfig",
+               dict(image_size=32, hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 3], depths=[1, 1, 1],
+                    key_dim=[8, 8, 8], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2], drop_path_rate=0,
+                    num_labels=10), _IMG),
+              ("poolformer", "vision", "PoolFormerForImageClassification", "PoolFormerConfig",
+               {**_STAGES, "mlp_ratio": 2.0}, _IMG),
+              ("convnextv2", "vision", "ConvNextV2ForImageClassification", "ConvNextV2Config",
+               {**_STAGES, "image_size": 32}, _IMG),
+              ("bit", "vision", "BitForImageClassification", "BitConfig",
+               {**_STAGES, "embedding_size": 8, "num_groups": 2, "layer_type": "preactivation"}, _IMG),
+              ("swinv2", "vision", "Swinv2ForImageClassification", "Swinv2Config",
+               dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=32, patch_size=4, window_size=4,
+                    drop_path_rate=0.0, num_labels=10, **_NODROP), _IMG))]
+FAMILIES = {**zoo.BY_NAME, **{spec.name: spec for spec in EXTRA + BEYOND}}
 
 NOT_THIS_FUNCTION = "is not the function this pattern replaces"   # patching._swap_function's words
 # Class names of the kinds of module the patterns fuse: a module of these left unswapped is a gap.

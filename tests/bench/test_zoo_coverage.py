@@ -24,6 +24,12 @@ EXPECTED = {
                 ["CrossEntropyLoss (cross_entropy)"]),
     # outside the GPU zoo: a Llama-shaped MLP under its own class name, taken by its shape
     "olmo2": ({"Olmo2RMSNorm -> RMSNorm": 5, "Olmo2MLP -> SwiGLUMLP": 1}, ["apply_rotary_pos_emb (rope)"]),
+    # beyond the zoo: GroupNorm subclasses (checked on channels-second inputs), conv blocks that pad first,
+    # a loss module held as an attribute
+    "poolformer": ({"PoolFormerGroupNorm -> GroupNorm": 9}, []),
+    "efficientnet": ({"EfficientNetDepthwiseLayer -> EfficientNetDepthwiseLayer": 8,
+                      "EfficientNetEmbeddings -> EfficientNetEmbeddings": 1}, []),
+    "distilbert": ({"CrossEntropyLoss -> CrossEntropyLoss": 1, "LayerNorm -> LayerNorm": 4}, []),
 }
 
 
