@@ -3,7 +3,7 @@
 
 For every family of benchmarks/zoo.py, at its tiny config, and for thirteen more decoder families
 (EXTRA below: Mistral, Qwen3, Gemma 2 and 3, OLMo-2, Granite, Cohere, StableLM, Falcon, Qwen2-MoE,
-GPT-OSS, Ernie 4.5, Mamba) and 22 encoder, seq2seq and vision families (BEYOND), this builds the model
+GPT-OSS, Ernie 4.5, Mamba) and 23 encoder, seq2seq and vision families (BEYOND), this builds the model
 (fp32, CPU) and
 runs `fusion_advisor.patch(model, patterns=...)` with every pattern that has a runtime form, each
 swap proven by patch's own numerics check against the module it replaces. It prints, per family,
@@ -59,7 +59,7 @@ EXTRA = [zoo.ModelSpec(name, "decoder", model_class, config_class, config, {})
               dict(hidden_size=32, num_hidden_layers=1, vocab_size=128, state_size=4)))]
 # Encoders, seq2seq and vision families nobody on the project tuned on, in the zoo's input kinds
 # (2026-12-07: they found GroupNorm never swapped, EfficientNet's padded blocks refused, DistilBERT's loss
-# module unchecked)
+# module unchecked, ModernBERT's packed GeGLU MLP under other names)
 _TOK, _MLM = {"kind": "causal_lm", **zoo.TOKENS_TINY}, {"kind": "masked_lm", **zoo.TOKENS_TINY}
 _S2S, _IMG = {"kind": "seq2seq", **zoo.SEQ2SEQ_TINY_IN}, {"kind": "image", **zoo.IMAGE_TINY_IN}
 _NODROP = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -99,6 +99,10 @@ BEYOND = [zoo.ModelSpec(name, family, model_class, config_class, config, inputs)
               ("distilbert", "encoder", "DistilBertForMaskedLM", "DistilBertConfig",
                dict(dim=32, hidden_dim=64, n_layers=1, n_heads=2, vocab_size=128, max_position_embeddings=64,
                     dropout=0.0, attention_dropout=0.0), _MLM),
+              ("modernbert", "encoder", "ModernBertForMaskedLM", "ModernBertConfig",
+               dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=128,
+                    global_attn_every_n_layers=1, local_attention=16, pad_token_id=0, eos_token_id=1,
+                    bos_token_id=2, cls_token_id=3, sep_token_id=4), _MLM),
               ("albert", "encoder", "AlbertForMaskedLM", "AlbertConfig",
                dict(embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                     num_attention_heads=2, vocab_size=128, classifier_dropout_prob=0.0, **_NODROP), _MLM),

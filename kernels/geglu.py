@@ -63,7 +63,7 @@ class GEGLUMLP(GatedMLP):
         if GatedExperts.shaped(module):
             return GatedExperts.with_fused_gate(module, _activation(approximate))
         if GatedMLP.packed(module):
-            return PackedGatedMLP(module.gate_up_proj, module.down_proj, _activation(approximate))
+            return PackedGatedMLP.wrap(module, _activation(approximate))
         return cls.wrap(module, _activation(approximate))
 
 

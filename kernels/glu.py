@@ -195,6 +195,8 @@ def packed_glu(gate_up: torch.Tensor, activation: str, private_input: bool = Fal
 PROJECTION_NAMES = (("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo"), ("w1", "w3", "w2"),
                     ("fc_1", "fc_2", "proj"))
 ACTIVATION_NAMES = ("act_fn", "activation_fn", "act")   # Llama/Gemma, Phi-3/GLM, T5
+PACKED_NAMES = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))   # Phi-3/GLM, ModernBERT
+PACKED_DROPOUT_NAMES = ("drop", "dropout")   # ModernBERT's between the gated activation and the down projection
 
 
 class GatedMLP(torch.nn.Module):
@@ -271,24 +273,46 @@ class GatedMLP(torch.nn.Module):
 
     @staticmethod
     def packed(module: torch.nn.Module) -> bool:
-        """One projection module for gate and up (`gate_up_proj`, Phi-3 and GLM) rather than two (an
-        MoE's experts hold `gate_up_proj` as a batched weight Parameter: not this)."""
-        return all(isinstance(getattr(module, n, None), torch.nn.Module) for n in ("gate_up_proj", "down_proj"))
+        """One projection module for gate and up (`gate_up_proj`, Phi-3 and GLM; `Wi`, ModernBERT)
+        rather than two (an MoE's experts hold `gate_up_proj` as a batched weight Parameter: not this)."""
+        return GatedMLP.packed_names(module) is not None
+
+    @staticmethod
+    def packed_names(module: torch.nn.Module) -> tuple[str, str] | None:
+        """(packed gate/up projection, down projection) attribute names of a packed MLP, else None."""
+        return next((names for names in PACKED_NAMES
+                     if all(isinstance(getattr(module, n, None), torch.nn.Module) for n in names)), None)
 
 
 class PackedGatedMLP(torch.nn.Module):
-    """down_proj(up * act(gate)) with gate, up = gate_up_proj(x).chunk(2, -1), the Phi-3 / GLM MLP,
-    the gated activation fused. Holds the wrapped MLP's projections (shared, not copied). Which half
-    is the gate is taken as Phi-3 has it; a model with the other order fails patch's numerics check."""
+    """down_proj(dropout(up * act(gate))) with gate, up = gate_up_proj(x).chunk(2, -1), the Phi-3 /
+    GLM MLP (ModernBERT's: Wi, Wo and a dropout), the gated activation fused. Holds the wrapped MLP's
+    projections (shared, not copied) under its own attribute names, so its state_dict keys stay the
+    original's. Which half is the gate is taken as Phi-3 has it; a model with the other order fails
+    patch's numerics check."""
 
-    def __init__(self, gate_up_proj: torch.nn.Module, down_proj: torch.nn.Module, activation: str):
+    def __init__(self, gate_up_proj: torch.nn.Module, down_proj: torch.nn.Module, activation: str,
+                 names: tuple[str, str] = PACKED_NAMES[0], dropout: torch.nn.Module | None = None):
         super().__init__()
         activation_id(activation)
-        self.gate_up_proj, self.down_proj, self.activation = gate_up_proj, down_proj, activation
+        self._names = tuple(names)
+        for name, projection in zip(self._names, (gate_up_proj, down_proj)):
+            setattr(self, name, projection)
+        self.dropout, self.activation = dropout, activation
+
+    @classmethod
+    def wrap(cls, module: torch.nn.Module, activation: str) -> "PackedGatedMLP":
+        """A PackedGatedMLP over a packed MLP's projections, names and dropout module."""
+        names = GatedMLP.packed_names(module)
+        dropout = next((d for d in (getattr(module, n, None) for n in PACKED_DROPOUT_NAMES)
+                        if isinstance(d, torch.nn.Module)), None)
+        return cls(*(getattr(module, n) for n in names), activation=activation, names=names, dropout=dropout)
 
     def forward(self, x):
+        gate_up, down = (getattr(self, n) for n in self._names)
         # the projection's output is this forward's own temporary: its memory can hold its gradient
-        return self.down_proj(packed_glu(self.gate_up_proj(x), self.activation, private_input=True))
+        h = packed_glu(gate_up(x), self.activation, private_input=True)
+        return down(h if self.dropout is None else self.dropout(h))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, packed gate/up (fused Triton)"

@@ -45,7 +45,7 @@ class SwiGLUMLP(GatedMLP):
         if GatedExperts.shaped(module):
             return GatedExperts.with_fused_gate(module, "silu")
         if GatedMLP.packed(module):
-            return PackedGatedMLP(module.gate_up_proj, module.down_proj, "silu")
+            return PackedGatedMLP.wrap(module, "silu")
         return cls.wrap(module, "silu")
 
 

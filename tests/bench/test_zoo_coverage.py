@@ -30,6 +30,7 @@ EXPECTED = {
     "efficientnet": ({"EfficientNetDepthwiseLayer -> EfficientNetDepthwiseLayer": 8,
                       "EfficientNetEmbeddings -> EfficientNetEmbeddings": 1}, []),
     "distilbert": ({"CrossEntropyLoss -> CrossEntropyLoss": 1, "LayerNorm -> LayerNorm": 4}, []),
+    "modernbert": ({"ModernBertMLP -> PackedGatedMLP": 1}, ["apply_rotary_pos_emb (rope)"]),
 }
 
 

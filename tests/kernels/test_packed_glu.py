@@ -77,6 +77,35 @@ def test_packed_mlps_are_wrapped_with_their_projections_shared(pattern, act, act
     torch.testing.assert_close(fused(x), mlp(x))
 
 
+class ModernBertLikeMLP(torch.nn.Module):
+    """ModernBERT's MLP as written: one Wi projection chunked, act on the first half, a dropout, Wo."""
+
+    def __init__(self, hidden: int, width: int, p: float):
+        super().__init__()
+        self.Wi = torch.nn.Linear(hidden, 2 * width, bias=False)
+        self.act = torch.nn.GELU()
+        self.drop = torch.nn.Dropout(p)
+        self.Wo = torch.nn.Linear(width, hidden, bias=False)
+
+    def forward(self, hidden_states):
+        input, gate = self.Wi(hidden_states).chunk(2, dim=-1)
+        return self.Wo(self.drop(self.act(input) * gate))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_a_packed_mlp_under_its_own_names_keeps_them_and_its_dropout(p, device):
+    mlp = ModernBertLikeMLP(32, 48, p).to(device)
+    fused = geglu.PATTERN.module_factory(mlp)
+    assert isinstance(fused, PackedGatedMLP) and fused.activation == "gelu"
+    assert list(fused.state_dict()) == list(mlp.state_dict()) == ["Wi.weight", "Wo.weight"]
+    assert fused.Wi is mlp.Wi and fused.dropout is mlp.drop
+    x = torch.randn(2, 5, 32, device=device)
+    torch.manual_seed(1)
+    want = mlp(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(fused(x), want, **tolerance(torch.float32))
+
+
 def test_a_packed_mlp_with_another_activation_is_refused():
     with pytest.raises(ValueError, match="not SiLU"):
         swiglu.SwiGLUMLP.from_module(Phi3LikeMLP(8, 8, torch.nn.ReLU()))
