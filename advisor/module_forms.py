@@ -125,10 +125,12 @@ def rms_norm_module(weight: nn.Parameter | None, eps: float, gemma: bool = False
     return new
 
 
-def layer_norm_module(weight: nn.Parameter, bias: nn.Parameter | None, eps: float) -> nn.Module:
-    """kernels.layer_norm.LayerNorm around this weight and bias (shared, not copied)."""
-    from fusion_advisor.kernels.layer_norm import LayerNorm
-    new = LayerNorm.__new__(LayerNorm)
+def layer_norm_module(weight: nn.Parameter, bias: nn.Parameter | None, eps: float, one_plus: bool = False) -> nn.Module:
+    """kernels.layer_norm.LayerNorm around this weight and bias (shared, not copied); one_plus: the
+    weight applies as (1 + weight) (LayerNorm1P)."""
+    from fusion_advisor.kernels.layer_norm import LayerNorm, LayerNorm1P
+    cls = LayerNorm1P if one_plus else LayerNorm
+    new = cls.__new__(cls)
     nn.Module.__init__(new)
     new.normalized_shape = tuple(weight.shape)
     new.eps = float(eps)
@@ -152,7 +154,7 @@ def unweighted_layer_norm_module(features: int, eps: float) -> nn.Module:
 
 def norm_builders(pattern: str, parts: NormParts) -> list[NormCandidate]:
     """Each candidate of this norm form: each eps; for RMSNorm Llama's weight, then Gemma's
-    (1 + weight); for LayerNorm over the last dim, then over dim 1 of (N, C, H, W) and of (N, C, L)
+    (1 + weight); for LayerNorm over the last dim (its weight, then 1 + weight), then over dim 1 of (N, C, H, W) and of (N, C, L)
     (VitDet's and SqueezeBERT's norms, which say nothing of their layout), or over dim 1 only where
     the module says data_format="channels_first". The builder reads the weight and bias off
     whichever module it is given (the checked copy, or the real one)."""
@@ -170,9 +172,10 @@ def norm_builders(pattern: str, parts: NormParts) -> list[NormCandidate]:
         return [NormCandidate(f"eps={e:g}, no weight", lambda m, e=e: unweighted_layer_norm_module(norm_parts(m).features, e))
                 for e in parts.eps]
     from fusion_advisor.kernels.channel_norm import ChannelsFirstLayerNorm, output_layout_of
-    last_dim = [NormCandidate(f"eps={e:g}", lambda m, e=e: layer_norm_module(norm_parts(m).weight,
-                                                                             norm_parts(m).bias, e))
-                for e in parts.eps]
+    # nn.LayerNorm's form first, then (1 + weight) (Nemotron's LayerNorm1P): the check keeps the one it computes
+    last_dim = [NormCandidate(f"eps={e:g}" + (", 1 + weight" if one_plus else ""),
+                              lambda m, e=e, p=one_plus: layer_norm_module(norm_parts(m).weight, norm_parts(m).bias, e, p))
+                for one_plus in (False, True) for e in parts.eps]
     over_channels = [NormCandidate(f"eps={e:g}, over dim 1 of {probe.upper()}",
                                    lambda m, e=e: ChannelsFirstLayerNorm(
                                        norm_parts(m).weight, norm_parts(m).bias, e,

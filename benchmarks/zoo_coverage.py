@@ -3,7 +3,7 @@
 
 For every family of benchmarks/zoo.py, at its tiny config, and for thirteen more decoder families
 (EXTRA below: Mistral, Qwen3, Gemma 2 and 3, OLMo-2, Granite, Cohere, StableLM, Falcon, Qwen2-MoE,
-GPT-OSS, Ernie 4.5, Mamba) and 23 encoder, seq2seq and vision families (BEYOND), this builds the model
+GPT-OSS, Ernie 4.5, Mamba) and 24 more decoder, encoder, seq2seq and vision families (BEYOND), this builds the model
 (fp32, CPU) and
 runs `fusion_advisor.patch(model, patterns=...)` with every pattern that has a runtime form, each
 swap proven by patch's own numerics check against the module it replaces. It prints, per family,
@@ -59,7 +59,7 @@ EXTRA = [zoo.ModelSpec(name, "decoder", model_class, config_class, config, {})
               dict(hidden_size=32, num_hidden_layers=1, vocab_size=128, state_size=4)))]
 # Encoders, seq2seq and vision families nobody on the project tuned on, in the zoo's input kinds
 # (2026-12-07: they found GroupNorm never swapped, EfficientNet's padded blocks refused, DistilBERT's loss
-# module unchecked, ModernBERT's packed GeGLU MLP under other names)
+# module unchecked, ModernBERT's packed GeGLU MLP under other names, Nemotron's (1 + weight) LayerNorm)
 _TOK, _MLM = {"kind": "causal_lm", **zoo.TOKENS_TINY}, {"kind": "masked_lm", **zoo.TOKENS_TINY}
 _S2S, _IMG = {"kind": "seq2seq", **zoo.SEQ2SEQ_TINY_IN}, {"kind": "image", **zoo.IMAGE_TINY_IN}
 _NODROP = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -130,6 +130,9 @@ BEYOND = [zoo.ModelSpec(name, family, model_class, config_class, config, inputs)
                {**_STAGES, "image_size": 32}, _IMG),
               ("bit", "vision", "BitForImageClassification", "BitConfig",
                {**_STAGES, "embedding_size": 8, "num_groups": 2, "layer_type": "preactivation"}, _IMG),
+              ("nemotron", "decoder", "NemotronForCausalLM", "NemotronConfig",
+               dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=2, vocab_size=128), _TOK),
               ("swinv2", "vision", "Swinv2ForImageClassification", "Swinv2Config",
                dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=32, patch_size=4, window_size=4,
                     drop_path_rate=0.0, num_labels=10, **_NODROP), _IMG))]

@@ -159,6 +159,26 @@ class LayerNorm(torch.nn.Module):
                 f"bias={self.bias is not None} (fused Triton)")
 
 
+class LayerNorm1P(LayerNorm):
+    """Drop-in for a LayerNorm whose weight applies as (1 + weight), zeros at init (Nemotron's
+    NemotronLayerNorm1P, Megatron's `apply_layernorm_1p`): the norm fused, the small (1 + weight) add
+    left to PyTorch (its gradient is the weight's). As Nemotron's: under CUDA's torch.autocast (the
+    flag it reads), input, weight and bias cast to autocast's dtype; the norm always runs autocast off."""
+
+    def forward(self, x):
+        weight, bias = self.weight + 1.0, self.bias
+        device = x.device.type
+        if torch.is_autocast_enabled():
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = (t.to(dtype) if t is not None and t.is_floating_point() else t
+                               for t in (x, weight, bias))
+        with torch.autocast(device, enabled=False):
+            return layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace(" (fused Triton)", ", 1 + weight (fused Triton)")
+
+
 def reference(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
               bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
     """nn.LayerNorm.forward, verbatim."""

@@ -387,6 +387,49 @@ def test_a_loss_module_is_checked_on_logits_and_labels_and_swapped(device):
     assert calls.snapshot().get("cross_entropy") == 1
 
 
+class LayerNorm1PLike(nn.LayerNorm):
+    """Megatron's apply_layernorm_1p form: the weight applies as (1 + weight), zeros at init."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
+
+
+def test_a_layer_norm_whose_weight_applies_as_one_plus_weight_is_taken_for_that_form(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), LayerNorm1PLike(16), nn.LayerNorm(16)).to(device)
+    with torch.no_grad():
+        model[1].weight.normal_(0.0, 0.3)
+    x = torch.randn(3, 5, 16, device=device)
+    want = model(x)
+    handle = fusion_advisor.patch(model, patterns=["layer_norm"])
+    assert [(s.path, type(s.replacement).__name__) for s in handle.swaps] == [("1", "LayerNorm1P"), ("2", "LayerNorm")]
+    assert model[1].weight is handle.swaps[0].original.weight
+    calls.reset()
+    got = model(x)
+    torch.testing.assert_close(got, want, **tolerance(torch.float32))
+    assert calls.snapshot().get("layer_norm") == 2
+    got.sum().backward()
+    assert model[1].weight.grad is not None
+
+
+def test_layer_norm_1p_matches_nemotrons_own_module(device):
+    modeling = pytest.importorskip("transformers.models.nemotron.modeling_nemotron")
+    from fusion_advisor.module_forms import layer_norm_module
+    torch.manual_seed(0)
+    original = modeling.NemotronLayerNorm1P(24, eps=1e-5).to(device)
+    with torch.no_grad():
+        original.weight.normal_(0.0, 0.3)
+        original.bias.normal_(0.0, 0.3)
+    fused = layer_norm_module(original.weight, original.bias, 1e-5, one_plus=True)
+    x = torch.randn(4, 24, device=device)
+    torch.testing.assert_close(fused(x), original(x), **tolerance(torch.float32))
+    if device.type == "cuda":   # under CUDA autocast both cast to bf16 and run the norm there
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, want = fused(x), original(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, **tolerance(torch.bfloat16))
+
+
 def test_patching_leaves_the_rng_where_it_was(t5_norm, device):
     model = Block(t5_norm).to(device)
     torch.manual_seed(5)

@@ -31,6 +31,7 @@ EXPECTED = {
                       "EfficientNetEmbeddings -> EfficientNetEmbeddings": 1}, []),
     "distilbert": ({"CrossEntropyLoss -> CrossEntropyLoss": 1, "LayerNorm -> LayerNorm": 4}, []),
     "modernbert": ({"ModernBertMLP -> PackedGatedMLP": 1}, ["apply_rotary_pos_emb (rope)"]),
+    "nemotron": ({"NemotronLayerNorm1P -> LayerNorm1P": 3}, ["apply_rotary_pos_emb (rope)"]),
 }
 
 
