@@ -140,7 +140,9 @@ FAMILIES = {**zoo.BY_NAME, **{spec.name: spec for spec in EXTRA + BEYOND}}
 
 NOT_THIS_FUNCTION = "is not the function this pattern replaces"   # patching._swap_function's words
 # Class names of the kinds of module the patterns fuse: a module of these left unswapped is a gap.
-FUSED_KINDS = re.compile(r"Norm|GELU|SiLU|Swish|Activation|MLP", re.IGNORECASE)
+# (at the name's end, give or take a short suffix: LayerNorm1P, MLPLayer, LayerNormPerHead; not BiT's
+# PreActivationBottleneckLayer, a residual block)
+FUSED_KINDS = re.compile(r"(Norm|GELU|SiLU|Swish|Activation|MLP)\w{0,8}$", re.IGNORECASE)
 
 
 def runtime_patterns() -> list[str]:
