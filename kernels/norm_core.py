@@ -16,7 +16,9 @@ Tiles, for every row length (`fwd_config`, `bwd_config`: a small table, cached p
             M x N temporary, no atomics. Rows of ACC_IN_MEMORY_COLS+ leave no registers for the
             dweight sums: each program adds them to its own partial row every tile (L2 traffic, not
             spills); the dbias sums go there too only from DB_IN_MEMORY_COLS (norm_tiles.py says
-            what each cost).
+            what each cost). From RELOAD_COLS (opt-in until timed) a tile is read twice instead,
+            the row sums from the first read, dx and both parameter sums from the second, so the
+            sums fit in registers beside a tile that only streams through.
   in flight a loop must keep tiles loading while it reduces (Little's law: ~3 TB/s x ~1 us is ~25 KB
             an SM). stages > 1: Triton pipelines the loop (`tl.range(num_stages=)`: cp.async copies
             into shared memory, stages - 1 tiles ahead); else the backward's PREFETCH holds the next
