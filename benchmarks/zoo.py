@@ -667,12 +667,25 @@ def prewarm(runs: list[tuple[ModelSpec, str]], work: Path, jobs: int, tiny: bool
     return time.monotonic() - start
 
 
-def plan_runs(names: list[str], quick: bool, mode: str | None = None) -> list[tuple[ModelSpec, str]]:
+def coverage_families() -> dict[str, ModelSpec]:
+    """zoo_coverage.py's families beyond the zoo (tiny configs only), for --tiny runs on a CPU. Its
+    import sets TRITON_INTERPRET where unset; the environment the zoo's scripts inherit is put back."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import zoo_coverage
+    if saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    return {spec.name: spec for spec in zoo_coverage.EXTRA + zoo_coverage.BEYOND}
+
+
+def plan_runs(names: list[str], quick: bool, mode: str | None = None, tiny: bool = False) -> list[tuple[ModelSpec, str]]:
     runs = []
+    known = {**coverage_families(), **BY_NAME} if tiny and any(n not in BY_NAME for n in names) else BY_NAME
     for name in names:
-        if name not in BY_NAME:
-            raise SystemExit(f"zoo.py: unknown model {name!r} (known: {', '.join(BY_NAME)})")
-        spec = BY_NAME[name]
+        if name not in known:
+            raise SystemExit(f"zoo.py: unknown model {name!r} (known: {', '.join(known)}"
+                             f"{'' if tiny else '; with --tiny, zoo_coverage.py families too'})")
+        spec = known[name]
         modes = (mode,) if mode else spec.modes[:1] if quick else spec.modes
         runs += [(spec, m) for m in modes]
     return runs
@@ -701,7 +714,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 5, 2
-    runs = plan_runs([m for m in args.models.split(",") if m], args.quick, args.mode)
+    runs = plan_runs([m for m in args.models.split(",") if m], args.quick, args.mode, args.tiny)
     if args.dry_run:
         for spec, mode in runs:
             print(f"{spec.name:<12} {mode:<9} {spec.family:<16} {config_text(spec)}")

@@ -3,6 +3,7 @@ the time budget skips and --resume picks up. (The zoo itself runs on a GPU.)"""
 import csv
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -288,3 +289,13 @@ def test_a_replacement_that_never_ran_is_left_out_and_the_rest_verified(tmp_path
     assert ap.returncode == 5   # the third never-ran is past MAX_SKIPS: reported, not retried
     assert zoo.suggested_skip(2, never_ran.format("rope", "w", "rope")) is None   # only verify's own exit 5
     assert zoo.suggested_skip(5, "error: the patched run's losses differ") is None
+
+
+def test_tiny_runs_take_the_coverage_families_too(monkeypatch):
+    # a CPU smoke test of the whole loop on a family zoo_coverage.py holds (PoolFormer's GroupNorms)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    [(spec, mode)] = zoo.plan_runs(["poolformer"], quick=True, mode="fp32", tiny=True)
+    assert (spec.model_class, mode) == ("PoolFormerForImageClassification", "fp32")
+    assert "TRITON_INTERPRET" not in os.environ      # the scripts' environment is left as it was
+    with pytest.raises(SystemExit, match="with --tiny"):
+        zoo.plan_runs(["poolformer"], quick=True)
