@@ -671,7 +671,9 @@ def coverage_families() -> dict[str, ModelSpec]:
     """zoo_coverage.py's families beyond the zoo (tiny configs only), for --tiny runs on a CPU. Its
     import sets TRITON_INTERPRET where unset; the environment the zoo's scripts inherit is put back."""
     saved = os.environ.get("TRITON_INTERPRET")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     import zoo_coverage
     if saved is None:
         os.environ.pop("TRITON_INTERPRET", None)

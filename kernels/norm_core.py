@@ -236,7 +236,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
                     DB_IN_MEMORY: tl.constexpr,
                     PREFETCH: tl.constexpr, GEMMA: tl.constexpr, STAGES: tl.constexpr,
                     LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
-                EVEN: tl.constexpr):
+                    EVEN: tl.constexpr):
     """One persistent program: row tiles pid, pid + P, ...; dx stored per tile; the program's
     dweight / dbias sums in fp32 as row pid of DW_PARTIAL / DB_PARTIAL, each (P, n_cols): kept
     per tile element in registers and reduced over rows once at the end, or (DW_IN_MEMORY /
@@ -303,12 +303,10 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
             w_tile = _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA, "", EVEN)
         else:
             w_tile = w
-        if RELOAD:   # the sums came from the first read: these are the second's terms alone
-            g, x_hat, _, _, rstd = _bwd_terms(dy, x, w_tile, rstd_in, mean_in, mask, n_cols, IS_RMS, BLOCK_M,
-                                              BLOCK_N, SEGMENTS)
-        else:
-            g, x_hat, c1, c2, rstd = _bwd_terms(dy, x, w_tile, rstd_in, mean_in, mask, n_cols, IS_RMS, BLOCK_M,
-                                                BLOCK_N, SEGMENTS)
+        g, x_hat, c1_here, c2_here, rstd = _bwd_terms(dy, x, w_tile, rstd_in, mean_in, mask, n_cols, IS_RMS,
+                                                      BLOCK_M, BLOCK_N, SEGMENTS)
+        if not RELOAD:   # (reading twice, the sums came from the first read; these go unused and unbuilt)
+            c1, c2 = c1_here, c2_here
         if IS_RMS:
             dx = rstd * (g - x_hat * c2)
             # dweight sees the normalised value rounded as the forward rounded it.
@@ -373,7 +371,7 @@ def _rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIA
                          DW_IN_MEMORY: tl.constexpr,
                          DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, GEMMA: tl.constexpr,
                          STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
-                EVEN: tl.constexpr):
+                    EVEN: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
                     DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, GEMMA, STAGES, LAUNCH_DEPENDENTS, RELOAD, EVEN)
@@ -386,7 +384,7 @@ def _add_rms_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PA
                              DW_IN_MEMORY: tl.constexpr,
                              DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
                              LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
-                EVEN: tl.constexpr):
+                    EVEN: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, True, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
                     DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS, RELOAD, EVEN)
@@ -399,7 +397,7 @@ def _layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PART
                            DW_IN_MEMORY: tl.constexpr,
                            DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
                            LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
-                EVEN: tl.constexpr):
+                    EVEN: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
                     DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS, RELOAD, EVEN)
@@ -412,7 +410,7 @@ def _add_layer_norm_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_
                                BLOCK_N: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
                                DB_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr,
                                STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
-                EVEN: tl.constexpr):
+                    EVEN: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, 1,
                     DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS, RELOAD, EVEN)
@@ -434,7 +432,7 @@ def _group_norm_rows_bwd_kernel(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB
                                 BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr, DW_IN_MEMORY: tl.constexpr,
                                 DB_IN_MEMORY: tl.constexpr,
                                 PREFETCH: tl.constexpr, STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, RELOAD: tl.constexpr,
-                EVEN: tl.constexpr):
+                    EVEN: tl.constexpr):
     _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_dso, stride_x,
                     stride_dx, n_rows, n_cols, False, HAS_DS_OUT, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SEGMENTS,
                     DW_IN_MEMORY, DB_IN_MEMORY, PREFETCH, False, STAGES, LAUNCH_DEPENDENTS, RELOAD, EVEN)
