@@ -421,8 +421,13 @@ def test_layer_norm_1p_matches_nemotrons_own_module(device):
         original.weight.normal_(0.0, 0.3)
         original.bias.normal_(0.0, 0.3)
     fused = layer_norm_module(original.weight, original.bias, 1e-5, one_plus=True)
-    x = torch.randn(4, 24, device=device)
+    x = torch.randn(4, 24, device=device, requires_grad=True)
+    upstream = torch.randn(4, 24, device=device)
     torch.testing.assert_close(fused(x), original(x), **tolerance(torch.float32))
+    want = torch.autograd.grad(original(x), (x, original.weight, original.bias), upstream)
+    got = torch.autograd.grad(fused(x), (x, fused.weight, fused.bias), upstream)
+    for g, w in zip(got, want):   # the input's, the weight's (through its + 1) and the bias's gradients
+        torch.testing.assert_close(g, w, **tolerance(torch.float32, 4))
     if device.type == "cuda":   # under CUDA autocast both cast to bf16 and run the norm there
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got, want = fused(x), original(x)
