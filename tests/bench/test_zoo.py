@@ -292,10 +292,10 @@ def test_a_replacement_that_never_ran_is_left_out_and_the_rest_verified(tmp_path
 
 
 def test_tiny_runs_take_the_coverage_families_too(monkeypatch):
-    # a CPU smoke test of the whole loop on a family zoo_coverage.py holds (PoolFormer's GroupNorms)
+    # a CPU smoke test of the whole loop on a family only zoo_coverage.py holds (BiT's GroupNorms)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    [(spec, mode)] = zoo.plan_runs(["poolformer"], quick=True, mode="fp32", tiny=True)
-    assert (spec.model_class, mode) == ("PoolFormerForImageClassification", "fp32")
+    [(spec, mode)] = zoo.plan_runs(["bit"], quick=True, mode="fp32", tiny=True)
+    assert (spec.model_class, mode) == ("BitForImageClassification", "fp32")
     assert "TRITON_INTERPRET" not in os.environ      # the scripts' environment is left as it was
     with pytest.raises(SystemExit, match="with --tiny"):
-        zoo.plan_runs(["poolformer"], quick=True)
+        zoo.plan_runs(["bit"], quick=True)
