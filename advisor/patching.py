@@ -532,7 +532,7 @@ def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any,
                            # swapped in, are not modeling code)
             seen.add(id(namespace))
             current = namespace.get(fp.name)
-            if current is not None:
+            if current is not None and (fp.used_in is None or fp.used_in(namespace)):
                 sites.append((f"{namespace.get('__name__', '?')}.{fp.name}", namespace, current))
     return sites
 

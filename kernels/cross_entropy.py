@@ -48,7 +48,9 @@ Not yet measured on a GPU: `python benchmarks/cross_entropy_memory.py --check` p
 """
 from __future__ import annotations
 
+import inspect
 import math
+import types
 
 import torch
 import triton
@@ -455,6 +457,42 @@ def built_in_forward(original):
     return build
 
 
+class _NnWithFusedLoss(types.ModuleType):
+    """torch.nn as a modeling module sees it, with `CrossEntropyLoss` building ours (`built_in_forward`);
+    every other name is torch.nn's own."""
+
+    def __init__(self, nn):
+        super().__init__(nn.__name__, nn.__doc__)
+        self.fused_original = nn
+        self.CrossEntropyLoss = built_in_forward(nn.CrossEntropyLoss)
+
+    def __getattr__(self, name):
+        return getattr(self.fused_original, name)
+
+
+def is_torch_nn(module) -> bool:
+    return module is torch.nn
+
+
+def builds_nn_cross_entropy(namespace: dict) -> bool:
+    """Does code of this modeling module build `nn.CrossEntropyLoss(...)` (ELECTRA's, Funnel's, XLNet's... heads:
+    21 modeling files of transformers 5.25)? Read off the bytecode names of its classes' methods and its functions."""
+    owner = namespace.get("__name__")
+
+    def functions(value):
+        if inspect.isfunction(value):
+            yield value
+        elif inspect.isclass(value):
+            for member in vars(value).values():   # (a forward under HF's decorators: the function they wrap)
+                member = getattr(member, "__func__", member)
+                if inspect.isfunction(member):
+                    yield inspect.unwrap(member)
+
+    return any({"nn", "CrossEntropyLoss"} <= set(f.__code__.co_names)
+               for value in list(namespace.values()) if getattr(value, "__module__", None) == owner
+               for f in functions(value))
+
+
 def loss_module_example_inputs(model) -> list[Inputs]:
     """(logits, labels) as a masked-LM head passes them to its loss module: (tokens, vocab) in the
     model's dtype and device, some labels ignored."""
@@ -496,5 +534,9 @@ PATTERN = register_pattern(
     liger=liger,
     function_patches=(FunctionPatch("loss_function", "instance", is_hf_lm_loss, hf_lm_loss, hf_loss_example_inputs),
                       FunctionPatch("CrossEntropyLoss", "module_global", is_torch_cross_entropy_loss, built_in_forward,
-                                    loss_module_example_inputs, called_as=lambda cls: lambda *a, **k: cls()(*a, **k))),
+                                    loss_module_example_inputs, called_as=lambda cls: lambda *a, **k: cls()(*a, **k)),
+                      # `nn.CrossEntropyLoss()` in forward: the module's `nn`, torch.nn but for that class
+                      FunctionPatch("nn", "module_global", is_torch_nn, _NnWithFusedLoss, loss_module_example_inputs,
+                                    called_as=lambda nn: lambda *a, **k: nn.CrossEntropyLoss()(*a, **k),
+                                    used_in=builds_nn_cross_entropy)),
 )

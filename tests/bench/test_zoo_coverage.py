@@ -32,6 +32,8 @@ EXPECTED = {
     "distilbert": ({"CrossEntropyLoss -> CrossEntropyLoss": 1, "LayerNorm -> LayerNorm": 4}, []),
     "modernbert": ({"ModernBertMLP -> PackedGatedMLP": 1}, ["apply_rotary_pos_emb (rope)"]),
     "nemotron": ({"NemotronLayerNorm1P -> LayerNorm1P": 3}, ["apply_rotary_pos_emb (rope)"]),
+    # `nn.CrossEntropyLoss()` built inside forward: reached through the modeling module's `nn`
+    "electra": ({"LayerNorm -> LayerNorm": 4}, ["nn (cross_entropy)"]),
 }
 
 
@@ -92,3 +94,22 @@ def test_compiled_blocks_take_every_block_without_a_graph_break(name, config, bl
         spec = dataclasses.replace(spec, tiny=config)
     row = coverage_mod.blocks(spec)
     assert (row["instances"], row["graphs"], row["graph_breaks"], row["skipped"]) == (blocks, graphs, 0, []), row
+
+
+def test_the_nn_of_a_module_that_builds_its_loss_from_it_is_swapped_and_put_back():
+    import torch
+    import transformers
+    from transformers.models.bert import modeling_bert
+    from transformers.models.electra import modeling_electra
+
+    import fusion_advisor
+    from fusion_advisor.kernels.cross_entropy import CrossEntropyLoss, builds_nn_cross_entropy
+    # BERT builds its loss from the CrossEntropyLoss it imported: its `nn` is not a site
+    assert builds_nn_cross_entropy(vars(modeling_electra)) and not builds_nn_cross_entropy(vars(modeling_bert))
+    config, _ = coverage_mod.FAMILIES["electra"].scaled(tiny=True)
+    model = transformers.ElectraForMaskedLM(transformers.ElectraConfig(**config))
+    handle = fusion_advisor.patch(model, patterns=["cross_entropy"])
+    assert isinstance(modeling_electra.nn.CrossEntropyLoss(), CrossEntropyLoss)
+    assert modeling_electra.nn.Linear is torch.nn.Linear          # every other name is torch.nn's
+    handle.revert()
+    assert modeling_electra.nn is torch.nn
