@@ -58,7 +58,7 @@ from fusion_advisor.kernels.norm_tiles import (MAX_BLOCK_N, TileConfig, _sm_prog
 
 # -- row-tile math ------------------------------------------------------------------------------------
 @triton.jit
-def _tile(row0, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr = False):
+def _tile(row0, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr):
     """Rows (int64), columns, the row mask and the element mask of the tile starting at row0.
     EVEN: n_cols == BLOCK_N, so the columns need no mask (a constant the compiler folds away)."""
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -78,7 +78,7 @@ def _segment_stats(rows, row_mask, n_cols, BLOCK_N: tl.constexpr, SEGMENTS: tl.c
 
 @triton.jit
 def _param_row(P, cols, n_cols, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_N: tl.constexpr,
-               EVICT: tl.constexpr = "", EVEN: tl.constexpr = False):
+               EVICT: tl.constexpr, EVEN: tl.constexpr):
     """A weight or bias as a [1, BLOCK_N] fp32 row (`absent` everywhere when there is none)."""
     if HAS:
         v = tl.load(P + cols, mask=cols < (BLOCK_N if EVEN else n_cols), other=0.0,
@@ -90,7 +90,7 @@ def _param_row(P, cols, n_cols, absent: tl.constexpr, HAS: tl.constexpr, BLOCK_N
 
 @triton.jit
 def _weight_row(W, cols, n_cols, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, GEMMA: tl.constexpr,
-                EVICT: tl.constexpr = "", EVEN: tl.constexpr = False):
+                EVICT: tl.constexpr, EVEN: tl.constexpr):
     """The weight as it multiplies: (1 + weight) for GEMMA, else the weight (1 where there is none)."""
     w = _param_row(W, cols, n_cols, 1.0, HAS_WEIGHT, BLOCK_N, EVICT, EVEN)
     if GEMMA:
@@ -108,7 +108,7 @@ def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, s
     padded to a power of two: the padding segments lie past n_cols, load zeros, store nothing.
     GEMMA (RMSNorm flags): the weight applies as (1 + weight) to the unrounded normalised value, in
     fp32, one rounding at the end, as GemmaRMSNorm computes it."""
-    rows, cols, row_mask, mask = _tile(row0, n_rows, n_cols, BLOCK_M, BLOCK_N)
+    rows, cols, row_mask, mask = _tile(row0, n_rows, n_cols, BLOCK_M, BLOCK_N, False)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -142,9 +142,9 @@ def _norm_fwd_tile(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, s
         tl.store(MEAN + stats, mean, mask=stat_mask)
         tl.store(RSTD + stats, rstd, mask=stat_mask)
     if HAS_WEIGHT:
-        y = y * _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA)
+        y = y * _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA, "", False)
     if HAS_BIAS:
-        y = y + _param_row(B, cols, n_cols, 0.0, HAS_BIAS, BLOCK_N)
+        y = y + _param_row(B, cols, n_cols, 0.0, HAS_BIAS, BLOCK_N, "", False)
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     if SEGMENTS == 1:
         tl.store(RSTD + rows, rstd, mask=row_mask)
@@ -173,7 +173,7 @@ def _norm_fwd_tiles(X, R, S, W, B, Y, MEAN, RSTD, stride_x, stride_r, stride_s, 
 @triton.jit
 def _bwd_loads(DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x, n_rows, n_cols,
                IS_RMS: tl.constexpr, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               SEGMENTS: tl.constexpr, EVICT: tl.constexpr = "", EVEN: tl.constexpr = False):
+               SEGMENTS: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr):
     """What one backward tile reads, as loaded (dy, x and ds_out in their dtypes; rstd and mean per
     row, or per row and segment): a tile past the last row loads nothing (all masked). Where a
     tensor is absent (ds_out, an RMSNorm's mean) another loaded value stands in, never used."""
@@ -258,7 +258,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    w = _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA)
+    w = _weight_row(W, cols, n_cols, HAS_WEIGHT, BLOCK_N, GEMMA, "", False)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if DW_IN_MEMORY and HAS_WEIGHT:
@@ -269,7 +269,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
     if PREFETCH:
         dy_next, x_next, dso_next, rstd_next, mean_next = _bwd_loads(
             DY, DS_OUT, X, MEAN, RSTD, pid, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS, HAS_DS_OUT,
-            BLOCK_M, BLOCK_N, SEGMENTS)
+            BLOCK_M, BLOCK_N, SEGMENTS, "", False)
     # STAGES > 1: Triton pipelines the loop's loads (dy, x, the statistics) STAGES - 1 tiles ahead
     # through shared memory (cp.async), in place of PREFETCH's registers; never with sums in memory,
     # whose partial rows are read back the tile after they are written (the launcher checks).
@@ -279,7 +279,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
             dy_in, x_in, dso_in, rstd_in, mean_in = dy_next, x_next, dso_next, rstd_next, mean_next
             dy_next, x_next, dso_next, rstd_next, mean_next = _bwd_loads(
                 DY, DS_OUT, X, MEAN, RSTD, tile + programs, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS,
-                HAS_DS_OUT, BLOCK_M, BLOCK_N, SEGMENTS)
+                HAS_DS_OUT, BLOCK_M, BLOCK_N, SEGMENTS, "", False)
         elif RELOAD:   # the sums from a first read (kept in L1 for the second), then the tile again
             dy_in, x_in, _, rstd_in, mean_in = _bwd_loads(
                 DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS,
@@ -296,7 +296,7 @@ def _norm_bwd_tiles(DY, DS_OUT, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, st
         else:
             dy_in, x_in, dso_in, rstd_in, mean_in = _bwd_loads(
                 DY, DS_OUT, X, MEAN, RSTD, tile, stride_dy, stride_dso, stride_x, n_rows, n_cols, IS_RMS,
-                HAS_DS_OUT, BLOCK_M, BLOCK_N, SEGMENTS)
+                HAS_DS_OUT, BLOCK_M, BLOCK_N, SEGMENTS, "", EVEN)
         dy = dy_in.to(tl.float32)
         x = x_in.to(tl.float32)
         if DW_IN_MEMORY or RELOAD:  # the weight from L1/L2 every tile: registers are short

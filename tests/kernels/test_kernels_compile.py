@@ -61,3 +61,24 @@ def test_kernels_behind_module_forms_compile_for_hopper(device):
                                                          "_rms_norm_bwd_kernel", "_glu_bwd_kernel"}
     errors = hopper_compile_errors(launches)
     assert not errors, "\n\n".join(errors)
+
+
+def test_no_jit_function_takes_a_default_argument():
+    """The GPU machines run Triton 3.6, whose compiler passes a jit helper's default value (EVICT="",
+    EVEN=False) raw where it expects a constexpr: every norm forward failed to compile there for a day
+    ("'str' object has no attribute 'type'", the H100 of 2026-12-07), while CI's Triton 3.9 and the
+    interpreter took them. Every jit function's arguments are passed explicitly."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2] / "kernels"
+
+    def is_jit(decorator) -> bool:
+        node = decorator.func if isinstance(decorator, ast.Call) else decorator
+        return isinstance(node, ast.Attribute) and node.attr == "jit" or isinstance(node, ast.Name) and node.id == "jit"
+
+    with_defaults = [f"{path.relative_to(root)}:{node.lineno} {node.name}"
+                     for path in sorted(root.rglob("*.py"))
+                     for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.FunctionDef) and any(is_jit(d) for d in node.decorator_list)
+                     and (node.args.defaults or any(d is not None for d in node.args.kw_defaults))]
+    assert with_defaults == []
