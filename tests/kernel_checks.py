@@ -113,12 +113,15 @@ json.dump(errors, sys.stdout)
 """
 
 
-def hopper_compile_errors(launches: list[dict]) -> list[str]:
+def hopper_compile_errors(launches: list[dict], triton_path: str | None = None) -> list[str]:
     """Generate each recorded launch's Triton IR for sm_90, outside the interpreter (in a
     subprocess: the interpreter is chosen at import). This is the compiler's front end, where a
     kernel that runs as plain Python can still fail (a name defined inside a loop and used after
-    it, an op the compiler lacks). One error string per failing launch."""
+    it, an op the compiler lacks). One error string per failing launch. `triton_path`: a folder
+    holding another Triton, imported in place of this one (the GPU machines' version)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, env.get("PYTHONPATH")) if p)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run([sys.executable, "-c", _COMPILE_TO_TTIR], input=json.dumps(launches), env=env,
                           capture_output=True, text=True, timeout=300)
