@@ -5,7 +5,7 @@ y = (x - mean_group) * rsqrt(var_group + eps) * weight[c] + bias[c]. Replaces `F
 In LLM training it appears as the per-head norm over (tokens, hidden) of RWKV and RetNet-style
 blocks (G = heads, nothing spatial); in vision and diffusion over (N, C, H, W).
 
-Three plans. Channels only (no positions: (tokens, hidden)) in groups of a power-of-two size (any
+Four plans. Channels only (no positions: (tokens, hidden)) in groups of a power-of-two size (any
 group count: 12 heads of 64 run as 16 segments, the last 4 empty):
   rows         norm_core.py's row kernels with one segment per group (`uses_row_kernels`): several
       samples a program forward, a persistent backward with per-program dweight/dbias partials.
@@ -16,6 +16,9 @@ TILE_ELEMENTS:
   per-group (large images): one program per (sample, group) loops over the group in chunks,
       once for the statistics and once to normalise; backward likewise (sums, then dx). The second
       pass re-reads the group, from L2 when it is still there; the bytes below count it as HBM.
+  sliced (large images, too few groups to fill the GPU: PoolFormer's one group a sample): the
+      per-group plan with each group cut into slices of whole channels across programs, its sums
+      finished by a second kernel each way (group_norm_slices.py; the same bytes, 16 more a slice).
 
 Bytes for x of N samples, C channels, S positions (M = N*C*S elements, element size e; weight
 and bias size w, each counted only when present; G groups; P backward programs, P <= SMs):
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusion_advisor.kernels import norm_core
+from fusion_advisor.kernels import group_norm_slices, norm_core
 from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, next_power_of_2,
                                           reduction_programs)
 from fusion_advisor.kernels.fused_op import fused_op
@@ -254,10 +257,15 @@ def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
                                               _contiguous(bias), eps, rms=False, out_dtype=x.dtype,
                                               segments=num_groups)
         return y.view(x.shape), mean.view(n_samples, num_groups), rstd.view(n_samples, num_groups)
+    p = plan(channels, positions, num_groups)
+    slices = 1 if p["ONE_TILE"] or not x.numel() else group_norm_slices.slices_for(
+        n_samples * num_groups, channels // num_groups, x.device)
+    if slices > 1:   # too few groups to fill the GPU: each one cut across programs
+        return group_norm_slices.forward(x, num_groups, _contiguous(weight), _contiguous(bias), eps, slices,
+                                         positions)
     y = torch.empty_like(x)
     mean = torch.empty((n_samples, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    p = plan(channels, positions, num_groups)
     groups_per_program = num_groups if p["ONE_TILE"] else 1
     if x.numel():
         _group_norm_fwd_kernel[(cdiv(n_samples * num_groups, groups_per_program),)](
@@ -278,8 +286,14 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: O
                                         rstd.contiguous().view(-1), rms=False, segments=num_groups)
         return (dx.view(x.shape), dw if dw is not None else mean.new_empty(0),
                 db if db is not None else mean.new_empty(0))
-    dx = torch.empty_like(x)
     p = plan(channels, positions, num_groups)
+    slices = 1 if p["ONE_TILE"] or not x.numel() else group_norm_slices.slices_for(
+        n_samples * num_groups, channels // num_groups, x.device)
+    if slices > 1:
+        dx, partial = group_norm_slices.backward(dy, x, num_groups, _contiguous(weight), mean.contiguous(),
+                                                 rstd.contiguous(), slices, positions)
+        return dx, *_param_grads(partial, weight, bias)
+    dx = torch.empty_like(x)
     if p["ONE_TILE"]:
         programs = reduction_programs(n_samples, x.device)
         samples_per_program = cdiv(n_samples, programs) if n_samples else 0
@@ -293,10 +307,16 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: O
             channels // num_groups, positions, partial_rows, samples_per_program, HAS_WEIGHT=weight is not None, **p)
     else:
         partial.zero_()
-    # One sum per parameter: a custom op's outputs may not be views of one tensor.
+    return dx, *_param_grads(partial, weight, bias)
+
+
+def _param_grads(partial: torch.Tensor, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dweight, dbias) from the (2, rows, C) partial sums; empty for a missing parameter. One sum
+    per parameter: a custom op's outputs may not be views of one tensor."""
     dw = partial[0].sum(0).to(weight.dtype) if weight is not None else partial.new_empty(0)
     db = partial[1].sum(0).to(bias.dtype) if bias is not None else partial.new_empty(0)
-    return dx, dw, db
+    return dw, db
 
 
 # torch.library ops: a patched model still runs under torch.compile(fullgraph=True). Eager calls run

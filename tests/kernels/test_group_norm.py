@@ -137,3 +137,45 @@ def test_fused_bytes_follows_the_plan():
     n, c, s = 2, 320, 64 * 64  # a diffusion UNet's GroupNorm(32, 320): the per-group plan
     image = mod.fused_bytes({"shape": [n, c, 64, 64], "dtype": "bfloat16", "num_groups": 32})
     assert image["forward"] == n * c * s * 6 + 2 * n * c * 2 + 8 * n * 32
+
+
+@pytest.fixture
+def sliced_plan(per_group_plan, monkeypatch):
+    """The per-group plan's shapes with too few groups for the (pretend) GPU: each group cut across
+    programs, in chunks smaller than a slice."""
+    from fusion_advisor.kernels import group_norm_slices
+    monkeypatch.setattr(group_norm_slices, "PROGRAMS_INTERPRETED", 16)
+    monkeypatch.setattr(group_norm_slices, "CHUNK_ELEMENTS", 16)
+    return group_norm_slices
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", [
+    {"shape": [2, 6, 5, 7], "num_groups": 1},      # PoolFormer's one group a sample: 6 slices of a channel
+    {"shape": [3, 10, 41], "num_groups": 2},       # 5 channels a group in slices of 2, 2 and 1
+    {"shape": [2, 8, 9], "num_groups": 2, "weight": False, "bias": False},
+], ids=lambda c: "x".join(map(str, c["shape"])) + f"g{c['num_groups']}" + ("-noaffine" if "weight" in c else ""))
+def test_sliced_plan_matches_f_group_norm(sliced_plan, case, dtype, device):
+    from kernel_checks import recorded_launches
+    shape, groups = case["shape"], case["num_groups"]
+    n_rows, cpg = shape[0] * groups, shape[1] // groups
+    assert sliced_plan.slices_for(n_rows, cpg, torch.device(device)) > 1
+    with recorded_launches() as launches:
+        _check({**case, "dtype": dtype}, device)
+    assert {"_slice_stats_kernel", "_slice_apply_kernel", "_slice_sums_kernel", "_slice_dx_kernel"} <= {
+        launch["name"] for launch in launches}
+
+
+def test_sliced_plan_keeps_precision_far_from_zero(sliced_plan, device):
+    x = 1000.0 + torch.randn(2, 6, 37, device=device)
+    torch.testing.assert_close(mod.group_norm(x, 1), mod.reference(x, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_slices_are_equal_and_only_where_groups_are_too_few(sliced_plan):
+    cpu = torch.device("cpu")
+    assert sliced_plan.slices_for(16, 64, cpu) == 1       # the groups alone fill the target
+    assert sliced_plan.slices_for(4, 1, cpu) == 1         # one channel: nothing to cut
+    assert sliced_plan.slices_for(2, 64, cpu) == 8        # 16 programs
+    assert sliced_plan.slices_for(3, 5, cpu) == 5         # 6 wanted, 5 channels: one channel each
+    assert sliced_plan.slices_for(6, 5, cpu) == 3         # 3 wanted: slices of 2, 2 and 1 channels
+    assert sliced_plan.slices_for(1, 7, cpu) == 7         # no empty slice

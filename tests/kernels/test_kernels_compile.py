@@ -38,7 +38,16 @@ def _every_pattern_launch(device) -> list[dict]:
                 out = pattern.fused(*inputs.args, **inputs.kwargs)
                 outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)]
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-    assert {launch["name"] for launch in launches} >= {"_rms_norm_fwd_kernel", "_group_norm_bwd_kernel"}
+        # GroupNorm's sliced plan (too few groups to fill a GPU), which the interpreter takes only when told
+        from fusion_advisor.kernels import group_norm, group_norm_slices
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(group_norm_slices, "PROGRAMS_INTERPRETED", 8)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(2, 16, 600, device=device, dtype=dtype, requires_grad=True)
+                w = torch.ones(16, device=device, dtype=dtype, requires_grad=True)
+                group_norm.group_norm(x, 1, w, torch.zeros_like(w).requires_grad_()).sum().backward()
+    assert {launch["name"] for launch in launches} >= {"_rms_norm_fwd_kernel", "_group_norm_bwd_kernel",
+                                                         "_slice_apply_kernel", "_slice_dx_kernel"}
     return launches
 
 
