@@ -466,6 +466,11 @@ PATTERN = register_pattern(
     # hidden), head size 64.
     bench_params=training_shapes(lambda tokens, hidden:
                                  {"shape": [tokens, hidden], "dtype": "bfloat16", "num_groups": hidden // 64,
-                                  "eps": 1e-5}),
+                                  "eps": 1e-5})
+    # Images (`--only kind=image`): PoolFormer-S12's one group a sample at batch 256 (its first and
+    # last stages; fp32, as autocast runs group_norm), and a diffusion UNet's 32 groups at 64 x 64.
+    + tuple({"shape": shape, "dtype": dtype, "num_groups": groups, "eps": 1e-5, "kind": "image"}
+            for shape, groups, dtype in (([256, 64, 56, 56], 1, "float32"), ([256, 512, 7, 7], 1, "float32"),
+                                         ([256, 64, 56, 56], 1, "bfloat16"), ([8, 320, 64, 64], 32, "bfloat16"))),
     liger=liger,
 )

@@ -35,13 +35,16 @@
 #          and 128, then at 4,096 rows (ROWS4K_TIMEOUT) and fp32 at 65,536 rows (FP32_TIMEOUT; 0 leaves either out).
 # long:    rows of 16384 (bf16): the backward as shipped against one reading each tile twice (opt-in), tuned.
 # rest:    what issue 14's sweep still lacks: 4,096 rows at 2048/128/5120, fp32 at 65,536 rows, compile-max.
+# images:  group_norm on image shapes (bench_kernels --only kind=image: PoolFormer's one group a sample, which the
+#          sliced plan of 2026-12-07 is for, and a diffusion UNet's), then the zoo's new vision families
+#          (ZOO_MODELS, default poolformer,efficientnet) within ZOO_TIMEOUT.
 # probe:   where the last losses of issue 14 come from: bandwidth_mix.py (HBM by read:write mix),
 #          kernel_split.py (each kernel's time and the launch gaps) for the norms at 65,536 rows of
 #          64-256 (SPLIT_SOFTMAX=1: the causal softmax forward's too), norm_tune --small (the tiles of
 #          launches of at most 16 MiB, every row length: OUT/tiles-small.json, then removed from the cache),
 #          then the softmax bench (bench_kernels.py --patterns softmax).
 set -uo pipefail
-usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe|small|long|rest OUT_DIR"
+usage="usage: gpu_runs.sh generic|llama|hf|flce|memory|hf-memory|kernels|zoo|host|verify|next|sweep|tiles|tune|probe|small|long|rest|images OUT_DIR"
 phase=${1:?$usage}
 out=$(realpath -m "${2:?$usage}")
 repo=$(pwd)
@@ -308,6 +311,15 @@ tune)
     echo "zoo: rc $?"; tail -20 "$out/zoo.txt"
     find "$out/work" \( -name '*.json.gz' -o -name '*.html' -o -name 'run.json' \) -delete
   fi
+  ;;
+images)
+  timeout 150 python3 benchmarks/bench_kernels.py --patterns group_norm --only kind=image --providers eager,compile,triton \
+      --out "$out/bench-group-norm-images.csv" >"$out/bench-group-norm-images.txt" 2>&1
+  echo "bench_kernels group_norm images: rc $?"; tail -20 "$out/bench-group-norm-images.txt"
+  timeout ${ZOO_TIMEOUT:-380} python3 benchmarks/zoo.py --out "$out/zoo.csv" --work "$out/work" --quick \
+      --models ${ZOO_MODELS:-poolformer,efficientnet} --time-budget $(( ${ZOO_TIMEOUT:-380} - 40 )) >"$out/zoo.txt" 2>&1
+  echo "zoo: rc $?"; tail -8 "$out/zoo.txt"
+  find "$out/work" -type f ! -name apply.json ! -name profile.log -delete
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
