@@ -483,9 +483,9 @@ def builds_nn_cross_entropy(namespace: dict) -> bool:
         if inspect.isfunction(value):
             yield value
         elif inspect.isclass(value):
-            for member in vars(value).values():   # (a forward under HF's decorators: the function they wrap)
+            for name, member in vars(value).items():   # (a forward under HF's decorators: the function they wrap)
                 member = getattr(member, "__func__", member)
-                if inspect.isfunction(member):
+                if inspect.isfunction(member) and name != "__init__":   # (one built there is a module: swapped as one)
                     yield inspect.unwrap(member)
 
     return any({"nn", "CrossEntropyLoss"} <= set(f.__code__.co_names)

@@ -104,8 +104,15 @@ def test_the_nn_of_a_module_that_builds_its_loss_from_it_is_swapped_and_put_back
 
     import fusion_advisor
     from fusion_advisor.kernels.cross_entropy import CrossEntropyLoss, builds_nn_cross_entropy
-    # BERT builds its loss from the CrossEntropyLoss it imported: its `nn` is not a site
+    # BERT builds its loss from the CrossEntropyLoss it imported: its `nn` is not a site.
     assert builds_nn_cross_entropy(vars(modeling_electra)) and not builds_nn_cross_entropy(vars(modeling_bert))
+
+    class Head(torch.nn.Module):   # a loss built in __init__ is a module, swapped as one: not a site either
+        def __init__(self):
+            super().__init__()
+            self.loss = torch.nn.CrossEntropyLoss()
+    Head.__module__ = "a_modeling_module"
+    assert not builds_nn_cross_entropy({"__name__": "a_modeling_module", "nn": torch.nn, "Head": Head})
     config, _ = coverage_mod.FAMILIES["electra"].scaled(tiny=True)
     model = transformers.ElectraForMaskedLM(transformers.ElectraConfig(**config))
     handle = fusion_advisor.patch(model, patterns=["cross_entropy"])
