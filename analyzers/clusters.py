@@ -368,23 +368,31 @@ def _dtype_names(records: Sequence[OpRecord]) -> list[str]:
                    if t in TRACE_DTYPES and isinstance(d, (list, tuple)) and len(d) > 0})
 
 
+def _chain_module(col: OpColumns, occurrences: list[tuple[list[Unit], str]], pattern_modules: Sequence[str]) -> str:
+    """The module path a cluster is named by: of each occurrence, the module holding most of the chain's
+    kernels, on a tie the later one (where it ends); but a module the matched pattern names (its
+    `modules`: "LayerNorm") where the chain passes through one. DistilBERT's embedding chain (lookup,
+    add, LayerNorm, dropout: a kernel each) was named by its Dropout, which patch then tried as a norm."""
+    paths = Counter()
+    for chain, _ in occurrences:
+        weights = Counter()
+        for u in chain:
+            weights[_unit_label(col, u)] += u.passes
+        order = {label: i for i, label in enumerate(weights)}
+        named = [label for label in weights if label.rsplit("/", 1)[-1] in pattern_modules]
+        paths[max(named or weights, key=lambda s: (weights[s], order[s]))] += 1
+    return paths.most_common(1)[0][0]
+
+
 def _build_cluster(trace: Trace, cl: Classifier, matcher: _Matcher, cid: str,
                    occurrences: list[tuple[list[Unit], str]], n_steps: int, profile: DeviceProfile) -> Cluster:
     first, reason = occurrences[0]
     records = [u.record for u in first]
     direction = "backward" if first[0].backward else "forward"
-    paths = Counter()
-    for chain, _ in occurrences:
-        weights = Counter()
-        for u in chain:
-            weights[_unit_label(cl.col, u)] += u.passes
-        # The module holding most of the chain's kernels; on a tie the later one (where it ends).
-        order = {label: i for i, label in enumerate(weights)}
-        paths[max(weights, key=lambda s: (weights[s], order[s]))] += 1
-    module_class = paths.most_common(1)[0][0]
     source = next((cl.col.source[u.op_row] for u in first
                    if u.op_row >= 0 and isinstance(cl.col.source[u.op_row], str)), None)
     matched = matcher.match(first)
+    module_class = _chain_module(cl.col, occurrences, matched[0].modules if matched is not None else ())
     pattern_name, params, fused, notes = None, {}, None, []
     if matched is None and not str(first[0].context[1] or "").startswith("Optimizer."):
         generic = _generated_candidate(trace, cl, matcher, first)

@@ -252,3 +252,18 @@ def test_a_linear_that_did_not_make_the_logits_is_not_an_lm_head():
     assert params_from_lm_head(head, loss.pattern_params) is not None
     assert params_from_lm_head(head, dict(loss.pattern_params, vocab=999)) is None
     assert params_from_lm_head(head, dict(loss.pattern_params, upcast=False, dtype="bfloat16")) is None
+
+
+def test_a_chain_is_named_by_the_module_its_pattern_names_where_it_passes_through_one():
+    """DistilBERT's embeddings: lookup, add, LayerNorm, dropout, a kernel each. The later module
+    (Dropout) named the cluster, and patch then tried its Dropouts as LayerNorms."""
+    from types import SimpleNamespace
+
+    from fusion_advisor.analyzers.clusters import _chain_module
+    paths = ["M/Embeddings/Embedding", "M/Embeddings", "M/Embeddings/LayerNorm", "M/Embeddings/Dropout"]
+    col = SimpleNamespace(class_path=paths, annotation=[None] * 4)
+    chain = [SimpleNamespace(scope=i, top_row=-1, passes=1) for i in range(4)]
+    assert _chain_module(col, [(chain, "")], ("LayerNorm",)) == "M/Embeddings/LayerNorm"
+    assert _chain_module(col, [(chain, "")], ()) == "M/Embeddings/Dropout"    # no pattern: where it ends
+    heavier = [*chain, SimpleNamespace(scope=1, top_row=-1, passes=2)]        # most kernels still decide
+    assert _chain_module(col, [(heavier, "")], ("RMSNorm",)) == "M/Embeddings"

@@ -46,8 +46,19 @@ def _every_pattern_launch(device) -> list[dict]:
                 x = torch.randn(2, 16, 600, device=device, dtype=dtype, requires_grad=True)
                 w = torch.ones(16, device=device, dtype=dtype, requires_grad=True)
                 group_norm.group_norm(x, 1, w, torch.zeros_like(w).requires_grad_()).sum().backward()
+        # the norms' read-twice backward (opt-in at rows of 16,384 until timed), column masks dropped
+        from fusion_advisor.kernels import add_layer_norm, norm_tiles, rms_norm
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(norm_tiles, "RELOAD_COLS", 64)
+            for dtype in (torch.float32, torch.bfloat16):
+                x, r = (torch.randn(4, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+                w = torch.ones(64, device=device, dtype=dtype, requires_grad=True)
+                rms_norm.rms_norm(x, w, 1e-6).sum().backward()
+                y, s = add_layer_norm.add_layer_norm(x, r, (64,), w, torch.zeros_like(w).requires_grad_())
+                (y.sum() + s.sum()).backward()
     assert {launch["name"] for launch in launches} >= {"_rms_norm_fwd_kernel", "_group_norm_bwd_kernel",
                                                          "_slice_apply_kernel", "_slice_dx_kernel"}
+    assert any(launch["name"] == "_rms_norm_bwd_kernel" and launch["args"]["RELOAD"][1] for launch in launches)
     return launches
 
 
