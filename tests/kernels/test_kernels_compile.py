@@ -29,7 +29,11 @@ def _small(params: dict) -> dict:
     return {**params, "shape": [min(shape[0], 2), *shape[1:]]}
 
 
-def _every_pattern_launch(device) -> list[dict]:
+@pytest.fixture(scope="module")
+def every_pattern_launch() -> list[dict]:
+    """Every registered pattern's launches (forward and backward, fp32 and bf16, the extra params),
+    recorded once for both Tritons' compile tests (CPU: these tests skip on a GPU)."""
+    device = torch.device("cpu")
     with recorded_launches() as launches:
         for pattern in all_patterns():
             runs = [_small({**pattern.example_params, "dtype": d}) for d in ("float32", "bfloat16")]
@@ -63,8 +67,8 @@ def _every_pattern_launch(device) -> list[dict]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every kernel test compiles its kernels for real")
-def test_every_pattern_kernel_compiles_for_hopper(device):
-    errors = hopper_compile_errors(_every_pattern_launch(device))
+def test_every_pattern_kernel_compiles_for_hopper(every_pattern_launch):
+    errors = hopper_compile_errors(every_pattern_launch)
     assert not errors, "\n\n".join(errors)
 
 
@@ -74,7 +78,7 @@ GPU_TRITON = os.environ.get("FUSION_ADVISOR_GPU_TRITON")   # .ci/run installs th
 @pytest.mark.skipif(not GPU_TRITON, reason="FUSION_ADVISOR_GPU_TRITON names no folder holding the GPU machines' "
                                            "Triton (.ci/run installs 3.6.0 there)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every kernel test compiles its kernels for real")
-def test_every_pattern_kernel_compiles_under_the_gpu_machines_triton(device):
+def test_every_pattern_kernel_compiles_under_the_gpu_machines_triton(every_pattern_launch):
     """The same launches compiled by the Triton the GPU machines run (3.6 with torch 2.11), which
     took what 3.9 takes less often: a jit helper's default arguments broke every norm forward there."""
     import subprocess
@@ -82,7 +86,7 @@ def test_every_pattern_kernel_compiles_under_the_gpu_machines_triton(device):
     version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], text=True,
                              capture_output=True, env={**os.environ, "PYTHONPATH": GPU_TRITON}).stdout.strip()
     assert version.startswith("3.6"), version
-    errors = hopper_compile_errors(_every_pattern_launch(device), triton_path=GPU_TRITON)
+    errors = hopper_compile_errors(every_pattern_launch, triton_path=GPU_TRITON)
     assert not errors, "\n\n".join(errors)
 
 
