@@ -521,19 +521,21 @@ def _function_sites(model: nn.Module, fp: FunctionPatch) -> list[tuple[str, Any,
         raise ValueError(f"FunctionPatch {fp.name}: unknown where={fp.where!r}")
     # The globals a forward looks names up in: its function's (through decorators), and the
     # class's module (a script loaded without a sys.modules entry has only the first).
-    sites, seen = [], set()
+    namespaces, classes = {}, {}   # by id: each namespace, and the model's classes that look names up in it
     for m in model.modules():
         forward = inspect.unwrap(getattr(type(m), "forward", None) or (lambda: None))
         module = sys.modules.get(type(m).__module__)
         for namespace in (getattr(forward, "__globals__", None), vars(module) if module else None):
-            if namespace is None or id(namespace) in seen or str(namespace.get("__name__", "")).startswith(
-                    ("torch.", "fusion_advisor.")):
+            if namespace is None or str(namespace.get("__name__", "")).startswith(("torch.", "fusion_advisor.")):
                 continue   # (torch's own modules, e.g. nn.modules.loss for a loss submodule, and ours, a module
                            # swapped in, are not modeling code)
-            seen.add(id(namespace))
-            current = namespace.get(fp.name)
-            if current is not None and (fp.used_in is None or fp.used_in(namespace)):
-                sites.append((f"{namespace.get('__name__', '?')}.{fp.name}", namespace, current))
+            namespaces.setdefault(id(namespace), namespace)
+            classes.setdefault(id(namespace), set()).add(type(m))
+    sites = []
+    for key, namespace in namespaces.items():
+        current = namespace.get(fp.name)
+        if current is not None and (fp.used_in is None or fp.used_in(namespace, classes[key])):
+            sites.append((f"{namespace.get('__name__', '?')}.{fp.name}", namespace, current))
     return sites
 
 

@@ -474,23 +474,23 @@ def is_torch_nn(module) -> bool:
     return module is torch.nn
 
 
-def builds_nn_cross_entropy(namespace: dict) -> bool:
-    """Does code of this modeling module build `nn.CrossEntropyLoss(...)` (ELECTRA's, Funnel's, XLNet's... heads:
-    21 modeling files of transformers 5.25)? Read off the bytecode names of its classes' methods and its functions."""
+def builds_nn_cross_entropy(namespace: dict, classes: set) -> bool:
+    """Does this model's code in this modeling module build `nn.CrossEntropyLoss(...)` (ELECTRA's, Funnel's,
+    XLNet's... heads: 21 modeling files of transformers 5.25)? Read off the bytecode names of the methods of
+    the model's classes there (and their bases there), but __init__ (a loss built there is a module,
+    swapped as one), and of the module's functions. Another head of the file (BEiT's masked-image loss
+    beside its classifier's) does not make it a site."""
     owner = namespace.get("__name__")
-
-    def functions(value):
-        if inspect.isfunction(value):
-            yield value
-        elif inspect.isclass(value):
-            for name, member in vars(value).items():   # (a forward under HF's decorators: the function they wrap)
+    functions = [v for v in namespace.values() if inspect.isfunction(v) and v.__module__ == owner]
+    for cls in classes:
+        for base in cls.__mro__:
+            if base.__module__ != owner:
+                continue
+            for name, member in vars(base).items():   # (a forward under HF's decorators: the function they wrap)
                 member = getattr(member, "__func__", member)
-                if inspect.isfunction(member) and name != "__init__":   # (one built there is a module: swapped as one)
-                    yield inspect.unwrap(member)
-
-    return any({"nn", "CrossEntropyLoss"} <= set(f.__code__.co_names)
-               for value in list(namespace.values()) if getattr(value, "__module__", None) == owner
-               for f in functions(value))
+                if inspect.isfunction(member) and name != "__init__":
+                    functions.append(inspect.unwrap(member))
+    return any({"nn", "CrossEntropyLoss"} <= set(f.__code__.co_names) for f in functions)
 
 
 def loss_module_example_inputs(model) -> list[Inputs]:

@@ -58,7 +58,8 @@ class FunctionPatch:
     The numerics check calls the original and the replacement on `example_inputs(model)`, each as
     `called_as(it)` where given (a class is built, then its instance called); or, where `check` is
     given, `check(model, original, replacement)` -> None or a one-line reason runs instead (a
-    forward's loss and every parameter's gradient). `used_in(namespace)` narrows a module_global
+    forward's loss and every parameter's gradient). `used_in(namespace, classes)` (the model's classes
+    that look names up there) narrows a module_global
     patch of a name every modeling module has (`nn`) to the modules whose code uses what it changes."""
 
     name: str                                        # "apply_rotary_pos_emb", "loss_function"
@@ -70,7 +71,7 @@ class FunctionPatch:
                                                      # (model, replacement) -> [Inputs], the calls it serves
     called_as: Callable[[Callable], Callable] | None = None
     check: Callable | None = None
-    used_in: Callable[[dict], bool] | None = None    # module_global: only namespaces this says use it
+    used_in: Callable[[dict, set], bool] | None = None   # module_global: only namespaces this says use it
 
 
 @dataclass

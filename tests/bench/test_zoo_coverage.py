@@ -104,15 +104,21 @@ def test_the_nn_of_a_module_that_builds_its_loss_from_it_is_swapped_and_put_back
 
     import fusion_advisor
     from fusion_advisor.kernels.cross_entropy import CrossEntropyLoss, builds_nn_cross_entropy
-    # BERT builds its loss from the CrossEntropyLoss it imported: its `nn` is not a site.
-    assert builds_nn_cross_entropy(vars(modeling_electra)) and not builds_nn_cross_entropy(vars(modeling_bert))
+    from transformers.models.beit import modeling_beit
+    electra_mlm = {modeling_electra.ElectraForMaskedLM}
+    assert builds_nn_cross_entropy(vars(modeling_electra), electra_mlm)
+    # BERT builds its loss from the CrossEntropyLoss it imported: its `nn` is not a site
+    assert not builds_nn_cross_entropy(vars(modeling_bert), {modeling_bert.BertForMaskedLM})
+    # BEiT's masked-image-modeling head builds one, its image classifier does not: a classifier's `nn` is left alone
+    assert builds_nn_cross_entropy(vars(modeling_beit), {modeling_beit.BeitForMaskedImageModeling})
+    assert not builds_nn_cross_entropy(vars(modeling_beit), {modeling_beit.BeitForImageClassification})
 
     class Head(torch.nn.Module):   # a loss built in __init__ is a module, swapped as one: not a site either
         def __init__(self):
             super().__init__()
             self.loss = torch.nn.CrossEntropyLoss()
     Head.__module__ = "a_modeling_module"
-    assert not builds_nn_cross_entropy({"__name__": "a_modeling_module", "nn": torch.nn, "Head": Head})
+    assert not builds_nn_cross_entropy({"__name__": "a_modeling_module", "nn": torch.nn, "Head": Head}, {Head})
     config, _ = coverage_mod.FAMILIES["electra"].scaled(tiny=True)
     model = transformers.ElectraForMaskedLM(transformers.ElectraConfig(**config))
     handle = fusion_advisor.patch(model, patterns=["cross_entropy"])
