@@ -474,23 +474,33 @@ def is_torch_nn(module) -> bool:
     return module is torch.nn
 
 
-def builds_nn_cross_entropy(namespace: dict, classes: set) -> bool:
-    """Does this model's code in this modeling module build `nn.CrossEntropyLoss(...)` (ELECTRA's, Funnel's,
-    XLNet's... heads: 21 modeling files of transformers 5.25)? Read off the bytecode names of the methods of
-    the model's classes there (and their bases there), but __init__ (a loss built there is a module,
-    swapped as one), and of the module's functions. Another head of the file (BEiT's masked-image loss
-    beside its classifier's) does not make it a site."""
-    owner = namespace.get("__name__")
-    functions = [v for v in namespace.values() if inspect.isfunction(v) and v.__module__ == owner]
-    for cls in classes:
-        for base in cls.__mro__:
-            if base.__module__ != owner:
-                continue
-            for name, member in vars(base).items():   # (a forward under HF's decorators: the function they wrap)
-                member = getattr(member, "__func__", member)
-                if inspect.isfunction(member) and name != "__init__":
-                    functions.append(inspect.unwrap(member))
-    return any({"nn", "CrossEntropyLoss"} <= set(f.__code__.co_names) for f in functions)
+def builds_loss(*names: str):
+    """A FunctionPatch.used_in: does this model's code in this modeling module build its loss through
+    `names` (("CrossEntropyLoss",): BERT's `loss_fct = CrossEntropyLoss()`; ("nn", "CrossEntropyLoss"):
+    ELECTRA's `nn.CrossEntropyLoss()`, 21 modeling files of transformers 5.25)? Read off the bytecode
+    names of the methods of the model's classes there (and their bases there), but __init__ (a loss
+    built there is a module, swapped as one), and of the module's functions. Another head of the
+    file (MobileNetV2's segmentation loss beside its classifier's, BEiT's masked-image one) does not
+    make it a site: the swap would never be called."""
+    wanted = set(names)
+
+    def used_in(namespace: dict, classes: set) -> bool:
+        owner = namespace.get("__name__")
+        functions = [v for v in namespace.values() if inspect.isfunction(v) and v.__module__ == owner]
+        for cls in classes:
+            for base in cls.__mro__:
+                if base.__module__ != owner:
+                    continue
+                for name, member in vars(base).items():   # (a forward under HF's decorators: what they wrap)
+                    member = getattr(member, "__func__", member)
+                    if inspect.isfunction(member) and name != "__init__":
+                        functions.append(inspect.unwrap(member))
+        return any(wanted <= set(f.__code__.co_names) for f in functions)
+
+    return used_in
+
+
+builds_nn_cross_entropy = builds_loss("nn", "CrossEntropyLoss")
 
 
 def loss_module_example_inputs(model) -> list[Inputs]:
@@ -534,7 +544,8 @@ PATTERN = register_pattern(
     liger=liger,
     function_patches=(FunctionPatch("loss_function", "instance", is_hf_lm_loss, hf_lm_loss, hf_loss_example_inputs),
                       FunctionPatch("CrossEntropyLoss", "module_global", is_torch_cross_entropy_loss, built_in_forward,
-                                    loss_module_example_inputs, called_as=lambda cls: lambda *a, **k: cls()(*a, **k)),
+                                    loss_module_example_inputs, called_as=lambda cls: lambda *a, **k: cls()(*a, **k),
+                                    used_in=builds_loss("CrossEntropyLoss")),
                       # `nn.CrossEntropyLoss()` in forward: the module's `nn`, torch.nn but for that class
                       FunctionPatch("nn", "module_global", is_torch_nn, _NnWithFusedLoss, loss_module_example_inputs,
                                     called_as=lambda nn: lambda *a, **k: nn.CrossEntropyLoss()(*a, **k),

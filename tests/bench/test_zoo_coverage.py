@@ -112,6 +112,12 @@ def test_the_nn_of_a_module_that_builds_its_loss_from_it_is_swapped_and_put_back
     # BEiT's masked-image-modeling head builds one, its image classifier does not: a classifier's `nn` is left alone
     assert builds_nn_cross_entropy(vars(modeling_beit), {modeling_beit.BeitForMaskedImageModeling})
     assert not builds_nn_cross_entropy(vars(modeling_beit), {modeling_beit.BeitForImageClassification})
+    # the same for the imported name: MobileNetV2's segmentation head builds CrossEntropyLoss(), its classifier not
+    from transformers.models.mobilenet_v2 import modeling_mobilenet_v2 as mobilenet
+    from fusion_advisor.kernels.cross_entropy import builds_loss
+    assert builds_loss("CrossEntropyLoss")(vars(mobilenet), {mobilenet.MobileNetV2ForSemanticSegmentation})
+    assert not builds_loss("CrossEntropyLoss")(vars(mobilenet), {mobilenet.MobileNetV2ForImageClassification})
+    assert builds_loss("CrossEntropyLoss")(vars(modeling_bert), {modeling_bert.BertForMaskedLM})
 
     class Head(torch.nn.Module):   # a loss built in __init__ is a module, swapped as one: not a site either
         def __init__(self):
