@@ -48,6 +48,7 @@ Not yet measured on a GPU: `python benchmarks/cross_entropy_memory.py --check` p
 """
 from __future__ import annotations
 
+import dis
 import inspect
 import math
 import types
@@ -482,8 +483,6 @@ def builds_loss(*names: str):
     built there is a module, swapped as one), and of the module's functions. Another head of the
     file (MobileNetV2's segmentation loss beside its classifier's, BEiT's masked-image one) does not
     make it a site: the swap would never be called."""
-    wanted = set(names)
-
     def used_in(namespace: dict, classes: set) -> bool:
         owner = namespace.get("__name__")
         functions = [v for v in namespace.values() if inspect.isfunction(v) and v.__module__ == owner]
@@ -495,9 +494,21 @@ def builds_loss(*names: str):
                     member = getattr(member, "__func__", member)
                     if inspect.isfunction(member) and name != "__init__":
                         functions.append(inspect.unwrap(member))
-        return any(wanted <= set(f.__code__.co_names) for f in functions)
+        return any(_looks_up(f, names) for f in functions)
 
     return used_in
+
+
+def _looks_up(function, names: tuple[str, ...]) -> bool:
+    """Does the function's bytecode load the global names[0] and, where more are given, the attributes
+    names[1:] (`nn.CrossEntropyLoss`)? (co_names alone mixes globals and attributes: ELECTRA's
+    `nn.CrossEntropyLoss` would count as the global CrossEntropyLoss it imports and never calls.)"""
+    if not set(names) <= set(function.__code__.co_names):   # the cheap test first
+        return False
+    loads = [(i.opname, i.argval) for i in dis.get_instructions(function)]
+    return (("LOAD_GLOBAL", names[0]) in loads
+            and all(any(op in ("LOAD_ATTR", "LOAD_METHOD") and value == name for op, value in loads)
+                    for name in names[1:]))
 
 
 builds_nn_cross_entropy = builds_loss("nn", "CrossEntropyLoss")

@@ -118,6 +118,8 @@ def test_the_nn_of_a_module_that_builds_its_loss_from_it_is_swapped_and_put_back
     assert builds_loss("CrossEntropyLoss")(vars(mobilenet), {mobilenet.MobileNetV2ForSemanticSegmentation})
     assert not builds_loss("CrossEntropyLoss")(vars(mobilenet), {mobilenet.MobileNetV2ForImageClassification})
     assert builds_loss("CrossEntropyLoss")(vars(modeling_bert), {modeling_bert.BertForMaskedLM})
+    # ELECTRA's masked-LM head builds it through nn: the CrossEntropyLoss it also imports is not a site
+    assert not builds_loss("CrossEntropyLoss")(vars(modeling_electra), electra_mlm)
 
     class Head(torch.nn.Module):   # a loss built in __init__ is a module, swapped as one: not a site either
         def __init__(self):
