@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from fusion_advisor.kernels import group_norm_slices, norm_core
+from fusion_advisor.kernels.group_norm_slices import channel_values
 from fusion_advisor.kernels.common import (cdiv, check_device, check_dtype, next_power_of_2,
                                           reduction_programs)
 from fusion_advisor.kernels.fused_op import fused_op
@@ -75,11 +76,7 @@ def _group_channels(gi, g_mask, ci, groups, cpg):
 @triton.jit
 def _group_channel_param(P, channel, c_mask, absent: tl.constexpr, HAS: tl.constexpr):
     """A per-channel parameter as a [groups, channels, 1] fp32 tile (`absent` when there is none)."""
-    if HAS:
-        v = tl.load(P + channel, mask=c_mask, other=0.0).to(tl.float32)
-    else:
-        v = tl.full(channel.shape, absent, tl.float32)
-    return v[:, :, None]
+    return channel_values(P, channel, c_mask, absent, HAS)[:, :, None]
 
 
 @triton.jit
@@ -246,6 +243,16 @@ def _positions(x: torch.Tensor) -> int:
     return x[0, 0].numel() if x.numel() else 1
 
 
+def _plan_and_slices(x: torch.Tensor, num_groups: int) -> tuple[dict, int]:
+    """The whole-sample / per-group plan of a contiguous (N, C, *) input, and the slices each group is
+    cut into (more than 1: the sliced plan, group_norm_slices.py)."""
+    channels = x.shape[1]
+    p = plan(channels, _positions(x), num_groups)
+    if p["ONE_TILE"] or not x.numel():
+        return p, 1
+    return p, group_norm_slices.slices_for(x.shape[0] * num_groups, channels // num_groups, x.device)
+
+
 def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launcher: (y, mean, rstd); mean and rstd are (N, num_groups) fp32."""
@@ -257,9 +264,7 @@ def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
                                               _contiguous(bias), eps, rms=False, out_dtype=x.dtype,
                                               segments=num_groups)
         return y.view(x.shape), mean.view(n_samples, num_groups), rstd.view(n_samples, num_groups)
-    p = plan(channels, positions, num_groups)
-    slices = 1 if p["ONE_TILE"] or not x.numel() else group_norm_slices.slices_for(
-        n_samples * num_groups, channels // num_groups, x.device)
+    p, slices = _plan_and_slices(x, num_groups)
     if slices > 1:   # too few groups to fill the GPU: each one cut across programs
         return group_norm_slices.forward(x, num_groups, _contiguous(weight), _contiguous(bias), eps, slices,
                                          positions)
@@ -286,9 +291,7 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: O
                                         rstd.contiguous().view(-1), rms=False, segments=num_groups)
         return (dx.view(x.shape), dw if dw is not None else mean.new_empty(0),
                 db if db is not None else mean.new_empty(0))
-    p = plan(channels, positions, num_groups)
-    slices = 1 if p["ONE_TILE"] or not x.numel() else group_norm_slices.slices_for(
-        n_samples * num_groups, channels // num_groups, x.device)
+    p, slices = _plan_and_slices(x, num_groups)
     if slices > 1:
         dx, partial = group_norm_slices.backward(dy, x, num_groups, _contiguous(weight), mean.contiguous(),
                                                  rstd.contiguous(), slices, positions)

@@ -44,11 +44,12 @@ def slices_for(n_group_rows: int, cpg: int, device: torch.device) -> int:
     return cdiv(cpg, cdiv(cpg, wanted))   # equal slices: no slice left empty
 
 
-def _blocks(cpg: int, slices: int, positions: int) -> dict:
+def _blocks(cpg: int, slices: int, positions: int) -> tuple[dict, int]:
+    """The kernels' block sizes and warps, and the channels of a slice."""
     slice_c = cdiv(cpg, slices)
     block_hw = min(next_power_of_2(positions), CHUNK_ELEMENTS)
     block_c = min(next_power_of_2(slice_c), max(1, CHUNK_ELEMENTS // block_hw))
-    return {"BLOCK_C": block_c, "BLOCK_HW": block_hw, "num_warps": 8 if block_c * block_hw >= 2048 else 4}
+    return {"BLOCK_C": block_c, "BLOCK_HW": block_hw, "num_warps": 8 if block_c * block_hw >= 2048 else 4}, slice_c
 
 
 @triton.jit
@@ -69,13 +70,14 @@ def _chunk(base, c0, c_hi, h0, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr
 
 
 @triton.jit
-def _channel_param(P, channel, c_mask, absent: tl.constexpr, HAS: tl.constexpr):
-    """A per-channel parameter as a [channels, 1] fp32 column (`absent` when there is none)."""
+def channel_values(P, channel, c_mask, absent: tl.constexpr, HAS: tl.constexpr):
+    """A per-channel parameter at the channel indices `channel` (any shape), fp32 (`absent` when there
+    is none); group_norm.py's plans read theirs with it too."""
     if HAS:
         v = tl.load(P + channel, mask=c_mask, other=0.0).to(tl.float32)
     else:
         v = tl.full(channel.shape, absent, tl.float32)
-    return v[:, None]
+    return v
 
 
 @triton.jit
@@ -127,8 +129,8 @@ def _slice_apply_kernel(X, W, B, Y, SUMS, MEAN, RSTD, n_programs, groups, cpg, H
         for h0 in range(0, HW, BLOCK_HW):
             offs, mask, c = _chunk(base, c0, c_hi, h0, HW, BLOCK_C, BLOCK_HW)
             channel = (row % groups) * cpg + c
-            w = _channel_param(W, channel, c < c_hi, 1.0, HAS_WEIGHT)
-            b = _channel_param(B, channel, c < c_hi, 0.0, HAS_BIAS)
+            w = channel_values(W, channel, c < c_hi, 1.0, HAS_WEIGHT)[:, None]
+            b = channel_values(B, channel, c < c_hi, 0.0, HAS_BIAS)[:, None]
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(Y + offs, ((x - mean) * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
 
@@ -151,7 +153,7 @@ def _slice_sums_kernel(DY, X, W, MEAN, RSTD, SUMS, PARTIAL, n_programs, n_sample
         # Defined before the inner loop: a compiled Triton loop keeps its own names to itself.
         c = c0 + tl.arange(0, BLOCK_C)
         channel = (row % groups) * cpg + c
-        w = _channel_param(W, channel, c < c_hi, 1.0, HAS_WEIGHT)
+        w = channel_values(W, channel, c < c_hi, 1.0, HAS_WEIGHT)[:, None]
         dw_c = tl.zeros((BLOCK_C,), dtype=tl.float32)
         db_c = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for h0 in range(0, HW, BLOCK_HW):
@@ -186,7 +188,7 @@ def _slice_dx_kernel(DY, X, W, MEAN, RSTD, SUMS, DX, n_programs, groups, cpg, HW
     for c0 in range(c_lo, c_hi, BLOCK_C):
         for h0 in range(0, HW, BLOCK_HW):
             offs, mask, c = _chunk(base, c0, c_hi, h0, HW, BLOCK_C, BLOCK_HW)
-            w = _channel_param(W, (row % groups) * cpg + c, c < c_hi, 1.0, HAS_WEIGHT)
+            w = channel_values(W, (row % groups) * cpg + c, c < c_hi, 1.0, HAS_WEIGHT)[:, None]
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             x_hat = (x - mean) * rstd
@@ -203,8 +205,7 @@ def forward(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bi
     mean = torch.empty((x.shape[0], num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     sums = torch.empty((2, programs), dtype=torch.float32, device=x.device)
-    blocks = _blocks(cpg, slices, positions)
-    slice_c = cdiv(cpg, slices)
+    blocks, slice_c = _blocks(cpg, slices, positions)
     _slice_stats_kernel[(programs,)](x, sums, programs, cpg, positions, slice_c, SLICES=slices, **blocks)
     _slice_apply_kernel[(programs,)](
         x, x if weight is None else weight, x if bias is None else bias, y, sums, mean, rstd, programs, num_groups,
@@ -223,8 +224,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: Optiona
     dx = torch.empty_like(x)
     sums = torch.empty((2, programs), dtype=torch.float32, device=x.device)
     partial = torch.empty((2, n_samples, channels), dtype=torch.float32, device=x.device)
-    blocks = _blocks(cpg, slices, positions)
-    slice_c = cdiv(cpg, slices)
+    blocks, slice_c = _blocks(cpg, slices, positions)
     w = x if weight is None else weight
     _slice_sums_kernel[(programs,)](dy, x, w, mean, rstd, sums, partial, programs, n_samples, num_groups, cpg,
                                     positions, slice_c, SLICES=slices, HAS_WEIGHT=weight is not None, **blocks)
